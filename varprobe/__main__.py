@@ -1,0 +1,3 @@
+from varprobe.cli import main
+
+main()

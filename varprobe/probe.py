@@ -1,0 +1,270 @@
+"""``probe()``: load inputs, record one forward + backward pass, build the Report."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from varprobe import inputs as inputs_mod
+from varprobe import stats, theory
+from varprobe.errors import VarprobeError
+from varprobe.recorder import Call, Recorder, float_leaves
+from varprobe.report import (
+    BackwardStats,
+    ForwardStats,
+    Layer,
+    ModelInfo,
+    Report,
+    TensorInfo,
+)
+from varprobe.state import preserved
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def unwrap(model: Any) -> nn.Module:
+    """The eager module behind torch.compile and (Distributed)DataParallel wrappers."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise VarprobeError("TorchScript modules cannot be hooked; pass the eager nn.Module")
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    if not isinstance(model, nn.Module):
+        raise VarprobeError(f"expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device in (None, "auto") and device is not None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device is None:
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as exc:
+        raise VarprobeError(f"--device {device}: not available here ({exc}); "
+                            "use cpu or auto") from exc
+    return dev
+
+
+def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
+          loss: Any = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+          mode: str | None = None, device: str | torch.device | None = None,
+          input_shape: tuple[int, ...] | None = None, target: str | None = None) -> Report:
+    """Measure per-layer forward and backward statistics of ``model``.
+
+    ``inputs``: a tensor, a tuple (positional) or a dict (keywords), or a callable
+    ``f(batch_size)``; synthesized from the first layer when None. ``grad_output``: the
+    cotangent at the output (a tensor or a pytree matching the output), used exactly;
+    default N(0, 1). ``loss``: ``loss(output) -> scalar`` instead of a cotangent.
+    ``mode``: "train", "eval" or None (leave each module's mode as it is).
+    The model is left exactly as found, also when it raises.
+    """
+    if mode not in (None, "train", "eval"):
+        raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
+    if batch_size < 1:
+        raise VarprobeError(f"batch size must be positive, not {batch_size}")
+    model = unwrap(model)
+    dev = resolve_device(device, model)
+    current = next((p.device for p in model.parameters()), dev)
+    work = model if current == dev else copy.deepcopy(model).to(dev)
+    with preserved(model, [dev]):
+        if mode is not None:
+            work.train(mode == "train")
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
+        return _record(work, x, grad_output, loss, generator, settings={
+            "seed": seed, "trials": 1, "batch_size": _batch_of(x), "device": str(dev),
+            "mode": mode or "as-is", "init": "as-is",
+            "grad": "loss" if loss else ("given" if grad_output is not None else "randn"),
+        }, target=target or type(model).__name__)
+
+
+def _make_inputs(model, inputs, batch_size, shape, generator, dev) -> Any:
+    if callable(inputs) and not isinstance(inputs, torch.Tensor):
+        inputs = inputs(batch_size)
+    if inputs is None:
+        return inputs_mod.synthesize(model, batch_size, shape, generator, dev)
+    return inputs_mod.to_device(inputs, dev, inputs_mod.model_dtype(model))
+
+
+def _batch_of(x: Any) -> int | None:
+    leaves = [t for t in float_leaves(x) + _tensors(x) if t.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else None
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    from varprobe.recorder import tensor_leaves
+
+    return tensor_leaves(x)
+
+
+def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
+            settings: dict, target: str) -> Report:
+    # Gradients w.r.t. float inputs come from leaves we own; the model sees clones so
+    # that in-place writes to its input stay legal.
+    from torch.utils import _pytree as pytree
+
+    leaves: list[torch.Tensor] = []
+
+    def own(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            leaf = t.detach().requires_grad_()
+            leaves.append(leaf)
+            return leaf.clone()
+        return t
+
+    fed = pytree.tree_map(own, x)
+    args, kwargs = inputs_mod.as_call(fed)
+    with Recorder(model) as rec:
+        try:
+            output = model(*args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            raise VarprobeError(f"out of memory in {_where(rec)}; try a smaller --batch-size "
+                                "or the closed-form `varprobe predict`") from exc
+        except Exception as exc:
+            raise VarprobeError(
+                f"the model raised in {_where(rec)}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}; check the input "
+                "(--input-shape, example_input) and the model's forward") from exc
+        out_leaves = [t for t in float_leaves(output) if t.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
+        note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
+                         loss, generator)
+        host = rec.collect()
+        layers = _layers(rec, host)
+    report = Report(
+        model=ModelInfo(target=target, class_=type(model).__name__,
+                        parameters=sum(p.numel() for p in model.parameters())),
+        settings=settings, input=_tensor_info(x), output=_tensor_info(output),
+        layers=layers, varprobe_version=_version(), torch_version=torch.__version__)
+    if note:
+        report.notes.append(note)
+    return report
+
+
+def _where(rec: Recorder) -> str:
+    open_calls = [c for calls in rec._open.values() for c in calls]
+    if not open_calls:
+        return "the model's own forward"
+    call = max(open_calls, key=rec.calls.index)
+    return f"layer {call.name} ({type(call.module).__name__})"
+
+
+def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, generator) -> str:
+    """Run the backward pass; returns a note when there is nothing to backpropagate."""
+    if loss is not None:
+        value = loss(output)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise VarprobeError("loss(output) must return a scalar tensor")
+        outs, cotangents = [value], [torch.ones_like(value)]
+    elif grad_output is not None:
+        cotangents = [g.to(o.device, o.dtype) for g, o in
+                      zip(_tensors(grad_output), float_leaves(output))]
+        if len(cotangents) != len(float_leaves(output)):
+            raise VarprobeError("grad_output does not match the model's output structure")
+        pairs = [(o, g) for o, g in zip(float_leaves(output), cotangents) if o.requires_grad]
+        outs, cotangents = [o for o, _ in pairs], [g for _, g in pairs]
+    else:
+        cotangents = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype)
+                      for o in outs]
+    if not outs or not outs[0].requires_grad:
+        return "backward unavailable: the output has no floating tensor that requires grad"
+    rec.in_backward = True
+    try:
+        grads = torch.autograd.grad(outs, wrt, cotangents, allow_unused=True) if wrt else ()
+    finally:
+        rec.in_backward = False
+    by_param = {id(p): g for p, g in zip(wrt, grads)}
+    weight_grads = {key: by_param.get(id(w)) for key, (_, w) in rec.weights.items()}
+    rec.weight_grad_slots = rec.add_weight_grads(weight_grads)
+    rec.cotangent_slot = rec._new_slot(stats.gradient(cotangents[0].detach()))
+    return ""
+
+
+def _forward_stats(row: list[float] | None) -> ForwardStats | None:
+    if row is None:
+        return None
+    return ForwardStats(mean=row[stats.MEAN], var=row[stats.VAR],
+                        second_moment=row[stats.SECOND_MOMENT],
+                        zero_fraction=row[stats.ZERO_FRACTION],
+                        dead_fraction=row[stats.DEAD_FRACTION],
+                        nonfinite=int(row[stats.NONFINITE]))
+
+
+def _backward_stats(row: list[float] | None) -> BackwardStats | None:
+    if row is None:
+        return None
+    return BackwardStats(var=row[stats.G_VAR], second_moment=row[stats.G_SECOND_MOMENT],
+                         nonfinite=int(row[stats.G_NONFINITE]))
+
+
+def _layers(rec: Recorder, host: list) -> list[Layer]:
+    grad_slots = getattr(rec, "weight_grad_slots", {})
+    layers = []
+    for index, call in enumerate(rec.calls):
+        layers.append(_layer(index, call, rec, host, grad_slots))
+    return layers
+
+
+def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict) -> Layer:
+    module = call.module
+    fan_in, fan_out = theory.fans(module)
+    layer = Layer(index=index, name=call.name, call=call.call, type=type(module).__name__,
+                  kind=theory.kind(module), shape=call.shape, dtype=call.dtype,
+                  fan_in=fan_in, fan_out=fan_out, unavailable=dict(call.unavailable))
+    for key, convert in (("input", _forward_stats), ("forward", _forward_stats),
+                         ("backward", _backward_stats), ("backward_input", _backward_stats)):
+        slot = call.slots.get(key)
+        value = convert(host[slot]) if slot is not None else None
+        setattr(layer, key, value)
+        if value is None and slot is not None:
+            layer.unavailable.setdefault(key, "no gradient reached this tensor")
+    if id(module) in rec.weights:
+        row = host[rec.weights[id(module)][0]]
+        layer.weight_var, layer.weight_second_moment = row[stats.W_VAR], row[
+            stats.W_SECOND_MOMENT]
+        layer.bias_second_moment = row[stats.B_SECOND_MOMENT]
+        if id(module) in grad_slots:
+            layer.weight_grad_ratio = host[grad_slots[id(module)]][0]
+        else:
+            layer.unavailable["weight_grad_ratio"] = "no gradient reached the weight"
+    return layer
+
+
+def _tensor_info(value: Any) -> TensorInfo:
+    tensors = _tensors(value)
+    if not tensors:
+        return TensorInfo(shape=None, dtype=None, mean=None, var=None, second_moment=None)
+    first = next((t for t in tensors if t.is_floating_point()), tensors[0])
+    shape: Any = list(first.shape)
+    if isinstance(value, dict):
+        shape = {k: list(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)}
+    if not first.is_floating_point():
+        return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
+                          mean=None, var=None, second_moment=None)
+    with torch.no_grad():
+        row = stats.activation(first, -1).cpu().tolist()
+    return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
+                      mean=row[stats.MEAN], var=row[stats.VAR],
+                      second_moment=row[stats.SECOND_MOMENT])
+
+
+def _version() -> str:
+    from varprobe import __version__
+
+    return __version__

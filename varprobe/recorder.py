@@ -1,0 +1,241 @@
+"""Hooks that record per-call activation and gradient statistics.
+
+The only module that touches hooks. Forward pre-hooks measure a module's input (before
+an in-place module can overwrite it) and swap in an alias whose gradient hook gives the
+gradient w.r.t. the input; forward hooks measure the output and register tensor hooks
+for the gradient w.r.t. the output. No module backward hooks (pytorch#61519), no
+reference to an activation after its hook returns, no host sync until ``collect``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from varprobe import stats
+
+CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample, nn.PixelShuffle, nn.LocalResponseNorm,
+)
+CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention,
+                 nn.RNNBase, nn.Flatten)
+
+
+@dataclass
+class Call:
+    """Host-side bookkeeping for one module call; stats live in device slots."""
+
+    name: str
+    call: int
+    module: nn.Module
+    shape: list[int] | None = None
+    dtype: str | None = None
+    slots: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    alias: Any = None  # weakref to the input alias, to spot in-place writes
+    alias_version: int | None = None
+
+
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a (possibly nested) structure, dataclasses included."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    leaves, _ = pytree.tree_flatten(value)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            out.extend(tensor_leaves(leaf))
+    return out
+
+
+def float_leaves(value: Any) -> list[torch.Tensor]:
+    return [t for t in tensor_leaves(value) if t.is_floating_point()]
+
+
+def probed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules, plus any module that owns parameters directly (e.g. attention)."""
+    out = []
+    for name, module in model.named_modules(remove_duplicate=True):
+        is_leaf = next(module.children(), None) is None
+        owns = next(module.parameters(recurse=False), None) is not None
+        if (is_leaf or owns) and (name or is_leaf):
+            out.append((name or type(model).__name__, module))
+    return out
+
+
+def main_weight(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The weight matrix a layer multiplies by, and its bias, if it has them."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        w = next((p for p in module.parameters(recurse=False) if p.dim() >= 2), None)
+    b = getattr(module, "bias", None)
+    return w, b if isinstance(b, torch.Tensor) else None
+
+
+class Recorder:
+    """Attach with ``with Recorder(model) as rec:``; every handle goes on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.calls: list[Call] = []
+        self.slots: list[torch.Tensor | None] = []
+        self.in_backward = False
+        self._handles: list[Any] = []
+        self._open: dict[int, list[Call]] = {}
+        self._counts: dict[str, int] = {}
+        self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._channels_first = False
+        self.weights: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (slot, w)
+
+    # --- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> Recorder:
+        for name, module in probed_modules(self.model):
+            self._handles.append(module.register_forward_pre_hook(
+                self._pre_hook(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(
+                self._post_hook(), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    # --- slots ---------------------------------------------------------------------
+    def _new_slot(self, value: torch.Tensor | None = None) -> int:
+        self.slots.append(value)
+        return len(self.slots) - 1
+
+    def _activation_slot(self, t: torch.Tensor) -> int:
+        """Measure ``t`` once: the output of one module is usually the next one's input."""
+        seen = self._seen.get(id(t))
+        if seen is not None and seen[0]() is t and seen[1] == t._version:
+            return seen[2]
+        channel_dim = 1 if self._channels_first and t.dim() >= 3 else -1
+        with torch.no_grad():
+            slot = self._new_slot(stats.activation(t, channel_dim))
+        self._seen[id(t)] = (weakref.ref(t), t._version, slot)
+        return slot
+
+    def _grad_hook(self, slot: int):
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                self.slots[slot] = stats.gradient(grad)
+        return hook
+
+    # --- hooks ---------------------------------------------------------------------
+    def _pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self.in_backward:  # checkpoint recomputation: already recorded
+                return None
+            index = self._counts.get(name, 0)
+            self._counts[name] = index + 1
+            call = Call(name=name, call=index, module=module)
+            self.calls.append(call)
+            self._open.setdefault(id(module), []).append(call)
+            self._record_weight(module)
+            return self._record_input(call, module, args, kwargs)
+        return hook
+
+    def _post_hook(self):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+            if self.in_backward:
+                return None
+            call = self._open[id(module)].pop()
+            self._update_layout(module)
+            self._record_output(call, output)
+            return None
+        return hook
+
+    def _update_layout(self, module: nn.Module) -> None:
+        if isinstance(module, CHANNELS_FIRST):
+            self._channels_first = True
+        elif isinstance(module, CHANNELS_LAST):
+            self._channels_first = False
+
+    def _record_weight(self, module: nn.Module) -> None:
+        if id(module) in self.weights:
+            return
+        w, b = main_weight(module)
+        if w is not None:
+            with torch.no_grad():
+                self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
+
+    def _record_input(self, call: Call, module: nn.Module, args: tuple, kwargs: dict):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        pos = next((i for i, t in enumerate(leaves)
+                    if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+        if pos is None:
+            call.unavailable["input"] = "no floating-point input tensor"
+            call.unavailable["backward_input"] = "no floating-point input tensor"
+            return None
+        x = leaves[pos]
+        call.slots["input"] = self._activation_slot(x)
+        if not x.requires_grad:
+            call.unavailable["backward_input"] = "the input does not require grad"
+            return None
+        if getattr(module, "inplace", False):
+            call.unavailable["backward_input"] = "the module modifies its input in place"
+            return None
+        alias = x.view_as(x)
+        call.slots["backward_input"] = self._new_slot()
+        call.alias_version = alias._version
+        alias.register_hook(self._grad_hook(call.slots["backward_input"]))
+        leaves[pos] = alias
+        call.alias = weakref.ref(alias)
+        new_args, new_kwargs = pytree.tree_unflatten(leaves, spec)
+        return tuple(new_args), new_kwargs
+
+    def _record_output(self, call: Call, output: Any) -> None:
+        outs = float_leaves(output)
+        if call.alias is not None:
+            alias = call.alias()
+            if alias is not None and alias._version != call.alias_version:
+                call.slots.pop("backward_input")
+                call.unavailable["backward_input"] = "the module modifies its input in place"
+        if not outs:
+            call.unavailable["forward"] = "the module returned no floating-point tensor"
+            call.unavailable["backward"] = "the module returned no floating-point tensor"
+            return
+        y = outs[0]
+        call.shape, call.dtype = list(y.shape), str(y.dtype).removeprefix("torch.")
+        call.slots["forward"] = self._activation_slot(y)
+        if y.requires_grad:
+            call.slots["backward"] = self._new_slot()
+            y.register_hook(self._grad_hook(call.slots["backward"]))
+        else:
+            call.unavailable["backward"] = "the output does not require grad"
+
+    # --- after backward ------------------------------------------------------------
+    def add_weight_grads(self, grads: dict[int, torch.Tensor | None]) -> dict[int, int]:
+        """Slots for ||dL/dW|| / ||W||, keyed by id(module)."""
+        out = {}
+        with torch.no_grad():
+            for key, (slot, _) in self.weights.items():
+                g = grads.get(key)
+                if g is not None:
+                    out[key] = self._new_slot(stats.grad_ratio(g, self.slots[slot][stats.W_NORM]))
+        return out
+
+    def collect(self) -> list:
+        """The one device-to-host transfer: every slot as a list of floats (or None)."""
+        filled = [i for i, s in enumerate(self.slots) if s is not None]
+        if not filled:
+            return [None] * len(self.slots)
+        host = torch.stack([self.slots[i] for i in filled]).cpu().tolist()
+        out: list = [None] * len(self.slots)
+        for i, row in zip(filled, host):
+            out[i] = row
+        return out

@@ -1,0 +1,227 @@
+"""The report: dataclasses, the ``varprobe.report/1`` JSON schema, frames and files.
+
+Every number that could not be measured or predicted is ``None`` (JSON ``null``) and,
+where it matters, the reason sits in ``Layer.unavailable`` under the field's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "varprobe.report/1"
+
+
+@dataclass
+class ForwardStats:
+    """Moments of an activation tensor over all its elements (batch included)."""
+
+    mean: float | None
+    var: float | None
+    second_moment: float | None
+    zero_fraction: float | None = None
+    dead_fraction: float | None = None
+    nonfinite: int = 0
+
+
+@dataclass
+class BackwardStats:
+    """Moments of a gradient tensor over all its elements."""
+
+    var: float | None
+    second_moment: float | None
+    nonfinite: int = 0
+
+
+@dataclass
+class Prediction:
+    """A predicted forward E[y^2] and backward Var[dL/dy]; ``basis`` says how."""
+
+    forward_var: float | None
+    backward_var: float | None
+    basis: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class Flag:
+    code: str
+    severity: str  # "error" | "warning" | "info"
+    message: str
+
+
+@dataclass
+class Layer:
+    """One recorded call of one module."""
+
+    index: int
+    name: str
+    call: int
+    type: str
+    kind: str  # "weight" | "activation" | "norm" | "other"
+    shape: list[int] | None = None
+    dtype: str | None = None
+    fan_in: int | None = None
+    fan_out: int | None = None
+    weight_var: float | None = None
+    weight_second_moment: float | None = None
+    bias_second_moment: float | None = None
+    weight_grad_ratio: float | None = None
+    activation: str | None = None
+    gain: float | None = None
+    input: ForwardStats | None = None
+    forward: ForwardStats | None = None
+    backward: BackwardStats | None = None
+    backward_input: BackwardStats | None = None
+    predicted: Prediction | None = None
+    schemes: dict[str, Prediction] = field(default_factory=dict)
+    intervals: dict[str, list[float | None]] = field(default_factory=dict)
+    flags: list[Flag] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.call == 0 else f"{self.name}#{self.call}"
+
+
+@dataclass
+class TensorInfo:
+    """The network's input or output: its shape, dtype and moments."""
+
+    shape: list[int] | dict[str, list[int]] | None
+    dtype: str | None
+    mean: float | None
+    var: float | None
+    second_moment: float | None
+
+
+@dataclass
+class ModelInfo:
+    target: str
+    class_: str
+    parameters: int
+
+
+@dataclass
+class Summary:
+    healthy: bool = True
+    errors: int = 0
+    warnings: int = 0
+    forward_ratio: float | None = None
+    backward_ratio: float | None = None
+    verdict: str | None = None
+
+
+@dataclass
+class Report:
+    model: ModelInfo
+    settings: dict[str, Any]
+    input: TensorInfo
+    output: TensorInfo | None
+    layers: list[Layer]
+    summary: Summary = field(default_factory=Summary)
+    notes: list[str] = field(default_factory=list)
+    varprobe_version: str = ""
+    torch_version: str = ""
+
+    # --- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["model"]["class"] = raw["model"].pop("class_")
+        ordered = {"schema": SCHEMA, "varprobe_version": raw.pop("varprobe_version"),
+                   "torch_version": raw.pop("torch_version"), **raw}
+        return _clean(ordered)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+        model = dict(data["model"])
+        model["class_"] = model.pop("class")
+        return cls(
+            model=ModelInfo(**model),
+            settings=data["settings"],
+            input=TensorInfo(**data["input"]),
+            output=TensorInfo(**data["output"]) if data.get("output") else None,
+            layers=[_layer_from_dict(d) for d in data["layers"]],
+            summary=Summary(**data["summary"]),
+            notes=list(data.get("notes", [])),
+            varprobe_version=data.get("varprobe_version", ""),
+            torch_version=data.get("torch_version", ""),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Report:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_frame(self):
+        """One row per recorded layer call; nested fields become dotted columns."""
+        import pandas as pd
+
+        rows = []
+        for layer in self.to_dict()["layers"]:
+            flags = layer.pop("flags")
+            layer.pop("unavailable")
+            layer["flags"] = ",".join(f["code"] for f in flags)
+            rows.append(layer)
+        frame = pd.json_normalize(rows) if rows else pd.DataFrame()
+        return frame.drop(columns=[c for c in frame.columns if c.startswith("intervals.")])
+
+    def save(self, path: str | os.PathLike, fmt: str | None = None) -> Path:
+        """Write JSON or CSV (chosen by ``fmt`` or the extension), atomically."""
+        path = Path(path)
+        fmt = fmt or {".csv": "csv"}.get(path.suffix.lower(), "json")
+        text = self.to_frame().to_csv(index=False) if fmt == "csv" else self.to_json() + "\n"
+        write_atomic(path, text)
+        return path
+
+    # --- queries -------------------------------------------------------------------
+    @property
+    def weight_layers(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.kind == "weight"]
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename: never a half-written file."""
+    path = Path(path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    """NaN and inf are not JSON: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _layer_from_dict(d: dict[str, Any]) -> Layer:
+    d = dict(d)
+    for key, kind in (("input", ForwardStats), ("forward", ForwardStats),
+                      ("backward", BackwardStats), ("backward_input", BackwardStats)):
+        d[key] = kind(**d[key]) if d.get(key) else None
+    d["predicted"] = Prediction(**d["predicted"]) if d.get("predicted") else None
+    d["schemes"] = {k: Prediction(**v) for k, v in d.get("schemes", {}).items()}
+    d["flags"] = [Flag(**f) for f in d.get("flags", [])]
+    names = {f.name for f in dataclasses.fields(Layer)}
+    return Layer(**{k: v for k, v in d.items() if k in names})
