@@ -54,11 +54,11 @@ def infer_shape(model: nn.Module) -> tuple[tuple[int, ...], torch.dtype, int | N
 def synthesize(model: nn.Module, batch_size: int, shape: tuple[int, ...] | None,
                generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """A batch for ``model``: N(0, 1) floats, or in-range ids for an embedding."""
-    dtype, bound = torch.float32, None
+    bound = None
     if shape is None:
-        shape, dtype, bound = infer_shape(model)
+        shape, _, bound = infer_shape(model)
     elif isinstance(first_layer(model), nn.Embedding):
-        dtype, bound = torch.long, first_layer(model).num_embeddings
+        bound = first_layer(model).num_embeddings
     full = (batch_size, *shape)
     if bound is not None:
         ids = torch.randint(0, bound, full, generator=generator)

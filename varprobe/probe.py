@@ -87,11 +87,12 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
-        return _record(work, x, grad_output, loss, generator, settings={
+        report, modules = _record(work, x, grad_output, loss, generator, settings={
             "seed": seed, "trials": 1, "batch_size": _batch_of(x), "device": str(dev),
             "mode": mode or "as-is", "init": "as-is",
             "grad": "loss" if loss else ("given" if grad_output is not None else "randn"),
         }, target=target or type(model).__name__)
+    return report
 
 
 def _make_inputs(model, inputs, batch_size, shape, generator, dev) -> Any:
@@ -114,7 +115,8 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 
 def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
-            settings: dict, target: str) -> Report:
+            settings: dict, target: str) -> tuple[Report, list[nn.Module]]:
+    """Run forward + backward under hooks; the modules list is aligned with layers."""
     # Gradients w.r.t. float inputs come from leaves we own; the model sees clones so
     # that in-place writes to its input stay legal.
     from torch.utils import _pytree as pytree
@@ -154,7 +156,7 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         layers=layers, varprobe_version=_version(), torch_version=torch.__version__)
     if note:
         report.notes.append(note)
-    return report
+    return report, [call.module for call in rec.calls]
 
 
 def _where(rec: Recorder) -> str:
