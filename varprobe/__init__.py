@@ -12,10 +12,10 @@ __all__ = ["probe", "Report", "VarprobeError", "__version__"]
 
 if TYPE_CHECKING:
     from varprobe.errors import VarprobeError
-    from varprobe.probe import probe
+    from varprobe.pipeline import probe
     from varprobe.report import Report
 
-_LAZY = {"probe": "varprobe.probe", "Report": "varprobe.report",
+_LAZY = {"probe": "varprobe.pipeline", "Report": "varprobe.report",
          "VarprobeError": "varprobe.errors"}
 
 

@@ -112,7 +112,7 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug):
     try:
         from varprobe import inputs
         from varprobe import target as target_mod
-        from varprobe.probe import probe
+        from varprobe.pipeline import probe
 
         loaded = target_mod.load(target)
         data = inputs.load_file(input_file) if input_file else loaded.example_input

@@ -1,4 +1,4 @@
-"""``probe()``: load inputs, record one forward + backward pass, build the Report."""
+"""``probe()``: the pipeline — load inputs, record one forward + backward pass, build the Report."""
 
 from __future__ import annotations
 
