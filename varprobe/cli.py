@@ -138,5 +138,19 @@ def _emit(report, fmt: Format, output: Path | None, all_layers: bool, debug: boo
         sys.stdout.write(formats.text(report, fmt.value))
 
 
+# typer vendors click without re-exporting UsageError; BadParameter's base is it.
+UsageError = typer.BadParameter.__bases__[0]
+
+
 def main() -> None:
-    app()
+    """Console entry point: a usage error is one line on stderr and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "varprobe"
+        typer.echo(f"varprobe: error: {exc.format_message()} (see {command} --help)",
+                   err=True)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code or 0)

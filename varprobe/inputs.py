@@ -6,6 +6,8 @@ Float inputs are unit-variance Gaussians (the paper's E[x^2] = 1 assumption); an
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,12 @@ def infer_shape(model: nn.Module) -> tuple[tuple[int, ...], torch.dtype, int | N
 
 
 def synthesize(model: nn.Module, batch_size: int, shape: tuple[int, ...] | None,
-               generator: torch.Generator, device: torch.device) -> torch.Tensor:
+               generator: torch.Generator, device: torch.device) -> Any:
     """A batch for ``model``: N(0, 1) floats, or in-range ids for an embedding."""
+    if is_transformers(model):
+        fed = transformers_inputs(model, batch_size, shape, generator)
+        if fed:
+            return to_device(fed, device, model_dtype(model))
     bound = None
     if shape is None:
         shape, _, bound = infer_shape(model)
@@ -65,6 +71,55 @@ def synthesize(model: nn.Module, batch_size: int, shape: tuple[int, ...] | None,
         return ids.to(device)
     float_dtype = model_dtype(model)
     return torch.randn(full, generator=generator).to(device=device, dtype=float_dtype)
+
+
+def is_transformers(model: nn.Module) -> bool:
+    """A HuggingFace ``PreTrainedModel`` (transformers is imported only if the user did)."""
+    hf = sys.modules.get("transformers")
+    return hf is not None and isinstance(model, hf.PreTrainedModel)
+
+
+def transformers_inputs(model: nn.Module, batch_size: int, shape: tuple[int, ...] | None,
+                        generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Keyword inputs shaped like ``model.dummy_inputs`` (T5 needs decoder ids too).
+
+    Token ids are drawn inside the input embedding's vocabulary, skipping the pad id
+    (attention may mask it out); masks are all ones, token types zero. ``shape`` (the
+    sequence length for ids, else the per-sample shape) overrides the default length.
+    """
+    try:
+        dummy = dict(model.dummy_inputs)
+    except Exception:  # noqa: BLE001 - a model without usable dummy inputs: fall back
+        dummy = {}
+    main = getattr(model, "main_input_name", "input_ids")
+    if main not in dummy and main.endswith("_ids"):
+        dummy[main] = torch.zeros(1, 1, dtype=torch.long)
+    config = getattr(model, "config", None)
+    seq = shape[0] if shape else _sequence_limit(model)
+    out = {}
+    for key, t in dummy.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.is_floating_point():
+            rest = tuple(shape) if shape and key == main else tuple(t.shape[1:])
+            out[key] = torch.randn((batch_size, *rest), generator=generator)
+        elif "mask" in key or key == "token_type_ids":
+            fill = 1 if "mask" in key else 0
+            out[key] = torch.full((batch_size, seq), fill, dtype=t.dtype)
+        else:
+            vocab = _vocabulary(model, config)
+            ids = torch.randint(0, vocab - 1, (batch_size, seq), generator=generator)
+            pad = getattr(config, "pad_token_id", None)
+            out[key] = ids + (ids >= pad) if isinstance(pad, int) and 0 <= pad < vocab else ids
+    return out
+
+
+def _vocabulary(model: nn.Module, config: Any) -> int:
+    """The number of ids the input embedding accepts (config and module may disagree)."""
+    sizes = [getattr(config, "vocab_size", None)]
+    with contextlib.suppress(Exception):
+        sizes.append(model.get_input_embeddings().num_embeddings)
+    return min(v for v in sizes if isinstance(v, int) and v > 1)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -1,0 +1,1 @@
+"""Benchmarks: probe overhead and closed-form prediction at scale (not part of the tests)."""

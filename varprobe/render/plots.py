@@ -1,0 +1,410 @@
+"""The report figure: where the signal dies, and which init would have kept it alive.
+
+Four panels over the weight layers in depth order: (a) forward E[y²], (b) backward
+Var[dL/dy], (c) each layer's predicted multipliers (log2; 0 holds the signal), (d) the
+zero and dead fractions after each layer's activation. Drawn on a bare ``Figure`` with
+the Agg canvas (no pyplot state, no display), rendered to bytes, written atomically.
+The same report always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from varprobe.errors import VarprobeError
+from varprobe.report import Layer, Report, write_atomic
+
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+SIZE_IN, DPI = (14.0, 9.0), 100  # 1400 x 900 pixels
+DEFAULT_THRESHOLDS = (1e-2, 1e2)  # vanishing, exploding: relative to the reference
+MAX_NAME_LABELS = 40  # rotated layer names that fit under one panel without touching
+MARKERS_UP_TO = 60  # beyond this many layers, markers only clutter the curves
+
+# Okabe & Ito (2008): distinguishable under every common colour-vision deficiency.
+BLACK, ORANGE, SKY, GREEN = "#000000", "#E69F00", "#56B4E9", "#009E73"
+BLUE, VERMILION, PURPLE, GREY = "#0072B2", "#D55E00", "#CC79A7", "#999999"
+SEVERITY_COLOUR = {"error": VERMILION, "warning": ORANGE, "info": SKY, None: GREY}
+SEVERITY_ORDER = ("error", "warning", "info")
+FLAGGED = ("error", "warning")  # info flags (e.g. theory_mismatch) are not drawn
+ZONE_ALPHA = 0.08
+# Measured solid black, the prediction for this init dashed, each counterfactual its own.
+PREDICTED = {"label": "predicted (this init)", "color": BLUE, "ls": "--"}
+SCHEMES = {"xavier": {"label": "Xavier", "color": PURPLE, "ls": "-."},
+           "he": {"label": "He", "color": GREEN, "ls": ":"}}
+
+
+@dataclass
+class Direction:
+    """What panels (a) and (b) need to know about one direction of the signal."""
+
+    title: str
+    ylabel: str
+    stats: str  # Layer field holding the measured stats
+    measured: str  # ForwardStats / BackwardStats field
+    predicted: str  # Prediction field
+
+
+FORWARD = Direction("(a) forward: E[y²] of each weight layer's output",
+                    "E[y²] (log); zones relative to the input's E[x²]",
+                    "forward", "second_moment", "forward_var")
+BACKWARD = Direction("(b) backward: Var[dL/dy] at each weight layer's output  "
+                     "(← the gradient flows from the output)",
+                     "Var[dL/dy] (log); zones relative to the last layer's",
+                     "backward", "var", "backward_var")
+
+
+# --- public API ------------------------------------------------------------------------
+def figure(report: Report) -> Figure:
+    """The four-panel figure of ``report`` (a bare Figure: no pyplot, no display)."""
+    fig = Figure(figsize=SIZE_IN, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.get_layout_engine().set(rect=(0, 0, 1, 0.865), h_pad=0.06, w_pad=0.06)
+    layers, blocks = _blocks(report)
+    axes = fig.subplots(2, 2)
+    x = np.arange(1, len(layers) + 1)
+    handles = _signal(axes[0, 0], report, layers, blocks, x, FORWARD)
+    handles += _signal(axes[0, 1], report, layers, blocks, x, BACKWARD)
+    _multipliers(axes[1, 0], layers, blocks, x)
+    _dead(axes[1, 1], blocks, x)
+    for ax in axes.flat:
+        ax.set_xlim(0.4, len(layers) + 0.6)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlabel("weight layer, in depth order", fontsize=8)
+    for ax in axes[1]:
+        _name_ticks(ax, layers)
+    _title(fig, report)
+    _legend(fig, report, handles)
+    return fig
+
+
+def render(report: Report, fmt: str = "png") -> bytes:
+    """The figure as PNG, SVG or PDF bytes, identical for identical reports."""
+    buffer = io.BytesIO()
+    metadata = {"png": {"Software": None},
+                "svg": {"Date": None, "Creator": None},
+                "pdf": {"Creator": None, "Producer": None, "CreationDate": None}}[fmt]
+    # SVG element ids are random unless salted; rc_context restores the setting after.
+    with matplotlib.rc_context({"svg.hashsalt": "varprobe", "svg.fonttype": "path"}):
+        figure(report).savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
+    return buffer.getvalue()
+
+
+def save(report: Report, path: str | Path) -> Path:
+    """Render by extension (.png, .svg, .pdf) and write atomically; VarprobeError if not."""
+    path = Path(path)
+    fmt = format_of(path)
+    data = render(report, fmt)
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise VarprobeError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def format_of(path: str | Path) -> str:
+    """The image format a path asks for; VarprobeError for anything but png/svg/pdf."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise VarprobeError(f"cannot plot to {path}: the name must end in .png, .svg or .pdf")
+    return FORMATS[suffix]
+
+
+# --- data ------------------------------------------------------------------------------
+def _blocks(report: Report) -> tuple[list[Layer], list[list[Layer]]]:
+    """The weight layers, and for each the layers recorded after it up to the next one.
+
+    A block (Linear -> BatchNorm -> ReLU) is one point on the depth axis: its flags are
+    drawn there, and its activation's zero fraction is that layer's dead fraction.
+    Without weight layers every recorded layer is its own point.
+    """
+    layers = report.weight_layers or report.layers
+    if not report.weight_layers:
+        return layers, [[layer] for layer in layers]
+    blocks: list[list[Layer]] = []
+    for layer in report.layers:
+        if layer.kind == "weight":
+            blocks.append([layer])
+        elif blocks:
+            blocks[-1].append(layer)
+    return layers, blocks
+
+
+def _values(layers: list[Layer], get) -> np.ndarray:
+    """One float per layer; None, non-finite and (for log axes) non-positive become NaN."""
+    out = []
+    for layer in layers:
+        value = get(layer)
+        out.append(value if value is not None and math.isfinite(value) else math.nan)
+    return np.array(out, dtype=float)
+
+
+def _measured(layer: Layer, d: Direction) -> float | None:
+    stats = getattr(layer, d.stats)
+    return getattr(stats, d.measured) if stats is not None else None
+
+
+def _predicted(prediction, d: Direction) -> float | None:
+    return getattr(prediction, d.predicted) if prediction is not None else None
+
+
+def _interval(layer: Layer, d: Direction) -> tuple[float | None, float | None]:
+    bounds = layer.intervals.get(f"{d.stats}.{d.measured}") or [None, None]
+    return bounds[0], bounds[-1]
+
+
+def _worst(flags) -> str | None:
+    severities = [f.severity for f in flags if f.severity in SEVERITY_ORDER]
+    return min(severities, key=SEVERITY_ORDER.index) if severities else None
+
+
+def _flags_about(block: list[Layer], word: str | tuple[str, ...]) -> list:
+    words = (word,) if isinstance(word, str) else word
+    return [f for layer in block for f in layer.flags if any(w in f.code for w in words)]
+
+
+def thresholds(report: Report) -> tuple[float, float]:
+    """(vanishing, exploding) relative thresholds, as the diagnosis recorded them."""
+    given = report.settings.get("thresholds") or {}
+    return (given.get("vanishing", DEFAULT_THRESHOLDS[0]),
+            given.get("exploding", DEFAULT_THRESHOLDS[1]))
+
+
+def _reference(report: Report, layers: list[Layer], d: Direction) -> float | None:
+    """What the thresholds are relative to: the network input's E[x²] going forward,
+    the gradient arriving at the last weight layer going backward."""
+    if d is FORWARD:
+        value = report.input.second_moment
+    else:
+        value = next((v for v in reversed(_values(layers, lambda la: _measured(la, d)))
+                      if v > 0), None)
+    return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
+# --- panels ----------------------------------------------------------------------------
+def _signal(ax: Axes, report: Report, layers: list[Layer], blocks: list[list[Layer]],
+            x: np.ndarray, d: Direction) -> list:
+    """Measured, predicted and counterfactual curves on a log axis; returns the handles."""
+    measured = _values(layers, lambda la: _measured(la, d))
+    predicted = _values(layers, lambda la: _predicted(la.predicted, d))
+    lo = _values(layers, lambda la: _interval(la, d)[0])
+    hi = _values(layers, lambda la: _interval(la, d)[1])
+    curves = [measured, predicted]
+    if np.isfinite(lo).any() and np.isfinite(hi).any():
+        ax.fill_between(x, lo, hi, color=GREY, alpha=0.4, lw=0, label="measured, 95% interval")
+        curves += [lo, hi]
+    for name, style in SCHEMES.items():
+        values = _values(layers, lambda la, n=name: _predicted(la.schemes.get(n), d))
+        if np.isfinite(values).any():
+            ax.plot(x, values, color=style["color"], ls=style["ls"], lw=1.8,
+                    label=f"{style['label']} init (predicted)")
+            curves.append(values)
+    # The prediction is drawn wider, under the measurement, so that both stay visible
+    # where they agree.
+    if np.isfinite(predicted).any():
+        ax.plot(x, predicted, color=PREDICTED["color"], ls=PREDICTED["ls"], lw=2.6,
+                label=PREDICTED["label"])
+    if np.isfinite(measured).any():
+        ax.plot(x, measured, color=BLACK, lw=1.4, label="measured",
+                marker="o" if len(layers) <= MARKERS_UP_TO else None, ms=3)
+    _zones(ax, report, layers, d, curves)
+    _flag_rug(ax, blocks, x, d)
+    ax.set_title(d.title, loc="left", fontsize=10)
+    ax.set_ylabel(d.ylabel, fontsize=8)
+    if not any(np.isfinite(c).any() for c in curves):
+        _empty(ax, "nothing measured or predicted")
+    ax.grid(True, which="major", axis="y", color="#dddddd", lw=0.6)
+    return ax.get_legend_handles_labels()[0]
+
+
+def _flag_rug(ax: Axes, blocks: list[list[Layer]], x: np.ndarray, d: Direction) -> None:
+    """A tick along the bottom edge, in the severity colour, under each flagged layer.
+
+    Flags that name the other direction are left to its panel; those that name none
+    (nonfinite, dead units, ...) show on both. A rug stays legible at 300 layers, where
+    rings around the points would hide the curves.
+    """
+    other = "backward" if d is FORWARD else "forward"
+    for i, block in enumerate(blocks):
+        severity = _worst([f for layer in block for f in layer.flags
+                           if f.severity in FLAGGED and other not in f.code])
+        if severity:
+            ax.add_patch(Rectangle((x[i] - 0.45, 0), 0.9, 0.035, lw=0,
+                                   color=SEVERITY_COLOUR[severity],
+                                   transform=ax.get_xaxis_transform()))
+
+
+def _zones(ax: Axes, report: Report, layers, d: Direction, curves) -> None:
+    """Log y axis spanning the data and thresholds; the out-of-bounds zones shaded."""
+    finite = np.concatenate([c[np.isfinite(c) & (c > 0)] for c in curves])
+    reference = _reference(report, layers, d)
+    vanishing, exploding = thresholds(report)
+    bounds = [reference * vanishing, reference * exploding] if reference else []
+    values = np.concatenate([finite, bounds]) if bounds or finite.size else np.array([1.0])
+    low, high = values.min() / 6, values.max() * 6
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    if reference:
+        for y0, y1 in ((low, bounds[0]), (bounds[1], high)):
+            ax.axhspan(y0, y1, color=VERMILION, alpha=ZONE_ALPHA, lw=0)
+        for bound in bounds:
+            ax.axhline(bound, color=VERMILION, lw=0.8, alpha=0.6)
+
+
+def _multipliers(ax: Axes, layers: list[Layer], blocks, x: np.ndarray) -> None:
+    """Bars: the forward multiplier, coloured by the layer's shrinks/amplifies flag.
+    A step line: the backward multiplier."""
+    forward = _values(layers, lambda la: _log2(getattr(la, "forward_multiplier", None)))
+    backward = _values(layers, lambda la: _log2(getattr(la, "backward_multiplier", None)))
+    severities = [_worst([f for f in _flags_about(b, ("shrink", "amplif"))
+                          if f.severity in FLAGGED]) for b in blocks]
+    ax.axhline(0, color=BLACK, lw=0.8)
+    both = np.concatenate([forward, backward])
+    if np.isfinite(both).any():
+        _columns(ax, x, forward, [SEVERITY_COLOUR[s] for s in severities])
+        if np.isfinite(backward).any():
+            ax.step(x, backward, where="mid", color=BLACK, lw=1.2,
+                    label="backward multiplier n̂·Var[w]·g′")
+        top = max(1.0, float(np.nanmax(np.abs(both)))) * 1.2
+        ax.set_ylim(-top, top)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, symmetric=True))
+        ax.yaxis.set_major_formatter(FuncFormatter(_times))
+        shown = [s for s in (None, "warning", "error") if s in severities]
+        handles = [Patch(color=SEVERITY_COLOUR[s], label="forward multiplier" + (
+            f" ({s})" if s else "")) for s in shown]
+        ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=7.5,
+                  loc="best", framealpha=0.85)
+    else:
+        ax.set_ylim(-1.2, 1.2)
+        ax.set_yticks([0], ["×1"])
+        _empty(ax, "no multipliers predicted")
+    ax.set_ylabel("multiplier (log2 scale)", fontsize=8)
+    ax.set_title("(c) each layer's multiplier n·Var[w]·g  (×1 holds the signal)", loc="left",
+                 fontsize=10)
+    ax.grid(True, axis="y", color="#dddddd", lw=0.6)
+
+
+def _columns(ax: Axes, x: np.ndarray, heights: np.ndarray, colours, width: float = 0.8,
+             **kwargs) -> None:
+    """Bars that stay solid at any count: beyond a few dozen they touch, unsmoothed,
+    so that 300 one-pixel bars do not dissolve into moiré."""
+    if len(x) > MARKERS_UP_TO:
+        kwargs.update(width=1.0, antialiased=False)
+    else:
+        kwargs.update(width=width)
+    ax.bar(x, np.nan_to_num(heights), color=colours, lw=0, **kwargs)
+
+
+def _log2(value: float | None) -> float | None:
+    return math.log2(value) if value is not None and value > 0 else None
+
+
+def _times(value: float, _pos) -> str:
+    """A log2 tick as the factor it stands for: 1 -> ×2, -2 -> ×1/4."""
+    factor = 2.0 ** abs(value)
+    return f"×{factor:g}" if value >= 0 else f"×1/{factor:g}"
+
+
+def _dead(ax: Axes, blocks: list[list[Layer]], x: np.ndarray) -> None:
+    """After each weight layer's activation (its own output when none follows)."""
+    after = [next((la for la in b[1:] if la.kind == "activation"), b[0]) for b in blocks]
+    zero = _values(after, lambda la: la.forward.zero_fraction if la.forward else None)
+    dead = _values(after, lambda la: la.forward.dead_fraction if la.forward else None)
+    if np.isfinite(zero).any() or np.isfinite(dead).any():
+        _columns(ax, x, zero, SKY, label="zero fraction (elements)")
+        _columns(ax, x, dead, BLUE, width=0.5,
+                 label="dead fraction (units zero for every sample)")
+        flagged = [i for i, b in enumerate(blocks)
+                   if any(f.severity in FLAGGED for f in _flags_about(b, "dead"))]
+        if flagged:
+            ax.scatter(x[flagged], np.nan_to_num(zero[flagged]) + 0.05, marker="v",
+                       color=VERMILION, s=28, zorder=5, label="flagged: dead units")
+        ax.legend(fontsize=7.5, loc="upper left", framealpha=0.85)
+    else:
+        _empty(ax, "nothing measured")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("fraction", fontsize=8)
+    ax.set_title("(d) zero and dead fractions after each layer's activation", loc="left",
+                 fontsize=10)
+    ax.grid(True, axis="y", color="#dddddd", lw=0.6)
+
+
+def _empty(ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center",
+            color="#555555", fontsize=10)
+
+
+# --- labels ----------------------------------------------------------------------------
+def _name_ticks(ax: Axes, layers: list[Layer]) -> None:
+    """Layer names under the bottom panels, thinned so that rotated labels never touch."""
+    step = max(1, math.ceil(len(layers) / MAX_NAME_LABELS))
+    ticks = list(range(0, len(layers), step))
+    ax.set_xticks([i + 1 for i in ticks],
+                  [_short(layers[i].label) for i in ticks],
+                  rotation=90, fontsize=6.5)
+    ax.tick_params(axis="x", length=2, pad=2)
+
+
+def _short(name: str, width: int = 22) -> str:
+    """The end of a long qualified name is the informative part: "…blocks.3.attn.proj"."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _title(fig: Figure, report: Report) -> None:
+    s, settings = report.summary, report.settings
+    diagnosed = s.verdict is not None or s.errors or s.warnings or "thresholds" in settings
+    state = ("✗ UNHEALTHY" if not s.healthy else "✓ HEALTHY") if diagnosed else "not diagnosed"
+    colour = VERMILION if not s.healthy else (GREEN if diagnosed else GREY)
+    bold = {"size": 15, "weight": "bold"}
+    headline = HPacker(pad=0, sep=0, align="baseline", children=[
+        TextArea(f"{report.model.class_} · ", textprops=bold),
+        TextArea(f"{state} · {s.errors} errors · {s.warnings} warnings",
+                 textprops={**bold, "color": colour})])
+    fig.add_artist(AnchoredOffsetbox("upper left", child=headline, pad=0, borderpad=0,
+                                     frameon=False, bbox_to_anchor=(0.01, 0.99),
+                                     bbox_transform=fig.transFigure))
+    fig.text(0.01, 0.948, _settings_line(report), fontsize=9, color="#333333", va="top")
+    if s.verdict:
+        verdict = textwrap.shorten(" ".join(s.verdict.split()), 230, placeholder=" …")
+        fig.text(0.01, 0.925, verdict, fontsize=9, va="top")
+
+
+def _legend(fig: Figure, report: Report, handles: list) -> None:
+    """One legend for panels (a) and (b), above them, so that it hides no data."""
+    unique = list({h.get_label(): h for h in handles}.values())
+    vanishing, exploding = thresholds(report)
+    unique.append(Patch(color=VERMILION, alpha=ZONE_ALPHA * 2,
+                        label=f"zones: vanishing < {vanishing:g}×, exploding > {exploding:g}×"))
+    severities = {_worst([f for f in la.flags if f.severity in FLAGGED])
+                  for la in report.layers} - {None}
+    unique += [Patch(color=SEVERITY_COLOUR[s], label=f"flagged layer ({s})")
+               for s in FLAGGED if s in severities]
+    fig.legend(handles=unique, loc="upper center", bbox_to_anchor=(0.5, 0.905),
+               ncol=min(len(unique), 8), fontsize=8, frameon=False, handlelength=2.6)
+
+
+def _settings_line(report: Report) -> str:
+    s, i = report.settings, report.input
+    parts = [report.model.target, f"{report.model.parameters:,} parameters"]
+    if isinstance(i.shape, list):
+        parts.append(f"input {tuple(i.shape)} {i.dtype or ''}".rstrip())
+    parts += [f"seed {s.get('seed')}", f"batch {s.get('batch_size')}",
+              f"{s.get('mode')} mode", f"init {s.get('init')}",
+              {"randn": "cotangent N(0,1)", "loss": "loss(output)",
+               "given": "given cotangent"}.get(s.get("grad"), f"grad {s.get('grad')}")]
+    if (s.get("trials") or 1) > 1:
+        parts.append(f"{s['trials']} trials")
+    return " · ".join(str(p) for p in parts)
