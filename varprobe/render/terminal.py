@@ -71,11 +71,11 @@ def table(report: Report, *, all_layers: bool = False, compare: list[str] = ()) 
                           ("fan_in", "right"), ("n·Var[w]", "right"), ("act", "left"),
                           ("gain", "right"), ("fwd E[y²]", "right"), ("pred", "right"),
                           ("meas/pred", "right")):
-        t.add_column(name, justify=justify)
+        t.add_column(Text(name), justify=justify)  # Text: "[w]" is not markup
     for scheme in compare:
         t.add_column(scheme, justify="right")
     for name in ("bwd Var", "pred", "meas/pred", "flags"):
-        t.add_column(name, justify="left" if name == "flags" else "right")
+        t.add_column(Text(name), justify="left" if name == "flags" else "right")
     for layer in shown_layers(report, all_layers):
         t.add_row(*_row(layer, compare))
     return t
@@ -129,8 +129,12 @@ def verdict(report: Report) -> Text:
 def render(report: Report, console: Console | None = None, *, all_layers: bool = False,
            compare: list[str] = ()) -> None:
     console = console or Console()
+    body = table(report, all_layers=all_layers, compare=list(compare))
+    if not console.is_terminal:  # piped or logged: never truncate the numbers
+        wide = console.options.update_width(10_000)
+        console.width = max(console.width, console.measure(body, options=wide).maximum)
     console.print(header(report))
     console.print()
-    console.print(table(report, all_layers=all_layers, compare=list(compare)))
+    console.print(body)
     console.print()
     console.print(verdict(report))
