@@ -11,6 +11,7 @@ import math
 
 from varprobe.report import (
     BackwardStats,
+    Fix,
     Flag,
     ForwardStats,
     Layer,
@@ -49,7 +50,7 @@ def chain(n: int = 30, *, step: float = 0.5, predictions: bool = True, flags: bo
         if flags:
             _flag(linear, relu, i, n, fwd, bwd, step)
         layers += [linear, relu] if i < n - 1 else [linear]
-    return _report(layers, "ChainMLP")
+    return _report(layers, "ChainMLP", flags)
 
 
 def _flag(linear: Layer, relu: Layer, i: int, n: int, fwd: float, bwd: float,
@@ -83,20 +84,31 @@ def _bwd(var: float) -> BackwardStats:
     return BackwardStats(var=var, second_moment=var)
 
 
-def _report(layers: list[Layer], name: str) -> Report:
-    flags = [f for layer in layers for f in layer.flags]
-    errors = sum(f.severity == "error" for f in flags)
-    warnings = sum(f.severity == "warning" for f in flags)
-    summary = Summary(healthy=errors == 0, errors=errors, warnings=warnings,
-                      verdict="every Linear→ReLU step multiplies the signal by 0.50"
-                      if errors else None)
+def _report(layers: list[Layer], name: str, flags: bool) -> Report:
+    found = [f for layer in layers for f in layer.flags]
+    errors = sum(f.severity == "error" for f in found)
+    warnings = sum(f.severity == "warning" for f in found)
     weights = [la for la in layers if la.kind == "weight"]
+    summary = Summary(healthy=errors == 0, errors=errors, warnings=warnings)
     if weights and weights[-1].predicted:
         summary.forward_ratio = weights[-1].predicted.forward_var
+        summary.backward_ratio = weights[0].predicted.backward_var
+    settings = {"seed": 0, "trials": 1, "batch_size": 256, "device": "cpu", "mode": "train",
+                "init": "as-is", "grad": "randn"}
+    if flags:  # what the diagnosis leaves behind
+        settings["thresholds"] = {"forward": [1e-2, 1e2], "backward": [1e-2, 1e2]}
+        summary.verdict = ", ".join(sorted({f.code for f in found})) if found else (
+            "the signal holds through every layer")
+    if errors:
+        summary.cause = "every Linear→ReLU step multiplies the signal by n·E[w²]·g ≈ 0.5"
+        summary.fix = Fix(scheme="he", code="for m in model.modules():\n    ...",
+                          short='kaiming_normal_(…, nonlinearity="relu")',
+                          layers=[la.label for la in weights],
+                          before=[summary.forward_ratio, summary.backward_ratio],
+                          after=[1.0, 1.0])
     return Report(
         model=ModelInfo(target="synthetic.py", class_=name, parameters=4096 * len(weights)),
-        settings={"seed": 0, "trials": 1, "batch_size": 256, "device": "cpu",
-                  "mode": "train", "init": "as-is", "grad": "randn"},
+        settings=settings,
         input=TensorInfo(shape=[256, 64], dtype="float32", mean=0.0, var=1.0,
                          second_moment=1.0),
         output=None, layers=layers, summary=summary, varprobe_version="0.1.0",

@@ -8,15 +8,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["probe", "Report", "VarprobeError", "__version__"]
+__all__ = ["probe", "assert_healthy", "Report", "VarprobeError", "__version__"]
 
 if TYPE_CHECKING:
+    from varprobe.diagnose import assert_healthy
     from varprobe.errors import VarprobeError
     from varprobe.pipeline import probe
     from varprobe.report import Report
 
 _LAZY = {"probe": "varprobe.pipeline", "Report": "varprobe.report",
-         "VarprobeError": "varprobe.errors"}
+         "VarprobeError": "varprobe.errors", "assert_healthy": "varprobe.diagnose"}
 
 
 def __getattr__(name: str) -> Any:

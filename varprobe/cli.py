@@ -32,6 +32,30 @@ class Mode(str, Enum):
     eval = "eval"
 
 
+class Scheme(str, Enum):
+    """theory.SCHEMES, spelled out here so that a bad name fails without importing torch."""
+
+    xavier = "xavier"
+    he = "he"
+    he_fan_out = "he-fan-out"
+    he_prelu = "he-prelu"
+    torch_default = "torch-default"
+    lecun = "lecun"
+
+
+def parse_schemes(text: str | None) -> list[str]:
+    """--compare xavier,he -> ["xavier", "he"]; a bad name lists the valid ones."""
+    if not text:
+        return []
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    valid = [s.value for s in Scheme]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise typer.BadParameter(f"unknown init scheme {', '.join(bad) or text}; "
+                                 f"valid: {', '.join(valid)}", param_hint="'--compare'")
+    return list(dict.fromkeys(names))
+
+
 def fail(message: str, debug: bool, exc: BaseException | None = None) -> None:
     """One line on stderr and exit code 2; the traceback only with --debug."""
     if debug and exc is not None:
@@ -60,12 +84,69 @@ InputShape = Annotated[str | None, typer.Option(
     "--input-shape", help="input shape without the batch dimension, e.g. 3,32,32")]
 InputFile = Annotated[Path | None, typer.Option(
     "--input", help="real data: a .pt tensor/tuple/dict or a .npy array (batch included)")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="batch size")]
-Seed = Annotated[int, typer.Option("--seed", help="seed for inputs and cotangent")]
+BatchSize = Annotated[int | None, typer.Option(
+    "--batch-size", "-b", min=1, help="batch size  [default: 256, or pyproject's]",
+    show_default=False)]
+Seed = Annotated[int | None, typer.Option(
+    "--seed", help="seed for inputs and cotangent  [default: 0, or pyproject's]",
+    show_default=False)]
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="train (BatchNorm uses batch stats) "
                                                       "or eval")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+Compare = Annotated[str | None, typer.Option(
+    "--compare", help="add the predicted forward second moment under these init "
+                      "schemes, e.g. xavier,he "
+                      "(xavier, he, he-fan-out, he-prelu, torch-default, lecun)")]
+Init = Annotated[Scheme | None, typer.Option(
+    "--init", help="re-initialize a copy of the model with this scheme first "
+                   "(your weights are untouched)")]
+Trials = Annotated[int, typer.Option(
+    "--trials", min=1, help="repeat with K seeds; report means and 95% intervals")]
+Png = Annotated[Path | None, typer.Option(
+    "--png", help="also draw the report figure: .png, .svg or .pdf by extension")]
+
+
+class FailOn(str, Enum):
+    error = "error"
+    warning = "warning"
+    info = "info"
+    never = "never"
+
+
+FailOnOpt = Annotated[FailOn | None, typer.Option(
+    "--fail-on", help="exit 1 when a flag of this severity or worse is raised  "
+                      "[default: error, or pyproject's]", show_default=False)]
+Ignore = Annotated[list[str] | None, typer.Option(
+    "--ignore", help="skip layers whose name matches this glob (repeatable), "
+                     "e.g. --ignore 'head*'", show_default=False)]
+ThresholdOpt = Annotated[list[str] | None, typer.Option(
+    "--threshold", help="override a threshold (repeatable): forward=1e-3,1e3, "
+                        "multiplier=0.5,2, dead_units=0.7, ...", show_default=False)]
+
+
+def _settings(debug: bool, **given):
+    """Defaults < [tool.varprobe] in the nearest pyproject.toml < these options."""
+    from varprobe import config
+    from varprobe.errors import VarprobeError
+
+    given["fail_on"] = given["fail_on"].value if given.get("fail_on") else None
+    given["ignore"] = tuple(given.get("ignore") or ())
+    try:
+        return config.resolve(given)
+    except VarprobeError as exc:
+        fail(str(exc), debug, exc)
+
+
+def _record_settings(report, settings) -> None:
+    report.settings.update(fail_on=settings.fail_on, config=settings.source)
+
+
+def _exit_code(report, fail_on: str, regression: bool = False) -> None:
+    from varprobe.render.ci import failed
+
+    if failed(report, fail_on) or regression:
+        raise typer.Exit(1)
 
 
 def _version(value: bool) -> None:
@@ -88,54 +169,255 @@ def analyze(
     target: TargetArg,
     input_shape: InputShape = None,
     input_file: InputFile = None,
-    batch_size: BatchSize = 256,
-    seed: Seed = 0,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
     mode: ModeOpt = Mode.train,
     device: Device = "cpu",
     fmt: Annotated[Format, typer.Option("--format", "-f", help="what to print")] = (
         Format.table),
+    fail_on: FailOnOpt = None,
+    ignore: Ignore = None,
+    threshold: ThresholdOpt = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="also write the report: .json, .csv or .md by extension")] = None,
     all_layers: Annotated[bool, typer.Option(
         "--all-layers", help="show activation, norm and other layers too")] = False,
+    png: Png = None,
+    compare: Compare = None,
+    init: Init = None,
+    trials: Trials = 1,
     debug: Debug = False,
 ) -> None:
     """Measure per-layer forward and backward variances of a model file."""
     shape = parse_shape(input_shape)
-    report = _run(target, shape, input_file, batch_size, seed, mode, device, debug)
-    _emit(report, fmt, output, all_layers, debug)
+    schemes = parse_schemes(compare)
+    _check_figure_path(png, debug)
+    settings = _settings(debug, batch_size=batch_size, seed=seed, fail_on=fail_on,
+                         ignore=ignore, threshold=threshold)
+    report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
+                  device, debug, init=init.value if init else None, trials=trials,
+                  settings=settings)
+    _record_settings(report, settings)
+    _emit(report, fmt, output, all_layers, debug, png, compare=schemes)
+    if fail_on is not None:  # analyze decides its exit code only when asked to
+        _exit_code(report, settings.fail_on)
 
 
-def _run(target, shape, input_file, batch_size, seed, mode, device, debug):
+def _run(target, shape, input_file, batch_size, seed, mode, device, debug, *,
+         init: str | None = None, trials: int = 1, settings=None):
     from varprobe.errors import VarprobeError
 
     try:
         from varprobe import inputs
         from varprobe import target as target_mod
         from varprobe.pipeline import probe
+        from varprobe.render.terminal import trial_progress
 
         loaded = target_mod.load(target)
         data = inputs.load_file(input_file) if input_file else loaded.example_input
-        return probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size, seed=seed,
-                     mode=mode.value, device=device, input_shape=shape, target=target)
+        with trial_progress(trials) as progress:
+            return probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size,
+                         seed=seed, mode=mode.value, device=device, input_shape=shape,
+                         target=target, init=init, trials=trials, progress=progress,
+                         thresholds=settings.thresholds if settings else None,
+                         ignore=settings.ignore if settings else ())
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
 
 
-def _emit(report, fmt: Format, output: Path | None, all_layers: bool, debug: bool) -> None:
+def _emit(report, fmt: Format, output: Path | None, all_layers: bool, debug: bool,
+          png: Path | None = None, compare: list[str] = ()) -> None:
     from varprobe.render import formats
 
+    if png is not None:  # first, so that a Markdown report can link it
+        _draw(report, png, debug)
     if output is not None:
         try:
-            formats.write(report, output)
+            formats.write(report, output, image=png)
         except OSError as exc:
             fail(f"cannot write {output}: {exc.strerror or exc}", debug, exc)
     if fmt is Format.table:
         from varprobe.render.terminal import render
 
-        render(report, all_layers=all_layers)
+        render(report, all_layers=all_layers, compare=compare)
     else:
-        sys.stdout.write(formats.text(report, fmt.value))
+        sys.stdout.write(formats.text(report, fmt.value, image=png))
+
+
+def _check_figure_path(path: Path | None, debug: bool) -> None:
+    """Refuse a figure name or folder that cannot work before the model runs."""
+    if path is None:
+        return
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        fail(f"cannot draw {path}: the name must end in .png, .svg or .pdf", debug)
+    if not path.absolute().parent.is_dir():
+        fail(f"cannot write {path}: the folder {path.absolute().parent} does not exist", debug)
+
+
+def _draw(report, path: Path, debug: bool) -> None:
+    from varprobe.errors import VarprobeError
+    from varprobe.render import plots
+
+    try:
+        plots.save(report, path)
+    except VarprobeError as exc:
+        fail(str(exc), debug, exc)
+
+
+@app.command()
+def plot(
+    report_file: Annotated[Path, typer.Argument(
+        help="a JSON report written by `varprobe analyze ... -o report.json`",
+        show_default=False)],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help=".png, .svg or .pdf by extension (default: the report's "
+                               "name with .png)")] = None,
+    debug: Debug = False,
+) -> None:
+    """Draw the figure of a saved report, without the model."""
+    from varprobe.errors import VarprobeError
+    from varprobe.report import read
+
+    output = output or report_file.with_suffix(".png")
+    _check_figure_path(output, debug)
+    try:
+        report = read(report_file)
+    except VarprobeError as exc:
+        fail(str(exc), debug, exc)
+    _draw(report, output, debug)
+    typer.echo(f"wrote {output}", err=True)
+
+
+class CheckFormat(str, Enum):
+    text = "text"
+    github = "github"
+
+
+def _factor(value: float) -> float:
+    if not value > 1:
+        raise typer.BadParameter(f"{value} is not a factor > 1")
+    return value
+
+
+Factor = Annotated[float, typer.Option(
+    "--factor", callback=_factor, help="a layer regressed when its variance moved by more "
+                                       "than this factor either way")]
+
+
+def _read_report(path: Path, debug: bool):
+    from varprobe.errors import VarprobeError
+    from varprobe.report import read
+
+    try:
+        return read(path)
+    except VarprobeError as exc:
+        fail(str(exc), debug, exc)
+
+
+def _annotation_file(target: str) -> str | None:
+    from varprobe.target import split_spec
+
+    location = split_spec(target)[0]
+    return location if location.endswith(".py") else None
+
+
+@app.command()
+def check(
+    target: TargetArg,
+    input_shape: InputShape = None,
+    input_file: InputFile = None,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
+    mode: ModeOpt = Mode.train,
+    device: Device = "cpu",
+    fail_on: FailOnOpt = None,
+    ignore: Ignore = None,
+    threshold: ThresholdOpt = None,
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="a JSON report to compare with; a layer whose variance moved "
+                           "by more than --factor fails the check")] = None,
+    factor: Factor = 2.0,
+    junit: Annotated[Path | None, typer.Option(
+        "--junit", help="also write JUnit XML (a test case per weight layer)")] = None,
+    fmt: Annotated[CheckFormat, typer.Option(
+        "--format", "-f", help="text: one line per problem; github: workflow "
+                               "annotations")] = CheckFormat.text,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="also write the report: .json, .csv or .md by extension")] = None,
+    png: Png = None,
+    debug: Debug = False,
+) -> None:
+    """Health check for CI: one line per problem. Exit 0 passes, 1 flagged at or above
+    --fail-on (or regressed against --baseline), 2 could not run."""
+    from varprobe.render import ci
+
+    shape = parse_shape(input_shape)
+    _check_figure_path(png, debug)
+    settings = _settings(debug, batch_size=batch_size, seed=seed, fail_on=fail_on,
+                         ignore=ignore, threshold=threshold)
+    base = _read_report(baseline, debug) if baseline is not None else None
+    report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
+                  device, debug, settings=settings)
+    _record_settings(report, settings)
+    if fmt is CheckFormat.github:
+        lines = ci.github(report, _annotation_file(target), settings.fail_on)
+    else:
+        lines = ci.check_lines(report, target, settings.fail_on)
+    regression = False
+    if base is not None:
+        from varprobe.baseline import diff as diff_reports
+
+        changes = diff_reports(base, report, factor)
+        regression = changes.regression
+        lines += [f"baseline {line}" for line in changes.lines()]
+        if regression:
+            lines.append(f"✗ varprobe: {len(changes.moved)} change(s) beyond ×{factor:g} "
+                         f"against {baseline}")
+    if png is not None:  # first, so that a Markdown report can link it
+        _draw(report, png, debug)
+    _write_ci_files(report, junit, output, settings, debug, png)
+    for line in lines:
+        typer.echo(line)
+    _exit_code(report, settings.fail_on, regression)
+
+
+def _write_ci_files(report, junit: Path | None, output: Path | None, settings,
+                    debug: bool, png: Path | None = None) -> None:
+    from varprobe.render import ci, formats
+    from varprobe.report import write_atomic
+
+    for path, write in ((junit, lambda p: write_atomic(
+            p, ci.junit(report, settings.fail_on, settings.ignore))),
+                        (output, lambda p: formats.write(report, p, image=png))):
+        if path is None:
+            continue
+        try:
+            write(path)
+        except OSError as exc:
+            fail(f"cannot write {path}: {exc.strerror or exc}", debug, exc)
+
+
+@app.command()
+def diff(
+    base: Annotated[Path, typer.Argument(help="the baseline JSON report",
+                                         show_default=False)],
+    new: Annotated[Path, typer.Argument(help="the JSON report to compare with it",
+                                        show_default=False)],
+    factor: Factor = 2.0,
+    debug: Debug = False,
+) -> None:
+    """Compare two JSON reports layer by layer (matched by name and call): layers whose
+    forward second moment or backward variance moved by more than --factor, and layers
+    added or removed. Exit 1 on such a move, 0 otherwise, 2 when a file cannot be read."""
+    from varprobe.baseline import diff as diff_reports
+
+    changes = diff_reports(_read_report(base, debug), _read_report(new, debug), factor)
+    for line in changes.lines():
+        typer.echo(line)
+    if changes.regression:
+        typer.echo(f"✗ varprobe: {len(changes.moved)} change(s) beyond ×{factor:g}")
+        raise typer.Exit(1)
+    typer.echo(f"✓ varprobe: no layer moved by more than ×{factor:g}")
 
 
 # typer vendors click without re-exporting UsageError; BadParameter's base is it.

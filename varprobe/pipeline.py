@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from varprobe import diagnose, graph, propagate, reinit, stats, theory
 from varprobe import inputs as inputs_mod
-from varprobe import stats, theory
+from varprobe import trials as trials_mod
 from varprobe.errors import VarprobeError
 from varprobe.recorder import Call, Recorder, float_leaves
 from varprobe.report import (
@@ -63,7 +66,11 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
 def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
           loss: Any = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           mode: str | None = None, device: str | torch.device | None = None,
-          input_shape: tuple[int, ...] | None = None, target: str | None = None) -> Report:
+          input_shape: tuple[int, ...] | None = None, target: str | None = None,
+          init: str | None = None, trials: int = 1,
+          progress: Callable[[int, int], None] | None = None,
+          thresholds: diagnose.Thresholds | None = None,
+          ignore: Iterable[str] = ()) -> Report:
     """Measure per-layer forward and backward statistics of ``model``.
 
     ``inputs``: a tensor, a tuple (positional) or a dict (keywords), or a callable
@@ -71,28 +78,55 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
     cotangent at the output (a tensor or a pytree matching the output), used exactly;
     default N(0, 1). ``loss``: ``loss(output) -> scalar`` instead of a cotangent.
     ``mode``: "train", "eval" or None (leave each module's mode as it is).
+    ``init``: an init scheme (theory.SCHEMES) applied to a copy of the model first.
+    ``trials``: repeat with seeds seed..seed+K-1 and report means and 95% intervals;
+    ``progress(done, total)`` is called after each trial.
+    ``thresholds`` / ``ignore``: what diagnose flags (defaults: diagnose.Thresholds()),
+    and glob patterns of layer names it skips.
     The model is left exactly as found, also when it raises.
     """
     if mode not in (None, "train", "eval"):
         raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
     if batch_size < 1:
         raise VarprobeError(f"batch size must be positive, not {batch_size}")
+    if trials < 1:
+        raise VarprobeError(f"trials must be positive, not {trials}")
+    scheme = reinit.check_scheme(init)
     model = unwrap(model)
     dev = resolve_device(device, model)
-    current = next((p.device for p in model.parameters()), dev)
-    work = model if current == dev else copy.deepcopy(model).to(dev)
+    settings = {"seed": seed, "trials": trials, "batch_size": None, "device": str(dev),
+                "mode": mode or "as-is", "init": scheme or reinit.AS_IS,
+                "grad": "loss" if loss else ("given" if grad_output is not None else "randn")}
     with preserved(model, [dev]):
-        if mode is not None:
-            work.train(mode == "train")
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
-        report, modules = _record(work, x, grad_output, loss, generator, settings={
-            "seed": seed, "trials": 1, "batch_size": _batch_of(x), "device": str(dev),
-            "mode": mode or "as-is", "init": "as-is",
-            "grad": "loss" if loss else ("given" if grad_output is not None else "randn"),
-        }, target=target or type(model).__name__)
+        reports = []
+        for k in range(trials):
+            work = _working_copy(model, dev, scheme, seed + k)
+            if mode is not None:
+                work.train(mode == "train")
+            torch.manual_seed(seed + k)
+            generator = torch.Generator().manual_seed(seed + k)
+            x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
+            recording = graph.Recording(work)  # the last trial's graph serves them all
+            report, modules = _record(work, x, grad_output, loss, generator, settings={
+                **settings, "batch_size": _batch_of(x)}, target=target or type(model).__name__,
+                recording=recording)
+            reports.append(report)
+            if progress is not None:
+                progress(k + 1, trials)
+        report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
+        propagate.annotate(report, modules)  # inside: it reads the modes the probe ran in
+        graph.annotate(report, modules, recording)
+    diagnose.annotate(report, thresholds, ignore)
     return report
+
+
+def _working_copy(model: nn.Module, dev: torch.device, scheme: str | None,
+                  seed: int) -> nn.Module:
+    """The model itself where possible; a copy to move it or to re-initialize it."""
+    if scheme is not None:
+        return reinit.reinitialized(model, scheme, seed).to(dev)
+    current = next((p.device for p in model.parameters()), dev)
+    return model if current == dev else copy.deepcopy(model).to(dev)
 
 
 def _make_inputs(model, inputs, batch_size, shape, generator, dev) -> Any:
@@ -115,8 +149,10 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 
 def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
-            settings: dict, target: str) -> tuple[Report, list[nn.Module]]:
-    """Run forward + backward under hooks; the modules list is aligned with layers."""
+            settings: dict, target: str, recording: graph.Recording | None = None,
+            ) -> tuple[Report, list[nn.Module]]:
+    """Run forward + backward under hooks; the modules list is aligned with layers.
+    ``recording`` (a TorchFunctionMode) follows the dataflow during the forward only."""
     # Gradients w.r.t. float inputs come from leaves we own; the model sees clones so
     # that in-place writes to its input stay legal.
     from torch.utils import _pytree as pytree
@@ -133,12 +169,15 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     fed = pytree.tree_map(own, x)
     args, kwargs = inputs_mod.as_call(fed)
     with Recorder(model) as rec:
+        if recording is not None:
+            rec.observer = recording
+            recording.start(float_leaves(fed))
         try:
-            output = model(*args, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            raise VarprobeError(f"out of memory in {_where(rec)}; try a smaller --batch-size "
-                                "or the closed-form `varprobe predict`") from exc
+            with recording or contextlib.nullcontext():
+                output = model(*args, **kwargs)
         except Exception as exc:
+            if _out_of_memory(exc):
+                raise VarprobeError(_oom_message(_where(rec))) from exc
             raise VarprobeError(
                 f"the model raised in {_where(rec)}: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}; check the input "
@@ -148,7 +187,11 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
                          loss, generator)
         host = rec.collect()
-        layers = _layers(rec, host)
+        layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
+        if recording is not None:
+            slot = getattr(rec, "cotangent_slot", None)  # a loss makes its own cotangent
+            recording.finish(out_leaves, host[slot][stats.G_VAR]
+                             if slot is not None and loss is None else None)
     report = Report(
         model=ModelInfo(target=target, class_=type(model).__name__,
                         parameters=sum(p.numel() for p in model.parameters())),
@@ -157,6 +200,17 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     if note:
         report.notes.append(note)
     return report, [call.module for call in rec.calls]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS raise OutOfMemoryError; the CPU allocator a plain RuntimeError."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _oom_message(where: str) -> str:
+    return (f"out of memory in {where}; try a smaller --batch-size or the closed-form "
+            "`varprobe predict`, which needs no forward pass")
 
 
 def _where(rec: Recorder) -> str:
@@ -188,7 +242,14 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
         return "backward unavailable: the output has no floating tensor that requires grad"
     rec.in_backward = True
     try:
-        grads = torch.autograd.grad(outs, wrt, cotangents, allow_unused=True) if wrt else ()
+        grads = _gradients(outs, wrt, cotangents)
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise VarprobeError(_oom_message("the backward pass")) from exc
+        raise VarprobeError(
+            f"the model's backward pass raised: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}; check the model's backward "
+            "(in-place ops on tensors saved for backward, custom autograd functions)") from exc
     finally:
         rec.in_backward = False
     by_param = {id(p): g for p, g in zip(wrt, grads)}
@@ -196,6 +257,39 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
     rec.weight_grad_slots = rec.add_weight_grads(weight_grads)
     rec.cotangent_slot = rec._new_slot(stats.gradient(cotangents[0].detach()))
     return ""
+
+
+def _gradients(outs, wrt, cotangents) -> tuple:
+    """d<outs, cotangents>/d wrt, without touching any ``.grad`` the user holds.
+
+    ``autograd.grad`` is the clean way, but a use_reentrant=True checkpoint refuses it;
+    then ``backward()`` runs with every ``.grad`` cleared and they are read back (the
+    caller's ``preserved`` puts the user's own tensors back afterwards).
+    """
+    if not wrt:
+        return ()
+    if not _has_reentrant_checkpoint(outs):
+        return torch.autograd.grad(outs, wrt, cotangents, allow_unused=True)
+    for t in wrt:
+        t.grad = None
+    torch.autograd.backward(outs, cotangents)
+    grads = tuple(t.grad for t in wrt)
+    for t in wrt:
+        t.grad = None
+    return grads
+
+
+def _has_reentrant_checkpoint(outs) -> bool:
+    seen, stack = set(), [o.grad_fn for o in outs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _forward_stats(row: list[float] | None) -> ForwardStats | None:
@@ -215,27 +309,30 @@ def _backward_stats(row: list[float] | None) -> BackwardStats | None:
                          nonfinite=int(row[stats.G_NONFINITE]))
 
 
-def _layers(rec: Recorder, host: list) -> list[Layer]:
+def _layers(rec: Recorder, host: list, no_backward: str = "") -> list[Layer]:
+    """``no_backward``: why the backward pass did not run at all ("" when it did)."""
     grad_slots = getattr(rec, "weight_grad_slots", {})
     layers = []
     for index, call in enumerate(rec.calls):
-        layers.append(_layer(index, call, rec, host, grad_slots))
+        layers.append(_layer(index, call, rec, host, grad_slots, no_backward))
     return layers
 
 
-def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict) -> Layer:
+def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
+           no_backward: str = "") -> Layer:
     module = call.module
     fan_in, fan_out = theory.fans(module)
     layer = Layer(index=index, name=call.name, call=call.call, type=type(module).__name__,
                   kind=theory.kind(module), shape=call.shape, dtype=call.dtype,
-                  fan_in=fan_in, fan_out=fan_out, unavailable=dict(call.unavailable))
+                  input_shape=call.input_shape, fan_in=fan_in, fan_out=fan_out,
+                  unavailable=dict(call.unavailable))
     for key, convert in (("input", _forward_stats), ("forward", _forward_stats),
                          ("backward", _backward_stats), ("backward_input", _backward_stats)):
         slot = call.slots.get(key)
         value = convert(host[slot]) if slot is not None else None
         setattr(layer, key, value)
         if value is None and slot is not None:
-            layer.unavailable.setdefault(key, "no gradient reached this tensor")
+            layer.unavailable.setdefault(key, no_backward or "no gradient reached this tensor")
     if id(module) in rec.weights:
         row = host[rec.weights[id(module)][0]]
         layer.weight_var, layer.weight_second_moment = row[stats.W_VAR], row[
@@ -243,8 +340,10 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict) 
         layer.bias_second_moment = row[stats.B_SECOND_MOMENT]
         if id(module) in grad_slots:
             layer.weight_grad_ratio = host[grad_slots[id(module)]][0]
+        elif not rec.weights[id(module)][1].requires_grad:
+            layer.unavailable["weight_grad_ratio"] = "the weight is frozen (requires_grad=False)"
         else:
-            layer.unavailable["weight_grad_ratio"] = "no gradient reached the weight"
+            layer.unavailable["weight_grad_ratio"] = no_backward or "no gradient reached the weight"
     return layer
 
 

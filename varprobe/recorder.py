@@ -9,6 +9,7 @@ reference to an activation after its hook returns, no host sync until ``collect`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from varprobe import stats
@@ -39,6 +41,7 @@ class Call:
     module: nn.Module
     shape: list[int] | None = None
     dtype: str | None = None
+    input_shape: list[int] | None = None
     slots: dict[str, int] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     alias: Any = None  # weakref to the input alias, to spot in-place writes
@@ -95,8 +98,12 @@ class Recorder:
         self._open: dict[int, list[Call]] = {}
         self._counts: dict[str, int] = {}
         self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._grads: dict[tuple, tuple[StorageWeakRef, int, torch.Tensor]] = {}
         self._channels_first = False
         self.weights: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (slot, w)
+        # Told where each call starts (the args its forward gets) and ends (its output):
+        # graph.Recording, a TorchFunctionMode that must not see the statistics.
+        self.observer: Any = None
 
     # --- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -112,6 +119,7 @@ class Recorder:
             handle.remove()
         self._handles.clear()
         self._seen.clear()
+        self._grads.clear()
 
     # --- slots ---------------------------------------------------------------------
     def _new_slot(self, value: torch.Tensor | None = None) -> int:
@@ -124,16 +132,29 @@ class Recorder:
         if seen is not None and seen[0]() is t and seen[1] == t._version:
             return seen[2]
         channel_dim = 1 if self._channels_first and t.dim() >= 3 else -1
-        with torch.no_grad():
+        with torch.no_grad(), self._quiet():
             slot = self._new_slot(stats.activation(t, channel_dim))
         self._seen[id(t)] = (weakref.ref(t), t._version, slot)
         return slot
 
     def _grad_hook(self, slot: int):
         def hook(grad: torch.Tensor) -> None:
-            with torch.no_grad():
-                self.slots[slot] = stats.gradient(grad)
+            self.slots[slot] = self._gradient_stats(grad)
         return hook
+
+    def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:
+        """Measure each gradient buffer once: the gradient w.r.t. a module's input alias
+        is usually a view of the one w.r.t. the previous module's output. Same memory,
+        still alive and unwritten (the version counter is shared by views) means same
+        values."""
+        key = (g.data_ptr(), g.shape, g.stride(), g.dtype, g.device)
+        seen = self._grads.get(key)
+        if seen is not None and not seen[0].expired() and seen[1] == g._version:
+            return seen[2]
+        with torch.no_grad():
+            value = stats.gradient(g)
+        self._grads[key] = (StorageWeakRef(g.untyped_storage()), g._version, value)
+        return value
 
     # --- hooks ---------------------------------------------------------------------
     def _pre_hook(self, name: str):
@@ -146,7 +167,10 @@ class Recorder:
             self.calls.append(call)
             self._open.setdefault(id(module), []).append(call)
             self._record_weight(module)
-            return self._record_input(call, module, args, kwargs)
+            new = self._record_input(call, module, args, kwargs)
+            if self.observer is not None:
+                self.observer.enter(len(self.calls) - 1, module, *(new or (args, kwargs)))
+            return new
         return hook
 
     def _post_hook(self):
@@ -156,6 +180,8 @@ class Recorder:
             call = self._open[id(module)].pop()
             self._update_layout(module)
             self._record_output(call, output)
+            if self.observer is not None:
+                self.observer.exit(output)
             return None
         return hook
 
@@ -170,8 +196,12 @@ class Recorder:
             return
         w, b = main_weight(module)
         if w is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self._quiet():
                 self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
+
+    def _quiet(self):
+        return (torch._C.DisableTorchFunction() if self.observer is not None
+                else contextlib.nullcontext())
 
     def _record_input(self, call: Call, module: nn.Module, args: tuple, kwargs: dict):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -182,6 +212,7 @@ class Recorder:
             call.unavailable["backward_input"] = "no floating-point input tensor"
             return None
         x = leaves[pos]
+        call.input_shape = list(x.shape)
         call.slots["input"] = self._activation_slot(x)
         if not x.requires_grad:
             call.unavailable["backward_input"] = "the input does not require grad"
@@ -215,6 +246,12 @@ class Recorder:
         if y.requires_grad:
             call.slots["backward"] = self._new_slot()
             y.register_hook(self._grad_hook(call.slots["backward"]))
+        elif not torch.is_grad_enabled():
+            # Under no_grad, e.g. the first pass of a use_reentrant=True checkpoint: its
+            # gradient flows through a recomputation during backward, which is not recorded.
+            call.unavailable["backward"] = (
+                "the module ran without grad (torch.no_grad or a use_reentrant=True "
+                "checkpoint, whose recomputation is not recorded; use_reentrant=False is)")
         else:
             call.unavailable["backward"] = "the output does not require grad"
 

@@ -41,12 +41,21 @@ class BackwardStats:
 
 @dataclass
 class Prediction:
-    """A predicted forward E[y^2] and backward Var[dL/dy]; ``basis`` says how."""
+    """A predicted forward E[y^2] and backward Var[dL/dy]; ``basis`` says how.
+
+    ``backward_input_var`` is the predicted Var[dL/dx] at the layer's input (compare
+    with ``Layer.backward_input``); ``input_var`` the predicted E[x^2] of the input
+    (basis "graph": e.g. the residual stream a norm layer reads; compare with
+    ``Layer.input``); ``note`` names assumptions and measured values the prediction
+    had to carry forward.
+    """
 
     forward_var: float | None
     backward_var: float | None
     basis: str | None = None
     note: str | None = None
+    backward_input_var: float | None = None
+    input_var: float | None = None
 
 
 @dataclass
@@ -54,6 +63,7 @@ class Flag:
     code: str
     severity: str  # "error" | "warning" | "info"
     message: str
+    value: float | None = None  # the number the threshold was held against
 
 
 @dataclass
@@ -67,19 +77,28 @@ class Layer:
     kind: str  # "weight" | "activation" | "norm" | "other"
     shape: list[int] | None = None
     dtype: str | None = None
+    input_shape: list[int] | None = None
     fan_in: int | None = None
     fan_out: int | None = None
+    effective_fan_in: float | None = None   # zero-padded borders and stride counted
+    effective_fan_out: float | None = None
     weight_var: float | None = None
     weight_second_moment: float | None = None
     bias_second_moment: float | None = None
     weight_grad_ratio: float | None = None
-    activation: str | None = None
-    gain: float | None = None
+    activation: str | None = None       # the activation that follows (weight layers)
+    gain: float | None = None           # its E[f(y)^2]/q
+    backward_gain: float | None = None  # its E[f'(y)^2]
+    input_activation: str | None = None  # the activation that feeds the layer
+    input_gain: float | None = None
+    forward_multiplier: float | None = None   # n E[w^2] g_prev: 1 holds the signal
+    backward_multiplier: float | None = None  # n^ E[w^2] g'_next
     input: ForwardStats | None = None
     forward: ForwardStats | None = None
     backward: BackwardStats | None = None
     backward_input: BackwardStats | None = None
     predicted: Prediction | None = None
+    local: Prediction | None = None
     schemes: dict[str, Prediction] = field(default_factory=dict)
     intervals: dict[str, list[float | None]] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
@@ -109,6 +128,18 @@ class ModelInfo:
 
 
 @dataclass
+class Fix:
+    """An init that varprobe predicts will fix the flagged trend, as runnable code."""
+
+    scheme: str
+    code: str                  # Python; ``model`` is the user's model, ``nn`` torch.nn
+    short: str                 # the init call alone, for one-line output
+    layers: list[str]          # the layers it re-initializes
+    before: list[float | None]  # predicted end-to-end [forward, backward] ratio now
+    after: list[float | None]   # ... and with the fix
+
+
+@dataclass
 class Summary:
     healthy: bool = True
     errors: int = 0
@@ -116,6 +147,16 @@ class Summary:
     forward_ratio: float | None = None
     backward_ratio: float | None = None
     verdict: str | None = None
+    infos: int = 0
+    culprits: list[str] = field(default_factory=list)  # the layers behind a trend
+    cause: str | None = None
+    fix: Fix | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        data = dict(data)
+        data["fix"] = Fix(**data["fix"]) if data.get("fix") else None
+        return cls(**data)
 
 
 @dataclass
@@ -127,13 +168,16 @@ class Report:
     layers: list[Layer]
     summary: Summary = field(default_factory=Summary)
     notes: list[str] = field(default_factory=list)
+    intervals: dict[str, list[float | None]] = field(default_factory=dict)  # input/output
     varprobe_version: str = ""
     torch_version: str = ""
 
     # --- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
-        raw["model"]["class"] = raw["model"].pop("class_")
+        model = raw["model"]
+        raw["model"] = {"target": model["target"], "class": model["class_"],
+                        "parameters": model["parameters"]}
         ordered = {"schema": SCHEMA, "varprobe_version": raw.pop("varprobe_version"),
                    "torch_version": raw.pop("torch_version"), **raw}
         return _clean(ordered)
@@ -153,8 +197,9 @@ class Report:
             input=TensorInfo(**data["input"]),
             output=TensorInfo(**data["output"]) if data.get("output") else None,
             layers=[_layer_from_dict(d) for d in data["layers"]],
-            summary=Summary(**data["summary"]),
+            summary=Summary.from_dict(data["summary"]),
             notes=list(data.get("notes", [])),
+            intervals=dict(data.get("intervals", {})),
             varprobe_version=data.get("varprobe_version", ""),
             torch_version=data.get("torch_version", ""),
         )
@@ -190,6 +235,31 @@ class Report:
         return [layer for layer in self.layers if layer.kind == "weight"]
 
 
+def read(path: str | os.PathLike) -> Report:
+    """``Report.load`` for a file the user names: every way it fails is one VarprobeError."""
+    from varprobe.errors import VarprobeError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise VarprobeError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise VarprobeError(f"{path} is not a JSON report: it is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise VarprobeError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                            f"column {exc.colno}") from exc
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise VarprobeError(f"{path} is not a {SCHEMA} report (its schema is {schema!r}); "
+                            "write one with `varprobe analyze ... -o report.json`")
+    try:
+        return Report.from_dict(data)
+    except KeyError as exc:
+        raise VarprobeError(f"{path} does not follow {SCHEMA}: missing field {exc}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise VarprobeError(f"{path} does not follow {SCHEMA}: {exc}") from exc
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside ``path`` and rename: never a half-written file."""
     path = Path(path)
@@ -198,10 +268,17 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, mode) as fh:
             fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide reports from others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _clean(value: Any) -> Any:
@@ -220,7 +297,8 @@ def _layer_from_dict(d: dict[str, Any]) -> Layer:
     for key, kind in (("input", ForwardStats), ("forward", ForwardStats),
                       ("backward", BackwardStats), ("backward_input", BackwardStats)):
         d[key] = kind(**d[key]) if d.get(key) else None
-    d["predicted"] = Prediction(**d["predicted"]) if d.get("predicted") else None
+    for key in ("predicted", "local"):
+        d[key] = Prediction(**d[key]) if d.get(key) else None
     d["schemes"] = {k: Prediction(**v) for k, v in d.get("schemes", {}).items()}
     d["flags"] = [Flag(**f) for f in d.get("flags", [])]
     names = {f.name for f in dataclasses.fields(Layer)}

@@ -66,8 +66,8 @@ def fans(module: nn.Module) -> Fans:
     - Embedding: (1, None). A lookup: every output element is one weight entry, so
       E[y^2] = 1 * E[w^2] with the one-hot input counted as second moment 1; no
       gradient reaches the integer ids, so there is no fan-out.
-    - RNN/LSTM/GRU: the first input-to-hidden gate matrix, (input_size, gates*hidden)
-      (param_fans lists every gate matrix).
+    - RNN/LSTM/GRU and their cells: the first input-to-hidden gate matrix,
+      (input_size, gates*hidden) (param_fans lists every gate matrix).
     - MultiheadAttention: (embed_dim, embed_dim) for each of the q/k/v projections
       (torch's init sees 3*embed_dim as fan_out of the packed in_proj_weight); the
       out projection is its own Linear child.
@@ -88,6 +88,8 @@ def fans(module: nn.Module) -> Fans:
         return None, None  # a bag sum: its fan-in is the bag size, known only from the input
     if isinstance(module, nn.RNNBase):
         return param_fans(module)["weight_ih_l0"]
+    if isinstance(module, nn.RNNCellBase):
+        return param_fans(module)["weight_ih"]
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim, module.embed_dim
     w = getattr(module, "weight", None)
@@ -103,7 +105,7 @@ def param_fans(module: nn.Module) -> dict[str, Fans]:
     n (input_size, or hidden/proj size for the recurrent matrix and upper layers),
     fan_out gates*hidden (the terms of the backward sum into one input element).
     """
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return {name: (p.shape[1], p.shape[0]) for name, p in module.named_parameters(recurse=False)
                 if name.startswith(("weight_ih", "weight_hh"))}
     if isinstance(module, nn.MultiheadAttention):
@@ -296,10 +298,12 @@ def expectation(fn: Callable[[torch.Tensor], torch.Tensor], q: float = 1.0,
     fn takes a float64 tensor of points and returns one value per point. The
     integral over z ~ N(0, 1) on [-12, 12] is cut at 0 and at each breakpoint (in
     y units) where fn has a kink or a jump, so every piece is smooth and the rule is
-    exact to ~1e-12 for the activations here. (A Gauss-Hermite rule with an odd
+    accurate to ~1e-9 for the activations here. (A Gauss-Hermite rule with an odd
     node count puts a node on ReLU's kink and gets E[relu'^2] wrong by ~9%.)
     """
-    x, w = _nodes(q, tuple(sorted(set(breakpoints))))
+    if not q > 0:
+        raise ValueError(f"variance q must be positive, got {q}")
+    x, w = _nodes(float(q), tuple(sorted(set(breakpoints))))
     return float(torch.dot(w, fn(x).to(torch.float64)))
 
 
@@ -380,7 +384,8 @@ def _quadrature(module: nn.Module, q: float) -> Gain:
     x, w = _nodes(q, tuple(sorted(set(_breakpoints(module)))))
     try:
         leaf = x.clone().requires_grad_(True)
-        y = module.forward(leaf * 1.0)  # a non-leaf copy: in-place modules may write it
+        # forward, not __call__: no hooks fire. A non-leaf copy: in-place modules write it.
+        y = module.forward(leaf * 1.0)
         if y.shape != x.shape:
             return (None, None), f"{name} changed the shape of its input"
         (dy,) = torch.autograd.grad(y.sum(), leaf)

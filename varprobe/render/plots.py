@@ -1,7 +1,7 @@
 """The report figure: where the signal dies, and which init would have kept it alive.
 
 Four panels over the weight layers in depth order: (a) forward E[y²], (b) backward
-Var[dL/dy], (c) each layer's predicted multipliers (log2; 0 holds the signal), (d) the
+Var[dL/dy], (c) each layer's predicted multipliers (log2 axis; ×1 holds), (d) the
 zero and dead fractions after each layer's activation. Drawn on a bare ``Figure`` with
 the Agg canvas (no pyplot state, no display), rendered to bytes, written atomically.
 The same report always gives the same bytes.
@@ -25,11 +25,12 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from varprobe.errors import VarprobeError
+from varprobe.render.markdown import HEALTHY, UNHEALTHY, before_after, model_name, state
 from varprobe.report import Layer, Report, write_atomic
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 SIZE_IN, DPI = (14.0, 9.0), 100  # 1400 x 900 pixels
-DEFAULT_THRESHOLDS = (1e-2, 1e2)  # vanishing, exploding: relative to the reference
+DEFAULT_BAND = (1e-2, 1e2)  # E[y²] over the input's: below vanishes, above explodes
 MAX_NAME_LABELS = 40  # rotated layer names that fit under one panel without touching
 MARKERS_UP_TO = 60  # beyond this many layers, markers only clutter the curves
 
@@ -41,9 +42,12 @@ SEVERITY_ORDER = ("error", "warning", "info")
 FLAGGED = ("error", "warning")  # info flags (e.g. theory_mismatch) are not drawn
 ZONE_ALPHA = 0.08
 # Measured solid black, the prediction for this init dashed, each counterfactual its own.
-PREDICTED = {"label": "predicted (this init)", "color": BLUE, "ls": "--"}
-SCHEMES = {"xavier": {"label": "Xavier", "color": PURPLE, "ls": "-."},
-           "he": {"label": "He", "color": GREEN, "ls": ":"}}
+# Each curve also has its own marker shape, drawn when there are few layers.
+PREDICTED = {"label": "predicted (this init)", "color": BLUE, "ls": "--", "marker": "s"}
+SCHEMES = {"xavier": {"label": "Xavier init (predicted)", "color": PURPLE, "ls": "-.",
+                      "marker": "^"},
+           "he": {"label": "He init (predicted)", "color": GREEN, "ls": ":", "marker": "v"}}
+CURVE_MARKERS_UP_TO = 10
 
 
 @dataclass
@@ -58,11 +62,11 @@ class Direction:
 
 
 FORWARD = Direction("(a) forward: E[y²] of each weight layer's output",
-                    "E[y²] (log); zones relative to the input's E[x²]",
+                    "E[y²] (log)",
                     "forward", "second_moment", "forward_var")
 BACKWARD = Direction("(b) backward: Var[dL/dy] at each weight layer's output  "
-                     "(← the gradient flows from the output)",
-                     "Var[dL/dy] (log); zones relative to the last layer's",
+                     "(← gradient flows)",
+                     "Var[dL/dy] (log)",
                      "backward", "var", "backward_var")
 
 
@@ -71,7 +75,7 @@ def figure(report: Report) -> Figure:
     """The four-panel figure of ``report`` (a bare Figure: no pyplot, no display)."""
     fig = Figure(figsize=SIZE_IN, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    fig.get_layout_engine().set(rect=(0, 0, 1, 0.865), h_pad=0.06, w_pad=0.06)
+    fig.get_layout_engine().set(rect=(0, 0, 1, 0.84), h_pad=0.06, w_pad=0.06)
     layers, blocks = _blocks(report)
     axes = fig.subplots(2, 2)
     x = np.arange(1, len(layers) + 1)
@@ -128,7 +132,7 @@ def _blocks(report: Report) -> tuple[list[Layer], list[list[Layer]]]:
     """The weight layers, and for each the layers recorded after it up to the next one.
 
     A block (Linear -> BatchNorm -> ReLU) is one point on the depth axis: its flags are
-    drawn there, and its activation's zero fraction is that layer's dead fraction.
+    drawn there, and so are its activation's zero and dead fractions.
     Without weight layers every recorded layer is its own point.
     """
     layers = report.weight_layers or report.layers
@@ -176,22 +180,19 @@ def _flags_about(block: list[Layer], word: str | tuple[str, ...]) -> list:
     return [f for layer in block for f in layer.flags if any(w in f.code for w in words)]
 
 
-def thresholds(report: Report) -> tuple[float, float]:
-    """(vanishing, exploding) relative thresholds, as the diagnosis recorded them."""
-    given = report.settings.get("thresholds") or {}
-    return (given.get("vanishing", DEFAULT_THRESHOLDS[0]),
-            given.get("exploding", DEFAULT_THRESHOLDS[1]))
+def forward_band(report: Report) -> tuple[float, float]:
+    """The [vanishing, exploding] band of E[y²] over the reference, as diagnosed."""
+    band = (report.settings.get("thresholds") or {}).get("forward") or DEFAULT_BAND
+    return band[0], band[1]
 
 
-def _reference(report: Report, layers: list[Layer], d: Direction) -> float | None:
-    """What the thresholds are relative to: the network input's E[x²] going forward,
-    the gradient arriving at the last weight layer going backward."""
-    if d is FORWARD:
-        value = report.input.second_moment
-    else:
-        value = next((v for v in reversed(_values(layers, lambda la: _measured(la, d)))
-                      if v > 0), None)
-    return value if value is not None and math.isfinite(value) and value > 0 else None
+def _reference(report: Report, layers: list[Layer]) -> tuple[float | None, str]:
+    """What the forward band is relative to, as the diagnosis takes it: the network
+    input's E[x²], or the first weight layer's output when the input is token ids."""
+    value, what = report.input.second_moment, "the input's E[x²]"
+    if value is None and layers and layers[0].forward is not None:
+        value, what = layers[0].forward.second_moment, "the first layer's E[y²]"
+    return (value if value is not None and math.isfinite(value) and value > 0 else None), what
 
 
 # --- panels ----------------------------------------------------------------------------
@@ -206,28 +207,32 @@ def _signal(ax: Axes, report: Report, layers: list[Layer], blocks: list[list[Lay
     if np.isfinite(lo).any() and np.isfinite(hi).any():
         ax.fill_between(x, lo, hi, color=GREY, alpha=0.4, lw=0, label="measured, 95% interval")
         curves += [lo, hi]
+    few = len(layers) <= CURVE_MARKERS_UP_TO
     for name, style in SCHEMES.items():
         values = _values(layers, lambda la, n=name: _predicted(la.schemes.get(n), d))
         if np.isfinite(values).any():
-            ax.plot(x, values, color=style["color"], ls=style["ls"], lw=1.8,
-                    label=f"{style['label']} init (predicted)")
+            _curve(ax, x, values, style, few, lw=1.8)
             curves.append(values)
     # The prediction is drawn wider, under the measurement, so that both stay visible
     # where they agree.
     if np.isfinite(predicted).any():
-        ax.plot(x, predicted, color=PREDICTED["color"], ls=PREDICTED["ls"], lw=2.6,
-                label=PREDICTED["label"])
+        _curve(ax, x, predicted, PREDICTED, few, lw=2.6)
     if np.isfinite(measured).any():
         ax.plot(x, measured, color=BLACK, lw=1.4, label="measured",
                 marker="o" if len(layers) <= MARKERS_UP_TO else None, ms=3)
-    _zones(ax, report, layers, d, curves)
-    _flag_rug(ax, blocks, x, d)
     ax.set_title(d.title, loc="left", fontsize=10)
     ax.set_ylabel(d.ylabel, fontsize=8)
+    _zones(ax, report, layers, d, curves)
+    _flag_rug(ax, blocks, x, d)
     if not any(np.isfinite(c).any() for c in curves):
         _empty(ax, "nothing measured or predicted")
     ax.grid(True, which="major", axis="y", color="#dddddd", lw=0.6)
     return ax.get_legend_handles_labels()[0]
+
+
+def _curve(ax: Axes, x, values, style: dict, markers: bool, lw: float) -> None:
+    ax.plot(x, values, color=style["color"], ls=style["ls"], lw=lw, label=style["label"],
+            marker=style["marker"] if markers else None, ms=6, mfc="none")
 
 
 def _flag_rug(ax: Axes, blocks: list[list[Layer]], x: np.ndarray, d: Direction) -> None:
@@ -238,20 +243,27 @@ def _flag_rug(ax: Axes, blocks: list[list[Layer]], x: np.ndarray, d: Direction) 
     rings around the points would hide the curves.
     """
     other = "backward" if d is FORWARD else "forward"
+    width = 1.0 if len(blocks) > MARKERS_UP_TO else 0.9
     for i, block in enumerate(blocks):
         severity = _worst([f for layer in block for f in layer.flags
                            if f.severity in FLAGGED and other not in f.code])
         if severity:
-            ax.add_patch(Rectangle((x[i] - 0.45, 0), 0.9, 0.035, lw=0,
-                                   color=SEVERITY_COLOUR[severity],
+            ax.add_patch(Rectangle((x[i] - width / 2, 0), width, 0.035, lw=0,
+                                   color=SEVERITY_COLOUR[severity], antialiased=False,
                                    transform=ax.get_xaxis_transform()))
 
 
 def _zones(ax: Axes, report: Report, layers, d: Direction, curves) -> None:
-    """Log y axis spanning the data and thresholds; the out-of-bounds zones shaded."""
+    """Log y axis spanning the data and the band; forward, the zones outside it shaded.
+
+    Backward there is no band on this axis to shade: per-element gradient variance
+    changes legitimately where the element count does (pooling), so the diagnosis
+    multiplies each layer's measured backward multipliers instead, and its flags
+    are what the panel marks.
+    """
     finite = np.concatenate([c[np.isfinite(c) & (c > 0)] for c in curves])
-    reference = _reference(report, layers, d)
-    vanishing, exploding = thresholds(report)
+    reference, what = _reference(report, layers) if d is FORWARD else (None, "")
+    vanishing, exploding = forward_band(report)
     bounds = [reference * vanishing, reference * exploding] if reference else []
     values = np.concatenate([finite, bounds]) if bounds or finite.size else np.array([1.0])
     low, high = values.min() / 6, values.max() * 6
@@ -262,6 +274,7 @@ def _zones(ax: Axes, report: Report, layers, d: Direction, curves) -> None:
             ax.axhspan(y0, y1, color=VERMILION, alpha=ZONE_ALPHA, lw=0)
         for bound in bounds:
             ax.axhline(bound, color=VERMILION, lw=0.8, alpha=0.6)
+        ax.set_ylabel(f"E[y²] (log); the band is relative to {what}", fontsize=8)
 
 
 def _multipliers(ax: Axes, layers: list[Layer], blocks, x: np.ndarray) -> None:
@@ -276,8 +289,8 @@ def _multipliers(ax: Axes, layers: list[Layer], blocks, x: np.ndarray) -> None:
     if np.isfinite(both).any():
         _columns(ax, x, forward, [SEVERITY_COLOUR[s] for s in severities])
         if np.isfinite(backward).any():
-            ax.step(x, backward, where="mid", color=BLACK, lw=1.2,
-                    label="backward multiplier n̂·Var[w]·g′")
+            ax.hlines(backward, x - 0.45, x + 0.45, color=BLACK, lw=1.4,
+                      label="backward multiplier n̂·Var[w]·g′")
         top = max(1.0, float(np.nanmax(np.abs(both)))) * 1.2
         ax.set_ylim(-top, top)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, symmetric=True))
@@ -327,12 +340,16 @@ def _dead(ax: Axes, blocks: list[list[Layer]], x: np.ndarray) -> None:
         _columns(ax, x, zero, SKY, label="zero fraction (elements)")
         _columns(ax, x, dead, BLUE, width=0.5,
                  label="dead fraction (units zero for every sample)")
-        flagged = [i for i, b in enumerate(blocks)
-                   if any(f.severity in FLAGGED for f in _flags_about(b, "dead"))]
+        worst = [_worst([f for f in _flags_about(b, "dead") if f.severity in FLAGGED])
+                 for b in blocks]
+        flagged = [i for i, severity in enumerate(worst) if severity]
         if flagged:
-            ax.scatter(x[flagged], np.nan_to_num(zero[flagged]) + 0.05, marker="v",
-                       color=VERMILION, s=28, zorder=5, label="flagged: dead units")
+            ax.scatter(x[flagged], np.nan_to_num(zero[flagged]) + 0.05, marker="v", s=28,
+                       color=[SEVERITY_COLOUR[worst[i]] for i in flagged], zorder=5,
+                       label="flagged: dead units")
         ax.legend(fontsize=7.5, loc="upper left", framealpha=0.85)
+        if not (np.nan_to_num(zero).any() or np.nan_to_num(dead).any()):
+            _empty(ax, "no output element is exactly zero")
     else:
         _empty(ax, "nothing measured")
     ax.set_ylim(0, 1.1)
@@ -364,36 +381,40 @@ def _short(name: str, width: int = 22) -> str:
 
 
 def _title(fig: Figure, report: Report) -> None:
-    s, settings = report.summary, report.settings
-    diagnosed = s.verdict is not None or s.errors or s.warnings or "thresholds" in settings
-    state = ("✗ UNHEALTHY" if not s.healthy else "✓ HEALTHY") if diagnosed else "not diagnosed"
-    colour = VERMILION if not s.healthy else (GREEN if diagnosed else GREY)
+    s, word = report.summary, state(report)
+    colour = {UNHEALTHY: VERMILION, HEALTHY: GREEN}.get(word, GREY)
     bold = {"size": 15, "weight": "bold"}
     headline = HPacker(pad=0, sep=0, align="baseline", children=[
-        TextArea(f"{report.model.class_} · ", textprops=bold),
-        TextArea(f"{state} · {s.errors} errors · {s.warnings} warnings",
+        TextArea(f"{model_name(report)} · ", textprops=bold),
+        TextArea(f"{word} · {s.errors} errors · {s.warnings} warnings",
                  textprops={**bold, "color": colour})])
     fig.add_artist(AnchoredOffsetbox("upper left", child=headline, pad=0, borderpad=0,
                                      frameon=False, bbox_to_anchor=(0.01, 0.99),
                                      bbox_transform=fig.transFigure))
-    fig.text(0.01, 0.948, _settings_line(report), fontsize=9, color="#333333", va="top")
-    if s.verdict:
-        verdict = textwrap.shorten(" ".join(s.verdict.split()), 230, placeholder=" …")
-        fig.text(0.01, 0.925, verdict, fontsize=9, va="top")
+    fig.text(0.01, 0.952, _settings_line(report), fontsize=9, color="#333333", va="top")
+    lines = [" ".join(s.verdict.split())] if s.verdict else []
+    if s.fix is not None:
+        lines.append(f"fix: {s.fix.short}, predicted end to end "
+                     f"{before_after(s.fix.before, s.fix.after)}")
+    for y, line in zip((0.931, 0.910), lines):
+        fig.text(0.01, y, textwrap.shorten(line, 230, placeholder=" …"), fontsize=9, va="top")
 
 
 def _legend(fig: Figure, report: Report, handles: list) -> None:
     """One legend for panels (a) and (b), above them, so that it hides no data."""
     unique = list({h.get_label(): h for h in handles}.values())
-    vanishing, exploding = thresholds(report)
-    unique.append(Patch(color=VERMILION, alpha=ZONE_ALPHA * 2,
-                        label=f"zones: vanishing < {vanishing:g}×, exploding > {exploding:g}×"))
+    vanishing, exploding = forward_band(report)
+    if _reference(report, report.weight_layers or report.layers)[0] is not None:
+        unique.append(Patch(color=VERMILION, alpha=ZONE_ALPHA * 2,
+                            label=f"forward: vanishing < {vanishing:g}×, "
+                                  f"exploding > {exploding:g}×"))
     severities = {_worst([f for f in la.flags if f.severity in FLAGGED])
                   for la in report.layers} - {None}
     unique += [Patch(color=SEVERITY_COLOUR[s], label=f"flagged layer ({s})")
                for s in FLAGGED if s in severities]
-    fig.legend(handles=unique, loc="upper center", bbox_to_anchor=(0.5, 0.905),
-               ncol=min(len(unique), 8), fontsize=8, frameon=False, handlelength=2.6)
+    columns = len(unique) if len(unique) <= 6 else math.ceil(len(unique) / 2)
+    fig.legend(handles=unique, loc="upper center", bbox_to_anchor=(0.5, 0.89), ncol=columns,
+               fontsize=8, frameon=False, handlelength=2.6)
 
 
 def _settings_line(report: Report) -> str:

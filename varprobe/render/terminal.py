@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -92,7 +94,7 @@ def _row(layer: Layer, compare: list[str]) -> list[str | Text]:
         flags.stylize(SEVERITY_STYLE[_worst(layer)])
     cells: list[str | Text] = [
         str(layer.index), layer.label, layer.type,
-        str(layer.fan_in) if layer.fan_in is not None else "",
+        _fan_in(layer),
         num(nvar) if nvar is not None else "", layer.activation or "",
         num(layer.gain) if layer.gain is not None else "",
         num(fwd), num(pred.forward_var if pred else None),
@@ -106,24 +108,91 @@ def _row(layer: Layer, compare: list[str]) -> list[str | Text]:
     return cells
 
 
+def _fan_in(layer: Layer) -> str:
+    """The nominal fan-in, and the effective one in parentheses where zero-padded
+    borders or stride make it differ by more than 1%."""
+    if layer.fan_in is None:
+        return ""
+    eff = layer.effective_fan_in
+    if eff is None or abs(eff - layer.fan_in) <= 0.01 * layer.fan_in:
+        return str(layer.fan_in)
+    return f"{layer.fan_in} ({eff:.3g})"
+
+
+def end_to_end(report: Report, compare: list[str] = ()) -> Text:
+    """The predicted end-to-end forward/backward ratios, and under each compared scheme."""
+    from varprobe.propagate import end_to_end as ratios
+
+    s = report.summary
+    text = Text(f"predicted end to end: forward ×{num(s.forward_ratio)}, "
+                f"backward ×{num(s.backward_ratio)}", style="dim")
+    for scheme in compare:
+        fwd, bwd = ratios(report, scheme)
+        text.append(f" · {scheme} ×{num(fwd)}, ×{num(bwd)}", style="dim")
+    return text
+
+
+def trial_progress(total: int):
+    """A context manager giving a ``progress(done, total)`` callback that draws a bar
+    on stderr (None for a single trial): the library itself stays quiet."""
+    if total < 2:
+        return contextlib.nullcontext(None)
+    return _bar(total)
+
+
+@contextlib.contextmanager
+def _bar(total: int):
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("trials", total=total)
+        yield lambda done, _total: bar.update(task, completed=done)
+
+
 def _worst(layer: Layer) -> str:
     order = ["error", "warning", "info"]
     return min((f.severity for f in layer.flags), key=order.index)
 
 
 def verdict(report: Report) -> Text:
+    """The verdict block: status, one line per problem (most severe first), the
+    cause, and the checked fix with its predicted end-to-end ratios."""
+    from varprobe.render.ci import problems
+
     s = report.summary
     text = Text()
-    if s.healthy:
-        text.append("✓ HEALTHY", style="bold green")
-    else:
+    if not s.healthy:
         text.append("✗ UNHEALTHY", style="bold red")
+    elif s.warnings:
+        text.append("! HEALTHY", style="bold yellow")
+    else:
+        text.append("✓ HEALTHY", style="bold green")
     text.append(f" · {s.errors} errors · {s.warnings} warnings")
-    if s.verdict:
-        text.append(f"\n  {s.verdict}")
+    found = problems(report)
+    rows = [(p.code, f"{p.where}: {p.message}", SEVERITY_STYLE[p.severity]) for p in found]
+    if s.cause:
+        rows.append(("cause", s.cause, ""))
+    if s.fix is not None:
+        rows.append(("fix", s.fix.code, "bold"))
+        rows.append(("", _fix_effect(s.fix), ""))
+    if not found and s.verdict:
+        rows.append(("", s.verdict, "green"))
+    width = max((len(code) for code, _, _ in rows), default=0) + 2
+    for code, body, style in rows:
+        lines = body.splitlines() or [""]
+        text.append(f"\n  {code:<{width}}", style=style)
+        text.append(lines[0])
+        for line in lines[1:]:
+            text.append(f"\n  {'':<{width}}{line}")
     for note in report.notes:
         text.append(f"\n  note: {note}", style="dim")
     return text
+
+
+def _fix_effect(fix) -> str:
+    (f0, b0), (f1, b1) = fix.before, fix.after
+    return (f"predicted end-to-end ratio: forward {num(f0)} → {num(f1)}, "
+            f"backward {num(b0)} → {num(b1)} ({fix.scheme})")
 
 
 def render(report: Report, console: Console | None = None, *, all_layers: bool = False,
@@ -136,5 +205,7 @@ def render(report: Report, console: Console | None = None, *, all_layers: bool =
     console.print(header(report))
     console.print()
     console.print(body)
+    if report.summary.forward_ratio is not None or report.summary.backward_ratio is not None:
+        console.print(end_to_end(report, list(compare)))
     console.print()
     console.print(verdict(report))

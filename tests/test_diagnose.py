@@ -1,0 +1,301 @@
+"""Flags, culprits and fixes: each flag raised by a small model built to have the
+problem, absent on a healthy one, and every suggested fix applied and re-measured.
+
+Widths are small (64) where the tolerance allows it. The separations used are large
+against the single-draw noise of theory.md §10 (log sd of a layer-to-layer factor
+≈ sqrt(5/n) = 0.28 at n = 64, of a depth-l ratio ≈ sqrt(5 l / n)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from varprobe import assert_healthy, probe
+from varprobe.diagnose import Thresholds, annotate
+from varprobe.errors import VarprobeError
+from varprobe.report import Report
+
+WIDTH = 64
+
+
+def codes(report: Report, severity: str | None = None) -> set[str]:
+    return {f.code for layer in report.layers for f in layer.flags
+            if severity is None or f.severity == severity}
+
+
+def flagged(report: Report, code: str) -> list[str]:
+    return [layer.label for layer in report.layers if any(f.code == code for f in layer.flags)]
+
+
+def mlp(depth: int, init=None, act=nn.ReLU, width: int = WIDTH, bias: bool = False,
+        seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        linear = nn.Linear(width, width, bias=bias)
+        if init is not None:
+            init(linear.weight)
+        layers += [linear, act()] if i < depth - 1 else [linear]
+    return nn.Sequential(*layers)
+
+
+def he(w):
+    nn.init.kaiming_normal_(w, nonlinearity="relu")
+
+
+def apply_fix(model: nn.Module, report: Report) -> None:
+    """Run the suggested code exactly as a user would paste it."""
+    exec(report.summary.fix.code, {"nn": nn, "model": model})
+
+
+# --- healthy models ------------------------------------------------------------------
+
+def test_he_mlp_raises_no_flag_at_all():
+    report = probe(mlp(12, he), batch_size=256)
+    assert codes(report) == set()
+    s = report.summary
+    assert (s.healthy, s.errors, s.warnings, s.infos) == (True, 0, 0, 0)
+    assert s.fix is None and s.culprits == [] and "holds" in s.verdict
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, zero_init: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        if zero_init:
+            nn.init.zeros_(self.bn2.weight)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A small ResNet: BatchNorm, residual adds, global average pooling, default init."""
+
+    def __init__(self, blocks: int = 2, widths=(8, 16), zero_init: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        layers, c_in = [], widths[0]
+        for i, c in enumerate(widths):
+            for k in range(blocks):
+                layers.append(Block(c_in, c, 2 if i and not k else 1, zero_init))
+                c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"blocks": 8}, {"zero_init": True}],
+                         ids=["resnet", "deep-stages", "zero-init-residual"])
+def test_resnet_with_batchnorm_and_global_pooling_is_healthy(kwargs):
+    # Global pooling over P = 16 positions makes every conv's per-element gradient
+    # ~1e-4 of the cotangent, and 8 blocks per stage make a product of the branches'
+    # multipliers taken in series fall below 1e-2; neither is a vanishing gradient.
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    report = probe(ResNet(**kwargs), x)
+    assert codes(report, "error") == set() and codes(report, "warning") == set()
+    assert report.summary.healthy
+
+
+# --- the trend flags, their culprits and fixes ---------------------------------------
+
+def test_xavier_relu_vanishes_both_ways_names_culprits_and_he_fixes_it():
+    # every Linear->ReLU step multiplies by n Var[w] g = 1/2: 2^-19 ~ 2e-6 after 20 layers,
+    # 1e-2 / 2e-6 = e^8.5 away from the threshold against a log sd of sqrt(5*20/64) = 1.25
+    model = mlp(20, nn.init.xavier_normal_)
+    report = probe(model, batch_size=256)
+    assert {"vanishing_forward", "vanishing_backward", "shrinks"} <= codes(report)
+    weights = [layer.label for layer in report.weight_layers]
+    assert flagged(report, "vanishing_forward") == [weights[-1]]
+    assert flagged(report, "vanishing_backward") == [weights[0]]
+    # He: the first layer's missing ReLU is one factor; the last cannot compound
+    assert flagged(report, "shrinks") == weights[1:-1]
+    s = report.summary
+    assert not s.healthy and s.errors == 2 and s.warnings == len(weights) - 2
+    assert s.culprits[:2] == weights[1:3] and "Xavier" in s.cause
+    fix = s.fix
+    assert fix.scheme == "he" and 'nonlinearity="relu"' in fix.code
+    assert fix.before[0] < 1e-4 and 0.5 < fix.after[0] < 4
+    apply_fix(model, report)
+    after = probe(model, batch_size=256)
+    assert codes(after, "error") == set() and "shrinks" not in codes(after)
+
+
+def test_torch_default_init_shrinks_by_a_sixth_and_the_cause_says_so():
+    model = mlp(12)  # nn.Linear's own init: n Var[w] = 1/3, times 1/2 for the ReLU
+    report = probe(model, batch_size=256)
+    assert {"vanishing_forward", "vanishing_backward", "shrinks"} <= codes(report)
+    shrinks = [f for layer in report.layers for f in layer.flags if f.code == "shrinks"]
+    assert all(abs(math.log(f.value * 6)) < 0.1 for f in shrinks)
+    assert "1/3" in report.summary.cause
+    apply_fix(model, report)
+    assert codes(probe(model, batch_size=256), "error") == set()
+
+
+def test_std_one_weights_explode_and_the_fix_tames_them():
+    model = mlp(6, lambda w: nn.init.normal_(w, std=1.0))  # n Var[w] g = 32 per layer
+    report = probe(model, batch_size=256)
+    assert {"exploding_forward", "exploding_backward", "amplifies"} <= codes(report)
+    assert report.summary.fix.after[0] < 10
+    apply_fix(model, report)
+    assert codes(probe(model, batch_size=256), "error") == set()
+
+
+def test_prelu_model_gets_he_prelu_with_its_own_slope():
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(16):
+        linear = nn.Linear(WIDTH, WIDTH, bias=False)
+        nn.init.normal_(linear.weight, std=0.3 / math.sqrt(WIDTH))  # n Var[w] g ~ 0.05
+        layers += [linear, nn.PReLU(init=0.25)] if i < 15 else [linear]
+    model = nn.Sequential(*layers)
+    report = probe(model, batch_size=256)
+    assert "vanishing_forward" in codes(report)
+    fix = report.summary.fix
+    assert fix.scheme == "he-prelu" and "a=0.25" in fix.code
+    apply_fix(model, report)
+    assert codes(probe(model, batch_size=256), "error") == set()
+
+
+def test_he_init_under_prelu_is_not_flagged_but_xavier_is():
+    # he-relu init under PReLU(0.25): n Var[w] g = 2 * 0.53 = 1.06, inside the band
+    model = nn.Sequential(*[m for _ in range(8) for m in
+                            (nn.Linear(WIDTH, WIDTH, bias=False), nn.PReLU(init=0.25))])
+    for m in model:
+        if isinstance(m, nn.Linear):
+            he(m.weight)
+    assert codes(probe(model, batch_size=256)) <= {"theory_mismatch"}
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)  # 1 * 0.53
+    assert "shrinks" in codes(probe(model, batch_size=256))
+
+
+def test_a_layer_the_user_ignores_is_not_judged():
+    model = mlp(4, he)
+    with torch.no_grad():
+        model[-1].weight.mul_(1e-3)  # a deliberately small output layer
+    assert flagged(probe(model), "vanishing_forward") == ["6"]
+    report = probe(model, ignore=["6"])
+    assert codes(report) == set() and report.settings["ignore"] == ["6"]
+
+
+def test_weight_gradient_out_of_line_with_the_rest_is_flagged():
+    # BatchNorm makes a layer scale-invariant: forward is fine whatever its scale (while
+    # Var[y] >> BatchNorm's eps = 1e-5), but ||dL/dW||/||W|| grows as 1/||W||^2, so a
+    # layer scaled by 0.03 gets ~1/0.03^2 = 1100 times the others' relative gradient.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(5) for m in
+                            (nn.Linear(WIDTH, WIDTH, bias=False), nn.BatchNorm1d(WIDTH),
+                             nn.ReLU())])
+    with torch.no_grad():
+        model[6].weight.mul_(0.03)
+    report = probe(model, batch_size=256)
+    assert flagged(report, "exploding_backward") == ["6"]
+    assert "median layer" in report.layers[6].flags[0].message
+    assert "vanishing_forward" not in codes(report)
+
+
+# --- the other flags -----------------------------------------------------------------
+
+def test_dead_units():
+    model = mlp(3, he, bias=True)
+    with torch.no_grad():
+        model[0].bias[: WIDTH * 3 // 4] = -100.0  # 3/4 of the first ReLU's units never fire
+    report = probe(model, batch_size=256)
+    assert flagged(report, "dead_units") == ["1"]
+    assert "fed by 0" in report.layers[1].flags[0].message
+    assert "dead_units" not in codes(probe(mlp(3, he, bias=True)))
+
+
+class Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # NaN for every negative input
+
+
+def test_nonfinite_is_flagged_where_it_first_appears():
+    model = nn.Sequential(nn.Linear(8, 8), Log(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    report = probe(model, batch_size=32)
+    assert flagged(report, "nonfinite") == ["1"]
+    assert report.layers[1].flags[0].severity == "error"
+    json.loads(report.to_json())  # NaN stays out of the JSON
+
+
+def test_theory_mismatch_when_weights_are_not_zero_mean():
+    model = mlp(3, he)
+    with torch.no_grad():
+        model[2].weight.abs_()  # all-positive weights on a ReLU's positive outputs
+    report = probe(model, batch_size=256)
+    assert flagged(report, "theory_mismatch") == ["2"]
+    assert report.layers[2].flags[0].severity == "info" and report.summary.healthy
+
+
+def test_unnormalized_input():
+    model = mlp(3, he)
+    x = 100 * torch.randn(256, WIDTH, generator=torch.Generator().manual_seed(0))
+    report = probe(model, x)
+    assert flagged(report, "unnormalized_input") == ["0"]
+    assert "softmax" in report.layers[0].flags[0].message
+
+
+# --- thresholds, ordering, JSON, assert_healthy --------------------------------------
+
+def test_thresholds_are_configurable_and_recorded():
+    model = mlp(8, nn.init.xavier_normal_)  # 2^-7 ~ 8e-3 at the end
+    report = probe(model, batch_size=256)
+    assert "vanishing_forward" in codes(report)
+    loose = Thresholds().updated({"forward": [1e-4, 1e4], "backward": [1e-4, 1e4]}, "test")
+    annotate(report, loose)
+    assert codes(report, "error") == set()
+    assert report.settings["thresholds"]["forward"] == [1e-4, 1e4]
+
+
+def test_bad_thresholds_name_the_key():
+    with pytest.raises(VarprobeError, match="'forwards'"):
+        Thresholds().updated({"forwards": [1, 2]}, "test")
+    with pytest.raises(VarprobeError, match="'multiplier'"):
+        Thresholds().updated({"multiplier": [2, 1]}, "test")
+
+
+def test_flags_are_ordered_by_severity_and_survive_json():
+    model = mlp(3, he)
+    with torch.no_grad():
+        model[2].weight.abs_().mul_(50)
+    report = probe(model, 100 * torch.randn(64, WIDTH))
+    for layer in report.layers:
+        ranks = [("error", "warning", "info").index(f.severity) for f in layer.flags]
+        assert ranks == sorted(ranks)
+    again = Report.from_dict(json.loads(report.to_json()))
+    assert again.summary == report.summary
+    assert [layer.flags for layer in again.layers] == [layer.flags for layer in report.layers]
+
+
+def test_assert_healthy():
+    assert_healthy(mlp(6, he))
+    with pytest.raises(AssertionError, match=r"(?s)vanishing_forward at 38.*fix: kaiming"):
+        assert_healthy(mlp(20, nn.init.xavier_normal_))
+    assert_healthy(mlp(20, nn.init.xavier_normal_), forward=(1e-9, 1e9),
+                   backward=(1e-9, 1e9))
+    with pytest.raises(TypeError, match="'fwd'"):
+        assert_healthy(mlp(2, he), fwd=(0.1, 10))

@@ -1,0 +1,770 @@
+"""Graph-aware predictions: the recorded dataflow of the forward pass, propagated.
+
+Recording. During the probe's own eager forward a TorchFunctionMode (``Recording``)
+follows activations by identity (``id`` checked with a weakref, and ``_version`` so
+that in-place writes and reused ids are caught) from the network input through the
+recorded module calls (the Recorder tells it where each call starts and ends) and the
+operations between them: residual adds, concatenations, multiplications by constants,
+views and slices, functional activations and dropout. Any other operation on an
+activation becomes an "unknown" node; so does the output of a custom
+``autograd.Function`` (its backward is its own) and a tensor written in place by
+something the mode did not see. Inside a module varprobe has a closed form for, or
+one without children, the module is a single node and its own operations are not
+followed. Only ids and small per-node facts are kept: no statistics, no activations.
+
+Propagation (basis "graph", theory.md §9). In execution order, the predicted second
+moment of every node: the network input as measured; a module call by the same step
+as the chain (propagate: n_eff E[w^2] E[x^2] + mean(b^2), activation gains at the
+predicted q, the norm reset, dropout's 1/(1-p)); a sum of independent zero-mean
+branches Var[x + a F] = Var[x] + a^2 Var[F]; a constant tensor c added like a bias,
++ mean(c^2); a concatenation the size-weighted average; a multiplication by c,
+mean(c^2) times; views and slices unchanged. A module without a closed form (max
+pooling, attention, softmax, a custom leaf module) carries its *measured* output. An
+unknown node breaks the graph: the module call that consumes it carries its measured
+input instead, and that call keeps its chain/local prediction, with a report note
+naming the operation.
+
+Backward runs over the same nodes in reverse: a node's gradient variance is the sum
+over its consumers (independent contributions); an add passes the gradient to both
+branches, a slice passes its share numel(out)/numel(in), a concatenation each piece
+its slice, a module call propagate's backward step (n^ E[w^2] Var[dy], gains, norms).
+Where that cannot be followed the measured gradient at the next module output
+upstream is carried, and the layers in between keep the chain's backward value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from varprobe import propagate, theory
+from varprobe.propagate import Signal
+from varprobe.recorder import float_leaves
+from varprobe.report import Layer, Prediction, Report
+
+T = torch.Tensor
+ADD = {torch.add, T.add, T.add_, T.__add__, T.__radd__, T.__iadd__}
+MUL = {torch.mul, torch.multiply, T.mul, T.mul_, T.multiply, T.__mul__, T.__rmul__, T.__imul__}
+DIV = {torch.div, torch.divide, torch.true_divide, T.div, T.div_, T.divide, T.true_divide,
+       T.__truediv__, T.__itruediv__}
+CAT = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+# Same elements (or a broadcast or a copy of them): the second moment and the gradient
+# pass unchanged. contiguous/clone/to copy, they do not mix.
+VIEWS = {T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.flatten, torch.flatten,
+         T.unflatten, torch.unflatten, T.transpose, torch.transpose, T.swapaxes, T.swapdims,
+         T.permute, torch.permute, T.movedim, torch.movedim, T.t, torch.t, T.squeeze,
+         torch.squeeze, T.unsqueeze, torch.unsqueeze, T.contiguous, T.clone, torch.clone,
+         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as}
+# A part of the elements: the second moment of positions and channels taken alike,
+# the gradient reaching numel(out)/numel(in) of the input.
+SLICES = {T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, T.narrow, torch.narrow,
+          T.select, torch.select, T.unbind, torch.unbind}
+ACTIVATIONS = {
+    F.relu: lambda a, k: nn.ReLU(), torch.relu: lambda a, k: nn.ReLU(),
+    T.relu: lambda a, k: nn.ReLU(), T.relu_: lambda a, k: nn.ReLU(),
+    torch.relu_: lambda a, k: nn.ReLU(), F.relu_: lambda a, k: nn.ReLU(),
+    F.leaky_relu: lambda a, k: nn.LeakyReLU(_arg(a, k, 1, "negative_slope", 0.01)),
+    F.gelu: lambda a, k: nn.GELU(approximate=_arg(a, k, 1, "approximate", "none")),
+    F.silu: lambda a, k: nn.SiLU(), torch.tanh: lambda a, k: nn.Tanh(),
+    T.tanh: lambda a, k: nn.Tanh(), torch.sigmoid: lambda a, k: nn.Sigmoid(),
+    T.sigmoid: lambda a, k: nn.Sigmoid(),
+}
+# The control flow reads an activation: the graph is the branch this input took.
+READS = {T.__bool__, T.item, T.tolist, T.__int__, T.__float__, T.__index__}
+IN_PLACE_WRITES = {T.__setitem__}
+IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                    "__ifloordiv__", "__ipow__", "__iand__", "__ior__", "__ixor__"}
+TRUSTED_FUNCTIONS = {"CheckpointFunctionBackward"}  # replays the forward: same gradients
+
+
+def _arg(args: tuple, kwargs: dict, pos: int, name: str, default: Any) -> Any:
+    return args[pos] if len(args) > pos else kwargs.get(name, default)
+
+
+@dataclass
+class Node:
+    """One value of the recorded graph.
+
+    op: "input" (a network input; ``index`` says which), "call" (a module with a
+    closed form or a measured output; ``index`` its layer), "exit" (the output of a
+    module whose insides were followed: inputs[0] the inner value, inputs[1] its
+    input), "linear" (sum_i f_i E[x_i^2] + const, gradient b_i per input), "act",
+    "dropout", "unknown". ``where``: ("in" | "after", layer index) for messages.
+    """
+
+    op: str
+    inputs: tuple[int, ...] = ()
+    index: int | None = None
+    forward: tuple[float, ...] = ()   # linear: f_i
+    backward: tuple[float, ...] = ()  # linear: b_i
+    const: tuple[tuple[float, int], ...] = ()  # linear: (f_j, constant index of mean(c_j^2))
+    scale: int | None = None          # linear: constant index of a factor on the whole
+    module: nn.Module | None = None   # act
+    p: float = 0.0                    # dropout
+    reason: str | None = None         # unknown: what could not be followed
+    stops: bool = False               # unknown: its output needs no gradient
+    where: tuple[str, int] | None = None
+
+
+@dataclass
+class _Frame:
+    index: int
+    opaque: bool
+    inputs: tuple[int, ...]
+
+
+class Recording(TorchFunctionMode):
+    """Active around the forward pass only; the Recorder calls ``enter``/``exit``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.nodes: list[Node] = []
+        self.outputs: list[int | None] = []
+        self.cotangent_var: float | None = None
+        self.failed: str | None = None
+        self.reads: list[tuple[str, int] | None] = []
+        self.unseen_function: str | None = None
+        self._ids: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._frames: list[_Frame] = []
+        self._last: int | None = None  # the last recorded call that finished
+        self._constants: list[torch.Tensor | float] = []
+        self.compiled = next((name for name, m in model.named_modules()
+                              if type(m).__name__ == "OptimizedModule"), None)
+
+    # --- the network's inputs and outputs ------------------------------------------
+    def start(self, inputs: list[torch.Tensor]) -> None:
+        """The float tensors the model is called with, the measured one first."""
+        for k, t in enumerate(inputs):
+            self._bind(t, self._add(Node("input", index=k)))
+
+    def finish(self, outputs: list[torch.Tensor], cotangent_var: float | None) -> None:
+        """The float outputs that are backpropagated, and the measured Var of the first
+        cotangent (None when a loss function made it)."""
+        with torch._C.DisableTorchFunction():
+            self.outputs = [self._lookup(t) for t in outputs]
+        self.cotangent_var = cotangent_var
+        self._ids.clear()
+
+    def constants(self) -> list[float]:
+        """mean(c^2) of every constant operand: one host transfer, after the pass."""
+        on_device = [c for c in self._constants if isinstance(c, T)]
+        host = iter(torch.stack([c.cpu() for c in on_device]).tolist() if on_device else [])
+        return [next(host) if isinstance(c, T) else c for c in self._constants]
+
+    # --- module calls (from the Recorder's hooks) ----------------------------------
+    def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.failed is not None:
+            return
+        if self._frames and self._frames[-1].opaque:
+            self._frames.append(_Frame(index, True, ()))  # inside a module taken whole
+            return
+        with torch._C.DisableTorchFunction():
+            tensors = _tensor_leaves(args, kwargs)
+            primary = next((t for t in tensors if t.is_floating_point()), None)
+            inputs = [self._lookup(primary)] if primary is not None else []
+            inputs += [self._lookup(t) for t in tensors if t is not primary]
+        ids = tuple(dict.fromkeys(n for n in inputs if n is not None))
+        if primary is not None and inputs[0] is None:
+            ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
+                                  "operations", where=self._where())), *ids)
+        self._frames.append(_Frame(index, _opaque(module), ids))
+
+    def exit(self, output: Any) -> None:
+        if self.failed is not None:
+            return
+        frame = self._frames.pop()
+        if self._frames and self._frames[-1].opaque:
+            return
+        self._last = frame.index
+        with torch._C.DisableTorchFunction():
+            outputs = float_leaves(output)
+            if not outputs:
+                return
+            if frame.opaque:
+                node = self._add(Node("call", frame.inputs, index=frame.index))
+                self._bind(outputs[0], node)
+                for k, t in enumerate(outputs[1:], 1):
+                    self._bind(t, self._add(Node(
+                        "unknown", (node,), reason=f"output {k}, which is not measured",
+                        where=("of", frame.index))))
+            else:
+                inner = self._lookup(outputs[0])
+                inputs = (inner if inner is not None else -1, *frame.inputs[:1])
+                self._bind(outputs[0], self._add(Node("exit", inputs, index=frame.index)))
+
+    # --- operations ----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.failed is not None or (self._frames and self._frames[-1].opaque):
+            return func(*args, **kwargs)
+        # An in-place op bumps its target's version: read the target's node before.
+        target = args[0] if args and isinstance(args[0], T) and _in_place(func, kwargs) else None
+        before = self._lookup(target) if target is not None else None
+        out = func(*args, **kwargs)
+        try:
+            if before is not None:
+                self._bind(target, before)
+            self._record(func, args, kwargs, out)
+        except Exception as exc:  # noqa: BLE001 -- bookkeeping must never break a model
+            self.failed = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def _record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        if func in IN_PLACE_WRITES:
+            out = args[0]
+        outs = _outputs(out)
+        if not outs:
+            if func in READS and self._lookup(args[0]) is not None:
+                self.reads.append(self._where())
+            return
+        if func in ADD:
+            node = self._add_node(args, kwargs, outs[0])
+        elif func in MUL or func in DIV:
+            node = self._scale_node(func in DIV, args, kwargs)
+        elif func in CAT:
+            node = self._cat_node(args, kwargs, outs[0], func is torch.stack)
+        elif func in VIEWS:
+            node = self._chain_node(args, 1.0)
+        elif func in SLICES:
+            node = self._slice_nodes(args, outs)
+        elif func in ACTIVATIONS:
+            node = self._activation_node(func, args, kwargs)
+        elif func is F.dropout:
+            node = self._dropout_node(args, kwargs)
+        else:
+            node = None
+        if node == -1:
+            return  # no activation among the inputs: a constant
+        if isinstance(node, list):
+            for t, n in zip(outs, node):
+                self._bind(t, n)
+            return
+        if node is None:
+            inputs = tuple(n for n in map(self._lookup, _tensor_leaves(args, kwargs))
+                           if n is not None)
+            if not inputs:
+                return
+            stops = torch.is_grad_enabled() and not any(t.requires_grad for t in outs)
+            node = self._add(Node("unknown", inputs, reason=_name(func), stops=stops,
+                                  where=self._where()))
+        for t in outs:
+            self._bind(t, node)
+
+    def _add_node(self, args, kwargs, out: torch.Tensor) -> int | None:
+        other = _arg(args, kwargs, 1, "other", None)
+        if not isinstance(args[0], T) or not isinstance(other, T):
+            return None  # x + a number: its second moment needs E[x], which is not carried
+        alpha = float(_arg(args, kwargs, 2, "alpha", 1))
+        return self._linear([(args[0], 1.0), (other, alpha * alpha)], out, sum_backward=True)
+
+    def _scale_node(self, divide: bool, args, kwargs) -> int | None:
+        if divide and kwargs.get("rounding_mode") is not None:
+            return None
+        a, b = args[0], _arg(args, kwargs, 1, "other", None)
+        na = self._lookup(a) if isinstance(a, T) else None
+        nb = self._lookup(b) if isinstance(b, T) else None
+        if na is None and nb is None:
+            return -1
+        if (na is not None and nb is not None) or (divide and na is None):
+            return None  # a product of activations, or a constant over an activation
+        node, c = (na, b) if na is not None else (nb, a)
+        k = self._square_mean(c, invert=divide)
+        if k is None:
+            return None
+        return self._add(Node("linear", (node,), forward=(1.0,), backward=(1.0,), scale=k))
+
+    def _cat_node(self, args, kwargs, out: torch.Tensor, stack: bool) -> int | None:
+        pieces = _arg(args, kwargs, 0, "tensors", ())
+        total = out.numel()
+        terms = [(t, t.numel() / total if not stack else 1 / len(pieces)) for t in pieces]
+        return self._linear(terms, out, sum_backward=False)
+
+    def _linear(self, terms, out: torch.Tensor, sum_backward: bool) -> int | None:
+        """sum_i f_i E[x_i^2] over activations plus f_j mean(c_j^2) over constants."""
+        inputs, fwd, bwd, const = [], [], [], []
+        for t, f in terms:
+            node = self._lookup(t) if isinstance(t, T) else None
+            if node is not None:
+                share = out.numel() / t.numel() if sum_backward else 1.0  # broadcast sums
+                inputs.append(node)
+                fwd.append(f)
+                bwd.append(f * share if sum_backward else 1.0)
+            else:
+                c = self._square_mean(t) if isinstance(t, T) else None
+                if c is None:
+                    return None
+                const.append((f, c))
+        if not inputs:
+            return -1
+        return self._add(Node("linear", tuple(inputs), forward=tuple(fwd), backward=tuple(bwd),
+                              const=tuple(const)))
+
+    def _chain_node(self, args, factor: float) -> int | None:
+        node = self._lookup(args[0]) if isinstance(args[0], T) else None
+        if node is None:
+            return -1
+        return self._add(Node("linear", (node,), forward=(1.0,), backward=(factor,)))
+
+    def _slice_nodes(self, args, outs: list[torch.Tensor]) -> list[int] | int | None:
+        """One node per piece; its gradient reaches numel(piece)/numel(input) of the input."""
+        if any(isinstance(i, T) for i in pytree.tree_leaves(list(args[1:]))):
+            return None  # indexing by a tensor: a gather, which may repeat elements
+        whole = max(args[0].numel(), 1)
+        nodes = [self._chain_node(args, t.numel() / whole) for t in outs]
+        return -1 if nodes[0] == -1 else nodes
+
+    def _activation_node(self, func, args, kwargs) -> int | None:
+        node = self._lookup(args[0]) if isinstance(args[0], T) else None
+        if node is None:
+            return -1
+        return self._add(Node("act", (node,), module=ACTIVATIONS[func](args, kwargs)))
+
+    def _dropout_node(self, args, kwargs) -> int | None:
+        node = self._lookup(args[0]) if isinstance(args[0], T) else None
+        if node is None:
+            return -1
+        p = float(_arg(args, kwargs, 1, "p", 0.5))
+        training = bool(_arg(args, kwargs, 2, "training", True))
+        return self._add(Node("dropout", (node,), p=p if training else 0.0))
+
+    def _square_mean(self, c: Any, invert: bool = False) -> int | None:
+        """The index in ``constants()`` of mean(c^2) (or mean(c^-2)) of a constant
+        operand: a tensor that is not an activation (a parameter, a buffer, or one made
+        from them), reduced on its device. Python numbers only multiply: added to an
+        activation with a mean they would need that mean."""
+        if isinstance(c, T) and not c.is_complex():
+            with torch.no_grad():
+                v = c.detach().to(torch.float64)
+                self._constants.append((v.reciprocal() if invert else v).square().mean())
+        elif isinstance(c, (int, float)) and not isinstance(c, bool):
+            power = -2 if invert else 2
+            self._constants.append(math.inf if invert and not c else float(c) ** power)
+        else:
+            return None
+        return len(self._constants) - 1
+
+    # --- identity of tensors -------------------------------------------------------
+    def _add(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def _bind(self, t: torch.Tensor, node: int) -> None:
+        self._ids[id(t)] = (weakref.ref(t), t._version, node)
+
+    def _lookup(self, t: torch.Tensor) -> int | None:
+        """The node holding ``t``'s current value; None for a constant."""
+        fn = t.grad_fn
+        if (isinstance(fn, torch.autograd.function.BackwardCFunction)
+                and type(fn).__name__ not in TRUSTED_FUNCTIONS):
+            return self._custom_function(t, type(fn).__name__.removesuffix("Backward"))
+        entry = self._ids.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        if entry[1] != t._version:
+            node = self._add(Node("unknown", (entry[2],), reason="an in-place write the "
+                                  "recording did not see", where=self._where()))
+            self._bind(t, node)
+            return node
+        return entry[2]
+
+    def _custom_function(self, t: torch.Tensor, name: str) -> int:
+        entry = self._ids.get(id(t))
+        known = entry is not None and entry[0]() is t and entry[1] == t._version
+        if known and self.nodes[entry[2]].reason == f"custom autograd Function {name}":
+            return entry[2]
+        if not known:  # its forward ran where the mode could not see which inputs it read
+            self.unseen_function = self.unseen_function or name
+        node = self._add(Node("unknown", (entry[2],) if known else (),
+                              reason=f"custom autograd Function {name}", where=self._where()))
+        self._bind(t, node)
+        return node
+
+    def _where(self) -> tuple[str, int] | None:
+        open_frames = [f for f in self._frames if not f.opaque]
+        if open_frames:
+            return "in", open_frames[-1].index
+        return None if self._last is None else ("after", self._last)
+
+
+def _in_place(func, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    return ((name.endswith("_") and not name.endswith("__")) or name in IN_PLACE_DUNDERS
+            or kwargs.get("inplace") is True)
+
+
+def _opaque(module: nn.Module) -> bool:
+    """Taken whole: torch.nn's own modules and leaves. A user's container that owns a
+    parameter (a SkipInit alpha, a position embedding) is followed inside."""
+    return (next(module.children(), None) is None
+            or type(module).__module__.startswith("torch.nn."))
+
+
+def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    if not kwargs and len(args) == 1 and isinstance(args[0], T):
+        return [args[0]]
+    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, T)]
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, T):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, T)]
+    return []
+
+
+def _name(func) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None)
+    if name.startswith(("TensorBase.", "Tensor.")):
+        return "Tensor." + name.split(".", 1)[1]
+    if name.startswith("_VariableFunctionsClass."):
+        return "torch." + name.split(".", 1)[1]
+    if module == "torch.nn.functional" or module == "torch._C._nn":
+        return "F." + name
+    return name
+
+
+# =====================================================================================
+# Propagation
+# =====================================================================================
+
+@dataclass
+class _Value:
+    """A node's predicted second moment, or why there is none (``broken``)."""
+
+    signal: Signal | None
+    broken: str | None = None
+    note: str | None = None
+    at: int = -1  # the node where ``note`` was made: the latest carry names the value
+
+
+@dataclass
+class _Grad:
+    var: float = 0.0
+    broken: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class _LayerGraph:
+    """What the graph says about one recorded call."""
+
+    input: _Value | None = None
+    forward: float | None = None
+    forward_break: str | None = None
+    forward_note: str | None = None
+    grad: float | None = None
+    grad_input: float | None = None
+    backward_break: str | None = None
+    backward_note: str | None = None
+
+
+def annotate(report: Report, modules: list[nn.Module], recording: Recording | None) -> Report:
+    """Replace the chain prediction by the graph one where the graph was followed."""
+    if recording is None or not report.layers:
+        return report
+    reason = _unusable(recording)
+    if reason is not None:
+        report.notes.append(f"graph: not used ({reason}); predictions follow the chain")
+        return report
+    walk = _Walk(report, modules, recording)
+    walk.forward()
+    walk.backward()
+    walk.assign()
+    report.summary.forward_ratio, report.summary.backward_ratio = propagate.end_to_end(report)
+    return report
+
+
+def _unusable(recording: Recording) -> str | None:
+    if recording.compiled is not None:
+        return f"{recording.compiled} is a torch.compile'd submodule, which the recording " \
+               "cannot look into"
+    if recording.failed is not None:
+        return f"the recording failed: {recording.failed}"
+    if not recording.nodes:
+        return "nothing was recorded"
+    return None
+
+
+class _Walk:
+    def __init__(self, report: Report, modules: list[nn.Module], recording: Recording):
+        self.report, self.modules, self.rec = report, modules, recording
+        self.nodes = recording.nodes
+        self.constants = recording.constants()
+        self.values: list[_Value] = []
+        self.layers: dict[int, _LayerGraph] = {}
+
+    # --- forward -------------------------------------------------------------------
+    def forward(self) -> None:
+        for k, node in enumerate(self.nodes):
+            value = self._forward(node)
+            if value.note is not None and value.at < 0:
+                value.at = k
+            self.values.append(value)
+
+    def _forward(self, node: Node) -> _Value:
+        ins = [self.values[i] if i >= 0 else _Value(None, "an output made outside the "
+                                                       "recorded operations")
+               for i in node.inputs]
+        broken = next((v.broken for v in ins if v.broken), None)
+        latest = max(ins, key=lambda v: v.at if v.note else -2, default=None)
+        note, at = (latest.note, latest.at) if latest is not None else (None, -1)
+        if node.op == "input":
+            return self._input(node)
+        if node.op == "call":
+            return self._call(node, ins)
+        if node.op == "exit":
+            return self._exit(node, ins)
+        if node.op == "unknown":
+            return _Value(None, broken or self._reason(node))
+        if broken:
+            return _Value(None, broken)
+        s = ins[0].signal
+        if node.op == "act":
+            g = theory.forward_gain(node.module, s.m2)
+            if g is None:
+                return _Value(None, f"F.{type(node.module).__name__} at q={s.m2:.3g}")
+            share = propagate._activation_share(node.module, s.m2, g)
+            return _Value(Signal(g * s.m2, share), None, note, at)
+        if node.op == "dropout":
+            if node.p >= 1:
+                return _Value(None, "dropout with p = 1")
+            signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p))
+            return _Value(signal, None, note, at)
+        return _Value(self._linear(node, [v.signal for v in ins]), None, note, at)
+
+    def _linear(self, node: Node, signals: list[Signal]) -> Signal:
+        scale = 1.0 if node.scale is None else self.constants[node.scale]
+        fixed = sum(f * self.constants[c] for f, c in node.const)
+        spread = shared = 0.0
+        for f, s in zip(node.forward, signals):
+            spread += f * s.m2
+            shared += f * s.m2 * s.mean_share
+        m2 = scale * (spread + fixed)
+        share = (shared + fixed) / (spread + fixed) if spread + fixed > 0 else 0.0
+        return Signal(m2, min(1.0, share))
+
+    def _input(self, node: Node) -> _Value:
+        if node.index != 0:
+            return _Value(None, "a network input after the first, which is not measured")
+        start, note = propagate._start(self.report)
+        if start is None:
+            return _Value(None, "the network input is not a float tensor")
+        return _Value(start, None, note)
+
+    def _call(self, node: Node, ins: list[_Value]) -> _Value:
+        i = node.index
+        layer, module = self.report.layers[i], self.modules[i]
+        info = self.layers.setdefault(i, _LayerGraph())
+        src = ins[0] if ins else None
+        note = src.note if src else None
+        if src is not None and src.broken:
+            info.forward_break = src.broken
+            m_in = propagate._measured_m2(layer.input)
+            src = _Value(Signal(m_in, propagate._share(layer.input)) if m_in is not None
+                         else None, None, f"carried the measured input of {layer.label}")
+            note = src.note
+        info.input = src
+        w = propagate._actual(layer, module) if layer.kind == "weight" else None
+        s_in = src.signal if src is not None else None
+        out = (propagate._step_forward(layer, module, s_in, w)
+               if s_in is not None or isinstance(module, nn.Embedding) else None)
+        if out is not None:
+            info.forward = out.m2
+            info.forward_note = _join(note, w.note if w else None)
+            return _Value(out, None, note, src.at if src is not None else -1)
+        return self._carry_output(layer, info, "no closed form" if s_in is not None
+                                  else "its input is unknown")
+
+    def _exit(self, node: Node, ins: list[_Value]) -> _Value:
+        layer = self.report.layers[node.index]
+        info = self.layers.setdefault(node.index, _LayerGraph())
+        info.input = ins[1] if len(ins) > 1 else None
+        inner = ins[0]
+        if inner.broken:
+            info.forward_break = inner.broken
+            return self._carry_output(layer, info, None)
+        info.forward = inner.signal.m2
+        info.forward_note = inner.note
+        return inner
+
+    def _carry_output(self, layer: Layer, info: _LayerGraph, why: str | None) -> _Value:
+        """Continue from the measured output of a call the graph cannot step through."""
+        m_out = propagate._measured_m2(layer.forward)
+        what = f"{layer.type} at {layer.label}"
+        if m_out is None:
+            return _Value(None, f"{what} ({why or 'not followed'}; nothing measured)")
+        info.forward_note = f"{why} for {what}" if why else None
+        return _Value(Signal(m_out, propagate._share(layer.forward)), None,
+                      f"carried the measured output of {what}")
+
+    # --- backward ------------------------------------------------------------------
+    def backward(self) -> None:
+        if self.rec.unseen_function is not None:
+            reason = f"custom autograd Function {self.rec.unseen_function}, whose inputs " \
+                     "the recording did not see"
+            for info in self.layers.values():
+                info.backward_break = reason
+            return
+        grads: list[_Grad | None] = [None] * len(self.nodes)
+        self._seed(grads)
+        for k in reversed(range(len(self.nodes))):
+            if grads[k] is not None:
+                self._backward(self.nodes[k], grads[k], grads)
+
+    def _seed(self, grads: list[_Grad | None]) -> None:
+        for position, k in enumerate(self.rec.outputs):
+            if k is None:
+                continue
+            node = self.nodes[k]
+            layer = self.report.layers[node.index] if node.op in ("call", "exit") else None
+            if layer is not None and layer.backward is not None and layer.backward.var is not None:
+                _flow(grads, k, _Grad(layer.backward.var))
+            elif position == 0 and self.rec.cotangent_var is not None:
+                _flow(grads, k, _Grad(self.rec.cotangent_var))
+            else:
+                _flow(grads, k, _Grad(0.0, "the gradient at the model's output is not measured"))
+
+    def _backward(self, node: Node, g: _Grad, grads: list[_Grad | None]) -> None:
+        if node.op in ("call", "exit"):
+            g = self._at_output(node, g)
+        if node.op == "call":
+            self._call_backward(node, g, grads)
+        elif node.op == "exit":
+            if node.inputs[0] >= 0:
+                _flow(grads, node.inputs[0], g)
+        elif node.op == "unknown":
+            if not node.stops:
+                for i in node.inputs:
+                    _flow(grads, i, _Grad(0.0, g.broken or self._reason(node)))
+        elif node.op == "act":
+            q = self.values[node.inputs[0]].signal
+            gain = theory.backward_gain(node.module, q.m2) if q is not None else None
+            _flow(grads, node.inputs[0], _Grad(g.var * gain, g.broken, g.note) if gain
+                  is not None else _Grad(0.0, g.broken or f"F.{type(node.module).__name__}"))
+        elif node.op == "dropout":
+            _flow(grads, node.inputs[0], _Grad(g.var / (1 - node.p), g.broken, g.note))
+        elif node.op == "linear":
+            scale = 1.0 if node.scale is None else self.constants[node.scale]
+            for i, b in zip(node.inputs, node.backward):
+                _flow(grads, i, _Grad(g.var * b * scale, g.broken, g.note))
+
+    def _at_output(self, node: Node, g: _Grad) -> _Grad:
+        """Record the call's gradient; where the graph broke, carry the measured one."""
+        layer = self.report.layers[node.index]
+        info = self.layers.setdefault(node.index, _LayerGraph())
+        if g.broken is None:
+            info.grad, info.backward_note = g.var, g.note
+            return g
+        info.backward_break = g.broken
+        measured = layer.backward.var if layer.backward is not None else None
+        if measured is None:
+            return g
+        return _Grad(measured, None, f"carried the measured gradient at {layer.label}")
+
+    def _call_backward(self, node: Node, g: _Grad, grads: list[_Grad | None]) -> None:
+        i = node.index
+        layer, module = self.report.layers[i], self.modules[i]
+        info = self.layers[i]
+        if not node.inputs:
+            return
+        w = propagate._actual(layer, module) if layer.kind == "weight" else None
+        s_in = info.input.signal if info.input is not None else None
+        dx = (propagate._step_backward(layer, module, g.var, s_in, w)
+              if g.broken is None else None)
+        if dx is not None:
+            info.grad_input = dx
+            out = _Grad(dx, None, g.note)
+        elif layer.backward_input is not None and layer.backward_input.var is not None:
+            out = _Grad(layer.backward_input.var, None,
+                        f"carried the measured input gradient of {layer.type} at {layer.label}")
+        else:
+            out = _Grad(0.0, g.broken or f"no closed form for the backward of {layer.type} "
+                        f"at {layer.label}, nothing measured")
+        _flow(grads, node.inputs[0], out)
+        for k in node.inputs[1:]:
+            _flow(grads, k, _Grad(0.0, f"the gradient into another input of {layer.label} "
+                                  "(not measured)"))
+
+    # --- predictions ---------------------------------------------------------------
+    def assign(self) -> None:
+        fell_back: dict[str, list[Layer]] = {}
+        backward_from_chain: dict[str, list[Layer]] = {}
+        for i, info in sorted(self.layers.items()):
+            layer = self.report.layers[i]
+            if info.forward_break is not None:
+                if layer.kind == "weight":
+                    fell_back.setdefault(info.forward_break, []).append(layer)
+                continue
+            if info.grad is None and info.backward_break is not None and layer.kind == "weight":
+                backward_from_chain.setdefault(info.backward_break, []).append(layer)
+            layer.predicted = self._prediction(layer, info)
+        for reason, layers in fell_back.items():
+            basis = layers[0].predicted.basis if layers[0].predicted else "chain"
+            self.report.notes.append(f"graph: fell back to {basis} at {_labels(layers)}: "
+                                     f"it could not follow {reason}")
+        for reason, layers in backward_from_chain.items():
+            self.report.notes.append(f"graph: backward from the chain at {_labels(layers)}: "
+                                     f"it could not follow {reason}")
+        if self.rec.reads:
+            where = self._place(self.rec.reads[0])
+            self.report.notes.append(f"graph: the control flow read an activation{where}; "
+                                     "the graph is the branch this input took")
+
+    def _prediction(self, layer: Layer, info: _LayerGraph) -> Prediction:
+        chain = layer.predicted
+        notes = [f"forward: {info.forward_note}" if info.forward_note else None]
+        backward, backward_input = info.grad, info.grad_input
+        if backward is None and info.backward_break is not None:
+            backward = chain.backward_var if chain else None
+            backward_input = chain.backward_input_var if chain else None
+            notes.append(f"backward: from the chain; the graph could not follow "
+                         f"{info.backward_break}")
+        elif info.backward_note:
+            notes.append(f"backward: {info.backward_note}")
+        source = info.input.signal if info.input is not None else None
+        return Prediction(forward_var=info.forward, backward_var=backward, basis="graph",
+                          note=_join(*notes), backward_input_var=backward_input,
+                          input_var=None if source is None else source.m2)
+
+    # --- messages ------------------------------------------------------------------
+    def _reason(self, node: Node) -> str:
+        return f"{node.reason}{self._place(node.where)}"
+
+    def _place(self, where: tuple[str, int] | None) -> str:
+        if where is None:
+            return " (at the start of the forward)"
+        kind, i = where
+        return f" ({kind} {self.report.layers[i].label})"
+
+
+def _flow(grads: list[_Grad | None], k: int, g: _Grad) -> None:
+    """Add one consumer's contribution: independent gradients add their variances."""
+    if k < 0:
+        return
+    have = grads[k]
+    if have is None:
+        grads[k] = dataclasses.replace(g)
+        return
+    have.var += g.var
+    have.broken = have.broken or g.broken
+    have.note = have.note or g.note
+
+
+def _labels(layers: list[Layer]) -> str:
+    more = f" and {len(layers) - 1} later weight layer(s)" if len(layers) > 1 else ""
+    return layers[0].label + more
+
+
+def _join(*parts: str | None) -> str | None:
+    return "; ".join(p for p in parts if p) or None

@@ -1,0 +1,70 @@
+"""``--init SCHEME``: a copy of the model re-initialized with an init scheme.
+
+The user's weights are never written: the scheme goes into a deep copy. Every
+Linear, Conv, ConvTranspose and Bilinear weight is drawn from N(0, Var[w]) with
+Var[w] = theory.scheme_variance(scheme, fan_in, fan_out, a) and every bias of those
+layers is set to zero, so that measured and predicted can be held side by side for
+any scheme. ``torch-default`` uses the fans torch itself computes (its default
+init is kaiming_uniform_; here it is Gaussian with the same variance and zero bias).
+Other parameters (embeddings, norms, attention, recurrent cells) stay as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from varprobe import theory
+from varprobe.errors import VarprobeError
+from varprobe.propagate import prelu_slopes
+
+AS_IS = "as-is"
+REINITIALIZED = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
+WEIGHT_STREAM = 1  # keeps the weight draws independent of the input draws of one seed
+
+
+def check_scheme(name: str | None) -> str | None:
+    """The scheme name, None for "as-is"; a VarprobeError listing the valid ones."""
+    if name is None or name == AS_IS:
+        return None
+    if name not in theory.SCHEMES:
+        raise VarprobeError(f"unknown init scheme {name!r}; valid: "
+                            f"{', '.join(theory.SCHEMES)} (or {AS_IS})")
+    return name
+
+
+def reinitialized(model: nn.Module, scheme: str, seed: int) -> nn.Module:
+    """A deep copy of ``model`` with its weight layers drawn from ``scheme``.
+
+    Draws come from a torch.Generator seeded from ``seed`` (and a stream number, so
+    that they share no numbers with the seed's inputs): reproducible, and the global
+    RNG is untouched. The PReLU slope of he-prelu is read in registration order.
+    """
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(_stream_seed(seed))
+    modules = [m for m in clone.modules() if next(m.children(), None) is None]
+    with torch.no_grad():
+        for module, a in zip(modules, prelu_slopes(modules)):
+            if isinstance(module, REINITIALIZED):
+                _draw(module, scheme, a, generator)
+    return clone
+
+
+def _draw(module: nn.Module, scheme: str, a: float, generator: torch.Generator) -> None:
+    fan_in, fan_out = (theory.torch_fans(module) if scheme == "torch-default"
+                       else theory.fans(module))
+    var = theory.scheme_variance(scheme, fan_in, fan_out, a)
+    weight = module.weight
+    sample = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+    weight.copy_(sample * math.sqrt(var))
+    if module.bias is not None:
+        module.bias.zero_()
+
+
+def _stream_seed(seed: int) -> int:
+    entropy = [seed & (2**64 - 1), WEIGHT_STREAM]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) & (2**63 - 1)
