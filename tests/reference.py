@@ -23,7 +23,7 @@ RTOL = 1e-5
 
 
 def capture(model: nn.Module, inputs: Any, cotangent: torch.Tensor | list[torch.Tensor],
-            names: list[str], seed: int = 0) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+            names: list[str], seed: int = 0) -> dict[str, list[tuple]]:
     """{name: [(output, d<outputs, cotangents>/d output) per call]}, both in float64.
 
     ``cotangent``: one tensor, or a list aligned with the output's floating leaves.

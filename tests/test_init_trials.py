@@ -16,6 +16,7 @@ from tests.cli_helpers import run
 from tests.pristine import assert_untouched, snapshot
 from varprobe import VarprobeError, probe, theory
 from varprobe.reinit import reinitialized
+from varprobe.report import Report
 from varprobe.trials import summarize, t_quantile
 
 N, DEPTH = 256, 12
@@ -50,7 +51,8 @@ def test_init_he_on_a_xavier_model_is_flat_and_leaves_the_model_alone():
     # As it is, the same model vanishes: 2^-(DEPTH-1) end to end.
     as_is = probe(model, batch_size=128)
     assert as_is.settings["init"] == "as-is"
-    ratio = as_is.weight_layers[-1].forward.second_moment / as_is.weight_layers[0].forward.second_moment
+    first, last = as_is.weight_layers[0], as_is.weight_layers[-1]
+    ratio = last.forward.second_moment / first.forward.second_moment
     assert abs(math.log(ratio / 2.0 ** -(DEPTH - 1))) <= 3 * math.sqrt(5 * DEPTH / N)
 
 
@@ -104,6 +106,7 @@ def test_trials_hold_the_mean_and_an_interval_that_contains_it():
         if layer.backward is not None:
             assert "backward.var" in layer.intervals
     assert "input.second_moment" in report.intervals
+    assert Report.from_dict(report.to_dict()).layers[0].intervals == report.layers[0].intervals
     # Predictions come from the means: the first layer's local is n E[w^2] mean(E[x^2]).
     first = report.weight_layers[0]
     assert first.local.forward_var == pytest.approx(
@@ -170,3 +173,9 @@ def test_cli_bad_scheme_or_trials_exit_2(model_file, capsys, args):
     assert len(result.err.strip().splitlines()) == 1
     if "trials" not in args[0]:
         assert "he-fan-out" in result.err  # the valid names are listed
+
+
+def test_the_cli_knows_every_scheme():
+    from varprobe.cli import Scheme  # spelled out there so that --help needs no torch
+
+    assert [s.value for s in Scheme] == list(theory.SCHEMES)

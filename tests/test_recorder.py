@@ -165,7 +165,11 @@ def test_dict_input_passed_as_keywords_and_dict_tuple_output():
     assert report.input.shape == {"left": [16, 4], "right": [16, 5]}
     ref = model.a(inputs["left"])
     assert_moments(report.layers[0].forward, ref)
-    assert all(layer.backward is not None for layer in report.layers)
+    # The default cotangent sits on the first output leaf ("sum"); the second call of
+    # `a` feeds only "aux", so no gradient reaches it.
+    assert report.layers[0].backward is not None and report.layers[1].backward is not None
+    assert report.layers[2].backward is None
+    assert "no gradient" in report.layers[2].unavailable["backward"]
 
 
 def test_grad_output_pytree_is_used_exactly():

@@ -85,10 +85,10 @@ InputShape = Annotated[str | None, typer.Option(
 InputFile = Annotated[Path | None, typer.Option(
     "--input", help="real data: a .pt tensor/tuple/dict or a .npy array (batch included)")]
 BatchSize = Annotated[int | None, typer.Option(
-    "--batch-size", "-b", min=1, help="batch size  [default: 256, or pyproject's]",
+    "--batch-size", "-b", min=1, help="batch size (default 256, or pyproject's)",
     show_default=False)]
 Seed = Annotated[int | None, typer.Option(
-    "--seed", help="seed for inputs and cotangent  [default: 0, or pyproject's]",
+    "--seed", help="seed for inputs and cotangent (default 0, or pyproject's)",
     show_default=False)]
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="train (BatchNorm uses batch stats) "
                                                       "or eval")]
@@ -116,7 +116,7 @@ class FailOn(str, Enum):
 
 FailOnOpt = Annotated[FailOn | None, typer.Option(
     "--fail-on", help="exit 1 when a flag of this severity or worse is raised  "
-                      "[default: error, or pyproject's]", show_default=False)]
+                      "(default error, or pyproject's)", show_default=False)]
 Ignore = Annotated[list[str] | None, typer.Option(
     "--ignore", help="skip layers whose name matches this glob (repeatable), "
                      "e.g. --ignore 'head*'", show_default=False)]
@@ -223,6 +223,50 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug, *,
                          ignore=settings.ignore if settings else ())
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
+
+
+@app.command()
+def predict(
+    target: TargetArg,
+    input_shape: InputShape = None,
+    batch_size: BatchSize = None,
+    mode: ModeOpt = Mode.train,
+    device: Annotated[str, typer.Option(
+        "--device", help="meta: build without allocating weights (PyTorch's default init "
+                         "assumed); cpu, cuda, mps or auto: build there and read the weights")
+    ] = "meta",
+    init: Annotated[Scheme | None, typer.Option(
+        "--init", help="assume this init scheme for every Linear/Conv layer")] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="what to print")] = (
+        Format.table),
+    fail_on: FailOnOpt = None,
+    ignore: Ignore = None,
+    threshold: ThresholdOpt = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="also write the report: .json, .csv or .md by extension")] = None,
+    all_layers: Annotated[bool, typer.Option(
+        "--all-layers", help="show activation, norm and other layers too")] = False,
+    debug: Debug = False,
+) -> None:
+    """Closed-form trajectories only: no data, no backward pass, no weights allocated."""
+    shape = parse_shape(input_shape)
+    settings = _settings(debug, batch_size=batch_size, seed=None, fail_on=fail_on,
+                         ignore=ignore, threshold=threshold)
+    from varprobe.errors import VarprobeError
+
+    try:
+        from varprobe.predict import predict_target
+
+        report = predict_target(target, device=device, input_shape=shape,
+                                batch_size=settings.batch_size, init=init.value if init
+                                else None, mode=mode.value, thresholds=settings.thresholds,
+                                ignore=settings.ignore)
+    except VarprobeError as exc:
+        fail(str(exc), debug, exc)
+    _record_settings(report, settings)
+    _emit(report, fmt, output, all_layers, debug)
+    if fail_on is not None:
+        _exit_code(report, settings.fail_on)
 
 
 def _emit(report, fmt: Format, output: Path | None, all_layers: bool, debug: bool,

@@ -557,12 +557,12 @@ def _init_hint(layers: list[Layer], culprits: list[int]) -> str:
             return ""
         scaled.append((n * w2, layer))
     values = [v for v, _ in scaled]
-    if max(values) > 1.1 * min(values):
-        return ""
+    if min(values) <= 0 or max(values) > 1.1 * min(values):
+        return ""  # all-zero weights, or culprits that disagree: no single init to name
     v, layer = statistics.median(values), scaled[0][1]
 
     def near(x: float) -> bool:
-        return abs(math.log(v / x)) < 0.1 if x > 0 else False
+        return abs(math.log(v / x)) < 0.1
 
     n, m = layer.fan_in or 0, layer.fan_out or 0
     if near(1 / 3):

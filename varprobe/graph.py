@@ -81,6 +81,8 @@ ACTIVATIONS = {
 # The control flow reads an activation: the graph is the branch this input took.
 READS = {T.__bool__, T.item, T.tolist, T.__int__, T.__float__, T.__index__}
 IN_PLACE_WRITES = {T.__setitem__}
+CUSTOM = "custom autograd Function"
+CENTRED = 1e-6  # mu^2/q below this: the input of an activation counts as zero-mean
 IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
                     "__ifloordiv__", "__ipow__", "__iand__", "__ior__", "__ixor__"}
 TRUSTED_FUNCTIONS = {"CheckpointFunctionBackward"}  # replays the forward: same gradients
@@ -104,10 +106,13 @@ class Node:
     op: str
     inputs: tuple[int, ...] = ()
     index: int | None = None
-    forward: tuple[float, ...] = ()   # linear: f_i
+    forward: tuple[float, ...] = ()   # linear: f_i, on E[x_i^2]
+    means: tuple[float, ...] = ()     # linear: m_i, on the common mean of x_i
     backward: tuple[float, ...] = ()  # linear: b_i
-    const: tuple[tuple[float, int], ...] = ()  # linear: (f_j, constant index of mean(c_j^2))
+    const: tuple[tuple[float, int, float], ...] = ()  # linear: (f_j, constant index, m_j)
     scale: int | None = None          # linear: constant index of a factor on the whole
+    cat: bool = False                 # linear: a concatenation (pieces side by side)
+    sparse: bool = False              # linear: a slice that leaves other positions out
     module: nn.Module | None = None   # act
     p: float = 0.0                    # dropout
     reason: str | None = None         # unknown: what could not be followed
@@ -136,7 +141,7 @@ class Recording(TorchFunctionMode):
         self._ids: dict[int, tuple[weakref.ref, int, int]] = {}
         self._frames: list[_Frame] = []
         self._last: int | None = None  # the last recorded call that finished
-        self._constants: list[torch.Tensor | float] = []
+        self._constants: list[torch.Tensor | tuple[float, float]] = []
         self.compiled = next((name for name, m in model.named_modules()
                               if type(m).__name__ == "OptimizedModule"), None)
 
@@ -154,11 +159,11 @@ class Recording(TorchFunctionMode):
         self.cotangent_var = cotangent_var
         self._ids.clear()
 
-    def constants(self) -> list[float]:
-        """mean(c^2) of every constant operand: one host transfer, after the pass."""
+    def constants(self) -> list[tuple[float, float]]:
+        """(mean(c^2), mean(c)) of every constant operand: one host transfer, after the pass."""
         on_device = [c for c in self._constants if isinstance(c, T)]
         host = iter(torch.stack([c.cpu() for c in on_device]).tolist() if on_device else [])
-        return [next(host) if isinstance(c, T) else c for c in self._constants]
+        return [tuple(next(host)) if isinstance(c, T) else c for c in self._constants]
 
     # --- module calls (from the Recorder's hooks) ----------------------------------
     def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -264,7 +269,8 @@ class Recording(TorchFunctionMode):
         if not isinstance(args[0], T) or not isinstance(other, T):
             return None  # x + a number: its second moment needs E[x], which is not carried
         alpha = float(_arg(args, kwargs, 2, "alpha", 1))
-        return self._linear([(args[0], 1.0), (other, alpha * alpha)], out, sum_backward=True)
+        return self._linear([(args[0], 1.0, 1.0), (other, alpha * alpha, alpha)], out,
+                            sum_backward=True)
 
     def _scale_node(self, divide: bool, args, kwargs) -> int | None:
         if divide and kwargs.get("rounding_mode") is not None:
@@ -277,42 +283,48 @@ class Recording(TorchFunctionMode):
         if (na is not None and nb is not None) or (divide and na is None):
             return None  # a product of activations, or a constant over an activation
         node, c = (na, b) if na is not None else (nb, a)
-        k = self._square_mean(c, invert=divide)
+        k = self._moments(c, invert=divide)
         if k is None:
             return None
-        return self._add(Node("linear", (node,), forward=(1.0,), backward=(1.0,), scale=k))
+        return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,), backward=(1.0,),
+                              scale=k))
 
     def _cat_node(self, args, kwargs, out: torch.Tensor, stack: bool) -> int | None:
         pieces = _arg(args, kwargs, 0, "tensors", ())
         total = out.numel()
-        terms = [(t, t.numel() / total if not stack else 1 / len(pieces)) for t in pieces]
+        fractions = [t.numel() / total if not stack else 1 / len(pieces) for t in pieces]
+        terms = [(t, f, f) for t, f in zip(pieces, fractions)]
         return self._linear(terms, out, sum_backward=False)
 
     def _linear(self, terms, out: torch.Tensor, sum_backward: bool) -> int | None:
-        """sum_i f_i E[x_i^2] over activations plus f_j mean(c_j^2) over constants."""
-        inputs, fwd, bwd, const = [], [], [], []
-        for t, f in terms:
+        """sum_i f_i E[x_i^2] over activations plus f_j mean(c_j^2) over constants; the
+        common means likewise with m_i. ``sum_backward``: an add (a broadcast input
+        gets the sum of numel(out)/numel(in) gradients), else a concatenation."""
+        inputs, fwd, means, bwd, const = [], [], [], [], []
+        for t, f, m in terms:
             node = self._lookup(t) if isinstance(t, T) else None
             if node is not None:
-                share = out.numel() / t.numel() if sum_backward else 1.0  # broadcast sums
                 inputs.append(node)
                 fwd.append(f)
-                bwd.append(f * share if sum_backward else 1.0)
+                means.append(m)
+                bwd.append(f * out.numel() / t.numel() if sum_backward else 1.0)
             else:
-                c = self._square_mean(t) if isinstance(t, T) else None
+                c = self._moments(t) if isinstance(t, T) else None
                 if c is None:
                     return None
-                const.append((f, c))
+                const.append((f, c, m))
         if not inputs:
             return -1
-        return self._add(Node("linear", tuple(inputs), forward=tuple(fwd), backward=tuple(bwd),
-                              const=tuple(const)))
+        return self._add(Node("linear", tuple(inputs), forward=tuple(fwd), means=tuple(means),
+                              backward=tuple(bwd), const=tuple(const), cat=not sum_backward,
+                              where=self._where()))
 
     def _chain_node(self, args, factor: float) -> int | None:
         node = self._lookup(args[0]) if isinstance(args[0], T) else None
         if node is None:
             return -1
-        return self._add(Node("linear", (node,), forward=(1.0,), backward=(factor,)))
+        return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,),
+                              backward=(factor,)))
 
     def _slice_nodes(self, args, outs: list[torch.Tensor]) -> list[int] | int | None:
         """One node per piece; its gradient reaches numel(piece)/numel(input) of the input."""
@@ -320,7 +332,11 @@ class Recording(TorchFunctionMode):
             return None  # indexing by a tensor: a gather, which may repeat elements
         whole = max(args[0].numel(), 1)
         nodes = [self._chain_node(args, t.numel() / whole) for t in outs]
-        return -1 if nodes[0] == -1 else nodes
+        if nodes[0] == -1:
+            return -1
+        if len(outs) == 1 and outs[0].numel() < whole:  # chunks and splits cover the whole
+            self.nodes[nodes[0]].sparse = True
+        return nodes
 
     def _activation_node(self, func, args, kwargs) -> int | None:
         node = self._lookup(args[0]) if isinstance(args[0], T) else None
@@ -336,18 +352,18 @@ class Recording(TorchFunctionMode):
         training = bool(_arg(args, kwargs, 2, "training", True))
         return self._add(Node("dropout", (node,), p=p if training else 0.0))
 
-    def _square_mean(self, c: Any, invert: bool = False) -> int | None:
-        """The index in ``constants()`` of mean(c^2) (or mean(c^-2)) of a constant
-        operand: a tensor that is not an activation (a parameter, a buffer, or one made
-        from them), reduced on its device. Python numbers only multiply: added to an
-        activation with a mean they would need that mean."""
+    def _moments(self, c: Any, invert: bool = False) -> int | None:
+        """The index in ``constants()`` of (mean(c^2), mean(c)) (of 1/c with ``invert``)
+        of a constant operand: a Python number, or a tensor that is not an activation (a
+        parameter, a buffer, or one made from them), reduced on its device."""
         if isinstance(c, T) and not c.is_complex():
             with torch.no_grad():
                 v = c.detach().to(torch.float64)
-                self._constants.append((v.reciprocal() if invert else v).square().mean())
+                v = v.reciprocal() if invert else v
+                self._constants.append(torch.stack([v.square().mean(), v.mean()]))
         elif isinstance(c, (int, float)) and not isinstance(c, bool):
-            power = -2 if invert else 2
-            self._constants.append(math.inf if invert and not c else float(c) ** power)
+            v = (1 / c if c else math.inf) if invert else float(c)
+            self._constants.append((v * v, v))
         else:
             return None
         return len(self._constants) - 1
@@ -379,12 +395,12 @@ class Recording(TorchFunctionMode):
     def _custom_function(self, t: torch.Tensor, name: str) -> int:
         entry = self._ids.get(id(t))
         known = entry is not None and entry[0]() is t and entry[1] == t._version
-        if known and self.nodes[entry[2]].reason == f"custom autograd Function {name}":
+        if known and self.nodes[entry[2]].reason == f"{CUSTOM} {name}":
             return entry[2]
         if not known:  # its forward ran where the mode could not see which inputs it read
             self.unseen_function = self.unseen_function or name
         node = self._add(Node("unknown", (entry[2],) if known else (),
-                              reason=f"custom autograd Function {name}", where=self._where()))
+                              reason=f"{CUSTOM} {name}", where=self._where()))
         self._bind(t, node)
         return node
 
@@ -423,7 +439,9 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 
 
 def _name(func) -> str:
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    name = getattr(func, "__qualname__", None) or ""
+    if not name or "<locals>" in name:  # e.g. F.max_pool2d, made by boolean_dispatch
+        name = getattr(func, "__name__", None) or repr(func)
     module = getattr(func, "__module__", None)
     if name.startswith(("TensorBase.", "Tensor.")):
         return "Tensor." + name.split(".", 1)[1]
@@ -446,6 +464,7 @@ class _Value:
     broken: str | None = None
     note: str | None = None
     at: int = -1  # the node where ``note`` was made: the latest carry names the value
+    mu: float = 0.0  # the mean every element shares (after a rectifier), not a unit's own
 
 
 @dataclass
@@ -453,6 +472,7 @@ class _Grad:
     var: float = 0.0
     broken: str | None = None
     note: str | None = None
+    sparse: bool = False  # it reaches only a slice of the positions (a class token)
 
 
 @dataclass
@@ -503,6 +523,7 @@ class _Walk:
         self.constants = recording.constants()
         self.values: list[_Value] = []
         self.layers: dict[int, _LayerGraph] = {}
+        self.backward_gains: dict[int, float | None] = {}  # node -> E[f'(y)^2]
 
     # --- forward -------------------------------------------------------------------
     def forward(self) -> None:
@@ -525,34 +546,62 @@ class _Walk:
             return self._call(node, ins)
         if node.op == "exit":
             return self._exit(node, ins)
-        if node.op == "unknown":
-            return _Value(None, broken or self._reason(node))
+        if node.op == "unknown":  # a custom Function names itself, not its inner ops
+            own = self._reason(node)
+            return _Value(None, own if node.reason.startswith(CUSTOM) else broken or own)
         if broken:
             return _Value(None, broken)
-        s = ins[0].signal
+        s, mu = ins[0].signal, ins[0].mu
         if node.op == "act":
-            g = theory.forward_gain(node.module, s.m2)
-            if g is None:
+            out = self._activate(node.module, s, mu, len(self.values))
+            if out is None:
                 return _Value(None, f"F.{type(node.module).__name__} at q={s.m2:.3g}")
-            share = propagate._activation_share(node.module, s.m2, g)
-            return _Value(Signal(g * s.m2, share), None, note, at)
+            return _Value(out[0], None, note, at, out[1])
         if node.op == "dropout":
             if node.p >= 1:
                 return _Value(None, "dropout with p = 1")
             signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p))
-            return _Value(signal, None, note, at)
-        return _Value(self._linear(node, [v.signal for v in ins]), None, note, at)
+            return _Value(signal, None, note, at, mu)
+        signal, mu = self._linear(node, ins)
+        return _Value(signal, None, note, at, mu)
 
-    def _linear(self, node: Node, signals: list[Signal]) -> Signal:
-        scale = 1.0 if node.scale is None else self.constants[node.scale]
-        fixed = sum(f * self.constants[c] for f, c in node.const)
+    def _linear(self, node: Node, ins: list[_Value]) -> tuple[Signal, float]:
+        m2_scale, mean_scale = (1.0, 1.0) if node.scale is None else self.constants[node.scale]
+        fixed = sum(f * self.constants[c][0] for f, c, _ in node.const)
+        mu = sum(m * self.constants[c][1] for _, c, m in node.const)
         spread = shared = 0.0
-        for f, s in zip(node.forward, signals):
-            spread += f * s.m2
-            shared += f * s.m2 * s.mean_share
-        m2 = scale * (spread + fixed)
+        for f, m, v in zip(node.forward, node.means, ins):
+            spread += f * v.signal.m2
+            shared += f * v.signal.m2 * v.signal.mean_share
+            mu += m * v.mu
         share = (shared + fixed) / (spread + fixed) if spread + fixed > 0 else 0.0
-        return Signal(m2, min(1.0, share))
+        return Signal(m2_scale * (spread + fixed), min(1.0, share)), mean_scale * mu
+
+    def _activate(self, module: nn.Module, s: Signal, mu: float,
+                  k: int) -> tuple[Signal, float] | None:
+        """An elementwise activation of y with E[y^2] = q and common mean mu (every unit
+        shifted alike, as after a rectifier passed on by a residual add): E[f(y)^2] and
+        E[f(y)] by quadrature over y = mu + N(0, q - mu^2); the closed forms of theory
+        when mu is 0. The backward gain E[f'(y)^2] is kept for the backward pass."""
+        if mu * mu <= CENTRED * s.m2:
+            g = theory.forward_gain(module, s.m2)
+            if g is None:
+                return None
+            self.backward_gains[k] = theory.backward_gain(module, s.m2)
+            share = propagate._activation_share(module, s.m2, g)
+            return Signal(g * s.m2, share), _activation_mean(module, s.m2, 0.0)
+        var = s.m2 - mu * mu
+        if var <= 0:
+            return None
+        try:
+            kinks = tuple(b - mu for b in (0.0, *theory._breakpoints(module)))
+            m2 = theory.expectation(lambda y: _apply(module, y + mu) ** 2, var, kinks)
+            mean = _activation_mean(module, var, mu)
+            self.backward_gains[k] = theory.expectation(
+                lambda y: _slope(module, y + mu) ** 2, var, kinks)
+        except Exception:  # noqa: BLE001 -- a module that cannot run on a vector of points
+            return None
+        return Signal(m2, min(1.0, mean * mean / m2) if m2 > 0 else 0.0), mean
 
     def _input(self, node: Node) -> _Value:
         if node.index != 0:
@@ -560,10 +609,10 @@ class _Walk:
         start, note = propagate._start(self.report)
         if start is None:
             return _Value(None, "the network input is not a float tensor")
-        return _Value(start, None, note)
+        return _Value(start, None, note, -1, self.report.input.mean or 0.0)
 
     def _call(self, node: Node, ins: list[_Value]) -> _Value:
-        i = node.index
+        k, i = len(self.values), node.index
         layer, module = self.report.layers[i], self.modules[i]
         info = self.layers.setdefault(i, _LayerGraph())
         src = ins[0] if ins else None
@@ -572,17 +621,24 @@ class _Walk:
             info.forward_break = src.broken
             m_in = propagate._measured_m2(layer.input)
             src = _Value(Signal(m_in, propagate._share(layer.input)) if m_in is not None
-                         else None, None, f"carried the measured input of {layer.label}")
+                         else None, None, f"carried the measured input of {layer.label}",
+                         -1, layer.input.mean or 0.0)
             note = src.note
         info.input = src
         w = propagate._actual(layer, module) if layer.kind == "weight" else None
         s_in = src.signal if src is not None else None
-        out = (propagate._step_forward(layer, module, s_in, w)
-               if s_in is not None or isinstance(module, nn.Embedding) else None)
+        mu = src.mu if src is not None else 0.0
+        if layer.kind == "activation" and s_in is not None:
+            out = self._activate(module, s_in, mu, k)
+            out, mu = out if out is not None else (None, 0.0)
+        else:
+            out = (propagate._step_forward(layer, module, s_in, w)
+                   if s_in is not None or isinstance(module, nn.Embedding) else None)
+            mu = _mean_after(module, mu)
         if out is not None:
             info.forward = out.m2
             info.forward_note = _join(note, w.note if w else None)
-            return _Value(out, None, note, src.at if src is not None else -1)
+            return _Value(out, None, note, src.at if src is not None else -1, mu)
         return self._carry_output(layer, info, "no closed form" if s_in is not None
                                   else "its input is unknown")
 
@@ -606,7 +662,7 @@ class _Walk:
             return _Value(None, f"{what} ({why or 'not followed'}; nothing measured)")
         info.forward_note = f"{why} for {what}" if why else None
         return _Value(Signal(m_out, propagate._share(layer.forward)), None,
-                      f"carried the measured output of {what}")
+                      f"carried the measured output of {what}", -1, layer.forward.mean or 0.0)
 
     # --- backward ------------------------------------------------------------------
     def backward(self) -> None:
@@ -620,7 +676,7 @@ class _Walk:
         self._seed(grads)
         for k in reversed(range(len(self.nodes))):
             if grads[k] is not None:
-                self._backward(self.nodes[k], grads[k], grads)
+                self._backward(k, self.nodes[k], grads[k], grads)
 
     def _seed(self, grads: list[_Grad | None]) -> None:
         for position, k in enumerate(self.rec.outputs):
@@ -635,11 +691,11 @@ class _Walk:
             else:
                 _flow(grads, k, _Grad(0.0, "the gradient at the model's output is not measured"))
 
-    def _backward(self, node: Node, g: _Grad, grads: list[_Grad | None]) -> None:
+    def _backward(self, k: int, node: Node, g: _Grad, grads: list[_Grad | None]) -> None:
         if node.op in ("call", "exit"):
             g = self._at_output(node, g)
         if node.op == "call":
-            self._call_backward(node, g, grads)
+            self._call_backward(k, node, g, grads)
         elif node.op == "exit":
             if node.inputs[0] >= 0:
                 _flow(grads, node.inputs[0], g)
@@ -648,16 +704,20 @@ class _Walk:
                 for i in node.inputs:
                     _flow(grads, i, _Grad(0.0, g.broken or self._reason(node)))
         elif node.op == "act":
-            q = self.values[node.inputs[0]].signal
-            gain = theory.backward_gain(node.module, q.m2) if q is not None else None
-            _flow(grads, node.inputs[0], _Grad(g.var * gain, g.broken, g.note) if gain
+            gain = self.backward_gains.get(k)
+            _flow(grads, node.inputs[0], _Grad(g.var * gain, g.broken, g.note, g.sparse) if gain
                   is not None else _Grad(0.0, g.broken or f"F.{type(node.module).__name__}"))
         elif node.op == "dropout":
-            _flow(grads, node.inputs[0], _Grad(g.var / (1 - node.p), g.broken, g.note))
+            _flow(grads, node.inputs[0], _Grad(g.var / (1 - node.p), g.broken, g.note,
+                                               g.sparse))
         elif node.op == "linear":
-            scale = 1.0 if node.scale is None else self.constants[node.scale]
+            scale = 1.0 if node.scale is None else self.constants[node.scale][0]
             for i, b in zip(node.inputs, node.backward):
-                _flow(grads, i, _Grad(g.var * b * scale, g.broken, g.note))
+                broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
+                                      "gradient reaches only a slice" if node.cat and g.sparse
+                                      else None)
+                _flow(grads, i, _Grad(g.var * b * scale, broken, g.note,
+                                      g.sparse or node.sparse))
 
     def _at_output(self, node: Node, g: _Grad) -> _Grad:
         """Record the call's gradient; where the graph broke, carry the measured one."""
@@ -670,9 +730,10 @@ class _Walk:
         measured = layer.backward.var if layer.backward is not None else None
         if measured is None:
             return g
-        return _Grad(measured, None, f"carried the measured gradient at {layer.label}")
+        return _Grad(measured, None, f"carried the measured gradient at {layer.label}",
+                     g.sparse)
 
-    def _call_backward(self, node: Node, g: _Grad, grads: list[_Grad | None]) -> None:
+    def _call_backward(self, k: int, node: Node, g: _Grad, grads: list[_Grad | None]) -> None:
         i = node.index
         layer, module = self.report.layers[i], self.modules[i]
         info = self.layers[i]
@@ -680,14 +741,24 @@ class _Walk:
             return
         w = propagate._actual(layer, module) if layer.kind == "weight" else None
         s_in = info.input.signal if info.input is not None else None
-        dx = (propagate._step_backward(layer, module, g.var, s_in, w)
-              if g.broken is None else None)
+        if g.broken is not None:
+            dx = None
+        elif k in self.backward_gains:  # an activation, at its own (shifted) input
+            gain = self.backward_gains[k]
+            dx = None if gain is None else g.var * gain
+        elif self._pieces_normalized(node, module, g, grads):
+            return
+        elif g.sparse and isinstance(module, propagate.FEATURE_NORMS):
+            dx = None  # each position has its own scale: the average one does not apply
+        else:
+            dx = propagate._step_backward(layer, module, g.var, s_in, w)
         if dx is not None:
             info.grad_input = dx
-            out = _Grad(dx, None, g.note)
+            out = _Grad(dx, None, g.note, g.sparse)
         elif layer.backward_input is not None and layer.backward_input.var is not None:
             out = _Grad(layer.backward_input.var, None,
-                        f"carried the measured input gradient of {layer.type} at {layer.label}")
+                        f"carried the measured input gradient of {layer.type} at {layer.label}",
+                        g.sparse and layer.kind != "weight")
         else:
             out = _Grad(0.0, g.broken or f"no closed form for the backward of {layer.type} "
                         f"at {layer.label}, nothing measured")
@@ -695,6 +766,30 @@ class _Walk:
         for k in node.inputs[1:]:
             _flow(grads, k, _Grad(0.0, f"the gradient into another input of {layer.label} "
                                   "(not measured)"))
+
+    def _pieces_normalized(self, node: Node, module: nn.Module, g: _Grad,
+                           grads: list[_Grad | None]) -> bool:
+        """BatchNorm (train) of a concatenation: each channel's gradient is scaled by
+        gamma^2 over its own variance, so each piece gets mean(gamma^2)/(Var_j + eps)
+        of the output gradient rather than one factor for the whole (DenseNet)."""
+        source = self.nodes[node.inputs[0]]
+        while source.op == "linear" and not source.cat and _is_view(source):
+            source = self.nodes[source.inputs[0]]
+        if (source.op != "linear" or not source.cat or len(node.inputs) > 1
+                or not isinstance(module, propagate.BATCH_NORMS)
+                or propagate._uses_running_stats(module)):
+            return False
+        gamma, _ = propagate._affine(module)
+        g2 = sum(c * c for c in gamma) / len(gamma)
+        eps = propagate._norm_eps(module)
+        total = 0.0
+        for piece, fraction in zip(source.inputs, source.forward):
+            s = self.values[piece].signal
+            dx = g.var * g2 / (s.m2 * (1 - s.mean_share) + eps)
+            total += fraction * dx
+            _flow(grads, piece, _Grad(dx, None, g.note))
+        self.layers[node.index].grad_input = total
+        return True
 
     # --- predictions ---------------------------------------------------------------
     def assign(self) -> None:
@@ -748,6 +843,45 @@ class _Walk:
         return f" ({kind} {self.report.layers[i].label})"
 
 
+def _is_view(node: Node) -> bool:
+    return (len(node.inputs) == 1 and node.forward == (1.0,) and node.backward == (1.0,)
+            and not node.const and node.scale is None)
+
+
+def _apply(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module.forward(y.clone()).to(torch.float64)
+
+
+def _slope(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        leaf = y.clone().requires_grad_(True)
+        (dy,) = torch.autograd.grad(module.forward(leaf * 1.0).sum(), leaf)
+    return dy.to(torch.float64)
+
+
+def _activation_mean(module: nn.Module, var: float, mu: float) -> float:
+    """E[f(mu + N(0, var))]: the mean an activation gives every unit."""
+    if var <= 0:
+        return 0.0
+    try:
+        kinks = tuple(b - mu for b in (0.0, *theory._breakpoints(module)))
+        return theory.expectation(lambda y: _apply(module, y + mu), var, kinks)
+    except Exception:  # noqa: BLE001 -- no mean known: treat the output as centred
+        return 0.0
+
+
+def _mean_after(module: nn.Module, mu: float) -> float:
+    """The common mean after a module other than an activation: kept by dropout and
+    identities, mean(beta) after a norm, lost (random signs per unit) elsewhere."""
+    if isinstance(module, (*propagate.DROPOUTS, *propagate.IDENTITY_LIKE)):
+        return mu
+    if isinstance(module, (*propagate.BATCH_NORMS, *propagate.FEATURE_NORMS)):
+        beta = propagate._affine(module)[1]
+        return sum(beta) / len(beta)
+    return 0.0
+
+
 def _flow(grads: list[_Grad | None], k: int, g: _Grad) -> None:
     """Add one consumer's contribution: independent gradients add their variances."""
     if k < 0:
@@ -758,6 +892,7 @@ def _flow(grads: list[_Grad | None], k: int, g: _Grad) -> None:
         return
     have.var += g.var
     have.broken = have.broken or g.broken
+    have.sparse = have.sparse or g.sparse
     have.note = have.note or g.note
 
 

@@ -44,23 +44,49 @@ def unwrap(model: Any) -> nn.Module:
     return model
 
 
-def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    if device in (None, "auto") and device is not None:
+def resolve_device(device: str | torch.device | None, model: nn.Module | None) -> torch.device:
+    """``auto``: cuda, then mps, then cpu; None: where the model's parameters are.
+    A device this machine lacks is a VarprobeError (one line, exit 2)."""
+    if device is None:
+        p = next(model.parameters(), None) if model is not None else None
+        return p.device if p is not None else torch.device("cpu")
+    if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device is None:
-        p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
     try:
         dev = torch.device(device)
+    except RuntimeError:
+        raise VarprobeError(f"--device {device}: not a device; use cpu, cuda, cuda:N, mps "
+                            "or auto") from None
+    if dev.type == "meta":
+        raise VarprobeError(f"--device {device}: meta tensors have shapes but no values, "
+                            "nothing to measure; `varprobe predict` runs on meta")
+    missing = _missing(dev)
+    if missing:
+        raise VarprobeError(f"--device {device}: {missing}; use cpu or auto")
+    return dev
+
+
+def _missing(dev: torch.device) -> str | None:
+    """Why ``dev`` cannot be used here, or None."""
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"no CUDA GPU here (torch {torch.__version__})"
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return f"there are {count} CUDA GPU(s), numbered from 0"
+        return None
+    if dev.type == "mps":
+        return None if torch.backends.mps.is_available() else "MPS is not available here"
+    try:
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as exc:
-        raise VarprobeError(f"--device {device}: not available here ({exc}); "
-                            "use cpu or auto") from exc
-    return dev
+        text = str(exc).strip()
+        return f"not available here ({text.splitlines()[0] if text else type(exc).__name__})"
+    return None
 
 
 def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
@@ -186,6 +212,7 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         params = [p for p in model.parameters() if p.requires_grad]
         note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
                          loss, generator)
+        ends = [_moments_slot(rec, x), _moments_slot(rec, output)]
         host = rec.collect()
         layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
         if recording is not None:
@@ -195,7 +222,8 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     report = Report(
         model=ModelInfo(target=target, class_=type(model).__name__,
                         parameters=sum(p.numel() for p in model.parameters())),
-        settings=settings, input=_tensor_info(x), output=_tensor_info(output),
+        settings=settings, input=_tensor_info(x, host, ends[0]),
+        output=_tensor_info(output, host, ends[1]),
         layers=layers, varprobe_version=_version(), torch_version=torch.__version__)
     if note:
         report.notes.append(note)
@@ -236,6 +264,9 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
         pairs = [(o, g) for o, g in zip(float_leaves(output), cotangents) if o.requires_grad]
         outs, cotangents = [o for o, _ in pairs], [g for _, g in pairs]
     else:
+        # He's backward assumption: N(0, 1) at the network's output, i.e. its first
+        # floating leaf (the logits, not a KV cache or a pooled side output).
+        outs = outs[:1]
         cotangents = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype)
                       for o in outs]
     if not outs or not outs[0].requires_grad:
@@ -347,19 +378,29 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
     return layer
 
 
-def _tensor_info(value: Any) -> TensorInfo:
+def _first_tensor(value: Any) -> torch.Tensor | None:
     tensors = _tensors(value)
-    if not tensors:
+    return next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
+
+
+def _moments_slot(rec: Recorder, value: Any) -> int | None:
+    """A slot for the moments of the network's input or output: measured on the device
+    (the output usually already is, as the last call's) and copied with everything else
+    in the pass's one transfer."""
+    first = _first_tensor(value)
+    if first is None or not first.is_floating_point():
+        return None
+    return rec._activation_slot(first)
+
+
+def _tensor_info(value: Any, host: list, slot: int | None) -> TensorInfo:
+    first = _first_tensor(value)
+    if first is None:
         return TensorInfo(shape=None, dtype=None, mean=None, var=None, second_moment=None)
-    first = next((t for t in tensors if t.is_floating_point()), tensors[0])
     shape: Any = list(first.shape)
     if isinstance(value, dict):
         shape = {k: list(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)}
-    if not first.is_floating_point():
-        return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
-                          mean=None, var=None, second_moment=None)
-    with torch.no_grad():
-        row = stats.activation(first, -1).cpu().tolist()
+    row = host[slot] if slot is not None else [None] * stats.WIDTH
     return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
                       mean=row[stats.MEAN], var=row[stats.VAR],
                       second_moment=row[stats.SECOND_MOMENT])

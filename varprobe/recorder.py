@@ -87,10 +87,15 @@ def main_weight(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | 
 
 
 class Recorder:
-    """Attach with ``with Recorder(model) as rec:``; every handle goes on exit."""
+    """Attach with ``with Recorder(model) as rec:``; every handle goes on exit.
 
-    def __init__(self, model: nn.Module):
+    ``measure=False`` records calls, shapes and weights only, no activation statistics:
+    the shape pass of the closed-form ``predict`` (on the meta device, too).
+    """
+
+    def __init__(self, model: nn.Module, measure: bool = True):
         self.model = model
+        self.measure = measure
         self.calls: list[Call] = []
         self.slots: list[torch.Tensor | None] = []
         self.in_backward = False
@@ -126,8 +131,10 @@ class Recorder:
         self.slots.append(value)
         return len(self.slots) - 1
 
-    def _activation_slot(self, t: torch.Tensor) -> int:
+    def _activation_slot(self, t: torch.Tensor) -> int | None:
         """Measure ``t`` once: the output of one module is usually the next one's input."""
+        if not self.measure:
+            return None
         seen = self._seen.get(id(t))
         if seen is not None and seen[0]() is t and seen[1] == t._version:
             return seen[2]
@@ -195,7 +202,7 @@ class Recorder:
         if id(module) in self.weights:
             return
         w, b = main_weight(module)
-        if w is not None:
+        if w is not None and not w.is_meta:  # meta tensors have shapes, not values
             with torch.no_grad(), self._quiet():
                 self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
 

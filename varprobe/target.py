@@ -39,15 +39,27 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return head, name
 
 
-def load(spec: str) -> Target:
+def load(spec: str, device: str | None = None) -> Target:
+    """Import the target and build its model; ``device`` (e.g. "meta") is the default
+    device while the file runs and the model is built: shapes without memory. The file
+    is imported under it too, since module-level code may build the model."""
     location, name = split_spec(spec)
-    module = _import(location)
-    where = location
-    obj_name, obj = _find(module, name, where)
-    model = _instantiate(obj, obj_name, where)
+    with _default_device(device):
+        module = _import(location)
+        where = location
+        obj_name, obj = _find(module, name, where)
+        model = _instantiate(obj, obj_name, where)
     return Target(spec=spec, model=model,
                   example_input=getattr(module, "example_input", None),
                   loss=getattr(module, "loss", None))
+
+
+def _default_device(device: str | None) -> contextlib.AbstractContextManager:
+    if device is None:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.device(device)
 
 
 def _import(location: str) -> ModuleType:

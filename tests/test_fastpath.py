@@ -1,0 +1,191 @@
+"""The fast statistics equal the straightforward float64 computation on the same tensor.
+
+stats.py reads tensors in chunks, shifts them by the first chunk's mean, sums in float32
+and adds the per-chunk sums in float64; the Recorder measures a gradient buffer once.
+Each number here is held against numpy in float64 on the captured tensor.
+
+Tolerance: float32 pairwise summation of n terms has relative error about
+eps32 * log2(n) (6e-8 * 17 ~ 1e-6 for n ~ 1e5); the shift keeps the variance free of
+cancellation, so 1e-5 relative holds for every moment. Counts are exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import varprobe
+from varprobe import stats
+
+RTOL = 1e-5
+
+
+def reference(t: torch.Tensor, channel_dim: int = -1) -> dict[str, float]:
+    a = t.detach().double().numpy()
+    finite = np.isfinite(a).all()
+    units = np.moveaxis(a, channel_dim, -1).reshape(-1, a.shape[channel_dim])
+    return {
+        "mean": a.mean() if finite else None, "var": a.var() if finite else None,
+        "m2": (a * a).mean() if finite else None,
+        "zero": (a == 0).mean(), "nonfinite": int((~np.isfinite(a)).sum()),
+        "dead": (~(units != 0).any(0)).mean() if a.ndim >= 2 else None,
+    }
+
+
+def check_activation(t: torch.Tensor, channel_dim: int = -1) -> None:
+    row = stats.activation(t, channel_dim).tolist()
+    ref = reference(t, channel_dim)
+    for key, index in (("mean", stats.MEAN), ("var", stats.VAR), ("m2", stats.SECOND_MOMENT)):
+        if ref[key] is None:
+            assert not np.isfinite(row[index]), key
+        else:
+            assert row[index] == pytest.approx(ref[key], rel=RTOL, abs=1e-12), key
+    assert row[stats.ZERO_FRACTION] == pytest.approx(ref["zero"], abs=1e-12)
+    assert row[stats.NONFINITE] == ref["nonfinite"]
+    assert row[stats.NUMEL] == t.numel()
+    if ref["dead"] is None:
+        assert np.isnan(row[stats.DEAD_FRACTION])
+    else:
+        assert row[stats.DEAD_FRACTION] == pytest.approx(ref["dead"], abs=1e-12)
+
+
+def relu_with_dead_units(*shape: int, channel_dim: int = -1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).relu()
+    x.select(channel_dim, 0).zero_()  # one dead unit
+    x.select(channel_dim, 3).zero_()
+    return x
+
+
+@pytest.fixture(params=["one chunk", "many chunks"])
+def chunked(request, monkeypatch):
+    """Both paths: the whole tensor at once, and chunks of 1000 elements."""
+    if request.param == "many chunks":
+        monkeypatch.setattr(stats, "chunk_size", lambda device: 1000)
+    return request.param
+
+
+def test_activation_channels_last(chunked):
+    check_activation(relu_with_dead_units(256, 64))
+
+
+def test_activation_channels_first_conv(chunked):
+    check_activation(relu_with_dead_units(8, 16, 12, 12, channel_dim=1), channel_dim=1)
+
+
+def test_activation_non_contiguous(chunked):
+    x = relu_with_dead_units(64, 40, 30, channel_dim=1).transpose(0, 2)
+    assert not x.is_contiguous()
+    check_activation(x, channel_dim=1)
+
+
+def test_large_mean_small_spread_has_no_cancellation(chunked):
+    # E[x^2] - E[x]^2 in float32 would lose every digit here (mean^2 / var = 1e10).
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + 0.1 * torch.randn(50_000, generator=g, dtype=torch.float64)
+    check_activation(x.float().view(500, 100))
+
+
+def test_nonfinite_and_zero_counts(chunked):
+    x = torch.randn(100, 50)
+    x[3, 4], x[7, 1], x[90, 49] = float("inf"), float("nan"), float("-inf")
+    x[10] = 0.0
+    check_activation(x)
+
+
+def test_one_dimensional_tensor_has_no_units():
+    check_activation(torch.randn(3000))
+
+
+def test_bfloat16_accumulates_in_float32_or_better(chunked):
+    # bf16 has 8 bits of mantissa: sums kept in bf16 would be off by ~1e-2; the
+    # reference is float64 of the very same bf16 values.
+    g = torch.Generator().manual_seed(1)
+    x = (3.0 + torch.randn(200, 300, generator=g)).relu().bfloat16()
+    check_activation(x)
+    ref = reference(x)
+    row = stats.gradient(x).tolist()
+    assert row[stats.G_VAR] == pytest.approx(ref["var"], rel=RTOL)
+    assert row[stats.G_SECOND_MOMENT] == pytest.approx(ref["m2"], rel=RTOL)
+
+
+def test_gradient_weight_and_grad_ratio(chunked):
+    g = torch.Generator().manual_seed(2)
+    grad = torch.randn(300, 200, generator=g) * 1e-3
+    grad[5, 5] = float("nan")
+    row = stats.gradient(grad).tolist()
+    assert row[stats.G_NONFINITE] == 1 and row[stats.G_NUMEL] == grad.numel()
+    grad[5, 5] = 0.0
+    row = stats.gradient(grad).tolist()
+    a = grad.double().numpy()
+    assert row[stats.G_VAR] == pytest.approx(a.var(), rel=RTOL)
+    assert row[stats.G_SECOND_MOMENT] == pytest.approx((a * a).mean(), rel=RTOL)
+
+    w, b = torch.randn(200, 300, generator=g) * 0.05 + 0.01, torch.randn(200, generator=g)
+    row = stats.weight(w, b).tolist()
+    wa, ba = w.double().numpy(), b.double().numpy()
+    assert row[stats.W_VAR] == pytest.approx(wa.var(), rel=RTOL)
+    assert row[stats.W_SECOND_MOMENT] == pytest.approx((wa * wa).mean(), rel=RTOL)
+    assert row[stats.B_SECOND_MOMENT] == pytest.approx((ba * ba).mean(), rel=RTOL)
+    assert row[stats.W_NORM] == pytest.approx(np.linalg.norm(wa), rel=RTOL)
+    assert np.isnan(stats.weight(w, None).tolist()[stats.B_SECOND_MOMENT])
+    ratio = stats.grad_ratio(grad, stats.weight(w, b)[stats.W_NORM]).tolist()[0]
+    assert ratio == pytest.approx(np.linalg.norm(a) / np.linalg.norm(wa), rel=RTOL)
+
+
+class Residual(nn.Module):
+    """A chain (where gradient buffers are shared between calls) and a residual add
+    (where two gradients meet, so no buffer may be reused for the other)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(24, 24)
+        self.act = nn.ReLU()
+        self.b = nn.Linear(24, 24)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        return self.b(h) + h
+
+
+def test_recorded_gradients_match_autograd_with_shared_buffers():
+    torch.manual_seed(0)
+    model = Residual()
+    x, g = torch.randn(64, 24), torch.randn(64, 24)
+    report = varprobe.probe(model, x, grad_output=g)
+    xin = x.clone().requires_grad_()
+    y = model.a(xin)
+    h = model.act(y)
+    for t in (y, h):
+        t.retain_grad()
+    (model.b(h) + h).backward(g)
+    layers = {layer.name: layer for layer in report.layers}
+
+    def var(t):
+        return t.grad.double().var(unbiased=False).item()
+
+    assert layers["a"].backward.var == pytest.approx(var(y), rel=RTOL)
+    assert layers["act"].backward_input.var == pytest.approx(var(y), rel=RTOL)
+    assert layers["act"].backward.var == pytest.approx(var(h), rel=RTOL)  # both branches
+    assert layers["b"].backward_input.var == pytest.approx(
+        g.double().matmul(model.b.weight.double()).var(unbiased=False).item(), rel=RTOL)
+    assert layers["a"].backward_input.var == pytest.approx(var(xin), rel=RTOL)
+
+
+def test_bfloat16_model_recorded_against_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).bfloat16()
+    x = torch.randn(256, 64).bfloat16()
+    outputs = []
+    handles = [m.register_forward_hook(lambda m, i, o: outputs.append(o.detach()))
+               for m in model]
+    report = varprobe.probe(model, x, grad_output=torch.randn(256, 32).bfloat16())
+    for h in handles:
+        h.remove()
+    assert report.layers[0].dtype == "bfloat16"
+    for layer, out in zip(report.layers, outputs):
+        a = out.double().numpy()
+        assert layer.forward.var == pytest.approx(a.var(), rel=RTOL)
+        assert layer.forward.second_moment == pytest.approx((a * a).mean(), rel=RTOL)

@@ -1,0 +1,63 @@
+"""``varprobe --help`` and argument errors answer without importing torch, pandas or
+matplotlib: each run happens in a fresh interpreter, which then lists what it imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "pandas", "matplotlib")
+SCRIPT = """
+import json, sys
+from varprobe.cli import main
+sys.argv = ["varprobe", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+print(json.dumps({{"code": code, "heavy": heavy}}))
+""".format(heavy=HEAVY)
+
+
+def run(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)],
+                          capture_output=True, text=True, timeout=60)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args", [
+    ("--help",), ("analyze", "--help"), ("predict", "--help"), ("--version",),
+])
+def test_help_imports_nothing_heavy(args):
+    result = run(*args)
+    assert result["code"] in (0, None)
+    assert result["heavy"] == []
+
+
+@pytest.mark.parametrize("args", [
+    ("analyze",),                                              # missing target
+    ("predict", "m.py", "--batch-size", "0"),                  # below the minimum
+    ("predict", "m.py", "--input-shape", "3,a,2"),             # not a shape
+    ("predict", "m.py", "--init", "bogus"),                    # not a scheme
+    ("analyze", "m.py", "--format", "yaml"),                   # not a format
+    ("no-such-command",),
+])
+def test_argument_errors_import_nothing_heavy(args):
+    result = run(*args)
+    assert result["code"] == 2
+    assert result["heavy"] == []
+
+
+def test_the_check_sees_torch_when_a_command_runs(tmp_path):
+    # The probe above is not blind: a real run does import torch.
+    model = tmp_path / "m.py"
+    model.write_text("from torch import nn\nmodel = nn.Linear(3, 2)\n")
+    result = run("predict", str(model), "-f", "json")
+    assert result["code"] in (0, None)
+    assert "torch" in result["heavy"]

@@ -1,0 +1,195 @@
+"""``varprobe predict``: closed-form trajectories, no backward pass, no weights allocated.
+
+The model is built on the meta device where it can be: parameters get shapes but no
+memory, so a 175B-parameter decoder costs nothing. One forward pass on meta tensors,
+under a Recorder that measures nothing, gives the calls, their shapes and their order;
+propagate then fills the predictions and every measured field stays null. Meta weights
+have no values, so the actual init is taken to be what each layer's reset_parameters
+draws (PyTorch's default) unless an init scheme is given. A model that cannot be
+built or run on meta (``.item()`` in its constructor, a data-dependent op) is built on
+the CPU instead, and then its weights are read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from varprobe import diagnose, propagate, reinit, theory
+from varprobe import inputs as inputs_mod
+from varprobe import target as target_mod
+from varprobe.errors import VarprobeError
+from varprobe.pipeline import (
+    DEFAULT_BATCH_SIZE,
+    _layers,
+    _version,
+    _where,
+    resolve_device,
+    unwrap,
+)
+from varprobe.recorder import Recorder, float_leaves, tensor_leaves
+from varprobe.report import ModelInfo, Report, TensorInfo
+from varprobe.state import preserved
+
+MEASURED = ("input", "forward", "backward", "backward_input", "weight_grad_ratio")
+NOT_MEASURED = "not measured: closed-form prediction (varprobe predict)"
+META_NOTE = ("built on the meta device: weights have shapes but no values, so each "
+             "layer's PyTorch default init (what reset_parameters draws) is assumed and "
+             "init code in the model's constructor is not seen; pass --init SCHEME, or "
+             "--device cpu to read the real weights")
+
+
+def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, ...] | None
+                   = None, batch_size: int = DEFAULT_BATCH_SIZE, init: str | None = None,
+                   mode: str | None = "train", **diagnosis: Any) -> Report:
+    """Load ``spec`` on ``device`` (meta unless told otherwise) and predict.
+
+    When the model cannot be built or run on meta, it is built on the CPU with a note.
+    ``diagnosis``: ``thresholds`` and ``ignore`` for diagnose.
+    """
+    options = dict(input_shape=input_shape, batch_size=batch_size, init=init, mode=mode,
+                   target=spec, **diagnosis)
+    if device != "meta":
+        loaded = target_mod.load(spec, device=str(resolve_device(device, None)))
+        return predict(loaded.model, loaded.example_input, **options)
+    try:
+        loaded = target_mod.load(spec, device="meta")
+        return predict(loaded.model, loaded.example_input, **options)
+    except VarprobeError as exc:
+        if not _about_meta(exc):
+            raise
+        reason = _first_line(exc.__cause__ or exc)
+    loaded = target_mod.load(spec)
+    report = predict(loaded.model, loaded.example_input, **options)
+    report.notes.insert(0, f"the model could not be built or run on the meta device "
+                           f"({reason}); it was built on the CPU and its weights were read")
+    return report
+
+
+def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...] | None
+            = None, batch_size: int = DEFAULT_BATCH_SIZE, init: str | None = None,
+            mode: str | None = "train", target: str | None = None,
+            thresholds: diagnose.Thresholds | None = None, ignore: Any = ()) -> Report:
+    """Closed-form predictions for ``model`` from one shape-only forward pass.
+
+    On a meta model nothing is allocated; on a real one the forward runs there, under
+    no_grad, and the weights are read (the actual init). ``init``: a scheme from
+    theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore``: as
+    for probe. The model is left as found.
+    """
+    if mode not in (None, "train", "eval"):
+        raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
+    if batch_size < 1:
+        raise VarprobeError(f"batch size must be positive, not {batch_size}")
+    scheme = reinit.check_scheme(init)
+    model = unwrap(model)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with preserved(model, []):
+        if mode is not None:
+            model.train(mode == "train")
+        x = _inputs(model, inputs, batch_size, input_shape, dev)
+        args, kwargs = inputs_mod.as_call(x)
+        with torch.no_grad(), Recorder(model, measure=False) as rec:
+            try:
+                output = model(*args, **kwargs)
+            except Exception as exc:
+                raise VarprobeError(
+                    f"the model raised in {_where(rec)} during the shape pass on "
+                    f"{dev.type}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            layers = _layers(rec, rec.collect())
+        modules = [call.module for call in rec.calls]
+        report = Report(
+            model=ModelInfo(target=target or type(model).__name__,
+                            class_=type(model).__name__,
+                            parameters=sum(p.numel() for p in model.parameters())),
+            settings={"seed": None, "trials": 0, "batch_size": _batch_of(x),
+                      "device": dev.type, "mode": mode or "as-is",
+                      "init": scheme or reinit.AS_IS, "grad": None, "source": "closed-form"},
+            input=_shape_info(x), output=_shape_info(output), layers=layers,
+            varprobe_version=_version(), torch_version=torch.__version__)
+        _mark_unmeasured(report, dev)
+        if scheme is not None:
+            _assume_scheme(report, modules, scheme)
+        elif dev.type == "meta":
+            report.notes.append(META_NOTE)
+        propagate.annotate(report, modules)
+    diagnose.annotate(report, thresholds, ignore)
+    return report
+
+
+def _inputs(model: nn.Module, inputs: Any, batch_size: int,
+            shape: tuple[int, ...] | None, dev: torch.device) -> Any:
+    """The user's input moved to ``dev`` (meta: shapes only), or one made up there."""
+    if callable(inputs) and not isinstance(inputs, torch.Tensor):
+        inputs = inputs(batch_size)
+    if inputs is not None:
+        return pytree.tree_map(
+            lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, inputs)
+    if dev.type != "meta":
+        generator = torch.Generator().manual_seed(0)
+        return inputs_mod.synthesize(model, batch_size, shape, generator, dev)
+    inferred, dtype, _ = inputs_mod.infer_shape(model)
+    if shape is None:
+        shape = inferred
+    dtype = dtype if dtype == torch.long else inputs_mod.model_dtype(model)
+    return torch.empty((batch_size, *shape), dtype=dtype, device=dev)
+
+
+def _mark_unmeasured(report: Report, dev: torch.device) -> None:
+    for layer in report.layers:
+        for key in MEASURED:
+            layer.unavailable[key] = NOT_MEASURED
+        if layer.kind == "weight" and layer.weight_second_moment is None:
+            layer.unavailable["weight_var"] = (
+                "no weight values on the meta device" if dev.type == "meta"
+                else "the weight could not be read")
+
+
+def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> None:
+    """What ``--init SCHEME`` draws (reinit): Var[w] of the scheme, zero biases."""
+    for layer, module, a in zip(report.layers, modules, propagate.prelu_slopes(modules)):
+        if layer.kind != "weight" or not isinstance(module, reinit.REINITIALIZED):
+            continue
+        fan_in, fan_out = (theory.torch_fans(module) if scheme == "torch-default"
+                           else theory.fans(module))
+        var = theory.scheme_variance(scheme, fan_in, fan_out, a)
+        layer.weight_var = layer.weight_second_moment = var
+        layer.bias_second_moment = 0.0 if getattr(module, "bias", None) is not None else None
+        layer.unavailable.pop("weight_var", None)
+    report.notes.append(f"weights: the {scheme} scheme is assumed for every Linear/Conv "
+                        "layer (zero bias); other layers as they are")
+
+
+def _shape_info(value: Any) -> TensorInfo:
+    """Shape and dtype of the first (float) tensor; its moments are not measured."""
+    tensors = tensor_leaves(value)
+    if not tensors:
+        return TensorInfo(shape=None, dtype=None, mean=None, var=None, second_moment=None)
+    first = (float_leaves(value) or tensors)[0]
+    shape: Any = list(first.shape)
+    if isinstance(value, dict):
+        shape = {k: list(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)}
+    return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
+                      mean=None, var=None, second_moment=None)
+
+
+def _batch_of(x: Any) -> int | None:
+    leaves = [t for t in tensor_leaves(x) if t.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else None
+
+
+def _about_meta(exc: BaseException) -> bool:
+    """Whether an error (or its cause) comes from running on the meta device."""
+    while exc is not None:
+        if "meta" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
