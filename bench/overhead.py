@@ -7,6 +7,7 @@ on-device statistics and the report cost on top of the pass itself.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -69,19 +70,24 @@ def sync(device: torch.device) -> None:
 
 
 def timings(case: Case, device: torch.device, repeats: int, warmup: int) -> dict[str, list]:
-    """Seconds per call, bare and probed interleaved so that machine noise hits both."""
+    """Seconds per call, bare and probed interleaved so that machine noise hits both.
+
+    Wall-clock and process CPU time: on a shared machine the CPU time of a
+    single-threaded run is what the work costs, the wall clock adds the neighbours.
+    """
     g = cotangent(case.model, case.inputs)
-    out: dict[str, list] = {"bare": [], "probe": []}
+    out: dict[str, list] = {"bare": [], "probe": [], "bare_cpu": [], "probe_cpu": []}
     for i in range(warmup + repeats):
         for name, fn in (("bare", bare), ("probe", probed)):
             sync(device)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = fn(case.model, case.inputs, g)
             sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             del result
             if i >= warmup:
                 out[name].append(elapsed)
+                out[f"{name}_cpu"].append(cpu)
     return out
 
 
@@ -137,14 +143,14 @@ def transfers(case: Case) -> int:
     return count
 
 
-def summarize(t: dict[str, list]) -> dict[str, float]:
-    ratios = sorted(p / b for p, b in zip(t["probe"], t["bare"]))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [ratios[0], 0, ratios[-1]]
-    return {"bare_ms": 1e3 * statistics.median(t["bare"]),
-            "probe_ms": 1e3 * statistics.median(t["probe"]),
-            "ratio": statistics.median(t["probe"]) / statistics.median(t["bare"]),
-            "pair_median": statistics.median(ratios), "pair_q1": q[0], "pair_q3": q[-1],
-            "pair_min": ratios[0], "pair_max": ratios[-1]}
+def summarize(t: dict[str, list], clock: str = "") -> dict[str, float]:
+    """Medians, their ratio, and the spread of the per-pair ratios (quartiles, extremes)."""
+    bare, probe = t["bare" + clock], t["probe" + clock]
+    ratios = sorted(p / b for p, b in zip(probe, bare))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else ratios * 3
+    return {"bare_ms": 1e3 * statistics.median(bare), "probe_ms": 1e3 * statistics.median(probe),
+            "ratio": statistics.median(probe) / statistics.median(bare),
+            "pair_q1": q1, "pair_q3": q3, "pair_min": ratios[0], "pair_max": ratios[-1]}
 
 
 def run(device: torch.device, repeats: int, warmup: int, log=print) -> list[dict]:
@@ -154,18 +160,23 @@ def run(device: torch.device, repeats: int, warmup: int, log=print) -> list[dict
         case.inputs = case.inputs.to(device)
         t = timings(case, device, repeats, warmup)
         g = cotangent(case.model, case.inputs)
-        mem_bare = peak_bytes(lambda: bare(case.model, case.inputs, g), device)
-        mem_probe = peak_bytes(lambda: probed(case.model, case.inputs, g), device)
-        layers = len(probed(case.model, case.inputs, g).layers)
+        model, x = case.model, case.inputs
+        mem_bare = peak_bytes(functools.partial(bare, model, x, g), device)
+        mem_probe = peak_bytes(functools.partial(probed, model, x, g), device)
+        layers = len(probed(model, x, g).layers)
         row = {"device": device.type, "model": case.name, "describe": case.describe,
-               "layers": layers, "repeats": repeats, **summarize(t),
+               "layers": layers, "repeats": repeats, "wall": summarize(t),
+               "cpu": summarize(t, "_cpu") if device.type == "cpu" else None,
                "mem_bare_mb": mem_bare / 2**20, "mem_probe_mb": mem_probe / 2**20,
                "mem_ratio": mem_probe / mem_bare,
                "transfers": transfers(case) if device.type == "cuda" else None}
-        log(f"{device.type:4} {case.name:7} bare {row['bare_ms']:8.1f} ms  probe "
-            f"{row['probe_ms']:8.1f} ms  ratio {row['ratio']:.3f} (pairs "
-            f"{row['pair_q1']:.3f}-{row['pair_q3']:.3f})  peak mem {row['mem_bare_mb']:.1f} -> "
-            f"{row['mem_probe_mb']:.1f} MiB ({row['mem_ratio']:.3f}x)")
+        w = row["wall"]
+        log(f"{device.type:4} {case.name:7} bare {w['bare_ms']:8.1f} ms  probe "
+            f"{w['probe_ms']:8.1f} ms  wall ratio {w['ratio']:.3f} (pairs {w['pair_q1']:.3f}-"
+            f"{w['pair_q3']:.3f})" + (f"  cpu-time ratio {row['cpu']['ratio']:.3f}"
+                                      if row["cpu"] else "")
+            + f"  peak {row['mem_bare_mb']:.1f} -> {row['mem_probe_mb']:.1f} MiB "
+              f"({row['mem_ratio']:.3f}x)")
         rows.append(row)
         case.model.to("cpu")
     return rows

@@ -59,11 +59,14 @@ def relu_with_dead_units(*shape: int, channel_dim: int = -1) -> torch.Tensor:
     return x
 
 
-@pytest.fixture(params=["one chunk", "many chunks"])
+@pytest.fixture(params=["one chunk", "many chunks", "accelerator path"])
 def chunked(request, monkeypatch):
-    """Both paths: the whole tensor at once, and chunks of 1000 elements."""
-    if request.param == "many chunks":
+    """Every path: the whole tensor at once; chunks of 1000 elements; and, as on an
+    accelerator, non-finite elements counted in the same pass instead of on demand."""
+    if request.param != "one chunk":
         monkeypatch.setattr(stats, "chunk_size", lambda device: 1000)
+    if request.param == "accelerator path":
+        monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
     return request.param
 
 

@@ -116,7 +116,7 @@ def test_counterfactual_schemes_do_not_depend_on_the_weights(model_file):
     fc_meta, fc_cpu = meta.layers[-1], cpu.layers[-1]
     assert fc_meta.weight_var is None and "meta" in fc_meta.unavailable["weight_var"]
     assert fc_cpu.weight_var == pytest.approx(1 / (3 * 16), rel=0.25)  # 170 draws
-    assert any("PyTorch's default init" in note for note in meta.notes)
+    assert any("PyTorch default init" in note for note in meta.notes)
 
 
 def test_structure_matches_a_measured_probe(model_file):

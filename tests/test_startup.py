@@ -10,7 +10,7 @@ import sys
 import pytest
 
 HEAVY = ("torch", "pandas", "matplotlib")
-SCRIPT = """
+SCRIPT = f"""
 import json, sys
 from varprobe.cli import main
 sys.argv = ["varprobe", *json.loads(sys.argv[1])]
@@ -20,9 +20,9 @@ except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
 print(json.dumps({{"code": code, "heavy": heavy}}))
-""".format(heavy=HEAVY)
+"""
 
 
 def run(*args: str) -> dict:

@@ -391,8 +391,10 @@ def check(
     png: Png = None,
     debug: Debug = False,
 ) -> None:
-    """Health check for CI: one line per problem. Exit 0 passes, 1 flagged at or above
-    --fail-on (or regressed against --baseline), 2 could not run."""
+    """Health check for CI: one line per problem; exit 0 healthy, 1 flagged, 2 could not run.
+
+    Flagged means a flag at or above --fail-on, or a regression against --baseline.
+    """
     from varprobe.render import ci
 
     shape = parse_shape(input_shape)
@@ -450,9 +452,11 @@ def diff(
     factor: Factor = 2.0,
     debug: Debug = False,
 ) -> None:
-    """Compare two JSON reports layer by layer (matched by name and call): layers whose
-    forward second moment or backward variance moved by more than --factor, and layers
-    added or removed. Exit 1 on such a move, 0 otherwise, 2 when a file cannot be read."""
+    """Compare two saved reports layer by layer; exit 1 when a layer moved by > --factor.
+
+    Layers are matched by name and call; forward E[y²] and backward Var[dL/dy] are
+    compared, and added or removed layers are listed. Exit 2 when a file cannot be read.
+    """
     from varprobe.baseline import diff as diff_reports
 
     changes = diff_reports(_read_report(base, debug), _read_report(new, debug), factor)

@@ -259,7 +259,8 @@ class Recording(TorchFunctionMode):
             if not inputs:
                 return
             stops = torch.is_grad_enabled() and not any(t.requires_grad for t in outs)
-            node = self._add(Node("unknown", inputs, reason=_name(func), stops=stops,
+            product = " of activations" if func in MUL or func in DIV else ""
+            node = self._add(Node("unknown", inputs, reason=_name(func) + product, stops=stops,
                                   where=self._where()))
         for t in outs:
             self._bind(t, node)
@@ -689,7 +690,7 @@ class _Walk:
             elif position == 0 and self.rec.cotangent_var is not None:
                 _flow(grads, k, _Grad(self.rec.cotangent_var))
             else:
-                _flow(grads, k, _Grad(0.0, "the gradient at the model's output is not measured"))
+                _flow(grads, k, _Grad(0.0, "the gradient at the model's output (not measured)"))
 
     def _backward(self, k: int, node: Node, g: _Grad, grads: list[_Grad | None]) -> None:
         if node.op in ("call", "exit"):

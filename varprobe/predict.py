@@ -58,10 +58,10 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
     try:
         loaded = target_mod.load(spec, device="meta")
         return predict(loaded.model, loaded.example_input, **options)
-    except VarprobeError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever needed values: the theory, too
         if not _about_meta(exc):
             raise
-        reason = _first_line(exc.__cause__ or exc)
+        reason = _first_line(exc.__cause__ if isinstance(exc, VarprobeError) else exc)
     loaded = target_mod.load(spec)
     report = predict(loaded.model, loaded.example_input, **options)
     report.notes.insert(0, f"the model could not be built or run on the meta device "

@@ -45,22 +45,44 @@ def _sums(x: torch.Tensor, nonfinite: bool, zeros: bool) -> tuple[torch.Tensor, 
     """(shift, [sum(x - shift), sum((x - shift)^2), non-finite count?, non-zero count?]).
 
     The shift is a float32 0-d tensor, the sums a float64 vector; each count only when
-    asked for. ``x - x`` is 0 where x is finite and NaN where it is not.
+    asked for. A non-finite element makes the sum of squares non-finite, and on the CPU
+    reading that sum costs no transfer: there the count is taken only when it is.
     """
+    lazy = nonfinite and reads_are_free(x.device)
     shift, parts = None, []
     for chunk in _chunks(x.detach()):
-        c = chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
+        c = _float32(chunk)
         if shift is None:
             shift = c.mean()
         d = c - shift
         # Sums only: torch's sum is pairwise (cascaded); vector_norm's float32 is not.
         row = [d.sum(), d.square_().sum()]
-        if nonfinite:
-            row.append(torch.ne(torch.sub(c, c, out=d), 0, out=d).sum())
+        if nonfinite and not lazy:
+            row.append(_nonfinite(c, d))
         if zeros:
             row.append(torch.ne(c, 0, out=d).sum())
         parts.append(torch.stack(row))
-    return shift, torch.stack(parts).double().sum(0)
+    total = torch.stack(parts).double().sum(0)
+    if lazy:
+        count = (torch.zeros((), dtype=torch.float64) if total[1].isfinite()
+                 else sum(_nonfinite(c, torch.empty_like(c)).double()
+                          for c in map(_float32, _chunks(x.detach()))))
+        total = torch.cat([total[:2], count.view(1), total[2:]])
+    return shift, total
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether looking at a result on the host costs no device sync."""
+    return device.type == "cpu"
+
+
+def _float32(chunk: torch.Tensor) -> torch.Tensor:
+    return chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
+
+
+def _nonfinite(c: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Non-finite elements of ``c``: ``c - c`` is 0 where c is finite, NaN where not."""
+    return torch.ne(torch.sub(c, c, out=scratch), 0, out=scratch).sum()
 
 
 def _moments(x: torch.Tensor, nonfinite: bool = False, zeros: bool = False
