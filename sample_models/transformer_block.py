@@ -1,7 +1,10 @@
-"""A token embedding feeding two pre-LayerNorm transformer blocks and a tied LM head.
+"""A token embedding, two pre-LayerNorm transformer blocks and an LM head tied to it.
 
-The input is integer token ids (varprobe draws them inside the vocabulary); attention
-has no closed-form variance map, so varprobe carries the measured value past it.
+The input is integer token ids (varprobe draws them inside the vocabulary). Residual
+adds and LayerNorms are followed by the graph prediction; attention has no closed form,
+so varprobe carries its measured output past it. The story is the tied head: it shares
+nn.Embedding's weight, which PyTorch draws from N(0, 1) — right for a lookup, but as a
+Linear it multiplies E[x²] by n·Var[w] = 128, and varprobe flags exploding_forward there.
 """
 
 import torch

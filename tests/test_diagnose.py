@@ -2,7 +2,7 @@
 problem, absent on a healthy one, and every suggested fix applied and re-measured.
 
 Widths are small (64) where the tolerance allows it. The separations used are large
-against the single-draw noise of theory.md §10 (log sd of a layer-to-layer factor
+against the single-draw noise of docs/theory-review.md §10 (log sd of a layer-to-layer factor
 ≈ sqrt(5/n) = 0.28 at n = 64, of a depth-l ratio ≈ sqrt(5 l / n)).
 """
 

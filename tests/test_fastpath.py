@@ -11,6 +11,8 @@ cancellation, so 1e-5 relative holds for every moment. Counts are exact.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +36,13 @@ def reference(t: torch.Tensor, channel_dim: int = -1) -> dict[str, float]:
     }
 
 
+def host(pending: stats.Pending) -> list:
+    """The row the report reads, through the one transfer."""
+    return stats.collect([pending])[0]
+
+
 def check_activation(t: torch.Tensor, channel_dim: int = -1) -> None:
-    row = stats.activation(t, channel_dim).tolist()
+    row = host(stats.activation(t, channel_dim))
     ref = reference(t, channel_dim)
     for key, index in (("mean", stats.MEAN), ("var", stats.VAR), ("m2", stats.SECOND_MOMENT)):
         if ref[key] is None:
@@ -109,7 +116,7 @@ def test_bfloat16_accumulates_in_float32_or_better(chunked):
     x = (3.0 + torch.randn(200, 300, generator=g)).relu().bfloat16()
     check_activation(x)
     ref = reference(x)
-    row = stats.gradient(x).tolist()
+    row = host(stats.gradient(x))
     assert row[stats.G_VAR] == pytest.approx(ref["var"], rel=RTOL)
     assert row[stats.G_SECOND_MOMENT] == pytest.approx(ref["m2"], rel=RTOL)
 
@@ -118,23 +125,23 @@ def test_gradient_weight_and_grad_ratio(chunked):
     g = torch.Generator().manual_seed(2)
     grad = torch.randn(300, 200, generator=g) * 1e-3
     grad[5, 5] = float("nan")
-    row = stats.gradient(grad).tolist()
+    row = host(stats.gradient(grad))
     assert row[stats.G_NONFINITE] == 1 and row[stats.G_NUMEL] == grad.numel()
     grad[5, 5] = 0.0
-    row = stats.gradient(grad).tolist()
+    row = host(stats.gradient(grad))
     a = grad.double().numpy()
     assert row[stats.G_VAR] == pytest.approx(a.var(), rel=RTOL)
     assert row[stats.G_SECOND_MOMENT] == pytest.approx((a * a).mean(), rel=RTOL)
 
     w, b = torch.randn(200, 300, generator=g) * 0.05 + 0.01, torch.randn(200, generator=g)
-    row = stats.weight(w, b).tolist()
+    row = host(stats.weight(w, b))
     wa, ba = w.double().numpy(), b.double().numpy()
     assert row[stats.W_VAR] == pytest.approx(wa.var(), rel=RTOL)
     assert row[stats.W_SECOND_MOMENT] == pytest.approx((wa * wa).mean(), rel=RTOL)
     assert row[stats.B_SECOND_MOMENT] == pytest.approx((ba * ba).mean(), rel=RTOL)
     assert row[stats.W_NORM] == pytest.approx(np.linalg.norm(wa), rel=RTOL)
-    assert np.isnan(stats.weight(w, None).tolist()[stats.B_SECOND_MOMENT])
-    ratio = stats.grad_ratio(grad, stats.weight(w, b)[stats.W_NORM]).tolist()[0]
+    assert np.isnan(host(stats.weight(w, None))[stats.B_SECOND_MOMENT])
+    ratio = host(stats.grad_ratio(grad, w, stats.weight(w, b)))[0]
     assert ratio == pytest.approx(np.linalg.norm(a) / np.linalg.norm(wa), rel=RTOL)
 
 
@@ -192,3 +199,73 @@ def test_bfloat16_model_recorded_against_float64():
         a = out.double().numpy()
         assert layer.forward.var == pytest.approx(a.var(), rel=RTOL)
         assert layer.forward.second_moment == pytest.approx((a * a).mean(), rel=RTOL)
+
+
+class Scaled(nn.Module):
+    """A chain, an activation, a residual add and a product with a constant buffer (a
+    graph constant whose moments travel with the statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        return self.b(h) * self.scale + h
+
+
+HOST_READS = ("cpu", "item", "tolist", "numpy", "__float__", "__int__", "__bool__",
+              "__index__")
+
+
+def test_one_host_read_per_probe(monkeypatch):
+    """By design one device-to-host transfer per pass: on the code path accelerators
+    take (``reads_are_free`` False), every Tensor method that brings a value to the host
+    is counted, with its caller, during a whole probe (the pass, the report, the graph's
+    constants, the predictions and the diagnosis). Only ``stats.collect`` may read:
+    ``.cpu()`` once, then ``.tolist()`` of that host copy. The closed-form quadrature
+    (``theory.expectation``) reads tensors it makes on the host itself, so it is left
+    out. On CUDA, ``python -m bench`` checks the same with
+    ``torch.cuda.set_sync_debug_mode``."""
+    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
+    calls = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if caller != "expectation":
+                calls.append((_name, caller))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    torch.manual_seed(0)
+    model, x = Scaled(), torch.randn(32, 16)
+    report = varprobe.probe(model, x)
+    monkeypatch.undo()
+    assert calls == [("cpu", "collect"), ("tolist", "collect")]
+    assert all(layer.forward is not None for layer in report.layers)
+    assert not any("graph: not used" in note for note in report.notes)
+
+
+def test_zero_and_dead_fractions_after_activations_only():
+    torch.manual_seed(0)
+    report = varprobe.probe(Scaled(), torch.randn(32, 16))
+    a, act, b = report.layers
+    assert act.forward.zero_fraction is not None and act.forward.dead_fraction is not None
+    for layer in (a, b):
+        assert layer.forward.zero_fraction is None and layer.forward.dead_fraction is None
+        assert "activations" in layer.unavailable["zero_fraction"]
+        assert "activations" in layer.unavailable["dead_fraction"]
+    row = host(stats.activation(torch.randn(30, 20), -1, units=False))
+    assert row[stats.ZERO_FRACTION] is None and row[stats.DEAD_FRACTION] is None
+
+
+def test_strided_tensor_and_odd_sizes(chunked):
+    # Not dense in any order of its dims (every other column), and a size that is not a
+    # multiple of the sum of squares' row length.
+    x = relu_with_dead_units(300, 77)[:, ::2]
+    assert not x.is_contiguous() and x.numel() % stats.ROW
+    check_activation(x)
+    check_activation(relu_with_dead_units(61, 7, 5, channel_dim=1), channel_dim=1)

@@ -1,6 +1,6 @@
 """Graph-aware predictions (basis "graph"): residual adds, concatenations, norms.
 
-Tolerances come from theory.md §9/§10 and are stated where they are used; n is the
+Tolerances come from docs/theory-review.md §9/§10 and are stated where they are used; n is the
 fan-in that the error scales with.
 """
 

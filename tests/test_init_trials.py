@@ -41,7 +41,7 @@ def test_init_he_on_a_xavier_model_is_flat_and_leaves_the_model_alone():
     assert report.settings["init"] == "he"
     x2 = report.input.second_moment
     for depth, layer in enumerate(report.weight_layers, start=1):
-        # theory.md §10: the layer-l log error of one draw has sd <= sqrt(5 l/n); 3 sd.
+        # docs/theory-review.md §10: the layer-l log error of one draw has sd <= sqrt(5 l/n); 3 sd.
         assert abs(math.log(layer.forward.second_moment / (2 * x2))) <= \
             3 * math.sqrt(5 * depth / N), layer.name
         # The copy's weights are He's: E[w^2] = 2/n up to sampling (rel sd sqrt(2)/n, 4 sd),

@@ -1,6 +1,6 @@
 """The predictions against Monte Carlo: measured variances follow He et al. 2015.
 
-Tolerances come from theory.md §10 (n = width, l = layer depth, single seed):
+Tolerances come from docs/theory-review.md §10 (n = width, l = layer depth, single seed):
 
 * local, per layer: the measured E[y_l^2] against n E[w^2] (measured E[x_l^2]) has a
   deep-layer sd of about sqrt(2/n) in log space (the chi-square of one row of W), so
@@ -69,7 +69,7 @@ def check_backward(report, n: int) -> None:
         meas = layer.backward.var
         bound = 3 * math.sqrt(5 * max(crossed, 1) / n)
         assert log_ratio(meas, layer.predicted.backward_var) <= bound, layer.name
-        # The local step dx = W^T dy: theory.md §10's backward factor, sd sqrt(0.75/n).
+        # The local step dx = W^T dy: docs/theory-review.md §10's backward factor, sd sqrt(0.75/n).
         dx = layer.backward_input.var
         assert log_ratio(dx, layer.local.backward_input_var) <= 4 * math.sqrt(0.75 / n), \
             layer.name
@@ -118,7 +118,7 @@ def test_prelu_factor_053125_and_prelu_he_flat():
 
 
 def test_fan_in_and_fan_out_he_on_widening_layers():
-    # theory.md §2: fan_in keeps Var[y] = 2 and the gradient grows by d_L/d_1 = 8;
+    # docs/theory-review.md §2: fan_in keeps Var[y] = 2 and the gradient grows by d_L/d_1 = 8;
     # fan_out keeps the gradient at 1 and Var[y_L] = 2 d_1/d_L = 0.25. n is the
     # narrowest width (256), the bound's worst case.
     widths = [256, 256, 512, 1024, 2048, 2048]

@@ -135,7 +135,7 @@ def test_prelu_factor_and_he_prelu_scheme():
 
 
 def test_fan_in_and_fan_out_he_telescope_on_widening_layers():
-    # theory.md §2: widths 256 -> 2048; products telescope to c_2/d_L and d_L/d_1.
+    # docs/theory-review.md §2: widths 256 -> 2048; products telescope to c_2/d_L and d_L/d_1.
     widths = [256, 256, 512, 1024, 2048, 2048]
     model = mlp(widths)
     report = probe(model, batch_size=2)
@@ -187,7 +187,7 @@ def vgg(std: float) -> nn.Sequential:
 
 def test_vgg_std_001_gradient_is_1_over_17000_of_backward_he():
     # He et al. 2015, "Discussions": std 0.01 vs the Eq. 14 stds sqrt(2/n^) makes the
-    # conv10 -> conv2 gradient 1/(1.7e4) of theirs (theory.md §4: exact 1.67e4).
+    # conv10 -> conv2 gradient 1/(1.7e4) of theirs (docs/theory-review.md §4: exact 1.67e4).
     report = probe(vgg(0.01), 1, input_shape=(3, 4, 4))
     conv2 = weights(report)[1]
     ours = conv2.predicted.backward_input_var

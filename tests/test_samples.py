@@ -40,7 +40,7 @@ def test_the_stories(reports):
     if len(reports) < len(SAMPLES):
         pytest.skip("needs the sample runs above")
     # 30 layers, n = 512: single-draw log error at depth 30 has sd <= sqrt(5*30/512) = 0.54
-    # (theory.md §10); 3 sd is a factor of 5.
+    # (docs/theory-review.md §10); 3 sd is a factor of 5.
     assert _end_to_end(reports["xavier_mlp"]) == pytest.approx(2.0**-29, rel=4.0)
     assert abs(math.log(_end_to_end(reports["he_mlp"]))) < 3 * math.sqrt(5 * 30 / 512)
     assert _end_to_end(reports["exploding_mlp"]) > 1e15  # ~ (256 / 2)^9

@@ -10,7 +10,7 @@ from torch import nn
 
 from varprobe import theory
 
-# theory.md §8, values at q = 1: (module, E[phi^2], E[phi'^2]).
+# docs/theory-review.md §8, values at q = 1: (module, E[phi^2], E[phi'^2]).
 TABLE = [
     (nn.ReLU(), 0.500000, 0.500000),
     (nn.PReLU(init=0.25), 0.531250, 0.531250),
@@ -36,7 +36,8 @@ def test_split_rule_is_exact_on_the_relu_kink_where_odd_gauss_hermite_is_not():
     relu = nn.Threshold(0.0, 0.0)
     assert theory.forward_gain(relu, 1.0) == pytest.approx(0.5, abs=1e-9)
     assert theory.backward_gain(relu, 1.0) == pytest.approx(0.5, abs=1e-9)
-    # An odd Gauss-Hermite rule puts a node on the kink (theory.md §8: 0.45585 at n=201).
+    # An odd Gauss-Hermite rule puts a node on the kink
+    # (docs/theory-review.md §8: 0.45585 at n=201).
     z, w = np.polynomial.hermite_e.hermegauss(201)
     odd = float(np.sum(w / math.sqrt(2 * math.pi) * (z > 0)))
     assert abs(odd - 0.5) > 0.04
@@ -212,7 +213,7 @@ def _fraction(size, k, pad):
 
 
 @pytest.mark.parametrize(("size", "k", "pad", "f"), [
-    (32, 3, 1, (94 / 96) ** 2),    # 0.9588 (theory.md §9: 0.959)
+    (32, 3, 1, (94 / 96) ** 2),    # 0.9588 (docs/theory-review.md §9: 0.959)
     (7, 3, 1, (19 / 21) ** 2),     # 0.8186 (0.819)
     (7, 7, 3, (37 / 49) ** 2),     # 0.5702 (0.570)
 ])
@@ -226,9 +227,9 @@ def test_padding_fractions(size, k, pad, f):
 @pytest.mark.parametrize(("k", "pad", "stride", "size"), [(3, 1, 1, 7), (7, 3, 1, 7)])
 def test_padding_correction_against_monte_carlo(k, pad, stride, size):
     # He weights on N(0,1) inputs: E[y^2] = n Var[w] f E[x^2] = 2f, exact in expectation
-    # (theory.md §1). Relative sd of the all-element mean of y^2 for one draw:
+    # (docs/theory-review.md §1). Relative sd of the all-element mean of y^2 for one draw:
     # weights 2/N_w, the n x n patch Gram seen by C_out independent filters 2/(C_out B P),
-    # input norms 2/N_x (theory.md §10: local checks go as sqrt(c/n)). 5 sd.
+    # input norms 2/N_x (docs/theory-review.md §10: local checks go as sqrt(c/n)). 5 sd.
     c, batch = 64, 32
     gen = torch.Generator().manual_seed(1)
     conv = nn.Conv2d(c, c, k, padding=pad, stride=stride, bias=False).double()

@@ -2,7 +2,7 @@
 
 Pure: thresholds held against what the report already carries (measured statistics,
 and propagate's multipliers and counterfactual predictions). No hooks. Why each
-default threshold is what it is: .notes/README-diagnose.md and the comments below.
+default threshold is what it is: docs/flags.md and the comments below.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ SAME = 1e-9  # the recorder measures a tensor once: the same tensor has identica
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Where a number becomes a flag. Bands are [low, high]; see README-diagnose.md.
+    """Where a number becomes a flag. Bands are [low, high]; see docs/flags.md.
 
     forward: a weight layer's output E[y^2] over the network input's E[x^2].
     backward: the product of measured backward multipliers along a chain of layers.
@@ -45,7 +45,7 @@ class Thresholds:
     dead_units: the fraction of an activation's units that are zero for every sample.
     input: the network input's E[x^2].
     mismatch_sigmas: measured vs local prediction, in units of the width-aware
-    noise sd of theory.md section 10 (sqrt(2/n) forward, sqrt(0.75/n) backward).
+    noise sd of docs/theory-review.md §10 (sqrt(2/n) forward, sqrt(0.75/n) backward).
     """
 
     forward: tuple[float, float] = (1e-2, 1e2)
@@ -471,7 +471,7 @@ def _dead_units(layers: list[Layer], t: Thresholds, skip: set[int]) -> None:
 
 def _mismatch(layers: list[Layer], t: Thresholds, weights: list[int]) -> None:
     """Measured vs the one-step (local) prediction, beyond k sd of the width-aware
-    noise of theory.md section 10: the independence assumptions fail here."""
+    noise of docs/theory-review.md §10: the independence assumptions fail here."""
     for i in weights:
         layer = layers[i]
         local = layer.local

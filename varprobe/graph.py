@@ -12,7 +12,7 @@ something the mode did not see. Inside a module varprobe has a closed form for, 
 one without children, the module is a single node and its own operations are not
 followed. Only ids and small per-node facts are kept: no statistics, no activations.
 
-Propagation (basis "graph", theory.md §9). In execution order, the predicted second
+Propagation (basis "graph", docs/theory-review.md §9). In execution order, the predicted second
 moment of every node: the network input as measured; a module call by the same step
 as the chain (propagate: n_eff E[w^2] E[x^2] + mean(b^2), activation gains at the
 predicted q, the norm reset, dropout's 1/(1-p)); a sum of independent zero-mean
@@ -159,11 +159,24 @@ class Recording(TorchFunctionMode):
         self.cotangent_var = cotangent_var
         self._ids.clear()
 
-    def constants(self) -> list[tuple[float, float]]:
-        """(mean(c^2), mean(c)) of every constant operand: one host transfer, after the pass."""
-        on_device = [c for c in self._constants if isinstance(c, T)]
+    def constants(self) -> list[tuple[float, float] | None]:
+        """(mean(c^2), mean(c)) of every constant operand: one host transfer, after the pass.
+        None for a tensor on the meta device (``varprobe predict``): it has no values."""
+        on_device = [c for c in self._constants if isinstance(c, T) and not c.is_meta]
         host = iter(torch.stack([c.cpu() for c in on_device]).tolist() if on_device else [])
-        return [tuple(next(host)) if isinstance(c, T) else c for c in self._constants]
+        return [None if isinstance(c, T) and c.is_meta else
+                tuple(next(host)) if isinstance(c, T) else c for c in self._constants]
+
+    def on_device(self) -> list[torch.Tensor]:
+        """The constants' (mean(c^2), mean(c)) still on their device: the probe copies
+        them with its statistics, in the pass's one transfer, and hands them back to
+        ``fetched``, so that ``constants`` has nothing left to copy."""
+        return [c for c in self._constants if isinstance(c, T) and not c.is_meta]
+
+    def fetched(self, values: list[list[float]]) -> None:
+        host = iter(values)
+        self._constants = [tuple(next(host)) if isinstance(c, T) and not c.is_meta else c
+                           for c in self._constants]
 
     # --- module calls (from the Recorder's hooks) ----------------------------------
     def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -288,7 +301,7 @@ class Recording(TorchFunctionMode):
         if k is None:
             return None
         return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,), backward=(1.0,),
-                              scale=k))
+                              scale=k, where=self._where()))
 
     def _cat_node(self, args, kwargs, out: torch.Tensor, stack: bool) -> int | None:
         pieces = _arg(args, kwargs, 0, "tensors", ())
@@ -490,15 +503,21 @@ class _LayerGraph:
     backward_note: str | None = None
 
 
-def annotate(report: Report, modules: list[nn.Module], recording: Recording | None) -> Report:
-    """Replace the chain prediction by the graph one where the graph was followed."""
+def annotate(report: Report, modules: list[nn.Module], recording: Recording | None,
+             measured: bool = True) -> Report:
+    """Replace the chain prediction by the graph one where the graph was followed.
+
+    ``measured``: False for the closed-form ``predict``, where the chain carries nothing
+    past what it cannot see (a residual add): a layer the graph cannot follow gets no
+    prediction, with the reason, instead of the chain's.
+    """
     if recording is None or not report.layers:
         return report
     reason = _unusable(recording)
     if reason is not None:
         report.notes.append(f"graph: not used ({reason}); predictions follow the chain")
         return report
-    walk = _Walk(report, modules, recording)
+    walk = _Walk(report, modules, recording, measured)
     walk.forward()
     walk.backward()
     walk.assign()
@@ -518,8 +537,10 @@ def _unusable(recording: Recording) -> str | None:
 
 
 class _Walk:
-    def __init__(self, report: Report, modules: list[nn.Module], recording: Recording):
+    def __init__(self, report: Report, modules: list[nn.Module], recording: Recording,
+                 measured: bool = True):
         self.report, self.modules, self.rec = report, modules, recording
+        self.measured = measured
         self.nodes = recording.nodes
         self.constants = recording.constants()
         self.values: list[_Value] = []
@@ -552,6 +573,8 @@ class _Walk:
             return _Value(None, own if node.reason.startswith(CUSTOM) else broken or own)
         if broken:
             return _Value(None, broken)
+        if node.op == "linear" and (valueless := self._no_value(node)):
+            return _Value(None, valueless)
         s, mu = ins[0].signal, ins[0].mu
         if node.op == "act":
             out = self._activate(node.module, s, mu, len(self.values))
@@ -619,11 +642,17 @@ class _Walk:
         src = ins[0] if ins else None
         note = src.note if src else None
         if src is not None and src.broken:
-            info.forward_break = src.broken
             m_in = propagate._measured_m2(layer.input)
+            reset = propagate.reset(module) if m_in is None else None
+            if reset is not None:  # a norm sets the scale whatever its input was
+                info.input, info.forward = _Value(None, src.broken), reset.m2
+                info.forward_note = (f"{layer.type} at {layer.label} resets an unknown input "
+                                     f"({src.broken}), its E[x²] taken to be ≫ eps")
+                return _Value(reset, None, info.forward_note, k, _mean_after(module, 0.0))
+            info.forward_break = src.broken
             src = _Value(Signal(m_in, propagate._share(layer.input)) if m_in is not None
                          else None, None, f"carried the measured input of {layer.label}",
-                         -1, layer.input.mean or 0.0)
+                         -1, (layer.input.mean if layer.input else None) or 0.0)
             note = src.note
         info.input = src
         w = propagate._actual(layer, module) if layer.kind == "weight" else None
@@ -641,7 +670,7 @@ class _Walk:
             info.forward_note = _join(note, w.note if w else None)
             return _Value(out, None, note, src.at if src is not None else -1, mu)
         return self._carry_output(layer, info, "no closed form" if s_in is not None
-                                  else "its input is unknown")
+                                  else "its input is unknown", info.forward_break)
 
     def _exit(self, node: Node, ins: list[_Value]) -> _Value:
         layer = self.report.layers[node.index]
@@ -655,12 +684,15 @@ class _Walk:
         info.forward_note = inner.note
         return inner
 
-    def _carry_output(self, layer: Layer, info: _LayerGraph, why: str | None) -> _Value:
-        """Continue from the measured output of a call the graph cannot step through."""
+    def _carry_output(self, layer: Layer, info: _LayerGraph, why: str | None,
+                      root: str | None = None) -> _Value:
+        """Continue from the measured output of a call the graph cannot step through;
+        with nothing measured, the value stays broken by ``root`` (what broke its input)
+        or by this call."""
         m_out = propagate._measured_m2(layer.forward)
         what = f"{layer.type} at {layer.label}"
         if m_out is None:
-            return _Value(None, f"{what} ({why or 'not followed'}; nothing measured)")
+            return _Value(None, root or f"{what} ({why or 'not followed'}; nothing measured)")
         info.forward_note = f"{why} for {what}" if why else None
         return _Value(Signal(m_out, propagate._share(layer.forward)), None,
                       f"carried the measured output of {what}", -1, layer.forward.mean or 0.0)
@@ -712,6 +744,10 @@ class _Walk:
             _flow(grads, node.inputs[0], _Grad(g.var / (1 - node.p), g.broken, g.note,
                                                g.sparse))
         elif node.op == "linear":
+            if valueless := self._no_value(node, backward=True):
+                for i in node.inputs:
+                    _flow(grads, i, _Grad(0.0, g.broken or valueless))
+                return
             scale = 1.0 if node.scale is None else self.constants[node.scale][0]
             for i, b in zip(node.inputs, node.backward):
                 broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
@@ -761,8 +797,9 @@ class _Walk:
                         f"carried the measured input gradient of {layer.type} at {layer.label}",
                         g.sparse and layer.kind != "weight")
         else:
-            out = _Grad(0.0, g.broken or f"no closed form for the backward of {layer.type} "
-                        f"at {layer.label}, nothing measured")
+            why = "its input is unknown" if s_in is None else "no closed form"
+            out = _Grad(0.0, g.broken or f"the backward of {layer.type} at {layer.label} "
+                        f"({why}, nothing measured)")
         _flow(grads, node.inputs[0], out)
         for k in node.inputs[1:]:
             _flow(grads, k, _Grad(0.0, f"the gradient into another input of {layer.label} "
@@ -801,15 +838,20 @@ class _Walk:
             if info.forward_break is not None:
                 if layer.kind == "weight":
                     fell_back.setdefault(info.forward_break, []).append(layer)
-                continue
+                if self.measured:
+                    continue
             if info.grad is None and info.backward_break is not None and layer.kind == "weight":
                 backward_from_chain.setdefault(info.backward_break, []).append(layer)
             layer.predicted = self._prediction(layer, info)
-        for reason, layers in fell_back.items():
+        if not self.measured:
+            self._unfollowed()
+            self._stops("forward", fell_back)
+            self._stops("backward", backward_from_chain)
+        for reason, layers in fell_back.items() if self.measured else ():
             basis = layers[0].predicted.basis if layers[0].predicted else "chain"
             self.report.notes.append(f"graph: fell back to {basis} at {_labels(layers)}: "
                                      f"it could not follow {reason}")
-        for reason, layers in backward_from_chain.items():
+        for reason, layers in backward_from_chain.items() if self.measured else ():
             self.report.notes.append(f"graph: backward from the chain at {_labels(layers)}: "
                                      f"it could not follow {reason}")
         if self.rec.reads:
@@ -817,14 +859,36 @@ class _Walk:
             self.report.notes.append(f"graph: the control flow read an activation{where}; "
                                      "the graph is the branch this input took")
 
+    def _unfollowed(self) -> None:
+        """Closed form only: a call the graph never saw (inside a module it takes whole)
+        has no prediction; the chain would walk past the structure around it."""
+        for i, layer in enumerate(self.report.layers):
+            if i not in self.layers:
+                layer.predicted = Prediction(None, None, basis="graph", note=(
+                    "not on the recorded graph (inside a module taken whole)"))
+
+    def _stops(self, what: str, by_reason: dict[str, list[Layer]]) -> None:
+        """Closed form only: where the prediction stops, and the first reason why."""
+        if not by_reason:
+            return
+        reason = next(iter(by_reason))
+        layers = sorted((x for xs in by_reason.values() for x in xs), key=lambda x: x.index)
+        more = "; other layers name their own reason" if len(by_reason) > 1 else ""
+        self.report.notes.append(
+            f"graph: no {what} prediction at {_labels(layers)}: the graph could not follow "
+            f"{reason}, and nothing is measured in a closed-form prediction{more}")
+
     def _prediction(self, layer: Layer, info: _LayerGraph) -> Prediction:
-        chain = layer.predicted
+        chain = layer.predicted if self.measured else None
         notes = [f"forward: {info.forward_note}" if info.forward_note else None]
+        if info.forward_break is not None:  # closed form only: nothing to carry
+            notes = [f"forward: none; the graph could not follow {info.forward_break}"]
         backward, backward_input = info.grad, info.grad_input
         if backward is None and info.backward_break is not None:
             backward = chain.backward_var if chain else None
             backward_input = chain.backward_input_var if chain else None
-            notes.append(f"backward: from the chain; the graph could not follow "
+            basis = "from the chain" if self.measured else "none"
+            notes.append(f"backward: {basis}; the graph could not follow "
                          f"{info.backward_break}")
         elif info.backward_note:
             notes.append(f"backward: {info.backward_note}")
@@ -834,6 +898,15 @@ class _Walk:
                           input_var=None if source is None else source.m2)
 
     # --- messages ------------------------------------------------------------------
+    def _no_value(self, node: Node, backward: bool = False) -> str | None:
+        """Why a linear node's constant factor (or, forward, added constant) is unknown:
+        a tensor on the meta device has no values."""
+        used = [node.scale] if backward else [node.scale, *(c for _, c, _ in node.const)]
+        if all(c is None or self.constants[c] is not None for c in used):
+            return None
+        return ("a parameter or buffer with no values on the meta device (its init is not "
+                f"known){self._place(node.where)}")
+
     def _reason(self, node: Node) -> str:
         return f"{node.reason}{self._place(node.where)}"
 

@@ -1,4 +1,4 @@
-"""``probe()``: the pipeline — load inputs, record one forward + backward pass, build the Report."""
+"""``probe()``, the pipeline: make inputs, record forward + backward, predict, diagnose."""
 
 from __future__ import annotations
 
@@ -213,7 +213,11 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
                          loss, generator)
         ends = [_moments_slot(rec, x), _moments_slot(rec, output)]
-        host = rec.collect()
+        constants = [rec._new_slot(stats.Pending(c, list))
+                     for c in (recording.on_device() if recording is not None else [])]
+        host = rec.collect()  # the pass's one device-to-host transfer
+        if recording is not None:
+            recording.fetched([host[slot] for slot in constants])
         layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
         if recording is not None:
             slot = getattr(rec, "cotangent_slot", None)  # a loss makes its own cotangent

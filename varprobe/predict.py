@@ -3,22 +3,29 @@
 The model is built on the meta device where it can be: parameters get shapes but no
 memory, so a 175B-parameter decoder costs nothing. One forward pass on meta tensors,
 under a Recorder that measures nothing, gives the calls, their shapes and their order;
-propagate then fills the predictions and every measured field stays null. Meta weights
-have no values, so the actual init is taken to be what each layer's reset_parameters
-draws (PyTorch's default) unless an init scheme is given. A model that cannot be
-built or run on meta (``.item()`` in its constructor, a data-dependent op) is built on
-the CPU instead, and then its weights are read.
+graph.Recording follows the dataflow between the calls (residual adds, views,
+functional ops) in the same pass, and the predictions follow that graph: the chain of
+calls alone would walk past a residual add as if the layers were in sequence. Where
+the graph meets something without a closed form (attention, a constant with no value)
+the prediction stops, with the reason: nothing is measured to carry past it. A norm
+resets the scale, so the prediction resumes after it. Every measured field stays null.
+Meta weights have no values, so the actual init is taken to be what each layer's
+reset_parameters draws (PyTorch's default) unless an init scheme is given, and a PReLU
+slope its constructor's ``init``. A model that cannot be built or run on meta
+(``.item()`` in its constructor, a data-dependent op) is built on the CPU instead, and
+then its weights are read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, propagate, reinit, theory
+from varprobe import diagnose, graph, propagate, reinit, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -40,6 +47,8 @@ META_NOTE = ("built on the meta device: weights have shapes but no values, so ea
              "layer's PyTorch default init (what reset_parameters draws) is assumed and "
              "init code in the model's constructor is not seen; pass --init SCHEME, or "
              "--device cpu to read the real weights")
+PRELU_NOTE = ("PReLU slopes: each one's initial value (the constructor's init) is assumed, "
+              "as the meta device holds no weight values")
 
 
 def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, ...] | None
@@ -91,15 +100,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         if mode is not None:
             model.train(mode == "train")
         x = _inputs(model, inputs, batch_size, input_shape, dev)
-        args, kwargs = inputs_mod.as_call(x)
-        with torch.no_grad(), Recorder(model, measure=False) as rec:
-            try:
-                output = model(*args, **kwargs)
-            except Exception as exc:
-                raise VarprobeError(
-                    f"the model raised in {_where(rec)} during the shape pass on "
-                    f"{dev.type}: {type(exc).__name__}: {_first_line(exc)}") from exc
-            layers = _layers(rec, rec.collect())
+        output, rec, recording = _shape_pass(model, x, dev)
+        layers = _layers(rec, rec.collect())
         modules = [call.module for call in rec.calls]
         report = Report(
             model=ModelInfo(target=target or type(model).__name__,
@@ -115,9 +117,65 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             _assume_scheme(report, modules, scheme)
         elif dev.type == "meta":
             report.notes.append(META_NOTE)
+        if dev.type == "meta" and any(isinstance(m, nn.PReLU) for m in modules):
+            report.notes.append(PRELU_NOTE)
         propagate.annotate(report, modules)
+        floats = report.input.dtype is not None and "int" not in report.input.dtype
+        report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed" if floats
+                            else "output cotangent Var = 1 assumed")
+        _follow_graph(report, modules, recording)
     diagnose.annotate(report, thresholds, ignore)
     return report
+
+
+def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
+                ) -> tuple[Any, Recorder, graph.Recording]:
+    """One forward under a Recorder that measures nothing and a graph Recording.
+
+    Autograd stays on (free on meta): the recording tells custom autograd Functions and
+    outputs that need no gradient by it. The unit cotangent seeds the graph's backward.
+    """
+    args, kwargs = inputs_mod.as_call(x)
+    recording = graph.Recording(model)
+    with torch.enable_grad(), Recorder(model, measure=False) as rec:
+        rec.observer = recording
+        recording.start(float_leaves(x))
+        try:
+            with recording:
+                output = model(*args, **kwargs)
+        except Exception as exc:
+            raise VarprobeError(
+                f"the model raised in {_where(rec)} during the shape pass on "
+                f"{dev.type}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        recording.finish([t for t in float_leaves(output) if t.requires_grad], 1.0)
+    return output, rec, recording
+
+
+def _follow_graph(report: Report, modules: list[nn.Module],
+                  recording: graph.Recording) -> None:
+    """The graph's predictions for the actual init and, walked over the same graph with
+    the weights replaced, for every counterfactual scheme. Where the graph cannot be
+    used the chain's stay, with graph.annotate's note saying why."""
+    graph.annotate(report, modules, recording, measured=False)
+    if not any(layer.predicted is not None and layer.predicted.basis == "graph"
+               for layer in report.layers):
+        return
+    for scheme in theory.SCHEMES:
+        twin = _twin(report)
+        _assume_scheme(twin, modules, scheme)
+        graph.annotate(twin, modules, recording, measured=False)
+        for layer, walked in zip(report.layers, twin.layers):
+            if layer.kind == "weight":
+                layer.schemes[scheme] = walked.predicted
+    report.summary.forward_ratio, report.summary.backward_ratio = propagate.end_to_end(report)
+
+
+def _twin(report: Report) -> Report:
+    """A copy whose weight fields, predictions and notes can change without the original's."""
+    layers = [dataclasses.replace(layer, unavailable=dict(layer.unavailable))
+              for layer in report.layers]
+    return dataclasses.replace(report, layers=layers, notes=[],
+                               summary=dataclasses.replace(report.summary))
 
 
 def _inputs(model: nn.Module, inputs: Any, batch_size: int,

@@ -428,7 +428,7 @@ def _step_backward(layer: Layer, module: nn.Module, grad: float | None, s: Signa
 def _activation_share(module: nn.Module, q: float, g: float) -> float:
     """E[f(y)]^2 / E[f(y)^2] for y ~ N(0, q): the mean every unit shares after f."""
     if isinstance(module, nn.PReLU):  # the mean slope, where the gain has the rms one
-        slopes = _values(module.weight, 0.25)
+        slopes = _values(module.weight, float(module.init))
         a = sum(slopes) / len(slopes)
     else:
         a = theory.prelu_slope(module)
@@ -497,9 +497,22 @@ def _norm_forward(module: nn.Module, s: Signal) -> Signal | None:
             total += g * g * (s.m2 + m * m) / (v + eps) + cross
             shared += g * g * (s.m2 * s.mean_share + m * m) / (v + eps) + cross
         return Signal(total / len(rv), shared / total if total > 0 else 0.0)
-    gamma, beta = _affine(module)
     var = _norm_variance(module, s)
-    kept = var / (var + eps)
+    return _normalized(module, var / (var + eps))
+
+
+def reset(module: nn.Module) -> Signal | None:
+    """What a normalizer outputs whatever its input, when that input's second moment is
+    far above eps: mean(gamma^2) + mean(beta^2). None where the output depends on the
+    input (eval BatchNorm's running statistics, LocalResponseNorm)."""
+    if not isinstance(module, (*BATCH_NORMS, *FEATURE_NORMS)) or _uses_running_stats(module):
+        return None
+    return _normalized(module, 1.0)
+
+
+def _normalized(module: nn.Module, kept: float) -> Signal:
+    """mean_c(gamma_c^2 kept + beta_c^2), the beta part shared by every sample."""
+    gamma, beta = _affine(module)
     m2 = sum(g * g * kept + b * b for g, b in zip(gamma, beta)) / len(gamma)
     shared = sum(b * b for b in beta) / len(beta)
     return Signal(m2, shared / m2 if m2 > 0 else 0.0)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
-from varprobe import stats
+from varprobe import stats, theory
 
 CHANNELS_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -28,6 +28,12 @@ CHANNELS_FIRST = (
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.Upsample, nn.PixelShuffle, nn.LocalResponseNorm,
 )
+# Zero and dead-unit fractions are measured on the outputs of these kinds of module
+# (theory.kind): where a unit can die. A weight or norm layer's output is rarely
+# exactly zero, and measuring it would cost two more passes over the tensor.
+UNITS_AFTER = ("activation", "other")
+NO_UNITS = ("measured only on the outputs of activations and other modules without "
+            "weights (where units die), not of weight or norm layers")
 CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention,
                  nn.RNNBase, nn.Flatten)
 
@@ -63,6 +69,8 @@ def tensor_leaves(value: Any) -> list[torch.Tensor]:
 
 
 def float_leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):  # the common case, without flattening
+        return [value] if value.is_floating_point() else []
     return [t for t in tensor_leaves(value) if t.is_floating_point()]
 
 
@@ -97,13 +105,14 @@ class Recorder:
         self.model = model
         self.measure = measure
         self.calls: list[Call] = []
-        self.slots: list[torch.Tensor | None] = []
+        self.slots: list[stats.Pending | None] = []
         self.in_backward = False
         self._handles: list[Any] = []
         self._open: dict[int, list[Call]] = {}
         self._counts: dict[str, int] = {}
-        self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
-        self._grads: dict[tuple, tuple[StorageWeakRef, int, torch.Tensor]] = {}
+        self._seen: dict[int, tuple[weakref.ref, int, int, bool]] = {}
+        self._grads: dict[tuple, tuple[StorageWeakRef, int, stats.Pending]] = {}
+        self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
         self._channels_first = False
         self.weights: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (slot, w)
         # Told where each call starts (the args its forward gets) and ends (its output):
@@ -113,6 +122,7 @@ class Recorder:
     # --- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Recorder:
         for name, module in probed_modules(self.model):
+            self._units[id(module)] = theory.kind(module) in UNITS_AFTER
             self._handles.append(module.register_forward_pre_hook(
                 self._pre_hook(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
@@ -127,21 +137,23 @@ class Recorder:
         self._grads.clear()
 
     # --- slots ---------------------------------------------------------------------
-    def _new_slot(self, value: torch.Tensor | None = None) -> int:
+    def _new_slot(self, value: stats.Pending | None = None) -> int:
         self.slots.append(value)
         return len(self.slots) - 1
 
-    def _activation_slot(self, t: torch.Tensor) -> int | None:
-        """Measure ``t`` once: the output of one module is usually the next one's input."""
+    def _activation_slot(self, t: torch.Tensor, units: bool = False) -> int | None:
+        """Measure ``t`` once: the output of one module is usually the next one's input.
+        ``units``: with the zero and dead-unit fractions (see ``UNITS_AFTER``)."""
         if not self.measure:
             return None
         seen = self._seen.get(id(t))
-        if seen is not None and seen[0]() is t and seen[1] == t._version:
+        if (seen is not None and seen[0]() is t and seen[1] == t._version
+                and (seen[3] or not units)):
             return seen[2]
         channel_dim = 1 if self._channels_first and t.dim() >= 3 else -1
         with torch.no_grad(), self._quiet():
-            slot = self._new_slot(stats.activation(t, channel_dim))
-        self._seen[id(t)] = (weakref.ref(t), t._version, slot)
+            slot = self._new_slot(stats.activation(t, channel_dim, units))
+        self._seen[id(t)] = (weakref.ref(t), t._version, slot, units)
         return slot
 
     def _grad_hook(self, slot: int):
@@ -186,7 +198,8 @@ class Recorder:
                 return None
             call = self._open[id(module)].pop()
             self._update_layout(module)
-            self._record_output(call, output)
+            with self._quiet():  # hooks' own tensor reads are no dataflow to record
+                self._record_output(call, output)
             if self.observer is not None:
                 self.observer.exit(output)
             return None
@@ -211,9 +224,13 @@ class Recorder:
                 else contextlib.nullcontext())
 
     def _record_input(self, call: Call, module: nn.Module, args: tuple, kwargs: dict):
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        pos = next((i for i, t in enumerate(leaves)
-                    if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+        if not kwargs and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_floating_point():  # the common case, without flattening
+            leaves, spec, pos = list(args), None, 0
+        else:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            pos = next((i for i, t in enumerate(leaves)
+                        if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
         if pos is None:
             call.unavailable["input"] = "no floating-point input tensor"
             call.unavailable["backward_input"] = "no floating-point input tensor"
@@ -229,10 +246,13 @@ class Recorder:
             return None
         alias = x.view_as(x)
         call.slots["backward_input"] = self._new_slot()
-        call.alias_version = alias._version
-        alias.register_hook(self._grad_hook(call.slots["backward_input"]))
+        with self._quiet():
+            call.alias_version = alias._version
+            alias.register_hook(self._grad_hook(call.slots["backward_input"]))
         leaves[pos] = alias
         call.alias = weakref.ref(alias)
+        if spec is None:
+            return tuple(leaves), kwargs
         new_args, new_kwargs = pytree.tree_unflatten(leaves, spec)
         return tuple(new_args), new_kwargs
 
@@ -249,7 +269,10 @@ class Recorder:
             return
         y = outs[0]
         call.shape, call.dtype = list(y.shape), str(y.dtype).removeprefix("torch.")
-        call.slots["forward"] = self._activation_slot(y)
+        units = self._units.get(id(call.module), True)
+        call.slots["forward"] = self._activation_slot(y, units)
+        if self.measure and not self._seen[id(y)][3]:
+            call.unavailable["zero_fraction"] = call.unavailable["dead_fraction"] = NO_UNITS
         if y.requires_grad:
             call.slots["backward"] = self._new_slot()
             y.register_hook(self._grad_hook(call.slots["backward"]))
@@ -270,15 +293,14 @@ class Recorder:
             for key, (slot, _) in self.weights.items():
                 g = grads.get(key)
                 if g is not None:
-                    out[key] = self._new_slot(stats.grad_ratio(g, self.slots[slot][stats.W_NORM]))
+                    w = self.weights[key][1]
+                    out[key] = self._new_slot(stats.grad_ratio(g, w, self.slots[slot]))
         return out
 
     def collect(self) -> list:
         """The one device-to-host transfer: every slot as a list of floats (or None)."""
         filled = [i for i, s in enumerate(self.slots) if s is not None]
-        if not filled:
-            return [None] * len(self.slots)
-        host = torch.stack([self.slots[i] for i in filled]).cpu().tolist()
+        host = stats.collect([self.slots[i] for i in filled])
         out: list = [None] * len(self.slots)
         for i, row in zip(filled, host):
             out[i] = row

@@ -1,74 +1,70 @@
-"""On-device reductions: one small float64 vector per tensor, never a host sync.
+"""On-device reductions: a few raw sums per tensor, finished on the host after one copy.
 
-Every vector has the same length (``WIDTH``) so that all of them can be stacked and
-copied to the host in a single transfer after the backward pass.
+Each measurement is a ``Pending``: a short float64 vector of sums on the tensor's
+device and a function that turns those sums, once on the host, into the row the
+report reads (the layouts below). ``collect`` concatenates every vector and copies it
+in a single transfer; means, variances and fractions are then plain float64
+arithmetic on the host, so a hook issues only the reductions themselves.
 
-Speed and memory: ``torch.var_mean`` (Welford) runs at a tenth of memory speed on CPU,
-and reductions with a ``dtype=`` argument first copy the whole tensor. So a tensor is
-read in chunks of at most ``chunk_size`` elements: each chunk is shifted by the first
-chunk's mean (no cancellation in E[x^2] - E[x]^2), reduced in float32 (upcast from
-fp16/bf16 per chunk) with torch's pairwise sums, and the per-chunk sums are added in
-float64. Scratch memory is one chunk, whatever the size of the activation.
+Speed and memory (CPU): ``torch.var_mean`` (Welford) runs at a tenth of memory speed,
+reductions with ``dtype=`` copy the whole tensor first, and every elementwise
+temporary is a write pass. So a dense float32 tensor is read twice, with no
+temporary: ``sum(x)`` (torch's pairwise sum) and the sum of squares as the squared
+norms of its rows of ``ROW`` elements, added in float64. E[x^2] - E[x]^2 cancels when
+the mean dominates: on the CPU, where reading a sum costs no transfer, the sums are
+looked at and, only when mean^2 > Var, taken again from ``x - mean`` (chunked). On
+accelerators, which must not sync, every tensor is shifted by its first chunk's mean
+and read in chunks of scratch, as is every fp16/bf16 tensor (upcast per chunk to
+float32) and every tensor whose memory is not dense.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import torch
 
 WIDTH = 8
-# Forward slot layout.
+# Forward row layout.
 MEAN, VAR, SECOND_MOMENT, ZERO_FRACTION, DEAD_FRACTION, NONFINITE, NUMEL = range(7)
-# Gradient slot layout (reuses the first positions).
+# Gradient row layout (reuses the first positions).
 G_VAR, G_SECOND_MOMENT, G_NONFINITE, G_NUMEL = 0, 1, 2, 3
-# Weight slot layout.
+# Weight row layout.
 W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM = 0, 1, 2, 3
+
+# Elements per row of the sum of squares: vector_norm accumulates a row in float32
+# lanes (at most 256 terms each, relative error below 256 * 6e-8 = 1.5e-5 in the worst
+# case, about 1e-7 in practice); the rows are added in float64.
+ROW = 256
+
+
+@dataclass
+class Pending:
+    """Raw float64 sums on the device; ``finish`` makes the host row from them."""
+
+    raw: torch.Tensor
+    finish: Callable[[list[float]], list[float | None]]
+
+
+def collect(pending: list[Pending]) -> list[list[float | None]]:
+    """The one device-to-host transfer: every pending vector, finished on the host."""
+    if not pending:
+        return []
+    host = torch.cat([p.raw for p in pending]).cpu().tolist()
+    rows, start = [], 0
+    for p in pending:
+        stop = start + p.raw.numel()
+        rows.append(p.finish(host[start:stop]))
+        start = stop
+    return rows
 
 
 def chunk_size(device: torch.device) -> int:
-    # 1 MiB of float32 scratch on CPU (as fast as bigger chunks: the passes over a chunk
-    # stay in cache); accelerators pay per kernel launch, so bigger there.
+    # 1 MiB of float32 scratch on CPU (the passes over a chunk stay in cache);
+    # accelerators pay per kernel launch, so bigger there.
     return 1 << 18 if device.type == "cpu" else 1 << 24
-
-
-def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
-    """Views of ``x`` with at most about ``chunk_size`` elements each (no copy)."""
-    size = chunk_size(x.device)
-    if x.numel() <= size:
-        return [x]
-    if x.is_contiguous():
-        return list(x.view(-1).split(size))
-    rows = max(1, size // max(1, x[0].numel()))
-    return list(x.split(rows))
-
-
-def _sums(x: torch.Tensor, nonfinite: bool, zeros: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, [sum(x - shift), sum((x - shift)^2), non-finite count?, non-zero count?]).
-
-    The shift is a float32 0-d tensor, the sums a float64 vector; each count only when
-    asked for. A non-finite element makes the sum of squares non-finite, and on the CPU
-    reading that sum costs no transfer: there the count is taken only when it is.
-    """
-    lazy = nonfinite and reads_are_free(x.device)
-    shift, parts = None, []
-    for chunk in _chunks(x.detach()):
-        c = _float32(chunk)
-        if shift is None:
-            shift = c.mean()
-        d = c - shift
-        # Sums only: torch's sum is pairwise (cascaded); vector_norm's float32 is not.
-        row = [d.sum(), d.square_().sum()]
-        if nonfinite and not lazy:
-            row.append(_nonfinite(c, d))
-        if zeros:
-            row.append(torch.ne(c, 0, out=d).sum())
-        parts.append(torch.stack(row))
-    total = torch.stack(parts).double().sum(0)
-    if lazy:
-        count = (torch.zeros((), dtype=torch.float64) if total[1].isfinite()
-                 else sum(_nonfinite(c, torch.empty_like(c)).double()
-                          for c in map(_float32, _chunks(x.detach()))))
-        total = torch.cat([total[:2], count.view(1), total[2:]])
-    return shift, total
 
 
 def reads_are_free(device: torch.device) -> bool:
@@ -76,8 +72,47 @@ def reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _float32(chunk: torch.Tensor) -> torch.Tensor:
-    return chunk.float() if chunk.dtype in (torch.float16, torch.bfloat16) else chunk
+# --- reading a tensor ---------------------------------------------------------------
+
+def _dense(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as a flat view when its memory is dense in some order of its dims (sums
+    do not care about order), else None."""
+    if x.is_contiguous():
+        return x.view(-1)
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    y = x.permute(order)
+    return y.view(-1) if y.is_contiguous() else None
+
+
+def _pieces(x: torch.Tensor, chunked: bool) -> Iterator[torch.Tensor]:
+    """Contiguous 1-D float32/float64 pieces covering ``x``: the whole tensor when it is
+    dense and not ``chunked``, else chunks of at most about ``chunk_size`` elements
+    (views where possible; fp16/bf16 upcast and strided rows copied, chunk by chunk)."""
+    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
+    if flat is not None:
+        yield from [flat] if not chunked else flat.split(chunk_size(x.device))
+        return
+    size = chunk_size(x.device)
+    flat = _dense(x)
+    if flat is not None:
+        for c in flat.split(size):
+            yield c.float()
+        return
+    rows = max(1, size // max(1, x[0].numel()))
+    for c in x.split(rows):
+        yield c.float().reshape(-1)
+
+
+def _square_sum(p: torch.Tensor) -> torch.Tensor:
+    """sum(p^2) of a contiguous 1-D piece, float64 0-d: the norms of its rows (no
+    temporary), their squares summed in float64."""
+    whole = p.numel() - p.numel() % ROW
+    rows = (p if whole == p.numel() else p[:whole]).view(-1, ROW)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    total = torch.linalg.vector_norm(norms, dtype=torch.float64).square()
+    if whole < p.numel():
+        total = total + p[whole:].double().square().sum()
+    return total
 
 
 def _nonfinite(c: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -85,69 +120,142 @@ def _nonfinite(c: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return torch.ne(torch.sub(c, c, out=scratch), 0, out=scratch).sum()
 
 
-def _moments(x: torch.Tensor, nonfinite: bool = False, zeros: bool = False
-             ) -> list[torch.Tensor]:
-    """[mean, var, E[x^2], then the counts asked for], float64 0-d tensors."""
-    n = x.numel()
-    shift, s = _sums(x, nonfinite, zeros)
-    offset = s[0] / n
-    var = (s[1] / n - offset * offset).clamp_(min=0)
-    mean = shift.double() + offset
-    return [mean, var, var + mean * mean, *s[2:]]
+def _scratch(x: torch.Tensor) -> torch.Tensor:
+    """One chunk of float32 (float64 for a float64 tensor) scratch."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty(min(x.numel(), chunk_size(x.device)), dtype=dtype, device=x.device)
 
 
-def _pad(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    out = torch.zeros(WIDTH, dtype=torch.float64, device=device)
-    out[: len(values)] = torch.stack([v.to(torch.float64) for v in values])
-    return out
+def _sums(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
+    """float64 [shift, sum(x - shift), sum((x - shift)^2), then the non-finite count if
+    asked for]."""
+    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
+    if flat is None or not reads_are_free(x.device):
+        return _sums_shifted(x, None, nonfinite)
+    # CPU: two passes, no temporary; reading the sums costs no transfer there.
+    s1, s2 = flat.sum().item(), _square_sum(flat).item()
+    n = max(flat.numel(), 1)
+    mean, m2 = s1 / n, s2 / n
+    finite = math.isfinite(s1) and math.isfinite(s2)
+    if finite and mean * mean > m2 - mean * mean:  # mean^2 > Var: E[x^2] - E[x]^2 cancels
+        return _sums_shifted(x, mean, nonfinite)
+    sums = [0.0, s1, s2]
+    if nonfinite:  # a non-finite element makes a sum non-finite: count only then
+        scratch = _scratch(x)
+        sums.append(0.0 if finite else sum(
+            _nonfinite(c, scratch[: c.numel()]).item() for c in flat.split(scratch.numel())))
+    return torch.tensor(sums, dtype=torch.float64)
 
 
-def _dead_fraction(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Share of units (indices along ``channel_dim``) that are zero everywhere.
+def _sums_shifted(x: torch.Tensor, shift: float | None, nonfinite: bool) -> torch.Tensor:
+    """Chunk by chunk from ``d = x - shift`` in scratch; the shift, when not given, is
+    the first chunk's mean (no sync)."""
+    scratch, parts, first = _scratch(x), [], None
+    for c in _pieces(x, chunked=True):
+        if first is None:
+            first = c.mean() if shift is None else torch.tensor(shift, dtype=c.dtype,
+                                                                 device=c.device)
+        d = torch.sub(c, first, out=scratch[: c.numel()])
+        row = [d.sum().double(), _square_sum(d)]
+        if nonfinite:
+            row.append(_nonfinite(c, d).double())
+        parts.append(torch.stack(row))
+    if first is None:  # no elements
+        return torch.zeros(4 if nonfinite else 3, dtype=torch.float64, device=x.device)
+    total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    return torch.cat([first.double().view(1), total])
 
-    Max and min per unit: reductions without scratch memory, unlike ``ne(0).any``.
-    """
+
+def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """float64 [zero elements, units alive]. A unit (an index along ``channel_dim``) is
+    dead when zero for every sample and position: max and min per unit both 0, which
+    are reductions without scratch memory."""
+    scratch = _scratch(x)
+    zeros = torch.stack([c.numel() - torch.ne(c, 0, out=scratch[: c.numel()]).sum()
+                         for c in _pieces(x, chunked=True)]).double().sum()
+    if x.dim() < 2:
+        return torch.stack([zeros, zeros.new_zeros(())])
     dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
     hi, lo = torch.amax(x, dims), torch.amin(x, dims)
-    return 1 - (hi.ne(0) | lo.ne(0)).double().mean()
+    alive = torch.maximum(hi, lo.neg_()).ne_(0).sum()  # max(hi, -lo) is 0 only if both are
+    return torch.stack([zeros, alive.double()])
 
 
-def activation(t: torch.Tensor, channel_dim: int) -> torch.Tensor:
+# --- host rows ------------------------------------------------------------------------
+
+def _moments(r: list[float], n: int) -> tuple[float, float, float]:
+    """(mean, var, E[x^2]) from [shift, sum(d), sum(d^2)], d = x - shift."""
+    n = max(n, 1)
+    offset = r[1] / n
+    var = max(r[2] / n - offset * offset, 0.0)  # NaN stays NaN
+    mean = r[0] + offset
+    return mean, var, var + mean * mean
+
+
+def activation(t: torch.Tensor, channel_dim: int, units: bool = True) -> Pending:
     """mean, var, E[x^2], zero fraction, dead-unit fraction, non-finite count, numel.
 
-    A unit is one index along ``channel_dim`` (a feature or a conv channel); it is dead
-    when it is zero for every sample and position.
+    With ``units=False`` the zero and dead-unit fractions are not measured (None): they
+    cost two more passes and say something only where an activation can zero a unit.
+    A unit is one index along ``channel_dim`` (a feature or a conv channel); the dead
+    fraction is NaN for a tensor with fewer than two dims.
     """
     x = t.detach()
     n = x.numel()
-    mean, var, m2, nonfinite, nonzero = _moments(x, nonfinite=True, zeros=True)
-    if x.dim() >= 2:
-        dead = _dead_fraction(x, channel_dim)
-    else:
-        dead = torch.full((), float("nan"), dtype=torch.float64, device=x.device)
-    numel = torch.full((), float(n), dtype=torch.float64, device=x.device)
-    return _pad([mean, var, m2, 1 - nonzero / n, dead, nonfinite, numel], x.device)
+    parts = [_sums(x, nonfinite=True)]
+    count = x.shape[channel_dim] if units and x.dim() >= 2 else 0
+    if units:
+        parts.append(_units(x, channel_dim))
+
+    def finish(r: list[float]) -> list[float | None]:
+        mean, var, m2 = _moments(r, n)
+        zero = dead = None
+        if units:
+            zero = r[4] / n if n else float("nan")
+            dead = 1 - r[5] / count if count else float("nan")
+        return [mean, var, m2, zero, dead, r[3], float(n)]
+
+    return Pending(torch.cat(parts) if units else parts[0], finish)
 
 
-def gradient(g: torch.Tensor) -> torch.Tensor:
+def gradient(g: torch.Tensor) -> Pending:
     """var, E[g^2], non-finite count, numel of a gradient tensor."""
-    _, var, m2, nonfinite = _moments(g, nonfinite=True)
-    numel = torch.full((), float(g.numel()), dtype=torch.float64, device=g.device)
-    return _pad([var, m2, nonfinite, numel], g.device)
+    n = g.numel()
+
+    def finish(r: list[float]) -> list[float | None]:
+        _, var, m2 = _moments(r, n)
+        return [var, m2, r[3], float(n)]
+
+    return Pending(_sums(g.detach(), nonfinite=True), finish)
 
 
-def weight(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
     """Var[w], E[w^2], mean(b^2) (NaN without bias), ||w|| (= sqrt(numel * E[w^2]))."""
-    _, var, m2 = _moments(w)
+    n, nb = w.numel(), bias.numel() if bias is not None else 0
+    parts = [_sums(w.detach(), nonfinite=False)]
     if bias is not None:
-        b2 = _moments(bias)[2]
-    else:
-        b2 = torch.full((), float("nan"), dtype=torch.float64, device=w.device)
-    return _pad([var, m2, b2, (m2 * w.numel()).sqrt()], w.device)
+        parts.append(_square_sums(bias.detach()).view(1))
+
+    def finish(r: list[float]) -> list[float | None]:
+        _, var, m2 = _moments(r, n)
+        b2 = r[3] / nb if nb else float("nan")
+        return [var, m2, b2, math.sqrt(n * m2)]
+
+    return Pending(torch.cat(parts), finish)
 
 
-def grad_ratio(grad: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
-    """||dL/dW|| / ||W||, in slot 0. A norm needs no shift: sum the squares directly."""
-    parts = [c.float().square().sum() for c in _chunks(grad.detach())]
-    norm = torch.stack(parts).double().sum().sqrt()
-    return _pad([norm / w_norm.to(torch.float64)], grad.device)
+def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
+    """||dL/dW|| / ||W||, ``stats`` being ``weight(w, ...)``. A norm needs no shift."""
+    n = w.numel()
+
+    def finish(r: list[float]) -> list[float | None]:
+        _, _, m2 = _moments(r[1:4], n)
+        return [math.sqrt(r[0]) / math.sqrt(n * m2) if m2 or r[0] else math.nan]
+
+    return Pending(torch.cat([_square_sums(grad.detach()).view(1), stats.raw[:3]]), finish)
+
+
+def _square_sums(x: torch.Tensor) -> torch.Tensor:
+    """sum(x^2), float64 0-d."""
+    sums = [_square_sum(p) for p in _pieces(x, chunked=False)]
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()

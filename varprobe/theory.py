@@ -247,7 +247,8 @@ def prelu_slope(module: nn.Module) -> float | None:
     """Negative-side slope a of a rectifier, such that its gain is (1+a^2)/2.
 
     ReLU 0; LeakyReLU its negative_slope; PReLU sqrt(mean(a_c^2)) over channels,
-    so that (1+a^2)/2 is the channel average of (1+a_c^2)/2; RReLU (lower+upper)/2
+    so that (1+a^2)/2 is the channel average of (1+a_c^2)/2 (on the meta device, which
+    holds no values, |init|, the slope it was constructed with); RReLU (lower+upper)/2
     in eval mode (its fixed slope) and, in train mode, where every element draws
     a ~ U(lower, upper), the rms slope sqrt((l^2+l*u+u^2)/3), which makes
     (1+a^2)/2 = E[(1+a^2)/2] exact. None for anything else.
@@ -257,6 +258,8 @@ def prelu_slope(module: nn.Module) -> float | None:
     if isinstance(module, nn.LeakyReLU):
         return float(module.negative_slope)
     if isinstance(module, nn.PReLU):
+        if module.weight.is_meta:  # no values: the slope it was constructed with
+            return abs(float(module.init))
         w = module.weight.detach().double()
         return float(w.square().mean().sqrt())
     if isinstance(module, nn.RReLU):

@@ -2,7 +2,7 @@
 
 Trial k runs with seed + k: a new input and cotangent each time (and new weights
 under ``--init``). The report holds the arithmetic mean over the trials, which is
-unbiased for the quantities the theory predicts (theory.md §1, §10), and in
+unbiased for the quantities the theory predicts (docs/theory-review.md §1, §10), and in
 ``intervals`` a 95% confidence interval for that mean, mean ± t(0.975, K-1)·sd/√K
 (sd over the trials, with K-1 degrees of freedom). Quantities that cannot be negative
 (second moments, variances, fractions) have the lower end clipped at 0. Counts of

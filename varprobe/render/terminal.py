@@ -42,9 +42,12 @@ def header(report: Report) -> Text:
     shape = i.shape if not isinstance(i.shape, dict) else ", ".join(
         f"{k}={v}" for k, v in i.shape.items())
     second = f", E[x²]={num(i.second_moment)}" if i.second_moment is not None else ""
-    text.append(f"input {shape} {i.dtype}{second} · seed {s.get('seed')} · "
-                f"{s.get('mode')} mode · init {s.get('init')} · "
-                f"cotangent {_grad_label(s.get('grad'))}", style="dim")
+    run = (f"seed {s.get('seed')} · {s.get('mode')} mode · init {s.get('init')} · "
+           f"cotangent {_grad_label(s.get('grad'))}")
+    if s.get("source") == "closed-form":  # varprobe predict: nothing was run
+        run = (f"closed-form (no input, no cotangent; E[x²]=1 and unit cotangent assumed) · "
+               f"{s.get('mode')} mode · init {s.get('init')}")
+    text.append(f"input {shape} {i.dtype}{second} · {run}", style="dim")
     if s.get("trials", 1) > 1:
         text.append(f" · {s['trials']} trials (mean, 95% interval)", style="dim")
     return text
