@@ -269,3 +269,9 @@ def test_strided_tensor_and_odd_sizes(chunked):
     assert not x.is_contiguous() and x.numel() % stats.ROW
     check_activation(x)
     check_activation(relu_with_dead_units(61, 7, 5, channel_dim=1), channel_dim=1)
+
+
+def test_grad_ratio_of_a_zero_weight():
+    w = torch.zeros(4, 3)
+    assert host(stats.grad_ratio(torch.ones(4, 3), w, stats.weight(w, None)))[0] == np.inf
+    assert np.isnan(host(stats.grad_ratio(torch.zeros(4, 3), w, stats.weight(w, None)))[0])

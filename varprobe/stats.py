@@ -250,7 +250,8 @@ def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
 
     def finish(r: list[float]) -> list[float | None]:
         _, _, m2 = _moments(r[1:4], n)
-        return [math.sqrt(r[0]) / math.sqrt(n * m2) if m2 or r[0] else math.nan]
+        norm = math.sqrt(n * m2)  # a zero weight: inf, or NaN for a zero gradient too
+        return [math.sqrt(r[0]) / norm if norm else math.inf if r[0] else math.nan]
 
     return Pending(torch.cat([_square_sums(grad.detach()).view(1), stats.raw[:3]]), finish)
 
