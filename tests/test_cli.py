@@ -133,3 +133,15 @@ def test_python_dash_m_and_console_script_agree(model_file):
     cmd = [sys.executable, "-m", "varprobe", "analyze", str(model_file), "-f", "json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     check_report(json.loads(done.stdout))
+
+
+def test_seed_makes_the_model_files_own_init_repeat(model_file, capsys):
+    # `model = Net()` draws its weights when the file is imported: --seed fixes them.
+    def weight_var(*args):
+        data = json.loads(run(capsys, "analyze", model_file, "-f", "json", *args).out)
+        return data["layers"][0]["weight_var"]
+
+    state = torch.get_rng_state()
+    assert weight_var() == weight_var("--seed", "0")
+    assert weight_var("--seed", "1") != weight_var("--seed", "0")
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone

@@ -88,7 +88,8 @@ BatchSize = Annotated[int | None, typer.Option(
     "--batch-size", "-b", min=1, help="batch size (default 256, or pyproject's)",
     show_default=False)]
 Seed = Annotated[int | None, typer.Option(
-    "--seed", help="seed for inputs and cotangent (default 0, or pyproject's)",
+    "--seed", help="seed for the model file's own init, the inputs and the cotangent "
+                   "(default 0, or pyproject's)",
     show_default=False)]
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="train (BatchNorm uses batch stats) "
                                                       "or eval")]
@@ -213,7 +214,7 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug, *,
         from varprobe.pipeline import probe
         from varprobe.render.terminal import trial_progress
 
-        loaded = target_mod.load(target)
+        loaded = target_mod.load(target, seed=seed)
         data = inputs.load_file(input_file) if input_file else loaded.example_input
         with trial_progress(trials) as progress:
             return probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size,

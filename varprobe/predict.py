@@ -62,7 +62,7 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
     options = dict(input_shape=input_shape, batch_size=batch_size, init=init, mode=mode,
                    target=spec, **diagnosis)
     if device != "meta":
-        loaded = target_mod.load(spec, device=str(resolve_device(device, None)))
+        loaded = target_mod.load(spec, device=str(resolve_device(device, None)), seed=0)
         return predict(loaded.model, loaded.example_input, **options)
     try:
         loaded = target_mod.load(spec, device="meta")
@@ -71,7 +71,7 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
         if not _about_meta(exc):
             raise
         reason = _first_line(exc.__cause__ if isinstance(exc, VarprobeError) else exc)
-    loaded = target_mod.load(spec)
+    loaded = target_mod.load(spec, seed=0)
     report = predict(loaded.model, loaded.example_input, **options)
     report.notes.insert(0, f"the model could not be built or run on the meta device "
                            f"({reason}); it was built on the CPU and its weights were read")

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -39,12 +40,15 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return head, name
 
 
-def load(spec: str, device: str | None = None) -> Target:
+def load(spec: str, device: str | None = None, seed: int | None = None) -> Target:
     """Import the target and build its model; ``device`` (e.g. "meta") is the default
     device while the file runs and the model is built: shapes without memory. The file
-    is imported under it too, since module-level code may build the model."""
+    is imported under it too, since module-level code may build the model. ``seed``
+    seeds torch's RNG for the import and the build, so that weights the file draws
+    repeat from run to run (a baseline then compares like with like); the caller's RNG
+    state is restored afterwards."""
     location, name = split_spec(spec)
-    with _default_device(device):
+    with _seeded(seed), _default_device(device):
         module = _import(location)
         where = location
         obj_name, obj = _find(module, name, where)
@@ -52,6 +56,18 @@ def load(spec: str, device: str | None = None) -> Target:
     return Target(spec=spec, model=model,
                   example_input=getattr(module, "example_input", None),
                   loss=getattr(module, "loss", None))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _default_device(device: str | None) -> contextlib.AbstractContextManager:

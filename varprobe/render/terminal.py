@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
@@ -70,45 +72,99 @@ def shown_layers(report: Report, all_layers: bool) -> list[Layer]:
     return [layer for layer in report.layers if layer.kind == "weight" or layer.flags]
 
 
-def table(report: Report, *, all_layers: bool = False, compare: list[str] = ()) -> Table:
+@dataclass(frozen=True)
+class Column:
+    """A table column; in a narrow terminal the lowest ``keep`` goes first."""
+
+    header: str
+    cell: Callable[[Layer], str | Text]
+    keep: int
+    justify: str = "right"
+
+
+def _forward(layer: Layer) -> float | None:
+    return layer.forward.second_moment if layer.forward else None
+
+
+def _backward(layer: Layer) -> float | None:
+    return layer.backward.var if layer.backward else None
+
+
+def _pred(layer: Layer, field: str) -> float | None:
+    return getattr(layer.predicted, field) if layer.predicted else None
+
+
+def _nvar(layer: Layer) -> str:
+    if layer.fan_in is None or layer.weight_var is None:
+        return ""
+    return num(layer.fan_in * layer.weight_var)
+
+
+def _flags(layer: Layer) -> Text:
+    text = Text(" ".join(f"{SEVERITY_SYMBOL[f.severity]} {f.code}" for f in layer.flags))
+    if layer.flags:
+        text.stylize(SEVERITY_STYLE[_worst(layer)])
+    return text
+
+
+ESSENTIAL = 9  # never dropped
+
+
+def columns(compare: list[str] = ()) -> list[Column]:
+    essential = ESSENTIAL
+    schemes = [Column(name, lambda layer, name=name: num(
+        layer.schemes[name].forward_var if name in layer.schemes else None), 7)
+        for name in compare]
+    return [
+        Column("#", lambda layer: str(layer.index), essential),
+        Column("layer", lambda layer: layer.label, essential, "left"),
+        Column("type", lambda layer: layer.type, 1, "left"),
+        Column("fan_in", _fan_in, 4),
+        Column("n·Var[w]", _nvar, 5),
+        Column("act", lambda layer: layer.activation or "", 3, "left"),
+        Column("gain", lambda layer: "" if layer.gain is None else num(layer.gain), 2),
+        Column("fwd E[y²]", lambda layer: num(_forward(layer)), essential),
+        Column("pred", lambda layer: num(_pred(layer, "forward_var")), 6),
+        Column("meas/pred", lambda layer: ratio(_forward(layer), _pred(layer, "forward_var")),
+               essential),
+        *schemes,
+        Column("bwd Var", lambda layer: num(_backward(layer)), essential),
+        Column("pred", lambda layer: num(_pred(layer, "backward_var")), 6),
+        Column("meas/pred", lambda layer: ratio(_backward(layer), _pred(layer, "backward_var")),
+               8),
+        Column("flags", _flags, essential, "left"),
+    ]
+
+
+def table(report: Report, *, all_layers: bool = False, compare: list[str] = (),
+          cols: list[Column] | None = None) -> Table:
     t = Table(box=None, header_style="bold", pad_edge=False)
-    for name, justify in (("#", "right"), ("layer", "left"), ("type", "left"),
-                          ("fan_in", "right"), ("n·Var[w]", "right"), ("act", "left"),
-                          ("gain", "right"), ("fwd E[y²]", "right"), ("pred", "right"),
-                          ("meas/pred", "right")):
-        t.add_column(Text(name), justify=justify)  # Text: "[w]" is not markup
-    for scheme in compare:
-        t.add_column(scheme, justify="right")
-    for name in ("bwd Var", "pred", "meas/pred", "flags"):
-        t.add_column(Text(name), justify="left" if name == "flags" else "right")
+    cols = cols if cols is not None else columns(compare)
+    for col in cols:
+        # Text headers: "[w]" is not markup. Numbers never wrap; long names fold.
+        t.add_column(Text(col.header), justify=col.justify, no_wrap=col.header != "layer",
+                     overflow="fold")
     for layer in shown_layers(report, all_layers):
-        t.add_row(*_row(layer, compare))
+        t.add_row(*(col.cell(layer) for col in cols))
     return t
 
 
-def _row(layer: Layer, compare: list[str]) -> list[str | Text]:
-    fwd = layer.forward.second_moment if layer.forward else None
-    bwd = layer.backward.var if layer.backward else None
-    pred = layer.predicted
-    nvar = (layer.fan_in * layer.weight_var
-            if layer.fan_in is not None and layer.weight_var is not None else None)
-    flags = Text(" ".join(f"{SEVERITY_SYMBOL[f.severity]} {f.code}" for f in layer.flags))
-    if layer.flags:
-        flags.stylize(SEVERITY_STYLE[_worst(layer)])
-    cells: list[str | Text] = [
-        str(layer.index), layer.label, layer.type,
-        _fan_in(layer),
-        num(nvar) if nvar is not None else "", layer.activation or "",
-        num(layer.gain) if layer.gain is not None else "",
-        num(fwd), num(pred.forward_var if pred else None),
-        ratio(fwd, pred.forward_var if pred else None),
-    ]
-    for scheme in compare:
-        s = layer.schemes.get(scheme)
-        cells.append(num(s.forward_var if s else None))
-    cells += [num(bwd), num(pred.backward_var if pred else None),
-              ratio(bwd, pred.backward_var if pred else None), flags]
-    return cells
+def fitted(report: Report, console: Console, *, all_layers: bool,
+           compare: list[str]) -> Table:
+    """The table, with the least needed columns dropped until it fits a terminal;
+    piped or logged output is never cut (the console widens instead)."""
+    cols = columns(compare)
+    wide = console.options.update_width(10_000)
+    while True:
+        body = table(report, all_layers=all_layers, cols=cols)
+        need = console.measure(body, options=wide).maximum
+        if not console.is_terminal:
+            console.width = max(console.width, need)
+            return body
+        droppable = [c for c in cols if c.keep < ESSENTIAL]
+        if need <= console.width or not droppable:
+            return body
+        cols = [c for c in cols if c is not min(droppable, key=lambda c: c.keep)]
 
 
 def _fan_in(layer: Layer) -> str:
@@ -201,10 +257,7 @@ def _fix_effect(fix) -> str:
 def render(report: Report, console: Console | None = None, *, all_layers: bool = False,
            compare: list[str] = ()) -> None:
     console = console or Console()
-    body = table(report, all_layers=all_layers, compare=list(compare))
-    if not console.is_terminal:  # piped or logged: never truncate the numbers
-        wide = console.options.update_width(10_000)
-        console.width = max(console.width, console.measure(body, options=wide).maximum)
+    body = fitted(report, console, all_layers=all_layers, compare=list(compare))
     console.print(header(report))
     console.print()
     console.print(body)
