@@ -219,15 +219,42 @@ HOST_READS = ("cpu", "item", "tolist", "numpy", "__float__", "__int__", "__bool_
               "__index__")
 
 
-def test_one_host_read_per_probe(monkeypatch):
+class Normed(nn.Module):
+    """Norms and PReLUs, whose weights, biases and running statistics the predictions
+    read, and a graph constant (``scale``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.act = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.PReLU(16)
+        self.b, self.ln, self.act2 = nn.Linear(16, 16), nn.LayerNorm(16), nn.PReLU()
+        self.c = nn.Linear(16, 16)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        h = self.act(self.bn(self.a(x)))
+        return self.c(self.act2(self.ln(self.b(h)))) * self.scale + h
+
+
+@pytest.mark.parametrize(("model", "mode"), [(Scaled, None), (Normed, "train"),
+                                             (Normed, "eval")])
+def test_one_host_read_per_probe(monkeypatch, model, mode):
     """By design one device-to-host transfer per pass: on the code path accelerators
     take (``reads_are_free`` False), every Tensor method that brings a value to the host
     is counted, with its caller, during a whole probe (the pass, the report, the graph's
-    constants, the predictions and the diagnosis). Only ``stats.collect`` may read:
-    ``.cpu()`` once, then ``.tolist()`` of that host copy. The closed-form quadrature
+    constants, the predictions from norm and PReLU parameters and running statistics,
+    and the diagnosis). Only ``stats.collect`` may read: ``.cpu()`` once, then
+    ``.tolist()`` of that host copy. The closed-form quadrature
     (``theory.expectation``) reads tensors it makes on the host itself, so it is left
     out. On CUDA, ``python -m bench`` checks the same with
     ``torch.cuda.set_sync_debug_mode``."""
+    torch.manual_seed(0)
+    model, x = model(), torch.randn(32, 16)
+    with torch.no_grad():  # away from their defaults, so that reading them matters
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, nn.PReLU)):
+                for t in (*m.parameters(), *m.buffers()):
+                    if t.is_floating_point():
+                        t.uniform_(0.2, 0.9)
     monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
     calls = []
     for name in HOST_READS:
@@ -240,13 +267,38 @@ def test_one_host_read_per_probe(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    torch.manual_seed(0)
-    model, x = Scaled(), torch.randn(32, 16)
-    report = varprobe.probe(model, x)
+    report = varprobe.probe(model, x, mode=mode)
     monkeypatch.undo()
     assert calls == [("cpu", "collect"), ("tolist", "collect")]
     assert all(layer.forward is not None for layer in report.layers)
     assert not any("graph: not used" in note for note in report.notes)
+    if isinstance(model, Normed):
+        check_parameters_read(model, {layer.name: layer for layer in report.layers},
+                              mode)
+
+
+def check_parameters_read(model: Normed, layers: dict, mode: str) -> None:
+    """The predictions use the actual norm and PReLU values (not their defaults): each
+    is the closed form of theory.md on them. The same float64 arithmetic in another
+    order: 1e-12 relative."""
+    def host(t):
+        return t.detach().double()
+
+    for act, after in ((model.act, "b"), (model.act2, "c")):  # PReLU: a = rms(a_c)
+        assert layers[after].input_gain == pytest.approx(
+            (1 + host(act.weight).square().mean().item()) / 2, rel=1e-12)
+    q = layers["b"].predicted.forward_var  # LayerNorm: mean(gamma^2 q/(q+eps) + beta^2)
+    gamma, beta = host(model.ln.weight), host(model.ln.bias)
+    kept = q / (q + model.ln.eps)
+    assert layers["ln"].predicted.forward_var == pytest.approx(
+        (gamma.square() * kept + beta.square()).mean().item(), rel=1e-12)
+    if mode == "eval":  # BatchNorm on its running statistics
+        q, bn = layers["a"].predicted.forward_var, model.bn
+        g, b, m = host(bn.weight), host(bn.bias), host(bn.running_mean)
+        sd = (host(bn.running_var) + bn.eps).sqrt()
+        expected = g.square() * (q + m.square()) / sd.square() + b.square() - 2 * g * b * m / sd
+        assert layers["bn"].predicted.forward_var == pytest.approx(expected.mean().item(),
+                                                                   rel=1e-12)
 
 
 def test_zero_and_dead_fractions_after_activations_only():

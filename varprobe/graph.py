@@ -504,12 +504,13 @@ class _LayerGraph:
 
 
 def annotate(report: Report, modules: list[nn.Module], recording: Recording | None,
-             measured: bool = True) -> Report:
+             measured: bool = True, values: theory.Values | None = None) -> Report:
     """Replace the chain prediction by the graph one where the graph was followed.
 
     ``measured``: False for the closed-form ``predict``, where the chain carries nothing
     past what it cannot see (a residual add): a layer the graph cannot follow gets no
-    prediction, with the reason, instead of the chain's.
+    prediction, with the reason, instead of the chain's. ``values``: as for
+    propagate.annotate.
     """
     if recording is None or not report.layers:
         return report
@@ -517,7 +518,7 @@ def annotate(report: Report, modules: list[nn.Module], recording: Recording | No
     if reason is not None:
         report.notes.append(f"graph: not used ({reason}); predictions follow the chain")
         return report
-    walk = _Walk(report, modules, recording, measured)
+    walk = _Walk(report, modules, recording, measured, values)
     walk.forward()
     walk.backward()
     walk.assign()
@@ -538,9 +539,9 @@ def _unusable(recording: Recording) -> str | None:
 
 class _Walk:
     def __init__(self, report: Report, modules: list[nn.Module], recording: Recording,
-                 measured: bool = True):
+                 measured: bool = True, values: theory.Values | None = None):
         self.report, self.modules, self.rec = report, modules, recording
-        self.measured = measured
+        self.measured, self.host = measured, values
         self.nodes = recording.nodes
         self.constants = recording.constants()
         self.values: list[_Value] = []
@@ -608,11 +609,11 @@ class _Walk:
         E[f(y)] by quadrature over y = mu + N(0, q - mu^2); the closed forms of theory
         when mu is 0. The backward gain E[f'(y)^2] is kept for the backward pass."""
         if mu * mu <= CENTRED * s.m2:
-            g = theory.forward_gain(module, s.m2)
+            g = theory.forward_gain(module, s.m2, self.host)
             if g is None:
                 return None
-            self.backward_gains[k] = theory.backward_gain(module, s.m2)
-            share = propagate._activation_share(module, s.m2, g)
+            self.backward_gains[k] = theory.backward_gain(module, s.m2, self.host)
+            share = propagate._activation_share(module, s.m2, g, self.host)
             return Signal(g * s.m2, share), _activation_mean(module, s.m2, 0.0)
         var = s.m2 - mu * mu
         if var <= 0:
@@ -643,12 +644,13 @@ class _Walk:
         note = src.note if src else None
         if src is not None and src.broken:
             m_in = propagate._measured_m2(layer.input)
-            reset = propagate.reset(module) if m_in is None else None
+            reset = propagate.reset(module, self.host) if m_in is None else None
             if reset is not None:  # a norm sets the scale whatever its input was
                 info.input, info.forward = _Value(None, src.broken), reset.m2
                 info.forward_note = (f"{layer.type} at {layer.label} resets an unknown input "
                                      f"({src.broken}), its E[x²] taken to be ≫ eps")
-                return _Value(reset, None, info.forward_note, k, _mean_after(module, 0.0))
+                return _Value(reset, None, info.forward_note, k,
+                              _mean_after(module, 0.0, self.host))
             info.forward_break = src.broken
             src = _Value(Signal(m_in, propagate._share(layer.input)) if m_in is not None
                          else None, None, f"carried the measured input of {layer.label}",
@@ -662,9 +664,9 @@ class _Walk:
             out = self._activate(module, s_in, mu, k)
             out, mu = out if out is not None else (None, 0.0)
         else:
-            out = (propagate._step_forward(layer, module, s_in, w)
+            out = (propagate._step_forward(layer, module, s_in, w, self.host)
                    if s_in is not None or isinstance(module, nn.Embedding) else None)
-            mu = _mean_after(module, mu)
+            mu = _mean_after(module, mu, self.host)
         if out is not None:
             info.forward = out.m2
             info.forward_note = _join(note, w.note if w else None)
@@ -788,7 +790,7 @@ class _Walk:
         elif g.sparse and isinstance(module, propagate.FEATURE_NORMS):
             dx = None  # each position has its own scale: the average one does not apply
         else:
-            dx = propagate._step_backward(layer, module, g.var, s_in, w)
+            dx = propagate._step_backward(layer, module, g.var, s_in, w, self.host)
         if dx is not None:
             info.grad_input = dx
             out = _Grad(dx, None, g.note, g.sparse)
@@ -817,7 +819,7 @@ class _Walk:
                 or not isinstance(module, propagate.BATCH_NORMS)
                 or propagate._uses_running_stats(module)):
             return False
-        gamma, _ = propagate._affine(module)
+        gamma, _ = propagate._affine(module, self.host)
         g2 = sum(c * c for c in gamma) / len(gamma)
         eps = propagate._norm_eps(module)
         total = 0.0
@@ -945,13 +947,13 @@ def _activation_mean(module: nn.Module, var: float, mu: float) -> float:
         return 0.0
 
 
-def _mean_after(module: nn.Module, mu: float) -> float:
+def _mean_after(module: nn.Module, mu: float, values: theory.Values | None = None) -> float:
     """The common mean after a module other than an activation: kept by dropout and
     identities, mean(beta) after a norm, lost (random signs per unit) elsewhere."""
     if isinstance(module, (*propagate.DROPOUTS, *propagate.IDENTITY_LIKE)):
         return mu
     if isinstance(module, (*propagate.BATCH_NORMS, *propagate.FEATURE_NORMS)):
-        beta = propagate._affine(module)[1]
+        beta = propagate._affine(module, values)[1]
         return sum(beta) / len(beta)
     return 0.0
 

@@ -133,15 +133,16 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
             generator = torch.Generator().manual_seed(seed + k)
             x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
             recording = graph.Recording(work)  # the last trial's graph serves them all
+            values: dict[int, list[float]] = {}  # and its norm and PReLU values
             report, modules = _record(work, x, grad_output, loss, generator, settings={
                 **settings, "batch_size": _batch_of(x)}, target=target or type(model).__name__,
-                recording=recording)
+                recording=recording, values=values)
             reports.append(report)
             if progress is not None:
                 progress(k + 1, trials)
         report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
-        propagate.annotate(report, modules)  # inside: it reads the modes the probe ran in
-        graph.annotate(report, modules, recording)
+        propagate.annotate(report, modules, values)  # inside: the modes the probe ran in
+        graph.annotate(report, modules, recording, values=values)
     diagnose.annotate(report, thresholds, ignore)
     return report
 
@@ -176,9 +177,11 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
             settings: dict, target: str, recording: graph.Recording | None = None,
-            ) -> tuple[Report, list[nn.Module]]:
+            values: dict[int, list[float]] | None = None) -> tuple[Report, list[nn.Module]]:
     """Run forward + backward under hooks; the modules list is aligned with layers.
-    ``recording`` (a TorchFunctionMode) follows the dataflow during the forward only."""
+    ``recording`` (a TorchFunctionMode) follows the dataflow during the forward only.
+    ``values`` is filled with host copies of the tensors the predictions read
+    (propagate.host_tensors), keyed by id, from the same one transfer."""
     # Gradients w.r.t. float inputs come from leaves we own; the model sees clones so
     # that in-place writes to its input stay legal.
     from torch.utils import _pytree as pytree
@@ -215,7 +218,12 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         ends = [_moments_slot(rec, x), _moments_slot(rec, output)]
         constants = [rec._new_slot(stats.Pending(c, list))
                      for c in (recording.on_device() if recording is not None else [])]
+        copies = {id(t): rec._new_slot(stats.Pending(t.detach().double().flatten(), list))
+                  for t in (propagate.host_tensors([c.module for c in rec.calls])
+                            if values is not None else [])}
         host = rec.collect()  # the pass's one device-to-host transfer
+        if values is not None:
+            values.update((key, host[slot]) for key, slot in copies.items())
         if recording is not None:
             recording.fetched([host[slot] for slot in constants])
         layers = _layers(rec, host, note.removeprefix("backward unavailable: "))

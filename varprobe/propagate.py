@@ -91,14 +91,19 @@ class Walk:
 
 # --- the public entry points --------------------------------------------------------
 
-def annotate(report: Report, modules: list[nn.Module]) -> Report:
-    """Fill activations, gains, fans, multipliers and local/chain/scheme predictions."""
+def annotate(report: Report, modules: list[nn.Module],
+             values: theory.Values | None = None) -> Report:
+    """Fill activations, gains, fans, multipliers and local/chain/scheme predictions.
+
+    ``values``: host copies of the norm and PReLU tensors ``host_tensors`` names (the
+    probe's one transfer); a tensor not in it is read directly.
+    """
     layers = report.layers
     for layer, module in zip(layers, modules):
         _effective_fans(layer, module)
     weights = _actual_weights(layers, modules)
-    actual = _walk(report, modules, weights, by_ratio=False)
-    _gains(layers, modules, actual)
+    actual = _walk(report, modules, weights, by_ratio=False, values=values)
+    _gains(layers, modules, actual, values)
     for i, layer in enumerate(layers):
         chain = _prediction(actual, i, "chain")
         if layer.kind == "weight":
@@ -108,7 +113,8 @@ def annotate(report: Report, modules: list[nn.Module]) -> Report:
         if _has_value(chain):
             layer.predicted = chain
     for scheme in theory.SCHEMES:
-        walk = _walk(report, modules, _scheme_weights(scheme, layers, modules), by_ratio=True)
+        walk = _walk(report, modules, _scheme_weights(scheme, layers, modules, values),
+                     by_ratio=True, values=values)
         for i, layer in enumerate(layers):
             if layer.kind == "weight":
                 layer.schemes[scheme] = _prediction(walk, i, "chain")
@@ -152,7 +158,8 @@ def _effective_fans(layer: Layer, module: nn.Module) -> None:
         layer.effective_fan_out = None if layer.fan_out is None else float(layer.fan_out)
 
 
-def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk) -> None:
+def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
+           values: theory.Values | None = None) -> None:
     """Name the activation after (and before) each weight layer and give its gains.
 
     The gain is taken at the activation's measured input second moment, else at the
@@ -173,10 +180,11 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk) -> None:
             if q is None:
                 owner.unavailable["gain"] = "the activation's input is unknown"
             else:
-                owner.gain = theory.forward_gain(module, q)
-                owner.backward_gain = theory.backward_gain(module, q)
+                owner.gain = theory.forward_gain(module, q, values)
+                owner.backward_gain = theory.backward_gain(module, q, values)
                 if owner.gain is None:
-                    owner.unavailable["gain"] = theory.gain_unavailable_reason(module, q)
+                    owner.unavailable["gain"] = theory.gain_unavailable_reason(module, q,
+                                                                               values)
             before = (layer.type, owner.gain)
 
 
@@ -228,10 +236,10 @@ def _actual(layer: Layer, module: nn.Module) -> Weights | None:
     return Weights(1.0 / (3 * n), b2, note="weights not measured: PyTorch's default assumed")
 
 
-def _scheme_weights(scheme: str, layers: list[Layer],
-                    modules: list[nn.Module]) -> list[Weights | None]:
+def _scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
+                    values: theory.Values | None = None) -> list[Weights | None]:
     """Var[w] of ``scheme`` for Linear/Conv layers (zero bias); embeddings as they are."""
-    slopes = prelu_slopes(modules)
+    slopes = prelu_slopes(modules, values)
     out: list[Weights | None] = []
     for layer, module, a in zip(layers, modules, slopes):
         if layer.kind != "weight" or not isinstance(module, LINEAR_MAPS):
@@ -244,7 +252,7 @@ def _scheme_weights(scheme: str, layers: list[Layer],
     return out
 
 
-def prelu_slopes(modules: list[nn.Module]) -> list[float]:
+def prelu_slopes(modules: list[nn.Module], values: theory.Values | None = None) -> list[float]:
     """The PReLU slope a that he-prelu uses for each module (0 for non-weight ones).
 
     The slope of the activation feeding the layer: He's Eq. 15 is the forward
@@ -263,7 +271,7 @@ def prelu_slopes(modules: list[nn.Module]) -> list[float]:
                 pending.append(i)
             before = None
         elif kind == "activation" and before is None:
-            before = theory.prelu_slope(module)
+            before = theory.prelu_slope(module, values)
             for j in pending:
                 found[j] = before
             pending = []
@@ -273,15 +281,15 @@ def prelu_slopes(modules: list[nn.Module]) -> list[float]:
 # --- the walk -----------------------------------------------------------------------
 
 def _walk(report: Report, modules: list[nn.Module], weights: list[Weights | None],
-          by_ratio: bool) -> Walk:
+          by_ratio: bool, values: theory.Values | None = None) -> Walk:
     n = len(report.layers)
     walk = Walk([None] * n, [None] * n, [None] * n, [None] * n, [None] * n, [None] * n)
-    _forward(report, modules, weights, by_ratio, walk)
-    _backward(report, modules, weights, by_ratio, walk)
+    _forward(report, modules, weights, by_ratio, walk, values)
+    _backward(report, modules, weights, by_ratio, walk, values)
     return walk
 
 
-def _forward(report, modules, weights, by_ratio, walk: Walk) -> None:
+def _forward(report, modules, weights, by_ratio, walk: Walk, values) -> None:
     signal, note = _start(report)
     before = _measured_m2(report.input)  # the measured twin of ``signal``
     for i, (layer, module) in enumerate(zip(report.layers, modules)):
@@ -291,7 +299,7 @@ def _forward(report, modules, weights, by_ratio, walk: Walk) -> None:
             where = f"an unrecorded operation before {layer.label}"
             signal, note = _carry(signal, m_in, before, _share(layer.input), by_ratio, where)
         walk.inputs[i] = signal
-        out = _step_forward(layer, module, signal, weights[i])
+        out = _step_forward(layer, module, signal, weights[i], values)
         own = weights[i].note if weights[i] is not None else None
         walk.outputs[i], walk.forward_notes[i] = out, _join(note, own)
         if out is not None:
@@ -306,7 +314,7 @@ def _forward(report, modules, weights, by_ratio, walk: Walk) -> None:
         before = m_out
 
 
-def _backward(report, modules, weights, by_ratio, walk: Walk) -> None:
+def _backward(report, modules, weights, by_ratio, walk: Walk, values) -> None:
     grad, note = _cotangent(report)
     after: float | None = None  # measured Var of the gradient at the next call's input
     for i in reversed(range(len(report.layers))):
@@ -318,7 +326,7 @@ def _backward(report, modules, weights, by_ratio, walk: Walk) -> None:
             where = f"an unrecorded operation after {layer.label}"
             grad, note = _carry_grad(grad, g_out, after, by_ratio, where)
         walk.grads[i], walk.backward_notes[i] = grad, note
-        pred = _step_backward(layer, module, grad, walk.inputs[i], weights[i])
+        pred = _step_backward(layer, module, grad, walk.inputs[i], weights[i], values)
         walk.grad_inputs[i] = pred
         if pred is None and grad is not None and not isinstance(module, nn.Embedding):
             where = f"{layer.type} at {layer.label}"
@@ -372,7 +380,7 @@ def _carry_grad(grad, measured, measured_before, by_ratio, where):
 # --- one step per module ------------------------------------------------------------
 
 def _step_forward(layer: Layer, module: nn.Module, s: Signal | None,
-                  w: Weights | None) -> Signal | None:
+                  w: Weights | None, values: theory.Values | None = None) -> Signal | None:
     """The predicted output of one call from its predicted input; None: no closed form."""
     if isinstance(module, nn.Embedding) and w is not None:
         return Signal(w.w2)  # a lookup: E[y^2] = E[w^2]; rows share no mean
@@ -386,10 +394,11 @@ def _step_forward(layer: Layer, module: nn.Module, s: Signal | None,
         y2 = spread + w.b2
         return Signal(y2, (spread * s.mean_share + w.b2) / y2 if y2 > 0 else 0.0)
     if layer.kind == "activation":
-        g = theory.forward_gain(module, s.m2)
-        return None if g is None else Signal(g * s.m2, _activation_share(module, s.m2, g))
+        g = theory.forward_gain(module, s.m2, values)
+        return None if g is None else Signal(g * s.m2,
+                                             _activation_share(module, s.m2, g, values))
     if layer.kind == "norm":
-        return _norm_forward(module, s)
+        return _norm_forward(module, s, values)
     if isinstance(module, DROPOUTS):
         if not module.training:
             return s
@@ -401,7 +410,7 @@ def _step_forward(layer: Layer, module: nn.Module, s: Signal | None,
 
 
 def _step_backward(layer: Layer, module: nn.Module, grad: float | None, s: Signal | None,
-                   w: Weights | None) -> float | None:
+                   w: Weights | None, values: theory.Values | None = None) -> float | None:
     """Var of the gradient at the call's input from the one at its output."""
     if grad is None:
         return None
@@ -411,10 +420,10 @@ def _step_backward(layer: Layer, module: nn.Module, grad: float | None, s: Signa
             return None
         return layer.effective_fan_out * w.w2 * grad
     if layer.kind == "activation":
-        g = theory.backward_gain(module, s.m2) if s is not None else None
+        g = theory.backward_gain(module, s.m2, values) if s is not None else None
         return None if g is None else g * grad
     if layer.kind == "norm":
-        factor = _norm_backward(module, s)
+        factor = _norm_backward(module, s, values)
         return None if factor is None else factor * grad
     if isinstance(module, DROPOUTS):
         if not module.training:
@@ -425,13 +434,14 @@ def _step_backward(layer: Layer, module: nn.Module, grad: float | None, s: Signa
     return None
 
 
-def _activation_share(module: nn.Module, q: float, g: float) -> float:
+def _activation_share(module: nn.Module, q: float, g: float,
+                      values: theory.Values | None = None) -> float:
     """E[f(y)]^2 / E[f(y)^2] for y ~ N(0, q): the mean every unit shares after f."""
     if isinstance(module, nn.PReLU):  # the mean slope, where the gain has the rms one
-        slopes = _values(module.weight, float(module.init))
+        slopes = _values(module.weight, float(module.init), values)
         a = sum(slopes) / len(slopes)
     else:
-        a = theory.prelu_slope(module)
+        a = theory.prelu_slope(module, values)
     if a is not None:
         mean = (1 - a) * math.sqrt(q / (2 * math.pi))
     else:
@@ -448,18 +458,38 @@ def _channels(*values: list[float]) -> list[list[float]]:
     return [v * n if len(v) == 1 else v for v in values]
 
 
-def _values(t, default: float) -> list[float]:
-    """A parameter or buffer as floats; its initial value where it is absent or on the
-    meta device (the closed-form `predict` builds models there, without data)."""
+def _values(t, default: float, values: theory.Values | None = None) -> list[float]:
+    """A parameter or buffer as floats (its host copy in ``values`` where there); its
+    initial value where it is absent or on the meta device (the closed-form `predict`
+    builds models there, without data)."""
     if t is None or t.is_meta:
         return [default]
-    return t.detach().double().flatten().tolist()
+    return theory.elements(t, values)
 
 
-def _affine(module: nn.Module) -> list[list[float]]:
+def host_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The tensors whose values the predictions read: the weights of PReLUs, the affine
+    parameters of norms and, where used, BatchNorm's running statistics. The probe
+    copies them in its one transfer and passes them to ``annotate`` as ``values``."""
+    out: dict[int, torch.Tensor] = {}
+    for module in modules:
+        names: tuple[str, ...] = ()
+        if isinstance(module, nn.PReLU):
+            names = ("weight",)
+        elif isinstance(module, (*BATCH_NORMS, *FEATURE_NORMS)):
+            running = ("running_mean", "running_var") if _uses_running_stats(module) else ()
+            names = ("weight", "bias", *running)
+        for name in names:
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                out[id(t)] = t
+    return list(out.values())
+
+
+def _affine(module: nn.Module, values: theory.Values | None = None) -> list[list[float]]:
     """gamma and beta per channel (1 and 0 without an affine part)."""
-    return _channels(_values(getattr(module, "weight", None), 1.0),
-                     _values(getattr(module, "bias", None), 0.0))
+    return _channels(_values(getattr(module, "weight", None), 1.0, values),
+                     _values(getattr(module, "bias", None), 0.0, values))
 
 
 def _uses_running_stats(module: nn.Module) -> bool:
@@ -481,7 +511,8 @@ def _norm_variance(module: nn.Module, s: Signal) -> float:
     return s.m2
 
 
-def _norm_forward(module: nn.Module, s: Signal) -> Signal | None:
+def _norm_forward(module: nn.Module, s: Signal,
+                  values: theory.Values | None = None) -> Signal | None:
     """Train mode: E[out^2] = mean_c(gamma_c^2 s^2/(s^2+eps) + beta_c^2), a reset.
     Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta, with the input's
     per-channel mean taken as independent of the running mean."""
@@ -489,8 +520,9 @@ def _norm_forward(module: nn.Module, s: Signal) -> Signal | None:
         return None  # LocalResponseNorm and the like
     eps = _norm_eps(module)
     if _uses_running_stats(module):
-        gamma, beta, rm, rv = _channels(*_affine(module), _values(module.running_mean, 0.0),
-                                        _values(module.running_var, 1.0))
+        gamma, beta, rm, rv = _channels(*_affine(module, values),
+                                        _values(module.running_mean, 0.0, values),
+                                        _values(module.running_var, 1.0, values))
         total = shared = 0.0
         for g, b, m, v in zip(gamma, beta, rm, rv):
             cross = b * b - 2 * g * b * m / math.sqrt(v + eps)
@@ -498,37 +530,39 @@ def _norm_forward(module: nn.Module, s: Signal) -> Signal | None:
             shared += g * g * (s.m2 * s.mean_share + m * m) / (v + eps) + cross
         return Signal(total / len(rv), shared / total if total > 0 else 0.0)
     var = _norm_variance(module, s)
-    return _normalized(module, var / (var + eps))
+    return _normalized(module, var / (var + eps), values)
 
 
-def reset(module: nn.Module) -> Signal | None:
+def reset(module: nn.Module, values: theory.Values | None = None) -> Signal | None:
     """What a normalizer outputs whatever its input, when that input's second moment is
     far above eps: mean(gamma^2) + mean(beta^2). None where the output depends on the
     input (eval BatchNorm's running statistics, LocalResponseNorm)."""
     if not isinstance(module, (*BATCH_NORMS, *FEATURE_NORMS)) or _uses_running_stats(module):
         return None
-    return _normalized(module, 1.0)
+    return _normalized(module, 1.0, values)
 
 
-def _normalized(module: nn.Module, kept: float) -> Signal:
+def _normalized(module: nn.Module, kept: float, values: theory.Values | None = None) -> Signal:
     """mean_c(gamma_c^2 kept + beta_c^2), the beta part shared by every sample."""
-    gamma, beta = _affine(module)
+    gamma, beta = _affine(module, values)
     m2 = sum(g * g * kept + b * b for g, b in zip(gamma, beta)) / len(gamma)
     shared = sum(b * b for b in beta) / len(beta)
     return Signal(m2, shared / m2 if m2 > 0 else 0.0)
 
 
-def _norm_backward(module: nn.Module, s: Signal | None) -> float | None:
+def _norm_backward(module: nn.Module, s: Signal | None,
+                   values: theory.Values | None = None) -> float | None:
     """Var[dx]/Var[dy] = mean(gamma^2)/(s^2 + eps); the centring terms remove O(1/N)."""
     if not isinstance(module, (*BATCH_NORMS, *FEATURE_NORMS)):
         return None
     eps = _norm_eps(module)
     if _uses_running_stats(module):
-        gamma, rv = _channels(_affine(module)[0], _values(module.running_var, 1.0))
+        gamma, rv = _channels(_affine(module, values)[0],
+                              _values(module.running_var, 1.0, values))
         return sum(g * g / (v + eps) for g, v in zip(gamma, rv)) / len(rv)
     if s is None:
         return None
-    gamma = _affine(module)[0]
+    gamma = _affine(module, values)[0]
     return sum(g * g for g in gamma) / len(gamma) / (_norm_variance(module, s) + eps)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -243,7 +243,19 @@ def scheme_variance(scheme: str, fan_in: float | None, fan_out: float | None,
 # Activation gains
 # ---------------------------------------------------------------------------
 
-def prelu_slope(module: nn.Module) -> float | None:
+# Host copies of parameters and buffers, keyed by id(tensor): the probe copies them with
+# its statistics in the pass's one transfer, so that predictions read no device tensor.
+Values = Mapping[int, list[float]]
+
+
+def elements(t: torch.Tensor, values: Values | None = None) -> list[float]:
+    """The elements of ``t`` as floats: its host copy in ``values``, else read from it."""
+    if values is not None and id(t) in values:
+        return values[id(t)]
+    return t.detach().double().flatten().tolist()
+
+
+def prelu_slope(module: nn.Module, values: Values | None = None) -> float | None:
     """Negative-side slope a of a rectifier, such that its gain is (1+a^2)/2.
 
     ReLU 0; LeakyReLU its negative_slope; PReLU sqrt(mean(a_c^2)) over channels,
@@ -251,7 +263,8 @@ def prelu_slope(module: nn.Module) -> float | None:
     holds no values, |init|, the slope it was constructed with); RReLU (lower+upper)/2
     in eval mode (its fixed slope) and, in train mode, where every element draws
     a ~ U(lower, upper), the rms slope sqrt((l^2+l*u+u^2)/3), which makes
-    (1+a^2)/2 = E[(1+a^2)/2] exact. None for anything else.
+    (1+a^2)/2 = E[(1+a^2)/2] exact. None for anything else. ``values``: host copies
+    of the PReLU weights (see ``elements``).
     """
     if isinstance(module, nn.ReLU):
         return 0.0
@@ -260,34 +273,37 @@ def prelu_slope(module: nn.Module) -> float | None:
     if isinstance(module, nn.PReLU):
         if module.weight.is_meta:  # no values: the slope it was constructed with
             return abs(float(module.init))
-        w = module.weight.detach().double()
-        return float(w.square().mean().sqrt())
+        w = elements(module.weight, values)
+        return math.sqrt(sum(a * a for a in w) / len(w))
     if isinstance(module, nn.RReLU):
         lo, hi = float(module.lower), float(module.upper)
         return math.sqrt((lo * lo + lo * hi + hi * hi) / 3) if module.training else (lo + hi) / 2
     return None
 
 
-def forward_gain(module: nn.Module, q: float = 1.0) -> float | None:
+def forward_gain(module: nn.Module, q: float = 1.0,
+                 values: Values | None = None) -> float | None:
     """E[f(y)^2] / q for y ~ N(0, q): the second moment (not the variance) an
     activation passes on, per unit input variance (He's E[x^2] = g Var[y]).
 
     Exact for rectifiers ((1+a^2)/2, any q) and Identity (1); by quadrature at q for
     any other elementwise torch.nn activation. None when not computable; the reason
-    is gain_unavailable_reason(module, q).
+    is gain_unavailable_reason(module, q). ``values``: as for prelu_slope.
     """
-    return _gain(module, q)[0][0]
+    return _gain(module, q, values)[0][0]
 
 
-def backward_gain(module: nn.Module, q: float = 1.0) -> float | None:
+def backward_gain(module: nn.Module, q: float = 1.0,
+                  values: Values | None = None) -> float | None:
     """E[f'(y)^2] for y ~ N(0, q): the factor an activation applies to the second
     moment of the gradient. Same cases as forward_gain."""
-    return _gain(module, q)[0][1]
+    return _gain(module, q, values)[0][1]
 
 
-def gain_unavailable_reason(module: nn.Module, q: float = 1.0) -> str | None:
+def gain_unavailable_reason(module: nn.Module, q: float = 1.0,
+                            values: Values | None = None) -> str | None:
     """Why forward_gain/backward_gain return None for this module (None if they don't)."""
-    return _gain(module, q)[1]
+    return _gain(module, q, values)[1]
 
 
 Z_MAX = 12.0  # the standard normal beyond |z| = 12 carries mass < 1e-32
@@ -340,10 +356,10 @@ def _breakpoints(module: nn.Module) -> tuple[float, ...]:
 Gain = tuple[tuple[float | None, float | None], str | None]
 
 
-def _gain(module: nn.Module, q: float) -> Gain:
+def _gain(module: nn.Module, q: float, values: Values | None = None) -> Gain:
     if isinstance(module, nn.Identity):
         return (1.0, 1.0), None
-    a = prelu_slope(module)
+    a = prelu_slope(module, values)
     if a is not None:
         g = (1.0 + a * a) / 2  # positively homogeneous: exact at every q
         return (g, g), None
