@@ -412,20 +412,26 @@ def check(
         lines = ci.check_lines(report, target, settings.fail_on)
     regression = False
     if base is not None:
-        from varprobe.baseline import diff as diff_reports
-
-        changes = diff_reports(base, report, factor)
-        regression = changes.regression
-        lines += [f"baseline {line}" for line in changes.lines()]
-        if regression:
-            lines.append(f"✗ varprobe: {len(changes.moved)} change(s) beyond ×{factor:g} "
-                         f"against {baseline}")
+        more, regression = _against_baseline(base, report, factor, baseline)
+        lines += more
     if png is not None:  # first, so that a Markdown report can link it
         _draw(report, png, debug)
     _write_ci_files(report, junit, output, settings, debug, png)
     for line in lines:
         typer.echo(line)
     _exit_code(report, settings.fail_on, regression)
+
+
+def _against_baseline(base, report, factor: float, path: Path) -> tuple[list[str], bool]:
+    """Lines for the layers that moved against the baseline, and whether that fails."""
+    from varprobe.baseline import diff as diff_reports
+
+    changes = diff_reports(base, report, factor)
+    lines = [f"baseline {line}" for line in changes.lines()]
+    if changes.regression:
+        lines.append(f"✗ varprobe: {len(changes.moved)} change(s) beyond ×{factor:g} "
+                     f"against {path}")
+    return lines, changes.regression
 
 
 def _write_ci_files(report, junit: Path | None, output: Path | None, settings,

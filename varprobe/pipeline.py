@@ -196,36 +196,13 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         return t
 
     fed = pytree.tree_map(own, x)
-    args, kwargs = inputs_mod.as_call(fed)
     with Recorder(model) as rec:
-        if recording is not None:
-            rec.observer = recording
-            recording.start(float_leaves(fed))
-        try:
-            with recording or contextlib.nullcontext():
-                output = model(*args, **kwargs)
-        except Exception as exc:
-            if _out_of_memory(exc):
-                raise VarprobeError(_oom_message(_where(rec))) from exc
-            raise VarprobeError(
-                f"the model raised in {_where(rec)}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}; check the input "
-                "(--input-shape, example_input) and the model's forward") from exc
+        output = _forward(model, fed, rec, recording)
         out_leaves = [t for t in float_leaves(output) if t.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
         note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
                          loss, generator)
-        ends = [_moments_slot(rec, x), _moments_slot(rec, output)]
-        constants = [rec._new_slot(stats.Pending(c, list))
-                     for c in (recording.on_device() if recording is not None else [])]
-        copies = {id(t): rec._new_slot(stats.Pending(t.detach().double().flatten(), list))
-                  for t in (propagate.host_tensors([c.module for c in rec.calls])
-                            if values is not None else [])}
-        host = rec.collect()  # the pass's one device-to-host transfer
-        if values is not None:
-            values.update((key, host[slot]) for key, slot in copies.items())
-        if recording is not None:
-            recording.fetched([host[slot] for slot in constants])
+        host, ends = _collect(rec, x, output, recording, values)
         layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
         if recording is not None:
             slot = getattr(rec, "cotangent_slot", None)  # a loss makes its own cotangent
@@ -240,6 +217,45 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     if note:
         report.notes.append(note)
     return report, [call.module for call in rec.calls]
+
+
+def _forward(model: nn.Module, fed: Any, rec: Recorder,
+             recording: graph.Recording | None) -> Any:
+    """The model's forward under the hooks (and the graph recording); a model that
+    raises becomes one line naming the layer it raised in."""
+    args, kwargs = inputs_mod.as_call(fed)
+    if recording is not None:
+        rec.observer = recording
+        recording.start(float_leaves(fed))
+    try:
+        with recording or contextlib.nullcontext():
+            return model(*args, **kwargs)
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise VarprobeError(_oom_message(_where(rec))) from exc
+        raise VarprobeError(
+            f"the model raised in {_where(rec)}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}; check the input "
+            "(--input-shape, example_input) and the model's forward") from exc
+
+
+def _collect(rec: Recorder, x: Any, output: Any, recording: graph.Recording | None,
+             values: dict[int, list[float]] | None) -> tuple[list, list[int]]:
+    """The pass's one device-to-host transfer: every layer's statistics, the network's
+    input and output moments (slots ``ends``), the graph's constants, and host copies
+    of the parameters the predictions read (into ``values``)."""
+    ends = [_moments_slot(rec, x), _moments_slot(rec, output)]
+    constants = [rec._new_slot(stats.Pending(c, list))
+                 for c in (recording.on_device() if recording is not None else [])]
+    copies = {id(t): rec._new_slot(stats.Pending(t.detach().double().flatten(), list))
+              for t in (propagate.host_tensors([c.module for c in rec.calls])
+                        if values is not None else [])}
+    host = rec.collect()
+    if values is not None:
+        values.update((key, host[slot]) for key, slot in copies.items())
+    if recording is not None:
+        recording.fetched([host[slot] for slot in constants])
+    return host, ends
 
 
 def _out_of_memory(exc: BaseException) -> bool:
