@@ -1,4 +1,4 @@
-"""A checker for the ``varprobe.report/1`` JSON schema (DESIGN.md §5), used by tests."""
+"""A checker for the ``varprobe.report/1`` JSON schema, used by tests."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Reports built from the dataclasses, for renderer tests that need no model.
 
 ``chain(n)`` is what varprobe records for an n-layer Linear+ReLU MLP whose every step
-multiplies the signal by ``step``: Xavier init on ReLU gives ½ (DESIGN.md §1).
+multiplies the signal by ``step``: Xavier init on ReLU gives ½ (docs/theory-review.md §1).
 """
 
 from __future__ import annotations

@@ -130,9 +130,14 @@ def test_input_shape_option(tmp_path, capsys):
 
 
 def test_python_dash_m_and_console_script_agree(model_file):
-    cmd = [sys.executable, "-m", "varprobe", "analyze", str(model_file), "-f", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    check_report(json.loads(done.stdout))
+    script = Path(sys.executable).with_name("varprobe")  # installed beside the interpreter
+    args = ["analyze", str(model_file), "-f", "json"]
+    as_module = subprocess.run([sys.executable, "-m", "varprobe", *args], capture_output=True,
+                               text=True, check=True).stdout
+    as_script = subprocess.run([str(script), *args], capture_output=True, text=True,
+                               check=True).stdout
+    check_report(json.loads(as_module))
+    assert json.loads(as_module)["layers"] == json.loads(as_script)["layers"]
 
 
 def test_seed_makes_the_model_files_own_init_repeat(model_file, capsys):

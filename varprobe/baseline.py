@@ -67,10 +67,6 @@ def _key(layer: Layer) -> tuple[str, int]:
     return layer.name, layer.call
 
 
-def _label(key: tuple[str, int]) -> str:
-    return key[0] if key[1] == 0 else f"{key[0]}#{key[1]}"
-
-
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -83,15 +79,15 @@ def diff(base: Report, new: Report, factor: float = DEFAULT_FACTOR) -> Diff:
     before = {_key(layer): layer for layer in base.layers}
     after = {_key(layer): layer for layer in new.layers}
     result = Diff(factor=factor,
-                  added=[_label(k) for k in after if k not in before],
-                  removed=[_label(k) for k in before if k not in after])
+                  added=[layer.label for k, layer in after.items() if k not in before],
+                  removed=[layer.label for k, layer in before.items() if k not in after])
     for key, old in before.items():
         if key not in after:
             continue
         for quantity, get in QUANTITIES:
             a, b = _finite(get(old)), _finite(get(after[key]))
             if _moved(a, b, factor):
-                result.moved.append(Change(_label(key), quantity, a, b))
+                result.moved.append(Change(old.label, quantity, a, b))
     for setting in ("seed", "batch_size", "mode", "device", "init", "grad"):
         old_value, new_value = base.settings.get(setting), new.settings.get(setting)
         if old_value != new_value:

@@ -196,16 +196,15 @@ def analyze(
     settings = _settings(debug, batch_size=batch_size, seed=seed, fail_on=fail_on,
                          ignore=ignore, threshold=threshold)
     report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
-                  device, debug, init=init.value if init else None, trials=trials,
-                  settings=settings)
+                  device, debug, settings, init=init.value if init else None, trials=trials)
     _record_settings(report, settings)
     _emit(report, fmt, output, all_layers, debug, png, compare=schemes)
     if fail_on is not None:  # analyze decides its exit code only when asked to
         _exit_code(report, settings.fail_on)
 
 
-def _run(target, shape, input_file, batch_size, seed, mode, device, debug, *,
-         init: str | None = None, trials: int = 1, settings=None):
+def _run(target, shape, input_file, batch_size, seed, mode, device, debug, settings, *,
+         init: str | None = None, trials: int = 1):
     from varprobe.errors import VarprobeError
 
     try:
@@ -220,8 +219,7 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug, *,
             return probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size,
                          seed=seed, mode=mode.value, device=device, input_shape=shape,
                          target=target, init=init, trials=trials, progress=progress,
-                         thresholds=settings.thresholds if settings else None,
-                         ignore=settings.ignore if settings else ())
+                         thresholds=settings.thresholds, ignore=settings.ignore)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
 
@@ -320,16 +318,9 @@ def plot(
     debug: Debug = False,
 ) -> None:
     """Draw the figure of a saved report, without the model."""
-    from varprobe.errors import VarprobeError
-    from varprobe.report import read
-
     output = output or report_file.with_suffix(".png")
     _check_figure_path(output, debug)
-    try:
-        report = read(report_file)
-    except VarprobeError as exc:
-        fail(str(exc), debug, exc)
-    _draw(report, output, debug)
+    _draw(_read_report(report_file, debug), output, debug)
     typer.echo(f"wrote {output}", err=True)
 
 
@@ -404,7 +395,7 @@ def check(
                          ignore=ignore, threshold=threshold)
     base = _read_report(baseline, debug) if baseline is not None else None
     report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
-                  device, debug, settings=settings)
+                  device, debug, settings)
     _record_settings(report, settings)
     if fmt is CheckFormat.github:
         lines = ci.github(report, _annotation_file(target), settings.fail_on)

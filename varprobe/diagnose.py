@@ -581,27 +581,24 @@ SCHEME_PREFERENCE = ("he", "he-prelu", "he-fan-out", "xavier", "lecun", "torch-d
 def _fix(report: Report, t: Thresholds) -> Fix | None:
     """The init scheme whose predicted forward trajectory stays inside the band, with
     the best end-to-end ratios; ties go to the simpler scheme."""
-    try:
-        from varprobe.propagate import end_to_end
-    except ImportError:  # the closed-form predictions are not available
-        return None
+    from varprobe.propagate import end_to_end  # imports torch: only once a report exists
+
     weights = [layer for layer in report.weight_layers if layer.type in LINEAR_TYPES]
     if not weights:
         return None
     ref, _ = _reference(report, [layer.index for layer in report.weight_layers])
-    best: tuple[float, int, str] | None = None
-    for rank, scheme in enumerate(SCHEME_PREFERENCE):
-        score = _score(report, scheme, ref, t, end_to_end(report, scheme))
+    best: tuple[float, str, tuple[float | None, float | None]] | None = None
+    for scheme in SCHEME_PREFERENCE:
+        ends = end_to_end(report, scheme)
+        score = _score(report, scheme, ref, t, ends)
         if score is not None and (best is None or score < best[0] - 1e-9):
-            best = (score, rank, scheme)
+            best = (score, scheme, ends)
     if best is None:
         return None
-    scheme = best[2]
-    before = list(end_to_end(report))
-    after = list(end_to_end(report, scheme))
+    _, scheme, after = best
     code, short = _code(scheme, weights)
     return Fix(scheme=scheme, code=code, short=short, layers=[w.label for w in weights],
-               before=before, after=after)
+               before=list(end_to_end(report)), after=list(after))
 
 
 def _score(report: Report, scheme: str, ref: float | None, t: Thresholds,

@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe import propagate, theory
-from varprobe.propagate import Signal
+from varprobe.propagate import Signal, _join
 from varprobe.recorder import float_leaves
 from varprobe.report import Layer, Prediction, Report
 
@@ -975,7 +975,3 @@ def _flow(grads: list[_Grad | None], k: int, g: _Grad) -> None:
 def _labels(layers: list[Layer]) -> str:
     more = f" and {len(layers) - 1} later weight layer(s)" if len(layers) > 1 else ""
     return layers[0].label + more
-
-
-def _join(*parts: str | None) -> str | None:
-    return "; ".join(p for p in parts if p) or None

@@ -13,8 +13,9 @@ from torch import nn
 from varprobe import diagnose, graph, propagate, reinit, stats, theory
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
+from varprobe.config import DEFAULT_BATCH_SIZE
 from varprobe.errors import VarprobeError
-from varprobe.recorder import Call, Recorder, float_leaves
+from varprobe.recorder import Call, Recorder, float_leaves, tensor_leaves
 from varprobe.report import (
     BackwardStats,
     ForwardStats,
@@ -24,8 +25,6 @@ from varprobe.report import (
     TensorInfo,
 )
 from varprobe.state import preserved
-
-DEFAULT_BATCH_SIZE = 256
 
 
 def unwrap(model: Any) -> nn.Module:
@@ -165,14 +164,8 @@ def _make_inputs(model, inputs, batch_size, shape, generator, dev) -> Any:
 
 
 def _batch_of(x: Any) -> int | None:
-    leaves = [t for t in float_leaves(x) + _tensors(x) if t.dim() > 0]
+    leaves = [t for t in float_leaves(x) + tensor_leaves(x) if t.dim() > 0]
     return int(leaves[0].shape[0]) if leaves else None
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    from varprobe.recorder import tensor_leaves
-
-    return tensor_leaves(x)
 
 
 def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
@@ -285,11 +278,12 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
             raise VarprobeError("loss(output) must return a scalar tensor")
         outs, cotangents = [value], [torch.ones_like(value)]
     elif grad_output is not None:
+        floats = float_leaves(output)
         cotangents = [g.to(o.device, o.dtype) for g, o in
-                      zip(_tensors(grad_output), float_leaves(output))]
-        if len(cotangents) != len(float_leaves(output)):
+                      zip(tensor_leaves(grad_output), floats)]
+        if len(cotangents) != len(floats):
             raise VarprobeError("grad_output does not match the model's output structure")
-        pairs = [(o, g) for o, g in zip(float_leaves(output), cotangents) if o.requires_grad]
+        pairs = [(o, g) for o, g in zip(floats, cotangents) if o.requires_grad]
         outs, cotangents = [o for o, _ in pairs], [g for _, g in pairs]
     else:
         # He's backward assumption: N(0, 1) at the network's output, i.e. its first
@@ -407,7 +401,7 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
-    tensors = _tensors(value)
+    tensors = tensor_leaves(value)
     return next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
 
 

@@ -32,6 +32,7 @@ from varprobe.errors import VarprobeError
 from varprobe.pipeline import (
     DEFAULT_BATCH_SIZE,
     _layers,
+    _tensor_info,
     _version,
     _where,
     resolve_device,
@@ -223,15 +224,7 @@ def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> Non
 
 def _shape_info(value: Any) -> TensorInfo:
     """Shape and dtype of the first (float) tensor; its moments are not measured."""
-    tensors = tensor_leaves(value)
-    if not tensors:
-        return TensorInfo(shape=None, dtype=None, mean=None, var=None, second_moment=None)
-    first = (float_leaves(value) or tensors)[0]
-    shape: Any = list(first.shape)
-    if isinstance(value, dict):
-        shape = {k: list(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)}
-    return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
-                      mean=None, var=None, second_moment=None)
+    return _tensor_info(value, [], None)
 
 
 def _batch_of(x: Any) -> int | None:

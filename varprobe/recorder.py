@@ -290,10 +290,9 @@ class Recorder:
         """Slots for ||dL/dW|| / ||W||, keyed by id(module)."""
         out = {}
         with torch.no_grad():
-            for key, (slot, _) in self.weights.items():
+            for key, (slot, w) in self.weights.items():
                 g = grads.get(key)
                 if g is not None:
-                    w = self.weights[key][1]
                     out[key] = self._new_slot(stats.grad_ratio(g, w, self.slots[slot]))
         return out
 

@@ -152,6 +152,11 @@ class Summary:
     cause: str | None = None
     fix: Fix | None = None
 
+    def counts(self, sep: str = " · ") -> str:
+        """The tally a verdict shows: "1 error · 4 warnings"."""
+        return sep.join(f"{n} {word}{'s' * (n != 1)}"
+                        for n, word in ((self.errors, "error"), (self.warnings, "warning")))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Summary:
         data = dict(data)

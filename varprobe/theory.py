@@ -1,8 +1,8 @@
 """Closed-form pieces of the theory: fans, init variances, activation gains.
 
 Pure functions of modules, shapes and numbers; no hooks. The formulas and their
-sources are in the design notes (He et al. 2015, Glorot & Bengio 2010, mean-field
-length maps of Poole et al. 2016).
+sources are in docs/theory.md and docs/theory-review.md (He et al. 2015, Glorot &
+Bengio 2010, mean-field length maps of Poole et al. 2016).
 """
 
 from __future__ import annotations

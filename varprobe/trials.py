@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -87,6 +88,7 @@ def summarize(values: list[float], signed: bool = True) -> tuple[float, list[flo
     return mean, [lo if signed else max(lo, 0.0), mean + half]
 
 
+@functools.lru_cache(maxsize=64)  # one per trial count: summarize asks for every field
 def t_quantile(df: int, p: float = 0.975) -> float:
     """The p-quantile of Student's t with ``df`` degrees of freedom (0.5 <= p <= 0.995).
 

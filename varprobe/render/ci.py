@@ -9,7 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from varprobe.diagnose import SEVERITIES, TREND_CODES, ignored
+from varprobe.diagnose import SEVERITIES, TREND_CODES, _places, ignored
 from varprobe.report import Layer, Report
 
 SYMBOL = {"error": "✗", "warning": "!", "info": "i"}
@@ -25,9 +25,7 @@ class Problem:
 
     @property
     def where(self) -> str:
-        if len(self.layers) <= 3:
-            return ", ".join(self.layers)
-        return f"{', '.join(self.layers[:3])} and {len(self.layers) - 3} more"
+        return _places(self.layers)
 
 
 def fails(severity: str, fail_on: str) -> bool:
@@ -68,8 +66,7 @@ def check_lines(report: Report, target: str, fail_on: str) -> list[str]:
     lines = [f"{SYMBOL[p.severity]} {p.severity} {p.code} at {p.where}: {p.message}"
              f"{_fix_suffix(report, p)}" for p in problems(report, shown(fail_on))]
     s = report.summary
-    counts = f"{s.errors} error{'s' * (s.errors != 1)}, {s.warnings} warning" \
-             f"{'s' * (s.warnings != 1)}"
+    counts = s.counts(", ")
     if failed(report, fail_on):
         worst = [p for p in problems(report, fail_on)]
         where = ", ".join(f"{p.code} at {p.where}" for p in worst[:3])

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from varprobe.diagnose import SEVERITIES as SEVERITY_ORDER
 from varprobe.render.terminal import SEVERITY_SYMBOL, num, ratio, shown_layers
 from varprobe.report import Flag, Layer, Report
 
-SEVERITY_ORDER = ("error", "warning", "info")
 FOLD_ROWS = 40  # longer tables are folded so that the verdict stays on screen
 NAMES_PER_FLAG = 3
 HEALTHY, UNHEALTHY = "✓ HEALTHY", "✗ UNHEALTHY"
@@ -45,7 +45,7 @@ def markdown(report: Report, image: str | None = None) -> str:
 
 def _head(report: Report) -> list[str]:
     s, word = report.summary, state(report)
-    lines = [f"## {word} · {model_name(report)} · {s.errors} errors · {s.warnings} warnings",
+    lines = [f"## {word} · {model_name(report)} · {s.counts()}",
              "",
              _settings(report), ""]
     if s.verdict:

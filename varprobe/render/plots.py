@@ -24,13 +24,15 @@ from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from varprobe.diagnose import SEVERITIES as SEVERITY_ORDER
+from varprobe.diagnose import Thresholds
 from varprobe.errors import VarprobeError
 from varprobe.render.markdown import HEALTHY, UNHEALTHY, before_after, model_name, state
 from varprobe.report import Layer, Report, write_atomic
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 SIZE_IN, DPI = (14.0, 9.0), 100  # 1400 x 900 pixels
-DEFAULT_BAND = (1e-2, 1e2)  # E[y²] over the input's: below vanishes, above explodes
+DEFAULT_BAND = Thresholds().forward  # E[y²] over the input's: below vanishes, above explodes
 MAX_NAME_LABELS = 40  # rotated layer names that fit under one panel without touching
 MARKERS_UP_TO = 60  # beyond this many layers, markers only clutter the curves
 
@@ -38,7 +40,6 @@ MARKERS_UP_TO = 60  # beyond this many layers, markers only clutter the curves
 BLACK, ORANGE, SKY, GREEN = "#000000", "#E69F00", "#56B4E9", "#009E73"
 BLUE, VERMILION, PURPLE, GREY = "#0072B2", "#D55E00", "#CC79A7", "#999999"
 SEVERITY_COLOUR = {"error": VERMILION, "warning": ORANGE, "info": SKY, None: GREY}
-SEVERITY_ORDER = ("error", "warning", "info")
 FLAGGED = ("error", "warning")  # info flags (e.g. theory_mismatch) are not drawn
 ZONE_ALPHA = 0.08
 # Measured solid black, the prediction for this init dashed, each counterfactual its own.
@@ -386,7 +387,7 @@ def _title(fig: Figure, report: Report) -> None:
     bold = {"size": 15, "weight": "bold"}
     headline = HPacker(pad=0, sep=0, align="baseline", children=[
         TextArea(f"{model_name(report)} · ", textprops=bold),
-        TextArea(f"{word} · {s.errors} errors · {s.warnings} warnings",
+        TextArea(f"{word} · {s.counts()}",
                  textprops={**bold, "color": colour})])
     fig.add_artist(AnchoredOffsetbox("upper left", child=headline, pad=0, borderpad=0,
                                      frameon=False, bbox_to_anchor=(0.01, 0.99),

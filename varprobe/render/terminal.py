@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from varprobe.diagnose import SEVERITIES
+from varprobe.render.ci import SYMBOL as SEVERITY_SYMBOL
 from varprobe.report import Layer, Report
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-SEVERITY_SYMBOL = {"error": "✗", "warning": "!", "info": "i"}
 
 
 def num(value: float | None) -> str:
@@ -209,8 +210,7 @@ def _bar(total: int):
 
 
 def _worst(layer: Layer) -> str:
-    order = ["error", "warning", "info"]
-    return min((f.severity for f in layer.flags), key=order.index)
+    return min((f.severity for f in layer.flags), key=SEVERITIES.index)
 
 
 def verdict(report: Report) -> Text:
@@ -226,7 +226,7 @@ def verdict(report: Report) -> Text:
         text.append("! HEALTHY", style="bold yellow")
     else:
         text.append("✓ HEALTHY", style="bold green")
-    text.append(f" · {s.errors} errors · {s.warnings} warnings")
+    text.append(f" · {s.counts()}")
     found = problems(report)
     rows = [(p.code, f"{p.where}: {p.message}", SEVERITY_STYLE[p.severity]) for p in found]
     if s.cause:
