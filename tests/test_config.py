@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tests.cli_helpers import run
+from tests.model_files import MODELS
 from varprobe import config
 from varprobe.diagnose import Thresholds
 from varprobe.errors import VarprobeError
@@ -28,21 +29,7 @@ dead_units = 0.8
 """
 
 # He everywhere but two Xavier layers in the middle: two shrinks warnings, no error
-MODEL = """
-import torch
-from torch import nn
-def build_model():
-    torch.manual_seed(0)
-    layers = []
-    for i in range(6):
-        linear = nn.Linear(64, 64, bias=False)
-        if i in (2, 3):
-            nn.init.xavier_normal_(linear.weight)
-        else:
-            nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-        layers += [linear, nn.ReLU()] if i < 5 else [linear]
-    return nn.Sequential(*layers)
-"""
+MODEL = MODELS["warn.py"]
 
 
 @pytest.fixture

@@ -104,6 +104,11 @@ Init = Annotated[Scheme | None, typer.Option(
                    "(your weights are untouched)")]
 Trials = Annotated[int, typer.Option(
     "--trials", min=1, help="repeat with K seeds; report means and 95% intervals")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="what to print")]
+Output = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="also write the report: .json, .csv or .md by extension")]
+AllLayers = Annotated[bool, typer.Option(
+    "--all-layers", help="show activation, norm and other layers too")]
 Png = Annotated[Path | None, typer.Option(
     "--png", help="also draw the report figure: .png, .svg or .pdf by extension")]
 
@@ -174,15 +179,12 @@ def analyze(
     seed: Seed = None,
     mode: ModeOpt = Mode.train,
     device: Device = "cpu",
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="what to print")] = (
-        Format.table),
+    fmt: FormatOpt = Format.table,
     fail_on: FailOnOpt = None,
     ignore: Ignore = None,
     threshold: ThresholdOpt = None,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="also write the report: .json, .csv or .md by extension")] = None,
-    all_layers: Annotated[bool, typer.Option(
-        "--all-layers", help="show activation, norm and other layers too")] = False,
+    output: Output = None,
+    all_layers: AllLayers = False,
     png: Png = None,
     compare: Compare = None,
     init: Init = None,
@@ -236,15 +238,12 @@ def predict(
     ] = "meta",
     init: Annotated[Scheme | None, typer.Option(
         "--init", help="assume this init scheme for every Linear/Conv layer")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="what to print")] = (
-        Format.table),
+    fmt: FormatOpt = Format.table,
     fail_on: FailOnOpt = None,
     ignore: Ignore = None,
     threshold: ThresholdOpt = None,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="also write the report: .json, .csv or .md by extension")] = None,
-    all_layers: Annotated[bool, typer.Option(
-        "--all-layers", help="show activation, norm and other layers too")] = False,
+    output: Output = None,
+    all_layers: AllLayers = False,
     debug: Debug = False,
 ) -> None:
     """Closed-form trajectories only: no data, no backward pass, no weights allocated."""
@@ -378,8 +377,7 @@ def check(
     fmt: Annotated[CheckFormat, typer.Option(
         "--format", "-f", help="text: one line per problem; github: workflow "
                                "annotations")] = CheckFormat.text,
-    output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="also write the report: .json, .csv or .md by extension")] = None,
+    output: Output = None,
     png: Png = None,
     debug: Debug = False,
 ) -> None:
