@@ -1,8 +1,10 @@
 """The fast statistics equal the straightforward float64 computation on the same tensor.
 
-stats.py reads tensors in chunks, shifts them by the first chunk's mean, sums in float32
-and adds the per-chunk sums in float64; the Recorder measures a gradient buffer once.
-Each number here is held against numpy in float64 on the captured tensor.
+On the CPU, stats.py reads a dense float tensor once with the numba kernels (float32
+blocks of 256 elements, blocks added in float64); elsewhere it reads tensors in chunks,
+shifts them by the first chunk's mean, sums in float32 and adds the per-chunk sums in
+float64; the Recorder measures a gradient buffer once. Each number here is held
+against numpy in float64 on the captured tensor.
 
 Tolerance: float32 pairwise summation of n terms has relative error about
 eps32 * log2(n) (6e-8 * 17 ~ 1e-6 for n ~ 1e5); the shift keeps the variance free of
@@ -68,8 +70,9 @@ def relu_with_dead_units(*shape: int, channel_dim: int = -1) -> torch.Tensor:
 
 @pytest.fixture(params=["one chunk", "many chunks", "accelerator path"])
 def chunked(request, monkeypatch):
-    """Every path: the whole tensor at once; chunks of 1000 elements; and, as on an
-    accelerator, non-finite elements counted in the same pass instead of on demand."""
+    """Every path: the whole tensor at once (the CPU kernels where they apply); chunks of
+    1000 elements; and, as on an accelerator, torch reductions in chunks of scratch with
+    non-finite elements counted in the same pass instead of on demand."""
     if request.param != "one chunk":
         monkeypatch.setattr(stats, "chunk_size", lambda device: 1000)
     if request.param == "accelerator path":
@@ -89,6 +92,15 @@ def test_activation_non_contiguous(chunked):
     x = relu_with_dead_units(64, 40, 30, channel_dim=1).transpose(0, 2)
     assert not x.is_contiguous()
     check_activation(x, channel_dim=1)
+
+
+def test_channels_last_memory_and_float64(chunked):
+    # Channels innermost in memory (NHWC): the units of a conv output are then the
+    # columns of an (N*H*W, C) array; float64 is accumulated in float64.
+    x = relu_with_dead_units(6, 9, 11, 13, channel_dim=1)
+    check_activation(x.to(memory_format=torch.channels_last), channel_dim=1)
+    check_activation(x.double(), channel_dim=1)
+    check_activation(relu_with_dead_units(300, 1000).double())
 
 
 def test_large_mean_small_spread_has_no_cancellation(chunked):

@@ -63,7 +63,7 @@ VIEWS = {T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.flatten, t
          T.unflatten, torch.unflatten, T.transpose, torch.transpose, T.swapaxes, T.swapdims,
          T.permute, torch.permute, T.movedim, torch.movedim, T.t, torch.t, T.squeeze,
          torch.squeeze, T.unsqueeze, torch.unsqueeze, T.contiguous, T.clone, torch.clone,
-         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as}
+         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as, torch.ops.aten.alias.default}
 # A part of the elements: the second moment of positions and channels taken alike,
 # the gradient reaching numel(out)/numel(in) of the input.
 SLICES = {T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, T.narrow, torch.narrow,

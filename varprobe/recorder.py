@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from varprobe import stats, theory
@@ -30,7 +29,7 @@ CHANNELS_FIRST = (
 )
 # Zero and dead-unit fractions are measured on the outputs of these kinds of module
 # (theory.kind): where a unit can die. A weight or norm layer's output is rarely
-# exactly zero, and measuring it would cost two more passes over the tensor.
+# exactly zero, and off the CPU measuring it costs more passes over the tensor.
 UNITS_AFTER = ("activation", "other")
 NO_UNITS = ("measured only on the outputs of activations and other modules without "
             "weights (where units die), not of weight or norm layers")
@@ -111,7 +110,7 @@ class Recorder:
         self._open: dict[int, list[Call]] = {}
         self._counts: dict[str, int] = {}
         self._seen: dict[int, tuple[weakref.ref, int, int, bool]] = {}
-        self._grads: dict[tuple, tuple[StorageWeakRef, int, stats.Pending]] = {}
+        self._grads: dict[tuple, tuple[weakref.ref, int, stats.Pending]] = {}
         self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
         self._channels_first = False
         self.weights: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (slot, w)
@@ -163,16 +162,18 @@ class Recorder:
 
     def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:
         """Measure each gradient buffer once: the gradient w.r.t. a module's input alias
-        is usually a view of the one w.r.t. the previous module's output. Same memory,
-        still alive and unwritten (the version counter is shared by views) means same
-        values."""
+        is usually the very tensor of the one w.r.t. the previous module's output. The
+        same memory, while a tensor measured there is alive (so the memory was not
+        reused) and unwritten (the version counter is shared by views), holds the same
+        values. A weak reference to the tensor, not to its storage: autograd cannot
+        accumulate into a buffer whose storage is weakly referenced."""
         key = (g.data_ptr(), g.shape, g.stride(), g.dtype, g.device)
         seen = self._grads.get(key)
-        if seen is not None and not seen[0].expired() and seen[1] == g._version:
+        if seen is not None and seen[0]() is not None and seen[1] == g._version:
             return seen[2]
         with torch.no_grad():
             value = stats.gradient(g)
-        self._grads[key] = (StorageWeakRef(g.untyped_storage()), g._version, value)
+        self._grads[key] = (weakref.ref(g), g._version, value)
         return value
 
     # --- hooks ---------------------------------------------------------------------
@@ -244,7 +245,10 @@ class Recorder:
         if getattr(module, "inplace", False):
             call.unavailable["backward_input"] = "the module modifies its input in place"
             return None
-        alias = x.view_as(x)
+        # aten.alias, not view_as: its backward hands the gradient on as it is, where a
+        # view's hands on a view of it, which autograd cannot accumulate into in place
+        # (an extra allocation, and fresh pages, per branching tensor).
+        alias = torch.ops.aten.alias.default(x)
         call.slots["backward_input"] = self._new_slot()
         with self._quiet():
             call.alias_version = alias._version

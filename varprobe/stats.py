@@ -6,13 +6,13 @@ report reads (the layouts below). ``collect`` concatenates every vector and copi
 in a single transfer; means, variances and fractions are then plain float64
 arithmetic on the host, so a hook issues only the reductions themselves.
 
-Speed and memory (CPU): ``torch.var_mean`` (Welford) runs at a tenth of memory speed,
-reductions with ``dtype=`` copy the whole tensor first, and every elementwise
-temporary is a write pass. So a dense float32 tensor is read twice, with no
-temporary: ``sum(x)`` (torch's pairwise sum) and the sum of squares as the squared
-norms of its rows of ``ROW`` elements, added in float64. E[x^2] - E[x]^2 cancels when
-the mean dominates: on the CPU, where reading a sum costs no transfer, the sums are
-looked at and, only when mean^2 > Var, taken again from ``x - mean`` (chunked). On
+Speed (CPU): torch has no reduction that returns a sum and a sum of squares from one
+read, ``torch.var_mean`` (Welford) runs at a tenth of memory speed, reductions with
+``dtype=`` copy the whole tensor first and every elementwise temporary is a write pass.
+So a dense float32/float64 CPU tensor is read once by ``kernels`` (numba): the sum, the
+sum of squares and, where asked, the non-zero count of every unit. E[x^2] - E[x]^2
+cancels when the mean dominates: on the CPU, where reading a sum costs no transfer, the
+sums are looked at and, only when mean^2 > Var, taken again from ``x - mean``. On
 accelerators, which must not sync, every tensor is shifted by its first chunk's mean
 and read in chunks of scratch, as is every fp16/bf16 tensor (upcast per chunk to
 float32) and every tensor whose memory is not dense.
@@ -24,7 +24,10 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from varprobe import kernels
 
 WIDTH = 8
 # Forward row layout.
@@ -74,14 +77,20 @@ def reads_are_free(device: torch.device) -> bool:
 
 # --- reading a tensor ---------------------------------------------------------------
 
-def _dense(x: torch.Tensor) -> torch.Tensor | None:
-    """``x`` as a flat view when its memory is dense in some order of its dims (sums
-    do not care about order), else None."""
+def _in_memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
+    """``x`` permuted so that its dims run in memory order, and that order, when its
+    memory is dense (sums do not care about order), else None."""
     if x.is_contiguous():
-        return x.view(-1)
+        return x, list(range(x.dim()))
     order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
     y = x.permute(order)
-    return y.view(-1) if y.is_contiguous() else None
+    return (y, order) if y.is_contiguous() else None
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as a flat view when its memory is dense in some order of its dims."""
+    found = _in_memory_order(x)
+    return found[0].reshape(-1) if found is not None else None
 
 
 def _pieces(x: torch.Tensor, chunked: bool) -> Iterator[torch.Tensor]:
@@ -129,22 +138,45 @@ def _scratch(x: torch.Tensor) -> torch.Tensor:
 def _sums(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
     """float64 [shift, sum(x - shift), sum((x - shift)^2), then the non-finite count if
     asked for]."""
-    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
-    if flat is None or not reads_are_free(x.device):
+    found = _kernel_array(x)
+    if found is None:
         return _sums_shifted(x, None, nonfinite)
-    # CPU: two passes, no temporary; reading the sums costs no transfer there.
-    s1, s2 = flat.sum().item(), _square_sum(flat).item()
-    n = max(flat.numel(), 1)
+    flat = found[0].reshape(-1)
+    zero = flat.dtype.type(0)
+    return _finish_cpu_sums(x, flat, kernels.sums(flat, zero, zero), nonfinite)
+
+
+def _kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
+    """``x``'s memory as a numpy array with its dims in memory order, and that order,
+    when the CPU kernels can read it: a dense, non-empty float32/float64 CPU tensor."""
+    if not reads_are_free(x.device) or x.dtype not in (torch.float32, torch.float64) \
+            or x.numel() == 0 or x.is_neg():
+        return None
+    found = _in_memory_order(x)
+    return (found[0].numpy(), found[1]) if found is not None else None
+
+
+def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float],
+                     nonfinite: bool) -> torch.Tensor:
+    """The ``_sums`` vector from a kernel's (sum, sum of squares) of ``flat``: read again
+    from ``flat - mean`` when mean^2 > Var, and non-finite elements counted only when a
+    sum is non-finite (a non-finite element makes one so)."""
+    s1, s2 = sums
+    n, shift = flat.size, 0.0
     mean, m2 = s1 / n, s2 / n
     finite = math.isfinite(s1) and math.isfinite(s2)
-    if finite and mean * mean > m2 - mean * mean:  # mean^2 > Var: E[x^2] - E[x]^2 cancels
-        return _sums_shifted(x, mean, nonfinite)
-    sums = [0.0, s1, s2]
-    if nonfinite:  # a non-finite element makes a sum non-finite: count only then
-        scratch = _scratch(x)
-        sums.append(0.0 if finite else sum(
-            _nonfinite(c, scratch[: c.numel()]).item() for c in flat.split(scratch.numel())))
-    return torch.tensor(sums, dtype=torch.float64)
+    if finite and mean * mean > m2 - mean * mean:  # E[x^2] - E[x]^2 would cancel
+        shift = flat.dtype.type(mean)
+        s1, s2 = kernels.sums(flat, shift, flat.dtype.type(0))
+    row = [float(shift), s1, s2]
+    if nonfinite:
+        row.append(0.0 if finite else _count_nonfinite(x))
+    return torch.tensor(row, dtype=torch.float64)
+
+
+def _count_nonfinite(x: torch.Tensor) -> float:
+    scratch = _scratch(x)
+    return sum(_nonfinite(c, scratch[: c.numel()]).item() for c in _pieces(x, chunked=True))
 
 
 def _sums_shifted(x: torch.Tensor, shift: float | None, nonfinite: bool) -> torch.Tensor:
@@ -164,6 +196,27 @@ def _sums_shifted(x: torch.Tensor, shift: float | None, nonfinite: bool) -> torc
         return torch.zeros(4 if nonfinite else 3, dtype=torch.float64, device=x.device)
     total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
     return torch.cat([first.double().view(1), total])
+
+
+def _sums_and_units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``_sums`` with the non-finite count, then ``_units``; on the CPU in one read."""
+    found = _kernel_array(x)
+    if found is None:
+        return torch.cat([_sums(x, nonfinite=True), _units(x, channel_dim)])
+    array, order = found
+    shape = (1, 1, array.size)  # (before the units, units, after them) in memory
+    if x.dim() >= 2:
+        k = order.index(channel_dim % x.dim())
+        shape = (math.prod(array.shape[:k]), array.shape[k], math.prod(array.shape[k + 1:]))
+    nonzero = np.zeros(shape[1], dtype=np.int64)
+    zero = array.dtype.type(0)
+    if shape[2] == 1:  # units innermost: a Linear's features
+        sums = kernels.unit_sums_last(array.reshape(shape[:2]), zero, nonzero)
+    else:
+        sums = kernels.unit_sums_first(array.reshape(shape), zero, nonzero)
+    units = [array.size - nonzero.sum(), np.count_nonzero(nonzero) if x.dim() >= 2 else 0]
+    return torch.cat([_finish_cpu_sums(x, array.reshape(-1), sums, nonfinite=True),
+                      torch.tensor(units, dtype=torch.float64)])
 
 
 def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -196,16 +249,15 @@ def activation(t: torch.Tensor, channel_dim: int, units: bool = True) -> Pending
     """mean, var, E[x^2], zero fraction, dead-unit fraction, non-finite count, numel.
 
     With ``units=False`` the zero and dead-unit fractions are not measured (None): they
-    cost two more passes and say something only where an activation can zero a unit.
+    say something only where an activation can zero a unit, and off the CPU they cost
+    more passes.
     A unit is one index along ``channel_dim`` (a feature or a conv channel); the dead
     fraction is NaN for a tensor with fewer than two dims.
     """
     x = t.detach()
     n = x.numel()
-    parts = [_sums(x, nonfinite=True)]
     count = x.shape[channel_dim] if units and x.dim() >= 2 else 0
-    if units:
-        parts.append(_units(x, channel_dim))
+    raw = _sums_and_units(x, channel_dim) if units else _sums(x, nonfinite=True)
 
     def finish(r: list[float]) -> list[float | None]:
         mean, var, m2 = _moments(r, n)
@@ -215,7 +267,7 @@ def activation(t: torch.Tensor, channel_dim: int, units: bool = True) -> Pending
             dead = 1 - r[5] / count if count else float("nan")
         return [mean, var, m2, zero, dead, r[3], float(n)]
 
-    return Pending(torch.cat(parts) if units else parts[0], finish)
+    return Pending(raw, finish)
 
 
 def gradient(g: torch.Tensor) -> Pending:

@@ -331,11 +331,17 @@ def _nodes(q: float, breakpoints: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """Points y = sqrt(q) z and weights phi(z) dz of the split rule."""
     s = math.sqrt(q)
     cuts = sorted({-Z_MAX, 0.0, Z_MAX, *(b / s for b in breakpoints if abs(b / s) < Z_MAX)})
-    t, v = np.polynomial.legendre.leggauss(NODES)
+    t, v = _legendre()
     z = np.concatenate([(lo + hi) / 2 + (hi - lo) / 2 * t for lo, hi in zip(cuts, cuts[1:])])
     dz = np.concatenate([(hi - lo) / 2 * v for lo, hi in zip(cuts, cuts[1:])])
     w = dz * np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
     return torch.from_numpy(s * z), torch.from_numpy(w)
+
+
+@functools.cache
+def _legendre() -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [-1, 1] (an eigenvalue problem: once)."""
+    return np.polynomial.legendre.leggauss(NODES)
 
 
 def _breakpoints(module: nn.Module) -> tuple[float, ...]:
