@@ -20,11 +20,19 @@ BLOCK = 256
 GROUP = 1 << 15  # elements (128 KiB of float32)
 # Let LLVM reorder the additions so that they run in vector lanes; no assumptions about
 # NaN or infinities, which must still reach the sums.
-_JIT = {"fastmath": {"reassoc", "contract"}, "cache": True, "nogil": True,
-        "boundscheck": False}
+_OPTIONS = {"fastmath": {"reassoc", "contract"}, "nogil": True, "boundscheck": False}
 
 
-@njit(**_JIT)
+def _jit(fn):
+    """Compiled on first use, and cached on disk where numba can write (beside the
+    package or in the user's cache); compiled anew in each process where it cannot."""
+    try:
+        return njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # no cache locator: a read-only install without a home dir
+        return njit(**_OPTIONS)(fn)
+
+
+@_jit
 def _row_sums(row, shift, zero):
     """(sum(d), sum(d^2)), d = row - shift."""
     s1 = 0.0
@@ -42,13 +50,13 @@ def _row_sums(row, shift, zero):
     return s1, s2
 
 
-@njit(**_JIT)
+@_jit
 def sums(a, shift, zero):
     """(sum(d), sum(d^2)) of a 1-D array, d = a - shift."""
     return _row_sums(a, shift, zero)
 
 
-@njit(**_JIT)
+@_jit
 def unit_sums_first(a, zero, nonzero):
     """(sum(a), sum(a^2)) of an (N, C, L) array, units along C: ``nonzero[c]`` gets the
     count of non-zero elements of ``a[:, c]`` (a conv's channels)."""
@@ -73,7 +81,7 @@ def unit_sums_first(a, zero, nonzero):
     return s1, s2
 
 
-@njit(**_JIT)
+@_jit
 def unit_sums_last(a, zero, nonzero):
     """(sum(a), sum(a^2)) of an (N, U) array, units along U: ``nonzero[u]`` gets the
     count of non-zero elements of ``a[:, u]`` (a Linear's features)."""

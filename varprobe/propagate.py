@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import mul
 
 import torch
 from torch import nn
@@ -545,9 +546,9 @@ def reset(module: nn.Module, values: theory.Values | None = None) -> Signal | No
 def _normalized(module: nn.Module, kept: float, values: theory.Values | None = None) -> Signal:
     """mean_c(gamma_c^2 kept + beta_c^2), the beta part shared by every sample."""
     gamma, beta = _affine(module, values)
-    m2 = sum(g * g * kept + b * b for g, b in zip(gamma, beta)) / len(gamma)
-    shared = sum(b * b for b in beta) / len(beta)
-    return Signal(m2, shared / m2 if m2 > 0 else 0.0)
+    b2 = sum(map(mul, beta, beta)) / len(beta)
+    m2 = kept * sum(map(mul, gamma, gamma)) / len(gamma) + b2
+    return Signal(m2, b2 / m2 if m2 > 0 else 0.0)
 
 
 def _norm_backward(module: nn.Module, s: Signal | None,
@@ -563,7 +564,7 @@ def _norm_backward(module: nn.Module, s: Signal | None,
     if s is None:
         return None
     gamma = _affine(module, values)[0]
-    return sum(g * g for g in gamma) / len(gamma) / (_norm_variance(module, s) + eps)
+    return sum(map(mul, gamma, gamma)) / len(gamma) / (_norm_variance(module, s) + eps)
 
 
 # --- small helpers ------------------------------------------------------------------

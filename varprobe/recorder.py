@@ -78,7 +78,7 @@ def probed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
     for name, module in model.named_modules(remove_duplicate=True):
         is_leaf = next(module.children(), None) is None
-        owns = next(module.parameters(recurse=False), None) is not None
+        owns = bool(theory.own_parameters(module))
         if (is_leaf or owns) and (name or is_leaf):
             out.append((name or type(model).__name__, module))
     return out
@@ -88,7 +88,7 @@ def main_weight(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | 
     """The weight matrix a layer multiplies by, and its bias, if it has them."""
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
-        w = next((p for p in module.parameters(recurse=False) if p.dim() >= 2), None)
+        w = next((p for p in theory.own_parameters(module) if p.dim() >= 2), None)
     b = getattr(module, "bias", None)
     return w, b if isinstance(b, torch.Tensor) else None
 
@@ -112,6 +112,7 @@ class Recorder:
         self._seen: dict[int, tuple[weakref.ref, int, int, bool]] = {}
         self._grads: dict[tuple, tuple[weakref.ref, int, stats.Pending]] = {}
         self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
+        self._unweighed: set[int] = set()  # id(module): has a weight, not measured yet
         self._channels_first = False
         self.weights: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (slot, w)
         # Told where each call starts (the args its forward gets) and ends (its output):
@@ -122,6 +123,8 @@ class Recorder:
     def __enter__(self) -> Recorder:
         for name, module in probed_modules(self.model):
             self._units[id(module)] = theory.kind(module) in UNITS_AFTER
+            if main_weight(module)[0] is not None:
+                self._unweighed.add(id(module))
             self._handles.append(module.register_forward_pre_hook(
                 self._pre_hook(name), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
@@ -213,8 +216,11 @@ class Recorder:
             self._channels_first = False
 
     def _record_weight(self, module: nn.Module) -> None:
-        if id(module) in self.weights:
+        """At the module's first call: its weight then (a parametrization or an old-style
+        weight_norm computes it just before)."""
+        if id(module) not in self._unweighed:
             return
+        self._unweighed.discard(id(module))
         w, b = main_weight(module)
         if w is not None and not w.is_meta:  # meta tensors have shapes, not values
             with torch.no_grad(), self._quiet():

@@ -1,10 +1,11 @@
 """On-device reductions: a few raw sums per tensor, finished on the host after one copy.
 
 Each measurement is a ``Pending``: a short float64 vector of sums on the tensor's
-device and a function that turns those sums, once on the host, into the row the
-report reads (the layouts below). ``collect`` concatenates every vector and copies it
-in a single transfer; means, variances and fractions are then plain float64
-arithmetic on the host, so a hook issues only the reductions themselves.
+device (a plain list when the CPU kernels made them on the host) and a function that
+turns those sums into the row the report reads (the layouts below). ``collect``
+concatenates every vector still on a device and copies it in a single transfer; means,
+variances and fractions are then plain float64 arithmetic on the host, so a hook
+issues only the reductions themselves.
 
 Speed (CPU): torch has no reduction that returns a sum and a sum of squares from one
 read, ``torch.var_mean`` (Welford) runs at a tenth of memory speed, reductions with
@@ -43,25 +44,33 @@ W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM = 0, 1, 2, 3
 ROW = 256
 
 
+Raw = torch.Tensor | list[float]  # float64 sums on a device, or already on the host
+
+
 @dataclass
 class Pending:
-    """Raw float64 sums on the device; ``finish`` makes the host row from them."""
+    """Raw float64 sums; ``finish`` makes the host row from them."""
 
-    raw: torch.Tensor
+    raw: Raw
     finish: Callable[[list[float]], list[float | None]]
 
 
 def collect(pending: list[Pending]) -> list[list[float | None]]:
-    """The one device-to-host transfer: every pending vector, finished on the host."""
-    if not pending:
-        return []
-    host = torch.cat([p.raw for p in pending]).cpu().tolist()
-    rows, start = [], 0
-    for p in pending:
-        stop = start + p.raw.numel()
-        rows.append(p.finish(host[start:stop]))
-        start = stop
-    return rows
+    """The one device-to-host transfer: every vector still on a device, copied
+    together; then every row finished on the host."""
+    on_device = [p.raw for p in pending if isinstance(p.raw, torch.Tensor)]
+    copied = iter(torch.cat(on_device).cpu().tolist() if on_device else [])
+    return [p.finish(p.raw if isinstance(p.raw, list)
+                     else [next(copied) for _ in range(p.raw.numel())]) for p in pending]
+
+
+def _join(parts: list[Raw]) -> Raw:
+    """Raw vectors one after another: a list when all are on the host."""
+    if all(isinstance(p, list) for p in parts):
+        return [v for p in parts for v in p]
+    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([p.view(-1) if isinstance(p, torch.Tensor)
+                      else torch.tensor(p, dtype=torch.float64, device=device) for p in parts])
 
 
 def chunk_size(device: torch.device) -> int:
@@ -135,7 +144,7 @@ def _scratch(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(min(x.numel(), chunk_size(x.device)), dtype=dtype, device=x.device)
 
 
-def _sums(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
+def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
     """float64 [shift, sum(x - shift), sum((x - shift)^2), then the non-finite count if
     asked for]."""
     found = _kernel_array(x)
@@ -157,7 +166,7 @@ def _kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
 
 
 def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float],
-                     nonfinite: bool) -> torch.Tensor:
+                     nonfinite: bool) -> list[float]:
     """The ``_sums`` vector from a kernel's (sum, sum of squares) of ``flat``: read again
     from ``flat - mean`` when mean^2 > Var, and non-finite elements counted only when a
     sum is non-finite (a non-finite element makes one so)."""
@@ -171,7 +180,7 @@ def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float
     row = [float(shift), s1, s2]
     if nonfinite:
         row.append(0.0 if finite else _count_nonfinite(x))
-    return torch.tensor(row, dtype=torch.float64)
+    return row
 
 
 def _count_nonfinite(x: torch.Tensor) -> float:
@@ -198,7 +207,7 @@ def _sums_shifted(x: torch.Tensor, shift: float | None, nonfinite: bool) -> torc
     return torch.cat([first.double().view(1), total])
 
 
-def _sums_and_units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
     """``_sums`` with the non-finite count, then ``_units``; on the CPU in one read."""
     found = _kernel_array(x)
     if found is None:
@@ -214,9 +223,9 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
         sums = kernels.unit_sums_last(array.reshape(shape[:2]), zero, nonzero)
     else:
         sums = kernels.unit_sums_first(array.reshape(shape), zero, nonzero)
-    units = [array.size - nonzero.sum(), np.count_nonzero(nonzero) if x.dim() >= 2 else 0]
-    return torch.cat([_finish_cpu_sums(x, array.reshape(-1), sums, nonfinite=True),
-                      torch.tensor(units, dtype=torch.float64)])
+    alive = np.count_nonzero(nonzero) if x.dim() >= 2 else 0
+    return _finish_cpu_sums(x, array.reshape(-1), sums, nonfinite=True) + [
+        float(array.size - nonzero.sum()), float(alive)]
 
 
 def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -286,14 +295,14 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
     n, nb = w.numel(), bias.numel() if bias is not None else 0
     parts = [_sums(w.detach(), nonfinite=False)]
     if bias is not None:
-        parts.append(_square_sums(bias.detach()).view(1))
+        parts.append(_square_sums(bias.detach()))
 
     def finish(r: list[float]) -> list[float | None]:
         _, var, m2 = _moments(r, n)
         b2 = r[3] / nb if nb else float("nan")
         return [var, m2, b2, math.sqrt(n * m2)]
 
-    return Pending(torch.cat(parts), finish)
+    return Pending(_join(parts), finish)
 
 
 def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
@@ -305,10 +314,15 @@ def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
         norm = math.sqrt(n * m2)  # a zero weight: inf, or NaN for a zero gradient too
         return [math.sqrt(r[0]) / norm if norm else math.inf if r[0] else math.nan]
 
-    return Pending(torch.cat([_square_sums(grad.detach()).view(1), stats.raw[:3]]), finish)
+    return Pending(_join([_square_sums(grad.detach()), stats.raw[:3]]), finish)
 
 
-def _square_sums(x: torch.Tensor) -> torch.Tensor:
-    """sum(x^2), float64 0-d."""
+def _square_sums(x: torch.Tensor) -> Raw:
+    """[sum(x^2)], float64."""
+    found = _kernel_array(x)
+    if found is not None:
+        flat = found[0].reshape(-1)
+        zero = flat.dtype.type(0)
+        return [kernels.sums(flat, zero, zero)[1]]
     sums = [_square_sum(p) for p in _pieces(x, chunked=False)]
-    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    return (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).view(1)
