@@ -218,3 +218,45 @@ def test_model_left_untouched_and_no_mode_left_active():
     probe(model, batch_size=8, input_shape=(32,))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not torch.overrides._get_current_function_mode_stack()
+
+
+class Raises(nn.Module):
+    def forward(self, x):
+        raise ValueError("boom")
+
+
+class OwnMode(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+class PushesItsMode(nn.Module):
+    """Runs its layers under a TorchFunctionMode of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.mode = OwnMode()
+
+    def forward(self, x):
+        with self.mode:
+            return self.b(torch.relu(self.a(x)))
+
+
+def test_recording_steps_off_the_mode_stack_inside_leaves_and_back():
+    # Inside a module taken whole the recording pops itself off the mode stack: a leaf
+    # that raises must not leave the stack changed, and a model's own mode (innermost
+    # then) must keep seeing every call inside its leaves.
+    with pytest.raises(Exception, match="boom"):
+        probe(nn.Sequential(nn.Linear(8, 8), Raises()), batch_size=4, input_shape=(8,))
+    assert not torch.overrides._get_current_function_mode_stack()
+    model = PushesItsMode()
+    report = probe(model, batch_size=4, input_shape=(16,))
+    assert torch.nn.functional.linear in model.mode.seen  # called inside the Linear leaves
+    assert [layer.predicted.basis for layer in report.weight_layers] == ["graph", "graph"]
+    assert not torch.overrides._get_current_function_mode_stack()

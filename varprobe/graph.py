@@ -140,6 +140,7 @@ class Recording(TorchFunctionMode):
         self.unseen_function: str | None = None
         self._ids: dict[int, tuple[weakref.ref, int, int]] = {}
         self._frames: list[_Frame] = []
+        self._off: TorchFunctionMode | None = None  # this mode, while a module taken whole runs
         self._last: int | None = None  # the last recorded call that finished
         self._constants: list[torch.Tensor | tuple[float, float]] = []
         self.compiled = next((name for name, m in model.named_modules()
@@ -195,6 +196,8 @@ class Recording(TorchFunctionMode):
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
                                   "operations", where=self._where())), *ids)
         self._frames.append(_Frame(index, _opaque(module), ids))
+        if self._frames[-1].opaque and self._on_top():
+            self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
 
     def exit(self, output: Any) -> None:
         if self.failed is not None:
@@ -202,6 +205,7 @@ class Recording(TorchFunctionMode):
         frame = self._frames.pop()
         if self._frames and self._frames[-1].opaque:
             return
+        self._back_on()
         self._last = frame.index
         with torch._C.DisableTorchFunction():
             outputs = float_leaves(output)
@@ -218,6 +222,20 @@ class Recording(TorchFunctionMode):
                 inner = self._lookup(outputs[0])
                 inputs = (inner if inner is not None else -1, *frame.inputs[:1])
                 self._bind(outputs[0], self._add(Node("exit", inputs, index=frame.index)))
+
+    def _on_top(self) -> bool:
+        """Whether this mode is the innermost one (a model may push its own)."""
+        depth = torch._C._len_torch_function_stack()
+        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self
+
+    def _back_on(self) -> None:
+        if self._off is not None:
+            torch._C._push_on_torch_function_stack(self._off)
+            self._off = None
+
+    def __exit__(self, *exc):
+        self._back_on()  # a module taken whole raised: its exit never came
+        return super().__exit__(*exc)
 
     # --- operations ----------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
