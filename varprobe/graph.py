@@ -63,7 +63,7 @@ VIEWS = {T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.flatten, t
          T.unflatten, torch.unflatten, T.transpose, torch.transpose, T.swapaxes, T.swapdims,
          T.permute, torch.permute, T.movedim, torch.movedim, T.t, torch.t, T.squeeze,
          torch.squeeze, T.unsqueeze, torch.unsqueeze, T.contiguous, T.clone, torch.clone,
-         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as, torch.ops.aten.alias.default}
+         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as}
 # A part of the elements: the second moment of positions and channels taken alike,
 # the gradient reaching numel(out)/numel(in) of the input.
 SLICES = {T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, T.narrow, torch.narrow,
@@ -198,6 +198,12 @@ class Recording(TorchFunctionMode):
         self._frames.append(_Frame(index, _opaque(module), ids))
         if self._frames[-1].opaque and self._on_top():
             self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
+
+    def alias(self, source: torch.Tensor, alias: torch.Tensor) -> None:
+        """The Recorder's alias of a module's input holds the input's values."""
+        node = self._lookup(source) if self.failed is None else None
+        if node is not None:
+            self._bind(alias, node)
 
     def exit(self, output: Any) -> None:
         if self.failed is not None:

@@ -153,8 +153,7 @@ class Recorder:
                 and (seen[3] or not units)):
             return seen[2]
         channel_dim = 1 if self._channels_first and t.dim() >= 3 else -1
-        with torch.no_grad(), self._quiet():
-            slot = self._new_slot(stats.activation(t, channel_dim, units))
+        slot = self._new_slot(stats.activation(t, channel_dim, units))
         self._seen[id(t)] = (weakref.ref(t), t._version, slot, units)
         return slot
 
@@ -189,10 +188,11 @@ class Recorder:
             call = Call(name=name, call=index, module=module)
             self.calls.append(call)
             self._open.setdefault(id(module), []).append(call)
-            self._record_weight(module)
-            new = self._record_input(call, module, args, kwargs)
-            if self.observer is not None:
-                self.observer.enter(len(self.calls) - 1, module, *(new or (args, kwargs)))
+            with self._quiet():  # the hooks' own tensor calls are no dataflow to record
+                self._record_weight(module)
+                new = self._record_input(call, module, args, kwargs)
+                if self.observer is not None:
+                    self.observer.enter(len(self.calls) - 1, module, *(new or (args, kwargs)))
             return new
         return hook
 
@@ -202,7 +202,7 @@ class Recorder:
                 return None
             call = self._open[id(module)].pop()
             self._update_layout(module)
-            with self._quiet():  # hooks' own tensor reads are no dataflow to record
+            with self._quiet():
                 self._record_output(call, output)
             if self.observer is not None:
                 self.observer.exit(output)
@@ -223,8 +223,7 @@ class Recorder:
         self._unweighed.discard(id(module))
         w, b = main_weight(module)
         if w is not None and not w.is_meta:  # meta tensors have shapes, not values
-            with torch.no_grad(), self._quiet():
-                self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
+            self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
 
     def _quiet(self):
         return (torch._C.DisableTorchFunction() if self.observer is not None
@@ -255,10 +254,11 @@ class Recorder:
         # view's hands on a view of it, which autograd cannot accumulate into in place
         # (an extra allocation, and fresh pages, per branching tensor).
         alias = torch.ops.aten.alias.default(x)
+        if self.observer is not None:
+            self.observer.alias(x, alias)
         call.slots["backward_input"] = self._new_slot()
-        with self._quiet():
-            call.alias_version = alias._version
-            alias.register_hook(self._grad_hook(call.slots["backward_input"]))
+        call.alias_version = alias._version
+        alias.register_hook(self._grad_hook(call.slots["backward_input"]))
         leaves[pos] = alias
         call.alias = weakref.ref(alias)
         if spec is None:
