@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import os
 import platform
@@ -33,6 +35,25 @@ def machine() -> dict[str, str]:
     if hasattr(os, "getloadavg"):
         info["load average at start"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     return info
+
+
+def keep_freed_memory() -> str:
+    """Keep memory that torch frees inside the process (glibc's malloc).
+
+    By default glibc hands large freed blocks back to the OS and the next pass faults
+    them in again, page by page: tens of thousands of faults per pass, a number that
+    varies from pass to pass and moves a pass's time by up to 10%, for the bare pass
+    and the probe alike. With trimming off and a fixed mmap threshold both sides reuse
+    their memory, as a long training run's process does, and the ratio is steady.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt is None or not (mallopt(m_trim_threshold, 1 << 30)
+                               and mallopt(m_mmap_threshold, 1 << 25)):
+        return "as is (no glibc mallopt here)"
+    return "freed memory kept in the process (glibc mallopt: no trimming, mmap above 32 MiB)"
 
 
 def verdict(value: float, target: float) -> str:
@@ -118,10 +139,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: steadier on a shared machine)")
     parser.add_argument("--skip-scale", action="store_true", help="skip the 175B predict")
+    parser.add_argument("--malloc-as-is", action="store_true",
+                        help="leave glibc's malloc returning freed memory to the OS "
+                             "(page faults make both sides noisier)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     info = machine()
+    info["malloc"] = "as is" if args.malloc_as_is else keep_freed_memory()
     rows = []
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available()
                                        else [])
