@@ -87,11 +87,16 @@ def unit_sums_last(a, zero, nonzero):
     count of non-zero elements of ``a[:, u]`` (a Linear's features)."""
     s1 = 0.0
     s2 = 0.0
-    for n in range(a.shape[0]):
-        row = a[n]
-        r1, r2 = _row_sums(row, zero, zero)
+    flat = a.reshape(-1)
+    units = a.shape[1]
+    group = max(1, GROUP // units)  # rows read twice while they are in cache
+    for first in range(0, a.shape[0], group):
+        last = min(first + group, a.shape[0])
+        r1, r2 = _row_sums(flat[first * units:last * units], zero, zero)
         s1 += r1
         s2 += r2
-        for u in range(row.shape[0]):
-            nonzero[u] += row[u] != 0
+        for n in range(first, last):
+            row = a[n]
+            for u in range(units):
+                nonzero[u] += row[u] != 0
     return s1, s2
