@@ -1,5 +1,6 @@
-"""``varprobe --help`` and argument errors answer without importing torch, pandas or
-matplotlib: each run happens in a fresh interpreter, which then lists what it imported."""
+"""``varprobe --help`` and argument errors answer without importing torch, pandas,
+matplotlib or numba: each run happens in a fresh interpreter, which then lists what it
+imported."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "pandas", "matplotlib")
+HEAVY = ("torch", "pandas", "matplotlib", "numba")
 SCRIPT = f"""
 import json, sys
 from varprobe.cli import main
@@ -61,3 +62,6 @@ def test_the_check_sees_torch_when_a_command_runs(tmp_path):
     result = run("predict", str(model), "-f", "json")
     assert result["code"] in (0, None)
     assert "torch" in result["heavy"]
+    assert "numba" not in result["heavy"]  # predict measures nothing: no CPU kernels
+    measured = run("analyze", str(model), "-f", "json", "--input-shape", "3")
+    assert measured["code"] in (0, None) and "numba" in measured["heavy"]

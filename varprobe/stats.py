@@ -28,8 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from varprobe import kernels
-
 WIDTH = 8
 # Forward row layout.
 MEAN, VAR, SECOND_MOMENT, ZERO_FRACTION, DEAD_FRACTION, NONFINITE, NUMEL = range(7)
@@ -152,7 +150,15 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
         return _sums_shifted(x, None, nonfinite)
     flat = found[0].reshape(-1)
     zero = flat.dtype.type(0)
-    return _finish_cpu_sums(x, flat, kernels.sums(flat, zero, zero), nonfinite)
+    return _finish_cpu_sums(x, flat, _kernels().sums(flat, zero, zero), nonfinite)
+
+
+def _kernels():
+    """``varprobe.kernels``, imported at the first CPU measurement: ``predict`` (meta
+    tensors, no values) never loads numba."""
+    from varprobe import kernels
+
+    return kernels
 
 
 def _kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
@@ -176,7 +182,7 @@ def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float
     finite = math.isfinite(s1) and math.isfinite(s2)
     if finite and mean * mean > m2 - mean * mean:  # E[x^2] - E[x]^2 would cancel
         shift = flat.dtype.type(mean)
-        s1, s2 = kernels.sums(flat, shift, flat.dtype.type(0))
+        s1, s2 = _kernels().sums(flat, shift, flat.dtype.type(0))
     row = [float(shift), s1, s2]
     if nonfinite:
         row.append(0.0 if finite else _count_nonfinite(x))
@@ -220,9 +226,9 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
     nonzero = np.zeros(shape[1], dtype=np.int64)
     zero = array.dtype.type(0)
     if shape[2] == 1:  # units innermost: a Linear's features
-        sums = kernels.unit_sums_last(array.reshape(shape[:2]), zero, nonzero)
+        sums = _kernels().unit_sums_last(array.reshape(shape[:2]), zero, nonzero)
     else:
-        sums = kernels.unit_sums_first(array.reshape(shape), zero, nonzero)
+        sums = _kernels().unit_sums_first(array.reshape(shape), zero, nonzero)
     alive = np.count_nonzero(nonzero) if x.dim() >= 2 else 0
     return _finish_cpu_sums(x, array.reshape(-1), sums, nonfinite=True) + [
         float(array.size - nonzero.sum()), float(alive)]
@@ -323,6 +329,6 @@ def _square_sums(x: torch.Tensor) -> Raw:
     if found is not None:
         flat = found[0].reshape(-1)
         zero = flat.dtype.type(0)
-        return [kernels.sums(flat, zero, zero)[1]]
+        return [_kernels().sums(flat, zero, zero)[1]]
     sums = [_square_sum(p) for p in _pieces(x, chunked=False)]
     return (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).view(1)
