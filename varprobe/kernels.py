@@ -57,14 +57,42 @@ def sums(a, shift, zero):
 
 
 @_jit
+def _row_counted(row, zero):
+    """(sum(row), sum(row^2), its non-zero count)."""
+    s1 = 0.0
+    s2 = 0.0
+    nonzero = 0
+    for start in range(0, row.shape[0], BLOCK):
+        block = row[start:start + BLOCK]
+        b1 = zero
+        b2 = zero
+        for i in range(block.shape[0]):
+            v = block[i]
+            b1 += v
+            b2 += v * v
+            nonzero += v != 0
+        s1 += b1
+        s2 += b2
+    return s1, s2, nonzero
+
+
+@_jit
 def unit_sums_first(a, zero, nonzero):
     """(sum(a), sum(a^2)) of an (N, C, L) array, units along C: ``nonzero[c]`` gets the
     count of non-zero elements of ``a[:, c]`` (a conv's channels)."""
     s1 = 0.0
     s2 = 0.0
-    flat = a.reshape(-1)
     units, length = a.shape[1], a.shape[2]
-    group = max(1, GROUP // length)  # rows read twice while they are in cache
+    if length >= BLOCK:  # long rows: one pass over each
+        for n in range(a.shape[0]):
+            for c in range(units):
+                r1, r2, count = _row_counted(a[n, c], zero)
+                s1 += r1
+                s2 += r2
+                nonzero[c] += count
+        return s1, s2
+    flat = a.reshape(-1)
+    group = max(1, GROUP // length)  # short rows: sums over many, counted while in cache
     for n in range(a.shape[0]):
         for first in range(0, units, group):
             last = min(first + group, units)
