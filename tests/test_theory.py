@@ -91,6 +91,26 @@ def test_every_elementwise_activation_has_gains():
     assert theory.forward_gain(nn.Identity(), 5.0) == theory.backward_gain(nn.Identity()) == 1.0
 
 
+@pytest.mark.parametrize("a", [0.0, 0.01, 0.25, -0.5])
+@pytest.mark.parametrize("mu, var", [(0.0, 1.0), (0.8, 0.3), (-1.5, 2.0), (3.0, 0.1)])
+def test_rectified_moments_with_a_mean_match_quadrature(a, mu, var):
+    # The truncated-normal closed forms against the split Gauss-Legendre rule (cut at
+    # the kink, which sits at y = -mu; accurate to ~1e-9, see theory.expectation).
+    def f(y):
+        z = y + mu
+        return torch.where(z > 0, z, a * z)
+
+    def slope(y):
+        return torch.where(y + mu > 0, 1.0, a).double()
+
+    mean, m2, slope2 = theory.rectified_moments(a, mu, var)
+    kink = (-mu,)
+    assert mean == pytest.approx(theory.expectation(f, var, kink), abs=1e-9)
+    assert m2 == pytest.approx(theory.expectation(lambda y: f(y) ** 2, var, kink), abs=1e-9)
+    assert slope2 == pytest.approx(theory.expectation(lambda y: slope(y) ** 2, var, kink),
+                                   abs=1e-9)
+
+
 def test_kinks_away_from_zero_are_split_exactly():
     # Hardtanh' = 1 on (-1, 1): E[f'^2] = P(|y| < 1) = erf(1/sqrt(2q)); Hardsigmoid' = 1/6
     # on (-3, 3). A rule cut only at 0 is off by 1e-2 (Hardtanh) and 2e-3 relative

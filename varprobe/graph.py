@@ -83,6 +83,8 @@ READS = {T.__bool__, T.item, T.tolist, T.__int__, T.__float__, T.__index__}
 IN_PLACE_WRITES = {T.__setitem__}
 CUSTOM = "custom autograd Function"
 CENTRED = 1e-6  # mu^2/q below this: the input of an activation counts as zero-mean
+# One fixed slope: closed-form moments for any input mean (theory.rectified_moments).
+RECTIFIERS = (nn.ReLU, nn.LeakyReLU)
 IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
                     "__ifloordiv__", "__ipow__", "__iand__", "__ior__", "__ixor__"}
 TRUSTED_FUNCTIONS = {"CheckpointFunctionBackward"}  # replays the forward: same gradients
@@ -642,6 +644,10 @@ class _Walk:
         var = s.m2 - mu * mu
         if var <= 0:
             return None
+        if isinstance(module, RECTIFIERS):
+            mean, m2, self.backward_gains[k] = theory.rectified_moments(
+                theory.prelu_slope(module), mu, var)
+            return Signal(m2, min(1.0, mean * mean / m2) if m2 > 0 else 0.0), mean
         try:
             kinks = tuple(b - mu for b in (0.0, *theory._breakpoints(module)))
             m2 = theory.expectation(lambda y: _apply(module, y + mu) ** 2, var, kinks)
@@ -964,6 +970,8 @@ def _activation_mean(module: nn.Module, var: float, mu: float) -> float:
     """E[f(mu + N(0, var))]: the mean an activation gives every unit."""
     if var <= 0:
         return 0.0
+    if isinstance(module, RECTIFIERS):
+        return theory.rectified_moments(theory.prelu_slope(module), mu, var)[0]
     try:
         kinks = tuple(b - mu for b in (0.0, *theory._breakpoints(module)))
         return theory.expectation(lambda y: _apply(module, y + mu), var, kinks)

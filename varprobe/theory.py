@@ -288,6 +288,21 @@ def prelu_slope(module: nn.Module, values: Values | None = None) -> float | None
     return None
 
 
+def rectified_moments(a: float, mu: float, var: float) -> tuple[float, float, float]:
+    """(E[f(y)], E[f(y)^2], E[f'(y)^2]) for f(y) = y (y > 0), a*y (y < 0) and
+    y ~ N(mu, var), var > 0: the truncated-normal moments, with t = mu/sigma,
+    E[y 1{y>0}] = mu Phi(t) + sigma phi(t), E[y^2 1{y>0}] = (mu^2 + var) Phi(t) +
+    mu sigma phi(t), and the y < 0 halves their complements."""
+    sigma = math.sqrt(var)
+    t = mu / sigma
+    big_phi = 0.5 * math.erfc(-t / math.sqrt(2))
+    phi = math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    m1_pos = mu * big_phi + sigma * phi
+    m2_pos = (mu * mu + var) * big_phi + mu * sigma * phi
+    return (m1_pos + a * (mu - m1_pos), m2_pos + a * a * (mu * mu + var - m2_pos),
+            big_phi + a * a * (1 - big_phi))
+
+
 def forward_gain(module: nn.Module, q: float = 1.0,
                  values: Values | None = None) -> float | None:
     """E[f(y)^2] / q for y ~ N(0, q): the second moment (not the variance) an
