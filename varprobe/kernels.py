@@ -3,9 +3,11 @@
 torch has no reduction that returns a sum and a sum of squares from one read of a
 tensor: on the CPU that is two passes (``sum``, then a norm), plus a compare pass and
 per-unit max/min for the zero and dead-unit counts. These kernels read each element
-once and return all of them. Elements are accumulated in blocks of ``BLOCK`` in the
-data's own precision (float32 lanes: at most ``BLOCK`` terms each, relative error below
-256 * 6e-8 = 1.5e-5 in the worst case, about 1e-7 in practice), blocks in float64.
+from memory once and return all of them (short conv planes are counted in a second
+loop over a group of them while it is still in cache). Elements are accumulated in
+blocks of ``BLOCK`` in the data's own precision (float32 lanes: at most ``BLOCK`` terms
+each, relative error below 256 * 6e-8 = 1.5e-5 in the worst case, about 1e-7 in
+practice), blocks in float64.
 
 Each takes ``a`` C-contiguous and ``zero`` of ``a``'s dtype, which types the block
 accumulators; ``sums`` reads ``a - shift`` (``shift`` of that dtype too: the caller reads

@@ -147,7 +147,7 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
     asked for]."""
     found = _kernel_array(x)
     if found is None:
-        return _sums_shifted(x, None, nonfinite)
+        return _sums_shifted(x, nonfinite)
     flat = found[0].reshape(-1)
     zero = flat.dtype.type(0)
     return _finish_cpu_sums(x, flat, _kernels().sums(flat, zero, zero), nonfinite)
@@ -194,14 +194,13 @@ def _count_nonfinite(x: torch.Tensor) -> float:
     return sum(_nonfinite(c, scratch[: c.numel()]).item() for c in _pieces(x, chunked=True))
 
 
-def _sums_shifted(x: torch.Tensor, shift: float | None, nonfinite: bool) -> torch.Tensor:
-    """Chunk by chunk from ``d = x - shift`` in scratch; the shift, when not given, is
-    the first chunk's mean (no sync)."""
+def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
+    """Chunk by chunk from ``d = x - shift`` in scratch, the shift being the first
+    chunk's mean (no sync)."""
     scratch, parts, first = _scratch(x), [], None
     for c in _pieces(x, chunked=True):
         if first is None:
-            first = c.mean() if shift is None else torch.tensor(shift, dtype=c.dtype,
-                                                                 device=c.device)
+            first = c.mean()
         d = torch.sub(c, first, out=scratch[: c.numel()])
         row = [d.sum().double(), _square_sum(d)]
         if nonfinite:
