@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 import varprobe
 from varprobe.errors import VarprobeError
+from varprobe.predict import predict
 
 BATCH, WIDTH = 4, 32
 
@@ -264,6 +265,24 @@ def test_compiled_model_is_analyzed_through_its_original_module():
     report = varprobe.probe(compiled, x, grad_output=g)
     assert_untouched(compiled, before)
     assert report.model.class_ == "Sequential"
+    assert assert_matches(report, capture(model, x, g, ["0", "1", "2"])) == 3
+
+
+def test_lazy_modules_are_refused_until_they_have_run_then_measured():
+    # Probing would shape an uninitialized (lazy) parameter: the model would not be left
+    # as found. One clear error; after the model's own first call, a normal probe.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(WIDTH), nn.ReLU(), nn.LazyLinear(4))
+    x, g = torch.randn(BATCH, 10), torch.randn(BATCH, 4)
+    with pytest.raises(VarprobeError, match="0.weight is not initialized yet"):
+        varprobe.probe(model, x, grad_output=g)
+    with pytest.raises(VarprobeError, match="not initialized yet"):
+        predict(model, x)
+    assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)
+    model(x)
+    before = snapshot(model)
+    report = varprobe.probe(model, x, grad_output=g)
+    assert_untouched(model, before)
     assert assert_matches(report, capture(model, x, g, ["0", "1", "2"])) == 3
 
 

@@ -28,7 +28,8 @@ from varprobe.state import preserved
 
 
 def unwrap(model: Any) -> nn.Module:
-    """The eager module behind torch.compile and (Distributed)DataParallel wrappers."""
+    """The eager module behind torch.compile and (Distributed)DataParallel wrappers; a
+    model whose lazy modules have not run yet is refused (probing would shape them)."""
     if isinstance(model, torch.jit.ScriptModule):
         raise VarprobeError("TorchScript modules cannot be hooked; pass the eager nn.Module")
     while True:
@@ -40,6 +41,12 @@ def unwrap(model: Any) -> nn.Module:
             break
     if not isinstance(model, nn.Module):
         raise VarprobeError(f"expected an nn.Module, got {type(model).__name__}")
+    lazy = next((name for name, p in model.named_parameters()
+                 if isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if lazy is not None:
+        raise VarprobeError(
+            f"parameter {lazy} is not initialized yet (a lazy module): its shape comes from "
+            "the first call; call the model once on an example input before probing it")
     return model
 
 
