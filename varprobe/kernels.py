@@ -3,8 +3,8 @@
 torch has no reduction that returns a sum and a sum of squares from one read of a
 tensor: on the CPU that is two passes (``sum``, then a norm), plus a compare pass and
 per-unit max/min for the zero and dead-unit counts. These kernels read each element
-from memory once and return all of them (short conv planes are counted in a second
-loop over a group of them while it is still in cache). Elements are accumulated in
+from memory once and return all of them (the unit counts take a second loop over a
+group of rows while it is still in cache). Elements are accumulated in
 blocks of ``BLOCK`` in the data's own precision (float32 lanes: at most ``BLOCK`` terms
 each, relative error below 256 * 6e-8 = 1.5e-5 in the worst case, about 1e-7 in
 practice), blocks in float64.
@@ -35,12 +35,12 @@ def _jit(fn):
 
 
 @_jit
-def _row_sums(row, shift, zero):
-    """(sum(d), sum(d^2)), d = row - shift."""
+def sums(a, shift, zero):
+    """(sum(d), sum(d^2)) of a 1-D array, d = a - shift."""
     s1 = 0.0
     s2 = 0.0
-    for start in range(0, row.shape[0], BLOCK):
-        block = row[start:start + BLOCK]
+    for start in range(0, a.shape[0], BLOCK):
+        block = a[start:start + BLOCK]
         b1 = zero
         b2 = zero
         for i in range(block.shape[0]):
@@ -53,52 +53,18 @@ def _row_sums(row, shift, zero):
 
 
 @_jit
-def sums(a, shift, zero):
-    """(sum(d), sum(d^2)) of a 1-D array, d = a - shift."""
-    return _row_sums(a, shift, zero)
-
-
-@_jit
-def _row_counted(row, zero):
-    """(sum(row), sum(row^2), its non-zero count)."""
-    s1 = 0.0
-    s2 = 0.0
-    nonzero = 0
-    for start in range(0, row.shape[0], BLOCK):
-        block = row[start:start + BLOCK]
-        b1 = zero
-        b2 = zero
-        for i in range(block.shape[0]):
-            v = block[i]
-            b1 += v
-            b2 += v * v
-            nonzero += v != 0
-        s1 += b1
-        s2 += b2
-    return s1, s2, nonzero
-
-
-@_jit
 def unit_sums_first(a, zero, nonzero):
     """(sum(a), sum(a^2)) of an (N, C, L) array, units along C: ``nonzero[c]`` gets the
     count of non-zero elements of ``a[:, c]`` (a conv's channels)."""
     s1 = 0.0
     s2 = 0.0
-    units, length = a.shape[1], a.shape[2]
-    if length >= BLOCK:  # long rows: one pass over each
-        for n in range(a.shape[0]):
-            for c in range(units):
-                r1, r2, count = _row_counted(a[n, c], zero)
-                s1 += r1
-                s2 += r2
-                nonzero[c] += count
-        return s1, s2
     flat = a.reshape(-1)
-    group = max(1, GROUP // length)  # short rows: sums over many, counted while in cache
+    units, length = a.shape[1], a.shape[2]
+    group = max(1, GROUP // length)  # rows read twice while they are in cache
     for n in range(a.shape[0]):
         for first in range(0, units, group):
             last = min(first + group, units)
-            r1, r2 = _row_sums(flat[(n * units + first) * length:(n * units + last) * length],
+            r1, r2 = sums(flat[(n * units + first) * length:(n * units + last) * length],
                                zero, zero)
             s1 += r1
             s2 += r2
@@ -122,7 +88,7 @@ def unit_sums_last(a, zero, nonzero):
     group = max(1, GROUP // units)  # rows read twice while they are in cache
     for first in range(0, a.shape[0], group):
         last = min(first + group, a.shape[0])
-        r1, r2 = _row_sums(flat[first * units:last * units], zero, zero)
+        r1, r2 = sums(flat[first * units:last * units], zero, zero)
         s1 += r1
         s2 += r2
         for n in range(first, last):
