@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import zoo
 from torch import nn
 
 from varprobe import assert_healthy, probe
@@ -34,14 +35,7 @@ def flagged(report: Report, code: str) -> list[str]:
 
 def mlp(depth: int, init=None, act=nn.ReLU, width: int = WIDTH, bias: bool = False,
         seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        linear = nn.Linear(width, width, bias=bias)
-        if init is not None:
-            init(linear.weight)
-        layers += [linear, act()] if i < depth - 1 else [linear]
-    return nn.Sequential(*layers)
+    return zoo.mlp([width] * (depth + 1), init, act, bias, seed)
 
 
 def he(w):

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from zoo import mlp
 
 from tests.cli_helpers import run
 from varprobe import probe
@@ -16,13 +17,7 @@ from varprobe.baseline import diff
 
 
 def he_mlp(depth: int = 4) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        linear = nn.Linear(32, 32, bias=False)
-        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-        layers += [linear, nn.ReLU()] if i < depth - 1 else [linear]
-    return nn.Sequential(*layers)
+    return mlp([32] * (depth + 1), lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def test_activation_channels_last(chunked):
 
 def test_activation_channels_first_conv(chunked):
     check_activation(relu_with_dead_units(8, 16, 12, 12, channel_dim=1), channel_dim=1)
-    # planes of more than one kernel block (400 > 256 elements) are read one by one
+    # planes longer than a kernel block (400 > 256 elements)
     check_activation(relu_with_dead_units(4, 6, 20, 20, channel_dim=1), channel_dim=1)
 
 

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from torch import nn
+from zoo import mlp
 
 from tests.cli_helpers import run
 from tests.pristine import assert_untouched, snapshot
@@ -23,14 +24,10 @@ N, DEPTH = 256, 12
 
 
 def xavier_mlp(depth: int = DEPTH, n: int = N) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(depth):
-        lin = nn.Linear(n, n)
-        nn.init.xavier_normal_(lin.weight)
-        nn.init.zeros_(lin.bias)
-        layers += [lin, nn.ReLU()] if i < depth - 1 else [lin]
-    return nn.Sequential(*layers)
+    model = mlp([n] * (depth + 1), nn.init.xavier_normal_, bias=True)
+    for layer in model[::2]:
+        nn.init.zeros_(layer.bias)
+    return model
 
 
 def test_init_he_on_a_xavier_model_is_flat_and_leaves_the_model_alone():

@@ -24,30 +24,11 @@ import math
 
 import torch
 from torch import nn
+from zoo import gauss, mlp
 
 from tests.test_propagate import probe  # one pass, annotated with the chain
 
 N, DEPTH, BATCH = 512, 30, 256
-
-
-def mlp(widths, init, act=nn.ReLU, bias=False, seed=0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        lin = nn.Linear(a, b, bias=bias)
-        if init is not None:
-            init(lin.weight)
-        layers.append(lin)
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-def gauss(var_of):
-    """An init drawing N(0, var_of(fan_in, fan_out)) from the global RNG."""
-    def init(w):
-        nn.init.normal_(w, std=math.sqrt(var_of(w.shape[1], w.shape[0])))
-    return init
 
 
 def log_ratio(measured: float, predicted: float) -> float:

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from zoo import gauss, mlp
 
 from varprobe import inputs, theory
 from varprobe.pipeline import _record
@@ -34,20 +35,6 @@ def probe(model: nn.Module, batch_size: int, input_shape=None, mode: str = "trai
         return annotate(report, modules)
 
 
-def mlp(widths, act=nn.ReLU, std=None, bias=False, seed=0) -> nn.Sequential:
-    """Linear layers widths[0] -> ... -> widths[-1], ``act`` between (none at the end)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
-        lin = nn.Linear(a, b, bias=bias)
-        if std is not None:
-            nn.init.normal_(lin.weight, std=std(a, b))
-        layers.append(lin)
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
 def weights(report: Report):
     return report.weight_layers
 
@@ -58,7 +45,7 @@ def w2(layer) -> float:
 
 def test_chain_is_he_recursion_over_30_relu_layers():
     n, depth = 64, 30
-    model = mlp([n] * (depth + 1), std=lambda a, b: 1 / math.sqrt(a))
+    model = mlp([n] * (depth + 1), gauss(lambda i, o: 1 / i))
     report = probe(model, batch_size=8)
     ws = weights(report)
     x2 = report.input.second_moment
@@ -85,7 +72,7 @@ def test_chain_is_he_recursion_over_30_relu_layers():
 
 
 def test_backward_chain_and_multipliers():
-    model = mlp([32, 48, 40, 24], std=lambda a, b: 0.3 / math.sqrt(a), bias=True)
+    model = mlp([32, 48, 40, 24], gauss(lambda i, o: 0.09 / i), bias=True)
     report = probe(model, batch_size=16)
     ws = weights(report)
     grad = report.layers[-1].backward.var
@@ -104,7 +91,7 @@ def test_backward_chain_and_multipliers():
 
 
 def test_local_prediction_is_one_step_from_the_measured_input():
-    model = mlp([16, 32, 8], std=lambda a, b: 1 / math.sqrt(a), bias=True)
+    model = mlp([16, 32, 8], gauss(lambda i, o: 1 / i), bias=True)
     report = probe(model, batch_size=32)
     for layer in weights(report):
         local = layer.local
@@ -119,8 +106,7 @@ def test_local_prediction_is_one_step_from_the_measured_input():
 
 def test_prelu_factor_and_he_prelu_scheme():
     a, n, depth = 0.25, 32, 12
-    model = mlp([n] * (depth + 1), act=lambda: nn.PReLU(init=a),
-                std=lambda i, o: 1 / math.sqrt(i))
+    model = mlp([n] * (depth + 1), gauss(lambda i, o: 1 / i), act=lambda: nn.PReLU(init=a))
     report = probe(model, batch_size=8)
     ws = weights(report)
     lecun = [layer.schemes["lecun"].forward_var for layer in ws]

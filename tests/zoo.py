@@ -6,8 +6,31 @@ DenseNet, MobileNetV2, GoogLeNet, ViT) at toy width so that a probe takes millis
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+def mlp(widths, init=None, act=nn.ReLU, bias: bool = False, seed: int = 0) -> nn.Sequential:
+    """Linear layers widths[0] -> ... -> widths[-1], ``act()`` between them (none after
+    the last); ``init(weight)`` on each weight when given, PyTorch's default otherwise.
+    Seeded: the same widths and seed give the same weights."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        linear = nn.Linear(a, b, bias=bias)
+        if init is not None:
+            init(linear.weight)
+        layers += [linear, act()] if i < len(widths) - 2 else [linear]
+    return nn.Sequential(*layers)
+
+
+def gauss(var_of):
+    """An init drawing N(0, var_of(fan_in, fan_out)) from the global RNG."""
+    def init(w):
+        nn.init.normal_(w, std=math.sqrt(var_of(w.shape[1], w.shape[0])))
+    return init
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
