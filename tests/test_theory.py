@@ -173,7 +173,6 @@ def test_effective_fans_count_the_taps_the_module_really_uses(module, shape):
     fan_in, fan_out = theory.effective_fans(module, shape)
     assert fan_in == pytest.approx(taps, rel=1e-12)
     assert fan_out == pytest.approx(feeds, rel=1e-12)
-    assert theory.effective_fan_in(module, shape) == fan_in
 
 
 def test_grouped_and_depthwise_fans():
@@ -241,7 +240,7 @@ def test_padding_fractions(size, k, pad, f):
     conv = nn.Conv2d(16, 16, k, padding=pad)
     assert _fraction(size, k, pad) ** 2 == pytest.approx(f, rel=1e-12)
     assert theory.tap_fraction(conv, (1, 16, size, size)) == pytest.approx(f, rel=1e-12)
-    assert theory.effective_fan_in(conv, (1, 16, size, size)) == pytest.approx(16 * k * k * f)
+    assert theory.effective_fans(conv, (1, 16, size, size))[0] == pytest.approx(16 * k * k * f)
 
 
 @pytest.mark.parametrize(("k", "pad", "stride", "size"), [(3, 1, 1, 7), (7, 3, 1, 7)])

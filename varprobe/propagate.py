@@ -152,8 +152,7 @@ def _effective_fans(layer: Layer, module: nn.Module) -> None:
         return
     shape = layer.input_shape
     if shape is not None and isinstance(module, nn.modules.conv._ConvNd):
-        layer.effective_fan_in = theory.effective_fan_in(module, shape)
-        layer.effective_fan_out = theory.effective_fan_out(module, shape)
+        layer.effective_fan_in, layer.effective_fan_out = theory.effective_fans(module, shape)
     else:  # no borders or stride: the nominal fans
         layer.effective_fan_in = None if layer.fan_in is None else float(layer.fan_in)
         layer.effective_fan_out = None if layer.fan_out is None else float(layer.fan_out)

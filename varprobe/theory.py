@@ -172,25 +172,6 @@ def effective_fans(module: nn.Module, input_shape: Sequence[int]) -> tuple[float
     return (module.in_channels // g * pairs / n_out, module.out_channels // g * pairs / n_in)
 
 
-def effective_fan_in(module: nn.Module, input_shape: Sequence[int]) -> float | None:
-    """Forward fan-in with zero-padding borders and stride counted (effective_fans);
-    for non-conv modules the nominal fan_in (None where undefined)."""
-    eff = effective_fans(module, input_shape)
-    if eff is not None:
-        return eff[0]
-    fan_in = fans(module)[0]
-    return None if fan_in is None else float(fan_in)
-
-
-def effective_fan_out(module: nn.Module, input_shape: Sequence[int]) -> float | None:
-    """Backward fan-out with borders and stride counted; nominal fan_out otherwise."""
-    eff = effective_fans(module, input_shape)
-    if eff is not None:
-        return eff[1]
-    fan_out = fans(module)[1]
-    return None if fan_out is None else float(fan_out)
-
-
 def tap_fraction(module: nn.Module, input_shape: Sequence[int]) -> float | None:
     """f: the mean fraction of a conv's k taps per output that land on real input."""
     eff = effective_fans(module, input_shape)
