@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from varprobe import diagnose, graph, propagate, reinit, stats, theory
+from varprobe import diagnose, graph, propagate, reinit, stats, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
@@ -149,6 +149,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
         report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
         propagate.annotate(report, modules, values)  # inside: the modes the probe ran in
         graph.annotate(report, modules, recording, values=values)
+        structure.annotate(report, recording)
     diagnose.annotate(report, thresholds, ignore)
     return report
 
