@@ -7,6 +7,11 @@ held against the tensor it inherits its scale from, not against the network inpu
 LayerNorm'd input 2500x the embedding lookup's scale is a norm doing its job, while
 a 30-layer ReLU stack at Xavier init keeps 2^-29 of its input, which no later layer can
 restore. The last weight layer's output is judged too: it is what the loss sees.
+
+A point is judged once ``Thresholds.stretch`` weight layers in series lie between it and
+its reference: over one or two layers a small scale is a design (a transformer branch at
+std 0.02 feeding the next norm), not a trend, and only a repeated factor compounds into
+a collapse the next layers cannot undo.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ CONSEQUENCE = {
 }
 
 
-def points(report: Report, weights: list[int]) -> list[tuple[int, str, float, Layer]]:
-    """(layer, what, ratio to its reference, the layer) at every judged point."""
+def points(report: Report, weights: list[int],
+           depth: float = 1) -> list[tuple[int, str, float, Layer]]:
+    """(layer, what, ratio to its reference, the layer) at every judged point: the input
+    of a weight layer at least ``depth`` weight layers in series after its reference,
+    and the last weight layer's output (what the loss sees). A signal that is gone
+    altogether (an exact zero nobody initialized on purpose) is judged at any depth."""
     layers = report.layers
     last = max((i for i, layer in enumerate(layers) if is_weight(layer)), default=None)
     found = []
@@ -38,6 +47,8 @@ def points(report: Report, weights: list[int]) -> list[tuple[int, str, float, La
             m2 = stats.second_moment if stats is not None else None
             if m2 is None or m2 != m2 or (m2 == 0 and _deliberate_zero(layers, i)):
                 continue
+            if i != last and m2 > 0 and (layer.depth or 1) < depth:
+                continue  # too few layers for a per-layer factor to have compounded
             found.append((i, what, m2 / ref, layer))
     return found
 
@@ -55,7 +66,7 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
     stretch's weight layers up to there."""
     found = []
     by_stretch: dict[int | None, list] = {}
-    for p in points(report, weights):
+    for p in points(report, weights, t.stretch):
         by_stretch.setdefault(p[3].stretch, []).append(p)
     for stretch, pts in by_stretch.items():
         for code, outside, pick in (("vanishing_forward", lambda r: r < t.forward[0], min),

@@ -28,9 +28,9 @@ class Thresholds:
     the network input; varprobe.structure).
     backward: the product of measured backward multipliers along a chain of layers.
     multiplier: a layer's own n E[w^2] g (forward) and n^ E[w^2] g' (backward).
-    stretch: how many weight layers an un-normalized stretch needs before a per-layer
-    multiplier outside its band is worth a warning (a factor that does not repeat
-    cannot compound).
+    stretch: how many weight layers in series after its reference a point needs before
+    its scale is judged, and a stretch before a per-layer multiplier outside its band is
+    worth a warning (a factor that does not repeat cannot compound).
     dead_units: the fraction of an activation's units that are zero for every sample.
     input: the network input's E[x^2].
     mismatch_sigmas: measured vs local prediction, in units of the width-aware
