@@ -16,6 +16,14 @@ import torch
 import corpus
 import varprobe
 
+# Entries varprobe cannot probe yet: the reason is varprobe's, so the test says so and
+# turns red (strict) the day it is fixed.
+KNOWN = {
+    "hf-wav2vec2": pytest.mark.xfail(
+        strict=True, reason="varprobe makes the input require grad; wav2vec2's feature "
+        "encoder then sets requires_grad on a non-leaf view of it and torch raises"),
+}
+
 # module of corpus -> the library it needs (None: torch alone)
 MODULES = {"hf_text": "transformers", "hf_vision": "transformers",
            "hf_diffusers": "diffusers", "handwritten": None}
@@ -35,12 +43,28 @@ def params() -> list:
         if importlib.util.find_spec(f"corpus.{module}") is None:
             continue
         importlib.import_module(f"corpus.{module}")
-        found += [pytest.param(e, id=e.name) for e in corpus.ENTRIES.values()
-                  if made_in(e) == module]
+        found += [pytest.param(e, id=e.name, marks=KNOWN.get(e.name, ()))
+                  for e in corpus.ENTRIES.values() if made_in(e) == module]
     return found
 
 
+def entries_only(params: list) -> list:
+    """For tests that do not probe: the entries whose probe is known to fail included."""
+    return [pytest.param(*p.values, id=p.id, marks=[m for m in p.marks if m.name == "skip"])
+            for p in params]
+
+
 ENTRIES = params()
+NO_PROBE = entries_only(ENTRIES)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are small: more threads only fight the other jobs for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def first_output(out) -> torch.Tensor:
@@ -54,7 +78,11 @@ def first_output(out) -> torch.Tensor:
     return out[0]
 
 
-@pytest.mark.parametrize("e", ENTRIES)
+def test_there_are_enough_entries():
+    assert len([p for p in ENTRIES if p.values[0] is not None]) >= 22
+
+
+@pytest.mark.parametrize("e", NO_PROBE)
 def test_entry_builds_the_same_weights_and_inputs_every_time(e):
     a, b = e.build(), e.build()
     sa, sb = a.state_dict(), b.state_dict()
@@ -65,7 +93,7 @@ def test_entry_builds_the_same_weights_and_inputs_every_time(e):
     assert all(torch.equal(u, v) for u, v in pairs)
 
 
-@pytest.mark.parametrize("e", ENTRIES)
+@pytest.mark.parametrize("e", NO_PROBE)
 def test_entry_output_fits_its_task(e):
     model, x = e.build(), e.example()
     with torch.no_grad():
