@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FAMILIES = ("cnn", "vision", "hf", "broken")  # modules of this package that register entries
+FAMILIES = ("cnn", "cnn_modern", "vision", "hf", "broken")  # modules of this package that register entries
 
 
 @dataclass(frozen=True)
