@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 # modules of this package that register entries
-FAMILIES = ("cnn", "vision", "hf_text", "hf_vision", "hf_diffusers", "handwritten", "broken")
+FAMILIES = ("cnn", "cnn_modern", "vision", "hf_text", "hf_vision", "hf_diffusers",
+            "handwritten", "broken")
 OPTIONAL = ("transformers", "diffusers")  # libraries a family may need
 
 
