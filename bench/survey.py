@@ -7,7 +7,7 @@ inside varprobe (exception type and first line) and the probe's wall time. Write
 verdict rules change) and a Markdown table next to it.
 
     python -m bench.survey                       # the whole corpus
-    python -m bench.survey --only 'hf-*' gpt2    # re-run some entries, keep the rest
+    python -m bench.survey --only 'hf_*' nanogpt    # re-run some entries, keep the rest
 """
 
 from __future__ import annotations

@@ -159,12 +159,12 @@ def tokens(batch: int) -> torch.Tensor:
 register(Entry(name="nanogpt", family="nanoGPT", make=NanoGPT, inputs=tokens, task="lm",
                vocab=VOCAB, notes="6 layers, width 128, 4 heads, tied head, scaled c_proj",
                tags=("transformer", "decoder", "token-input")))
-register(Entry(name="lstm-lm", family="hand-written", make=LSTMLanguageModel, inputs=tokens,
+register(Entry(name="lstm_lm", family="hand-written", make=LSTMLanguageModel, inputs=tokens,
                task="lm", vocab=VOCAB,
                notes="embedding 200, 2-layer LSTM (PyTorch's default uniform init), dropout "
                      "0.2, tied decoder",
                tags=("rnn", "token-input")))
-register(Entry(name="vit-mha", family="hand-written", make=ViT,
+register(Entry(name="vit_mha", family="hand-written", make=ViT,
                inputs=lambda batch: torch.randn(batch, 3, 32, 32), task="classify",
                notes="6 pre-LN blocks on nn.MultiheadAttention, PyTorch default inits",
                tags=("transformer", "vision")))

@@ -53,7 +53,7 @@ def image(batch: int) -> dict[str, torch.Tensor]:
     return {"sample": torch.randn(batch, 3, 2 * SIDE, 2 * SIDE)}
 
 
-add("diffusers-unet2d",
+add("diffusers_unet2d",
     model("UNet2DModel", sample_size=SIDE, in_channels=3, out_channels=3,
           block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
@@ -61,7 +61,7 @@ add("diffusers-unet2d",
     noisy(3), "DDPM UNet: GroupNorm + SiLU ResNet blocks with timestep embedding, "
               "self-attention at the low resolution, skip concatenations",
     ("unet", "diffusion", "group-norm"))
-add("diffusers-unet2d-cond",
+add("diffusers_unet2d_cond",
     model("UNet2DConditionModel", sample_size=SIDE, in_channels=4, out_channels=4,
           block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -70,14 +70,14 @@ add("diffusers-unet2d-cond",
     noisy_with_text, "Stable-Diffusion-style UNet: transformer blocks with cross-attention "
                      "to 8 text tokens, GEGLU feed-forward, zero-init conv_out",
     ("unet", "diffusion", "group-norm", "cross-attention"))
-add("diffusers-vae",
+add("diffusers_vae",
     model("AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
           block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
           down_block_types=("DownEncoderBlock2D",) * 2,
           up_block_types=("UpDecoderBlock2D",) * 2, sample_size=2 * SIDE),
     image, "KL autoencoder: encoder to a 4-channel latent (posterior mode), decoder back; "
            "mid-block self-attention", ("vae", "group-norm"))
-add("diffusers-dit",
+add("diffusers_dit",
     model("DiTTransformer2DModel", num_attention_heads=4, attention_head_dim=16,
           in_channels=4, out_channels=8, num_layers=4, sample_size=SIDE, patch_size=2,
           num_embeds_ada_norm=10, norm_num_groups=8),

@@ -51,43 +51,43 @@ def lm(name: str, cls: str, config: str, notes: str, **kwargs: Any) -> Entry:
 DECODER = dict(num_hidden_layers=LAYERS, hidden_size=WIDTH, num_attention_heads=HEADS,
                vocab_size=VOCAB, max_position_embeddings=2 * SEQ)
 
-lm("hf-gpt2", "GPT2LMHeadModel", "GPT2Config",
+lm("hf_gpt2", "GPT2LMHeadModel", "GPT2Config",
    "GPT-2: pre-LN, GELU MLP, Conv1D projections, c_proj scaled by 1/sqrt(2 n_layer), "
    "tied LM head",
    n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, vocab_size=VOCAB, n_positions=2 * SEQ)
-lm("hf-llama", "LlamaForCausalLM", "LlamaConfig",
+lm("hf_llama", "LlamaForCausalLM", "LlamaConfig",
    "Llama: RMSNorm, SwiGLU, RoPE, grouped-query attention, untied head",
    **DECODER, num_key_value_heads=2, intermediate_size=344)
-lm("hf-mistral", "MistralForCausalLM", "MistralConfig",
+lm("hf_mistral", "MistralForCausalLM", "MistralConfig",
    "Mistral: Llama layout with sliding-window attention (window 32 < sequence)",
    **DECODER, num_key_value_heads=2, intermediate_size=344, sliding_window=32)
-lm("hf-qwen2", "Qwen2ForCausalLM", "Qwen2Config",
+lm("hf_qwen2", "Qwen2ForCausalLM", "Qwen2Config",
    "Qwen2: Llama layout with q/k/v biases",
    **DECODER, num_key_value_heads=2, intermediate_size=344)
-lm("hf-gemma", "GemmaForCausalLM", "GemmaConfig",
+lm("hf_gemma", "GemmaForCausalLM", "GemmaConfig",
    "Gemma: embeddings scaled by sqrt(hidden), (1 + w) RMSNorm, GeGLU, tied head",
    **DECODER, num_key_value_heads=1, head_dim=32, intermediate_size=344)
-lm("hf-gpt-neox", "GPTNeoXForCausalLM", "GPTNeoXConfig",
+lm("hf_gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXConfig",
    "GPT-NeoX (Pythia): parallel attention + MLP residual, partial rotary, untied head",
    **DECODER, intermediate_size=4 * WIDTH)
-lm("hf-falcon", "FalconForCausalLM", "FalconConfig",
+lm("hf_falcon", "FalconForCausalLM", "FalconConfig",
    "Falcon: parallel attention + MLP, multi-query attention, ALiBi off (rotary)",
    num_hidden_layers=LAYERS, hidden_size=WIDTH, num_attention_heads=HEADS,
    vocab_size=VOCAB, max_position_embeddings=2 * SEQ)
-lm("hf-opt", "OPTForCausalLM", "OPTConfig",
+lm("hf_opt", "OPTForCausalLM", "OPTConfig",
    "OPT: pre-LN decoder, ReLU MLP, learned positions, tied head",
    num_hidden_layers=LAYERS, hidden_size=WIDTH, num_attention_heads=HEADS,
    ffn_dim=4 * WIDTH, word_embed_proj_dim=WIDTH, vocab_size=VOCAB,
    max_position_embeddings=2 * SEQ)
-lm("hf-phi", "PhiForCausalLM", "PhiConfig",
+lm("hf_phi", "PhiForCausalLM", "PhiConfig",
    "Phi: parallel attention + MLP sharing one LayerNorm, partial rotary, untied head",
    **DECODER, intermediate_size=4 * WIDTH)
-lm("hf-mamba", "MambaForCausalLM", "MambaConfig",
+lm("hf_mamba", "MambaForCausalLM", "MambaConfig",
    "Mamba: selective state-space blocks (the sequential CPU path), RMSNorm, tied head",
    num_hidden_layers=LAYERS, hidden_size=WIDTH, state_size=16, vocab_size=VOCAB)
 
 register(Entry(
-    name="hf-bert-mlm", family="transformers",
+    name="hf_bert_mlm", family="transformers",
     make=model("BertForMaskedLM", "BertConfig", num_hidden_layers=LAYERS, hidden_size=WIDTH,
                num_attention_heads=HEADS, intermediate_size=4 * WIDTH, vocab_size=VOCAB,
                max_position_embeddings=2 * SEQ),
@@ -96,7 +96,7 @@ register(Entry(
           "embeddings; bidirectional, so next-token training is a copy task for it",
     tags=("transformer", "encoder", "token-input", "post-ln")))
 register(Entry(
-    name="hf-bert-classify", family="transformers",
+    name="hf_bert_classify", family="transformers",
     make=model("BertForSequenceClassification", "BertConfig", num_hidden_layers=LAYERS,
                hidden_size=WIDTH, num_attention_heads=HEADS, intermediate_size=4 * WIDTH,
                vocab_size=VOCAB, max_position_embeddings=2 * SEQ, num_labels=10),
@@ -104,7 +104,7 @@ register(Entry(
     notes="BERT with the pooler (tanh) and a 10-way classifier on [CLS]",
     tags=("transformer", "encoder", "token-input", "post-ln")))
 register(Entry(
-    name="hf-bart", family="transformers",
+    name="hf_bart", family="transformers",
     make=model("BartForConditionalGeneration", "BartConfig", encoder_layers=LAYERS,
                decoder_layers=LAYERS, d_model=WIDTH, encoder_attention_heads=HEADS,
                decoder_attention_heads=HEADS, encoder_ffn_dim=4 * WIDTH,
@@ -114,7 +114,7 @@ register(Entry(
           "trained as regression because the decoder input is not the encoder input",
     tags=("transformer", "encoder-decoder", "token-input", "post-ln")))
 register(Entry(
-    name="hf-t5", family="transformers",
+    name="hf_t5", family="transformers",
     make=model("T5ForConditionalGeneration", "T5Config", num_layers=LAYERS,
                num_decoder_layers=LAYERS, d_model=WIDTH, d_ff=4 * WIDTH, num_heads=HEADS,
                d_kv=WIDTH // HEADS, vocab_size=VOCAB),

@@ -38,22 +38,22 @@ def add(name: str, cls: str, config: str, inputs: Callable[[int], Any], task: st
                           inputs=inputs, task=task, notes=notes, tags=tags))
 
 
-add("hf-vit", "ViTModel", "ViTConfig", images, "regress",
+add("hf_vit", "ViTModel", "ViTConfig", images, "regress",
     "ViT encoder: patch embedding, pre-LN blocks, final LN and tanh pooler "
     "(truncated-normal 0.02 init)", ("transformer", "vision"), **VIT)
-add("hf-vit-classify", "ViTForImageClassification", "ViTConfig", images, "classify",
+add("hf_vit_classify", "ViTForImageClassification", "ViTConfig", images, "classify",
     "ViT with a linear head on the [CLS] token", ("transformer", "vision"),
     **VIT, num_labels=CLASSES)
-add("hf-clip-vision", "CLIPVisionModel", "CLIPVisionConfig", images, "regress",
+add("hf_clip_vision", "CLIPVisionModel", "CLIPVisionConfig", images, "regress",
     "CLIP image tower: pre-LN before the blocks, quick-GELU, pooled [CLS] post-LN",
     ("transformer", "vision"), **VIT)
-add("hf-swin", "SwinForImageClassification", "SwinConfig", images, "classify",
+add("hf_swin", "SwinForImageClassification", "SwinConfig", images, "classify",
     "Swin: shifted-window attention with relative position bias, patch merging "
     "(16, 8, 4 tokens a side), mean-pooled head",
     ("transformer", "vision", "windowed"),
     image_size=IMAGE, patch_size=2, embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
     window_size=4, num_labels=CLASSES)
-add("hf-convnext", "ConvNextForImageClassification", "ConvNextConfig", images, "classify",
+add("hf_convnext", "ConvNextForImageClassification", "ConvNextConfig", images, "classify",
     "ConvNeXt: patchify stem, depthwise 7x7 conv blocks with LayerNorm, inverted "
     "bottleneck, layer scale 1e-6", ("cnn", "vision", "layer-scale"),
     num_channels=3, patch_size=PATCH, hidden_sizes=[32, 64, 128], depths=[2, 2, 2],
@@ -64,7 +64,7 @@ def clip_tokens(batch: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(4, 2000, (batch, 64))}
 
 
-add("hf-clip-text", "CLIPTextModel", "CLIPTextConfig", clip_tokens, "regress",
+add("hf_clip_text", "CLIPTextModel", "CLIPTextConfig", clip_tokens, "regress",
     "CLIP text tower: causal pre-LN transformer, quick-GELU, pooled at the end token",
     ("transformer", "token-input"),
     vocab_size=2000, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
@@ -76,7 +76,7 @@ def audio(batch: int) -> dict[str, torch.Tensor]:
     return {"input_values": torch.randn(batch, 4000)}
 
 
-add("hf-wav2vec2", "Wav2Vec2ForSequenceClassification", "Wav2Vec2Config", audio, "classify",
+add("hf_wav2vec2", "Wav2Vec2ForSequenceClassification", "Wav2Vec2Config", audio, "classify",
     "wav2vec 2.0: conv feature encoder (group norm), conv positional embedding, "
     "post-LN transformer, mean-pooled classifier",
     ("transformer", "audio", "post-ln"),
@@ -102,11 +102,11 @@ def mels_and_tokens(batch: int) -> dict[str, torch.Tensor]:
     return {**mels(batch), "decoder_input_ids": torch.randint(4, 2000, (batch, 32))}
 
 
-add("hf-whisper-classify", "WhisperForAudioClassification", "WhisperConfig", mels,
+add("hf_whisper_classify", "WhisperForAudioClassification", "WhisperConfig", mels,
     "classify", "Whisper encoder (two GELU convs, sinusoidal positions, pre-LN blocks) "
     "with a mean-pooled classifier", ("transformer", "audio"),
     **WHISPER, classifier_proj_size=64, num_labels=CLASSES)
-add("hf-whisper", "WhisperForConditionalGeneration", "WhisperConfig", mels_and_tokens,
+add("hf_whisper", "WhisperForConditionalGeneration", "WhisperConfig", mels_and_tokens,
     "regress", "Whisper encoder-decoder with its tied LM head; trained as regression "
     "because the decoder's tokens are not the audio", ("transformer", "audio",
                                                       "encoder-decoder"), **WHISPER)
