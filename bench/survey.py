@@ -32,13 +32,16 @@ HERE = Path(__file__).parent
 SEVERITIES = ("error", "warning")
 
 
-def flags_of(report: varprobe.Report) -> dict[str, list[dict[str, str]]]:
-    """{"error": [{code, layer}], "warning": [...]}, in the report's layer order."""
-    found: dict[str, list[dict[str, str]]] = {s: [] for s in SEVERITIES}
+def flags_of(report: varprobe.Report) -> dict[str, list[dict[str, Any]]]:
+    """{"error": [{code, layer, value}], "warning": [...]}, in the report's layer order;
+    value is the number the flag's threshold was held against (4 significant digits)."""
+    found: dict[str, list[dict[str, Any]]] = {s: [] for s in SEVERITIES}
     for layer in report.layers:
         for flag in layer.flags:
             if flag.severity in found:
-                found[flag.severity].append({"code": flag.code, "layer": layer.label})
+                value = None if flag.value is None else float(f"{flag.value:.4g}")
+                found[flag.severity].append({"code": flag.code, "layer": layer.label,
+                                             "value": value})
     return found
 
 
