@@ -1,10 +1,11 @@
 """Diffusion networks from HuggingFace diffusers' own code, at tiny configs.
 
-Built from constructor arguments (no hub download), at the init the constructors give
-(diffusers keeps PyTorch's layer defaults, with its own zero-initialized layers where
-the library has them). Noisy samples are 16x16 (UNets, DiT latents) or 32x32 (VAE);
-timesteps are integers in [0, 1000). Every one is trained as regression to a target of
-its output's shape, as a denoiser is.
+Built from constructor arguments (no hub download), at the init the constructors give:
+diffusers keeps PyTorch's layer defaults and zeroes nothing (not DiT's adaLN-Zero
+modulation, not the UNets' output convs), unlike the papers' reference code.
+Noisy samples are 16x16 (UNets, DiT latents) or 32x32 (VAE); timesteps are integers in
+[0, 1000). Every one is trained as regression to a target of its output's shape, as a
+denoiser is.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ add("diffusers_unet2d_cond",
           up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
           cross_attention_dim=32, attention_head_dim=8),
     noisy_with_text, "Stable-Diffusion-style UNet: transformer blocks with cross-attention "
-                     "to 8 text tokens, GEGLU feed-forward, zero-init conv_out",
+                     "to 8 text tokens, GEGLU feed-forward",
     ("unet", "diffusion", "group-norm", "cross-attention"))
 add("diffusers_vae",
     model("AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4,
@@ -81,6 +82,7 @@ add("diffusers_dit",
     model("DiTTransformer2DModel", num_attention_heads=4, attention_head_dim=16,
           in_channels=4, out_channels=8, num_layers=4, sample_size=SIDE, patch_size=2,
           num_embeds_ada_norm=10, norm_num_groups=8),
-    latents_with_class, "DiT: patchified latents, adaLN-Zero blocks conditioned on "
-                        "timestep and class, learned-sigma output (8 channels)",
+    latents_with_class, "DiT: patchified latents, adaLN-Zero-style blocks conditioned "
+                        "on timestep and class (modulation not zeroed), learned-sigma "
+                        "output (8 channels)",
     ("transformer", "diffusion", "adaln"))
