@@ -90,18 +90,39 @@ def tally(flags: list[dict[str, str]], most: int = 3) -> str:
     return "<br>".join(parts)
 
 
+def names(layer: str, culprit: str) -> bool:
+    """Whether a flagged layer label is the culprit module or inside it."""
+    return layer == culprit or layer.startswith((culprit + ".", culprit + "#"))
+
+
+def outcome(row: dict[str, Any]) -> str:
+    """What the default check did with the entry, as the corpus judges it: a healthy
+    entry should raise no error, a broken one an error on one of its culprits."""
+    if "internal_error" in row or "build_error" in row:
+        return "crash"
+    errors = row.get("error", [])
+    if not row["broken"]:
+        return "false alarm" if errors else "quiet"
+    if not errors:
+        return "missed"
+    hit = any(names(f["layer"], c) for f in errors for c in row["culprits"])
+    return "caught" if hit or not row["culprits"] else "wrong culprit"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["# varprobe over the calibration corpus", "",
              "Written by `python -m bench.survey` (default `varprobe.probe` settings, each "
              "entry at its own batch and input; seconds on the machine that ran it).", "",
-             "| entry | family | broken | s | errors | warnings | crash |",
-             "|---|---|---|---:|---|---|---|"]
+             "Outcomes: " + ", ".join(f"{k} {n}" for k, n in
+                                      sorted(Counter(map(outcome, rows)).items())), "",
+             "| entry | family | broken | outcome | s | errors | warnings | crash |",
+             "|---|---|---|---|---:|---|---|---|"]
     for r in rows:
         bad = r.get("internal_error") or r.get("build_error")
         crashed = f"{bad['type']}: {bad['message'][:120]} ({bad['where']})" if bad else ""
         if r.get("build_error"):
             crashed = "build failed: " + crashed
-        lines.append(f"| {r['name']} | {r['family']} | {r['broken'] or ''} | "
+        lines.append(f"| {r['name']} | {r['family']} | {r['broken'] or ''} | {outcome(r)} | "
                      f"{r.get('seconds', '')} | {tally(r.get('error', []))} | "
                      f"{tally(r.get('warning', []))} | {crashed} |")
     lines += ["", "## Flags by code", "", "| code | severity | entries (healthy) | "
@@ -154,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     varprobe.probe(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), batch_size=4)
     for e in chosen:
         row = survey_one(e)
+        row["outcome"] = outcome(row)
         kept[e.name] = row
         print(f"{e.name:28s} {row.get('seconds', '-'):>6}s  errors {len(row.get('error', []))}"
               f"  warnings {len(row.get('warning', []))}"
