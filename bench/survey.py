@@ -33,15 +33,16 @@ SEVERITIES = ("error", "warning")
 
 
 def flags_of(report: varprobe.Report) -> dict[str, list[dict[str, Any]]]:
-    """{"error": [{code, layer, value}], "warning": [...]}, in the report's layer order;
-    value is the number the flag's threshold was held against (4 significant digits)."""
+    """{"error": [{code, layer, value, culprits}], "warning": [...]}, in the report's
+    layer order; value is the number the flag's threshold was held against (4 significant
+    digits), culprits the layers the flag names as behind it."""
     found: dict[str, list[dict[str, Any]]] = {s: [] for s in SEVERITIES}
     for layer in report.layers:
         for flag in layer.flags:
             if flag.severity in found:
                 value = None if flag.value is None else float(f"{flag.value:.4g}")
                 found[flag.severity].append({"code": flag.code, "layer": layer.label,
-                                             "value": value})
+                                             "value": value, "culprits": flag.culprits})
     return found
 
 
@@ -97,7 +98,8 @@ def names(layer: str, culprit: str) -> bool:
 
 def outcome(row: dict[str, Any]) -> str:
     """What the default check did with the entry, as the corpus judges it: a healthy
-    entry should raise no error, a broken one an error on one of its culprits."""
+    entry should raise no error, a broken one an error on one of its culprits or naming
+    one of them as behind it."""
     if "internal_error" in row or "build_error" in row:
         return "crash"
     errors = row.get("error", [])
@@ -105,7 +107,8 @@ def outcome(row: dict[str, Any]) -> str:
         return "false alarm" if errors else "quiet"
     if not errors:
         return "missed"
-    hit = any(names(f["layer"], c) for f in errors for c in row["culprits"])
+    hit = any(names(named, c) for f in errors for c in row["culprits"]
+              for named in [f["layer"], *f.get("culprits", [])])
     return "caught" if hit or not row["culprits"] else "wrong culprit"
 
 

@@ -189,8 +189,8 @@ def test_he_init_under_prelu_is_not_flagged_but_xavier_is():
 def test_a_layer_the_user_ignores_is_not_judged():
     model = mlp(4, he)
     with torch.no_grad():
-        model[-1].weight.mul_(1e-3)  # a deliberately small output layer
-    assert flagged(probe(model), "vanishing_forward") == ["6"]
+        model[-1].weight.mul_(1e3)  # a deliberately large output layer
+    assert flagged(probe(model), "exploding_forward") == ["6"]
     report = probe(model, ignore=["6"])
     assert codes(report) == set() and report.settings["ignore"] == ["6"]
 

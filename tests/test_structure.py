@@ -131,16 +131,19 @@ class SqueezeExcite(nn.Module):
         return x * s
 
 
-def test_squeeze_excitation_gates_are_not_errors_and_the_pool_is_their_reference():
+def test_squeeze_excitation_gates_are_not_errors_and_the_gate_carries_the_trunk_scale():
     torch.manual_seed(0)
     model = nn.Sequential(zoo.conv_bn(3, 64), SqueezeExcite(), zoo.conv_bn(64, 64),
                           SqueezeExcite(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(64, 10))
     report = probe(model, torch.randn(8, 3, 32, 32))
     assert report.summary.errors == 0
-    fc1 = layer(report, "1.fc1")
-    assert fc1.reference == "1.fc1 (input)"  # the functional mean sets the scale
-    assert fc1.depth == 1
+    # the average over positions sets the gate's scale (a zero-mean map averaged over
+    # 32x32 positions is ~1000x smaller); the gate x * sigmoid(s) carries x's
+    assert layer(report, "1.fc1").reference == "1.fc1 (input)"
+    assert layer(report, "1.fc2").reference == "1.fc1 (input)"
+    assert layer(report, "1.fc2").depth == 2
+    assert layer(report, "2.0").reference == "0.1"
 
 
 def test_a_module_called_many_times_is_flagged_once_with_its_call_count():

@@ -64,6 +64,7 @@ class Flag:
     severity: str  # "error" | "warning" | "info"
     message: str
     value: float | None = None  # the number the threshold was held against
+    culprits: list[str] = field(default_factory=list)  # the layers behind it
 
 
 @dataclass

@@ -8,9 +8,15 @@ against the network's input mistakes those restarts for explosions or collapses:
 - a normalization (BatchNorm, LayerNorm, GroupNorm, RMSNorm, a custom ``*Norm``
   module, ``F.layer_norm``...) sets its output's scale from its own affine parameters;
 - a lookup (an embedding) sets it from its table: token ids have no scale to keep;
-- a mixing operation (attention, softmax, a product of two activations like q @ k^T,
-  pooling and averaging over positions) sets it from the geometry of what it mixes
-  (attention at init averages its values over the sequence; that is not signal loss).
+- a mixing operation (attention, softmax, a product of two activations like q @ k^T or
+  SwiGLU's silu(g) * u) sets it from the geometry of what it mixes (attention at init
+  averages its values over the sequence; that is not signal loss).
+
+An average over positions is an anchor too: it keeps the square of the mean and only a
+correlation-dependent part of the variance, so a zero-mean map averaged over 56x56
+positions is 3000x smaller by geometry alone (the input of a squeeze-excitation gate).
+A maximum over positions is not: it carries the scale of what it pools, and an
+exploding trunk stays exploding after it. A gate, x * sigmoid(s), carries x's scale.
 
 Each such operation is a *scale anchor*. Every tensor is traced back through the
 operations that only carry a scale forward (weight layers, activations, views,
@@ -38,19 +44,20 @@ from varprobe.report import Layer, Report
 # Module classes whose output scale is their own (by class name: the families are
 # spread over torch.nn, transformers, timm and hand-written code).
 ANCHOR_TYPES = ("Embedding", "EmbeddingBag", "MultiheadAttention", "Softmax", "LogSoftmax",
-                "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AvgPool1d",
-                "AvgPool2d", "AvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d",
-                "AdaptiveMaxPool3d", "MaxPool1d", "MaxPool2d", "MaxPool3d")
-ANCHOR_WORDS = ("Norm", "Attention", "Embedding", "Pool")
+                "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
+                "AdaptiveAvgPool3d")
+ANCHOR_WORDS = ("Norm", "Attention", "Embedding")
+# A bounded gate: a product with one of these carries the other factor's scale.
+GATES = ("Sigmoid", "Hardsigmoid", "Softmax", "Tanh", "Hardtanh")
 # Functional operations (as graph.Recording names them) that set their output's scale.
 ANCHOR_FUNCS = ("F.layer_norm", "F.group_norm", "F.batch_norm", "F.instance_norm",
                 "F.rms_norm", "F.normalize", "torch.layer_norm", "torch.group_norm",
                 "torch.batch_norm", "torch.rms_norm", "F.scaled_dot_product_attention",
                 "F.softmax", "Tensor.softmax", "torch.softmax", "F.log_softmax",
-                "Tensor.log_softmax", "Tensor.mean", "torch.mean", "Tensor.sum", "torch.sum",
-                "F.avg_pool", "F.adaptive_avg_pool", "F.max_pool", "F.adaptive_max_pool",
-                "F.embedding", "torch.embedding", "torch.matmul", "Tensor.matmul",
-                "Tensor.__matmul__", "Tensor.__rmatmul__", "torch.bmm", "Tensor.bmm",
+                "Tensor.log_softmax", "Tensor.mean", "torch.mean", "F.avg_pool",
+                "F.adaptive_avg_pool", "F.embedding", "torch.embedding", "torch.matmul",
+                "Tensor.matmul", "Tensor.__matmul__", "Tensor.__rmatmul__", "torch.bmm",
+                "Tensor.bmm",
                 "torch.einsum", "torch.baddbmm", "Tensor.rsqrt", "torch.rsqrt")
 
 PRODUCT = " of activations"  # graph.Recording's suffix for a product of two activations
@@ -126,9 +133,26 @@ def is_anchor_layer(layer: Layer) -> bool:
 
 
 def is_anchor_function(reason: str | None) -> bool:
-    """A functional op that sets its output's scale. A product of two activations does
-    too (a gate x * sigmoid(s), SwiGLU's silu(g) * u): its scale is the product of two."""
+    """A functional op that sets its output's scale, products of activations included
+    (gates are told apart by ``_gate``)."""
     return bool(reason) and (reason.startswith(ANCHOR_FUNCS) or reason.endswith(PRODUCT))
+
+
+def _gate(node: Node, nodes: list[Node], layers: list[Layer]) -> int | None:
+    """For a product of two activations of which one is a bounded gate (a sigmoid,
+    hard sigmoid, softmax or tanh output), the other factor's node."""
+    if len(node.inputs) != 2:
+        return None
+    for k, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        if k is None or k < 0:
+            continue
+        source = nodes[k]
+        name = (type(source.module).__name__ if source.op == "act" and source.module is not None
+                else layers[source.index].type if source.op == "call"
+                and source.index is not None else "")
+        if name in GATES:
+            return other
+    return None
 
 
 def _node_anchors(nodes: list[Node], layers: list[Layer]) -> dict[int, Anchor | None]:
@@ -137,7 +161,9 @@ def _node_anchors(nodes: list[Node], layers: list[Layer]) -> dict[int, Anchor | 
     takes over."""
     anchors: dict[int, Anchor | None] = {}
     for k, node in enumerate(nodes):
-        anchors[k] = _anchor(node, anchors, layers)
+        gated = _gate(node, nodes, layers) if (node.reason or "").endswith(PRODUCT) else None
+        anchors[k] = (anchors.get(gated) if gated is not None and gated >= 0
+                      else _anchor(node, anchors, layers))
     return anchors
 
 

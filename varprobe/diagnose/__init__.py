@@ -34,8 +34,8 @@ def annotate(report: Report, thresholds: Thresholds | None = None,
     weights = [i for i, layer in enumerate(layers) if is_weight(layer) and i not in skip]
     local.nonfinite(layers, skip)
     local.unnormalized_input(report, t, weights)
+    local.multipliers(layers, t, weights)  # first: culprits are read off these flags
     trends = forward.trends(report, t, weights) + backward.trends(layers, t, skip)
-    local.multipliers(layers, t, weights)
     local.dead_units(layers, t, skip)
     local.mismatch(layers, t, weights)
     once_per_module(layers)
@@ -91,7 +91,9 @@ def _summarize(report: Report, t: Thresholds, trends: list[Trend]) -> None:
     s.errors, s.warnings, s.infos = (sum(f.severity == sev for f in every)
                                      for sev in SEVERITIES)
     s.healthy = s.errors == 0
-    culprits = fixes.culprits(report.layers, trends, t)
+    index = {layer.label: i for i, layer in enumerate(report.layers)}
+    named = {c for f in every if f.severity == "error" for c in f.culprits}
+    culprits = sorted(index[c] for c in named if c in index)
     s.culprits = [report.layers[i].label for i in culprits]
     s.cause = fixes.cause(report.layers, culprits) if culprits else None
     s.fix = fixes.fix(report, t) if trends else None

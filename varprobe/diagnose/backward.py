@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from varprobe.diagnose.common import Trend, band, flag, is_weight, num, same, unit_end
+from varprobe.diagnose.fix import culprits as culprits_of
 from varprobe.diagnose.thresholds import Thresholds
 from varprobe.report import Layer
 
@@ -57,13 +58,16 @@ def _energy_ratio(first: Layer, last: Layer) -> float | None:
 
 
 def runs(layers: list[Layer], found: list[Unit]) -> list[list[Unit]]:
-    """Maximal chains: each unit consumes exactly the previous unit's output, and that
-    output is read by nothing else."""
+    """Maximal chains: each unit consumes exactly the previous unit's output, that output
+    is read by nothing else, and no normalization lies between (the same stretch: a
+    norm's backward 1/sigma undoes the forward scale of the layers before it, so a
+    product across it mixes two stretches)."""
     chains: list[list[Unit]] = []
     for unit in found:
         prev = chains[-1][-1] if chains else None
         if (prev is not None and prev.factor is not None and unit.factor is not None
                 and not layers[prev.last].forks
+                and layers[prev.first].stretch == layers[unit.first].stretch
                 and same(layers[unit.first].input, layers[prev.last].forward)):
             chains[-1].append(unit)
         else:
@@ -72,11 +76,14 @@ def runs(layers: list[Layer], found: list[Unit]) -> list[list[Unit]]:
 
 
 def trends(layers: list[Layer], t: Thresholds, skip: set[int]) -> list[Trend]:
+    """A product is judged once ``t.stretch`` weight layers lie on the chain from the
+    layer to its top, itself included: over one or two layers it is a design (a gate,
+    a branch at std 0.02), and only a repeated factor compounds."""
     products = []  # (weight index, product, units after it)
     for run in runs(layers, units(layers)):
         product = 1.0
         for k in range(len(run) - 1, -1, -1):
-            if run[k].first not in skip and k < len(run) - 1:
+            if run[k].first not in skip and k < len(run) - 1 and len(run) - k >= t.stretch:
                 products.append((run[k].first, product, run[k + 1:]))
             if run[k].first not in skip and run[k].factor is not None:
                 product *= run[k].factor
@@ -91,9 +98,11 @@ def trends(layers: list[Layer], t: Thresholds, skip: set[int]) -> list[Trend]:
             continue
         at, value, after = pick(out, key=lambda p: p[1])
         top = layers[after[-1].last].label
+        trend = Trend(code, at, [u.first for u in after if u.first not in skip])
+        blamed = [layers[i].label for i in culprits_of(layers, [trend], t)]
         flag(layers[at], code, f"the gradient reaching it is {num(value)} of the gradient "
              f"at {top} (product of the measured backward multipliers of the "
              f"{len(after)} layers between; band {band(t.backward)}): "
-             f"{CONSEQUENCE[code]}", value)
-        found.append(Trend(code, at, [u.first for u in after if u.first not in skip]))
+             f"{CONSEQUENCE[code]}", value, blamed)
+        found.append(trend)
     return found

@@ -53,10 +53,14 @@ def same(a: ForwardStats | None, b: ForwardStats | None) -> bool:
     return abs(x - y) <= SAME * max(abs(x), abs(y)) and (a.mean == b.mean)
 
 
-def flag(layer: Layer, code: str, message: str, value: float | None = None) -> None:
+def flag(layer: Layer, code: str, message: str, value: float | None = None,
+         culprits: list[str] | None = None) -> Flag | None:
     if all(f.code != code for f in layer.flags):
-        layer.flags.append(Flag(code=code, severity=SEVERITY[code], message=message,
-                                value=value))
+        made = Flag(code=code, severity=SEVERITY[code], message=message, value=value,
+                    culprits=list(culprits or []))
+        layer.flags.append(made)
+        return made
+    return None
 
 
 def is_weight(layer: Layer) -> bool:

@@ -17,6 +17,7 @@ a collapse the next layers cannot undo.
 from __future__ import annotations
 
 from varprobe.diagnose.common import Trend, band, flag, is_weight, num, pos
+from varprobe.diagnose.fix import culprits as culprits_of
 from varprobe.diagnose.thresholds import Thresholds
 from varprobe.report import Layer, Report
 
@@ -30,26 +31,32 @@ CONSEQUENCE = {
 
 def points(report: Report, weights: list[int],
            depth: float = 1) -> list[tuple[int, str, float, Layer]]:
-    """(layer, what, ratio to its reference, the layer) at every judged point: the input
-    of a weight layer at least ``depth`` weight layers in series after its reference,
-    and the last weight layer's output (what the loss sees). A signal that is gone
-    altogether (an exact zero nobody initialized on purpose) is judged at any depth."""
+    """(layer, what, ratio to its reference, the layer) at every judged point.
+
+    - The input of a weight layer at least ``depth`` weight layers in series after its
+      reference: vanishing or exploding.
+    - An input that is exactly zero, at any depth, unless a zero-initialized weight on its
+      stretch made it so on purpose: the signal is gone (ratio 0).
+    - The last weight layer's output, what the loss sees: exploding only (small logits at
+      init are a design), against its reference or, if that is smaller, 1, the scale a
+      softmax or a unit-variance target expects.
+    """
     layers = report.layers
     last = max((i for i, layer in enumerate(layers) if is_weight(layer)), default=None)
     found = []
     for i in weights:
         layer = layers[i]
-        ref = pos(layer.reference_second_moment)
-        if ref is None or layer.reference == f"{layer.label} (input)":
+        if layer.reference is None or layer.reference == f"{layer.label} (input)":
             continue  # its own input sets the scale: nothing before it to compound
-        for what, stats in (("its input's E[x²]", layer.input),
-                            ("its output's E[y²]", layer.forward if i == last else None)):
-            m2 = stats.second_moment if stats is not None else None
-            if m2 is None or m2 != m2 or (m2 == 0 and _deliberate_zero(layers, i)):
-                continue
-            if i != last and m2 > 0 and (layer.depth or 1) < depth:
-                continue  # too few layers for a per-layer factor to have compounded
-            found.append((i, what, m2 / ref, layer))
+        ref = pos(layer.reference_second_moment)
+        m2 = layer.input.second_moment if layer.input is not None else None
+        if m2 == 0 and not _deliberate_zero(layers, i):
+            found.append((i, "its input", 0.0, layer))
+        elif m2 is not None and ref is not None and (layer.depth or 1) >= depth:
+            found.append((i, "its input's E[x²]", m2 / ref, layer))
+        out = layer.forward.second_moment if layer.forward is not None else None
+        if i == last and pos(out) is not None:
+            found.append((i, "its output's E[y²]", out / min(ref or 1.0, 1.0), layer))
     return found
 
 
@@ -61,26 +68,62 @@ def _deliberate_zero(layers: list[Layer], i: int) -> bool:
                if is_weight(layer) and layer.stretch == stretch)
 
 
+def _killers(layers: list[Layer], at: int) -> list[int]:
+    """The layers before ``at`` whose output is exactly zero while their input is not:
+    where the signal died (a ReLU after a large negative bias is named by the weight
+    layer that feeds it)."""
+    found = []
+    for j in range(at):
+        layer = layers[j]
+        if (layer.forward is None or layer.forward.second_moment != 0 or layer.input is None
+                or not layer.input.second_moment):
+            continue
+        if layer.kind == "activation":
+            feeder = next((k for k in range(j - 1, -1, -1) if is_weight(layers[k])), None)
+            j = feeder if feeder is not None else j
+        if j not in found:
+            found.append(j)
+    return found
+
+
 def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
     """One flag per stretch and direction, at the worst point; its suspects are the
-    stretch's weight layers up to there."""
+    stretch's weight layers up to there, and its culprits the ones that stand out."""
     found = []
     by_stretch: dict[int | None, list] = {}
-    for p in points(report, weights, t.stretch):
+    judged = points(report, weights, t.stretch)
+    # where the signal is gone, everything after is a consequence: the first zero only
+    zero = next((p for p in judged if p[2] == 0), None)
+    judged = [p for p in judged if p[2] != 0 or p is zero]
+    for p in judged:
         by_stretch.setdefault(p[3].stretch, []).append(p)
     for stretch, pts in by_stretch.items():
-        for code, outside, pick in (("vanishing_forward", lambda r: r < t.forward[0], min),
-                                    ("exploding_forward", lambda r: r > t.forward[1], max)):
-            out = [p for p in pts if outside(p[2])]
+        for code, outside, pick in (
+                ("vanishing_forward", lambda p: p[2] < t.forward[0] and "output" not in p[1],
+                 min),
+                ("exploding_forward", lambda p: p[2] > t.forward[1], max)):
+            out = [p for p in pts if outside(p)]
             if not out:
                 continue
             at, what, r, layer = pick(out, key=lambda p: p[2])
             suspects = [i for i in weights if i <= at and report.layers[i].stretch == stretch]
-            since = ("" if out[0][0] == at else
-                     f"; the signal leaves the band at {report.layers[out[0][0]].label}")
-            flag(layer, code, f"{what} is {num(r)} of {layer.reference}'s, after "
-                 f"{layer.depth or len(suspects)} weight layer(s) in series with nothing "
-                 f"between to restore the scale (band {band(t.forward)}){since}: "
-                 f"{CONSEQUENCE[code]}", r)
-            found.append(Trend(code, at, suspects))
+            trend = Trend(code, at, suspects)
+            if r == 0:
+                message = (f"{what} is exactly zero: the signal died at "
+                           f"{{culprits}} and nothing after it learns")
+                killed = _killers(report.layers, at)
+            else:
+                since = ("" if out[0][0] == at else
+                         f"; the signal leaves the band at {report.layers[out[0][0]].label}")
+                message = (f"{what} is {num(r)} of {layer.reference}'s, after "
+                           f"{layer.depth or len(suspects)} weight layer(s) in series with "
+                           f"nothing between to restore the scale (band {band(t.forward)})"
+                           f"{since}: {CONSEQUENCE[code]}")
+                killed = None
+            culprits = killed if killed is not None else culprits_of(report.layers, [trend], t)
+            labels = [report.layers[i].label for i in culprits]
+            flag(layer, code, message.replace("{culprits}", ", ".join(labels[:3]) or "?"), r,
+                 labels)
+            trend.suspects = culprits if killed else suspects
+            found.append(trend)
     return found
