@@ -24,6 +24,7 @@ from varprobe.report import (
     Report,
     TensorInfo,
 )
+from varprobe.stages import stage
 from varprobe.state import preserved
 
 
@@ -137,19 +138,26 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
                 work.train(mode == "train")
             torch.manual_seed(seed + k)
             generator = torch.Generator().manual_seed(seed + k)
-            x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
+            with stage("input"):
+                x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
             recording = graph.Recording(work)  # the last trial's graph serves them all
             values: dict[int, list[float]] = {}  # and its norm and PReLU values
-            report, modules = _record(work, x, grad_output, loss, generator, settings={
-                **settings, "batch_size": _batch_of(x)}, target=target or type(model).__name__,
-                recording=recording, values=values)
-            reports.append(report)
+            with stage("record"):
+                report, modules = _record(
+                    work, x, grad_output, loss, generator, settings={
+                        **settings, "batch_size": _batch_of(x)},
+                    target=target or type(model).__name__, recording=recording,
+                    values=values)
+                reports.append(report)
             if progress is not None:
                 progress(k + 1, trials)
-        report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
-        propagate.annotate(report, modules, values)  # inside: the modes the probe ran in
-        graph.annotate(report, modules, recording, values=values)
-    diagnose.annotate(report, thresholds, ignore)
+        with stage("record"):
+            report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
+        with stage("predict", report):  # inside: the modes the probe ran in
+            propagate.annotate(report, modules, values)
+            graph.annotate(report, modules, recording, values=values)
+    with stage("diagnose"):
+        diagnose.annotate(report, thresholds, ignore)
     return report
 
 
@@ -164,10 +172,24 @@ def _working_copy(model: nn.Module, dev: torch.device, scheme: str | None,
 
 def _make_inputs(model, inputs, batch_size, shape, generator, dev) -> Any:
     if callable(inputs) and not isinstance(inputs, torch.Tensor):
-        inputs = inputs(batch_size)
+        inputs = _users(lambda: inputs(batch_size), "example_input(batch_size)")
     if inputs is None:
         return inputs_mod.synthesize(model, batch_size, shape, generator, dev)
     return inputs_mod.to_device(inputs, dev, inputs_mod.model_dtype(model))
+
+
+def _users(call: Callable[[], Any], what: str) -> Any:
+    """Run the user's own ``what``: what it raises is theirs to fix (exit 2), not a
+    bug in varprobe."""
+    try:
+        return call()
+    except VarprobeError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        raise VarprobeError(f"{what} raised {type(exc).__name__}"
+                            f"{': ' + text.splitlines()[0] if text else ''}; "
+                            "check the model file's " + what.partition("(")[0]) from exc
 
 
 def _batch_of(x: Any) -> int | None:
@@ -280,7 +302,7 @@ def _where(rec: Recorder) -> str:
 def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, generator) -> str:
     """Run the backward pass; returns a note when there is nothing to backpropagate."""
     if loss is not None:
-        value = loss(output)
+        value = _users(lambda: loss(output), "loss(output)")
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise VarprobeError("loss(output) must return a scalar tensor")
         outs, cotangents = [value], [torch.ones_like(value)]
