@@ -141,7 +141,6 @@ def _settings(debug: bool, **given):
     """Defaults < [tool.varprobe] in the nearest pyproject.toml < these options."""
     from varprobe import config
     from varprobe.errors import VarprobeError
-
     from varprobe.stages import show_tracebacks
 
     show_tracebacks(debug)
