@@ -15,6 +15,7 @@ from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
 from varprobe.errors import VarprobeError
+from varprobe.input_leaves import InputLeaves
 from varprobe.recorder import Call, Recorder, float_leaves, tensor_leaves
 from varprobe.report import (
     BackwardStats,
@@ -204,22 +205,10 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     ``recording`` (a TorchFunctionMode) follows the dataflow during the forward only.
     ``values`` is filled with host copies of the tensors the predictions read
     (propagate.host_tensors), keyed by id, from the same one transfer."""
-    # Gradients w.r.t. float inputs come from leaves we own; the model sees clones so
-    # that in-place writes to its input stay legal.
-    from torch.utils import _pytree as pytree
-
-    leaves: list[torch.Tensor] = []
-
-    def own(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            leaf = t.detach().requires_grad_()
-            leaves.append(leaf)
-            return leaf.clone()
-        return t
-
-    fed = pytree.tree_map(own, x)
+    owned = InputLeaves(x)  # gradients w.r.t. float inputs come from leaves we own
+    fed, leaves = owned.fed, owned.leaves
     with Recorder(model) as rec:
-        output = _forward(model, fed, rec, recording)
+        output = _forward(model, fed, rec, recording, owned)
         out_leaves = [t for t in float_leaves(output) if t.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
         note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
@@ -242,15 +231,17 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
 
 
 def _forward(model: nn.Module, fed: Any, rec: Recorder,
-             recording: graph.Recording | None) -> Any:
+             recording: graph.Recording | None, owned: InputLeaves | None = None) -> Any:
     """The model's forward under the hooks (and the graph recording); a model that
-    raises becomes one line naming the layer it raised in."""
+    raises becomes one line naming the layer it raised in. ``owned``: the input leaves,
+    whose mode goes outside the recording's (which must be innermost)."""
     args, kwargs = inputs_mod.as_call(fed)
     if recording is not None:
         rec.observer = recording
         recording.start(float_leaves(fed))
     try:
-        with recording or contextlib.nullcontext():
+        with (owned if owned is not None and owned.leaves else contextlib.nullcontext()), \
+                (recording or contextlib.nullcontext()):
             return model(*args, **kwargs)
     except Exception as exc:
         if _out_of_memory(exc):

@@ -193,7 +193,7 @@ def _inputs(model: nn.Module, inputs: Any, batch_size: int,
     if inputs is not None:
         return pytree.tree_map(
             lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, inputs)
-    if dev.type != "meta":
+    if dev.type != "meta" or inputs_mod.is_transformers(model):  # its config says what
         generator = torch.Generator().manual_seed(0)
         return inputs_mod.synthesize(model, batch_size, shape, generator, dev)
     inferred, dtype, _ = inputs_mod.infer_shape(model)
