@@ -209,6 +209,7 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     fed, leaves = owned.fed, owned.leaves
     with Recorder(model) as rec:
         output = _forward(model, fed, rec, recording, owned)
+        rec.check_views()
         out_leaves = [t for t in float_leaves(output) if t.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
         note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
