@@ -367,7 +367,8 @@ def _read_report(path: Path, debug: bool):
     from varprobe.report import read
 
     try:
-        return read(path)
+        with _stage("load"):
+            return read(path)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
 
@@ -440,7 +441,8 @@ def _against_baseline(base, report, factor: float, path: Path) -> tuple[list[str
     """Lines for the layers that moved against the baseline, and whether that fails."""
     from varprobe.baseline import diff as diff_reports
 
-    changes = diff_reports(base, report, factor)
+    with _stage("diagnose"):
+        changes = diff_reports(base, report, factor)
     lines = [f"baseline {line}" for line in changes.lines()]
     if changes.regression:
         lines.append(f"✗ varprobe: {len(changes.moved)} change(s) beyond ×{factor:g} "
@@ -476,7 +478,9 @@ def diff(
     """
     from varprobe.baseline import diff as diff_reports
 
-    changes = diff_reports(_read_report(base, debug), _read_report(new, debug), factor)
+    base_report, new_report = _read_report(base, debug), _read_report(new, debug)
+    with _stage("diagnose"):
+        changes = diff_reports(base_report, new_report, factor)
     for line in changes.lines():
         typer.echo(line)
     if changes.regression:
