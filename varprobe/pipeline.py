@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from varprobe import diagnose, graph, propagate, reinit, stats, theory
+from varprobe import diagnose, graph, propagate, reinit, stats, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
@@ -157,6 +157,8 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
         with stage("predict", report):  # inside: the modes the probe ran in
             propagate.annotate(report, modules, values)
             graph.annotate(report, modules, recording, values=values)
+        with stage("diagnose"):
+            structure.annotate(report, recording)
     with stage("diagnose"):
         diagnose.annotate(report, thresholds, ignore)
     return report

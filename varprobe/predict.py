@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, graph, propagate, reinit, theory
+from varprobe import diagnose, graph, propagate, reinit, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -130,6 +130,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed"
                                 if floats else "output cotangent Var = 1 assumed")
             _follow_graph(report, modules, recording)
+        with stage("diagnose"):
+            structure.annotate(report, recording)
     with stage("diagnose"):
         diagnose.annotate(report, thresholds, ignore)
     return report

@@ -103,6 +103,13 @@ class Layer:
     intervals: dict[str, list[float | None]] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
+    # structure (varprobe.structure): what the layer's input scale is held against
+    reference: str | None = None                  # the label of that measured tensor
+    reference_second_moment: float | None = None  # its E[x^2]
+    stretch: int | None = None  # weight layers that share a reference: one stretch
+    depth: int | None = None    # weight layers in series since the reference, itself included
+    forks: bool | None = None   # its output is read by more than one operation
+    calls: int = 1              # how often the module was called in the pass
 
     @property
     def label(self) -> str:
@@ -151,6 +158,7 @@ class Summary:
     culprits: list[str] = field(default_factory=list)  # the layers behind a trend
     cause: str | None = None
     fix: Fix | None = None
+    output_reference: str | None = None  # what the network output's scale is held against
 
     def counts(self, sep: str = " · ") -> str:
         """The tally a verdict shows: "1 error · 4 warnings"."""
