@@ -37,6 +37,30 @@ def wav2vec2():
         layerdrop=0.0, mask_time_prob=0.0))
 
 
+def hubert():
+    return tf.HubertModel(tf.HubertConfig(
+        **ATTN, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2))
+
+
+def speech2text():
+    return tf.Speech2TextModel(tf.Speech2TextConfig(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=50,
+        input_feat_per_channel=8, conv_channels=8, max_source_positions=64,
+        max_target_positions=32))
+
+
+def videomae():
+    return tf.VideoMAEModel(tf.VideoMAEConfig(**ATTN, image_size=16, patch_size=8,
+                                              num_frames=4, tubelet_size=2))
+
+
+def ast():
+    return tf.ASTModel(tf.ASTConfig(**ATTN, num_mel_bins=16, max_length=32, patch_size=8,
+                                    frequency_stride=8, time_stride=8))
+
+
 def whisper():
     return tf.WhisperModel(tf.WhisperConfig(
         d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
@@ -75,6 +99,8 @@ EXPECTED = {
     # Whisper's encoder takes exactly 2 x max_source_positions mel frames (its conv2
     # has stride 2), num_mel_bins features each; the decoder takes token ids.
     "whisper": (whisper, {"input_features": (BATCH, 4, 16), "decoder_input_ids": (BATCH, 16)}),
+    "videomae": (videomae, {"pixel_values": (BATCH, 4, 3, 16, 16)}),  # num_frames first
+    "ast": (ast, {"input_values": (BATCH, 32, 16)}),  # max_length x num_mel_bins
     "t5": (t5, {"input_ids": (BATCH, SEQ), "decoder_input_ids": (BATCH, SEQ)}),
     "bart": (bart, {"input_ids": (BATCH, SEQ), "decoder_input_ids": (BATCH, SEQ)}),
     "gpt2": (gpt2, {"input_ids": (BATCH, SEQ)}),
@@ -97,12 +123,18 @@ def test_inputs_follow_the_models_declaration(name):
         assert t.is_floating_point() != key.endswith("_ids"), key
 
 
-def test_raw_audio_length_gives_the_encoder_32_frames():
-    model = wav2vec2()
-    [(key, x)] = synthesized(model).items()
-    assert key == "input_values" and x.dim() == 2 and x.shape[0] == BATCH
-    # The model's own arithmetic for its feature encoder's output length.
-    assert int(model._get_feat_extract_output_lengths(x.shape[1])) == inputs.DEFAULT_SEQUENCE
+@pytest.mark.parametrize(("build", "key"), [(wav2vec2, "input_values"),
+                                            (hubert, "input_values"),
+                                            (speech2text, "input_features")])
+def test_audio_lengths_give_the_encoder_32_frames(build, key):
+    model = build()
+    x = synthesized(model)[key]
+    assert x.shape[0] == BATCH
+    if key == "input_features":  # Speech2Text: (frames, input_feat_per_channel)
+        assert x.shape[2] == model.config.input_feat_per_channel
+    # The model's own arithmetic for its encoder's output length.
+    assert int(model._get_feat_extract_output_lengths(torch.tensor(x.shape[1]))) == \
+        inputs.DEFAULT_SEQUENCE
 
 
 def test_float_inputs_are_unit_gaussians():
@@ -125,7 +157,8 @@ def test_an_undeclared_float_input_is_one_clear_error():
         synthesized(model)
 
 
-BUILDERS = {**{name: build for name, (build, _) in EXPECTED.items()}, "wav2vec2": wav2vec2}
+BUILDERS = {**{name: build for name, (build, _) in EXPECTED.items()}, "wav2vec2": wav2vec2,
+            "hubert": hubert, "speech2text": speech2text}
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

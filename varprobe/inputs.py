@@ -116,36 +116,51 @@ def _token_ids(model: nn.Module, config: Any, batch_size: int, seq: int,
 
 def _sample_shape(model: nn.Module, config: Any, main: str) -> tuple[int, ...]:
     """The per-sample shape of a float main input, as the config declares it."""
-    if main == "pixel_values":
-        size = getattr(config, "image_size", None) or DEFAULT_SPATIAL[2]
+    shape = _declared_shape(model, config, main)
+    if shape is None:
+        raise VarprobeError(
+            f"cannot synthesize {main} for {type(model).__name__}: its config does not say "
+            "what shape it takes; define example_input in the model file or pass "
+            "--input-shape (the shape of one sample)")
+    return shape
+
+
+def _declared_shape(model: nn.Module, config: Any, main: str) -> tuple[int, ...] | None:
+    def get(key: str, of: Any = config) -> Any:
+        return getattr(of, key, None)
+
+    if main in ("pixel_values", "pixel_values_videos"):
+        vision = config if get("image_size") or get("num_channels") else get("vision_config")
+        size = get("image_size", vision) or DEFAULT_SPATIAL[2]
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        return (getattr(config, "num_channels", 3), *size)
-    if main == "input_features" and hasattr(config, "num_mel_bins"):
-        # Whisper: the encoder's convolutions must bring the frames down to exactly
-        # max_source_positions.
+        frames = (get("num_frames", vision),) if get("num_frames", vision) else ()
+        return (*frames, get("num_channels", vision) or 3, *size)  # video: (T, C, H, W)
+    if main == "input_features" and get("num_mel_bins") and get("max_source_positions") \
+            and _encoder_stride(model):
+        # Whisper and its kin: the encoder's two convolutions must bring the frames down
+        # to exactly max_source_positions.
         return (config.num_mel_bins, config.max_source_positions * _encoder_stride(model))
-    if main == "input_features" and hasattr(config, "input_feat_per_channel"):
-        # Speech2Text: (frames, features); its conv subsampler divides the frames.
-        features = config.input_feat_per_channel * getattr(config, "input_channels", 1)
-        return (DEFAULT_SEQUENCE * 2 ** getattr(config, "num_conv_layers", 0), features)
-    if main == "input_values" and hasattr(config, "conv_stride"):
+    if main == "input_features" and get("input_feat_per_channel"):
+        # Speech2Text: (frames, features); each layer of its conv subsampler halves them.
+        features = config.input_feat_per_channel * (get("input_channels") or 1)
+        return (DEFAULT_SEQUENCE * 2 ** (get("num_conv_layers") or 0), features)
+    if main == "input_values" and get("conv_stride") and get("conv_kernel"):
         return (_raw_audio_length(config.conv_kernel, config.conv_stride),)
-    if main == "input_values" and hasattr(config, "num_mel_bins"):
+    if main == "input_values" and get("num_mel_bins") and get("max_length"):
         return (config.max_length, config.num_mel_bins)  # AST: a spectrogram
-    raise VarprobeError(
-        f"cannot synthesize {main} for {type(model).__name__}: its config does not say "
-        "what shape it takes; define example_input in the model file or pass "
-        "--input-shape (the shape of one sample)")
+    if main in ("inputs_embeds", "hidden_states") and get("hidden_size"):
+        return (_sequence_limit(model), config.hidden_size)
+    return None
 
 
-def _encoder_stride(model: nn.Module) -> int:
-    encoder = model.get_encoder() if hasattr(model, "get_encoder") else model
-    stride = 1
-    for name in ("conv1", "conv2"):
-        conv = getattr(encoder, name, None)
-        if isinstance(conv, nn.modules.conv._ConvNd):
-            stride *= conv.stride[0]
-    return stride
+def _encoder_stride(model: nn.Module) -> int | None:
+    """The frame stride of a Whisper-style encoder's conv1 and conv2; None without them."""
+    with contextlib.suppress(Exception):
+        model = model.get_encoder()
+    convs = [getattr(model, name, None) for name in ("conv1", "conv2")]
+    if not all(isinstance(c, nn.Conv1d) for c in convs):
+        return None
+    return convs[0].stride[0] * convs[1].stride[0]
 
 
 def _raw_audio_length(kernels: Any, strides: Any, frames: int = DEFAULT_SEQUENCE) -> int:
