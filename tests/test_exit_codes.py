@@ -7,6 +7,7 @@ raises."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch import nn
 
 import varprobe
 from tests.cli_helpers import run
+from tests.pristine import assert_untouched, give_grads, snapshot
 from varprobe import diagnose, inputs, propagate, target
 from varprobe.recorder import Recorder
 from varprobe.render import ci, formats, plots, terminal
@@ -191,3 +193,15 @@ def test_probe_raises_internal_error_naming_the_stage(monkeypatch):
     with pytest.raises(InternalError) as info:
         varprobe.probe(mlp(), batch_size=16)
     assert info.value.stage == "diagnose" and isinstance(info.value.__cause__, Injected)
+
+
+@pytest.mark.parametrize(("owner", "name"), [(Recorder, "collect"), (diagnose, "annotate"),
+                                             (propagate, "annotate")])
+def test_the_model_is_left_as_found_when_varprobe_fails(monkeypatch, owner, name):
+    model = mlp()
+    give_grads(model)
+    before = snapshot(model)
+    monkeypatch.setattr(owner, name, boom)
+    with contextlib.suppress(InternalError):
+        varprobe.probe(model, batch_size=16, mode="eval")
+    assert_untouched(model, before)
