@@ -33,6 +33,7 @@ from varprobe.pipeline import (
     DEFAULT_BATCH_SIZE,
     _layers,
     _tensor_info,
+    _users,
     _version,
     _where,
     resolve_device,
@@ -40,6 +41,7 @@ from varprobe.pipeline import (
 )
 from varprobe.recorder import Recorder, float_leaves, tensor_leaves
 from varprobe.report import ModelInfo, Report, TensorInfo
+from varprobe.stages import stage
 from varprobe.state import preserved
 
 MEASURED = ("input", "forward", "backward", "backward_input", "weight_grad_ratio")
@@ -100,9 +102,11 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
     with preserved(model, []):
         if mode is not None:
             model.train(mode == "train")
-        x = _inputs(model, inputs, batch_size, input_shape, dev)
-        output, rec, recording = _shape_pass(model, x, dev)
-        layers = _layers(rec, rec.collect())
+        with stage("input"):
+            x = _inputs(model, inputs, batch_size, input_shape, dev)
+        with stage("record"):
+            output, rec, recording = _shape_pass(model, x, dev)
+            layers = _layers(rec, rec.collect())
         modules = [call.module for call in rec.calls]
         report = Report(
             model=ModelInfo(target=target or type(model).__name__,
@@ -120,13 +124,16 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             report.notes.append(META_NOTE)
         if dev.type == "meta" and any(isinstance(m, nn.PReLU) for m in modules):
             report.notes.append(PRELU_NOTE)
-        propagate.annotate(report, modules)
-        floats = report.input.dtype is not None and "int" not in report.input.dtype
-        report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed" if floats
-                            else "output cotangent Var = 1 assumed")
-        _follow_graph(report, modules, recording)
-        structure.annotate(report, recording)
-    diagnose.annotate(report, thresholds, ignore)
+        with stage("predict", report):
+            propagate.annotate(report, modules)
+            floats = report.input.dtype is not None and "int" not in report.input.dtype
+            report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed"
+                                if floats else "output cotangent Var = 1 assumed")
+            _follow_graph(report, modules, recording)
+        with stage("diagnose"):
+            structure.annotate(report, recording)
+    with stage("diagnose"):
+        diagnose.annotate(report, thresholds, ignore)
     return report
 
 
@@ -184,11 +191,11 @@ def _inputs(model: nn.Module, inputs: Any, batch_size: int,
             shape: tuple[int, ...] | None, dev: torch.device) -> Any:
     """The user's input moved to ``dev`` (meta: shapes only), or one made up there."""
     if callable(inputs) and not isinstance(inputs, torch.Tensor):
-        inputs = inputs(batch_size)
+        inputs = _users(lambda: inputs(batch_size), "example_input(batch_size)")
     if inputs is not None:
         return pytree.tree_map(
             lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, inputs)
-    if dev.type != "meta":
+    if dev.type != "meta" or inputs_mod.is_transformers(model):  # its config says what
         generator = torch.Generator().manual_seed(0)
         return inputs_mod.synthesize(model, batch_size, shape, generator, dev)
     inferred, dtype, _ = inputs_mod.infer_shape(model)

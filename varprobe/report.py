@@ -182,6 +182,8 @@ class Report:
     layers: list[Layer]
     summary: Summary = field(default_factory=Summary)
     notes: list[str] = field(default_factory=list)
+    # stages.record_failure: {"stage", "error", "message"} per stage that failed
+    stages: list[dict[str, str]] = field(default_factory=list)
     intervals: dict[str, list[float | None]] = field(default_factory=dict)  # input/output
     varprobe_version: str = ""
     torch_version: str = ""
@@ -213,6 +215,7 @@ class Report:
             layers=[_layer_from_dict(d) for d in data["layers"]],
             summary=Summary.from_dict(data["summary"]),
             notes=list(data.get("notes", [])),
+            stages=list(data.get("stages", [])),
             intervals=dict(data.get("intervals", {})),
             varprobe_version=data.get("varprobe_version", ""),
             torch_version=data.get("torch_version", ""),
