@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, graph, propagate, reinit, theory
+from varprobe import diagnose, graph, initlog, propagate, reinit, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -38,7 +38,7 @@ from varprobe.pipeline import (
     resolve_device,
     unwrap,
 )
-from varprobe.recorder import Recorder, float_leaves, tensor_leaves
+from varprobe.recorder import Recorder, float_leaves, main_weight, tensor_leaves
 from varprobe.report import ModelInfo, Report, TensorInfo
 from varprobe.state import preserved
 
@@ -66,8 +66,10 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
         loaded = target_mod.load(spec, device=str(resolve_device(device, None)), seed=0)
         return predict(loaded.model, loaded.example_input, **options)
     try:
-        loaded = target_mod.load(spec, device="meta")
-        return predict(loaded.model, loaded.example_input, **options)
+        with initlog.recording() as log:  # the model's own init, seen as it is built
+            loaded = target_mod.load(spec, device="meta")
+            initlog.run_skipped_init(loaded.model)
+        return predict(loaded.model, loaded.example_input, init_log=log, **options)
     except Exception as exc:  # noqa: BLE001 - whatever needed values: the theory, too
         if not _about_meta(exc):
             raise
@@ -82,13 +84,16 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
 def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...] | None
             = None, batch_size: int = DEFAULT_BATCH_SIZE, init: str | None = None,
             mode: str | None = "train", target: str | None = None,
-            thresholds: diagnose.Thresholds | None = None, ignore: Any = ()) -> Report:
+            thresholds: diagnose.Thresholds | None = None, ignore: Any = (),
+            init_log: initlog.Log | None = None) -> Report:
     """Closed-form predictions for ``model`` from one shape-only forward pass.
 
     On a meta model nothing is allocated; on a real one the forward runs there, under
     no_grad, and the weights are read (the actual init). ``init``: a scheme from
     theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore``: as
-    for probe. The model is left as found.
+    for probe. ``init_log``: the init ops recorded while a meta model was built
+    (initlog.recording); without it a meta model's layers take PyTorch's default. The
+    model is left as found.
     """
     if mode not in (None, "train", "eval"):
         raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
@@ -116,6 +121,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         _mark_unmeasured(report, dev)
         if scheme is not None:
             _assume_scheme(report, modules, scheme)
+        elif dev.type == "meta" and init_log is not None:
+            _assume_recorded(report, modules, init_log)
         elif dev.type == "meta":
             report.notes.append(META_NOTE)
         if dev.type == "meta" and any(isinstance(m, nn.PReLU) for m in modules):
@@ -220,6 +227,43 @@ def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> Non
         layer.unavailable.pop("weight_var", None)
     report.notes.append(f"weights: the {scheme} scheme is assumed for every Linear/Conv "
                         "layer (zero bias); other layers as they are")
+
+
+def _assume_recorded(report: Report, modules: list[nn.Module], log: initlog.Log) -> None:
+    """The weight moments the model's own init ops leave (initlog), where recorded;
+    PyTorch's default elsewhere (propagate._actual), and the note names those layers.
+    An op with no closed form leaves the layer's weights, and what follows, unknown."""
+    defaults, unknown = [], []
+    for layer, module in zip(report.layers, modules):
+        if layer.kind != "weight":
+            continue
+        w, b = main_weight(module)
+        mw, mb = log.moments(w), log.moments(b)
+        if mw is None:
+            defaults.append(layer.label)
+            continue
+        bad = next((m for m in (mw, mb) if m is not None and not m.known), None)
+        if bad is not None:
+            layer.unavailable["weight_var"] = f"{initlog.UNKNOWN} ({bad.op})"
+            unknown.append(layer.label)
+            continue
+        layer.weight_var, layer.weight_second_moment = mw.var, mw.m2
+        layer.bias_second_moment = None if b is None else (mb.m2 if mb is not None else 0.0)
+        layer.unavailable.pop("weight_var", None)
+    known = sum(layer.kind == "weight" for layer in report.layers) - len(defaults) - len(unknown)
+    note = (f"weights: the moments the model's own init ops give (recorded while it was "
+            f"built on the meta device) for {known} weight layer(s)")
+    if defaults:
+        note += (f"; nothing recorded for {_listed(defaults)}: PyTorch's default init "
+                 "assumed there")
+    if unknown:
+        note += f"; an init op with no closed form at {_listed(unknown)}: not predicted"
+    report.notes.append(note)
+
+
+def _listed(labels: list[str]) -> str:
+    return ", ".join(labels) if len(labels) <= 6 else \
+        f"{', '.join(labels[:6])} and {len(labels) - 6} more"
 
 
 def _shape_info(value: Any) -> TensorInfo:

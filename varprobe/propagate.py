@@ -44,7 +44,7 @@ from operator import mul
 import torch
 from torch import nn
 
-from varprobe import theory
+from varprobe import initlog, theory
 from varprobe.report import Layer, Prediction, Report
 
 IDENTITY_LIKE = (nn.Identity, nn.Flatten, nn.Unflatten)
@@ -223,6 +223,8 @@ def _actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weigh
 
 
 def _actual(layer: Layer, module: nn.Module) -> Weights | None:
+    if layer.unavailable.get("weight_var", "").startswith(initlog.UNKNOWN):
+        return None  # its init code did what no closed form follows: no default either
     w2 = _finite(layer.weight_second_moment)
     w2 = _finite(layer.weight_var) if w2 is None else w2
     if w2 is not None:
