@@ -215,7 +215,7 @@ def _mark_unmeasured(report: Report, dev: torch.device) -> None:
 
 
 def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> None:
-    """What ``--init SCHEME`` draws (reinit): Var[w] of the scheme, zero biases."""
+    """What ``--init SCHEME`` draws (reinit): Var[w] of the scheme, and its biases."""
     for layer, module, a in zip(report.layers, modules, propagate.prelu_slopes(modules)):
         if layer.kind != "weight" or not isinstance(module, reinit.REINITIALIZED):
             continue
@@ -223,10 +223,12 @@ def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> Non
                            else theory.fans(module))
         var = theory.scheme_variance(scheme, fan_in, fan_out, a)
         layer.weight_var = layer.weight_second_moment = var
-        layer.bias_second_moment = 0.0 if getattr(module, "bias", None) is not None else None
+        layer.bias_second_moment = (theory.scheme_bias_variance(scheme, module)
+                                    if getattr(module, "bias", None) is not None else None)
         layer.unavailable.pop("weight_var", None)
     report.notes.append(f"weights: the {scheme} scheme is assumed for every Linear/Conv "
-                        "layer (zero bias); other layers as they are")
+                        "layer (zero bias, PyTorch's own for torch-default); other layers "
+                        "as they are")
 
 
 def _assume_recorded(report: Report, modules: list[nn.Module], log: initlog.Log) -> None:

@@ -29,10 +29,11 @@ Three kinds of prediction:
   Since it carries measured values, the chain exists wherever ``local`` does, and
   ``Layer.predicted`` is the chain.
 * ``schemes``: the same walk with every Linear/Conv weight variance replaced by an init
-  scheme's (theory.scheme_variance) and zero biases. Where the actual chain carries a
-  measured value, a counterfactual applies the measured *ratio* across that place
-  instead (exact for positively homogeneous modules such as pooling), since the
-  actual model's absolute scale says nothing about another init's.
+  scheme's (theory.scheme_variance) and its biases (zero, but torch-default's
+  U(±1/sqrt(n))). Where the actual chain carries a measured value, a counterfactual
+  applies the measured *ratio* across that place instead (exact for positively
+  homogeneous modules such as pooling), since the actual model's absolute scale says
+  nothing about another init's.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def _actual(layer: Layer, module: nn.Module) -> Weights | None:
 
 def _scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
                     values: theory.Values | None = None) -> list[Weights | None]:
-    """Var[w] of ``scheme`` for Linear/Conv layers (zero bias); embeddings as they are."""
+    """Var[w] of ``scheme`` for Linear/Conv layers and its bias (zero but for
+    torch-default's); embeddings as they are."""
     slopes = prelu_slopes(modules, values)
     out: list[Weights | None] = []
     for layer, module, a in zip(layers, modules, slopes):
@@ -250,7 +252,8 @@ def _scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
         fan_in, fan_out = (theory.torch_fans(module) if scheme == "torch-default"
                            else theory.fans(module))
         var = theory.scheme_variance(scheme, fan_in, fan_out, a)
-        out.append(None if var is None else Weights(var, 0.0))
+        out.append(None if var is None
+                   else Weights(var, theory.scheme_bias_variance(scheme, module)))
     return out
 
 

@@ -3,9 +3,10 @@
 The user's weights are never written: the scheme goes into a deep copy. Every
 Linear, Conv, ConvTranspose and Bilinear weight is drawn from N(0, Var[w]) with
 Var[w] = theory.scheme_variance(scheme, fan_in, fan_out, a) and every bias of those
-layers is set to zero, so that measured and predicted can be held side by side for
-any scheme. ``torch-default`` uses the fans torch itself computes (its default
-init is kaiming_uniform_; here it is Gaussian with the same variance and zero bias).
+layers is set to zero (but for torch-default), so that measured and predicted can be
+held side by side for any scheme. ``torch-default`` uses the fans torch itself computes (its default
+init is kaiming_uniform_; here it is Gaussian with the same variance) and draws the
+bias as torch does, U(-1/sqrt(n), 1/sqrt(n)).
 Other parameters (embeddings, norms, attention, recurrent cells) stay as they are.
 """
 
@@ -61,8 +62,15 @@ def _draw(module: nn.Module, scheme: str, a: float, generator: torch.Generator) 
     weight = module.weight
     sample = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
     weight.copy_(sample * math.sqrt(var))
-    if module.bias is not None:
+    if module.bias is None:
+        return
+    b2 = theory.scheme_bias_variance(scheme, module)
+    if b2 == 0:
         module.bias.zero_()
+        return
+    bound = math.sqrt(3 * b2)  # torch-default's U(-1/sqrt(n), 1/sqrt(n))
+    sample = torch.rand(module.bias.shape, generator=generator, dtype=torch.float64)
+    module.bias.copy_((2 * sample - 1) * bound)
 
 
 def _stream_seed(seed: int) -> int:
