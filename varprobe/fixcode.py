@@ -30,9 +30,10 @@ def fans(m):
     k = math.prod(m.kernel_size)
     return m.in_channels // m.groups * k, m.out_channels // m.groups * k
 
+
 '''
 
-DRAW = '''    fan_in, fan_out = fans(m)
+DRAW = '''    fan_in, fan_out = {fans}
     nn.init.normal_(m.weight, std=math.sqrt({variance}))
     if m.bias is not None:
         nn.init.zeros_(m.bias)'''
@@ -47,15 +48,20 @@ def code(scheme: str, weights: list[Layer], slopes: list[float]) -> tuple[str, s
         return (f"for m in model.modules():\n    if isinstance(m, {kinds}):\n"
                 "        m.reset_parameters()"), "torch-default init: each layer's reset_parameters()"
     variance = VARIANCE[scheme]
+    # Linear layers alone need no helper: their fans are their features.
+    linear = all(layer.type == "Linear" for layer in weights)
+    helper, fans = ("import math\n\n", "m.in_features, m.out_features") if linear \
+        else (FANS, "fans(m)")
+    draw = DRAW.format(fans=fans, variance=variance)
     short = f"{scheme} init: normal_(std=sqrt({variance})) on varprobe's fans, zero bias"
     distinct = {round(a, 4) for a in slopes}
     if scheme == "he-prelu" and len(distinct) > 1:
         table = ", ".join(f"{layer.name!r}: {a:.6g}" for layer, a in zip(weights, slopes))
-        return (FANS + f"for name, a in {{{table}}}.items():\n"
-                "    m = model.get_submodule(name)\n" + DRAW.format(variance=variance)), short
+        return (helper + f"for name, a in {{{table}}}.items():\n"
+                "    m = model.get_submodule(name)\n" + draw), short
     head = f"a = {next(iter(distinct)):.6g}\n" if scheme == "he-prelu" else ""
-    body = "\n".join("    " + line for line in DRAW.format(variance=variance).splitlines())
-    return (FANS + head + f"for m in model.modules():\n    if isinstance(m, {kinds}):\n"
+    body = "\n".join("    " + line for line in draw.splitlines())
+    return (helper + head + f"for m in model.modules():\n    if isinstance(m, {kinds}):\n"
             + body), short
 
 
