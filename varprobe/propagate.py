@@ -519,23 +519,46 @@ def _norm_variance(module: nn.Module, s: Signal) -> float:
 def _norm_forward(module: nn.Module, s: Signal,
                   values: theory.Values | None = None) -> Signal | None:
     """Train mode: E[out^2] = mean_c(gamma_c^2 s^2/(s^2+eps) + beta_c^2), a reset.
-    Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta, with the input's
-    per-channel mean taken as independent of the running mean."""
+    Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta (_running)."""
     if not isinstance(module, (*BATCH_NORMS, *FEATURE_NORMS)):
         return None  # LocalResponseNorm and the like
     eps = _norm_eps(module)
     if _uses_running_stats(module):
-        gamma, beta, rm, rv = _channels(*_affine(module, values),
-                                        _values(module.running_mean, 0.0, values),
-                                        _values(module.running_var, 1.0, values))
-        total = shared = 0.0
-        for g, b, m, v in zip(gamma, beta, rm, rv):
-            cross = b * b - 2 * g * b * m / math.sqrt(v + eps)
-            total += g * g * (s.m2 + m * m) / (v + eps) + cross
-            shared += g * g * (s.m2 * s.mean_share + m * m) / (v + eps) + cross
-        return Signal(total / len(rv), shared / total if total > 0 else 0.0)
+        return _running(module, s, eps, values)
     var = _norm_variance(module, s)
     return _normalized(module, var / (var + eps), values)
+
+
+def _running(module: nn.Module, s: Signal, eps: float,
+             values: theory.Values | None = None) -> Signal:
+    """Eval BatchNorm: per channel, out = gamma (x - mu_r)/sqrt(var_r + eps) + beta, so
+    E[out^2] = gamma^2 (Var[x] + d^2)/(var_r + eps) + 2 gamma beta d/sqrt(var_r + eps)
+    + beta^2 with d = E[x_c] - mu_r the gap between the input's channel mean and the
+    running one, and the channel mean of out, gamma d/sqrt(var_r + eps) + beta.
+
+    The input's channel means are not known one by one, only their energy
+    mean_c(E[x_c]^2) = mean_share * m2. Running statistics are averages of such
+    inputs, so the channel means are taken to point where the running means do,
+    E[x_c] = k mu_r with k = sqrt(energy / mean_c(mu_r^2)): calibrated statistics
+    (k = 1) subtract the mean exactly, partly calibrated ones (momentum after a few
+    passes, k > 1) subtract part of it. Without running means (all zero) nothing is
+    subtracted and d^2 is the energy itself.
+    """
+    gamma, beta, rm, rv = _channels(*_affine(module, values),
+                                    _values(module.running_mean, 0.0, values),
+                                    _values(module.running_var, 1.0, values))
+    energy = s.m2 * s.mean_share
+    spread = s.m2 - energy  # Var[x]: the part no mean subtraction touches
+    running = sum(m * m for m in rm) / len(rm)
+    k = math.sqrt(energy / running) if running > 0 else 0.0
+    total = shared = 0.0
+    for g, b, m, v in zip(gamma, beta, rm, rv):
+        d = (k - 1) * m
+        d2 = d * d if running > 0 else energy
+        mean_out2 = g * g * d2 / (v + eps) + 2 * g * b * d / math.sqrt(v + eps) + b * b
+        total += g * g * spread / (v + eps) + mean_out2
+        shared += mean_out2
+    return Signal(total / len(rv), shared / total if total > 0 else 0.0)
 
 
 def reset(module: nn.Module, values: theory.Values | None = None) -> Signal | None:
