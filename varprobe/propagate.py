@@ -45,7 +45,7 @@ from operator import mul
 import torch
 from torch import nn
 
-from varprobe import initlog, theory
+from varprobe import initlog, runningnorm, theory
 from varprobe.report import Layer, Prediction, Report
 
 IDENTITY_LIKE = (nn.Identity, nn.Flatten, nn.Unflatten)
@@ -519,7 +519,7 @@ def _norm_variance(module: nn.Module, s: Signal) -> float:
 def _norm_forward(module: nn.Module, s: Signal,
                   values: theory.Values | None = None) -> Signal | None:
     """Train mode: E[out^2] = mean_c(gamma_c^2 s^2/(s^2+eps) + beta_c^2), a reset.
-    Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta (_running)."""
+    Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta (runningnorm)."""
     if not isinstance(module, (*BATCH_NORMS, *FEATURE_NORMS)):
         return None  # LocalResponseNorm and the like
     eps = _norm_eps(module)
@@ -531,34 +531,10 @@ def _norm_forward(module: nn.Module, s: Signal,
 
 def _running(module: nn.Module, s: Signal, eps: float,
              values: theory.Values | None = None) -> Signal:
-    """Eval BatchNorm: per channel, out = gamma (x - mu_r)/sqrt(var_r + eps) + beta, so
-    E[out^2] = gamma^2 (Var[x] + d^2)/(var_r + eps) + 2 gamma beta d/sqrt(var_r + eps)
-    + beta^2 with d = E[x_c] - mu_r the gap between the input's channel mean and the
-    running one, and the channel mean of out, gamma d/sqrt(var_r + eps) + beta.
-
-    The input's channel means are not known one by one, only their energy
-    mean_c(E[x_c]^2) = mean_share * m2. Running statistics are averages of such
-    inputs, so the channel means are taken to point where the running means do,
-    E[x_c] = k mu_r with k = sqrt(energy / mean_c(mu_r^2)): calibrated statistics
-    (k = 1) subtract the mean exactly, partly calibrated ones (momentum after a few
-    passes, k > 1) subtract part of it. Without running means (all zero) nothing is
-    subtracted and d^2 is the energy itself.
-    """
     gamma, beta, rm, rv = _channels(*_affine(module, values),
                                     _values(module.running_mean, 0.0, values),
                                     _values(module.running_var, 1.0, values))
-    energy = s.m2 * s.mean_share
-    spread = s.m2 - energy  # Var[x]: the part no mean subtraction touches
-    running = sum(m * m for m in rm) / len(rm)
-    k = math.sqrt(energy / running) if running > 0 else 0.0
-    total = shared = 0.0
-    for g, b, m, v in zip(gamma, beta, rm, rv):
-        d = (k - 1) * m
-        d2 = d * d if running > 0 else energy
-        mean_out2 = g * g * d2 / (v + eps) + 2 * g * b * d / math.sqrt(v + eps) + b * b
-        total += g * g * spread / (v + eps) + mean_out2
-        shared += mean_out2
-    return Signal(total / len(rv), shared / total if total > 0 else 0.0)
+    return Signal(*runningnorm.moments(gamma, beta, rm, rv, eps, s.m2, s.mean_share))
 
 
 def reset(module: nn.Module, values: theory.Values | None = None) -> Signal | None:
