@@ -275,6 +275,32 @@ def test_transformers_init_weights(tmp_path, name):
     _meta_against_real(str(path))
 
 
+CONSTANTS = '''
+from torch import nn
+
+
+def build_model():
+    m = nn.Sequential(nn.Linear(256, 256), nn.BatchNorm1d(256), nn.PReLU(),
+                      nn.Linear(256, 256), nn.LayerNorm(256), nn.Linear(256, 256))
+    nn.init.constant_(m[1].weight, 0.5)
+    nn.init.constant_(m[1].bias, 0.1)
+    nn.init.constant_(m[2].weight, 0.3)
+    nn.init.constant_(m[4].weight, 2.0)
+    return m
+'''
+
+
+def test_norm_scales_and_prelu_slopes_set_by_a_constant(tmp_path):
+    path = tmp_path / "constants.py"
+    path.write_text(CONSTANTS)
+    report = predict_target(str(path), batch_size=4)
+    bn, ln = report.layers[1], report.layers[4]
+    assert bn.predicted.forward_var == pytest.approx(0.5**2 + 0.1**2, rel=1e-4)  # eps
+    assert report.layers[3].input_gain == pytest.approx((1 + 0.3**2) / 2)
+    assert ln.predicted.forward_var == pytest.approx(2.0**2, rel=1e-4)
+    _meta_against_real(str(path))
+
+
 def test_a_model_already_on_meta_takes_the_defaults_and_says_so():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))

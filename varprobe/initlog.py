@@ -79,6 +79,17 @@ class Log:
     def __len__(self) -> int:
         return len(self._moments)
 
+    def constants(self, tensors: list[torch.Tensor]) -> dict[int, list[float]]:
+        """Host values (theory.Values) of the tensors a constant fill left whole
+        (ones_, zeros_, constant_, fill_: a norm's scale, a PReLU slope, running
+        statistics): those are known element by element, not only in moments."""
+        out = {}
+        for t in tensors:
+            m = self.moments(t)
+            if m is not None and m.known and m.var == 0.0:
+                out[id(t)] = [m.mean]
+        return out
+
     # --- recording ------------------------------------------------------------------
 
     def alias(self, alias: torch.Tensor, of: torch.Tensor) -> None:

@@ -127,11 +127,14 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             report.notes.append(META_NOTE)
         if dev.type == "meta" and any(isinstance(m, nn.PReLU) for m in modules):
             report.notes.append(PRELU_NOTE)
-        propagate.annotate(report, modules)
+        values = None if init_log is None else init_log.constants(
+            [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())
+             if t is not None])
+        propagate.annotate(report, modules, values)
         floats = report.input.dtype is not None and "int" not in report.input.dtype
         report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed" if floats
                             else "output cotangent Var = 1 assumed")
-        _follow_graph(report, modules, recording)
+        _follow_graph(report, modules, recording, values)
     diagnose.annotate(report, thresholds, ignore)
     return report
 
@@ -159,19 +162,20 @@ def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
     return output, rec, recording
 
 
-def _follow_graph(report: Report, modules: list[nn.Module],
-                  recording: graph.Recording) -> None:
+def _follow_graph(report: Report, modules: list[nn.Module], recording: graph.Recording,
+                  values: theory.Values | None = None) -> None:
     """The graph's predictions for the actual init and, walked over the same graph with
     the weights replaced, for every counterfactual scheme. Where the graph cannot be
-    used the chain's stay, with graph.annotate's note saying why."""
-    graph.annotate(report, modules, recording, measured=False)
+    used the chain's stay, with graph.annotate's note saying why. ``values``: recorded
+    constants (norm scales, PReLU slopes) of a meta model."""
+    graph.annotate(report, modules, recording, measured=False, values=values)
     if not any(layer.predicted is not None and layer.predicted.basis == "graph"
                for layer in report.layers):
         return
     for scheme in theory.SCHEMES:
         twin = _twin(report)
         _assume_scheme(twin, modules, scheme)
-        graph.annotate(twin, modules, recording, measured=False)
+        graph.annotate(twin, modules, recording, measured=False, values=values)
         for layer, walked in zip(report.layers, twin.layers):
             if layer.kind == "weight":
                 layer.schemes[scheme] = walked.predicted

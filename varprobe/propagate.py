@@ -466,8 +466,8 @@ def _channels(*values: list[float]) -> list[list[float]]:
 def _values(t, default: float, values: theory.Values | None = None) -> list[float]:
     """A parameter or buffer as floats (its host copy in ``values`` where there); its
     initial value where it is absent or on the meta device (the closed-form `predict`
-    builds models there, without data)."""
-    if t is None or t.is_meta:
+    builds models there, without data) with no recorded value."""
+    if t is None or (t.is_meta and (values is None or id(t) not in values)):
         return [default]
     return theory.elements(t, values)
 

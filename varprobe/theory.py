@@ -269,7 +269,8 @@ def prelu_slope(module: nn.Module, values: Values | None = None) -> float | None
     if isinstance(module, nn.LeakyReLU):
         return float(module.negative_slope)
     if isinstance(module, nn.PReLU):
-        if module.weight.is_meta:  # no values: the slope it was constructed with
+        if module.weight.is_meta and (values is None or id(module.weight) not in values):
+            # no values: the slope it was constructed with
             return abs(float(module.init))
         w = elements(module.weight, values)
         return math.sqrt(sum(a * a for a in w) / len(w))
