@@ -9,9 +9,10 @@ calls alone would walk past a residual add as if the layers were in sequence. Wh
 the graph meets something without a closed form (attention, a constant with no value)
 the prediction stops, with the reason: nothing is measured to carry past it. A norm
 resets the scale, so the prediction resumes after it. Every measured field stays null.
-Meta weights have no values, so the actual init is taken to be what each layer's
-reset_parameters draws (PyTorch's default) unless an init scheme is given, and a PReLU
-slope its constructor's ``init``. A model that cannot be built or run on meta
+Meta weights have no values: the init ops the model's code applies while it is built
+are recorded (initlog) and give the weights' second moments; where nothing was
+recorded (a model handed over already built on meta), each layer's reset_parameters
+draw (PyTorch's default) is assumed, and a PReLU slope its constructor's ``init``. A model that cannot be built or run on meta
 (``.item()`` in its constructor, a data-dependent op) is built on the CPU instead, and
 then its weights are read.
 """
