@@ -31,7 +31,7 @@ def test_check_exit_codes(models, capsys):
     bad = check(capsys, "xavier.py")
     assert bad.code == 1
     lines = bad.out.splitlines()
-    assert lines[0].startswith("✗ error vanishing_") and "fix: kaiming_normal_" in lines[0]
+    assert lines[0].startswith("✗ error vanishing_") and "fix: he init: normal_" in lines[0]
     assert any(line.startswith("! warning shrinks at 2, 4, 6 and") for line in lines)
     assert lines[-1].startswith("✗ varprobe: 2 errors, 18 warnings in xavier.py")
     assert len(lines) == 4  # one line per problem, then the verdict
@@ -71,7 +71,7 @@ def test_github_annotations(models, capsys):
     assert [(m[1], m[2]) for m in parsed] == [("error", "vanishing_backward"),
                                               ("error", "vanishing_forward"),
                                               ("warning", "shrinks")]
-    assert "\n" not in parsed[0][3] and "fix: kaiming_normal_" in parsed[0][3]
+    assert "\n" not in parsed[0][3] and "fix: he init: normal_" in parsed[0][3]
 
 
 def test_junit_xml(models, capsys):

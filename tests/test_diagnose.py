@@ -129,7 +129,7 @@ def test_xavier_relu_vanishes_both_ways_names_culprits_and_he_fixes_it():
     assert not s.healthy and s.errors == 2 and s.warnings == len(weights) - 2
     assert s.culprits[:2] == weights[1:3] and "Xavier" in s.cause
     fix = s.fix
-    assert fix.scheme == "he" and 'nonlinearity="relu"' in fix.code
+    assert fix.scheme == "he" and "std=math.sqrt(2 / fan_in)" in fix.code
     assert fix.before[0] < 1e-4 and 0.5 < fix.after[0] < 4
     apply_fix(model, report)
     after = probe(model, batch_size=256)
@@ -167,7 +167,7 @@ def test_prelu_model_gets_he_prelu_with_its_own_slope():
     report = probe(model, batch_size=256)
     assert "vanishing_forward" in codes(report)
     fix = report.summary.fix
-    assert fix.scheme == "he-prelu" and "a=0.25" in fix.code
+    assert fix.scheme == "he-prelu" and "a = 0.25\n" in fix.code
     apply_fix(model, report)
     assert codes(probe(model, batch_size=256), "error") == set()
 
@@ -289,7 +289,7 @@ def test_flags_are_ordered_by_severity_and_survive_json():
 
 def test_assert_healthy():
     assert_healthy(mlp(6, he))
-    with pytest.raises(AssertionError, match=r"(?s)vanishing_forward at 38.*fix: kaiming"):
+    with pytest.raises(AssertionError, match=r"(?s)vanishing_forward at 38.*fix: he init"):
         assert_healthy(mlp(20, nn.init.xavier_normal_))
     assert_healthy(mlp(20, nn.init.xavier_normal_), forward=(1e-9, 1e9),
                    backward=(1e-9, 1e9))

@@ -111,14 +111,14 @@ def test_counterfactual_schemes_do_not_depend_on_the_weights(model_file):
     cpu = predict_target(model_file, batch_size=4, device="cpu")
     keep = lambda p: {k: v for k, v in p.items() if "/" in k}  # noqa: E731
     same(keep(predictions(meta)), keep(predictions(cpu)))
-    # Meta has no weight values (PyTorch's default assumed, said in a note); the CPU
-    # build reads them.
+    # Meta has no weight values: the init its constructor applied is recorded
+    # (reset_parameters' kaiming_uniform_, Var = 1/(3 n)); the CPU build reads them.
     fc_meta, fc_cpu = meta.layers[-1], cpu.layers[-1]
-    assert fc_meta.weight_var is None and "meta" in fc_meta.unavailable["weight_var"]
+    assert fc_meta.weight_var == pytest.approx(1 / (3 * 16), rel=1e-12)
+    assert any("recorded while it was built on the meta device" in note for note in meta.notes)
     # 160 draws from U(-b, b): the sample variance has relative sd sqrt((9/5 - 1)/160)
     # = 0.071, so 0.25 is 3.5 sd.
     assert fc_cpu.weight_var == pytest.approx(1 / (3 * 16), rel=0.25)
-    assert any("PyTorch default init" in note for note in meta.notes)
 
 
 def test_structure_matches_a_measured_probe(model_file):

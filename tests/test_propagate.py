@@ -143,8 +143,8 @@ def test_torch_default_scheme_shrinks_by_one_sixth_per_relu_layer():
     report = probe(model, batch_size=8)
     ws = weights(report)
     default = [layer.schemes["torch-default"].forward_var for layer in ws]
-    for prev, cur in zip(default, default[1:]):
-        assert cur / prev == pytest.approx(1 / 6, rel=EXACT)
+    for prev, cur in zip(default, default[1:]):  # and adds its bias' 1/(3n)
+        assert cur == pytest.approx(prev / 6 + 1 / (3 * n), rel=EXACT)
     # The measured weights: kaiming_uniform_(a=sqrt(5)) has Var = 1/(3n); the sample
     # second moment of n^2 uniform entries has relative sd sqrt(0.8)/n (E[w^4]/E[w^2]^2
     # = 9/5), so 4 sd bounds the multiplier's distance from 1/6.

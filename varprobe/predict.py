@@ -9,11 +9,12 @@ calls alone would walk past a residual add as if the layers were in sequence. Wh
 the graph meets something without a closed form (attention, a constant with no value)
 the prediction stops, with the reason: nothing is measured to carry past it. A norm
 resets the scale, so the prediction resumes after it. Every measured field stays null.
-Meta weights have no values, so the actual init is taken to be what each layer's
-reset_parameters draws (PyTorch's default) unless an init scheme is given, and a PReLU
-slope its constructor's ``init``. A model that cannot be built or run on meta
-(``.item()`` in its constructor, a data-dependent op) is built on the CPU instead, and
-then its weights are read.
+Meta weights have no values: the init ops the model's code applies while it is built
+are recorded (initlog) and give the weights' second moments; where nothing was
+recorded (a model handed over already built on meta), each layer's reset_parameters
+draw (PyTorch's default) is assumed, and a PReLU slope its constructor's ``init``.
+A model that cannot be built or run on meta (``.item()`` in its constructor, a
+data-dependent op) is built on the CPU instead, and then its weights are read.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, graph, propagate, reinit, structure, theory
+from varprobe import diagnose, graph, initlog, propagate, reinit, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -39,7 +40,7 @@ from varprobe.pipeline import (
     resolve_device,
     unwrap,
 )
-from varprobe.recorder import Recorder, float_leaves, tensor_leaves
+from varprobe.recorder import Recorder, float_leaves, main_weight, tensor_leaves
 from varprobe.report import ModelInfo, Report, TensorInfo
 from varprobe.stages import stage
 from varprobe.state import preserved
@@ -68,8 +69,10 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
         loaded = target_mod.load(spec, device=str(resolve_device(device, None)), seed=0)
         return predict(loaded.model, loaded.example_input, **options)
     try:
-        loaded = target_mod.load(spec, device="meta")
-        return predict(loaded.model, loaded.example_input, **options)
+        with initlog.recording() as log:  # the model's own init, seen as it is built
+            loaded = target_mod.load(spec, device="meta")
+            initlog.run_skipped_init(loaded.model)
+        return predict(loaded.model, loaded.example_input, init_log=log, **options)
     except Exception as exc:  # noqa: BLE001 - whatever needed values: the theory, too
         if not _about_meta(exc):
             raise
@@ -84,13 +87,16 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
 def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...] | None
             = None, batch_size: int = DEFAULT_BATCH_SIZE, init: str | None = None,
             mode: str | None = "train", target: str | None = None,
-            thresholds: diagnose.Thresholds | None = None, ignore: Any = ()) -> Report:
+            thresholds: diagnose.Thresholds | None = None, ignore: Any = (),
+            init_log: initlog.Log | None = None) -> Report:
     """Closed-form predictions for ``model`` from one shape-only forward pass.
 
     On a meta model nothing is allocated; on a real one the forward runs there, under
     no_grad, and the weights are read (the actual init). ``init``: a scheme from
     theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore``: as
-    for probe. The model is left as found.
+    for probe. ``init_log``: the init ops recorded while a meta model was built
+    (initlog.recording); without it a meta model's layers take PyTorch's default. The
+    model is left as found.
     """
     if mode not in (None, "train", "eval"):
         raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
@@ -120,16 +126,21 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         _mark_unmeasured(report, dev)
         if scheme is not None:
             _assume_scheme(report, modules, scheme)
+        elif dev.type == "meta" and init_log is not None:
+            _assume_recorded(report, modules, init_log)
         elif dev.type == "meta":
             report.notes.append(META_NOTE)
         if dev.type == "meta" and any(isinstance(m, nn.PReLU) for m in modules):
             report.notes.append(PRELU_NOTE)
+        values = None if init_log is None else init_log.constants(
+            [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())
+             if t is not None])
         with stage("predict", report):
-            propagate.annotate(report, modules)
+            propagate.annotate(report, modules, values)
             floats = report.input.dtype is not None and "int" not in report.input.dtype
             report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed"
                                 if floats else "output cotangent Var = 1 assumed")
-            _follow_graph(report, modules, recording)
+            _follow_graph(report, modules, recording, values)
         with stage("diagnose"):
             structure.annotate(report, recording)
     with stage("diagnose"):
@@ -160,19 +171,20 @@ def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
     return output, rec, recording
 
 
-def _follow_graph(report: Report, modules: list[nn.Module],
-                  recording: graph.Recording) -> None:
+def _follow_graph(report: Report, modules: list[nn.Module], recording: graph.Recording,
+                  values: theory.Values | None = None) -> None:
     """The graph's predictions for the actual init and, walked over the same graph with
     the weights replaced, for every counterfactual scheme. Where the graph cannot be
-    used the chain's stay, with graph.annotate's note saying why."""
-    graph.annotate(report, modules, recording, measured=False)
+    used the chain's stay, with graph.annotate's note saying why. ``values``: recorded
+    constants (norm scales, PReLU slopes) of a meta model."""
+    graph.annotate(report, modules, recording, measured=False, values=values)
     if not any(layer.predicted is not None and layer.predicted.basis == "graph"
                for layer in report.layers):
         return
     for scheme in theory.SCHEMES:
         twin = _twin(report)
         _assume_scheme(twin, modules, scheme)
-        graph.annotate(twin, modules, recording, measured=False)
+        graph.annotate(twin, modules, recording, measured=False, values=values)
         for layer, walked in zip(report.layers, twin.layers):
             if layer.kind == "weight":
                 layer.schemes[scheme] = walked.predicted
@@ -216,7 +228,7 @@ def _mark_unmeasured(report: Report, dev: torch.device) -> None:
 
 
 def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> None:
-    """What ``--init SCHEME`` draws (reinit): Var[w] of the scheme, zero biases."""
+    """What ``--init SCHEME`` draws (reinit): Var[w] of the scheme, and its biases."""
     for layer, module, a in zip(report.layers, modules, propagate.prelu_slopes(modules)):
         if layer.kind != "weight" or not isinstance(module, reinit.REINITIALIZED):
             continue
@@ -224,10 +236,49 @@ def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> Non
                            else theory.fans(module))
         var = theory.scheme_variance(scheme, fan_in, fan_out, a)
         layer.weight_var = layer.weight_second_moment = var
-        layer.bias_second_moment = 0.0 if getattr(module, "bias", None) is not None else None
+        layer.bias_second_moment = (theory.scheme_bias_variance(scheme, module)
+                                    if getattr(module, "bias", None) is not None else None)
         layer.unavailable.pop("weight_var", None)
     report.notes.append(f"weights: the {scheme} scheme is assumed for every Linear/Conv "
-                        "layer (zero bias); other layers as they are")
+                        "layer (zero bias, PyTorch's own for torch-default); other layers "
+                        "as they are")
+
+
+def _assume_recorded(report: Report, modules: list[nn.Module], log: initlog.Log) -> None:
+    """The weight moments the model's own init ops leave (initlog), where recorded;
+    PyTorch's default elsewhere (propagate._actual), and the note names those layers.
+    An op with no closed form leaves the layer's weights, and what follows, unknown."""
+    defaults, unknown = [], []
+    for layer, module in zip(report.layers, modules):
+        if layer.kind != "weight":
+            continue
+        w, b = main_weight(module)
+        mw, mb = log.moments(w), log.moments(b)
+        if mw is None:
+            defaults.append(layer.label)
+            continue
+        bad = next((m for m in (mw, mb) if m is not None and not m.known), None)
+        if bad is not None:
+            layer.unavailable["weight_var"] = f"{initlog.UNKNOWN} ({bad.op})"
+            unknown.append(layer.label)
+            continue
+        layer.weight_var, layer.weight_second_moment = mw.var, mw.m2
+        layer.bias_second_moment = None if b is None else (mb.m2 if mb is not None else 0.0)
+        layer.unavailable.pop("weight_var", None)
+    known = sum(layer.kind == "weight" for layer in report.layers) - len(defaults) - len(unknown)
+    note = (f"weights: the moments the model's own init ops give (recorded while it was "
+            f"built on the meta device) for {known} weight layer(s)")
+    if defaults:
+        note += (f"; nothing recorded for {_listed(defaults)}: PyTorch's default init "
+                 "assumed there")
+    if unknown:
+        note += f"; an init op with no closed form at {_listed(unknown)}: not predicted"
+    report.notes.append(note)
+
+
+def _listed(labels: list[str]) -> str:
+    return ", ".join(labels) if len(labels) <= 6 else \
+        f"{', '.join(labels[:6])} and {len(labels) - 6} more"
 
 
 def _shape_info(value: Any) -> TensorInfo:

@@ -29,10 +29,11 @@ Three kinds of prediction:
   Since it carries measured values, the chain exists wherever ``local`` does, and
   ``Layer.predicted`` is the chain.
 * ``schemes``: the same walk with every Linear/Conv weight variance replaced by an init
-  scheme's (theory.scheme_variance) and zero biases. Where the actual chain carries a
-  measured value, a counterfactual applies the measured *ratio* across that place
-  instead (exact for positively homogeneous modules such as pooling), since the
-  actual model's absolute scale says nothing about another init's.
+  scheme's (theory.scheme_variance) and its biases (zero, but torch-default's
+  U(±1/sqrt(n))). Where the actual chain carries a measured value, a counterfactual
+  applies the measured *ratio* across that place instead (exact for positively
+  homogeneous modules such as pooling), since the actual model's absolute scale says
+  nothing about another init's.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from operator import mul
 import torch
 from torch import nn
 
-from varprobe import theory
+from varprobe import initlog, runningnorm, theory
 from varprobe.report import Layer, Prediction, Report
 
 IDENTITY_LIKE = (nn.Identity, nn.Flatten, nn.Unflatten)
@@ -223,6 +224,8 @@ def _actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weigh
 
 
 def _actual(layer: Layer, module: nn.Module) -> Weights | None:
+    if layer.unavailable.get("weight_var", "").startswith(initlog.UNKNOWN):
+        return None  # its init code did what no closed form follows: no default either
     w2 = _finite(layer.weight_second_moment)
     w2 = _finite(layer.weight_var) if w2 is None else w2
     if w2 is not None:
@@ -238,7 +241,8 @@ def _actual(layer: Layer, module: nn.Module) -> Weights | None:
 
 def _scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
                     values: theory.Values | None = None) -> list[Weights | None]:
-    """Var[w] of ``scheme`` for Linear/Conv layers (zero bias); embeddings as they are."""
+    """Var[w] of ``scheme`` for Linear/Conv layers and its bias (zero but for
+    torch-default's); embeddings as they are."""
     slopes = prelu_slopes(modules, values)
     out: list[Weights | None] = []
     for layer, module, a in zip(layers, modules, slopes):
@@ -248,7 +252,8 @@ def _scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
         fan_in, fan_out = (theory.torch_fans(module) if scheme == "torch-default"
                            else theory.fans(module))
         var = theory.scheme_variance(scheme, fan_in, fan_out, a)
-        out.append(None if var is None else Weights(var, 0.0))
+        out.append(None if var is None
+                   else Weights(var, theory.scheme_bias_variance(scheme, module)))
     return out
 
 
@@ -461,8 +466,8 @@ def _channels(*values: list[float]) -> list[list[float]]:
 def _values(t, default: float, values: theory.Values | None = None) -> list[float]:
     """A parameter or buffer as floats (its host copy in ``values`` where there); its
     initial value where it is absent or on the meta device (the closed-form `predict`
-    builds models there, without data)."""
-    if t is None or t.is_meta:
+    builds models there, without data) with no recorded value."""
+    if t is None or (t.is_meta and (values is None or id(t) not in values)):
         return [default]
     return theory.elements(t, values)
 
@@ -514,23 +519,22 @@ def _norm_variance(module: nn.Module, s: Signal) -> float:
 def _norm_forward(module: nn.Module, s: Signal,
                   values: theory.Values | None = None) -> Signal | None:
     """Train mode: E[out^2] = mean_c(gamma_c^2 s^2/(s^2+eps) + beta_c^2), a reset.
-    Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta, with the input's
-    per-channel mean taken as independent of the running mean."""
+    Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta (runningnorm)."""
     if not isinstance(module, (*BATCH_NORMS, *FEATURE_NORMS)):
         return None  # LocalResponseNorm and the like
     eps = _norm_eps(module)
     if _uses_running_stats(module):
-        gamma, beta, rm, rv = _channels(*_affine(module, values),
-                                        _values(module.running_mean, 0.0, values),
-                                        _values(module.running_var, 1.0, values))
-        total = shared = 0.0
-        for g, b, m, v in zip(gamma, beta, rm, rv):
-            cross = b * b - 2 * g * b * m / math.sqrt(v + eps)
-            total += g * g * (s.m2 + m * m) / (v + eps) + cross
-            shared += g * g * (s.m2 * s.mean_share + m * m) / (v + eps) + cross
-        return Signal(total / len(rv), shared / total if total > 0 else 0.0)
+        return _running(module, s, eps, values)
     var = _norm_variance(module, s)
     return _normalized(module, var / (var + eps), values)
+
+
+def _running(module: nn.Module, s: Signal, eps: float,
+             values: theory.Values | None = None) -> Signal:
+    gamma, beta, rm, rv = _channels(*_affine(module, values),
+                                    _values(module.running_mean, 0.0, values),
+                                    _values(module.running_var, 1.0, values))
+    return Signal(*runningnorm.moments(gamma, beta, rm, rv, eps, s.m2, s.mean_share))
 
 
 def reset(module: nn.Module, values: theory.Values | None = None) -> Signal | None:

@@ -277,7 +277,9 @@ class Recorder:
         call.slots["backward_input"] = self._new_slot()
         call.alias_version = alias._version
         alias.register_hook(self._grad_hook(call.slots["backward_input"]))
-        leaves[pos] = alias
+        # Every position that passes this tensor (attn(h, h, h)) gets the alias: its
+        # gradient is then the sum over all paths, as the input's own would be.
+        leaves = [alias if t is x else t for t in leaves]
         call.alias, call.source = weakref.ref(alias), weakref.ref(x)
         if spec is None:
             return tuple(leaves), kwargs

@@ -1,12 +1,15 @@
 """``--init SCHEME``: a copy of the model re-initialized with an init scheme.
 
 The user's weights are never written: the scheme goes into a deep copy. Every
-Linear, Conv, ConvTranspose and Bilinear weight is drawn from N(0, Var[w]) with
+Linear, Conv and ConvTranspose weight is drawn from N(0, Var[w]) with
 Var[w] = theory.scheme_variance(scheme, fan_in, fan_out, a) and every bias of those
-layers is set to zero, so that measured and predicted can be held side by side for
-any scheme. ``torch-default`` uses the fans torch itself computes (its default
-init is kaiming_uniform_; here it is Gaussian with the same variance and zero bias).
-Other parameters (embeddings, norms, attention, recurrent cells) stay as they are.
+layers is set to zero (but for torch-default), so that measured and predicted can be
+held side by side for any scheme. ``torch-default`` uses the fans torch itself computes (its default
+init is kaiming_uniform_; here it is Gaussian with the same variance) and draws the
+bias as torch does, U(-1/sqrt(n), 1/sqrt(n)).
+Other parameters (embeddings, Bilinear, norms, attention, recurrent cells) stay as
+they are, as in the scheme columns and the printed fix (fixcode): the same layers and
+the same fans in all three.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from torch import nn
 
 from varprobe import theory
 from varprobe.errors import VarprobeError
-from varprobe.propagate import prelu_slopes
+from varprobe.propagate import LINEAR_MAPS, prelu_slopes
 
 AS_IS = "as-is"
-REINITIALIZED = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear)
+REINITIALIZED = LINEAR_MAPS  # the layers whose scheme columns assume the scheme
 WEIGHT_STREAM = 1  # keeps the weight draws independent of the input draws of one seed
 
 
@@ -61,8 +64,15 @@ def _draw(module: nn.Module, scheme: str, a: float, generator: torch.Generator) 
     weight = module.weight
     sample = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
     weight.copy_(sample * math.sqrt(var))
-    if module.bias is not None:
+    if module.bias is None:
+        return
+    b2 = theory.scheme_bias_variance(scheme, module)
+    if b2 == 0:
         module.bias.zero_()
+        return
+    bound = math.sqrt(3 * b2)  # torch-default's U(-1/sqrt(n), 1/sqrt(n))
+    sample = torch.rand(module.bias.shape, generator=generator, dtype=torch.float64)
+    module.bias.copy_((2 * sample - 1) * bound)
 
 
 def _stream_seed(seed: int) -> int:

@@ -227,6 +227,16 @@ def scheme_variance(scheme: str, fan_in: float | None, fan_out: float | None,
             "lecun": lambda: 1.0 / n}[scheme]()
 
 
+def scheme_bias_variance(scheme: str, module: nn.Module) -> float:
+    """mean(b^2) a scheme gives a layer's bias: PyTorch's default draws it from
+    U(-1/sqrt(n), 1/sqrt(n)) with torch's fan-in n, Var = 1/(3n); the other schemes
+    zero it. 0 for a layer without bias."""
+    if getattr(module, "bias", None) is None or scheme != "torch-default":
+        return 0.0
+    n = torch_fans(module)[0]
+    return 1.0 / (3.0 * n) if n else 0.0
+
+
 # ---------------------------------------------------------------------------
 # Activation gains
 # ---------------------------------------------------------------------------
@@ -259,7 +269,8 @@ def prelu_slope(module: nn.Module, values: Values | None = None) -> float | None
     if isinstance(module, nn.LeakyReLU):
         return float(module.negative_slope)
     if isinstance(module, nn.PReLU):
-        if module.weight.is_meta:  # no values: the slope it was constructed with
+        if module.weight.is_meta and (values is None or id(module.weight) not in values):
+            # no values: the slope it was constructed with
             return abs(float(module.init))
         w = elements(module.weight, values)
         return math.sqrt(sum(a * a for a in w) / len(w))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from varprobe import fixcode
 from varprobe.diagnose.common import Trend, multiplier_values, num, pos
 from varprobe.diagnose.thresholds import Thresholds
 from varprobe.report import Fix, Layer, Report
@@ -100,7 +101,7 @@ def fix(report: Report, t: Thresholds) -> Fix | None:
     if best is None:
         return None
     _, scheme, after = best
-    code, short = _code(scheme, weights)
+    code, short = fixcode.code(scheme, weights, [_slope(layer) for layer in weights])
     return Fix(scheme=scheme, code=code, short=short, layers=[w.label for w in weights],
                before=list(end_to_end(report)), after=list(after))
 
@@ -133,42 +134,6 @@ def _slope(layer: Layer) -> float:
     if act not in RECTIFIERS or gain is None:
         return 0.0
     return math.sqrt(max(0.0, 2 * gain - 1))
-
-
-def _init_call(scheme: str, target: str, a: float = 0.0) -> str:
-    calls = {
-        "he": f'nn.init.kaiming_normal_({target}, mode="fan_in", nonlinearity="relu")',
-        "he-fan-out": f'nn.init.kaiming_normal_({target}, mode="fan_out", '
-                      'nonlinearity="relu")',
-        "he-prelu": f'nn.init.kaiming_normal_({target}, a={a:.4g}, mode="fan_in", '
-                    'nonlinearity="leaky_relu")',
-        "xavier": f"nn.init.xavier_normal_({target})",
-        "lecun": f'nn.init.kaiming_normal_({target}, mode="fan_in", nonlinearity="linear")',
-        "torch-default": f"nn.init.kaiming_uniform_({target}, a=5 ** 0.5)",
-    }
-    return calls[scheme]
-
-
-def _code(scheme: str, weights: list[Layer]) -> tuple[str, str]:
-    """Runnable code re-initializing every Linear/Conv layer (biases zeroed, as the
-    prediction assumes), and the init call alone."""
-    slopes = {round(_slope(layer), 4) for layer in weights}
-    short = _init_call(scheme, "…", next(iter(slopes))).removeprefix("nn.init.")
-    if scheme == "he-prelu" and len(slopes) > 1:
-        lines = []
-        for layer in weights:
-            target = f"model.get_submodule({layer.name!r})"
-            lines.append(_init_call(scheme, f"{target}.weight", _slope(layer)))
-            lines.append(f"if {target}.bias is not None: nn.init.zeros_({target}.bias)")
-        return "\n".join(lines), short
-    types = sorted({layer.type for layer in weights}, key=LINEAR_TYPES.index)
-    kinds = f"nn.{types[0]}" if len(types) == 1 else f"({', '.join('nn.' + k for k in types)})"
-    code = (f"for m in model.modules():\n"
-            f"    if isinstance(m, {kinds}):\n"
-            f"        {_init_call(scheme, 'm.weight', next(iter(slopes)))}\n"
-            f"        if m.bias is not None:\n"
-            f"            nn.init.zeros_(m.bias)")
-    return code, short
 
 
 def network_reference(report: Report) -> float | None:
