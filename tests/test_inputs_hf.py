@@ -176,23 +176,30 @@ def test_probe_runs_on_synthesized_inputs_and_measures_every_weight_layer(name, 
 # --- the probe's requires-grad input and a model's own requires_grad -------------------
 
 class SetsFlag(nn.Module):
-    """Like Wav2Vec2's feature encoder: makes a view of its input require grad."""
+    """Like Wav2Vec2's feature encoder: makes a view of its input (or the input itself)
+    require grad."""
 
-    def __init__(self):
+    def __init__(self, on_view: bool = True):
         super().__init__()
-        self.conv = nn.Conv1d(1, 4, 3)
+        self.conv, self.on_view = nn.Conv1d(1, 4, 3), on_view
 
     def forward(self, x):
-        h = x[:, None]
+        h = x[:, None] if self.on_view else x
         h.requires_grad = True
-        return self.conv(h)
+        return self.conv(h if self.on_view else h[:, None])
 
 
 def plain_input_gradient(model: nn.Module, x: torch.Tensor, g: torch.Tensor,
                          layer: nn.Module) -> torch.Tensor:
     """d<model(x), g>/d(the layer's input), by plain autograd, in a plain call."""
     seen = []
-    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+
+    def keep(module, args):
+        if not args[0].is_leaf:  # a leaf's .grad is kept anyway
+            args[0].retain_grad()
+        seen.append(args[0])
+
+    handle = layer.register_forward_pre_hook(keep)
     try:
         out = model(x)
         out = out if isinstance(out, torch.Tensor) else out[0]
@@ -202,9 +209,10 @@ def plain_input_gradient(model: nn.Module, x: torch.Tensor, g: torch.Tensor,
     return seen[0].grad.double()
 
 
-def test_a_view_made_to_require_grad_is_measured_as_the_plain_call_sees_it():
+@pytest.mark.parametrize("on_view", [True, False])
+def test_a_view_made_to_require_grad_is_measured_as_the_plain_call_sees_it(on_view):
     torch.manual_seed(0)
-    model, x = SetsFlag(), torch.randn(4, 16)
+    model, x = SetsFlag(on_view), torch.randn(4, 16)
     g = torch.randn(4, 4, 14)
     expected = plain_input_gradient(model, x, g, model.conv)
     model.zero_grad(set_to_none=True)
