@@ -22,6 +22,9 @@ from varprobe. The protocol, the same for every entry:
   shuffled order per epoch, the model in train mode, no gradient clipping.
   The rates are tried in that order and an optimizer's grid stops at the first rate
   that trains (the label is the same; ``runs`` lists every rate tried).
+* chance (recorded, not part of the criterion): the loss of the best constant output,
+  ln(classes) for "classify", ln(vocab) for "lm", mean(target^2) for "regress"; an entry
+  whose initial loss is far above it can halve its loss and still predict nothing.
 * initial: the mean minibatch loss over the 64 examples at the built weights (no
   update); final: the mean of the last 5 steps' losses.
   trains = final <= 0.5 x initial, both finite. A non-finite loss stops the run: it does
@@ -146,6 +149,7 @@ class Task:
     inputs: Any
     loss: Any  # loss(output_tensor, idx) -> scalar
     resolution: str
+    chance: float  # the loss of the best constant guess: ln(classes), or mean(target^2)
 
 
 def make_task(e: corpus.Entry) -> Task:
@@ -160,16 +164,18 @@ def make_task(e: corpus.Entry) -> Task:
         tokens = _markov(e.vocab, _tokens(inputs).shape, gen)
         inputs = _with_tokens(inputs, tokens)
         return Task(inputs, lambda out, idx: F.cross_entropy(
-            out[:, :-1].reshape(-1, out.shape[-1]), tokens[idx][:, 1:].reshape(-1)), resolution)
+            out[:, :-1].reshape(-1, out.shape[-1]), tokens[idx][:, 1:].reshape(-1)), resolution,
+            math.log(e.vocab))
     with torch.no_grad():
         shape = _output(_call(e.build(), _take(inputs, torch.arange(2), N_EXAMPLES))).shape[1:]
     if e.task == "classify":
         labels = torch.randint(shape[-1], (N_EXAMPLES, *shape[:-1]), generator=gen)
         return Task(inputs, lambda out, idx: F.cross_entropy(
-            out.reshape(-1, out.shape[-1]), labels[idx].reshape(-1)), resolution)
+            out.reshape(-1, out.shape[-1]), labels[idx].reshape(-1)), resolution, math.log(shape[-1]))
     if e.task == "regress":
         target = torch.randn((N_EXAMPLES, *shape), generator=gen)
-        return Task(inputs, lambda out, idx: F.mse_loss(out, target[idx]), resolution)
+        return Task(inputs, lambda out, idx: F.mse_loss(out, target[idx]), resolution,
+                    target.pow(2).mean().item())
     raise ValueError(f"{e.name}: unknown task {e.task!r}")
 
 
@@ -227,7 +233,7 @@ def label(e: corpus.Entry, steps: int, batch: int) -> dict[str, Any]:
     task = make_task(e)
     initial = initial_loss(e, task, batch)
     result: dict[str, Any] = {"task": e.task, "resolution": task.resolution, "steps": steps,
-                              "batch": batch}
+                              "batch": batch, "chance": task.chance}
     for opt, grid in GRIDS.items():
         runs, best = {}, None
         for lr in grid:
@@ -278,9 +284,9 @@ def _cell(r: dict) -> str:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| entry | task | resolution | SGD | AdamW | s |", "|---|---|---|---|---|---|"]
+    lines = ["| entry | task | resolution | chance | SGD | AdamW | s |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['task']} | {r['resolution']} | {_cell(r['sgd'])} | "
+        lines.append(f"| {name} | {r['task']} | {r['resolution']} | {r['chance']:.3g} | {_cell(r['sgd'])} | "
                      f"{_cell(r['adamw'])} | {r['seconds']} |")
     return "\n".join(lines)
 
