@@ -4,9 +4,10 @@ varprobe's verdicts are judged against these labels, so they come from training,
 from varprobe. The protocol, the same for every entry:
 
 * Data: a fixed set of 64 examples, ``e.example(64, seed=1)``. Image inputs of 128x128
-  or more are resized (area interpolation) to 64x64 and trained there, which the
-  globally pooled (and the fully convolutional) families accept; ``resolution`` in the
-  labels says what was used (the native size when the model refuses the smaller one).
+  or more are resized (area interpolation) to ``--size`` (default 32x32, what a shared
+  CPU affords) and trained there, which the globally pooled (and the fully
+  convolutional) families accept; ``resolution`` in the labels says what was used (the
+  native size when the model refuses the smaller one).
 * Task (``e.task``):
   - "classify": a fixed random label per example (and per position, for a sequence
     output) over the output's last dimension, cross-entropy: memorize them.
@@ -35,7 +36,8 @@ different modules never collide; entries already there and not re-run are kept),
 entry {task, resolution, steps, batch, seconds, sgd: {trains, best_lr, initial, final,
 runs}, adamw: {...}}, and a Markdown table on stdout.
 
-    python -m bench.labels [--only NAME,...] [--module cnn] [--steps 60] [--batch 8]
+    python -m bench.labels [--only NAME,...] [--module cnn] [--steps 40] [--batch 8]
+                           [--size 32] [--skip-done]
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import torch.nn.functional as F
 
 import corpus
 
-N_EXAMPLES, TRAIN_SIZE, MIN_RESIZE = 64, 64, 128
+N_EXAMPLES, TRAIN_SIZE, MIN_RESIZE = 64, 32, 128
 GRIDS = {"sgd": (0.1, 0.03, 0.01), "adamw": (3e-3, 1e-3, 3e-4)}
 LABEL_DIR = Path(__file__).resolve().parent.parent / "corpus" / "labels"
 
@@ -292,31 +294,40 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TRAIN_SIZE
     parser = argparse.ArgumentParser(prog="python -m bench.labels", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated entry names")
+    parser.add_argument("--only", default="", help="comma-separated entry names, run in this order")
     parser.add_argument("--module", default="", help="comma-separated corpus modules (e.g. cnn,broken)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=TRAIN_SIZE, help="training size of large images")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="skip entries already labelled at the same steps, batch and size")
     args = parser.parse_args(argv)
-    only = {n for n in args.only.split(",") if n}
+    TRAIN_SIZE = args.size
+    only = [n for n in args.only.split(",") if n]
     wanted = {m for m in args.module.split(",") if m}
     by_module = modules()
-    unknown = only - {n for names in by_module.values() for n in names} | wanted - set(by_module)
+    home = {n: m for m, names in by_module.items() for n in names}
+    unknown = set(only) - set(home) | wanted - set(by_module)
     if unknown:
         print(f"unknown corpus entry or module: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    names = only or [n for n, m in home.items() if not wanted or m in wanted]
+    names = [n for n in names if not wanted or home[n] in wanted]
     done: dict[str, dict] = {}
-    for module, names in by_module.items():
-        names = [n for n in names if (not only or n in only) and (not wanted or module in wanted)]
-        if not names:
-            continue
-        path = LABEL_DIR / f"{module}.json"
+    for name in names:
+        path = LABEL_DIR / f"{home[name]}.json"
         labels = json.loads(path.read_text()) if path.exists() else {}
-        for name in names:
-            labels[name] = done[name] = label(corpus.ENTRIES[name], args.steps, args.batch)
-            print(f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
-                  f"({done[name]['seconds']} s)", file=sys.stderr, flush=True)
-            write_atomic(path, labels)  # after every entry: an interrupted run keeps its labels
+        old = labels.get(name, {})
+        if args.skip_done and (old.get("steps"), old.get("batch")) == (args.steps, args.batch) and (
+                old.get("resolution") == "native" or old.get("size") == TRAIN_SIZE):
+            continue
+        labels[name] = done[name] = {**label(corpus.ENTRIES[name], args.steps, args.batch),
+                                     "size": TRAIN_SIZE}
+        print(f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
+              f"({done[name]['seconds']} s)", file=sys.stderr, flush=True)
+        write_atomic(path, labels)  # after every entry: an interrupted run keeps its labels
     print(table(done))
     return 0
 
