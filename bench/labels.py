@@ -33,8 +33,8 @@ from varprobe. The protocol, the same for every entry:
 
 Output: corpus/labels/<module>.json (one file per corpus module, so that runs over
 different modules never collide; entries already there and not re-run are kept), per
-entry {task, resolution, steps, batch, seconds, sgd: {trains, best_lr, initial, final,
-runs}, adamw: {...}}, and a Markdown table on stdout.
+entry {task, resolution, size, chance, steps, batch, seconds, sgd: {trains, best_lr,
+initial, final, runs}, adamw: {...}}, and a Markdown table on stdout.
 
     python -m bench.labels [--only NAME,...] [--module cnn] [--steps 40] [--batch 8]
                            [--size 32] [--skip-done]
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 import corpus
 
-N_EXAMPLES, TRAIN_SIZE, MIN_RESIZE = 64, 32, 128
+N_EXAMPLES, TRAIN_SIZE, MIN_RESIZE = 64, 32, 128  # TRAIN_SIZE: the default of --size
 GRIDS = {"sgd": (0.1, 0.03, 0.01), "adamw": (3e-3, 1e-3, 3e-4)}
 LABEL_DIR = Path(__file__).resolve().parent.parent / "corpus" / "labels"
 
@@ -108,14 +108,14 @@ def _output(out: Any) -> torch.Tensor:
     raise TypeError(f"no floating tensor in the output ({type(out).__name__})")
 
 
-def _resize(inputs: Any) -> tuple[Any, bool]:
-    """Large images shrunk to TRAIN_SIZE, and whether there were any."""
+def _resize(inputs: Any, size: int) -> tuple[Any, bool]:
+    """Large images shrunk to ``size``, and whether there were any."""
     shrunk = []
 
     def shrink(t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point() and t.dim() == 4 and min(t.shape[-2:]) >= MIN_RESIZE:
             shrunk.append(t)
-            return F.interpolate(t, size=(TRAIN_SIZE, TRAIN_SIZE), mode="area")
+            return F.interpolate(t, size=(size, size), mode="area")
         return t
     return _map(inputs, shrink), bool(shrunk)
 
@@ -154,14 +154,14 @@ class Task:
     chance: float  # the loss of the best constant guess: ln(classes), or mean(target^2)
 
 
-def make_task(e: corpus.Entry) -> Task:
+def make_task(e: corpus.Entry, size: int = TRAIN_SIZE) -> Task:
     """The fixed data and loss of ``e``'s task (module docstring)."""
     gen = torch.Generator().manual_seed(1)
     inputs = e.example(N_EXAMPLES, seed=1)
     resolution = "native"
-    small, shrunk = _resize(inputs)
+    small, shrunk = _resize(inputs, size)
     if shrunk and _fits(e, small):
-        inputs, resolution = small, f"{TRAIN_SIZE}x{TRAIN_SIZE}"
+        inputs, resolution = small, f"{size}x{size}"
     if e.task == "lm":
         tokens = _markov(e.vocab, _tokens(inputs).shape, gen)
         inputs = _with_tokens(inputs, tokens)
@@ -230,12 +230,12 @@ def train(e: corpus.Entry, task: Task, opt: str, lr: float, steps: int, batch: i
     return sum(tail) / len(tail)
 
 
-def label(e: corpus.Entry, steps: int, batch: int) -> dict[str, Any]:
+def label(e: corpus.Entry, steps: int, batch: int, size: int = TRAIN_SIZE) -> dict[str, Any]:
     start = time.perf_counter()
-    task = make_task(e)
+    task = make_task(e, size)
     initial = initial_loss(e, task, batch)
     result: dict[str, Any] = {"task": e.task, "resolution": task.resolution, "steps": steps,
-                              "batch": batch, "chance": task.chance}
+                              "batch": batch, "size": size, "chance": task.chance}
     for opt, grid in GRIDS.items():
         runs, best = {}, None
         for lr in grid:
@@ -294,7 +294,6 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global TRAIN_SIZE
     parser = argparse.ArgumentParser(prog="python -m bench.labels", description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated entry names, run in this order")
     parser.add_argument("--module", default="", help="comma-separated corpus modules (e.g. cnn,broken)")
@@ -304,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-done", action="store_true",
                         help="skip entries already labelled at the same steps, batch and size")
     args = parser.parse_args(argv)
-    TRAIN_SIZE = args.size
     only = [n for n in args.only.split(",") if n]
     wanted = {m for m in args.module.split(",") if m}
     by_module = modules()
@@ -321,10 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         labels = json.loads(path.read_text()) if path.exists() else {}
         old = labels.get(name, {})
         if args.skip_done and (old.get("steps"), old.get("batch")) == (args.steps, args.batch) and (
-                old.get("resolution") == "native" or old.get("size") == TRAIN_SIZE):
+                old.get("resolution") == "native" or old.get("size") == args.size):
             continue
-        labels[name] = done[name] = {**label(corpus.ENTRIES[name], args.steps, args.batch),
-                                     "size": TRAIN_SIZE}
+        labels[name] = done[name] = label(corpus.ENTRIES[name], args.steps, args.batch, args.size)
         print(f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
               f"({done[name]['seconds']} s)", file=sys.stderr, flush=True)
         write_atomic(path, labels)  # after every entry: an interrupted run keeps its labels
