@@ -271,6 +271,10 @@ def modules() -> dict[str, list[str]]:
     return found
 
 
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -316,15 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[str, dict] = {}
     for name in names:
         path = LABEL_DIR / f"{home[name]}.json"
-        labels = json.loads(path.read_text()) if path.exists() else {}
-        old = labels.get(name, {})
+        old = _read(path).get(name, {})
         if args.skip_done and (old.get("steps"), old.get("batch")) == (args.steps, args.batch) and (
                 old.get("resolution") == "native" or old.get("size") == args.size):
             continue
-        labels[name] = done[name] = label(corpus.ENTRIES[name], args.steps, args.batch, args.size)
+        done[name] = label(corpus.ENTRIES[name], args.steps, args.batch, args.size)
+        # read again just before writing: another run may have labelled other entries meanwhile
+        write_atomic(path, {**_read(path), name: done[name]})
         print(f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
               f"({done[name]['seconds']} s)", file=sys.stderr, flush=True)
-        write_atomic(path, labels)  # after every entry: an interrupted run keeps its labels
     print(table(done))
     return 0
 
