@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 
 import pytest
 import torch
 
 import corpus
-import varprobe
 
 # Entries varprobe cannot probe yet: the reason is varprobe's, so the test says so and
 # turns red (strict) the day it is fixed.
@@ -102,12 +100,3 @@ def test_entry_output_fits_its_task(e):
         assert out.dim() == 2 and out.shape[-1] >= 2
     else:
         assert e.task == "regress"
-
-
-@pytest.mark.parametrize("e", ENTRIES)
-def test_entry_probes_without_an_internal_error(e):
-    report = varprobe.probe(e.build(), e.example(), batch_size=e.batch_size)
-    assert report.weight_layers
-    # a real network at its own init computes finite numbers everywhere
-    for layer in report.layers:
-        assert layer.forward is None or math.isfinite(layer.forward.var), layer.label
