@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from varprobe import range_flags
 from varprobe.errors import VarprobeError
 from varprobe.report import Fix, Flag, ForwardStats, Layer, Report
 
@@ -31,6 +32,7 @@ PASS_THROUGH_TYPES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "Identit
 RECTIFIERS = ("ReLU", "LeakyReLU", "PReLU", "RReLU")
 LINEAR_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
                 "ConvTranspose2d", "ConvTranspose3d")
+FRACTIONS = ("dead_units", "underflow")  # thresholds that are fractions in (0, 1]
 SAME = 1e-9  # the recorder measures a tensor once: the same tensor has identical moments
 
 
@@ -46,6 +48,8 @@ class Thresholds:
     input: the network input's E[x^2].
     mismatch_sigmas: measured vs local prediction, in units of the width-aware
     noise sd of docs/theory-review.md §10 (sqrt(2/n) forward, sqrt(0.75/n) backward).
+    underflow: the fraction of a tensor's elements that may flush to zero in the
+    --precision format (docs/precision.md).
     """
 
     forward: tuple[float, float] = (1e-2, 1e2)
@@ -55,6 +59,7 @@ class Thresholds:
     dead_units: float = 0.5
     input: tuple[float, float] = (0.1, 10.0)
     mismatch_sigmas: float = 4.0
+    underflow: float = 0.01
 
     @classmethod
     def names(cls) -> list[str]:
@@ -85,11 +90,11 @@ def _checked(key: str, value: Any, band: bool, where: str) -> Any:
             return (float(value[0]), float(value[1]))
         raise VarprobeError(f"{where}: threshold {key!r} must be [low, high] with "
                             f"0 < low < high, not {value!r}")
-    limit = 1.0 if key == "dead_units" else math.inf
+    limit = 1.0 if key in FRACTIONS else math.inf
     if number(value) and 0 < value <= limit:
         return float(value)
     raise VarprobeError(f"{where}: threshold {key!r} must be a number in "
-                        f"{'(0, 1]' if key == 'dead_units' else '(0, inf)'}, not {value!r}")
+                        f"{'(0, 1]' if key in FRACTIONS else '(0, inf)'}, not {value!r}")
 
 
 @dataclass
@@ -120,6 +125,7 @@ def annotate(report: Report, thresholds: Thresholds | None = None,
     _multipliers(layers, t, weights)
     _dead_units(layers, t, skip)
     _mismatch(layers, t, weights)
+    range_flags.annotate(report, t.underflow, skip)
     for layer in layers:
         layer.flags.sort(key=lambda f: SEVERITIES.index(f.severity))
     _summarize(report, t, trends)

@@ -82,13 +82,15 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
 def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...] | None
             = None, batch_size: int = DEFAULT_BATCH_SIZE, init: str | None = None,
             mode: str | None = "train", target: str | None = None,
-            thresholds: diagnose.Thresholds | None = None, ignore: Any = ()) -> Report:
+            thresholds: diagnose.Thresholds | None = None, ignore: Any = (),
+            precision: Any = None) -> Report:
     """Closed-form predictions for ``model`` from one shape-only forward pass.
 
     On a meta model nothing is allocated; on a real one the forward runs there, under
     no_grad, and the weights are read (the actual init). ``init``: a scheme from
-    theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore``: as
-    for probe. The model is left as found.
+    theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore`` /
+    ``precision``: as for probe (ranges predicted, see headroom). The model is left as
+    found.
     """
     if mode not in (None, "train", "eval"):
         raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
@@ -125,6 +127,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed" if floats
                             else "output cotangent Var = 1 assumed")
         _follow_graph(report, modules, recording)
+    if precision is not None:
+        report.settings["precision"] = precision.to_dict()
     diagnose.annotate(report, thresholds, ignore)
     return report
 

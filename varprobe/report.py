@@ -103,6 +103,7 @@ class Layer:
     intervals: dict[str, list[float | None]] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, dict] = field(default_factory=dict)  # precision.Ranges.to_dict
 
     @property
     def label(self) -> str:
@@ -174,6 +175,7 @@ class Report:
     summary: Summary = field(default_factory=Summary)
     notes: list[str] = field(default_factory=list)
     intervals: dict[str, list[float | None]] = field(default_factory=dict)  # input/output
+    precision: dict[str, Any] | None = None  # range_flags: format, loss scale, autocast
     varprobe_version: str = ""
     torch_version: str = ""
 
@@ -183,6 +185,11 @@ class Report:
         model = raw["model"]
         raw["model"] = {"target": model["target"], "class": model["class_"],
                         "parameters": model["parameters"]}
+        if raw["precision"] is None:  # range fields only when a precision option ran
+            del raw["precision"]
+        for layer in raw["layers"]:
+            if not layer["ranges"]:
+                del layer["ranges"]
         ordered = {"schema": SCHEMA, "varprobe_version": raw.pop("varprobe_version"),
                    "torch_version": raw.pop("torch_version"), **raw}
         return _clean(ordered)
@@ -205,6 +212,7 @@ class Report:
             summary=Summary.from_dict(data["summary"]),
             notes=list(data.get("notes", [])),
             intervals=dict(data.get("intervals", {})),
+            precision=data.get("precision"),
             varprobe_version=data.get("varprobe_version", ""),
             torch_version=data.get("torch_version", ""),
         )
@@ -224,7 +232,8 @@ class Report:
             layer["flags"] = ",".join(f["code"] for f in flags)
             rows.append(layer)
         frame = pd.json_normalize(rows) if rows else pd.DataFrame()
-        return frame.drop(columns=[c for c in frame.columns if c.startswith("intervals.")])
+        return frame.drop(columns=[c for c in frame.columns if c.startswith("intervals.")
+                                   or (c.startswith("ranges.") and ".histogram" in c)])
 
     def save(self, path: str | os.PathLike, fmt: str | None = None) -> Path:
         """Write JSON or CSV (chosen by ``fmt`` or the extension), atomically."""
