@@ -47,6 +47,11 @@ def cuts(scale: float) -> list[float]:
     return [f.overflow_cut / scale for f in FORMATS.values()]
 
 
+def _strict() -> list[bool]:
+    """Per cut: whether only |x| past it overflows (see NumberFormat.cut_inclusive)."""
+    return [not f.cut_inclusive for f in FORMATS.values()]
+
+
 def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
     """The Pending of ``t``'s range row; overflow cuts divided by ``scale``."""
     x = t.detach()
@@ -80,11 +85,14 @@ def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
         past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
         bits = np.where(past, 0x7F800000,
                         np.where(past, 1.0, cut).astype(np.float32).view(np.int32)).astype(np.int32)
+        bits = np.where(past, bits, bits + np.array(_strict()))  # the next float32 up
         amax, amin, zeros, nonfinite = k.ranges32(flat.view(np.int32), bits, hist, over)
         value = np.array([amax, amin], dtype=np.int32).view(np.float32)
         head = [float(value[0]) if amax >= 0 else -1.0, float(value[1])]
     else:
-        amax, amin, zeros, nonfinite = k.ranges64(flat, np.array(limits), hist, over)
+        limits64 = np.array(limits)
+        limits64 = np.where(_strict(), np.nextafter(limits64, np.inf), limits64)
+        amax, amin, zeros, nonfinite = k.ranges64(flat, limits64, hist, over)
         head = [float(amax), float(amin)]
     return head + [float(zeros), float(nonfinite)] + over.tolist() + hist.tolist()
 
@@ -107,7 +115,8 @@ def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
         low = torch.where(live, a, math.inf).amin().double()
         head = torch.stack([torch.maximum(head[0], top), torch.minimum(head[1], low)])
         counts += torch.stack([(a == 0).sum(), (~finite).sum()]
-                              + [(kept >= cut).sum() for cut in limits])
+                              + [(kept > cut if strict else kept >= cut).sum()
+                                 for cut, strict in zip(limits, _strict())])
     if x.numel() == 0:
         head = torch.tensor([-1.0, math.inf], dtype=torch.float64, device=dev)
     return torch.cat([head, counts.double(), hist[:BINS].double()])

@@ -41,10 +41,18 @@ class NumberFormat:
 
     @property
     def overflow_cut(self) -> float:
-        """The smallest |x| a cast does not keep finite and within half an ulp: max
-        plus half the ulp at max."""
+        """Where a cast stops keeping |x| finite and within half an ulp: max plus half
+        the ulp at max (itself included or not: ``cut_inclusive``)."""
         ulp = 2.0 ** (math.floor(math.log2(self.max)) - self.mantissa_bits)
         return self.max + ulp / 2
+
+    @property
+    def cut_inclusive(self) -> bool:
+        """Whether the cut itself overflows: a tie rounds to the even neighbour, which is
+        the step past max when max's mantissa is odd (all ones: fp16, bf16, e5m2), and
+        max itself when it is even (e4m3fn, whose all-ones pattern is NaN)."""
+        top = 2.0 ** math.floor(math.log2(self.max))
+        return round((self.max / top - 1) * 2 ** self.mantissa_bits) % 2 == 1
 
     @property
     def flush_exponent(self) -> int:
@@ -116,7 +124,8 @@ class Ranges:
                 "overflow": self.overflow_count(fmt, scale) / self.numel}
 
     def overflow_count(self, fmt: NumberFormat, scale: float) -> int:
-        if self.amax is None or self.amax * scale < fmt.overflow_cut:
+        if self.amax is None or self.amax * scale < fmt.overflow_cut or (
+                self.amax * scale == fmt.overflow_cut and not fmt.cut_inclusive):
             return 0
         if scale == self.scale:
             return self.overflow[fmt.name]
