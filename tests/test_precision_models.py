@@ -211,3 +211,28 @@ def test_fp8_with_amax_scaling_never_overflows(fmt):
     report = varprobe.probe(model, x, precision=Settings(fmt))
     assert not flagged(report, "overflow")
     assert report.precision["scaling"].startswith("per-tensor amax")
+
+
+def test_a_torch_without_float8_gets_one_note_and_the_rest(monkeypatch):
+    model, x, _ = load(OVERFLOW)
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    report = varprobe.probe(model, x, precision=Settings("fp8-e4m3"))
+    notes = [n for n in report.notes if "float8_e4m3fn" in n]
+    assert len(notes) == 1 and "no torch.float8_e4m3fn" in notes[0]
+    assert report.layers[0].ranges["forward"]["formats"]["fp8-e4m3"]["amax_scaled"]
+
+
+def test_figure_has_the_range_panel(tmp_path):
+    from varprobe.render import plots
+
+    model, x, _ = load(OVERFLOW)
+    report = varprobe.probe(model, x, precision=Settings("fp16"))
+    fig = plots.figure(report)
+    panel = fig.axes[-1]
+    assert len(fig.axes) == 5 and panel.get_title(loc="left").startswith("(e) number ranges")
+    with torch.no_grad():  # the last Linear's largest |y|, recomputed here
+        top = math.log2(outputs(model, x)[-1].abs().max().item())
+    tops = [seg[:, 1].max() for coll in panel.collections if hasattr(coll, "get_segments")
+            for seg in coll.get_segments()]
+    assert any(abs(t - top) < 1e-9 for t in tops)
+    assert plots.save(report, tmp_path / "r.png").stat().st_size > 0

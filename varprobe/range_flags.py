@@ -45,7 +45,12 @@ def annotate(report: Report, underflow: float, skip: set[int]) -> None:
     summary: dict[str, Any] = {"format": fmt.name, "basis": "measured" if measured else
                                f"predicted ({headroom.MODEL} tail model)",
                                "tensors": len(rows), "loss_scale": None}
+    if not measured:  # outputs and output gradients without a predicted second moment
+        summary["not_predicted"] = 2 * (len(report.layers) - len(skip)) - len(rows)
     report.precision = {**(report.precision or {}), **summary}
+    missing = _unrepresentable(fmt)
+    if missing and missing not in report.notes:
+        report.notes.append(missing)
     if fmt.name in SCALED:
         report.precision["scaling"] = "per-tensor amax (power-of-two scales)"
         for i, key, r in rows:
@@ -70,6 +75,17 @@ def fits(report: Report, layer: Layer, key: str) -> dict[str, float | None] | No
     if fmt.name in SCALED:
         return row.fits(fmt, row.amax_scale(fmt) or 1.0)
     return row.fits(fmt, p["loss_scale"]["used"] if key in GRADIENTS else 1.0)
+
+
+def _unrepresentable(fmt: NumberFormat) -> str | None:
+    """A note when the installed torch has no dtype for ``fmt``: the fractions are
+    arithmetic on the format's definition and need none, but nothing can be cast to it."""
+    import torch
+
+    if hasattr(torch, fmt.torch_dtype):
+        return None
+    return (f"torch {torch.__version__} has no torch.{fmt.torch_dtype}: {fmt.name} ranges "
+            "are computed from the format's definition; casting to it is not possible here")
 
 
 def _predictions(report: Report) -> None:

@@ -50,7 +50,9 @@ def summary(report: Report) -> list[str]:
     p = report.precision or {}
     out = []
     if p.get("format"):
-        head = f"{p['format']} ({p['basis']}, {p['tensors']} tensors)"
+        missing = p.get("not_predicted")
+        head = (f"{p['format']} ({p['basis']}, {p['tensors']} tensors"
+                f"{f'; {missing} without a prediction, see the notes' if missing else ''})")
         scale = p.get("loss_scale")
         if p.get("scaling"):
             out.append(f"{head}: per-tensor amax scaling, power-of-two scales")
