@@ -78,23 +78,46 @@ def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
     from varprobe import exponent_kernel as k
 
     flat = stats._dense(x).numpy()
+    if flat.dtype == np.float32:
+        return _cpu32(flat.view(np.int32), limits)
     hist = np.zeros(BINS, dtype=np.int64)
     over = np.zeros(len(limits), dtype=np.int64)
-    if flat.dtype == np.float32:
-        cut = np.array(limits, dtype=np.float64)
-        past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
-        bits = np.where(past, 0x7F800000,
-                        np.where(past, 1.0, cut).astype(np.float32).view(np.int32)).astype(np.int32)
-        bits = np.where(past, bits, bits + np.array(_strict()))  # the next float32 up
-        amax, amin, zeros, nonfinite = k.ranges32(flat.view(np.int32), bits, hist, over)
-        value = np.array([amax, amin], dtype=np.int32).view(np.float32)
-        head = [float(value[0]) if amax >= 0 else -1.0, float(value[1])]
-    else:
-        limits64 = np.array(limits)
-        limits64 = np.where(_strict(), np.nextafter(limits64, np.inf), limits64)
-        amax, amin, zeros, nonfinite = k.ranges64(flat, limits64, hist, over)
-        head = [float(amax), float(amin)]
-    return head + [float(zeros), float(nonfinite)] + over.tolist() + hist.tolist()
+    cut = np.array(limits)
+    cut = np.where(_strict(), np.nextafter(cut, np.inf), cut)
+    amax, amin, zeros, nonfinite = k.ranges64(flat, cut, hist, over)
+    return [float(amax), float(amin), float(zeros), float(nonfinite)] + over.tolist() \
+        + hist.tolist()
+
+
+def _cpu32(ints: np.ndarray, limits: list[float]) -> list[float]:
+    """The row of a float32 array (its int32 view): cuts as float32 bits, compared as
+    integers (the next float up where only past the cut overflows)."""
+    from varprobe import exponent_kernel as k
+
+    cut = np.array(limits)
+    past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
+    bits = np.where(past, 1.0, cut).astype(np.float32).view(np.int32).astype(np.int64)
+    bits = np.where(past, 0x7F800000, bits + np.array(_strict()))
+    amax, amin, infs, *over = k.stats32(ints, *(int(b) for b in bits))
+    hist, zeros, nonfinite = _bins32(ints, infs)
+    value = np.array([amax, amin], dtype=np.int32).view(np.float32)
+    head = [float(value[0]) if amax > 0 else -1.0, float(value[1])]
+    return head + [float(zeros), float(nonfinite)] + [float(o) for o in over] + hist
+
+
+def _bins32(ints: np.ndarray, infs: int) -> tuple[list[float], int, int]:
+    """The BINS histogram, zeros and non-finite count from ``exponent_bins``' rows."""
+    from varprobe import exponent_kernel as k
+
+    rows = np.zeros((4, 257), dtype=np.int64)
+    k.exponent_bins(ints, rows)
+    raw = rows.sum(0)
+    raw[255] -= infs
+    hist = np.zeros(BINS, dtype=np.int64)
+    hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
+    if raw[1]:
+        k.small_bins(ints, hist)
+    return hist.astype(np.float64).tolist(), int(raw[0]), int(infs + raw[256])
 
 
 def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
