@@ -24,6 +24,7 @@ from torch import nn
 import varprobe
 from tests.cli_helpers import run
 from varprobe import stats
+from varprobe.diagnose import Thresholds
 from varprobe.mixed import probe as mixed_probe
 from varprobe.precision import Settings
 from varprobe.predict import predict
@@ -236,3 +237,19 @@ def test_figure_has_the_range_panel(tmp_path):
             for seg in coll.get_segments()]
     assert any(abs(t - top) < 1e-9 for t in tops)
     assert plots.save(report, tmp_path / "r.png").stat().st_size > 0
+
+
+def test_underflow_threshold_is_configurable(capsys):
+    """A threshold above every tensor's flushed fraction (computed here by casting)
+    leaves only the tensors that flush entirely, which are errors whatever it is."""
+    model, x, loss = load(UNDERFLOW)
+    outs, _ = gradients(model, x, loss)
+    whole = {str(i) for i, g in enumerate(outs)
+             if flushed(g, 1.0) * g.numel() == (g != 0).sum().item()}
+    t = Thresholds().updated({"underflow": 0.999}, "test")
+    report = varprobe.probe(model, x, loss=loss, thresholds=t,
+                            precision=Settings("fp16", 1.0))
+    assert whole and flagged(report, "underflow", "output gradient") == whole
+    bad = run(capsys, "analyze", UNDERFLOW, "--precision", "fp16", "--threshold",
+              "underflow=2")
+    assert bad.code == 2 and "underflow" in bad.err and "(0, 1]" in bad.err

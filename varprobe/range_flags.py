@@ -57,9 +57,13 @@ def annotate(report: Report, underflow: float, skip: set[int]) -> None:
             _check(report.layers[i], key, r, fmt, r.amax_scale(fmt) or 1.0, underflow, measured)
         return
     scale = _loss_scale(report, rows, fmt, underflow, options.get("loss_scale"))
+    span = report.precision["loss_scale"]
+    hint = (f"use a loss scale in {_pow(span['low'])}..{_pow(span['high'])} (recommended "
+            f"{_pow(span['recommended'])})" if span["fits"] and span["low"] else
+            "no single loss scale fits (see loss_scale_conflict)")
     for i, key, r in rows:
         _check(report.layers[i], key, r, fmt, scale if key in GRADIENTS else 1.0, underflow,
-               measured)
+               measured, hint)
 
 
 def fits(report: Report, layer: Layer, key: str) -> dict[str, float | None] | None:
@@ -140,7 +144,8 @@ def _loss_scale(report: Report, rows: list[tuple[int, str, Ranges]], fmt: Number
 
 
 def _check(layer: Layer, key: str, r: Ranges, fmt: NumberFormat, scale: float,
-           underflow: float, measured: bool) -> None:
+           underflow: float, measured: bool, hint: str = "") -> None:
+    """``hint``: what to do about a gradient's loss scale (the range, or a conflict)."""
     fits = r.fits(fmt, scale)
     what = f"{'' if measured else 'predicted: '}{TENSORS[key]}"
     under = f" under {'amax scale' if fmt.name in SCALED else 'loss scale'} {_pow(scale)}" \
@@ -149,7 +154,8 @@ def _check(layer: Layer, key: str, r: Ranges, fmt: NumberFormat, scale: float,
         layer.flags.append(Flag("overflow", "error", (
             f"{what} overflows {fmt.name}{under}: {fits['overflow']:.3g} of its elements "
             f"reach {fmt.overflow_cut / scale:.4g} (|x| max {r.amax:.3g}); "
-            f"{_overflow_advice(key, r, fmt, scale)}"), fits["overflow"]))
+            f"{hint if key in GRADIENTS and hint else _overflow_advice(key, r, fmt)}"),
+            fits["overflow"]))
     if not fits["underflow"]:
         return
     survivors = r.nonzero_finite() - fits["underflow"] * r.numel
@@ -159,24 +165,23 @@ def _check(layer: Layer, key: str, r: Ranges, fmt: NumberFormat, scale: float,
             f"{what}: {'every non-zero element' if whole else format(fits['underflow'], '.3g')}"
             f"{'' if whole else ' of its elements'} flush{'es' if whole else ''} to zero in "
             f"{fmt.name}{under} (|x| <= {2.0 ** fmt.flush_exponent / scale:.3g}; "
-            f"|x| max {r.amax:.3g}); {_underflow_advice(key, r, fmt, scale)}"), fits["underflow"]))
+            f"|x| max {r.amax:.3g}); {_underflow_advice(key, r, fmt, hint)}"), fits["underflow"]))
 
 
-def _overflow_advice(key: str, r: Ranges, fmt: NumberFormat, scale: float) -> str:
-    if key in GRADIENTS:
-        need = 2.0 ** (math.ceil(math.log2(fmt.overflow_cut / r.amax)) - 1)
-        return f"use a loss scale of at most {_pow(need)}, or train in bf16"
+def _overflow_advice(key: str, r: Ranges, fmt: NumberFormat) -> str:
+    if key in GRADIENTS:  # fp8 gradients are amax-scaled and never overflow
+        return "train in bf16"
     return ("keep this layer in float32 or bf16, or bring its scale down (a norm before "
             "it, a smaller init)")
 
 
-def _underflow_advice(key: str, r: Ranges, fmt: NumberFormat, scale: float) -> str:
+def _underflow_advice(key: str, r: Ranges, fmt: NumberFormat, hint: str) -> str:
     if fmt.name in SCALED:
         spread = math.log2(r.amax / r.min_nonzero) if r.amax and r.min_nonzero else math.nan
         return (f"its spread (2^{spread:.0f}) is wider than {fmt.name}'s range "
                 f"(2^{fmt.range_binades:.0f}); keep it in bf16, or use e5m2 for gradients")
     if key in GRADIENTS:
-        return "raise the loss scale (see the recommended range), or train in bf16"
+        return f"{hint}, or train in bf16"
     return "keep this layer in float32 or bf16, or raise its scale (init, a norm)"
 
 
