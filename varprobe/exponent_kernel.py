@@ -3,9 +3,8 @@ non-finite elements, a histogram of ceil(log2|x|) and the counts at or past a fe
 
 float32 is read through its bits: for a positive float the bit pattern orders like the
 value, so max, min and the cuts are integer compares, and ceil(log2|x|) is the exponent
-field of the next float down (bits - 1) plus one. Two reads: the histogram's scattered
-increments (``exponent_bins``) cannot run in vector lanes and the rest (``stats32``)
-can; one loop doing both ran at half their combined speed. float64 goes through
+field of the next float down (bits - 1) plus one. One read (``exponent_bins``), and a
+second only for the rare tensor that reaches an overflow cut. float64 goes through
 ``frexp``.
 Exponents outside float32's range land in the end bins (below every flush cut, above
 every overflow cut).
@@ -19,6 +18,7 @@ import numpy as np
 from numba import njit
 
 LOW, HIGH = -149, 128  # precision.LOW/HIGH (kept free of imports: numba compiles this)
+ROWS = 8  # histogram rows exponent_bins takes in turn
 _OPTIONS = {"nogil": True, "boundscheck": False}
 
 
@@ -31,30 +31,40 @@ def _jit(fn):
 
 @_jit
 def exponent_bins(a, hist):
-    """``a`` the int32 view of a 1-D float32 array; ``hist`` (4, 257) int64 gets, per
-    element, one count at (bits of |x| - 1) >> 23, plus 1: 0 for zero, 1 for 0 < |x| <=
-    2^-126 (refined by ``small_bins``), f + 1 for |x| in (2^(f-127), 2^(f-126)], 255
-    also for inf (the caller takes ``stats32``'s count off), 256 for NaN. Four rows
-    taken in turn: consecutive elements usually land in the same bin, and one row would
-    make each increment wait for the one before."""
+    """``a`` the int32 view of a 1-D float32 array; ``hist`` (ROWS, 257) int64 gets,
+    per element, one count at (bits of |x| - 1) >> 23, plus 1: 0 for zero, 1 for 0 <
+    |x| <= 2^-126 (refined by ``small_bins``), f + 1 for |x| in (2^(f-127), 2^(f-126)],
+    255 also for inf (``cut_counts`` counts those), 256 for NaN. Returns the bits of
+    the largest finite and the smallest non-zero |x|.
+
+    Rows taken in turn: consecutive elements usually land in the same bin, and one row
+    would make each increment wait for the one before; the max and min ride along in
+    the slots those increments leave free. No branches: zeros scattered at random
+    (after a ReLU) cost nothing."""
     n = a.shape[0]
-    quad = n - n % 4
-    for i in range(0, quad, 4):
-        hist[0, (((a[i] & 0x7FFFFFFF) - 1) >> 23) + 1] += 1
-        hist[1, (((a[i + 1] & 0x7FFFFFFF) - 1) >> 23) + 1] += 1
-        hist[2, (((a[i + 2] & 0x7FFFFFFF) - 1) >> 23) + 1] += 1
-        hist[3, (((a[i + 3] & 0x7FFFFFFF) - 1) >> 23) + 1] += 1
-    for i in range(quad, n):
-        hist[0, (((a[i] & 0x7FFFFFFF) - 1) >> 23) + 1] += 1
+    whole = n - n % ROWS
+    amax = 0
+    amin = 0x7F800000
+    for i in range(0, whole, ROWS):
+        for j in range(ROWS):
+            b = a[i + j] & 0x7FFFFFFF
+            hist[j, ((b - 1) >> 23) + 1] += 1
+            amax = max(amax, b if b < 0x7F800000 else 0)
+            amin = min(amin, b if b != 0 else 0x7F800000)
+    for i in range(whole, n):
+        b = a[i] & 0x7FFFFFFF
+        hist[0, ((b - 1) >> 23) + 1] += 1
+        amax = max(amax, b if b < 0x7F800000 else 0)
+        amin = min(amin, b if b != 0 else 0x7F800000)
+    return amax, amin
 
 
 @_jit
-def stats32(a, c0, c1, c2, c3):
-    """(amax bits over finite elements, min non-zero bits, infinities, then the count
-    at or past each cut) of the int32 view of a float32 array: no branches, so that
-    zeros scattered at random (after a ReLU) cost nothing."""
-    amax = 0
-    amin = 0x7F800000
+def cut_counts(a, c0, c1, c2, c3):
+    """(infinities, then the count of finite |x| at or past each cut) of the int32
+    view of a float32 array, cuts as bits. Run only when some element can reach a cut
+    or be infinite (the largest finite |x| past the lowest cut, or anything in the top
+    bin): usually never."""
     infs = 0
     o0 = 0
     o1 = 0
@@ -63,14 +73,12 @@ def stats32(a, c0, c1, c2, c3):
     for i in range(a.shape[0]):
         b = a[i] & 0x7FFFFFFF
         f = b if b < 0x7F800000 else 0
-        amax = max(amax, f)
-        amin = min(amin, b if b != 0 else 0x7F800000)
         infs += b == 0x7F800000
         o0 += f >= c0
         o1 += f >= c1
         o2 += f >= c2
         o3 += f >= c3
-    return amax, amin, infs, o0, o1, o2, o3
+    return infs, o0, o1, o2, o3
 
 
 @_jit

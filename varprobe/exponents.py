@@ -98,26 +98,21 @@ def _cpu32(ints: np.ndarray, limits: list[float]) -> list[float]:
     past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
     bits = np.where(past, 1.0, cut).astype(np.float32).view(np.int32).astype(np.int64)
     bits = np.where(past, 0x7F800000, bits + np.array(_strict()))
-    amax, amin, infs, *over = k.stats32(ints, *(int(b) for b in bits))
-    hist, zeros, nonfinite = _bins32(ints, infs)
-    value = np.array([amax, amin], dtype=np.int32).view(np.float32)
-    head = [float(value[0]) if amax > 0 else -1.0, float(value[1])]
-    return head + [float(zeros), float(nonfinite)] + [float(o) for o in over] + hist
-
-
-def _bins32(ints: np.ndarray, infs: int) -> tuple[list[float], int, int]:
-    """The BINS histogram, zeros and non-finite count from ``exponent_bins``' rows."""
-    from varprobe import exponent_kernel as k
-
-    rows = np.zeros((4, 257), dtype=np.int64)
-    k.exponent_bins(ints, rows)
+    rows = np.zeros((k.ROWS, 257), dtype=np.int64)
+    amax, amin = k.exponent_bins(ints, rows)
     raw = rows.sum(0)
+    infs, over = 0, [0] * len(limits)
+    if amax >= bits.min() or raw[255]:
+        infs, *over = k.cut_counts(ints, *(int(b) for b in bits))
     raw[255] -= infs
     hist = np.zeros(BINS, dtype=np.int64)
     hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
     if raw[1]:
         k.small_bins(ints, hist)
-    return hist.astype(np.float64).tolist(), int(raw[0]), int(infs + raw[256])
+    value = np.array([amax, amin], dtype=np.int32).view(np.float32)
+    head = [float(value[0]) if amax > 0 else -1.0, float(value[1])]
+    return head + [float(raw[0]), float(infs + raw[256])] + [float(o) for o in over] \
+        + hist.astype(np.float64).tolist()
 
 
 def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:

@@ -22,8 +22,9 @@ histogram by whole bins and the counts stay exact.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 LOW, HIGH = -149, 128  # ceil(log2|x|) over float32's finite non-zero values
 BINS = HIGH - LOW + 1
@@ -105,11 +106,15 @@ class Ranges:
     overflow: dict[str, int]     # format -> count at or past its cut (under ``scale``)
     histogram: list[int]         # BINS counts, bin i is exponent LOW + i
     scale: float = 1.0           # the power of two the overflow cuts were divided by
+    _below: list = field(init=False, repr=False, compare=False)  # running sums
+
+    def __post_init__(self):
+        self._below = list(itertools.accumulate(self.histogram))
 
     def count_at_most(self, exponent: int) -> int:
         """Elements with 0 < |x| <= 2^exponent."""
         top = min(exponent - LOW, BINS - 1)
-        return sum(self.histogram[: top + 1]) if top >= 0 else 0
+        return self._below[top] if top >= 0 else 0
 
     def fits(self, fmt: NumberFormat, scale: float = 1.0) -> dict[str, float | None]:
         """Fractions of all elements that flush to zero, turn subnormal (lose precision)
@@ -132,7 +137,8 @@ class Ranges:
         # Whole bins past the cut: exact when the cut falls on a bin edge, a lower
         # bound otherwise (scales that overflow are never recommended).
         first = math.ceil(math.log2(fmt.overflow_cut / scale)) + 1 - LOW
-        return max(1, sum(self.histogram[max(first, 0):]))
+        above = self._below[-1] - (self._below[first - 1] if first > 0 else 0)
+        return max(1, above)
 
     def amax_scale(self, fmt: NumberFormat) -> float | None:
         """Transformer Engine's per-tensor scale max/amax, rounded down to a power of two
