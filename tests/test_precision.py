@@ -169,3 +169,25 @@ def test_loss_scale_range_by_casting():
     assert worst(span.high, "overflow") == 0 < worst(2 * span.high, "overflow")
     assert worst(span.low, "underflow") <= 0.01 < worst(span.low / 2, "underflow")
     assert span.low <= span.recommended <= span.high
+
+
+def test_trials_merge_ranges_of_all_elements():
+    """With --trials K a layer's range row is that of the K tensors' elements together:
+    the same as measuring their concatenation."""
+    import varprobe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU())
+    from varprobe.precision import Settings
+
+    inputs = [torch.randn(16, 32, generator=torch.Generator().manual_seed(k)) * 1e-5
+              for k in range(3)]
+    calls = iter(inputs)
+    report = varprobe.probe(model, lambda batch: next(calls), trials=3,
+                            precision=Settings("fp16"))
+    with torch.no_grad():
+        outs = torch.cat([model[0](x) for x in inputs])
+    got = report.layers[0].ranges["forward"]
+    want = measured(outs)
+    assert got["numel"] == outs.numel() and got["amax"] == want.amax
+    assert got["formats"]["fp16"]["unscaled"] == want.fits(FORMATS["fp16"])

@@ -192,6 +192,23 @@ def _trim(counts: list[int]) -> dict[str, object]:
     return {"first": LOW + nz[0], "counts": counts[nz[0]: nz[-1] + 1]}
 
 
+def merged(rows: list[dict]) -> dict:
+    """The range row of several tensors' elements together (``to_dict`` rows, e.g. one
+    per trial): counts added, the extremes of the extremes. Predicted rows (no
+    histogram) are kept from the first."""
+    if "histogram" not in rows[0]:
+        return rows[0]
+    parts = [Ranges.from_dict(r) for r in rows]
+    amaxes = [p.amax for p in parts if p.amax is not None]
+    mins = [p.min_nonzero for p in parts if p.min_nonzero is not None]
+    return Ranges(numel=sum(p.numel for p in parts), amax=max(amaxes, default=None),
+                  min_nonzero=min(mins, default=None), zeros=sum(p.zeros for p in parts),
+                  nonfinite=sum(p.nonfinite for p in parts),
+                  overflow={k: sum(p.overflow[k] for p in parts) for k in parts[0].overflow},
+                  histogram=[sum(c) for c in zip(*(p.histogram for p in parts))],
+                  scale=parts[0].scale).to_dict()
+
+
 # --- loss scales ------------------------------------------------------------------------
 
 @dataclass
