@@ -5,8 +5,8 @@ overhead benchmark.
 ``python -m bench.precision`` measures and writes its section of RESULTS.md (``python
 -m bench`` writes it too). The probe with and without ``precision=Settings("fp16")``,
 interleaved, process CPU time (single-threaded: what the work costs, whatever the
-neighbours do); and the range kernel against the moment kernel on one large tensor,
-which bounds what fusing the two reads would save: at most the time of one read.
+neighbours do); and the range read against the moment kernel on one large tensor,
+which bounds what fusing the two would save: at most the time of one read.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def timings(case: overhead.Case, repeats: int, warmup: int) -> dict[str, float]:
 
 
 def kernels(n: int = 1 << 24, repeats: int = 5) -> dict[str, float]:
-    """ns per element: the range kernel, the moment kernel (one read of the tensor)."""
+    """ns per element: the range read, the moment kernel (one read of the tensor)."""
     from varprobe import exponents
     from varprobe import kernels as moments
 
@@ -96,13 +96,16 @@ def section(result: dict) -> list[str]:
     worst = max(r["ratio"] for r in result["rows"])
     lines += ["", f"Target: at most 1.02x the probe: "
               f"{'meets' if worst <= 1.02 else '**misses**'} (worst {worst:.3f}x).", "",
-              f"Kernels, one float32 tensor of 2^24 elements (best of 5, CPU time): the range kernels "
-              f"{k['ranges']:.2f} ns/element, the moment kernel (one read: sum and sum of "
-              f"squares) {k['moments']:.2f} ns/element. Fusing the histogram into the moment "
-              "read would save at most the second read of the tensor, about the moment "
-              "kernel's time; the range kernel's own cost is the per-element exponent "
-              "bin increment, which no fusion removes. The probe without --precision pays "
-              "nothing: the statistics are opt-in."]
+              "Kernels, one float32 tensor of 2^24 elements (best of 5, CPU time): the "
+              f"range read (histogram, abs max, smallest non-zero) {k['ranges']:.2f} "
+              "ns/element, the moment kernel (one read: sum and sum of squares) "
+              f"{k['moments']:.2f} ns/element. The range read is one read per tensor (the "
+              "overflow cuts take a second only for a tensor that reaches one); what it "
+              "costs beyond the read is the histogram's per-element increment, which cannot "
+              "run in vector lanes. Fusing it into the moment kernel would save at most one "
+              "read, bounded by the moment kernel's whole time, and would take that kernel "
+              "out of its vector lanes. The probe without --precision pays nothing: the "
+              "statistics are opt-in."]
     return lines
 
 
@@ -113,7 +116,7 @@ def splice(path: Path, lines: list[str]) -> None:
     start = text.find(HEADER)
     if start >= 0:
         end = text.find("\n## ", start + len(HEADER))
-        text = text[:start] + block + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + block + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         at = text.find("\n## History")
         text = (text[:at + 1] + block + "\n" + text[at + 1:] if at >= 0

@@ -36,7 +36,8 @@ class Measure:
         """The measurement a precision.Settings asks for; None without one."""
         return None if settings is None else cls(settings.loss_scale or 1.0)
 
-    def activation(self, t: torch.Tensor) -> stats.Pending:
+    def values(self, t: torch.Tensor) -> stats.Pending:
+        """An activation or a weight: no scale."""
         return measure(t, 1.0)
 
     def gradient(self, t: torch.Tensor) -> stats.Pending:

@@ -160,7 +160,7 @@ class Recorder:
         slot = self._new_slot(stats.activation(t, channel_dim, units))
         self._seen[id(t)] = (weakref.ref(t), t._version, slot, units)
         if self.ranges is not None:
-            self.range_slots[slot] = self._new_slot(self.ranges.activation(t))
+            self.range_slots[slot] = self._new_slot(self.ranges.values(t))
         return slot
 
     def _grad_hook(self, slot: int):
@@ -243,7 +243,7 @@ class Recorder:
             self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
             if self.ranges is not None:
                 self.range_slots[self.weights[id(module)][0]] = self._new_slot(
-                    self.ranges.activation(w))
+                    self.ranges.values(w))
 
     def _quiet(self):
         return (torch._C.DisableTorchFunction() if self.observer is not None
