@@ -253,3 +253,20 @@ def test_underflow_threshold_is_configurable(capsys):
     bad = run(capsys, "analyze", UNDERFLOW, "--precision", "fp16", "--threshold",
               "underflow=2")
     assert bad.code == 2 and "underflow" in bad.err and "(0, 1]" in bad.err
+
+
+def test_cli_predict_precision(capsys):
+    """predict reads the model file's own init only off the meta device (--device cpu):
+    then it flags the same overflow as the measured probe (the layers where a cast
+    gives inf, recomputed here)."""
+    model, x, _ = load(OVERFLOW)
+    with torch.no_grad():
+        truth = {str(i) for i, y in enumerate(outputs(model, x))
+                 if y.to(torch.float16).isinf().any()}
+    out = run(capsys, "predict", OVERFLOW, "--precision", "fp16", "--device", "cpu",
+              "-f", "json")
+    data = json.loads(out.out)
+    assert data["precision"]["basis"].startswith("predicted")
+    flags = {layer["name"] for layer in data["layers"] for f in layer["flags"]
+             if f["code"] == "overflow"}
+    assert flags == truth
