@@ -55,15 +55,26 @@ def annotate(report: Report, underflow: float, skip: set[int]) -> None:
         report.precision["scaling"] = "per-tensor amax (power-of-two scales)"
         for i, key, r in rows:
             _check(report.layers[i], key, r, fmt, r.amax_scale(fmt) or 1.0, underflow, measured)
-        return
-    scale = _loss_scale(report, rows, fmt, underflow, options.get("loss_scale"))
-    span = report.precision["loss_scale"]
-    hint = (f"use a loss scale in {_pow(span['low'])}..{_pow(span['high'])} (recommended "
-            f"{_pow(span['recommended'])})" if span["fits"] and span["low"] else
-            "no single loss scale fits (see loss_scale_conflict)")
-    for i, key, r in rows:
-        _check(report.layers[i], key, r, fmt, scale if key in GRADIENTS else 1.0, underflow,
-               measured, hint)
+    else:
+        scale, hint = _loss_scale(report, rows, fmt, underflow, options.get("loss_scale"))
+        for i, key, r in rows:
+            _check(report.layers[i], key, r, fmt, scale if key in GRADIENTS else 1.0,
+                   underflow, measured, hint)
+    for i in sorted({i for i, _, _ in rows}):
+        _one_per_code(report.layers[i])
+
+
+def _one_per_code(layer: Layer) -> None:
+    """A layer's output and weight gradients flagged for the same code become one flag
+    (the worst severity, the messages joined), so that the layer is named once."""
+    for code in ("overflow", "underflow"):
+        group = [f for f in layer.flags if f.code == code]
+        if len(group) < 2:
+            continue
+        worst = min((f.severity for f in group), key=("error", "warning", "info").index)
+        joined = Flag(code, worst, "; ".join(f.message for f in group),
+                      max(f.value for f in group))
+        layer.flags = [f for f in layer.flags if f.code != code] + [joined]
 
 
 def fits(report: Report, layer: Layer, key: str) -> dict[str, float | None] | None:
@@ -124,23 +135,28 @@ def _label(layer: Layer, key: str) -> str:
 
 
 def _loss_scale(report: Report, rows: list[tuple[int, str, Ranges]], fmt: NumberFormat,
-                underflow: float, given: float | None) -> float:
-    """The scale gradients are checked under; the range goes into report.precision and
-    a conflict becomes an error on the two layers that disagree."""
+                underflow: float, given: float | None) -> tuple[float, str]:
+    """The scale gradients are checked under, and what to tell a flagged gradient; the
+    range goes into report.precision and a conflict becomes an error on the two layers
+    that disagree."""
     grads = {(i, key): r for i, key, r in rows if key in GRADIENTS}
     span = loss_scale_range({_label(report.layers[i], k): r for (i, k), r in grads.items()},
                             fmt, underflow)
     used = given or (span.recommended if span.fits else span.high) or 1.0
     report.precision["loss_scale"] = {"given": given, "used": used, **span.to_dict()}
-    if given is None and not span.fits:
+    if span.fits:
+        return used, (f"use a loss scale in {_pow(span.low)}..{_pow(span.high)} "
+                      f"(recommended {_pow(span.recommended)})")
+    text = (f"no single {fmt.name} loss scale fits every gradient: "
+            f"{span.low_set_by} needs at least {_pow(span.low)} (or it flushes more than "
+            f"{underflow:.0%}), {span.high_set_by} overflows above {_pow(span.high)}; "
+            "train in bf16, or rescale the layers between them (a norm, a smaller init)")
+    if given is None:
         owners = {_label(report.layers[i], k): report.layers[i] for i, k in grads}
-        text = (f"no single {fmt.name} loss scale fits every gradient: "
-                f"{span.low_set_by} needs at least {_pow(span.low)} (or it flushes more than "
-                f"{underflow:.0%}), {span.high_set_by} overflows above {_pow(span.high)}; "
-                "train in bf16, or rescale the layers between them (a norm, a smaller init)")
         for label in dict.fromkeys((span.low_set_by, span.high_set_by)):
             owners[label].flags.append(Flag("loss_scale_conflict", "error", text))
-    return used
+    return used, ("no single loss scale fits every gradient"
+                  + ("" if given else " (see loss_scale_conflict)"))
 
 
 def _check(layer: Layer, key: str, r: Ranges, fmt: NumberFormat, scale: float,
