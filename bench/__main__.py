@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bench import overhead, scale
+from bench import precision as precision_bench
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TARGET_TIME, TARGET_MEMORY = 1.10, 1.05
@@ -76,7 +77,8 @@ def overhead_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write(path: Path, info: dict, rows: list[dict], big: dict | None, args) -> None:
+def write(path: Path, info: dict, rows: list[dict], big: dict | None, args,
+          ranges: dict | None = None) -> None:
     lines = ["# varprobe benchmark results", "",
              f"Written by `python -m bench` on {datetime.date.today().isoformat()}.", "",
              "## Machine", ""]
@@ -122,6 +124,8 @@ def write(path: Path, info: dict, rows: list[dict], big: dict | None, args) -> N
                   f"{big['peak_rss_mb']:.0f} |", "",
                   f"Targets: under 30 s ({verdict(big['seconds'], 30)}) and under 2 GB "
                   f"({verdict(big['peak_rss_mb'], 2048)})."]
+    if ranges is not None:
+        lines += ["", *precision_bench.section(ranges)]
     path.write_text("\n".join(lines) + "\n" + _history(path))
 
 
@@ -139,6 +143,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: steadier on a shared machine)")
     parser.add_argument("--skip-scale", action="store_true", help="skip the 175B predict")
+    parser.add_argument("--skip-precision", action="store_true",
+                        help="skip the cost of --precision's range statistics")
     parser.add_argument("--malloc-as-is", action="store_true",
                         help="leave glibc's malloc returning freed memory to the OS "
                              "(page faults make both sides noisier)")
@@ -153,9 +159,10 @@ def main() -> None:
     for device in devices:
         rows += overhead.run(device, args.repeats, args.warmup)
     big = None if args.skip_scale else scale.run()
+    ranges = None if args.skip_precision else precision_bench.run(args.repeats, args.warmup)
     if hasattr(os, "getloadavg"):
         info["load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    write(args.output, info, rows, big, args)
+    write(args.output, info, rows, big, args, ranges)
     print(f"wrote {args.output}")
 
 

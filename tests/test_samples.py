@@ -15,7 +15,8 @@ SAMPLES = sorted(Path(__file__).parent.parent.glob("sample_models/*.py"))
 # Each sample's story ends in a verdict (the transformer's: its tied head explodes).
 HEALTHY = {"xavier_mlp": False, "he_mlp": True, "prelu_convnet": True,
            "default_init_mlp": False, "exploding_mlp": False, "resnet_bn": True,
-           "transformer_block": False}
+           "transformer_block": False, "fp16_overflow_mlp": False,
+           "fp16_underflow_sigmoid": False}
 
 
 def analyze(path: Path, tmp_path: Path, capsys) -> dict:

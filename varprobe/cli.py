@@ -13,6 +13,9 @@ from typing import Annotated
 
 import typer
 
+from varprobe.cli_precision import AutocastOpt, LossScale, PrecisionOpt, RangesOpt
+from varprobe.cli_precision import settings as precision_settings
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Does the signal survive the trip through your network? Measures per-layer "
@@ -197,6 +200,10 @@ def analyze(
     compare: Compare = None,
     init: Init = None,
     trials: Trials = 1,
+    precision: PrecisionOpt = None,
+    loss_scale: LossScale = None,
+    autocast: AutocastOpt = None,
+    ranges: RangesOpt = False,
     debug: Debug = False,
 ) -> None:
     """Measure per-layer forward and backward variances of a model file."""
@@ -206,22 +213,23 @@ def analyze(
     settings = _settings(debug, batch_size=batch_size, seed=seed, fail_on=fail_on,
                          ignore=ignore, threshold=threshold)
     report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
-                  device, debug, settings, init=init.value if init else None, trials=trials)
+                  device, debug, settings, init=init.value if init else None, trials=trials,
+                  precision=precision_settings(precision, loss_scale, autocast, ranges))
     _record_settings(report, settings)
-    _emit(report, fmt, output, all_layers, debug, png, compare=schemes)
+    _emit(report, fmt, output, all_layers, debug, png, compare=schemes, ranges=ranges)
     if fail_on is not None:  # analyze decides its exit code only when asked to
         _exit_code(report, settings.fail_on)
 
 
 def _run(target, shape, input_file, batch_size, seed, mode, device, debug, settings, *,
-         init: str | None = None, trials: int = 1):
+         init: str | None = None, trials: int = 1, precision=None):
     from varprobe.errors import VarprobeError
     from varprobe.stages import tell_failed
 
     try:
         from varprobe import inputs
         from varprobe import target as target_mod
-        from varprobe.pipeline import probe
+        from varprobe.mixed import probe
         from varprobe.render.terminal import trial_progress
 
         with _stage("load"):
@@ -231,7 +239,8 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug, setti
             report = probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size,
                            seed=seed, mode=mode.value, device=device, input_shape=shape,
                            target=target, init=init, trials=trials, progress=progress,
-                           thresholds=settings.thresholds, ignore=settings.ignore)
+                           thresholds=settings.thresholds, ignore=settings.ignore,
+                           precision=precision)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
     tell_failed(report)
@@ -256,6 +265,9 @@ def predict(
     threshold: ThresholdOpt = None,
     output: Output = None,
     all_layers: AllLayers = False,
+    precision: PrecisionOpt = None,
+    loss_scale: LossScale = None,
+    ranges: RangesOpt = False,
     debug: Debug = False,
 ) -> None:
     """Closed-form trajectories only: no data, no backward pass, no weights allocated."""
@@ -271,18 +283,19 @@ def predict(
         report = predict_target(target, device=device, input_shape=shape,
                                 batch_size=settings.batch_size, init=init.value if init
                                 else None, mode=mode.value, thresholds=settings.thresholds,
-                                ignore=settings.ignore)
+                                ignore=settings.ignore, precision=precision_settings(
+                                    precision, loss_scale, None, ranges))
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
     tell_failed(report)
     _record_settings(report, settings)
-    _emit(report, fmt, output, all_layers, debug)
+    _emit(report, fmt, output, all_layers, debug, ranges=ranges)
     if fail_on is not None:
         _exit_code(report, settings.fail_on)
 
 
 def _emit(report, fmt: Format, output: Path | None, all_layers: bool, debug: bool,
-          png: Path | None = None, compare: list[str] = ()) -> None:
+          png: Path | None = None, compare: list[str] = (), ranges: bool = False) -> None:
     from varprobe.render import formats
 
     if png is not None:  # first, so that a Markdown report can link it
@@ -293,7 +306,7 @@ def _emit(report, fmt: Format, output: Path | None, all_layers: bool, debug: boo
         if fmt is Format.table:
             from varprobe.render.terminal import render
 
-            render(report, all_layers=all_layers, compare=compare)
+            render(report, all_layers=all_layers, compare=compare, ranges=ranges)
         else:
             sys.stdout.write(formats.text(report, fmt.value, image=png))
 
@@ -403,6 +416,9 @@ def check(
                                "annotations")] = CheckFormat.text,
     output: Output = None,
     png: Png = None,
+    precision: PrecisionOpt = None,
+    loss_scale: LossScale = None,
+    autocast: AutocastOpt = None,
     debug: Debug = False,
 ) -> None:
     """Health check for CI: one line per problem; exit 0 healthy, 1 flagged, 2 could not
@@ -418,7 +434,8 @@ def check(
                          ignore=ignore, threshold=threshold)
     base = _read_report(baseline, debug) if baseline is not None else None
     report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
-                  device, debug, settings)
+                  device, debug, settings,
+                  precision=precision_settings(precision, loss_scale, autocast))
     _record_settings(report, settings)
     lines = []
     with _stage("render", report):

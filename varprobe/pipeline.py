@@ -10,7 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from varprobe import diagnose, graph, propagate, reinit, stats, structure, theory
+from varprobe import (
+    diagnose,
+    exponents,
+    graph,
+    propagate,
+    reinit,
+    stats,
+    structure,
+    theory,
+)
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
@@ -104,7 +113,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
           init: str | None = None, trials: int = 1,
           progress: Callable[[int, int], None] | None = None,
           thresholds: diagnose.Thresholds | None = None,
-          ignore: Iterable[str] = ()) -> Report:
+          ignore: Iterable[str] = (), precision: Any = None) -> Report:
     """Measure per-layer forward and backward statistics of ``model``.
 
     ``inputs``: a tensor, a tuple (positional) or a dict (keywords), or a callable
@@ -117,6 +126,8 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
     ``progress(done, total)`` is called after each trial.
     ``thresholds`` / ``ignore``: what diagnose flags (defaults: diagnose.Thresholds()),
     and glob patterns of layer names it skips.
+    ``precision``: a precision.Settings: range statistics, number-format flags and
+    ``autocast`` (see range_flags).
     The model is left exactly as found, also when it raises.
     """
     if mode not in (None, "train", "eval"):
@@ -131,6 +142,8 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
     settings = {"seed": seed, "trials": trials, "batch_size": None, "device": str(dev),
                 "mode": mode or "as-is", "init": scheme or reinit.AS_IS,
                 "grad": "loss" if loss else ("given" if grad_output is not None else "randn")}
+    if precision is not None:
+        settings["precision"] = precision.to_dict()
     with preserved(model, [dev]):
         reports = []
         for k in range(trials):
@@ -148,7 +161,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
                     work, x, grad_output, loss, generator, settings={
                         **settings, "batch_size": _batch_of(x)},
                     target=target or type(model).__name__, recording=recording,
-                    values=values)
+                    values=values, precision=precision)
                 reports.append(report)
             if progress is not None:
                 progress(k + 1, trials)
@@ -202,15 +215,17 @@ def _batch_of(x: Any) -> int | None:
 
 def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
             settings: dict, target: str, recording: graph.Recording | None = None,
-            values: dict[int, list[float]] | None = None) -> tuple[Report, list[nn.Module]]:
+            values: dict[int, list[float]] | None = None,
+            precision: Any = None) -> tuple[Report, list[nn.Module]]:
     """Run forward + backward under hooks; the modules list is aligned with layers.
     ``recording`` (a TorchFunctionMode) follows the dataflow during the forward only.
     ``values`` is filled with host copies of the tensors the predictions read
     (propagate.host_tensors), keyed by id, from the same one transfer."""
     owned = InputLeaves(x)  # gradients w.r.t. float inputs come from leaves we own
     fed, leaves = owned.fed, owned.leaves
-    with Recorder(model) as rec:
-        output = _forward(model, fed, rec, recording, owned)
+    with Recorder(model, ranges=exponents.Measure.of(precision)) as rec:
+        with exponents.autocast(precision, x):
+            output = _forward(model, fed, rec, recording, owned)
         rec.check_views()
         out_leaves = [t for t in float_leaves(output) if t.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
@@ -420,6 +435,10 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
             layer.unavailable["weight_grad_ratio"] = "the weight is frozen (requires_grad=False)"
         else:
             layer.unavailable["weight_grad_ratio"] = no_backward or "no gradient reached the weight"
+    if rec.range_slots:
+        weight = rec.weights.get(id(module), (None,))[0]
+        layer.ranges = exponents.layer_ranges(call.slots, (weight, grad_slots.get(id(module))),
+                                              rec.range_slots, host)
     return layer
 
 

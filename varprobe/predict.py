@@ -88,15 +88,15 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             = None, batch_size: int = DEFAULT_BATCH_SIZE, init: str | None = None,
             mode: str | None = "train", target: str | None = None,
             thresholds: diagnose.Thresholds | None = None, ignore: Any = (),
-            init_log: initlog.Log | None = None) -> Report:
+            init_log: initlog.Log | None = None, precision: Any = None) -> Report:
     """Closed-form predictions for ``model`` from one shape-only forward pass.
 
     On a meta model nothing is allocated; on a real one the forward runs there, under
     no_grad, and the weights are read (the actual init). ``init``: a scheme from
-    theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore``: as
-    for probe. ``init_log``: the init ops recorded while a meta model was built
-    (initlog.recording); without it a meta model's layers take PyTorch's default. The
-    model is left as found.
+    theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore`` /
+    ``precision``: as for probe (ranges predicted, see headroom). ``init_log``: the init
+    ops recorded while a meta model was built (initlog.recording); without it a meta
+    model's layers take PyTorch's default. The model is left as found.
     """
     if mode not in (None, "train", "eval"):
         raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
@@ -143,6 +143,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             _follow_graph(report, modules, recording, values)
         with stage("diagnose"):
             structure.annotate(report, recording)
+    if precision is not None:
+        report.settings["precision"] = precision.to_dict()
     with stage("diagnose"):
         diagnose.annotate(report, thresholds, ignore)
     return report

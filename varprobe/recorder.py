@@ -111,9 +111,13 @@ class Recorder:
     the shape pass of the closed-form ``predict`` (on the meta device, too).
     """
 
-    def __init__(self, model: nn.Module, measure: bool = True):
+    def __init__(self, model: nn.Module, measure: bool = True, ranges: Any = None):
         self.model = model
         self.measure = measure
+        # exponents.Measure: range statistics too (opt-in); slot -> its range slot
+        self.ranges = ranges
+        self.range_slots: dict[int, int] = {}
+        self._range_by_pending: dict[int, int] = {}
         self.calls: list[Call] = []
         self.slots: list[stats.Pending | None] = []
         self.in_backward = False
@@ -172,12 +176,25 @@ class Recorder:
         channel_dim = 1 if self._channels_first and t.dim() >= 3 else -1
         slot = self._new_slot(stats.activation(t, channel_dim, units))
         self._seen[id(t)] = (weakref.ref(t), t._version, slot, units)
+        if self.ranges is not None:
+            self.range_slots[slot] = self._new_slot(self.ranges.values(t))
         return slot
 
     def _grad_hook(self, slot: int):
         def hook(grad: torch.Tensor) -> None:
             self.slots[slot] = self._gradient_stats(grad)
+            if self.ranges is not None:
+                self._range_of(slot, grad)
         return hook
+
+    def _range_of(self, slot: int, grad: torch.Tensor) -> None:
+        """The range slot of a gradient, shared by every slot holding the same Pending
+        (the same buffer, see ``_gradient_stats``)."""
+        key = id(self.slots[slot])  # the Pending lives in self.slots: its id is stable
+        if key not in self._range_by_pending:
+            with torch.no_grad():
+                self._range_by_pending[key] = self._new_slot(self.ranges.gradient(grad))
+        self.range_slots[slot] = self._range_by_pending[key]
 
     def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:
         """Measure each gradient buffer once: the gradient w.r.t. a module's input alias
@@ -242,6 +259,9 @@ class Recorder:
         w, b = main_weight(module)
         if w is not None and not w.is_meta:  # meta tensors have shapes, not values
             self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
+            if self.ranges is not None:
+                self.range_slots[self.weights[id(module)][0]] = self._new_slot(
+                    self.ranges.values(w))
 
     def _quiet(self):
         return (torch._C.DisableTorchFunction() if self.observer is not None
@@ -366,6 +386,8 @@ class Recorder:
                 g = grads.get(key)
                 if g is not None:
                     out[key] = self._new_slot(stats.grad_ratio(g, w, self.slots[slot]))
+                    if self.ranges is not None:
+                        self.range_slots[out[key]] = self._new_slot(self.ranges.gradient(g))
         return out
 
     def collect(self) -> list:

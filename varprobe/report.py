@@ -111,6 +111,7 @@ class Layer:
     depth: int | None = None    # weight layers in series since the reference, itself included
     forks: bool | None = None   # its output is read by more than one operation
     calls: int = 1              # how often the module was called in the pass
+    ranges: dict[str, dict] = field(default_factory=dict)  # precision.Ranges.to_dict
 
     @property
     def label(self) -> str:
@@ -185,6 +186,7 @@ class Report:
     # stages.record_failure: {"stage", "error", "message"} per stage that failed
     stages: list[dict[str, str]] = field(default_factory=list)
     intervals: dict[str, list[float | None]] = field(default_factory=dict)  # input/output
+    precision: dict[str, Any] | None = None  # range_flags: format, loss scale, autocast
     varprobe_version: str = ""
     torch_version: str = ""
 
@@ -194,6 +196,11 @@ class Report:
         model = raw["model"]
         raw["model"] = {"target": model["target"], "class": model["class_"],
                         "parameters": model["parameters"]}
+        if raw["precision"] is None:  # range fields only when a precision option ran
+            del raw["precision"]
+        for layer in raw["layers"]:
+            if not layer["ranges"]:
+                del layer["ranges"]
         ordered = {"schema": SCHEMA, "varprobe_version": raw.pop("varprobe_version"),
                    "torch_version": raw.pop("torch_version"), **raw}
         return _clean(ordered)
@@ -217,6 +224,7 @@ class Report:
             notes=list(data.get("notes", [])),
             stages=list(data.get("stages", [])),
             intervals=dict(data.get("intervals", {})),
+            precision=data.get("precision"),
             varprobe_version=data.get("varprobe_version", ""),
             torch_version=data.get("torch_version", ""),
         )
@@ -236,7 +244,8 @@ class Report:
             layer["flags"] = ",".join(f["code"] for f in flags)
             rows.append(layer)
         frame = pd.json_normalize(rows) if rows else pd.DataFrame()
-        return frame.drop(columns=[c for c in frame.columns if c.startswith("intervals.")])
+        return frame.drop(columns=[c for c in frame.columns if c.startswith("intervals.")
+                                   or (c.startswith("ranges.") and ".histogram" in c)])
 
     def save(self, path: str | os.PathLike, fmt: str | None = None) -> Path:
         """Write JSON or CSV (chosen by ``fmt`` or the extension), atomically."""

@@ -7,6 +7,7 @@ unbiased for the quantities the theory predicts (docs/theory-review.md §1, §10
 (sd over the trials, with K-1 degrees of freedom). Quantities that cannot be negative
 (second moments, variances, fractions) have the lower end clipped at 0. Counts of
 non-finite values are the largest count of any trial, so that one bad trial shows.
+Number ranges (``--precision``) are those of all the trials' elements together.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from varprobe.errors import VarprobeError
+from varprobe.precision import merged
 from varprobe.report import Layer, Report
 
 STATS = ("input", "forward", "backward", "backward_input")
@@ -59,6 +61,9 @@ def _layer(layer: Layer, trials: list[Layer]) -> None:
         names = tuple(f.name for f in dataclasses.fields(stats[0]))
         _fields(getattr(layer, name), stats, names, layer.intervals, name)
     _fields(layer, trials, WEIGHT_FIELDS, layer.intervals, None)
+    # Number ranges: of all the trials' elements together (K batches), not a mean.
+    layer.ranges = {key: merged([t.ranges[key] for t in trials]) for key in layer.ranges
+                    if all(key in t.ranges for t in trials)}
 
 
 def _fields(target, sources, names, intervals: dict, prefix: str | None) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from varprobe.errors import VarprobeError
 
 SEVERITIES = ("error", "warning", "info")
+FRACTIONS = ("dead_units", "underflow")  # thresholds that are fractions in (0, 1]
 # A threshold a former version judged by; accepted in configuration and ignored.
 RETIRED = {"grad_ratio": "‖∇W‖/‖W‖ against the median layer is no longer judged "
                          "(docs/flags.md: it differs by design between layers)"}
@@ -35,6 +36,8 @@ class Thresholds:
     input: the network input's E[x^2].
     mismatch_sigmas: measured vs local prediction, in units of the width-aware
     noise sd of docs/theory-review.md §10 (sqrt(2/n) forward, sqrt(0.75/n) backward).
+    underflow: the fraction of a tensor's elements that may flush to zero in the
+    --precision format (docs/precision.md).
     """
 
     # Asymmetric: a signal 100x too large saturates whatever reads it (a softmax at logit
@@ -48,6 +51,7 @@ class Thresholds:
     dead_units: float = 0.5
     input: tuple[float, float] = (0.1, 10.0)
     mismatch_sigmas: float = 4.0
+    underflow: float = 0.01
 
     @classmethod
     def names(cls) -> list[str]:
@@ -80,8 +84,8 @@ def _checked(key: str, value: Any, band: bool, where: str) -> Any:
             return (float(value[0]), float(value[1]))
         raise VarprobeError(f"{where}: threshold {key!r} must be [low, high] with "
                             f"0 < low < high, not {value!r}")
-    limit = 1.0 if key == "dead_units" else math.inf
+    limit = 1.0 if key in FRACTIONS else math.inf
     if number(value) and 0 < value <= limit:
         return float(value)
     raise VarprobeError(f"{where}: threshold {key!r} must be a number in "
-                        f"{'(0, 1]' if key == 'dead_units' else '(0, inf)'}, not {value!r}")
+                        f"{'(0, 1]' if key in FRACTIONS else '(0, inf)'}, not {value!r}")

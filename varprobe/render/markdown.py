@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from varprobe.diagnose import SEVERITIES as SEVERITY_ORDER
+from varprobe.render import ranges
 from varprobe.render.terminal import SEVERITY_SYMBOL, num, ratio, shown_layers
 from varprobe.report import Flag, Layer, Report
 
@@ -40,6 +41,7 @@ def markdown(report: Report, image: str | None = None) -> str:
         lines += [f"![varprobe: {report.model.class_}]({image.replace(' ', '%20')})", ""]
     lines += _flags(report)
     lines += _table(report)
+    lines += ranges.markdown(report)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -27,11 +27,13 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 from varprobe.diagnose import SEVERITIES as SEVERITY_ORDER
 from varprobe.diagnose import Thresholds
 from varprobe.errors import VarprobeError
+from varprobe.render import range_plot
 from varprobe.render.markdown import HEALTHY, UNHEALTHY, before_after, model_name, state
 from varprobe.report import Layer, Report, write_atomic
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 SIZE_IN, DPI = (14.0, 9.0), 100  # 1400 x 900 pixels
+TALL_IN = (14.0, 12.5)  # with the number-range panel
 DEFAULT_BAND = Thresholds().forward  # E[y²] over the input's: below vanishes, above explodes
 MAX_NAME_LABELS = 40  # rotated layer names that fit under one panel without touching
 MARKERS_UP_TO = 60  # beyond this many layers, markers only clutter the curves
@@ -77,11 +79,21 @@ BACKWARD = Direction("(b) backward: gradient energy N·Var[dL/dy] at each weight
 # --- public API ------------------------------------------------------------------------
 def figure(report: Report) -> Figure:
     """The four-panel figure of ``report`` (a bare Figure: no pyplot, no display)."""
-    fig = Figure(figsize=SIZE_IN, dpi=DPI, layout="constrained")
+    ranges = range_plot.wanted(report)  # a fifth panel below, on a taller figure
+    fig = Figure(figsize=TALL_IN if ranges else SIZE_IN, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    fig.get_layout_engine().set(rect=(0, 0, 1, 0.84), h_pad=0.06, w_pad=0.06)
+    fig.get_layout_engine().set(rect=(0, 0, 1, 0.86 if ranges else 0.84), h_pad=0.06,
+                                w_pad=0.06)
     layers, blocks = _blocks(report)
-    axes = fig.subplots(2, 2)
+    if ranges:
+        grid = fig.add_gridspec(3, 2)
+        axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(2)] for r in range(2)])
+        bottom = fig.add_subplot(grid[2, :])
+        range_plot.panel(bottom, report, layers)
+        bottom.set_xlim(0.4, len(layers) + 0.6)
+        _name_ticks(bottom, layers)
+    else:
+        axes = fig.subplots(2, 2)
     x = np.arange(1, len(layers) + 1)
     handles = _signal(axes[0, 0], report, layers, blocks, x, FORWARD)
     handles += _signal(axes[0, 1], report, layers, blocks, x, BACKWARD)

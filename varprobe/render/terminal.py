@@ -12,6 +12,8 @@ from rich.text import Text
 
 from varprobe.diagnose import SEVERITIES
 from varprobe.render.ci import SYMBOL as SEVERITY_SYMBOL
+from varprobe.render.ranges import cells as range_cells
+from varprobe.render.ranges import lines as range_lines
 from varprobe.report import Layer, Report
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -120,7 +122,7 @@ def _flags(layer: Layer) -> Text:
 ESSENTIAL = 9  # never dropped
 
 
-def columns(compare: list[str] = ()) -> list[Column]:
+def columns(compare: list[str] = (), extra: list[Column] = ()) -> list[Column]:
     essential = ESSENTIAL
     schemes = [Column(name, lambda layer, name=name: num(
         layer.schemes[name].forward_var if name in layer.schemes else None), 7)
@@ -143,8 +145,13 @@ def columns(compare: list[str] = ()) -> list[Column]:
         Column("pred", lambda layer: num(_pred(layer, "backward_var")), 6),
         Column("meas/pred", lambda layer: ratio(_backward(layer), _pred(layer, "backward_var")),
                8),
+        *extra,
         Column("flags", _flags, essential, "left"),
     ]
+
+
+def range_columns(report: Report) -> list[Column]:
+    return [Column(header, cell, keep) for header, cell, keep in range_cells(report)]
 
 
 def table(report: Report, *, all_layers: bool = False, compare: list[str] = (),
@@ -161,10 +168,10 @@ def table(report: Report, *, all_layers: bool = False, compare: list[str] = (),
 
 
 def fitted(report: Report, console: Console, *, all_layers: bool,
-           compare: list[str]) -> Table:
+           compare: list[str], ranges: bool = False) -> Table:
     """The table, with the least needed columns dropped until it fits a terminal;
     piped or logged output is never cut (the console widens instead)."""
-    cols = columns(compare)
+    cols = columns(compare, range_columns(report) if ranges else [])
     wide = console.options.update_width(10_000)
     while True:
         body = table(report, all_layers=all_layers, cols=cols)
@@ -265,13 +272,16 @@ def _fix_effect(fix) -> str:
 
 
 def render(report: Report, console: Console | None = None, *, all_layers: bool = False,
-           compare: list[str] = ()) -> None:
+           compare: list[str] = (), ranges: bool = False) -> None:
     console = console or Console()
-    body = fitted(report, console, all_layers=all_layers, compare=list(compare))
+    body = fitted(report, console, all_layers=all_layers, compare=list(compare),
+                  ranges=ranges)
     console.print(header(report))
     console.print()
     console.print(body)
     if report.summary.forward_ratio is not None or report.summary.backward_ratio is not None:
         console.print(end_to_end(report, list(compare)))
+    for line in range_lines(report):
+        console.print(line)
     console.print()
     console.print(verdict(report))

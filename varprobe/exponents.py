@@ -1,0 +1,168 @@
+"""Range statistics of one tensor, as a ``stats.Pending``: abs max, smallest non-zero
+|x|, zeros, non-finite elements, the exponent histogram (``precision``) and, per
+format, the elements at or past its overflow cut.
+
+Opt-in (``Recorder(ranges=...)``): the default probe never reads a tensor for them.
+Dense float32/float64 CPU tensors are read once more by ``exponent_kernel`` (numba);
+everything else (accelerators, fp16/bf16, strided memory) in chunks with torch ops
+that issue no sync (``index_add_`` into the histogram, no boolean indexing), copied
+with the pass's other statistics in its one transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from varprobe import precision, stats
+from varprobe.precision import BINS, FORMATS, LOW, Ranges
+
+HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, then bins
+
+
+class Measure:
+    """Makes each tensor's Pending; ``loss_scale`` (a power of two) divides the
+    overflow cuts of gradients, which training multiplies by it."""
+
+    def __init__(self, loss_scale: float = 1.0):
+        self.loss_scale = loss_scale
+
+    @classmethod
+    def of(cls, settings: precision.Settings | None) -> Measure | None:
+        """The measurement a precision.Settings asks for; None without one."""
+        return None if settings is None else cls(settings.loss_scale or 1.0)
+
+    def values(self, t: torch.Tensor) -> stats.Pending:
+        """An activation or a weight: no scale."""
+        return measure(t, 1.0)
+
+    def gradient(self, t: torch.Tensor) -> stats.Pending:
+        return measure(t, self.loss_scale)
+
+
+def cuts(scale: float) -> list[float]:
+    return [f.overflow_cut / scale for f in FORMATS.values()]
+
+
+def _strict() -> list[bool]:
+    """Per cut: whether only |x| past it overflows (see NumberFormat.cut_inclusive)."""
+    return [not f.cut_inclusive for f in FORMATS.values()]
+
+
+def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
+    """The Pending of ``t``'s range row; overflow cuts divided by ``scale``."""
+    x = t.detach()
+    n = x.numel()
+    raw = _cpu(x, cuts(scale)) if _kernel_readable(x) else _chunked(x, cuts(scale))
+
+    def finish(r: list[float]) -> Ranges:
+        amax = r[0] if r[0] >= 0 else None
+        k = len(FORMATS)
+        return Ranges(numel=n, amax=amax, min_nonzero=r[1] if amax is not None else None,
+                      zeros=int(r[2]), nonfinite=int(r[3]),
+                      overflow={name: int(c) for name, c in zip(FORMATS, r[HEAD: HEAD + k])},
+                      histogram=[int(c) for c in r[HEAD + k:]], scale=scale)
+
+    return stats.Pending(raw, finish)
+
+
+def _kernel_readable(x: torch.Tensor) -> bool:
+    return (stats.reads_are_free(x.device) and x.dtype in (torch.float32, torch.float64)
+            and x.numel() > 0 and not x.is_neg() and stats._dense(x) is not None)
+
+
+def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
+    from varprobe import exponent_kernel as k
+
+    flat = stats._dense(x).numpy()
+    if flat.dtype == np.float32:
+        return _cpu32(flat.view(np.int32), limits)
+    hist = np.zeros(BINS, dtype=np.int64)
+    over = np.zeros(len(limits), dtype=np.int64)
+    cut = np.array(limits)
+    cut = np.where(_strict(), np.nextafter(cut, np.inf), cut)
+    amax, amin, zeros, nonfinite = k.ranges64(flat, cut, hist, over)
+    return [float(amax), float(amin), float(zeros), float(nonfinite)] + over.tolist() \
+        + hist.tolist()
+
+
+def _cpu32(ints: np.ndarray, limits: list[float]) -> list[float]:
+    """The row of a float32 array (its int32 view): cuts as float32 bits, compared as
+    integers (the next float up where only past the cut overflows)."""
+    from varprobe import exponent_kernel as k
+
+    cut = np.array(limits)
+    past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
+    bits = np.where(past, 1.0, cut).astype(np.float32).view(np.int32).astype(np.int64)
+    bits = np.where(past, 0x7F800000, bits + np.array(_strict()))
+    rows = np.zeros((k.ROWS, 257), dtype=np.int64)
+    amax, amin = k.exponent_bins(ints, rows)
+    raw = rows.sum(0)
+    infs, over = 0, [0] * len(limits)
+    if amax >= bits.min() or raw[255]:
+        infs, *over = k.cut_counts(ints, *(int(b) for b in bits))
+    raw[255] -= infs
+    hist = np.zeros(BINS, dtype=np.int64)
+    hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
+    if raw[1]:
+        k.small_bins(ints, hist)
+    value = np.array([amax, amin], dtype=np.int32).view(np.float32)
+    head = [float(value[0]) if amax > 0 else -1.0, float(value[1])]
+    return head + [float(raw[0]), float(infs + raw[256])] + [float(o) for o in over] \
+        + hist.astype(np.float64).tolist()
+
+
+def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
+    """The same row from torch ops, chunk by chunk, on the tensor's device."""
+    dev = x.device
+    hist = torch.zeros(BINS + 1, dtype=torch.int64, device=dev)  # last bin: not counted
+    head = torch.tensor([-1.0, math.inf], dtype=torch.float64, device=dev)
+    counts = torch.zeros(2 + len(limits), dtype=torch.int64, device=dev)
+    for c in stats._pieces(x, chunked=True):
+        a = c.abs()
+        finite = torch.isfinite(a)
+        live = finite & (a > 0)
+        m, e = torch.frexp(a)
+        k = (e - (m == 0.5).int()).clamp_(LOW, precision.HIGH) - LOW
+        hist.index_add_(0, torch.where(live, k, BINS).long(), torch.ones_like(k, dtype=torch.int64))
+        kept = torch.where(finite, a, 0)
+        top = torch.where(live.any(), kept.amax(), -1.0).double()
+        low = torch.where(live, a, math.inf).amin().double()
+        head = torch.stack([torch.maximum(head[0], top), torch.minimum(head[1], low)])
+        counts += torch.stack([(a == 0).sum(), (~finite).sum()]
+                              + [(kept > cut if strict else kept >= cut).sum()
+                                 for cut, strict in zip(limits, _strict())])
+    if x.numel() == 0:
+        head = torch.tensor([-1.0, math.inf], dtype=torch.float64, device=dev)
+    return torch.cat([head, counts.double(), hist[:BINS].double()])
+
+
+def layer_ranges(slots: dict[str, int], weight_slots: tuple[int | None, int | None],
+                 range_slots: dict[int, int], host: list) -> dict[str, dict]:
+    """A layer's range rows by tensor (input, forward, backward, backward_input,
+    weight, weight_grad), JSON-ready; tensors without a range slot are left out."""
+    named = dict(slots)
+    named.update(zip(("weight", "weight_grad"), weight_slots))
+    out = {}
+    for key, slot in named.items():
+        found = range_slots.get(slot) if slot is not None else None
+        if found is not None and host[found] is not None:
+            out[key] = host[found].to_dict()
+    return out
+
+
+def autocast(settings: precision.Settings | None, inputs: Any):
+    """torch.autocast in the settings' dtype on the inputs' device (the forward only:
+    backward runs in the dtypes the forward chose), or nothing."""
+    if settings is None or settings.autocast is None:
+        return contextlib.nullcontext()
+    from varprobe.recorder import tensor_leaves
+
+    leaves = tensor_leaves(inputs)
+    device = leaves[0].device.type if leaves else "cpu"
+    dtype = getattr(torch, precision.FORMATS[settings.autocast].torch_dtype)
+    return torch.autocast(device_type=device, dtype=dtype)
