@@ -16,7 +16,6 @@ from torch import nn
 from corpus import Entry, register
 from corpus.layers import images, init_torchvision_mobile, init_torchvision_resnet
 
-
 # -- torchvision ResNet-50 (v1.5: the stride sits on the 3x3 conv) -------------------
 
 class Bottleneck(nn.Module):

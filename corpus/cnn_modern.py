@@ -14,8 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from corpus import Entry, register
-from corpus.layers import (SqueezeExcitation, StochasticDepth, conv_bn_act, images,
-                           init_torchvision_mobile, init_trunc_normal, make_divisible)
+from corpus.layers import (
+    SqueezeExcitation,
+    StochasticDepth,
+    conv_bn_act,
+    images,
+    init_torchvision_mobile,
+    init_trunc_normal,
+    make_divisible,
+)
 
 
 class InvertedResidual(nn.Module):

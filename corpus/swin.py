@@ -9,7 +9,6 @@ Registers nothing (corpus/cnn_modern.py registers it).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from corpus.layers import StochasticDepth
