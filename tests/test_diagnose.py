@@ -260,6 +260,9 @@ def test_unnormalized_input():
 def test_thresholds_are_configurable_and_recorded():
     model = mlp(8, nn.init.xavier_normal_)  # 2^-7 ~ 8e-3 at the end
     report = probe(model, batch_size=256)
+    assert "vanishing_forward" not in codes(report)  # inside the default [1e-6, 1e2]
+    tight = Thresholds().updated({"forward": [1e-1, 1e1]}, "test")
+    annotate(report, tight)
     assert "vanishing_forward" in codes(report)
     loose = Thresholds().updated({"forward": [1e-4, 1e4], "backward": [1e-4, 1e4]}, "test")
     annotate(report, loose)
