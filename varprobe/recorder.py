@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import stats, theory
+from varprobe import stats, theory, timing
 
 CHANNELS_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -126,9 +126,9 @@ class Recorder:
             if main_weight(module)[0] is not None:
                 self._unweighed.add(id(module))
             self._handles.append(module.register_forward_pre_hook(
-                self._pre_hook(name), with_kwargs=True))
+                timing.timed("recording", self._pre_hook(name)), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
-                self._post_hook(), with_kwargs=True))
+                timing.timed("recording", self._post_hook()), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -160,7 +160,7 @@ class Recorder:
     def _grad_hook(self, slot: int):
         def hook(grad: torch.Tensor) -> None:
             self.slots[slot] = self._gradient_stats(grad)
-        return hook
+        return timing.timed("recording", hook)
 
     def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:
         """Measure each gradient buffer once: the gradient w.r.t. a module's input alias

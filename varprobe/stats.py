@@ -21,7 +21,9 @@ float32) and every tensor whose memory is not dense.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -154,11 +156,24 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
 
 
 def _kernels():
-    """``varprobe.kernels``, imported at the first CPU measurement: ``predict`` (meta
-    tensors, no values) never loads numba."""
-    from varprobe import kernels
+    """The CPU sums: ``varprobe.kernels`` (numba, the ``fast`` extra) where numba is
+    installed and ``VARPROBE_NUMBA`` is not ``0``, else ``varprobe.torch_kernels``.
+    Imported at the first CPU measurement: ``predict`` (meta tensors) never loads numba."""
+    return _load_kernels(os.environ.get("VARPROBE_NUMBA", "1") != "0")
 
-    return kernels
+
+@functools.cache
+def _load_kernels(numba: bool):
+    if numba:
+        try:
+            from varprobe import kernels
+        except ImportError:  # numba is not installed
+            pass
+        else:
+            return kernels
+    from varprobe import torch_kernels
+
+    return torch_kernels
 
 
 def _kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
@@ -213,10 +228,10 @@ def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
 
 
 def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
-    """``_sums`` with the non-finite count, then ``_units``; on the CPU in one read."""
+    """``_sums`` with the non-finite count, then ``_units``; with numba in one read."""
     found = _kernel_array(x)
-    if found is None:
-        return torch.cat([_sums(x, nonfinite=True), _units(x, channel_dim)])
+    if found is None or not hasattr(_kernels(), "unit_sums_first"):
+        return _join([_sums(x, nonfinite=True), _units(x, channel_dim)])
     array, order = found
     shape = (1, 1, array.size)  # (before the units, units, after them) in memory
     if x.dim() >= 2:
