@@ -219,9 +219,8 @@ def analyze(
 
 def _run(target, shape, input_file, batch_size, seed, mode, device, debug, settings, *,
          init: str | None = None, trials: int = 1):
-    from varprobe.errors import VarprobeError
-
     from varprobe import timing
+    from varprobe.errors import VarprobeError
 
     try:
         with timing.phase("load"):  # the imports (torch) and the model file
