@@ -59,9 +59,16 @@ def collect(pending: list[Pending]) -> list[list[float | None]]:
     """The one device-to-host transfer: every vector still on a device, copied
     together; then every row finished on the host."""
     on_device = [p.raw for p in pending if isinstance(p.raw, torch.Tensor)]
-    copied = iter(torch.cat(on_device).cpu().tolist() if on_device else [])
-    return [p.finish(p.raw if isinstance(p.raw, list)
-                     else [next(copied) for _ in range(p.raw.numel())]) for p in pending]
+    copied = torch.cat(on_device).cpu().tolist() if on_device else []
+    rows, at = [], 0
+    for p in pending:
+        if isinstance(p.raw, list):
+            rows.append(p.finish(p.raw))
+        else:
+            n = p.raw.numel()
+            rows.append(p.finish(copied[at:at + n]))
+            at += n
+    return rows
 
 
 def _join(parts: list[Raw]) -> Raw:
