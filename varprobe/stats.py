@@ -264,8 +264,13 @@ def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
                          for c in _pieces(x, chunked=True)]).double().sum()
     if x.dim() < 2:
         return torch.stack([zeros, zeros.new_zeros(())])
-    dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
-    hi, lo = torch.amax(x, dims), torch.amin(x, dims)
+    c = channel_dim % x.dim()
+    if x.is_contiguous() and c < x.dim() - 1:  # (before, units, after), inner along memory
+        v = x.reshape(math.prod(x.shape[:c]), x.shape[c], -1)
+        hi, lo = v.amax(2).amax(0), v.amin(2).amin(0)
+    else:
+        dims = [d for d in range(x.dim()) if d != c]
+        hi, lo = torch.amax(x, dims), torch.amin(x, dims)
     alive = torch.maximum(hi, lo.neg_()).ne_(0).sum()  # max(hi, -lo) is 0 only if both are
     return torch.stack([zeros, alive.double()])
 
