@@ -547,8 +547,8 @@ def reset(module: nn.Module, values: theory.Values | None = None) -> Signal | No
 
 def _normalized(module: nn.Module, kept: float, values: theory.Values | None = None) -> Signal:
     """mean_c(gamma_c^2 kept + beta_c^2), the beta part shared by every sample."""
-    g2, b2 = _affine_means(module, values)
-    m2 = kept * g2 + b2
+    g2, n, b2 = _affine_sums(module, values)
+    m2 = kept * g2 / n + b2
     return Signal(m2, b2 / m2 if m2 > 0 else 0.0)
 
 
@@ -558,7 +558,7 @@ class _Memo(Mapping):
 
     def __init__(self, values: theory.Values | None):
         self.values: theory.Values = values if values is not None else {}
-        self.memo: dict[int, tuple[float, float]] = {}
+        self.memo: dict[int, tuple[float, int, float]] = {}
 
     def __getitem__(self, key: int) -> list[float]:
         return self.values[key]
@@ -570,16 +570,17 @@ class _Memo(Mapping):
         return len(self.values)
 
 
-def _affine_means(module: nn.Module, values: theory.Values | None) -> tuple[float, float]:
-    """(mean_c gamma_c^2, mean_c beta_c^2), once per module where ``values`` is a _Memo."""
+def _affine_sums(module: nn.Module, values: theory.Values | None) -> tuple[float, int, float]:
+    """(sum_c gamma_c^2, channels, mean_c beta_c^2), once per module where ``values`` is
+    a _Memo."""
     memo = getattr(values, "memo", None)
     if memo is not None and id(module) in memo:
         return memo[id(module)]
     gamma, beta = _affine(module, values)
-    means = sum(map(mul, gamma, gamma)) / len(gamma), sum(map(mul, beta, beta)) / len(beta)
+    sums = sum(map(mul, gamma, gamma)), len(gamma), sum(map(mul, beta, beta)) / len(beta)
     if memo is not None:
-        memo[id(module)] = means
-    return means
+        memo[id(module)] = sums
+    return sums
 
 
 def _norm_backward(module: nn.Module, s: Signal | None,
@@ -594,7 +595,8 @@ def _norm_backward(module: nn.Module, s: Signal | None,
         return sum(g * g / (v + eps) for g, v in zip(gamma, rv)) / len(rv)
     if s is None:
         return None
-    return _affine_means(module, values)[0] / (_norm_variance(module, s) + eps)
+    g2, n, _ = _affine_sums(module, values)
+    return g2 / n / (_norm_variance(module, s) + eps)
 
 
 # --- small helpers ------------------------------------------------------------------
