@@ -22,15 +22,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def commands(numba: bool) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Name -> (argv, extra environment)."""
+    """Name -> (argv, extra environment): varprobe as installed (numba's sums where
+    numba is), and with torch's sums (``VARPROBE_NUMBA=0``) where that differs."""
     varprobe = [sys.executable, "-m", "varprobe"]
     target = [str(MODEL), "--batch-size", "16"]
+    sums = "numba sums" if numba else "torch sums"
     out = {"plain script": ([sys.executable, str(MODEL)], {}),
-           "varprobe analyze": ([*varprobe, "analyze", *target], {"VARPROBE_NUMBA": "0"}),
-           "varprobe check": ([*varprobe, "check", *target], {"VARPROBE_NUMBA": "0"})}
+           f"varprobe analyze, {sums}": ([*varprobe, "analyze", *target], {}),
+           f"varprobe check, {sums}": ([*varprobe, "check", *target], {})}
     if numba:
-        out["varprobe analyze, numba sums"] = ([*varprobe, "analyze", *target],
-                                               {"VARPROBE_NUMBA": "1"})
+        out["varprobe analyze, torch sums"] = ([*varprobe, "analyze", *target],
+                                               {"VARPROBE_NUMBA": "0"})
+        out["varprobe check, torch sums"] = ([*varprobe, "check", *target],
+                                             {"VARPROBE_NUMBA": "0"})
     return out
 
 
@@ -49,6 +53,7 @@ def _once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 def run(threads: int, rounds: int, numba: bool, log=print) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.pop("VARPROBE_NUMBA", None)
     cmds = commands(numba)
     times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in cmds}
     for _ in range(rounds):

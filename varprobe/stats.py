@@ -163,8 +163,8 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
 
 
 def _kernels():
-    """The CPU sums: ``varprobe.kernels`` (numba, the ``fast`` extra) where numba is
-    installed and ``VARPROBE_NUMBA`` is not ``0``, else ``varprobe.torch_kernels``.
+    """The CPU sums: ``varprobe.kernels`` (numba) where numba can be imported and
+    ``VARPROBE_NUMBA`` is not ``0``, else ``varprobe.torch_kernels``.
     Imported at the first CPU measurement: ``predict`` (meta tensors) never loads numba."""
     return _load_kernels(os.environ.get("VARPROBE_NUMBA", "1") != "0")
 
