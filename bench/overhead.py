@@ -116,7 +116,7 @@ def timings(case: Case, device: torch.device, repeats: int, warmup: int,
     """
     g = cotangent(case.model, case.inputs)
     out = {name: {"wall": [], "cpu": [], "pass": [], "pass_cpu": [], "recording": [],
-                  "analysis": [], "failed": ""} for name in fns}
+                  "analysis": [], "analysis_cpu": [], "failed": ""} for name in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
             if out[name]["failed"]:
@@ -141,6 +141,7 @@ def timings(case: Case, device: torch.device, repeats: int, warmup: int,
                     t["pass_cpu"].append(watch.cpu["pass"])
                     t["recording"].append(watch.wall.get("recording", 0.0))
                     t["analysis"].append(watch.analysis())
+                    t["analysis_cpu"].append(sum(watch.cpu[p] for p in timing.ANALYSIS))
     return out
 
 
@@ -218,7 +219,8 @@ def summarize(t: dict[str, dict[str, list]], calls: int) -> dict[str, dict]:
             row.update(pass_wall=median(side["pass"]) / median(bare["wall"]),
                        pass_cpu=median(side["pass_cpu"]) / median(bare["cpu"]),
                        hooks_ms=1e3 * median(side["recording"]),
-                       analysis_ms_per_100=1e5 * median(side["analysis"]) / calls)
+                       analysis_ms_per_100=1e5 * median(side["analysis"]) / calls,
+                       analysis_cpu_ms_per_100=1e5 * median(side["analysis_cpu"]) / calls)
         out[name] = row
     return out
 
@@ -247,7 +249,8 @@ def run(device: torch.device, repeats: int, warmup: int, log=print) -> list[dict
             log(f"{device.type:4} {case.name:7} {name:32} {r['wall_ms']:8.1f} ms  wall "
                 f"{r['wall']:.3f}x  cpu {r['cpu']:.3f}x" + (
                     f"  pass {r['pass_wall']:.3f}x  hooks {r['hooks_ms']:.1f} ms  analysis "
-                    f"{r['analysis_ms_per_100']:.1f} ms/100 calls" if "pass_wall" in r else ""))
+                    f"{r['analysis_ms_per_100']:.1f} ms/100 calls (cpu "
+                    f"{r['analysis_cpu_ms_per_100']:.1f})" if "pass_wall" in r else ""))
         log(f"{device.type:4} {case.name:7} peak {row['mem_bare_mb']:.1f} -> "
             f"{row['mem_probe_mb']:.1f} MiB ({row['mem_ratio']:.3f}x)")
         rows.append(row)

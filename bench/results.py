@@ -46,7 +46,7 @@ def verdict(ok: bool) -> str:
 
 def overhead_table(rows: list[dict]) -> list[str]:
     lines = ["| model | calls | side | wall (ms) | wall ratio | q1-q3 | CPU (ms) | CPU ratio | "
-             "pass wall / CPU | hooks (ms) | analysis (ms / 100 calls) |",
+             "pass wall / CPU | hooks (ms) | analysis wall / CPU (ms / 100 calls) |",
              "|" + "---|" * 11]
     for r in rows:
         for name, s in r["sides"].items():
@@ -55,7 +55,8 @@ def overhead_table(rows: list[dict]) -> list[str]:
                              f"{s['failed']} |" + " |" * 7)
                 continue
             split = (f"{s['pass_wall']:.3f} / {s['pass_cpu']:.3f} | {s['hooks_ms']:.1f} | "
-                     f"{s['analysis_ms_per_100']:.2f}" if "pass_wall" in s else "- | - | -")
+                     f"{s['analysis_ms_per_100']:.2f} / {s['analysis_cpu_ms_per_100']:.2f}"
+                     if "pass_wall" in s else "- | - | -")
             lines.append(f"| {r['model']} | {r['layers']} | {name} | {s['wall_ms']:.1f} | "
                          f"{s['wall']:.3f} | {s['q1']:.3f}-{s['q3']:.3f} | {s['cpu_ms']:.1f} | "
                          f"{s['cpu']:.3f} | {split} |")
@@ -89,6 +90,7 @@ def targets(rows: list[dict], e2e: dict | None) -> list[str]:
         for name, s in r["sides"].items():
             if not name.startswith("varprobe") or "failed" in s:
                 continue
+            analysis = max(s["analysis_ms_per_100"], s["analysis_cpu_ms_per_100"])
             beats = ("-" if "wall" not in logger else
                      verdict(s["wall"] <= logger["wall"] and s["cpu"] <= logger["cpu"]))
             out.append(
@@ -97,8 +99,8 @@ def targets(rows: list[dict], e2e: dict | None) -> list[str]:
                 f"{s['cpu']:.3f}); <= the backward-hook logger {beats}; pass <= {t['pass']}x "
                 f"{verdict(max(s['pass_wall'], s['pass_cpu']) <= t['pass'])} "
                 f"({s['pass_wall']:.3f} / {s['pass_cpu']:.3f}); analysis <= {t['analysis']:.0f} "
-                f"ms/100 calls {verdict(s['analysis_ms_per_100'] <= t['analysis'])} "
-                f"({s['analysis_ms_per_100']:.2f})")
+                f"ms/100 calls {verdict(analysis <= t['analysis'])} "
+                f"({s['analysis_ms_per_100']:.2f} / {s['analysis_cpu_ms_per_100']:.2f})")
         out.append(f"- {r['model']}: peak memory {verdict(r['mem_ratio'] <= t['memory'] + 5e-4)}"
                    f" ({r['mem_ratio']:.3f}x)")
     if e2e is not None:
