@@ -1,13 +1,16 @@
-"""varprobe's probe against a bare forward + backward on the same model and input.
+"""varprobe's probe, and the simple peer loggers, against a bare forward + backward.
 
-Both sides run the same forward, the same cotangent and the same ``torch.autograd.grad``
+Every side runs the same forward, the same cotangent and the same ``torch.autograd.grad``
 call (w.r.t. every parameter and the float input), so the ratio is what the hooks, the
-on-device statistics and the report cost on top of the pass itself.
+on-device statistics and the report cost on top of the pass itself. The probe runs
+under a ``varprobe.timing.Stopwatch`` (a clock read per hook call), which splits its
+time into the pass under the hooks, the hooks' own share of it and the analysis after.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -18,8 +21,8 @@ import torch
 from torch import nn
 
 import varprobe
-from bench import models
-from varprobe import recorder
+from bench import models, peers
+from varprobe import recorder, stats, timing
 
 
 @dataclass
@@ -64,30 +67,81 @@ def probed(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Any:
     return varprobe.probe(model, x, grad_output=g, mode=None)
 
 
+def with_sums(numba: bool) -> Callable:
+    """``probed`` with the CPU sums from numba's kernels or from torch's."""
+    def run(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Any:
+        before = os.environ.get("VARPROBE_NUMBA")
+        os.environ["VARPROBE_NUMBA"] = "1" if numba else "0"
+        try:
+            return probed(model, x, g)
+        finally:
+            if before is None:
+                del os.environ["VARPROBE_NUMBA"]
+            else:
+                os.environ["VARPROBE_NUMBA"] = before
+    return run
+
+
+def numba_installed() -> bool:
+    return stats._load_kernels(True).__name__ == "varprobe.kernels"
+
+
+def sides(device: torch.device) -> dict[str, Callable]:
+    """Name -> fn(model, x, g): the bare pass, varprobe (each kind of CPU sums), peers."""
+    out: dict[str, Callable] = {"bare": bare}
+    if device.type == "cpu":
+        if numba_installed():
+            out["varprobe, numba sums"] = with_sums(True)
+        out["varprobe, torch sums"] = with_sums(False)
+    else:
+        out["varprobe"] = probed
+    for name, logger in peers.loggers().items():
+        out[name] = functools.partial(logger, bare=bare)
+    return out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def timings(case: Case, device: torch.device, repeats: int, warmup: int) -> dict[str, list]:
-    """Seconds per call, bare and probed interleaved so that machine noise hits both.
+def timings(case: Case, device: torch.device, repeats: int, warmup: int,
+            fns: dict[str, Callable]) -> dict[str, dict[str, list]]:
+    """Seconds per call of every side, interleaved so that machine noise hits all.
 
     Wall-clock and process CPU time: on a shared machine the CPU time of a
     single-threaded run is what the work costs, the wall clock adds the neighbours.
+    varprobe's runs also give their phases (``timing``): ``pass``, ``recording``
+    (the hooks' share of the pass) and ``analysis`` (collect, predictions, diagnosis).
     """
     g = cotangent(case.model, case.inputs)
-    out: dict[str, list] = {"bare": [], "probe": [], "bare_cpu": [], "probe_cpu": []}
+    out = {name: {"wall": [], "cpu": [], "pass": [], "pass_cpu": [], "recording": [],
+                  "analysis": [], "analysis_cpu": [], "failed": ""} for name in fns}
     for i in range(warmup + repeats):
-        for name, fn in (("bare", bare), ("probe", probed)):
+        for name, fn in fns.items():
+            if out[name]["failed"]:
+                continue
             sync(device)
-            start, cpu = time.perf_counter(), time.process_time()
-            result = fn(case.model, case.inputs, g)
-            sync(device)
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            with timing.Stopwatch() as watch:
+                start, cpu = time.perf_counter(), time.process_time()
+                try:
+                    result = fn(case.model, case.inputs, g)
+                except Exception as exc:  # a peer that cannot log this model
+                    out[name]["failed"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    continue
+                sync(device)
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             del result
             if i >= warmup:
-                out[name].append(elapsed)
-                out[f"{name}_cpu"].append(cpu)
+                t = out[name]
+                t["wall"].append(elapsed)
+                t["cpu"].append(cpu)
+                if "pass" in watch.wall:
+                    t["pass"].append(watch.wall["pass"])
+                    t["pass_cpu"].append(watch.cpu["pass"])
+                    t["recording"].append(watch.wall.get("recording", 0.0))
+                    t["analysis"].append(watch.analysis())
+                    t["analysis_cpu"].append(sum(watch.cpu[p] for p in timing.ANALYSIS))
     return out
 
 
@@ -143,40 +197,62 @@ def transfers(case: Case) -> int:
     return count
 
 
-def summarize(t: dict[str, list], clock: str = "") -> dict[str, float]:
-    """Medians, their ratio, and the spread of the per-pair ratios (quartiles, extremes)."""
-    bare, probe = t["bare" + clock], t["probe" + clock]
-    ratios = sorted(p / b for p, b in zip(probe, bare))
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else ratios * 3
-    return {"bare_ms": 1e3 * statistics.median(bare), "probe_ms": 1e3 * statistics.median(probe),
-            "ratio": statistics.median(probe) / statistics.median(bare),
-            "pair_q1": q1, "pair_q3": q3, "pair_min": ratios[0], "pair_max": ratios[-1]}
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(t: dict[str, dict[str, list]], calls: int) -> dict[str, dict]:
+    """Per side: median wall and CPU ms, their ratios to the bare pass, the spread of
+    the per-round wall ratios (quartiles), and varprobe's phases."""
+    bare = t["bare"]
+    out = {}
+    for name, side in t.items():
+        if side["failed"] or not side["wall"]:
+            out[name] = {"failed": side["failed"] or "no runs"}
+            continue
+        ratios = sorted(p / b for p, b in zip(side["wall"], bare["wall"]))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else ratios * 3
+        row = {"wall_ms": 1e3 * median(side["wall"]), "cpu_ms": 1e3 * median(side["cpu"]),
+               "wall": median(side["wall"]) / median(bare["wall"]),
+               "cpu": median(side["cpu"]) / median(bare["cpu"]), "q1": q1, "q3": q3}
+        if side["pass"]:
+            row.update(pass_wall=median(side["pass"]) / median(bare["wall"]),
+                       pass_cpu=median(side["pass_cpu"]) / median(bare["cpu"]),
+                       hooks_ms=1e3 * median(side["recording"]),
+                       analysis_ms_per_100=1e5 * median(side["analysis"]) / calls,
+                       analysis_cpu_ms_per_100=1e5 * median(side["analysis_cpu"]) / calls)
+        out[name] = row
+    return out
 
 
 def run(device: torch.device, repeats: int, warmup: int, log=print) -> list[dict]:
     rows = []
+    fns = sides(device)
     for case in cases(device):
         case.model.to(device)
         case.inputs = case.inputs.to(device)
-        t = timings(case, device, repeats, warmup)
         g = cotangent(case.model, case.inputs)
         model, x = case.model, case.inputs
+        calls = len(probed(model, x, g).layers)
+        t = timings(case, device, repeats, warmup, fns)
         mem_bare = peak_bytes(functools.partial(bare, model, x, g), device)
         mem_probe = peak_bytes(functools.partial(probed, model, x, g), device)
-        layers = len(probed(model, x, g).layers)
         row = {"device": device.type, "model": case.name, "describe": case.describe,
-               "layers": layers, "repeats": repeats, "wall": summarize(t),
-               "cpu": summarize(t, "_cpu") if device.type == "cpu" else None,
+               "layers": calls, "repeats": repeats, "sides": summarize(t, calls),
                "mem_bare_mb": mem_bare / 2**20, "mem_probe_mb": mem_probe / 2**20,
                "mem_ratio": mem_probe / mem_bare,
                "transfers": transfers(case) if device.type == "cuda" else None}
-        w = row["wall"]
-        log(f"{device.type:4} {case.name:7} bare {w['bare_ms']:8.1f} ms  probe "
-            f"{w['probe_ms']:8.1f} ms  wall ratio {w['ratio']:.3f} (pairs {w['pair_q1']:.3f}-"
-            f"{w['pair_q3']:.3f})" + (f"  cpu-time ratio {row['cpu']['ratio']:.3f}"
-                                      if row["cpu"] else "")
-            + f"  peak {row['mem_bare_mb']:.1f} -> {row['mem_probe_mb']:.1f} MiB "
-              f"({row['mem_ratio']:.3f}x)")
+        for name, r in row["sides"].items():
+            if "failed" in r:
+                log(f"{device.type:4} {case.name:7} {name:32} failed: {r['failed']}")
+                continue
+            log(f"{device.type:4} {case.name:7} {name:32} {r['wall_ms']:8.1f} ms  wall "
+                f"{r['wall']:.3f}x  cpu {r['cpu']:.3f}x" + (
+                    f"  pass {r['pass_wall']:.3f}x  hooks {r['hooks_ms']:.1f} ms  analysis "
+                    f"{r['analysis_ms_per_100']:.1f} ms/100 calls (cpu "
+                    f"{r['analysis_cpu_ms_per_100']:.1f})" if "pass_wall" in r else ""))
+        log(f"{device.type:4} {case.name:7} peak {row['mem_bare_mb']:.1f} -> "
+            f"{row['mem_probe_mb']:.1f} MiB ({row['mem_ratio']:.3f}x)")
         rows.append(row)
         case.model.to("cpu")
     return rows

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import varprobe
-from bench import overhead
+from bench import machine, overhead
 from varprobe.precision import Settings
 
 HEADER = "## Number-format statistics (--precision)"
@@ -131,8 +131,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    overhead_main = __import__("bench.__main__", fromlist=["keep_freed_memory"])
-    overhead_main.keep_freed_memory()
+    machine.keep_freed_memory()
     splice(args.output, section(run(args.repeats, args.warmup)))
     print(f"wrote {args.output}")
 

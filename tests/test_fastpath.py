@@ -68,12 +68,15 @@ def relu_with_dead_units(*shape: int, channel_dim: int = -1) -> torch.Tensor:
     return x
 
 
-@pytest.fixture(params=["one chunk", "many chunks", "accelerator path"])
+@pytest.fixture(params=["one chunk", "without numba", "many chunks", "accelerator path"])
 def chunked(request, monkeypatch):
-    """Every path: the whole tensor at once (the CPU kernels where they apply); chunks of
-    1000 elements; and, as on an accelerator, torch reductions in chunks of scratch with
-    non-finite elements counted in the same pass instead of on demand."""
-    if request.param != "one chunk":
+    """Every path: the whole tensor at once (the CPU kernels where they apply: numba's,
+    and torch's where numba is switched off); chunks of 1000 elements; and, as on an
+    accelerator, torch reductions in chunks of scratch with non-finite elements counted
+    in the same pass instead of on demand."""
+    if request.param == "without numba":
+        monkeypatch.setenv("VARPROBE_NUMBA", "0")
+    if request.param not in ("one chunk", "without numba"):
         monkeypatch.setattr(stats, "chunk_size", lambda device: 1000)
     if request.param == "accelerator path":
         monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
@@ -347,3 +350,15 @@ def test_grad_ratio_of_a_zero_weight():
     w = torch.zeros(4, 3)
     assert host(stats.grad_ratio(torch.ones(4, 3), w, stats.weight(w, None)))[0] == np.inf
     assert np.isnan(host(stats.grad_ratio(torch.zeros(4, 3), w, stats.weight(w, None)))[0])
+
+
+def test_cpu_sums_without_numba_installed(monkeypatch):
+    """Where numba cannot be imported the CPU sums are torch's, and the same numbers."""
+    monkeypatch.setitem(sys.modules, "numba", None)  # what an install without it sees
+    monkeypatch.delitem(sys.modules, "varprobe.kernels", raising=False)
+    monkeypatch.delattr(varprobe, "kernels", raising=False)
+    kernels = stats._load_kernels.__wrapped__(True)
+    assert kernels.__name__ == "varprobe.torch_kernels"
+    monkeypatch.setattr(stats, "_kernels", lambda: kernels)
+    check_activation(relu_with_dead_units(64, 8, 5, 5, channel_dim=1), channel_dim=1)
+    check_activation(relu_with_dead_units(300, 70))

@@ -7,6 +7,7 @@ that ``varprobe --help`` and usage errors stay instant.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -104,6 +105,9 @@ ModeOpt = Annotated[Mode, typer.Option("--mode", help="train (BatchNorm uses bat
                                                       "or eval")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, mps or auto")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+Timings = Annotated[bool, typer.Option(
+    "--timings", help="print where the time went to stderr: the pass, the hooks' share "
+                      "of it, and the analysis after it, per 100 layer calls")]
 Compare = Annotated[str | None, typer.Option(
     "--compare", help="add the predicted forward second moment under these init "
                       "schemes, e.g. xavier,he "
@@ -204,37 +208,48 @@ def analyze(
     loss_scale: LossScale = None,
     autocast: AutocastOpt = None,
     ranges: RangesOpt = False,
+    timings: Timings = False,
     debug: Debug = False,
 ) -> None:
     """Measure per-layer forward and backward variances of a model file."""
+    from varprobe import timing
+
     shape = parse_shape(input_shape)
     schemes = parse_schemes(compare)
     _check_figure_path(png, debug)
     settings = _settings(debug, batch_size=batch_size, seed=seed, fail_on=fail_on,
                          ignore=ignore, threshold=threshold)
-    report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
-                  device, debug, settings, init=init.value if init else None, trials=trials,
-                  precision=precision_settings(precision, loss_scale, autocast, ranges))
-    _record_settings(report, settings)
-    _emit(report, fmt, output, all_layers, debug, png, compare=schemes, ranges=ranges)
+    with timing.Stopwatch() if timings else nullcontext() as watch:
+        report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
+                      device, debug, settings, init=init.value if init else None,
+                      trials=trials,
+                      precision=precision_settings(precision, loss_scale, autocast, ranges))
+        _record_settings(report, settings)
+        with timing.phase("report"):
+            _emit(report, fmt, output, all_layers, debug, png, compare=schemes,
+                  ranges=ranges)
+    if watch is not None:
+        sys.stderr.write("\n".join(watch.lines(len(report.layers))) + "\n")
     if fail_on is not None:  # analyze decides its exit code only when asked to
         _exit_code(report, settings.fail_on)
 
 
 def _run(target, shape, input_file, batch_size, seed, mode, device, debug, settings, *,
          init: str | None = None, trials: int = 1, precision=None):
+    from varprobe import timing
     from varprobe.errors import VarprobeError
     from varprobe.stages import tell_failed
 
     try:
-        from varprobe import inputs
-        from varprobe import target as target_mod
-        from varprobe.mixed import probe
-        from varprobe.render.terminal import trial_progress
+        with timing.phase("load"):  # the imports (torch) and the model file
+            from varprobe import inputs
+            from varprobe import target as target_mod
+            from varprobe.mixed import probe
+            from varprobe.render.terminal import trial_progress
 
-        with _stage("load"):
-            loaded = target_mod.load(target, seed=seed)
-            data = inputs.load_file(input_file) if input_file else loaded.example_input
+            with _stage("load"):
+                loaded = target_mod.load(target, seed=seed)
+                data = inputs.load_file(input_file) if input_file else loaded.example_input
         with trial_progress(trials) as progress:
             report = probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size,
                            seed=seed, mode=mode.value, device=device, input_shape=shape,

@@ -19,6 +19,7 @@ from varprobe import (
     stats,
     structure,
     theory,
+    timing,
 )
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
@@ -167,12 +168,12 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
                 progress(k + 1, trials)
         with stage("record"):
             report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
-        with stage("predict", report):  # inside: the modes the probe ran in
-            propagate.annotate(report, modules, values)
+        with timing.phase("predictions"), stage("predict", report):
+            propagate.annotate(report, modules, values)  # inside: the modes the probe ran in
             graph.annotate(report, modules, recording, values=values)
-        with stage("diagnose"):
+        with timing.phase("diagnosis"), stage("diagnose"):
             structure.annotate(report, recording)
-    with stage("diagnose"):
+    with timing.phase("diagnosis"), stage("diagnose"):
         diagnose.annotate(report, thresholds, ignore)
     return report
 
@@ -224,19 +225,21 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     owned = InputLeaves(x)  # gradients w.r.t. float inputs come from leaves we own
     fed, leaves = owned.fed, owned.leaves
     with Recorder(model, ranges=exponents.Measure.of(precision)) as rec:
-        with exponents.autocast(precision, x):
-            output = _forward(model, fed, rec, recording, owned)
-        rec.check_views()
-        out_leaves = [t for t in float_leaves(output) if t.requires_grad]
-        params = [p for p in model.parameters() if p.requires_grad]
-        note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
-                         loss, generator)
-        host, ends = _collect(rec, x, output, recording, values)
-        layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
-        if recording is not None:
-            slot = getattr(rec, "cotangent_slot", None)  # a loss makes its own cotangent
-            recording.finish(out_leaves, host[slot][stats.G_VAR]
-                             if slot is not None and loss is None else None)
+        with timing.phase("pass"):
+            with exponents.autocast(precision, x):
+                output = _forward(model, fed, rec, recording, owned)
+            rec.check_views()
+            out_leaves = [t for t in float_leaves(output) if t.requires_grad]
+            params = [p for p in model.parameters() if p.requires_grad]
+            note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
+                             loss, generator)
+        with timing.phase("collect"):
+            host, ends = _collect(rec, x, output, recording, values)
+            layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
+            if recording is not None:
+                slot = getattr(rec, "cotangent_slot", None)  # a loss makes its own cotangent
+                recording.finish(out_leaves, host[slot][stats.G_VAR]
+                                 if slot is not None and loss is None else None)
     report = Report(
         model=ModelInfo(target=target, class_=type(model).__name__,
                         parameters=sum(p.numel() for p in model.parameters())),
@@ -345,7 +348,7 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
         rec.in_backward = False
     by_param = {id(p): g for p, g in zip(wrt, grads)}
     weight_grads = {key: by_param.get(id(w)) for key, (_, w) in rec.weights.items()}
-    rec.weight_grad_slots = rec.add_weight_grads(weight_grads)
+    rec.weight_grad_slots = timing.timed("recording", rec.add_weight_grads)(weight_grads)
     rec.cotangent_slot = rec._new_slot(stats.gradient(cotangents[0].detach()))
     return ""
 

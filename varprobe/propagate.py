@@ -39,6 +39,7 @@ Three kinds of prediction:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from operator import mul
 
@@ -101,6 +102,7 @@ def annotate(report: Report, modules: list[nn.Module],
     probe's one transfer); a tensor not in it is read directly.
     """
     layers = report.layers
+    values = _Memo(values)
     for layer, module in zip(layers, modules):
         _effective_fans(layer, module)
     weights = _actual_weights(layers, modules)
@@ -114,8 +116,9 @@ def annotate(report: Report, modules: list[nn.Module],
                 _multipliers(layer, weights[i])
         if _has_value(chain):
             layer.predicted = chain
+    slopes = prelu_slopes(modules, values)
     for scheme in theory.SCHEMES:
-        walk = _walk(report, modules, _scheme_weights(scheme, layers, modules, values),
+        walk = _walk(report, modules, _scheme_weights(scheme, layers, modules, slopes),
                      by_ratio=True, values=values)
         for i, layer in enumerate(layers):
             if layer.kind == "weight":
@@ -240,10 +243,9 @@ def _actual(layer: Layer, module: nn.Module) -> Weights | None:
 
 
 def _scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
-                    values: theory.Values | None = None) -> list[Weights | None]:
+                    slopes: list[float]) -> list[Weights | None]:
     """Var[w] of ``scheme`` for Linear/Conv layers and its bias (zero but for
-    torch-default's); embeddings as they are."""
-    slopes = prelu_slopes(modules, values)
+    torch-default's); embeddings as they are. ``slopes``: ``prelu_slopes(modules)``."""
     out: list[Weights | None] = []
     for layer, module, a in zip(layers, modules, slopes):
         if layer.kind != "weight" or not isinstance(module, LINEAR_MAPS):
@@ -548,10 +550,40 @@ def reset(module: nn.Module, values: theory.Values | None = None) -> Signal | No
 
 def _normalized(module: nn.Module, kept: float, values: theory.Values | None = None) -> Signal:
     """mean_c(gamma_c^2 kept + beta_c^2), the beta part shared by every sample."""
-    gamma, beta = _affine(module, values)
-    b2 = sum(map(mul, beta, beta)) / len(beta)
-    m2 = kept * sum(map(mul, gamma, gamma)) / len(gamma) + b2
+    g2, n, b2 = _affine_sums(module, values)
+    m2 = kept * g2 / n + b2
     return Signal(m2, b2 / m2 if m2 > 0 else 0.0)
+
+
+class _Memo(Mapping):
+    """``values`` with a place for what is derived from them: every walk (the actual
+    init's and each scheme's) reads the same norm parameters, summed once."""
+
+    def __init__(self, values: theory.Values | None):
+        self.values: theory.Values = values if values is not None else {}
+        self.memo: dict[int, tuple[float, int, float]] = {}
+
+    def __getitem__(self, key: int) -> list[float]:
+        return self.values[key]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _affine_sums(module: nn.Module, values: theory.Values | None) -> tuple[float, int, float]:
+    """(sum_c gamma_c^2, channels, mean_c beta_c^2), once per module where ``values`` is
+    a _Memo."""
+    memo = getattr(values, "memo", None)
+    if memo is not None and id(module) in memo:
+        return memo[id(module)]
+    gamma, beta = _affine(module, values)
+    sums = sum(map(mul, gamma, gamma)), len(gamma), sum(map(mul, beta, beta)) / len(beta)
+    if memo is not None:
+        memo[id(module)] = sums
+    return sums
 
 
 def _norm_backward(module: nn.Module, s: Signal | None,
@@ -566,8 +598,8 @@ def _norm_backward(module: nn.Module, s: Signal | None,
         return sum(g * g / (v + eps) for g, v in zip(gamma, rv)) / len(rv)
     if s is None:
         return None
-    gamma = _affine(module, values)[0]
-    return sum(map(mul, gamma, gamma)) / len(gamma) / (_norm_variance(module, s) + eps)
+    g2, n, _ = _affine_sums(module, values)
+    return g2 / n / (_norm_variance(module, s) + eps)
 
 
 # --- small helpers ------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import stats, theory
+from varprobe import stats, theory, timing
 
 CHANNELS_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -145,9 +145,9 @@ class Recorder:
             if main_weight(module)[0] is not None:
                 self._unweighed.add(id(module))
             self._handles.append(module.register_forward_pre_hook(
-                self._pre_hook(name), with_kwargs=True))
+                timing.timed("recording", self._pre_hook(name)), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
-                self._post_hook(), with_kwargs=True))
+                timing.timed("recording", self._post_hook()), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -185,7 +185,7 @@ class Recorder:
             self.slots[slot] = self._gradient_stats(grad)
             if self.ranges is not None:
                 self._range_of(slot, grad)
-        return hook
+        return timing.timed("recording", hook)
 
     def _range_of(self, slot: int, grad: torch.Tensor) -> None:
         """The range slot of a gradient, shared by every slot holding the same Pending

@@ -21,7 +21,9 @@ float32) and every tensor whose memory is not dense.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -57,9 +59,16 @@ def collect(pending: list[Pending]) -> list[list[float | None]]:
     """The one device-to-host transfer: every vector still on a device, copied
     together; then every row finished on the host."""
     on_device = [p.raw for p in pending if isinstance(p.raw, torch.Tensor)]
-    copied = iter(torch.cat(on_device).cpu().tolist() if on_device else [])
-    return [p.finish(p.raw if isinstance(p.raw, list)
-                     else [next(copied) for _ in range(p.raw.numel())]) for p in pending]
+    copied = torch.cat(on_device).cpu().tolist() if on_device else []
+    rows, at = [], 0
+    for p in pending:
+        if isinstance(p.raw, list):
+            rows.append(p.finish(p.raw))
+        else:
+            n = p.raw.numel()
+            rows.append(p.finish(copied[at:at + n]))
+            at += n
+    return rows
 
 
 def _join(parts: list[Raw]) -> Raw:
@@ -154,11 +163,24 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
 
 
 def _kernels():
-    """``varprobe.kernels``, imported at the first CPU measurement: ``predict`` (meta
-    tensors, no values) never loads numba."""
-    from varprobe import kernels
+    """The CPU sums: ``varprobe.kernels`` (numba) where numba can be imported and
+    ``VARPROBE_NUMBA`` is not ``0``, else ``varprobe.torch_kernels``.
+    Imported at the first CPU measurement: ``predict`` (meta tensors) never loads numba."""
+    return _load_kernels(os.environ.get("VARPROBE_NUMBA", "1") != "0")
 
-    return kernels
+
+@functools.cache
+def _load_kernels(numba: bool):
+    if numba:
+        try:
+            from varprobe import kernels
+        except ImportError:  # numba is not installed
+            pass
+        else:
+            return kernels
+    from varprobe import torch_kernels
+
+    return torch_kernels
 
 
 def _kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
@@ -213,10 +235,10 @@ def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
 
 
 def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
-    """``_sums`` with the non-finite count, then ``_units``; on the CPU in one read."""
+    """``_sums`` with the non-finite count, then ``_units``; with numba in one read."""
     found = _kernel_array(x)
-    if found is None:
-        return torch.cat([_sums(x, nonfinite=True), _units(x, channel_dim)])
+    if found is None or not hasattr(_kernels(), "unit_sums_first"):
+        return _join([_sums(x, nonfinite=True), _units(x, channel_dim)])
     array, order = found
     shape = (1, 1, array.size)  # (before the units, units, after them) in memory
     if x.dim() >= 2:
@@ -242,8 +264,13 @@ def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
                          for c in _pieces(x, chunked=True)]).double().sum()
     if x.dim() < 2:
         return torch.stack([zeros, zeros.new_zeros(())])
-    dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
-    hi, lo = torch.amax(x, dims), torch.amin(x, dims)
+    c = channel_dim % x.dim()
+    if x.is_contiguous() and c < x.dim() - 1:  # (before, units, after), inner along memory
+        v = x.reshape(math.prod(x.shape[:c]), x.shape[c], -1)
+        hi, lo = v.amax(2).amax(0), v.amin(2).amin(0)
+    else:
+        dims = [d for d in range(x.dim()) if d != c]
+        hi, lo = torch.amax(x, dims), torch.amin(x, dims)
     alive = torch.maximum(hi, lo.neg_()).ne_(0).sum()  # max(hi, -lo) is 0 only if both are
     return torch.stack([zeros, alive.double()])
 

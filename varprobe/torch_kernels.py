@@ -1,0 +1,35 @@
+"""``kernels.sums`` in torch: the CPU path without numba.
+
+The same function, arguments and accuracy as ``varprobe.kernels.sums`` (see there), on
+the same numpy arrays (viewed as tensors without a copy): the sum is torch's (a cascade of
+float32 partial sums), the sum of squares is taken in rows of ``BLOCK`` elements in the
+data's precision, the rows added in float64. Two reads of each tensor (a
+row sum and a row norm) instead of numba's one, but torch's reductions use every
+intra-op thread and nothing is loaded or compiled first (importing numba and loading
+its cached kernels takes about a second per process). The per-unit counts have no torch
+kernel of this kind: without numba they come from ``stats._units``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BLOCK = 256
+
+
+def sums(a: np.ndarray, shift, zero) -> tuple[float, float]:
+    """(sum(d), sum(d^2)) of a 1-D array, d = a - shift."""
+    t = torch.from_numpy(a)
+    if shift:  # the mean dominates the spread: read again, from a shifted copy
+        t = t - float(shift)
+    whole = t.numel() - t.numel() % BLOCK
+    rows = t[:whole].view(-1, BLOCK)
+    # torch's float sum is a cascade of float32 partial sums (error ~ eps * log2(n));
+    # the squares go by row norms (no temporary), their squares added in float64.
+    s1 = float(t.sum())
+    s2 = float(torch.linalg.vector_norm(torch.linalg.vector_norm(rows, dim=1),
+                                        dtype=torch.float64).square())
+    if whole < t.numel():
+        s2 += float(t[whole:].double().square().sum())
+    return s1, s2
