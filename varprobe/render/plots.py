@@ -70,8 +70,8 @@ FORWARD = Direction("(a) forward: E[x²] of each weight layer's input over its r
                     "input", "second_moment", "input_var")
 # Backward the diagnosis multiplies gradient energies (elements x variance): a layer
 # into fewer or more units changes the per-element variance by geometry alone.
-BACKWARD = Direction("(b) backward: gradient energy N·Var[dL/dy] at each weight layer's "
-                     "output  (← gradient flows)",
+BACKWARD = Direction("(b) backward: energy N·Var[dL/dy] at each weight layer's output "
+                     "(← gradient)",
                      "N·Var[dL/dy] (log)",
                      "backward", "var", "backward_var", energy=True)
 
@@ -334,7 +334,7 @@ def _zones(ax: Axes, report: Report, layers, d: Direction, curves) -> None:
             ax.axhspan(y0, y1, color=VERMILION, alpha=ZONE_ALPHA, lw=0)
         for bound in bounds:
             ax.axhline(bound, color=VERMILION, lw=0.8, alpha=0.6)
-        ax.set_ylabel(f"E[y²] over {what} (log)", fontsize=8)
+        ax.set_ylabel(f"E[x²] over {what} (log)", fontsize=8)
 
 
 def _multipliers(ax: Axes, layers: list[Layer], blocks, x: np.ndarray) -> None:
