@@ -21,15 +21,16 @@ BROKEN = [e for e in ENTRIES if e.broken is not None]
 # entry is taken off this list.
 KNOWN_CRASHES = {
     "densenet_cifar": "graph._pieces_normalized: AttributeError, 'NoneType' object has no "
-                      "attribute 'm2' (propagating back through a concatenation fed by BatchNorm)",
+    "attribute 'm2' (propagating back through a concatenation fed by BatchNorm)",
 }
 
 
 def _params(entry: corpus.Entry) -> list:
     marks = []
     if entry.name in KNOWN_CRASHES:
-        marks.append(pytest.mark.xfail(raises=AttributeError, strict=True,
-                                       reason=KNOWN_CRASHES[entry.name]))
+        marks.append(
+            pytest.mark.xfail(raises=AttributeError, strict=True, reason=KNOWN_CRASHES[entry.name])
+        )
     return pytest.param(entry, id=entry.name, marks=marks)
 
 
