@@ -66,6 +66,7 @@ LABEL_DIR = Path(__file__).resolve().parent.parent / "corpus" / "labels"
 
 # -- inputs, outputs and targets ---------------------------------------------------------
 
+
 def _map(inputs: Any, fn) -> Any:
     """Apply ``fn`` to every tensor of a tensor / tuple / dict input."""
     if isinstance(inputs, torch.Tensor):
@@ -117,6 +118,7 @@ def _resize(inputs: Any, size: int) -> tuple[Any, bool]:
             shrunk.append(t)
             return F.interpolate(t, size=(size, size), mode="area")
         return t
+
     return _map(inputs, shrink), bool(shrunk)
 
 
@@ -128,7 +130,9 @@ def _markov(vocab: int, shape: torch.Size, gen: torch.Generator) -> torch.Tensor
     seq = torch.empty(shape, dtype=torch.long)
     seq[..., 0] = torch.randint(vocab, shape[:-1], generator=gen)
     for t in range(1, shape[-1]):
-        seq[..., t] = torch.multinomial(probs[seq[..., t - 1].reshape(-1)], 1, generator=gen).view(shape[:-1])
+        seq[..., t] = torch.multinomial(probs[seq[..., t - 1].reshape(-1)], 1, generator=gen).view(
+            shape[:-1]
+        )
     return seq
 
 
@@ -165,19 +169,34 @@ def make_task(e: corpus.Entry, size: int = TRAIN_SIZE) -> Task:
     if e.task == "lm":
         tokens = _markov(e.vocab, _tokens(inputs).shape, gen)
         inputs = _with_tokens(inputs, tokens)
-        return Task(inputs, lambda out, idx: F.cross_entropy(
-            out[:, :-1].reshape(-1, out.shape[-1]), tokens[idx][:, 1:].reshape(-1)), resolution,
-            math.log(e.vocab))
+        return Task(
+            inputs,
+            lambda out, idx: F.cross_entropy(
+                out[:, :-1].reshape(-1, out.shape[-1]), tokens[idx][:, 1:].reshape(-1)
+            ),
+            resolution,
+            math.log(e.vocab),
+        )
     with torch.no_grad():
         shape = _output(_call(e.build(), _take(inputs, torch.arange(2), N_EXAMPLES))).shape[1:]
     if e.task == "classify":
         labels = torch.randint(shape[-1], (N_EXAMPLES, *shape[:-1]), generator=gen)
-        return Task(inputs, lambda out, idx: F.cross_entropy(
-            out.reshape(-1, out.shape[-1]), labels[idx].reshape(-1)), resolution, math.log(shape[-1]))
+        return Task(
+            inputs,
+            lambda out, idx: F.cross_entropy(
+                out.reshape(-1, out.shape[-1]), labels[idx].reshape(-1)
+            ),
+            resolution,
+            math.log(shape[-1]),
+        )
     if e.task == "regress":
         target = torch.randn((N_EXAMPLES, *shape), generator=gen)
-        return Task(inputs, lambda out, idx: F.mse_loss(out, target[idx]), resolution,
-                    target.pow(2).mean().item())
+        return Task(
+            inputs,
+            lambda out, idx: F.mse_loss(out, target[idx]),
+            resolution,
+            target.pow(2).mean().item(),
+        )
     raise ValueError(f"{e.name}: unknown task {e.task!r}")
 
 
@@ -192,6 +211,7 @@ def _fits(e: corpus.Entry, small: Any) -> bool:
 
 # -- training ------------------------------------------------------------------------------
 
+
 def _batches(steps: int, batch: int) -> list[torch.Tensor]:
     gen, order = torch.Generator().manual_seed(2), []
     while len(order) < steps:
@@ -203,8 +223,10 @@ def _batches(steps: int, batch: int) -> list[torch.Tensor]:
 def initial_loss(e: corpus.Entry, task: Task, batch: int) -> float:
     model = e.build()
     with torch.no_grad():
-        losses = [task.loss(_output(_call(model, _take(task.inputs, idx, N_EXAMPLES))), idx).item()
-                  for idx in torch.arange(N_EXAMPLES).split(batch)]
+        losses = [
+            task.loss(_output(_call(model, _take(task.inputs, idx, N_EXAMPLES))), idx).item()
+            for idx in torch.arange(N_EXAMPLES).split(batch)
+        ]
     return sum(losses) / len(losses)
 
 
@@ -213,8 +235,11 @@ def train(e: corpus.Entry, task: Task, opt: str, lr: float, steps: int, batch: i
     model = e.build()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = (torch.optim.SGD(params, lr=lr, momentum=0.9) if opt == "sgd"
-             else torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
+    optim = (
+        torch.optim.SGD(params, lr=lr, momentum=0.9)
+        if opt == "sgd"
+        else torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    )
     losses = []
     with torch.random.fork_rng():
         torch.manual_seed(3)  # dropout and stochastic depth draw the same masks every run
@@ -234,8 +259,14 @@ def label(e: corpus.Entry, steps: int, batch: int, size: int = TRAIN_SIZE) -> di
     start = time.perf_counter()
     task = make_task(e, size)
     initial = initial_loss(e, task, batch)
-    result: dict[str, Any] = {"task": e.task, "resolution": task.resolution, "steps": steps,
-                              "batch": batch, "size": size, "chance": task.chance}
+    result: dict[str, Any] = {
+        "task": e.task,
+        "resolution": task.resolution,
+        "steps": steps,
+        "batch": batch,
+        "size": size,
+        "chance": task.chance,
+    }
     for opt, grid in GRIDS.items():
         runs, best = {}, None
         for lr in grid:
@@ -246,15 +277,19 @@ def label(e: corpus.Entry, steps: int, batch: int, size: int = TRAIN_SIZE) -> di
             if best is not None and runs[str(best)] <= 0.5 * initial:
                 break
         final = None if best is None else runs[str(best)]
-        result[opt] = {"trains": bool(final is not None and math.isfinite(initial)
-                                      and final <= 0.5 * initial),
-                       "best_lr": best, "initial": initial if math.isfinite(initial) else None,
-                       "final": final, "runs": runs}
+        result[opt] = {
+            "trains": bool(final is not None and math.isfinite(initial) and final <= 0.5 * initial),
+            "best_lr": best,
+            "initial": initial if math.isfinite(initial) else None,
+            "final": final,
+            "runs": runs,
+        }
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
 # -- where entries live, output ------------------------------------------------------------
+
 
 def modules() -> dict[str, list[str]]:
     """Corpus module -> the entries it registers (imported in FAMILIES order)."""
@@ -286,26 +321,42 @@ def write_atomic(path: Path, data: dict) -> None:
 
 def _cell(r: dict) -> str:
     fmt = lambda v: "nan" if v is None else f"{v:.3g}"  # noqa: E731
-    return f"{'yes' if r['trains'] else 'NO'} {fmt(r['initial'])}->{fmt(r['final'])} @{r['best_lr']}"
+    return (
+        f"{'yes' if r['trains'] else 'NO'} {fmt(r['initial'])}->{fmt(r['final'])} @{r['best_lr']}"
+    )
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| entry | task | resolution | chance | SGD | AdamW | s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| entry | task | resolution | chance | SGD | AdamW | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['task']} | {r['resolution']} | {r['chance']:.3g} | {_cell(r['sgd'])} | "
-                     f"{_cell(r['adamw'])} | {r['seconds']} |")
+        lines.append(
+            f"| {name} | {r['task']} | {r['resolution']} | {r['chance']:.3g} | {_cell(r['sgd'])} | "
+            f"{_cell(r['adamw'])} | {r['seconds']} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.labels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.labels", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--only", default="", help="comma-separated entry names, run in this order")
-    parser.add_argument("--module", default="", help="comma-separated corpus modules (e.g. cnn,broken)")
+    parser.add_argument(
+        "--module", default="", help="comma-separated corpus modules (e.g. cnn,broken)"
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=TRAIN_SIZE, help="training size of large images")
-    parser.add_argument("--skip-done", action="store_true",
-                        help="skip entries already labelled at the same steps, batch and size")
+    parser.add_argument(
+        "--size", type=int, default=TRAIN_SIZE, help="training size of large images"
+    )
+    parser.add_argument(
+        "--skip-done",
+        action="store_true",
+        help="skip entries already labelled at the same steps, batch and size",
+    )
     args = parser.parse_args(argv)
     only = [n for n in args.only.split(",") if n]
     wanted = {m for m in args.module.split(",") if m}
@@ -321,14 +372,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         path = LABEL_DIR / f"{home[name]}.json"
         old = _read(path).get(name, {})
-        if args.skip_done and (old.get("steps"), old.get("batch")) == (args.steps, args.batch) and (
-                old.get("resolution") == "native" or old.get("size") == args.size):
+        if (
+            args.skip_done
+            and (old.get("steps"), old.get("batch")) == (args.steps, args.batch)
+            and (old.get("resolution") == "native" or old.get("size") == args.size)
+        ):
             continue
         done[name] = label(corpus.ENTRIES[name], args.steps, args.batch, args.size)
         # read again just before writing: another run may have labelled other entries meanwhile
         write_atomic(path, {**_read(path), name: done[name]})
-        print(f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
-              f"({done[name]['seconds']} s)", file=sys.stderr, flush=True)
+        print(
+            f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
+            f"({done[name]['seconds']} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     print(table(done))
     return 0
 

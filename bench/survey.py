@@ -145,11 +145,41 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{outcome(r)} | "
                      f"{r.get('seconds', '')} | {tally(r.get('error', []))} | "
                      f"{tally(r.get('warning', []))} | {crashed} |")
+    lines += ["", *confusion(rows)]
+    n_healthy = sum(not r["broken"] for r in rows)
     lines += ["", "## Flags by code", "", "| code | severity | entries (healthy) | "
-              "entries (broken) |", "|---|---|---:|---:|"]
+              "share of healthy | entries (broken) |", "|---|---|---:|---:|---:|"]
     for (code, severity), (healthy, broken) in sorted(code_counts(rows).items()):
-        lines.append(f"| {code} | {severity} | {healthy} | {broken} |")
+        lines.append(f"| {code} | {severity} | {healthy} | {healthy / max(n_healthy, 1):.0%} "
+                     f"| {broken} |")
     return "\n".join(lines) + "\n"
+
+
+def confusion(rows: list[dict[str, Any]]) -> list[str]:
+    """The verdict against training: outcome by what SGD (and AdamW) did with the entry."""
+    def label(r: dict[str, Any]) -> str:
+        t = r.get("trains")
+        if not t:
+            return "not trained"
+        if t["sgd"]:
+            return "trains (SGD)"
+        return "fails (SGD), trains (AdamW)" if t["adamw"] else "fails (SGD and AdamW)"
+
+    columns = ["trains (SGD)", "fails (SGD), trains (AdamW)", "fails (SGD and AdamW)",
+               "not trained"]
+    table = Counter((outcome(r), label(r)) for r in rows)
+    found = [o for o in ("quiet", "false alarm", "caught", "wrong culprit", "missed", "crash")
+             if any(table[o, c] for c in columns)]
+    lines = ["## The verdict against training", "",
+             "Rows: what the default check said (healthy entries: quiet or false alarm; "
+             "broken ones: caught, wrong culprit or missed). Columns: what a short training "
+             "run did (bench/labels.py: best of a small learning-rate grid, trains = final "
+             "loss at most half the initial one in its fixed budget; its limits are in "
+             "docs/flags.md).", "",
+             "| outcome | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for o in found:
+        lines.append(f"| {o} | " + " | ".join(str(table[o, c]) for c in columns) + " |")
+    return lines
 
 
 def code_counts(rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, int]]:

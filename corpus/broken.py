@@ -27,15 +27,52 @@ WIDTH, CLASSES, VOCAB, SEQ = 256, 10, 64, 32
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-def pair(name: str, family: str, broken: Callable[[], nn.Module], twin: Callable[[], nn.Module],
-         inputs, mechanism: str, culprits: tuple[str, ...] = (), batch_size: int = 16,
-         task: str = "classify", vocab: int | None = None, notes: str = "",
-         twin_inputs=None) -> None:
+def pair(
+    name: str,
+    family: str,
+    broken: Callable[[], nn.Module],
+    twin: Callable[[], nn.Module],
+    inputs,
+    mechanism: str,
+    culprits: tuple[str, ...] = (),
+    batch_size: int = 16,
+    task: str = "classify",
+    vocab: int | None = None,
+    notes: str = "",
+    twin_inputs=None,
+) -> None:
     tags = () if culprits else ("global",)
-    register(Entry(name, family, broken, inputs, batch_size, task, vocab, mechanism, culprits,
-                   f"{name}_twin", notes, tags))
-    register(Entry(f"{name}_twin", family, twin, twin_inputs or inputs, batch_size, task, vocab, None, (),
-                   name, f"healthy twin of {name}"))
+    register(
+        Entry(
+            name,
+            family,
+            broken,
+            inputs,
+            batch_size,
+            task,
+            vocab,
+            mechanism,
+            culprits,
+            f"{name}_twin",
+            notes,
+            tags,
+        )
+    )
+    register(
+        Entry(
+            f"{name}_twin",
+            family,
+            twin,
+            twin_inputs or inputs,
+            batch_size,
+            task,
+            vocab,
+            None,
+            (),
+            name,
+            f"healthy twin of {name}",
+        )
+    )
 
 
 def vectors(batch: int) -> torch.Tensor:
@@ -48,8 +85,13 @@ def tokens(batch: int) -> torch.Tensor:
 
 # -- deep MLPs: an init scheme meant for another activation ----------------------------
 
-def mlp(depth: int, act: Callable[[], nn.Module], std: Callable[[int, int], float] | None,
-        bias: bool = False) -> nn.Sequential:
+
+def mlp(
+    depth: int,
+    act: Callable[[], nn.Module],
+    std: Callable[[int, int], float] | None,
+    bias: bool = False,
+) -> nn.Sequential:
     """``depth`` Linear layers of width 256 (the last one to 10 classes), ``act`` between;
     weights N(0, std(fan_in, fan_out)^2), or PyTorch's default when ``std`` is None."""
     layers: list[nn.Module] = []
@@ -79,8 +121,10 @@ class ResidualMLP(nn.Module):
 
     def __init__(self, blocks: int = 32, scale: float = 1.0):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
-                                                  nn.Linear(WIDTH, WIDTH)) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
+            for _ in range(blocks)
+        )
         self.head = nn.Linear(WIDTH, CLASSES)
         self.scale = scale
         for block in self.blocks:
@@ -96,8 +140,12 @@ class ResidualMLP(nn.Module):
 
 # -- CNNs -----------------------------------------------------------------------------------
 
-def vgg11(scale: dict[str, float] | None = None, bias: dict[str, float] | None = None,
-          he_gain: float = 1.0) -> VGG:
+
+def vgg11(
+    scale: dict[str, float] | None = None,
+    bias: dict[str, float] | None = None,
+    he_gain: float = 1.0,
+) -> VGG:
     """VGG-11 without BatchNorm on 32x32 images, torchvision's init (kaiming fan_out,
     Linear N(0, .01)); ``scale``/``bias``: weight multipliers / bias fills by module name."""
     model = init_torchvision_mobile(VGG(VGG11, bn=False))
@@ -138,8 +186,15 @@ class PlainResNet(nn.Module):
     def __init__(self, blocks: int = 24, scale: float = 1.0):
         super().__init__()
         self.stem = nn.Conv2d(3, 32, 3, padding=1)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                                                  nn.Conv2d(32, 32, 3, padding=1)) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+            )
+            for _ in range(blocks)
+        )
         self.head = nn.Linear(32, CLASSES)
         self.scale = scale
         for m in self.modules():
@@ -160,7 +215,11 @@ def resnet50_residual_bn_zero(broken: bool) -> ResNet:
     torchvision's ``zero_init_residual=True``)."""
     model = ResNet()
     for name, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d) and name.startswith("layer") and (broken or name.endswith("bn3")):
+        if (
+            isinstance(m, nn.BatchNorm2d)
+            and name.startswith("layer")
+            and (broken or name.endswith("bn3"))
+        ):
             nn.init.zeros_(m.weight)
     return model
 
@@ -185,8 +244,13 @@ def normalized_pixels(batch: int) -> torch.Tensor:
 
 # -- sequence models ---------------------------------------------------------------------
 
-def transformer(std: float = 0.02, post_ln: bool = False, depth: int = 6,
-                qkv_std: dict[int, float] | None = None) -> TransformerLM:
+
+def transformer(
+    std: float = 0.02,
+    post_ln: bool = False,
+    depth: int = 6,
+    qkv_std: dict[int, float] | None = None,
+) -> TransformerLM:
     model = init_gpt(TransformerLM(VOCAB, SEQ, depth=depth, post_ln=post_ln), std)
     for i, s in (qkv_std or {}).items():
         nn.init.normal_(model.blocks[i].attn.qkv.weight, 0.0, s)
@@ -203,68 +267,219 @@ def lstm(recurrent_std: float | None) -> LSTMLM:
 _MLP, _CNN, _SEQ = "hand-written MLP", "hand-written CNN", "hand-written sequence"
 C32 = images(3, 32)
 
-pair("mlp30_xavier_relu", _MLP, lambda: mlp(30, nn.ReLU, XAVIER), lambda: mlp(30, nn.ReLU, HE), vectors,
-     "vanishing: Xavier (2/(n_in+n_out)) under ReLU halves the signal per layer",
-     notes="He et al. 2015's 30-layer ReLU net with Xavier as the Glorot paper states it")
-pair("mlp30_lecun_relu", _MLP, lambda: mlp(30, nn.ReLU, LECUN), lambda: mlp(30, nn.ReLU, HE), vectors,
-     "vanishing: LeCun 1/n_in (gain 1, the 'linear' gain) under ReLU")
-pair("mlp40_default_relu", _MLP, lambda: mlp(40, nn.ReLU, None, bias=True),
-     lambda: mlp(40, nn.ReLU, HE, bias=True), vectors,
-     "vanishing: PyTorch's default Linear init (1/(3 n_in)) in a 40-layer ReLU net")
-pair("mlp20_sigmoid", _MLP, lambda: mlp(20, nn.Sigmoid, XAVIER), lambda: mlp(20, nn.ReLU, HE), vectors,
-     "vanishing gradients: sigmoid (derivative <= 1/4) in a 20-layer net, Xavier init",
-     notes="the twin differs in activation and its matching init (ReLU + He)")
-pair("mlp30_tanh_chaotic", _MLP, lambda: mlp(30, nn.Tanh, lambda fi, fo: math.sqrt(4.0 / fi)),
-     lambda: mlp(30, nn.Tanh, LECUN), vectors,
-     "exploding gradients: tanh in the chaotic phase (sigma_w^2 = 4; twin: critical 1)")
-pair("mlp20_he_x2", _MLP, lambda: mlp(20, nn.ReLU, lambda fi, fo: 2 * HE(fi, fo)),
-     lambda: mlp(20, nn.ReLU, HE), vectors,
-     "exploding: He std doubled (variance x4 per layer)")
-pair("mlp8_dead_relu_bias", _MLP, lambda: _dead_bias(mlp(8, nn.ReLU, HE, bias=True), "6"),
-     lambda: mlp(8, nn.ReLU, HE, bias=True), vectors,
-     "dead ReLUs: bias -10 before a ReLU, every unit after it is zero", culprits=("6",))
-pair("resmlp32_unnormalized", _MLP, lambda: ResidualMLP(32), lambda: ResidualMLP(32, 32 ** -0.5), vectors,
-     "exploding: 32 residual blocks, no normalization, unscaled branches (variance x2 per block)",
-     notes="twin scales each branch by 1/sqrt(32)")
-pair("resnet24_unnormalized", _CNN, lambda: PlainResNet(24), lambda: PlainResNet(24, 24 ** -0.5), C32,
-     "exploding: 24 residual conv blocks, no normalization, He in both branch convs, unscaled",
-     batch_size=8, notes="twin scales each branch by 1/sqrt(24)")
-pair("vgg16_std001", _CNN, lambda: vgg16_plain(0.01), lambda: vgg16_plain(None), C32,
-     "vanishing: N(0, 0.01^2) on every conv of a VGG-16 without BatchNorm", batch_size=8,
-     notes="the VGG paper's init, which it could not train at depth 16 without pre-training")
-pair("vgg11_he_x2", _CNN, lambda: vgg11(he_gain=2.0), lambda: vgg11(), C32,
-     "exploding: kaiming std doubled on every conv", batch_size=8)
-pair("vgg11_stem_x100", _CNN, lambda: vgg11({"features.0": 100.0}), lambda: vgg11(), C32,
-     "exploding: the stem conv's weights 100x", culprits=("features.0",), batch_size=8)
-pair("vgg11_conv_x50", _CNN, lambda: vgg11({"features.8": 50.0}), lambda: vgg11(), C32,
-     "exploding: one conv's weights 50x", culprits=("features.8",), batch_size=8)
-pair("vgg11_dead_relu_bias", _CNN, lambda: vgg11(bias={"features.11": -10.0}), lambda: vgg11(), C32,
-     "dead ReLUs: conv bias -10, every unit after it is zero", culprits=("features.11",), batch_size=8)
-pair("vgg11_pixels_0_255", _CNN, vgg11, vgg11, pixels_0_255,
-     "exploding input: raw 0-255 pixels into a net initialized for unit-variance input",
-     culprits=("features.0",), batch_size=8, notes="the twin gets the same pixels normalized",
-     twin_inputs=normalized_pixels)
-pair("vgg16_bn_gamma_zero", _CNN, lambda: vgg16_bn("features.21"), vgg16_bn, C32,
-     "dead signal: one BatchNorm's weight zero-initialized in a net without skips",
-     culprits=("features.21",), batch_size=8)
-pair("resnet50_residual_bn_zero", _CNN, lambda: resnet50_residual_bn_zero(True),
-     lambda: resnet50_residual_bn_zero(False), images(3, 224),
-     "dead signal: every BN of the residual stages zeroed, projection shortcuts included",
-     culprits=("layer1.0.downsample.1",), batch_size=2)
-pair("unet_decoder_x1e-3", _CNN, lambda: unet({"ups.0.up": 1e-3}), unet, images(3, 128),
-     "vanishing: the deepest up-sampling ConvTranspose scaled 1e-3", culprits=("ups.0.up",),
-     batch_size=2, task="regress")
-pair("transformer_std1", _SEQ, lambda: transformer(1.0), transformer, tokens,
-     "saturated attention and exploding residual stream: std 1 instead of 0.02 everywhere",
-     task="lm", vocab=VOCAB, batch_size=8)
-pair("transformer_qkv_std1", _SEQ, lambda: transformer(qkv_std={0: 1.0}), transformer, tokens,
-     "saturated attention: nn.init.normal_ without std on the first block's qkv",
-     culprits=("blocks.0.attn.qkv",), task="lm", vocab=VOCAB, batch_size=8)
-pair("transformer24_post_ln", _SEQ, lambda: transformer(post_ln=True, depth=24),
-     lambda: transformer(depth=24), tokens,
-     "vanishing gradients to early blocks: post-LN at depth 24 (twin: pre-LN)",
-     task="lm", vocab=VOCAB, batch_size=8)
-pair("lstm_recurrent_std1", _SEQ, lambda: lstm(1.0), lambda: lstm(None), tokens,
-     "saturated gates: the recurrent weight drawn N(0, 1) instead of U(+-1/sqrt(hidden))",
-     culprits=("lstm",), task="lm", vocab=VOCAB, batch_size=8)
-
+pair(
+    "mlp30_xavier_relu",
+    _MLP,
+    lambda: mlp(30, nn.ReLU, XAVIER),
+    lambda: mlp(30, nn.ReLU, HE),
+    vectors,
+    "vanishing: Xavier (2/(n_in+n_out)) under ReLU halves the signal per layer",
+    notes="He et al. 2015's 30-layer ReLU net with Xavier as the Glorot paper states it",
+)
+pair(
+    "mlp30_lecun_relu",
+    _MLP,
+    lambda: mlp(30, nn.ReLU, LECUN),
+    lambda: mlp(30, nn.ReLU, HE),
+    vectors,
+    "vanishing: LeCun 1/n_in (gain 1, the 'linear' gain) under ReLU",
+)
+pair(
+    "mlp40_default_relu",
+    _MLP,
+    lambda: mlp(40, nn.ReLU, None, bias=True),
+    lambda: mlp(40, nn.ReLU, HE, bias=True),
+    vectors,
+    "vanishing: PyTorch's default Linear init (1/(3 n_in)) in a 40-layer ReLU net",
+)
+pair(
+    "mlp20_sigmoid",
+    _MLP,
+    lambda: mlp(20, nn.Sigmoid, XAVIER),
+    lambda: mlp(20, nn.ReLU, HE),
+    vectors,
+    "vanishing gradients: sigmoid (derivative <= 1/4) in a 20-layer net, Xavier init",
+    notes="the twin differs in activation and its matching init (ReLU + He)",
+)
+pair(
+    "mlp30_tanh_chaotic",
+    _MLP,
+    lambda: mlp(30, nn.Tanh, lambda fi, fo: math.sqrt(4.0 / fi)),
+    lambda: mlp(30, nn.Tanh, LECUN),
+    vectors,
+    "exploding gradients: tanh in the chaotic phase (sigma_w^2 = 4; twin: critical 1)",
+)
+pair(
+    "mlp20_he_x2",
+    _MLP,
+    lambda: mlp(20, nn.ReLU, lambda fi, fo: 2 * HE(fi, fo)),
+    lambda: mlp(20, nn.ReLU, HE),
+    vectors,
+    "exploding: He std doubled (variance x4 per layer)",
+)
+pair(
+    "mlp8_dead_relu_bias",
+    _MLP,
+    lambda: _dead_bias(mlp(8, nn.ReLU, HE, bias=True), "6"),
+    lambda: mlp(8, nn.ReLU, HE, bias=True),
+    vectors,
+    "dead ReLUs: bias -10 before a ReLU, every unit after it is zero",
+    culprits=("6",),
+)
+pair(
+    "resmlp32_unnormalized",
+    _MLP,
+    lambda: ResidualMLP(32),
+    lambda: ResidualMLP(32, 32**-0.5),
+    vectors,
+    "exploding: 32 residual blocks, no normalization, unscaled branches (variance x2 per block)",
+    notes="twin scales each branch by 1/sqrt(32)",
+)
+pair(
+    "resnet24_unnormalized",
+    _CNN,
+    lambda: PlainResNet(24),
+    lambda: PlainResNet(24, 24**-0.5),
+    C32,
+    "exploding: 24 residual conv blocks, no normalization, He in both branch convs, unscaled",
+    batch_size=8,
+    notes="twin scales each branch by 1/sqrt(24)",
+)
+pair(
+    "vgg16_std001",
+    _CNN,
+    lambda: vgg16_plain(0.01),
+    lambda: vgg16_plain(None),
+    C32,
+    "vanishing: N(0, 0.01^2) on every conv of a VGG-16 without BatchNorm",
+    batch_size=8,
+    notes="the VGG paper's init, which it could not train at depth 16 without pre-training",
+)
+pair(
+    "vgg11_he_x2",
+    _CNN,
+    lambda: vgg11(he_gain=2.0),
+    lambda: vgg11(),
+    C32,
+    "exploding: kaiming std doubled on every conv",
+    batch_size=8,
+)
+pair(
+    "vgg11_stem_x100",
+    _CNN,
+    lambda: vgg11({"features.0": 100.0}),
+    lambda: vgg11(),
+    C32,
+    "exploding: the stem conv's weights 100x",
+    culprits=("features.0",),
+    batch_size=8,
+)
+pair(
+    "vgg11_conv_x50",
+    _CNN,
+    lambda: vgg11({"features.8": 50.0}),
+    lambda: vgg11(),
+    C32,
+    "exploding: one conv's weights 50x",
+    culprits=("features.8",),
+    batch_size=8,
+)
+pair(
+    "vgg11_dead_relu_bias",
+    _CNN,
+    lambda: vgg11(bias={"features.11": -10.0}),
+    lambda: vgg11(),
+    C32,
+    "dead ReLUs: conv bias -10, every unit after it is zero",
+    culprits=("features.11",),
+    batch_size=8,
+)
+pair(
+    "vgg11_pixels_0_255",
+    _CNN,
+    vgg11,
+    vgg11,
+    pixels_0_255,
+    "exploding input: raw 0-255 pixels into a net initialized for unit-variance input",
+    culprits=("features.0",),
+    batch_size=8,
+    notes="the twin gets the same pixels normalized",
+    twin_inputs=normalized_pixels,
+)
+pair(
+    "vgg16_bn_gamma_zero",
+    _CNN,
+    lambda: vgg16_bn("features.21"),
+    vgg16_bn,
+    C32,
+    "dead signal: one BatchNorm's weight zero-initialized in a net without skips",
+    culprits=("features.21",),
+    batch_size=8,
+)
+pair(
+    "resnet50_residual_bn_zero",
+    _CNN,
+    lambda: resnet50_residual_bn_zero(True),
+    lambda: resnet50_residual_bn_zero(False),
+    images(3, 224),
+    "dead signal: every BN of the residual stages zeroed, projection shortcuts included",
+    culprits=("layer1.0.downsample.1",),
+    batch_size=2,
+)
+pair(
+    "unet_decoder_x1e-3",
+    _CNN,
+    lambda: unet({"ups.0.up": 1e-3}),
+    unet,
+    images(3, 128),
+    "vanishing: the deepest up-sampling ConvTranspose scaled 1e-3",
+    culprits=("ups.0.up",),
+    batch_size=2,
+    task="regress",
+)
+pair(
+    "transformer_std1",
+    _SEQ,
+    lambda: transformer(1.0),
+    transformer,
+    tokens,
+    "saturated attention and exploding residual stream: std 1 instead of 0.02 everywhere",
+    task="lm",
+    vocab=VOCAB,
+    batch_size=8,
+)
+pair(
+    "transformer_qkv_std1",
+    _SEQ,
+    lambda: transformer(qkv_std={0: 1.0}),
+    transformer,
+    tokens,
+    "saturated attention: nn.init.normal_ without std on the first block's qkv",
+    culprits=("blocks.0.attn.qkv",),
+    task="lm",
+    vocab=VOCAB,
+    batch_size=8,
+)
+pair(
+    "transformer24_post_ln",
+    _SEQ,
+    lambda: transformer(post_ln=True, depth=24),
+    lambda: transformer(depth=24),
+    tokens,
+    "vanishing gradients to early blocks: post-LN at depth 24 (twin: pre-LN)",
+    task="lm",
+    vocab=VOCAB,
+    batch_size=8,
+)
+pair(
+    "lstm_recurrent_std1",
+    _SEQ,
+    lambda: lstm(1.0),
+    lambda: lstm(None),
+    tokens,
+    "saturated gates: the recurrent weight drawn N(0, 1) instead of U(+-1/sqrt(hidden))",
+    culprits=("lstm",),
+    task="lm",
+    vocab=VOCAB,
+    batch_size=8,
+)

@@ -18,6 +18,7 @@ from corpus.layers import images, init_torchvision_mobile, init_torchvision_resn
 
 # -- torchvision ResNet-50 (v1.5: the stride sits on the 3x3 conv) -------------------
 
+
 class Bottleneck(nn.Module):
     expansion = 4
 
@@ -33,8 +34,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -74,6 +76,7 @@ class ResNet(nn.Module):
 
 # -- pytorch-cifar (kuangliu): ResNet-18, PreAct ResNet-18, SENet-18; PyTorch default init
 
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, planes: int, stride: int = 1):
         super().__init__()
@@ -83,8 +86,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -132,8 +136,12 @@ class CifarResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64) if stem_bn else None
         cin, stages = 64, []
         for i, planes in enumerate((64, 128, 256, 512)):
-            stages.append(nn.Sequential(block(cin, planes, 1 if i == 0 else 2, **block_kw),
-                                        block(planes, planes, 1, **block_kw)))
+            stages.append(
+                nn.Sequential(
+                    block(cin, planes, 1 if i == 0 else 2, **block_kw),
+                    block(planes, planes, 1, **block_kw),
+                )
+            )
             cin = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(512, num_classes)
@@ -175,6 +183,7 @@ class VGG(nn.Module):
 
 # -- pytorch-cifar densenet_cifar: DenseNet-121's block counts at growth 12 ------------
 
+
 class DenseBottleneck(nn.Module):
     def __init__(self, cin: int, growth: int):
         super().__init__()
@@ -200,8 +209,13 @@ class Transition(nn.Module):
 
 
 class DenseNet(nn.Module):
-    def __init__(self, nblocks=(6, 12, 24, 16), growth: int = 12, reduction: float = 0.5,
-                 num_classes: int = 10):
+    def __init__(
+        self,
+        nblocks=(6, 12, 24, 16),
+        growth: int = 12,
+        reduction: float = 0.5,
+        num_classes: int = 10,
+    ):
         super().__init__()
         planes = 2 * growth
         self.conv1 = nn.Conv2d(3, planes, 3, padding=1, bias=False)
@@ -228,10 +242,14 @@ class DenseNet(nn.Module):
 
 # -- torchvision GoogLeNet (no auxiliary heads, transform_input off) -------------------
 
+
 def _basic(cin: int, cout: int, k: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
     """torchvision's BasicConv2d: conv (no bias), BatchNorm(eps=0.001), ReLU."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, bias=False),
-                         nn.BatchNorm2d(cout, eps=0.001), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, padding, bias=False),
+        nn.BatchNorm2d(cout, eps=0.001),
+        nn.ReLU(inplace=True),
+    )
 
 
 class Inception(nn.Module):
@@ -241,7 +259,9 @@ class Inception(nn.Module):
         self.branch2 = nn.Sequential(_basic(cin, ch3red, 1), _basic(ch3red, ch3, 3, padding=1))
         # torchvision keeps a 3x3 here where the paper has 5x5 (pytorch/vision#906)
         self.branch3 = nn.Sequential(_basic(cin, ch5red, 1), _basic(ch5red, ch5, 3, padding=1))
-        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), _basic(cin, pool_proj, 1))
+        self.branch4 = nn.Sequential(
+            nn.MaxPool2d(3, 1, 1, ceil_mode=True), _basic(cin, pool_proj, 1)
+        )
 
     def forward(self, x):
         return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
@@ -251,17 +271,25 @@ class GoogLeNet(nn.Module):
     def __init__(self, num_classes: int = 1000):
         super().__init__()
         pool = lambda k=3: nn.MaxPool2d(k, 2, ceil_mode=True)  # noqa: E731
-        self.stem = nn.Sequential(_basic(3, 64, 7, 2, 3), pool(), _basic(64, 64, 1),
-                                  _basic(64, 192, 3, padding=1), pool())
-        self.inception3 = nn.Sequential(Inception(192, 64, 96, 128, 16, 32, 32),
-                                        Inception(256, 128, 128, 192, 32, 96, 64), pool())
-        self.inception4 = nn.Sequential(Inception(480, 192, 96, 208, 16, 48, 64),
-                                        Inception(512, 160, 112, 224, 24, 64, 64),
-                                        Inception(512, 128, 128, 256, 24, 64, 64),
-                                        Inception(512, 112, 144, 288, 32, 64, 64),
-                                        Inception(528, 256, 160, 320, 32, 128, 128), pool(2))
-        self.inception5 = nn.Sequential(Inception(832, 256, 160, 320, 32, 128, 128),
-                                        Inception(832, 384, 192, 384, 48, 128, 128))
+        self.stem = nn.Sequential(
+            _basic(3, 64, 7, 2, 3), pool(), _basic(64, 64, 1), _basic(64, 192, 3, padding=1), pool()
+        )
+        self.inception3 = nn.Sequential(
+            Inception(192, 64, 96, 128, 16, 32, 32),
+            Inception(256, 128, 128, 192, 32, 96, 64),
+            pool(),
+        )
+        self.inception4 = nn.Sequential(
+            Inception(480, 192, 96, 208, 16, 48, 64),
+            Inception(512, 160, 112, 224, 24, 64, 64),
+            Inception(512, 128, 128, 256, 24, 64, 64),
+            Inception(512, 112, 144, 288, 32, 64, 64),
+            Inception(528, 256, 160, 320, 32, 128, 128),
+            pool(2),
+        )
+        self.inception5 = nn.Sequential(
+            Inception(832, 256, 160, 320, 32, 128, 128), Inception(832, 384, 192, 384, 48, 128, 128)
+        )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(0.2)
         self.fc = nn.Linear(1024, num_classes)
@@ -280,11 +308,16 @@ class GoogLeNet(nn.Module):
 
 # -- UNet (Ronneberger et al. 2015, as in milesial/Pytorch-UNet), default init ---------
 
+
 def double_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class Up(nn.Module):
@@ -300,10 +333,11 @@ class Up(nn.Module):
 class UNet(nn.Module):
     def __init__(self, in_ch: int = 3, n_classes: int = 2, base: int = 32):
         super().__init__()
-        w = [base * 2 ** i for i in range(5)]
+        w = [base * 2**i for i in range(5)]
         self.inc = double_conv(in_ch, w[0])
-        self.downs = nn.ModuleList(nn.Sequential(nn.MaxPool2d(2), double_conv(a, b))
-                                   for a, b in zip(w, w[1:]))
+        self.downs = nn.ModuleList(
+            nn.Sequential(nn.MaxPool2d(2), double_conv(a, b)) for a, b in zip(w, w[1:])
+        )
         self.ups = nn.ModuleList(Up(b, a) for a, b in reversed(list(zip(w, w[1:]))))
         self.outc = nn.Conv2d(w[0], n_classes, 1)
 
@@ -333,9 +367,15 @@ class ScaledStdConv2d(nn.Conv2d):
         self.eps = eps
 
     def forward(self, x):
-        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
-                              weight=(self.gain * self.scale).view(-1), training=True,
-                              momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1),
+            None,
+            None,
+            weight=(self.gain * self.scale).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=self.eps,
+        ).reshape_as(self.weight)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding)
 
 
@@ -349,7 +389,11 @@ class NormFreeBlock(nn.Module):
         self.alpha, self.beta = alpha, beta
         self.downsample = conv(cin, cout, 1, stride) if (stride != 1 or cin != cout) else None
         self.act1, self.act2, self.act3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
-        self.conv1, self.conv2, self.conv3 = conv(cin, mid, 1), conv(mid, mid, 3, stride), conv(mid, cout, 1)
+        self.conv1, self.conv2, self.conv3 = (
+            conv(cin, mid, 1),
+            conv(mid, mid, 3, stride),
+            conv(mid, cout, 1),
+        )
 
     def forward(self, x):
         out = self.act1(x) * self.beta
@@ -361,15 +405,19 @@ class NormFreeBlock(nn.Module):
 class NFResNet(nn.Module):
     def __init__(self, depths=(2, 2, 2, 2), alpha: float = 0.2, num_classes: int = 1000):
         super().__init__()
-        self.stem = nn.Sequential(ScaledStdConv2d(3, 64, 7, 2, gamma=RELU_GAMMA),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            ScaledStdConv2d(3, 64, 7, 2, gamma=RELU_GAMMA), nn.MaxPool2d(3, 2, 1)
+        )
         cin, blocks = 64, []
         for i, (d, cout) in enumerate(zip(depths, (256, 512, 1024, 2048))):
             expected_var = 1.0  # a stage's first block projects the normalized input
             for j in range(d):
-                blocks.append(NormFreeBlock(cin, cout, 2 if (j == 0 and i > 0) else 1,
-                                            alpha, expected_var ** -0.5))
-                expected_var = (1.0 if j == 0 else expected_var) + alpha ** 2
+                blocks.append(
+                    NormFreeBlock(
+                        cin, cout, 2 if (j == 0 and i > 0) else 1, alpha, expected_var**-0.5
+                    )
+                )
+                expected_var = (1.0 if j == 0 else expected_var) + alpha**2
                 cin = cout
         self.stages = nn.Sequential(*blocks)
         self.final_act = nn.ReLU()
@@ -392,31 +440,86 @@ _TV, _CIFAR, _TIMM = "torchvision-style", "pytorch-cifar-style", "timm-style"
 
 for _e in (
     # probe 4.3 s
-    Entry("resnet50", _TV, ResNet, images(3, 224), batch_size=2,
-          notes="ResNet-50 v1.5, torchvision init (kaiming fan_out on convs, BN 1/0)"),
+    Entry(
+        "resnet50",
+        _TV,
+        ResNet,
+        images(3, 224),
+        batch_size=2,
+        notes="ResNet-50 v1.5, torchvision init (kaiming fan_out on convs, BN 1/0)",
+    ),
     # probe 0.5 s
-    Entry("cifar_resnet18", _CIFAR, lambda: CifarResNet(BasicBlock), images(3, 32), batch_size=8,
-          notes="pytorch-cifar ResNet18, PyTorch default init"),
+    Entry(
+        "cifar_resnet18",
+        _CIFAR,
+        lambda: CifarResNet(BasicBlock),
+        images(3, 32),
+        batch_size=8,
+        notes="pytorch-cifar ResNet18, PyTorch default init",
+    ),
     # probe 0.4 s
-    Entry("preact_resnet18", _CIFAR, lambda: CifarResNet(PreActBlock, stem_bn=False),
-          images(3, 32), batch_size=8, notes="pytorch-cifar PreActResNet18, default init"),
+    Entry(
+        "preact_resnet18",
+        _CIFAR,
+        lambda: CifarResNet(PreActBlock, stem_bn=False),
+        images(3, 32),
+        batch_size=8,
+        notes="pytorch-cifar PreActResNet18, default init",
+    ),
     # probe 0.5 s
-    Entry("senet18", _CIFAR, lambda: CifarResNet(PreActBlock, se=True), images(3, 32),
-          batch_size=8, notes="pytorch-cifar SENet18 (pre-activation blocks with SE gates)"),
+    Entry(
+        "senet18",
+        _CIFAR,
+        lambda: CifarResNet(PreActBlock, se=True),
+        images(3, 32),
+        batch_size=8,
+        notes="pytorch-cifar SENet18 (pre-activation blocks with SE gates)",
+    ),
     # probe 0.7 s
-    Entry("vgg16_bn_cifar", _CIFAR, VGG, images(3, 32), batch_size=8,
-          notes="pytorch-cifar VGG16 with BatchNorm, default init"),
+    Entry(
+        "vgg16_bn_cifar",
+        _CIFAR,
+        VGG,
+        images(3, 32),
+        batch_size=8,
+        notes="pytorch-cifar VGG16 with BatchNorm, default init",
+    ),
     # probe: varprobe raises (tests/test_corpus.py KNOWN_CRASHES)
-    Entry("densenet_cifar", _CIFAR, DenseNet, images(3, 32), batch_size=8,
-          notes="pytorch-cifar densenet_cifar: DenseNet-121 block counts (6,12,24,16), growth 12"),
+    Entry(
+        "densenet_cifar",
+        _CIFAR,
+        DenseNet,
+        images(3, 32),
+        batch_size=8,
+        notes="pytorch-cifar densenet_cifar: DenseNet-121 block counts (6,12,24,16), growth 12",
+    ),
     # probe 0.7 s
-    Entry("googlenet", _TV, GoogLeNet, images(3, 224), batch_size=2,
-          notes="torchvision GoogLeNet without aux heads, trunc_normal(0.01) init"),
+    Entry(
+        "googlenet",
+        _TV,
+        GoogLeNet,
+        images(3, 224),
+        batch_size=2,
+        notes="torchvision GoogLeNet without aux heads, trunc_normal(0.01) init",
+    ),
     # probe 3.4 s
-    Entry("unet", "milesial-style", UNet, images(3, 128), batch_size=2, task="regress",
-          notes="UNet, base width 32, BN, ConvTranspose up-sampling, default init"),
+    Entry(
+        "unet",
+        "milesial-style",
+        UNet,
+        images(3, 128),
+        batch_size=2,
+        task="regress",
+        notes="UNet, base width 32, BN, ConvTranspose up-sampling, default init",
+    ),
     # probe 3.8 s
-    Entry("nf_resnet26", _TIMM, NFResNet, images(3, 224), batch_size=2,
-          notes="timm nf_resnet26: ScaledStdConv2d, alpha 0.2, no normalization layers"),
+    Entry(
+        "nf_resnet26",
+        _TIMM,
+        NFResNet,
+        images(3, 224),
+        batch_size=2,
+        notes="timm nf_resnet26: ScaledStdConv2d, alpha 0.2, no normalization layers",
+    ),
 ):
     register(_e)

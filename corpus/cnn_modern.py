@@ -29,8 +29,20 @@ class InvertedResidual(nn.Module):
     """MobileNetV2/V3 and EfficientNet's MBConv: expand 1x1, depthwise kxk, optional SE,
     linear 1x1 projection; identity shortcut when shapes allow."""
 
-    def __init__(self, cin, k, expanded, cout, stride, act, se_squeeze=None, se_act=nn.ReLU,
-                 se_gate=nn.Sigmoid, eps=1e-5, drop=0.0):
+    def __init__(
+        self,
+        cin,
+        k,
+        expanded,
+        cout,
+        stride,
+        act,
+        se_squeeze=None,
+        se_act=nn.ReLU,
+        se_gate=nn.Sigmoid,
+        eps=1e-5,
+        drop=0.0,
+    ):
         super().__init__()
         self.use_res = stride == 1 and cin == cout
         layers: list[nn.Module] = []
@@ -53,8 +65,15 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -76,12 +95,19 @@ class MobileNetV2(nn.Module):
 
 class MobileNetV3Small(nn.Module):
     # input, kernel, expanded, output, SE, activation (RE: ReLU, HS: Hardswish), stride
-    SETTINGS = ((16, 3, 16, 16, True, "RE", 2), (16, 3, 72, 24, False, "RE", 2),
-                (24, 3, 88, 24, False, "RE", 1), (24, 5, 96, 40, True, "HS", 2),
-                (40, 5, 240, 40, True, "HS", 1), (40, 5, 240, 40, True, "HS", 1),
-                (40, 5, 120, 48, True, "HS", 1), (48, 5, 144, 48, True, "HS", 1),
-                (48, 5, 288, 96, True, "HS", 2), (96, 5, 576, 96, True, "HS", 1),
-                (96, 5, 576, 96, True, "HS", 1))
+    SETTINGS = (
+        (16, 3, 16, 16, True, "RE", 2),
+        (16, 3, 72, 24, False, "RE", 2),
+        (24, 3, 88, 24, False, "RE", 1),
+        (24, 5, 96, 40, True, "HS", 2),
+        (40, 5, 240, 40, True, "HS", 1),
+        (40, 5, 240, 40, True, "HS", 1),
+        (40, 5, 120, 48, True, "HS", 1),
+        (48, 5, 144, 48, True, "HS", 1),
+        (48, 5, 288, 96, True, "HS", 2),
+        (96, 5, 576, 96, True, "HS", 1),
+        (96, 5, 576, 96, True, "HS", 1),
+    )
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
@@ -89,13 +115,25 @@ class MobileNetV3Small(nn.Module):
         layers: list[nn.Module] = [conv_bn_act(3, 16, 3, 2, act=nn.Hardswish, eps=eps)]
         for cin, k, exp, cout, se, act, s in self.SETTINGS:
             squeeze = make_divisible(exp // 4, 8) if se else None
-            layers.append(InvertedResidual(cin, k, exp, cout, s, nn.ReLU if act == "RE" else nn.Hardswish,
-                                           squeeze, se_gate=nn.Hardsigmoid, eps=eps))
+            layers.append(
+                InvertedResidual(
+                    cin,
+                    k,
+                    exp,
+                    cout,
+                    s,
+                    nn.ReLU if act == "RE" else nn.Hardswish,
+                    squeeze,
+                    se_gate=nn.Hardsigmoid,
+                    eps=eps,
+                )
+            )
         layers.append(conv_bn_act(96, 576, 1, act=nn.Hardswish, eps=eps))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2),
-                                        nn.Linear(1024, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(576, 1024), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(1024, num_classes)
+        )
         init_torchvision_mobile(self)
 
     def forward(self, x):
@@ -104,9 +142,15 @@ class MobileNetV3Small(nn.Module):
 
 class EfficientNetB0(nn.Module):
     # expand ratio, kernel, stride, input, output, layers
-    SETTINGS = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2),
-                (6, 3, 2, 40, 80, 3), (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4),
-                (6, 3, 1, 192, 320, 1))
+    SETTINGS = (
+        (1, 3, 1, 32, 16, 1),
+        (6, 3, 2, 16, 24, 2),
+        (6, 5, 2, 24, 40, 2),
+        (6, 3, 2, 40, 80, 3),
+        (6, 5, 1, 80, 112, 3),
+        (6, 5, 2, 112, 192, 4),
+        (6, 3, 1, 192, 320, 1),
+    )
 
     def __init__(self, num_classes: int = 1000, stochastic_depth_prob: float = 0.2):
         super().__init__()
@@ -115,9 +159,19 @@ class EfficientNetB0(nn.Module):
         for e, k, s, cin, cout, n in self.SETTINGS:
             for i in range(n):
                 inp = cin if i == 0 else cout
-                layers.append(InvertedResidual(
-                    inp, k, make_divisible(inp * e, 8), cout, s if i == 0 else 1, nn.SiLU,
-                    max(1, inp // 4), nn.SiLU, drop=stochastic_depth_prob * done / total))
+                layers.append(
+                    InvertedResidual(
+                        inp,
+                        k,
+                        make_divisible(inp * e, 8),
+                        cout,
+                        s if i == 0 else 1,
+                        nn.SiLU,
+                        max(1, inp // 4),
+                        nn.SiLU,
+                        drop=stochastic_depth_prob * done / total,
+                    )
+                )
                 done += 1
         layers.append(conv_bn_act(320, 1280, 1, act=nn.SiLU))
         self.features = nn.Sequential(*layers)
@@ -132,13 +186,19 @@ class EfficientNetB0(nn.Module):
 class ResBottleneckBlock(nn.Module):
     """torchvision RegNet block: 1x1, grouped 3x3, SE, 1x1; relu(proj(x) + f(x))."""
 
-    def __init__(self, cin: int, cout: int, stride: int, group_width: int = 8, se_ratio: float = 0.25):
+    def __init__(
+        self, cin: int, cout: int, stride: int, group_width: int = 8, se_ratio: float = 0.25
+    ):
         super().__init__()
-        self.proj = (conv_bn_act(cin, cout, 1, stride, act=None)
-                     if cin != cout or stride != 1 else None)
-        self.f = nn.Sequential(conv_bn_act(cin, cout, 1), conv_bn_act(cout, cout, 3, stride, cout // group_width),
-                               SqueezeExcitation(cout, int(round(se_ratio * cin))),
-                               conv_bn_act(cout, cout, 1, act=None))
+        self.proj = (
+            conv_bn_act(cin, cout, 1, stride, act=None) if cin != cout or stride != 1 else None
+        )
+        self.f = nn.Sequential(
+            conv_bn_act(cin, cout, 1),
+            conv_bn_act(cout, cout, 3, stride, cout // group_width),
+            SqueezeExcitation(cout, int(round(se_ratio * cin))),
+            conv_bn_act(cout, cout, 1, act=None),
+        )
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, x):
@@ -194,14 +254,26 @@ class ConvNeXt(nn.Module):
     """torchvision ConvNeXt; the corpus uses timm's convnext_nano stage sizes
     (depths 2-2-8-2, widths 80-640) to keep the probe fast, with ConvNeXt-T's blocks."""
 
-    def __init__(self, depths=(2, 2, 8, 2), dims=(80, 160, 320, 640), num_classes: int = 1000,
-                 layer_scale: float = 1e-6, stochastic_depth_prob: float = 0.1):
+    def __init__(
+        self,
+        depths=(2, 2, 8, 2),
+        dims=(80, 160, 320, 640),
+        num_classes: int = 1000,
+        layer_scale: float = 1e-6,
+        stochastic_depth_prob: float = 0.1,
+    ):
         super().__init__()
-        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))]
+        layers: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))
+        ]
         total, done = sum(depths), 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             if i > 0:
-                layers.append(nn.Sequential(LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dim, 2, 2)))
+                layers.append(
+                    nn.Sequential(
+                        LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dim, 2, 2)
+                    )
+                )
             for _ in range(depth):
                 layers.append(CNBlock(dim, layer_scale, stochastic_depth_prob * done / (total - 1)))
                 done += 1
@@ -245,8 +317,13 @@ class PoolFormer(nn.Module):
     """PoolFormer-S12: layers 2-2-6-2, widths 64-512; patch-embed convs at default init,
     the head Linear trunc_normal(.02)."""
 
-    def __init__(self, layers=(2, 2, 6, 2), dims=(64, 128, 320, 512), num_classes: int = 1000,
-                 drop_path_rate: float = 0.1):
+    def __init__(
+        self,
+        layers=(2, 2, 6, 2),
+        dims=(64, 128, 320, 512),
+        num_classes: int = 1000,
+        drop_path_rate: float = 0.1,
+    ):
         super().__init__()
         blocks: list[nn.Module] = [nn.Conv2d(3, dims[0], 7, 4, 2)]
         total, done = sum(layers), 0
@@ -272,25 +349,67 @@ _TV, _TIMM = "torchvision-style", "timm-style"
 
 for _e in (
     # probe 8.8 s
-    Entry("mobilenet_v2", _TV, MobileNetV2, images(3, 224), batch_size=2,
-          notes="torchvision MobileNetV2 and its init (kaiming fan_out, Linear N(0, .01))"),
+    Entry(
+        "mobilenet_v2",
+        _TV,
+        MobileNetV2,
+        images(3, 224),
+        batch_size=2,
+        notes="torchvision MobileNetV2 and its init (kaiming fan_out, Linear N(0, .01))",
+    ),
     # probe 3.8 s
-    Entry("mobilenet_v3_small", _TV, MobileNetV3Small, images(3, 224), batch_size=2,
-          notes="torchvision MobileNetV3-Small: SE (hardsigmoid gate), hardswish, depthwise"),
+    Entry(
+        "mobilenet_v3_small",
+        _TV,
+        MobileNetV3Small,
+        images(3, 224),
+        batch_size=2,
+        notes="torchvision MobileNetV3-Small: SE (hardsigmoid gate), hardswish, depthwise",
+    ),
     # probe 9.1 s
-    Entry("efficientnet_b0", _TV, EfficientNetB0, images(3, 224), batch_size=2,
-          notes="torchvision EfficientNet-B0: SE, SiLU, depthwise, stochastic depth 0.2"),
+    Entry(
+        "efficientnet_b0",
+        _TV,
+        EfficientNetB0,
+        images(3, 224),
+        batch_size=2,
+        notes="torchvision EfficientNet-B0: SE, SiLU, depthwise, stochastic depth 0.2",
+    ),
     # probe 11.8 s
-    Entry("regnety_400mf", _TV, RegNetY400MF, images(3, 224), batch_size=2,
-          notes="torchvision RegNetY-400MF: widths 48-440, depths 1-3-6-6, group width 8, SE"),
+    Entry(
+        "regnety_400mf",
+        _TV,
+        RegNetY400MF,
+        images(3, 224),
+        batch_size=2,
+        notes="torchvision RegNetY-400MF: widths 48-440, depths 1-3-6-6, group width 8, SE",
+    ),
     # probe 10.5 s
-    Entry("convnext_nano", _TIMM, ConvNeXt, images(3, 224), batch_size=2,
-          notes="ConvNeXt blocks (LayerScale 1e-6, trunc_normal .02) at convnext_nano depths"),
+    Entry(
+        "convnext_nano",
+        _TIMM,
+        ConvNeXt,
+        images(3, 224),
+        batch_size=2,
+        notes="ConvNeXt blocks (LayerScale 1e-6, trunc_normal .02) at convnext_nano depths",
+    ),
     # probe 5.3 s
-    Entry("poolformer_s12", _TIMM, PoolFormer, images(3, 224), batch_size=2,
-          notes="PoolFormer-S12 with LayerScale 1e-5 and GroupNorm(1)"),
+    Entry(
+        "poolformer_s12",
+        _TIMM,
+        PoolFormer,
+        images(3, 224),
+        batch_size=2,
+        notes="PoolFormer-S12 with LayerScale 1e-5 and GroupNorm(1)",
+    ),
     # probe 2.3 s
-    Entry("swin_cifar", "swin-style", SwinStack, images(3, 32), batch_size=8,
-          notes="Swin blocks (shifted 4x4 windows, relative-position bias) on 32x32 images"),
+    Entry(
+        "swin_cifar",
+        "swin-style",
+        SwinStack,
+        images(3, 32),
+        batch_size=8,
+        notes="Swin blocks (shifted 4x4 windows, relative-position bias) on 32x32 images",
+    ),
 ):
     register(_e)

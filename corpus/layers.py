@@ -19,11 +19,20 @@ def images(channels: int, size: int) -> Callable[[int], torch.Tensor]:
     return lambda batch: torch.randn(batch, channels, size, size)
 
 
-def conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
-                act: Callable[[], nn.Module] | None = nn.ReLU, eps: float = 1e-5) -> nn.Sequential:
+def conv_bn_act(
+    cin: int,
+    cout: int,
+    k: int = 3,
+    stride: int = 1,
+    groups: int = 1,
+    act: Callable[[], nn.Module] | None = nn.ReLU,
+    eps: float = 1e-5,
+) -> nn.Sequential:
     """torchvision's Conv2dNormActivation: conv (no bias), BatchNorm, activation."""
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout, eps=eps)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout, eps=eps),
+    ]
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
@@ -32,8 +41,13 @@ def conv_bn_act(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 
 class SqueezeExcitation(nn.Module):
     """torchvision.ops.SqueezeExcitation: x * gate(fc2(act(fc1(avgpool(x)))))."""
 
-    def __init__(self, channels: int, squeeze: int, act: Callable[[], nn.Module] = nn.ReLU,
-                 gate: Callable[[], nn.Module] = nn.Sigmoid):
+    def __init__(
+        self,
+        channels: int,
+        squeeze: int,
+        act: Callable[[], nn.Module] = nn.ReLU,
+        gate: Callable[[], nn.Module] = nn.Sigmoid,
+    ):
         super().__init__()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(channels, squeeze, 1)
@@ -107,7 +121,9 @@ def init_torchvision_mobile(model: nn.Module, linear_std: float | None = 0.01) -
     return model
 
 
-def init_trunc_normal(model: nn.Module, std: float = 0.02, types=(nn.Linear, nn.Conv2d)) -> nn.Module:
+def init_trunc_normal(
+    model: nn.Module, std: float = 0.02, types=(nn.Linear, nn.Conv2d)
+) -> nn.Module:
     """timm / ConvNeXt / Swin: trunc_normal_(std) on weights of ``types``, bias 0;
     norms weight 1 bias 0."""
     for m in model.modules():

@@ -44,8 +44,15 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    def __init__(self, vocab: int, seq: int, dim: int = 128, heads: int = 4, depth: int = 6,
-                 post_ln: bool = False):
+    def __init__(
+        self,
+        vocab: int,
+        seq: int,
+        dim: int = 128,
+        heads: int = 4,
+        depth: int = 6,
+        post_ln: bool = False,
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(seq, dim)

@@ -32,10 +32,15 @@ class WindowAttention(nn.Module):
         self.window, self.heads = window, heads
         self.scale = (dim // heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+        ).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-        self.register_buffer("relative_position_index", rel[..., 0] * (2 * window - 1) + rel[..., 1],
-                             persistent=False)
+        self.register_buffer(
+            "relative_position_index",
+            rel[..., 0] * (2 * window - 1) + rel[..., 1],
+            persistent=False,
+        )
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -76,8 +81,9 @@ class SwinBlock(nn.Module):
         self.drop_path = StochasticDepth(drop)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.register_buffer("attn_mask", shift_mask(res, window, shift) if shift else None,
-                             persistent=False)
+        self.register_buffer(
+            "attn_mask", shift_mask(res, window, shift) if shift else None, persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -109,8 +115,17 @@ class PatchMerging(nn.Module):
 class SwinStack(nn.Module):
     """Patch 2 (16x16 tokens), window 4, stages of depth 2-2-2 at widths 96-192-384."""
 
-    def __init__(self, img: int = 32, patch: int = 2, dim: int = 96, depths=(2, 2, 2),
-                 heads=(3, 6, 12), window: int = 4, num_classes: int = 10, drop_path_rate: float = 0.1):
+    def __init__(
+        self,
+        img: int = 32,
+        patch: int = 2,
+        dim: int = 96,
+        depths=(2, 2, 2),
+        heads=(3, 6, 12),
+        window: int = 4,
+        num_classes: int = 10,
+        drop_path_rate: float = 0.1,
+    ):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.embed_norm = nn.LayerNorm(dim)
@@ -118,8 +133,16 @@ class SwinStack(nn.Module):
         total, done = sum(depths), 0
         for i, (depth, h) in enumerate(zip(depths, heads)):
             for j in range(depth):
-                layers.append(SwinBlock(dim, res, h, window, window // 2 if j % 2 else 0,
-                                        drop_path_rate * done / (total - 1)))
+                layers.append(
+                    SwinBlock(
+                        dim,
+                        res,
+                        h,
+                        window,
+                        window // 2 if j % 2 else 0,
+                        drop_path_rate * done / (total - 1),
+                    )
+                )
                 done += 1
             if i < len(depths) - 1:
                 layers.append(PatchMerging(dim, res))

@@ -25,17 +25,21 @@ BROKEN = [e for e in ENTRIES if e.broken is not None]
 # Broken variants whose mechanism the verdict rules do not see at init; strict, so a rule
 # that starts catching one turns the test red and the entry is taken off this list.
 KNOWN_MISSES = {
-    "lstm_recurrent_std1": "saturated LSTM gates: the recurrent matrix is inside the LSTM "
-                           "module, whose gates varprobe does not measure one by one",
-    "transformer24_post_ln": "post-LN's gradient imbalance across blocks: every block's "
-                             "LayerNorm resets the forward scale and its branch chains are "
-                             "two layers deep",
     "transformer_qkv_std1": "saturated attention logits: the softmax input is not measured "
                             "(no attention_saturated check yet)",
     "vgg11_pixels_0_255": "an input on the 0-255 scale: unnormalized_input warns, and the "
                           "output reaches 15x the twin's reference scale, inside the band",
     "unet_decoder_x1e-3": "a 1e-3 up-sampling layer whose output a GroupNorm and a "
                           "concatenation with the skip path restore at once",
+}
+
+
+# Broken by construction, but a short SGD run trains them (corpus/labels): no verdict is
+# asserted either way.
+TRAINS_ANYWAY = {
+    "lstm_recurrent_std1": "saturated LSTM gates: SGD still takes the loss from 4.18 to 1.89",
+    "transformer24_post_ln": "post-LN at depth 24: trains under SGD in the label run, "
+                             "while its pre-LN twin does not in the same budget",
 }
 
 
@@ -82,6 +86,8 @@ def test_corpus_entry_probes(entry: corpus.Entry):
     assert_untouched(model, before)
     errors = [(layer.label, f) for layer in report.layers for f in layer.flags
               if f.severity == "error"]
+    if entry.name in TRAINS_ANYWAY:
+        return
     if entry.broken is None:
         assert not errors, [f"{f.code} at {label}: {f.message}" for label, f in errors]
     else:
