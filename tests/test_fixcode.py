@@ -200,3 +200,14 @@ def test_he_prelu_with_slopes_per_layer_and_torch_default():
             1 / (3 * n), rel=SD * math.sqrt(0.8 / m.weight.numel()))
         assert m.bias.pow(2).mean().item() == pytest.approx(
             theory.scheme_bias_variance("torch-default", m), rel=SD * math.sqrt(0.8 / n))
+
+
+@pytest.mark.parametrize("module", [
+    nn.Linear(7, 5), nn.Conv1d(6, 4, 3), nn.Conv2d(8, 12, (3, 5), groups=4),
+    nn.Conv2d(16, 16, 3, groups=16), nn.Conv3d(4, 6, 2, groups=2),
+    nn.ConvTranspose1d(6, 9, 4, groups=3), nn.ConvTranspose2d(8, 4, 3, stride=2),
+    nn.ConvTranspose3d(4, 8, 2, groups=4)], ids=repr)
+def test_the_printed_fans_are_varprobes(module):
+    scope = {"nn": nn}
+    exec(fixcode.FANS, scope)
+    assert scope["fans"](module) == theory.fans(module)
