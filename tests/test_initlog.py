@@ -102,6 +102,10 @@ def test_recording_leaves_torch_as_it_was():
     after = (torch.Tensor.normal_, torch.Tensor.__dict__.get("data"), nn.init.trunc_normal_,
              nn.init.orthogonal_)
     assert after == before
+    with pytest.raises(RuntimeError), initlog.recording():  # a build that raises
+        raise RuntimeError("the model's constructor failed")
+    assert (torch.Tensor.normal_, torch.Tensor.__dict__.get("data"), nn.init.trunc_normal_,
+            nn.init.orthogonal_) == before
     w = torch.empty(3, 3)
     nn.init.trunc_normal_(w)  # the real function again: values drawn
     assert w.abs().max() <= 2

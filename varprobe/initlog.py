@@ -404,6 +404,7 @@ def run_skipped_init(model: torch.nn.Module) -> None:
         if id(module) in done or not isinstance(module, base):
             continue
         params = list(module.parameters())
-        if params and all(p.is_meta for p in params):
-            module.initialize_weights()
+        run = getattr(module, "initialize_weights", None)  # transformers >= 5
+        if run is not None and params and all(p.is_meta for p in params):
+            run()
         done.update(id(m) for m in module.modules())
