@@ -13,6 +13,7 @@ cancellation, so 1e-5 relative holds for every moment. Counts are exact.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -288,10 +289,10 @@ def test_one_host_read_per_probe(monkeypatch, model, mode):
     assert not any("graph: not used" in note for note in report.notes)
     if isinstance(model, Normed):
         check_parameters_read(model, {layer.name: layer for layer in report.layers},
-                              mode)
+                              mode, report.input)
 
 
-def check_parameters_read(model: Normed, layers: dict, mode: str) -> None:
+def check_parameters_read(model: Normed, layers: dict, mode: str, x) -> None:
     """The predictions use the actual norm and PReLU values (not their defaults): each
     is the closed form of theory.md on them. The same float64 arithmetic in another
     order: 1e-12 relative."""
@@ -306,11 +307,17 @@ def check_parameters_read(model: Normed, layers: dict, mode: str) -> None:
     kept = q / (q + model.ln.eps)
     assert layers["ln"].predicted.forward_var == pytest.approx(
         (gamma.square() * kept + beta.square()).mean().item(), rel=1e-12)
-    if mode == "eval":  # BatchNorm on its running statistics
-        q, bn = layers["a"].predicted.forward_var, model.bn
+    if mode == "eval":  # BatchNorm on its running statistics (varprobe/runningnorm.py)
+        a, bn = layers["a"], model.bn
+        q = a.predicted.forward_var
+        # The channel means' energy: the input's mean through the weights, and the bias.
+        energy = a.effective_fan_in * a.weight_second_moment * x.mean**2 \
+            + a.bias_second_moment
         g, b, m = host(bn.weight), host(bn.bias), host(bn.running_mean)
         sd = (host(bn.running_var) + bn.eps).sqrt()
-        expected = g.square() * (q + m.square()) / sd.square() + b.square() - 2 * g * b * m / sd
+        d = (math.sqrt(energy / m.square().mean().item()) - 1) * m  # means along mu_r
+        expected = g.square() * (q - energy + d.square()) / sd.square() + 2 * g * b * d / sd \
+            + b.square()
         assert layers["bn"].predicted.forward_var == pytest.approx(expected.mean().item(),
                                                                    rel=1e-12)
 
