@@ -90,8 +90,11 @@ def test_a_copy_from_another_parameter_and_an_opaque_op():
             nn.init.normal_(a.weight, std=0.1)
             b.weight.copy_(a.weight)
             c.weight.erfinv_()
+            d = nn.Parameter(torch.empty(4, 4, device="meta"))  # empty: no values drawn
+            d.data.mul_(2.0)
     assert log.moments(b.weight).m2 == pytest.approx(0.01)
     assert not log.moments(c.weight).known and "erfinv_" in log.moments(c.weight).op
+    assert not log.moments(d).known and "no recorded init" in log.moments(d).op
 
 
 def test_recording_leaves_torch_as_it_was():
