@@ -12,9 +12,9 @@ resets the scale, so the prediction resumes after it. Every measured field stays
 Meta weights have no values: the init ops the model's code applies while it is built
 are recorded (initlog) and give the weights' second moments; where nothing was
 recorded (a model handed over already built on meta), each layer's reset_parameters
-draw (PyTorch's default) is assumed, and a PReLU slope its constructor's ``init``. A model that cannot be built or run on meta
-(``.item()`` in its constructor, a data-dependent op) is built on the CPU instead, and
-then its weights are read.
+draw (PyTorch's default) is assumed, and a PReLU slope its constructor's ``init``. A
+model that cannot be built or run on meta (``.item()`` in its constructor, a
+data-dependent op) is built on the CPU instead, and then its weights are read.
 """
 
 from __future__ import annotations
