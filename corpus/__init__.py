@@ -23,7 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-FAMILIES = ("cnn", "vision", "hf", "broken")  # modules of this package that register entries
+# modules of this package that register entries
+FAMILIES = ("cnn", "cnn_modern", "vision", "hf_text", "hf_vision", "hf_diffusers",
+            "handwritten", "broken")
+OPTIONAL = ("transformers", "diffusers")  # libraries a family may need
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ def _load() -> None:
         try:
             importlib.import_module(f"corpus.{family}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"corpus.{family}":
+            # a family whose library is not installed (the hf extra) adds no entries
+            if exc.name not in (f"corpus.{family}", *OPTIONAL):
                 raise
 
 

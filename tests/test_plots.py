@@ -76,7 +76,7 @@ def test_predictions_without_measurements_plot_the_predictions():
     """What `varprobe predict` writes: measured fields null."""
     report = synthetic.chain(10)
     for layer in report.layers:
-        layer.forward = layer.backward = None
+        layer.input = layer.forward = layer.backward = None
     labels = _labels(plots.figure(report).axes[0])
     assert "measured" not in labels
     assert {"predicted (this init)", "Xavier init (predicted)", "He init (predicted)"} \
@@ -126,13 +126,25 @@ def _level_lines(ax) -> set[float]:
             if line.get_label().startswith("_") and len(set(line.get_ydata())) == 1}
 
 
-def test_the_forward_band_is_the_diagnosed_one_times_the_input_moment():
+def test_the_forward_panel_is_over_each_reference_and_the_band_the_diagnosed_one():
     report = synthetic.chain(12)
     report.input.second_moment = 4.0
-    assert _level_lines(plots.figure(report).axes[0]) == {0.04, 400.0}
+    for layer in report.layers:
+        layer.reference_second_moment = None  # no structure: the network input is it
+    assert _level_lines(plots.figure(report).axes[0]) == {0.01, 100.0}
     report.settings["thresholds"]["forward"] = [1e-3, 1e3]
     fig = plots.figure(report)
-    assert _level_lines(fig.axes[0]) == {0.004, 4000.0}
+    assert _level_lines(fig.axes[0]) == {0.001, 1000.0}
+    measured = next(line for line in fig.axes[0].get_lines() if line.get_label() == "measured")
+    inputs = [la.input.second_moment / 4.0 for la in report.weight_layers]
+    assert list(measured.get_ydata()) == pytest.approx(inputs)
+    # each layer's own reference, where the structure gave one
+    for k, layer in enumerate(report.weight_layers):
+        layer.reference_second_moment = 2.0 ** k
+    measured = next(line for line in plots.figure(report).axes[0].get_lines()
+                    if line.get_label() == "measured")
+    assert list(measured.get_ydata()) == pytest.approx(
+        [la.input.second_moment / 2.0 ** k for k, la in enumerate(report.weight_layers)])
     # Backward, the diagnosis multiplies measured multipliers: no band on this axis.
     assert _level_lines(fig.axes[1]) == set()
 

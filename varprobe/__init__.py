@@ -11,13 +11,13 @@ __version__ = "0.1.0"
 __all__ = ["probe", "assert_healthy", "Report", "VarprobeError", "__version__"]
 
 if TYPE_CHECKING:
-    from varprobe.diagnose import assert_healthy
     from varprobe.errors import VarprobeError
+    from varprobe.health import assert_healthy
     from varprobe.pipeline import probe
     from varprobe.report import Report
 
 _LAZY = {"probe": "varprobe.pipeline", "Report": "varprobe.report",
-         "VarprobeError": "varprobe.errors", "assert_healthy": "varprobe.diagnose"}
+         "VarprobeError": "varprobe.errors", "assert_healthy": "varprobe.health"}
 
 
 def __getattr__(name: str) -> Any:

@@ -66,6 +66,12 @@ def fail(message: str, debug: bool, exc: BaseException | None = None) -> None:
     raise typer.Exit(2)
 
 
+def _stage(*args, **kwargs):
+    from varprobe.stages import cli_stage
+
+    return cli_stage(*args, **kwargs)
+
+
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -135,7 +141,9 @@ def _settings(debug: bool, **given):
     """Defaults < [tool.varprobe] in the nearest pyproject.toml < these options."""
     from varprobe import config
     from varprobe.errors import VarprobeError
+    from varprobe.stages import show_tracebacks
 
+    show_tracebacks(debug)
     given["fail_on"] = given["fail_on"].value if given.get("fail_on") else None
     given["ignore"] = tuple(given.get("ignore") or ())
     try:
@@ -208,6 +216,7 @@ def analyze(
 def _run(target, shape, input_file, batch_size, seed, mode, device, debug, settings, *,
          init: str | None = None, trials: int = 1):
     from varprobe.errors import VarprobeError
+    from varprobe.stages import tell_failed
 
     try:
         from varprobe import inputs
@@ -215,15 +224,18 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug, setti
         from varprobe.pipeline import probe
         from varprobe.render.terminal import trial_progress
 
-        loaded = target_mod.load(target, seed=seed)
-        data = inputs.load_file(input_file) if input_file else loaded.example_input
+        with _stage("load"):
+            loaded = target_mod.load(target, seed=seed)
+            data = inputs.load_file(input_file) if input_file else loaded.example_input
         with trial_progress(trials) as progress:
-            return probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size,
-                         seed=seed, mode=mode.value, device=device, input_shape=shape,
-                         target=target, init=init, trials=trials, progress=progress,
-                         thresholds=settings.thresholds, ignore=settings.ignore)
+            report = probe(loaded.model, data, loss=loaded.loss, batch_size=batch_size,
+                           seed=seed, mode=mode.value, device=device, input_shape=shape,
+                           target=target, init=init, trials=trials, progress=progress,
+                           thresholds=settings.thresholds, ignore=settings.ignore)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
+    tell_failed(report)
+    return report
 
 
 @app.command()
@@ -251,6 +263,7 @@ def predict(
     settings = _settings(debug, batch_size=batch_size, seed=None, fail_on=fail_on,
                          ignore=ignore, threshold=threshold)
     from varprobe.errors import VarprobeError
+    from varprobe.stages import tell_failed
 
     try:
         from varprobe.predict import predict_target
@@ -261,6 +274,7 @@ def predict(
                                 ignore=settings.ignore)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
+    tell_failed(report)
     _record_settings(report, settings)
     _emit(report, fmt, output, all_layers, debug)
     if fail_on is not None:
@@ -274,16 +288,23 @@ def _emit(report, fmt: Format, output: Path | None, all_layers: bool, debug: boo
     if png is not None:  # first, so that a Markdown report can link it
         _draw(report, png, debug)
     if output is not None:
-        try:
-            formats.write(report, output, image=png)
-        except OSError as exc:
-            fail(f"cannot write {output}: {exc.strerror or exc}", debug, exc)
-    if fmt is Format.table:
-        from varprobe.render.terminal import render
+        _write(output, lambda p: formats.write(report, p, image=png), debug)
+    with _stage("render", report):
+        if fmt is Format.table:
+            from varprobe.render.terminal import render
 
-        render(report, all_layers=all_layers, compare=compare)
-    else:
-        sys.stdout.write(formats.text(report, fmt.value, image=png))
+            render(report, all_layers=all_layers, compare=compare)
+        else:
+            sys.stdout.write(formats.text(report, fmt.value, image=png))
+
+
+def _write(path: Path, write, debug: bool) -> None:
+    """``write(path)``: an OSError is the user's to fix (exit 2), anything else a bug."""
+    try:
+        with _stage("write", expected=(OSError,)):
+            write(path)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}", debug, exc)
 
 
 def _check_figure_path(path: Path | None, debug: bool) -> None:
@@ -296,12 +317,14 @@ def _check_figure_path(path: Path | None, debug: bool) -> None:
         fail(f"cannot write {path}: the folder {path.absolute().parent} does not exist", debug)
 
 
-def _draw(report, path: Path, debug: bool) -> None:
+def _draw(report, path: Path, debug: bool, isolated: bool = True) -> None:
+    """``isolated``: a failure in the plot stage leaves the rest of the command running."""
     from varprobe.errors import VarprobeError
     from varprobe.render import plots
 
     try:
-        plots.save(report, path)
+        with _stage("plot", report if isolated else None):
+            plots.save(report, path)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
 
@@ -319,7 +342,7 @@ def plot(
     """Draw the figure of a saved report, without the model."""
     output = output or report_file.with_suffix(".png")
     _check_figure_path(output, debug)
-    _draw(_read_report(report_file, debug), output, debug)
+    _draw(_read_report(report_file, debug), output, debug, isolated=False)
     typer.echo(f"wrote {output}", err=True)
 
 
@@ -344,7 +367,8 @@ def _read_report(path: Path, debug: bool):
     from varprobe.report import read
 
     try:
-        return read(path)
+        with _stage("load"):
+            return read(path)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
 
@@ -381,7 +405,8 @@ def check(
     png: Png = None,
     debug: Debug = False,
 ) -> None:
-    """Health check for CI: one line per problem; exit 0 healthy, 1 flagged, 2 could not run.
+    """Health check for CI: one line per problem; exit 0 healthy, 1 flagged, 2 could not
+    run, 3 a bug in varprobe.
 
     Flagged means a flag at or above --fail-on, or a regression against --baseline.
     """
@@ -395,10 +420,11 @@ def check(
     report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
                   device, debug, settings)
     _record_settings(report, settings)
-    if fmt is CheckFormat.github:
-        lines = ci.github(report, _annotation_file(target), settings.fail_on)
-    else:
-        lines = ci.check_lines(report, target, settings.fail_on)
+    lines = []
+    with _stage("render", report):
+        lines = (ci.github(report, _annotation_file(target), settings.fail_on)
+                 if fmt is CheckFormat.github else ci.check_lines(report, target,
+                                                                  settings.fail_on))
     regression = False
     if base is not None:
         more, regression = _against_baseline(base, report, factor, baseline)
@@ -415,7 +441,8 @@ def _against_baseline(base, report, factor: float, path: Path) -> tuple[list[str
     """Lines for the layers that moved against the baseline, and whether that fails."""
     from varprobe.baseline import diff as diff_reports
 
-    changes = diff_reports(base, report, factor)
+    with _stage("diagnose"):
+        changes = diff_reports(base, report, factor)
     lines = [f"baseline {line}" for line in changes.lines()]
     if changes.regression:
         lines.append(f"✗ varprobe: {len(changes.moved)} change(s) beyond ×{factor:g} "
@@ -431,12 +458,8 @@ def _write_ci_files(report, junit: Path | None, output: Path | None, settings,
     for path, write in ((junit, lambda p: write_atomic(
             p, ci.junit(report, settings.fail_on, settings.ignore))),
                         (output, lambda p: formats.write(report, p, image=png))):
-        if path is None:
-            continue
-        try:
-            write(path)
-        except OSError as exc:
-            fail(f"cannot write {path}: {exc.strerror or exc}", debug, exc)
+        if path is not None:
+            _write(path, write, debug)
 
 
 @app.command()
@@ -455,7 +478,9 @@ def diff(
     """
     from varprobe.baseline import diff as diff_reports
 
-    changes = diff_reports(_read_report(base, debug), _read_report(new, debug), factor)
+    base_report, new_report = _read_report(base, debug), _read_report(new, debug)
+    with _stage("diagnose"):
+        changes = diff_reports(base_report, new_report, factor)
     for line in changes.lines():
         typer.echo(line)
     if changes.regression:
@@ -469,7 +494,8 @@ UsageError = typer.BadParameter.__bases__[0]
 
 
 def main() -> None:
-    """Console entry point: a usage error is one line on stderr and exit code 2."""
+    """Console entry point. Exit codes: 0 healthy, 1 flagged, 2 the input or model could
+    not be run (one line on stderr), 3 a bug in varprobe (one line naming the stage)."""
     try:
         code = app(standalone_mode=False)
     except UsageError as exc:
@@ -479,4 +505,9 @@ def main() -> None:
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the command did not handle it: see tell
+        from varprobe.stages import tell
+
+        # The command's own --debug did not get to act on it: read it off the line.
+        sys.exit(tell(exc, None, "--debug" in sys.argv[1:]))
     sys.exit(code or 0)

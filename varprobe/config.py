@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from varprobe.diagnose import SEVERITIES, Thresholds
+from varprobe.diagnose.thresholds import SEVERITIES, Thresholds
 from varprobe.errors import VarprobeError
 
 FAIL_ON = (*SEVERITIES, "never")

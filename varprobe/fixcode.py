@@ -46,7 +46,8 @@ def code(scheme: str, weights: list[Layer], slopes: list[float]) -> tuple[str, s
     kinds = _kinds(weights)
     if scheme == "torch-default":
         return (f"for m in model.modules():\n    if isinstance(m, {kinds}):\n"
-                "        m.reset_parameters()"), "torch-default init: reset_parameters()"
+                "        m.reset_parameters()"), \
+            "torch-default init: each layer's reset_parameters()"
     variance = VARIANCE[scheme]
     # Linear layers alone need no helper: their fans are their features.
     linear = all(layer.type == "Linear" for layer in weights)

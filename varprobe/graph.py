@@ -847,8 +847,9 @@ class _Walk:
             source = self.nodes[source.inputs[0]]
         if (source.op != "linear" or not source.cat or len(node.inputs) > 1
                 or not isinstance(module, propagate.BATCH_NORMS)
-                or propagate._uses_running_stats(module)):
-            return False
+                or propagate._uses_running_stats(module)
+                or any(self.values[piece].signal is None for piece in source.inputs)):
+            return False  # a piece the walk has no value for: the whole-tensor rule
         gamma, _ = propagate._affine(module, self.host)
         g2 = sum(c * c for c in gamma) / len(gamma)
         eps = propagate._norm_eps(module)

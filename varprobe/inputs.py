@@ -1,12 +1,14 @@
 """Example inputs: the user's, a file's, or synthesized from the first layer.
 
 Float inputs are unit-variance Gaussians (the paper's E[x^2] = 1 assumption); an
-``nn.Embedding`` first layer gets integer ids inside its vocabulary.
+``nn.Embedding`` first layer gets integer ids inside its vocabulary; a transformers
+model gets what its ``main_input_name`` and config declare.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,11 @@ def first_layer(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, kinds)), None)
 
 
-def _sequence_limit(model: nn.Module) -> int:
+def _sequence_limit(model: nn.Module, decoder: bool = False) -> int:
     config = getattr(model, "config", None)
-    limits = [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    keys = ("max_position_embeddings", "n_positions") + (
+        ("max_target_positions",) if decoder else ())
+    limits = [getattr(config, k, None) for k in keys]
     return min([DEFAULT_SEQUENCE] + [v for v in limits if isinstance(v, int) and v > 0])
 
 
@@ -58,8 +62,7 @@ def synthesize(model: nn.Module, batch_size: int, shape: tuple[int, ...] | None,
     """A batch for ``model``: N(0, 1) floats, or in-range ids for an embedding."""
     if is_transformers(model):
         fed = transformers_inputs(model, batch_size, shape, generator)
-        if fed:
-            return to_device(fed, device, model_dtype(model))
+        return to_device(fed, device, model_dtype(model))
     bound = None
     if shape is None:
         shape, _, bound = infer_shape(model)
@@ -81,37 +84,99 @@ def is_transformers(model: nn.Module) -> bool:
 
 def transformers_inputs(model: nn.Module, batch_size: int, shape: tuple[int, ...] | None,
                         generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Keyword inputs shaped like ``model.dummy_inputs`` (T5 needs decoder ids too).
+    """Keyword inputs for a transformers model, from what it declares: its
+    ``main_input_name`` (token ids, pixel values, audio features or raw audio) shaped
+    from its config, and decoder ids for an encoder-decoder (T5, BART, Whisper).
 
     Token ids are drawn inside the input embedding's vocabulary, skipping the pad id
-    (attention may mask it out); masks are all ones, token types zero. ``shape`` (the
-    sequence length for ids, else the per-sample shape) overrides the default length.
+    (attention may mask it out). ``shape`` overrides the default: the sequence length
+    for ids, else the per-sample shape of the main input.
     """
-    try:
-        dummy = dict(model.dummy_inputs)
-    except Exception:  # noqa: BLE001 - a model without usable dummy inputs: fall back
-        dummy = {}
-    main = getattr(model, "main_input_name", "input_ids")
-    if main not in dummy and main.endswith("_ids"):
-        dummy[main] = torch.zeros(1, 1, dtype=torch.long)
     config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", "input_ids")
     seq = shape[0] if shape else _sequence_limit(model)
-    out = {}
-    for key, t in dummy.items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        if t.is_floating_point():
-            rest = tuple(shape) if shape and key == main else tuple(t.shape[1:])
-            out[key] = torch.randn((batch_size, *rest), generator=generator)
-        elif "mask" in key or key == "token_type_ids":
-            fill = 1 if "mask" in key else 0
-            out[key] = torch.full((batch_size, seq), fill, dtype=t.dtype)
-        else:
-            vocab = _vocabulary(model, config)
-            ids = torch.randint(0, vocab - 1, (batch_size, seq), generator=generator)
-            pad = getattr(config, "pad_token_id", None)
-            out[key] = ids + (ids >= pad) if isinstance(pad, int) and 0 <= pad < vocab else ids
+    if main.endswith("_ids"):
+        out = {main: _token_ids(model, config, batch_size, seq, generator)}
+    else:
+        sample = tuple(shape) if shape else _sample_shape(model, config, main)
+        out = {main: torch.randn((batch_size, *sample), generator=generator)}
+    if _accepts(model, "decoder_input_ids") and main != "decoder_input_ids":
+        length = seq if main.endswith("_ids") else _sequence_limit(model, decoder=True)
+        out["decoder_input_ids"] = _token_ids(model, config, batch_size, length, generator)
     return out
+
+
+def _token_ids(model: nn.Module, config: Any, batch_size: int, seq: int,
+               generator: torch.Generator) -> torch.Tensor:
+    vocab = _vocabulary(model, config)
+    ids = torch.randint(0, vocab - 1, (batch_size, seq), generator=generator)
+    pad = getattr(config, "pad_token_id", None)
+    return ids + (ids >= pad) if isinstance(pad, int) and 0 <= pad < vocab else ids
+
+
+def _sample_shape(model: nn.Module, config: Any, main: str) -> tuple[int, ...]:
+    """The per-sample shape of a float main input, as the config declares it."""
+    shape = _declared_shape(model, config, main)
+    if shape is None:
+        raise VarprobeError(
+            f"cannot synthesize {main} for {type(model).__name__}: its config does not say "
+            "what shape it takes; define example_input in the model file or pass "
+            "--input-shape (the shape of one sample)")
+    return shape
+
+
+def _declared_shape(model: nn.Module, config: Any, main: str) -> tuple[int, ...] | None:
+    def get(key: str, of: Any = config) -> Any:
+        return getattr(of, key, None)
+
+    if main in ("pixel_values", "pixel_values_videos"):
+        vision = config if get("image_size") or get("num_channels") else get("vision_config")
+        size = get("image_size", vision) or DEFAULT_SPATIAL[2]
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        frames = (get("num_frames", vision),) if get("num_frames", vision) else ()
+        return (*frames, get("num_channels", vision) or 3, *size)  # video: (T, C, H, W)
+    if main == "input_features" and get("num_mel_bins") and get("max_source_positions") \
+            and _encoder_stride(model):
+        # Whisper and its kin: the encoder's two convolutions must bring the frames down
+        # to exactly max_source_positions.
+        return (config.num_mel_bins, config.max_source_positions * _encoder_stride(model))
+    if main == "input_features" and get("input_feat_per_channel"):
+        # Speech2Text: (frames, features); each layer of its conv subsampler halves them.
+        features = config.input_feat_per_channel * (get("input_channels") or 1)
+        return (DEFAULT_SEQUENCE * 2 ** (get("num_conv_layers") or 0), features)
+    if main == "input_values" and get("conv_stride") and get("conv_kernel"):
+        return (_raw_audio_length(config.conv_kernel, config.conv_stride),)
+    if main == "input_values" and get("num_mel_bins") and get("max_length"):
+        return (config.max_length, config.num_mel_bins)  # AST: a spectrogram
+    if main in ("inputs_embeds", "hidden_states") and get("hidden_size"):
+        return (_sequence_limit(model), config.hidden_size)
+    return None
+
+
+def _encoder_stride(model: nn.Module) -> int | None:
+    """The frame stride of a Whisper-style encoder's conv1 and conv2; None without them."""
+    with contextlib.suppress(Exception):
+        model = model.get_encoder()
+    convs = [getattr(model, name, None) for name in ("conv1", "conv2")]
+    if not all(isinstance(c, nn.Conv1d) for c in convs):
+        return None
+    return convs[0].stride[0] * convs[1].stride[0]
+
+
+def _raw_audio_length(kernels: Any, strides: Any, frames: int = DEFAULT_SEQUENCE) -> int:
+    """Samples that a feature encoder's convolutions turn into ``frames`` frames: each
+    layer's output length is floor((L - k) / s) + 1, inverted from the last layer."""
+    length = frames
+    for k, s in zip(reversed(list(kernels)), reversed(list(strides))):
+        length = (length - 1) * s + k
+    return length
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _vocabulary(model: nn.Module, config: Any) -> int:

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from varprobe import diagnose, graph, propagate, reinit, stats, theory
+from varprobe import diagnose, graph, propagate, reinit, stats, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
 from varprobe.errors import VarprobeError
+from varprobe.input_leaves import InputLeaves
 from varprobe.recorder import Call, Recorder, float_leaves, tensor_leaves
 from varprobe.report import (
     BackwardStats,
@@ -24,6 +25,7 @@ from varprobe.report import (
     Report,
     TensorInfo,
 )
+from varprobe.stages import stage
 from varprobe.state import preserved
 
 
@@ -137,19 +139,28 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
                 work.train(mode == "train")
             torch.manual_seed(seed + k)
             generator = torch.Generator().manual_seed(seed + k)
-            x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
+            with stage("input"):
+                x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
             recording = graph.Recording(work)  # the last trial's graph serves them all
             values: dict[int, list[float]] = {}  # and its norm and PReLU values
-            report, modules = _record(work, x, grad_output, loss, generator, settings={
-                **settings, "batch_size": _batch_of(x)}, target=target or type(model).__name__,
-                recording=recording, values=values)
-            reports.append(report)
+            with stage("record"):
+                report, modules = _record(
+                    work, x, grad_output, loss, generator, settings={
+                        **settings, "batch_size": _batch_of(x)},
+                    target=target or type(model).__name__, recording=recording,
+                    values=values)
+                reports.append(report)
             if progress is not None:
                 progress(k + 1, trials)
-        report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
-        propagate.annotate(report, modules, values)  # inside: the modes the probe ran in
-        graph.annotate(report, modules, recording, values=values)
-    diagnose.annotate(report, thresholds, ignore)
+        with stage("record"):
+            report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
+        with stage("predict", report):  # inside: the modes the probe ran in
+            propagate.annotate(report, modules, values)
+            graph.annotate(report, modules, recording, values=values)
+        with stage("diagnose"):
+            structure.annotate(report, recording)
+    with stage("diagnose"):
+        diagnose.annotate(report, thresholds, ignore)
     return report
 
 
@@ -164,10 +175,24 @@ def _working_copy(model: nn.Module, dev: torch.device, scheme: str | None,
 
 def _make_inputs(model, inputs, batch_size, shape, generator, dev) -> Any:
     if callable(inputs) and not isinstance(inputs, torch.Tensor):
-        inputs = inputs(batch_size)
+        inputs = _users(lambda: inputs(batch_size), "example_input(batch_size)")
     if inputs is None:
         return inputs_mod.synthesize(model, batch_size, shape, generator, dev)
     return inputs_mod.to_device(inputs, dev, inputs_mod.model_dtype(model))
+
+
+def _users(call: Callable[[], Any], what: str) -> Any:
+    """Run the user's own ``what``: what it raises is theirs to fix (exit 2), not a
+    bug in varprobe."""
+    try:
+        return call()
+    except VarprobeError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        raise VarprobeError(f"{what} raised {type(exc).__name__}"
+                            f"{': ' + text.splitlines()[0] if text else ''}; "
+                            "check the model file's " + what.partition("(")[0]) from exc
 
 
 def _batch_of(x: Any) -> int | None:
@@ -182,22 +207,11 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     ``recording`` (a TorchFunctionMode) follows the dataflow during the forward only.
     ``values`` is filled with host copies of the tensors the predictions read
     (propagate.host_tensors), keyed by id, from the same one transfer."""
-    # Gradients w.r.t. float inputs come from leaves we own; the model sees clones so
-    # that in-place writes to its input stay legal.
-    from torch.utils import _pytree as pytree
-
-    leaves: list[torch.Tensor] = []
-
-    def own(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            leaf = t.detach().requires_grad_()
-            leaves.append(leaf)
-            return leaf.clone()
-        return t
-
-    fed = pytree.tree_map(own, x)
+    owned = InputLeaves(x)  # gradients w.r.t. float inputs come from leaves we own
+    fed, leaves = owned.fed, owned.leaves
     with Recorder(model) as rec:
-        output = _forward(model, fed, rec, recording)
+        output = _forward(model, fed, rec, recording, owned)
+        rec.check_views()
         out_leaves = [t for t in float_leaves(output) if t.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad]
         note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
@@ -220,15 +234,17 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
 
 
 def _forward(model: nn.Module, fed: Any, rec: Recorder,
-             recording: graph.Recording | None) -> Any:
+             recording: graph.Recording | None, owned: InputLeaves | None = None) -> Any:
     """The model's forward under the hooks (and the graph recording); a model that
-    raises becomes one line naming the layer it raised in."""
+    raises becomes one line naming the layer it raised in. ``owned``: the input leaves,
+    whose mode goes outside the recording's (which must be innermost)."""
     args, kwargs = inputs_mod.as_call(fed)
     if recording is not None:
         rec.observer = recording
         recording.start(float_leaves(fed))
     try:
-        with recording or contextlib.nullcontext():
+        with (owned if owned is not None and owned.leaves else contextlib.nullcontext()), \
+                (recording or contextlib.nullcontext()):
             return model(*args, **kwargs)
     except Exception as exc:
         if _out_of_memory(exc):
@@ -280,7 +296,7 @@ def _where(rec: Recorder) -> str:
 def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, generator) -> str:
     """Run the backward pass; returns a note when there is nothing to backpropagate."""
     if loss is not None:
-        value = loss(output)
+        value = _users(lambda: loss(output), "loss(output)")
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise VarprobeError("loss(output) must return a scalar tensor")
         outs, cotangents = [value], [torch.ones_like(value)]

@@ -12,8 +12,8 @@ resets the scale, so the prediction resumes after it. Every measured field stays
 Meta weights have no values: the init ops the model's code applies while it is built
 are recorded (initlog) and give the weights' second moments; where nothing was
 recorded (a model handed over already built on meta), each layer's reset_parameters
-draw (PyTorch's default) is assumed, and a PReLU slope its constructor's ``init``. A
-model that cannot be built or run on meta (``.item()`` in its constructor, a
+draw (PyTorch's default) is assumed, and a PReLU slope its constructor's ``init``.
+A model that cannot be built or run on meta (``.item()`` in its constructor, a
 data-dependent op) is built on the CPU instead, and then its weights are read.
 """
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, graph, initlog, propagate, reinit, theory
+from varprobe import diagnose, graph, initlog, propagate, reinit, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -34,6 +34,7 @@ from varprobe.pipeline import (
     DEFAULT_BATCH_SIZE,
     _layers,
     _tensor_info,
+    _users,
     _version,
     _where,
     resolve_device,
@@ -41,6 +42,7 @@ from varprobe.pipeline import (
 )
 from varprobe.recorder import Recorder, float_leaves, main_weight, tensor_leaves
 from varprobe.report import ModelInfo, Report, TensorInfo
+from varprobe.stages import stage
 from varprobe.state import preserved
 
 MEASURED = ("input", "forward", "backward", "backward_input", "weight_grad_ratio")
@@ -106,9 +108,11 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
     with preserved(model, []):
         if mode is not None:
             model.train(mode == "train")
-        x = _inputs(model, inputs, batch_size, input_shape, dev)
-        output, rec, recording = _shape_pass(model, x, dev)
-        layers = _layers(rec, rec.collect())
+        with stage("input"):
+            x = _inputs(model, inputs, batch_size, input_shape, dev)
+        with stage("record"):
+            output, rec, recording = _shape_pass(model, x, dev)
+            layers = _layers(rec, rec.collect())
         modules = [call.module for call in rec.calls]
         report = Report(
             model=ModelInfo(target=target or type(model).__name__,
@@ -131,12 +135,16 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         values = None if init_log is None else init_log.constants(
             [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())
              if t is not None])
-        propagate.annotate(report, modules, values)
-        floats = report.input.dtype is not None and "int" not in report.input.dtype
-        report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed" if floats
-                            else "output cotangent Var = 1 assumed")
-        _follow_graph(report, modules, recording, values)
-    diagnose.annotate(report, thresholds, ignore)
+        with stage("predict", report):
+            propagate.annotate(report, modules, values)
+            floats = report.input.dtype is not None and "int" not in report.input.dtype
+            report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed"
+                                if floats else "output cotangent Var = 1 assumed")
+            _follow_graph(report, modules, recording, values)
+        with stage("diagnose"):
+            structure.annotate(report, recording)
+    with stage("diagnose"):
+        diagnose.annotate(report, thresholds, ignore)
     return report
 
 
@@ -195,11 +203,11 @@ def _inputs(model: nn.Module, inputs: Any, batch_size: int,
             shape: tuple[int, ...] | None, dev: torch.device) -> Any:
     """The user's input moved to ``dev`` (meta: shapes only), or one made up there."""
     if callable(inputs) and not isinstance(inputs, torch.Tensor):
-        inputs = inputs(batch_size)
+        inputs = _users(lambda: inputs(batch_size), "example_input(batch_size)")
     if inputs is not None:
         return pytree.tree_map(
             lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, inputs)
-    if dev.type != "meta":
+    if dev.type != "meta" or inputs_mod.is_transformers(model):  # its config says what
         generator = torch.Generator().manual_seed(0)
         return inputs_mod.synthesize(model, batch_size, shape, generator, dev)
     inferred, dtype, _ = inputs_mod.infer_shape(model)

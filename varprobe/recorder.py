@@ -33,6 +33,16 @@ CHANNELS_FIRST = (
 UNITS_AFTER = ("activation", "other")
 NO_UNITS = ("measured only on the outputs of activations and other modules without "
             "weights (where units die), not of weight or norm layers")
+# A gradient hook on a view lives on the view's autograd node; an in-place write to the
+# view (or to its base) replaces that node, so the hook never fires.
+OVERWRITTEN = ("its output is a view that was modified in place after the module returned "
+               "(by a later in-place op); a gradient hook on a view does not survive that")
+INPUT_OVERWRITTEN = ("its output, a view of its input, was modified in place after the module "
+                     "returned, and that input with it; a gradient hook on a view does not "
+                     "survive that")
+PASSED_OVERWRITTEN = ("the module passed its input through unchanged and the tensor was then "
+                      "modified in place; the gradient w.r.t. its value before that is not "
+                      "observable (it was not the output of a recorded module)")
 CHANNELS_LAST = (nn.Linear, nn.Bilinear, nn.Embedding, nn.LayerNorm, nn.MultiheadAttention,
                  nn.RNNBase, nn.Flatten)
 
@@ -51,6 +61,7 @@ class Call:
     unavailable: dict[str, str] = field(default_factory=dict)
     alias: Any = None  # weakref to the input alias, to spot in-place writes
     alias_version: int | None = None
+    source: Any = None  # weakref to the input the alias stands for
 
 
 def tensor_leaves(value: Any) -> list[torch.Tensor]:
@@ -114,6 +125,10 @@ class Recorder:
         self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
         self._unweighed: set[int] = set()  # id(module): has a weight, not measured yet
         self._channels_first = False
+        # Outputs that are views, watched for in-place writes: (call, weakref, version,
+        # {slot key: reason}, the call whose output the module passed through or None).
+        self._views: list[tuple[Call, weakref.ref, int, dict[str, str], Call | None]] = []
+        self._outputs: dict[int, tuple[weakref.ref, int, Call]] = {}  # id(output) -> call
         self.weights: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (slot, w)
         # Told where each call starts (the args its forward gets) and ends (its output):
         # graph.Recording, a TorchFunctionMode that must not see the statistics.
@@ -137,6 +152,8 @@ class Recorder:
         self._handles.clear()
         self._seen.clear()
         self._grads.clear()
+        self._views.clear()
+        self._outputs.clear()
 
     # --- slots ---------------------------------------------------------------------
     def _new_slot(self, value: stats.Pending | None = None) -> int:
@@ -183,6 +200,7 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if self.in_backward:  # checkpoint recomputation: already recorded
                 return None
+            self.check_views()
             index = self._counts.get(name, 0)
             self._counts[name] = index + 1
             call = Call(name=name, call=index, module=module)
@@ -262,7 +280,7 @@ class Recorder:
         # Every position that passes this tensor (attn(h, h, h)) gets the alias: its
         # gradient is then the sum over all paths, as the input's own would be.
         leaves = [alias if t is x else t for t in leaves]
-        call.alias = weakref.ref(alias)
+        call.alias, call.source = weakref.ref(alias), weakref.ref(x)
         if spec is None:
             return tuple(leaves), kwargs
         new_args, new_kwargs = pytree.tree_unflatten(leaves, spec)
@@ -288,6 +306,7 @@ class Recorder:
         if y.requires_grad:
             call.slots["backward"] = self._new_slot()
             y.register_hook(self._grad_hook(call.slots["backward"]))
+            self._watch(call, y)
         elif not torch.is_grad_enabled():
             # Under no_grad, e.g. the first pass of a use_reentrant=True checkpoint: its
             # gradient flows through a recomputation during backward, which is not recorded.
@@ -296,6 +315,47 @@ class Recorder:
                 "checkpoint, whose recomputation is not recorded; use_reentrant=False is)")
         else:
             call.unavailable["backward"] = "the output does not require grad"
+
+    # --- outputs overwritten in place ----------------------------------------------
+    def _watch(self, call: Call, y: torch.Tensor) -> None:
+        """Remember ``y`` as ``call``'s output; watch it if it is a view (a module that
+        passes its input through returns our alias of it, a view)."""
+        if y._base is None:
+            self._outputs[id(y)] = (weakref.ref(y), y._version, call)
+            return
+        x = call.source() if call.source is not None else None
+        lost, through = {"backward": OVERWRITTEN}, None
+        if x is not None and call.alias() is y:
+            lost = dict.fromkeys(("backward", "backward_input"), PASSED_OVERWRITTEN)
+            known = self._outputs.get(id(x))
+            if known is not None and known[0]() is x and known[1] == x._version:
+                through = known[2]
+        elif x is not None and (x._base if x._base is not None else x) is y._base:
+            lost["backward_input"] = INPUT_OVERWRITTEN  # one version counter for both
+        self._views.append((call, weakref.ref(y), y._version, lost, through))
+
+    def check_views(self) -> None:
+        """Mark the calls whose output view was written in place since it was returned:
+        their gradient hooks will not fire. Run before each call and after the forward.
+        A module that passed its input through takes the gradient of that tensor, which
+        is measured at the module that returned it (the same tensor, the same values)."""
+        kept = []
+        for entry in self._views:
+            call, ref, version, lost, through = entry
+            y = ref()
+            if y is None:
+                continue
+            if y._version == version:
+                kept.append(entry)
+                continue
+            for key, reason in lost.items():
+                if call.slots.pop(key, None) is None:
+                    continue  # never measured there: its reason stands
+                if through is not None and "backward" in through.slots:
+                    call.slots[key] = through.slots["backward"]
+                else:
+                    call.unavailable[key] = reason
+        self._views = kept
 
     # --- after backward ------------------------------------------------------------
     def add_weight_grads(self, grads: dict[int, torch.Tensor | None]) -> dict[int, int]:

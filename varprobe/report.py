@@ -64,6 +64,7 @@ class Flag:
     severity: str  # "error" | "warning" | "info"
     message: str
     value: float | None = None  # the number the threshold was held against
+    culprits: list[str] = field(default_factory=list)  # the layers behind it
 
 
 @dataclass
@@ -103,6 +104,13 @@ class Layer:
     intervals: dict[str, list[float | None]] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
+    # structure (varprobe.structure): what the layer's input scale is held against
+    reference: str | None = None                  # the label of that measured tensor
+    reference_second_moment: float | None = None  # its E[x^2]
+    stretch: int | None = None  # weight layers that share a reference: one stretch
+    depth: int | None = None    # weight layers in series since the reference, itself included
+    forks: bool | None = None   # its output is read by more than one operation
+    calls: int = 1              # how often the module was called in the pass
 
     @property
     def label(self) -> str:
@@ -151,6 +159,7 @@ class Summary:
     culprits: list[str] = field(default_factory=list)  # the layers behind a trend
     cause: str | None = None
     fix: Fix | None = None
+    output_reference: str | None = None  # what the network output's scale is held against
 
     def counts(self, sep: str = " · ") -> str:
         """The tally a verdict shows: "1 error · 4 warnings"."""
@@ -173,6 +182,8 @@ class Report:
     layers: list[Layer]
     summary: Summary = field(default_factory=Summary)
     notes: list[str] = field(default_factory=list)
+    # stages.record_failure: {"stage", "error", "message"} per stage that failed
+    stages: list[dict[str, str]] = field(default_factory=list)
     intervals: dict[str, list[float | None]] = field(default_factory=dict)  # input/output
     varprobe_version: str = ""
     torch_version: str = ""
@@ -204,6 +215,7 @@ class Report:
             layers=[_layer_from_dict(d) for d in data["layers"]],
             summary=Summary.from_dict(data["summary"]),
             notes=list(data.get("notes", [])),
+            stages=list(data.get("stages", [])),
             intervals=dict(data.get("intervals", {})),
             varprobe_version=data.get("varprobe_version", ""),
             torch_version=data.get("torch_version", ""),

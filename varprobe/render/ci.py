@@ -9,7 +9,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from varprobe.diagnose import SEVERITIES, TREND_CODES, _places, ignored
+from varprobe.diagnose import SEVERITIES, TREND_CODES, ignored
+from varprobe.diagnose import places as _places
 from varprobe.report import Layer, Report
 
 SYMBOL = {"error": "✗", "warning": "!", "info": "i"}

@@ -60,15 +60,18 @@ class Direction:
     stats: str  # Layer field holding the measured stats
     measured: str  # ForwardStats / BackwardStats field
     predicted: str  # Prediction field
+    energy: bool = False  # times the output's element count: what the diagnosis compares
 
 
-FORWARD = Direction("(a) forward: E[y²] of each weight layer's output",
-                    "E[y²] (log)",
-                    "forward", "second_moment", "forward_var")
-BACKWARD = Direction("(b) backward: Var[dL/dy] at each weight layer's output  "
-                     "(← gradient flows)",
-                     "Var[dL/dy] (log)",
-                     "backward", "var", "backward_var")
+FORWARD = Direction("(a) forward: E[x²] of each weight layer's input over its reference's",
+                    "E[x²] / reference E[x²] (log)",
+                    "input", "second_moment", "input_var")
+# Backward the diagnosis multiplies gradient energies (elements x variance): a layer
+# into fewer or more units changes the per-element variance by geometry alone.
+BACKWARD = Direction("(b) backward: gradient energy N·Var[dL/dy] at each weight layer's "
+                     "output  (← gradient flows)",
+                     "N·Var[dL/dy] (log)",
+                     "backward", "var", "backward_var", energy=True)
 
 
 # --- public API ------------------------------------------------------------------------
@@ -148,11 +151,14 @@ def _blocks(report: Report) -> tuple[list[Layer], list[list[Layer]]]:
     return layers, blocks
 
 
-def _values(layers: list[Layer], get) -> np.ndarray:
-    """One float per layer; None, non-finite and (for log axes) non-positive become NaN."""
+def _values(layers: list[Layer], get, d: Direction | None = None) -> np.ndarray:
+    """One float per layer; None, non-finite and (for log axes) non-positive become NaN.
+    For a Direction that plots energy, each value times the layer's output elements."""
     out = []
     for layer in layers:
         value = get(layer)
+        if value is not None and d is not None and d.energy:
+            value = value * math.prod(layer.shape) if layer.shape else None
         out.append(value if value is not None and math.isfinite(value) else math.nan)
     return np.array(out, dtype=float)
 
@@ -169,6 +175,40 @@ def _predicted(prediction, d: Direction) -> float | None:
 def _interval(layer: Layer, d: Direction) -> tuple[float | None, float | None]:
     bounds = layer.intervals.get(f"{d.stats}.{d.measured}") or [None, None]
     return bounds[0], bounds[-1]
+
+
+def _predicted_inputs(layers: list[Layer], get) -> np.ndarray:
+    """A prediction's E[x²] at each weight layer's input (``get(layer)`` gives the
+    layer's Prediction): its own ``input_var`` where the graph walk gave one, else, where
+    the layer before it feeds it directly (one more weight layer in series on the same
+    stretch), He's E[x_l²] = g·E[y_(l-1)²] with g the gain of the activation between."""
+    out = []
+    for k, layer in enumerate(layers):
+        p = get(layer)
+        value = p.input_var if p is not None else None
+        if value is None and k > 0:
+            prev, q = layers[k - 1], get(layers[k - 1])
+            # no structure recorded (a report from before it, or synthetic): module order
+            chained = (layer.stretch is None and prev.stretch is None) or (
+                layer.stretch == prev.stretch and layer.depth is not None
+                and prev.depth == layer.depth - 1)
+            if q is not None and q.forward_var is not None and chained:
+                gain = layer.input_gain if layer.input_gain is not None else 1.0
+                value = q.forward_var * gain
+        out.append(value if value is not None and math.isfinite(value) else math.nan)
+    return np.array(out, dtype=float)
+
+
+def _references(report: Report, layers: list[Layer]) -> tuple[np.ndarray, str]:
+    """Each layer's forward reference E[x²], as the diagnosis holds its input against
+    (varprobe.structure); one reference for all where the report has none."""
+    refs = _values(layers, lambda la: la.reference_second_moment)
+    if np.isfinite(refs).any():
+        single = len({la.reference for la in layers}) == 1
+        what = f"{layers[0].reference}'s E[x²]" if single else "each layer's reference"
+        return np.where(refs > 0, refs, np.nan), what
+    value, what = _reference(report, layers)
+    return np.full(len(layers), value if value else np.nan), what
 
 
 def _worst(flags) -> str | None:
@@ -200,17 +240,23 @@ def _reference(report: Report, layers: list[Layer]) -> tuple[float | None, str]:
 def _signal(ax: Axes, report: Report, layers: list[Layer], blocks: list[list[Layer]],
             x: np.ndarray, d: Direction) -> list:
     """Measured, predicted and counterfactual curves on a log axis; returns the handles."""
-    measured = _values(layers, lambda la: _measured(la, d))
-    predicted = _values(layers, lambda la: _predicted(la.predicted, d))
-    lo = _values(layers, lambda la: _interval(la, d)[0])
-    hi = _values(layers, lambda la: _interval(la, d)[1])
+    # Forward, every value is over the E[x²] of the tensor the diagnosis holds that
+    # layer against, so that one band serves all and a curve outside it is a flag.
+    scale = _references(report, layers)[0] if d is FORWARD else np.ones(len(layers))
+    measured = _values(layers, lambda la: _measured(la, d), d) / scale
+    predicted = (_predicted_inputs(layers, lambda la: la.predicted) if d is FORWARD else
+                 _values(layers, lambda la: _predicted(la.predicted, d), d)) / scale
+    lo = _values(layers, lambda la: _interval(la, d)[0], d) / scale
+    hi = _values(layers, lambda la: _interval(la, d)[1], d) / scale
     curves = [measured, predicted]
     if np.isfinite(lo).any() and np.isfinite(hi).any():
         ax.fill_between(x, lo, hi, color=GREY, alpha=0.4, lw=0, label="measured, 95% interval")
         curves += [lo, hi]
     few = len(layers) <= CURVE_MARKERS_UP_TO
     for name, style in SCHEMES.items():
-        values = _values(layers, lambda la, n=name: _predicted(la.schemes.get(n), d))
+        values = (_predicted_inputs(layers, lambda la, n=name: la.schemes.get(n))
+                  if d is FORWARD else
+                  _values(layers, lambda la, n=name: _predicted(la.schemes.get(n), d), d)) / scale
         if np.isfinite(values).any():
             _curve(ax, x, values, style, few, lw=1.8)
             curves.append(values)
@@ -257,25 +303,26 @@ def _flag_rug(ax: Axes, blocks: list[list[Layer]], x: np.ndarray, d: Direction) 
 def _zones(ax: Axes, report: Report, layers, d: Direction, curves) -> None:
     """Log y axis spanning the data and the band; forward, the zones outside it shaded.
 
-    Backward there is no band on this axis to shade: per-element gradient variance
-    changes legitimately where the element count does (pooling), so the diagnosis
-    multiplies each layer's measured backward multipliers instead, and its flags
-    are what the panel marks.
+    Forward, the curves are over each layer's reference (the E[x²] of the last
+    normalization, embedding, pooling or attention before it, or the network input:
+    varprobe.structure), so the band is the verdict's own. Backward there is no band on
+    this axis to shade: the diagnosis multiplies each chain's measured backward
+    multipliers, and its flags are what the panel marks.
     """
     finite = np.concatenate([c[np.isfinite(c) & (c > 0)] for c in curves])
-    reference, what = _reference(report, layers) if d is FORWARD else (None, "")
+    refs, what = _references(report, layers) if d is FORWARD else (None, "")
     vanishing, exploding = forward_band(report)
-    bounds = [reference * vanishing, reference * exploding] if reference else []
+    bounds = [vanishing, exploding] if refs is not None and np.isfinite(refs).any() else []
     values = np.concatenate([finite, bounds]) if bounds or finite.size else np.array([1.0])
     low, high = values.min() / 6, values.max() * 6
     ax.set_yscale("log")
     ax.set_ylim(low, high)
-    if reference:
+    if bounds:
         for y0, y1 in ((low, bounds[0]), (bounds[1], high)):
             ax.axhspan(y0, y1, color=VERMILION, alpha=ZONE_ALPHA, lw=0)
         for bound in bounds:
             ax.axhline(bound, color=VERMILION, lw=0.8, alpha=0.6)
-        ax.set_ylabel(f"E[y²] (log); the band is relative to {what}", fontsize=8)
+        ax.set_ylabel(f"E[y²] over {what} (log)", fontsize=8)
 
 
 def _multipliers(ax: Axes, layers: list[Layer], blocks, x: np.ndarray) -> None:
@@ -405,7 +452,8 @@ def _legend(fig: Figure, report: Report, handles: list) -> None:
     """One legend for panels (a) and (b), above them, so that it hides no data."""
     unique = list({h.get_label(): h for h in handles}.values())
     vanishing, exploding = forward_band(report)
-    if _reference(report, report.weight_layers or report.layers)[0] is not None:
+    layers = report.weight_layers or report.layers
+    if np.isfinite(_references(report, layers)[0]).any():
         unique.append(Patch(color=VERMILION, alpha=ZONE_ALPHA * 2,
                             label=f"forward: vanishing < {vanishing:g}×, "
                                   f"exploding > {exploding:g}×"))

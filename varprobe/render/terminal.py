@@ -101,6 +101,15 @@ def _nvar(layer: Layer) -> str:
     return num(layer.fan_in * layer.weight_var)
 
 
+def _over_reference(layer: Layer) -> str:
+    """The input's E[x²] over its reference's: the number the forward verdict judges."""
+    m2 = layer.input.second_moment if layer.input else None
+    ref = layer.reference_second_moment
+    if m2 is None or not ref or layer.reference == f"{layer.label} (input)":
+        return ""
+    return num(m2 / ref)
+
+
 def _flags(layer: Layer) -> Text:
     text = Text(" ".join(f"{SEVERITY_SYMBOL[f.severity]} {f.code}" for f in layer.flags))
     if layer.flags:
@@ -124,6 +133,7 @@ def columns(compare: list[str] = ()) -> list[Column]:
         Column("n·Var[w]", _nvar, 5),
         Column("act", lambda layer: layer.activation or "", 3, "left"),
         Column("gain", lambda layer: "" if layer.gain is None else num(layer.gain), 2),
+        Column("x²/ref", _over_reference, 7),
         Column("fwd E[y²]", lambda layer: num(_forward(layer)), essential),
         Column("pred", lambda layer: num(_pred(layer, "forward_var")), 6),
         Column("meas/pred", lambda layer: ratio(_forward(layer), _pred(layer, "forward_var")),

@@ -1,0 +1,124 @@
+"""Language models from HuggingFace transformers' own code, at tiny configs.
+
+Each model is built from its config class (no hub download); the constructor's
+``post_init`` runs the library's ``_init_weights``, so the weights are the ones the
+library trains from (normal(0, initializer_range) for most, T5's d_model-scaled
+normals, ...). Depth is real where it is cheap: 4 blocks, hidden 128, vocabulary 2000,
+sequences of 64 tokens. The KV cache is off: a training forward pass keeps none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers as tf
+
+from corpus import Entry, register
+
+tf.logging.set_verbosity_error()
+
+VOCAB, SEQ, WIDTH, LAYERS, HEADS = 2000, 64, 128, 4, 4
+
+
+def tokens(batch: int, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:
+    """Token ids spread over the vocabulary, skipping the low ids specials sit on."""
+    return torch.randint(4, vocab, (batch, seq))
+
+
+def ids(batch: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": tokens(batch)}
+
+
+def seq2seq_ids(batch: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": tokens(batch), "decoder_input_ids": tokens(batch, SEQ // 2)}
+
+
+def model(cls: str, config: str, **kwargs: Any) -> Callable[[], torch.nn.Module]:
+    """A builder: ``tf.<cls>(tf.<config>(**kwargs))``, the cache off."""
+    def make() -> torch.nn.Module:
+        return getattr(tf, cls)(getattr(tf, config)(use_cache=False, **kwargs))
+    return make
+
+
+def lm(name: str, cls: str, config: str, notes: str, **kwargs: Any) -> Entry:
+    return register(Entry(name=name, family="transformers", make=model(cls, config, **kwargs),
+                          inputs=ids, task="lm", vocab=VOCAB, notes=notes,
+                          tags=("transformer", "decoder", "token-input")))
+
+
+DECODER = dict(num_hidden_layers=LAYERS, hidden_size=WIDTH, num_attention_heads=HEADS,
+               vocab_size=VOCAB, max_position_embeddings=2 * SEQ)
+
+lm("hf_gpt2", "GPT2LMHeadModel", "GPT2Config",
+   "GPT-2: pre-LN, GELU MLP, Conv1D projections, c_proj scaled by 1/sqrt(2 n_layer), "
+   "tied LM head",
+   n_layer=LAYERS, n_embd=WIDTH, n_head=HEADS, vocab_size=VOCAB, n_positions=2 * SEQ)
+lm("hf_llama", "LlamaForCausalLM", "LlamaConfig",
+   "Llama: RMSNorm, SwiGLU, RoPE, grouped-query attention, untied head",
+   **DECODER, num_key_value_heads=2, intermediate_size=344)
+lm("hf_mistral", "MistralForCausalLM", "MistralConfig",
+   "Mistral: Llama layout with sliding-window attention (window 32 < sequence)",
+   **DECODER, num_key_value_heads=2, intermediate_size=344, sliding_window=32)
+lm("hf_qwen2", "Qwen2ForCausalLM", "Qwen2Config",
+   "Qwen2: Llama layout with q/k/v biases",
+   **DECODER, num_key_value_heads=2, intermediate_size=344)
+lm("hf_gemma", "GemmaForCausalLM", "GemmaConfig",
+   "Gemma: embeddings scaled by sqrt(hidden), (1 + w) RMSNorm, GeGLU, tied head",
+   **DECODER, num_key_value_heads=1, head_dim=32, intermediate_size=344)
+lm("hf_gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXConfig",
+   "GPT-NeoX (Pythia): parallel attention + MLP residual, partial rotary, untied head",
+   **DECODER, intermediate_size=4 * WIDTH)
+lm("hf_falcon", "FalconForCausalLM", "FalconConfig",
+   "Falcon: parallel attention + MLP, multi-query attention, ALiBi off (rotary)",
+   num_hidden_layers=LAYERS, hidden_size=WIDTH, num_attention_heads=HEADS,
+   vocab_size=VOCAB, max_position_embeddings=2 * SEQ)
+lm("hf_opt", "OPTForCausalLM", "OPTConfig",
+   "OPT: pre-LN decoder, ReLU MLP, learned positions, tied head",
+   num_hidden_layers=LAYERS, hidden_size=WIDTH, num_attention_heads=HEADS,
+   ffn_dim=4 * WIDTH, word_embed_proj_dim=WIDTH, vocab_size=VOCAB,
+   max_position_embeddings=2 * SEQ)
+lm("hf_phi", "PhiForCausalLM", "PhiConfig",
+   "Phi: parallel attention + MLP sharing one LayerNorm, partial rotary, untied head",
+   **DECODER, intermediate_size=4 * WIDTH)
+lm("hf_mamba", "MambaForCausalLM", "MambaConfig",
+   "Mamba: selective state-space blocks (the sequential CPU path), RMSNorm, tied head",
+   num_hidden_layers=LAYERS, hidden_size=WIDTH, state_size=16, vocab_size=VOCAB)
+
+register(Entry(
+    name="hf_bert_mlm", family="transformers",
+    make=model("BertForMaskedLM", "BertConfig", num_hidden_layers=LAYERS, hidden_size=WIDTH,
+               num_attention_heads=HEADS, intermediate_size=4 * WIDTH, vocab_size=VOCAB,
+               max_position_embeddings=2 * SEQ),
+    inputs=ids, task="lm", vocab=VOCAB,
+    notes="BERT masked LM: post-LN encoder, GELU, prediction head (dense, LN) tied to the "
+          "embeddings; bidirectional, so next-token training is a copy task for it",
+    tags=("transformer", "encoder", "token-input", "post-ln")))
+register(Entry(
+    name="hf_bert_classify", family="transformers",
+    make=model("BertForSequenceClassification", "BertConfig", num_hidden_layers=LAYERS,
+               hidden_size=WIDTH, num_attention_heads=HEADS, intermediate_size=4 * WIDTH,
+               vocab_size=VOCAB, max_position_embeddings=2 * SEQ, num_labels=10),
+    inputs=ids, task="classify",
+    notes="BERT with the pooler (tanh) and a 10-way classifier on [CLS]",
+    tags=("transformer", "encoder", "token-input", "post-ln")))
+register(Entry(
+    name="hf_bart", family="transformers",
+    make=model("BartForConditionalGeneration", "BartConfig", encoder_layers=LAYERS,
+               decoder_layers=LAYERS, d_model=WIDTH, encoder_attention_heads=HEADS,
+               decoder_attention_heads=HEADS, encoder_ffn_dim=4 * WIDTH,
+               decoder_ffn_dim=4 * WIDTH, vocab_size=VOCAB, max_position_embeddings=2 * SEQ),
+    inputs=seq2seq_ids, task="regress",
+    notes="BART encoder-decoder: post-LN, learned positions, tied head with final_logits_bias; "
+          "trained as regression because the decoder input is not the encoder input",
+    tags=("transformer", "encoder-decoder", "token-input", "post-ln")))
+register(Entry(
+    name="hf_t5", family="transformers",
+    make=model("T5ForConditionalGeneration", "T5Config", num_layers=LAYERS,
+               num_decoder_layers=LAYERS, d_model=WIDTH, d_ff=4 * WIDTH, num_heads=HEADS,
+               d_kv=WIDTH // HEADS, vocab_size=VOCAB),
+    inputs=seq2seq_ids, task="regress",
+    notes="T5 v1.0: RMS-style norm without bias, relative position buckets, unscaled "
+          "attention (folded into the init), tied head rescaled by d_model^-0.5",
+    tags=("transformer", "encoder-decoder", "token-input")))

@@ -1,0 +1,194 @@
+"""The structure read off the dataflow (varprobe.structure) and the verdicts that use it.
+
+Each model is built to have one structural feature real networks have (token ids into
+an embedding, LayerNorm'd branches, LayerScale, squeeze-excitation gates, a module
+called several times, a zero-initialized head) and the expected reference, stretch and
+verdict follow from the architecture, not from varprobe. The numbers in the assertions
+come from He et al.'s recursion: a residual stream x + F(x) with Var[F(x)] = Var[x]
+doubles per block; a ReLU layer at Var[w] = 1/n halves the signal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import zoo
+from torch import nn
+from torch.nn import functional as F
+
+from varprobe import probe
+
+WIDTH = 128
+
+
+def codes(report, severity="error"):
+    return {f.code for layer in report.layers for f in layer.flags if f.severity == severity}
+
+
+def layer(report, name):
+    return next(la for la in report.layers if la.name == name)
+
+
+class TinyLM(nn.Module):
+    """GPT-style: token + position embeddings at std 0.02, pre-LN blocks whose branches
+    end in a Linear at std 0.02/sqrt(2 L), a final LayerNorm and an LM head."""
+
+    def __init__(self, vocab=500, d=WIDTH, depth=4, seq=32):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(depth))
+        self.up = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(depth))
+        self.down = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(depth))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+        for m in self.down:
+            nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * depth))
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        for norm, up, down in zip(self.norms, self.up, self.down):
+            x = x + down(F.gelu(up(norm(x))))
+        return self.head(self.ln_f(x))
+
+
+def test_token_ids_are_held_against_the_norms_not_the_embedding_lookup():
+    torch.manual_seed(0)
+    report = probe(TinyLM(), torch.randint(0, 500, (8, 32)))
+    # E[x²] of the stream is about 2 x 0.02² = 8e-4; each LayerNorm'd input is ~1
+    assert layer(report, "head").reference == "ln_f"
+    assert layer(report, "up.2").reference == "norms.2"
+    assert layer(report, "down.2").reference == "norms.2"
+    assert layer(report, "down.2").depth == 2
+    assert report.summary.errors == 0 and report.summary.warnings == 0
+
+
+class Residual(nn.Module):
+    def __init__(self, d, scale_last: float = 1.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
+        nn.init.normal_(self.fc2.weight, std=scale_last * math.sqrt(1 / d))
+
+    def forward(self, x):
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+def test_an_unnormalized_residual_stream_that_doubles_per_block_explodes():
+    # fc1 He (2/n) then ReLU keeps E[x²]; fc2 at 1/n gives Var[F(x)] = Var[x]: the stream
+    # doubles per block, 2^12 = 4096 after 12 blocks, with nothing to reset it.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Residual(WIDTH) for _ in range(12)], nn.Linear(WIDTH, 10))
+    report = probe(model, batch_size=256)
+    assert "exploding_forward" in codes(report)
+    flagged = [la for la in report.layers if any(f.code == "exploding_forward" for f in la.flags)]
+    assert flagged[0].reference == "the network input"
+    r = flagged[0].flags[0].value
+    assert abs(math.log2(r) - 12) < 1.5  # 2^12 within the sampling noise of 12 blocks
+
+
+def test_the_same_stream_with_zero_initialized_branches_is_healthy():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Residual(WIDTH, scale_last=0.0) for _ in range(12)],
+                          nn.Linear(WIDTH, 10))
+    report = probe(model, batch_size=256)
+    assert report.summary.errors == 0
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt-style: x + gamma * pw2(gelu(pw1(norm(dw(x))))), gamma = 1e-6."""
+
+    def __init__(self, c=64):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.GroupNorm(1, c)
+        self.pw1, self.pw2 = nn.Conv2d(c, 4 * c, 1), nn.Conv2d(4 * c, c, 1)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 1e-6))
+
+    def forward(self, x):
+        return x + self.gamma * self.pw2(F.gelu(self.pw1(self.norm(self.dw(x)))))
+
+
+def test_layer_scale_branches_are_not_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 4, stride=4), nn.GroupNorm(1, 64),
+                          *[LayerScaleBlock() for _ in range(6)], nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(64, 10))
+    report = probe(model, torch.randn(8, 3, 64, 64))
+    assert report.summary.errors == 0
+    assert layer(report, "2.pw1").reference == "2.norm"
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c=64, r=4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // r, 1), nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return x * s
+
+
+def test_squeeze_excitation_gates_are_not_errors_and_the_gate_carries_the_trunk_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(zoo.conv_bn(3, 64), SqueezeExcite(), zoo.conv_bn(64, 64),
+                          SqueezeExcite(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10))
+    report = probe(model, torch.randn(8, 3, 32, 32))
+    assert report.summary.errors == 0
+    # the average over positions sets the gate's scale (a zero-mean map averaged over
+    # 32x32 positions is ~1000x smaller); the gate x * sigmoid(s) carries x's
+    assert layer(report, "1.fc1").reference == "1.fc1 (input)"
+    assert layer(report, "1.fc2").reference == "1.fc1 (input)"
+    assert layer(report, "1.fc2").depth == 2
+    assert layer(report, "2.0").reference == "0.1"
+
+
+def test_a_module_called_many_times_is_flagged_once_with_its_call_count():
+    # One Linear at Var[w] = 1/n applied 30 times with ReLU: the signal halves per call.
+    torch.manual_seed(0)
+    shared = nn.Linear(WIDTH, WIDTH, bias=False)
+    nn.init.normal_(shared.weight, std=math.sqrt(1 / WIDTH))
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.head = shared, nn.Linear(WIDTH, 10)
+
+        def forward(self, x):
+            for _ in range(30):
+                x = F.relu(self.shared(x))
+            return self.head(x)
+
+    report = probe(Loop(), batch_size=256)
+    calls = [la for la in report.layers if la.name == "shared"]
+    assert len(calls) == 30 and all(la.calls == 30 for la in calls)
+    flagged = [f for la in calls for f in la.flags if f.code == "vanishing_forward"]
+    assert len(flagged) <= 1
+    assert "vanishing_forward" in codes(report)
+    every = [f for la in calls for f in la.flags]
+    assert len({f.code for f in every}) == len(every)  # each code on one call only
+    assert all("called 30 times" in f.message for f in every)
+
+
+def test_a_zero_initialized_head_is_deliberate():
+    torch.manual_seed(0)
+    model = zoo.mlp([WIDTH] * 4 + [10], init=zoo.gauss(lambda i, o: 2 / i))
+    nn.init.zeros_(model[-1].weight)
+    report = probe(model, batch_size=256)
+    assert report.summary.errors == 0
+
+
+def test_a_layer_whose_units_are_all_dead_stops_the_signal():
+    torch.manual_seed(0)
+    model = zoo.mlp([WIDTH] * 5 + [10], init=zoo.gauss(lambda i, o: 2 / i), bias=True)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.bias.zero_()
+        model[2].bias.fill_(-100.0)  # |y| ~ 1: every unit after it is negative, then zero
+    report = probe(model, batch_size=256)
+    assert "vanishing_forward" in codes(report)
+    assert "dead_units" in codes(report, "warning")

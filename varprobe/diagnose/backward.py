@@ -1,0 +1,108 @@
+"""vanishing_backward / exploding_backward: He's Eq. 13, measured, along chains.
+
+The gradient reaching a weight layer is the gradient at the top of its chain times
+the backward multipliers of the layers between (per element count: a strided conv or
+a narrower Linear changes the per-element variance by geometry, not by signal loss).
+A chain is a run of weight layers each consuming exactly the previous one's output.
+It ends where the gradient also flows around it: at a tensor read by more than one
+operation (a residual add, a fork into branches, a gate), which a product along the
+chain cannot see (varprobe.structure's ``forks``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from varprobe.diagnose.common import Trend, band, flag, is_weight, num, same, unit_end
+from varprobe.diagnose.fix import culprits as culprits_of
+from varprobe.diagnose.thresholds import Thresholds
+from varprobe.report import Layer
+
+CONSEQUENCE = {
+    "vanishing_backward": "its weights (and those before it) learn that much more slowly "
+                          "than the layers after it under one learning rate",
+    "exploding_backward": "one learning rate that suits the layers after it makes its "
+                          "updates that much larger",
+}
+
+
+@dataclass
+class Unit:
+    first: int  # the weight layer
+    last: int   # the last layer of its unit
+    factor: float | None  # backward energy multiplier: grad energy in / grad energy out
+
+
+def units(layers: list[Layer]) -> list[Unit]:
+    """Each weight layer with the elementwise modules after it, and its measured
+    backward multiplier, per element count (N_in Var[dL/dx]) / (N_out Var[dL/dy])."""
+    found = []
+    for i, layer in enumerate(layers):
+        if is_weight(layer):
+            j = unit_end(layers, i)
+            found.append(Unit(i, j, _energy_ratio(layer, layers[j])))
+    return found
+
+
+def _energy_ratio(first: Layer, last: Layer) -> float | None:
+    if first.backward_input is None or last.backward is None:
+        return None
+    if not first.input_shape or not last.shape:
+        return None
+    g_in = first.backward_input.var * math.prod(first.input_shape)
+    g_out = last.backward.var * math.prod(last.shape)
+    if not (math.isfinite(g_in) and math.isfinite(g_out)) or g_out <= 0:
+        return None
+    return g_in / g_out
+
+
+def runs(layers: list[Layer], found: list[Unit]) -> list[list[Unit]]:
+    """Maximal chains: each unit consumes exactly the previous unit's output, that output
+    is read by nothing else, and no normalization lies between (the same stretch: a
+    norm's backward 1/sigma undoes the forward scale of the layers before it, so a
+    product across it mixes two stretches)."""
+    chains: list[list[Unit]] = []
+    for unit in found:
+        prev = chains[-1][-1] if chains else None
+        if (prev is not None and prev.factor is not None and unit.factor is not None
+                and not layers[prev.last].forks
+                and layers[prev.first].stretch == layers[unit.first].stretch
+                and same(layers[unit.first].input, layers[prev.last].forward)):
+            chains[-1].append(unit)
+        else:
+            chains.append([unit])
+    return chains
+
+
+def trends(layers: list[Layer], t: Thresholds, skip: set[int]) -> list[Trend]:
+    """A product is judged once ``t.stretch`` weight layers lie on the chain from the
+    layer to its top, itself included: over one or two layers it is a design (a gate,
+    a branch at std 0.02), and only a repeated factor compounds."""
+    products = []  # (weight index, product, units after it)
+    for run in runs(layers, units(layers)):
+        product = 1.0
+        for k in range(len(run) - 1, -1, -1):
+            if run[k].first not in skip and k < len(run) - 1 and len(run) - k >= t.stretch:
+                products.append((run[k].first, product, run[k + 1:]))
+            if run[k].first not in skip and run[k].factor is not None:
+                product *= run[k].factor
+    # An exact zero is a zero-initialized scale (SkipInit, Fixup, zero_init_residual),
+    # a deliberate design, not a trend.
+    products = [p for p in products if p[1] > 0]
+    found = []
+    for code, outside, pick in (("vanishing_backward", lambda p: p < t.backward[0], min),
+                                ("exploding_backward", lambda p: p > t.backward[1], max)):
+        out = [p for p in products if outside(p[1])]
+        if not out:
+            continue
+        at, value, after = pick(out, key=lambda p: p[1])
+        top = layers[after[-1].last].label
+        trend = Trend(code, at, [u.first for u in after if u.first not in skip])
+        blamed = [layers[i].label for i in culprits_of(layers, [trend], t)]
+        flag(layers[at], code, f"the gradient reaching it is {num(value)} of the gradient "
+             f"at {top} (product of the measured backward multipliers of the "
+             f"{len(after)} layers between; band {band(t.backward)}): "
+             f"{CONSEQUENCE[code]}", value, blamed)
+        found.append(trend)
+    return found

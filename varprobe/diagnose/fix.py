@@ -1,0 +1,146 @@
+"""Culprits, their cause, and a fix: the init whose predicted trajectory stays in band.
+
+The fix is scored with the same predictions the report shows (the scheme columns), so
+what is printed is what was checked.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from varprobe import fixcode
+from varprobe.diagnose.common import Trend, multiplier_values, num, pos
+from varprobe.diagnose.thresholds import Thresholds
+from varprobe.report import Fix, Layer, Report
+
+RECTIFIERS = ("ReLU", "LeakyReLU", "PReLU", "RReLU")
+LINEAR_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
+                "ConvTranspose2d", "ConvTranspose3d")
+
+
+def culprits(layers: list[Layer], trends: list[Trend], t: Thresholds) -> list[int]:
+    """Per trend: the shrinks (vanishing) / amplifies (exploding) layers among its
+    suspects; where none is flagged (the first and last layers are never flagged),
+    the three suspects whose multipliers lie furthest outside the band that way."""
+    found: set[int] = set()
+    for trend in trends:
+        vanishing = trend.code.startswith("vanishing")
+        code = "shrinks" if vanishing else "amplifies"
+        flagged = [i for i in trend.suspects if any(f.code == code for f in layers[i].flags)]
+        if not flagged:
+            # how far inside (<1) or outside (>1) the band each suspect's factor lies
+            depth = {i: (max(v) / t.multiplier[0] if vanishing else t.multiplier[1] / min(v))
+                     for i in trend.suspects
+                     if (v := [x for x in multiplier_values(layers[i]) if x > 0])}
+            flagged = sorted((i for i in depth if depth[i] < 1), key=depth.get)[:3]
+        found.update(flagged)
+    return sorted(found)
+
+
+def cause(layers: list[Layer], culprits: list[int]) -> str:
+    values = [multiplier_values(layers[i])[0] for i in culprits
+              if multiplier_values(layers[i])]
+    names = ", ".join(layers[i].label for i in culprits[:3])
+    more = f" and {len(culprits) - 3} more" if len(culprits) > 3 else ""
+    if not values:
+        return f"{names}{more}"
+    typical = statistics.median(values)
+    verb = "multiplies" if len(culprits) == 1 else "each multiply"
+    return (f"{names}{more} {verb} the signal by n·E[w²]·g ≈ {num(typical)}"
+            f"{_init_hint(layers, culprits)}")
+
+
+def _init_hint(layers: list[Layer], culprits: list[int]) -> str:
+    """Name the init that n E[w^2] points to, when the culprits agree on one."""
+    scaled = []
+    for i in culprits:
+        layer = layers[i]
+        n = layer.effective_fan_in or layer.fan_in
+        w2 = layer.weight_second_moment or layer.weight_var
+        if pos(n) is None or w2 is None:
+            return ""
+        scaled.append((n * w2, layer))
+    values = [v for v, _ in scaled]
+    if min(values) <= 0 or max(values) > 1.1 * min(values):
+        return ""  # all-zero weights, or culprits that disagree: no single init to name
+    v, layer = statistics.median(values), scaled[0][1]
+
+    def near(x: float) -> bool:
+        return abs(math.log(v / x)) < 0.1
+
+    n, m = layer.fan_in or 0, layer.fan_out or 0
+    if near(1 / 3):
+        return " (PyTorch's default init, kaiming_uniform_ with a=√5, gives n·Var[w] = 1/3)"
+    if near(1.0) and layer.gain is not None and layer.gain < 0.9:
+        return " (Var[w] = 1/n: Xavier/LeCun assume linear units, and the activation " \
+               f"keeps only {num(layer.gain)} of the second moment)"
+    if n and m and near(2 * n / (n + m)):
+        return " (Xavier's Var[w] = 2/(n+n̂) assumes linear units)"
+    return f" (n·Var[w] = {num(v)})"
+
+
+SCHEME_PREFERENCE = ("he", "he-prelu", "he-fan-out", "xavier", "lecun", "torch-default")
+
+
+def fix(report: Report, t: Thresholds) -> Fix | None:
+    """The init scheme whose predicted forward trajectory stays inside the band, with
+    the best end-to-end ratios; ties go to the simpler scheme."""
+    from varprobe.propagate import end_to_end  # imports torch: only once a report exists
+
+    weights = [layer for layer in report.weight_layers if layer.type in LINEAR_TYPES]
+    if not weights:
+        return None
+    ref = network_reference(report)
+    best: tuple[float, str, tuple[float | None, float | None]] | None = None
+    for scheme in SCHEME_PREFERENCE:
+        ends = end_to_end(report, scheme)
+        score = _score(report, scheme, ref, t, ends)
+        if score is not None and (best is None or score < best[0] - 1e-9):
+            best = (score, scheme, ends)
+    if best is None:
+        return None
+    _, scheme, after = best
+    code, short = fixcode.code(scheme, weights, [_slope(layer) for layer in weights])
+    return Fix(scheme=scheme, code=code, short=short, layers=[w.label for w in weights],
+               before=list(end_to_end(report)), after=list(after))
+
+
+def _score(report: Report, scheme: str, ref: float | None, t: Thresholds,
+           ends: tuple[float | None, float | None]) -> float | None:
+    """Worst |log| forward ratio over the predicted trajectory plus |log| end-to-end
+    backward ratio; None when the trajectory leaves the forward band. Layers without
+    a closed form (attention) carry no prediction and are passed over."""
+    values = [pos(p.forward_var) for layer in report.weight_layers
+              if (p := layer.schemes.get(scheme)) is not None]
+    values = [v for v in values if v is not None]
+    if ref is None or not values:
+        return None
+    worst = 0.0
+    for value in values:
+        ratio = value / ref
+        if not t.forward[0] <= ratio <= t.forward[1]:
+            return None
+        worst = max(worst, abs(math.log(ratio)))
+    backward = pos(ends[1])
+    return worst + (abs(math.log(backward)) if backward is not None else 0.0)
+
+
+def _slope(layer: Layer) -> float:
+    """The PReLU slope he-prelu uses for this layer (propagate.prelu_slopes' rule): the
+    activation before it, else (first layer) the one after; a = sqrt(2g - 1)."""
+    act, gain = ((layer.input_activation, layer.input_gain) if layer.input_activation
+                 else (layer.activation, layer.gain))
+    if act not in RECTIFIERS or gain is None:
+        return 0.0
+    return math.sqrt(max(0.0, 2 * gain - 1))
+
+
+def network_reference(report: Report) -> float | None:
+    """What a scheme's predicted trajectory is held against: the network input's E[x^2],
+    or the first weight layer's output when the input is not a float tensor (token ids)."""
+    m2 = pos(report.input.second_moment)
+    if m2 is not None:
+        return m2
+    first = report.weight_layers[0].forward if report.weight_layers else None
+    return pos(first.second_moment) if first else None

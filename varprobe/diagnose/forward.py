@@ -1,0 +1,129 @@
+"""vanishing_forward / exploding_forward: the signal's scale along un-normalized stretches.
+
+He et al.'s recursion compounds a per-layer factor through the weight layers between
+two points where the scale is set anew (varprobe.structure: a normalization, an
+embedding, pooling, attention, or the network input). So each weight layer's input is
+held against the tensor it inherits its scale from, not against the network input: a
+LayerNorm'd input 2500x the embedding lookup's scale is a norm doing its job, while
+a 30-layer ReLU stack at Xavier init keeps 2^-29 of its input, which no later layer can
+restore. The last weight layer's output is judged too: it is what the loss sees.
+
+A point is judged once ``Thresholds.stretch`` weight layers in series lie between it and
+its reference: over one or two layers a small scale is a design (a transformer branch at
+std 0.02 feeding the next norm), not a trend, and only a repeated factor compounds into
+a collapse the next layers cannot undo.
+"""
+
+from __future__ import annotations
+
+from varprobe.diagnose.common import Trend, band, flag, is_weight, num, pos
+from varprobe.diagnose.fix import culprits as culprits_of
+from varprobe.diagnose.thresholds import Thresholds
+from varprobe.report import Layer, Report
+
+CONSEQUENCE = {
+    "vanishing_forward": "the layers from here on receive almost none of the signal, and "
+                         "the gradients of their weights shrink with it",
+    "exploding_forward": "whatever reads it (a softmax, a saturating activation, the loss) "
+                         "saturates, and the gradients grow with it",
+}
+
+
+def points(report: Report, weights: list[int],
+           depth: float = 1) -> list[tuple[int, str, float, Layer]]:
+    """(layer, what, ratio to its reference, the layer) at every judged point.
+
+    - The input of a weight layer at least ``depth`` weight layers in series after its
+      reference: vanishing or exploding.
+    - An input that is exactly zero, at any depth, unless a zero-initialized weight on its
+      stretch made it so on purpose: the signal is gone (ratio 0).
+    - The last weight layer's output, what the loss sees: exploding only (small logits at
+      init are a design), against its reference or, if that is smaller, 1, the scale a
+      softmax or a unit-variance target expects.
+    """
+    layers = report.layers
+    last = max((i for i, layer in enumerate(layers) if is_weight(layer)), default=None)
+    found = []
+    for i in weights:
+        layer = layers[i]
+        if layer.reference is None or layer.reference == f"{layer.label} (input)":
+            continue  # its own input sets the scale: nothing before it to compound
+        ref = pos(layer.reference_second_moment)
+        m2 = layer.input.second_moment if layer.input is not None else None
+        if m2 == 0 and not _deliberate_zero(layers, i):
+            found.append((i, "its input", 0.0, layer))
+        elif m2 is not None and ref is not None and (layer.depth or 1) >= depth:
+            found.append((i, "its input's E[x²]", m2 / ref, layer))
+        out = layer.forward.second_moment if layer.forward is not None else None
+        if i == last and pos(out) is not None:
+            found.append((i, "its output's E[y²]", out / min(ref or 1.0, 1.0), layer))
+    return found
+
+
+def _deliberate_zero(layers: list[Layer], i: int) -> bool:
+    """An exact zero made on purpose: a zero-initialized weight in the same stretch
+    (a zero-init head, a ControlNet zero conv, zero initial flow) before it or at it."""
+    stretch = layers[i].stretch
+    return any(layer.weight_second_moment == 0 for layer in layers[: i + 1]
+               if is_weight(layer) and layer.stretch == stretch)
+
+
+def _killers(layers: list[Layer], at: int) -> list[int]:
+    """The layers before ``at`` whose output is exactly zero while their input is not:
+    where the signal died (a ReLU after a large negative bias is named by the weight
+    layer that feeds it)."""
+    found = []
+    for j in range(at):
+        layer = layers[j]
+        if (layer.forward is None or layer.forward.second_moment != 0 or layer.input is None
+                or not layer.input.second_moment):
+            continue
+        if layer.kind == "activation":
+            feeder = next((k for k in range(j - 1, -1, -1) if is_weight(layers[k])), None)
+            j = feeder if feeder is not None else j
+        if j not in found:
+            found.append(j)
+    return found
+
+
+def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
+    """One flag per stretch and direction, at the worst point; its suspects are the
+    stretch's weight layers up to there, and its culprits the ones that stand out."""
+    found = []
+    by_stretch: dict[int | None, list] = {}
+    judged = points(report, weights, t.stretch)
+    # where the signal is gone, everything after is a consequence: the first zero only
+    zero = next((p for p in judged if p[2] == 0), None)
+    judged = [p for p in judged if p[2] != 0 or p is zero]
+    for p in judged:
+        by_stretch.setdefault(p[3].stretch, []).append(p)
+    for stretch, pts in by_stretch.items():
+        for code, outside, pick in (
+                ("vanishing_forward", lambda p: p[2] < t.forward[0] and "output" not in p[1],
+                 min),
+                ("exploding_forward", lambda p: p[2] > t.forward[1], max)):
+            out = [p for p in pts if outside(p)]
+            if not out:
+                continue
+            at, what, r, layer = pick(out, key=lambda p: p[2])
+            suspects = [i for i in weights if i <= at and report.layers[i].stretch == stretch]
+            trend = Trend(code, at, suspects)
+            if r == 0:
+                message = (f"{what} is exactly zero: the signal died at "
+                           f"{{culprits}} and nothing after it learns")
+                killed = _killers(report.layers, at)
+            else:
+                since = ("" if out[0][0] == at else
+                         f"; the signal leaves the band at {report.layers[out[0][0]].label}")
+                message = (f"{what} is {num(r)} of {layer.reference}'s, after "
+                           f"{layer.depth or len(suspects)} weight layer(s) in series with "
+                           f"nothing between to restore the scale (band {band(t.forward)})"
+                           f"{since}: {CONSEQUENCE[code]}")
+                killed = None
+            culprits = killed if killed is not None else culprits_of(report.layers, [trend], t)
+            labels = [report.layers[i].label for i in culprits]
+            flag(layer, code, message.replace("{culprits}", ", ".join(labels[:3]) or "?"), r,
+                 labels)
+            trend.suspects = culprits if killed else suspects
+            found.append(trend)
+    return found

@@ -1,0 +1,83 @@
+"""Where a number becomes a flag: the thresholds, their defaults and their checks.
+
+Why each default is what it is: docs/flags.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from varprobe.errors import VarprobeError
+
+SEVERITIES = ("error", "warning", "info")
+# A threshold a former version judged by; accepted in configuration and ignored.
+RETIRED = {"grad_ratio": "‖∇W‖/‖W‖ against the median layer is no longer judged "
+                         "(docs/flags.md: it differs by design between layers)"}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Bands are [low, high].
+
+    forward: a weight layer's input E[x^2] over its reference's (the tensor whose scale
+    it inherits: the last normalization, embedding, pooling or attention before it, or
+    the network input; varprobe.structure).
+    backward: the product of measured backward multipliers along a chain of layers.
+    multiplier: a layer's own n E[w^2] g (forward) and n^ E[w^2] g' (backward).
+    stretch: how many weight layers in series after its reference a point needs before
+    its scale is judged, and a stretch before a per-layer multiplier outside its band is
+    worth a warning (a factor that does not repeat cannot compound).
+    dead_units: the fraction of an activation's units that are zero for every sample.
+    input: the network input's E[x^2].
+    mismatch_sigmas: measured vs local prediction, in units of the width-aware
+    noise sd of docs/theory-review.md §10 (sqrt(2/n) forward, sqrt(0.75/n) backward).
+    """
+
+    forward: tuple[float, float] = (1e-2, 1e2)
+    backward: tuple[float, float] = (1e-2, 1e2)
+    multiplier: tuple[float, float] = (0.6, 1 / 0.6)
+    stretch: float = 3
+    dead_units: float = 0.5
+    input: tuple[float, float] = (0.1, 10.0)
+    mismatch_sigmas: float = 4.0
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def updated(self, values: Mapping[str, Any], where: str) -> Thresholds:
+        """A copy with ``values`` applied; a VarprobeError naming the key when one is bad."""
+        changes = {}
+        for key, value in values.items():
+            if key in RETIRED:
+                continue
+            if key not in self.names():
+                raise VarprobeError(f"{where}: unknown threshold {key!r} "
+                                    f"(valid: {', '.join(self.names())})")
+            changes[key] = _checked(key, value, isinstance(getattr(self, key), tuple), where)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def _checked(key: str, value: Any, band: bool, where: str) -> Any:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if band:
+        if (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value))
+                and 0 < value[0] < value[1]):
+            return (float(value[0]), float(value[1]))
+        raise VarprobeError(f"{where}: threshold {key!r} must be [low, high] with "
+                            f"0 < low < high, not {value!r}")
+    limit = 1.0 if key == "dead_units" else math.inf
+    if number(value) and 0 < value <= limit:
+        return float(value)
+    raise VarprobeError(f"{where}: threshold {key!r} must be a number in "
+                        f"{'(0, 1]' if key == 'dead_units' else '(0, inf)'}, not {value!r}")

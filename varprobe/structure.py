@@ -1,0 +1,238 @@
+"""The network's structure, read off the recorded dataflow: where each signal's scale is set.
+
+He et al.'s recursion is about an un-normalized stretch of weight layers: the scale of
+a signal is set where the stretch starts and compounds through the layers after it.
+Real networks restart that scale all the time, and a verdict that holds every layer
+against the network's input mistakes those restarts for explosions or collapses:
+
+- a normalization (BatchNorm, LayerNorm, GroupNorm, RMSNorm, a custom ``*Norm``
+  module, ``F.layer_norm``...) sets its output's scale from its own affine parameters;
+- a lookup (an embedding) sets it from its table: token ids have no scale to keep;
+- a mixing operation (attention, softmax, a product of two activations like q @ k^T or
+  SwiGLU's silu(g) * u) sets it from the geometry of what it mixes (attention at init
+  averages its values over the sequence; that is not signal loss).
+
+An average over positions is an anchor too: it keeps the square of the mean and only a
+correlation-dependent part of the variance, so a zero-mean map averaged over 56x56
+positions is 3000x smaller by geometry alone (the input of a squeeze-excitation gate).
+A maximum over positions is not: it carries the scale of what it pools, and an
+exploding trunk stays exploding after it. A gate, x * sigmoid(s), carries x's scale.
+
+Each such operation is a *scale anchor*. Every tensor is traced back through the
+operations that only carry a scale forward (weight layers, activations, views,
+dropout, residual adds and concatenations) to the anchor it inherits its scale from,
+and every weight layer's input is judged against that anchor. Where two signals meet
+(a residual add, a concatenation, a gate), the older one, the trunk the other was
+branched off, carries the anchor. An anchor that is not measured (a functional op
+between modules) hands over to the first measured tensor after it.
+
+The result goes into each layer: ``reference`` (the label of the measured tensor it is
+held against), ``reference_second_moment`` (its E[x^2]), ``stretch`` (weight layers
+sharing an anchor form one un-normalized stretch), ``depth`` (weight layers in series
+since the anchor, itself included: how far a per-layer factor has compounded) and
+``forks`` (the layer's output is read by more than one operation: a gradient product
+along a chain cannot see what flows around it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from varprobe.graph import Node, Recording
+from varprobe.report import Layer, Report
+
+# Module classes whose output scale is their own (by class name: the families are
+# spread over torch.nn, transformers, timm and hand-written code).
+ANCHOR_TYPES = ("Embedding", "EmbeddingBag", "MultiheadAttention", "Softmax", "LogSoftmax",
+                "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
+                "AdaptiveAvgPool3d")
+ANCHOR_WORDS = ("Norm", "Attention", "Embedding")
+# A bounded gate: a product with one of these carries the other factor's scale.
+GATES = ("Sigmoid", "Hardsigmoid", "Softmax", "Tanh", "Hardtanh")
+# Functional operations (as graph.Recording names them) that set their output's scale.
+ANCHOR_FUNCS = ("F.layer_norm", "F.group_norm", "F.batch_norm", "F.instance_norm",
+                "F.rms_norm", "F.normalize", "torch.layer_norm", "torch.group_norm",
+                "torch.batch_norm", "torch.rms_norm", "F.scaled_dot_product_attention",
+                "F.softmax", "Tensor.softmax", "torch.softmax", "F.log_softmax",
+                "Tensor.log_softmax", "Tensor.mean", "torch.mean", "F.avg_pool",
+                "F.adaptive_avg_pool", "F.embedding", "torch.embedding", "torch.matmul",
+                "Tensor.matmul", "Tensor.__matmul__", "Tensor.__rmatmul__", "torch.bmm",
+                "Tensor.bmm",
+                "torch.einsum", "torch.baddbmm", "Tensor.rsqrt", "torch.rsqrt")
+
+PRODUCT = " of activations"  # graph.Recording's suffix for a product of two activations
+NETWORK_INPUT = "the network input"
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A measured tensor a signal's scale is held against: the network's input
+    (layer None), a layer's output, or a layer's own input (``own_input``)."""
+
+    layer: int | None
+    own_input: bool = False
+
+
+def annotate(report: Report, recording: Recording | None) -> Report:
+    """Fill reference, reference_second_moment, stretch and forks on every layer.
+
+    Without a usable recording, every layer is held against the network input (or,
+    for token ids, the first weight layer's output) and no forks are known."""
+    layers = report.layers
+    if recording is None or recording.failed is not None or recording.compiled is not None \
+            or not recording.nodes:
+        _fallback(report)
+        return report
+    anchors = _node_anchors(recording.nodes, layers)
+    depths = _depths(recording.nodes, layers, anchors)
+    consumers = _consumer_counts(recording.nodes)
+    stretches: dict[Anchor, int] = {}
+    for node_id, node in enumerate(recording.nodes):
+        if node.op not in ("call", "exit") or node.index is None:
+            continue
+        layer = layers[node.index]
+        source = node.inputs[1] if node.op == "exit" and len(node.inputs) > 1 else (
+            node.inputs[0] if node.op == "call" and node.inputs else None)
+        anchor = anchors.get(source) if source is not None and source >= 0 else None
+        if anchor is None:
+            anchor = Anchor(node.index, own_input=True)
+        _set_reference(report, layer, anchor)
+        layer.forks = consumers.get(node_id, 0) > 1
+        layer.depth = depths[node_id] if anchor.layer != node.index else 1
+        if layer.kind == "weight":
+            layer.stretch = stretches.setdefault(anchor, len(stretches))
+    output = recording.outputs[0] if recording.outputs else None
+    if output is not None and output in anchors:
+        report.summary.output_reference = _label(report, anchors[output])
+    return report
+
+
+def _set_reference(report: Report, layer: Layer, anchor: Anchor) -> None:
+    layer.reference = _label(report, anchor)
+    layer.reference_second_moment = second_moment(report, anchor)
+
+
+def second_moment(report: Report, anchor: Anchor) -> float | None:
+    if anchor.layer is None:
+        return report.input.second_moment
+    layer = report.layers[anchor.layer]
+    stats = layer.input if anchor.own_input else layer.forward
+    return stats.second_moment if stats is not None else None
+
+
+def _label(report: Report, anchor: Anchor) -> str:
+    if anchor.layer is None:
+        return NETWORK_INPUT
+    label = report.layers[anchor.layer].label
+    return f"{label} (input)" if anchor.own_input else label
+
+
+def is_anchor_layer(layer: Layer) -> bool:
+    return (layer.kind == "norm" or layer.type in ANCHOR_TYPES
+            or any(word in layer.type for word in ANCHOR_WORDS))
+
+
+def is_anchor_function(reason: str | None) -> bool:
+    """A functional op that sets its output's scale, products of activations included
+    (gates are told apart by ``_gate``)."""
+    return bool(reason) and (reason.startswith(ANCHOR_FUNCS) or reason.endswith(PRODUCT))
+
+
+def _gate(node: Node, nodes: list[Node], layers: list[Layer]) -> int | None:
+    """For a product of two activations of which one is a bounded gate (a sigmoid,
+    hard sigmoid, softmax or tanh output), the other factor's node."""
+    if len(node.inputs) != 2:
+        return None
+    for k, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        if k is None or k < 0:
+            continue
+        source = nodes[k]
+        name = (type(source.module).__name__ if source.op == "act" and source.module is not None
+                else layers[source.index].type if source.op == "call"
+                and source.index is not None else "")
+        if name in GATES:
+            return other
+    return None
+
+
+def _node_anchors(nodes: list[Node], layers: list[Layer]) -> dict[int, Anchor | None]:
+    """Each node's anchor, in execution order (a node's inputs come before it).
+    None: the scale was set by an unmeasured operation; the next measured tensor
+    takes over."""
+    anchors: dict[int, Anchor | None] = {}
+    for k, node in enumerate(nodes):
+        gated = _gate(node, nodes, layers) if (node.reason or "").endswith(PRODUCT) else None
+        anchors[k] = (anchors.get(gated) if gated is not None and gated >= 0
+                      else _anchor(node, anchors, layers))
+    return anchors
+
+
+def _anchor(node: Node, anchors: dict[int, Anchor | None],
+            layers: list[Layer]) -> Anchor | None:
+    if node.op == "input":
+        return Anchor(None) if node.index == 0 else None
+    if node.op in ("call", "exit") and node.index is not None:
+        if is_anchor_layer(layers[node.index]):
+            return Anchor(node.index)
+        inner = node.inputs[0] if node.inputs else None
+        upstream = anchors.get(inner) if inner is not None and inner >= 0 else None
+        if node.op == "call" and upstream is None:
+            return Anchor(node.index, own_input=True)  # its input is the first measured
+        return upstream
+    if node.op == "unknown" and is_anchor_function(node.reason):
+        return None
+    return _trunk(node, anchors)
+
+
+def _trunk(node: Node, anchors: dict[int, Anchor | None]) -> Anchor | None:
+    """The anchor of the oldest input that has one: where branches meet (an add, a
+    concatenation, a gate x * s), the trunk is the tensor the others branched off."""
+    for k in sorted(i for i in node.inputs if i is not None and i >= 0):
+        if anchors.get(k) is not None:
+            return anchors[k]
+    return None
+
+
+def _depths(nodes: list[Node], layers: list[Layer],
+            anchors: dict[int, Anchor | None]) -> list[int]:
+    """Weight layers in series since each node's anchor (the longest path): how far a
+    per-layer factor can have compounded. Parallel layers (q, k and v) count once."""
+    depths: list[int] = []
+    for k, node in enumerate(nodes):
+        if anchors.get(k) is None or (node.op in ("call", "exit") and node.index is not None
+                                      and is_anchor_layer(layers[node.index])):
+            depths.append(0)
+            continue
+        before = max((depths[i] for i in node.inputs if i is not None and 0 <= i < k
+                      and anchors.get(i) == anchors[k]), default=0)
+        own = node.op == "call" and node.index is not None \
+            and layers[node.index].kind == "weight"
+        depths.append(before + own)
+    return depths
+
+
+def _consumer_counts(nodes: list[Node]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for node in nodes:
+        # an exit node's second input is the container's input, not a read of it
+        reads = node.inputs[:1] if node.op == "exit" else node.inputs
+        for k in set(reads):
+            if k is not None and k >= 0:
+                counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def _fallback(report: Report) -> None:
+    weights = [i for i, layer in enumerate(report.layers) if layer.kind == "weight"]
+    if report.input.second_moment:
+        anchor = Anchor(None)
+    elif weights:
+        anchor = Anchor(weights[0])
+    else:
+        return
+    depth = 0
+    for layer in report.layers:
+        _set_reference(report, layer, anchor)
+        if layer.kind == "weight":
+            depth += 1
+            layer.stretch, layer.depth = 0, depth
