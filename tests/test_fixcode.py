@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import varprobe
-from varprobe import diagnose, fixcode, reinit, theory
+from varprobe import fixcode, reinit, theory
+from varprobe.diagnose import fix
 
 SD = 6  # standard deviations of sampling noise a bound allows
 SEEDS = range(8)
@@ -97,7 +98,7 @@ def _pasted(model, code, seed):
 
 
 def _scored(report):
-    return [layer for layer in report.weight_layers if layer.type in diagnose.LINEAR_TYPES]
+    return [layer for layer in report.weight_layers if layer.type in fix.LINEAR_TYPES]
 
 
 def _redrawn(model):
@@ -186,7 +187,7 @@ def test_he_prelu_with_slopes_per_layer_and_torch_default():
                           nn.PReLU(init=0.5), nn.Linear(64, 64))
     report = _probe(model, None, seed=1)
     scored = _scored(report)
-    slopes = [diagnose._slope(layer) for layer in scored]
+    slopes = [fix._slope(layer) for layer in scored]
     code, _ = fixcode.code("he-prelu", scored, slopes)
     pasted = _pasted(model, code, seed=2)
     for m, a in zip(_redrawn(pasted), slopes):
