@@ -4,9 +4,10 @@ varprobe's verdicts are judged against these labels, so they come from training,
 from varprobe. The protocol, the same for every entry:
 
 * Data: a fixed set of 64 examples, ``e.example(64, seed=1)``. Image inputs of 128x128
-  or more are resized (area interpolation) to 64x64 and trained there, which the
-  globally pooled (and the fully convolutional) families accept; ``resolution`` in the
-  labels says what was used (the native size when the model refuses the smaller one).
+  or more are resized (area interpolation) to ``--size`` (default 32x32, what a shared
+  CPU affords) and trained there, which the globally pooled (and the fully
+  convolutional) families accept; ``resolution`` in the labels says what was used (the
+  native size when the model refuses the smaller one).
 * Task (``e.task``):
   - "classify": a fixed random label per example (and per position, for a sequence
     output) over the output's last dimension, cross-entropy: memorize them.
@@ -22,6 +23,9 @@ from varprobe. The protocol, the same for every entry:
   shuffled order per epoch, the model in train mode, no gradient clipping.
   The rates are tried in that order and an optimizer's grid stops at the first rate
   that trains (the label is the same; ``runs`` lists every rate tried).
+* chance (recorded, not part of the criterion): the loss of the best constant output,
+  ln(classes) for "classify", ln(vocab) for "lm", mean(target^2) for "regress"; an entry
+  whose initial loss is far above it can halve its loss and still predict nothing.
 * initial: the mean minibatch loss over the 64 examples at the built weights (no
   update); final: the mean of the last 5 steps' losses.
   trains = final <= 0.5 x initial, both finite. A non-finite loss stops the run: it does
@@ -29,10 +33,11 @@ from varprobe. The protocol, the same for every entry:
 
 Output: corpus/labels/<module>.json (one file per corpus module, so that runs over
 different modules never collide; entries already there and not re-run are kept), per
-entry {task, resolution, steps, batch, seconds, sgd: {trains, best_lr, initial, final,
-runs}, adamw: {...}}, and a Markdown table on stdout.
+entry {task, resolution, size, chance, steps, batch, seconds, sgd: {trains, best_lr,
+initial, final, runs}, adamw: {...}}, and a Markdown table on stdout.
 
-    python -m bench.labels [--only NAME,...] [--module cnn] [--steps 60] [--batch 8]
+    python -m bench.labels [--only NAME,...] [--module cnn] [--steps 40] [--batch 8]
+                           [--size 32] [--skip-done]
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import torch.nn.functional as F
 
 import corpus
 
-N_EXAMPLES, TRAIN_SIZE, MIN_RESIZE = 64, 64, 128
+N_EXAMPLES, TRAIN_SIZE, MIN_RESIZE = 64, 32, 128  # TRAIN_SIZE: the default of --size
 GRIDS = {"sgd": (0.1, 0.03, 0.01), "adamw": (3e-3, 1e-3, 3e-4)}
 LABEL_DIR = Path(__file__).resolve().parent.parent / "corpus" / "labels"
 
@@ -103,14 +108,14 @@ def _output(out: Any) -> torch.Tensor:
     raise TypeError(f"no floating tensor in the output ({type(out).__name__})")
 
 
-def _resize(inputs: Any) -> tuple[Any, bool]:
-    """Large images shrunk to TRAIN_SIZE, and whether there were any."""
+def _resize(inputs: Any, size: int) -> tuple[Any, bool]:
+    """Large images shrunk to ``size``, and whether there were any."""
     shrunk = []
 
     def shrink(t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point() and t.dim() == 4 and min(t.shape[-2:]) >= MIN_RESIZE:
             shrunk.append(t)
-            return F.interpolate(t, size=(TRAIN_SIZE, TRAIN_SIZE), mode="area")
+            return F.interpolate(t, size=(size, size), mode="area")
         return t
     return _map(inputs, shrink), bool(shrunk)
 
@@ -146,30 +151,33 @@ class Task:
     inputs: Any
     loss: Any  # loss(output_tensor, idx) -> scalar
     resolution: str
+    chance: float  # the loss of the best constant guess: ln(classes), or mean(target^2)
 
 
-def make_task(e: corpus.Entry) -> Task:
+def make_task(e: corpus.Entry, size: int = TRAIN_SIZE) -> Task:
     """The fixed data and loss of ``e``'s task (module docstring)."""
     gen = torch.Generator().manual_seed(1)
     inputs = e.example(N_EXAMPLES, seed=1)
     resolution = "native"
-    small, shrunk = _resize(inputs)
+    small, shrunk = _resize(inputs, size)
     if shrunk and _fits(e, small):
-        inputs, resolution = small, f"{TRAIN_SIZE}x{TRAIN_SIZE}"
+        inputs, resolution = small, f"{size}x{size}"
     if e.task == "lm":
         tokens = _markov(e.vocab, _tokens(inputs).shape, gen)
         inputs = _with_tokens(inputs, tokens)
         return Task(inputs, lambda out, idx: F.cross_entropy(
-            out[:, :-1].reshape(-1, out.shape[-1]), tokens[idx][:, 1:].reshape(-1)), resolution)
+            out[:, :-1].reshape(-1, out.shape[-1]), tokens[idx][:, 1:].reshape(-1)), resolution,
+            math.log(e.vocab))
     with torch.no_grad():
         shape = _output(_call(e.build(), _take(inputs, torch.arange(2), N_EXAMPLES))).shape[1:]
     if e.task == "classify":
         labels = torch.randint(shape[-1], (N_EXAMPLES, *shape[:-1]), generator=gen)
         return Task(inputs, lambda out, idx: F.cross_entropy(
-            out.reshape(-1, out.shape[-1]), labels[idx].reshape(-1)), resolution)
+            out.reshape(-1, out.shape[-1]), labels[idx].reshape(-1)), resolution, math.log(shape[-1]))
     if e.task == "regress":
         target = torch.randn((N_EXAMPLES, *shape), generator=gen)
-        return Task(inputs, lambda out, idx: F.mse_loss(out, target[idx]), resolution)
+        return Task(inputs, lambda out, idx: F.mse_loss(out, target[idx]), resolution,
+                    target.pow(2).mean().item())
     raise ValueError(f"{e.name}: unknown task {e.task!r}")
 
 
@@ -222,12 +230,12 @@ def train(e: corpus.Entry, task: Task, opt: str, lr: float, steps: int, batch: i
     return sum(tail) / len(tail)
 
 
-def label(e: corpus.Entry, steps: int, batch: int) -> dict[str, Any]:
+def label(e: corpus.Entry, steps: int, batch: int, size: int = TRAIN_SIZE) -> dict[str, Any]:
     start = time.perf_counter()
-    task = make_task(e)
+    task = make_task(e, size)
     initial = initial_loss(e, task, batch)
     result: dict[str, Any] = {"task": e.task, "resolution": task.resolution, "steps": steps,
-                              "batch": batch}
+                              "batch": batch, "size": size, "chance": task.chance}
     for opt, grid in GRIDS.items():
         runs, best = {}, None
         for lr in grid:
@@ -263,6 +271,10 @@ def modules() -> dict[str, list[str]]:
     return found
 
 
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -278,39 +290,45 @@ def _cell(r: dict) -> str:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| entry | task | resolution | SGD | AdamW | s |", "|---|---|---|---|---|---|"]
+    lines = ["| entry | task | resolution | chance | SGD | AdamW | s |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['task']} | {r['resolution']} | {_cell(r['sgd'])} | "
+        lines.append(f"| {name} | {r['task']} | {r['resolution']} | {r['chance']:.3g} | {_cell(r['sgd'])} | "
                      f"{_cell(r['adamw'])} | {r['seconds']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.labels", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated entry names")
+    parser.add_argument("--only", default="", help="comma-separated entry names, run in this order")
     parser.add_argument("--module", default="", help="comma-separated corpus modules (e.g. cnn,broken)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=TRAIN_SIZE, help="training size of large images")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="skip entries already labelled at the same steps, batch and size")
     args = parser.parse_args(argv)
-    only = {n for n in args.only.split(",") if n}
+    only = [n for n in args.only.split(",") if n]
     wanted = {m for m in args.module.split(",") if m}
     by_module = modules()
-    unknown = only - {n for names in by_module.values() for n in names} | wanted - set(by_module)
+    home = {n: m for m, names in by_module.items() for n in names}
+    unknown = set(only) - set(home) | wanted - set(by_module)
     if unknown:
         print(f"unknown corpus entry or module: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    names = only or [n for n, m in home.items() if not wanted or m in wanted]
+    names = [n for n in names if not wanted or home[n] in wanted]
     done: dict[str, dict] = {}
-    for module, names in by_module.items():
-        names = [n for n in names if (not only or n in only) and (not wanted or module in wanted)]
-        if not names:
+    for name in names:
+        path = LABEL_DIR / f"{home[name]}.json"
+        old = _read(path).get(name, {})
+        if args.skip_done and (old.get("steps"), old.get("batch")) == (args.steps, args.batch) and (
+                old.get("resolution") == "native" or old.get("size") == args.size):
             continue
-        path = LABEL_DIR / f"{module}.json"
-        labels = json.loads(path.read_text()) if path.exists() else {}
-        for name in names:
-            labels[name] = done[name] = label(corpus.ENTRIES[name], args.steps, args.batch)
-            print(f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
-                  f"({done[name]['seconds']} s)", file=sys.stderr, flush=True)
-            write_atomic(path, labels)  # after every entry: an interrupted run keeps its labels
+        done[name] = label(corpus.ENTRIES[name], args.steps, args.batch, args.size)
+        # read again just before writing: another run may have labelled other entries meanwhile
+        write_atomic(path, {**_read(path), name: done[name]})
+        print(f"{name}: {_cell(done[name]['sgd'])} | {_cell(done[name]['adamw'])} "
+              f"({done[name]['seconds']} s)", file=sys.stderr, flush=True)
     print(table(done))
     return 0
 

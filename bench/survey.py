@@ -91,6 +91,21 @@ def tally(flags: list[dict[str, str]], most: int = 3) -> str:
     return "<br>".join(parts)
 
 
+def training_labels() -> dict[str, dict[str, Any]]:
+    """What bench/labels.py found for each entry: {name: {sgd, adamw, steps}}."""
+    found = {}
+    for path in sorted((Path(corpus.__file__).parent / "labels").glob("*.json")):
+        for name, r in json.loads(path.read_text()).items():
+            found[name] = {"sgd": r["sgd"]["trains"], "adamw": r["adamw"]["trains"],
+                           "steps": r["steps"]}
+    return found
+
+
+def trained(row: dict[str, Any]) -> str:
+    t = row.get("trains")
+    return "" if not t else "/".join("yes" if t[o] else "no" for o in ("sgd", "adamw"))
+
+
 def names(layer: str, culprit: str) -> bool:
     """Whether a flagged layer label is the culprit module or inside it."""
     return layer == culprit or layer.startswith((culprit + ".", culprit + "#"))
@@ -118,14 +133,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "entry at its own batch and input; seconds on the machine that ran it).", "",
              "Outcomes: " + ", ".join(f"{k} {n}" for k, n in
                                       sorted(Counter(map(outcome, rows)).items())), "",
-             "| entry | family | broken | outcome | s | errors | warnings | crash |",
-             "|---|---|---|---|---:|---|---|---|"]
+             "trains: the training labels (corpus/labels, bench/labels.py), SGD/AdamW.", "",
+             "| entry | family | broken | trains | outcome | s | errors | warnings | crash |",
+             "|---|---|---|---|---|---:|---|---|---|"]
     for r in rows:
         bad = r.get("internal_error") or r.get("build_error")
         crashed = f"{bad['type']}: {bad['message'][:120]} ({bad['where']})" if bad else ""
         if r.get("build_error"):
             crashed = "build failed: " + crashed
-        lines.append(f"| {r['name']} | {r['family']} | {r['broken'] or ''} | {outcome(r)} | "
+        lines.append(f"| {r['name']} | {r['family']} | {r['broken'] or ''} | {trained(r)} | "
+                     f"{outcome(r)} | "
                      f"{r.get('seconds', '')} | {tally(r.get('error', []))} | "
                      f"{tally(r.get('warning', []))} | {crashed} |")
     lines += ["", "## Flags by code", "", "| code | severity | entries (healthy) | "
@@ -184,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
               f"  warnings {len(row.get('warning', []))}"
               + (f"  CRASH {row.get('internal_error') or row.get('build_error')}"
                  if "internal_error" in row or "build_error" in row else ""), flush=True)
-    rows = [kept[name] for name in sorted(kept)]
+    labels = training_labels()
+    rows = [{**kept[name], "trains": labels.get(name)} for name in sorted(kept)]
     write_atomic(args.json, json.dumps({"varprobe_version": varprobe.__version__,
                                         "torch_version": torch.__version__,
                                         "threads": args.threads,

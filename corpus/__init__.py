@@ -5,7 +5,7 @@ config, or a faithful hand-written version of its family) or a broken variant of
 that differs from its healthy twin in exactly one known place. The verdict rules are
 judged on this corpus: no error on a network that trains, an error naming the right
 mechanism and culprit on a broken one. Whether a network trains is decided by training
-it (bench/labels.py, labels in corpus/labels.json), never by varprobe.
+it (bench/labels.py, labels in corpus/labels/<module>.json), never by varprobe.
 
     from corpus import ENTRIES, entry
     e = entry("resnet50")

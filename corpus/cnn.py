@@ -3,7 +3,8 @@
 Hand-written (no torchvision import), block for block as the published code builds
 them, each with its library's own default init (see corpus/layers.py) and at the
 resolution it is trained at. Probe times in the comments: ``varprobe.probe(e.build(),
-e.example())`` on a shared 2-core CPU.
+e.example())``, wall clock on a 2-core CPU shared with other jobs (load average 7-13,
+so several times what an idle machine takes).
 """
 
 from __future__ import annotations
@@ -391,31 +392,31 @@ class NFResNet(nn.Module):
 _TV, _CIFAR, _TIMM = "torchvision-style", "pytorch-cifar-style", "timm-style"
 
 for _e in (
-    # ~1.9 s probe (batch 2 at 224)
+    # probe 4.3 s
     Entry("resnet50", _TV, ResNet, images(3, 224), batch_size=2,
           notes="ResNet-50 v1.5, torchvision init (kaiming fan_out on convs, BN 1/0)"),
-    # ~0.5 s
+    # probe 0.5 s
     Entry("cifar_resnet18", _CIFAR, lambda: CifarResNet(BasicBlock), images(3, 32), batch_size=8,
           notes="pytorch-cifar ResNet18, PyTorch default init"),
-    # ~0.5 s
+    # probe 0.4 s
     Entry("preact_resnet18", _CIFAR, lambda: CifarResNet(PreActBlock, stem_bn=False),
           images(3, 32), batch_size=8, notes="pytorch-cifar PreActResNet18, default init"),
-    # ~0.6 s
+    # probe 0.5 s
     Entry("senet18", _CIFAR, lambda: CifarResNet(PreActBlock, se=True), images(3, 32),
           batch_size=8, notes="pytorch-cifar SENet18 (pre-activation blocks with SE gates)"),
-    # ~0.4 s
+    # probe 0.7 s
     Entry("vgg16_bn_cifar", _CIFAR, VGG, images(3, 32), batch_size=8,
           notes="pytorch-cifar VGG16 with BatchNorm, default init"),
-    # ~1.5 s
+    # probe: varprobe raises (tests/test_corpus.py KNOWN_CRASHES)
     Entry("densenet_cifar", _CIFAR, DenseNet, images(3, 32), batch_size=8,
           notes="pytorch-cifar densenet_cifar: DenseNet-121 block counts (6,12,24,16), growth 12"),
-    # ~1.2 s
+    # probe 0.7 s
     Entry("googlenet", _TV, GoogLeNet, images(3, 224), batch_size=2,
           notes="torchvision GoogLeNet without aux heads, trunc_normal(0.01) init"),
-    # ~1.0 s
+    # probe 3.4 s
     Entry("unet", "milesial-style", UNet, images(3, 128), batch_size=2, task="regress",
           notes="UNet, base width 32, BN, ConvTranspose up-sampling, default init"),
-    # ~1.0 s
+    # probe 3.8 s
     Entry("nf_resnet26", _TIMM, NFResNet, images(3, 224), batch_size=2,
           notes="timm nf_resnet26: ScaledStdConv2d, alpha 0.2, no normalization layers"),
 ):

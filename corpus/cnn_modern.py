@@ -3,7 +3,8 @@
 MobileNetV2, MobileNetV3-Small, EfficientNet-B0 and RegNetY-400MF as torchvision builds
 them, ConvNeXt (torchvision blocks) and PoolFormer-S12 with LayerScale, and a Swin-style
 stack (shifted windows, relative-position-bias table). Probe times in the comments:
-``varprobe.probe(e.build(), e.example())`` on a shared 2-core CPU.
+``varprobe.probe(e.build(), e.example())``, wall clock on a 2-core CPU shared with other
+jobs (load average 7-13, so several times what an idle machine takes).
 """
 
 from __future__ import annotations
@@ -263,25 +264,25 @@ from corpus.swin import SwinStack  # noqa: E402  (kept apart: the module stays s
 _TV, _TIMM = "torchvision-style", "timm-style"
 
 for _e in (
-    # ~1.0 s (batch 2 at 224)
+    # probe 8.8 s
     Entry("mobilenet_v2", _TV, MobileNetV2, images(3, 224), batch_size=2,
           notes="torchvision MobileNetV2 and its init (kaiming fan_out, Linear N(0, .01))"),
-    # ~0.6 s
+    # probe 3.8 s
     Entry("mobilenet_v3_small", _TV, MobileNetV3Small, images(3, 224), batch_size=2,
           notes="torchvision MobileNetV3-Small: SE (hardsigmoid gate), hardswish, depthwise"),
-    # ~1.5 s
+    # probe 9.1 s
     Entry("efficientnet_b0", _TV, EfficientNetB0, images(3, 224), batch_size=2,
           notes="torchvision EfficientNet-B0: SE, SiLU, depthwise, stochastic depth 0.2"),
-    # ~1.0 s
+    # probe 11.8 s
     Entry("regnety_400mf", _TV, RegNetY400MF, images(3, 224), batch_size=2,
           notes="torchvision RegNetY-400MF: widths 48-440, depths 1-3-6-6, group width 8, SE"),
-    # ~1.5 s
+    # probe 10.5 s
     Entry("convnext_nano", _TIMM, ConvNeXt, images(3, 224), batch_size=2,
           notes="ConvNeXt blocks (LayerScale 1e-6, trunc_normal .02) at convnext_nano depths"),
-    # ~1.2 s
+    # probe 5.3 s
     Entry("poolformer_s12", _TIMM, PoolFormer, images(3, 224), batch_size=2,
           notes="PoolFormer-S12 with LayerScale 1e-5 and GroupNorm(1)"),
-    # ~0.6 s
+    # probe 2.3 s
     Entry("swin_cifar", "swin-style", SwinStack, images(3, 32), batch_size=8,
           notes="Swin blocks (shifted 4x4 windows, relative-position bias) on 32x32 images"),
 ):

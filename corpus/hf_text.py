@@ -32,7 +32,9 @@ def ids(batch: int) -> dict[str, torch.Tensor]:
 
 
 def seq2seq_ids(batch: int) -> dict[str, torch.Tensor]:
-    return {"input_ids": tokens(batch), "decoder_input_ids": tokens(batch, SEQ // 2)}
+    """Decoder ids as long as the encoder's: as an "lm" entry, decoder position t is
+    trained to name encoder token t + 1, a copy through cross-attention."""
+    return {"input_ids": tokens(batch), "decoder_input_ids": tokens(batch)}
 
 
 def model(cls: str, config: str, **kwargs: Any) -> Callable[[], torch.nn.Module]:
@@ -109,16 +111,15 @@ register(Entry(
                decoder_layers=LAYERS, d_model=WIDTH, encoder_attention_heads=HEADS,
                decoder_attention_heads=HEADS, encoder_ffn_dim=4 * WIDTH,
                decoder_ffn_dim=4 * WIDTH, vocab_size=VOCAB, max_position_embeddings=2 * SEQ),
-    inputs=seq2seq_ids, task="regress",
-    notes="BART encoder-decoder: post-LN, learned positions, tied head with final_logits_bias; "
-          "trained as regression because the decoder input is not the encoder input",
+    inputs=seq2seq_ids, task="lm", vocab=VOCAB,
+    notes="BART encoder-decoder: post-LN, learned positions, tied head with final_logits_bias",
     tags=("transformer", "encoder-decoder", "token-input", "post-ln")))
 register(Entry(
     name="hf_t5", family="transformers",
     make=model("T5ForConditionalGeneration", "T5Config", num_layers=LAYERS,
                num_decoder_layers=LAYERS, d_model=WIDTH, d_ff=4 * WIDTH, num_heads=HEADS,
                d_kv=WIDTH // HEADS, vocab_size=VOCAB),
-    inputs=seq2seq_ids, task="regress",
+    inputs=seq2seq_ids, task="lm", vocab=VOCAB,
     notes="T5 v1.0: RMS-style norm without bias, relative position buckets, unscaled "
           "attention (folded into the init), tied head rescaled by d_model^-0.5",
     tags=("transformer", "encoder-decoder", "token-input")))

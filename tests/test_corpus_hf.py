@@ -18,11 +18,7 @@ import varprobe
 
 # Entries varprobe cannot probe yet: the reason is varprobe's, so the test says so and
 # turns red (strict) the day it is fixed.
-KNOWN = {
-    "hf_wav2vec2": pytest.mark.xfail(
-        strict=True, reason="varprobe makes the input require grad; wav2vec2's feature "
-        "encoder then sets requires_grad on a non-leaf view of it and torch raises"),
-}
+KNOWN: dict = {}
 
 # module of corpus -> the library it needs (None: torch alone)
 MODULES = {"hf_text": "transformers", "hf_vision": "transformers",

@@ -18,7 +18,7 @@ from torch import nn
 
 import varprobe
 from varprobe import fixcode, reinit, theory
-from varprobe.diagnose import fix
+from varprobe.diagnose import fix as diagnose_fix
 
 SD = 6  # standard deviations of sampling noise a bound allows
 SEEDS = range(8)
@@ -98,7 +98,7 @@ def _pasted(model, code, seed):
 
 
 def _scored(report):
-    return [layer for layer in report.weight_layers if layer.type in fix.LINEAR_TYPES]
+    return [layer for layer in report.weight_layers if layer.type in diagnose_fix.LINEAR_TYPES]
 
 
 def _redrawn(model):
@@ -187,7 +187,7 @@ def test_he_prelu_with_slopes_per_layer_and_torch_default():
                           nn.PReLU(init=0.5), nn.Linear(64, 64))
     report = _probe(model, None, seed=1)
     scored = _scored(report)
-    slopes = [fix._slope(layer) for layer in scored]
+    slopes = [diagnose_fix._slope(layer) for layer in scored]
     code, _ = fixcode.code("he-prelu", scored, slopes)
     pasted = _pasted(model, code, seed=2)
     for m, a in zip(_redrawn(pasted), slopes):
@@ -201,14 +201,3 @@ def test_he_prelu_with_slopes_per_layer_and_torch_default():
             1 / (3 * n), rel=SD * math.sqrt(0.8 / m.weight.numel()))
         assert m.bias.pow(2).mean().item() == pytest.approx(
             theory.scheme_bias_variance("torch-default", m), rel=SD * math.sqrt(0.8 / n))
-
-
-@pytest.mark.parametrize("module", [
-    nn.Linear(7, 5), nn.Conv1d(6, 4, 3), nn.Conv2d(8, 12, (3, 5), groups=4),
-    nn.Conv2d(16, 16, 3, groups=16), nn.Conv3d(4, 6, 2, groups=2),
-    nn.ConvTranspose1d(6, 9, 4, groups=3), nn.ConvTranspose2d(8, 4, 3, stride=2),
-    nn.ConvTranspose3d(4, 8, 2, groups=4)], ids=repr)
-def test_the_printed_fans_are_varprobes(module):
-    scope = {"nn": nn}
-    exec(fixcode.FANS, scope)
-    assert scope["fans"](module) == theory.fans(module)

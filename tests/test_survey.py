@@ -32,6 +32,13 @@ def test_outcomes_follow_the_corpus_rules():
     assert survey.outcome(row(crash=True)) == "crash"
 
 
+def test_training_labels_show_per_optimizer():
+    assert survey.trained({"trains": {"sgd": False, "adamw": True, "steps": 40}}) == "no/yes"
+    assert survey.trained({"trains": None}) == ""
+    for name, t in survey.training_labels().items():
+        assert set(t) == {"sgd", "adamw", "steps"} and isinstance(t["sgd"], bool), name
+
+
 class Raises(nn.Module):
     def __init__(self):
         super().__init__()
