@@ -13,6 +13,7 @@ cancellation, so 1e-5 relative holds for every moment. Counts are exact.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -291,10 +292,10 @@ def test_one_host_read_per_probe(monkeypatch, model, mode):
     assert not any("graph: not used" in note for note in report.notes)
     if isinstance(model, Normed):
         check_parameters_read(model, {layer.name: layer for layer in report.layers},
-                              mode)
+                              mode, report.input)
 
 
-def check_parameters_read(model: Normed, layers: dict, mode: str) -> None:
+def check_parameters_read(model: Normed, layers: dict, mode: str, x) -> None:
     """The predictions use the actual norm and PReLU values (not their defaults): each
     is the closed form of theory.md on them. The same float64 arithmetic in another
     order: 1e-12 relative."""
@@ -310,18 +311,18 @@ def check_parameters_read(model: Normed, layers: dict, mode: str) -> None:
     assert layers["ln"].predicted.forward_var == pytest.approx(
         (gamma.square() * kept + beta.square()).mean().item(), rel=1e-12)
     if mode == "eval":  # BatchNorm on its running statistics (varprobe/runningnorm.py)
-        q, bn = layers["a"].predicted.forward_var, model.bn
+        a, bn = layers["a"], model.bn
+        q = a.predicted.forward_var
+        # The channel means' energy: the input's mean through the weights, and the bias.
+        energy = a.effective_fan_in * a.weight_second_moment * x.mean**2 \
+            + a.bias_second_moment
         g, b, m = host(bn.weight), host(bn.bias), host(bn.running_mean)
         sd = (host(bn.running_var) + bn.eps).sqrt()
-        energy = host(model.a.bias).square().mean()  # the channel means a's bias makes
-        k = (energy / m.square().mean()).sqrt()  # they point where the running means do
-        d = (k - 1) * m
-        expected = (g.square() * ((q - energy) + d.square()) / sd.square()
-                    + 2 * g * b * d / sd + b.square())
-        # The prediction also carries the measured input's own mean through a (its
-        # share of E[x²] is ~1/N for N samples); the formula above leaves it out.
+        d = (math.sqrt(energy / m.square().mean().item()) - 1) * m  # means along mu_r
+        expected = g.square() * (q - energy + d.square()) / sd.square() + 2 * g * b * d / sd \
+            + b.square()
         assert layers["bn"].predicted.forward_var == pytest.approx(expected.mean().item(),
-                                                                   rel=1e-4)
+                                                                   rel=1e-12)
 
 
 def test_zero_and_dead_fractions_after_activations_only():

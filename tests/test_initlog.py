@@ -90,8 +90,11 @@ def test_a_copy_from_another_parameter_and_an_opaque_op():
             nn.init.normal_(a.weight, std=0.1)
             b.weight.copy_(a.weight)
             c.weight.erfinv_()
+            d = nn.Parameter(torch.empty(4, 4, device="meta"))  # empty: no values drawn
+            d.data.mul_(2.0)
     assert log.moments(b.weight).m2 == pytest.approx(0.01)
     assert not log.moments(c.weight).known and "erfinv_" in log.moments(c.weight).op
+    assert not log.moments(d).known and "no recorded init" in log.moments(d).op
 
 
 def test_recording_leaves_torch_as_it_was():
@@ -102,6 +105,10 @@ def test_recording_leaves_torch_as_it_was():
     after = (torch.Tensor.normal_, torch.Tensor.__dict__.get("data"), nn.init.trunc_normal_,
              nn.init.orthogonal_)
     assert after == before
+    with pytest.raises(RuntimeError), initlog.recording():  # a build that raises
+        raise RuntimeError("the model's constructor failed")
+    assert (torch.Tensor.normal_, torch.Tensor.__dict__.get("data"), nn.init.trunc_normal_,
+            nn.init.orthogonal_) == before
     w = torch.empty(3, 3)
     nn.init.trunc_normal_(w)  # the real function again: values drawn
     assert w.abs().max() <= 2

@@ -103,18 +103,17 @@ class Log:
 
     def scale(self, t: torch.Tensor, c: float, shift: float, op: str) -> None:
         """x -> c x + shift on every element of ``t``."""
-        self._update(t, lambda old: None if old is None else Moments(
-            c * old.mean + shift,
-            c * c * old.m2 + 2 * c * shift * old.mean + shift * shift, op))
+        self._update(t, lambda old: _unknown(f"{op} of a tensor with no recorded init")
+                     if old is None else Moments(
+                         c * old.mean + shift,
+                         c * c * old.m2 + 2 * c * shift * old.mean + shift * shift, op))
 
-    def _update(self, t: torch.Tensor, fn: Callable[[Moments | None], Moments | None]) -> None:
+    def _update(self, t: torch.Tensor, fn: Callable[[Moments | None], Moments]) -> None:
         if self._depth or not self.active or not getattr(t, "is_meta", False):
             return
         root = self._root(t)
         old = self._moments.get(id(root))
         new = fn(old)
-        if new is None:
-            return  # a scaling of nothing recorded: still nothing recorded
         share = t.numel() / root.numel() if root.numel() else 1.0
         if share < 1.0:  # a part: the rest keeps what it had
             if old is None:
@@ -404,6 +403,7 @@ def run_skipped_init(model: torch.nn.Module) -> None:
         if id(module) in done or not isinstance(module, base):
             continue
         params = list(module.parameters())
-        if params and all(p.is_meta for p in params):
-            module.initialize_weights()
+        run = getattr(module, "initialize_weights", None)  # transformers >= 5
+        if run is not None and params and all(p.is_meta for p in params):
+            run()
         done.update(id(m) for m in module.modules())
