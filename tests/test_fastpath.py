@@ -347,6 +347,15 @@ def test_strided_tensor_and_odd_sizes(chunked):
     check_activation(relu_with_dead_units(61, 7, 5, channel_dim=1), channel_dim=1)
 
 
+def test_a_strided_row_longer_than_a_chunk(chunked, recwarn):
+    # One row of a tensor that is not dense holds more elements than a chunk of scratch
+    # (5000 > 1000 where chunked; a UNet's 128x128 maps hold 2^18 in one row on the CPU).
+    x = relu_with_dead_units(2, 12, 5000)[:, ::2, :]
+    assert not x.is_contiguous()
+    check_activation(x)
+    assert not [w for w in recwarn if "resized" in str(w.message)]
+
+
 def test_grad_ratio_of_a_zero_weight():
     w = torch.zeros(4, 3)
     assert host(stats.grad_ratio(torch.ones(4, 3), w, stats.weight(w, None)))[0] == np.inf

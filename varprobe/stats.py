@@ -213,7 +213,15 @@ def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float
 
 def _count_nonfinite(x: torch.Tensor) -> float:
     scratch = _scratch(x)
-    return sum(_nonfinite(c, scratch[: c.numel()]).item() for c in _pieces(x, chunked=True))
+    return sum(_nonfinite(c, _fit(scratch, c)).item() for c in _pieces(x, chunked=True))
+
+
+def _fit(scratch: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c.numel()`` elements of scratch; a fresh buffer for a piece longer than a chunk
+    (one row of a strided tensor can be)."""
+    if c.numel() > scratch.numel():
+        return torch.empty(c.numel(), dtype=scratch.dtype, device=scratch.device)
+    return scratch[: c.numel()]
 
 
 def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
@@ -223,7 +231,7 @@ def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
     for c in _pieces(x, chunked=True):
         if first is None:
             first = c.mean()
-        d = torch.sub(c, first, out=scratch[: c.numel()])
+        d = torch.sub(c, first, out=_fit(scratch, c))
         row = [d.sum().double(), _square_sum(d)]
         if nonfinite:
             row.append(_nonfinite(c, d).double())
@@ -260,7 +268,7 @@ def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     dead when zero for every sample and position: max and min per unit both 0, which
     are reductions without scratch memory."""
     scratch = _scratch(x)
-    zeros = torch.stack([c.numel() - torch.ne(c, 0, out=scratch[: c.numel()]).sum()
+    zeros = torch.stack([c.numel() - torch.ne(c, 0, out=_fit(scratch, c)).sum()
                          for c in _pieces(x, chunked=True)]).double().sum()
     if x.dim() < 2:
         return torch.stack([zeros, zeros.new_zeros(())])
