@@ -253,6 +253,26 @@ class Normed(nn.Module):
         return self.c(self.act2(self.ln(self.b(h)))) * self.scale + h
 
 
+def count_host_reads(monkeypatch) -> list[tuple[str, str]]:
+    """(method, caller) of every host read of a tensor from now until
+    ``monkeypatch.undo()``, on the accelerators' code path (``reads_are_free`` False).
+    The quadrature's nodes are made on the host by theory itself (``expectation``,
+    ``_quadrature``): reading them is no transfer, so they are left out."""
+    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
+    calls: list[tuple[str, str]] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if caller not in ("expectation", "_quadrature"):
+                calls.append((_name, caller))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize(("model", "mode"), [(Scaled, None), (Normed, "train"),
                                              (Normed, "eval")])
 def test_one_host_read_per_probe(monkeypatch, model, mode):
@@ -261,10 +281,8 @@ def test_one_host_read_per_probe(monkeypatch, model, mode):
     is counted, with its caller, during a whole probe (the pass, the report, the graph's
     constants, the predictions from norm and PReLU parameters and running statistics,
     and the diagnosis). Only ``stats.collect`` may read: ``.cpu()`` once, then
-    ``.tolist()`` of that host copy. The closed-form quadrature
-    (``theory.expectation``) reads tensors it makes on the host itself, so it is left
-    out. On CUDA, ``python -m bench`` checks the same with
-    ``torch.cuda.set_sync_debug_mode``."""
+    ``.tolist()`` of that host copy (``count_host_reads``). On CUDA, ``python -m bench``
+    checks the same with ``torch.cuda.set_sync_debug_mode``."""
     torch.manual_seed(0)
     model, x = model(), torch.randn(32, 16)
     with torch.no_grad():  # away from their defaults, so that reading them matters
@@ -273,18 +291,7 @@ def test_one_host_read_per_probe(monkeypatch, model, mode):
                 for t in (*m.parameters(), *m.buffers()):
                     if t.is_floating_point():
                         t.uniform_(0.2, 0.9)
-    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
-    calls = []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_name
-            if caller != "expectation":
-                calls.append((_name, caller))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    calls = count_host_reads(monkeypatch)
     report = varprobe.probe(model, x, mode=mode)
     monkeypatch.undo()
     assert calls == [("cpu", "collect"), ("tolist", "collect")]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import runpy
-import sys
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from torch import nn
 
 import varprobe
 from tests.cli_helpers import run
-from varprobe import stats
 from varprobe.diagnose import Thresholds
 from varprobe.mixed import probe as mixed_probe
 from varprobe.precision import Settings
@@ -133,23 +131,12 @@ def test_predict_flags_the_same_overflow_before_any_tensor_exists():
 def test_one_host_read_with_range_statistics(monkeypatch):
     """As tests/test_fastpath.py: on the accelerators' code path the range statistics
     travel in the pass's one transfer."""
-    from tests.test_fastpath import HOST_READS
+    from tests.test_fastpath import count_host_reads
 
     torch.manual_seed(0)  # small: the chunked torch path is slow on a CPU
     model = nn.Sequential(nn.Linear(64, 64), nn.Sigmoid(), nn.Linear(64, 64))
     x, loss = torch.randn(16, 64), lambda y: y.pow(2).mean()
-    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
-    calls = []
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_name
-            if caller not in ("expectation", "_quadrature"):  # nodes made on the host
-                calls.append((_name, caller))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    calls = count_host_reads(monkeypatch)
     report = varprobe.probe(model, x, loss=loss, precision=Settings("fp16"))
     monkeypatch.undo()
     assert calls == [("cpu", "collect"), ("tolist", "collect")]
