@@ -1,4 +1,4 @@
-"""Eval-mode BatchNorm with calibrated running statistics (propagate._running).
+"""Eval-mode BatchNorm with calibrated running statistics (theory.norms, varprobe.runningnorm).
 
 Running statistics are averages of the inputs the layer has seen, so they subtract
 the channel means a ReLU leaves (a 1/pi share of E[x^2]): calibrated, the output's

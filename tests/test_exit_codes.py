@@ -18,7 +18,7 @@ from torch import nn
 import varprobe
 from tests.cli_helpers import run
 from tests.pristine import assert_untouched, give_grads, snapshot
-from varprobe import diagnose, inputs, propagate, target
+from varprobe import diagnose, inputs, target, theory
 from varprobe.recorder import Recorder
 from varprobe.render import ci, formats, plots, terminal
 from varprobe.stages import InternalError
@@ -86,7 +86,7 @@ def test_a_bug_in_varprobe_predict_is_exit_3_too(capsys, monkeypatch):
 @pytest.mark.parametrize(("model", "verdict"), [(HEALTHY, 0), (FLAGGED, 1)])
 def test_a_failed_prediction_leaves_the_report_and_the_verdict(capsys, monkeypatch, tmp_path,
                                                                model, verdict):
-    monkeypatch.setattr(propagate, "annotate", boom)
+    monkeypatch.setattr(theory, "annotate", boom)
     out = tmp_path / "report.json"
     result = run(capsys, "check", model, *BATCH, "-o", out)
     assert result.code == verdict
@@ -135,7 +135,7 @@ def test_failed_check_lines_keep_the_verdict(capsys, monkeypatch):
 
 
 def test_debug_shows_the_traceback_of_an_isolated_stage(capsys, monkeypatch):
-    monkeypatch.setattr(propagate, "annotate", boom)
+    monkeypatch.setattr(theory, "annotate", boom)
     result = run(capsys, "check", HEALTHY, *BATCH, "--debug")
     assert result.code == 0
     assert "Traceback" in result.err and "second line" in result.err
@@ -180,7 +180,7 @@ def mlp() -> nn.Module:
 def test_probe_reports_a_failed_prediction_and_measures_the_rest(monkeypatch):
     model = mlp()
     expected = varprobe.probe(model, batch_size=16)
-    monkeypatch.setattr(propagate, "annotate", boom)
+    monkeypatch.setattr(theory, "annotate", boom)
     report = varprobe.probe(model, batch_size=16)
     assert [s["stage"] for s in report.stages] == ["predict"]
     assert [layer.forward for layer in report.layers] == [
@@ -196,7 +196,7 @@ def test_probe_raises_internal_error_naming_the_stage(monkeypatch):
 
 
 @pytest.mark.parametrize(("owner", "name"), [(Recorder, "collect"), (diagnose, "annotate"),
-                                             (propagate, "annotate")])
+                                             (theory, "annotate")])
 def test_the_model_is_left_as_found_when_varprobe_fails(monkeypatch, owner, name):
     model = mlp()
     give_grads(model)

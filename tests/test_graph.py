@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from zoo import BasicBlock, EncoderBlock, conv_bn
 
-from varprobe import probe, propagate
+from varprobe import probe, theory
 from varprobe.pipeline import _record
 
 
@@ -75,9 +75,9 @@ def test_chain_needs_the_measured_stream_where_the_graph_predicts_it():
     # the measured value past it.
     report, modules = _record(model, x, None, None, torch.Generator().manual_seed(0),
                               settings={}, target="residual")
-    propagate.annotate(report, modules)
+    theory.annotate(report, modules)  # no recording: the calls in order stand in
     relus = [layer for layer in report.layers if layer.type == "ReLU"]
-    assert all("carried the measured value" in (r.predicted.note or "") for r in relus[1:])
+    assert all("carried the measured input" in (r.predicted.note or "") for r in relus[1:])
     # The graph follows the adds: no measured value is carried anywhere.
     graph = probe(model, x)
     for layer in graph.layers:
@@ -201,9 +201,13 @@ def test_fallback_names_where_the_graph_broke():
     torch.manual_seed(0)
     report = probe(Unfollowable(), batch_size=64)
     basis = {layer.name: layer.predicted.basis for layer in report.weight_layers}
-    # a: followed from the input; b, c: right after what cannot be followed; d: from the
-    # measured input of c on, the graph again.
-    assert basis == {"a": "graph", "b": "chain", "c": "chain", "d": "graph"}
+    # One walk: b and c, right after what cannot be followed, start from their measured
+    # inputs and say so; d follows from c's.
+    assert basis == {"a": "graph", "b": "graph", "c": "graph", "d": "graph"}
+    notes_of = {layer.name: layer.predicted.note or "" for layer in report.weight_layers}
+    assert "carried the measured input of b" in notes_of["b"]
+    assert "carried the measured input of c" in notes_of["c"]
+    assert "carried" not in notes_of["a"].split("backward")[0]
     notes = [n for n in report.notes if n.startswith("graph:")]
     assert any("at b" in n and "custom autograd Function Clip" in n for n in notes)
     assert any("at c" in n and "Tensor.sort" in n for n in notes)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from zoo import gauss, mlp
 
-from tests.test_propagate import probe  # one pass, annotated with the chain
+from tests.test_walk_exact import probe  # one pass, annotated over the chain of calls
 
 N, DEPTH, BATCH = 512, 30, 256
 

@@ -24,9 +24,12 @@ FANS = '''import math
 
 def fans(m):
     """varprobe's (fan_in, fan_out): the terms of one output's sum, of one input's
-    gradient sum. Conv and ConvTranspose alike: (in/groups)*k, (out/groups)*k."""
+    gradient sum. Conv and ConvTranspose alike: (in/groups)*k, (out/groups)*k;
+    transformers' Conv1D keeps its weight as (in, out)."""
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
+    if type(m).__name__ == "Conv1D":
+        return tuple(m.weight.shape)
     k = math.prod(m.kernel_size)
     return m.in_channels // m.groups * k, m.out_channels // m.groups * k
 
@@ -45,7 +48,7 @@ def code(scheme: str, weights: list[Layer], slopes: list[float]) -> tuple[str, s
     ``slopes``: he-prelu's PReLU slope for each of ``weights``."""
     kinds = _kinds(weights)
     if scheme == "torch-default":
-        return (f"for m in model.modules():\n    if isinstance(m, {kinds}):\n"
+        return (f"for m in model.modules():\n    if {kinds}:\n"
                 "        m.reset_parameters()"), \
             "torch-default init: each layer's reset_parameters()"
     variance = VARIANCE[scheme]
@@ -62,11 +65,17 @@ def code(scheme: str, weights: list[Layer], slopes: list[float]) -> tuple[str, s
                 "    m = model.get_submodule(name)\n" + draw), short
     head = f"a = {next(iter(distinct)):.6g}\n" if scheme == "he-prelu" else ""
     body = "\n".join("    " + line for line in draw.splitlines())
-    return (helper + head + f"for m in model.modules():\n    if isinstance(m, {kinds}):\n"
+    return (helper + head + f"for m in model.modules():\n    if {kinds}:\n"
             + body), short
 
 
 def _kinds(weights: list[Layer]) -> str:
-    types = sorted({layer.type for layer in weights})
+    """The test that picks the scored layers: by class, transformers' Conv1D by name
+    (it is not in torch.nn)."""
+    types = sorted({layer.type for layer in weights} - {"Conv1D"})
     names = [f"nn.{t}" for t in types]
-    return names[0] if len(names) == 1 else f"({', '.join(names)})"
+    joined = names[0] if len(names) == 1 else "(" + ", ".join(names) + ")"
+    tests = [f"isinstance(m, {joined})"] if names else []
+    if len(types) < len({layer.type for layer in weights}):
+        tests.append('type(m).__name__ == "Conv1D"')
+    return " or ".join(tests)

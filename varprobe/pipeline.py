@@ -13,8 +13,6 @@ from torch import nn
 from varprobe import (
     diagnose,
     exponents,
-    graph,
-    propagate,
     reinit,
     stats,
     structure,
@@ -37,6 +35,8 @@ from varprobe.report import (
 )
 from varprobe.stages import stage
 from varprobe.state import preserved
+from varprobe.theory import norms
+from varprobe.theory import recording as recording_mod
 
 
 def unwrap(model: Any) -> nn.Module:
@@ -155,7 +155,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
             generator = torch.Generator().manual_seed(seed + k)
             with stage("input"):
                 x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
-            recording = graph.Recording(work)  # the last trial's graph serves them all
+            recording = recording_mod.Recording(work)  # the last trial's graph serves them all
             values: dict[int, list[float]] = {}  # and its norm and PReLU values
             with stage("record"):
                 report, modules = _record(
@@ -169,8 +169,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
         with stage("record"):
             report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
         with timing.phase("predictions"), stage("predict", report):
-            propagate.annotate(report, modules, values)  # inside: the modes the probe ran in
-            graph.annotate(report, modules, recording, values=values)
+            theory.annotate(report, modules, recording, values)  # in the probe's modes
         with timing.phase("diagnosis"), stage("diagnose"):
             structure.annotate(report, recording)
     with timing.phase("diagnosis"), stage("diagnose"):
@@ -215,13 +214,13 @@ def _batch_of(x: Any) -> int | None:
 
 
 def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
-            settings: dict, target: str, recording: graph.Recording | None = None,
+            settings: dict, target: str, recording: recording_mod.Recording | None = None,
             values: dict[int, list[float]] | None = None,
             precision: Any = None) -> tuple[Report, list[nn.Module]]:
     """Run forward + backward under hooks; the modules list is aligned with layers.
     ``recording`` (a TorchFunctionMode) follows the dataflow during the forward only.
     ``values`` is filled with host copies of the tensors the predictions read
-    (propagate.host_tensors), keyed by id, from the same one transfer."""
+    (theory.norms.host_tensors), keyed by id, from the same one transfer."""
     owned = InputLeaves(x)  # gradients w.r.t. float inputs come from leaves we own
     fed, leaves = owned.fed, owned.leaves
     with Recorder(model, ranges=exponents.Measure.of(precision)) as rec:
@@ -252,7 +251,7 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
 
 
 def _forward(model: nn.Module, fed: Any, rec: Recorder,
-             recording: graph.Recording | None, owned: InputLeaves | None = None) -> Any:
+             recording: recording_mod.Recording | None, owned: InputLeaves | None = None) -> Any:
     """The model's forward under the hooks (and the graph recording); a model that
     raises becomes one line naming the layer it raised in. ``owned``: the input leaves,
     whose mode goes outside the recording's (which must be innermost)."""
@@ -273,7 +272,7 @@ def _forward(model: nn.Module, fed: Any, rec: Recorder,
             "(--input-shape, example_input) and the model's forward") from exc
 
 
-def _collect(rec: Recorder, x: Any, output: Any, recording: graph.Recording | None,
+def _collect(rec: Recorder, x: Any, output: Any, recording: recording_mod.Recording | None,
              values: dict[int, list[float]] | None) -> tuple[list, list[int]]:
     """The pass's one device-to-host transfer: every layer's statistics, the network's
     input and output moments (slots ``ends``), the graph's constants, and host copies
@@ -282,7 +281,7 @@ def _collect(rec: Recorder, x: Any, output: Any, recording: graph.Recording | No
     constants = [rec._new_slot(stats.Pending(c, list))
                  for c in (recording.on_device() if recording is not None else [])]
     copies = {id(t): rec._new_slot(stats.Pending(t.detach().double().flatten(), list))
-              for t in (propagate.host_tensors([c.module for c in rec.calls])
+              for t in (norms.host_tensors([c.module for c in rec.calls])
                         if values is not None else [])}
     host = rec.collect()
     if values is not None:

@@ -3,12 +3,12 @@
 The model is built on the meta device where it can be: parameters get shapes but no
 memory, so a 175B-parameter decoder costs nothing. One forward pass on meta tensors,
 under a Recorder that measures nothing, gives the calls, their shapes and their order;
-graph.Recording follows the dataflow between the calls (residual adds, views,
-functional ops) in the same pass, and the predictions follow that graph: the chain of
-calls alone would walk past a residual add as if the layers were in sequence. Where
-the graph meets something without a closed form (attention, a constant with no value)
-the prediction stops, with the reason: nothing is measured to carry past it. A norm
-resets the scale, so the prediction resumes after it. Every measured field stays null.
+theory.recording follows the dataflow between the calls (residual adds, views,
+functional ops) in the same pass, and the predictions walk that graph (theory.walk), the
+same walk the probe uses, with nothing measured. Where the graph meets something
+without a closed form the prediction stops, with the reason: nothing is measured to
+carry past it. A norm resets the scale, so the prediction resumes after it. Every
+measured field stays null.
 Meta weights have no values: the init ops the model's code applies while it is built
 are recorded (initlog) and give the weights' second moments; where nothing was
 recorded (a model handed over already built on meta), each layer's reset_parameters
@@ -19,14 +19,13 @@ data-dependent op) is built on the CPU instead, and then its weights are read.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, graph, initlog, propagate, reinit, structure, theory
+from varprobe import diagnose, initlog, reinit, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -44,6 +43,8 @@ from varprobe.recorder import Recorder, float_leaves, main_weight, tensor_leaves
 from varprobe.report import ModelInfo, Report, TensorInfo
 from varprobe.stages import stage
 from varprobe.state import preserved
+from varprobe.theory.recording import Recording
+from varprobe.theory.weights import prelu_slopes
 
 MEASURED = ("input", "forward", "backward", "backward_input", "weight_grad_ratio")
 NOT_MEASURED = "not measured: closed-form prediction (varprobe predict)"
@@ -136,11 +137,10 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())
              if t is not None])
         with stage("predict", report):
-            propagate.annotate(report, modules, values)
             floats = report.input.dtype is not None and "int" not in report.input.dtype
             report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed"
                                 if floats else "output cotangent Var = 1 assumed")
-            _follow_graph(report, modules, recording, values)
+            theory.annotate(report, modules, recording, values, measured=False)
         with stage("diagnose"):
             structure.annotate(report, recording)
     if precision is not None:
@@ -151,14 +151,14 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
 
 
 def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
-                ) -> tuple[Any, Recorder, graph.Recording]:
+                ) -> tuple[Any, Recorder, Recording]:
     """One forward under a Recorder that measures nothing and a graph Recording.
 
     Autograd stays on (free on meta): the recording tells custom autograd Functions and
     outputs that need no gradient by it. The unit cotangent seeds the graph's backward.
     """
     args, kwargs = inputs_mod.as_call(x)
-    recording = graph.Recording(model)
+    recording = Recording(model)
     with torch.enable_grad(), Recorder(model, measure=False) as rec:
         rec.observer = recording
         recording.start(float_leaves(x))
@@ -171,34 +171,6 @@ def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
                 f"{dev.type}: {type(exc).__name__}: {_first_line(exc)}") from exc
         recording.finish([t for t in float_leaves(output) if t.requires_grad], 1.0)
     return output, rec, recording
-
-
-def _follow_graph(report: Report, modules: list[nn.Module], recording: graph.Recording,
-                  values: theory.Values | None = None) -> None:
-    """The graph's predictions for the actual init and, walked over the same graph with
-    the weights replaced, for every counterfactual scheme. Where the graph cannot be
-    used the chain's stay, with graph.annotate's note saying why. ``values``: recorded
-    constants (norm scales, PReLU slopes) of a meta model."""
-    graph.annotate(report, modules, recording, measured=False, values=values)
-    if not any(layer.predicted is not None and layer.predicted.basis == "graph"
-               for layer in report.layers):
-        return
-    for scheme in theory.SCHEMES:
-        twin = _twin(report)
-        _assume_scheme(twin, modules, scheme)
-        graph.annotate(twin, modules, recording, measured=False, values=values)
-        for layer, walked in zip(report.layers, twin.layers):
-            if layer.kind == "weight":
-                layer.schemes[scheme] = walked.predicted
-    report.summary.forward_ratio, report.summary.backward_ratio = propagate.end_to_end(report)
-
-
-def _twin(report: Report) -> Report:
-    """A copy whose weight fields, predictions and notes can change without the original's."""
-    layers = [dataclasses.replace(layer, unavailable=dict(layer.unavailable))
-              for layer in report.layers]
-    return dataclasses.replace(report, layers=layers, notes=[],
-                               summary=dataclasses.replace(report.summary))
 
 
 def _inputs(model: nn.Module, inputs: Any, batch_size: int,
@@ -231,8 +203,8 @@ def _mark_unmeasured(report: Report, dev: torch.device) -> None:
 
 def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> None:
     """What ``--init SCHEME`` draws (reinit): Var[w] of the scheme, and its biases."""
-    for layer, module, a in zip(report.layers, modules, propagate.prelu_slopes(modules)):
-        if layer.kind != "weight" or not isinstance(module, reinit.REINITIALIZED):
+    for layer, module, a in zip(report.layers, modules, prelu_slopes(modules)):
+        if layer.kind != "weight" or not theory.is_linear_map(module):
             continue
         fan_in, fan_out = (theory.torch_fans(module) if scheme == "torch-default"
                            else theory.fans(module))
@@ -248,7 +220,7 @@ def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> Non
 
 def _assume_recorded(report: Report, modules: list[nn.Module], log: initlog.Log) -> None:
     """The weight moments the model's own init ops leave (initlog), where recorded;
-    PyTorch's default elsewhere (propagate._actual), and the note names those layers.
+    PyTorch's default elsewhere (theory.weights.actual), and the note names those layers.
     An op with no closed form leaves the layer's weights, and what follows, unknown."""
     defaults, unknown = [], []
     for layer, module in zip(report.layers, modules):

@@ -135,7 +135,7 @@ class Recorder:
         self._outputs: dict[int, tuple[weakref.ref, int, Call]] = {}  # id(output) -> call
         self.weights: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (slot, w)
         # Told where each call starts (the args its forward gets) and ends (its output):
-        # graph.Recording, a TorchFunctionMode that must not see the statistics.
+        # theory.recording.Recording, a TorchFunctionMode that must not see the statistics.
         self.observer: Any = None
 
     # --- lifecycle -----------------------------------------------------------------

@@ -23,10 +23,10 @@ from torch import nn
 
 from varprobe import theory
 from varprobe.errors import VarprobeError
-from varprobe.propagate import LINEAR_MAPS, prelu_slopes
+from varprobe.theory.layer_fans import is_linear_map
+from varprobe.theory.weights import prelu_slopes
 
 AS_IS = "as-is"
-REINITIALIZED = LINEAR_MAPS  # the layers whose scheme columns assume the scheme
 WEIGHT_STREAM = 1  # keeps the weight draws independent of the input draws of one seed
 
 
@@ -52,7 +52,7 @@ def reinitialized(model: nn.Module, scheme: str, seed: int) -> nn.Module:
     modules = [m for m in clone.modules() if next(m.children(), None) is None]
     with torch.no_grad():
         for module, a in zip(modules, prelu_slopes(modules)):
-            if isinstance(module, REINITIALIZED):
+            if is_linear_map(module):  # the layers whose scheme columns assume the scheme
                 _draw(module, scheme, a, generator)
     return clone
 

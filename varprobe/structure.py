@@ -38,8 +38,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from varprobe.graph import Node, Recording
 from varprobe.report import Layer, Report
+from varprobe.theory.nodes import Node
+from varprobe.theory.recording import Recording
 
 # Module classes whose output scale is their own (by class name: the families are
 # spread over torch.nn, transformers, timm and hand-written code).
@@ -49,7 +50,7 @@ ANCHOR_TYPES = ("Embedding", "EmbeddingBag", "MultiheadAttention", "Softmax", "L
 ANCHOR_WORDS = ("Norm", "Attention", "Embedding")
 # A bounded gate: a product with one of these carries the other factor's scale.
 GATES = ("Sigmoid", "Hardsigmoid", "Softmax", "Tanh", "Hardtanh")
-# Functional operations (as graph.Recording names them) that set their output's scale.
+# Functional operations (as theory.recording names them) that set their output's scale.
 ANCHOR_FUNCS = ("F.layer_norm", "F.group_norm", "F.batch_norm", "F.instance_norm",
                 "F.rms_norm", "F.normalize", "torch.layer_norm", "torch.group_norm",
                 "torch.batch_norm", "torch.rms_norm", "F.scaled_dot_product_attention",
@@ -60,7 +61,7 @@ ANCHOR_FUNCS = ("F.layer_norm", "F.group_norm", "F.batch_norm", "F.instance_norm
                 "Tensor.bmm",
                 "torch.einsum", "torch.baddbmm", "Tensor.rsqrt", "torch.rsqrt")
 
-PRODUCT = " of activations"  # graph.Recording's suffix for a product of two activations
+PRODUCT = " of activations"  # theory.recording's suffix for a product of two activations
 NETWORK_INPUT = "the network input"
 
 

@@ -13,7 +13,7 @@ Phases (each also divided by the layer calls recorded):
   weight-gradient statistics (statistics, bookkeeping, dataflow notes), wall clock
   only (a CPU clock read per hook call would cost more than it tells).
 - ``collect``: the one device-to-host transfer and the host rows made from it.
-- ``predictions``: the closed-form predictions along the chain and the graph.
+- ``predictions``: the closed-form predictions: one walk per init over the graph.
 - ``diagnosis``: the flags.
 - ``load`` and ``report`` (the CLI): importing the model file, rendering and writing.
 """

@@ -16,7 +16,7 @@ from varprobe.report import Fix, Layer, Report
 
 RECTIFIERS = ("ReLU", "LeakyReLU", "PReLU", "RReLU")
 LINEAR_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
-                "ConvTranspose2d", "ConvTranspose3d")
+                "ConvTranspose2d", "ConvTranspose3d", "Conv1D")  # Conv1D: transformers'
 
 
 def culprits(layers: list[Layer], trends: list[Trend], t: Thresholds) -> list[int]:
@@ -86,7 +86,7 @@ SCHEME_PREFERENCE = ("he", "he-prelu", "he-fan-out", "xavier", "lecun", "torch-d
 def fix(report: Report, t: Thresholds) -> Fix | None:
     """The init scheme whose predicted forward trajectory stays inside the band, with
     the best end-to-end ratios; ties go to the simpler scheme."""
-    from varprobe.propagate import end_to_end  # imports torch: only once a report exists
+    from varprobe.theory import end_to_end  # imports torch: only once a report exists
 
     weights = [layer for layer in report.weight_layers if layer.type in LINEAR_TYPES]
     if not weights:
@@ -127,7 +127,7 @@ def _score(report: Report, scheme: str, ref: float | None, t: Thresholds,
 
 
 def _slope(layer: Layer) -> float:
-    """The PReLU slope he-prelu uses for this layer (propagate.prelu_slopes' rule): the
+    """The PReLU slope he-prelu uses for this layer (theory.weights.prelu_slopes' rule): the
     activation before it, else (first layer) the one after; a = sqrt(2g - 1)."""
     act, gain = ((layer.input_activation, layer.input_gain) if layer.input_activation
                  else (layer.activation, layer.gain))

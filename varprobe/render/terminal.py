@@ -198,7 +198,7 @@ def _fan_in(layer: Layer) -> str:
 
 def end_to_end(report: Report, compare: list[str] = ()) -> Text:
     """The predicted end-to-end forward/backward ratios, and under each compared scheme."""
-    from varprobe.propagate import end_to_end as ratios
+    from varprobe.theory import end_to_end as ratios
 
     s = report.summary
     text = Text(f"predicted end to end: forward ×{num(s.forward_ratio)}, "

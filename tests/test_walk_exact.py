@@ -1,4 +1,5 @@
-"""propagate.py: the closed-form predictions, checked by exact arithmetic.
+"""theory.walk over the chain of calls: the closed-form predictions, checked by exact
+arithmetic.
 
 The recursions are deterministic functions of the recorded numbers, so these checks
 use tight relative tolerances (1e-9: float64 round-off over a few dozen products).
@@ -16,17 +17,17 @@ from zoo import gauss, mlp
 
 from varprobe import inputs, theory
 from varprobe.pipeline import _record
-from varprobe.propagate import annotate, end_to_end
 from varprobe.report import Report, TensorInfo
 from varprobe.state import preserved
+from varprobe.theory import annotate, end_to_end
 
 EXACT = 1e-9  # float64 round-off over <= 30 products and sums
 
 
 def probe(model: nn.Module, batch_size: int, input_shape=None, mode: str = "train",
           seed: int = 0) -> Report:
-    """Record one pass and annotate it with propagate alone: the chain, not the graph
-    predictions that the full pipeline puts in ``predicted`` after it."""
+    """Record one pass and annotate it without a recording: the calls in execution order
+    stand in for the dataflow (theory.nodes.chain)."""
     generator = torch.Generator().manual_seed(seed)
     with preserved(model):  # BatchNorm running stats, modes: as the pipeline leaves them
         model.train(mode == "train")
@@ -53,7 +54,7 @@ def test_chain_is_he_recursion_over_30_relu_layers():
     for i, layer in enumerate(ws):
         if i:
             expected = n * w2(layer) * 0.5 * expected
-        assert layer.predicted.basis == "chain"
+        assert layer.predicted.basis == "graph"
         assert layer.predicted.forward_var == pytest.approx(expected, rel=EXACT)
     # Var[w] = 1/n (the paper's "Xavier", scheme lecun): layer 30 is 2^-29 of layer 1.
     lecun = [layer.schemes["lecun"].forward_var for layer in ws]
@@ -235,7 +236,7 @@ def test_max_pool_is_carried_measured_and_named():
     report = probe(model, batch_size=8, input_shape=(3, 8, 8))
     pool, conv = report.layers[2], report.layers[3]
     assert pool.predicted is None or pool.predicted.forward_var is None
-    assert "carried the measured value past MaxPool2d at 2" in conv.predicted.note
+    assert "carried the measured output of MaxPool2d at 2" in conv.predicted.note
     assert conv.predicted.forward_var == pytest.approx(conv.local.forward_var, rel=EXACT)
     # A counterfactual applies the measured ratio across the pool, not its value.
     he0 = report.layers[0].schemes["he"].forward_var
@@ -245,9 +246,12 @@ def test_max_pool_is_carried_measured_and_named():
     assert he1.forward_var == pytest.approx(
         conv.effective_fan_in * 2 / 72 * expected_in, rel=EXACT)
     assert "ratio across MaxPool2d at 2" in he1.note
-    # Backward: element counts change at the pool, so its measured gradient is carried.
+    # Backward: exact through the pool. Each 2x2 window's gradient lands on its maximum
+    # (a quarter of the elements), which the ReLU before it passes unless all four of
+    # its inputs are negative (1/16 for zero-mean Gaussians; theory.pools, rules.max_gate).
     first = report.layers[0].predicted
-    assert "carried the measured gradient past MaxPool2d at 2" in first.note
+    assert first.backward_var == pytest.approx(
+        conv.predicted.backward_input_var / 4 * (1 - 1 / 16), rel=EXACT)
 
 
 class Residual(nn.Module):
@@ -264,7 +268,7 @@ def test_unrecorded_operations_are_noticed():
     model = nn.Sequential(nn.Linear(16, 16), Residual(16), nn.Linear(16, 4))
     report = probe(model, batch_size=32)
     last = report.layers[-1]
-    assert "unrecorded operation before 2" in last.predicted.note
+    assert "an unrecorded operation (before 2)" in last.predicted.note
     assert last.predicted.forward_var == pytest.approx(last.local.forward_var, rel=EXACT)
     assert report.layers[0].predicted.backward_var is not None
 
@@ -291,7 +295,7 @@ def test_closed_form_with_nothing_measured():
     expected = 32 / 96 * 0.5 * first.predicted.forward_var + 1 / 96
     assert second.predicted.forward_var == pytest.approx(expected, rel=EXACT)
     assert last.predicted.forward_var is None
-    assert "the chain stops at MaxPool1d at 4" in last.predicted.note
+    assert "could not follow MaxPool1d at 4" in last.predicted.note
     assert last.schemes["he"].forward_var is None
     assert last.predicted.backward_var == 1.0  # cotangent Var = 1 assumed
     assert report.summary.forward_ratio is None

@@ -1,0 +1,70 @@
+"""The attention node of the walk: theory.attention's closed forms on the walk's values.
+
+Inputs are the walk's E[q^2], E[k^2], E[v^2] at a scaled_dot_product_attention call.
+The token correlation r of the values is the probe's measurement at the call where
+there is one, else the share of E[v^2] that is a per-unit mean (what a ReLU or a bias
+makes every token share; a lower bound on r, and r ~ 0 for independent tokens). A probe
+also measures Σp² on a subsample of queries and uses it in place of the closed form for
+the participation (exact at any logit variance, saturated or not); ``predict`` uses the
+closed form throughout. A counterfactual scheme changes the logit variance, so it uses
+the closed form too, with the measured r.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from varprobe.theory import attention
+from varprobe.theory.nodes import Attention
+from varprobe.theory.signal import Signal
+
+CEILING = 0.999  # r -> 1 leaves nothing for the softmax to average: keep r below it
+
+
+def keys(facts: Attention) -> attention.Keys:
+    """Per-query key counts: T, or 1..T when causal (top-left aligned, as torch does)."""
+    if facts.causal and facts.queries != facts.keys:
+        return [min(i + 1, facts.keys) for i in range(facts.queries)]
+    return facts.keys
+
+
+def correlation(facts: Attention, v: Signal, measured: tuple | None) -> float:
+    r = measured[0] if measured is not None else v.mean_share
+    return min(max(r, 0.0), CEILING)
+
+
+def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple | None,
+            correlations: tuple | None) -> tuple[Signal, dict[str, Any]]:
+    """E[z^2] at the head outputs and what the report says about the call."""
+    s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+    r = correlation(facts, v, correlations)
+    causal = facts.causal and facts.queries == facts.keys
+    if measured is not None:
+        p2 = measured[0]
+        z2 = r + p2 * (1 / (1 - facts.dropout) - r)
+    else:
+        out = attention.forward(1.0, s2, r, keys(facts), causal, None, facts.dropout,
+                                d_k=facts.d_k)
+        z2, p2 = out.second_moment, out.participation
+    m2 = v.m2 * z2
+    share = min(1.0, v.m2 * v.mean_share / m2) if m2 > 0 else 0.0
+    facts_out = {"logit_variance": s2,
+                 "measured_logit_variance": measured[1] if measured is not None else None,
+                 "token_correlation": r, "participation": p2, "spread": (1 - r) * s2,
+                 "saturated": attention.saturated(s2, r), "keys": facts.keys,
+                 "causal": facts.causal, "masked": facts.masked,
+                 "participation_basis": "measured" if measured is not None else "closed form"}
+    return Signal(m2, share), facts_out
+
+
+def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
+             correlations: tuple | None) -> tuple[float, float, float]:
+    """E[dq^2], E[dk^2], E[dv^2] from E[g^2] at the head outputs (gradient token
+    correlation taken as 0). Grouped keys and values (GQA) collect the gradients of
+    every query head in their group."""
+    r = correlation(facts, v, correlations)
+    causal = facts.causal and facts.queries == facts.keys
+    b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, causal=causal,
+                           scale=facts.scale, dropout=facts.dropout)
+    group = max(facts.heads // max(facts.kv_heads, 1), 1)
+    return b.query, b.key * group, b.value * group

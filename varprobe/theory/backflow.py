@@ -1,0 +1,227 @@
+"""The backward half of the walk: gradient variances over the recorded graph in reverse.
+
+A node's gradient variance is the sum over its consumers (independent contributions):
+an add passes the gradient to both branches, a slice its share numel(out)/numel(in), a
+concatenation each piece its slice, a pool what theory.pools says, an activation its
+E[f'(y)^2] at its own input (a rectifier under a max pool only what the window maxima
+pass), a call its rule's backward step. Where a gradient cannot be followed, a probe
+carries the measured one (a scheme scales it by its own ratio), a closed-form
+prediction stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from varprobe.report import Layer
+from varprobe.theory import attend, norms, pools, rules
+from varprobe.theory.nodes import Node, is_view
+from varprobe.theory.signal import Call, Grad, Signal, Value
+
+
+class Backward:
+    """Mixed into theory.walk.Walk: reads its forward values, fills ``grads``."""
+
+    # --- backward ------------------------------------------------------------------
+    def backward(self) -> None:
+        self.grads = [None] * len(self.nodes)
+        if self.graph.unseen_function is not None:
+            reason = f"custom autograd Function {self.graph.unseen_function}, whose " \
+                     "inputs the recording did not see"
+            for info in self.calls.values():
+                info.backward_break = reason
+            return
+        self._seed(self.grads)
+        for k in reversed(range(len(self.nodes))):
+            g = self.grads[k]
+            if g is None:
+                continue
+            if g.broken is None and self.actual is not None:
+                theirs = self.actual.grads[k] if self.actual.grads else None
+                g.rel = (g.var / theirs.var if theirs is not None and theirs.broken is None
+                         and theirs.var > 0 else None)
+            self._backward(k, self.nodes[k], g, self.grads)
+
+    def _seed(self, grads: list[Grad | None]) -> None:
+        for position, k in enumerate(self.graph.outputs):
+            if k is None:
+                continue
+            node = self.nodes[k]
+            layer = self.report.layers[node.index] if node.op in ("call", "exit") else None
+            if layer is not None and layer.backward is not None and layer.backward.var is not None:
+                _flow(grads, k, Grad(layer.backward.var))
+            elif position == 0 and self.graph.cotangent_var is not None:
+                _flow(grads, k, Grad(self.graph.cotangent_var))
+            else:
+                _flow(grads, k, Grad(0.0, "the gradient at the model's output (not measured)"))
+
+    def _backward(self, k: int, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+        if node.op in ("call", "exit"):
+            g = self._at_output(node, g)
+        if node.op == "call":
+            self._call_backward(k, node, g, grads)
+        elif node.op == "exit":
+            if node.inputs[0] >= 0:
+                _flow(grads, node.inputs[0], g)
+        elif node.op == "unknown":
+            if not node.stops:
+                for i in node.inputs:
+                    _flow(grads, i, Grad(0.0, g.broken or self._reason(node), rel=g.rel))
+        elif node.op == "act":
+            gain = self._gate(node.module, self.values[node.inputs[0]], g,
+                              self.backward_gains.get(k))
+            _flow(grads, node.inputs[0], Grad(g.var * gain, g.broken, g.note, g.sparse, g.rel)
+                  if gain is not None else Grad(0.0, g.broken or
+                                                f"F.{type(node.module).__name__}", rel=g.rel))
+        elif node.op == "dropout":
+            _flow(grads, node.inputs[0], Grad(g.var / (1 - node.p), g.broken, g.note,
+                                              g.sparse, g.rel))
+        elif node.op == "attention":
+            self._attention_backward(node, g, grads)
+        elif node.op == "pool":
+            window = node.pool.window if node.pool.kind == "max" else None
+            _flow(grads, node.inputs[0], Grad(g.var * pools.backward(node.pool), g.broken,
+                                              g.note, g.sparse, g.rel, window))
+        elif node.op == "linear":
+            self._linear_backward(node, g, grads)
+
+    def _linear_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+        if valueless := self._no_value(node, backward=True):
+            for i in node.inputs:
+                _flow(grads, i, Grad(0.0, g.broken or valueless, rel=g.rel))
+            return
+        scale = 1.0 if node.scale is None else self.constants[node.scale][0]
+        for i, b in zip(node.inputs, node.backward):
+            broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
+                                  "gradient reaches only a slice" if node.cat and g.sparse
+                                  else None)
+            _flow(grads, i, Grad(g.var * b * scale, broken, g.note, g.sparse or node.sparse,
+                                 g.rel))
+
+    def _attention_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+        """The query, key and value paths (theory.attention.backward); a self-attention
+        whose q, k and v are one tensor gets their sum, as independent paths add."""
+        values = [self.values[i].signal for i in node.inputs]
+        if g.broken is not None or any(v is None for v in values):
+            for i in node.inputs:
+                _flow(grads, i, Grad(0.0, g.broken or "an attention input the walk has no "
+                                     "value for", rel=g.rel))
+            return
+        paths = attend.backward(node.attn, g.var, *values, self.measurements(node)[1])
+        for i, var in zip(node.inputs, paths):
+            _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))
+
+    def _at_output(self, node: Node, g: Grad) -> Grad:
+        """Record the call's gradient; where the graph broke, carry the measured one."""
+        layer = self.report.layers[node.index]
+        info = self.calls.setdefault(node.index, Call())
+        if g.broken is None:
+            info.grad, info.backward_note = g.var, g.note
+            return g
+        info.backward_break = g.broken
+        measured = layer.backward.var if layer.backward is not None and self.measured else None
+        if measured is None or g.rel is None:
+            return g
+        how = ("carried the measured gradient" if self.actual is None
+               else "scaled the measured gradient by the scheme's ratio")
+        info.grad, info.backward_note = measured * g.rel, f"{how} at {layer.label}"
+        return Grad(measured * g.rel, None, info.backward_note, g.sparse, g.rel)
+
+    def _call_backward(self, k: int, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+        i = node.index
+        layer, module = self.report.layers[i], self.modules[i]
+        info = self.calls[i]
+        if not node.inputs:
+            return
+        s_in = info.input.signal if info.input is not None else None
+        mu = info.input.mu if info.input is not None else 0.0
+        if g.broken is not None:
+            dx = None
+        elif k in self.backward_gains:  # an activation, at its own (shifted) input
+            gain = self._gate(module, info.input, g, self.backward_gains[k])
+            dx = None if gain is None else g.var * gain
+        elif self._pieces_normalized(node, module, g, grads):
+            return
+        elif g.sparse and isinstance(module, norms.FEATURE_NORMS):
+            dx = None  # each position has its own scale: the average one does not apply
+        else:
+            dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
+        _flow(grads, node.inputs[0], self._input_grad(layer, info, g, dx, s_in))
+        for k2 in node.inputs[1:]:
+            _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
+                                  "(not measured)"))
+
+    @staticmethod
+    def _gate(module: nn.Module, x: Value | None, g: Grad, gain: float | None) -> float | None:
+        """E[f'(y)^2] where the gradient comes from a max pool: it reaches only each
+        window's largest element, which a rectifier passes unless the whole window is
+        negative (theory.rules.max_gate)."""
+        if g.window is None or x is None or x.signal is None:
+            return gain
+        gate = rules.max_gate(module, x.signal, x.mu, g.window)
+        return gain if gate is None else gate
+
+    def _input_grad(self, layer: Layer, info: Call, g: Grad, dx: float | None,
+                    s_in: Signal | None) -> Grad:
+        if dx is not None:
+            info.grad_input = dx
+            pool = pools.of_module(self.modules[layer.index], layer.input_shape, layer.shape)
+            window = pool.window if pool is not None and pool.kind == "max" else None
+            return Grad(dx, None, g.note, g.sparse, g.rel, window)
+        measured = (layer.backward_input.var if self.measured and layer.backward_input
+                    is not None else None)
+        at_out = layer.backward.var if self.measured and layer.backward is not None else None
+        if measured is not None and g.broken is None:
+            sparse = g.sparse and layer.kind != "weight"
+            if self.actual is None:
+                return Grad(measured, None, f"carried the measured input gradient of "
+                            f"{layer.type} at {layer.label}", sparse)
+            if at_out:
+                return Grad(g.var * measured / at_out, None, "scaled by the measured ratio "
+                            f"across {layer.type} at {layer.label}", sparse, g.rel)
+        why = "its input is unknown" if s_in is None else "no closed form"
+        return Grad(0.0, g.broken or f"the backward of {layer.type} at {layer.label} "
+                    f"({why}, nothing measured)", rel=g.rel)
+
+    def _pieces_normalized(self, node: Node, module: nn.Module, g: Grad,
+                           grads: list[Grad | None]) -> bool:
+        """BatchNorm (train) of a concatenation: each channel's gradient is scaled by
+        gamma^2 over its own variance, so each piece gets mean(gamma^2)/(Var_j + eps)
+        of the output gradient rather than one factor for the whole (DenseNet)."""
+        source = self.nodes[node.inputs[0]]
+        while source.op == "linear" and not source.cat and is_view(source):
+            source = self.nodes[source.inputs[0]]
+        if (source.op != "linear" or not source.cat or len(node.inputs) > 1
+                or not isinstance(module, norms.BATCH_NORMS)
+                or norms.uses_running_stats(module)
+                or any(self.values[piece].signal is None for piece in source.inputs)):
+            return False  # a piece the walk has no value for: the whole-tensor rule
+        gamma, _ = norms.affine(module, self.host)
+        g2 = sum(c * c for c in gamma) / len(gamma)
+        eps = norms.eps_of(module)
+        total = 0.0
+        for piece, fraction in zip(source.inputs, source.forward):
+            s = self.values[piece].signal
+            dx = g.var * g2 / (s.m2 * (1 - s.mean_share) + eps)
+            total += fraction * dx
+            _flow(grads, piece, Grad(dx, None, g.note, rel=g.rel))
+        self.calls[node.index].grad_input = total
+        return True
+
+
+def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
+    """Add one consumer's contribution: independent gradients add their variances."""
+    if k < 0:
+        return
+    have = grads[k]
+    if have is None:
+        grads[k] = dataclasses.replace(g)
+        return
+    have.var += g.var
+    have.broken = have.broken or g.broken
+    have.sparse = have.sparse or g.sparse
+    have.note = have.note or g.note
+    have.rel = have.rel if have.rel is not None else g.rel
+    have.window = have.window if have.window == g.window else None

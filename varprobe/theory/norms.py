@@ -1,0 +1,191 @@
+"""The normalization layers' steps: BatchNorm (train, and eval with running
+statistics), InstanceNorm, LayerNorm, GroupNorm, RMSNorm.
+
+Train mode resets the scale: E[out^2] = mean_c(gamma_c^2 s^2/(s^2+eps) + beta_c^2), where
+s^2 is what the normalizer divides by (the per-unit variance over the batch for
+BatchNorm, the second moment across features otherwise); the backward multiplies
+Var[dy] by mean(gamma^2)/(s^2 + eps). Eval BatchNorm applies its running statistics
+(varprobe.runningnorm). The affine parameters are read from the host copies the probe
+made in its one transfer (``values``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from operator import mul
+
+import torch
+from torch import nn
+
+from varprobe import runningnorm
+from varprobe.theory.gains import Values, elements
+from varprobe.theory.signal import Signal
+
+BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+FEATURE_NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+NORMS = (*BATCH_NORMS, *FEATURE_NORMS)
+
+
+def _channels(*values: list[float]) -> list[list[float]]:
+    """Per-channel lists of one length: a single value (no affine part, meta) repeats."""
+    n = max(len(v) for v in values)
+    return [v * n if len(v) == 1 else v for v in values]
+
+
+def param_values(t, default: float, values: Values | None = None) -> list[float]:
+    """A parameter or buffer as floats (its host copy in ``values`` where there); its
+    initial value where it is absent or on the meta device (the closed-form `predict`
+    builds models there, without data) with no recorded value."""
+    if t is None or (t.is_meta and (values is None or id(t) not in values)):
+        return [default]
+    return elements(t, values)
+
+
+def host_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """The tensors whose values the predictions read: the weights of PReLUs, the affine
+    parameters of norms and, where used, BatchNorm's running statistics. The probe
+    copies them in its one transfer and passes them to ``annotate`` as ``values``."""
+    out: dict[int, torch.Tensor] = {}
+    for module in modules:
+        names: tuple[str, ...] = ()
+        if isinstance(module, nn.PReLU):
+            names = ("weight",)
+        elif isinstance(module, NORMS):
+            running = ("running_mean", "running_var") if uses_running_stats(module) else ()
+            names = ("weight", "bias", *running)
+        for name in names:
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                out[id(t)] = t
+    return list(out.values())
+
+
+def affine(module: nn.Module, values: Values | None = None) -> list[list[float]]:
+    """gamma and beta per channel (1 and 0 without an affine part)."""
+    return _channels(param_values(getattr(module, "weight", None), 1.0, values),
+                     param_values(getattr(module, "bias", None), 0.0, values))
+
+
+def uses_running_stats(module: nn.Module) -> bool:
+    return (isinstance(module, BATCH_NORMS) and not module.training
+            and module.running_var is not None)
+
+
+def eps_of(module: nn.Module) -> float:
+    eps = getattr(module, "eps", None)  # RMSNorm's None means the dtype's epsilon
+    return torch.finfo(torch.float32).eps if eps is None else float(eps)
+
+
+def _variance(module: nn.Module, s: Signal, mu: float = 0.0) -> float:
+    """What the normalizer divides by: the per-unit variance over the batch for
+    BatchNorm and InstanceNorm (each unit's own mean is removed), the variance across
+    features for LayerNorm and GroupNorm (the mean every element shares, ``mu``, is
+    removed: after a ReLU it is a third of the second moment), the plain second moment
+    for RMSNorm."""
+    if isinstance(module, BATCH_NORMS):
+        return s.m2 * (1 - s.mean_share)
+    if _is_rms(module):
+        return s.m2
+    return max(s.m2 - mu * mu, 0.0)
+
+
+def _is_rms(module: nn.Module) -> bool:
+    return hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)
+
+
+def forward(module: nn.Module, s: Signal, values: Values | None = None,
+            mu: float = 0.0) -> Signal | None:
+    """Train mode: E[out^2] = mean_c(gamma_c^2 s^2/(s^2+eps) + beta_c^2), a reset.
+    Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta (runningnorm)."""
+    if not isinstance(module, NORMS):
+        return None  # LocalResponseNorm and the like
+    eps = eps_of(module)
+    if uses_running_stats(module):
+        return _running(module, s, eps, values)
+    var = _variance(module, s, mu)
+    return _normalized(module, var / (var + eps), values, _kept_share(module, s, mu))
+
+
+def _kept_share(module: nn.Module, s: Signal, mu: float) -> float:
+    """The share of the normalized output that is a per-unit mean, before the affine
+    part. BatchNorm and InstanceNorm remove each unit's mean. LayerNorm and GroupNorm
+    remove only the mean across features, which is the common mean mu: a per-unit
+    mean that differs between units (a direction every token shares, as a Linear makes
+    of a ReLU's mean) stays, so the token correlation passes (attention.md §3.7)."""
+    if isinstance(module, BATCH_NORMS) or s.m2 <= mu * mu:
+        return 0.0
+    return min(1.0, max(0.0, s.m2 * s.mean_share - mu * mu) / (s.m2 - mu * mu))
+
+
+def _running(module: nn.Module, s: Signal, eps: float,
+             values: Values | None = None) -> Signal:
+    gamma, beta, rm, rv = _channels(*affine(module, values),
+                                    param_values(module.running_mean, 0.0, values),
+                                    param_values(module.running_var, 1.0, values))
+    return Signal(*runningnorm.moments(gamma, beta, rm, rv, eps, s.m2, s.mean_share))
+
+
+def reset(module: nn.Module, values: Values | None = None) -> Signal | None:
+    """What a normalizer outputs whatever its input, when that input's second moment is
+    far above eps: mean(gamma^2) + mean(beta^2). None where the output depends on the
+    input (eval BatchNorm's running statistics, LocalResponseNorm)."""
+    if not isinstance(module, NORMS) or uses_running_stats(module):
+        return None
+    return _normalized(module, 1.0, values)
+
+
+def _normalized(module: nn.Module, kept: float, values: Values | None = None,
+                share: float = 0.0) -> Signal:
+    """mean_c(gamma_c^2 kept + beta_c^2), the beta part and ``share`` of the rest shared
+    by every sample."""
+    g2, n, b2 = affine_sums(module, values)
+    m2 = kept * g2 / n + b2
+    return Signal(m2, (kept * g2 / n * share + b2) / m2 if m2 > 0 else 0.0)
+
+
+class Memo(Mapping):
+    """``values`` with a place for what is derived from them: every walk (the actual
+    init's and each scheme's) reads the same norm parameters, summed once."""
+
+    def __init__(self, values: Values | None):
+        self.values: Values = values if values is not None else {}
+        self.memo: dict[int, tuple[float, int, float]] = {}
+
+    def __getitem__(self, key: int) -> list[float]:
+        return self.values[key]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def affine_sums(module: nn.Module, values: Values | None) -> tuple[float, int, float]:
+    """(sum_c gamma_c^2, channels, mean_c beta_c^2), once per module where ``values`` is
+    a Memo."""
+    memo = getattr(values, "memo", None)
+    if memo is not None and id(module) in memo:
+        return memo[id(module)]
+    gamma, beta = affine(module, values)
+    sums = sum(map(mul, gamma, gamma)), len(gamma), sum(map(mul, beta, beta)) / len(beta)
+    if memo is not None:
+        memo[id(module)] = sums
+    return sums
+
+
+def backward(module: nn.Module, s: Signal | None, values: Values | None = None,
+             mu: float = 0.0) -> float | None:
+    """Var[dx]/Var[dy] = mean(gamma^2)/(s^2 + eps), s^2 as the forward divides by; the
+    centring terms remove O(1/N)."""
+    if not isinstance(module, NORMS):
+        return None
+    eps = eps_of(module)
+    if uses_running_stats(module):
+        gamma, rv = _channels(affine(module, values)[0],
+                              param_values(module.running_var, 1.0, values))
+        return sum(g * g / (v + eps) for g, v in zip(gamma, rv)) / len(rv)
+    if s is None:
+        return None
+    g2, n, _ = affine_sums(module, values)
+    return g2 / n / (_variance(module, s, mu) + eps)

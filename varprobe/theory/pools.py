@@ -1,0 +1,118 @@
+"""Ops over positions: means and sums, average and max pools, padding, upsampling.
+
+Each is described by its kind, the window k (elements that meet in one output) and
+the fraction numel(out)/numel(in). The backward steps are exact for every kind given
+Var[dL/dy] (a mean hands each input 1/k of each output's gradient; a max pool the whole
+of it to one input per window; nearest upsampling sums the copies' gradients):
+
+    Var[dx] = Var[dy] * fraction * {mean: 1/k, sum: k, max: 1, nearest: 1, pad: 1/fraction}
+
+The forward is exact for zero padding (zeros added: E[x^2] times numel(in)/numel(out))
+and nearest upsampling (copies). For means and max pools it depends on how neighbouring
+positions correlate, which the second moment does not say: ``approximate`` treats the k
+elements as independent (a mean keeps the per-unit mean and 1/k of the rest; a max pool
+takes the k-th order statistic of Gaussians with the input's mean and variance). The
+walk uses the approximation only where nothing is measured (``varprobe predict``) and
+names it in the prediction's note; a probe carries the measured value past the op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varprobe.theory.gains import expectation
+from varprobe.theory.signal import Signal
+
+AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+ADAPTIVE_MAX = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+ZERO_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+             nn.ConstantPad3d)
+EXACT_FORWARD = ("pad", "nearest")
+
+
+@dataclass(frozen=True)
+class Pool:
+    kind: str        # "mean" | "sum" | "max" | "pad" | "nearest"
+    window: float    # k
+    fraction: float  # numel(out) / numel(in)
+
+
+def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
+    """The pool a module call is; None for anything else."""
+    if not input_shape or not output_shape:
+        return None
+    fraction = math.prod(output_shape) / max(math.prod(input_shape), 1)
+    if isinstance(module, AVG):
+        return Pool("mean", _window(module.kernel_size, len(input_shape) - 2), fraction)
+    if isinstance(module, ADAPTIVE_AVG):
+        return Pool("mean", 1 / fraction, fraction)
+    if isinstance(module, MAX):
+        return Pool("max", _window(module.kernel_size, len(input_shape) - 2), fraction)
+    if isinstance(module, ADAPTIVE_MAX):
+        return Pool("max", 1 / fraction, fraction)
+    if isinstance(module, ZERO_PADS) and float(getattr(module, "value", 0.0)) == 0.0:
+        return Pool("pad", 1.0, fraction)
+    if isinstance(module, nn.Upsample) and module.mode == "nearest":
+        return Pool("nearest", 1.0, fraction)
+    return None
+
+
+def _window(kernel, dims: int) -> float:
+    if isinstance(kernel, int):
+        return float(kernel ** max(dims, 1))
+    return float(math.prod(kernel))
+
+
+def exact(pool: Pool, s: Signal, mu: float) -> tuple[Signal, float] | None:
+    """The forward where it is exact (padding with zeros, nearest upsampling)."""
+    if pool.kind == "nearest":
+        return s, mu
+    if pool.kind == "pad":
+        kept = 1 / pool.fraction  # numel(in)/numel(out) of the output is the input
+        return Signal(s.m2 * kept, s.mean_share), mu * kept
+    return None
+
+
+def approximate(pool: Pool, s: Signal, mu: float) -> tuple[Signal, float]:
+    """The forward with the k pooled elements independent (see the module note)."""
+    if pool.kind in EXACT_FORWARD:
+        return exact(pool, s, mu)
+    k = max(pool.window, 1.0)
+    shared = s.m2 * max(s.mean_share, mu * mu / s.m2 if s.m2 > 0 else 0.0)
+    if pool.kind in ("mean", "sum"):
+        m2 = shared + (s.m2 - shared) / k
+        scale = k * k if pool.kind == "sum" else 1.0
+        return Signal(m2 * scale, shared / m2 if m2 > 0 else 0.0), mu * math.sqrt(scale)
+    mean = mu if mu else math.sqrt(shared)
+    sigma = math.sqrt(max(s.m2 - mean * mean, 0.0))
+    z1, z2 = _max_moments(int(round(k)))
+    m2 = mean * mean + 2 * mean * sigma * z1 + sigma * sigma * z2
+    out_mean = mean + sigma * z1
+    return Signal(m2, min(1.0, out_mean * out_mean / m2) if m2 > 0 else 0.0), out_mean
+
+
+def backward(pool: Pool) -> float:
+    """Var[dx] / Var[dy] (see the module note)."""
+    if pool.kind == "pad":
+        return 1.0
+    k = max(pool.window, 1.0)
+    return pool.fraction * {"mean": 1 / k, "sum": k, "max": 1.0, "nearest": 1.0}[pool.kind]
+
+
+def _max_moments(k: int) -> tuple[float, float]:
+    """E[Z] and E[Z^2] of the largest of k independent standard normals: the density
+    k phi(z) Phi(z)^(k-1), integrated by theory.gains.expectation."""
+    if k <= 1:
+        return 0.0, 1.0
+
+    def weight(z: torch.Tensor) -> torch.Tensor:
+        return k * (0.5 * torch.erfc(-z / math.sqrt(2))) ** (k - 1)
+
+    return (expectation(lambda z: z * weight(z), 1.0),
+            expectation(lambda z: z * z * weight(z), 1.0))

@@ -1,0 +1,501 @@
+"""The dataflow of the forward pass, recorded while it runs.
+
+During the probe's own eager forward a TorchFunctionMode (``Recording``) follows
+activations by identity (``id`` checked with a weakref, and ``_version`` so that in-place
+writes and reused ids are caught) from the network input through the recorded module
+calls (the Recorder tells it where each call starts and ends) and the operations between
+them: residual adds, concatenations, multiplications by constants, views and slices,
+functional activations and dropout. Any other operation on an activation becomes an
+"unknown" node; so does the output of a custom ``autograd.Function`` (its backward is
+its own) and a tensor written in place by something the mode did not see. Inside a
+module varprobe has a closed form for, or one without children, the module is a single
+node and its own operations are not followed. Only ids and small per-node facts are
+kept: no statistics, no activations. What the nodes mean is the walk's business
+(theory.walk).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from varprobe.recorder import float_leaves
+from varprobe.theory.nodes import (
+    ACTIVATIONS,
+    ADD,
+    CAT,
+    CUSTOM,
+    DIV,
+    IN_PLACE_DUNDERS,
+    IN_PLACE_WRITES,
+    KERNELS,
+    MUL,
+    POOLS,
+    READS,
+    SLICES,
+    TRUSTED_FUNCTIONS,
+    VIEWS,
+    Attention,
+    Node,
+    T,
+    _arg,
+    _name,
+)
+from varprobe.theory.pools import Pool
+
+SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
+MASKED = -1e4   # an additive mask entry at or below this hides the key
+
+
+@dataclass
+class _Frame:
+    index: int
+    opaque: bool
+    inputs: tuple[int, ...]
+
+
+class Recording(TorchFunctionMode):
+    """Active around the forward pass only; the Recorder calls ``enter``/``exit``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.nodes: list[Node] = []
+        self.outputs: list[int | None] = []
+        self.cotangent_var: float | None = None
+        self.failed: str | None = None
+        self.reads: list[tuple[str, int] | None] = []
+        self.unseen_function: str | None = None
+        self._ids: dict[int, tuple[weakref.ref, int, int]] = {}
+        self._frames: list[_Frame] = []
+        self._off: TorchFunctionMode | None = None  # this mode, while a module taken whole runs
+        self._last: int | None = None  # the last recorded call that finished
+        self._constants: list[torch.Tensor | tuple[float, float]] = []
+        self.compiled = next((name for name, m in model.named_modules()
+                              if type(m).__name__ == "OptimizedModule"), None)
+
+    # --- the network's inputs and outputs ------------------------------------------
+    def start(self, inputs: list[torch.Tensor]) -> None:
+        """The float tensors the model is called with, the measured one first."""
+        for k, t in enumerate(inputs):
+            self._bind(t, self._add(Node("input", index=k)))
+
+    def finish(self, outputs: list[torch.Tensor], cotangent_var: float | None) -> None:
+        """The float outputs that are backpropagated, and the measured Var of the first
+        cotangent (None when a loss function made it)."""
+        with torch._C.DisableTorchFunction():
+            self.outputs = [self._lookup(t) for t in outputs]
+        self.cotangent_var = cotangent_var
+        self._ids.clear()
+
+    def constants(self) -> list[tuple[float, float] | None]:
+        """(mean(c^2), mean(c)) of every constant operand: one host transfer, after the pass.
+        None for a tensor on the meta device (``varprobe predict``): it has no values."""
+        on_device = [c for c in self._constants if isinstance(c, T) and not c.is_meta]
+        host = iter(torch.stack([c.cpu() for c in on_device]).tolist() if on_device else [])
+        return [None if isinstance(c, T) and c.is_meta else
+                tuple(next(host)) if isinstance(c, T) else c for c in self._constants]
+
+    def on_device(self) -> list[torch.Tensor]:
+        """The constants' (mean(c^2), mean(c)) still on their device: the probe copies
+        them with its statistics, in the pass's one transfer, and hands them back to
+        ``fetched``, so that ``constants`` has nothing left to copy."""
+        return [c for c in self._constants if isinstance(c, T) and not c.is_meta]
+
+    def fetched(self, values: list[list[float]]) -> None:
+        host = iter(values)
+        self._constants = [tuple(next(host)) if isinstance(c, T) and not c.is_meta else c
+                           for c in self._constants]
+
+    # --- module calls (from the Recorder's hooks) ----------------------------------
+    def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.failed is not None:
+            return
+        if self._frames and self._frames[-1].opaque:
+            self._frames.append(_Frame(index, True, ()))  # inside a module taken whole
+            return
+        with torch._C.DisableTorchFunction():
+            tensors = _tensor_leaves(args, kwargs)
+            primary = next((t for t in tensors if t.is_floating_point()), None)
+            inputs = [self._lookup(primary)] if primary is not None else []
+            inputs += [self._lookup(t) for t in tensors if t is not primary]
+        ids = tuple(dict.fromkeys(n for n in inputs if n is not None))
+        if primary is not None and inputs[0] is None:
+            ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
+                                  "operations", where=self._where())), *ids)
+        self._frames.append(_Frame(index, _opaque(module), ids))
+        if self._frames[-1].opaque and self._on_top():
+            self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
+
+    def alias(self, source: torch.Tensor, alias: torch.Tensor) -> None:
+        """The Recorder's alias of a module's input holds the input's values."""
+        node = self._lookup(source) if self.failed is None else None
+        if node is not None:
+            self._bind(alias, node)
+
+    def exit(self, output: Any) -> None:
+        if self.failed is not None:
+            return
+        frame = self._frames.pop()
+        if self._frames and self._frames[-1].opaque:
+            return
+        self._back_on()
+        self._last = frame.index
+        with torch._C.DisableTorchFunction():
+            outputs = float_leaves(output)
+            if not outputs:
+                return
+            if frame.opaque:
+                node = self._add(Node("call", frame.inputs, index=frame.index))
+                self._bind(outputs[0], node)
+                for k, t in enumerate(outputs[1:], 1):
+                    self._bind(t, self._add(Node(
+                        "unknown", (node,), reason=f"output {k}, which is not measured",
+                        where=("of", frame.index))))
+            else:
+                inner = self._lookup(outputs[0])
+                inputs = (inner if inner is not None else -1, *frame.inputs[:1])
+                self._bind(outputs[0], self._add(Node("exit", inputs, index=frame.index)))
+
+    def _on_top(self) -> bool:
+        """Whether this mode is the innermost one (a model may push its own)."""
+        depth = torch._C._len_torch_function_stack()
+        return depth > 0 and torch._C._get_function_stack_at(depth - 1) is self
+
+    def _back_on(self) -> None:
+        if self._off is not None:
+            torch._C._push_on_torch_function_stack(self._off)
+            self._off = None
+
+    def __exit__(self, *exc):
+        self._back_on()  # a module taken whole raised: its exit never came
+        return super().__exit__(*exc)
+
+    # --- operations ----------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.failed is not None or (self._frames and self._frames[-1].opaque):
+            return func(*args, **kwargs)
+        # An in-place op bumps its target's version: read the target's node before.
+        target = args[0] if args and isinstance(args[0], T) and _in_place(func, kwargs) else None
+        before = self._lookup(target) if target is not None else None
+        out = func(*args, **kwargs)
+        try:
+            if before is not None:
+                self._bind(target, before)
+            self._record(func, args, kwargs, out)
+        except Exception as exc:  # noqa: BLE001 -- bookkeeping must never break a model
+            self.failed = f"{type(exc).__name__}: {exc}"
+        return out
+
+    def _record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        if func in IN_PLACE_WRITES:
+            out = args[0]
+        outs = _outputs(out)
+        if not outs:
+            if func in READS and self._lookup(args[0]) is not None:
+                self.reads.append(self._where())
+            return
+        if func in ADD:
+            node = self._add_node(args, kwargs, outs[0])
+        elif func in MUL or func in DIV:
+            node = self._scale_node(func in DIV, args, kwargs)
+        elif func in CAT:
+            node = self._cat_node(args, kwargs, outs[0], func is torch.stack)
+        elif func in VIEWS:
+            node = self._chain_node(args, 1.0)
+        elif func in SLICES:
+            node = self._slice_nodes(args, outs)
+        elif func in ACTIVATIONS:
+            node = self._activation_node(func, args, kwargs)
+        elif func is F.dropout:
+            node = self._dropout_node(args, kwargs)
+        elif func in POOLS:
+            node = self._pool_node(func, args, kwargs, outs[0])
+        elif func is F.scaled_dot_product_attention:
+            node = self._attention_node(args, kwargs)
+        else:
+            node = None
+        if node == -1:
+            return  # no activation among the inputs: a constant
+        if isinstance(node, list):
+            for t, n in zip(outs, node):
+                self._bind(t, n)
+            return
+        if node is None:
+            inputs = tuple(n for n in map(self._lookup, _tensor_leaves(args, kwargs))
+                           if n is not None)
+            if not inputs:
+                return
+            stops = torch.is_grad_enabled() and not any(t.requires_grad for t in outs)
+            product = " of activations" if func in MUL or func in DIV else ""
+            node = self._add(Node("unknown", inputs, reason=_name(func) + product, stops=stops,
+                                  where=self._where()))
+        for t in outs:
+            self._bind(t, node)
+
+    def _add_node(self, args, kwargs, out: torch.Tensor) -> int | None:
+        other = _arg(args, kwargs, 1, "other", None)
+        if not isinstance(args[0], T) or not isinstance(other, T):
+            return None  # x + a number: its second moment needs E[x], which is not carried
+        alpha = float(_arg(args, kwargs, 2, "alpha", 1))
+        return self._linear([(args[0], 1.0, 1.0), (other, alpha * alpha, alpha)], out,
+                            sum_backward=True)
+
+    def _scale_node(self, divide: bool, args, kwargs) -> int | None:
+        if divide and kwargs.get("rounding_mode") is not None:
+            return None
+        a, b = args[0], _arg(args, kwargs, 1, "other", None)
+        na = self._lookup(a) if isinstance(a, T) else None
+        nb = self._lookup(b) if isinstance(b, T) else None
+        if na is None and nb is None:
+            return -1
+        if (na is not None and nb is not None) or (divide and na is None):
+            return None  # a product of activations, or a constant over an activation
+        node, c = (na, b) if na is not None else (nb, a)
+        k = self._moments(c, invert=divide)
+        if k is None:
+            return None
+        return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,), backward=(1.0,),
+                              scale=k, where=self._where()))
+
+    def _cat_node(self, args, kwargs, out: torch.Tensor, stack: bool) -> int | None:
+        pieces = _arg(args, kwargs, 0, "tensors", ())
+        total = out.numel()
+        fractions = [t.numel() / total if not stack else 1 / len(pieces) for t in pieces]
+        terms = [(t, f, f) for t, f in zip(pieces, fractions)]
+        return self._linear(terms, out, sum_backward=False)
+
+    def _linear(self, terms, out: torch.Tensor, sum_backward: bool) -> int | None:
+        """sum_i f_i E[x_i^2] over activations plus f_j mean(c_j^2) over constants; the
+        common means likewise with m_i. ``sum_backward``: an add (a broadcast input
+        gets the sum of numel(out)/numel(in) gradients), else a concatenation."""
+        inputs, fwd, means, bwd, const = [], [], [], [], []
+        for t, f, m in terms:
+            node = self._lookup(t) if isinstance(t, T) else None
+            if node is not None:
+                inputs.append(node)
+                fwd.append(f)
+                means.append(m)
+                bwd.append(f * out.numel() / t.numel() if sum_backward else 1.0)
+            else:
+                c = self._moments(t) if isinstance(t, T) else None
+                if c is None:
+                    return None
+                const.append((f, c, m))
+        if not inputs:
+            return -1
+        return self._add(Node("linear", tuple(inputs), forward=tuple(fwd), means=tuple(means),
+                              backward=tuple(bwd), const=tuple(const), cat=not sum_backward,
+                              where=self._where()))
+
+    def _chain_node(self, args, factor: float) -> int | None:
+        node = self._lookup(args[0]) if isinstance(args[0], T) else None
+        if node is None:
+            return -1
+        return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,),
+                              backward=(factor,)))
+
+    def _slice_nodes(self, args, outs: list[torch.Tensor]) -> list[int] | int | None:
+        """One node per piece; its gradient reaches numel(piece)/numel(input) of the input."""
+        if any(isinstance(i, T) for i in pytree.tree_leaves(list(args[1:]))):
+            return None  # indexing by a tensor: a gather, which may repeat elements
+        whole = max(args[0].numel(), 1)
+        nodes = [self._chain_node(args, t.numel() / whole) for t in outs]
+        if nodes[0] == -1:
+            return -1
+        if len(outs) == 1 and outs[0].numel() < whole:  # chunks and splits cover the whole
+            self.nodes[nodes[0]].sparse = True
+        return nodes
+
+    def _activation_node(self, func, args, kwargs) -> int | None:
+        node = self._lookup(args[0]) if isinstance(args[0], T) else None
+        if node is None:
+            return -1
+        return self._add(Node("act", (node,), module=ACTIVATIONS[func](args, kwargs)))
+
+    def _dropout_node(self, args, kwargs) -> int | None:
+        node = self._lookup(args[0]) if isinstance(args[0], T) else None
+        if node is None:
+            return -1
+        p = float(_arg(args, kwargs, 1, "p", 0.5))
+        training = bool(_arg(args, kwargs, 2, "training", True))
+        return self._add(Node("dropout", (node,), p=p if training else 0.0))
+
+    def _pool_node(self, func, args, kwargs, out: torch.Tensor) -> int | None:
+        x = args[0] if args and isinstance(args[0], T) else None
+        node = self._lookup(x) if x is not None else None
+        if node is None:
+            return -1
+        kind = POOLS[func]
+        if kind == "pad" and (_arg(args, kwargs, 2, "mode", "constant") != "constant"
+                              or _arg(args, kwargs, 3, "value", None)):
+            return None  # reflected or replicated borders, or a non-zero fill
+        if kind == "nearest" and _arg(args, kwargs, 3, "mode", "nearest") != "nearest":
+            return None
+        fraction = out.numel() / max(x.numel(), 1)
+        window = 1 / fraction if fraction else 1.0
+        if func in KERNELS:
+            kernel = _arg(args, kwargs, 1, "kernel_size", 1)
+            window = float(math.prod(kernel) if isinstance(kernel, (tuple, list))
+                           else kernel ** max(x.dim() - 2, 1))
+        return self._add(Node("pool", (node,), reason=_name(func), where=self._where(),
+                              pool=Pool(kind, window, fraction)))
+
+    def _attention_node(self, args, kwargs) -> int | None:
+        q, k, v = (_arg(args, kwargs, i, name, None)
+                   for i, name in enumerate(("query", "key", "value")))
+        if not all(isinstance(t, T) and t.dim() >= 2 for t in (q, k, v)):
+            return None
+        nodes = [self._lookup(t) for t in (q, k, v)]
+        if all(n is None for n in nodes):
+            return -1
+        if any(n is None for n in nodes):
+            return None  # a constant query, key or value: not self-attention at init
+        mask = _arg(args, kwargs, 3, "attn_mask", None)
+        scale = _arg(args, kwargs, 6, "scale", None)
+        facts = Attention(queries=q.shape[-2], keys=k.shape[-2], d_k=q.shape[-1],
+                          heads=q.shape[-3] if q.dim() > 2 else 1,
+                          kv_heads=k.shape[-3] if k.dim() > 2 else 1,
+                          causal=bool(_arg(args, kwargs, 5, "is_causal", False)),
+                          masked=mask is not None,
+                          scale=None if scale is None else float(scale),
+                          dropout=float(_arg(args, kwargs, 4, "dropout_p", 0.0)))
+        if not q.is_meta:
+            facts.measured = self._measure_attention(q, k, v, mask, facts)
+        return self._add(Node("attention", tuple(nodes), attn=facts, where=self._where()))
+
+    def _measure_attention(self, q: T, k: T, v: T, mask: Any, facts: Attention) -> int:
+        """Σp² and the mean squared logit over a subsample of queries (the softmax of
+        64 rows per head, O(64 T d) where the call was O(T² d)), and the token
+        correlations of v and k (attention.token_correlation from the sums over the
+        sequence): four numbers, reduced on the device, fetched with the statistics."""
+        with torch.no_grad():
+            rows = torch.linspace(0, facts.queries - 1, min(SUBSAMPLE, facts.queries),
+                                  device=q.device).round().long()
+            keys = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) \
+                if q.dim() > 2 and k.shape[-3] != q.shape[-3] else k
+            scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
+            logits = (q.index_select(-2, rows).double()
+                      @ keys.double().transpose(-1, -2)) * scale
+            allowed = torch.ones_like(logits, dtype=torch.bool)
+            if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
+                cols = torch.arange(facts.keys, device=q.device)
+                allowed = allowed & (cols[None, :] <= rows[:, None])
+            if mask is not None:
+                part = mask.index_select(-2, rows) if mask.shape[-2] > 1 else mask
+                if part.dtype == torch.bool:
+                    allowed = allowed & part
+                else:
+                    logits = logits + part.double()
+                    allowed = allowed & (part > MASKED)
+            logits = logits.masked_fill(~allowed, -math.inf)
+            p = torch.softmax(logits, -1).nan_to_num(0.0)
+            count = allowed.expand_as(logits).sum().clamp(min=1)
+            spread = logits.masked_fill(~allowed, 0.0).square().sum() / count
+            self._constants.append(torch.stack([p.square().sum(-1).mean(), spread]))
+            self._constants.append(torch.stack([_correlation(v), _correlation(k)]))
+        return len(self._constants) - 2
+
+    def _moments(self, c: Any, invert: bool = False) -> int | None:
+        """The index in ``constants()`` of (mean(c^2), mean(c)) (of 1/c with ``invert``)
+        of a constant operand: a Python number, or a tensor that is not an activation (a
+        parameter, a buffer, or one made from them), reduced on its device."""
+        if isinstance(c, T) and not c.is_complex():
+            with torch.no_grad():
+                v = c.detach().to(torch.float64)
+                v = v.reciprocal() if invert else v
+                self._constants.append(torch.stack([v.square().mean(), v.mean()]))
+        elif isinstance(c, (int, float)) and not isinstance(c, bool):
+            v = (1 / c if c else math.inf) if invert else float(c)
+            self._constants.append((v * v, v))
+        else:
+            return None
+        return len(self._constants) - 1
+
+    # --- identity of tensors -------------------------------------------------------
+    def _add(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def _bind(self, t: torch.Tensor, node: int) -> None:
+        self._ids[id(t)] = (weakref.ref(t), t._version, node)
+
+    def _lookup(self, t: torch.Tensor) -> int | None:
+        """The node holding ``t``'s current value; None for a constant."""
+        fn = t.grad_fn
+        if (isinstance(fn, torch.autograd.function.BackwardCFunction)
+                and type(fn).__name__ not in TRUSTED_FUNCTIONS):
+            return self._custom_function(t, type(fn).__name__.removesuffix("Backward"))
+        entry = self._ids.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        if entry[1] != t._version:
+            node = self._add(Node("unknown", (entry[2],), reason="an in-place write the "
+                                  "recording did not see", where=self._where()))
+            self._bind(t, node)
+            return node
+        return entry[2]
+
+    def _custom_function(self, t: torch.Tensor, name: str) -> int:
+        entry = self._ids.get(id(t))
+        known = entry is not None and entry[0]() is t and entry[1] == t._version
+        if known and self.nodes[entry[2]].reason == f"{CUSTOM} {name}":
+            return entry[2]
+        if not known:  # its forward ran where the mode could not see which inputs it read
+            self.unseen_function = self.unseen_function or name
+        node = self._add(Node("unknown", (entry[2],) if known else (),
+                              reason=f"{CUSTOM} {name}", where=self._where()))
+        self._bind(t, node)
+        return node
+
+    def _where(self) -> tuple[str, int] | None:
+        open_frames = [f for f in self._frames if not f.opaque]
+        if open_frames:
+            return "in", open_frames[-1].index
+        return None if self._last is None else ("after", self._last)
+
+
+def _correlation(x: T) -> T:
+    """The uncentered token correlation r of x (..., T, d), on its device:
+    (mean(S^2)/T - E[x^2]) / ((T-1) E[x^2]) with S the sum over the T tokens."""
+    tokens = x.shape[-2]
+    q = x.double().square().mean()
+    if tokens < 2:
+        return torch.zeros_like(q)
+    s = x.double().sum(-2).square().mean()
+    return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
+
+
+def _in_place(func, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    return ((name.endswith("_") and not name.endswith("__")) or name in IN_PLACE_DUNDERS
+            or kwargs.get("inplace") is True)
+
+
+def _opaque(module: nn.Module) -> bool:
+    """Taken whole: torch.nn's own modules and leaves. A user's container that owns a
+    parameter (a SkipInit alpha, a position embedding) is followed inside."""
+    return (next(module.children(), None) is None
+            or type(module).__module__.startswith("torch.nn."))
+
+
+def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    if not kwargs and len(args) == 1 and isinstance(args[0], T):
+        return [args[0]]
+    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, T)]
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, T):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, T)]
+    return []

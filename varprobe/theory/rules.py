@@ -1,0 +1,195 @@
+"""One step per recorded module call: forward (second moment, shared mean) and backward.
+
+He et al. 2015's recursion for a weight layer,
+
+    forward   E[y^2] = n E[w^2] E[x^2] + mean(b^2)
+    backward  Var[dx] = n^ E[w^2] Var[dy]
+
+with the effective fans (theory.layer_fans.effective_fans: taps on zero padding do not
+count forward; with stride an input feeds fewer than k outputs backward). Activations
+apply their gains at the predicted input (closed form for rectifiers at any mean,
+quadrature otherwise), norms reset the scale (theory.norms), dropout scales it by
+1/(1-p), identity-like modules keep it. Each function returns None where it has no
+closed form; the walk then carries the measured value past the call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from varprobe.report import Layer
+from varprobe.theory import norms, pools
+from varprobe.theory.gains import (
+    Values,
+    _breakpoints,
+    backward_gain,
+    expectation,
+    forward_gain,
+    prelu_slope,
+    rectified_moments,
+)
+from varprobe.theory.layer_fans import is_linear_map
+from varprobe.theory.signal import Signal
+from varprobe.theory.weights import Weights
+
+IDENTITY_LIKE = (nn.Identity, nn.Flatten, nn.Unflatten)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # not the alpha kinds
+CENTRED = 1e-6  # mu^2/q below this: the input of an activation counts as zero-mean
+RECTIFIERS = (nn.ReLU, nn.LeakyReLU)  # one fixed slope: closed-form moments at any mean
+
+
+def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None,
+            values: Values | None = None, mu: float = 0.0) -> Signal | None:
+    """The predicted output of one call from its predicted input; None: no closed form.
+    ``mu``: the mean every element of the input shares (see ``activate``)."""
+    if isinstance(module, nn.Embedding) and w is not None:
+        return Signal(w.w2)  # a lookup: E[y^2] = E[w^2]; rows share no mean
+    if s is None:
+        return None
+    if layer.kind == "weight":
+        if (w is None or not is_linear_map(module)
+                or layer.effective_fan_in is None):
+            return None
+        spread = layer.effective_fan_in * w.w2 * s.m2
+        y2 = spread + w.b2
+        return Signal(y2, (spread * s.mean_share + w.b2) / y2 if y2 > 0 else 0.0)
+    if layer.kind == "activation":
+        out = activate(module, s, mu, values)
+        return None if out is None else out[0]
+    if layer.kind == "norm":
+        return norms.forward(module, s, values, mu)
+    if isinstance(module, DROPOUTS):
+        if not module.training:
+            return s
+        return None if module.p >= 1 else Signal(s.m2 / (1 - module.p),
+                                                 s.mean_share * (1 - module.p))
+    if isinstance(module, IDENTITY_LIKE):
+        return s
+    pool = pools.of_module(module, layer.input_shape, layer.shape)
+    exact = pools.exact(pool, s, mu) if pool is not None else None
+    return exact[0] if exact is not None else None
+
+
+def backward(layer: Layer, module: nn.Module, grad: float | None, s: Signal | None,
+             w: Weights | None, values: Values | None = None, mu: float = 0.0) -> float | None:
+    """Var of the gradient at the call's input from the one at its output."""
+    if grad is None:
+        return None
+    if layer.kind == "weight":
+        if (w is None or not is_linear_map(module)
+                or layer.effective_fan_out is None):
+            return None
+        return layer.effective_fan_out * w.w2 * grad
+    if layer.kind == "activation":
+        out = activate(module, s, mu, values) if s is not None else None
+        return None if out is None or out[2] is None else out[2] * grad
+    if layer.kind == "norm":
+        factor = norms.backward(module, s, values, mu)
+        return None if factor is None else factor * grad
+    if isinstance(module, DROPOUTS):
+        if not module.training:
+            return grad
+        return None if module.p >= 1 else grad / (1 - module.p)
+    if isinstance(module, IDENTITY_LIKE):
+        return grad
+    pool = pools.of_module(module, layer.input_shape, layer.shape)
+    return None if pool is None else grad * pools.backward(pool)
+
+
+def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | None = None,
+             ) -> tuple[Signal, float, float | None] | None:
+    """An elementwise activation of y with E[y^2] = q and common mean mu (every unit
+    shifted alike, as after a rectifier passed on by a residual add): (E[f(y)^2] with
+    its mean share, E[f(y)], E[f'(y)^2]) by quadrature over y = mu + N(0, q - mu^2);
+    the closed forms of theory.gains when mu is 0. None: no closed form."""
+    if mu * mu <= CENTRED * s.m2:
+        g = forward_gain(module, s.m2, values)
+        if g is None:
+            return None
+        share = activation_share(module, s.m2, g, values)
+        return (Signal(g * s.m2, share), activation_mean(module, s.m2, 0.0),
+                backward_gain(module, s.m2, values))
+    var = s.m2 - mu * mu
+    if var <= 0:
+        return None
+    if isinstance(module, RECTIFIERS):
+        mean, m2, slope2 = rectified_moments(prelu_slope(module), mu, var)
+        return Signal(m2, min(1.0, mean * mean / m2) if m2 > 0 else 0.0), mean, slope2
+    try:
+        kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
+        m2 = expectation(lambda y: _apply(module, y + mu) ** 2, var, kinks)
+        mean = activation_mean(module, var, mu)
+        slope2 = expectation(lambda y: _slope(module, y + mu) ** 2, var, kinks)
+    except Exception:  # noqa: BLE001 -- a module that cannot run on a vector of points
+        return None
+    return Signal(m2, min(1.0, mean * mean / m2) if m2 > 0 else 0.0), mean, slope2
+
+
+def max_gate(module: nn.Module, s: Signal, mu: float, window: float) -> float | None:
+    """E[f'(y)^2] of a rectifier over the gradient a max pool of ``window`` elements
+    sends back: it lands on each window's maximum, which is negative only when all k
+    elements are, with probability P(y<0)^k (independent Gaussian pre-activations), so
+    1 - P^k + a^2 P^k instead of the 1/2 (1 + a^2) of a gradient spread over all."""
+    a = prelu_slope(module) if isinstance(module, RECTIFIERS) else None
+    var = s.m2 - mu * mu
+    if a is None or var <= 0:
+        return None
+    below = (0.5 * math.erfc(mu / math.sqrt(2 * var))) ** round(window)
+    return 1 - below + a * a * below
+
+
+def activation_share(module: nn.Module, q: float, g: float,
+                     values: Values | None = None) -> float:
+    """E[f(y)]^2 / E[f(y)^2] for y ~ N(0, q): the mean every unit shares after f."""
+    if isinstance(module, nn.PReLU):  # the mean slope, where the gain has the rms one
+        slopes = norms.param_values(module.weight, float(module.init), values)
+        a = sum(slopes) / len(slopes)
+    else:
+        a = prelu_slope(module, values)
+    if a is not None:
+        mean = (1 - a) * math.sqrt(q / (2 * math.pi))
+    else:
+        try:
+            mean = expectation(lambda y: module(y.float()).double(), q)
+        except Exception:  # noqa: BLE001 -- no mean: treat it as centred
+            return 0.0
+    return min(1.0, mean * mean / (g * q)) if g * q > 0 else 0.0
+
+
+def activation_mean(module: nn.Module, var: float, mu: float) -> float:
+    """E[f(mu + N(0, var))]: the mean an activation gives every unit."""
+    if var <= 0:
+        return 0.0
+    if isinstance(module, RECTIFIERS):
+        return rectified_moments(prelu_slope(module), mu, var)[0]
+    try:
+        kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
+        return expectation(lambda y: _apply(module, y + mu), var, kinks)
+    except Exception:  # noqa: BLE001 -- no mean known: treat the output as centred
+        return 0.0
+
+
+def mean_after(module: nn.Module, mu: float, values: Values | None = None) -> float:
+    """The common mean after a module other than an activation: kept by dropout and
+    identities, mean(beta) after a norm, lost (random signs per unit) elsewhere."""
+    if isinstance(module, (*DROPOUTS, *IDENTITY_LIKE)):
+        return mu
+    if isinstance(module, norms.NORMS):
+        beta = norms.affine(module, values)[1]
+        return sum(beta) / len(beta)
+    return 0.0
+
+
+def _apply(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module.forward(y.clone()).to(torch.float64)
+
+
+def _slope(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        leaf = y.clone().requires_grad_(True)
+        (dy,) = torch.autograd.grad(module.forward(leaf * 1.0).sum(), leaf)
+    return dy.to(torch.float64)

@@ -1,0 +1,57 @@
+"""What the walk carries: a predicted second moment and its shared mean (``Signal``), a
+node's value or why it has none (``Value``), a gradient (``Grad``), and what the walk
+says about one recorded call (``Call``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A predicted second moment, and the share of it that is a per-unit mean.
+
+    ``mean_share`` matters only where a layer normalizes each unit over the batch
+    (BatchNorm): it divides by the per-unit variance, m2 * (1 - mean_share). After a
+    ReLU every unit has mean sqrt(q/2pi), so the share is 1/pi, and the next layer
+    passes it on (y_c = w_c . x has batch mean w_c . mean(x)).
+    """
+
+    m2: float
+    mean_share: float = 0.0
+
+
+@dataclass
+class Value:
+    """A node's predicted second moment, or why there is none (``broken``)."""
+
+    signal: Signal | None
+    broken: str | None = None
+    note: str | None = None
+    at: int = -1  # the node where ``note`` was made: the latest carry names the value
+    mu: float = 0.0  # the mean every element shares (after a rectifier), not a unit's own
+    rel: float | None = 1.0  # a scheme's value over the actual walk's, before a break
+
+
+@dataclass
+class Grad:
+    var: float = 0.0
+    broken: str | None = None
+    note: str | None = None
+    sparse: bool = False  # it reaches only a slice of the positions (a class token)
+    rel: float | None = 1.0  # a scheme's gradient over the actual walk's, before a break
+    window: float | None = None  # it lands only on the maxima of windows this large
+
+
+@dataclass
+class Call:
+    """What the walk says about one recorded call."""
+
+    input: Value | None = None
+    forward: float | None = None
+    forward_break: str | None = None
+    forward_note: str | None = None
+    grad: float | None = None
+    grad_input: float | None = None
+    backward_break: str | None = None
+    backward_note: str | None = None

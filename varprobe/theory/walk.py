@@ -1,0 +1,334 @@
+"""The walk: predicted second moments over the recorded dataflow, forward then backward.
+
+Forward, in execution order, the predicted second moment of every node: the network
+input as measured; a module call by its rule (theory.rules); a sum of independent
+zero-mean branches Var[x + a F] = Var[x] + a^2 Var[F], plus the cross term of their
+common means; a constant added like a bias, + mean(c^2); a concatenation the
+size-weighted average; a multiplication by c, mean(c^2) times; views and slices
+unchanged. Backward over the same nodes in reverse: a node's gradient variance is the
+sum over its consumers (independent contributions); an add passes the gradient to both
+branches, a slice its share numel(out)/numel(in), a concatenation each piece its slice,
+a call its rule's backward step.
+
+One walk serves three uses, told apart by ``mode``:
+
+- ``measured`` (the probe's actual init): where the graph cannot be followed (an
+  unknown op, a call with no closed form) the *measured* value is carried past it and
+  the prediction's note names the place.
+- ``closed`` (``varprobe predict``): nothing is measured, so the walk stops there and
+  what depends on it gets no value, with the reason.
+- a counterfactual scheme over a measured pass (``actual`` given: the measured walk
+  of the same graph): where the actual walk carries a measured value, this one carries
+  the measured value times its own ratio to the actual walk just before the place
+  (exact for positively homogeneous ops such as pooling; the note says so), since the
+  model's absolute scale there says nothing about another init's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from varprobe.report import Layer, Report
+from varprobe.theory import attend, norms, pools, rules
+from varprobe.theory.backflow import Backward
+from varprobe.theory.gains import Values
+from varprobe.theory.nodes import CUSTOM, Node
+from varprobe.theory.signal import Call, Grad, Signal, Value
+from varprobe.theory.weights import Weights
+
+
+class Walk(Backward):
+    """``graph``: a theory.recording.Recording, or the chain that stands in for one.
+    ``weights``: per layer, from theory.weights. ``values``: host copies of the
+    parameters the rules read (norm scales, PReLU slopes)."""
+
+    def __init__(self, report: Report, modules: list[nn.Module], graph: Any,
+                 weights: list[Weights | None], measured: bool = True,
+                 actual: Walk | None = None, values: Values | None = None):
+        self.report, self.modules, self.graph = report, modules, graph
+        self.weights, self.measured, self.actual, self.host = weights, measured, actual, values
+        self.nodes: list[Node] = graph.nodes
+        self.constants = graph.constants()
+        self.values: list[Value] = []
+        self.grads: list[Grad | None] = []
+        self.calls: dict[int, Call] = {}
+        self.backward_gains: dict[int, float | None] = {}  # node -> E[f'(y)^2]
+        self.attention: list[dict] = []  # per attention call: s², r, Σp², saturation
+
+    def run(self) -> Walk:
+        self.forward()
+        self.backward()
+        return self
+
+    # --- forward -------------------------------------------------------------------
+    def forward(self) -> None:
+        for k, node in enumerate(self.nodes):
+            value = self._forward(node)
+            if value.note is not None and value.at < 0:
+                value.at = k
+            if value.signal is not None:
+                value.rel = self._rel(k, value.signal)
+            self.values.append(value)
+
+    def _rel(self, k: int, mine: Signal) -> float | None:
+        """This walk's value over the actual walk's at node ``k`` (1 for the actual)."""
+        if self.actual is None:
+            return 1.0
+        theirs = self.actual.values[k].signal
+        return mine.m2 / theirs.m2 if theirs is not None and theirs.m2 > 0 else None
+
+    def _forward(self, node: Node) -> Value:
+        ins = [self.values[i] if i >= 0 else Value(None, "an output made outside the "
+                                                      "recorded operations")
+               for i in node.inputs]
+        broken = next((v.broken for v in ins if v.broken), None)
+        rel = next((v.rel for v in ins if v.rel is not None), None)
+        latest = max(ins, key=lambda v: v.at if v.note else -2, default=None)
+        note, at = (latest.note, latest.at) if latest is not None else (None, -1)
+        if node.op == "input":
+            return self._input(node)
+        if node.op == "call":
+            return self._call(node, ins)
+        if node.op == "exit":
+            return self._exit(node, ins)
+        if node.op == "unknown":  # a custom Function names itself, not its inner ops
+            own = self._reason(node)
+            return Value(None, own if node.reason.startswith(CUSTOM) else broken or own,
+                         rel=rel)
+        if broken:
+            return Value(None, broken, rel=rel)
+        if node.op == "linear" and (valueless := self._no_value(node)):
+            return Value(None, valueless)
+        s, mu = ins[0].signal, ins[0].mu
+        if node.op == "act":
+            out = rules.activate(node.module, s, mu, self.host)
+            if out is None:
+                return Value(None, f"F.{type(node.module).__name__} at q={s.m2:.3g}")
+            self.backward_gains[len(self.values)] = out[2]
+            return Value(out[0], None, note, at, out[1])
+        if node.op == "pool":
+            return self._pool(node, ins[0], note, at)
+        if node.op == "attention":
+            return self._attention(node, ins, note, at)
+        if node.op == "dropout":
+            if node.p >= 1:
+                return Value(None, "dropout with p = 1")
+            signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p))
+            return Value(signal, None, note, at, mu)
+        signal, mu = self._linear(node, ins)
+        return Value(signal, None, note, at, mu)
+
+    def _linear(self, node: Node, ins: list[Value]) -> tuple[Signal, float]:
+        """sum_i f_i E[x_i^2] + constants, and for an add (several inputs summed, not
+        pieces side by side) the cross terms 2 m_i m_j mu_i mu_j of the means the
+        inputs share: two branches that both end in a ReLU are not zero-mean."""
+        m2_scale, mean_scale = (1.0, 1.0) if node.scale is None else self.constants[node.scale]
+        fixed = sum(f * self.constants[c][0] for f, c, _ in node.const)
+        mu = sum(m * self.constants[c][1] for _, c, m in node.const)
+        spread = shared = cross = 0.0
+        terms = [m * v.mu for m, v in zip(node.means, ins)]
+        terms += [m * self.constants[c][1] for _, c, m in node.const]
+        if not node.cat:
+            total = sum(terms)
+            cross = total * total - sum(t * t for t in terms)
+        for f, m, v in zip(node.forward, node.means, ins):
+            spread += f * v.signal.m2
+            shared += f * v.signal.m2 * v.signal.mean_share
+            mu += m * v.mu
+        spread += cross
+        shared += max(cross, 0.0)
+        share = (shared + fixed) / (spread + fixed) if spread + fixed > 0 else 0.0
+        return Signal(m2_scale * (spread + fixed), min(1.0, share)), mean_scale * mu
+
+    def _pool(self, node: Node, v: Value, note: str | None, at: int) -> Value:
+        """Exact for zero padding and nearest upsampling; otherwise a probe carries the
+        measured value past the op, and a closed-form prediction takes the positions
+        as independent (theory.pools)."""
+        out = pools.exact(node.pool, v.signal, v.mu)
+        if out is not None:
+            return Value(out[0], None, note, at, out[1])
+        if self.measured:
+            return Value(None, f"{self._reason(node)}, whose output depends on how "
+                         "positions correlate", rel=v.rel)
+        signal, mu = pools.approximate(node.pool, v.signal, v.mu)
+        return Value(signal, None, _join(note, f"{self._reason(node)} taken over "
+                                         "independent positions"), len(self.values), mu)
+
+    def _attention(self, node: Node, ins: list[Value], note: str | None, at: int) -> Value:
+        measured, correlations = self.measurements(node)
+        q, k, v = (x.signal for x in ins)
+        signal, facts = attend.forward(node.attn, q, k, v, measured, correlations)
+        where = self._place(node.where).strip(" ()")
+        self.attention.append({"where": where, **facts})
+        return Value(signal, None, note, at, ins[2].mu)
+
+    def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
+        """The probe's (Σp², mean logit²) at an attention call, for the actual init only,
+        and the (r_v, r_k) it measured, for every walk over a measured pass."""
+        index = node.attn.measured
+        if index is None or not self.measured:
+            return None, None
+        return (self.constants[index] if self.actual is None else None,
+                self.constants[index + 1])
+
+    def _input(self, node: Node) -> Value:
+        if node.index != 0:
+            return Value(None, "a network input after the first, which is not measured")
+        start, note = start_signal(self.report)
+        if start is None:
+            return Value(None, "the network input is not a float tensor")
+        return Value(start, None, note, -1, self.report.input.mean or 0.0)
+
+    def _call(self, node: Node, ins: list[Value]) -> Value:
+        k, i = len(self.values), node.index
+        layer, module = self.report.layers[i], self.modules[i]
+        info = self.calls.setdefault(i, Call())
+        src = ins[0] if ins else None
+        note = src.note if src else None
+        if src is not None and src.broken:
+            if (reset := self._reset(layer, module, info, src)) is not None:
+                return reset
+            src = self._carry_input(layer, info, src)
+            note = src.note
+        info.input = src
+        s_in = src.signal if src is not None else None
+        mu = src.mu if src is not None else 0.0
+        if layer.kind == "activation" and s_in is not None:
+            act = rules.activate(module, s_in, mu, self.host)
+            self.backward_gains[k] = act[2] if act is not None else None
+            out, mu = (act[0], act[1]) if act is not None else (None, 0.0)
+        else:
+            w = self.weights[i]
+            out = (rules.forward(layer, module, s_in, w, self.host, mu)
+                   if s_in is not None or isinstance(module, nn.Embedding) else None)
+            mu = rules.mean_after(module, mu, self.host)
+        if out is None and not self.measured and s_in is not None:
+            out, mu, note = self._approximate(layer, module, s_in, src.mu, note)
+        if out is not None:
+            w = self.weights[i]
+            info.forward = out.m2
+            info.forward_note = _join(note, w.note if w else None)
+            return Value(out, None, note, src.at if src is not None else -1, mu)
+        return self._carry_output(layer, info, "no closed form" if s_in is not None
+                                  else "its input is unknown", info.forward_break, src)
+
+    def _reset(self, layer: Layer, module: nn.Module, info: Call, src: Value) -> Value | None:
+        """A norm whose input the walk lost, with nothing measured: it sets the scale
+        whatever its input was."""
+        if self.measured and _measured_m2(layer.input) is not None:
+            return None
+        reset = norms.reset(module, self.host)
+        if reset is None:
+            return None
+        info.input, info.forward = Value(None, src.broken), reset.m2
+        info.forward_note = (f"{layer.type} at {layer.label} resets an unknown input "
+                             f"({src.broken}), its E[x²] taken to be ≫ eps")
+        return Value(reset, None, info.forward_note, len(self.values),
+                     rules.mean_after(module, 0.0, self.host))
+
+    def _approximate(self, layer: Layer, module: nn.Module, s: Signal, mu: float,
+                     note: str | None) -> tuple[Signal | None, float, str | None]:
+        """A pooling module where nothing is measured: positions taken as independent."""
+        pool = pools.of_module(module, layer.input_shape, layer.shape)
+        if pool is None:
+            return None, 0.0, note
+        out, mu = pools.approximate(pool, s, mu)
+        return out, mu, _join(note, f"{layer.type} at {layer.label} taken over independent "
+                              "positions")
+
+    def _carry_input(self, layer: Layer, info: Call, src: Value) -> Value:
+        """A call whose input the walk lost: the measured input is carried (times the
+        scheme's ratio), or, with nothing measured, the call's input stays broken."""
+        m_in = _measured_m2(layer.input) if self.measured else None
+        info.forward_break = src.broken
+        if m_in is None or src.rel is None:
+            return Value(None, src.broken)
+        what = ("carried the measured input" if self.actual is None
+                else "scaled the measured input by the scheme's ratio before it")
+        return Value(Signal(m_in * src.rel, _share(layer.input)), None,
+                     f"{what} of {layer.label}, past {src.broken}", -1,
+                     (layer.input.mean if layer.input else None) or 0.0)
+
+    def _exit(self, node: Node, ins: list[Value]) -> Value:
+        layer = self.report.layers[node.index]
+        info = self.calls.setdefault(node.index, Call())
+        info.input = ins[1] if len(ins) > 1 else None
+        inner = ins[0]
+        if inner.broken:
+            info.forward_break = inner.broken
+            return self._carry_output(layer, info, None, None, inner)
+        info.forward = inner.signal.m2
+        info.forward_note = inner.note
+        return inner
+
+    def _carry_output(self, layer: Layer, info: Call, why: str | None,
+                      root: str | None, src: Value | None) -> Value:
+        """Continue from the measured output of a call the walk cannot step through; a
+        scheme applies the call's measured ratio out/in to its own input instead. With
+        nothing measured, the value stays broken by ``root`` (what broke its input) or
+        by this call."""
+        m_out = _measured_m2(layer.forward) if self.measured else None
+        m_in = _measured_m2(layer.input) if self.measured else None
+        what = f"{layer.type} at {layer.label}"
+        if self.actual is None:
+            out, how = m_out, "carried the measured output of"
+        elif src is not None and src.signal is not None and m_out is not None and m_in:
+            out, how = src.signal.m2 * m_out / m_in, "scaled by the measured ratio across"
+        else:
+            rel = src.rel if src is not None else None
+            out = m_out * rel if m_out is not None and rel is not None else None
+            how = "scaled the measured output by the scheme's ratio before"
+        if out is None:
+            return Value(None, root or f"{what} ({why or 'not followed'}; nothing measured)")
+        info.forward_note = f"{why} for {what}" if why else None
+        return Value(Signal(out, _share(layer.forward)), None, f"{how} {what}", -1,
+                     layer.forward.mean or 0.0)
+
+    # --- messages ------------------------------------------------------------------
+    def _no_value(self, node: Node, backward: bool = False) -> str | None:
+        """Why a linear node's constant factor (or, forward, added constant) is unknown:
+        a tensor on the meta device has no values."""
+        used = [node.scale] if backward else [node.scale, *(c for _, c, _ in node.const)]
+        if all(c is None or self.constants[c] is not None for c in used):
+            return None
+        return ("a parameter or buffer with no values on the meta device (its init is not "
+                f"known){self._place(node.where)}")
+
+    def _reason(self, node: Node) -> str:
+        return f"{node.reason}{self._place(node.where)}"
+
+    def _place(self, where: tuple[str, int] | None) -> str:
+        if where is None:
+            return " (at the start of the forward)"
+        kind, i = where
+        return f" ({kind} {self.report.layers[i].label})"
+
+
+def start_signal(report: Report) -> tuple[Signal | None, str | None]:
+    """The network input's measured E[x^2] (1 assumed when nothing was measured)."""
+    measured = _measured_m2(report.input)
+    if measured is not None:
+        return Signal(measured, _share(report.input)), None
+    if report.input.dtype is not None and "int" in report.input.dtype:
+        return None, None  # token ids: the first (embedding) layer starts the walk
+    return Signal(1.0), "input E[x²] = 1 assumed"
+
+
+def _measured_m2(stats) -> float | None:
+    value = stats.second_moment if stats is not None else None
+    return value if value is not None and value == value and abs(value) != float("inf") \
+        else None
+
+
+def _share(stats) -> float:
+    """mean^2 / E[x^2] of a measured tensor: its shared mean (a lower bound on the
+    per-unit one, exact after an activation, where every unit has the same mean)."""
+    if stats is None or not stats.second_moment or stats.mean is None:
+        return 0.0
+    return min(1.0, stats.mean * stats.mean / stats.second_moment)
+
+
+def _join(*parts: str | None) -> str | None:
+    return "; ".join(p for p in parts if p) or None

@@ -1,0 +1,102 @@
+"""E[w^2] and mean(b^2) of every weight layer: the actual init's, or a scheme's.
+
+The walk reads a layer's weights from here only, so one walk serves the actual model
+(measured moments, or what its init code was recorded to do on meta) and every
+counterfactual scheme (theory.layer_fans.scheme_variance with varprobe's own fans, the
+bias zeroed but for torch-default's U(±1/sqrt(n))).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from varprobe import initlog
+from varprobe.report import Layer
+from varprobe.theory.gains import Values, prelu_slope
+from varprobe.theory.layer_fans import (
+    fans,
+    is_linear_map,
+    kind,
+    scheme_bias_variance,
+    scheme_variance,
+    torch_fans,
+)
+
+
+@dataclass
+class Weights:
+    """E[w^2] and mean(b^2) of a weight layer, and why they are what they are."""
+
+    w2: float
+    b2: float
+    note: str | None = None
+
+
+def actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weights | None]:
+    """The measured E[w^2] and mean(b^2); PyTorch's default init where not measured."""
+    return [actual(layer, module) if layer.kind == "weight" else None
+            for layer, module in zip(layers, modules)]
+
+
+def actual(layer: Layer, module: nn.Module) -> Weights | None:
+    if layer.unavailable.get("weight_var", "").startswith(initlog.UNKNOWN):
+        return None  # its init code did what no closed form follows: no default either
+    w2 = _finite(layer.weight_second_moment)
+    w2 = _finite(layer.weight_var) if w2 is None else w2
+    if w2 is not None:
+        return Weights(w2, _finite(layer.bias_second_moment) or 0.0)
+    if isinstance(module, nn.Embedding):
+        return Weights(1.0, 0.0, note="weights not measured: N(0, 1), PyTorch's default")
+    n = torch_fans(module)[0]
+    if n is None:
+        return None
+    b2 = 1.0 / (3 * n) if getattr(module, "bias", None) is not None else 0.0
+    return Weights(1.0 / (3 * n), b2, note="weights not measured: PyTorch's default assumed")
+
+
+def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
+                   slopes: list[float]) -> list[Weights | None]:
+    """Var[w] of ``scheme`` for Linear/Conv layers and its bias (zero but for
+    torch-default's); embeddings as they are. ``slopes``: ``prelu_slopes(modules)``."""
+    out: list[Weights | None] = []
+    for layer, module, a in zip(layers, modules, slopes):
+        if layer.kind != "weight" or not is_linear_map(module):
+            out.append(actual(layer, module) if layer.kind == "weight" else None)
+            continue
+        fan_in, fan_out = torch_fans(module) if scheme == "torch-default" else fans(module)
+        var = scheme_variance(scheme, fan_in, fan_out, a)
+        out.append(None if var is None else Weights(var, scheme_bias_variance(scheme, module)))
+    return out
+
+
+def prelu_slopes(modules: list[nn.Module], values: Values | None = None) -> list[float]:
+    """The PReLU slope a that he-prelu uses for each module (0 for non-weight ones).
+
+    The slope of the activation feeding the layer: He's Eq. 15 is the forward
+    condition 1/2 (1+a^2) n Var[w] = 1, whose gain belongs to x_l = f(y_{l-1}). A
+    layer with no activation before it (the first) takes the one after it, as He
+    adopts the same rule in the first layer; 0 where there is none.
+    """
+    found: list[float | None] = [None] * len(modules)
+    before: float | None = None
+    pending: list[int] = []
+    for i, module in enumerate(modules):
+        what = kind(module)
+        if what == "weight":
+            found[i] = before
+            if before is None:
+                pending.append(i)
+            before = None
+        elif what == "activation" and before is None:
+            before = prelu_slope(module, values)
+            for j in pending:
+                found[j] = before
+            pending = []
+    return [a or 0.0 for a in found]
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
