@@ -1,0 +1,254 @@
+"""Second moments through softmax attention at initialization: closed forms.
+
+Pure functions of numbers (no hooks, no tensors). One head: x (T x n, E[x^2] = q_x,
+uncentered token correlation r) is projected to q, k, v (d_k wide; per-entry second
+moments q_q, q_k, q_v), the logits are c q_i.k_j with c = 1/sqrt(d_k) by default, and
+z_i = sum_j p_ij v_j with p = softmax over the keys query i may see (T_i of them: T,
+or i when causal, or a padding mask's count). Heads are independent and add.
+
+Sections cited are those of the research note attention.md, with these corrections,
+each checked by Monte Carlo (tests/test_attention_rules.py, bench/accuracy/attention.py):
+
+* P2 = E[sum_j p_ij^2] (§3.1) is computed exactly for Gaussian logits (a Laplace
+  transform and a 2-D quadrature) and averaged over the per-query spread of the logit
+  variance (chi-square in d_k and n). The lognormal form e^{s_e^2}/(e^{s_e^2}+T_i-1) is
+  kept as ``method="lognormal"``: at s^2 = 1 it is 7% high for T = 64, 16% for T = 16
+  and 21% for T = 4 (hence §3.4's -11% causal: early queries see few keys).
+* m (§3.3) is E[sum_j p_j^2 (1 - 2 p_j + P2)]; P2 (1 - P2) is 16% high at s^2 = 1,
+  T = 64 and 39% at T = 16.
+* The query gradient has a coherent finite-width term (1-r)^2 (1-P2)^2 / n next to m
+  (Stein's lemma on E[v|k]): +45% on E[dq^2] at T = 64, n = 128; §3.4's "T/n" error.
+* Attention dropout multiplies the whole diagonal, shared part included:
+  r + P2 (1/(1-p) - r), not r + (1-r) P2/(1-p).
+* Gradient token correlation r_g adds r_g r (1-r) times the query-pair overlap to
+  E[dk^2] (queries that share a direction push a key coherently).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+# Above this effective logit variance (1-r) s^2 attention heads towards one-hot at init
+# (entropy collapse, attention.md §3.5): sum p^2 is set by the few largest logits, so by
+# the tails of the logit distribution, which only Gaussian weights make Gaussian (RoPE,
+# QK-norm or trained weights need not), the softmax Jacobian and with it the query and
+# key gradients shrink, and §3.4 measured the lognormal forms 20% (forward) and 29%
+# (backward) off at s^2 = 1.5 causal. §3.6 tier 1 flags the layer there. (With Gaussian
+# weights the forms here still hold to 4% at s_e^2 = 2: bench/accuracy/attention.py.)
+SATURATED_SPREAD = 1.5
+
+Keys = int | Sequence[int]
+
+
+class Forward(NamedTuple):
+    second_moment: float   # E[z^2] per entry of the head output
+    correlation: float     # r_out, uncentered token correlation of z
+    participation: float   # P2, mean over queries of E[sum_j p_ij^2]
+
+
+class Backward(NamedTuple):
+    value: float           # E[dv^2]
+    query: float           # E[dq^2]
+    key: float             # E[dk^2]
+    input: float | None    # E[dx^2] through the three projections (all heads), or None
+
+
+def logit_variance(q_q: float, q_k: float, d_k: int, scale: float | None = None) -> float:
+    """s^2 = c^2 d_k q_q q_k, c = 1/sqrt(d_k) unless given (§3.1)."""
+    c = 1 / math.sqrt(d_k) if scale is None else scale
+    return c * c * d_k * q_q * q_k
+
+
+def saturated(s2: float, r: float = 0.0) -> bool:
+    """Whether the effective spread (1-r) s^2 exceeds SATURATED_SPREAD (§3.6 tier 1)."""
+    return (1 - r) * s2 > SATURATED_SPREAD
+
+
+def causal_keys(T: int) -> range:
+    """Keys seen by each query under a causal mask: 1, 2, ..., T."""
+    return range(1, T + 1)
+
+
+def key_counts(keys: Keys, causal: bool = False) -> np.ndarray:
+    """Per-query key counts T_i: T for every query, 1..T when causal, or as given."""
+    if isinstance(keys, (int, np.integer)):
+        counts = np.arange(1, keys + 1) if causal else np.full(int(keys), keys)
+    elif causal:
+        raise ValueError("causal=True takes the sequence length, not per-query counts")
+    else:
+        counts = np.asarray(keys)
+    if counts.size == 0 or counts.min() < 1:
+        raise ValueError("every query needs at least one key")
+    return counts.astype(float)
+
+
+def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """E[sum p^2], E[sum p^3], E[(sum p^2)^2] for p = softmax of len-T i.i.d. N(0, v)
+    logits, for each T in counts.
+
+    1/S^k = int t^{k-1} e^{-tS} dt / (k-1)! with S = sum_j e^{x_j} turns each moment into
+    int A(u) L(u)^{T-1} du over u = -log t, with L(u) = E[exp(-e^{x-u})] and
+    A_k(u) = E[e^{k(x-u)} exp(-e^{x-u})]: both Gaussian smoothings of smooth functions,
+    done by the trapezoid rule (spectrally accurate: within 1e-12 of a 4x finer grid for
+    v <= 10, T <= 4096).
+    """
+    counts = np.asarray(counts, float)
+    if v < 1e-10:
+        return 1 / counts, 1 / counts**2, 1 / counts**2
+    s = math.sqrt(v)
+    x = np.linspace(-9, 9, 361) * s
+    px = np.exp(-0.5 * (x / s) ** 2)
+    px /= px.sum()
+    u = np.linspace(-9 * s - 8, 9 * s + math.log(counts.max()) + 40, 600)
+    w = np.exp(x[None, :] - u[:, None])
+    e = np.exp(-w)
+    a2, a3, a4 = ((w**k * e) @ px for k in (2, 3, 4))
+    log_l = np.log(np.maximum(e @ px, 1e-300))
+    du = u[1] - u[0]
+    lt = np.exp(np.outer(counts - 1, log_l))
+    lt2 = np.exp(np.outer(np.maximum(counts - 2, 0), log_l))
+    p2 = counts * (lt @ a2) * du
+    p3 = counts * (lt @ a3) * du / 2
+    p22 = (counts * (lt @ a4) + counts * (counts - 1) * (lt2 @ a2**2)) * du / 6
+    return p2, p3, p22
+
+
+def _moments(s2, r, counts, method, d_k, n):
+    """Per-query (P2, m) with m = E[sum_j p_j^2 (1 - 2 p_j + P2)] (§3.3's m, exactly)."""
+    se2 = (1 - r) * s2
+    if method == "uniform":
+        return 1 / counts, (counts - 1) / counts**2
+    if method == "lognormal":
+        p2 = math.exp(se2) / (math.exp(se2) + counts - 1)
+        return p2, p2 * (1 - p2)
+    if method != "gaussian":
+        raise ValueError(f"method: 'gaussian', 'lognormal' or 'uniform', not {method!r}")
+    # The logit variance of query i is s_e^2 |q_i|^2 |W_k q_i|^2 / E[...]: relative
+    # variance 2/d_k + 2/n. Averaged over, as a lognormal factor.
+    rel = (2 / d_k if d_k else 0.0) + (2 / n if n else 0.0)
+    uniq, inv = np.unique(counts, return_inverse=True)
+    p2, m = _spread_moments(float(se2), float(rel), tuple(uniq.tolist()))
+    return p2[inv], m[inv]
+
+
+@functools.lru_cache(maxsize=64)
+def _spread_moments(se2: float, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(P2, m) per key count, averaged over a lognormal logit-variance factor of mean 1
+    and relative variance rel (5-point Gauss-Hermite; forward and backward share it)."""
+    sig = math.sqrt(math.log1p(rel))
+    z, wz = np.polynomial.hermite_e.hermegauss(5 if rel else 1)
+    p2 = p3 = p22 = 0.0
+    for zi, wi in zip(z, wz / wz.sum()):
+        a, b, c = softmax_moments(se2 * math.exp(sig * zi - sig * sig / 2), np.array(uniq))
+        p2, p3, p22 = p2 + wi * a, p3 + wi * b, p22 + wi * c
+    return p2, p2 - 2 * p3 + p22
+
+
+def participation(s2: float, r: float, keys: Keys, causal: bool = False, *,
+                  d_k: int | None = None, n: int | None = None,
+                  method: str = "gaussian") -> float:
+    """P2 averaged over queries (§3.1): E[sum_j p_ij^2] at effective spread (1-r) s^2.
+
+    ``keys``: T (every query sees T keys; with causal=True query i sees i), or a
+    per-query sequence of key counts (padding masks, windows). ``method``: "gaussian"
+    (exact for Gaussian logits, averaged over the query-norm spread when d_k and/or
+    the input width n are given), "lognormal" (§3.1's e^{s_e^2}/(e^{s_e^2}+T_i-1)) or
+    "uniform" (1/T_i, the s^2 -> 0 limit).
+    """
+    return float(np.mean(_moments(s2, r, key_counts(keys, causal), method, d_k, n)[0]))
+
+
+def _pairs(s2: float, r: float, counts: np.ndarray) -> tuple[float, float]:
+    """Query-pair sums over i != k, divided by the number of queries N:
+    (sum O_ik, sum O_ik (1 - 1/min(T_i, T_k))) with the overlap O_ik = E[sum_j p_ij p_kj].
+
+    Key sets are nested (causal, key padding), so two queries share min(T_i, T_k) keys
+    and O_ik ~ 1/max(T_i, T_k) (§3.2, last bullet), times the lognormal factor of the
+    key-side logit part the two queries share (variance r (1-r) s^2; 1 at r = 0).
+    """
+    t = np.sort(counts)
+    e = math.exp(r * (1 - r) * s2)
+    g = e / (e + t - 1)
+    below = np.arange(t.size)                        # partners with T_k <= T_i
+    inv_below = np.concatenate(([0.0], np.cumsum(1 / t)[:-1]))
+    return 2 * float(g @ below) / t.size, 2 * float(g @ (below - inv_below)) / t.size
+
+
+def forward(q_v: float, s2: float, r: float, keys: Keys, causal: bool = False,
+            n: int | None = None, dropout: float = 0.0, *, d_k: int | None = None,
+            method: str = "gaussian") -> Forward:
+    """E[z^2] at the head output and its token correlation (§3.2, corrected):
+
+    E[z^2] = q_v [r + P2 (1/(1-p) - r) + (1-r)^2 s^2 mean_i (1 - P2_i)^2 / n]
+
+    The last (coupling) term is dropped when the input width n is unknown (an error of
+    at most ~s^2/n relative to q_v). r_out = [r + (1-r) O] / (E[z^2]/q_v) with O the
+    mean overlap of two queries' attention, ~1/max(T_i, T_k) (key sets nested, as with
+    causal or key-padding masks, not sliding windows; nan for one token). Multi-head:
+    per head, then E[o^2] = H d_k sigma_o^2 E[z^2] (+ b_o^2) through the output projection.
+    """
+    counts = key_counts(keys, causal)
+    p2i, _ = _moments(s2, r, counts, method, d_k, n)
+    p2 = float(np.mean(p2i))
+    z2 = r + p2 * (1 / (1 - dropout) - r)
+    if n:
+        z2 += (1 - r) ** 2 * s2 * float(np.mean((1 - p2i) ** 2)) / n
+    tokens = counts.size
+    if tokens < 2:
+        return Forward(q_v * z2, math.nan, p2)
+    overlap = _pairs(s2, r, counts)[0] / (tokens - 1)
+    return Forward(q_v * z2, (r + (1 - r) * overlap) / z2, p2)
+
+
+def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys: Keys, *,
+             r: float = 0.0, r_g: float = 0.0, causal: bool = False,
+             scale: float | None = None, heads: int = 1,
+             weight_var: tuple[float, float, float] | None = None, n: int | None = None,
+             dropout: float = 0.0, method: str = "gaussian") -> Backward:
+    """Gradient second moments of one self-attention head (§3.3, corrected).
+
+    sigma_g2, r_g: E[g^2] and token correlation of the gradient at the head output z.
+    With c the logit scale (``scale``, 1/sqrt(d_k) by default), f = 1/(1-p) - r, C the
+    mean squared column sum of p and K the query-pair overlap sum (see _pairs):
+
+    E[dv^2] = sigma_g^2 [r_g C + P2 (1/(1-p) - r_g)]
+    E[dq^2] = c^2 d_k sigma_g^2 q_v q_k (1-r) [f m + (1-r) mean_i (1-P2_i)^2 / n]
+    E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r r_g K]
+
+    ``weight_var`` = (sigma_q^2, sigma_k^2, sigma_v^2) per weight entry gives
+    E[dx^2] = H d_k (sigma_v^2 E[dv^2] + sigma_q^2 E[dq^2] + sigma_k^2 E[dk^2]) (heads
+    independent; §3.3's H d_k sigma_v^2 sigma_g^2 [P2 + s^2 (1-r)(2-r) m] when r_g = 0).
+    n (the input width) adds the query path's coherent term; it is dropped when None.
+    """
+    c2dk = (1 / d_k if scale is None else scale * scale) * d_k
+    s2 = c2dk * q_q * q_k
+    counts = key_counts(keys, causal)
+    p2i, mi = _moments(s2, r, counts, method, d_k, n)
+    p2, m = float(np.mean(p2i)), float(np.mean(mi))
+    overlap, cross = _pairs(s2, r, counts)
+    keep = 1 / (1 - dropout)
+    dv = sigma_g2 * (r_g * (p2 + overlap) + p2 * (keep - r_g))
+    f = keep - r
+    coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
+    dq = c2dk * sigma_g2 * q_v * q_k * (1 - r) * (f * m + coherent)
+    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r * r_g * cross)
+    dx = None
+    if weight_var is not None:
+        var_q, var_k, var_v = weight_var
+        dx = heads * d_k * (var_v * dv + var_q * dq + var_k * dk)
+    return Backward(dv, dq, dk, dx)
+
+
+def token_correlation(sum_sq_of_token_sums_mean: float, second_moment: float, T: int) -> float:
+    """r^ = (mean(S1^2)/T - E[x^2]) / ((T-1) E[x^2]), S1 the sum over the sequence axis
+    (§3.6 item 3): E[S1^2] = T q + T(T-1) r q for tokens of second moment q."""
+    if T < 2:
+        raise ValueError("a token correlation needs T >= 2")
+    if not second_moment > 0:
+        return math.nan
+    return (sum_sq_of_token_sums_mean / T - second_moment) / ((T - 1) * second_moment)
