@@ -102,7 +102,7 @@ def _scored(report):
 
 
 def _redrawn(model):
-    return [m for m in model.modules() if isinstance(m, reinit.REINITIALIZED)]
+    return [m for m in model.modules() if theory.is_linear_map(m)]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -34,16 +34,19 @@ def correlation(facts: Attention, v: Signal, measured: tuple | None) -> float:
 
 
 def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple | None,
-            correlations: tuple | None) -> tuple[Signal, dict[str, Any]]:
-    """E[z^2] at the head outputs and what the report says about the call."""
+            correlations: tuple | None, n: int | None = None) -> tuple[Signal, dict[str, Any]]:
+    """E[z^2] at the head outputs and what the report says about the call. ``n``: the
+    width the projections read (the finite-width coupling term; dropped when None)."""
     s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
     if measured is not None:
         p2 = measured[0]
         z2 = r + p2 * (1 / (1 - facts.dropout) - r)
+        if n:  # the coupling term of attention.forward, at the measured participation
+            z2 += (1 - r) ** 2 * s2 * (1 - p2) ** 2 / n
     else:
-        out = attention.forward(1.0, s2, r, keys(facts), causal, None, facts.dropout,
+        out = attention.forward(1.0, s2, r, keys(facts), causal, n, facts.dropout,
                                 d_k=facts.d_k)
         z2, p2 = out.second_moment, out.participation
     m2 = v.m2 * z2
@@ -58,13 +61,13 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
 
 
 def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
-             correlations: tuple | None) -> tuple[float, float, float]:
+             correlations: tuple | None, n: int | None = None) -> tuple[float, float, float]:
     """E[dq^2], E[dk^2], E[dv^2] from E[g^2] at the head outputs (gradient token
     correlation taken as 0). Grouped keys and values (GQA) collect the gradients of
     every query head in their group."""
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
     b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, causal=causal,
-                           scale=facts.scale, dropout=facts.dropout)
+                           scale=facts.scale, dropout=facts.dropout, n=n)
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
     return b.query, b.key * group, b.value * group

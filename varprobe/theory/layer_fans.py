@@ -33,15 +33,25 @@ def is_linear_map(module: nn.Module) -> bool:
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers.pytorch_utils.Conv1D (GPT-2, GPT-J's heads): addmm(b, x, W) with W
     of shape (in, out). Told by name and shape, so transformers need not be imported."""
+    if type(module).__name__ != "Conv1D":  # before .weight: a parametrization computes it
+        return False
     w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor)
-            and w.dim() == 2 and getattr(module, "nf", None) == w.shape[1])
+    return (isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(module, "nf", None) == w.shape[1])
+
+
+# Libraries whose activation modules are all elementwise when they hold no parameters
+# (transformers' NewGELUActivation of GPT-2, QuickGELU, ...; diffusers' own).
+ELEMENTWISE_LIBRARIES = ("transformers.activations", "diffusers.models.activations")
 
 
 def is_activation(module: nn.Module) -> bool:
-    """An elementwise nonlinearity from torch.nn (ReLU, PReLU, GELU, Tanh, ...)."""
-    return (type(module).__module__ == "torch.nn.modules.activation"
-            and not isinstance(module, NOT_ELEMENTWISE))
+    """An elementwise nonlinearity from torch.nn (ReLU, PReLU, GELU, Tanh, ...), or a
+    parameterless one from ELEMENTWISE_LIBRARIES."""
+    where = type(module).__module__
+    if where in ELEMENTWISE_LIBRARIES:
+        return not module._parameters and next(module.children(), None) is None
+    return where == "torch.nn.modules.activation" and not isinstance(module, NOT_ELEMENTWISE)
 
 
 def kind(module: nn.Module) -> str:

@@ -279,6 +279,8 @@ class Recording(TorchFunctionMode):
         gets the sum of numel(out)/numel(in) gradients), else a concatenation."""
         inputs, fwd, means, bwd, const = [], [], [], [], []
         for t, f, m in terms:
+            if isinstance(t, T) and t.numel() == 0:
+                continue  # an empty piece (a key cache before its first entry) adds nothing
             node = self._lookup(t) if isinstance(t, T) else None
             if node is not None:
                 inputs.append(node)

@@ -159,10 +159,23 @@ class Walk(Backward):
     def _attention(self, node: Node, ins: list[Value], note: str | None, at: int) -> Value:
         measured, correlations = self.measurements(node)
         q, k, v = (x.signal for x in ins)
-        signal, facts = attend.forward(node.attn, q, k, v, measured, correlations)
+        signal, facts = attend.forward(node.attn, q, k, v, measured, correlations,
+                                       self.width(node))
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, **facts})
         return Value(signal, None, note, at, ins[2].mu)
+
+    def width(self, node: Node) -> int | None:
+        """The fan-in of the layer that made the queries (through views and slices):
+        the width n of attention's finite-width terms; None where there is none."""
+        k = node.inputs[0]
+        while k >= 0 and self.nodes[k].op == "linear" and len(self.nodes[k].inputs) == 1 \
+                and self.nodes[k].scale is None and not self.nodes[k].const:
+            k = self.nodes[k].inputs[0]
+        if k < 0 or self.nodes[k].op != "call":
+            return None
+        layer = self.report.layers[self.nodes[k].index]
+        return layer.fan_in if layer.kind == "weight" else None
 
     def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
         """The probe's (Σp², mean logit²) at an attention call, for the actual init only,
