@@ -25,8 +25,6 @@ BROKEN = [e for e in ENTRIES if e.broken is not None]
 # Broken variants whose mechanism the verdict rules do not see at init; strict, so a rule
 # that starts catching one turns the test red and the entry is taken off this list.
 KNOWN_MISSES = {
-    "transformer_qkv_std1": "saturated attention logits: the softmax input is not measured "
-                            "(no attention_saturated check yet)",
     "vgg11_pixels_0_255": "an input on the 0-255 scale: unnormalized_input warns, and the "
                           "output reaches 15x the twin's reference scale, inside the band",
     "unet_decoder_x1e-3": "a 1e-3 up-sampling layer whose output a GroupNorm and a "

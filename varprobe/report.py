@@ -187,6 +187,8 @@ class Report:
     stages: list[dict[str, str]] = field(default_factory=list)
     intervals: dict[str, list[float | None]] = field(default_factory=dict)  # input/output
     precision: dict[str, Any] | None = None  # range_flags: format, loss scale, autocast
+    # theory.attend: per attention call, its logit variance, token correlation, sum p^2
+    attention: list[dict[str, Any]] = field(default_factory=list)
     varprobe_version: str = ""
     torch_version: str = ""
 
@@ -225,6 +227,7 @@ class Report:
             stages=list(data.get("stages", [])),
             intervals=dict(data.get("intervals", {})),
             precision=data.get("precision"),
+            attention=list(data.get("attention", [])),
             varprobe_version=data.get("varprobe_version", ""),
             torch_version=data.get("torch_version", ""),
         )

@@ -13,7 +13,7 @@ import fnmatch
 from collections.abc import Iterable
 
 from varprobe import range_flags
-from varprobe.diagnose import backward, forward, local
+from varprobe.diagnose import attention, backward, forward, local
 from varprobe.diagnose import fix as fixes
 from varprobe.diagnose.common import SEVERITY, TREND_CODES, Trend, is_weight, num, places
 from varprobe.diagnose.thresholds import SEVERITIES, Thresholds
@@ -39,6 +39,7 @@ def annotate(report: Report, thresholds: Thresholds | None = None,
     trends = forward.trends(report, t, weights) + backward.trends(layers, t, skip)
     local.dead_units(layers, t, skip)
     local.mismatch(layers, t, weights)
+    attention.saturation(report, t, skip)
     range_flags.annotate(report, t.underflow, skip)
     once_per_module(layers)
     for layer in layers:

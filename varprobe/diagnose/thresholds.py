@@ -38,6 +38,10 @@ class Thresholds:
     noise sd of docs/theory-review.md §10 (sqrt(2/n) forward, sqrt(0.75/n) backward).
     underflow: the fraction of a tensor's elements that may flush to zero in the
     --precision format (docs/precision.md).
+    attention_spread: the effective logit variance (1-r) s^2 past which attention's
+    closed forms stop holding and the softmax heads towards one-hot (a warning).
+    attention_participation: the mean sum_j p_ij^2 at or past which the average query
+    puts most of its weight on one key (an error).
     """
 
     # Asymmetric: a signal 100x too large saturates whatever reads it (a softmax at logit
@@ -52,6 +56,11 @@ class Thresholds:
     input: tuple[float, float] = (0.1, 10.0)
     mismatch_sigmas: float = 4.0
     underflow: float = 0.01
+    # attention.md §3.4-3.6: the lognormal forms are 20% off at (1-r)s^2 = 1.5. At sum p^2
+    # = 1/2 the softmax Jacobian diag(p) - pp^T has lost most of its mass: the query and
+    # key gradients vanish with it (entropy collapse, Zhai et al. 2023).
+    attention_spread: float = 1.5
+    attention_participation: float = 0.5
 
     @classmethod
     def names(cls) -> list[str]:

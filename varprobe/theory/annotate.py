@@ -55,6 +55,7 @@ def annotate(report: Report, modules: list[nn.Module], recording=None,
                 _multipliers(layer, weights[i])
         layer.predicted = _prediction(layer, actual.calls.get(i), measured)
     _notes(report, actual, measured)
+    report.attention = actual.attention
     slopes = prelu_slopes(modules, values)
     for scheme in SCHEMES:
         walk = Walk(report, modules, graph, scheme_weights(scheme, layers, modules, slopes),

@@ -162,20 +162,28 @@ class Walk(Backward):
         signal, facts = attend.forward(node.attn, q, k, v, measured, correlations,
                                        self.width(node))
         where = self._place(node.where).strip(" ()")
-        self.attention.append({"where": where, **facts})
+        self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
+                               "key_layer": self.producer(node.inputs[1]), **facts})
         return Value(signal, None, note, at, ins[2].mu)
 
     def width(self, node: Node) -> int | None:
-        """The fan-in of the layer that made the queries (through views and slices):
-        the width n of attention's finite-width terms; None where there is none."""
-        k = node.inputs[0]
-        while k >= 0 and self.nodes[k].op == "linear" and len(self.nodes[k].inputs) == 1 \
-                and self.nodes[k].scale is None and not self.nodes[k].const:
+        """The fan-in of the layer that made the queries: the width n of attention's
+        finite-width terms; None where there is none."""
+        k = self._made_by(node.inputs[0])
+        layer = self.report.layers[self.nodes[k].index] if k is not None else None
+        return layer.fan_in if layer is not None and layer.kind == "weight" else None
+
+    def producer(self, k: int) -> str | None:
+        """The label of the weight layer that made node ``k``, through views, slices and
+        constant factors (RoPE's cos and sin); None where that is not one layer."""
+        k = self._made_by(k)
+        layer = self.report.layers[self.nodes[k].index] if k is not None else None
+        return layer.label if layer is not None and layer.kind == "weight" else None
+
+    def _made_by(self, k: int) -> int | None:
+        while k >= 0 and self.nodes[k].op == "linear" and self.nodes[k].inputs:
             k = self.nodes[k].inputs[0]
-        if k < 0 or self.nodes[k].op != "call":
-            return None
-        layer = self.report.layers[self.nodes[k].index]
-        return layer.fan_in if layer.kind == "weight" else None
+        return k if k >= 0 and self.nodes[k].op in ("call", "exit") else None
 
     def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
         """The probe's (Σp², mean logit²) at an attention call, for the actual init only,

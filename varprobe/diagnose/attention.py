@@ -1,0 +1,44 @@
+"""Attention heads that are one-hot at init (report.attention, from theory.attend).
+
+The effective logit variance (1-r) s^2 sets how peaked the softmax is. Past
+``attention_spread`` the closed forms of theory.attention stop holding and the softmax
+heads towards one-hot: a warning. Where the average query's sum_j p_ij^2 reaches
+``attention_participation`` (measured on a subsample of queries by the probe, from the
+closed form in ``predict``), most of its weight is on one key: the softmax Jacobian,
+and with it every gradient through the queries and keys, has all but vanished (entropy
+collapse). That is an error, blamed on the query and key projections.
+"""
+
+from __future__ import annotations
+
+from varprobe.diagnose.common import flag, num
+from varprobe.diagnose.thresholds import Thresholds
+from varprobe.report import Layer, Report
+
+FIX = ("scale the query and key projections down (std ~ 1/sqrt(d_model)), or normalize "
+       "queries and keys (QK-norm)")
+
+
+def saturation(report: Report, t: Thresholds, skip: set[int]) -> None:
+    by_label = {layer.label: (i, layer) for i, layer in enumerate(report.layers)}
+    for call in report.attention:
+        spread, p2 = call.get("spread"), call.get("participation")
+        owner = by_label.get(call.get("layer") or "")
+        if owner is None or owner[0] in skip or spread is None or p2 is None:
+            continue
+        culprits = [c for c in (call.get("layer"), call.get("key_layer")) if c in by_label]
+        _flag(owner[1], call, spread, p2, t, list(dict.fromkeys(culprits)))
+
+
+def _flag(layer: Layer, call: dict, spread: float, p2: float, t: Thresholds,
+          culprits: list[str]) -> None:
+    where = f"attention {call.get('where')}: logit variance s² = {num(call['logit_variance'])}" \
+            f", token correlation r = {num(call['token_correlation'])}"
+    if p2 >= t.attention_participation:
+        flag(layer, "attention_collapsed", f"{where}, Σp² = {num(p2)} ({call.get('keys')} keys"
+             f"): most of each query's weight is on one key, and the gradients through the "
+             f"queries and keys vanish; {FIX}", p2, culprits)
+    elif spread > t.attention_spread:
+        flag(layer, "attention_saturated", f"{where}: (1-r)s² = {num(spread)} > "
+             f"{num(t.attention_spread)}, the softmax is heading for one-hot at init; "
+             f"{FIX}", spread, culprits)
