@@ -16,7 +16,7 @@ import dataclasses
 from torch import nn
 
 from varprobe.report import Layer
-from varprobe.theory import attend, norms, pools, rules
+from varprobe.theory import attend, mha, norms, pools, rules
 from varprobe.theory.nodes import Node, is_view
 from varprobe.theory.signal import Call, Grad, Signal, Value
 
@@ -145,6 +145,9 @@ class Backward:
             dx = None if gain is None else g.var * gain
         elif self._pieces_normalized(node, module, g, grads):
             return
+        elif node.attn is not None and s_in is not None and len(node.inputs) == 1:
+            dx = mha.backward(module, node.attn, s_in, g.var,
+                              self.mha_weights(node, layer, module))
         elif g.sparse and isinstance(module, norms.FEATURE_NORMS):
             dx = None  # each position has its own scale: the average one does not apply
         else:

@@ -78,6 +78,7 @@ class Attention:
     scale: float | None = None
     dropout: float = 0.0
     measured: int | None = None
+    params: int | None = None  # nn.MultiheadAttention: its weights' moments (theory.mha)
 
 
 @dataclass

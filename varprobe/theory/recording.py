@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
+from varprobe.theory import mha
 from varprobe.theory.nodes import (
     ACTIVATIONS,
     ADD,
@@ -60,6 +61,7 @@ class _Frame:
     index: int
     opaque: bool
     inputs: tuple[int, ...]
+    attn: Attention | None = None
 
 
 class Recording(TorchFunctionMode):
@@ -130,9 +132,30 @@ class Recording(TorchFunctionMode):
         if primary is not None and inputs[0] is None:
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
                                   "operations", where=self._where())), *ids)
-        self._frames.append(_Frame(index, _opaque(module), ids))
+        attn = self._mha(module, args, kwargs) if isinstance(module, nn.MultiheadAttention) \
+            else None
+        self._frames.append(_Frame(index, _opaque(module), ids, attn))
         if self._frames[-1].opaque and self._on_top():
             self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
+
+    def _mha(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Attention:
+        """The facts of an nn.MultiheadAttention call, and its weights' moments reduced
+        on the device (theory.mha.moments), fetched with the statistics."""
+        with torch._C.DisableTorchFunction():
+            q, k = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
+            axis = 1 if module.batch_first and q.dim() == 3 else 0
+            facts = Attention(queries=q.shape[axis], keys=k.shape[axis],
+                              d_k=module.head_dim, heads=module.num_heads,
+                              kv_heads=module.num_heads,
+                              causal=bool(kwargs.get("is_causal", False)),
+                              masked=_arg(args, kwargs, 5, "attn_mask", None) is not None
+                              or _arg(args, kwargs, 3, "key_padding_mask", None) is not None,
+                              dropout=module.dropout if module.training else 0.0)
+            if not q.is_meta:
+                with torch.no_grad():
+                    self._constants.extend(mha.moments(module))
+                facts.params = len(self._constants) - mha.PAIRS
+        return facts
 
     def alias(self, source: torch.Tensor, alias: torch.Tensor) -> None:
         """The Recorder's alias of a module's input holds the input's values."""
@@ -153,7 +176,8 @@ class Recording(TorchFunctionMode):
             if not outputs:
                 return
             if frame.opaque:
-                node = self._add(Node("call", frame.inputs, index=frame.index))
+                node = self._add(Node("call", frame.inputs, index=frame.index,
+                                      attn=frame.attn))
                 self._bind(outputs[0], node)
                 for k, t in enumerate(outputs[1:], 1):
                     self._bind(t, self._add(Node(

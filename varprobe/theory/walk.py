@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from varprobe.report import Layer, Report
-from varprobe.theory import attend, norms, pools, rules
+from varprobe.theory import attend, mha, norms, pools, rules
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
 from varprobe.theory.nodes import CUSTOM, Node
@@ -185,6 +185,19 @@ class Walk(Backward):
             k = self.nodes[k].inputs[0]
         return k if k >= 0 and self.nodes[k].op in ("call", "exit") else None
 
+    def _mha(self, node: Node, layer: Layer, module: nn.Module, x: Signal) -> Signal:
+        """Self-attention by nn.MultiheadAttention (theory.mha)."""
+        weights = self.mha_weights(node, layer, module)
+        out, facts = mha.forward(module, node.attn, x, weights)
+        self.attention.append({"where": layer.label, "layer": layer.label,
+                               "key_layer": layer.label, **facts})
+        return out
+
+    def mha_weights(self, node: Node, layer: Layer, module: nn.Module) -> tuple[float, ...]:
+        """Measured in the pass, else its init's (theory.mha.weights). Schemes re-draw
+        Linear and Conv layers only, so every walk uses the actual ones."""
+        return mha.weights(module, self.constants, node.attn, layer.weight_second_moment)
+
     def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
         """The probe's (Σp², mean logit²) at an attention call, for the actual init only,
         and the (r_v, r_k) it measured, for every walk over a measured pass."""
@@ -216,7 +229,9 @@ class Walk(Backward):
         info.input = src
         s_in = src.signal if src is not None else None
         mu = src.mu if src is not None else 0.0
-        if layer.kind == "activation" and s_in is not None:
+        if node.attn is not None and s_in is not None and len(node.inputs) == 1:
+            out, mu = self._mha(node, layer, module, s_in), 0.0
+        elif layer.kind == "activation" and s_in is not None:
             act = rules.activate(module, s_in, mu, self.host)
             self.backward_gains[k] = act[2] if act is not None else None
             out, mu = (act[0], act[1]) if act is not None else (None, 0.0)
