@@ -431,6 +431,7 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
         layer.weight_var, layer.weight_second_moment = row[stats.W_VAR], row[
             stats.W_SECOND_MOMENT]
         layer.bias_second_moment = row[stats.B_SECOND_MOMENT]
+        layer.bias_mean = row[stats.B_MEAN]
         if id(module) in grad_slots:
             layer.weight_grad_ratio = host[grad_slots[id(module)]][0]
         elif not rec.weights[id(module)][1].requires_grad:

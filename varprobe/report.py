@@ -86,6 +86,7 @@ class Layer:
     weight_var: float | None = None
     weight_second_moment: float | None = None
     bias_second_moment: float | None = None
+    bias_mean: float | None = None
     weight_grad_ratio: float | None = None
     activation: str | None = None       # the activation that follows (weight layers)
     gain: float | None = None           # its E[f(y)^2]/q

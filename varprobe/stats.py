@@ -36,7 +36,7 @@ MEAN, VAR, SECOND_MOMENT, ZERO_FRACTION, DEAD_FRACTION, NONFINITE, NUMEL = range
 # Gradient row layout (reuses the first positions).
 G_VAR, G_SECOND_MOMENT, G_NONFINITE, G_NUMEL = 0, 1, 2, 3
 # Weight row layout.
-W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM = 0, 1, 2, 3
+W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM, B_MEAN = 0, 1, 2, 3, 4
 
 # Elements per row of the sum of squares: vector_norm accumulates a row in float32
 # lanes (at most 256 terms each, relative error below 256 * 6e-8 = 1.5e-5 in the worst
@@ -331,16 +331,20 @@ def gradient(g: torch.Tensor) -> Pending:
 
 
 def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
-    """Var[w], E[w^2], mean(b^2) (NaN without bias), ||w|| (= sqrt(numel * E[w^2]))."""
+    """Var[w], E[w^2], mean(b^2) (NaN without bias), ||w|| (= sqrt(numel * E[w^2])),
+    mean(b) (NaN without bias: the mean a bias gives every unit, which an activation
+    after the layer sees)."""
     n, nb = w.numel(), bias.numel() if bias is not None else 0
     parts = [_sums(w.detach(), nonfinite=False)]
     if bias is not None:
         parts.append(_square_sums(bias.detach()))
+        parts.append(bias.detach().double().sum().view(1))
 
     def finish(r: list[float]) -> list[float | None]:
         _, var, m2 = _moments(r, n)
         b2 = r[3] / nb if nb else float("nan")
-        return [var, m2, b2, math.sqrt(n * m2)]
+        b1 = r[4] / nb if nb else float("nan")
+        return [var, m2, b2, math.sqrt(n * m2), b1]
 
     return Pending(_join(parts), finish)
 

@@ -172,11 +172,15 @@ def activation_mean(module: nn.Module, var: float, mu: float) -> float:
         return 0.0
 
 
-def mean_after(module: nn.Module, mu: float, values: Values | None = None) -> float:
+def mean_after(module: nn.Module, mu: float, values: Values | None = None,
+               w: Weights | None = None) -> float:
     """The common mean after a module other than an activation: kept by dropout and
-    identities, mean(beta) after a norm, lost (random signs per unit) elsewhere."""
+    identities, mean(beta) after a norm, mean(b) after a weight layer (its weights give
+    each unit a mean of random sign), lost elsewhere."""
     if isinstance(module, (*DROPOUTS, *IDENTITY_LIKE)):
         return mu
+    if w is not None:
+        return w.b1
     if isinstance(module, norms.NORMS):
         beta = norms.affine(module, values)[1]
         return sum(beta) / len(beta)

@@ -239,7 +239,7 @@ class Walk(Backward):
             w = self.weights[i]
             out = (rules.forward(layer, module, s_in, w, self.host, mu)
                    if s_in is not None or isinstance(module, nn.Embedding) else None)
-            mu = rules.mean_after(module, mu, self.host)
+            mu = rules.mean_after(module, mu, self.host, w)
         if out is None and not self.measured and s_in is not None:
             out, mu, note = self._approximate(layer, module, s_in, src.mu, note)
         if out is not None:

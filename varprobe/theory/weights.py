@@ -33,6 +33,7 @@ class Weights:
     w2: float
     b2: float
     note: str | None = None
+    b1: float = 0.0  # mean(b): a common mean every unit of the output gets
 
 
 def actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weights | None]:
@@ -47,7 +48,8 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
     w2 = _finite(layer.weight_second_moment)
     w2 = _finite(layer.weight_var) if w2 is None else w2
     if w2 is not None:
-        return Weights(w2, _finite(layer.bias_second_moment) or 0.0)
+        return Weights(w2, _finite(layer.bias_second_moment) or 0.0,
+                       b1=_finite(layer.bias_mean) or 0.0)
     if isinstance(module, nn.Embedding):
         return Weights(1.0, 0.0, note="weights not measured: N(0, 1), PyTorch's default")
     n = torch_fans(module)[0]
