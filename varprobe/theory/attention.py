@@ -41,6 +41,8 @@ import numpy as np
 # (backward) off at s^2 = 1.5 causal. §3.6 tier 1 flags the layer there. (With Gaussian
 # weights the forms here still hold to 4% at s_e^2 = 2: bench/accuracy/attention.py.)
 SATURATED_SPREAD = 1.5
+STEP = 1.05   # the log grid _interpolated evaluates P2 and m on
+FLAT = 1e-8   # a logit spread below this is the uniform limit
 
 Keys = int | Sequence[int]
 
@@ -134,11 +136,25 @@ def _moments(s2, r, counts, method, d_k, n):
     # variance 2/d_k + 2/n. Averaged over, as a lognormal factor.
     rel = (2 / d_k if d_k else 0.0) + (2 / n if n else 0.0)
     uniq, inv = np.unique(counts, return_inverse=True)
-    p2, m = _spread_moments(float(se2), float(rel), tuple(uniq.tolist()))
+    p2, m = _interpolated(float(se2), float(f"{rel:.4g}"), tuple(uniq.tolist()))
     return p2[inv], m[inv]
 
 
-@functools.lru_cache(maxsize=64)
+def _interpolated(se2: float, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """_spread_moments at se2, linear between the two points of a log grid (ratio
+    STEP) around it: P2 and m are smooth in log se2, so the error is below 1e-5, and
+    the layers of a deep stack, and the forward and backward of one call, share the
+    grid points' quadratures (the cache)."""
+    if se2 < FLAT:
+        return _spread_moments(0.0, rel, uniq)
+    k = math.floor(math.log(se2) / math.log(STEP))
+    lo, hi = STEP ** k, STEP ** (k + 1)
+    (p2a, ma), (p2b, mb) = _spread_moments(lo, rel, uniq), _spread_moments(hi, rel, uniq)
+    t = (se2 - lo) / (hi - lo)
+    return p2a + t * (p2b - p2a), ma + t * (mb - ma)
+
+
+@functools.lru_cache(maxsize=1024)
 def _spread_moments(se2: float, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]:
     """(P2, m) per key count, averaged over a lognormal logit-variance factor of mean 1
     and relative variance rel (5-point Gauss-Hermite; forward and backward share it)."""
