@@ -210,8 +210,10 @@ def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> Non
                            else theory.fans(module))
         var = theory.scheme_variance(scheme, fan_in, fan_out, a)
         layer.weight_var = layer.weight_second_moment = var
+        has_bias = getattr(module, "bias", None) is not None
         layer.bias_second_moment = (theory.scheme_bias_variance(scheme, module)
-                                    if getattr(module, "bias", None) is not None else None)
+                                    if has_bias else None)
+        layer.bias_mean = 0.0 if has_bias else None  # zero, or torch's symmetric draw
         layer.unavailable.pop("weight_var", None)
     report.notes.append(f"weights: the {scheme} scheme is assumed for every Linear/Conv "
                         "layer (zero bias, PyTorch's own for torch-default); other layers "

@@ -182,7 +182,8 @@ def _anchor(node: Node, anchors: dict[int, Anchor | None],
         return upstream
     if node.op == "unknown" and is_anchor_function(node.reason):
         return None
-    if node.op == "attention" or (node.op == "pool" and node.pool.kind in ("mean", "sum")):
+    if node.op == "product" or node.op == "attention" or (
+            node.op == "pool" and node.pool.kind in ("mean", "sum")):
         return None  # attention and averages set a scale of their own (max pools carry)
     return _trunk(node, anchors)
 

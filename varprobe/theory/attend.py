@@ -29,7 +29,7 @@ def keys(facts: Attention) -> attention.Keys:
 
 
 def correlation(facts: Attention, v: Signal, measured: tuple | None) -> float:
-    r = measured[0] if measured is not None else v.mean_share
+    r = measured[0] if measured is not None else max(v.r, v.mean_share)
     return min(max(r, 0.0), CEILING)
 
 
@@ -40,24 +40,24 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
     s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
+    closed = attention.forward(1.0, s2, r, keys(facts), causal, n, facts.dropout,
+                               d_k=facts.d_k)
+    z2, p2 = closed.second_moment, closed.participation
     if measured is not None:
         p2 = measured[0]
         z2 = r + p2 * (1 / (1 - facts.dropout) - r)
         if n:  # the coupling term of attention.forward, at the measured participation
             z2 += (1 - r) ** 2 * s2 * (1 - p2) ** 2 / n
-    else:
-        out = attention.forward(1.0, s2, r, keys(facts), causal, n, facts.dropout,
-                                d_k=facts.d_k)
-        z2, p2 = out.second_moment, out.participation
     m2 = v.m2 * z2
     share = min(1.0, v.m2 * v.mean_share / m2) if m2 > 0 else 0.0
+    r_out = closed.correlation if closed.correlation == closed.correlation else r
     facts_out = {"logit_variance": s2,
                  "measured_logit_variance": measured[1] if measured is not None else None,
                  "token_correlation": r, "participation": p2, "spread": (1 - r) * s2,
                  "saturated": attention.saturated(s2, r), "keys": facts.keys,
                  "causal": facts.causal, "masked": facts.masked,
                  "participation_basis": "measured" if measured is not None else "closed form"}
-    return Signal(m2, share), facts_out
+    return Signal(m2, share, min(1.0, max(share, r_out))), facts_out
 
 
 def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,

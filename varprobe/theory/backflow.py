@@ -78,6 +78,8 @@ class Backward:
         elif node.op == "dropout":
             _flow(grads, node.inputs[0], Grad(g.var / (1 - node.p), g.broken, g.note,
                                               g.sparse, g.rel))
+        elif node.op == "product":
+            self._product_backward(node, g, grads)
         elif node.op == "attention":
             self._attention_backward(node, g, grads)
         elif node.op == "pool":
@@ -99,6 +101,15 @@ class Backward:
                                   else None)
             _flow(grads, i, Grad(g.var * b * scale, broken, g.note, g.sparse or node.sparse,
                                  g.rel))
+
+    def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+        """d(ab)/da = b: Var[da] = Var[g] E[b²], times the positions a broadcast factor
+        collects (independent terms add)."""
+        a, b = (self.values[i].signal for i in node.inputs)
+        for i, other, spread in zip(node.inputs, (b, a), node.backward):
+            _flow(grads, i, Grad(g.var * other.m2 * spread, g.broken, g.note, g.sparse,
+                                 g.rel) if other is not None else
+                  Grad(0.0, g.broken or "a factor the walk has no value for", rel=g.rel))
 
     def _attention_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """The query, key and value paths (theory.attention.backward); a self-attention

@@ -54,9 +54,25 @@ def is_activation(module: nn.Module) -> bool:
     return where == "torch.nn.modules.activation" and not isinstance(module, NOT_ELEMENTWISE)
 
 
+# Norm modules of other libraries and hand-written code, told by class name (nanoGPT's
+# LayerNorm calling F.layer_norm, transformers' LlamaRMSNorm and T5LayerNorm, ...):
+# a leaf whose parameters are per-feature scales and shifts. Gemma's (1 + weight)
+# convention would read as gamma = 0, so its family is left out.
+NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm")
+RMS_NAMES = ("RMSNorm", "T5LayerNorm")
+
+
+def norm_like(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return (name.endswith(NORM_NAMES) and not name.startswith("Gemma")
+            and not type(module).__module__.startswith("torch.nn.")
+            and next(module.children(), None) is None
+            and all(p.dim() == 1 for p in own_parameters(module)))
+
+
 def kind(module: nn.Module) -> str:
     """"weight", "activation", "norm" or "other"."""
-    if isinstance(module, NORMS):
+    if isinstance(module, NORMS) or norm_like(module):
         return "norm"
     if is_activation(module):
         return "activation"

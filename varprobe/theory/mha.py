@@ -68,7 +68,9 @@ def forward(module: nn.MultiheadAttention, facts: Attention, x: Signal,
     causal = facts.causal and facts.queries == facts.keys
     z = attention.forward(q_v, s2, r, keys(facts), causal, e, facts.dropout, d_k=facts.d_k)
     o2 = e * wo * z.second_moment + bo
-    return Signal(o2, 0.0), {"logit_variance": s2, "measured_logit_variance": None,
+    r_out = z.correlation if z.correlation == z.correlation else r
+    tokens = (o2 - bo) / o2 * r_out + bo / o2 if o2 > 0 else 0.0
+    return Signal(o2, 0.0, tokens), {"logit_variance": s2, "measured_logit_variance": None,
                              "token_correlation": r, "participation": z.participation,
                              "spread": (1 - r) * s2, "saturated": attention.saturated(s2, r),
                              "keys": facts.keys, "causal": facts.causal,

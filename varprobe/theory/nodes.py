@@ -26,6 +26,8 @@ VIEWS = {T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.flatten, t
          T.permute, torch.permute, T.movedim, torch.movedim, T.t, torch.t, T.squeeze,
          torch.squeeze, T.unsqueeze, torch.unsqueeze, T.contiguous, T.clone, torch.clone,
          T.to, T.float, T.double, T.half, T.bfloat16, T.type_as}
+# Minus the elements: the second moment and the gradient's pass unchanged, the mean flips.
+NEGATIONS = {torch.neg, T.neg, T.__neg__, torch.negative, T.negative}
 # A part of the elements: the second moment of positions and channels taken alike,
 # the gradient reaching numel(out)/numel(in) of the input.
 SLICES = {T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, T.narrow, torch.narrow,
@@ -89,7 +91,9 @@ class Node:
     closed form or a measured output; ``index`` its layer), "exit" (the output of a
     module whose insides were followed: inputs[0] the inner value, inputs[1] its
     input), "linear" (sum_i f_i E[x_i^2] + const, gradient b_i per input), "act",
-    "dropout", "pool" (theory.pools; ``reason`` names the op), "attention" (inputs q,
+    "dropout", "pool" (theory.pools; ``reason`` names the op), "product" (of two
+    activations from different branches), "table" (a rotary embedding's cos or sin),
+    "attention" (inputs q,
     k, v), "unknown". ``where``:
     ("in" | "after", layer index) for messages.
     """

@@ -19,6 +19,7 @@ from torch import nn
 
 from varprobe import runningnorm
 from varprobe.theory.gains import Values, elements
+from varprobe.theory.layer_fans import RMS_NAMES, norm_like
 from varprobe.theory.signal import Signal
 
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -50,7 +51,7 @@ def host_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
         names: tuple[str, ...] = ()
         if isinstance(module, nn.PReLU):
             names = ("weight",)
-        elif isinstance(module, NORMS):
+        elif is_norm(module):
             running = ("running_mean", "running_var") if uses_running_stats(module) else ()
             names = ("weight", "bias", *running)
         for name in names:
@@ -71,8 +72,14 @@ def uses_running_stats(module: nn.Module) -> bool:
             and module.running_var is not None)
 
 
+def is_norm(module: nn.Module) -> bool:
+    """torch.nn's norms, and those of other code told by name (layer_fans.norm_like)."""
+    return isinstance(module, NORMS) or norm_like(module)
+
+
 def eps_of(module: nn.Module) -> float:
-    eps = getattr(module, "eps", None)  # RMSNorm's None means the dtype's epsilon
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    # RMSNorm's None means the dtype's epsilon
     return torch.finfo(torch.float32).eps if eps is None else float(eps)
 
 
@@ -90,20 +97,24 @@ def _variance(module: nn.Module, s: Signal, mu: float = 0.0) -> float:
 
 
 def _is_rms(module: nn.Module) -> bool:
-    return hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return True
+    return norm_like(module) and type(module).__name__.endswith(RMS_NAMES)
 
 
 def forward(module: nn.Module, s: Signal, values: Values | None = None,
             mu: float = 0.0) -> Signal | None:
     """Train mode: E[out^2] = mean_c(gamma_c^2 s^2/(s^2+eps) + beta_c^2), a reset.
     Eval BatchNorm: (x - mu_r)/sqrt(var_r + eps) * gamma + beta (runningnorm)."""
-    if not isinstance(module, NORMS):
+    if not is_norm(module):
         return None  # LocalResponseNorm and the like
     eps = eps_of(module)
     if uses_running_stats(module):
         return _running(module, s, eps, values)
     var = _variance(module, s, mu)
-    return _normalized(module, var / (var + eps), values, _kept_share(module, s, mu))
+    share = _kept_share(module, s, mu)
+    r = share if isinstance(module, BATCH_NORMS) else max(share, s.r)  # §3.7: r passes
+    return _normalized(module, var / (var + eps), values, share, r)
 
 
 def _kept_share(module: nn.Module, s: Signal, mu: float) -> float:
@@ -129,18 +140,21 @@ def reset(module: nn.Module, values: Values | None = None) -> Signal | None:
     """What a normalizer outputs whatever its input, when that input's second moment is
     far above eps: mean(gamma^2) + mean(beta^2). None where the output depends on the
     input (eval BatchNorm's running statistics, LocalResponseNorm)."""
-    if not isinstance(module, NORMS) or uses_running_stats(module):
+    if not is_norm(module) or uses_running_stats(module):
         return None
     return _normalized(module, 1.0, values)
 
 
 def _normalized(module: nn.Module, kept: float, values: Values | None = None,
-                share: float = 0.0) -> Signal:
+                share: float = 0.0, r: float = 0.0) -> Signal:
     """mean_c(gamma_c^2 kept + beta_c^2), the beta part and ``share`` of the rest shared
-    by every sample."""
+    by every sample (``r`` of it by every token)."""
     g2, n, b2 = affine_sums(module, values)
     m2 = kept * g2 / n + b2
-    return Signal(m2, (kept * g2 / n * share + b2) / m2 if m2 > 0 else 0.0)
+    if m2 <= 0:
+        return Signal(m2)
+    scaled = kept * g2 / n
+    return Signal(m2, (scaled * share + b2) / m2, (scaled * r + b2) / m2)
 
 
 class Memo(Mapping):
@@ -178,7 +192,7 @@ def backward(module: nn.Module, s: Signal | None, values: Values | None = None,
              mu: float = 0.0) -> float | None:
     """Var[dx]/Var[dy] = mean(gamma^2)/(s^2 + eps), s^2 as the forward divides by; the
     centring terms remove O(1/N)."""
-    if not isinstance(module, NORMS):
+    if not is_norm(module):
         return None
     eps = eps_of(module)
     if uses_running_stats(module):

@@ -75,7 +75,7 @@ def exact(pool: Pool, s: Signal, mu: float) -> tuple[Signal, float] | None:
         return s, mu
     if pool.kind == "pad":
         kept = 1 / pool.fraction  # numel(in)/numel(out) of the output is the input
-        return Signal(s.m2 * kept, s.mean_share), mu * kept
+        return Signal(s.m2 * kept, s.mean_share, s.r), mu * kept
     return None
 
 
@@ -88,7 +88,8 @@ def approximate(pool: Pool, s: Signal, mu: float) -> tuple[Signal, float]:
     if pool.kind in ("mean", "sum"):
         m2 = shared + (s.m2 - shared) / k
         scale = k * k if pool.kind == "sum" else 1.0
-        return Signal(m2 * scale, shared / m2 if m2 > 0 else 0.0), mu * math.sqrt(scale)
+        share = shared / m2 if m2 > 0 else 0.0
+        return Signal(m2 * scale, share, share), mu * math.sqrt(scale)
     mean = mu if mu else math.sqrt(shared)
     sigma = math.sqrt(max(s.m2 - mean * mean, 0.0))
     z1, z2 = _max_moments(int(round(k)))

@@ -39,6 +39,7 @@ from varprobe.theory.nodes import (
     IN_PLACE_WRITES,
     KERNELS,
     MUL,
+    NEGATIONS,
     POOLS,
     READS,
     SLICES,
@@ -52,6 +53,7 @@ from varprobe.theory.nodes import (
 )
 from varprobe.theory.pools import Pool
 
+PRODUCT = " of activations"  # the name of a product of two activations ends so
 SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
 MASKED = -1e4   # an additive mask entry at or below this hides the key
 
@@ -62,6 +64,7 @@ class _Frame:
     opaque: bool
     inputs: tuple[int, ...]
     attn: Attention | None = None
+    rotary: bool = False
 
 
 class Recording(TorchFunctionMode):
@@ -134,7 +137,8 @@ class Recording(TorchFunctionMode):
                                   "operations", where=self._where())), *ids)
         attn = self._mha(module, args, kwargs) if isinstance(module, nn.MultiheadAttention) \
             else None
-        self._frames.append(_Frame(index, _opaque(module), ids, attn))
+        self._frames.append(_Frame(index, _opaque(module), ids, attn,
+                                   "Rotary" in type(module).__name__))
         if self._frames[-1].opaque and self._on_top():
             self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
 
@@ -175,7 +179,12 @@ class Recording(TorchFunctionMode):
             outputs = float_leaves(output)
             if not outputs:
                 return
-            if frame.opaque:
+            if frame.opaque and frame.rotary and len(outputs) == 2:
+                # a rotary embedding's (cos, sin) tables: what they multiply keeps its
+                # second moment whatever the angles, as cos² + sin² = 1 (theory.walk)
+                for t in outputs:
+                    self._bind(t, self._add(Node("table", (), index=frame.index)))
+            elif frame.opaque:
                 node = self._add(Node("call", frame.inputs, index=frame.index,
                                       attn=frame.attn))
                 self._bind(outputs[0], node)
@@ -230,11 +239,13 @@ class Recording(TorchFunctionMode):
         if func in ADD:
             node = self._add_node(args, kwargs, outs[0])
         elif func in MUL or func in DIV:
-            node = self._scale_node(func in DIV, args, kwargs)
+            node = self._scale_node(func, args, kwargs, outs[0])
         elif func in CAT:
             node = self._cat_node(args, kwargs, outs[0], func is torch.stack)
         elif func in VIEWS:
             node = self._chain_node(args, 1.0)
+        elif func in NEGATIONS:
+            node = self._chain_node(args, 1.0, mean=-1.0)
         elif func in SLICES:
             node = self._slice_nodes(args, outs)
         elif func in ACTIVATIONS:
@@ -259,7 +270,7 @@ class Recording(TorchFunctionMode):
             if not inputs:
                 return
             stops = torch.is_grad_enabled() and not any(t.requires_grad for t in outs)
-            product = " of activations" if func in MUL or func in DIV else ""
+            product = PRODUCT if func in MUL or func in DIV else ""
             node = self._add(Node("unknown", inputs, reason=_name(func) + product, stops=stops,
                                   where=self._where()))
         for t in outs:
@@ -273,7 +284,8 @@ class Recording(TorchFunctionMode):
         return self._linear([(args[0], 1.0, 1.0), (other, alpha * alpha, alpha)], out,
                             sum_backward=True)
 
-    def _scale_node(self, divide: bool, args, kwargs) -> int | None:
+    def _scale_node(self, func, args, kwargs, out: torch.Tensor) -> int | None:
+        divide = func in DIV
         if divide and kwargs.get("rounding_mode") is not None:
             return None
         a, b = args[0], _arg(args, kwargs, 1, "other", None)
@@ -281,8 +293,15 @@ class Recording(TorchFunctionMode):
         nb = self._lookup(b) if isinstance(b, T) else None
         if na is None and nb is None:
             return -1
+        if na is not None and nb is not None and not divide and na != nb:
+            # a gate or a GLU: two factors from different branches (theory.walk: their
+            # moments multiply); a broadcast factor collects its positions' gradients
+            return self._add(Node("product", (na, nb), reason=_name(func) + PRODUCT,
+                                  backward=(out.numel() / max(a.numel(), 1),
+                                            out.numel() / max(b.numel(), 1)),
+                                  where=self._where()))
         if (na is not None and nb is not None) or (divide and na is None):
-            return None  # a product of activations, or a constant over an activation
+            return None  # a tensor times itself, or a constant over an activation
         node, c = (na, b) if na is not None else (nb, a)
         k = self._moments(c, invert=divide)
         if k is None:
@@ -322,11 +341,11 @@ class Recording(TorchFunctionMode):
                               backward=tuple(bwd), const=tuple(const), cat=not sum_backward,
                               where=self._where()))
 
-    def _chain_node(self, args, factor: float) -> int | None:
+    def _chain_node(self, args, factor: float, mean: float = 1.0) -> int | None:
         node = self._lookup(args[0]) if isinstance(args[0], T) else None
         if node is None:
             return -1
-        return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,),
+        return self._add(Node("linear", (node,), forward=(1.0,), means=(mean,),
                               backward=(factor,)))
 
     def _slice_nodes(self, args, outs: list[torch.Tensor]) -> list[int] | int | None:

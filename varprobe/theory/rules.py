@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from varprobe.report import Layer
-from varprobe.theory import norms, pools
+from varprobe.theory import correlation, norms, pools
 from varprobe.theory.gains import (
     Values,
+    _attributes,
     _breakpoints,
     backward_gain,
     expectation,
@@ -55,7 +56,9 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
             return None
         spread = layer.effective_fan_in * w.w2 * s.m2
         y2 = spread + w.b2
-        return Signal(y2, (spread * s.mean_share + w.b2) / y2 if y2 > 0 else 0.0)
+        if y2 <= 0:
+            return Signal(y2)
+        return Signal(y2, (spread * s.mean_share + w.b2) / y2, (spread * s.r + w.b2) / y2)
     if layer.kind == "activation":
         out = activate(module, s, mu, values)
         return None if out is None else out[0]
@@ -65,7 +68,8 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
         if not module.training:
             return s
         return None if module.p >= 1 else Signal(s.m2 / (1 - module.p),
-                                                 s.mean_share * (1 - module.p))
+                                                 s.mean_share * (1 - module.p),
+                                                 s.r * (1 - module.p))
     if isinstance(module, IDENTITY_LIKE):
         return s
     pool = pools.of_module(module, layer.input_shape, layer.shape)
@@ -110,14 +114,16 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
         if g is None:
             return None
         share = activation_share(module, s.m2, g, values)
-        return (Signal(g * s.m2, share), activation_mean(module, s.m2, 0.0),
+        r = max(share, token_correlation(module, s.r, s.m2))
+        return (Signal(g * s.m2, share, r), activation_mean(module, s.m2, 0.0),
                 backward_gain(module, s.m2, values))
     var = s.m2 - mu * mu
     if var <= 0:
         return None
     if isinstance(module, RECTIFIERS):
         mean, m2, slope2 = rectified_moments(prelu_slope(module), mu, var)
-        return Signal(m2, min(1.0, mean * mean / m2) if m2 > 0 else 0.0), mean, slope2
+        share = min(1.0, mean * mean / m2) if m2 > 0 else 0.0
+        return Signal(m2, share, max(share, s.r)), mean, slope2
     try:
         kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
         m2 = expectation(lambda y: _apply(module, y + mu) ** 2, var, kinks)
@@ -125,7 +131,25 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
         slope2 = expectation(lambda y: _slope(module, y + mu) ** 2, var, kinks)
     except Exception:  # noqa: BLE001 -- a module that cannot run on a vector of points
         return None
-    return Signal(m2, min(1.0, mean * mean / m2) if m2 > 0 else 0.0), mean, slope2
+    share = min(1.0, mean * mean / m2) if m2 > 0 else 0.0
+    return Signal(m2, share, max(share, s.r)), mean, slope2
+
+
+def token_correlation(module: nn.Module, r: float, q: float) -> float:
+    """The activation's map of the uncentered token correlation (theory.correlation:
+    the arc-cosine kernel for ReLU, 2-D quadrature otherwise), at 3 digits of r and q."""
+    key = (type(module), _attributes(module), round(r, 3), float(f"{q:.3g}"))
+    if key not in _CORRELATIONS:
+        try:
+            _CORRELATIONS[key] = (correlation.relu(key[2]) if isinstance(module, nn.ReLU)
+                                  else correlation.activation(key[2], module, key[3],
+                                                              _breakpoints(module)))
+        except Exception:  # noqa: BLE001 -- no map: the correlation the mean gives stays
+            _CORRELATIONS[key] = 0.0
+    return _CORRELATIONS[key]
+
+
+_CORRELATIONS: dict[tuple, float] = {}
 
 
 def max_gate(module: nn.Module, s: Signal, mu: float, window: float) -> float | None:
@@ -181,7 +205,7 @@ def mean_after(module: nn.Module, mu: float, values: Values | None = None,
         return mu
     if w is not None:
         return w.b1
-    if isinstance(module, norms.NORMS):
+    if norms.is_norm(module):
         beta = norms.affine(module, values)[1]
         return sum(beta) / len(beta)
     return 0.0

@@ -19,6 +19,7 @@ class Signal:
 
     m2: float
     mean_share: float = 0.0
+    r: float = 0.0  # uncentered token correlation (attention.md §3.7), at least mean_share
 
 
 @dataclass

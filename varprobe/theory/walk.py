@@ -89,6 +89,8 @@ class Walk(Backward):
         note, at = (latest.note, latest.at) if latest is not None else (None, -1)
         if node.op == "input":
             return self._input(node)
+        if node.op == "table":  # cos or sin of rotary embeddings: half of cos² + sin²
+            return Value(Signal(0.5, 0.0, 1.0))
         if node.op == "call":
             return self._call(node, ins)
         if node.op == "exit":
@@ -112,10 +114,15 @@ class Walk(Backward):
             return self._pool(node, ins[0], note, at)
         if node.op == "attention":
             return self._attention(node, ins, note, at)
+        if node.op == "product":
+            a, b = ins[0].signal, ins[1].signal
+            return Value(Signal(a.m2 * b.m2, a.mean_share * b.mean_share, a.r * b.r), None,
+                         note, at, ins[0].mu * ins[1].mu)
         if node.op == "dropout":
             if node.p >= 1:
                 return Value(None, "dropout with p = 1")
-            signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p))
+            signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p),
+                            s.r * (1 - node.p))
             return Value(signal, None, note, at, mu)
         signal, mu = self._linear(node, ins)
         return Value(signal, None, note, at, mu)
@@ -127,7 +134,7 @@ class Walk(Backward):
         m2_scale, mean_scale = (1.0, 1.0) if node.scale is None else self.constants[node.scale]
         fixed = sum(f * self.constants[c][0] for f, c, _ in node.const)
         mu = sum(m * self.constants[c][1] for _, c, m in node.const)
-        spread = shared = cross = 0.0
+        spread = shared = cross = tokens = 0.0
         terms = [m * v.mu for m, v in zip(node.means, ins)]
         terms += [m * self.constants[c][1] for _, c, m in node.const]
         if not node.cat:
@@ -136,11 +143,15 @@ class Walk(Backward):
         for f, m, v in zip(node.forward, node.means, ins):
             spread += f * v.signal.m2
             shared += f * v.signal.m2 * v.signal.mean_share
+            tokens += f * v.signal.m2 * v.signal.r
             mu += m * v.mu
         spread += cross
         shared += max(cross, 0.0)
-        share = (shared + fixed) / (spread + fixed) if spread + fixed > 0 else 0.0
-        return Signal(m2_scale * (spread + fixed), min(1.0, share)), mean_scale * mu
+        tokens += max(cross, 0.0)
+        total = spread + fixed
+        share = (shared + fixed) / total if total > 0 else 0.0
+        r = (tokens + fixed) / total if total > 0 else 0.0
+        return Signal(m2_scale * total, min(1.0, share), min(1.0, r)), mean_scale * mu
 
     def _pool(self, node: Node, v: Value, note: str | None, at: int) -> Value:
         """Exact for zero padding and nearest upsampling; otherwise a probe carries the
@@ -283,7 +294,8 @@ class Walk(Backward):
             return Value(None, src.broken)
         what = ("carried the measured input" if self.actual is None
                 else "scaled the measured input by the scheme's ratio before it")
-        return Value(Signal(m_in * src.rel, _share(layer.input)), None,
+        share = _share(layer.input)
+        return Value(Signal(m_in * src.rel, share, share), None,
                      f"{what} of {layer.label}, past {src.broken}", -1,
                      (layer.input.mean if layer.input else None) or 0.0)
 
@@ -319,7 +331,8 @@ class Walk(Backward):
         if out is None:
             return Value(None, root or f"{what} ({why or 'not followed'}; nothing measured)")
         info.forward_note = f"{why} for {what}" if why else None
-        return Value(Signal(out, _share(layer.forward)), None, f"{how} {what}", -1,
+        share = _share(layer.forward)
+        return Value(Signal(out, share, share), None, f"{how} {what}", -1,
                      layer.forward.mean or 0.0)
 
     # --- messages ------------------------------------------------------------------
@@ -346,7 +359,8 @@ def start_signal(report: Report) -> tuple[Signal | None, str | None]:
     """The network input's measured E[x^2] (1 assumed when nothing was measured)."""
     measured = _measured_m2(report.input)
     if measured is not None:
-        return Signal(measured, _share(report.input)), None
+        share = _share(report.input)
+        return Signal(measured, share, share), None
     if report.input.dtype is not None and "int" in report.input.dtype:
         return None, None  # token ids: the first (embedding) layer starts the walk
     return Signal(1.0), "input E[x²] = 1 assumed"
