@@ -265,3 +265,24 @@ def test_recording_steps_off_the_mode_stack_inside_leaves_and_back():
     assert torch.nn.functional.linear in model.mode.seen  # called inside the Linear leaves
     assert [layer.predicted.basis for layer in report.weight_layers] == ["graph", "graph"]
     assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_a_rule_that_raises_costs_its_node_only(monkeypatch):
+    """One failing rule: the report names it, every other prediction is still made."""
+    from varprobe.theory import pools
+
+    def boom(pool):
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(pools, "backward", boom)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Unflatten(1, (1, 16)),
+                          nn.AvgPool1d(2), nn.Flatten(), nn.Linear(8, 4))
+    report = probe(model, input_shape=(16,))
+    assert report.stages == []  # the predict stage itself did not fail
+    assert any("the rule for AvgPool1d (it raised ZeroDivisionError: injected)" in n
+               for n in report.notes)
+    first, last = report.weight_layers
+    assert first.predicted.forward_var is not None and last.predicted.forward_var is not None
+    assert first.predicted.backward_var is not None  # from the measured gradient past it
+    assert "carried the measured gradient" in first.predicted.note

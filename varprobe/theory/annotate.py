@@ -213,10 +213,17 @@ def _prediction(layer: Layer, call: Call | None, measured: bool) -> Prediction:
 def _notes(report: Report, walk: Walk, measured: bool) -> None:
     """Where the walk could not follow the graph, once per reason."""
     broke: dict[str, list[Layer]] = {}
+    backward: dict[str, list[Layer]] = {}
     for i, call in sorted(walk.calls.items()):
         layer = report.layers[i]
         if layer.kind == "weight" and call.forward_break is not None:
             broke.setdefault(call.forward_break, []).append(layer)
+        if call.backward_break is not None:
+            backward.setdefault(call.backward_break, []).append(layer)
+    how = "carried measured gradients" if measured else "stopped"
+    for reason, layers in backward.items():
+        report.notes.append(f"graph: the backward {how} at {_labels(layers)}: it could not "
+                            f"follow {reason}")
     for reason, layers in broke.items():
         report.notes.append(
             f"graph: carried measured values at {_labels(layers)}: it could not follow "

@@ -42,7 +42,11 @@ class Backward:
                 theirs = self.actual.grads[k] if self.actual.grads else None
                 g.rel = (g.var / theirs.var if theirs is not None and theirs.broken is None
                          and theirs.var > 0 else None)
-            self._backward(k, self.nodes[k], g, self.grads)
+            try:
+                self._backward(k, self.nodes[k], g, self.grads)
+            except Exception as exc:  # noqa: BLE001 -- one rule's failure costs its inputs
+                for i in self.nodes[k].inputs:
+                    _flow(self.grads, i, Grad(0.0, self.failure(self.nodes[k], exc)))
 
     def _seed(self, grads: list[Grad | None]) -> None:
         for position, k in enumerate(self.graph.outputs):

@@ -65,12 +65,22 @@ class Walk(Backward):
     # --- forward -------------------------------------------------------------------
     def forward(self) -> None:
         for k, node in enumerate(self.nodes):
-            value = self._forward(node)
+            try:
+                value = self._forward(node)
+            except Exception as exc:  # noqa: BLE001 -- one rule's failure costs its node
+                value = Value(None, f"{self.failure(node, exc)}{self._place(node.where)}")
             if value.note is not None and value.at < 0:
                 value.at = k
             if value.signal is not None:
                 value.rel = self._rel(k, value.signal)
             self.values.append(value)
+
+    def failure(self, node: Node, exc: Exception) -> str:
+        """What a rule that raised is called in the report: the op, and the error."""
+        what = node.reason or (self.report.layers[node.index].type
+                               if node.index is not None and node.op in ("call", "exit")
+                               else node.op)
+        return f"the rule for {what} (it raised {type(exc).__name__}: {exc})"
 
     def _rel(self, k: int, mine: Signal) -> float | None:
         """This walk's value over the actual walk's at node ``k`` (1 for the actual)."""
