@@ -137,13 +137,28 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
 
 def token_correlation(module: nn.Module, r: float, q: float) -> float:
     """The activation's map of the uncentered token correlation (theory.correlation:
-    the arc-cosine kernel for ReLU, 2-D quadrature otherwise), at 3 digits of r and q."""
-    key = (type(module), _attributes(module), round(r, 3), float(f"{q:.3g}"))
+    the arc-cosine kernel for ReLU, 2-D quadrature otherwise), linear between the
+    points of a grid in r (steps of 1/RHO_STEPS; the map is smooth and convex, so the
+    error is below 1e-3) at 3 significant digits of q: a deep stack computes a handful
+    of quadratures, not one per layer."""
+    if isinstance(module, nn.ReLU):
+        return correlation.relu(r)
+    r = min(max(r, 0.0), 1.0)
+    j = min(int(r * RHO_STEPS), RHO_STEPS - 1)
+    t = r * RHO_STEPS - j
+    lo, hi = (_correlation_at(module, k, float(f"{q:.3g}")) for k in (j, j + 1))
+    return lo + t * (hi - lo)
+
+
+RHO_STEPS = 20
+
+
+def _correlation_at(module: nn.Module, k: int, q: float) -> float:
+    key = (type(module), _attributes(module), k, q)
     if key not in _CORRELATIONS:
         try:
-            _CORRELATIONS[key] = (correlation.relu(key[2]) if isinstance(module, nn.ReLU)
-                                  else correlation.activation(key[2], module, key[3],
-                                                              _breakpoints(module)))
+            _CORRELATIONS[key] = correlation.activation(k / RHO_STEPS, module, q,
+                                                        _breakpoints(module))
         except Exception:  # noqa: BLE001 -- no map: the correlation the mean gives stays
             _CORRELATIONS[key] = 0.0
     return _CORRELATIONS[key]
@@ -176,10 +191,7 @@ def activation_share(module: nn.Module, q: float, g: float,
     if a is not None:
         mean = (1 - a) * math.sqrt(q / (2 * math.pi))
     else:
-        try:
-            mean = expectation(lambda y: module(y.float()).double(), q)
-        except Exception:  # noqa: BLE001 -- no mean: treat it as centred
-            return 0.0
+        mean = activation_mean(module, q, 0.0)
     return min(1.0, mean * mean / (g * q)) if g * q > 0 else 0.0
 
 
@@ -189,11 +201,17 @@ def activation_mean(module: nn.Module, var: float, mu: float) -> float:
         return 0.0
     if isinstance(module, RECTIFIERS):
         return rectified_moments(prelu_slope(module), mu, var)[0]
-    try:
-        kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
-        return expectation(lambda y: _apply(module, y + mu), var, kinks)
-    except Exception:  # noqa: BLE001 -- no mean known: treat the output as centred
-        return 0.0
+    key = (type(module), _attributes(module), var, mu)  # a deep stack repeats them
+    if key not in _MEANS:
+        try:
+            kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
+            _MEANS[key] = expectation(lambda y: _apply(module, y + mu), var, kinks)
+        except Exception:  # noqa: BLE001 -- no mean known: treat the output as centred
+            _MEANS[key] = 0.0
+    return _MEANS[key]
+
+
+_MEANS: dict[tuple, float] = {}
 
 
 def mean_after(module: nn.Module, mu: float, values: Values | None = None,
