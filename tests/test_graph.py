@@ -286,3 +286,20 @@ def test_a_rule_that_raises_costs_its_node_only(monkeypatch):
     assert first.predicted.forward_var is not None and last.predicted.forward_var is not None
     assert first.predicted.backward_var is not None  # from the measured gradient past it
     assert "carried the measured gradient" in first.predicted.note
+
+
+def test_an_output_made_by_an_average_over_positions():
+    """The network's output is a mean over positions (no module after it): the report
+    is made, and the conv before it is predicted."""
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3))
+
+    torch.manual_seed(0)
+    report = probe(Pooled(), torch.randn(4, 8, 8, 8))
+    assert report.stages == [] and report.summary.output_reference is None
+    assert report.weight_layers[0].predicted.forward_var is not None

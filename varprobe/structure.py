@@ -103,7 +103,7 @@ def annotate(report: Report, recording: Recording | None) -> Report:
         if layer.kind == "weight":
             layer.stretch = stretches.setdefault(anchor, len(stretches))
     output = recording.outputs[0] if recording.outputs else None
-    if output is not None and output in anchors:
+    if output is not None and anchors.get(output) is not None:  # None: an unmeasured op
         report.summary.output_reference = _label(report, anchors[output])
     return report
 

@@ -64,13 +64,21 @@ def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
     """Var[w] of ``scheme`` for Linear/Conv layers and its bias (zero but for
     torch-default's); embeddings as they are. ``slopes``: ``prelu_slopes(modules)``."""
     out: list[Weights | None] = []
+    drawn: dict[int, Weights | None] = {}  # id(weight): what the scheme draws for it
     for layer, module, a in zip(layers, modules, slopes):
         if layer.kind != "weight" or not is_linear_map(module):
-            out.append(actual(layer, module) if layer.kind == "weight" else None)
+            out.append(None)
             continue
         fan_in, fan_out = torch_fans(module) if scheme == "torch-default" else fans(module)
         var = scheme_variance(scheme, fan_in, fan_out, a)
         out.append(None if var is None else Weights(var, scheme_bias_variance(scheme, module)))
+        drawn[id(module.weight)] = out[-1]
+    for i, (layer, module) in enumerate(zip(layers, modules)):
+        if layer.kind == "weight" and not is_linear_map(module):
+            # a weight tied to a re-drawn Linear (an LM head and its embedding) is re-drawn
+            w = getattr(module, "weight", None)
+            tied = drawn.get(id(w)) if w is not None else None
+            out[i] = Weights(tied.w2, 0.0) if tied is not None else actual(layer, module)
     return out
 
 
