@@ -442,24 +442,29 @@ def document(results: list[ModelResult], seeds: int, schemes: Sequence[str], com
         "",
         "## (a) Actual init",
         "",
-        "| model | what | weights | graph | closed f/b | med f | max f | med b | max b | "
-        "bound | worst |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | what | weights | graph | closed f/b | no pred | med f | max f | med b | "
+        "max b | bound | worst |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         c, a = r.cover, r.actual
         ok = c.graph == c.weights
         lines.append(
             f"| {r.case.name} | {r.case.what} | {c.weights} | {c.graph}/{c.weights} | "
-            f"{c.closed_f}/{c.closed_b} | {fmt(a.median_f)} | {fmt(a.max_f)} | "
+            f"{c.closed_f}/{c.closed_b} | {len(a.missing)} | {fmt(a.median_f)} | {fmt(a.max_f)} | "
             f"{fmt(a.median_b)} | {fmt(a.max_b)} | {verdict(a, ok)} | {worst_text(a)} |")
-    lines += ["", "Layers without a graph prediction, and what graph-basis predictions "
-              "carried (layers counted per cause):", ""]
+    lines += ["", "Layers without a prediction (`no pred`: forward or backward is null in some "
+              "seed) or without a graph one, and what graph-basis predictions carried "
+              "(layers counted per cause):", ""]
     for r in results:
         c = r.cover
-        if not c.fallbacks and not c.causes:
+        if not c.fallbacks and not c.causes and not r.actual.missing:
             continue
         lines.append(f"- **{r.case.name}**")
+        for missing in r.actual.missing:
+            name = missing.split(" (")[0]
+            lines.append(f"  - `{missing}`: no prediction; "
+                         f"{r.actual_series[name].note or 'no note'}")
         for name, note in c.fallbacks:
             lines.append(f"  - `{name}` (not graph): {note}")
         for cause, count in sorted(c.causes.items(), key=lambda kv: -kv[1]):
