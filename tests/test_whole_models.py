@@ -1,0 +1,184 @@
+"""Whole models, measured against predicted per weight layer, averaged over seeds.
+
+A fast subset of bench/whole_models.py (docs/whole-model-accuracy.md has the full
+run): a residual MLP, a padded CNN with global average pooling and a GPT-style decoder
+with causal scaled-dot-product attention, each held to the bound the whole-model check
+asks for: median over weight layers of |log(seed mean of measured / seed mean of
+predicted)| at most 0.1, forward E[y²] and backward Var[dL/dy], every weight layer on
+the graph basis.
+
+Why seed noise stays far below 0.1 here (docs/theory-review.md §10). For one input a
+ReLU weight layer multiplies E[x²] by a random factor whose log has variance about 5/n
+(2/n from the chi-square of W's rows, 3/n from the ReLU sign pattern); after l layers
+the log of measured/predicted scatters with sd <= sqrt(5 l / n), and the mean of S
+seeds has a standard error of about sqrt(exp(5 l / n) - 1) / sqrt(S) on the log. A
+residual block x + F(x) adds its branch's share s of the output (1/2 under He), so it
+contributes s² · 5/n.
+
+* Residual MLP, n = 256, 8 blocks, S = 32: at the head sd <= sqrt(8 · 1/4 · 5/256) =
+  0.20 (measured 0.20), se 0.035; at the median layer (block 4) sd <= 0.14 (measured
+  0.10), se <= 0.025. The bound is 4 standard errors at the median layer; the median
+  measured is 0.004 forward, 0.007 backward.
+* CNN, 256 channels, 16x16 maps, batch 8, S = 16: a conv's factor averages the ReLU
+  pattern over B·H·W positions, leaving about 2/c_out from its filters: per-seed sd
+  0.003-0.12 over the convs, se <= 0.03. The 10-way head reads the pooled vector, which
+  the samples nearly share (every channel keeps a mean after a ReLU), so it is a
+  chi-square with 10 degrees of freedom: sd 0.33, se 0.08, the reason the bound is on
+  the median. What remains (+0.03 to +0.07 forward at the later convs, 2σ) is not
+  noise: zero padding makes E[x²] smaller at the borders, where fewer outputs read it,
+  which one number per tensor does not see; with circular padding it is gone (< 0.01
+  in the bench's 5-conv CNN).
+* GPT decoder, width 256, 4 blocks, S = 8: every LayerNorm resets the scale and the
+  residual branches are 0.02/sqrt(2 n_layer) small, so per-seed sd <= 0.07, se <= 0.025
+  (small also because the graph carries the measured LayerNorm outputs today; a closed
+  form through attention and the norms will scatter more, which the guard below checks).
+
+Each test also checks that the median layer's standard error over the seeds (delta
+method) is below a third of the bound, so a pass is not luck and a failure is not
+noise. Cases that fail today because of a prediction bug are xfail(strict=True), with
+the measured numbers as the reason; the bound is never widened.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench import whole_models as W
+from bench import whole_zoo as Z
+from bench.whole_zoo import Case
+
+BOUND = W.BOUND
+
+RESIDUAL = Case("residual_mlp", Z.residual_mlp, Z.gaussian(Z.WIDTH), 256,
+                "8 blocks x + Linear(ReLU(x)) at 256, He, a final Linear")
+CNN = Case("small_cnn", Z.small_cnn, Z.gaussian(3, 16, 16), 8,
+           "4 padded 3x3 convs at 256 channels, ReLU, global average pool, Linear",
+           meta_shape=(3, 16, 16))
+GPT = Z.case("nanogpt")  # 4 blocks at 256, causal F.scaled_dot_product_attention
+
+SEEDS = {RESIDUAL.name: 32, CNN.name: 16, GPT.name: 8}
+
+
+def series(case: Case, scheme: str | None = None) -> dict[str, W.LayerSeries]:
+    return W.seed_series(case, SEEDS[case.name], scheme)
+
+
+def assert_within_bound(found: dict[str, W.LayerSeries]) -> None:
+    stats = W.stats(found.values())
+    problems = [f"{way} median |log| {median:.3f} > {BOUND}"
+                for way, median in (("forward", stats.median_f), ("backward", stats.median_b))
+                if median is None or median > BOUND]
+    if stats.missing:
+        problems.append(f"no prediction for {', '.join(stats.missing)}")
+    assert not problems, "; ".join(problems) + f" (worst: {W.worst_text(stats, 3)})"
+    noise = statistics.median(c.se for c in W.compare_series(found.values())[0] if c.se)
+    assert noise <= BOUND / 3, f"underpowered: median standard error {noise:.3f}"
+
+
+def assert_graph_basis(found: dict[str, W.LayerSeries]) -> None:
+    cover = W.coverage(found)
+    assert cover.graph == cover.weights, "\n".join(
+        f"{name}: {note}" for name, note in cover.fallbacks)
+
+
+@pytest.fixture(scope="module")
+def residual() -> dict[str, W.LayerSeries]:
+    return series(RESIDUAL)
+
+
+@pytest.fixture(scope="module")
+def cnn() -> dict[str, W.LayerSeries]:
+    return series(CNN)
+
+
+@pytest.fixture(scope="module")
+def gpt() -> dict[str, W.LayerSeries]:
+    return series(GPT)
+
+
+# -- residual MLP --------------------------------------------------------------------------
+
+
+def test_residual_mlp_within_bound(residual):
+    assert_graph_basis(residual)
+    assert_within_bound(residual)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "schemes['lecun'] is walked on the chain, scaling by the actual model's measured "
+    "ratio across each residual add + ReLU (1 under the model's He init, 1.5 under "
+    "LeCun; 1.5^8 = 26): 32 seeds, head E[y²] predicted 1.05, measured 25.96 on the "
+    "re-initialized copy; median |log| 1.61 forward, 1.20 backward (the copy's own "
+    "graph prediction: 0.04 / 0.004)"))
+def test_residual_mlp_lecun_counterfactual():
+    assert_within_bound(series(RESIDUAL, "lecun"))
+
+
+# -- CNN with zero padding and global average pooling ----------------------------------------
+
+
+def test_cnn_within_bound(cnn):
+    assert_graph_basis(cnn)
+    assert_within_bound(cnn)
+
+
+def test_cnn_lecun_counterfactual():
+    assert_within_bound(series(CNN, "lecun"))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "no backward rule for AdaptiveAvgPool2d (exact: each input gets dy/(H·W)): predict "
+    "on meta has no backward prediction for the 4 convs (and no forward one for the "
+    "head); with measurements the graph carries the pool's measured input gradient"))
+def test_cnn_closed_form_on_meta():
+    report = W.predict_meta(CNN)
+    missing = [layer.name for layer in W.weight_layers(report)
+               if layer.predicted is None or layer.predicted.forward_var is None
+               or layer.predicted.backward_var is None]
+    assert not missing, missing
+
+
+# -- GPT-style decoder with causal SDPA ----------------------------------------------------------
+
+
+def test_gpt_within_bound(gpt):
+    assert_within_bound(gpt)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "F.scaled_dot_product_attention is not followed: the 4 attn.c_proj layers fall back "
+    "to the chain (15/19 weight layers on the graph basis), and the graph carries the "
+    "measured output of the custom LayerNorm (F.layer_norm) into 13 layers"))
+def test_gpt_graph_basis(gpt):
+    assert_graph_basis(gpt)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "schemes['lecun'] is walked on the chain, scaling by the actual model's measured "
+    "ratio across every LayerNorm and residual add: 8 seeds, lm_head E[y²] predicted "
+    "3.7e21, measured 0.99; wpe gradient predicted 2.7e26, measured 2.4e4; median |log| "
+    "19.2 forward, 27.7 backward (the copy's own prediction: 0.006 / 0.000). And the "
+    "re-initialized lm_head is tied to wte, which the scheme takes as left alone: wte "
+    "E[y²] predicted 0.0004, measured 0.0039 (LeCun's 1/256), no backward prediction"))
+def test_gpt_lecun_counterfactual():
+    assert_within_bound(series(GPT, "lecun"))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "predict on meta: 2/19 weight layers get a forward and 1/19 a backward prediction; "
+    "the graph stops at the first LayerNorm (nanoGPT's own module calling F.layer_norm "
+    "has no closed form) and at the backward of ln_f"))
+def test_gpt_predict_on_meta(gpt):
+    report = W.predict_meta(GPT)
+    closed = {W.key(layer): layer.predicted for layer in W.weight_layers(report)}
+    missing = [k for k, p in closed.items()
+               if p is None or p.forward_var is None or p.backward_var is None]
+    assert not missing, f"{len(missing)}/{len(closed)} without a prediction: {missing[:4]}"
+    # the same closed form as the measured-mode prediction from the real weights
+    pairs = {k: W.LayerSeries(k, s.type, meas_f=[closed[k].forward_var],
+                              meas_b=[closed[k].backward_var], pred_f=[W._mean(s.pred_f)],
+                              pred_b=[W._mean(s.pred_b)]) for k, s in gpt.items()}
+    stats = W.stats(pairs.values())
+    assert stats.median_f <= BOUND and stats.median_b <= BOUND, W.worst_text(stats, 3)
