@@ -73,23 +73,23 @@ def activation(rho: float, fn: Callable[[torch.Tensor], torch.Tensor], q: float 
     s = math.sqrt(q)
     kinks = sorted({0.0, *(float(b) / s for b in breakpoints)})
     z1, w1 = _rule(np.array([[-Z_MAX, *[k for k in kinks if abs(k) < Z_MAX], Z_MAX]]))
-    fa = _values(fn, s * z1[0])
+    fa = _points(fn, s * z1[0])
     norm2 = float(w1[0] @ (fa * fa))
     if not norm2 > 0:
         raise ValueError("f(a) is zero almost surely: no correlation")
     c = math.sqrt(1 - rho * rho)
     if c < 1e-12:
-        fb = fa if rho > 0 else _values(fn, -s * z1[0])
+        fb = fa if rho > 0 else _points(fn, -s * z1[0])
         return float(w1[0] @ (fa * fb)) / norm2
     inner = (np.array(kinks)[None, :] - rho * z1[0][:, None]) / c     # z where b hits a kink
     cuts = np.sort(np.clip(np.hstack([np.full((inner.shape[0], 1), -Z_MAX), inner,
                                       np.full((inner.shape[0], 1), Z_MAX)]), -Z_MAX, Z_MAX))
     z2, w2 = _rule(cuts)
-    fb = _values(fn, s * (rho * z1[0][:, None] + c * z2)).reshape(z2.shape)
+    fb = _points(fn, s * (rho * z1[0][:, None] + c * z2)).reshape(z2.shape)
     return float(w1[0] @ (fa * (w2 * fb).sum(1))) / norm2
 
 
-def _values(fn: Callable, points: np.ndarray) -> np.ndarray:
+def _points(fn: Callable, points: np.ndarray) -> np.ndarray:
     out = fn(torch.from_numpy(np.ascontiguousarray(points)))
     return torch.as_tensor(out, dtype=torch.float64).detach().numpy().reshape(points.shape)
 
