@@ -104,7 +104,7 @@ class Backward:
                                   "gradient reaches only a slice" if node.cat and g.sparse
                                   else None)
             _flow(grads, i, Grad(g.var * b * scale, broken, g.note, g.sparse or node.sparse,
-                                 g.rel))
+                                 g.rel, cover=b if node.sparse else g.cover))
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """d(ab)/da = b: Var[da] = Var[g] E[b²], times the positions a broadcast factor
@@ -240,7 +240,11 @@ def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
         return
     have.var += g.var
     have.broken = have.broken or g.broken
-    have.sparse = have.sparse or g.sparse
+    if have.sparse and g.sparse:  # slices that together cover it (RoPE's two halves)
+        have.cover += g.cover
+        have.sparse = have.cover < 1 - 1e-9
+    else:
+        have.sparse = have.sparse or g.sparse
     have.note = have.note or g.note
     have.rel = have.rel if have.rel is not None else g.rel
     have.window = have.window if have.window == g.window else None

@@ -42,6 +42,7 @@ class Grad:
     sparse: bool = False  # it reaches only a slice of the positions (a class token)
     rel: float | None = 1.0  # a scheme's gradient over the actual walk's, before a break
     window: float | None = None  # it lands only on the maxima of windows this large
+    cover: float = 1.0  # the share of the positions it reaches, where ``sparse``
 
 
 @dataclass
