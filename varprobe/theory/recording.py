@@ -281,6 +281,11 @@ class Recording(TorchFunctionMode):
         if not isinstance(args[0], T) or not isinstance(other, T):
             return None  # x + a number: its second moment needs E[x], which is not carried
         alpha = float(_arg(args, kwargs, 2, "alpha", 1))
+        node = self._lookup(args[0])
+        if node is not None and node == self._lookup(other) and args[0].shape == other.shape:
+            c = 1.0 + alpha  # x + x: one tensor twice, (1 + alpha)^2 its second moment
+            return self._add(Node("linear", (node,), forward=(c * c,), means=(c,),
+                                  backward=(c * c,), where=self._where()))
         return self._linear([(args[0], 1.0, 1.0), (other, alpha * alpha, alpha)], out,
                             sum_backward=True)
 
@@ -293,7 +298,8 @@ class Recording(TorchFunctionMode):
         nb = self._lookup(b) if isinstance(b, T) else None
         if na is None and nb is None:
             return -1
-        if na is not None and nb is not None and not divide and na != nb:
+        if (na is not None and nb is not None and not divide
+                and self._root(na) != self._root(nb)):
             # a gate or a GLU: two factors from different branches (theory.walk: their
             # moments multiply); a broadcast factor collects its positions' gradients
             return self._add(Node("product", (na, nb), reason=_name(func) + PRODUCT,
@@ -308,6 +314,13 @@ class Recording(TorchFunctionMode):
             return None
         return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,), backward=(1.0,),
                               scale=k, where=self._where()))
+
+    def _root(self, k: int) -> int:
+        """The node ``k`` was made from by elementwise ops of one input (activations,
+        views, scalings): two factors with one root are not independent (x·sigmoid(x))."""
+        while self.nodes[k].op in ("act", "linear", "dropout") and len(self.nodes[k].inputs) == 1:
+            k = self.nodes[k].inputs[0]
+        return k
 
     def _cat_node(self, args, kwargs, out: torch.Tensor, stack: bool) -> int | None:
         pieces = _arg(args, kwargs, 0, "tensors", ())
