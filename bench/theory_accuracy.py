@@ -45,7 +45,20 @@ def machine() -> dict[str, str]:
                       if line.startswith("Model name")), platform.processor())
     except (OSError, subprocess.CalledProcessError):
         model = platform.processor() or platform.machine()
-    return {"CPU": f"{model}, {os.cpu_count()} logical cores",
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "varprobe"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        source = f"git {head}" + (" with varprobe/ modified" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        source = "not a git checkout"
+    import varprobe
+
+    where = Path(varprobe.__file__).resolve().parent
+    where = "this checkout" if where.parent == ROOT else str(where)
+    return {"varprobe": f"{varprobe.__version__} from {where} ({source})",
+            "CPU": f"{model}, {os.cpu_count()} logical cores",
             "threads": f"torch {torch.get_num_threads()} intra-op thread(s) "
                        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
             "torch": torch.__version__, "Python": platform.python_version()}
@@ -69,8 +82,9 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 
 def _ratio(row: dict, side: str) -> str:
     r, se = row.get(f"{side}_ratio"), row.get(f"{side}_se")
-    if r is None:
-        return "–"
+    if r is None:  # a family that reports errors only
+        err = row.get(f"{side}_error")
+        return "–" if err is None else f"error {100 * err:.1f}%"
     return f"{r:.3f} ± {se:.3f}" if se is not None else f"{r:.3f}"
 
 
@@ -107,8 +121,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def render(rows: list[dict], seeds: int, seconds: dict[str, float], command: str) -> str:
-    facts = machine()
+def render(rows: list[dict], seeds: int, seconds: dict[str, float], command: str,
+           facts: dict[str, str]) -> str:
     total = sum(seconds.values())
     lines = [
         "# How accurate is each rule? Monte Carlo grids, per-rule error percentiles",
@@ -131,7 +145,10 @@ def render(rows: list[dict], seeds: int, seconds: dict[str, float], command: str
         "N(0, 2/(fan_in+fan_out)), torch's default, std 0.02), placement (after the weight",
         "layer or after a ReLU), position correlation r and sequence length T where the",
         "op reads positions. Each family's module in `bench/accuracy/` states its rule.",
-        "Causal masks only matter to attention (`bench/accuracy/attention.py` when present).",
+        "A family may measure otherwise and say so in its docstring: attention",
+        "(`bench/accuracy/attention.py`, where causal masks and sequence length matter)",
+        "holds float64 simulations of the op against varprobe's attention formulas and",
+        "reports errors only (no ratio, standard error or bound).",
         "",
         "**Noise.** `bound` is 3 standard deviations of the seed mean from "
         "docs/theory-review.md §10:",
@@ -148,7 +165,8 @@ def render(rows: list[dict], seeds: int, seconds: dict[str, float], command: str
         "Errors are in percent. A rule's percentiles count only the directions varprobe",
         "predicted by a rule: **no prediction** (the layer's prediction is None) and",
         "**carried** (a measured value passed on: the graph could not follow the op, or the",
-        "module has no closed form) are counted apart and listed under Gaps.",
+        "module has no closed form) are counted apart (cases with either side so) and",
+        "listed under Gaps; the other side of such a case still counts if predicted.",
         "",
         "## Machine",
         "",
@@ -247,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         Path(args.out).write_text(render(saved["rows"], saved["seeds"], saved["seconds"],
-                                         saved["command"]) + "\n")
+                                         saved["command"], saved["machine"]) + "\n")
         print(f"wrote {args.out}", file=sys.stderr)
         return 0
     names = families()
@@ -256,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown families {sorted(unknown)}; known: {names}")
         names = [n for n in names if n in args.only]
+    facts = machine()  # the run's, before anything changes the thread count
     rows: list[dict] = []
     seconds: dict[str, float] = {}
     for name in names:
@@ -270,14 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     shown = ["--seeds", str(args.seeds), "--out", args.out] + \
         (["--only", *args.only] if args.only else [])
     command = "python -m bench.theory_accuracy " + shlex.join(shown)
-    text = render(rows, args.seeds, seconds, command.strip())
+    if hasattr(os, "getloadavg"):
+        facts["load average at the end (1/5/15 min)"] = " / ".join(
+            f"{x:.2f}" for x in os.getloadavg())
+    text = render(rows, args.seeds, seconds, command.strip(), facts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"seeds": args.seeds, "seconds": seconds, "command": command.strip(),
-             "rows": rows}, indent=1, default=str))
+             "machine": facts, "rows": rows}, indent=1, default=str))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
