@@ -92,13 +92,7 @@ def test_activation_functional(name):
     check(activations.spec(name, True, BASE))
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("ReLU", marks=xfail("gain at a nonzero-mean input: measured/predicted 1.95 "
-                                     "forward, 1.68 backward (the gain assumes y ~ N(0, q))")),
-    pytest.param("GELU", marks=xfail("gain at a nonzero-mean input: 1.96 forward, 1.75 "
-                                     "backward")),
-    pytest.param("Sigmoid", marks=xfail("gain at a nonzero-mean input: 1.74 forward")),
-])
+@pytest.mark.parametrize("name", list(activations.ACTIVATIONS))
 def test_activation_with_mean(name):
     check(activations.spec(name, False, MEAN))
 
@@ -120,21 +114,12 @@ def test_norm_after_relu(name):
     check(norms.spec(name, BASE, after_relu=True))
 
 
-@pytest.mark.parametrize("name", [
-    "RMSNorm", "BatchNorm1d train",
-    pytest.param("LayerNorm", marks=xfail(
-        "backward 2.02x under-predicted with an input mean of 1 std: divided by E[x^2] = "
-        "2 s^2 instead of the variance s^2")),
-    pytest.param("GroupNorm(8)", marks=xfail(
-        "backward 2.19x under-predicted with an input mean of 1 std (conv maps): divided by "
-        "E[x^2], not the per-group variance")),
-])
+@pytest.mark.parametrize("name", ["RMSNorm", "BatchNorm1d train", "LayerNorm", "GroupNorm(8)",
+                                  "BatchNorm1d eval (calibrated)"])
 def test_norm_with_mean(name):
     check(norms.spec(name, MEAN, after_relu=False))
 
 
-@xfail("a custom module calling F.layer_norm has no rule: its measured output and input "
-       "gradient are carried")
 def test_functional_layer_norm():
     check(norms.spec("F.layer_norm in a custom module", BASE, after_relu=False))
 
@@ -228,10 +213,12 @@ def test_mean_over_tokens():
 # --- gating, embedding ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", [
-    "x * γ, γ a parameter (LayerScale)",
-    *[pytest.param(n, marks=xfail(f"{n}: a product of two activations is not followed; the "
-                                  "measured value is carried"))
-      for n in ("x * sigmoid(y)", "SwiGLU: silu(a(x)) * b(x)")],
+    "x * sigmoid(y)", "SwiGLU: silu(a(x)) * b(x)", "x * γ, γ a parameter (LayerScale)",
+    pytest.param("x * sigmoid(x) (by hand)", marks=xfail(
+        "forward 1.26x, backward 1.09x under-predicted at scale 1 (backward 0.36x at scale 10): "
+        "the product rule takes the factors as independent, x and sigmoid(x) are not")),
+    *[pytest.param(n, marks=xfail(f"{n}: not followed, the measured value is carried"))
+      for n in ("F.glu (halves)", "nn.GLU (halves)")],
 ])
 def test_gating(name):
     check(gating.spec(name, BASE))

@@ -6,7 +6,8 @@ exposes ``cases(seeds: int = 8) -> list[dict]``: one row per grid case,
     {"rule": str, "case": str, "forward_error": float | None, "backward_error": float | None}
 
 where an error is the relative error |measured/predicted - 1|, with the measured value
-averaged over ``seeds`` seeds (the seed draws the weights, the input and the cotangent)
+averaged over ``seeds`` seeds (the seed draws the weights, the input and the cotangent;
+each case has seeds of its own, so different cases' errors are independent draws)
 and None where that direction does not apply or where varprobe made no prediction.
 Rows may carry more keys; those the built-in families add (see ``_harness.Row``):
 ``status`` ("ok", "no prediction", "carried": the prediction is a measured value passed
