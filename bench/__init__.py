@@ -1,1 +1,2 @@
-"""Benchmarks: probe overhead and closed-form prediction at scale (not part of the tests)."""
+"""Benchmarks: probe overhead, closed-form prediction at scale and per-rule accuracy
+(bench/accuracy, bench/theory_accuracy.py); not part of the tests."""
