@@ -84,9 +84,7 @@ def test_activation_module(name):
 
 
 @pytest.mark.parametrize("name", [
-    *[n for n in activations.ACTIVATIONS if n != "ELU"],
-    pytest.param("ELU", marks=xfail("F.elu is not followed by the graph: the measured value "
-                                    "is carried past it (status carried)")),
+    *activations.ACTIVATIONS,
 ])
 def test_activation_functional(name):
     check(activations.spec(name, True, BASE))

@@ -41,6 +41,14 @@ ACTIVATIONS = {
     F.silu: lambda a, k: nn.SiLU(), torch.tanh: lambda a, k: nn.Tanh(),
     T.tanh: lambda a, k: nn.Tanh(), torch.sigmoid: lambda a, k: nn.Sigmoid(),
     T.sigmoid: lambda a, k: nn.Sigmoid(),
+    F.elu: lambda a, k: nn.ELU(_arg(a, k, 1, "alpha", 1.0)), F.selu: lambda a, k: nn.SELU(),
+    F.celu: lambda a, k: nn.CELU(_arg(a, k, 1, "alpha", 1.0)),
+    F.softplus: lambda a, k: nn.Softplus(_arg(a, k, 1, "beta", 1.0),
+                                         _arg(a, k, 2, "threshold", 20.0)),
+    F.mish: lambda a, k: nn.Mish(), F.hardswish: lambda a, k: nn.Hardswish(),
+    F.hardsigmoid: lambda a, k: nn.Hardsigmoid(), F.relu6: lambda a, k: nn.ReLU6(),
+    F.hardtanh: lambda a, k: nn.Hardtanh(_arg(a, k, 1, "min_val", -1.0),
+                                         _arg(a, k, 2, "max_val", 1.0)),
 }
 # Means and pools over positions (theory.pools): kind by function.
 POOLS = {torch.mean: "mean", T.mean: "mean", torch.sum: "sum", T.sum: "sum",
