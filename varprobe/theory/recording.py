@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory import mha
+from varprobe.theory import attention_stats
 from varprobe.theory.nodes import (
     ACTIVATIONS,
     ADD,
@@ -54,8 +54,6 @@ from varprobe.theory.nodes import (
 from varprobe.theory.pools import Pool
 
 PRODUCT = " of activations"  # the name of a product of two activations ends so
-SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
-MASKED = -1e4   # an additive mask entry at or below this hides the key
 
 
 @dataclass
@@ -143,22 +141,10 @@ class Recording(TorchFunctionMode):
             self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
 
     def _mha(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Attention:
-        """The facts of an nn.MultiheadAttention call, and its weights' moments reduced
-        on the device (theory.mha.moments), fetched with the statistics."""
-        with torch._C.DisableTorchFunction():
-            q, k = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
-            axis = 1 if module.batch_first and q.dim() == 3 else 0
-            facts = Attention(queries=q.shape[axis], keys=k.shape[axis],
-                              d_k=module.head_dim, heads=module.num_heads,
-                              kv_heads=module.num_heads,
-                              causal=bool(kwargs.get("is_causal", False)),
-                              masked=_arg(args, kwargs, 5, "attn_mask", None) is not None
-                              or _arg(args, kwargs, 3, "key_padding_mask", None) is not None,
-                              dropout=module.dropout if module.training else 0.0)
-            if not q.is_meta:
-                with torch.no_grad():
-                    self._constants.extend(mha.moments(module))
-                facts.params = len(self._constants) - mha.PAIRS
+        facts, moments = attention_stats.multihead(module, args, kwargs)
+        if moments:
+            self._constants.extend(moments)
+            facts.params = len(self._constants) - len(moments)
         return facts
 
     def alias(self, source: torch.Tensor, alias: torch.Tensor) -> None:
@@ -417,50 +403,11 @@ class Recording(TorchFunctionMode):
             return -1
         if any(n is None for n in nodes):
             return None  # a constant query, key or value: not self-attention at init
-        mask = _arg(args, kwargs, 3, "attn_mask", None)
-        scale = _arg(args, kwargs, 6, "scale", None)
-        facts = Attention(queries=q.shape[-2], keys=k.shape[-2], d_k=q.shape[-1],
-                          heads=q.shape[-3] if q.dim() > 2 else 1,
-                          kv_heads=k.shape[-3] if k.dim() > 2 else 1,
-                          causal=bool(_arg(args, kwargs, 5, "is_causal", False)),
-                          masked=mask is not None,
-                          scale=None if scale is None else float(scale),
-                          dropout=float(_arg(args, kwargs, 4, "dropout_p", 0.0)))
+        facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
         if not q.is_meta:
-            facts.measured = self._measure_attention(q, k, v, mask, facts)
+            self._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
+            facts.measured = len(self._constants) - 2
         return self._add(Node("attention", tuple(nodes), attn=facts, where=self._where()))
-
-    def _measure_attention(self, q: T, k: T, v: T, mask: Any, facts: Attention) -> int:
-        """Σp² and the mean squared logit over a subsample of queries (the softmax of
-        64 rows per head, O(64 T d) where the call was O(T² d)), and the token
-        correlations of v and k (attention.token_correlation from the sums over the
-        sequence): four numbers, reduced on the device, fetched with the statistics."""
-        with torch.no_grad():
-            rows = torch.linspace(0, facts.queries - 1, min(SUBSAMPLE, facts.queries),
-                                  device=q.device).round().long()
-            keys = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) \
-                if q.dim() > 2 and k.shape[-3] != q.shape[-3] else k
-            scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
-            logits = (q.index_select(-2, rows).double()
-                      @ keys.double().transpose(-1, -2)) * scale
-            allowed = torch.ones_like(logits, dtype=torch.bool)
-            if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
-                cols = torch.arange(facts.keys, device=q.device)
-                allowed = allowed & (cols[None, :] <= rows[:, None])
-            if mask is not None:
-                part = mask.index_select(-2, rows) if mask.shape[-2] > 1 else mask
-                if part.dtype == torch.bool:
-                    allowed = allowed & part
-                else:
-                    logits = logits + part.double()
-                    allowed = allowed & (part > MASKED)
-            logits = logits.masked_fill(~allowed, -math.inf)
-            p = torch.softmax(logits, -1).nan_to_num(0.0)
-            count = allowed.expand_as(logits).sum().clamp(min=1)
-            spread = logits.masked_fill(~allowed, 0.0).square().sum() / count
-            self._constants.append(torch.stack([p.square().sum(-1).mean(), spread]))
-            self._constants.append(torch.stack([_correlation(v), _correlation(k)]))
-        return len(self._constants) - 2
 
     def _moments(self, c: Any, invert: bool = False) -> int | None:
         """The index in ``constants()`` of (mean(c^2), mean(c)) (of 1/c with ``invert``)
@@ -519,17 +466,6 @@ class Recording(TorchFunctionMode):
         if open_frames:
             return "in", open_frames[-1].index
         return None if self._last is None else ("after", self._last)
-
-
-def _correlation(x: T) -> T:
-    """The uncentered token correlation r of x (..., T, d), on its device:
-    (mean(S^2)/T - E[x^2]) / ((T-1) E[x^2]) with S the sum over the T tokens."""
-    tokens = x.shape[-2]
-    q = x.double().square().mean()
-    if tokens < 2:
-        return torch.zeros_like(q)
-    s = x.double().sum(-2).square().mean()
-    return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
 
 
 def _in_place(func, kwargs: dict) -> bool:

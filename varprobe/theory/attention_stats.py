@@ -1,0 +1,90 @@
+"""What the recording measures at attention calls, on the device and fetched with the
+statistics in the pass's one transfer: Σp², the mean squared logit and the token
+correlations at a scaled_dot_product_attention call; the weights' moments of an
+nn.MultiheadAttention (theory.mha.moments)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from varprobe.theory import mha
+from varprobe.theory.nodes import Attention, T, _arg
+
+SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
+MASKED = -1e4   # an additive mask entry at or below this hides the key
+
+
+def sdpa_facts(q: T, k: T, args: tuple, kwargs: dict) -> tuple[Attention, Any]:
+    """What a scaled_dot_product_attention call is (its arguments), and its mask."""
+    mask, scale = _arg(args, kwargs, 3, "attn_mask", None), _arg(args, kwargs, 6, "scale", None)
+    return Attention(queries=q.shape[-2], keys=k.shape[-2], d_k=q.shape[-1],
+                     heads=q.shape[-3] if q.dim() > 2 else 1,
+                     kv_heads=k.shape[-3] if k.dim() > 2 else 1,
+                     causal=bool(_arg(args, kwargs, 5, "is_causal", False)),
+                     masked=mask is not None, scale=None if scale is None else float(scale),
+                     dropout=float(_arg(args, kwargs, 4, "dropout_p", 0.0))), mask
+
+
+def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T]:
+    """Σp² and the mean squared logit over a subsample of queries (the softmax of
+    64 rows per head, O(64 T d) where the call was O(T² d)), and the token
+    correlations of v and k (attention.token_correlation from the sums over the
+    sequence): two pairs, reduced on the device."""
+    with torch.no_grad():
+        rows = torch.linspace(0, facts.queries - 1, min(SUBSAMPLE, facts.queries),
+                              device=q.device).round().long()
+        keys = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) \
+            if q.dim() > 2 and k.shape[-3] != q.shape[-3] else k
+        scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
+        logits = (q.index_select(-2, rows).double() @ keys.double().transpose(-1, -2)) * scale
+        allowed = torch.ones_like(logits, dtype=torch.bool)
+        if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
+            cols = torch.arange(facts.keys, device=q.device)
+            allowed = allowed & (cols[None, :] <= rows[:, None])
+        if mask is not None:
+            part = mask.index_select(-2, rows) if mask.shape[-2] > 1 else mask
+            if part.dtype == torch.bool:
+                allowed = allowed & part
+            else:
+                logits = logits + part.double()
+                allowed = allowed & (part > MASKED)
+        logits = logits.masked_fill(~allowed, -math.inf)
+        p = torch.softmax(logits, -1).nan_to_num(0.0)
+        count = allowed.expand_as(logits).sum().clamp(min=1)
+        spread = logits.masked_fill(~allowed, 0.0).square().sum() / count
+        return [torch.stack([p.square().sum(-1).mean(), spread]),
+                torch.stack([_correlation(v), _correlation(k)])]
+
+
+def multihead(module: nn.MultiheadAttention, args: tuple, kwargs: dict,
+              ) -> tuple[Attention, list[T]]:
+    """The facts of an nn.MultiheadAttention call, and (off the meta device) its
+    weights' moments."""
+    with torch._C.DisableTorchFunction():
+        q, k = _arg(args, kwargs, 0, "query", None), _arg(args, kwargs, 1, "key", None)
+        axis = 1 if module.batch_first and q.dim() == 3 else 0
+        facts = Attention(queries=q.shape[axis], keys=k.shape[axis], d_k=module.head_dim,
+                          heads=module.num_heads, kv_heads=module.num_heads,
+                          causal=bool(kwargs.get("is_causal", False)),
+                          masked=_arg(args, kwargs, 5, "attn_mask", None) is not None
+                          or _arg(args, kwargs, 3, "key_padding_mask", None) is not None,
+                          dropout=module.dropout if module.training else 0.0)
+        if q.is_meta:
+            return facts, []
+        with torch.no_grad():
+            return facts, mha.moments(module)
+
+
+def _correlation(x: T) -> T:
+    """The uncentered token correlation r of x (..., T, d), on its device:
+    (mean(S^2)/T - E[x^2]) / ((T-1) E[x^2]) with S the sum over the T tokens."""
+    tokens = x.shape[-2]
+    q = x.double().square().mean()
+    if tokens < 2:
+        return torch.zeros_like(q)
+    s = x.double().sum(-2).square().mean()
+    return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
