@@ -376,8 +376,8 @@ def test_cpu_sums_without_numba_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # what an install without it sees
     monkeypatch.delitem(sys.modules, "varprobe.kernels", raising=False)
     monkeypatch.delattr(varprobe, "kernels", raising=False)
-    kernels = stats._load_kernels.__wrapped__(True)
-    assert kernels.__name__ == "varprobe.torch_kernels"
-    monkeypatch.setattr(stats, "_kernels", lambda: kernels)
+    assert stats._load_numba.__wrapped__(True) is None
+    monkeypatch.setattr(stats, "numba_kernels", lambda: None)
+    assert stats._kernels().__name__ == "varprobe.torch_kernels"
     check_activation(relu_with_dead_units(64, 8, 5, 5, channel_dim=1), channel_dim=1)
     check_activation(relu_with_dead_units(300, 70))

@@ -93,6 +93,14 @@ def test_fractions_equal_casting(chunked, scale):
     check_against_cast(x, measured(x, scale, chunked), scale)
 
 
+def test_without_numba_the_torch_path_reads_the_cpu(monkeypatch):
+    """numba is optional: without it a CPU tensor's ranges come from torch ops, right."""
+    monkeypatch.setattr(stats, "numba_kernels", lambda: None)
+    x = spanning()
+    assert not exponents._kernel_readable(x)
+    check_against_cast(x, measured(x), 1.0)
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_amax_scaled_fp8_equals_casting(chunked):
     """Per-tensor amax scaling: the scale 2^floor(log2(max / amax)), computed here."""

@@ -3,8 +3,9 @@
 format, the elements at or past its overflow cut.
 
 Opt-in (``Recorder(ranges=...)``): the default probe never reads a tensor for them.
-Dense float32/float64 CPU tensors are read once more by ``exponent_kernel`` (numba);
-everything else (accelerators, fp16/bf16, strided memory) in chunks with torch ops
+Dense float32/float64 CPU tensors are read once more by ``exponent_kernel`` where numba is
+used (``stats.numba_kernels``); everything else (accelerators, fp16/bf16, strided memory,
+and every CPU tensor without numba) in chunks with torch ops
 that issue no sync (``index_add_`` into the histogram, no boolean indexing), copied
 with the pass's other statistics in its one transfer.
 """
@@ -71,7 +72,7 @@ def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
 
 
 def _kernel_readable(x: torch.Tensor) -> bool:
-    return (stats.reads_are_free(x.device) and x.dtype in (torch.float32, torch.float64)
+    return (stats.numba_kernels() is not None and stats.reads_are_free(x.device) and x.dtype in (torch.float32, torch.float64)
             and x.numel() > 0 and not x.is_neg() and stats._dense(x) is not None)
 
 

@@ -10,8 +10,9 @@ issues only the reductions themselves.
 Speed (CPU): torch has no reduction that returns a sum and a sum of squares from one
 read, ``torch.var_mean`` (Welford) runs at a tenth of memory speed, reductions with
 ``dtype=`` copy the whole tensor first and every elementwise temporary is a write pass.
-So a dense float32/float64 CPU tensor is read once by ``kernels`` (numba): the sum, the
-sum of squares and, where asked, the non-zero count of every unit. E[x^2] - E[x]^2
+So where numba is installed (the optional ``fast`` extra) a dense float32/float64 CPU
+tensor is read once by ``kernels``: the sum, the sum of squares and, where asked, the
+non-zero count of every unit; without it ``torch_kernels`` reads it in torch. E[x^2] - E[x]^2
 cancels when the mean dominates: on the CPU, where reading a sum costs no transfer, the
 sums are looked at and, only when mean^2 > Var, taken again from ``x - mean``. On
 accelerators, which must not sync, every tensor is shifted by its first chunk's mean
@@ -163,24 +164,31 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
 
 
 def _kernels():
-    """The CPU sums: ``varprobe.kernels`` (numba) where numba can be imported and
-    ``VARPROBE_NUMBA`` is not ``0``, else ``varprobe.torch_kernels``.
-    Imported at the first CPU measurement: ``predict`` (meta tensors) never loads numba."""
-    return _load_kernels(os.environ.get("VARPROBE_NUMBA", "1") != "0")
-
-
-@functools.cache
-def _load_kernels(numba: bool):
-    if numba:
-        try:
-            from varprobe import kernels
-        except ImportError:  # numba is not installed
-            pass
-        else:
-            return kernels
+    """The CPU sums: numba's (``numba_kernels``) where used, else ``torch_kernels``."""
+    found = numba_kernels()
+    if found is not None:
+        return found
     from varprobe import torch_kernels
 
     return torch_kernels
+
+
+def numba_kernels():
+    """``varprobe.kernels`` where numba can be imported (the ``fast`` extra) and
+    ``VARPROBE_NUMBA`` is not ``0``, else None. Imported at the first CPU measurement:
+    ``predict`` (meta tensors) never loads numba."""
+    return _load_numba(os.environ.get("VARPROBE_NUMBA", "1") != "0")
+
+
+@functools.cache
+def _load_numba(wanted: bool):
+    if not wanted:
+        return None
+    try:
+        from varprobe import kernels
+    except ImportError:  # numba is not installed: an optional speed-up
+        return None
+    return kernels
 
 
 def _kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
