@@ -249,10 +249,36 @@ def test_theory_mismatch_when_weights_are_not_zero_mean():
 
 def test_unnormalized_input():
     model = mlp(3, he)
-    x = 100 * torch.randn(256, WIDTH, generator=torch.Generator().manual_seed(0))
+    x = 5 * torch.randn(256, WIDTH, generator=torch.Generator().manual_seed(0))
     report = probe(model, x)
     assert flagged(report, "unnormalized_input") == ["0"]
     assert "softmax" in report.layers[0].flags[0].message
+    assert codes(report, "error") == set()
+
+
+def test_exploding_input_where_nothing_normalizes_it():
+    """E[x^2] = 1e4 into a bias-free He ReLU stack: every weight gradient is 100x the
+    unit input's (the stack is 1-homogeneous; checked here with autograd), and the error
+    says so; a LayerNorm after the first layer makes the stack scale-invariant, and
+    leaves only the warning."""
+    model = mlp(3, he)
+    x = torch.randn(256, WIDTH, generator=torch.Generator().manual_seed(0))
+    cot = torch.randn(256, WIDTH, generator=torch.Generator().manual_seed(1))
+
+    def grads(inp):
+        model.zero_grad()
+        model(inp).backward(cot)
+        return [p.grad.norm().item() for p in model.parameters()]
+
+    assert [a / b for a, b in zip(grads(100 * x), grads(x))] == pytest.approx([100] * 3)
+    model.zero_grad(set_to_none=True)
+    report = probe(model, 100 * x)
+    assert flagged(report, "exploding_input") == ["0"]
+    assert f"{math.sqrt(report.input.second_moment):.3g}x" in report.layers[0].flags[0].message
+    normed = nn.Sequential(model[0], nn.LayerNorm(WIDTH), *model[1:])
+    report = probe(normed, 100 * x)
+    assert codes(report, "error") == set()
+    assert flagged(report, "unnormalized_input") == ["0"]
 
 
 # --- thresholds, ordering, JSON, assert_healthy --------------------------------------

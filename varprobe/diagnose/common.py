@@ -10,7 +10,8 @@ from varprobe.report import Flag, ForwardStats, Layer
 SEVERITY = {"nonfinite": "error", "vanishing_forward": "error", "exploding_forward": "error",
             "vanishing_backward": "error", "exploding_backward": "error",
             "dead_units": "warning", "shrinks": "warning", "amplifies": "warning",
-            "unnormalized_input": "warning", "theory_mismatch": "info",
+            "unnormalized_input": "warning", "exploding_input": "error",
+            "theory_mismatch": "info",
             "attention_saturated": "warning", "attention_collapsed": "error"}
 TREND_CODES = ("vanishing_forward", "exploding_forward", "vanishing_backward",
                "exploding_backward")

@@ -48,7 +48,17 @@ def unnormalized_input(report: Report, t: Thresholds, weights: list[int]) -> Non
     m2 = report.input.second_moment
     if m2 is None or not math.isfinite(m2) or t.input[0] <= m2 <= t.input[1] or not weights:
         return
-    flag(report.layers[weights[0]], "unnormalized_input",
+    first = report.layers[weights[0]]
+    if m2 > t.input_step and not any(layer.kind == "norm" for layer in report.layers):
+        flag(first, "exploding_input",
+             f"the network input has E[x²] = {num(m2)} and nothing in the network "
+             "normalizes it: layers initialized to keep the scale they are fed carry it "
+             "to the output and into every weight gradient, up to "
+             f"sqrt(E[x²]) = {num(math.sqrt(m2))}x what a unit-variance input gives, and "
+             "the loss's curvature with its square, so a learning rate that suits a "
+             "normalized input diverges. Normalize the input to unit variance", m2)
+        return
+    flag(first, "unnormalized_input",
          f"the network input has E[x²] = {num(m2)} (band {band(t.input)}); He et al. "
          "2015 warn that an un-normalized input (e.g. in [-128, 128]) can overflow the "
          "softmax: normalize it to unit variance, or scale the first layer's weights "

@@ -34,6 +34,8 @@ class Thresholds:
     worth a warning (a factor that does not repeat cannot compound).
     dead_units: the fraction of an activation's units that are zero for every sample.
     input: the network input's E[x^2].
+    input_step: the network input's E[x^2] past which, in a network with no norm to
+    reset it, the weight gradients and the loss's curvature carry it (an error).
     mismatch_sigmas: measured vs local prediction, in units of the width-aware
     noise sd of docs/theory-review.md §10 (sqrt(2/n) forward, sqrt(0.75/n) backward).
     underflow: the fraction of a tensor's elements that may flush to zero in the
@@ -54,6 +56,12 @@ class Thresholds:
     stretch: float = 3
     dead_units: float = 0.5
     input: tuple[float, float] = (0.1, 10.0)
+    # A scale-keeping init carries the input's scale to the output: every weight
+    # gradient grows with sqrt(E[x^2]) and the curvature with E[x^2], so the stable
+    # learning rate shrinks 100x at 1e2 (an SGD grid is a few x wide). A norm makes the
+    # layers before it scale-invariant (their gradients then do not grow) and resets
+    # the scale for the layers after it.
+    input_step: float = 1e2
     mismatch_sigmas: float = 4.0
     underflow: float = 0.01
     # attention.md §3.4-3.6: the lognormal forms are 20% off at (1-r)s^2 = 1.5. At sum p^2
