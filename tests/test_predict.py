@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import varprobe
 from varprobe.cli import app
-from varprobe.predict import predict_target
+from varprobe.predict import predict, predict_target
 
 MODEL = """
 import torch
@@ -340,3 +340,57 @@ def test_terminal_header_says_closed_form(model_file):
     text = header(predict_target(model_file, batch_size=4)).plain
     assert "closed-form" in text and "unit cotangent assumed" in text
     assert "seed None" not in text and "cotangent None" not in text
+
+
+# --- the loss's cotangent -----------------------------------------------------------------
+
+def test_cross_entropy_cotangent_equals_autograds():
+    """At a uniform softmax (zero logits) the mean cross-entropy's gradient has exactly
+    the Var --cotangent cross-entropy assumes, (1 - 1/V)/(V N^2); autograd says so."""
+    from varprobe.predict import cotangent_var
+
+    n_rows, v = 96, 37
+    logits = torch.zeros(8, 12, v, requires_grad=True)
+    targets = torch.randint(v, (8, 12), generator=torch.Generator().manual_seed(0))
+    torch.nn.functional.cross_entropy(logits.reshape(-1, v), targets.reshape(-1)).backward()
+    var, note = cotangent_var("cross-entropy", logits)
+    assert logits.grad.double().pow(2).mean().item() == pytest.approx(var, rel=1e-9)
+    assert var == pytest.approx((1 - 1 / v) / (v * n_rows ** 2), rel=1e-12)
+    assert f"{n_rows} rows of {v} logits" in note
+
+
+def test_predict_under_a_cross_entropy_loss_matches_the_probe_with_it():
+    """A GPT-style decoder, mean cross-entropy on random targets. The head's output
+    gradient is the cotangent itself: predict's, seeded with --cotangent cross-entropy,
+    against a probe that backpropagates the loss. The logits are not exactly uniform
+    (E[z^2] = 1/3, so sum p^2 = 1.4/V, not 1/V: 0.1% at V = 512), hence 1%. Every other
+    layer's predicted gradient is the unit-cotangent walk's times that Var (the backward
+    is linear in its seed)."""
+    from bench.models import GPT
+
+    torch.manual_seed(0)
+    vocab, model = 512, GPT(layers=2, d=64, heads=4, vocab=512, context=64)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(vocab, (8, 64), generator=g)
+    targets = torch.randint(vocab, (8, 64), generator=g)
+
+    def loss(out):
+        return torch.nn.functional.cross_entropy(out.reshape(-1, vocab), targets.reshape(-1))
+
+    measured = varprobe.probe(model, ids, loss=loss)
+    predicted = predict(model, ids, cotangent="cross-entropy")
+    assert measured.layers[-1].label == "head"
+    assert predicted.layers[-1].predicted.backward_var == pytest.approx(
+        measured.layers[-1].backward.var, rel=0.01)
+    unit = predict(model, ids)
+    var = predicted.settings["cotangent_var"]
+    assert var == pytest.approx((1 - 1 / vocab) / (vocab * (8 * 64) ** 2))
+    for p, u in zip(predicted.layers, unit.layers):
+        if p.kind == "weight":
+            assert p.predicted.backward_var == pytest.approx(var * u.predicted.backward_var)
+
+
+def test_cli_cotangent_bad_value_is_exit_2(model_file):
+    result = CliRunner().invoke(app, ["predict", model_file, "--cotangent", "mse"])
+    assert result.exit_code == 2
+    assert "--cotangent must be unit, cross-entropy or a positive number" in result.output

@@ -214,6 +214,10 @@ def predict(
     precision: PrecisionOpt = None,
     loss_scale: LossScale = None,
     ranges: RangesOpt = False,
+    cotangent: Annotated[str, typer.Option(
+        "--cotangent", help="the loss gradient's Var at each output element that seeds "
+                            "the backward: unit (the papers' 1), cross-entropy (a mean "
+                            "cross-entropy at init: (1-1/V)/(V N²)) or a number")] = "unit",
     debug: Debug = False,
 ) -> None:
     """Closed-form trajectories only: no data, no backward pass, no weights allocated."""
@@ -230,7 +234,8 @@ def predict(
                                 batch_size=settings.batch_size, init=init.value if init
                                 else None, mode=mode.value, thresholds=settings.thresholds,
                                 ignore=settings.ignore, precision=precision_settings(
-                                    precision, loss_scale, None, ranges))
+                                    precision, loss_scale, None, ranges),
+                                cotangent=cotangent)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
     tell_failed(report)

@@ -72,8 +72,9 @@ def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
 
 
 def _kernel_readable(x: torch.Tensor) -> bool:
-    return (stats.numba_kernels() is not None and stats.reads_are_free(x.device) and x.dtype in (torch.float32, torch.float64)
-            and x.numel() > 0 and not x.is_neg() and stats._dense(x) is not None)
+    return (stats.numba_kernels() is not None and stats.reads_are_free(x.device)
+            and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+            and not x.is_neg() and stats._dense(x) is not None)
 
 
 def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:

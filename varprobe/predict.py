@@ -19,6 +19,7 @@ data-dependent op) is built on the CPU instead, and then its weights are read.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -89,7 +90,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             = None, batch_size: int = DEFAULT_BATCH_SIZE, init: str | None = None,
             mode: str | None = "train", target: str | None = None,
             thresholds: diagnose.Thresholds | None = None, ignore: Any = (),
-            init_log: initlog.Log | None = None, precision: Any = None) -> Report:
+            init_log: initlog.Log | None = None, precision: Any = None,
+            cotangent: float | str | None = None) -> Report:
     """Closed-form predictions for ``model`` from one shape-only forward pass.
 
     On a meta model nothing is allocated; on a real one the forward runs there, under
@@ -113,6 +115,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             x = _inputs(model, inputs, batch_size, input_shape, dev)
         with stage("record"):
             output, rec, recording = _shape_pass(model, x, dev)
+            seed, seed_note = cotangent_var(cotangent, output)
+            recording.cotangent_var = seed
             layers = _layers(rec, rec.collect())
         modules = [call.module for call in rec.calls]
         report = Report(
@@ -121,7 +125,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
                             parameters=sum(p.numel() for p in model.parameters())),
             settings={"seed": None, "trials": 0, "batch_size": _batch_of(x),
                       "device": dev.type, "mode": mode or "as-is",
-                      "init": scheme or reinit.AS_IS, "grad": None, "source": "closed-form"},
+                      "init": scheme or reinit.AS_IS, "grad": None, "source": "closed-form",
+                      "cotangent_var": seed},
             input=_shape_info(x), output=_shape_info(output), layers=layers,
             varprobe_version=_version(), torch_version=torch.__version__)
         _mark_unmeasured(report, dev)
@@ -138,8 +143,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
              if t is not None])
         with stage("predict", report):
             floats = report.input.dtype is not None and "int" not in report.input.dtype
-            report.notes.append("input E[x²] = 1 and output cotangent Var = 1 assumed"
-                                if floats else "output cotangent Var = 1 assumed")
+            report.notes.append(f"input E[x²] = 1 and {seed_note} assumed"
+                                if floats else f"{seed_note} assumed")
             theory.annotate(report, modules, recording, values, measured=False)
         with stage("diagnose"):
             structure.annotate(report, recording)
@@ -148,6 +153,37 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
     with stage("diagnose"):
         diagnose.annotate(report, thresholds, ignore)
     return report
+
+
+def cotangent_var(spec: float | str | None, output: Any) -> tuple[float, str]:
+    """The Var of the loss's gradient at each output element that seeds the backward,
+    and how it was decided.
+
+    None or "unit": 1, the papers' assumption (the probe's random cotangent too).
+    "cross-entropy": a mean-reduced cross-entropy over N rows of V logits (the output's
+    last dim) at init, where the softmax is near uniform: the gradient is (p - y)/N, and
+    sum_j (p_j - y_j)^2 = 1 - 2 p_y + sum p^2 = 1 - 1/V at p = 1/V, so Var = (1 - 1/V) /
+    (V N^2). A number: that Var."""
+    if spec is None or spec == "unit":
+        return 1.0, "output cotangent Var = 1"
+    if spec == "cross-entropy":
+        leaves = [t for t in float_leaves(output) if t.requires_grad]
+        if not leaves or leaves[0].dim() == 0:
+            raise VarprobeError("--cotangent cross-entropy needs an output with a class "
+                                "dimension (its last)")
+        v = leaves[0].shape[-1]
+        n = leaves[0].numel() // v
+        var = (1 - 1 / v) / (v * n * n)
+        return var, (f"output cotangent of a mean cross-entropy over {n} rows of {v} "
+                     f"logits at a uniform softmax, Var = (1 - 1/V)/(V N²) = {var:.3g},")
+    try:
+        var = float(spec)
+    except (TypeError, ValueError):
+        var = math.nan
+    if not math.isfinite(var) or var <= 0:
+        raise VarprobeError(f"--cotangent must be unit, cross-entropy or a positive "
+                            f"number (the Var), not {spec!r}")
+    return var, f"output cotangent Var = {var:.3g}"
 
 
 def _shape_pass(model: nn.Module, x: Any, dev: torch.device,

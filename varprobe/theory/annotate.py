@@ -112,11 +112,12 @@ def _unusable(recording) -> str | None:
 
 
 def _cotangent(report: Report) -> float:
-    """The measured Var of the gradient at the last call's output (1 assumed)."""
+    """The measured Var of the gradient at the last call's output (else the one
+    ``predict`` assumed, 1 by default)."""
     last = report.layers[-1] if report.layers else None
     if last is not None and last.backward is not None and last.backward.var is not None:
         return last.backward.var
-    return 1.0
+    return report.settings.get("cotangent_var") or 1.0
 
 
 # --- per-layer facts ----------------------------------------------------------------
