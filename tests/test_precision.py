@@ -12,6 +12,7 @@ elements in that band, computed here in float64.
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -67,10 +68,17 @@ def band(x: torch.Tensor, name: str, scale: float = 1.0) -> float:
     return ((a >= f.min_normal - step / 2) & (a <= f.min_normal)).sum().item() / x.numel()
 
 
-def measured(x: torch.Tensor, scale: float = 1.0, chunked: bool = False) -> Ranges:
-    if chunked:  # the accelerators' path, forced on the CPU
+PATHS = ("numba", "torch", "chunked")  # the CPU kernels with numba, without it, and the
+# accelerators' path (forced on the CPU)
+
+
+def measured(x: torch.Tensor, scale: float = 1.0, path: str = "numba") -> Ranges:
+    if path == "chunked":
         pending = exponents.measure(x, scale)
         pending = stats.Pending(exponents._chunked(x, exponents.cuts(scale)), pending.finish)
+    elif path == "torch":
+        with mock.patch.object(stats, "numba_kernels", lambda: None):
+            pending = exponents.measure(x, scale)
     else:
         pending = exponents.measure(x, scale)
     return stats.collect([pending])[0]
@@ -86,27 +94,34 @@ def check_against_cast(x: torch.Tensor, r: Ranges, scale: float) -> None:
             <= round(band(x, name, scale) * n), name
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", [1.0, 2.0 ** 12, 2.0 ** -7])
-def test_fractions_equal_casting(chunked, scale):
+def test_fractions_equal_casting(path, scale):
     x = spanning()
-    check_against_cast(x, measured(x, scale, chunked), scale)
+    check_against_cast(x, measured(x, scale, path), scale)
 
 
-def test_without_numba_the_torch_path_reads_the_cpu(monkeypatch):
-    """numba is optional: without it a CPU tensor's ranges come from torch ops, right."""
-    monkeypatch.setattr(stats, "numba_kernels", lambda: None)
+def test_without_numba_the_torch_kernels_give_numbas_rows():
+    """numba is optional: without it float32 CPU tensors go through the torch versions
+    of its kernels (a float64 one through the chunked path), to the same counts."""
+    from varprobe.torch_exponent_kernel import CHUNK
+
     x = spanning()
-    assert not exponents._kernel_readable(x)
-    check_against_cast(x, measured(x), 1.0)
+    assert measured(x, path="torch").to_dict() == measured(x, path="numba").to_dict()
+    long = spanning(4, n=5 * CHUNK // 2)  # pieces; then a NaN in the last one only
+    for y in (long, torch.cat([long, torch.tensor([math.nan])])):
+        assert measured(y, path="torch").to_dict() == measured(y, path="numba").to_dict()
+    with mock.patch.object(stats, "numba_kernels", lambda: None):
+        assert exponents._kernels().__name__ == "varprobe.torch_exponent_kernel"
+        assert not exponents._kernel_readable(x.double())
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_amax_scaled_fp8_equals_casting(chunked):
+@pytest.mark.parametrize("path", PATHS)
+def test_amax_scaled_fp8_equals_casting(path):
     """Per-tensor amax scaling: the scale 2^floor(log2(max / amax)), computed here."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(20000, generator=g) * torch.exp2(torch.randn(20000, generator=g) * 4)
-    r = measured(x, chunked=chunked)
+    r = measured(x, path=path)
     amax = x.abs().max().item()
     for name in ("fp8-e4m3", "fp8-e5m2"):
         s = 2.0 ** math.floor(math.log2(FORMATS[name].max / amax))
@@ -118,12 +133,12 @@ def test_amax_scaled_fp8_equals_casting(chunked):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(width=32), min_size=1, max_size=300), st.booleans(),
+@given(st.lists(st.floats(width=32), min_size=1, max_size=300), st.sampled_from(PATHS),
        st.integers(-20, 20))
-def test_any_float32_values(values, chunked, log2_scale):
+def test_any_float32_values(values, path, log2_scale):
     x = torch.tensor(values, dtype=torch.float32)
     scale = 2.0 ** log2_scale
-    r = measured(x, scale, chunked)
+    r = measured(x, scale, path)
     check_against_cast(x, r, scale)
     a = x.double().abs()
     finite = torch.isfinite(a)

@@ -72,9 +72,21 @@ def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
 
 
 def _kernel_readable(x: torch.Tensor) -> bool:
-    return (stats.numba_kernels() is not None and stats.reads_are_free(x.device)
-            and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+    """A dense float32 CPU tensor (or float64, where numba is used)."""
+    wide = (torch.float32, torch.float64) if stats.numba_kernels() else (torch.float32,)
+    return (stats.reads_are_free(x.device) and x.dtype in wide and x.numel() > 0
             and not x.is_neg() and stats._dense(x) is not None)
+
+
+def _kernels():
+    """numba's range kernels where numba is used, else their torch versions."""
+    if stats.numba_kernels() is None:
+        from varprobe import torch_exponent_kernel
+
+        return torch_exponent_kernel
+    from varprobe import exponent_kernel
+
+    return exponent_kernel
 
 
 def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
@@ -95,7 +107,7 @@ def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
 def _cpu32(ints: np.ndarray, limits: list[float]) -> list[float]:
     """The row of a float32 array (its int32 view): cuts as float32 bits, compared as
     integers (the next float up where only past the cut overflows)."""
-    from varprobe import exponent_kernel as k
+    k = _kernels()
 
     cut = np.array(limits)
     past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
