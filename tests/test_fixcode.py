@@ -201,3 +201,24 @@ def test_he_prelu_with_slopes_per_layer_and_torch_default():
             1 / (3 * n), rel=SD * math.sqrt(0.8 / m.weight.numel()))
         assert m.bias.pow(2).mean().item() == pytest.approx(
             theory.scheme_bias_variance("torch-default", m), rel=SD * math.sqrt(0.8 / n))
+
+
+def test_torch_default_for_transformers_conv1d():
+    """transformers' Conv1D has no reset_parameters: the printed torch-default writes
+    nn.Linear's out, on torch's fan-in of its (in, out) weight (its out), the variance
+    the scheme was scored with (theory.torch_fans)."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    model = nn.Sequential(pytorch_utils.Conv1D(96, 64), nn.ReLU(), nn.Linear(96, 48),
+                          nn.ReLU(), pytorch_utils.Conv1D(32, 48))
+    report = _probe(model, (64,), seed=1)
+    scored = _scored(report)
+    assert [layer.type for layer in scored] == ["Conv1D", "Linear", "Conv1D"]
+    code, _ = fixcode.code("torch-default", scored, [0.0] * 3)
+    pasted = _pasted(model, code, seed=2)
+    for m in (pasted[0], pasted[2], pasted[4]):
+        n = theory.torch_fans(m)[0]
+        assert m.weight.pow(2).mean().item() == pytest.approx(
+            1 / (3 * n), rel=SD * math.sqrt(0.8 / m.weight.numel()))
+        assert m.bias.pow(2).mean().item() == pytest.approx(
+            theory.scheme_bias_variance("torch-default", m), rel=SD * math.sqrt(0.8 / n))
+    assert pasted[0].weight.shape == (64, 96) and theory.torch_fans(pasted[0])[0] == 96

@@ -7,7 +7,8 @@ for transposed convs (torch's fan_in is (out/g)·k there) and grouped or depthwi
 convs (its fan_out is g times too large), so pasting them would give another init than
 the one scored. The printed code writes the fans and the variance out instead, the
 very formulas the scheme was scored with. ``torch-default`` is each layer's own
-``reset_parameters()``: PyTorch's default, bias included, on torch's fans, as scored.
+``reset_parameters()``: PyTorch's default, bias included, on torch's fans, as scored
+(written out for transformers' ``Conv1D``, which has none).
 """
 
 from __future__ import annotations
@@ -48,9 +49,7 @@ def code(scheme: str, weights: list[Layer], slopes: list[float]) -> tuple[str, s
     ``slopes``: he-prelu's PReLU slope for each of ``weights``."""
     kinds = _kinds(weights)
     if scheme == "torch-default":
-        return (f"for m in model.modules():\n    if {kinds}:\n"
-                "        m.reset_parameters()"), \
-            "torch-default init: each layer's reset_parameters()"
+        return _torch_default(weights), "torch-default init: each layer's reset_parameters()"
     variance = VARIANCE[scheme]
     # Linear layers alone need no helper: their fans are their features.
     linear = all(layer.type == "Linear" for layer in weights)
@@ -67,6 +66,26 @@ def code(scheme: str, weights: list[Layer], slopes: list[float]) -> tuple[str, s
     body = "\n".join("    " + line for line in draw.splitlines())
     return (helper + head + f"for m in model.modules():\n    if {kinds}:\n"
             + body), short
+
+
+# transformers' Conv1D has no reset_parameters: what nn.Linear's does, on torch's fan-in
+# of Conv1D's (in, out) weight, which is its out (the fans the scheme was scored on)
+CONV1D_DEFAULT = """import math
+
+for m in model.modules():
+{first}type(m).__name__ == "Conv1D":
+        nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+        if m.bias is not None:
+            bound = 1 / math.sqrt(m.weight.shape[1])
+            nn.init.uniform_(m.bias, -bound, bound)"""
+
+
+def _torch_default(weights: list[Layer]) -> str:
+    torch_nn = [layer for layer in weights if layer.type != "Conv1D"]
+    reset = (f"    if {_kinds(torch_nn)}:\n        m.reset_parameters()\n") if torch_nn else ""
+    if len(torch_nn) == len(weights):
+        return "for m in model.modules():\n" + reset.rstrip("\n")
+    return CONV1D_DEFAULT.format(first=reset + ("    elif " if reset else "    if "))
 
 
 def _kinds(weights: list[Layer]) -> str:
