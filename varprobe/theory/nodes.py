@@ -25,7 +25,11 @@ VIEWS = {T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.flatten, t
          T.unflatten, torch.unflatten, T.transpose, torch.transpose, T.swapaxes, T.swapdims,
          T.permute, torch.permute, T.movedim, torch.movedim, T.t, torch.t, T.squeeze,
          torch.squeeze, T.unsqueeze, torch.unsqueeze, T.contiguous, T.clone, torch.clone,
-         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as}
+         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as, T.type}
+# Copies of the elements (a broadcast made real, repeated heads): the second moment
+# passes, each element's gradient gathers numel(out)/numel(in) copies' (independent).
+EXPANDS = {T.expand, T.expand_as, T.repeat, T.repeat_interleave, torch.repeat_interleave,
+           torch.broadcast_to}
 # Minus the elements: the second moment and the gradient's pass unchanged, the mean flips.
 NEGATIONS = {torch.neg, T.neg, T.__neg__, torch.negative, T.negative}
 # A part of the elements: the second moment of positions and channels taken alike,
@@ -89,6 +93,7 @@ class Attention:
     dropout: float = 0.0
     measured: int | None = None
     params: int | None = None  # nn.MultiheadAttention: its weights' moments (theory.mha)
+    eager: bool = False  # spelled out (theory.attention_graph): ``measured`` + 2 is its mask
 
 
 @dataclass
