@@ -112,7 +112,7 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         with stage("input"):
             x = _inputs(model, inputs, batch_size, input_shape, dev)
         with stage("record"):
-            output, rec, recording = _shape_pass(model, x, dev)
+            output, rec, recording = _shape_pass(model, x, dev, init_log)
             layers = _layers(rec, rec.collect())
         modules = [call.module for call in rec.calls]
         report = Report(
@@ -150,7 +150,7 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
     return report
 
 
-def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
+def _shape_pass(model: nn.Module, x: Any, dev: torch.device, init_log: Any = None,
                 ) -> tuple[Any, Recorder, Recording]:
     """One forward under a Recorder that measures nothing and a graph Recording.
 
@@ -158,7 +158,7 @@ def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
     outputs that need no gradient by it. The unit cotangent seeds the graph's backward.
     """
     args, kwargs = inputs_mod.as_call(x)
-    recording = Recording(model)
+    recording = Recording(model, init_log)  # a parameter's recorded init: its moments
     with torch.enable_grad(), Recorder(model, measure=False) as rec:
         rec.observer = recording
         recording.start(float_leaves(x))

@@ -15,9 +15,8 @@ used, never given a number. Under eager attention p is materialized, so the prob
 measures Σp² over every row and the logit second moment at the softmax (on the device,
 fetched with the pass's other statistics), plus whether the mask is causal.
 
-A matmul of an activation with a parameter (``x @ W``, ``F.linear``, ``torch.addmm``)
-is a linear map whose weight moments the probe reduces on the device: forward n_in E[w²],
-backward n_out E[w²], a bias added as a constant (theory.walk).
+A matmul of an activation with a parameter (``x @ W``) is a linear map
+(theory.functional).
 """
 
 from __future__ import annotations
@@ -29,12 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import attention_stats
+from varprobe.theory import attention_stats, functional
 from varprobe.theory.nodes import ADD, DIV, MUL, VIEWS, Attention, Node, T, _arg, _name
 
 MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
 SOFTMAXES = {F.softmax, torch.softmax, T.softmax}
-LINEARS = {F.linear, torch.addmm, T.addmm}
 MASK_FILLS = {T.masked_fill, T.masked_fill_, torch.masked_fill}
 PAIR = " of two activations"  # what an unfollowed matmul of two activations is called
 
@@ -97,7 +95,7 @@ class AttentionGraph:
         if na is None and nb is None:
             return -1
         if nb is None:
-            return None if transposed else self.weight(a, b, None, out)
+            return None if transposed else functional.weight(self.rec, a, b, None)
         if na is None:
             return None  # a constant times an activation from the left: not followed
         state = self.pending.get(na)
@@ -188,44 +186,6 @@ class AttentionGraph:
         if func in ADD and node.const or func in MASK_FILLS or func is torch.where:
             return replace(facts, masked=True)
         return None
-
-    # --- activations times parameters -------------------------------------------------
-    def linear(self, func, args: tuple, kwargs: dict, out: T) -> int | None:
-        """F.linear(x, W, b) and addmm(b, x, W) with W (and b) not activations."""
-        if func is F.linear:
-            x, w, b = args[0], _arg(args, kwargs, 1, "weight", None), \
-                _arg(args, kwargs, 2, "bias", None)
-            w = w.t() if isinstance(w, T) and w.dim() == 2 else None
-        else:
-            b, x, w = args[0], _arg(args, kwargs, 1, "mat1", None), \
-                _arg(args, kwargs, 2, "mat2", None)
-            if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
-                return None
-        return self.weight(x, w, b, out)
-
-    def weight(self, x: T, w: Any, b: Any, out: T) -> int | None:
-        """x @ W (+ b): E[y²] = n_in E[w²] E[x²] (+ mean(b²)), Var[dx] = n_out E[w²] Var[dy].
-        The common mean n_in mean(w) mu; W's moments reduced where the probe runs."""
-        nx = self.rec._lookup(x) if isinstance(x, T) else None
-        if nx is None:
-            return -1 if not any(isinstance(t, T) and self.rec._lookup(t) is not None
-                                 for t in (w, b)) else None
-        if (not isinstance(w, T) or w.dim() != 2 or self.rec._lookup(w) is not None
-                or (isinstance(b, T) and self.rec._lookup(b) is not None)):
-            return None
-        n_in, n_out = w.shape
-        scale = self.rec._moments(w)
-        node = self.rec._add(Node("linear", (nx,), forward=(float(n_in),),
-                                  means=(float(n_in),), backward=(float(n_out),),
-                                  scale=scale, where=self.rec._where()))
-        if b is None:
-            return node
-        bias = self.rec._moments(b)
-        if bias is None:
-            return None
-        return self.rec._add(Node("linear", (node,), forward=(1.0,), means=(1.0,),
-                                  backward=(1.0,), const=((1.0, bias, 1.0),),
-                                  where=self.rec._where()))
 
 
 def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:

@@ -53,6 +53,7 @@ ACTIVATIONS = {
     F.hardsigmoid: lambda a, k: nn.Hardsigmoid(), F.relu6: lambda a, k: nn.ReLU6(),
     F.hardtanh: lambda a, k: nn.Hardtanh(_arg(a, k, 1, "min_val", -1.0),
                                          _arg(a, k, 2, "max_val", 1.0)),
+    F.glu: lambda a, k: nn.GLU(_arg(a, k, 1, "dim", -1)),  # halves, not elementwise: rules.glu
 }
 # Means and pools over positions (theory.pools): kind by function.
 POOLS = {torch.mean: "mean", T.mean: "mean", torch.sum: "sum", T.sum: "sum",
@@ -106,6 +107,7 @@ class Node:
     input), "linear" (sum_i f_i E[x_i^2] + const, gradient b_i per input), "act",
     "dropout", "pool" (theory.pools; ``reason`` names the op), "product" (of two
     activations from different branches), "table" (a rotary embedding's cos or sin),
+    "lookup" (F.embedding on a parameter table: ``scale`` its moments),
     "attention" (inputs q,
     k, v), "unknown". ``where``:
     ("in" | "after", layer index) for messages.

@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory.attention_graph import LINEARS, MATMULS, SOFTMAXES, AttentionGraph
+from varprobe.theory import functional
+from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
     ADD,
@@ -69,8 +70,9 @@ class _Frame:
 class Recording(TorchFunctionMode):
     """Active around the forward pass only; the Recorder calls ``enter``/``exit``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, init_log: Any = None):
         super().__init__()
+        self.init_log = init_log  # varprobe.initlog.Log: a meta parameter's recorded init
         self.nodes: list[Node] = []
         self.outputs: list[int | None] = []
         self.cotangent_var: float | None = None
@@ -242,8 +244,10 @@ class Recording(TorchFunctionMode):
             node = self._graph.sdpa(args, kwargs)
         elif func in MATMULS:
             node = self._graph.matmul(func, args, kwargs, outs[0])
-        elif func in LINEARS:
-            node = self._graph.linear(func, args, kwargs, outs[0])
+        elif func in functional.LINEARS:
+            node = functional.linear(self, func, args, kwargs)
+        elif func is F.embedding:
+            node = functional.embedding(self, args, kwargs)
         elif func in SOFTMAXES:
             node = self._graph.softmax(func, args, kwargs, outs[0])
         else:
@@ -402,7 +406,11 @@ class Recording(TorchFunctionMode):
         """The index in ``constants()`` of (mean(c^2), mean(c)) (of 1/c with ``invert``)
         of a constant operand: a Python number, or a tensor that is not an activation (a
         parameter, a buffer, or one made from them), reduced on its device."""
-        if isinstance(c, T) and not c.is_complex():
+        known = self.init_log.moments(c) if isinstance(c, T) and c.is_meta and not invert \
+            and self.init_log is not None else None
+        if known is not None and known.known:
+            self._constants.append((known.m2, known.mean))  # what its init code left there
+        elif isinstance(c, T) and not c.is_complex():
             with torch.no_grad():
                 v = c.detach().to(torch.float64)
                 v = v.reciprocal() if invert else v

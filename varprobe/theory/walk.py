@@ -102,6 +102,10 @@ class Walk(Backward):
             return self._input(node)
         if node.op == "table":  # cos or sin of rotary embeddings: half of cos² + sin²
             return Value(Signal(0.5, 0.0, 1.0))
+        if node.op == "lookup":  # F.embedding on a table: its rows' mean(w²)
+            valueless = self._no_value(node)
+            return Value(None, valueless) if valueless else \
+                Value(Signal(self.constants[node.scale][0]))
         if node.op == "call":
             return self._call(node, ins)
         if node.op == "exit":
