@@ -213,14 +213,14 @@ def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:
 def _softmax_stats(x: T, p: T) -> dict[str, T]:
     """Σp² over every row, the mean squared logit over the keys each query sees, and the
     mask's shape (1 where every row sees exactly the keys up to its own position, top-left
-    aligned; 1 where every key is seen), on the device."""
+    aligned; 1 where every key is seen), on the device. Elementwise in the tensors' own
+    dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
     with torch.no_grad():
-        logits = x.detach().double()
-        allowed = torch.isfinite(logits) & (logits > attention_stats.MASKED)
-        rows, cols = logits.shape[-2], logits.shape[-1]
-        tril = torch.ones(rows, cols, dtype=torch.bool, device=x.device).tril()
+        x, p = x.detach(), p.detach()
+        allowed = torch.isfinite(x) & (x > attention_stats.MASKED)
+        tril = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril()
         count = allowed.sum().clamp(min=1)
-        return {"p2": p.detach().double().square().sum(-1).mean(),
-                "s2": logits.masked_fill(~allowed, 0.0).square().sum() / count,
+        return {"p2": p.square().sum(-1, dtype=torch.float64).mean(),
+                "s2": x.masked_fill(~allowed, 0.0).square().sum(dtype=torch.float64) / count,
                 "causal": (allowed == tril).all().double(),
                 "full": allowed.all().double()}
