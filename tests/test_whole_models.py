@@ -191,8 +191,9 @@ def test_eager_gpt2_as_accurate_as_sdpa(gpt2_eager):
                 W._mean(getattr(fused[name], side)), rel=1e-3), (name, side)
 
 
-def test_eager_gpt2_predict_on_meta():
-    eager, fused = W.predict_meta(HF_GPT2_EAGER), W.predict_meta(HF_GPT2)
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])  # Llama: RoPE, repeat_kv (GQA)
+def test_eager_predict_on_meta(name):
+    eager, fused = W.predict_meta(Z.case(name + "_eager")), W.predict_meta(Z.case(name))
     closed = {W.key(layer): layer.predicted for layer in W.weight_layers(eager)}
     missing = [k for k, p in closed.items()
                if p is None or p.forward_var is None or p.backward_var is None]
