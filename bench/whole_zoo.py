@@ -329,6 +329,19 @@ def hf_llama() -> nn.Module:
                vocab_size=VOCAB, max_position_embeddings=2 * SEQ)
 
 
+def hf_gpt2_eager() -> nn.Module:
+    """GPT-2 as hf_gpt2, its attention spelled out (matmul, mask, softmax, matmul)."""
+    return _hf("GPT2LMHeadModel", "GPT2Config", n_layer=4, n_embd=WIDTH, n_head=4,
+               vocab_size=VOCAB, n_positions=2 * SEQ, attn_implementation="eager")
+
+
+def hf_llama_eager() -> nn.Module:
+    """Llama as hf_llama, its attention spelled out (repeat_kv, matmul, softmax, matmul)."""
+    return _hf("LlamaForCausalLM", "LlamaConfig", num_hidden_layers=4, hidden_size=WIDTH,
+               num_attention_heads=4, num_key_value_heads=2, intermediate_size=688,
+               vocab_size=VOCAB, max_position_embeddings=2 * SEQ, attn_implementation="eager")
+
+
 def hf_bert() -> nn.Module:
     return _hf("BertForMaskedLM", "BertConfig", num_hidden_layers=4, hidden_size=WIDTH,
                num_attention_heads=4, intermediate_size=4 * WIDTH, vocab_size=VOCAB,
@@ -427,6 +440,10 @@ CASES: tuple[Case, ...] = (
          "transformers GPT-2, 4 layers, hidden 256, its _init_weights", meta_shape=(SEQ,)),
     Case("hf_llama", hf_llama, hf_tokens("input_ids"), 8,
          "transformers Llama, 4 layers, hidden 256, GQA 4/2", meta_shape=(SEQ,)),
+    Case("hf_gpt2_eager", hf_gpt2_eager, hf_tokens("input_ids"), 8,
+         "the same GPT-2 with attn_implementation='eager'", meta_shape=(SEQ,)),
+    Case("hf_llama_eager", hf_llama_eager, hf_tokens("input_ids"), 8,
+         "the same Llama with attn_implementation='eager'", meta_shape=(SEQ,)),
     Case("hf_bert", hf_bert, hf_tokens("input_ids"), 8,
          "transformers BERT masked LM, 4 layers, hidden 256, post-LN", meta_shape=(SEQ,)),
     Case("hf_t5", hf_t5, hf_tokens("input_ids", "decoder_input_ids"), 8,

@@ -57,8 +57,10 @@ CNN = Case("small_cnn", Z.small_cnn, Z.gaussian(3, 16, 16), 8,
            "4 padded 3x3 convs at 256 channels, ReLU, global average pool, Linear",
            meta_shape=(3, 16, 16))
 GPT = Z.case("nanogpt")  # 4 blocks at 256, causal F.scaled_dot_product_attention
+HF_GPT2, HF_GPT2_EAGER = Z.case("hf_gpt2"), Z.case("hf_gpt2_eager")  # SDPA, spelled out
 
-SEEDS = {RESIDUAL.name: 32, CNN.name: 16, GPT.name: 8}
+SEEDS = {RESIDUAL.name: 32, CNN.name: 16, GPT.name: 8, HF_GPT2.name: 8,
+         HF_GPT2_EAGER.name: 8}
 
 
 def series(case: Case, scheme: str | None = None) -> dict[str, W.LayerSeries]:
@@ -162,3 +164,42 @@ def test_gpt_predict_on_meta(gpt):
                               pred_b=[W._mean(s.pred_b)]) for k, s in gpt.items()}
     stats = W.stats(pairs.values())
     assert stats.median_f <= BOUND and stats.median_b <= BOUND, W.worst_text(stats, 3)
+
+
+# -- transformers GPT-2 with eager attention (matmul, mask, softmax, matmul) ---------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_eager() -> dict[str, W.LayerSeries]:
+    return series(HF_GPT2_EAGER)
+
+
+def test_eager_gpt2_within_bound(gpt2_eager):
+    assert_graph_basis(gpt2_eager)
+    assert_within_bound(gpt2_eager)
+
+
+def test_eager_gpt2_as_accurate_as_sdpa(gpt2_eager):
+    """The same seeds draw the same weights and inputs under either implementation, so
+    the measured numbers agree; eager's predictions must be SDPA's (T = 64: the probe's
+    Σp² subsample under SDPA is every query row, as eager's is)."""
+    fused = series(HF_GPT2)
+    assert fused.keys() == gpt2_eager.keys()
+    for name, eager in gpt2_eager.items():
+        for side in ("pred_f", "pred_b", "meas_f", "meas_b"):
+            assert W._mean(getattr(eager, side)) == pytest.approx(
+                W._mean(getattr(fused[name], side)), rel=1e-3), (name, side)
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])  # Llama: RoPE, repeat_kv (GQA)
+def test_eager_predict_on_meta(name):
+    eager, fused = W.predict_meta(Z.case(name + "_eager")), W.predict_meta(Z.case(name))
+    closed = {W.key(layer): layer.predicted for layer in W.weight_layers(eager)}
+    missing = [k for k, p in closed.items()
+               if p is None or p.forward_var is None or p.backward_var is None]
+    assert not missing, f"{len(missing)}/{len(closed)} without a prediction: {missing[:4]}"
+    for layer in W.weight_layers(fused):  # the causal mask taken from is_causal on meta
+        mine = closed[W.key(layer)]
+        assert (mine.forward_var, mine.backward_var) == pytest.approx(
+            (layer.predicted.forward_var, layer.predicted.backward_var), rel=1e-9)
+    assert len(eager.attention) == len(fused.attention) == 4

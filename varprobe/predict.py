@@ -114,7 +114,7 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         with stage("input"):
             x = _inputs(model, inputs, batch_size, input_shape, dev)
         with stage("record"):
-            output, rec, recording = _shape_pass(model, x, dev)
+            output, rec, recording = _shape_pass(model, x, dev, init_log)
             seed, seed_note = cotangent_var(cotangent, output)
             recording.cotangent_var = seed
             layers = _layers(rec, rec.collect())
@@ -186,7 +186,7 @@ def cotangent_var(spec: float | str | None, output: Any) -> tuple[float, str]:
     return var, f"output cotangent Var = {var:.3g}"
 
 
-def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
+def _shape_pass(model: nn.Module, x: Any, dev: torch.device, init_log: Any = None,
                 ) -> tuple[Any, Recorder, Recording]:
     """One forward under a Recorder that measures nothing and a graph Recording.
 
@@ -194,7 +194,7 @@ def _shape_pass(model: nn.Module, x: Any, dev: torch.device,
     outputs that need no gradient by it. The unit cotangent seeds the graph's backward.
     """
     args, kwargs = inputs_mod.as_call(x)
-    recording = Recording(model)
+    recording = Recording(model, init_log)  # a parameter's recorded init: its moments
     with torch.enable_grad(), Recorder(model, measure=False) as rec:
         rec.observer = recording
         recording.start(float_leaves(x))

@@ -124,7 +124,7 @@ class Backward:
                 _flow(grads, i, Grad(0.0, g.broken or "an attention input the walk has no "
                                      "value for", rel=g.rel))
             return
-        paths = attend.backward(node.attn, g.var, *values, self.measurements(node)[1],
+        paths = attend.backward(self.facts(node), g.var, *values, self.measurements(node)[1],
                                 self.width(node))
         for i, var in zip(node.inputs, paths):
             _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))

@@ -25,7 +25,11 @@ VIEWS = {T.view, T.view_as, T.reshape, T.reshape_as, torch.reshape, T.flatten, t
          T.unflatten, torch.unflatten, T.transpose, torch.transpose, T.swapaxes, T.swapdims,
          T.permute, torch.permute, T.movedim, torch.movedim, T.t, torch.t, T.squeeze,
          torch.squeeze, T.unsqueeze, torch.unsqueeze, T.contiguous, T.clone, torch.clone,
-         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as}
+         T.to, T.float, T.double, T.half, T.bfloat16, T.type_as, T.type}
+# Copies of the elements (a broadcast made real, repeated heads): the second moment
+# passes, each element's gradient gathers numel(out)/numel(in) copies' (independent).
+EXPANDS = {T.expand, T.expand_as, T.repeat, T.repeat_interleave, torch.repeat_interleave,
+           torch.broadcast_to}
 # Minus the elements: the second moment and the gradient's pass unchanged, the mean flips.
 NEGATIONS = {torch.neg, T.neg, T.__neg__, torch.negative, T.negative}
 # A part of the elements: the second moment of positions and channels taken alike,
@@ -49,6 +53,7 @@ ACTIVATIONS = {
     F.hardsigmoid: lambda a, k: nn.Hardsigmoid(), F.relu6: lambda a, k: nn.ReLU6(),
     F.hardtanh: lambda a, k: nn.Hardtanh(_arg(a, k, 1, "min_val", -1.0),
                                          _arg(a, k, 2, "max_val", 1.0)),
+    F.glu: lambda a, k: nn.GLU(_arg(a, k, 1, "dim", -1)),  # halves, not elementwise: rules.glu
 }
 # Means and pools over positions (theory.pools): kind by function.
 POOLS = {torch.mean: "mean", T.mean: "mean", torch.sum: "sum", T.sum: "sum",
@@ -89,6 +94,7 @@ class Attention:
     dropout: float = 0.0
     measured: int | None = None
     params: int | None = None  # nn.MultiheadAttention: its weights' moments (theory.mha)
+    eager: bool = False  # spelled out (theory.attention_graph): ``measured`` + 2 is its mask
 
 
 @dataclass
@@ -101,6 +107,7 @@ class Node:
     input), "linear" (sum_i f_i E[x_i^2] + const, gradient b_i per input), "act",
     "dropout", "pool" (theory.pools; ``reason`` names the op), "product" (of two
     activations from different branches), "table" (a rotary embedding's cos or sin),
+    "lookup" (F.embedding on a parameter table: ``scale`` its moments),
     "attention" (inputs q,
     k, v), "unknown". ``where``:
     ("in" | "after", layer index) for messages.

@@ -28,13 +28,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory import attention_stats
+from varprobe.theory import functional
+from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
     ADD,
     CAT,
     CUSTOM,
     DIV,
+    EXPANDS,
     IN_PLACE_DUNDERS,
     IN_PLACE_WRITES,
     KERNELS,
@@ -68,8 +70,9 @@ class _Frame:
 class Recording(TorchFunctionMode):
     """Active around the forward pass only; the Recorder calls ``enter``/``exit``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, init_log: Any = None):
         super().__init__()
+        self.init_log = init_log  # varprobe.initlog.Log: a meta parameter's recorded init
         self.nodes: list[Node] = []
         self.outputs: list[int | None] = []
         self.cotangent_var: float | None = None
@@ -83,6 +86,7 @@ class Recording(TorchFunctionMode):
         self._constants: list[torch.Tensor | tuple[float, float]] = []
         self.compiled = next((name for name, m in model.named_modules()
                               if type(m).__name__ == "OptimizedModule"), None)
+        self._graph = AttentionGraph(self, model)  # SDPA, eager attention, x @ W
 
     # --- the network's inputs and outputs ------------------------------------------
     def start(self, inputs: list[torch.Tensor]) -> None:
@@ -121,6 +125,7 @@ class Recording(TorchFunctionMode):
     def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.failed is not None:
             return
+        self._graph.modules[index] = module
         if self._frames and self._frames[-1].opaque:
             self._frames.append(_Frame(index, True, ()))  # inside a module taken whole
             return
@@ -133,19 +138,12 @@ class Recording(TorchFunctionMode):
         if primary is not None and inputs[0] is None:
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
                                   "operations", where=self._where())), *ids)
-        attn = self._mha(module, args, kwargs) if isinstance(module, nn.MultiheadAttention) \
-            else None
+        attn = self._graph.multihead(module, args, kwargs) \
+            if isinstance(module, nn.MultiheadAttention) else None
         self._frames.append(_Frame(index, _opaque(module), ids, attn,
                                    "Rotary" in type(module).__name__))
         if self._frames[-1].opaque and self._on_top():
             self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
-
-    def _mha(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Attention:
-        facts, moments = attention_stats.multihead(module, args, kwargs)
-        if moments:
-            self._constants.extend(moments)
-            facts.params = len(self._constants) - len(moments)
-        return facts
 
     def alias(self, source: torch.Tensor, alias: torch.Tensor) -> None:
         """The Recorder's alias of a module's input holds the input's values."""
@@ -230,6 +228,8 @@ class Recording(TorchFunctionMode):
             node = self._cat_node(args, kwargs, outs[0], func is torch.stack)
         elif func in VIEWS:
             node = self._chain_node(args, 1.0)
+        elif func in EXPANDS:  # copies: each gathers its copies' gradients
+            node = self._chain_node(args, outs[0].numel() / max(args[0].numel(), 1))
         elif func in NEGATIONS:
             node = self._chain_node(args, 1.0, mean=-1.0)
         elif func in SLICES:
@@ -241,7 +241,15 @@ class Recording(TorchFunctionMode):
         elif func in POOLS:
             node = self._pool_node(func, args, kwargs, outs[0])
         elif func is F.scaled_dot_product_attention:
-            node = self._attention_node(args, kwargs)
+            node = self._graph.sdpa(args, kwargs)
+        elif func in MATMULS:
+            node = self._graph.matmul(func, args, kwargs, outs[0])
+        elif func in functional.LINEARS:
+            node = functional.linear(self, func, args, kwargs)
+        elif func is F.embedding:
+            node = functional.embedding(self, args, kwargs)
+        elif func in SOFTMAXES:
+            node = self._graph.softmax(func, args, kwargs, outs[0])
         else:
             node = None
         if node == -1:
@@ -259,6 +267,7 @@ class Recording(TorchFunctionMode):
             product = PRODUCT if func in MUL or func in DIV else ""
             node = self._add(Node("unknown", inputs, reason=_name(func) + product, stops=stops,
                                   where=self._where()))
+        self._graph.carry(func, args, kwargs, node, outs[0])  # eager attention's steps
         for t in outs:
             self._bind(t, node)
 
@@ -393,27 +402,15 @@ class Recording(TorchFunctionMode):
         return self._add(Node("pool", (node,), reason=_name(func), where=self._where(),
                               pool=Pool(kind, window, fraction)))
 
-    def _attention_node(self, args, kwargs) -> int | None:
-        q, k, v = (_arg(args, kwargs, i, name, None)
-                   for i, name in enumerate(("query", "key", "value")))
-        if not all(isinstance(t, T) and t.dim() >= 2 for t in (q, k, v)):
-            return None
-        nodes = [self._lookup(t) for t in (q, k, v)]
-        if all(n is None for n in nodes):
-            return -1
-        if any(n is None for n in nodes):
-            return None  # a constant query, key or value: not self-attention at init
-        facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
-        if not q.is_meta:
-            self._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
-            facts.measured = len(self._constants) - 2
-        return self._add(Node("attention", tuple(nodes), attn=facts, where=self._where()))
-
     def _moments(self, c: Any, invert: bool = False) -> int | None:
         """The index in ``constants()`` of (mean(c^2), mean(c)) (of 1/c with ``invert``)
         of a constant operand: a Python number, or a tensor that is not an activation (a
         parameter, a buffer, or one made from them), reduced on its device."""
-        if isinstance(c, T) and not c.is_complex():
+        known = self.init_log.moments(c) if isinstance(c, T) and c.is_meta and not invert \
+            and self.init_log is not None else None
+        if known is not None and known.known:
+            self._constants.append((known.m2, known.mean))  # what its init code left there
+        elif isinstance(c, T) and not c.is_complex():
             with torch.no_grad():
                 v = c.detach().to(torch.float64)
                 v = v.reciprocal() if invert else v

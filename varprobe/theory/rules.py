@@ -72,6 +72,9 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
                                                  s.r * (1 - module.p))
     if isinstance(module, IDENTITY_LIKE):
         return s
+    if isinstance(module, nn.GLU):
+        out = glu(s, mu, values)
+        return None if out is None else out[0]
     pool = pools.of_module(module, layer.input_shape, layer.shape)
     exact = pools.exact(pool, s, mu) if pool is not None else None
     return exact[0] if exact is not None else None
@@ -99,6 +102,9 @@ def backward(layer: Layer, module: nn.Module, grad: float | None, s: Signal | No
         return None if module.p >= 1 else grad / (1 - module.p)
     if isinstance(module, IDENTITY_LIKE):
         return grad
+    if isinstance(module, nn.GLU):
+        out = glu(s, mu, values) if s is not None else None
+        return None if out is None or out[2] is None else out[2] * grad
     pool = pools.of_module(module, layer.input_shape, layer.shape)
     return None if pool is None else grad * pools.backward(pool)
 
@@ -109,6 +115,8 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
     shifted alike, as after a rectifier passed on by a residual add): (E[f(y)^2] with
     its mean share, E[f(y)], E[f'(y)^2]) by quadrature over y = mu + N(0, q - mu^2);
     the closed forms of theory.gains when mu is 0. None: no closed form."""
+    if isinstance(module, nn.GLU):
+        return glu(s, mu, values)
     if mu * mu <= CENTRED * s.m2:
         g = forward_gain(module, s.m2, values)
         if g is None:
@@ -212,6 +220,21 @@ def activation_mean(module: nn.Module, var: float, mu: float) -> float:
 
 
 _MEANS: dict[tuple, float] = {}
+
+
+def glu(s: Signal, mu: float = 0.0, values: Values | None = None,
+        ) -> tuple[Signal, float, float | None] | None:
+    """GLU, a * sigmoid(b) with a and b the two halves of one tensor, taken as independent
+    factors alike in E[x²] and mean: E[y²] = E[a²] E[σ(b)²]. Backward, half of the input's
+    elements get Var[dy] E[σ(b)²] (the a half), half Var[dy] E[a²] E[σ'(b)²] (the b half):
+    their mean is the gain."""
+    gate = activate(nn.Sigmoid(), s, mu, values)
+    if gate is None:
+        return None
+    sig, mean, gain = gate
+    back = None if gain is None else 0.5 * (sig.m2 + s.m2 * gain)
+    return (Signal(s.m2 * sig.m2, s.mean_share * sig.mean_share, s.r * sig.r), mu * mean,
+            back)
 
 
 def mean_after(module: nn.Module, mu: float, values: Values | None = None,

@@ -26,6 +26,7 @@ One walk serves three uses, told apart by ``mode``:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -34,7 +35,7 @@ from varprobe.report import Layer, Report
 from varprobe.theory import attend, mha, norms, pools, rules
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
-from varprobe.theory.nodes import CUSTOM, Node
+from varprobe.theory.nodes import CUSTOM, Attention, Node
 from varprobe.theory.signal import Call, Grad, Signal, Value
 from varprobe.theory.weights import Weights
 
@@ -101,6 +102,10 @@ class Walk(Backward):
             return self._input(node)
         if node.op == "table":  # cos or sin of rotary embeddings: half of cos² + sin²
             return Value(Signal(0.5, 0.0, 1.0))
+        if node.op == "lookup":  # F.embedding on a table: its rows' mean(w²)
+            valueless = self._no_value(node)
+            return Value(None, valueless) if valueless else \
+                Value(Signal(self.constants[node.scale][0]))
         if node.op == "call":
             return self._call(node, ins)
         if node.op == "exit":
@@ -180,12 +185,21 @@ class Walk(Backward):
     def _attention(self, node: Node, ins: list[Value], note: str | None, at: int) -> Value:
         measured, correlations = self.measurements(node)
         q, k, v = (x.signal for x in ins)
-        signal, facts = attend.forward(node.attn, q, k, v, measured, correlations,
+        signal, facts = attend.forward(self.facts(node), q, k, v, measured, correlations,
                                        self.width(node))
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
                                "key_layer": self.producer(node.inputs[1]), **facts})
         return Value(signal, None, note, at, ins[2].mu)
+
+    def facts(self, node: Node) -> Attention:
+        """An eager attention's mask as the probe measured it (causal, or none at all)
+        over what the recording took it to be (theory.attention_graph)."""
+        facts = node.attn
+        if not facts.eager or facts.measured is None or not self.measured:
+            return facts
+        causal, full = self.constants[facts.measured + 2]
+        return replace(facts, causal=causal > 0.5 and full < 0.5, masked=full < 0.5)
 
     def width(self, node: Node) -> int | None:
         """The fan-in of the layer that made the queries: the width n of attention's

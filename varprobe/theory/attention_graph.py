@@ -1,0 +1,226 @@
+"""The recording's attention nodes: scaled_dot_product_attention calls, and eager
+attention followed op by op.
+
+Eager attention (transformers' ``eager``, hand-written attention) spells softmax
+attention out: ``scores = q @ k^T [* c] [+ mask | masked_fill]``, ``p = softmax(scores,
+-1)``, ``[dropout(p)]``, ``out = p @ v``. The recording follows that chain: a matmul of
+two activations becomes a pending logits node that remembers its query and key nodes;
+scalings by a number, additive masks, masked_fill, dtype casts and the softmax over the
+keys carry the pending state; dropout on the probabilities sets the attention dropout;
+the matmul of the probabilities with a third activation becomes one "attention" node
+(inputs q, k, v) that the walk predicts with the same closed forms as an SDPA call. The
+intermediate nodes stay unknown ops: a chain that is only partly there (a matmul of two
+activations that is not attention, a softmax over another axis) is named where it is
+used, never given a number. Under eager attention p is materialized, so the probe
+measures Σp² over every row and the logit second moment at the softmax (on the device,
+fetched with the pass's other statistics), plus whether the mask is causal.
+
+A matmul of an activation with a parameter (``x @ W``) is a linear map
+(theory.functional).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from varprobe.theory import attention_stats, functional
+from varprobe.theory.nodes import ADD, DIV, MUL, VIEWS, Attention, Node, T, _arg, _name
+
+MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
+SOFTMAXES = {F.softmax, torch.softmax, T.softmax}
+MASK_FILLS = {T.masked_fill, T.masked_fill_, torch.masked_fill}
+PAIR = " of two activations"  # what an unfollowed matmul of two activations is called
+
+
+@dataclass
+class Pending:
+    """An eager attention under way: its query and key nodes, its facts so far, whether
+    the softmax has been taken, and what the probe measured on the device so far
+    (r_k at the logits; Σp², the mean logit², the mask's shape at the softmax)."""
+
+    q: int
+    k: int
+    facts: Attention
+    probs: bool = False
+    stats: dict[str, T] = field(default_factory=dict)
+
+
+class AttentionGraph:
+    """Held by a theory.recording.Recording; adds its nodes through it."""
+
+    def __init__(self, rec: Any, model: nn.Module):
+        self.rec = rec
+        self.pending: dict[int, Pending] = {}
+        self.modules: dict[int, nn.Module] = {}  # call index -> module (the Recorder's)
+        self._parents = {id(c): m for m in model.modules() for c in m.children()}
+
+    # --- scaled_dot_product_attention --------------------------------------------------
+    def sdpa(self, args: tuple, kwargs: dict) -> int | None:
+        q, k, v = (_arg(args, kwargs, i, name, None)
+                   for i, name in enumerate(("query", "key", "value")))
+        if not all(isinstance(t, T) and t.dim() >= 2 for t in (q, k, v)):
+            return None
+        nodes = [self.rec._lookup(t) for t in (q, k, v)]
+        if all(n is None for n in nodes):
+            return -1
+        if any(n is None for n in nodes):
+            return None  # a constant query, key or value: not self-attention at init
+        facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
+        if not q.is_meta:
+            self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
+            facts.measured = len(self.rec._constants) - 2
+        return self.rec._add(Node("attention", tuple(nodes), attn=facts,
+                                  where=self.rec._where()))
+
+    def multihead(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict,
+                  ) -> Attention:
+        facts, moments = attention_stats.multihead(module, args, kwargs)
+        if moments:
+            self.rec._constants.extend(moments)
+            facts.params = len(self.rec._constants) - len(moments)
+        return facts
+
+    # --- matmuls ----------------------------------------------------------------------
+    def matmul(self, func, args: tuple, kwargs: dict, out: T) -> int | None:
+        operands = _operands(func, args, kwargs)
+        if operands is None:
+            return None
+        a, b, transposed = operands
+        na, nb = (self.rec._lookup(t) if isinstance(t, T) else None for t in (a, b))
+        if na is None and nb is None:
+            return -1
+        if nb is None:
+            return None if transposed else functional.weight(self.rec, a, b, None)
+        if na is None:
+            return None  # a constant times an activation from the left: not followed
+        state = self.pending.get(na)
+        if state is not None and state.probs and not transposed and nb not in self.pending:
+            return self._attention(state, b, nb)
+        node = self.rec._add(Node("unknown", (na, nb), reason=_name(func) + PAIR,
+                                  where=self.rec._where()))
+        if a.dim() >= 2 and b.dim() >= 2 and a.is_floating_point():
+            self.pending[node] = self._logits(a, b, na, nb, transposed)
+        return node
+
+    def _logits(self, q: T, b: T, nq: int, nk: int, transposed: bool) -> Pending:
+        k = b if transposed else b.transpose(-1, -2)  # keys as (..., T_k, d)
+        facts = Attention(queries=q.shape[-2], keys=k.shape[-2], d_k=q.shape[-1],
+                          heads=q.shape[-3] if q.dim() > 2 else 1,
+                          kv_heads=q.shape[-3] if q.dim() > 2 else 1, scale=1.0)
+        state = Pending(nq, nk, facts)
+        state.facts.causal = self._causal_hint(nq)
+        if not q.is_meta:
+            with torch.no_grad():
+                state.stats["r_k"] = attention_stats._correlation(k)
+        return state
+
+    def _causal_hint(self, nq: int) -> bool:
+        """Whether the module around the query projection says it is causal (the
+        ``is_causal`` of transformers' attention modules): what a mask on the meta
+        device, which has no values, is taken to be. A probe measures the mask."""
+        nodes, k = self.rec.nodes, nq
+        while nodes[k].op in ("linear", "product") and nodes[k].inputs:
+            k = nodes[k].inputs[0]
+        module = self.modules.get(nodes[k].index) if nodes[k].op == "call" else None
+        parent = self._parents.get(id(module)) if module is not None else None
+        return bool(getattr(parent, "is_causal", False))
+
+    def _attention(self, state: Pending, v: T, nv: int) -> int:
+        facts = replace(state.facts, causal=state.facts.causal and state.facts.masked)
+        if "p2" in state.stats and not v.is_meta:
+            with torch.no_grad():
+                s, z = state.stats, torch.zeros((), dtype=torch.float64, device=v.device)
+                self.rec._constants.extend([
+                    torch.stack([s["p2"], s["s2"]]),
+                    torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
+                    torch.stack([s["causal"], s["full"]])])
+            facts.measured = len(self.rec._constants) - 3
+            facts.eager = True
+        return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
+                                  where=self.rec._where()))
+
+    # --- what carries a pending attention ------------------------------------------------
+    def softmax(self, func, args: tuple, kwargs: dict, out: T) -> int | None:
+        x = args[0] if args and isinstance(args[0], T) else kwargs.get("input")
+        nx = self.rec._lookup(x) if isinstance(x, T) else None
+        if nx is None:
+            return -1
+        dim = _arg(args, kwargs, 1, "dim", None)
+        state = self.pending.get(nx)
+        node = self.rec._add(Node("unknown", (nx,), reason=_name(func),
+                                  where=self.rec._where()))
+        if state is not None and not state.probs and dim in (-1, x.dim() - 1):
+            self.pending[node] = replace(state, probs=True, stats={
+                **state.stats, **(_softmax_stats(x, out) if not x.is_meta else {})})
+        return node
+
+    def carry(self, func, args: tuple, kwargs: dict, node: int, out: T) -> None:
+        """Pass a pending attention on to ``node``, made by ``func`` from it, where
+        ``func`` is one of the steps between the logits and the product with v."""
+        inputs = self.rec.nodes[node].inputs
+        state = self.pending.get(inputs[0]) if inputs else None
+        if state is None or node in self.pending or not isinstance(args[0], T):
+            return
+        if out.shape != args[0].shape:
+            return  # a view that moves the axes: the softmax's axis is lost
+        facts = self._step(func, self.rec.nodes[node], state)
+        if facts is not None:
+            self.pending[node] = replace(state, facts=facts)
+
+    def _step(self, func, node: Node, state: Pending) -> Attention | None:
+        facts = state.facts
+        if func in VIEWS or func is F.dropout:
+            if func is F.dropout:
+                return replace(facts, dropout=node.p) if state.probs else None
+            return facts if len(node.inputs) == 1 else None
+        if state.probs or len(node.inputs) != 1:
+            return None  # p scaled, masked or added to: not attention's p @ v
+        if (func in MUL or func in DIV) and node.scale is not None:
+            c = self.rec._constants[node.scale]
+            return replace(facts, scale=facts.scale * c[1]) if isinstance(c, tuple) else None
+        if func in ADD and node.const or func in MASK_FILLS or func is torch.where:
+            return replace(facts, masked=True)
+        return None
+
+
+def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:
+    """(a, b, transposed): the product is a @ b, or a @ b^T where ``transposed`` (an
+    einsum over the last axis of both). None: an einsum of another shape."""
+    if func is not torch.einsum:
+        return args[0] if args else kwargs.get("input"), \
+            _arg(args, kwargs, 1, "other", kwargs.get("mat2")), False
+    ops = args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1]
+    if len(ops) != 2 or "->" not in args[0]:
+        return None
+    (left, right), out = args[0].replace(" ", "").split("->")[0].split(","), \
+        args[0].replace(" ", "").split("->")[1]
+    if (len(left) < 2 or len(right) < 2 or left[:-2] != right[:-2] or out[:-2] != left[:-2]
+            or "." in left):
+        return None
+    i, j = left[-2:]
+    if right[-2:] == j + right[-1] and out[-2:] == i + right[-1] and right[-1] not in (i, j):
+        return ops[0], ops[1], False   # ...ij,...jk->...ik
+    if right[-1] == j and out[-2:] == i + right[-2] and right[-2] not in (i, j):
+        return ops[0], ops[1], True    # ...ij,...kj->...ik
+    return None
+
+
+def _softmax_stats(x: T, p: T) -> dict[str, T]:
+    """Σp² over every row, the mean squared logit over the keys each query sees, and the
+    mask's shape (1 where every row sees exactly the keys up to its own position, top-left
+    aligned; 1 where every key is seen), on the device. Elementwise in the tensors' own
+    dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
+    with torch.no_grad():
+        x, p = x.detach(), p.detach()
+        allowed = torch.isfinite(x) & (x > attention_stats.MASKED)
+        tril = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril()
+        count = allowed.sum().clamp(min=1)
+        return {"p2": p.square().sum(-1, dtype=torch.float64).mean(),
+                "s2": x.masked_fill(~allowed, 0.0).square().sum(dtype=torch.float64) / count,
+                "causal": (allowed == tril).all().double(),
+                "full": allowed.all().double()}
