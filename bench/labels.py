@@ -8,35 +8,42 @@ from varprobe. The protocol, the same for every entry:
   CPU affords) and trained there, which the globally pooled (and the fully
   convolutional) families accept; ``resolution`` in the labels says what was used (the
   native size when the model refuses the smaller one).
-* Task (``e.task``):
-  - "classify": a fixed random label per example (and per position, for a sequence
-    output) over the output's last dimension, cross-entropy: memorize them.
-  - "lm": the integer input (``input_ids``) is replaced by sequences drawn from a fixed
-    random Markov chain over ``e.vocab`` in which each token has two likely successors
-    (probability 0.45 each, the remaining 0.1 spread uniformly); next-token
-    cross-entropy.
-  - "regress": MSE to a fixed N(0, 1) target of the output's shape, on the raw output
-    (no rescaling: an output at the wrong scale is part of what is being judged).
-* Optimizers: SGD (momentum 0.9) at learning rates 0.1, 0.03, 0.01 and AdamW (weight
-  decay 0.01) at 3e-3, 1e-3, 3e-4, each from a fresh ``e.build()``, for ``--steps``
-  steps (default 40) of batch ``--batch`` (default 8), the 64 examples in a fixed
-  shuffled order per epoch, the model in train mode, no gradient clipping.
+* Task (``e.task``), one its healthy twin can fit in the budget:
+  - "classify": 4 classes (fewer when the output has fewer logits), 16 examples each.
+    The class is made visible in the main input at the input's own scale: floating
+    inputs get a fixed per-class offset along dim 1 (channels, features, mel bins) of
+    the input's std, broadcast over positions (raw pixels stay raw pixels); token inputs
+    draw each class's tokens from its own quarter of the vocabulary. Cross-entropy on
+    the output's last dimension (every position gets its example's class).
+  - "lm": the integer input (``input_ids``, and ``decoder_input_ids`` of an
+    encoder-decoder) is replaced by sequences drawn from a fixed random Markov chain
+    over ``e.vocab`` in which each token has two likely successors (probability 0.45
+    each, the remaining 0.1 spread uniformly); next-token cross-entropy on the output.
+  - "regress": the classes above in the input; MSE to a fixed N(0, 1) vector per class
+    along the output's channel axis (dim 1 of an image map, else the last), broadcast
+    over positions, on the raw output (an output at the wrong scale is part of what is
+    being judged).
+* chance: the loss of the best constant output: ln(classes) for "classify", ln(vocab)
+  for "lm", the targets' variance across examples for "regress".
+* Optimizers: SGD (momentum 0.9) at learning rates 0.1, 0.03, 0.01, 0.003 and AdamW
+  (weight decay 0.01) at 3e-3, 1e-3, 3e-4, each from a fresh ``e.build()``, for at most
+  ``--steps`` steps of batch ``--batch`` (default 8), the 64 examples in a
+  fixed shuffled order per epoch, the model in train mode, no gradient clipping.
+  The default budget is 60 steps, 150 for "lm" (bigram statistics over a vocabulary of
+  thousands take more steps to show than four visible classes).
   The rates are tried in that order and an optimizer's grid stops at the first rate
-  that trains (the label is the same; ``runs`` lists every rate tried).
-* chance (recorded, not part of the criterion): the loss of the best constant output,
-  ln(classes) for "classify", ln(vocab) for "lm", mean(target^2) for "regress"; an entry
-  whose initial loss is far above it can halve its loss and still predict nothing.
-* initial: the mean minibatch loss over the 64 examples at the built weights (no
-  update); final: the mean of the last 5 steps' losses.
-  trains = final <= 0.5 x initial, both finite. A non-finite loss stops the run: it does
-  not train.
+  that trains (``runs`` lists every rate tried, with its steps).
+* trains = the mean of the last 5 losses reaches half the chance loss (a run stops
+  there); a non-finite loss stops the run: it does not train. Measured against chance,
+  not the initial loss, so a network whose initial loss is huge cannot pass by halving
+  it. ``initial`` (the mean minibatch loss at the built weights) is recorded beside.
 
 Output: corpus/labels/<module>.json (one file per corpus module, so that runs over
 different modules never collide; entries already there and not re-run are kept), per
-entry {task, resolution, size, chance, steps, batch, seconds, sgd: {trains, best_lr,
-initial, final, runs}, adamw: {...}}, and a Markdown table on stdout.
+entry {protocol, task, resolution, size, chance, steps, batch, seconds, sgd: {trains,
+best_lr, initial, final, runs}, adamw: {...}}, and a Markdown table on stdout.
 
-    python -m bench.labels [--only NAME,...] [--module cnn] [--steps 40] [--batch 8]
+    python -m bench.labels [--only NAME,...] [--module cnn] [--steps 60] [--batch 8]
                            [--size 32] [--skip-done]
 """
 
@@ -60,8 +67,12 @@ import torch.nn.functional as F
 import corpus
 
 N_EXAMPLES, TRAIN_SIZE, MIN_RESIZE = 64, 32, 128  # TRAIN_SIZE: the default of --size
-GRIDS = {"sgd": (0.1, 0.03, 0.01), "adamw": (3e-3, 1e-3, 3e-4)}
-LABEL_DIR = Path(__file__).resolve().parent.parent / "corpus" / "labels"
+GOAL = 0.5  # trains: the last 5 losses average at most GOAL x the chance loss
+STEPS = {"classify": 60, "regress": 60, "lm": 150}  # by task, unless --steps says
+PROTOCOL = 2  # bumped when the task or the criterion changes
+CLASSES = 4  # classes of the "classify" and "regress" tasks
+GRIDS = {"sgd": (0.1, 0.03, 0.01, 0.003), "adamw": (3e-3, 1e-3, 3e-4)}
+LABEL_DIR = corpus.LABELS
 
 
 # -- inputs, outputs and targets ---------------------------------------------------------
@@ -138,7 +149,10 @@ def _markov(vocab: int, shape: torch.Size, gen: torch.Generator) -> torch.Tensor
 
 def _with_tokens(inputs: Any, tokens: torch.Tensor) -> Any:
     if isinstance(inputs, dict):
-        return {**inputs, "input_ids": tokens}
+        # an encoder-decoder reads the chain on both sides: the decoder predicts its
+        # own next token (teacher forcing), as a decoder-only model does
+        both = {"decoder_input_ids": tokens} if "decoder_input_ids" in inputs else {}
+        return {**inputs, "input_ids": tokens, **both}
     if isinstance(inputs, tuple):
         return (tokens, *inputs[1:])
     return tokens
@@ -150,12 +164,57 @@ def _tokens(inputs: Any) -> torch.Tensor:
     return inputs[0] if isinstance(inputs, tuple) else inputs
 
 
+def _main_key(inputs: Any) -> Any:
+    """Where the main input sits: a dict key, a tuple index, or None (the input itself)."""
+    if isinstance(inputs, dict):
+        return next(k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim())
+    return 0 if isinstance(inputs, tuple) else None
+
+
+def _replace(inputs: Any, key: Any, value: torch.Tensor) -> Any:
+    if key is None:
+        return value
+    if isinstance(inputs, dict):
+        return {**inputs, key: value}
+    return (*inputs[:key], value, *inputs[key + 1 :])
+
+
+def _show_classes(x: torch.Tensor, y: torch.Tensor, vocab: int | None, gen) -> torch.Tensor:
+    """The main input with each example's class made visible at the input's own scale.
+
+    Floating inputs: a per-class offset along dim 1 (channels, features, mel bins),
+    broadcast over the other dims, of the input's own std; so the input keeps its scale
+    (raw pixels stay raw pixels) and the class is readable at every position.
+    Token inputs: each class draws its tokens from its own quarter of the vocabulary."""
+    k = int(y.max()) + 1
+    if not x.is_floating_point():
+        band = max(1, (vocab or int(x.max()) + 1) // k)
+        return y.view(-1, *[1] * (x.dim() - 1)) * band + torch.randint(
+            band, x.shape, generator=gen
+        )
+    width = x.shape[1] if x.dim() > 1 else 1
+    offsets = torch.randn(k, width, generator=gen).to(x.dtype)
+    shift = offsets[y].view((x.shape[0], width, *[1] * (x.dim() - 2))[: x.dim()])
+    return x + x.std() * shift
+
+
+def _class_targets(y: torch.Tensor, shape: torch.Size, gen) -> torch.Tensor:
+    """Regression targets: a fixed N(0, 1) vector per class along the output's channel
+    axis (dim 1 of an image map, the last dim otherwise), broadcast over positions: a
+    target any network that can read the class can fit, convolutional ones included."""
+    axis = 0 if len(shape) == 3 else len(shape) - 1  # per-example dims
+    vectors = torch.randn(int(y.max()) + 1, shape[axis], generator=gen)
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return vectors[y].view(-1, *view).expand(-1, *shape).clone()
+
+
 @dataclasses.dataclass
 class Task:
     inputs: Any
     loss: Any  # loss(output_tensor, idx) -> scalar
     resolution: str
-    chance: float  # the loss of the best constant guess: ln(classes), or mean(target^2)
+    chance: float  # the loss of the best constant output
 
 
 def make_task(e: corpus.Entry, size: int = TRAIN_SIZE) -> Task:
@@ -179,23 +238,28 @@ def make_task(e: corpus.Entry, size: int = TRAIN_SIZE) -> Task:
         )
     with torch.no_grad():
         shape = _output(_call(e.build(), _take(inputs, torch.arange(2), N_EXAMPLES))).shape[1:]
+    classes = min(CLASSES, shape[-1]) if e.task == "classify" else CLASSES
+    y = (torch.arange(N_EXAMPLES) % classes)[torch.randperm(N_EXAMPLES, generator=gen)]
+    key = _main_key(inputs)
+    main = inputs[key] if key is not None else inputs
+    inputs = _replace(inputs, key, _show_classes(main, y, e.vocab, gen))
     if e.task == "classify":
-        labels = torch.randint(shape[-1], (N_EXAMPLES, *shape[:-1]), generator=gen)
+        labels = y.view(-1, *[1] * (len(shape) - 1)).expand(-1, *shape[:-1])
         return Task(
             inputs,
             lambda out, idx: F.cross_entropy(
                 out.reshape(-1, out.shape[-1]), labels[idx].reshape(-1)
             ),
             resolution,
-            math.log(shape[-1]),
+            math.log(classes),
         )
     if e.task == "regress":
-        target = torch.randn((N_EXAMPLES, *shape), generator=gen)
+        target = _class_targets(y, shape, gen)
         return Task(
             inputs,
             lambda out, idx: F.mse_loss(out, target[idx]),
             resolution,
-            target.pow(2).mean().item(),
+            (target - target.mean(0)).pow(2).mean().item(),
         )
     raise ValueError(f"{e.name}: unknown task {e.task!r}")
 
@@ -230,8 +294,11 @@ def initial_loss(e: corpus.Entry, task: Task, batch: int) -> float:
     return sum(losses) / len(losses)
 
 
-def train(e: corpus.Entry, task: Task, opt: str, lr: float, steps: int, batch: int) -> float:
-    """The mean of the last 5 losses (nan when a loss is non-finite)."""
+def train(
+    e: corpus.Entry, task: Task, opt: str, lr: float, steps: int, batch: int
+) -> tuple[float, int]:
+    """The mean of the last 5 losses (nan when a loss is non-finite) and the steps run:
+    a run stops early once that mean is at the goal, half the chance loss."""
     model = e.build()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -240,26 +307,35 @@ def train(e: corpus.Entry, task: Task, opt: str, lr: float, steps: int, batch: i
         if opt == "sgd"
         else torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     )
-    losses = []
+    losses: list[float] = []
     with torch.random.fork_rng():
         torch.manual_seed(3)  # dropout and stochastic depth draw the same masks every run
         for idx in _batches(steps, batch):
             loss = task.loss(_output(_call(model, _take(task.inputs, idx, N_EXAMPLES))), idx)
             if not torch.isfinite(loss):
-                return math.nan
+                return math.nan, len(losses) + 1
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
             losses.append(loss.item())
-    tail = losses[-5:]
-    return sum(tail) / len(tail)
+            if len(losses) >= 5 and _tail(losses) <= GOAL * task.chance:
+                break
+    return _tail(losses), len(losses)
 
 
-def label(e: corpus.Entry, steps: int, batch: int, size: int = TRAIN_SIZE) -> dict[str, Any]:
+def _tail(losses: list[float]) -> float:
+    return sum(losses[-5:]) / len(losses[-5:])
+
+
+def label(
+    e: corpus.Entry, steps: int | None, batch: int, size: int = TRAIN_SIZE
+) -> dict[str, Any]:
     start = time.perf_counter()
+    steps = steps or STEPS[e.task]
     task = make_task(e, size)
     initial = initial_loss(e, task, batch)
     result: dict[str, Any] = {
+        "protocol": PROTOCOL,
         "task": e.task,
         "resolution": task.resolution,
         "steps": steps,
@@ -268,18 +344,18 @@ def label(e: corpus.Entry, steps: int, batch: int, size: int = TRAIN_SIZE) -> di
         "chance": task.chance,
     }
     for opt, grid in GRIDS.items():
-        runs, best = {}, None
+        runs: dict[str, Any] = {}
         for lr in grid:
-            final = train(e, task, opt, lr, steps, batch)
-            runs[str(lr)] = None if math.isnan(final) else final
-            if not math.isnan(final) and (best is None or final < runs[str(best)]):
-                best = lr
-            if best is not None and runs[str(best)] <= 0.5 * initial:
+            final, ran = train(e, task, opt, lr, steps, batch)
+            runs[str(lr)] = {"final": None if math.isnan(final) else final, "steps": ran}
+            if not math.isnan(final) and final <= GOAL * task.chance:
                 break
-        final = None if best is None else runs[str(best)]
+        finals = {lr: r["final"] for lr, r in runs.items() if r["final"] is not None}
+        best = min(finals, key=finals.get) if finals else None
+        final = finals.get(best)
         result[opt] = {
-            "trains": bool(final is not None and math.isfinite(initial) and final <= 0.5 * initial),
-            "best_lr": best,
+            "trains": bool(final is not None and final <= GOAL * task.chance),
+            "best_lr": None if best is None else float(best),
             "initial": initial if math.isfinite(initial) else None,
             "final": final,
             "runs": runs,
@@ -347,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--module", default="", help="comma-separated corpus modules (e.g. cnn,broken)"
     )
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: by task)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument(
         "--size", type=int, default=TRAIN_SIZE, help="training size of large images"
@@ -374,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         old = _read(path).get(name, {})
         if (
             args.skip_done
-            and (old.get("steps"), old.get("batch")) == (args.steps, args.batch)
+            and (old.get("protocol"), old.get("steps"), old.get("batch"))
+            == (PROTOCOL, args.steps or STEPS[corpus.ENTRIES[name].task], args.batch)
             and (old.get("resolution") == "native" or old.get("size") == args.size)
         ):
             continue

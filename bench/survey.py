@@ -91,16 +91,6 @@ def tally(flags: list[dict[str, str]], most: int = 3) -> str:
     return "<br>".join(parts)
 
 
-def training_labels() -> dict[str, dict[str, Any]]:
-    """What bench/labels.py found for each entry: {name: {sgd, adamw, steps}}."""
-    found = {}
-    for path in sorted((Path(corpus.__file__).parent / "labels").glob("*.json")):
-        for name, r in json.loads(path.read_text()).items():
-            found[name] = {"sgd": r["sgd"]["trains"], "adamw": r["adamw"]["trains"],
-                           "steps": r["steps"]}
-    return found
-
-
 def trained(row: dict[str, Any]) -> str:
     t = row.get("trains")
     return "" if not t else "/".join("yes" if t[o] else "no" for o in ("sgd", "adamw"))
@@ -231,8 +221,7 @@ def main(argv: list[str] | None = None) -> None:
               f"  warnings {len(row.get('warning', []))}"
               + (f"  CRASH {row.get('internal_error') or row.get('build_error')}"
                  if "internal_error" in row or "build_error" in row else ""), flush=True)
-    labels = training_labels()
-    rows = [{**kept[name], "trains": labels.get(name)} for name in sorted(kept)]
+    rows = [{**kept[name], "trains": corpus.trains(name)} for name in sorted(kept)]
     write_atomic(args.json, json.dumps({"varprobe_version": varprobe.__version__,
                                         "torch_version": torch.__version__,
                                         "threads": args.threads,

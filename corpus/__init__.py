@@ -15,9 +15,12 @@ it (bench/labels.py, labels in corpus/labels/<module>.json), never by varprobe.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from torch import nn
 FAMILIES = ("cnn", "cnn_modern", "vision", "hf_text", "hf_vision", "hf_diffusers",
             "handwritten", "broken")
 OPTIONAL = ("transformers", "diffusers")  # libraries a family may need
+LABELS = Path(__file__).resolve().parent / "labels"  # bench/labels.py writes them
 
 
 @dataclass(frozen=True)
@@ -101,3 +105,18 @@ def entries(healthy: bool | None = None) -> list[Entry]:
 def entry(name: str) -> Entry:
     _load()
     return ENTRIES[name]
+
+
+def trains(name: str) -> dict[str, bool] | None:
+    """Whether ``name`` trained in bench/labels.py's runs, {"sgd": ..., "adamw": ...};
+    None when it has no label. Read from corpus/labels, which only training writes."""
+    return _labels().get(name)
+
+
+@functools.cache
+def _labels() -> dict[str, dict[str, bool]]:
+    found = {}
+    for path in sorted(LABELS.glob("*.json")):
+        for name, r in json.loads(path.read_text()).items():
+            found[name] = {opt: r[opt]["trains"] for opt in ("sgd", "adamw")}
+    return found
