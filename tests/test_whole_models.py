@@ -41,6 +41,7 @@ the measured numbers as the reason; the bound is never widened.
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -141,6 +142,36 @@ def test_gpt_within_bound(gpt):
 
 def test_gpt_graph_basis(gpt):
     assert_graph_basis(gpt)
+
+
+ATTENTION_BOUND = 0.2  # attention.md §3.4: the closed forms' tolerance while s_e² <= 1
+
+
+def assert_attention_backward(found: dict[str, W.LayerSeries], names: tuple[str, ...]) -> None:
+    """Every attention projection's backward within the attention tolerance: the value
+    path reads the gradient's token correlation the probe measures (gradient_stats);
+    with it taken as 0 the first block's qkv projection was 0.55x measured (GPT)."""
+    off = {}
+    for name, layer in found.items():
+        if any(part in name for part in names):
+            ratio = W._mean(layer.meas_b) / W._mean(layer.pred_b)
+            if abs(math.log(ratio)) > ATTENTION_BOUND:
+                off[name] = round(ratio, 3)
+    assert not off, f"measured/predicted backward: {off}"
+
+
+def test_gpt_attention_backward_per_layer(gpt):
+    assert_attention_backward(gpt, ("attn.c_attn", "attn.c_proj"))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "RoPE: the walk's query and key paths take the keys' shared part as cancelling in "
+    "the softmax, which rotary positions undo (attention.md §3.6), so q_proj is 2-4x "
+    "under-predicted in layers 2-3, and the residual stream's gradient is over-predicted "
+    "up to 1.6x at layer 0 (8 seeds: median |log| backward 0.175, worst layers.3.q_proj "
+    "0.000614/0.000137)"))
+def test_llama_within_bound():
+    assert_within_bound(W.seed_series(Z.case("hf_llama"), 8))
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(

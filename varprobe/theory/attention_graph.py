@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import attention_stats, functional
+from varprobe.theory import attention_stats, functional, gradient_stats
 from varprobe.theory.nodes import ADD, DIV, MUL, VIEWS, Attention, Node, T, _arg, _name
 
 MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
@@ -60,7 +60,7 @@ class AttentionGraph:
         self._parents = {id(c): m for m in model.modules() for c in m.children()}
 
     # --- scaled_dot_product_attention --------------------------------------------------
-    def sdpa(self, args: tuple, kwargs: dict) -> int | None:
+    def sdpa(self, args: tuple, kwargs: dict, out: T) -> int | None:
         q, k, v = (_arg(args, kwargs, i, name, None)
                    for i, name in enumerate(("query", "key", "value")))
         if not all(isinstance(t, T) and t.dim() >= 2 for t in (q, k, v)):
@@ -74,6 +74,7 @@ class AttentionGraph:
         if not q.is_meta:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
             facts.measured = len(self.rec._constants) - 2
+        self._watch(facts, out)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
 
@@ -100,7 +101,7 @@ class AttentionGraph:
             return None  # a constant times an activation from the left: not followed
         state = self.pending.get(na)
         if state is not None and state.probs and not transposed and nb not in self.pending:
-            return self._attention(state, b, nb)
+            return self._attention(state, b, nb, out)
         node = self.rec._add(Node("unknown", (na, nb), reason=_name(func) + PAIR,
                                   where=self.rec._where()))
         if a.dim() >= 2 and b.dim() >= 2 and a.is_floating_point():
@@ -130,7 +131,7 @@ class AttentionGraph:
         parent = self._parents.get(id(module)) if module is not None else None
         return bool(getattr(parent, "is_causal", False))
 
-    def _attention(self, state: Pending, v: T, nv: int) -> int:
+    def _attention(self, state: Pending, v: T, nv: int, out: T) -> int:
         facts = replace(state.facts, causal=state.facts.causal and state.facts.masked)
         if "p2" in state.stats and not v.is_meta:
             with torch.no_grad():
@@ -141,8 +142,17 @@ class AttentionGraph:
                     torch.stack([s["causal"], s["full"]])])
             facts.measured = len(self.rec._constants) - 3
             facts.eager = True
+        self._watch(facts, out)
         return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
                                   where=self.rec._where()))
+
+    def _watch(self, facts: Attention, out: T) -> None:
+        """The gradient's token correlation at the output, measured in the backward
+        (theory.gradient_stats) into a slot among the constants."""
+        slots = gradient_stats.watch(out)
+        if slots:
+            self.rec._constants.extend(slots)
+            facts.gradient = len(self.rec._constants) - len(slots)
 
     # --- what carries a pending attention ------------------------------------------------
     def softmax(self, func, args: tuple, kwargs: dict, out: T) -> int | None:

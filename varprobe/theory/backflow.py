@@ -125,7 +125,7 @@ class Backward:
                                      "value for", rel=g.rel))
             return
         paths = attend.backward(self.facts(node), g.var, *values, self.measurements(node)[1],
-                                self.width(node))
+                                self.width(node), self.gradient_correlation(node))
         for i, var in zip(node.inputs, paths):
             _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))
 

@@ -95,6 +95,7 @@ class Attention:
     measured: int | None = None
     params: int | None = None  # nn.MultiheadAttention: its weights' moments (theory.mha)
     eager: bool = False  # spelled out (theory.attention_graph): ``measured`` + 2 is its mask
+    gradient: int | None = None  # the constant the backward fills with r_g (gradient_stats)
 
 
 @dataclass

@@ -241,7 +241,7 @@ class Recording(TorchFunctionMode):
         elif func in POOLS:
             node = self._pool_node(func, args, kwargs, outs[0])
         elif func is F.scaled_dot_product_attention:
-            node = self._graph.sdpa(args, kwargs)
+            node = self._graph.sdpa(args, kwargs, outs[0])
         elif func in MATMULS:
             node = self._graph.matmul(func, args, kwargs, outs[0])
         elif func in functional.LINEARS:

@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from varprobe.report import Layer, Report
-from varprobe.theory import attend, mha, norms, pools, rules
+from varprobe.theory import attend, attention, gradient_stats, mha, norms, pools, rules
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
 from varprobe.theory.nodes import CUSTOM, Attention, Node
@@ -241,6 +241,19 @@ class Walk(Backward):
             return None, None
         return (self.constants[index] if self.actual is None else None,
                 self.constants[index + 1])
+
+    def gradient_correlation(self, node: Node) -> float | None:
+        """r_g, the gradient's token correlation at an attention call's output as the
+        value path sees it, from what the probe measured in the backward
+        (theory.gradient_stats), for every walk over a measured pass; None where there
+        is none (predict, no backward)."""
+        index, facts = node.attn.gradient, self.facts(node)
+        if index is None or not self.measured:
+            return None
+        square = facts.queries == facts.keys  # the flat p the probe summed with
+        counts = attention.key_counts(attend.keys(facts), facts.causal and square)
+        return gradient_stats.effective(self.constants[index:index + 2], facts.causal,
+                                        facts.masked or not square, counts)
 
     def _input(self, node: Node) -> Value:
         if node.index != 0:

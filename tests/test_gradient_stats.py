@@ -1,0 +1,62 @@
+"""The gradient's token correlation the probe measures at attention outputs
+(theory.gradient_stats), against a float64 computation of the value path's gradient.
+
+At flat attention (zero queries: every logit 0) the value path is exact linear algebra,
+dv = pᵀ g with p̄_ij = 1/T_i over the keys query i sees, so the closed form
+σ_g²[r_g C + (1 - r_g) P₂] fed the effective r_g must reproduce mean(dv²) to rounding,
+for a gradient whose variance and correlation vary with the position (what a causal
+stack makes), where one uncentered r_g does not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from varprobe.theory import attention, gradient_stats
+
+
+def _gradient(causal: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(4, 2, 32, 16, generator=gen, dtype=torch.float64)
+    # early positions larger and sharing a component, as in a causal decoder's backward
+    shared = torch.randn(4, 2, 1, 16, generator=gen, dtype=torch.float64)
+    weight = torch.linspace(2.0, 0.2, 32, dtype=torch.float64)[:, None]
+    return g * weight + shared * weight if causal else g + 0.5 * shared
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_effective_correlation_makes_the_flat_value_path_exact(causal):
+    g = _gradient(causal)
+    tokens = g.shape[-2]
+    seen = torch.ones(tokens, tokens, dtype=torch.float64)
+    p = (seen.tril() if causal else seen)
+    p = p / p.sum(-1, keepdim=True)
+    exact = float((p.transpose(0, 1) @ g).square().mean())  # dv_j = Σ_i p_ij g_i
+    g.requires_grad_(False)
+    slots = [s.tolist() for s in _filled(g)]
+    counts = attention.key_counts(tokens, causal)
+    r_g = gradient_stats.effective(slots, causal, causal, counts)
+    sigma = float(g.square().mean())
+    closed = attention.backward(sigma, 1.0, 0.0, 0.0, 16, tokens, r_g=r_g, causal=causal)
+    assert closed.value == pytest.approx(exact, rel=1e-9)
+    plain = attention.backward(sigma, 1.0, 0.0, 0.0, 16, tokens, r_g=slots[0][0],
+                               causal=causal).value
+    if causal:  # one uncentered r_g misses the position dependence
+        assert abs(plain / exact - 1) > 0.2
+
+
+def _filled(g: torch.Tensor) -> list[torch.Tensor]:
+    """The slots as the probe fills them: a hook on an output whose gradient is g."""
+    out = torch.zeros_like(g, requires_grad=True)
+    y = out * 1.0
+    slots = gradient_stats.watch(y)
+    y.backward(g)
+    return slots
+
+
+def test_no_gradient_leaves_the_slots_unfilled():
+    y = torch.zeros(2, 8, 4, requires_grad=True) * 1.0
+    slots = [s.tolist() for s in gradient_stats.watch(y)]
+    assert gradient_stats.effective(slots, True, True, attention.key_counts(8, True)) is None
+    assert gradient_stats.watch(torch.zeros(2, 8, 4)) == []
