@@ -163,9 +163,10 @@ def confusion(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["## The verdict against training", "",
              "Rows: what the default check said (healthy entries: quiet or false alarm; "
              "broken ones: caught, wrong culprit or missed). Columns: what a short training "
-             "run did (bench/labels.py: best of a small learning-rate grid, trains = final "
-             "loss at most half the initial one in its fixed budget; its limits are in "
-             "docs/flags.md).", "",
+             "run did (bench/labels.py: best of a small learning-rate grid, trains = the "
+             "last 5 losses average at most half the chance loss within its fixed budget; "
+             "the protocol is in docs/flags.md). A broken entry that trains is right to "
+             "be missed and wrong to be caught.", "",
              "| outcome | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for o in found:
         lines.append(f"| {o} | " + " | ".join(str(table[o, c]) for c in columns) + " |")
