@@ -1,7 +1,8 @@
 """bench/labels.py: the synthetic tasks and the "trains" criterion, on tiny networks.
 
 Expected values come from the task definitions (chance = ln(classes); the Markov chain
-puts 0.45 + 0.1/vocab on each of two successors), never from the code under test.
+puts 0.45 + 0.1/vocab on each of two successors; the class offsets are the input's std),
+never from the code under test.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def test_labels_markov_chain_has_two_likely_successors():
 
 def test_labels_chance_and_shapes():
     task = labels.make_task(_entry(lambda: nn.Linear(64, 5)))
-    assert math.isclose(task.chance, math.log(5))
+    assert math.isclose(task.chance, math.log(4))  # 4 classes of the 5 logits
+    assert math.isclose(labels.make_task(_entry(lambda: nn.Linear(64, 3))).chance,
+                        math.log(3))
     assert task.resolution == "native"
     lm = labels.make_task(
         _entry(lambda: nn.Sequential(nn.Embedding(7, 8), nn.Linear(8, 7)), "lm", 7)
@@ -72,6 +75,25 @@ def test_labels_criterion_separates_a_trainable_and_a_dead_net():
         return model
 
     ok, bad = labels.label(_entry(mlp), 40, 8), labels.label(_entry(dead), 40, 8)
-    assert ok["adamw"]["trains"] and ok["adamw"]["final"] <= 0.5 * ok["adamw"]["initial"]
+    assert ok["adamw"]["trains"] and ok["adamw"]["final"] <= 0.5 * math.log(4)
+    assert ok["sgd"]["trains"] and ok["sgd"]["runs"]["0.1"]["steps"] < 40  # stopped early
     assert not bad["adamw"]["trains"] and not bad["sgd"]["trains"]
     assert set(bad["sgd"]["runs"]) == {str(lr) for lr in labels.GRIDS["sgd"]}  # full grid tried
+
+
+def test_labels_show_the_class_at_the_inputs_own_scale():
+    """Raw pixels stay raw: each class shifts every channel by a fixed offset of the
+    input's std, the same at every position; integer inputs keep to a class's quarter
+    of the vocabulary."""
+    x = 100 + 50 * torch.rand(64, 3, 8, 8)
+    y = torch.arange(64) % 4
+    shown = labels._show_classes(x, y, None, torch.Generator().manual_seed(0))
+    shift = shown - x
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift))  # constant per map
+    for c in range(4):
+        rows = shift[y == c, :, 0, 0]
+        assert torch.allclose(rows, rows[:1].expand_as(rows))  # one offset per class
+    assert shift.abs().max() < 5 * x.std()
+    tokens = labels._show_classes(torch.zeros(64, 10, dtype=torch.long), y, 100,
+                                  torch.Generator().manual_seed(0))
+    assert ((tokens // 25) == y[:, None]).all()
