@@ -67,11 +67,9 @@ def measure(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     where only (m2, V) and Q are read)."""
     with torch.no_grad():
         dims = [d for d in range(x.dim()) if d != 1]
-        data = x.detach()
-        if data.dtype in (torch.float16, torch.bfloat16):
-            data = data.float()
-        v, mu = torch.var_mean(data, dim=dims, correction=0)
-        v, mu = v.double(), mu.double()
+        # float64, as the probe's other sums: a float32 var_mean of a channel whose mean
+        # dominates cancels (one transient copy of the norm's input)
+        v, mu = torch.var_mean(x.detach().double(), dim=dims, correction=0)
         eps = norms.eps_of(module)
         gamma = _param(module, "weight", v, 1.0)
         beta = _param(module, "bias", v, 0.0)
