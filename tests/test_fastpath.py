@@ -301,10 +301,11 @@ def test_one_host_read_per_probe(monkeypatch, model, mode):
     assert not any("graph: not used" in note for note in report.notes)
     if isinstance(model, Normed):
         check_parameters_read(model, {layer.name: layer for layer in report.layers},
-                              mode, report.input)
+                              mode, x)
 
 
-def check_parameters_read(model: Normed, layers: dict, mode: str, x) -> None:
+def check_parameters_read(model: Normed, layers: dict, mode: str,
+                          x: torch.Tensor) -> None:
     """The predictions use the actual norm and PReLU values (not their defaults): each
     is the closed form of theory.md on them. The same float64 arithmetic in another
     order: 1e-12 relative."""
@@ -319,17 +320,16 @@ def check_parameters_read(model: Normed, layers: dict, mode: str, x) -> None:
     kept = q / (q + model.ln.eps)
     assert layers["ln"].predicted.forward_var == pytest.approx(
         (gamma.square() * kept + beta.square()).mean().item(), rel=1e-12)
-    if mode == "eval":  # BatchNorm on its running statistics (varprobe/runningnorm.py)
+    if mode == "eval":  # BatchNorm on its running statistics, per channel (theory.normshape)
         a, bn = layers["a"], model.bn
-        q = a.predicted.forward_var
-        # The channel means' energy: the input's mean through the weights, and the bias.
-        energy = a.effective_fan_in * a.weight_second_moment * x.mean**2 \
-            + a.bias_second_moment
+        with torch.no_grad():
+            h = model.a(x).double()  # the norm's input, as measured: channel means, variances
+        mu, v = h.mean(0), h.var(0, unbiased=False)
+        k = math.sqrt(a.predicted.forward_var / h.square().mean().item())  # the walk's scale
         g, b, m = host(bn.weight), host(bn.bias), host(bn.running_mean)
         sd = (host(bn.running_var) + bn.eps).sqrt()
-        d = (math.sqrt(energy / m.square().mean().item()) - 1) * m  # means along mu_r
-        expected = g.square() * (q - energy + d.square()) / sd.square() + 2 * g * b * d / sd \
-            + b.square()
+        out = g * (k * mu - m) / sd + b  # each channel's mean, and its variance below
+        expected = out.square() + (g / sd).square() * k * k * v
         assert layers["bn"].predicted.forward_var == pytest.approx(expected.mean().item(),
                                                                    rel=1e-12)
 

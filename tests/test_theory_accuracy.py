@@ -127,6 +127,14 @@ def test_norm_with_mean(name):
     check(norms.spec(name, MEAN, after_relu=False))
 
 
+@pytest.mark.parametrize("name", ["BatchNorm2d train", "BatchNorm2d eval (calibrated)"])
+def test_batch_norm_after_stem(name):
+    """Channels of unequal variance (a fan-in-9 conv): the per-channel shape the probe
+    measures at each BatchNorm (theory.normshape) replaces one pooled variance, which
+    was off by ~9/7 (backward in train mode, forward in eval mode)."""
+    check(norms.stem_spec(name, BASE))
+
+
 def test_functional_layer_norm():
     check(norms.spec("F.layer_norm in a custom module", BASE, after_relu=False))
 

@@ -59,9 +59,10 @@ CNN = Case("small_cnn", Z.small_cnn, Z.gaussian(3, 16, 16), 8,
            meta_shape=(3, 16, 16))
 GPT = Z.case("nanogpt")  # 4 blocks at 256, causal F.scaled_dot_product_attention
 HF_GPT2, HF_GPT2_EAGER = Z.case("hf_gpt2"), Z.case("hf_gpt2_eager")  # SDPA, spelled out
+RESNET_POST, RESNET_PRE = Z.case("resnet_postact"), Z.case("resnet_preact")  # train-mode BN
 
 SEEDS = {RESIDUAL.name: 32, CNN.name: 16, GPT.name: 8, HF_GPT2.name: 8,
-         HF_GPT2_EAGER.name: 8}
+         HF_GPT2_EAGER.name: 8, RESNET_POST.name: 8, RESNET_PRE.name: 8}
 
 
 def series(case: Case, scheme: str | None = None) -> dict[str, W.LayerSeries]:
@@ -234,3 +235,25 @@ def test_eager_predict_on_meta(name):
         assert (mine.forward_var, mine.backward_var) == pytest.approx(
             (layer.predicted.forward_var, layer.predicted.backward_var), rel=1e-9)
     assert len(eager.attention) == len(fused.attention) == 4
+
+
+# -- BatchNorm ResNets (train mode): the per-channel shape measured at each norm -------------
+# 256 channels, 16x16 maps, batch 16, S = 8: every BatchNorm resets the forward scale, so
+# a conv's factor scatters as in the CNN above (per-seed sd <= 0.12, se <= 0.04; the
+# bench's delta-method se at the median layer is 0.01-0.02). The backward crosses one
+# BatchNorm per branch, whose gain the probe takes from the measured channel variances
+# (theory.normshape) at the walk's own scale.
+
+
+def test_resnet_postact_within_bound():
+    found = series(RESNET_POST)
+    assert_graph_basis(found)
+    assert_within_bound(found)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "backward median 0.105 > 0.1 (8 seeds, docs/whole-model-accuracy.md; 0.195 before "
+    "theory.normshape): the block convs' gradients are 0.87x predicted, a cause not "
+    "isolated yet"))
+def test_resnet_preact_within_bound():
+    assert_within_bound(series(RESNET_PRE))

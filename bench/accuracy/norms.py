@@ -93,6 +93,27 @@ def spec(name: str, knobs: Knobs, after_relu: bool) -> Spec:
                 tags={"after_relu": after_relu, **knobs.__dict__})
 
 
+STEM_CHANNELS = 1  # a grayscale stem: fan-in 9, so the channels' variances spread
+
+
+def stem_spec(name: str, knobs: Knobs) -> Spec:
+    """Conv(1, width, 3, padding 1) -> BatchNorm2d -> Conv: a fan-in-9 conv gives each
+    channel its own variance (a chi-square of 9 weights), so mean_c(1/v_c) exceeds
+    1/mean_c(v_c) by about 9/7 (theory.normshape; the per-tensor rule is off by that).
+    The backward is held at the BatchNorm's input (the conv's output): at the conv's
+    input each channel's 1/v_c meets the very weights v_c is made of, sum_t w_ct^2 / v_c
+    is the same for every channel, and the spread cancels, which a rule that takes W
+    and the gradient as independent does not see."""
+    make = MAP_NORMS[name]
+    build = conv_sandwich(knobs, _fn(False), op=lambda: make(knobs.width),
+                          pre=lambda n: nn.Conv2d(STEM_CHANNELS, n, 3, padding=1))
+    draw = gaussian((CONV_BATCH, STEM_CHANNELS, SIDE, SIDE), knobs.scale)
+    prepare = _calibrate(draw) if "eval" in name else None
+    return Spec(rule=name, case=f"after a fan-in-9 stem conv, {knobs.label()}", build=build,
+                inputs=draw, width=knobs.width, prepare=prepare, backward=("pre", "backward"),
+                tags={"after_relu": False, "stem": True, **knobs.__dict__})
+
+
 def specs() -> list[Spec]:
     out = []
     for name in FEATURE_NORMS:
@@ -103,6 +124,8 @@ def specs() -> list[Spec]:
         for after_relu in (False, True):
             means = AFTER_RELU_MEANS if after_relu else MEANS
             out += [spec(name, k, after_relu) for k in grid(widths=(64, 256), means=means)]
+    for name in ("BatchNorm2d train", "BatchNorm2d eval (calibrated)"):
+        out += [stem_spec(name, k) for k in grid(widths=(64, 256), means=(0.0,))]
     return out
 
 

@@ -16,7 +16,7 @@ import dataclasses
 from torch import nn
 
 from varprobe.report import Layer
-from varprobe.theory import attend, mha, norms, pools, rules
+from varprobe.theory import attend, mha, norms, normshape, pools, rules
 from varprobe.theory.nodes import Node, is_view
 from varprobe.theory.signal import Call, Grad, Signal, Value
 
@@ -163,6 +163,9 @@ class Backward:
         elif node.attn is not None and s_in is not None and len(node.inputs) == 1:
             dx = mha.backward(module, node.attn, s_in, g.var,
                               self.mha_weights(node, layer, module))
+        elif (shape := self.norm_shape(node)) is not None and s_in is not None \
+                and (gain := normshape.backward_gain(module, shape, s_in)) is not None:
+            dx = g.var * gain
         elif g.sparse and isinstance(module, norms.FEATURE_NORMS):
             dx = None  # each position has its own scale: the average one does not apply
         else:

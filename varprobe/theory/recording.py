@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory import functional
+from varprobe.theory import functional, normshape
 from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
@@ -84,6 +84,7 @@ class Recording(TorchFunctionMode):
         self._off: TorchFunctionMode | None = None  # this mode, while a module taken whole runs
         self._last: int | None = None  # the last recorded call that finished
         self._constants: list[torch.Tensor | tuple[float, float]] = []
+        self.norm_shapes: dict[int, int] = {}  # BatchNorm call -> its theory.normshape pairs
         self.compiled = next((name for name, m in model.named_modules()
                               if type(m).__name__ == "OptimizedModule"), None)
         self._graph = AttentionGraph(self, model)  # SDPA, eager attention, x @ W
@@ -134,6 +135,9 @@ class Recording(TorchFunctionMode):
             primary = next((t for t in tensors if t.is_floating_point()), None)
             inputs = [self._lookup(primary)] if primary is not None else []
             inputs += [self._lookup(t) for t in tensors if t is not primary]
+            if normshape.wanted(module, primary):
+                self.norm_shapes[index] = len(self._constants)
+                self._constants.extend(normshape.measure(module, primary))
         ids = tuple(dict.fromkeys(n for n in inputs if n is not None))
         if primary is not None and inputs[0] is None:
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "

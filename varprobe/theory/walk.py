@@ -32,7 +32,16 @@ from typing import Any
 from torch import nn
 
 from varprobe.report import Layer, Report
-from varprobe.theory import attend, attention, gradient_stats, mha, norms, pools, rules
+from varprobe.theory import (
+    attend,
+    attention,
+    gradient_stats,
+    mha,
+    norms,
+    normshape,
+    pools,
+    rules,
+)
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
 from varprobe.theory.nodes import CUSTOM, Attention, Node
@@ -255,6 +264,15 @@ class Walk(Backward):
         return gradient_stats.effective(self.constants[index:index + 2], facts.causal,
                                         facts.masked or not square, counts)
 
+    def norm_shape(self, node: Node) -> list[tuple[float, float]] | None:
+        """What the probe measured of a BatchNorm call's channels (theory.normshape),
+        for every walk over a measured pass; None on meta or where nothing was."""
+        index = getattr(self.graph, "norm_shapes", {}).get(node.index)
+        if index is None or not self.measured:
+            return None
+        shape = self.constants[index:index + normshape.PAIRS]
+        return None if any(c is None for c in shape) else shape
+
     def _input(self, node: Node) -> Value:
         if node.index != 0:
             return Value(None, "a network input after the first, which is not measured")
@@ -283,6 +301,10 @@ class Walk(Backward):
             act = rules.activate(module, s_in, mu, self.host)
             self.backward_gains[k] = act[2] if act is not None else None
             out, mu = (act[0], act[1]) if act is not None else (None, 0.0)
+        elif (shape := self.norm_shape(node)) is not None and s_in is not None \
+                and norms.uses_running_stats(module):
+            out = normshape.running_forward(module, shape, s_in, self.actual is not None)
+            mu = rules.mean_after(module, mu, self.host, None)
         else:
             w = self.weights[i]
             out = (rules.forward(layer, module, s_in, w, self.host, mu)

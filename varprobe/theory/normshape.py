@@ -1,0 +1,125 @@
+"""BatchNorm's channels, measured: what one scalar per tensor misses there.
+
+A BatchNorm treats each channel on its own, and the walk carries one second moment per
+tensor. Two things follow that the per-tensor rules (theory.norms) get wrong:
+
+- train mode divides each channel by its own variance v_c, so the backward gain is
+  mean_c(gamma_c^2/(v_c + eps)), not mean(gamma^2)/(mean_c v_c + eps) (Jensen: the
+  channels' variances spread, most at a small fan-in), and mean_c v_c is not the
+  walk's m2 (1 - mean_share): zero padding makes each channel's mean depend on the
+  position, which BatchNorm counts as variance, and a ReLU of a residual sum is not
+  the Gaussian the mean share is derived for;
+- eval mode applies a per-channel affine map, so E[out^2] is a sum over channels of
+  what each channel's own mean and variance become, not the pooled variance times
+  mean(1/var_r) (the input's channel means, which the running means subtract, are
+  known to the walk only through their energy).
+
+So at each BatchNorm call the probe measures, on the device and in the pass's one
+transfer, the input's per-channel means mu_c and variances v_c reduced to the few
+numbers the rules need (``measure``). The walk keeps its own scale: the measured shape
+is taken at the walk's input second moment m2, i.e. mu_c and sqrt(v_c) scaled by
+k = sqrt(m2 / m2_measured). For the actual walk k is the walk's own forward error at
+the input; a counterfactual scheme's walk has its own m2. ``varprobe predict`` measures
+nothing and keeps the per-tensor rules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from varprobe.theory import norms
+from varprobe.theory.signal import Signal
+
+PAIRS = 4  # the measured numbers, stored as pairs (the recording's constants are pairs)
+
+
+def wanted(module: nn.Module, x: object) -> bool:
+    """A BatchNorm (train, or eval with running statistics) on a float input with
+    channels on dim 1 and values (not the meta device)."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and isinstance(x, torch.Tensor) and x.is_floating_point()
+            and not x.is_meta and x.dim() >= 2 and x.numel() > 0
+            and (module.training or module.running_var is not None))
+
+
+def _param(module: nn.Module, name: str, like: torch.Tensor, default: float) -> torch.Tensor:
+    t = getattr(module, name, None)
+    if not isinstance(t, torch.Tensor) or t.is_meta:
+        return torch.full_like(like, default)
+    return t.detach().double()
+
+
+def measure(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Four float64 pairs on x's device, no sync:
+
+    (m2, V)   the input's E[x^2] and mean_c v_c (the per-channel variance over the
+              batch and positions, as BatchNorm takes it);
+    (Q, C)    Q = mean_c gamma_c^2/(v_c + eps) (train mode's backward gain);
+              C = mean_c t_c^2, t_c = beta_c - a_c mu_r,c, a_c = gamma_c/sqrt(var_r,c + eps);
+    (A, A1)   A = mean_c a_c^2 (v_c + mu_c^2), A1 = mean_c a_c^2 mu_c^2;
+    (B, a2)   B = mean_c 2 a_c mu_c t_c, a2 = mean_c a_c^2.
+
+    Eval mode's output is then a_c k mu_c + t_c + a_c k (x - mu_c) per channel, whose
+    E[out^2] is A k^2 + B k + C (the running-statistics terms are zero in train mode,
+    where only (m2, V) and Q are read)."""
+    with torch.no_grad():
+        dims = [d for d in range(x.dim()) if d != 1]
+        # float64, as the probe's other sums: a float32 var_mean of a channel whose mean
+        # dominates cancels (one transient copy of the norm's input)
+        v, mu = torch.var_mean(x.detach().double(), dim=dims, correction=0)
+        eps = norms.eps_of(module)
+        gamma = _param(module, "weight", v, 1.0)
+        beta = _param(module, "bias", v, 0.0)
+        running = norms.uses_running_stats(module)
+        rm = _param(module, "running_mean", v, 0.0) if running else torch.zeros_like(v)
+        rv = _param(module, "running_var", v, 1.0) if running else torch.ones_like(v)
+        a = gamma / (rv + eps).sqrt()
+        t = beta - a * rm
+        return [torch.stack([(v + mu * mu).mean(), v.mean()]),
+                torch.stack([(gamma * gamma / (v + eps)).mean(), (t * t).mean()]),
+                torch.stack([(a * a * (v + mu * mu)).mean(), (a * a * mu * mu).mean()]),
+                torch.stack([(2 * a * mu * t).mean(), (a * a).mean()])]
+
+
+def _scale(shape: list[tuple[float, float]], s: Signal) -> float | None:
+    """k^2: the walk's input second moment over the measured one."""
+    m2 = shape[0][0]
+    return s.m2 / m2 if m2 > 0 and math.isfinite(m2) else None
+
+
+def backward_gain(module: nn.Module, shape: list[tuple[float, float]],
+                  s: Signal) -> float | None:
+    """Train mode: Var[dx]/Var[dy] = mean_c gamma_c^2/(k^2 v_c + eps), from Q measured
+    at k = 1 (exact there; eps moves with the scale as for the pooled variance).
+    None in eval mode, whose gain does not depend on the input (theory.norms)."""
+    k2 = _scale(shape, s)
+    if k2 is None or norms.uses_running_stats(module):
+        return None
+    (_, var), (q, _) = shape[0], shape[1]
+    eps = norms.eps_of(module)
+    return q * (var + eps) / (k2 * var + eps)
+
+
+def running_forward(module: nn.Module, shape: list[tuple[float, float]], s: Signal,
+                    scheme: bool) -> Signal | None:
+    """Eval mode: E[out^2] = A k^2 + B k + C, and the share of it that is a channel
+    mean, A1 k^2 + B k + C. A scheme re-draws the weights, so its channel means and
+    variances are no longer the ones the running statistics were taken from: they keep
+    their measured energies (mean_c mu_c^2 = m2 - V, and V) but point anywhere, so
+    the cross terms B average out and a_c^2 enters through its mean."""
+    k2 = _scale(shape, s)
+    if k2 is None or not norms.uses_running_stats(module):
+        return None
+    (m2, var), (_, c), (a_full, a_mean), (b, a2) = shape
+    k = math.sqrt(k2)
+    if scheme:
+        total, shared = a2 * k2 * m2 + c, a2 * k2 * (m2 - var) + c
+    else:
+        total, shared = a_full * k2 + b * k + c, a_mean * k2 + b * k + c
+    if total <= 0:
+        return Signal(max(total, 0.0))
+    share = min(1.0, max(0.0, shared / total))
+    return Signal(total, share, share)
