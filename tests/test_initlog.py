@@ -75,6 +75,42 @@ def test_recorded_moments_equal_a_real_draw(name):
     assert got.mean == pytest.approx(real.mean().item(), abs=SD * math.sqrt(got.m2 / real.numel()))
 
 
+MADE = {  # name -> a parameter made from a tensor factory, as ViTs make [CLS] and positions
+    "zeros": lambda: nn.Parameter(torch.zeros(256, 512)),
+    "randn * 0.02": lambda: nn.Parameter(torch.randn(256, 512) * 0.02),
+    "0.1 * randn": lambda: nn.Parameter(0.1 * torch.randn(256, 512)),
+    "ones * 2 + 1": lambda: nn.Parameter(torch.ones(256, 512) * 2 + 1),
+    "rand / 2 - 0.1": lambda: nn.Parameter(torch.rand(256, 512) / 2 - 0.1),
+    "full(0.5)": lambda: nn.Parameter(torch.full((256, 512), 0.5)),
+    "randn_like": lambda: nn.Parameter(torch.randn_like(torch.empty(256, 512))),
+}
+
+
+@pytest.mark.parametrize("name", MADE)
+def test_parameters_made_by_factories(name):
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        real = MADE[name]().detach().double()
+    with initlog.recording() as log, torch.device("meta"):
+        meta = MADE[name]()
+    assert meta.is_meta
+    got = log.moments(meta)
+    assert got is not None and got.known, got
+    assert got.m2 == pytest.approx(real.pow(2).mean().item(), rel=tol(real.numel()), abs=1e-12)
+    assert got.mean == pytest.approx(real.mean().item(), abs=SD * math.sqrt(got.m2 / real.numel()))
+
+
+def test_the_device_context_still_makes_meta_tensors_after_a_recording():
+    """torch's device context knows its factories by identity and caches them: the
+    recording must not put anything of its own in their place."""
+    new = nn.Parameter.__new__
+    with initlog.recording(), torch.device("meta"):
+        assert torch.zeros(2).is_meta and nn.Parameter(torch.randn(2)).is_meta
+    with torch.device("meta"):
+        assert torch.zeros(2).is_meta and torch.randn(3).is_meta
+    assert nn.Parameter.__new__ is new
+
+
 def test_trunc_normal_is_not_its_untruncated_variance():
     with initlog.recording() as log:
         w = torch.empty(100, device="meta")

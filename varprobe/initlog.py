@@ -13,6 +13,10 @@ second moment it leaves there, the last write winning, exactly as the values wou
     eye_, dirac_           (number of ones)/numel
     mul_/div_/*=, add_     the scalar map applied to the moments
     copy_(src)             src's moments, where src was recorded
+    torch.zeros/ones/full, randn/rand (and *_like)
+                           0, 1, c; N(0, 1), U(0, 1): a tensor made for a parameter
+    x * c, x / c, x + c    a new tensor with the scalar map of x's moments
+    nn.Parameter(t)        t's moments
 
 kaiming_*/xavier_*, constant_, ones_, zeros_ and the plain normal_/uniform_ of
 torch.nn.init reach one of the Tensor methods above, so they are seen through them;
@@ -36,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 UNKNOWN = "an init op with no closed form here was applied to it"
 
@@ -241,6 +246,18 @@ OPAQUE = ("addcmul_", "addcdiv_", "clamp_", "clamp_min_", "clamp_max_", "clip_",
           "masked_fill_", "index_fill_", "index_copy_", "index_add_", "scatter_",
           "scatter_add_", "masked_scatter_", "put_", "lerp_", "fmod_", "remainder_",
           "round_", "__setitem__", "__ipow__")
+# Factories: name -> (args, kwargs) -> Moments of what they make.
+FACTORIES = {"zeros": lambda a, k: Moments(0.0, 0.0, "torch.zeros"),
+             "ones": lambda a, k: Moments(1.0, 1.0, "torch.ones"),
+             "randn": lambda a, k: Moments(0.0, 1.0, "torch.randn"),
+             "rand": lambda a, k: Moments(0.5, 1.0 / 3.0, "torch.rand")}
+FACTORIES.update({f"{name}_like": fn for name, fn in FACTORIES.items()})
+FACTORIES["full"] = FACTORIES["full_like"] = lambda a, k: _fill(a[1:], {
+    "value": k.get("fill_value", a[1] if len(a) > 1 else math.nan)})
+# Out-of-place maps x -> c x + shift by a scalar (x * c, c * x, x / c, x + c, x - c reach
+# a torch function of these names): name -> (c, shift) from the operand.
+MAPS = {"mul": SCALINGS["mul_"], "div": SCALINGS["div_"], "true_divide": SCALINGS["div_"],
+        "add": SCALINGS["add_"], "sub": SCALINGS["sub_"]}
 # torch.nn.init functions that return early on meta (or write through an `out=`).
 FUNCTIONS = {"trunc_normal_": _trunc_normal, "orthogonal_": _orthogonal, "eye_": _eye,
              "dirac_": _dirac}
@@ -253,6 +270,7 @@ def recording() -> Iterator[Log]:
     """Record the init ops applied to meta tensors while the block runs."""
     log = Log()
     saved: list[tuple[object, str, object]] = []
+    stack = contextlib.ExitStack()
 
     def patch(owner: object, name: str, new: object) -> None:
         saved.append((owner, name, owner.__dict__.get(name, _ABSENT)
@@ -268,6 +286,8 @@ def recording() -> Iterator[Log]:
             patch(torch.Tensor, name, _opaque(log, getattr(torch.Tensor, name), name))
         patch(torch.Tensor, "copy_", _copy(log, torch.Tensor.copy_))
         patch(torch.Tensor, "data", _data_property(log))
+        patch(torch.nn.Parameter, "__new__", _parameter(log, torch.nn.Parameter.__new__))
+        made = stack.enter_context(_Made(log))
         for owner in _init_tables():
             for name, moments in FUNCTIONS.items():
                 original = owner[name] if isinstance(owner, dict) else getattr(owner, name)
@@ -277,8 +297,10 @@ def recording() -> Iterator[Log]:
                     owner[name] = wrapped
                 else:
                     patch(owner, name, wrapped)
+        del made
         yield log
     finally:
+        stack.close()
         log.active = False
         for owner, name, old in reversed(saved):
             if isinstance(owner, dict):
@@ -342,6 +364,50 @@ def _opaque(log: Log, original: Callable, name: str) -> Callable:
         with log.inside():
             return original(self, *args, **kwargs)
     return method
+
+
+class _Made(TorchFunctionMode):
+    """Tensors made for parameters: a factory's (torch.zeros, torch.randn, ...) moments,
+    and x * c, x / c, x + c of a recorded x. A mode, not patched functions: torch's
+    device context recognizes its factories by identity (and caches them)."""
+
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self.log = log
+        self.factories = {getattr(torch, name): fn for name, fn in FACTORIES.items()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not out.is_meta \
+                or not out.is_floating_point():
+            return out
+        if func in self.factories:
+            self.log.write(out, self.factories[func](args, kwargs))
+        elif getattr(func, "__name__", "") in MAPS and args and "rounding_mode" not in kwargs:
+            self._mapped(func.__name__, args, kwargs, out)
+        return out
+
+    def _mapped(self, name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        value = _scalar(args[1]) if len(args) > 1 else None
+        alpha = _scalar(kwargs.get("alpha", 1))
+        old = self.log.moments(args[0]) if isinstance(args[0], torch.Tensor) else None
+        if old is None or value is None or alpha is None or (value == 0 and "div" in name):
+            return
+        c, shift = MAPS[name](value)
+        shift *= alpha
+        self.log.write(out, Moments(c * old.mean + shift, c * c * old.m2
+                                    + 2 * c * shift * old.mean + shift * shift,
+                                    f"{old.op} {name} {value:.4g}"))
+
+
+def _parameter(log: Log, original: Callable) -> Callable:
+    def new(cls, data=None, requires_grad=True):
+        p = original(cls, data, requires_grad)
+        if isinstance(data, torch.Tensor) and log.moments(data) is not None:
+            log.alias(p, data)
+        return p
+    return new
 
 
 def _copy(log: Log, original: Callable) -> Callable:
