@@ -330,8 +330,10 @@ def check_parameters_read(model: Normed, layers: dict, mode: str,
         sd = (host(bn.running_var) + bn.eps).sqrt()
         out = g * (k * mu - m) / sd + b  # each channel's mean, and its variance below
         expected = out.square() + (g / sd).square() * k * k * v
+        # the channel sums are float32 reductions (normshape.measure): relative error
+        # about eps_32 * log2(n), 1e-6 is ~10x that
         assert layers["bn"].predicted.forward_var == pytest.approx(expected.mean().item(),
-                                                                   rel=1e-12)
+                                                                   rel=1e-6)
 
 
 def test_zero_and_dead_fractions_after_activations_only():
