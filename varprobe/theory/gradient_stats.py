@@ -20,6 +20,8 @@ device-to-host transfer (the pipeline collects after the backward): (r_g, 1) and
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -36,8 +38,8 @@ def watch(out: T) -> list[T]:
     slots = [torch.zeros(2, dtype=torch.float64, device=out.device) for _ in range(2)]
 
     def fill(grad: T) -> None:
-        with torch.no_grad():
-            g = grad.double()
+        with torch.no_grad():  # in the gradient's precision (fp16/bf16 upcast), no copy
+            g = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
             one = torch.ones((), dtype=torch.float64, device=g.device)
             slots[0].copy_(torch.stack([_correlation(g), one]))
             slots[1].copy_(torch.stack(_flat_value_path(g)))
@@ -49,11 +51,15 @@ def watch(out: T) -> list[T]:
 def _flat_value_path(g: T) -> list[T]:
     """mean_j (Σ_i p̄_ij g_i)² / E[g²] under causal and under full flat attention."""
     tokens = g.shape[-2]
-    q = g.square().mean().clamp(min=1e-300)
+    q = _mean_square(g).clamp(min=1e-300)
     rows = torch.arange(1, tokens + 1, dtype=g.dtype, device=g.device).unsqueeze(-1)
     causal = (g / rows).flip(-2).cumsum(-2).flip(-2)
-    full = g.mean(-2)
-    return [causal.square().mean() / q, full.square().mean() / q]
+    return [_mean_square(causal) / q, _mean_square(g.mean(-2)) / q]
+
+
+def _mean_square(x: T) -> T:
+    """E[x^2] in float64 from a norm in x's precision (no squared temporary)."""
+    return torch.linalg.vector_norm(x).double().square() / x.numel()
 
 
 def effective(slots: tuple[tuple, tuple] | None, causal: bool, masked: bool,
@@ -72,8 +78,14 @@ def effective(slots: tuple[tuple, tuple] | None, causal: bool, masked: bool,
 
 def flat_moments(counts: np.ndarray) -> tuple[float, float]:
     """P₂ and the mean squared column sum C of flat attention over nested key sets
-    (query i sees the first counts[i] keys): the value path's σ_g²[r_g C + (1-r_g) P₂]."""
-    counts = np.asarray(counts, dtype=np.float64)
+    (query i sees the first counts[i] keys): the value path's σ_g²[r_g C + (1-r_g) P₂].
+    Cached: every walk (the actual init's, each scheme's) asks it of the same calls."""
+    return _flat_moments(np.asarray(counts, dtype=np.float64).tobytes())
+
+
+@functools.lru_cache(maxsize=256)
+def _flat_moments(key: bytes) -> tuple[float, float]:
+    counts = np.frombuffer(key, dtype=np.float64)
     keys = int(counts.max())
     seen = np.arange(keys)[None, :] < counts[:, None]
     columns = (seen / counts[:, None]).sum(0)
