@@ -27,14 +27,7 @@ BROKEN = [e for e in ENTRIES if e.broken is not None]
 # strict, so a rule that starts catching one turns the test red.
 KNOWN_MISSES: dict[str, str] = {}
 # Networks that SGD trains (corpus/labels) which still get an error; strict likewise.
-KNOWN_FALSE_ALARMS = {
-    "vgg11_conv_x50": "one conv's weights x50 (its output's E[x^2] x2500): exploding_forward "
-                      "fires past the 1e2 band, yet SGD trains it at lr 0.003 (10x below its "
-                      "twin's best rate); the stem x100 (x1e4) does not train",
-    "mlp30_tanh_chaotic": "tanh at sigma_w^2 = 4, depth 30: exploding_backward fires (the "
-                          "gradient grows 1e3x through the stack), yet SGD at lr 0.003 fits "
-                          "the label task",
-}
+KNOWN_FALSE_ALARMS: dict[str, str] = {}
 # Healthy twins that SGD does not train in the label budget (AdamW does): their pairs
 # say nothing about the mechanism under SGD.
 SLOW_TWINS = {

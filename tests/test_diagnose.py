@@ -242,6 +242,7 @@ def test_theory_mismatch_when_weights_are_not_zero_mean():
     model = mlp(3, he)
     with torch.no_grad():
         model[2].weight.abs_()  # all-positive weights on a ReLU's positive outputs
+        model[4].weight.mul_(0.1)  # and a head that keeps the logits small (E[y^2] < 11)
     report = probe(model, batch_size=256)
     assert flagged(report, "theory_mismatch") == ["2"]
     assert report.layers[2].flags[0].severity == "info" and report.summary.healthy
@@ -249,6 +250,8 @@ def test_theory_mismatch_when_weights_are_not_zero_mean():
 
 def test_unnormalized_input():
     model = mlp(3, he)
+    with torch.no_grad():  # a small head: the logits stay below the output's limit
+        model[4].weight.mul_(0.1)
     x = 5 * torch.randn(256, WIDTH, generator=torch.Generator().manual_seed(0))
     report = probe(model, x)
     assert flagged(report, "unnormalized_input") == ["0"]

@@ -24,8 +24,9 @@ from varprobe.report import Layer, Report
 CONSEQUENCE = {
     "vanishing_forward": "the layers from here on receive almost none of the signal, and "
                          "the gradients of their weights shrink with it",
-    "exploding_forward": "whatever reads it (a softmax, a saturating activation, the loss) "
-                         "saturates, and the gradients grow with it",
+    "exploding_forward": "the weight gradients grow with it, so SGD needs a learning "
+                         "rate that much smaller, and whatever saturates (a softmax, a "
+                         "tanh, the loss) does",
 }
 
 
@@ -101,7 +102,8 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
         for code, outside, pick in (
                 ("vanishing_forward", lambda p: p[2] < t.forward[0] and "output" not in p[1],
                  min),
-                ("exploding_forward", lambda p: p[2] > t.forward[1], max)):
+                ("exploding_forward",
+                 lambda p: p[2] > (t.output if "output" in p[1] else t.forward[1]), max)):
             out = [p for p in pts if outside(p)]
             if not out:
                 continue
@@ -113,11 +115,13 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
                            f"{{culprits}} and nothing after it learns")
                 killed = _killers(report.layers, at)
             else:
+                limit = (f"limit {num(t.output)} for the output the loss sees"
+                         if "output" in what else f"band {band(t.forward)}")
                 since = ("" if out[0][0] == at else
                          f"; the signal leaves the band at {report.layers[out[0][0]].label}")
                 message = (f"{what} is {num(r)} of {layer.reference}'s, after "
                            f"{layer.depth or len(suspects)} weight layer(s) in series with "
-                           f"nothing between to restore the scale (band {band(t.forward)})"
+                           f"nothing between to restore the scale ({limit})"
                            f"{since}: {CONSEQUENCE[code]}")
                 killed = None
             culprits = killed if killed is not None else culprits_of(report.layers, [trend], t)
