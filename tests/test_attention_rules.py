@@ -206,6 +206,18 @@ def test_softmax_moments_limits():
     assert abs(p2[0] - 1) < 1e-6
 
 
+@pytest.mark.parametrize("v", [0.05, 1.0, 4.0, 10.0])
+def test_long_causal_key_counts_interpolate_within_their_bound(v):
+    # Every count up to 32 is computed; past it a log grid of ratio 1.015, linear in
+    # log T: for P2 ~ 1/T the relative error is at most (log 1.015)^2 / 8 = 2.8e-5.
+    counts = tuple(range(1, 2049))
+    p2, m = attention._spread_moments(v, 0.0, counts)
+    e2, e3, e22 = attention.softmax_moments(v, np.array(counts, float))
+    assert np.max(np.abs(p2 / e2 - 1)) < 2.8e-5
+    assert np.max(np.abs(m[1:] / (e2 - 2 * e3 + e22)[1:] - 1)) < 2.8e-5  # m = 0 at T = 1
+    assert np.array_equal(attention._knots(np.array(counts[:32], float)), counts[:32])
+
+
 def test_participation_forms():
     T = 256
     harmonic = sum(1 / i for i in range(1, T + 1))
