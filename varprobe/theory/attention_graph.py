@@ -73,7 +73,7 @@ class AttentionGraph:
         facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
         if not q.is_meta:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
-            facts.measured = len(self.rec._constants) - 2
+            facts.measured = len(self.rec._constants) - 3
         self._watch(facts, out)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
@@ -141,7 +141,6 @@ class AttentionGraph:
                     torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
                     torch.stack([s["causal"], s["full"]])])
             facts.measured = len(self.rec._constants) - 3
-            facts.eager = True
         self._watch(facts, out)
         return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
                                   where=self.rec._where()))

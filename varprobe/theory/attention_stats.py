@@ -29,11 +29,11 @@ def sdpa_facts(q: T, k: T, args: tuple, kwargs: dict) -> tuple[Attention, Any]:
                      dropout=float(_arg(args, kwargs, 4, "dropout_p", 0.0))), mask
 
 
-def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T]:
+def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float, float]]:
     """Σp² and the mean squared logit over a subsample of queries (the softmax of
-    64 rows per head, O(64 T d) where the call was O(T² d)), and the token
+    64 rows per head, O(64 T d) where the call was O(T² d)), the token
     correlations of v and k (attention.token_correlation from the sums over the
-    sequence): two pairs, reduced on the device.
+    sequence), and the mask's shape (``mask_shape``): three pairs, reduced on the device.
 
     In the inputs' precision (float32 keeps Σp² and the logit moments to ~1e-6, far
     inside the rules' own error) and without copies of the whole q, k or v: at a
@@ -62,7 +62,24 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T]:
             / count.clamp(min=1)
         p = torch.softmax(logits.masked_fill_(~allowed, -math.inf), -1).nan_to_num_(0.0)
         return [torch.stack([p.square().sum(-1).mean(dtype=torch.float64), spread]),
-                torch.stack([_correlation(v), _correlation(k)])]
+                torch.stack([_correlation(v), _correlation(k)]),
+                mask_shape(mask, facts)]
+
+
+def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
+    """(causal, full) of an SDPA call's mask on the device: 1 where every query sees
+    exactly the keys up to its own position (top-left aligned, as is_causal), 1 where
+    every key is seen. A float mask that carries a position bias (T5 adds its relative
+    bias to the causal mask) hides a key by a large negative entry, so the shape is
+    read off the entries at or below MASKED, as at an eager softmax."""
+    if mask is None:  # the arguments say it all: a host pair
+        return float(facts.causal), float(not facts.causal)
+    cols = torch.arange(facts.keys, device=mask.device)
+    tril = cols[None, :] <= torch.arange(facts.queries, device=mask.device)[:, None]
+    allowed = mask if mask.dtype == torch.bool else mask > MASKED
+    if facts.causal:
+        allowed = allowed & tril
+    return torch.stack([(allowed == tril).all(), allowed.all()]).double()
 
 
 def multihead(module: nn.MultiheadAttention, args: tuple, kwargs: dict,

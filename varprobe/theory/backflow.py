@@ -49,8 +49,13 @@ class Backward:
                     _flow(self.grads, i, Grad(0.0, self.failure(self.nodes[k], exc)))
 
     def _seed(self, grads: list[Grad | None]) -> None:
+        """The gradient at the outputs. A side output that the graph also reads
+        (T5's encoder_last_hidden_state, which its decoder attends to) gets the
+        cotangent only the first output receives (none): its measured gradient is the
+        sum of what flows back into it from inside, which the walk adds up itself."""
+        read = {i for node in self.nodes for i in node.inputs}
         for position, k in enumerate(self.graph.outputs):
-            if k is None:
+            if k is None or (position > 0 and k in read):
                 continue
             node = self.nodes[k]
             layer = self.report.layers[node.index] if node.op in ("call", "exit") else None

@@ -81,7 +81,8 @@ class Attention:
     """What a scaled_dot_product_attention call was: its shapes and options, and where
     the probe's own measurements at the call sit among the recording's constants
     (``measured``: (Σp², mean logit²) of a subsample of queries, then (r_v, r_k), the
-    token correlations of the values and keys; None on meta)."""
+    token correlations of the values and keys, then the mask's shape (causal, full);
+    None on meta)."""
 
     queries: int
     keys: int
@@ -94,7 +95,6 @@ class Attention:
     dropout: float = 0.0
     measured: int | None = None
     params: int | None = None  # nn.MultiheadAttention: its weights' moments (theory.mha)
-    eager: bool = False  # spelled out (theory.attention_graph): ``measured`` + 2 is its mask
     gradient: int | None = None  # the constant the backward fills with r_g (gradient_stats)
 
 

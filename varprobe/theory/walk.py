@@ -202,13 +202,16 @@ class Walk(Backward):
         return Value(signal, None, note, at, ins[2].mu)
 
     def facts(self, node: Node) -> Attention:
-        """An eager attention's mask as the probe measured it (causal, or none at all)
-        over what the recording took it to be (theory.attention_graph)."""
+        """The mask as the probe measured it (causal, or none at all) over what the
+        recording took it to be: an eager attention's mask (theory.attention_graph), or
+        an SDPA call's attn_mask (T5's decoder passes its causal mask as a float mask,
+        with the position bias added)."""
         facts = node.attn
-        if not facts.eager or facts.measured is None or not self.measured:
+        if facts.measured is None or not self.measured:
             return facts
         causal, full = self.constants[facts.measured + 2]
-        return replace(facts, causal=causal > 0.5 and full < 0.5, masked=full < 0.5)
+        return replace(facts, causal=causal > 0.5 and full < 0.5,
+                       masked=facts.masked and full < 0.5)
 
     def width(self, node: Node) -> int | None:
         """The fan-in of the layer that made the queries: the width n of attention's
@@ -258,7 +261,7 @@ class Walk(Backward):
         is none (predict, no backward)."""
         index, facts = node.attn.gradient, self.facts(node)
         square = facts.queries == facts.keys  # the flat p the probe summed with
-        if index is None or not self.measured or not (facts.causal and square):
+        if index is None or not self.measured or not square:
             # checked where the flat causal value path holds (decoder self-attention);
             # elsewhere (cross-attention, bidirectional, biased logits) it moved T5's
             # backward from 0.24 to 0.62 median |log|: r_g = 0 there, as before
