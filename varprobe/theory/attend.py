@@ -28,8 +28,23 @@ def keys(facts: Attention) -> attention.Keys:
     return facts.keys
 
 
-def correlation(facts: Attention, v: Signal, measured: tuple | None) -> float:
-    r = measured[0] if measured is not None else max(v.r, v.mean_share)
+def correlation(facts: Attention, v: Signal, measured: tuple | None, side: int = 0) -> float:
+    """r of the values (``side`` 0) or of the keys (1): the measured one where there is
+    one, else the walk's. Under a causal mask the windows of flat attention see
+    r_eff = (u - P2)/(1 - P2), u the measured prefix share (attention_stats.prefix_share)
+    and P2 = mean_i 1/i: the r whose closed form r + (1 - r) P2 gives u. It differs from
+    the plain r where the correlation depends on the positions: a causal stack leaves
+    the early tokens' values correlated among themselves (on the 4-block Llama the
+    second block's attention output is 0.7x the plain r's), and rotary positions
+    decorrelate the keys' shared part across the positions of a window but not within
+    a few neighbours, which the plain r_k over the whole sequence does not tell."""
+    if measured is None:
+        r = max(v.r, v.mean_share) if side == 0 else correlation(facts, v, None)
+    elif facts.causal and facts.queries == facts.keys:
+        p2 = float((1 / attention.key_counts(facts.keys, True)).mean())
+        r = (measured[2 + side] - p2) / (1 - p2)
+    else:
+        r = measured[side]
     return min(max(r, 0.0), CEILING)
 
 
@@ -70,6 +85,7 @@ def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
     causal = facts.causal and facts.queries == facts.keys
     r_g = min(r_g or 0.0, CEILING)  # below 0 where early tokens' gradients are small
     b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, r_g=r_g,
-                           causal=causal, scale=facts.scale, dropout=facts.dropout, n=n)
+                           causal=causal, scale=facts.scale, dropout=facts.dropout, n=n,
+                           r_k=correlation(facts, v, correlations, 1))
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
     return b.query, b.key * group, b.value * group

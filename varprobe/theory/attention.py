@@ -228,7 +228,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
              r: float = 0.0, r_g: float = 0.0, causal: bool = False,
              scale: float | None = None, heads: int = 1,
              weight_var: tuple[float, float, float] | None = None, n: int | None = None,
-             dropout: float = 0.0, method: str = "gaussian") -> Backward:
+             dropout: float = 0.0, method: str = "gaussian",
+             r_k: float | None = None) -> Backward:
     """Gradient second moments of one self-attention head (§3.3, corrected).
 
     sigma_g2, r_g: E[g^2] and token correlation of the gradient at the head output z.
@@ -236,13 +237,17 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     mean squared column sum of p and K the query-pair overlap sum (see _pairs):
 
     E[dv^2] = sigma_g^2 [r_g C + P2 (1/(1-p) - r_g)]
-    E[dq^2] = c^2 d_k sigma_g^2 q_v q_k (1-r) [f m + (1-r) mean_i (1-P2_i)^2 / n]
+    E[dq^2] = c^2 d_k sigma_g^2 q_v q_k [(1-r_k) f m + (1-r)^2 mean_i (1-P2_i)^2 / n]
     E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r r_g K]
 
     ``weight_var`` = (sigma_q^2, sigma_k^2, sigma_v^2) per weight entry gives
     E[dx^2] = H d_k (sigma_v^2 E[dv^2] + sigma_q^2 E[dq^2] + sigma_k^2 E[dk^2]) (heads
     independent; §3.3's H d_k sigma_v^2 sigma_g^2 [P2 + s^2 (1-r)(2-r) m] when r_g = 0).
     n (the input width) adds the query path's coherent term; it is dropped when None.
+    r_k (r by default) is the keys' correlation: the query path moves the query along
+    sum_j p_ij (v_j - v̄_i) k_j, whose weights sum to 0, so the part the keys share
+    cancels, (1 - r_k); rotary positions turn that part with the position, and a
+    window's keys share less of it than the values do (attend.correlation).
     """
     c2dk = (1 / d_k if scale is None else scale * scale) * d_k
     s2 = c2dk * q_q * q_k
@@ -254,7 +259,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     dv = sigma_g2 * (r_g * (p2 + overlap) + p2 * (keep - r_g))
     f = keep - r
     coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
-    dq = c2dk * sigma_g2 * q_v * q_k * (1 - r) * (f * m + coherent)
+    r_k = r if r_k is None else r_k
+    dq = c2dk * sigma_g2 * q_v * q_k * ((1 - r_k) * f * m + (1 - r) * coherent)
     dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r * r_g * cross)
     dx = None
     if weight_var is not None:

@@ -73,7 +73,7 @@ class AttentionGraph:
         facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
         if not q.is_meta:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
-            facts.measured = len(self.rec._constants) - 3
+            facts.measured = len(self.rec._constants) - 4
         self._watch(facts, out)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
@@ -118,6 +118,7 @@ class AttentionGraph:
         if not q.is_meta:
             with torch.no_grad():
                 state.stats["r_k"] = attention_stats._correlation(k)
+                state.stats["u_k"] = attention_stats.prefix_share(k)
         return state
 
     def _causal_hint(self, nq: int) -> bool:
@@ -139,8 +140,9 @@ class AttentionGraph:
                 self.rec._constants.extend([
                     torch.stack([s["p2"], s["s2"]]),
                     torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
-                    torch.stack([s["causal"], s["full"]])])
-            facts.measured = len(self.rec._constants) - 3
+                    torch.stack([s["causal"], s["full"]]),
+                    torch.stack([attention_stats.prefix_share(v), s.get("u_k", z)])])
+            facts.measured = len(self.rec._constants) - 4
         self._watch(facts, out)
         return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
                                   where=self.rec._where()))

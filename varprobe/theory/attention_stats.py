@@ -33,7 +33,8 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
     """Σp² and the mean squared logit over a subsample of queries (the softmax of
     64 rows per head, O(64 T d) where the call was O(T² d)), the token
     correlations of v and k (attention.token_correlation from the sums over the
-    sequence), and the mask's shape (``mask_shape``): three pairs, reduced on the device.
+    sequence), the mask's shape (``mask_shape``) and the prefix shares of v and k
+    (``prefix_share``): four pairs, reduced on the device.
 
     In the inputs' precision (float32 keeps Σp² and the logit moments to ~1e-6, far
     inside the rules' own error) and without copies of the whole q, k or v: at a
@@ -63,7 +64,8 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         p = torch.softmax(logits.masked_fill_(~allowed, -math.inf), -1).nan_to_num_(0.0)
         return [torch.stack([p.square().sum(-1).mean(dtype=torch.float64), spread]),
                 torch.stack([_correlation(v), _correlation(k)]),
-                mask_shape(mask, facts)]
+                mask_shape(mask, facts),
+                torch.stack([prefix_share(v), prefix_share(k)])]
 
 
 def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
@@ -111,3 +113,16 @@ def _correlation(x: T) -> T:
         return torch.zeros_like(q)
     s = torch.linalg.vector_norm(x.sum(-2)).double().square() / (x.numel() // tokens)
     return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
+
+
+def prefix_share(x: T) -> T:
+    """u = mean_i |x̄_i|^2 / E[x^2], x̄_i the mean of x_1..x_i (tokens on axis -2): what
+    flat causal attention keeps of x, on its device. For tokens of one second moment
+    and uncentered correlation r it is r + (1 - r) mean_i 1/i; where the correlation
+    depends on the positions (a causal stack makes the early tokens' correlated among
+    themselves) it is the r the windows of causal attention see (theory.attend)."""
+    tokens = x.shape[-2]
+    q = torch.linalg.vector_norm(x).double().square()
+    rows = torch.arange(1, tokens + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
+    means = torch.linalg.vector_norm(x.cumsum(-2) / rows).double().square()
+    return means / q.clamp(min=1e-300)

@@ -175,6 +175,8 @@ class Backward:
             dx = None  # each position has its own scale: the average one does not apply
         else:
             dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
+            if dx is not None and (kappa := self.token_gain(node)) is not None:
+                dx *= kappa  # the tokens' own scales against their gradients
         _flow(grads, node.inputs[0], self._input_grad(layer, info, g, dx, s_in))
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "

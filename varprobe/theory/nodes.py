@@ -81,8 +81,9 @@ class Attention:
     """What a scaled_dot_product_attention call was: its shapes and options, and where
     the probe's own measurements at the call sit among the recording's constants
     (``measured``: (Σp², mean logit²) of a subsample of queries, then (r_v, r_k), the
-    token correlations of the values and keys, then the mask's shape (causal, full);
-    None on meta)."""
+    token correlations of the values and keys, then the mask's shape (causal, full),
+    then (u_v, u_k), their prefix shares (theory.attention_stats.prefix_share); None on
+    meta)."""
 
     queries: int
     keys: int

@@ -41,6 +41,7 @@ from varprobe.theory import (
     normshape,
     pools,
     rules,
+    tokennorm,
 )
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
@@ -247,12 +248,12 @@ class Walk(Backward):
 
     def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
         """The probe's (Σp², mean logit²) at an attention call, for the actual init only,
-        and the (r_v, r_k) it measured, for every walk over a measured pass."""
+        and the (r_v, r_k, u_v, u_k) it measured, for every walk over a measured pass."""
         index = node.attn.measured
         if index is None or not self.measured:
             return None, None
         return (self.constants[index] if self.actual is None else None,
-                self.constants[index + 1])
+                (*self.constants[index + 1], *self.constants[index + 3]))
 
     def gradient_correlation(self, node: Node) -> float | None:
         """r_g, the gradient's token correlation at an attention call's output as the
@@ -278,6 +279,14 @@ class Walk(Backward):
             return None
         shape = self.constants[index:index + normshape.PAIRS]
         return None if any(c is None for c in shape) else shape
+
+    def token_gain(self, node: Node) -> float | None:
+        """A feature norm's kappa (theory.tokennorm), for every walk over a measured
+        pass; None on meta, or where no gradient reached the norm's output."""
+        index = getattr(self.graph, "token_norms", {}).get(node.index)
+        if index is None or not self.measured:
+            return None
+        return tokennorm.gain(self.constants[index])
 
     def _per_channel_producer(self, node: Node) -> bool:
         """The norm reads a depthwise conv: channel c's variance is made of that conv's
