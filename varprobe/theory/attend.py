@@ -77,15 +77,19 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
 
 def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
              correlations: tuple | None, n: int | None = None,
-             r_g: float | None = None) -> tuple[float, float, float]:
+             r_g: float | None = None, query_factor: float | None = None,
+             ) -> tuple[float, float, float]:
     """E[dq^2], E[dk^2], E[dv^2] from E[g^2] at the head outputs and its token
     correlation r_g (0 where unknown). Grouped keys and values (GQA) collect the
-    gradients of every query head in their group."""
+    gradients of every query head in their group. ``query_factor``: the query path's
+    factor the probe measured at the realized p, v and k (attention_stats.query_path),
+    for the actual init's walk."""
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
     r_g = min(r_g or 0.0, CEILING)  # below 0 where early tokens' gradients are small
     b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, r_g=r_g,
                            causal=causal, scale=facts.scale, dropout=facts.dropout, n=n,
-                           r_k=correlation(facts, v, correlations, 1))
+                           r_k=correlation(facts, v, correlations, 1),
+                           query_factor=query_factor)
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
     return b.query, b.key * group, b.value * group

@@ -229,7 +229,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
              scale: float | None = None, heads: int = 1,
              weight_var: tuple[float, float, float] | None = None, n: int | None = None,
              dropout: float = 0.0, method: str = "gaussian",
-             r_k: float | None = None) -> Backward:
+             r_k: float | None = None, query_factor: float | None = None) -> Backward:
     """Gradient second moments of one self-attention head (§3.3, corrected).
 
     sigma_g2, r_g: E[g^2] and token correlation of the gradient at the head output z.
@@ -248,6 +248,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     sum_j p_ij (v_j - v̄_i) k_j, whose weights sum to 0, so the part the keys share
     cancels, (1 - r_k); rotary positions turn that part with the position, and a
     window's keys share less of it than the values do (attend.correlation).
+    ``query_factor`` replaces the query path's bracket with the one measured at the
+    realized tokens (attention_stats.query_path; not under dropout, which it omits).
     """
     c2dk = (1 / d_k if scale is None else scale * scale) * d_k
     s2 = c2dk * q_q * q_k
@@ -260,8 +262,10 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     f = keep - r
     coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
     r_k = r if r_k is None else r_k
-    dq = c2dk * sigma_g2 * q_v * q_k * ((1 - r_k) * f * m + (1 - r) * coherent)
-    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r * r_g * cross)
+    if query_factor is None or dropout:
+        query_factor = (1 - r_k) * f * m + (1 - r) * coherent
+    dq = c2dk * sigma_g2 * q_v * q_k * query_factor
+    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_k * r_g * cross)
     dx = None
     if weight_var is not None:
         var_q, var_k, var_v = weight_var

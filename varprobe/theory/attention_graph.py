@@ -41,7 +41,8 @@ PAIR = " of two activations"  # what an unfollowed matmul of two activations is 
 class Pending:
     """An eager attention under way: its query and key nodes, its facts so far, whether
     the softmax has been taken, and what the probe measured on the device so far
-    (r_k at the logits; Σp², the mean logit², the mask's shape at the softmax)."""
+    (r_k, u_k and the keys at the logits; Σp², the mean logit², the mask's shape and
+    a subsample of p's rows at the softmax)."""
 
     q: int
     k: int
@@ -73,7 +74,7 @@ class AttentionGraph:
         facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
         if not q.is_meta:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
-            facts.measured = len(self.rec._constants) - 4
+            facts.measured = len(self.rec._constants) - 5
         self._watch(facts, out)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
@@ -119,6 +120,7 @@ class AttentionGraph:
             with torch.no_grad():
                 state.stats["r_k"] = attention_stats._correlation(k)
                 state.stats["u_k"] = attention_stats.prefix_share(k)
+                state.stats["k"] = k.detach()
         return state
 
     def _causal_hint(self, nq: int) -> bool:
@@ -141,8 +143,10 @@ class AttentionGraph:
                     torch.stack([s["p2"], s["s2"]]),
                     torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
                     torch.stack([s["causal"], s["full"]]),
-                    torch.stack([attention_stats.prefix_share(v), s.get("u_k", z)])])
-            facts.measured = len(self.rec._constants) - 4
+                    torch.stack([attention_stats.prefix_share(v), s.get("u_k", z)]),
+                    attention_stats.query_path(s["rows"], v.detach(), s["k"]) if "k" in s
+                    else torch.stack([z, z])])
+            facts.measured = len(self.rec._constants) - 5
         self._watch(facts, out)
         return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
                                   where=self.rec._where()))
@@ -224,14 +228,18 @@ def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:
 def _softmax_stats(x: T, p: T) -> dict[str, T]:
     """Σp² over every row, the mean squared logit over the keys each query sees, and the
     mask's shape (1 where every row sees exactly the keys up to its own position, top-left
-    aligned; 1 where every key is seen), on the device. Elementwise in the tensors' own
-    dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
+    aligned; 1 where every key is seen), on the device; and a subsample of p's rows
+    for the query path's factor (attention_stats.query_path). Elementwise in the
+    tensors' own dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
     with torch.no_grad():
         x, p = x.detach(), p.detach()
         allowed = torch.isfinite(x) & (x > attention_stats.MASKED)
         tril = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril()
         count = allowed.sum().clamp(min=1)
+        rows = torch.linspace(0, p.shape[-2] - 1, min(attention_stats.SUBSAMPLE, p.shape[-2]),
+                              device=p.device).round().long()
         return {"p2": p.square().sum(-1, dtype=torch.float64).mean(),
+                "rows": p.index_select(-2, rows),
                 "s2": x.masked_fill(~allowed, 0.0).square().sum(dtype=torch.float64) / count,
                 "causal": (allowed == tril).all().double(),
                 "full": allowed.all().double()}

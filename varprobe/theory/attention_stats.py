@@ -15,6 +15,7 @@ from varprobe.theory import mha
 from varprobe.theory.nodes import Attention, T, _arg
 
 SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
+GRAMS = 1 << 24  # token-pair entries of the Gram matrices query_path forms (64 MiB)
 MASKED = -1e4   # an additive mask entry at or below this hides the key
 
 
@@ -33,8 +34,9 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
     """Σp² and the mean squared logit over a subsample of queries (the softmax of
     64 rows per head, O(64 T d) where the call was O(T² d)), the token
     correlations of v and k (attention.token_correlation from the sums over the
-    sequence), the mask's shape (``mask_shape``) and the prefix shares of v and k
-    (``prefix_share``): four pairs, reduced on the device.
+    sequence), the mask's shape (``mask_shape``), the prefix shares of v and k
+    (``prefix_share``) and the query path's factor (``query_path``): five pairs,
+    reduced on the device.
 
     In the inputs' precision (float32 keeps Σp² and the logit moments to ~1e-6, far
     inside the rules' own error) and without copies of the whole q, k or v: at a
@@ -62,10 +64,13 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         spread = logits.square().masked_fill_(~allowed, 0.0).sum(dtype=torch.float64) \
             / count.clamp(min=1)
         p = torch.softmax(logits.masked_fill_(~allowed, -math.inf), -1).nan_to_num_(0.0)
+        values = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3) \
+            if q.dim() > 2 and v.shape[-3] != q.shape[-3] else v
         return [torch.stack([p.square().sum(-1).mean(dtype=torch.float64), spread]),
                 torch.stack([_correlation(v), _correlation(k)]),
                 mask_shape(mask, facts),
-                torch.stack([prefix_share(v), prefix_share(k)])]
+                torch.stack([prefix_share(v), prefix_share(k)]),
+                query_path(p, values, keys)]
 
 
 def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
@@ -126,3 +131,40 @@ def prefix_share(x: T) -> T:
     rows = torch.arange(1, tokens + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
     means = torch.linalg.vector_norm(x.cumsum(-2) / rows).double().square()
     return means / q.clamp(min=1e-300)
+
+
+def query_path(p: T, v: T, k: T) -> T:
+    """(X, 1): the query path's factor at the realized p, v and k, on the device.
+
+    dq_i = c sum_j p_ij (g_i . (v_j - v̄_i)) k_j, v̄_i = sum_j p_ij v_j, so for a gradient
+    g_i of i.i.d. entries (sigma_g^2) independent of v and k,
+    E|dq_i|^2 = c^2 sigma_g^2 Q_i, Q_i = sum_jl p_ij p_il (v_j - v̄_i).(v_l - v̄_i) k_j.k_l,
+    and X = mean_i Q_i / (d_v d_k q_v q_k) is what theory.attention.backward's query
+    path writes (1 - r_k) f m + (1 - r) coherent for tokens alike. Q_i is a fourth
+    moment of the tokens: where their correlations spread over the pairs (a causal
+    stack's early tokens correlated among themselves, the late ones with everything)
+    it exceeds the closed form by the pairs' variance times the window (the 4-block
+    Llama's last two blocks: 2-3x), which no r can say.
+
+    p: rows of the probabilities (..., R, T_k) (the subsample of queries); v, k:
+    (..., T_k, d) with p's leading dims. Q_i = p^T (Gv o Gk) p - 2 sum_j p_j (v_j . v̄)
+    (Gk p)_j + |v̄|^2 p^T Gk p, Gv, Gk the Gram matrices of v and k, formed for a
+    subsample of the (batch, head) slices (GRAMS entries)."""
+    with torch.no_grad():
+        rows, keys = p.shape[-2:]
+        pf, vf, kf = (t.reshape(-1, *t.shape[-2:]) for t in (p, v, k))
+        slices = pf.shape[0]
+        pick = torch.linspace(0, slices - 1, min(slices, max(1, GRAMS // keys ** 2)),
+                              device=p.device).round().long()
+        pf, vf, kf = (t.index_select(0, pick).float() for t in (pf, vf, kf))
+        gk = kf @ kf.transpose(-1, -2)
+        both = (vf @ vf.transpose(-1, -2)).mul_(gk)
+        vbar = pf @ vf
+        gkp = pf @ gk
+        q = ((pf @ both) * pf).sum(-1) \
+            - 2 * (pf * (vbar @ vf.transpose(-1, -2)) * gkp).sum(-1) \
+            + vbar.square().sum(-1) * (pf * gkp).sum(-1)
+        scale = vf.square().sum(-1).mean(dtype=torch.float64) \
+            * kf.square().sum(-1).mean(dtype=torch.float64)
+        x = q.mean(dtype=torch.float64) / scale.clamp(min=1e-300)
+        return torch.stack([x, torch.ones_like(x)])

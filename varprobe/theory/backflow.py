@@ -129,8 +129,10 @@ class Backward:
                 _flow(grads, i, Grad(0.0, g.broken or "an attention input the walk has no "
                                      "value for", rel=g.rel))
             return
-        paths = attend.backward(self.facts(node), g.var, *values, self.measurements(node)[1],
-                                self.width(node), self.gradient_correlation(node))
+        measured, correlations = self.measurements(node)
+        paths = attend.backward(self.facts(node), g.var, *values, correlations,
+                                self.width(node), self.gradient_correlation(node),
+                                measured[2] if measured is not None else None)
         for i, var in zip(node.inputs, paths):
             _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))
 

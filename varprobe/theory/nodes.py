@@ -82,8 +82,8 @@ class Attention:
     the probe's own measurements at the call sit among the recording's constants
     (``measured``: (Σp², mean logit²) of a subsample of queries, then (r_v, r_k), the
     token correlations of the values and keys, then the mask's shape (causal, full),
-    then (u_v, u_k), their prefix shares (theory.attention_stats.prefix_share); None on
-    meta)."""
+    then (u_v, u_k), their prefix shares (theory.attention_stats.prefix_share), then
+    the query path's factor (query_path); None on meta)."""
 
     queries: int
     keys: int

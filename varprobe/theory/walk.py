@@ -247,12 +247,16 @@ class Walk(Backward):
         return mha.weights(module, self.constants, node.attn, layer.weight_second_moment)
 
     def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
-        """The probe's (Σp², mean logit²) at an attention call, for the actual init only,
-        and the (r_v, r_k, u_v, u_k) it measured, for every walk over a measured pass."""
+        """The probe's (Σp², mean logit², query path's factor or None) at an attention
+        call, for the actual init only (they depend on the logit variance a scheme
+        changes), and the (r_v, r_k, u_v, u_k) it measured, for every walk over a
+        measured pass."""
         index = node.attn.measured
         if index is None or not self.measured:
             return None, None
-        return (self.constants[index] if self.actual is None else None,
+        factor, filled = self.constants[index + 4]
+        return ((*self.constants[index], factor if filled > 0.5 else None)
+                if self.actual is None else None,
                 (*self.constants[index + 1], *self.constants[index + 3]))
 
     def gradient_correlation(self, node: Node) -> float | None:
