@@ -78,8 +78,8 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
 def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
              correlations: tuple | None, n: int | None = None,
              r_g: float | None = None, query_factor: float | None = None,
-             ) -> tuple[float, float, float]:
-    """E[dq^2], E[dk^2], E[dv^2] from E[g^2] at the head outputs and its token
+             ) -> tuple[float, float, float, float]:
+    """E[dq^2], E[dk^2], E[dv^2] and E[dS^2] per logit from E[g^2] at the head outputs and its token
     correlation r_g (0 where unknown). Grouped keys and values (GQA) collect the
     gradients of every query head in their group. ``query_factor``: the query path's
     factor the probe measured at the realized p, v and k (attention_stats.query_path),
@@ -92,4 +92,4 @@ def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
                            r_k=correlation(facts, v, correlations, 1),
                            query_factor=query_factor)
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
-    return b.query, b.key * group, b.value * group
+    return b.query, b.key * group, b.value * group, b.logit

@@ -58,6 +58,7 @@ class Backward(NamedTuple):
     query: float           # E[dq^2]
     key: float             # E[dk^2]
     input: float | None    # E[dx^2] through the three projections (all heads), or None
+    logit: float = 0.0     # E[dS^2] per logit entry (masked ones included)
 
 
 def logit_variance(q_q: float, q_k: float, d_k: int, scale: float | None = None) -> float:
@@ -248,6 +249,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     sum_j p_ij (v_j - v̄_i) k_j, whose weights sum to 0, so the part the keys share
     cancels, (1 - r_k); rotary positions turn that part with the position, and a
     window's keys share less of it than the values do (attend.correlation).
+    ``logit``: E[dS^2] per entry of the logits, what an additive bias on them (T5's
+    relative position bias) gets, = sigma_g^2 d_k q_v f m / T_k.
     ``query_factor`` replaces the query path's bracket with the one measured at the
     realized tokens (attention_stats.query_path; not under dropout, which it omits).
     """
@@ -270,7 +273,10 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     if weight_var is not None:
         var_q, var_k, var_v = weight_var
         dx = heads * d_k * (var_v * dv + var_q * dq + var_k * dk)
-    return Backward(dv, dq, dk, dx)
+    # dS_ij = p_ij g_i.(v_j - v̄_i): per query sum_j E[dS_ij^2] = sigma_g^2 d_k q_v f m_i
+    # (the query path without c k_j), spread over the T_k entries of its row
+    logit = sigma_g2 * d_k * q_v * f * m / float(counts.max())
+    return Backward(dv, dq, dk, dx, logit)
 
 
 def token_correlation(sum_sq_of_token_sums_mean: float, second_moment: float, T: int) -> float:

@@ -29,7 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from varprobe.theory import attention_stats, functional, gradient_stats
-from varprobe.theory.nodes import ADD, DIV, MUL, VIEWS, Attention, Node, T, _arg, _name
+from varprobe.theory.nodes import (
+    ADD,
+    DIV,
+    MUL,
+    VIEWS,
+    Attention,
+    Node,
+    T,
+    _arg,
+    _name,
+    is_view,
+)
 
 MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
 SOFTMAXES = {F.softmax, torch.softmax, T.softmax}
@@ -58,6 +69,7 @@ class AttentionGraph:
         self.rec = rec
         self.pending: dict[int, Pending] = {}
         self.modules: dict[int, nn.Module] = {}  # call index -> module (the Recorder's)
+        self.selected: dict[int, tuple[int, int]] = {}  # where(c, x, m): (x's node, numel)
         self._parents = {id(c): m for m in model.modules() for c in m.children()}
 
     # --- scaled_dot_product_attention --------------------------------------------------
@@ -72,12 +84,37 @@ class AttentionGraph:
         if any(n is None for n in nodes):
             return None  # a constant query, key or value: not self-attention at init
         facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
+        if isinstance(mask, T) and mask.is_floating_point() and mask.numel():
+            self._bias(facts, mask, q.shape[:-1].numel() * facts.keys)
         if not q.is_meta:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
             facts.measured = len(self.rec._constants) - 5
         self._watch(facts, out)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
+
+    def _bias(self, facts: Attention, mask: T, logits: int) -> None:
+        """An activation in a float attn_mask (T5's relative position bias) gets the
+        logits' gradient dS, each element the sum over the logits it is added to. The
+        mask torch.where(causal, bias, min) makes passes all of dS to the bias: dS is 0
+        where the mask hides a key."""
+        node = k = self.rec._lookup(mask)
+        nodes = self.rec.nodes
+        while k is not None and k not in self.selected and nodes[k].op == "linear" \
+                and len(nodes[k].inputs) == 1 and is_view(nodes[k]):
+            k = nodes[k].inputs[0]  # .contiguous() and the like
+        node, size = self.selected.get(k, (node, mask.numel()))
+        if node is not None:
+            facts.bias, facts.bias_fold = node, logits / size
+
+    def selection(self, func, args: tuple, kwargs: dict, node: int) -> None:
+        """Remember torch.where(cond, x, other) of one activation x and constants."""
+        if func is not torch.where or len(args) != 3 or self.rec._lookup(args[0]) is not None:
+            return
+        found = [(self.rec._lookup(t), t.numel()) for t in args[1:] if isinstance(t, T)]
+        found = [f for f in found if f[0] is not None]
+        if len(found) == 1:
+            self.selected[node] = found[0]
 
     def multihead(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict,
                   ) -> Attention:

@@ -125,7 +125,7 @@ class Backward:
         whose q, k and v are one tensor gets their sum, as independent paths add."""
         values = [self.values[i].signal for i in node.inputs]
         if g.broken is not None or any(v is None for v in values):
-            for i in node.inputs:
+            for i in (*node.inputs, *(() if node.attn.bias is None else (node.attn.bias,))):
                 _flow(grads, i, Grad(0.0, g.broken or "an attention input the walk has no "
                                      "value for", rel=g.rel))
             return
@@ -135,6 +135,9 @@ class Backward:
                                 measured[2] if measured is not None else None)
         for i, var in zip(node.inputs, paths):
             _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))
+        bias = node.attn.bias
+        if bias is not None:  # each element of it collects the logits it is added to
+            _flow(grads, bias, Grad(paths[3] * node.attn.bias_fold, None, g.note, rel=g.rel))
 
     def _at_output(self, node: Node, g: Grad) -> Grad:
         """Record the call's gradient; where the graph broke, carry the measured one."""

@@ -85,8 +85,7 @@ class Recording(TorchFunctionMode):
         self._last: int | None = None  # the last recorded call that finished
         self._constants: list[torch.Tensor | tuple[float, float]] = []
         self.norm_shapes: dict[int, int] = {}  # BatchNorm call -> its theory.normshape pairs
-        self.token_norms: dict[int, int] = {}  # feature norm call -> its theory.tokennorm slot
-        self._token_scales: dict[int, tuple] = {}  # ... its per-token scales, till the exit
+        self.token_norms, self.token_scales = {}, {}  # theory.tokennorm: slots, scales
         self.compiled = next((name for name, m in model.named_modules()
                               if type(m).__name__ == "OptimizedModule"), None)
         self._graph = AttentionGraph(self, model)  # SDPA, eager attention, x @ W
@@ -140,8 +139,7 @@ class Recording(TorchFunctionMode):
             if normshape.wanted(module, primary):
                 self.norm_shapes[index] = len(self._constants)
                 self._constants.extend(normshape.measure(module, primary))
-            if tokennorm.wanted(module, primary):
-                self._token_scales[index] = tokennorm.measure(module, primary)
+            tokennorm.enter(self, index, module, primary)
         ids = tuple(dict.fromkeys(n for n in inputs if n is not None))
         if primary is not None and inputs[0] is None:
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
@@ -171,7 +169,7 @@ class Recording(TorchFunctionMode):
             outputs = float_leaves(output)
             if not outputs:
                 return
-            self._watch_tokens(frame.index, outputs[0])
+            tokennorm.leave(self, frame.index, outputs[0])
             if frame.opaque and frame.rotary and len(outputs) == 2:
                 # a rotary embedding's (cos, sin) tables: what they multiply keeps its
                 # second moment whatever the angles, as cos² + sin² = 1 (theory.walk)
@@ -189,14 +187,6 @@ class Recording(TorchFunctionMode):
                 inner = self._lookup(outputs[0])
                 inputs = (inner if inner is not None else -1, *frame.inputs[:1])
                 self._bind(outputs[0], self._add(Node("exit", inputs, index=frame.index)))
-
-    def _watch_tokens(self, index: int, out: T) -> None:
-        """A feature norm's per-token gain, filled in the backward (theory.tokennorm)."""
-        scales = self._token_scales.pop(index, None)
-        slots = tokennorm.watch(out, *scales) if scales is not None else []
-        if slots:
-            self.token_norms[index] = len(self._constants)
-            self._constants.extend(slots)
 
     def _on_top(self) -> bool:
         """Whether this mode is the innermost one (a model may push its own)."""
@@ -285,6 +275,7 @@ class Recording(TorchFunctionMode):
             node = self._add(Node("unknown", inputs, reason=_name(func) + product, stops=stops,
                                   where=self._where()))
         self._graph.carry(func, args, kwargs, node, outs[0])  # eager attention's steps
+        self._graph.selection(func, args, kwargs, node)  # a position bias put in a mask
         for t in outs:
             self._bind(t, node)
 

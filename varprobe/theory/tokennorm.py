@@ -77,6 +77,21 @@ def watch(out: object, inverse: T, mean_scale: T) -> list[T]:
     return [slot]
 
 
+def enter(rec, index: int, module: nn.Module, x: object) -> None:
+    """At a call's entry (theory.recording): its tokens' scales, kept till its exit."""
+    if wanted(module, x):
+        rec.token_scales[index] = measure(module, x)
+
+
+def leave(rec, index: int, out: object) -> None:
+    """At its exit: the slot the backward fills, among the recording's constants."""
+    scales = rec.token_scales.pop(index, None)
+    slots = watch(out, *scales) if scales is not None else []
+    if slots:
+        rec.token_norms[index] = len(rec._constants)
+        rec._constants.extend(slots)
+
+
 def gain(slot: tuple[float, float] | None) -> float | None:
     """kappa, or None where the backward never filled the slot."""
     if slot is None or slot[1] < 0.5 or not slot[0] > 0:
