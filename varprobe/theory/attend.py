@@ -30,19 +30,30 @@ def keys(facts: Attention) -> attention.Keys:
 
 def correlation(facts: Attention, v: Signal, measured: tuple | None, side: int = 0) -> float:
     """r of the values (``side`` 0) or of the keys (1): the measured one where there is
-    one, else the walk's. Under a causal mask the windows of flat attention see
-    r_eff = (u - P2)/(1 - P2), u the measured prefix share (attention_stats.prefix_share)
-    and P2 = mean_i 1/i: the r whose closed form r + (1 - r) P2 gives u. It differs from
-    the plain r where the correlation depends on the positions: a causal stack leaves
-    the early tokens' values correlated among themselves (on the 4-block Llama the
-    second block's attention output is 0.7x the plain r's), and rotary positions
-    decorrelate the keys' shared part across the positions of a window but not within
-    a few neighbours, which the plain r_k over the whole sequence does not tell."""
+    one, else the walk's. Under a causal mask the windows of flat attention see other
+    than the plain r where the correlation depends on the positions: a causal stack
+    leaves the early tokens' values correlated among themselves (on the 4-block Llama
+    the second block's attention output is 0.7x the plain r's), and rotary positions
+    turn the keys' shared part with the position, so a window of far-apart keys shares
+    less of it than one of neighbours. So there:
+
+    values: r = (u - P2)/(1 - P2), u the prefix share mean_i u_i (u_i = |x̄_i|^2/E[x^2],
+    x̄_i the mean of the window 1..i; attention_stats.prefix_share) and P2 = mean_i 1/i,
+    the r whose flat forward r + (1 - r) P2 gives u;
+    keys: r = 1 - (mean_i 1/i - w)/mean_i (i-1)/i^2, w = mean_i u_i/i. In the query path
+    query i sums (v_j - v̄_i) k_j over its window, whose pair sum is
+    sum_jl (delta_jl - 1/i)(1-r) C_k(j,l) = (1-r) i (1 - u_i) for values of one r and any
+    key correlations C_k: flat attention weighs it by 1/i^2, where the closed form has
+    (1 - r_k) m_i, m_i = (i-1)/i^2."""
     if measured is None:
         r = max(v.r, v.mean_share) if side == 0 else correlation(facts, v, None)
     elif facts.causal and facts.queries == facts.keys:
-        p2 = float((1 / attention.key_counts(facts.keys, True)).mean())
-        r = (measured[2 + side] - p2) / (1 - p2)
+        i = attention.key_counts(facts.keys, True)
+        if side == 0:
+            p2 = float((1 / i).mean())
+            r = (measured[2] - p2) / (1 - p2)
+        else:
+            r = 1 - float((1 / i).mean() - measured[3]) / float(((i - 1) / i**2).mean())
     else:
         r = measured[side]
     return min(max(r, 0.0), CEILING)
@@ -90,6 +101,6 @@ def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
     b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, r_g=r_g,
                            causal=causal, scale=facts.scale, dropout=facts.dropout, n=n,
                            r_k=correlation(facts, v, correlations, 1),
-                           query_factor=query_factor)
+                           query_factor=query_factor, row=facts.keys)
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
     return b.query, b.key * group, b.value * group, b.logit

@@ -230,7 +230,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
              scale: float | None = None, heads: int = 1,
              weight_var: tuple[float, float, float] | None = None, n: int | None = None,
              dropout: float = 0.0, method: str = "gaussian",
-             r_k: float | None = None, query_factor: float | None = None) -> Backward:
+             r_k: float | None = None, query_factor: float | None = None,
+             row: int | None = None) -> Backward:
     """Gradient second moments of one self-attention head (§3.3, corrected).
 
     sigma_g2, r_g: E[g^2] and token correlation of the gradient at the head output z.
@@ -250,7 +251,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     cancels, (1 - r_k); rotary positions turn that part with the position, and a
     window's keys share less of it than the values do (attend.correlation).
     ``logit``: E[dS^2] per entry of the logits, what an additive bias on them (T5's
-    relative position bias) gets, = sigma_g^2 d_k q_v f m / T_k.
+    relative position bias) gets, = sigma_g^2 d_k q_v f m / T_k, T_k = ``row`` the
+    length of a row of logits (the largest key count by default).
     ``query_factor`` replaces the query path's bracket with the one measured at the
     realized tokens (attention_stats.query_path; not under dropout, which it omits).
     """
@@ -275,7 +277,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
         dx = heads * d_k * (var_v * dv + var_q * dq + var_k * dk)
     # dS_ij = p_ij g_i.(v_j - v̄_i): per query sum_j E[dS_ij^2] = sigma_g^2 d_k q_v f m_i
     # (the query path without c k_j), spread over the T_k entries of its row
-    logit = sigma_g2 * d_k * q_v * f * m / float(counts.max())
+    logit = sigma_g2 * d_k * q_v * f * m / float(row or counts.max())
     return Backward(dv, dq, dk, dx, logit)
 
 

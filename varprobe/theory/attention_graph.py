@@ -156,7 +156,7 @@ class AttentionGraph:
         if not q.is_meta:
             with torch.no_grad():
                 state.stats["r_k"] = attention_stats._correlation(k)
-                state.stats["u_k"] = attention_stats.prefix_share(k)
+                state.stats["u_k"] = attention_stats.prefix_share(k, weighted=True)
                 state.stats["k"] = k.detach()
         return state
 

@@ -69,7 +69,7 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         return [torch.stack([p.square().sum(-1).mean(dtype=torch.float64), spread]),
                 torch.stack([_correlation(v), _correlation(k)]),
                 mask_shape(mask, facts),
-                torch.stack([prefix_share(v), prefix_share(k)]),
+                torch.stack([prefix_share(v), prefix_share(k, weighted=True)]),
                 query_path(p, values, keys)]
 
 
@@ -120,17 +120,21 @@ def _correlation(x: T) -> T:
     return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
 
 
-def prefix_share(x: T) -> T:
+def prefix_share(x: T, weighted: bool = False) -> T:
     """u = mean_i |x̄_i|^2 / E[x^2], x̄_i the mean of x_1..x_i (tokens on axis -2): what
     flat causal attention keeps of x, on its device. For tokens of one second moment
     and uncentered correlation r it is r + (1 - r) mean_i 1/i; where the correlation
     depends on the positions (a causal stack makes the early tokens' correlated among
-    themselves) it is the r the windows of causal attention see (theory.attend)."""
+    themselves) it is the r the windows of causal attention see (theory.attend).
+    ``weighted``: mean_i u_i / i, the weights the query path gives query i (its m_i,
+    ~1/i at flat attention)."""
     tokens = x.shape[-2]
     q = torch.linalg.vector_norm(x).double().square()
     rows = torch.arange(1, tokens + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
-    means = torch.linalg.vector_norm(x.cumsum(-2) / rows).double().square()
-    return means / q.clamp(min=1e-300)
+    means = x.cumsum(-2) / rows
+    if weighted:
+        means = means / rows.sqrt()
+    return torch.linalg.vector_norm(means).double().square() / q.clamp(min=1e-300)
 
 
 def query_path(p: T, v: T, k: T) -> T:

@@ -82,7 +82,8 @@ class Attention:
     the probe's own measurements at the call sit among the recording's constants
     (``measured``: (Σp², mean logit²) of a subsample of queries, then (r_v, r_k), the
     token correlations of the values and keys, then the mask's shape (causal, full),
-    then (u_v, u_k), their prefix shares (theory.attention_stats.prefix_share), then
+    then (u_v, w_k), their prefix shares (theory.attention_stats.prefix_share; the
+    keys' weighted by 1/i), then
     the query path's factor (query_path); None on meta)."""
 
     queries: int
