@@ -267,9 +267,10 @@ class Walk(Backward):
         index, facts = node.attn.gradient, self.facts(node)
         square = facts.queries == facts.keys  # the flat p the probe summed with
         if index is None or not self.measured or not square:
-            # checked where the flat causal value path holds (decoder self-attention);
-            # elsewhere (cross-attention, bidirectional, biased logits) it moved T5's
-            # backward from 0.24 to 0.62 median |log|: r_g = 0 there, as before
+            # the probe's flat p has as many queries as keys; T5's encoder reads the
+            # gradient cross-attention sums over the decoder's queries, correlated
+            # across its tokens (r_g = 0 put its v 4.7x under); 0.62 median |log|
+            # once came from its decoder's causal float mask, taken as no mask then
             return None
         counts = attention.key_counts(attend.keys(facts), facts.causal and square)
         return gradient_stats.effective(self.constants[index:index + 2], facts.causal,
