@@ -101,6 +101,8 @@ def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
     b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, r_g=r_g,
                            causal=causal, scale=facts.scale, dropout=facts.dropout, n=n,
                            r_k=correlation(facts, v, correlations, 1),
+                           r_q=None if correlations is None else
+                           min(max(correlations[1], 0.0), CEILING),
                            query_factor=query_factor, row=facts.keys)
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
     return b.query, b.key * group, b.value * group, b.logit

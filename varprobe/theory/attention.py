@@ -231,7 +231,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
              weight_var: tuple[float, float, float] | None = None, n: int | None = None,
              dropout: float = 0.0, method: str = "gaussian",
              r_k: float | None = None, query_factor: float | None = None,
-             row: int | None = None) -> Backward:
+             row: int | None = None, r_q: float | None = None) -> Backward:
     """Gradient second moments of one self-attention head (§3.3, corrected).
 
     sigma_g2, r_g: E[g^2] and token correlation of the gradient at the head output z.
@@ -240,7 +240,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
 
     E[dv^2] = sigma_g^2 [r_g C + P2 (1/(1-p) - r_g)]
     E[dq^2] = c^2 d_k sigma_g^2 q_v q_k [(1-r_k) f m + (1-r)^2 mean_i (1-P2_i)^2 / n]
-    E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r r_g K]
+    E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r_q r_g K]
 
     ``weight_var`` = (sigma_q^2, sigma_k^2, sigma_v^2) per weight entry gives
     E[dx^2] = H d_k (sigma_v^2 E[dv^2] + sigma_q^2 E[dq^2] + sigma_k^2 E[dk^2]) (heads
@@ -250,6 +250,10 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     sum_j p_ij (v_j - v̄_i) k_j, whose weights sum to 0, so the part the keys share
     cancels, (1 - r_k); rotary positions turn that part with the position, and a
     window's keys share less of it than the values do (attend.correlation).
+    r_q (r_k by default) is the queries' correlation in the key path's query-pair term:
+    key j is read by every query from j on, so the pairs span the sequence (the plain
+    r of the rotated queries, which a probe takes from the keys: both are W x turned by
+    the same angles).
     ``logit``: E[dS^2] per entry of the logits, what an additive bias on them (T5's
     relative position bias) gets, = sigma_g^2 d_k q_v f m / T_k, T_k = ``row`` the
     length of a row of logits (the largest key count by default).
@@ -270,7 +274,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     if query_factor is None or dropout:
         query_factor = (1 - r_k) * f * m + (1 - r) * coherent
     dq = c2dk * sigma_g2 * q_v * q_k * query_factor
-    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_k * r_g * cross)
+    r_q = r_k if r_q is None else r_q
+    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross)
     dx = None
     if weight_var is not None:
         var_q, var_k, var_v = weight_var
