@@ -96,15 +96,17 @@ class Backward:
             _flow(grads, node.inputs[0], Grad(g.var * pools.backward(node.pool), g.broken,
                                               g.note, g.sparse, g.rel, window))
         elif node.op == "linear":
-            self._linear_backward(node, g, grads)
+            self._linear_backward(node, g, grads, k)
 
-    def _linear_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+    def _linear_backward(self, node: Node, g: Grad, grads: list[Grad | None],
+                         k: int) -> None:
         if valueless := self._no_value(node, backward=True):
             for i in node.inputs:
                 _flow(grads, i, Grad(0.0, g.broken or valueless, rel=g.rel))
             return
         scale = 1.0 if node.scale is None else self.constants[node.scale][0]
-        for i, b in zip(node.inputs, node.backward):
+        shares = self.cat_shares(k, node)  # the pieces' measured shares (theory.catshare)
+        for i, b in zip(node.inputs, shares or node.backward):
             broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
                                   "gradient reaches only a slice" if node.cat and g.sparse
                                   else None)

@@ -9,9 +9,8 @@ functional activations and dropout. Any other operation on an activation becomes
 "unknown" node; so does the output of a custom ``autograd.Function`` (its backward is
 its own) and a tensor written in place by something the mode did not see. Inside a
 module varprobe has a closed form for, or one without children, the module is a single
-node and its own operations are not followed. Only ids and small per-node facts are
-kept: no statistics, no activations. What the nodes mean is the walk's business
-(theory.walk).
+node and its own operations are not followed. Nodes keep ids and small facts; what they
+mean is the walk's business (theory.walk).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory import functional, normshape, tokennorm
+from varprobe.theory import catshare, functional, normshape, tokennorm
 from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
@@ -86,6 +85,7 @@ class Recording(TorchFunctionMode):
         self._constants: list[torch.Tensor | tuple[float, float]] = []
         self.norm_shapes: dict[int, int] = {}  # BatchNorm call -> its theory.normshape pairs
         self.token_norms, self.token_scales = {}, {}  # theory.tokennorm: slots, scales
+        self.cat_shares: dict[int, int] = {}  # torch.cat node -> theory.catshare slots
         self.compiled = next((name for name, m in model.named_modules()
                               if type(m).__name__ == "OptimizedModule"), None)
         self._graph = AttentionGraph(self, model)  # SDPA, eager attention, x @ W
@@ -329,8 +329,10 @@ class Recording(TorchFunctionMode):
         pieces = _arg(args, kwargs, 0, "tensors", ())
         total = out.numel()
         fractions = [t.numel() / total if not stack else 1 / len(pieces) for t in pieces]
-        terms = [(t, f, f) for t, f in zip(pieces, fractions)]
-        return self._linear(terms, out, sum_backward=False)
+        node = self._linear([(t, f, f) for t, f in zip(pieces, fractions)], out, False)
+        if not stack:
+            catshare.watch(self, node, pieces, _arg(args, kwargs, 1, "dim", 0), out)
+        return node
 
     def _linear(self, terms, out: torch.Tensor, sum_backward: bool) -> int | None:
         """sum_i f_i E[x_i^2] over activations plus f_j mean(c_j^2) over constants; the
@@ -493,8 +495,5 @@ def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, T):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for t in out if isinstance(t, T)]
-    return []
+    pieces = (out,) if isinstance(out, T) else out if isinstance(out, (tuple, list)) else ()
+    return [t for t in pieces if isinstance(t, T)]

@@ -35,6 +35,7 @@ from varprobe.report import Layer, Report
 from varprobe.theory import (
     attend,
     attention,
+    catshare,
     gradient_stats,
     mha,
     norms,
@@ -292,6 +293,13 @@ class Walk(Backward):
         if index is None or not self.measured:
             return None
         return tokennorm.gain(self.constants[index])
+
+    def cat_shares(self, k: int, node: Node) -> list[float] | None:
+        """Concatenation ``k``'s pieces' shares of its gradient (theory.catshare), for
+        every walk over a measured pass; None elsewhere."""
+        index = getattr(self.graph, "cat_shares", {}).get(k) \
+            if node.cat and self.measured else None
+        return catshare.shares(self.constants, index, len(node.inputs))
 
     def _per_channel_producer(self, node: Node) -> bool:
         """The norm reads a depthwise conv: channel c's variance is made of that conv's
