@@ -156,6 +156,9 @@ def query_path(p: T, v: T, k: T) -> T:
     subsample of the (batch, head) slices (GRAMS entries)."""
     with torch.no_grad():
         rows, keys = p.shape[-2:]
+        if not (p.shape[:-2] == v.shape[:-2] == k.shape[:-2]) or v.shape[-2] != keys \
+                or k.shape[-2] != keys:  # broadcast heads or batch: left to the closed form
+            return torch.zeros(2, dtype=torch.float64, device=p.device)
         pf, vf, kf = (t.reshape(-1, *t.shape[-2:]) for t in (p, v, k))
         slices = pf.shape[0]
         pick = torch.linspace(0, slices - 1, min(slices, max(1, GRAMS // keys ** 2)),

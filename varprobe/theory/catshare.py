@@ -24,9 +24,10 @@ def watch(rec, node: int | None, pieces, dim: int, out: object) -> None:
     """Slots (s_i, 1) for the activation pieces of a torch.cat along ``dim`` into
     ``out``, kept in ``rec.cat_shares[node]`` (their first index among the constants)."""
     if node is None or node < 0 or not isinstance(out, T) or out.is_meta \
-            or not out.requires_grad or not all(isinstance(t, T) for t in pieces):
-        return
-    sizes = [t.shape[dim] if t.dim() else 0 for t in pieces]
+            or not out.requires_grad \
+            or not all(isinstance(t, T) and t.dim() == out.dim() for t in pieces):
+        return  # (an empty 1-D piece, which torch.cat skips, is a key cache's start)
+    sizes = [t.shape[dim] for t in pieces]
     active = [i for i, t in enumerate(pieces) if t.numel() and rec._lookup(t) is not None]
     if sum(sizes) != out.shape[dim] or len(active) != len(rec.nodes[node].inputs):
         return
