@@ -90,14 +90,23 @@ def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
              correlations: tuple | None, n: int | None = None,
              r_g: float | None = None, query_factor: float | None = None,
              ) -> tuple[float, float, float, float]:
-    """E[dq^2], E[dk^2], E[dv^2] and E[dS^2] per logit from E[g^2] at the head outputs and its token
-    correlation r_g (0 where unknown). Grouped keys and values (GQA) collect the
-    gradients of every query head in their group. ``query_factor``: the query path's
-    factor the probe measured at the realized p, v and k (attention_stats.query_path),
-    for the actual init's walk."""
+    """E[dq^2], E[dk^2], E[dv^2] and E[dS^2] per logit from E[g^2] at the head outputs
+    and its token correlation r_g (0 where unknown). Grouped keys and values (GQA)
+    collect the gradients of every query head in their group. ``query_factor``: the
+    query path's factor the probe measured at the realized p, v and k
+    (attention_stats.query_path), for the actual init's walk.
+
+    Without a causal mask r_g is dropped where the call is saturated: its terms rest on
+    the queries' overlap, the lognormal of the keys' shared logit part e^{r(1-r)s^2},
+    which past saturation sends every query to one key (T5 under LeCun, s^2 ~ 64: the
+    encoder's v predicted 240x its gradient); a causal mask keeps each query's own
+    window, and the overlap 1/max(i, k) holds there."""
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
     r_g = min(r_g or 0.0, CEILING)  # below 0 where early tokens' gradients are small
+    s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+    if not facts.causal and attention.saturated(s2, r):
+        r_g = 0.0
     b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, r_g=r_g,
                            causal=causal, scale=facts.scale, dropout=facts.dropout, n=n,
                            r_k=correlation(facts, v, correlations, 1),

@@ -275,7 +275,12 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
         query_factor = (1 - r_k) * f * m + (1 - r) * coherent
     dq = c2dk * sigma_g2 * q_v * q_k * query_factor
     r_q = r_k if r_q is None else r_q
-    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross)
+    # the pair term's dispersion |v_j - v̄_i|^2 is K's flat (1 - 1/T_i); at the actual
+    # spread it is what m/P2 is to its flat value, -> 0 as p goes one-hot (the softmax
+    # Jacobian vanishes: saturated attention sends the keys no gradient)
+    flat = float(np.mean((counts - 1) / counts**2) / np.mean(1 / counts))
+    spread = (m / p2) / flat if p2 > 0 and flat > 0 else 1.0
+    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross * spread)
     dx = None
     if weight_var is not None:
         var_q, var_k, var_v = weight_var

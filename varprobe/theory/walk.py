@@ -287,18 +287,19 @@ class Walk(Backward):
         return None if any(c is None for c in shape) else shape
 
     def token_gain(self, node: Node) -> float | None:
-        """A feature norm's kappa (theory.tokennorm), for every walk over a measured
-        pass; None on meta, or where no gradient reached the norm's output."""
+        """A feature norm's kappa (theory.tokennorm), for the actual init's walk (a
+        scheme re-draws the weights that set the tokens' scales and gradients); None on
+        meta, or where no gradient reached the norm's output."""
         index = getattr(self.graph, "token_norms", {}).get(node.index)
-        if index is None or not self.measured:
+        if index is None or not self.measured or self.actual is not None:
             return None
         return tokennorm.gain(self.constants[index])
 
     def cat_shares(self, k: int, node: Node) -> list[float] | None:
         """Concatenation ``k``'s pieces' shares of its gradient (theory.catshare), for
-        every walk over a measured pass; None elsewhere."""
+        the actual init's walk (as tokennorm's kappa); None elsewhere."""
         index = getattr(self.graph, "cat_shares", {}).get(k) \
-            if node.cat and self.measured else None
+            if node.cat and self.measured and self.actual is None else None
         return catshare.shares(self.constants, index, len(node.inputs))
 
     def _per_channel_producer(self, node: Node) -> bool:
