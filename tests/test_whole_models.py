@@ -178,9 +178,9 @@ def test_llama_within_bound():
 def test_t5_within_bound():
     # relative position bias in a float SDPA mask (the decoder's causal mask inside it),
     # no 1/sqrt(d) scaling (s^2 ~ 1), cross-attention whose gradient makes the encoder's
-    # token-correlated; the two bias tables get the logits' gradient. S = 6 (under 20 s)
+    # token-correlated; the two bias tables get the logits' gradient. S = 4 (about 10 s)
     # keeps the median layer's standard error within the guard of assert_within_bound
-    found = W.seed_series(T5, 6)
+    found = W.seed_series(T5, 4)
     assert_graph_basis(found)
     assert_within_bound(found)
 
