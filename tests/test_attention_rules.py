@@ -114,7 +114,7 @@ def test_backward_through_projections(case):
 
 @pytest.mark.parametrize("case", ALL, ids=_id)
 def test_gradient_paths(case):
-    for quantity in ("dv", "dq", "dk"):
+    for quantity in ("dv", "dq", "dk", "ds"):
         off, bound = _within(case, quantity, _path_delta(case))
         assert off <= bound, (quantity, off, bound)
 

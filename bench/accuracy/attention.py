@@ -17,7 +17,7 @@ import torch
 
 from varprobe.theory import attention
 
-QUANTITIES = ("z2", "r_out", "p2", "dv", "dq", "dk", "dx")
+QUANTITIES = ("z2", "r_out", "p2", "dv", "dq", "dk", "dx", "ds")
 
 
 def simulate(s2: float, T: int, n: int, d_k: int, *, r: float = 0.0, causal: bool = False,
@@ -36,7 +36,9 @@ def simulate(s2: float, T: int, n: int, d_k: int, *, r: float = 0.0, causal: boo
     q, k, v = ((x @ w).view(B, T, heads, d_k).transpose(1, 2) for w in (w_q, w_k, w_v))
     for t in (q, k, v):
         t.retain_grad()
-    logits = q @ k.transpose(-1, -2) / math.sqrt(d_k)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d_k)
+    scores.retain_grad()  # dS, what an additive bias on the logits gets
+    logits = scores
     mask = _mask(T, causal, window)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
@@ -54,7 +56,7 @@ def simulate(s2: float, T: int, n: int, d_k: int, *, r: float = 0.0, causal: boo
         return {"z2": z2, "r_out": attention.token_correlation(s1, z2, T),
                 "p2": (p**2).sum(-1).mean().item(), "dv": (v.grad**2).mean().item(),
                 "dq": (q.grad**2).mean().item(), "dk": (k.grad**2).mean().item(),
-                "dx": (x.grad**2).mean().item()}
+                "dx": (x.grad**2).mean().item(), "ds": (scores.grad**2).mean().item()}
 
 
 def _correlated(g: torch.Generator, B: int, T: int, d: int, r: float) -> torch.Tensor:
@@ -89,9 +91,9 @@ def predict(s2: float, T: int, n: int, d_k: int, *, r: float = 0.0, causal: bool
     var_qk = q_qk / n
     bwd = attention.backward(1.0, 1.0, q_qk, q_qk, d_k, keys, r=r, r_g=r_g, causal=causal,
                              heads=heads, weight_var=(var_qk, var_qk, 1 / n), n=n,
-                             dropout=dropout, method=method)
+                             dropout=dropout, method=method, row=T)
     return {"z2": fwd.second_moment, "r_out": fwd.correlation, "p2": fwd.participation,
-            "dv": bwd.value, "dq": bwd.query, "dk": bwd.key, "dx": bwd.input}
+            "dv": bwd.value, "dq": bwd.query, "dk": bwd.key, "dx": bwd.input, "ds": bwd.logit}
 
 
 def measure(case: dict, seeds: int, tokens: int = 4096, offset: int = 0) -> tuple[dict, dict]:

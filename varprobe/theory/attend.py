@@ -28,8 +28,34 @@ def keys(facts: Attention) -> attention.Keys:
     return facts.keys
 
 
-def correlation(facts: Attention, v: Signal, measured: tuple | None) -> float:
-    r = measured[0] if measured is not None else max(v.r, v.mean_share)
+def correlation(facts: Attention, v: Signal, measured: tuple | None, side: int = 0) -> float:
+    """r of the values (``side`` 0) or of the keys (1): the measured one where there is
+    one, else the walk's. Under a causal mask the windows of flat attention see other
+    than the plain r where the correlation depends on the positions: a causal stack
+    leaves the early tokens' values correlated among themselves (on the 4-block Llama
+    the second block's attention output is 0.7x the plain r's), and rotary positions
+    turn the keys' shared part with the position, so a window of far-apart keys shares
+    less of it than one of neighbours. So there:
+
+    values: r = (u - P2)/(1 - P2), u the prefix share mean_i u_i (u_i = |x̄_i|^2/E[x^2],
+    x̄_i the mean of the window 1..i; attention_stats.prefix_share) and P2 = mean_i 1/i,
+    the r whose flat forward r + (1 - r) P2 gives u;
+    keys: r = 1 - (mean_i 1/i - w)/mean_i (i-1)/i^2, w = mean_i u_i/i. In the query path
+    query i sums (v_j - v̄_i) k_j over its window, whose pair sum is
+    sum_jl (delta_jl - 1/i)(1-r) C_k(j,l) = (1-r) i (1 - u_i) for values of one r and any
+    key correlations C_k: flat attention weighs it by 1/i^2, where the closed form has
+    (1 - r_k) m_i, m_i = (i-1)/i^2."""
+    if measured is None:
+        r = max(v.r, v.mean_share) if side == 0 else correlation(facts, v, None)
+    elif facts.causal and facts.queries == facts.keys:
+        i = attention.key_counts(facts.keys, True)
+        if side == 0:
+            p2 = float((1 / i).mean())
+            r = (measured[2] - p2) / (1 - p2)
+        else:
+            r = 1 - float((1 / i).mean() - measured[3]) / float(((i - 1) / i**2).mean())
+    else:
+        r = measured[side]
     return min(max(r, 0.0), CEILING)
 
 
@@ -62,14 +88,30 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
 
 def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
              correlations: tuple | None, n: int | None = None,
-             r_g: float | None = None) -> tuple[float, float, float]:
-    """E[dq^2], E[dk^2], E[dv^2] from E[g^2] at the head outputs and its token
-    correlation r_g (0 where unknown). Grouped keys and values (GQA) collect the
-    gradients of every query head in their group."""
+             r_g: float | None = None, query_factor: float | None = None,
+             ) -> tuple[float, float, float, float]:
+    """E[dq^2], E[dk^2], E[dv^2] and E[dS^2] per logit from E[g^2] at the head outputs
+    and its token correlation r_g (0 where unknown). Grouped keys and values (GQA)
+    collect the gradients of every query head in their group. ``query_factor``: the
+    query path's factor the probe measured at the realized p, v and k
+    (attention_stats.query_path), for the actual init's walk.
+
+    Without a causal mask r_g is dropped where the call is saturated: its terms rest on
+    the queries' overlap, the lognormal of the keys' shared logit part e^{r(1-r)s^2},
+    which past saturation sends every query to one key (T5 under LeCun, s^2 ~ 64: the
+    encoder's v predicted 240x its gradient); a causal mask keeps each query's own
+    window, and the overlap 1/max(i, k) holds there."""
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
     r_g = min(r_g or 0.0, CEILING)  # below 0 where early tokens' gradients are small
+    s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+    if not facts.causal and attention.saturated(s2, r):
+        r_g = 0.0
     b = attention.backward(g, v.m2, q.m2, k.m2, facts.d_k, keys(facts), r=r, r_g=r_g,
-                           causal=causal, scale=facts.scale, dropout=facts.dropout, n=n)
+                           causal=causal, scale=facts.scale, dropout=facts.dropout, n=n,
+                           r_k=correlation(facts, v, correlations, 1),
+                           r_q=None if correlations is None else
+                           min(max(correlations[1], 0.0), CEILING),
+                           query_factor=query_factor, row=facts.keys)
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
-    return b.query, b.key * group, b.value * group
+    return b.query, b.key * group, b.value * group, b.logit

@@ -60,6 +60,7 @@ class Backward(NamedTuple):
     query: float           # E[dq^2]
     key: float             # E[dk^2]
     input: float | None    # E[dx^2] through the three projections (all heads), or None
+    logit: float = 0.0     # E[dS^2] per logit entry (masked ones included)
 
 
 def logit_variance(q_q: float, q_k: float, d_k: int, scale: float | None = None) -> float:
@@ -252,7 +253,9 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
              r: float = 0.0, r_g: float = 0.0, causal: bool = False,
              scale: float | None = None, heads: int = 1,
              weight_var: tuple[float, float, float] | None = None, n: int | None = None,
-             dropout: float = 0.0, method: str = "gaussian") -> Backward:
+             dropout: float = 0.0, method: str = "gaussian",
+             r_k: float | None = None, query_factor: float | None = None,
+             row: int | None = None, r_q: float | None = None) -> Backward:
     """Gradient second moments of one self-attention head (§3.3, corrected).
 
     sigma_g2, r_g: E[g^2] and token correlation of the gradient at the head output z.
@@ -260,13 +263,26 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     mean squared column sum of p and K the query-pair overlap sum (see _pairs):
 
     E[dv^2] = sigma_g^2 [r_g C + P2 (1/(1-p) - r_g)]
-    E[dq^2] = c^2 d_k sigma_g^2 q_v q_k (1-r) [f m + (1-r) mean_i (1-P2_i)^2 / n]
-    E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r r_g K]
+    E[dq^2] = c^2 d_k sigma_g^2 q_v q_k [(1-r_k) f m + (1-r)^2 mean_i (1-P2_i)^2 / n]
+    E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r_q r_g K]
 
     ``weight_var`` = (sigma_q^2, sigma_k^2, sigma_v^2) per weight entry gives
     E[dx^2] = H d_k (sigma_v^2 E[dv^2] + sigma_q^2 E[dq^2] + sigma_k^2 E[dk^2]) (heads
     independent; §3.3's H d_k sigma_v^2 sigma_g^2 [P2 + s^2 (1-r)(2-r) m] when r_g = 0).
     n (the input width) adds the query path's coherent term; it is dropped when None.
+    r_k (r by default) is the keys' correlation: the query path moves the query along
+    sum_j p_ij (v_j - v̄_i) k_j, whose weights sum to 0, so the part the keys share
+    cancels, (1 - r_k); rotary positions turn that part with the position, and a
+    window's keys share less of it than the values do (attend.correlation).
+    r_q (r_k by default) is the queries' correlation in the key path's query-pair term:
+    key j is read by every query from j on, so the pairs span the sequence (the plain
+    r of the rotated queries, which a probe takes from the keys: both are W x turned by
+    the same angles).
+    ``logit``: E[dS^2] per entry of the logits, what an additive bias on them (T5's
+    relative position bias) gets, = sigma_g^2 d_k q_v f m / T_k, T_k = ``row`` the
+    length of a row of logits (the largest key count by default).
+    ``query_factor`` replaces the query path's bracket with the one measured at the
+    realized tokens (attention_stats.query_path; not under dropout, which it omits).
     """
     c2dk = (1 / d_k if scale is None else scale * scale) * d_k
     s2 = c2dk * q_q * q_k
@@ -278,13 +294,25 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     dv = sigma_g2 * (r_g * (p2 + overlap) + p2 * (keep - r_g))
     f = keep - r
     coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
-    dq = c2dk * sigma_g2 * q_v * q_k * (1 - r) * (f * m + coherent)
-    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r * r_g * cross)
+    r_k = r if r_k is None else r_k
+    if query_factor is None or dropout:
+        query_factor = (1 - r_k) * f * m + (1 - r) * coherent
+    dq = c2dk * sigma_g2 * q_v * q_k * query_factor
+    r_q = r_k if r_q is None else r_q
+    # the pair term's dispersion |v_j - v̄_i|^2 is K's flat (1 - 1/T_i); at the actual
+    # spread it is what m/P2 is to its flat value, -> 0 as p goes one-hot (the softmax
+    # Jacobian vanishes: saturated attention sends the keys no gradient)
+    flat = float(np.mean((counts - 1) / counts**2) / np.mean(1 / counts))
+    spread = (m / p2) / flat if p2 > 0 and flat > 0 else 1.0
+    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross * spread)
     dx = None
     if weight_var is not None:
         var_q, var_k, var_v = weight_var
         dx = heads * d_k * (var_v * dv + var_q * dq + var_k * dk)
-    return Backward(dv, dq, dk, dx)
+    # dS_ij = p_ij g_i.(v_j - v̄_i): per query sum_j E[dS_ij^2] = sigma_g^2 d_k q_v f m_i
+    # (the query path without c k_j), spread over the T_k entries of its row
+    logit = sigma_g2 * d_k * q_v * f * m / float(row or counts.max())
+    return Backward(dv, dq, dk, dx, logit)
 
 
 def token_correlation(sum_sq_of_token_sums_mean: float, second_moment: float, T: int) -> float:

@@ -29,7 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from varprobe.theory import attention_stats, functional, gradient_stats
-from varprobe.theory.nodes import ADD, DIV, MUL, VIEWS, Attention, Node, T, _arg, _name
+from varprobe.theory.nodes import (
+    ADD,
+    DIV,
+    MUL,
+    VIEWS,
+    Attention,
+    Node,
+    T,
+    _arg,
+    _name,
+    is_view,
+)
 
 MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
 SOFTMAXES = {F.softmax, torch.softmax, T.softmax}
@@ -41,7 +52,8 @@ PAIR = " of two activations"  # what an unfollowed matmul of two activations is 
 class Pending:
     """An eager attention under way: its query and key nodes, its facts so far, whether
     the softmax has been taken, and what the probe measured on the device so far
-    (r_k at the logits; Σp², the mean logit², the mask's shape at the softmax)."""
+    (r_k, u_k and the keys at the logits; Σp², the mean logit², the mask's shape and
+    a subsample of p's rows at the softmax)."""
 
     q: int
     k: int
@@ -57,6 +69,7 @@ class AttentionGraph:
         self.rec = rec
         self.pending: dict[int, Pending] = {}
         self.modules: dict[int, nn.Module] = {}  # call index -> module (the Recorder's)
+        self.selected: dict[int, tuple[int, int]] = {}  # where(c, x, m): (x's node, numel)
         self._parents = {id(c): m for m in model.modules() for c in m.children()}
 
     # --- scaled_dot_product_attention --------------------------------------------------
@@ -71,12 +84,37 @@ class AttentionGraph:
         if any(n is None for n in nodes):
             return None  # a constant query, key or value: not self-attention at init
         facts, mask = attention_stats.sdpa_facts(q, k, args, kwargs)
+        if isinstance(mask, T) and mask.is_floating_point() and mask.numel():
+            self._bias(facts, mask, q.shape[:-1].numel() * facts.keys)
         if not q.is_meta:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
-            facts.measured = len(self.rec._constants) - 2
+            facts.measured = len(self.rec._constants) - 5
         self._watch(facts, out)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
+
+    def _bias(self, facts: Attention, mask: T, logits: int) -> None:
+        """An activation in a float attn_mask (T5's relative position bias) gets the
+        logits' gradient dS, each element the sum over the logits it is added to. The
+        mask torch.where(causal, bias, min) makes passes all of dS to the bias: dS is 0
+        where the mask hides a key."""
+        node = k = self.rec._lookup(mask)
+        nodes = self.rec.nodes
+        while k is not None and k not in self.selected and nodes[k].op == "linear" \
+                and len(nodes[k].inputs) == 1 and is_view(nodes[k]):
+            k = nodes[k].inputs[0]  # .contiguous() and the like
+        node, size = self.selected.get(k, (node, mask.numel()))
+        if node is not None:
+            facts.bias, facts.bias_fold = node, logits / size
+
+    def selection(self, func, args: tuple, kwargs: dict, node: int) -> None:
+        """Remember torch.where(cond, x, other) of one activation x and constants."""
+        if func is not torch.where or len(args) != 3 or self.rec._lookup(args[0]) is not None:
+            return
+        found = [(self.rec._lookup(t), t.numel()) for t in args[1:] if isinstance(t, T)]
+        found = [f for f in found if f[0] is not None]
+        if len(found) == 1:
+            self.selected[node] = found[0]
 
     def multihead(self, module: nn.MultiheadAttention, args: tuple, kwargs: dict,
                   ) -> Attention:
@@ -118,6 +156,8 @@ class AttentionGraph:
         if not q.is_meta:
             with torch.no_grad():
                 state.stats["r_k"] = attention_stats._correlation(k)
+                state.stats["u_k"] = attention_stats.prefix_share(k, weighted=True)
+                state.stats["k"] = k.detach()
         return state
 
     def _causal_hint(self, nq: int) -> bool:
@@ -139,9 +179,11 @@ class AttentionGraph:
                 self.rec._constants.extend([
                     torch.stack([s["p2"], s["s2"]]),
                     torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
-                    torch.stack([s["causal"], s["full"]])])
-            facts.measured = len(self.rec._constants) - 3
-            facts.eager = True
+                    torch.stack([s["causal"], s["full"]]),
+                    torch.stack([attention_stats.prefix_share(v), s.get("u_k", z)]),
+                    attention_stats.query_path(s["rows"], v.detach(), s["k"]) if "k" in s
+                    else torch.stack([z, z])])
+            facts.measured = len(self.rec._constants) - 5
         self._watch(facts, out)
         return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
                                   where=self.rec._where()))
@@ -223,14 +265,18 @@ def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:
 def _softmax_stats(x: T, p: T) -> dict[str, T]:
     """Σp² over every row, the mean squared logit over the keys each query sees, and the
     mask's shape (1 where every row sees exactly the keys up to its own position, top-left
-    aligned; 1 where every key is seen), on the device. Elementwise in the tensors' own
-    dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
+    aligned; 1 where every key is seen), on the device; and a subsample of p's rows
+    for the query path's factor (attention_stats.query_path). Elementwise in the
+    tensors' own dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
     with torch.no_grad():
         x, p = x.detach(), p.detach()
         allowed = torch.isfinite(x) & (x > attention_stats.MASKED)
         tril = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril()
         count = allowed.sum().clamp(min=1)
+        rows = torch.linspace(0, p.shape[-2] - 1, min(attention_stats.SUBSAMPLE, p.shape[-2]),
+                              device=p.device).round().long()
         return {"p2": p.square().sum(-1, dtype=torch.float64).mean(),
+                "rows": p.index_select(-2, rows),
                 "s2": x.masked_fill(~allowed, 0.0).square().sum(dtype=torch.float64) / count,
                 "causal": (allowed == tril).all().double(),
                 "full": allowed.all().double()}

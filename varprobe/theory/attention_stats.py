@@ -15,6 +15,7 @@ from varprobe.theory import mha
 from varprobe.theory.nodes import Attention, T, _arg
 
 SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
+GRAMS = 1 << 24  # token-pair entries of the Gram matrices query_path forms (64 MiB)
 MASKED = -1e4   # an additive mask entry at or below this hides the key
 
 
@@ -29,11 +30,13 @@ def sdpa_facts(q: T, k: T, args: tuple, kwargs: dict) -> tuple[Attention, Any]:
                      dropout=float(_arg(args, kwargs, 4, "dropout_p", 0.0))), mask
 
 
-def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T]:
+def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float, float]]:
     """Σp² and the mean squared logit over a subsample of queries (the softmax of
-    64 rows per head, O(64 T d) where the call was O(T² d)), and the token
+    64 rows per head, O(64 T d) where the call was O(T² d)), the token
     correlations of v and k (attention.token_correlation from the sums over the
-    sequence): two pairs, reduced on the device.
+    sequence), the mask's shape (``mask_shape``), the prefix shares of v and k
+    (``prefix_share``) and the query path's factor (``query_path``): five pairs,
+    reduced on the device.
 
     In the inputs' precision (float32 keeps Σp² and the logit moments to ~1e-6, far
     inside the rules' own error) and without copies of the whole q, k or v: at a
@@ -61,8 +64,29 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T]:
         spread = logits.square().masked_fill_(~allowed, 0.0).sum(dtype=torch.float64) \
             / count.clamp(min=1)
         p = torch.softmax(logits.masked_fill_(~allowed, -math.inf), -1).nan_to_num_(0.0)
+        values = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3) \
+            if q.dim() > 2 and v.shape[-3] != q.shape[-3] else v
         return [torch.stack([p.square().sum(-1).mean(dtype=torch.float64), spread]),
-                torch.stack([_correlation(v), _correlation(k)])]
+                torch.stack([_correlation(v), _correlation(k)]),
+                mask_shape(mask, facts),
+                torch.stack([prefix_share(v), prefix_share(k, weighted=True)]),
+                query_path(p, values, keys)]
+
+
+def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
+    """(causal, full) of an SDPA call's mask on the device: 1 where every query sees
+    exactly the keys up to its own position (top-left aligned, as is_causal), 1 where
+    every key is seen. A float mask that carries a position bias (T5 adds its relative
+    bias to the causal mask) hides a key by a large negative entry, so the shape is
+    read off the entries at or below MASKED, as at an eager softmax."""
+    if mask is None:  # the arguments say it all: a host pair
+        return float(facts.causal), float(not facts.causal)
+    cols = torch.arange(facts.keys, device=mask.device)
+    tril = cols[None, :] <= torch.arange(facts.queries, device=mask.device)[:, None]
+    allowed = mask if mask.dtype == torch.bool else mask > MASKED
+    if facts.causal:
+        allowed = allowed & tril
+    return torch.stack([(allowed == tril).all(), allowed.all()]).double()
 
 
 def multihead(module: nn.MultiheadAttention, args: tuple, kwargs: dict,
@@ -94,3 +118,60 @@ def _correlation(x: T) -> T:
         return torch.zeros_like(q)
     s = torch.linalg.vector_norm(x.sum(-2)).double().square() / (x.numel() // tokens)
     return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
+
+
+def prefix_share(x: T, weighted: bool = False) -> T:
+    """u = mean_i |x̄_i|^2 / E[x^2], x̄_i the mean of x_1..x_i (tokens on axis -2): what
+    flat causal attention keeps of x, on its device. For tokens of one second moment
+    and uncentered correlation r it is r + (1 - r) mean_i 1/i; where the correlation
+    depends on the positions (a causal stack makes the early tokens' correlated among
+    themselves) it is the r the windows of causal attention see (theory.attend).
+    ``weighted``: mean_i u_i / i, the weights the query path gives query i (its m_i,
+    ~1/i at flat attention)."""
+    tokens = x.shape[-2]
+    q = torch.linalg.vector_norm(x).double().square()
+    rows = torch.arange(1, tokens + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
+    means = x.cumsum(-2) / rows
+    if weighted:
+        means = means / rows.sqrt()
+    return torch.linalg.vector_norm(means).double().square() / q.clamp(min=1e-300)
+
+
+def query_path(p: T, v: T, k: T) -> T:
+    """(X, 1): the query path's factor at the realized p, v and k, on the device.
+
+    dq_i = c sum_j p_ij (g_i . (v_j - v̄_i)) k_j, v̄_i = sum_j p_ij v_j, so for a gradient
+    g_i of i.i.d. entries (sigma_g^2) independent of v and k,
+    E|dq_i|^2 = c^2 sigma_g^2 Q_i, Q_i = sum_jl p_ij p_il (v_j - v̄_i).(v_l - v̄_i) k_j.k_l,
+    and X = mean_i Q_i / (d_v d_k q_v q_k) is what theory.attention.backward's query
+    path writes (1 - r_k) f m + (1 - r) coherent for tokens alike. Q_i is a fourth
+    moment of the tokens: where their correlations spread over the pairs (a causal
+    stack's early tokens correlated among themselves, the late ones with everything)
+    it exceeds the closed form by the pairs' variance times the window (the 4-block
+    Llama's last two blocks: 2-3x), which no r can say.
+
+    p: rows of the probabilities (..., R, T_k) (the subsample of queries); v, k:
+    (..., T_k, d) with p's leading dims. Q_i = p^T (Gv o Gk) p - 2 sum_j p_j (v_j . v̄)
+    (Gk p)_j + |v̄|^2 p^T Gk p, Gv, Gk the Gram matrices of v and k, formed for a
+    subsample of the (batch, head) slices (GRAMS entries)."""
+    with torch.no_grad():
+        rows, keys = p.shape[-2:]
+        if not (p.shape[:-2] == v.shape[:-2] == k.shape[:-2]) or v.shape[-2] != keys \
+                or k.shape[-2] != keys:  # broadcast heads or batch: left to the closed form
+            return torch.zeros(2, dtype=torch.float64, device=p.device)
+        pf, vf, kf = (t.reshape(-1, *t.shape[-2:]) for t in (p, v, k))
+        slices = pf.shape[0]
+        pick = torch.linspace(0, slices - 1, min(slices, max(1, GRAMS // keys ** 2)),
+                              device=p.device).round().long()
+        pf, vf, kf = (t.index_select(0, pick).float() for t in (pf, vf, kf))
+        gk = kf @ kf.transpose(-1, -2)
+        both = (vf @ vf.transpose(-1, -2)).mul_(gk)
+        vbar = pf @ vf
+        gkp = pf @ gk
+        q = ((pf @ both) * pf).sum(-1) \
+            - 2 * (pf * (vbar @ vf.transpose(-1, -2)) * gkp).sum(-1) \
+            + vbar.square().sum(-1) * (pf * gkp).sum(-1)
+        scale = vf.square().sum(-1).mean(dtype=torch.float64) \
+            * kf.square().sum(-1).mean(dtype=torch.float64)
+        x = q.mean(dtype=torch.float64) / scale.clamp(min=1e-300)
+        return torch.stack([x, torch.ones_like(x)])

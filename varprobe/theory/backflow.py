@@ -49,8 +49,13 @@ class Backward:
                     _flow(self.grads, i, Grad(0.0, self.failure(self.nodes[k], exc)))
 
     def _seed(self, grads: list[Grad | None]) -> None:
+        """The gradient at the outputs. A side output that the graph also reads
+        (T5's encoder_last_hidden_state, which its decoder attends to) gets the
+        cotangent only the first output receives (none): its measured gradient is the
+        sum of what flows back into it from inside, which the walk adds up itself."""
+        read = {i for node in self.nodes for i in node.inputs}
         for position, k in enumerate(self.graph.outputs):
-            if k is None:
+            if k is None or (position > 0 and k in read):
                 continue
             node = self.nodes[k]
             layer = self.report.layers[node.index] if node.op in ("call", "exit") else None
@@ -91,15 +96,17 @@ class Backward:
             _flow(grads, node.inputs[0], Grad(g.var * pools.backward(node.pool), g.broken,
                                               g.note, g.sparse, g.rel, window))
         elif node.op == "linear":
-            self._linear_backward(node, g, grads)
+            self._linear_backward(node, g, grads, k)
 
-    def _linear_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+    def _linear_backward(self, node: Node, g: Grad, grads: list[Grad | None],
+                         k: int) -> None:
         if valueless := self._no_value(node, backward=True):
             for i in node.inputs:
                 _flow(grads, i, Grad(0.0, g.broken or valueless, rel=g.rel))
             return
         scale = 1.0 if node.scale is None else self.constants[node.scale][0]
-        for i, b in zip(node.inputs, node.backward):
+        shares = self.cat_shares(k, node)  # the pieces' measured shares (theory.catshare)
+        for i, b in zip(node.inputs, shares or node.backward):
             broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
                                   "gradient reaches only a slice" if node.cat and g.sparse
                                   else None)
@@ -120,14 +127,19 @@ class Backward:
         whose q, k and v are one tensor gets their sum, as independent paths add."""
         values = [self.values[i].signal for i in node.inputs]
         if g.broken is not None or any(v is None for v in values):
-            for i in node.inputs:
+            for i in (*node.inputs, *(() if node.attn.bias is None else (node.attn.bias,))):
                 _flow(grads, i, Grad(0.0, g.broken or "an attention input the walk has no "
                                      "value for", rel=g.rel))
             return
-        paths = attend.backward(self.facts(node), g.var, *values, self.measurements(node)[1],
-                                self.width(node), self.gradient_correlation(node))
+        measured, correlations = self.measurements(node)
+        paths = attend.backward(self.facts(node), g.var, *values, correlations,
+                                self.width(node), self.gradient_correlation(node),
+                                measured[2] if measured is not None else None)
         for i, var in zip(node.inputs, paths):
             _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))
+        bias = node.attn.bias
+        if bias is not None:  # each element of it collects the logits it is added to
+            _flow(grads, bias, Grad(paths[3] * node.attn.bias_fold, None, g.note, rel=g.rel))
 
     def _at_output(self, node: Node, g: Grad) -> Grad:
         """Record the call's gradient; where the graph broke, carry the measured one."""
@@ -170,6 +182,8 @@ class Backward:
             dx = None  # each position has its own scale: the average one does not apply
         else:
             dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
+            if dx is not None and (kappa := self.token_gain(node)) is not None:
+                dx *= kappa  # the tokens' own scales against their gradients
         _flow(grads, node.inputs[0], self._input_grad(layer, info, g, dx, s_in))
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "

@@ -81,7 +81,10 @@ class Attention:
     """What a scaled_dot_product_attention call was: its shapes and options, and where
     the probe's own measurements at the call sit among the recording's constants
     (``measured``: (Σp², mean logit²) of a subsample of queries, then (r_v, r_k), the
-    token correlations of the values and keys; None on meta)."""
+    token correlations of the values and keys, then the mask's shape (causal, full),
+    then (u_v, w_k), their prefix shares (theory.attention_stats.prefix_share; the
+    keys' weighted by 1/i), then
+    the query path's factor (query_path); None on meta)."""
 
     queries: int
     keys: int
@@ -94,8 +97,9 @@ class Attention:
     dropout: float = 0.0
     measured: int | None = None
     params: int | None = None  # nn.MultiheadAttention: its weights' moments (theory.mha)
-    eager: bool = False  # spelled out (theory.attention_graph): ``measured`` + 2 is its mask
     gradient: int | None = None  # the constant the backward fills with r_g (gradient_stats)
+    bias: int | None = None  # the node of an activation added to the logits (a float mask)
+    bias_fold: float = 1.0   # logits per element of it (the batch it is broadcast over)
 
 
 @dataclass

@@ -9,9 +9,8 @@ functional activations and dropout. Any other operation on an activation becomes
 "unknown" node; so does the output of a custom ``autograd.Function`` (its backward is
 its own) and a tensor written in place by something the mode did not see. Inside a
 module varprobe has a closed form for, or one without children, the module is a single
-node and its own operations are not followed. Only ids and small per-node facts are
-kept: no statistics, no activations. What the nodes mean is the walk's business
-(theory.walk).
+node and its own operations are not followed. Nodes keep ids and small facts; what they
+mean is the walk's business (theory.walk).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory import functional, normshape
+from varprobe.theory import catshare, functional, normshape, tokennorm
 from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
@@ -85,6 +84,8 @@ class Recording(TorchFunctionMode):
         self._last: int | None = None  # the last recorded call that finished
         self._constants: list[torch.Tensor | tuple[float, float]] = []
         self.norm_shapes: dict[int, int] = {}  # BatchNorm call -> its theory.normshape pairs
+        self.token_norms, self.token_scales = {}, {}  # theory.tokennorm: slots, scales
+        self.cat_shares: dict[int, int] = {}  # torch.cat node -> theory.catshare slots
         self.compiled = next((name for name, m in model.named_modules()
                               if type(m).__name__ == "OptimizedModule"), None)
         self._graph = AttentionGraph(self, model)  # SDPA, eager attention, x @ W
@@ -138,6 +139,7 @@ class Recording(TorchFunctionMode):
             if normshape.wanted(module, primary):
                 self.norm_shapes[index] = len(self._constants)
                 self._constants.extend(normshape.measure(module, primary))
+            tokennorm.enter(self, index, module, primary)
         ids = tuple(dict.fromkeys(n for n in inputs if n is not None))
         if primary is not None and inputs[0] is None:
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
@@ -167,6 +169,7 @@ class Recording(TorchFunctionMode):
             outputs = float_leaves(output)
             if not outputs:
                 return
+            tokennorm.leave(self, frame.index, outputs[0])
             if frame.opaque and frame.rotary and len(outputs) == 2:
                 # a rotary embedding's (cos, sin) tables: what they multiply keeps its
                 # second moment whatever the angles, as cos² + sin² = 1 (theory.walk)
@@ -272,6 +275,7 @@ class Recording(TorchFunctionMode):
             node = self._add(Node("unknown", inputs, reason=_name(func) + product, stops=stops,
                                   where=self._where()))
         self._graph.carry(func, args, kwargs, node, outs[0])  # eager attention's steps
+        self._graph.selection(func, args, kwargs, node)  # a position bias put in a mask
         for t in outs:
             self._bind(t, node)
 
@@ -325,8 +329,10 @@ class Recording(TorchFunctionMode):
         pieces = _arg(args, kwargs, 0, "tensors", ())
         total = out.numel()
         fractions = [t.numel() / total if not stack else 1 / len(pieces) for t in pieces]
-        terms = [(t, f, f) for t, f in zip(pieces, fractions)]
-        return self._linear(terms, out, sum_backward=False)
+        node = self._linear([(t, f, f) for t, f in zip(pieces, fractions)], out, False)
+        if not stack:
+            catshare.watch(self, node, pieces, _arg(args, kwargs, 1, "dim", 0), out)
+        return node
 
     def _linear(self, terms, out: torch.Tensor, sum_backward: bool) -> int | None:
         """sum_i f_i E[x_i^2] over activations plus f_j mean(c_j^2) over constants; the
@@ -489,8 +495,5 @@ def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, T):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for t in out if isinstance(t, T)]
-    return []
+    pieces = (out,) if isinstance(out, T) else out if isinstance(out, (tuple, list)) else ()
+    return [t for t in pieces if isinstance(t, T)]

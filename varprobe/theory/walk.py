@@ -35,12 +35,14 @@ from varprobe.report import Layer, Report
 from varprobe.theory import (
     attend,
     attention,
+    catshare,
     gradient_stats,
     mha,
     norms,
     normshape,
     pools,
     rules,
+    tokennorm,
 )
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
@@ -202,13 +204,16 @@ class Walk(Backward):
         return Value(signal, None, note, at, ins[2].mu)
 
     def facts(self, node: Node) -> Attention:
-        """An eager attention's mask as the probe measured it (causal, or none at all)
-        over what the recording took it to be (theory.attention_graph)."""
+        """The mask as the probe measured it (causal, or none at all) over what the
+        recording took it to be: an eager attention's mask (theory.attention_graph), or
+        an SDPA call's attn_mask (T5's decoder passes its causal mask as a float mask,
+        with the position bias added)."""
         facts = node.attn
-        if not facts.eager or facts.measured is None or not self.measured:
+        if facts.measured is None or not self.measured:
             return facts
         causal, full = self.constants[facts.measured + 2]
-        return replace(facts, causal=causal > 0.5 and full < 0.5, masked=full < 0.5)
+        return replace(facts, causal=causal > 0.5 and full < 0.5,
+                       masked=facts.masked and full < 0.5)
 
     def width(self, node: Node) -> int | None:
         """The fan-in of the layer that made the queries: the width n of attention's
@@ -243,13 +248,17 @@ class Walk(Backward):
         return mha.weights(module, self.constants, node.attn, layer.weight_second_moment)
 
     def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
-        """The probe's (Σp², mean logit²) at an attention call, for the actual init only,
-        and the (r_v, r_k) it measured, for every walk over a measured pass."""
+        """The probe's (Σp², mean logit², query path's factor or None) at an attention
+        call, for the actual init only (they depend on the logit variance a scheme
+        changes), and the (r_v, r_k, u_v, u_k) it measured, for every walk over a
+        measured pass."""
         index = node.attn.measured
         if index is None or not self.measured:
             return None, None
-        return (self.constants[index] if self.actual is None else None,
-                self.constants[index + 1])
+        factor, filled = self.constants[index + 4]
+        return ((*self.constants[index], factor if filled > 0.5 else None)
+                if self.actual is None else None,
+                (*self.constants[index + 1], *self.constants[index + 3]))
 
     def gradient_correlation(self, node: Node) -> float | None:
         """r_g, the gradient's token correlation at an attention call's output as the
@@ -258,10 +267,11 @@ class Walk(Backward):
         is none (predict, no backward)."""
         index, facts = node.attn.gradient, self.facts(node)
         square = facts.queries == facts.keys  # the flat p the probe summed with
-        if index is None or not self.measured or not (facts.causal and square):
-            # checked where the flat causal value path holds (decoder self-attention);
-            # elsewhere (cross-attention, bidirectional, biased logits) it moved T5's
-            # backward from 0.24 to 0.62 median |log|: r_g = 0 there, as before
+        if index is None or not self.measured or not square:
+            # the probe's flat p has as many queries as keys; T5's encoder reads the
+            # gradient cross-attention sums over the decoder's queries, correlated
+            # across its tokens (r_g = 0 put its v 4.7x under); 0.62 median |log|
+            # once came from its decoder's causal float mask, taken as no mask then
             return None
         counts = attention.key_counts(attend.keys(facts), facts.causal and square)
         return gradient_stats.effective(self.constants[index:index + 2], facts.causal,
@@ -275,6 +285,22 @@ class Walk(Backward):
             return None
         shape = self.constants[index:index + normshape.PAIRS]
         return None if any(c is None for c in shape) else shape
+
+    def token_gain(self, node: Node) -> float | None:
+        """A feature norm's kappa (theory.tokennorm), for the actual init's walk (a
+        scheme re-draws the weights that set the tokens' scales and gradients); None on
+        meta, or where no gradient reached the norm's output."""
+        index = getattr(self.graph, "token_norms", {}).get(node.index)
+        if index is None or not self.measured or self.actual is not None:
+            return None
+        return tokennorm.gain(self.constants[index])
+
+    def cat_shares(self, k: int, node: Node) -> list[float] | None:
+        """Concatenation ``k``'s pieces' shares of its gradient (theory.catshare), for
+        the actual init's walk (as tokennorm's kappa); None elsewhere."""
+        index = getattr(self.graph, "cat_shares", {}).get(k) \
+            if node.cat and self.measured and self.actual is None else None
+        return catshare.shares(self.constants, index, len(node.inputs))
 
     def _per_channel_producer(self, node: Node) -> bool:
         """The norm reads a depthwise conv: channel c's variance is made of that conv's
