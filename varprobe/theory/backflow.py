@@ -16,7 +16,7 @@ import dataclasses
 from torch import nn
 
 from varprobe.report import Layer
-from varprobe.theory import attend, mha, norms, normshape, pools, rules
+from varprobe.theory import attend, mha, norms, normshape, pools, rules, shared
 from varprobe.theory.nodes import Node, is_view
 from varprobe.theory.signal import Call, Grad, Signal, Value
 
@@ -55,7 +55,8 @@ class Backward:
             node = self.nodes[k]
             layer = self.report.layers[node.index] if node.op in ("call", "exit") else None
             if layer is not None and layer.backward is not None and layer.backward.var is not None:
-                _flow(grads, k, Grad(layer.backward.var))
+                var = layer.backward.var
+                _flow(grads, k, _with(Grad(var), shared.seed(var, layer.shape)))
             elif position == 0 and self.graph.cotangent_var is not None:
                 _flow(grads, k, Grad(self.graph.cotangent_var))
             else:
@@ -74,46 +75,64 @@ class Backward:
                 for i in node.inputs:
                     _flow(grads, i, Grad(0.0, g.broken or self._reason(node), rel=g.rel))
         elif node.op == "act":
-            gain = self._gate(node.module, self.values[node.inputs[0]], g,
-                              self.backward_gains.get(k))
-            _flow(grads, node.inputs[0], Grad(g.var * gain, g.broken, g.note, g.sparse, g.rel)
-                  if gain is not None else Grad(0.0, g.broken or
-                                                f"F.{type(node.module).__name__}", rel=g.rel))
+            x = self.values[node.inputs[0]]
+            gain = self._gate(node.module, x, g, self.backward_gains.get(k))
+            _flow(grads, node.inputs[0], _with(Grad(
+                g.var * gain, g.broken, g.note, g.sparse, g.rel), self._shared_act(
+                node.module, x, g)) if gain is not None else Grad(
+                0.0, g.broken or f"F.{type(node.module).__name__}", rel=g.rel))
         elif node.op == "dropout":
-            _flow(grads, node.inputs[0], Grad(g.var / (1 - node.p), g.broken, g.note,
-                                              g.sparse, g.rel))
+            keep = 1 - node.p  # the mask's mean over positions is 1: the shared part stays
+            _flow(grads, node.inputs[0], _with(Grad(g.var / keep, g.broken, g.note, g.sparse,
+                                                    g.rel), shared.dropped(g, keep)))
         elif node.op == "product":
             self._product_backward(node, g, grads)
         elif node.op == "attention":
             self._attention_backward(node, g, grads)
         elif node.op == "pool":
             window = node.pool.window if node.pool.kind == "max" else None
-            _flow(grads, node.inputs[0], Grad(g.var * pools.backward(node.pool), g.broken,
-                                              g.note, g.sparse, g.rel, window))
+            _flow(grads, node.inputs[0], _with(Grad(
+                g.var * pools.backward(node.pool), g.broken, g.note, g.sparse, g.rel, window),
+                shared.pooled(g, node.pool)))
         elif node.op == "linear":
-            self._linear_backward(node, g, grads)
+            self._linear_backward(k, node, g, grads)
 
-    def _linear_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+    def _linear_backward(self, k: int, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         if valueless := self._no_value(node, backward=True):
             for i in node.inputs:
                 _flow(grads, i, Grad(0.0, g.broken or valueless, rel=g.rel))
             return
         scale = 1.0 if node.scale is None else self.constants[node.scale][0]
+        mix = self.values[k].mix if self.values[k] is not None else None
         for i, b in zip(node.inputs, node.backward):
             broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
                                   "gradient reaches only a slice" if node.cat and g.sparse
                                   else None)
-            _flow(grads, i, Grad(g.var * b * scale, broken, g.note, g.sparse or node.sparse,
-                                 g.rel, cover=b if node.sparse else g.cover))
+            stream = mix if self.values[i] is not None and self.values[i].pre else None
+            _flow(grads, i, _with(Grad(g.var * b * scale, broken, g.note, g.sparse or
+                                       node.sparse, g.rel, cover=b if node.sparse else g.cover),
+                                  shared.into_stream(g, stream, b * scale)))
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """d(ab)/da = b: Var[da] = Var[g] E[b²], times the positions a broadcast factor
-        collects (independent terms add)."""
-        a, b = (self.values[i].signal for i in node.inputs)
-        for i, other, spread in zip(node.inputs, (b, a), node.backward):
-            _flow(grads, i, Grad(g.var * other.m2 * spread, g.broken, g.note, g.sparse,
-                                 g.rel) if other is not None else
-                  Grad(0.0, g.broken or "a factor the walk has no value for", rel=g.rel))
+        collects; a factor broadcast over positions (a gate) also collects what the
+        gradient shares across them and its curvature (theory.shared). The other factor
+        is the gate's per-channel map: what is shared stays shared."""
+        values = [self.values[i] for i in node.inputs]
+        positions = node.positions or (False, False)
+        for j, (i, spread) in enumerate(zip(node.inputs, node.backward)):
+            x, mine = values[1 - j], values[j].signal
+            if x.signal is None:
+                _flow(grads, i, Grad(0.0, g.broken or "a factor the walk has no value for",
+                                     rel=g.rel))
+                continue
+            var, parts = g.var * x.signal.m2 * spread, shared.NONE
+            if positions[j] and mine is not None:
+                var += shared.gate_gradient(g, spread, x, mine.m2)
+                parts = shared.seed(var, None)  # one value per sample and channel
+            elif positions[1 - j]:
+                parts = shared.scaled(g, x.signal.m2)
+            _flow(grads, i, _with(Grad(var, g.broken, g.note, g.sparse, g.rel), parts))
 
     def _attention_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """The query, key and value paths (theory.attention.backward); a self-attention
@@ -170,10 +189,31 @@ class Backward:
             dx = None  # each position has its own scale: the average one does not apply
         else:
             dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
-        _flow(grads, node.inputs[0], self._input_grad(layer, info, g, dx, s_in))
+        grad = self._input_grad(layer, info, g, dx, s_in)
+        if dx is not None and g.var > 0:
+            grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var))
+        _flow(grads, node.inputs[0], grad)
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
                                   "(not measured)"))
+
+    def _shared_call(self, k: int, layer: Layer, module: nn.Module, info: Call, g: Grad,
+                     gain: float) -> shared.Parts:
+        """What the gradient shares across positions past a call (theory.shared)."""
+        if k in self.backward_gains:
+            return self._shared_act(module, info.input, g)
+        pool = pools.of_module(module, layer.input_shape, layer.shape)
+        if pool is not None:
+            return shared.pooled(g, pool)
+        if layer.kind == "weight":
+            return shared.scaled(g, gain, mixes=True)
+        if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):
+            return shared.scaled(g, gain)
+        return shared.NONE
+
+    @staticmethod
+    def _shared_act(module: nn.Module, x: Value | None, g: Grad) -> shared.Parts:
+        return shared.NONE if g.window is not None else shared.activation(g, module, x)
 
     @staticmethod
     def _gate(module: nn.Module, x: Value | None, g: Grad, gain: float | None) -> float | None:
@@ -233,6 +273,11 @@ class Backward:
         return True
 
 
+def _with(g: Grad, parts: shared.Parts) -> Grad:
+    g.shared, g.curv, g.cross, g.shared0, g.cross0 = parts
+    return g
+
+
 def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
     """Add one consumer's contribution: independent gradients add their variances."""
     if k < 0:
@@ -242,6 +287,11 @@ def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
         grads[k] = dataclasses.replace(g)
         return
     have.var += g.var
+    have.shared += g.shared
+    have.curv += g.curv
+    have.cross += g.cross
+    have.shared0 += g.shared0
+    have.cross0 += g.cross0
     have.broken = have.broken or g.broken
     if have.sparse and g.sparse:  # slices that together cover it (RoPE's two halves)
         have.cover += g.cover
