@@ -12,11 +12,22 @@ prediction stops.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import nn
 
 from varprobe.report import Layer
-from varprobe.theory import attend, mha, norms, normshape, pools, rules, shared
+from varprobe.theory import (
+    attend,
+    mha,
+    norms,
+    normshape,
+    pools,
+    profile,
+    residual,
+    rules,
+    shared,
+)
 from varprobe.theory.nodes import Node, is_view
 from varprobe.theory.signal import Call, Grad, Signal, Value
 
@@ -77,14 +88,15 @@ class Backward:
         elif node.op == "act":
             x = self.values[node.inputs[0]]
             gain = self._gate(node.module, x, g, self.backward_gains.get(k))
-            _flow(grads, node.inputs[0], _with(Grad(
-                g.var * gain, g.broken, g.note, g.sparse, g.rel), self._shared_act(
-                node.module, x, g)) if gain is not None else Grad(
+            _flow(grads, node.inputs[0], _rectified(_with(Grad(
+                (g.var + g.deferred) * gain, g.broken, g.note, g.sparse, g.rel), self._shared_act(
+                node.module, x, g), g.profile), x) if gain is not None else Grad(
                 0.0, g.broken or f"F.{type(node.module).__name__}", rel=g.rel))
         elif node.op == "dropout":
             keep = 1 - node.p  # the mask's mean over positions is 1: the shared part stays
             _flow(grads, node.inputs[0], _with(Grad(g.var / keep, g.broken, g.note, g.sparse,
-                                                    g.rel), shared.dropped(g, keep)))
+                                                    g.rel), shared.dropped(g, keep),
+                                               g.profile))
         elif node.op == "product":
             self._product_backward(node, g, grads)
         elif node.op == "attention":
@@ -109,9 +121,10 @@ class Backward:
                                   "gradient reaches only a slice" if node.cat and g.sparse
                                   else None)
             stream = mix if self.values[i] is not None and self.values[i].pre else None
-            _flow(grads, i, _with(Grad(g.var * b * scale, broken, g.note, g.sparse or
+            _flow(grads, i, _deferred(_with(Grad(g.var * b * scale, broken, g.note, g.sparse or
                                        node.sparse, g.rel, cover=b if node.sparse else g.cover),
-                                  shared.into_stream(g, stream, b * scale)))
+                                  shared.into_stream(g, stream, b * scale), g.profile),
+                                      g, stream, b * scale))
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """d(ab)/da = b: Var[da] = Var[g] E[b²], times the positions a broadcast factor
@@ -132,7 +145,8 @@ class Backward:
                 parts = shared.seed(var, None)  # one value per sample and channel
             elif positions[1 - j]:
                 parts = shared.scaled(g, x.signal.m2)
-            _flow(grads, i, _with(Grad(var, g.broken, g.note, g.sparse, g.rel), parts))
+            _flow(grads, i, _with(Grad(var, g.broken, g.note, g.sparse, g.rel), parts,
+                                  g.profile if spread == 1 else None))
 
     def _attention_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """The query, key and value paths (theory.attention.backward); a self-attention
@@ -176,7 +190,7 @@ class Backward:
             dx = None
         elif k in self.backward_gains:  # an activation, at its own (shifted) input
             gain = self._gate(module, info.input, g, self.backward_gains[k])
-            dx = None if gain is None else g.var * gain
+            dx = None if gain is None else (g.var + g.deferred) * gain
         elif self._pieces_normalized(node, module, g, grads):
             return
         elif node.attn is not None and s_in is not None and len(node.inputs) == 1:
@@ -189,9 +203,16 @@ class Backward:
             dx = None  # each position has its own scale: the average one does not apply
         else:
             dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
-        grad = self._input_grad(layer, info, g, dx, s_in)
+        corr, shape = profile.before_call(module, layer, g.profile) if dx is not None \
+            else (1.0, None)
+        if dx is not None and isinstance(module, norms.BATCH_NORMS) \
+                and not norms.uses_running_stats(module) and layer.shape:
+            corr *= 1.0 - shared.batch_loss(g, layer.shape[0])
+        grad = self._input_grad(layer, info, g, None if dx is None else dx * corr, s_in)
         if dx is not None and g.var > 0:
-            grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var))
+            grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var), shape)
+            if k in self.backward_gains:
+                grad = _rectified(grad, info.input)
         _flow(grads, node.inputs[0], grad)
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
@@ -207,6 +228,8 @@ class Backward:
             return shared.pooled(g, pool)
         if layer.kind == "weight":
             return shared.scaled(g, gain, mixes=True)
+        if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
+            return shared.batch_normed(g, gain)
         if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):
             return shared.scaled(g, gain)
         return shared.NONE
@@ -273,8 +296,25 @@ class Backward:
         return True
 
 
-def _with(g: Grad, parts: shared.Parts) -> Grad:
-    g.shared, g.curv, g.cross, g.shared0, g.cross0 = parts
+def _deferred(grad: Grad, g: Grad, stream: tuple | None, a2: float) -> Grad:
+    """Into a residual sum's rectified stream: the part of the gradient that passed the
+    sum's rectifier meets the stream's own with k_V (theory.residual), which the
+    stream's rectifier applies; at the stream itself the variance is the plain one."""
+    if stream is not None and g.rectified > 0:
+        grad.deferred = g.rectified * a2 * (residual.stream_factors(stream)[3] - 1)
+    return grad
+
+
+def _rectified(g: Grad, x: Value | None) -> Grad:
+    """Mark what passed the rectifier of a residual sum (theory.residual: k_V)."""
+    if x is not None and x.mix is not None:
+        g.rectified = g.var
+    return g
+
+
+def _with(g: Grad, parts: shared.Parts, shape: Any = None) -> Grad:
+    g.shared, g.curv, g.cross, g.shared0, g.cross0, g.centred = parts
+    g.profile = shape
     return g
 
 
@@ -286,7 +326,11 @@ def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
     if have is None:
         grads[k] = dataclasses.replace(g)
         return
+    have.profile = profile.blend([(have.profile, have.var), (g.profile, g.var)])
     have.var += g.var
+    have.rectified += g.rectified
+    have.deferred += g.deferred
+    have.centred += g.centred
     have.shared += g.shared
     have.curv += g.curv
     have.cross += g.cross

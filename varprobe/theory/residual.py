@@ -9,9 +9,10 @@ of z's mean and variance misses that: on the bench's SE-ResNet its density at 0 
 E[f(z)^2] after the block is 5-13% low on the post-activation ResNets
 (docs/engine.md, Known limits).
 
-With y ~ N(0, v_y) independent of w ~ N(mu_w, v_w), everything the walk reads of
-f(z) is an expectation over w of the Gaussian closed forms at the shifted mean
-c = f(w) (theory.gains.rectified_moments):
+With y ~ N(mu_y, v_y) independent of w ~ N(mu_w, v_w) (an eval-mode BatchNorm's
+channel means counted in v_y), everything the walk reads of f(z) is an expectation
+over w of the Gaussian closed forms at the shifted mean c = f(w) + mu_y
+(theory.gains.rectified_moments):
 
     E[f(z)^k] = E_w[ E[f(N(c, v_y))^k] ],  E[f'(z)^2] likewise,
     E[f'(z)] = E_w[Phi(c/s) + a (1 - Phi(c/s))],  E[f''(z)] = (1 - a) E_w[phi(c/s)/s]
@@ -23,6 +24,7 @@ level of the mixture, the level before taken as Gaussian.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -34,7 +36,7 @@ from varprobe.theory.signal import Signal
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU)
 
 Pre = tuple[float, float, float]  # f(w), w ~ N(mu, var): (mu, var, slope a)
-Mix = tuple[float, float, float, float]  # N(0, v_y) + f(w): (v_y, mu, var, a)
+Mix = tuple[float, float, float, float, float]  # N(mu_y, v_y) + f(w): (v_y, mu, var, a, mu_y)
 
 
 def pre(module: nn.Module, mu: float, m2: float) -> Pre | None:
@@ -45,7 +47,7 @@ def pre(module: nn.Module, mu: float, m2: float) -> Pre | None:
 
 
 def mix(terms: list[tuple[float, float, Pre | None, Signal, float]]) -> Mix | None:
-    """The sum of a zero-mean branch and one rectified stream, each added once:
+    """The sum of a branch and one rectified stream, each added once:
     ``terms`` (f_i, m_i, pre_i, signal_i, mu_i) of the add's inputs."""
     if len(terms) != 2 or any(abs(f - 1) > 1e-12 or abs(m - 1) > 1e-12
                               for f, m, *_ in terms):
@@ -55,16 +57,16 @@ def mix(terms: list[tuple[float, float, Pre | None, Signal, float]]) -> Mix | No
     if len(streams) != 1 or len(branches) != 1:
         return None
     _, _, _, s, mu = branches[0]
-    if s.m2 <= 0 or mu * mu > 1e-6 * s.m2 or s.mean_share > 1e-3:
-        return None  # the branch is not zero-mean: not the case the mixture is for
-    return (s.m2, *streams[0][2])
+    if s.m2 - mu * mu <= 0:
+        return None
+    return (s.m2 - mu * mu, *streams[0][2], mu)
 
 
 def activate(module: nn.Module, m: Mix) -> tuple[Signal, float, float] | None:
     """(E[f(z)^2] with its mean share, E[f(z)], E[f'(z)^2]) for z = N(0, v_y) + f(w)."""
     if not isinstance(module, RECTIFIERS) or prelu_slope(module) is None:
         return None
-    mean, m2, slope2 = (_over_w(m, lambda c, t, big, phi, a, k=k: _moment(c, t, big, phi,
+    mean, m2, slope2 = (_over_w(m, lambda c, t, big, phi, a, *_, k=k: _moment(c, t, big, phi,
                                                                           a, m[0], k))
                         for k in (1, 2, 0))
     share = min(1.0, mean * mean / m2) if m2 > 0 else 0.0
@@ -77,9 +79,9 @@ def slopes(module: nn.Module, m: Mix) -> tuple[float, float, float] | None:
     if b is None:
         return None
     sigma = math.sqrt(m[0])
-    d1 = _over_w(m, lambda c, t, big, phi, a: big + b * (1 - big))
-    d1_2 = _over_w(m, lambda c, t, big, phi, a: big + b * b * (1 - big))
-    d2 = _over_w(m, lambda c, t, big, phi, a: (1 - b) * phi / sigma)
+    d1 = _over_w(m, lambda c, t, big, phi, *_: big + b * (1 - big))
+    d1_2 = _over_w(m, lambda c, t, big, phi, *_: big + b * b * (1 - big))
+    d2 = _over_w(m, lambda c, t, big, phi, *_: (1 - b) * phi / sigma)
     return d1, d1_2, d2
 
 
@@ -96,40 +98,47 @@ def _moment(c, t, big, phi, a, v_y: float, k: int) -> torch.Tensor:
 
 
 def _over_w(m: Mix, fn) -> float:
-    """E_w[fn(c, t, Phi(t), phi(t), a)] with c = f(w), t = c / sqrt(v_y)."""
-    v_y, mu, var, a = m
+    """E_w[fn(c, t, Phi(t), phi(t), a, w > 0)], c = f(w) + mu_y the mean of z given w,
+    t = c / sqrt(v_y)."""
+    v_y, mu, var, a, mu_y = m
 
     def at(y: torch.Tensor) -> torch.Tensor:
         w = y + mu
-        c = torch.where(w > 0, w, a * w)
+        c = torch.where(w > 0, w, a * w) + mu_y
         t = c / math.sqrt(v_y)
         big = 0.5 * torch.erfc(-t / math.sqrt(2))
         phi = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
-        return fn(c, t, big, phi, a)
+        return fn(c, t, big, phi, a, w > 0)
 
     return expectation(at, var, (-mu,))
 
 
-def stream_factors(m: Mix) -> tuple[float, float, float]:
-    """(k_S, k_0, k_C): how the rectified stream's own mask f'(w) meets the rectifier
+@functools.lru_cache(maxsize=512)
+def stream_factors(m: Mix) -> tuple[float, float, float, float]:
+    """(k_S, k_0, k_C, k_V): how the rectified stream's own mask f'(w) meets the rectifier
     of the sum after it, taken as the stream's (slope a). Going back into the stream,
     the sum's shared gradient Ū E[f'(z)] and curvature Ū E[f''(z)] meet f'(w) at the
     stream's rectifier, and E[f'(w) f'(z)], E[f'(w)^2 f''(z)] are not the products of
     their means (z crosses 0 mostly where the stream is 0):
     k_S = E[f'(w) f'(z)] / (E[f'(w)] E[f'(z)]), k_C = E[f'(w)^2 f''(z)] /
     (E[f'(w)^2] E[f''(z)]); where w crosses 0 the stream is 0 and z = y:
-    k_0 = E[f'(y)] / E[f'(z)] = (1 + a) / 2 / E[f'(z)]."""
+    k_0 = E[f'(y)] / E[f'(z)], y ~ N(mu_y, v_y). The gradient's variance that passed
+    the sum's rectifier meets the stream's likewise: k_V = E[f'(w)^2 f'(z)^2] /
+    (E[f'(w)^2] E[f'(z)^2]) (the two masks are open together more often than apart)."""
     a = m[3]
 
     def masked(power: int, term) -> float:
-        return _over_w(m, lambda c, t, big, phi, b: torch.where(
-            c > 0, torch.ones_like(c), torch.full_like(c, a ** power)) * term(big, phi))
+        return _over_w(m, lambda c, t, big, phi, b, up: torch.where(
+            up, torch.ones_like(c), torch.full_like(c, a ** power)) * term(big, phi))
 
     def plain(term) -> float:
-        return _over_w(m, lambda c, t, big, phi, b: term(big, phi))
+        return _over_w(m, lambda c, t, big, phi, *_: term(big, phi))
 
     def slope(big, phi):
         return big + a * (1 - big)
+
+    def slope2(big, phi):
+        return big + a * a * (1 - big)
 
     def one(big, phi):
         return torch.ones_like(big)
@@ -140,4 +149,7 @@ def stream_factors(m: Mix) -> tuple[float, float, float]:
     d1 = plain(slope)
     k_s = masked(1, slope) / (masked(1, one) * d1)
     k_c = masked(2, density) / (masked(2, one) * plain(density))
-    return k_s, (1 + a) / 2 / d1, k_c
+    t = m[4] / math.sqrt(m[0])
+    above = 0.5 * math.erfc(-t / math.sqrt(2))
+    k_v = masked(2, slope2) / (masked(2, one) * plain(slope2))
+    return k_s, (above + a * (1 - above)) / d1, k_c, k_v

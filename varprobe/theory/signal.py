@@ -5,6 +5,7 @@ says about one recorded call (``Call``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Value:
     rel: float | None = 1.0  # a scheme's value over the actual walk's, before a break
     pre: tuple | None = None  # a rectifier's output: its input's (mu, var, slope)
     mix: tuple | None = None  # a zero-mean branch plus a rectified stream (theory.residual)
+    profile: Any = None  # E[x^2] over the positions, mean 1 (theory.profile); None: uniform
 
 
 @dataclass
@@ -52,6 +54,10 @@ class Grad:
     cross: float = 0.0
     shared0: float = 0.0  # E[ḡ0^2], ḡ0 the shared gradient where its tensor's own
     cross0: float = 0.0   # rectifier input crosses 0; E[ḡ0 H̄] (theory.shared)
+    profile: Any = None  # Var over the positions, mean 1 (theory.profile); None: uniform
+    rectified: float = 0.0  # of var, what passed the rectifier of a residual sum
+    deferred: float = 0.0  # variance its rectifier adds back (theory.residual: k_V)
+    centred: float = 0.0  # of shared, the part with no mean over the batch (theory.shared)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from varprobe.theory import (
     norms,
     normshape,
     pools,
+    profile,
     residual,
     rules,
 )
@@ -134,7 +135,8 @@ class Walk(Backward):
             if out is None:
                 return Value(None, f"F.{type(node.module).__name__} at q={s.m2:.3g}")
             self.backward_gains[len(self.values)] = out[2]
-            return Value(out[0], None, note, at, out[1], pre=residual.pre(node.module, mu, s.m2))
+            return Value(out[0], None, note, at, out[1], pre=residual.pre(node.module, mu, s.m2),
+                         profile=ins[0].profile)
         if node.op == "pool":
             return self._pool(node, ins[0], note, at)
         if node.op == "attention":
@@ -142,17 +144,19 @@ class Walk(Backward):
         if node.op == "product":
             a, b = ins[0].signal, ins[1].signal
             return Value(Signal(a.m2 * b.m2, a.mean_share * b.mean_share, a.r * b.r), None,
-                         note, at, ins[0].mu * ins[1].mu)
+                         note, at, ins[0].mu * ins[1].mu, profile=profile.blend(
+                             [(v.profile, 1.0) for v in ins if v.profile is not None]))
         if node.op == "dropout":
             if node.p >= 1:
                 return Value(None, "dropout with p = 1")
             signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p),
                             s.r * (1 - node.p))
-            return Value(signal, None, note, at, mu)
+            return Value(signal, None, note, at, mu, profile=ins[0].profile)
         signal, mu = self._linear(node, ins)
         mix = None if node.cat or node.const or node.scale is not None else residual.mix(
             [(f, m, v.pre, v.signal, v.mu) for f, m, v in zip(node.forward, node.means, ins)])
-        return Value(signal, None, note, at, mu, mix=mix)
+        return Value(signal, None, note, at, mu, mix=mix, profile=profile.blend(
+            [(v.profile, f * v.signal.m2) for f, v in zip(node.forward, ins)]))
 
     def _activate(self, module: nn.Module, v: Value) -> tuple | None:
         """An activation's moments; of a residual sum with a rectified stream, the
@@ -341,9 +345,12 @@ class Walk(Backward):
             out, mu, note = self._approximate(layer, module, s_in, src.mu, note)
         if out is not None:
             w = self.weights[i]
+            out, shape = profile.after_call(module, layer, src.profile if src else None, out,
+                                            w.b2 if w is not None else 0.0)
             info.forward = out.m2
             info.forward_note = _join(note, w.note if w else None)
-            return Value(out, None, note, src.at if src is not None else -1, mu, pre=pre)
+            return Value(out, None, note, src.at if src is not None else -1, mu, pre=pre,
+                         profile=shape)
         return self._carry_output(layer, info, "no closed form" if s_in is not None
                                   else "its input is unknown", info.forward_break, src)
 
