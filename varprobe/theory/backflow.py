@@ -69,7 +69,9 @@ class Backward:
                 var = layer.backward.var
                 _flow(grads, k, _with(Grad(var), shared.seed(var, layer.shape)))
             elif position == 0 and self.graph.cotangent_var is not None:
-                _flow(grads, k, Grad(self.graph.cotangent_var))
+                var = self.graph.cotangent_var
+                _flow(grads, k, _with(Grad(var), shared.seed(var, layer.shape)
+                                      if layer is not None else shared.NONE))
             else:
                 _flow(grads, k, Grad(0.0, "the gradient at the model's output (not measured)"))
 
