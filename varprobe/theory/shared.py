@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from varprobe.theory import pools, residual, rules
-from varprobe.theory.gains import _breakpoints, expectation, prelu_slope
+from varprobe.theory.gains import _attributes, _breakpoints, expectation, prelu_slope
 from varprobe.theory.pools import Pool
 from varprobe.theory.signal import Grad, Value
 
@@ -54,8 +54,10 @@ NONE: Parts = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 def over_positions(t: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether ``t`` is broadcast to ``out`` over positions only (batch and channels
-    kept, every later dimension 1): a gate of shape (N, C, 1, 1)."""
-    return (t.dim() == out.dim() >= 3 and t.shape[:2] == out.shape[:2]
+    kept, every later dimension 1): a gate of shape (N, C, 1, 1) on a channels-first
+    map. A 3-D tensor is not taken as one: (B, T, 1) on (B, T, C) is a per-token
+    factor over the channels (a hand-written RMSNorm), which shares nothing of this."""
+    return (t.dim() == out.dim() >= 4 and t.shape[:2] == out.shape[:2]
             and all(d == 1 for d in t.shape[2:]) and out.numel() > t.numel())
 
 
@@ -132,14 +134,20 @@ def _slopes(module: nn.Module, mu: float, var: float) -> tuple[float, float, flo
         above = 0.5 * math.erfc(-t / math.sqrt(2))
         phi = math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
         return above + a * (1 - above), above + a * a * (1 - above), (1 - a) * phi / sigma
-    try:
-        kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
-        d1 = expectation(lambda y: rules._slope(module, y + mu), var, kinks)
-        d1_2 = expectation(lambda y: rules._slope(module, y + mu) ** 2, var, kinks)
-        d2 = expectation(lambda y: y * rules._slope(module, y + mu), var, kinks) / var
-    except Exception:  # noqa: BLE001 -- a module that cannot run on a vector of points
-        return None
-    return d1, d1_2, d2
+    key = (type(module), _attributes(module), float(f"{mu:.4g}"), float(f"{var:.4g}"))
+    if key not in _SLOPES:  # a deep stack of alike layers repeats them
+        try:
+            kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
+            d1 = expectation(lambda y: rules._slope(module, y + mu), var, kinks)
+            d1_2 = expectation(lambda y: rules._slope(module, y + mu) ** 2, var, kinks)
+            d2 = expectation(lambda y: y * rules._slope(module, y + mu), var, kinks) / var
+            _SLOPES[key] = (d1, d1_2, d2)
+        except Exception:  # noqa: BLE001 -- a module that cannot run on a vector of points
+            _SLOPES[key] = None
+    return _SLOPES[key]
+
+
+_SLOPES: dict[tuple, tuple[float, float, float] | None] = {}
 
 
 def gate_gradient(g: Grad, spread: float, x: Value | None, s_m2: float) -> float:
