@@ -70,7 +70,7 @@ def test_rectifier_of_a_residual_sum_is_the_mixture():
     (E[y 1{z>0}] = v_y E[f''(z)]), against 4M draws (se <= 0.001)."""
     v_y, mu, var = 0.25, 0.4, 0.59
     y, w, z = _mixture(4_000_000, v_y, mu, var)
-    m = (v_y, mu, var, 0.0, 0.0)
+    m = (v_y, mu, var, 0.0, 0.0, None)
     out, mean, slope2 = residual.activate(nn.ReLU(), m)
     d1, d1_2, d2 = residual.slopes(nn.ReLU(), m)
     on = (z > 0).double()
@@ -84,11 +84,29 @@ def test_rectifier_of_a_residual_sum_is_the_mixture():
     assert d2 / gauss > 1.15
 
 
+def test_rectifier_of_two_residual_sums():
+    """z1 = y1 + relu(z0), z0 = y0 + relu(w0) itself a residual sum (the second block
+    of a post-activation stack): the nested mixture, against 4M draws; the one-level
+    mixture (z0 taken as Gaussian) misses E[f''(z1)] by ~6%."""
+    v_0, mu_0, var_0, v_1 = 0.25, 0.0, 1.0, 0.25
+    y0, w0, z0 = _mixture(4_000_000, v_0, mu_0, var_0)
+    y1 = torch.randn(z0.shape, generator=GEN, dtype=torch.float64) * math.sqrt(v_1)
+    z1 = y1 + torch.relu(z0)
+    inner = (v_0, mu_0, var_0, 0.0, 0.0, None)
+    m = (v_1, z0.mean().item(), z0.var().item(), 0.0, 0.0, inner)
+    out, mean, _ = residual.activate(nn.ReLU(), m)
+    _, _, d2 = residual.slopes(nn.ReLU(), m)
+    on = (z1 > 0).double()
+    assert abs(out.m2 / torch.relu(z1).pow(2).mean().item() - 1) < 0.005
+    assert abs(mean / torch.relu(z1).mean().item() - 1) < 0.005
+    assert abs(d2 * v_1 / (y1 * on).mean().item() - 1) < 0.01
+
+
 def test_masks_into_the_stream_meet():
     """k_V = E[f'(w)² f'(z)²] / (E[f'(w)²] E[f'(z)²]) and k_S, against the draws."""
     v_y, mu, var = 0.25, 0.4, 0.59
     _, w, z = _mixture(4_000_000, v_y, mu, var)
-    k_s, _, _, k_v = residual.stream_factors((v_y, mu, var, 0.0, 0.0))
+    k_s, _, _, k_v = residual.stream_factors((v_y, mu, var, 0.0, 0.0, None))
     a, b = (w > 0).double(), (z > 0).double()
     joint = (a * b).mean().item() / (a.mean().item() * b.mean().item())
     assert abs(k_v / joint - 1) < 0.005 and abs(k_s / joint - 1) < 0.005
@@ -106,7 +124,7 @@ def test_gate_gradient_collects_the_shared_gradient():
     u = torch.randn((n, 1), generator=GEN, dtype=torch.float64)
     g = u * ((s * x + torch.relu(w)) > 0).double()
     ds = (g * x).sum(1)
-    m = (s * s * v_y, mu, var, 0.0, 0.0)
+    m = (s * s * v_y, mu, var, 0.0, 0.0, None)
     top = Grad(1.0, shared=1.0, shared0=1.0)  # U: one value per sample and channel
     parts = shared.activation(top, nn.ReLU(), Value(Signal(1.0), mix=m))
     at_y = Grad(g.pow(2).mean().item())

@@ -17,9 +17,12 @@ over w of the Gaussian closed forms at the shifted mean c = f(w) + mu_y
     E[f(z)^k] = E_w[ E[f(N(c, v_y))^k] ],  E[f'(z)^2] likewise,
     E[f'(z)] = E_w[Phi(c/s) + a (1 - Phi(c/s))],  E[f''(z)] = (1 - a) E_w[phi(c/s)/s]
 
-(s^2 = v_y, a the slope below 0), by quadrature over w with its kink at 0. The stream
-w is the previous rectifier's input taken as Gaussian at its mean and variance: one
-level of the mixture, the level before taken as Gaussian.
+(s^2 = v_y, a the slope below 0), by quadrature over w with its kink at 0. Where w,
+the previous rectifier's input, is itself such a sum (the block before), the
+expectation runs over its own branch and stream, that stream's input taken as Gaussian
+(two levels; with w taken as Gaussian, E[f''] of the second block's sum is 6.5% low
+in a float64 Monte Carlo, with the two levels exact to 1e-4); else over the Gaussian
+of w's mean and variance.
 """
 
 from __future__ import annotations
@@ -30,20 +33,22 @@ import math
 import torch
 from torch import nn
 
-from varprobe.theory.gains import expectation, prelu_slope
+from varprobe.theory.gains import _nodes, expectation, prelu_slope
 from varprobe.theory.signal import Signal
 
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU)
 
-Pre = tuple[float, float, float]  # f(w), w ~ N(mu, var): (mu, var, slope a)
-Mix = tuple[float, float, float, float, float]  # N(mu_y, v_y) + f(w): (v_y, mu, var, a, mu_y)
+Pre = tuple  # f(w), w ~ N(mu, var): (mu, var, slope a, w's own Mix or None)
+Mix = tuple  # N(mu_y, v_y) + f(w): (v_y, mu, var, a, mu_y, w's own Mix or None)
 
 
-def pre(module: nn.Module, mu: float, m2: float) -> Pre | None:
-    """What a rectifier's output is, for an add after it: f(w) at its input's moments."""
+def pre(module: nn.Module, mu: float, m2: float, inner: Mix | None = None) -> Pre | None:
+    """What a rectifier's output is, for an add after it: f(w) at its input's moments,
+    and w's own mixture where w is itself a residual sum (kept one level deep)."""
     if not isinstance(module, RECTIFIERS) or m2 - mu * mu <= 0:
         return None
-    return (mu, m2 - mu * mu, prelu_slope(module))
+    return (mu, m2 - mu * mu, prelu_slope(module),
+            None if inner is None else (*inner[:5], None))
 
 
 def mix(terms: list[tuple[float, float, Pre | None, Signal, float]]) -> Mix | None:
@@ -59,7 +64,8 @@ def mix(terms: list[tuple[float, float, Pre | None, Signal, float]]) -> Mix | No
     _, _, _, s, mu = branches[0]
     if s.m2 - mu * mu <= 0:
         return None
-    return (s.m2 - mu * mu, *streams[0][2], mu)
+    p = streams[0][2]
+    return (s.m2 - mu * mu, *p[:3], mu, p[3])
 
 
 def activate(module: nn.Module, m: Mix) -> tuple[Signal, float, float] | None:
@@ -100,17 +106,27 @@ def _moment(c, t, big, phi, a, v_y: float, k: int) -> torch.Tensor:
 def _over_w(m: Mix, fn) -> float:
     """E_w[fn(c, t, Phi(t), phi(t), a, w > 0)], c = f(w) + mu_y the mean of z given w,
     t = c / sqrt(v_y)."""
-    v_y, mu, var, a, mu_y = m
+    v_y, mu, var, a, mu_y, inner = m
 
-    def at(y: torch.Tensor) -> torch.Tensor:
-        w = y + mu
+    def at(w: torch.Tensor) -> torch.Tensor:
         c = torch.where(w > 0, w, a * w) + mu_y
         t = c / math.sqrt(v_y)
         big = 0.5 * torch.erfc(-t / math.sqrt(2))
         phi = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
         return fn(c, t, big, phi, a, w > 0)
 
-    return expectation(at, var, (-mu,))
+    if inner is None:
+        return expectation(lambda y: at(y + mu), var, (-mu,))
+    # w is itself a residual sum, N(mu_0, v_0) + f(w_0), w_0 Gaussian: over both
+    v_0, mu_w0, var_0, a_0, mu_0 = inner[:5]
+    ys, weights = _nodes(v_0, ())
+
+    def outer(y: torch.Tensor) -> torch.Tensor:
+        w0 = y + mu_w0
+        c0 = torch.where(w0 > 0, w0, a_0 * w0) + mu_0
+        return (at(c0[:, None] + ys[None, :]) * weights[None, :]).sum(1)
+
+    return expectation(outer, var_0, (-mu_w0,))
 
 
 @functools.lru_cache(maxsize=512)

@@ -135,8 +135,8 @@ class Walk(Backward):
             if out is None:
                 return Value(None, f"F.{type(node.module).__name__} at q={s.m2:.3g}")
             self.backward_gains[len(self.values)] = out[2]
-            return Value(out[0], None, note, at, out[1], pre=residual.pre(node.module, mu, s.m2),
-                         profile=ins[0].profile)
+            return Value(out[0], None, note, at, out[1], profile=ins[0].profile,
+                         pre=residual.pre(node.module, mu, s.m2, ins[0].mix))
         if node.op == "pool":
             return self._pool(node, ins[0], note, at)
         if node.op == "attention":
@@ -330,7 +330,7 @@ class Walk(Backward):
         elif layer.kind == "activation" and s_in is not None:
             act = self._activate(module, src)
             self.backward_gains[k] = act[2] if act is not None else None
-            pre = residual.pre(module, mu, s_in.m2)
+            pre = residual.pre(module, mu, s_in.m2, src.mix)
             out, mu = (act[0], act[1]) if act is not None else (None, 0.0)
         elif (shape := self.norm_shape(node)) is not None and s_in is not None \
                 and norms.uses_running_stats(module):
