@@ -17,7 +17,11 @@ s v_x H̄ + ḡ x̄, so
 x, the positions' own parts being in the first term). On the bench's SE-ResNet the
 last block's gate gradient is 23x the independent-terms rule and within 2% of this.
 
-The walk's Grad carries shared = E[ḡ^2], curv = E[H̄^2] and cross = E[ḡ H̄], backward:
+The walk's Grad carries shared = E[ḡ^2], curv = E[H̄^2] and cross = E[ḡ H̄]; beside
+them shared0 and cross0, the same with ḡ0, the shared gradient where the tensor's own
+rectifier input crosses 0 (ḡ0 = ḡ except into a residual stream, where the stream is 0
+there: theory.residual), and centred, the part of shared a train-mode BatchNorm has
+already centred over the batch (``batch_loss``). Backward:
 
 - the seed: an i.i.d. cotangent shares var / positions; a tensor without positions
   (a classifier's logits) shares all of it
@@ -26,8 +30,8 @@ The walk's Grad carries shared = E[ḡ^2], curv = E[H̄^2] and cross = E[ḡ H̄
   a max pool hands it to one position per window: shared times fraction^2
 - an activation, g = U f'(z): ḡ = Ū E[f'], and dg/dz = U f'' + f'^2 dU/do gives
   H̄ = Ū E[f''] + H̄_U E[f'^2], the positions' z taken as independent of U:
-  shared S E[f']^2, curv S E[f'']^2 + C E[f'^2]^2 + 2 X E[f''] E[f'^2],
-  cross E[f'] (S E[f''] + X E[f'^2]); E[f''] = E[(z - mu) f'(z)] / var (Stein)
+  shared S E[f']^2, curv S0 E[f'']^2 + C E[f'^2]^2 + 2 X0 E[f''] E[f'^2],
+  cross E[f'] (sqrt(S S0) E[f''] + X E[f'^2]); E[f''] = E[(z - mu) f'(z)] / var (Stein)
 - an add, a view, a constant factor (a^2 on the variance), a per-channel map
   (BatchNorm, the gated factor times s): shared a^2, curv a^4, cross a^3
 - a weight layer: shared times its gain (ḡ_x,c = sum_o (sum_t w_oct) ḡ_y,o), curv and
