@@ -12,11 +12,22 @@ prediction stops.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import nn
 
 from varprobe.report import Layer
-from varprobe.theory import attend, mha, norms, normshape, pools, rules
+from varprobe.theory import (
+    attend,
+    mha,
+    norms,
+    normshape,
+    pools,
+    profile,
+    residual,
+    rules,
+    shared,
+)
 from varprobe.theory.nodes import Node, is_view
 from varprobe.theory.signal import Call, Grad, Signal, Value
 
@@ -60,9 +71,12 @@ class Backward:
             node = self.nodes[k]
             layer = self.report.layers[node.index] if node.op in ("call", "exit") else None
             if layer is not None and layer.backward is not None and layer.backward.var is not None:
-                _flow(grads, k, Grad(layer.backward.var))
+                var = layer.backward.var
+                _flow(grads, k, _with(Grad(var), shared.seed(var, layer.shape)))
             elif position == 0 and self.graph.cotangent_var is not None:
-                _flow(grads, k, Grad(self.graph.cotangent_var))
+                var = self.graph.cotangent_var
+                _flow(grads, k, _with(Grad(var), shared.seed(var, layer.shape)
+                                      if layer is not None else shared.NONE))
             else:
                 _flow(grads, k, Grad(0.0, "the gradient at the model's output (not measured)"))
 
@@ -79,22 +93,26 @@ class Backward:
                 for i in node.inputs:
                     _flow(grads, i, Grad(0.0, g.broken or self._reason(node), rel=g.rel))
         elif node.op == "act":
-            gain = self._gate(node.module, self.values[node.inputs[0]], g,
-                              self.backward_gains.get(k))
-            _flow(grads, node.inputs[0], Grad(g.var * gain, g.broken, g.note, g.sparse, g.rel)
-                  if gain is not None else Grad(0.0, g.broken or
-                                                f"F.{type(node.module).__name__}", rel=g.rel))
+            x = self.values[node.inputs[0]]
+            gain = self._gate(node.module, x, g, self.backward_gains.get(k))
+            _flow(grads, node.inputs[0], _rectified(_with(Grad(
+                (g.var + g.deferred) * gain, g.broken, g.note, g.sparse, g.rel), self._shared_act(
+                node.module, x, g), g.profile), x) if gain is not None else Grad(
+                0.0, g.broken or f"F.{type(node.module).__name__}", rel=g.rel))
         elif node.op == "dropout":
-            _flow(grads, node.inputs[0], Grad(g.var / (1 - node.p), g.broken, g.note,
-                                              g.sparse, g.rel))
+            keep = 1 - node.p  # the mask's mean over positions is 1: the shared part stays
+            _flow(grads, node.inputs[0], _with(Grad(g.var / keep, g.broken, g.note, g.sparse,
+                                                    g.rel), shared.dropped(g, keep),
+                                               g.profile))
         elif node.op == "product":
             self._product_backward(node, g, grads)
         elif node.op == "attention":
             self._attention_backward(node, g, grads)
         elif node.op == "pool":
             window = node.pool.window if node.pool.kind == "max" else None
-            _flow(grads, node.inputs[0], Grad(g.var * pools.backward(node.pool), g.broken,
-                                              g.note, g.sparse, g.rel, window))
+            _flow(grads, node.inputs[0], _with(Grad(
+                g.var * pools.backward(node.pool), g.broken, g.note, g.sparse, g.rel, window),
+                shared.pooled(g, node.pool)))
         elif node.op == "linear":
             self._linear_backward(node, g, grads, k)
 
@@ -105,22 +123,39 @@ class Backward:
                 _flow(grads, i, Grad(0.0, g.broken or valueless, rel=g.rel))
             return
         scale = 1.0 if node.scale is None else self.constants[node.scale][0]
+        mix = self.values[k].mix if self.values[k] is not None else None
         shares = self.cat_shares(k, node)  # the pieces' measured shares (theory.catshare)
         for i, b in zip(node.inputs, shares or node.backward):
             broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
                                   "gradient reaches only a slice" if node.cat and g.sparse
                                   else None)
-            _flow(grads, i, Grad(g.var * b * scale, broken, g.note, g.sparse or node.sparse,
-                                 g.rel, cover=b if node.sparse else g.cover))
+            stream = mix if self.values[i] is not None and self.values[i].pre else None
+            _flow(grads, i, _deferred(_with(Grad(g.var * b * scale, broken, g.note, g.sparse or
+                                       node.sparse, g.rel, cover=b if node.sparse else g.cover),
+                                  shared.into_stream(g, stream, b * scale), g.profile),
+                                      g, stream, b * scale))
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """d(ab)/da = b: Var[da] = Var[g] E[b²], times the positions a broadcast factor
-        collects (independent terms add)."""
-        a, b = (self.values[i].signal for i in node.inputs)
-        for i, other, spread in zip(node.inputs, (b, a), node.backward):
-            _flow(grads, i, Grad(g.var * other.m2 * spread, g.broken, g.note, g.sparse,
-                                 g.rel) if other is not None else
-                  Grad(0.0, g.broken or "a factor the walk has no value for", rel=g.rel))
+        collects; a factor broadcast over positions (a gate) also collects what the
+        gradient shares across them and its curvature (theory.shared). The other factor
+        is the gate's per-channel map: what is shared stays shared."""
+        values = [self.values[i] for i in node.inputs]
+        positions = node.positions or (False, False)
+        for j, (i, spread) in enumerate(zip(node.inputs, node.backward)):
+            x, mine = values[1 - j], values[j].signal
+            if x.signal is None:
+                _flow(grads, i, Grad(0.0, g.broken or "a factor the walk has no value for",
+                                     rel=g.rel))
+                continue
+            var, parts = g.var * x.signal.m2 * spread, shared.NONE
+            if positions[j] and mine is not None:
+                var += shared.gate_gradient(g, spread, x, mine.m2)
+                parts = shared.seed(var, None)  # one value per sample and channel
+            elif positions[1 - j]:
+                parts = shared.scaled(g, x.signal.m2)
+            _flow(grads, i, _with(Grad(var, g.broken, g.note, g.sparse, g.rel), parts,
+                                  g.profile if spread == 1 else None))
 
     def _attention_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """The query, key and value paths (theory.attention.backward); a self-attention
@@ -169,7 +204,7 @@ class Backward:
             dx = None
         elif k in self.backward_gains:  # an activation, at its own (shifted) input
             gain = self._gate(module, info.input, g, self.backward_gains[k])
-            dx = None if gain is None else g.var * gain
+            dx = None if gain is None else (g.var + g.deferred) * gain
         elif self._pieces_normalized(node, module, g, grads):
             return
         elif node.attn is not None and s_in is not None and len(node.inputs) == 1:
@@ -184,10 +219,40 @@ class Backward:
             dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
             if dx is not None and (kappa := self.token_gain(node)) is not None:
                 dx *= kappa  # the tokens' own scales against their gradients
-        _flow(grads, node.inputs[0], self._input_grad(layer, info, g, dx, s_in))
+        corr, shape = profile.before_call(module, layer, g.profile) if dx is not None \
+            else (1.0, None)
+        if dx is not None and isinstance(module, norms.BATCH_NORMS) \
+                and not norms.uses_running_stats(module) and layer.shape:
+            corr *= 1.0 - shared.batch_loss(g, layer.shape[0])
+        grad = self._input_grad(layer, info, g, None if dx is None else dx * corr, s_in)
+        if dx is not None and g.var > 0:
+            grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var), shape)
+            if k in self.backward_gains:
+                grad = _rectified(grad, info.input)
+        _flow(grads, node.inputs[0], grad)
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
                                   "(not measured)"))
+
+    def _shared_call(self, k: int, layer: Layer, module: nn.Module, info: Call, g: Grad,
+                     gain: float) -> shared.Parts:
+        """What the gradient shares across positions past a call (theory.shared)."""
+        if k in self.backward_gains:
+            return self._shared_act(module, info.input, g)
+        pool = pools.of_module(module, layer.input_shape, layer.shape)
+        if pool is not None:
+            return shared.pooled(g, pool)
+        if layer.kind == "weight":
+            return shared.scaled(g, gain, mixes=True)
+        if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
+            return shared.batch_normed(g, gain)
+        if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):
+            return shared.scaled(g, gain)
+        return shared.NONE
+
+    @staticmethod
+    def _shared_act(module: nn.Module, x: Value | None, g: Grad) -> shared.Parts:
+        return shared.NONE if g.window is not None else shared.activation(g, module, x)
 
     @staticmethod
     def _gate(module: nn.Module, x: Value | None, g: Grad, gain: float | None) -> float | None:
@@ -247,6 +312,28 @@ class Backward:
         return True
 
 
+def _deferred(grad: Grad, g: Grad, stream: tuple | None, a2: float) -> Grad:
+    """Into a residual sum's rectified stream: the part of the gradient that passed the
+    sum's rectifier meets the stream's own with k_V (theory.residual), which the
+    stream's rectifier applies; at the stream itself the variance is the plain one."""
+    if stream is not None and g.rectified > 0:
+        grad.deferred = g.rectified * a2 * (residual.stream_factors(stream)[3] - 1)
+    return grad
+
+
+def _rectified(g: Grad, x: Value | None) -> Grad:
+    """Mark what passed the rectifier of a residual sum (theory.residual: k_V)."""
+    if x is not None and x.mix is not None:
+        g.rectified = g.var
+    return g
+
+
+def _with(g: Grad, parts: shared.Parts, shape: Any = None) -> Grad:
+    g.shared, g.curv, g.cross, g.shared0, g.cross0, g.centred = parts
+    g.profile = shape
+    return g
+
+
 def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
     """Add one consumer's contribution: independent gradients add their variances."""
     if k < 0:
@@ -255,7 +342,16 @@ def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
     if have is None:
         grads[k] = dataclasses.replace(g)
         return
+    have.profile = profile.blend([(have.profile, have.var), (g.profile, g.var)])
     have.var += g.var
+    have.rectified += g.rectified
+    have.deferred += g.deferred
+    have.centred += g.centred
+    have.shared += g.shared
+    have.curv += g.curv
+    have.cross += g.cross
+    have.shared0 += g.shared0
+    have.cross0 += g.cross0
     have.broken = have.broken or g.broken
     if have.sparse and g.sparse:  # slices that together cover it (RoPE's two halves)
         have.cover += g.cover

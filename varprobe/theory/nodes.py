@@ -124,6 +124,7 @@ class Node:
     forward: tuple[float, ...] = ()   # linear: f_i, on E[x_i^2]
     means: tuple[float, ...] = ()     # linear: m_i, on the common mean of x_i
     backward: tuple[float, ...] = ()  # linear: b_i
+    positions: tuple[bool, ...] = ()  # product: each factor broadcast over positions only
     const: tuple[tuple[float, int, float], ...] = ()  # linear: (f_j, constant index, m_j)
     scale: int | None = None          # linear: constant index of a factor on the whole
     cat: bool = False                 # linear: a concatenation (pieces side by side)

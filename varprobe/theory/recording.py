@@ -53,6 +53,7 @@ from varprobe.theory.nodes import (
     _name,
 )
 from varprobe.theory.pools import Pool
+from varprobe.theory.shared import over_positions
 
 PRODUCT = " of activations"  # the name of a product of two activations ends so
 
@@ -308,6 +309,7 @@ class Recording(TorchFunctionMode):
             return self._add(Node("product", (na, nb), reason=_name(func) + PRODUCT,
                                   backward=(out.numel() / max(a.numel(), 1),
                                             out.numel() / max(b.numel(), 1)),
+                                  positions=(over_positions(a, out), over_positions(b, out)),
                                   where=self._where()))
         if (na is not None and nb is not None) or (divide and na is None):
             return None  # a tensor times itself, or a constant over an activation

@@ -41,6 +41,8 @@ from varprobe.theory import (
     norms,
     normshape,
     pools,
+    profile,
+    residual,
     rules,
     tokennorm,
 )
@@ -131,11 +133,12 @@ class Walk(Backward):
             return Value(None, valueless)
         s, mu = ins[0].signal, ins[0].mu
         if node.op == "act":
-            out = rules.activate(node.module, s, mu, self.host)
+            out = self._activate(node.module, ins[0])
             if out is None:
                 return Value(None, f"F.{type(node.module).__name__} at q={s.m2:.3g}")
             self.backward_gains[len(self.values)] = out[2]
-            return Value(out[0], None, note, at, out[1])
+            return Value(out[0], None, note, at, out[1], profile=ins[0].profile,
+                         pre=residual.pre(node.module, mu, s.m2, ins[0].mix))
         if node.op == "pool":
             return self._pool(node, ins[0], note, at)
         if node.op == "attention":
@@ -143,15 +146,25 @@ class Walk(Backward):
         if node.op == "product":
             a, b = ins[0].signal, ins[1].signal
             return Value(Signal(a.m2 * b.m2, a.mean_share * b.mean_share, a.r * b.r), None,
-                         note, at, ins[0].mu * ins[1].mu)
+                         note, at, ins[0].mu * ins[1].mu, profile=profile.blend(
+                             [(v.profile, 1.0) for v in ins if v.profile is not None]))
         if node.op == "dropout":
             if node.p >= 1:
                 return Value(None, "dropout with p = 1")
             signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p),
                             s.r * (1 - node.p))
-            return Value(signal, None, note, at, mu)
+            return Value(signal, None, note, at, mu, profile=ins[0].profile)
         signal, mu = self._linear(node, ins)
-        return Value(signal, None, note, at, mu)
+        mix = None if node.cat or node.const or node.scale is not None else residual.mix(
+            [(f, m, v.pre, v.signal, v.mu) for f, m, v in zip(node.forward, node.means, ins)])
+        return Value(signal, None, note, at, mu, mix=mix, profile=profile.blend(
+            [(v.profile, f * v.signal.m2) for f, v in zip(node.forward, ins)]))
+
+    def _activate(self, module: nn.Module, v: Value) -> tuple | None:
+        """An activation's moments; of a residual sum with a rectified stream, the
+        mixture's (theory.residual), else at a Gaussian input (theory.rules)."""
+        out = residual.activate(module, v.mix) if v.mix is not None else None
+        return out if out is not None else rules.activate(module, v.signal, v.mu, self.host)
 
     def _linear(self, node: Node, ins: list[Value]) -> tuple[Signal, float]:
         """sum_i f_i E[x_i^2] + constants, and for an add (several inputs summed, not
@@ -335,14 +348,15 @@ class Walk(Backward):
                 return reset
             src = self._carry_input(layer, info, src)
             note = src.note
-        info.input = src
+        info.input, pre = src, None
         s_in = src.signal if src is not None else None
         mu = src.mu if src is not None else 0.0
         if node.attn is not None and s_in is not None and len(node.inputs) == 1:
             out, mu = self._mha(node, layer, module, s_in), 0.0
         elif layer.kind == "activation" and s_in is not None:
-            act = rules.activate(module, s_in, mu, self.host)
+            act = self._activate(module, src)
             self.backward_gains[k] = act[2] if act is not None else None
+            pre = residual.pre(module, mu, s_in.m2, src.mix)
             out, mu = (act[0], act[1]) if act is not None else (None, 0.0)
         elif (shape := self.norm_shape(node)) is not None and s_in is not None \
                 and norms.uses_running_stats(module):
@@ -357,9 +371,12 @@ class Walk(Backward):
             out, mu, note = self._approximate(layer, module, s_in, src.mu, note)
         if out is not None:
             w = self.weights[i]
+            out, shape = profile.after_call(module, layer, src.profile if src else None, out,
+                                            w.b2 if w is not None else 0.0)
             info.forward = out.m2
             info.forward_note = _join(note, w.note if w else None)
-            return Value(out, None, note, src.at if src is not None else -1, mu)
+            return Value(out, None, note, src.at if src is not None else -1, mu, pre=pre,
+                         profile=shape)
         return self._carry_output(layer, info, "no closed form" if s_in is not None
                                   else "its input is unknown", info.forward_break, src)
 

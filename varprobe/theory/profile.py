@@ -1,0 +1,153 @@
+"""Where a conv's taps land: the second moment's profile over positions.
+
+A zero-padded conv's output position i sees only its in-bounds taps, so E[y^2](i) is
+proportional to sum_{t in bounds} E[x^2](i + t): a 3x3 'same' conv of a uniform map
+gives its border rows 6/9 (its corners 4/9) of the interior's. The effective fan
+(theory.layer_fans) is the mean of that count, exact for a uniform input. The next
+conv's input is not uniform (BatchNorm divides a channel by one deviation over all
+positions and a ReLU halves every position alike, so each keeps its share), and most
+of its taps are interior ones, which land on the larger interior values:
+
+    E[y^2] = n_eff E[w^2] E[x^2] * mean_i sum_t e(i + t) / mean_i sum_t 1,
+
+e the input's profile (E[x^2] at each position over the mean). For a 16x16 map and
+3x3 taps, e = one conv's count gives (8.375 / 2.875^2)^2 = 1.0265: +2.7% per conv, in
+float64 measurements of the bench's ResNets 2-3% per conv. A train-mode BatchNorm
+resets the scale after it; an eval-mode one and a residual stream compound it. The
+backward is the same count transposed: an input position receives from the outputs
+whose taps touch it, in proportion to their gradients' profile.
+
+The walk carries e (a float64 tensor of the spatial shape, mean 1; None: uniform) on
+values and gradients: a conv makes it; elementwise ops, BatchNorm, GroupNorm and
+InstanceNorm keep it; an add and a concatenation average it by second moment;
+anything else drops it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from varprobe.theory.layer_fans import NORMS, is_activation
+from varprobe.theory.signal import Signal
+
+KEEP = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+        nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _convolve(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+    d = len(module.kernel_size)
+    ones = torch.ones((1, 1, *module.kernel_size), dtype=torch.float64)
+    if module.transposed:
+        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+        return conv(x, ones, stride=module.stride, padding=module.padding,
+                    output_padding=module.output_padding, dilation=module.dilation)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    return conv(x, ones, stride=module.stride, padding=module.padding,
+                dilation=module.dilation)
+
+
+def _counted(module: nn.Module, spatial: tuple) -> bool:
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode == "zeros"
+            and isinstance(module.padding, tuple) and len(spatial) == len(module.kernel_size))
+
+
+def _uniform(e: Any, spatial: tuple) -> torch.Tensor:
+    if e is not None and tuple(e.shape) == spatial:
+        return e
+    return torch.ones(spatial, dtype=torch.float64)
+
+
+def conv_forward(module: nn.Module, e: Any, input_shape) -> tuple[float, Any]:
+    """(E[y^2] over the effective-fan rule's, the output's profile)."""
+    spatial = tuple(int(s) for s in (input_shape or ())[2:])
+    if not spatial or not _counted(module, spatial):
+        return 1.0, None
+    x = _uniform(e, spatial)[None, None]
+    y = _convolve(module, x)
+    base = _count(module, spatial)
+    return float(y.mean()) / base, (y / y.mean())[0, 0]
+
+
+def conv_backward(module: nn.Module, e: Any, input_shape) -> tuple[float, Any]:
+    """(Var[dx] over the effective-fan rule's, the input gradient's profile): the
+    transposed count, by autograd through the same convolution of ones."""
+    spatial = tuple(int(s) for s in (input_shape or ())[2:])
+    if not spatial or not _counted(module, spatial):
+        return 1.0, None
+    x = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        y = _convolve(module, x)
+        weight = _uniform(e, tuple(y.shape[2:]))[None, None]
+        (dx,) = torch.autograd.grad((y * weight).sum(), x)
+    base = _fan_out_count(module, spatial)
+    return float(dx.mean()) / base, (dx / dx.mean())[0, 0].detach()
+
+
+def _key(module: nn.Module) -> tuple:
+    return (module.transposed, module.kernel_size, module.stride, module.padding,
+            module.dilation, getattr(module, "output_padding", ()))
+
+
+def _count(module: nn.Module, spatial: tuple) -> float:
+    return _counts(_key(module), spatial, module)[0]
+
+
+def _fan_out_count(module: nn.Module, spatial: tuple) -> float:
+    return _counts(_key(module), spatial, module)[1]
+
+
+def _counts(key: tuple, spatial: tuple, module: nn.Module) -> tuple[float, float]:
+    """Mean in-bounds taps per output, and mean outputs per input position."""
+    if (key, spatial) not in _COUNTS:
+        ones = torch.ones((1, 1, *spatial), dtype=torch.float64)
+        total = float(_convolve(module, ones).sum())
+        n_out = _convolve(module, ones).numel()
+        _COUNTS[(key, spatial)] = (total / n_out, total / ones.numel())
+    return _COUNTS[(key, spatial)]
+
+
+_COUNTS: dict[tuple, tuple[float, float]] = {}
+
+
+def after_call(module: nn.Module, layer, e: Any, out: Signal | None,
+               b2: float = 0.0) -> tuple[Signal | None, Any]:
+    """A call's output and its profile: a conv's by its count (its bias, alike at every
+    position, blended in), a per-position map's kept, anything else's dropped."""
+    if out is None:
+        return out, None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        corr, made = conv_forward(module, e, layer.input_shape)
+        if made is None:
+            return out, None
+        spread = max(out.m2 - b2, 0.0) * corr
+        m2 = spread + b2
+        if m2 <= 0:
+            return out, None
+        return Signal(m2, out.mean_share, out.r), (made * spread + b2) / m2
+    keeps = isinstance(module, KEEP) or (is_activation(module) and not isinstance(module, NORMS))
+    return out, e if keeps else None
+
+
+def before_call(module: nn.Module, layer, e: Any) -> tuple[float, Any]:
+    """Backward across a call: (the factor on the rule's Var[dx], dx's profile)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return conv_backward(module, e, layer.input_shape)
+    keeps = isinstance(module, KEEP) or (is_activation(module) and not isinstance(module, NORMS))
+    return 1.0, e if keeps else None
+
+
+def blend(parts: list[tuple[Any, float]]) -> Any:
+    """The mean of profiles weighted by second moment (None: uniform); None where none
+    has one or their shapes differ."""
+    shaped = [e for e, _ in parts if e is not None]
+    if not shaped or any(e.shape != shaped[0].shape for e in shaped):
+        return None
+    total = sum(w for _, w in parts)
+    if total <= 0:
+        return None
+    return sum((e if e is not None else torch.ones_like(shaped[0])) * w
+               for e, w in parts) / total

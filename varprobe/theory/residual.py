@@ -1,0 +1,171 @@
+"""A rectifier of a residual sum: relu(y + relu(w)), not relu of a Gaussian.
+
+A post-activation ResNet block (and an SE block) ends in z = y + r, r = f(w) the
+rectified stream of the block before, y the block's zero-mean branch. z is no
+Gaussian: r sits at exactly 0 with probability P(w < 0), so z has the branch's own
+density there, and its positive part is a truncated normal shifted by y. The Gaussian
+of z's mean and variance misses that: on the bench's SE-ResNet its density at 0 is
+0.40 where the mixture's is 0.51 (the gate's gradient goes with its square), and
+E[f(z)^2] after the block is 5-13% low on the post-activation ResNets
+(docs/engine.md, Known limits).
+
+With y ~ N(mu_y, v_y) independent of w ~ N(mu_w, v_w) (an eval-mode BatchNorm's
+channel means counted in v_y), everything the walk reads of f(z) is an expectation
+over w of the Gaussian closed forms at the shifted mean c = f(w) + mu_y
+(theory.gains.rectified_moments):
+
+    E[f(z)^k] = E_w[ E[f(N(c, v_y))^k] ],  E[f'(z)^2] likewise,
+    E[f'(z)] = E_w[Phi(c/s) + a (1 - Phi(c/s))],  E[f''(z)] = (1 - a) E_w[phi(c/s)/s]
+
+(s^2 = v_y, a the slope below 0), by quadrature over w with its kink at 0. Where w,
+the previous rectifier's input, is itself such a sum (the block before), the
+expectation runs over its own branch and stream, that stream's input taken as Gaussian
+(two levels; with w taken as Gaussian, E[f''] of the second block's sum is 6.5% low
+in a float64 Monte Carlo, with the two levels exact to 1e-4); else over the Gaussian
+of w's mean and variance.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from varprobe.theory.gains import _nodes, expectation, prelu_slope
+from varprobe.theory.signal import Signal
+
+RECTIFIERS = (nn.ReLU, nn.LeakyReLU)
+
+Pre = tuple  # f(w), w ~ N(mu, var): (mu, var, slope a, w's own Mix or None)
+Mix = tuple  # N(mu_y, v_y) + f(w): (v_y, mu, var, a, mu_y, w's own Mix or None)
+
+
+def pre(module: nn.Module, mu: float, m2: float, inner: Mix | None = None) -> Pre | None:
+    """What a rectifier's output is, for an add after it: f(w) at its input's moments,
+    and w's own mixture where w is itself a residual sum (kept one level deep)."""
+    if not isinstance(module, RECTIFIERS) or m2 - mu * mu <= 0:
+        return None
+    return (mu, m2 - mu * mu, prelu_slope(module),
+            None if inner is None else (*inner[:5], None))
+
+
+def mix(terms: list[tuple[float, float, Pre | None, Signal, float]]) -> Mix | None:
+    """The sum of a branch and one rectified stream, each added once:
+    ``terms`` (f_i, m_i, pre_i, signal_i, mu_i) of the add's inputs."""
+    if len(terms) != 2 or any(abs(f - 1) > 1e-12 or abs(m - 1) > 1e-12
+                              for f, m, *_ in terms):
+        return None
+    streams = [t for t in terms if t[2] is not None]
+    branches = [t for t in terms if t[2] is None]
+    if len(streams) != 1 or len(branches) != 1:
+        return None
+    _, _, _, s, mu = branches[0]
+    if s.m2 - mu * mu <= 0:
+        return None
+    p = streams[0][2]
+    return (s.m2 - mu * mu, *p[:3], mu, p[3])
+
+
+def activate(module: nn.Module, m: Mix) -> tuple[Signal, float, float] | None:
+    """(E[f(z)^2] with its mean share, E[f(z)], E[f'(z)^2]) for z = N(0, v_y) + f(w)."""
+    if not isinstance(module, RECTIFIERS) or prelu_slope(module) is None:
+        return None
+    mean, m2, slope2 = (_over_w(m, lambda c, t, big, phi, a, *_, k=k: _moment(c, t, big, phi,
+                                                                          a, m[0], k))
+                        for k in (1, 2, 0))
+    share = min(1.0, mean * mean / m2) if m2 > 0 else 0.0
+    return Signal(m2, share, share), mean, slope2
+
+
+def slopes(module: nn.Module, m: Mix) -> tuple[float, float, float] | None:
+    """(E[f'], E[f'^2], E[f'']) at z = N(0, v_y) + f(w) (module note)."""
+    b = prelu_slope(module) if isinstance(module, RECTIFIERS) else None
+    if b is None:
+        return None
+    sigma = math.sqrt(m[0])
+    d1 = _over_w(m, lambda c, t, big, phi, *_: big + b * (1 - big))
+    d1_2 = _over_w(m, lambda c, t, big, phi, *_: big + b * b * (1 - big))
+    d2 = _over_w(m, lambda c, t, big, phi, *_: (1 - b) * phi / sigma)
+    return d1, d1_2, d2
+
+
+def _moment(c, t, big, phi, a, v_y: float, k: int) -> torch.Tensor:
+    """E[f(y)^k] (k = 1, 2) or E[f'(y)^2] (k = 0) for y ~ N(c, v_y), per point c."""
+    sigma = math.sqrt(v_y)
+    if k == 0:
+        return big + a * a * (1 - big)
+    if k == 1:
+        pos = c * big + sigma * phi
+        return pos + a * (c - pos)
+    pos = (c * c + v_y) * big + c * sigma * phi
+    return pos + a * a * (c * c + v_y - pos)
+
+
+def _over_w(m: Mix, fn) -> float:
+    """E_w[fn(c, t, Phi(t), phi(t), a, w > 0)], c = f(w) + mu_y the mean of z given w,
+    t = c / sqrt(v_y)."""
+    v_y, mu, var, a, mu_y, inner = m
+
+    def at(w: torch.Tensor) -> torch.Tensor:
+        c = torch.where(w > 0, w, a * w) + mu_y
+        t = c / math.sqrt(v_y)
+        big = 0.5 * torch.erfc(-t / math.sqrt(2))
+        phi = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+        return fn(c, t, big, phi, a, w > 0)
+
+    if inner is None:
+        return expectation(lambda y: at(y + mu), var, (-mu,))
+    # w is itself a residual sum, N(mu_0, v_0) + f(w_0), w_0 Gaussian: over both
+    v_0, mu_w0, var_0, a_0, mu_0 = inner[:5]
+    ys, weights = _nodes(v_0, ())
+
+    def outer(y: torch.Tensor) -> torch.Tensor:
+        w0 = y + mu_w0
+        c0 = torch.where(w0 > 0, w0, a_0 * w0) + mu_0
+        return (at(c0[:, None] + ys[None, :]) * weights[None, :]).sum(1)
+
+    return expectation(outer, var_0, (-mu_w0,))
+
+
+@functools.lru_cache(maxsize=512)
+def stream_factors(m: Mix) -> tuple[float, float, float, float]:
+    """(k_S, k_0, k_C, k_V): how the rectified stream's own mask f'(w) meets the rectifier
+    of the sum after it, taken as the stream's (slope a). Going back into the stream,
+    the sum's shared gradient Ū E[f'(z)] and curvature Ū E[f''(z)] meet f'(w) at the
+    stream's rectifier, and E[f'(w) f'(z)], E[f'(w)^2 f''(z)] are not the products of
+    their means (z crosses 0 mostly where the stream is 0):
+    k_S = E[f'(w) f'(z)] / (E[f'(w)] E[f'(z)]), k_C = E[f'(w)^2 f''(z)] /
+    (E[f'(w)^2] E[f''(z)]); where w crosses 0 the stream is 0 and z = y:
+    k_0 = E[f'(y)] / E[f'(z)], y ~ N(mu_y, v_y). The gradient's variance that passed
+    the sum's rectifier meets the stream's likewise: k_V = E[f'(w)^2 f'(z)^2] /
+    (E[f'(w)^2] E[f'(z)^2]) (the two masks are open together more often than apart)."""
+    a = m[3]
+
+    def masked(power: int, term) -> float:
+        return _over_w(m, lambda c, t, big, phi, b, up: torch.where(
+            up, torch.ones_like(c), torch.full_like(c, a ** power)) * term(big, phi))
+
+    def plain(term) -> float:
+        return _over_w(m, lambda c, t, big, phi, *_: term(big, phi))
+
+    def slope(big, phi):
+        return big + a * (1 - big)
+
+    def slope2(big, phi):
+        return big + a * a * (1 - big)
+
+    def one(big, phi):
+        return torch.ones_like(big)
+
+    def density(big, phi):
+        return phi
+
+    d1 = plain(slope)
+    k_s = masked(1, slope) / (masked(1, one) * d1)
+    k_c = masked(2, density) / (masked(2, one) * plain(density))
+    t = m[4] / math.sqrt(m[0])
+    above = 0.5 * math.erfc(-t / math.sqrt(2))
+    k_v = masked(2, slope2) / (masked(2, one) * plain(slope2))
+    return k_s, (above + a * (1 - above)) / d1, k_c, k_v
