@@ -199,6 +199,21 @@ def test_softmax_moments_against_sampling(v, T):
         assert _off(s.mean(), got[0]) <= 4 * se + 1e-3, name
 
 
+@pytest.mark.parametrize("T", [2, 32])
+def test_saturated_softmax_moments_against_sampling(T):
+    # Past v = 1600 the moments are scaled, not integrated: 1 - P2 and m fall as 1/sqrt(v).
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40_000, T)) * 80.0  # v = 6400
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p2, p3, p22 = (a[0] for a in attention.softmax_moments(6400.0, np.array([T])))
+    want = (p**2).sum(1)
+    m = ((p**2) * (1 - 2 * p)).sum(1) + want**2
+    assert _off(want.mean(), p2) < 0.01
+    assert _off(m.mean(), p2 - 2 * p3 + p22) <= 4 * m.std() / m.mean() / math.sqrt(40_000) \
+        + 0.02
+
+
 def test_softmax_moments_limits():
     p2, p3, p22 = attention.softmax_moments(1e-6, np.array([1, 7, 300]))
     np.testing.assert_allclose(p2, [1, 1 / 7, 1 / 300], rtol=1e-5)
