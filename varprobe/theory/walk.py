@@ -257,8 +257,11 @@ class Walk(Backward):
 
     def mha_weights(self, node: Node, layer: Layer, module: nn.Module) -> tuple[float, ...]:
         """Measured in the pass, else its init's (theory.mha.weights). Schemes re-draw
-        Linear and Conv layers only, so every walk uses the actual ones."""
-        return mha.weights(module, self.constants, node.attn, layer.weight_second_moment)
+        Linear and Conv layers only: the in-projection is the actual one in every
+        walk, the out-projection (a Linear) the scheme's (theory.weights)."""
+        w = mha.weights(module, self.constants, node.attn, layer.weight_second_moment)
+        drawn = self.weights[layer.index].out if self.weights[layer.index] else None
+        return w if drawn is None else (*w[:3], drawn.w2, *w[4:7], drawn.b2)
 
     def measurements(self, node: Node) -> tuple[tuple | None, tuple | None]:
         """The probe's (Σp², mean logit², query path's factor or None) at an attention

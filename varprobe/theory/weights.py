@@ -34,6 +34,7 @@ class Weights:
     b2: float
     note: str | None = None
     b1: float = 0.0  # mean(b): a common mean every unit of the output gets
+    out: Weights | None = None  # a scheme's draw for nn.MultiheadAttention's out_proj
 
 
 def actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weights | None]:
@@ -79,7 +80,17 @@ def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
             w = getattr(module, "weight", None)
             tied = drawn.get(id(w)) if w is not None else None
             out[i] = Weights(tied.w2, 0.0) if tied is not None else actual(layer, module)
+            if isinstance(module, nn.MultiheadAttention) and out[i] is not None:
+                # its out_proj is a Linear, which the scheme re-draws (varprobe.reinit);
+                # the packed in-projection stays
+                out[i].out = _drawn(scheme, module.out_proj)
     return out
+
+
+def _drawn(scheme: str, module: nn.Module) -> Weights | None:
+    fan_in, fan_out = torch_fans(module) if scheme == "torch-default" else fans(module)
+    var = scheme_variance(scheme, fan_in, fan_out, 0.0)
+    return None if var is None else Weights(var, scheme_bias_variance(scheme, module))
 
 
 def prelu_slopes(modules: list[nn.Module], values: Values | None = None) -> list[float]:
