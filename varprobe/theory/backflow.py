@@ -23,6 +23,7 @@ from varprobe.theory import (
     norms,
     normshape,
     pools,
+    positions,
     profile,
     residual,
     rules,
@@ -93,17 +94,12 @@ class Backward:
                 for i in node.inputs:
                     _flow(grads, i, Grad(0.0, g.broken or self._reason(node), rel=g.rel))
         elif node.op == "act":
-            x = self.values[node.inputs[0]]
-            gain = self._gate(node.module, x, g, self.backward_gains.get(k))
-            _flow(grads, node.inputs[0], _rectified(_with(Grad(
-                (g.var + g.deferred) * gain, g.broken, g.note, g.sparse, g.rel), self._shared_act(
-                node.module, x, g), g.profile), x) if gain is not None else Grad(
-                0.0, g.broken or f"F.{type(node.module).__name__}", rel=g.rel))
+            self._act_backward(k, node, g, grads)
         elif node.op == "dropout":
             keep = 1 - node.p  # the mask's mean over positions is 1: the shared part stays
             _flow(grads, node.inputs[0], _with(Grad(g.var / keep, g.broken, g.note, g.sparse,
-                                                    g.rel), shared.dropped(g, keep),
-                                               g.profile))
+                                                    g.rel, lead=g.lead and g.lead / keep),
+                                               shared.dropped(g, keep), g.profile))
         elif node.op == "product":
             self._product_backward(node, g, grads)
         elif node.op == "attention":
@@ -116,6 +112,29 @@ class Backward:
         elif node.op == "linear":
             self._linear_backward(node, g, grads, k)
 
+    def _act_backward(self, k: int, node: Node, g: Grad, grads: list[Grad | None]) -> None:
+        x = self.values[node.inputs[0]]
+        gain = self._gate(node.module, x, g, self.backward_gains.get(k))
+        if gain is None:
+            _flow(grads, node.inputs[0], Grad(0.0, g.broken or
+                                              f"F.{type(node.module).__name__}", rel=g.rel))
+            return
+        dx = _rectified(_with(Grad((g.var + g.deferred) * gain, g.broken, g.note, g.sparse,
+                                   g.rel), self._shared_act(node.module, x, g), g.profile), x)
+        if g.window is None and g.broken is None:  # each population at its own input
+            both = positions.call_backward(node.module, None, x.signal, g,
+                                           self._activation_step(node.module, x.mu))
+            if both is not None:
+                dx.var, dx.lead = both
+        _flow(grads, node.inputs[0], dx)
+
+    def _activation_step(self, module: nn.Module, mu: float):
+        """grad, signal -> E[f'(y)²] grad at that signal (None: no closed form)."""
+        def step(grad: float, s: Signal) -> float | None:
+            out = rules.activate(module, s, mu, self.host)
+            return None if out is None or out[2] is None else out[2] * grad
+        return step
+
     def _linear_backward(self, node: Node, g: Grad, grads: list[Grad | None],
                          k: int) -> None:
         if valueless := self._no_value(node, backward=True):
@@ -124,16 +143,23 @@ class Backward:
             return
         scale = 1.0 if node.scale is None else self.constants[node.scale][0]
         mix = self.values[k].mix if self.values[k] is not None else None
+        out = self.values[k].signal if self.values[k] is not None else None
         shares = self.cat_shares(k, node)  # the pieces' measured shares (theory.catshare)
-        for i, b in zip(node.inputs, shares or node.backward):
+        for j, (i, b) in enumerate(zip(node.inputs, shares or node.backward)):
+            # a class token's own gradient (theory.positions; none where shares apply)
+            own = positions.linear_backward(node, j, self.values[i].signal if i >= 0 and
+                                            self.values[i] is not None else None, out, g,
+                                            b * scale)
             broken = g.broken or (f"a concatenation{self._place(node.where)} whose "
                                   "gradient reaches only a slice" if node.cat and g.sparse
-                                  else None)
+                                  and (node.lead is None or g.lead is None) else None)
             stream = mix if self.values[i] is not None and self.values[i].pre else None
-            _flow(grads, i, _deferred(_with(Grad(g.var * b * scale, broken, g.note, g.sparse or
-                                       node.sparse, g.rel, cover=b if node.sparse else g.cover),
-                                  shared.into_stream(g, stream, b * scale), g.profile),
-                                      g, stream, b * scale))
+            dx = _deferred(_with(Grad(own.var, broken, g.note, g.sparse or node.sparse, g.rel,
+                                      cover=b if node.sparse else g.cover),
+                                 shared.into_stream(g, stream, b * scale), g.profile),
+                           g, stream, b * scale)
+            dx.lead = own.lead
+            _flow(grads, i, dx)
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """d(ab)/da = b: Var[da] = Var[g] E[b²], times the positions a broadcast factor
@@ -200,8 +226,12 @@ class Backward:
             return
         s_in = info.input.signal if info.input is not None else None
         mu = info.input.mu if info.input is not None else 0.0
+        lead = None
         if g.broken is not None:
             dx = None
+        elif (both := self._lead_backward(node, layer, module, s_in, g, mu)) is not None:
+            dx, lead = both  # past self-attention the gradient reaches every position
+            g = Grad(g.var, g.broken, g.note, g.sparse and node.attn is None, g.rel)
         elif k in self.backward_gains:  # an activation, at its own (shifted) input
             gain = self._gate(module, info.input, g, self.backward_gains[k])
             dx = None if gain is None else (g.var + g.deferred) * gain
@@ -229,6 +259,7 @@ class Backward:
             grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var), shape)
             if k in self.backward_gains:
                 grad = _rectified(grad, info.input)
+        grad.lead = lead
         _flow(grads, node.inputs[0], grad)
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
@@ -249,6 +280,22 @@ class Backward:
         if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):
             return shared.scaled(g, gain)
         return shared.NONE
+
+    def _lead_backward(self, node: Node, layer: Layer, module: nn.Module,
+                       s_in: Signal | None, g: Grad, mu: float) -> tuple[float, float] | None:
+        """(mean, lead) of the input gradient where the gradient and the input have a
+        lead position (theory.positions): self-attention's query path stays at the
+        lead query, its value and key paths reach every key alike; a call acting
+        position by position steps each population at its own forward value."""
+        if g.lead is None or s_in is None or s_in.lead is None or g.window is not None:
+            return None
+        if node.attn is not None and len(node.inputs) == 1:
+            total, query = mha.paths(module, node.attn, s_in, g.var,
+                                     self.mha_weights(node, layer, module))
+            lead = positions.attention_backward(total, query, g, s_in)
+            return None if lead is None else (total, lead)
+        return positions.call_backward(module, layer, s_in, g, lambda grad, s: rules.backward(
+            layer, module, grad, s, self.weights[layer.index], self.host, mu))
 
     @staticmethod
     def _shared_act(module: nn.Module, x: Value | None, g: Grad) -> shared.Parts:
@@ -342,6 +389,7 @@ def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
     if have is None:
         grads[k] = dataclasses.replace(g)
         return
+    positions.merge(have, g)
     have.profile = profile.blend([(have.profile, have.var), (g.profile, g.var)])
     have.var += g.var
     have.rectified += g.rectified

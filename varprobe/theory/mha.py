@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from varprobe.theory import attention
+from varprobe.theory import attention, widths
 from varprobe.theory.attend import correlation, keys
 from varprobe.theory.nodes import Attention
 from varprobe.theory.signal import Signal
@@ -66,7 +66,8 @@ def forward(module: nn.MultiheadAttention, facts: Attention, x: Signal,
     s2 = attention.logit_variance(q_q, q_k, facts.d_k)
     r = correlation(facts, x, None)
     causal = facts.causal and facts.queries == facts.keys
-    z = attention.forward(q_v, s2, r, keys(facts), causal, e, facts.dropout, d_k=facts.d_k)
+    z = attention.forward(q_v, s2, r, keys(facts), causal, widths.effective(e, x),
+                          facts.dropout, d_k=facts.d_k)
     o2 = e * wo * z.second_moment + bo
     r_out = z.correlation if z.correlation == z.correlation else r
     tokens = (o2 - bo) / o2 * r_out + bo / o2 if o2 > 0 else 0.0
@@ -79,12 +80,20 @@ def forward(module: nn.MultiheadAttention, facts: Attention, x: Signal,
 
 def backward(module: nn.MultiheadAttention, facts: Attention, x: Signal, grad: float,
              w: tuple[float, ...]) -> float:
+    return paths(module, facts, x, grad, w)[0]
+
+
+def paths(module: nn.MultiheadAttention, facts: Attention, x: Signal, grad: float,
+          w: tuple[float, ...]) -> tuple[float, float]:
+    """E[dx²] at the input, and the query path's part of it (H d_k σ_q² E[dq²]): the
+    part that stays at each query's own position (theory.positions)."""
     e = module.embed_dim
     wq, wk, wv, wo, bq, bk, bv, _ = w
     q_q, q_k, q_v = e * wq * x.m2 + bq, e * wk * x.m2 + bk, e * wv * x.m2 + bv
     causal = facts.causal and facts.queries == facts.keys
     b = attention.backward(e * wo * grad, q_v, q_q, q_k, facts.d_k, keys(facts),
                            r=correlation(facts, x, None), causal=causal,
-                           heads=facts.heads, weight_var=(wq, wk, wv), n=e,
+                           heads=facts.heads, weight_var=(wq, wk, wv),
+                           n=widths.effective(e, x),
                            dropout=facts.dropout)
-    return b.input
+    return b.input, facts.heads * facts.d_k * wq * b.query

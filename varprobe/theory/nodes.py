@@ -136,6 +136,13 @@ class Node:
     where: tuple[str, int] | None = None
     pool: Pool | None = None          # pool: what it averages, sums or takes the max of
     attn: Attention | None = None     # attention: the call's facts (theory.attention)
+    # theory.positions: a concatenation's one-position piece ((axis, position,
+    # positions), "input" | "const", its index), the one position a slice picks, and
+    # per input the trailing dimensions it shares with the output
+    lead: tuple | None = None
+    pick: tuple[int, int, int] | None = None
+    tails: tuple[int, ...] = ()
+    own: tuple[bool, ...] = ()  # linear: per constant, whether each position has its own
 
 
 def _name(func) -> str:

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory import catshare, functional, normshape, tokennorm
+from varprobe.theory import catshare, functional, normshape, positions, tokennorm
 from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
@@ -235,13 +235,13 @@ class Recording(TorchFunctionMode):
         elif func in CAT:
             node = self._cat_node(args, kwargs, outs[0], func is torch.stack)
         elif func in VIEWS:
-            node = self._chain_node(args, 1.0)
+            node = self._chain_node(args, 1.0, outs[0])
         elif func in EXPANDS:  # copies: each gathers its copies' gradients
-            node = self._chain_node(args, outs[0].numel() / max(args[0].numel(), 1))
+            node = self._chain_node(args, outs[0].numel() / max(args[0].numel(), 1), outs[0])
         elif func in NEGATIONS:
-            node = self._chain_node(args, 1.0, mean=-1.0)
+            node = self._chain_node(args, 1.0, outs[0], mean=-1.0)
         elif func in SLICES:
-            node = self._slice_nodes(args, outs)
+            node = self._slice_nodes(func, args, outs)
         elif func in ACTIVATIONS:
             node = self._activation_node(func, args, kwargs)
         elif func is F.dropout:
@@ -333,14 +333,16 @@ class Recording(TorchFunctionMode):
         fractions = [t.numel() / total if not stack else 1 / len(pieces) for t in pieces]
         node = self._linear([(t, f, f) for t, f in zip(pieces, fractions)], out, False)
         if not stack:
-            catshare.watch(self, node, pieces, _arg(args, kwargs, 1, "dim", 0), out)
+            catshare.watch(self, node, pieces, dim := _arg(args, kwargs, 1, "dim", 0), out)
+            if node is not None and node >= 0:
+                self.nodes[node].lead = positions.cat_lead(pieces, dim, out, self._lookup)
         return node
 
     def _linear(self, terms, out: torch.Tensor, sum_backward: bool) -> int | None:
         """sum_i f_i E[x_i^2] over activations plus f_j mean(c_j^2) over constants; the
         common means likewise with m_i. ``sum_backward``: an add (a broadcast input
         gets the sum of numel(out)/numel(in) gradients), else a concatenation."""
-        inputs, fwd, means, bwd, const = [], [], [], [], []
+        inputs, fwd, means, bwd, const, tails, own = [], [], [], [], [], [], []
         for t, f, m in terms:
             if isinstance(t, T) and t.numel() == 0:
                 continue  # an empty piece (a key cache before its first entry) adds nothing
@@ -350,34 +352,37 @@ class Recording(TorchFunctionMode):
                 fwd.append(f)
                 means.append(m)
                 bwd.append(f * out.numel() / t.numel() if sum_backward else 1.0)
+                tails.append(positions.tails(t, out))
             else:
                 c = self._moments(t) if isinstance(t, T) else None
                 if c is None:
                     return None
                 const.append((f, c, m))
+                own.append(positions.varies(t, out))
         if not inputs:
             return -1
         return self._add(Node("linear", tuple(inputs), forward=tuple(fwd), means=tuple(means),
                               backward=tuple(bwd), const=tuple(const), cat=not sum_backward,
-                              where=self._where()))
+                              where=self._where(), tails=tuple(tails), own=tuple(own)))
 
-    def _chain_node(self, args, factor: float, mean: float = 1.0) -> int | None:
+    def _chain_node(self, args, factor: float, out: T, mean: float = 1.0) -> int | None:
         node = self._lookup(args[0]) if isinstance(args[0], T) else None
         if node is None:
             return -1
         return self._add(Node("linear", (node,), forward=(1.0,), means=(mean,),
-                              backward=(factor,)))
+                              backward=(factor,), tails=(positions.tails(args[0], out),)))
 
-    def _slice_nodes(self, args, outs: list[torch.Tensor]) -> list[int] | int | None:
+    def _slice_nodes(self, func, args, outs: list[torch.Tensor]) -> list[int] | int | None:
         """One node per piece; its gradient reaches numel(piece)/numel(input) of the input."""
         if any(isinstance(i, T) for i in pytree.tree_leaves(list(args[1:]))):
             return None  # indexing by a tensor: a gather, which may repeat elements
         whole = max(args[0].numel(), 1)
-        nodes = [self._chain_node(args, t.numel() / whole) for t in outs]
+        nodes = [self._chain_node(args, t.numel() / whole, t) for t in outs]
         if nodes[0] == -1:
             return -1
         if len(outs) == 1 and outs[0].numel() < whole:  # chunks and splits cover the whole
             self.nodes[nodes[0]].sparse = True
+            self.nodes[nodes[0]].pick = positions.picked(func, args, outs[0])
         return nodes
 
     def _activation_node(self, func, args, kwargs) -> int | None:

@@ -9,6 +9,16 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Lead:
+    """E[x²] at one position that differs from the others (a class token;
+    theory.positions): ``at`` = (its axis counted from the end, its index, the number
+    of positions on that axis)."""
+
+    at: tuple[int, int, int]
+    m2: float
+
+
+@dataclass(frozen=True)
 class Signal:
     """A predicted second moment, and the share of it that is a per-unit mean.
 
@@ -21,6 +31,8 @@ class Signal:
     m2: float
     mean_share: float = 0.0
     r: float = 0.0  # uncentered token correlation (attention.md §3.7), at least mean_share
+    lead: Lead | None = None  # one position apart (theory.positions); m2 is the mean
+    width: float | None = None  # directions the features span (theory.widths); None: all
 
 
 @dataclass
@@ -58,6 +70,7 @@ class Grad:
     rectified: float = 0.0  # of var, what passed the rectifier of a residual sum
     deferred: float = 0.0  # variance its rectifier adds back (theory.residual: k_V)
     centred: float = 0.0  # of shared, the part with no mean over the batch (theory.shared)
+    lead: float | None = None  # E[g²] at the forward value's lead position (positions)
 
 
 @dataclass

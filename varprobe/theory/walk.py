@@ -35,25 +35,26 @@ from varprobe.report import Layer, Report
 from varprobe.theory import (
     attend,
     attention,
-    catshare,
     gradient_stats,
     mha,
     norms,
     normshape,
     pools,
+    positions,
     profile,
     residual,
     rules,
-    tokennorm,
+    widths,
 )
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
 from varprobe.theory.nodes import CUSTOM, Attention, Node
 from varprobe.theory.signal import Call, Grad, Signal, Value
+from varprobe.theory.tokenshape import TokenShapes
 from varprobe.theory.weights import Weights
 
 
-class Walk(Backward):
+class Walk(Backward, TokenShapes):
     """``graph``: a theory.recording.Recording, or the chain that stands in for one.
     ``weights``: per layer, from theory.weights. ``values``: host copies of the
     parameters the rules read (norm scales, PReLU slopes)."""
@@ -137,7 +138,9 @@ class Walk(Backward):
             if out is None:
                 return Value(None, f"F.{type(node.module).__name__} at q={s.m2:.3g}")
             self.backward_gains[len(self.values)] = out[2]
-            return Value(out[0], None, note, at, out[1], profile=ins[0].profile,
+            own = positions.through_call(node.module, None, s, out[0], lambda x: (
+                rules.activate(node.module, x, mu, self.host) or (None,))[0])
+            return Value(widths.keep(own, s), None, note, at, out[1], profile=ins[0].profile,
                          pre=residual.pre(node.module, mu, s.m2, ins[0].mix))
         if node.op == "pool":
             return self._pool(node, ins[0], note, at)
@@ -152,9 +155,11 @@ class Walk(Backward):
             if node.p >= 1:
                 return Value(None, "dropout with p = 1")
             signal = Signal(s.m2 / (1 - node.p), s.mean_share * (1 - node.p),
-                            s.r * (1 - node.p))
+                            s.r * (1 - node.p), positions.scaled(s.lead, 1 / (1 - node.p)),
+                            s.width)
             return Value(signal, None, note, at, mu, profile=ins[0].profile)
         signal, mu = self._linear(node, ins)
+        signal = self.token_shapes(node, ins, signal)
         mix = None if node.cat or node.const or node.scale is not None else residual.mix(
             [(f, m, v.pre, v.signal, v.mu) for f, m, v in zip(node.forward, node.means, ins)])
         return Value(signal, None, note, at, mu, mix=mix, profile=profile.blend(
@@ -172,6 +177,7 @@ class Walk(Backward):
         inputs share: two branches that both end in a ReLU are not zero-mean."""
         m2_scale, mean_scale = (1.0, 1.0) if node.scale is None else self.constants[node.scale]
         fixed = sum(f * self.constants[c][0] for f, c, _ in node.const)
+        own = self._own(node)
         mu = sum(m * self.constants[c][1] for _, c, m in node.const)
         spread = shared = cross = tokens = 0.0
         terms = [m * v.mu for m, v in zip(node.means, ins)]
@@ -188,8 +194,8 @@ class Walk(Backward):
         shared += max(cross, 0.0)
         tokens += max(cross, 0.0)
         total = spread + fixed
-        share = (shared + fixed) / total if total > 0 else 0.0
-        r = (tokens + fixed) / total if total > 0 else 0.0
+        share = (shared + fixed - own) / total if total > 0 else 0.0
+        r = (tokens + fixed - own) / total if total > 0 else 0.0
         return Signal(m2_scale * total, min(1.0, share), min(1.0, r)), mean_scale * mu
 
     def _pool(self, node: Node, v: Value, note: str | None, at: int) -> Value:
@@ -211,6 +217,7 @@ class Walk(Backward):
         q, k, v = (x.signal for x in ins)
         signal, facts = attend.forward(self.facts(node), q, k, v, measured, correlations,
                                        self.width(node))
+        signal = widths.keep(signal, v)
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
                                "key_layer": self.producer(node.inputs[1]), **facts})
@@ -227,13 +234,6 @@ class Walk(Backward):
         causal, full = self.constants[facts.measured + 2]
         return replace(facts, causal=causal > 0.5 and full < 0.5,
                        masked=facts.masked and full < 0.5)
-
-    def width(self, node: Node) -> int | None:
-        """The fan-in of the layer that made the queries: the width n of attention's
-        finite-width terms; None where there is none."""
-        k = self._made_by(node.inputs[0])
-        layer = self.report.layers[self.nodes[k].index] if k is not None else None
-        return layer.fan_in if layer is not None and layer.kind == "weight" else None
 
     def producer(self, k: int) -> str | None:
         """The label of the weight layer that made node ``k``, through views, slices and
@@ -302,22 +302,6 @@ class Walk(Backward):
         shape = self.constants[index:index + normshape.PAIRS]
         return None if any(c is None for c in shape) else shape
 
-    def token_gain(self, node: Node) -> float | None:
-        """A feature norm's kappa (theory.tokennorm), for the actual init's walk (a
-        scheme re-draws the weights that set the tokens' scales and gradients); None on
-        meta, or where no gradient reached the norm's output."""
-        index = getattr(self.graph, "token_norms", {}).get(node.index)
-        if index is None or not self.measured or self.actual is not None:
-            return None
-        return tokennorm.gain(self.constants[index])
-
-    def cat_shares(self, k: int, node: Node) -> list[float] | None:
-        """Concatenation ``k``'s pieces' shares of its gradient (theory.catshare), for
-        the actual init's walk (as tokennorm's kappa); None elsewhere."""
-        index = getattr(self.graph, "cat_shares", {}).get(k) \
-            if node.cat and self.measured and self.actual is None else None
-        return catshare.shares(self.constants, index, len(node.inputs))
-
     def _per_channel_producer(self, node: Node) -> bool:
         """The norm reads a depthwise conv: channel c's variance is made of that conv's
         own filter c, and the gradient goes back through the same filter to the same
@@ -355,12 +339,14 @@ class Walk(Backward):
         s_in = src.signal if src is not None else None
         mu = src.mu if src is not None else 0.0
         if node.attn is not None and s_in is not None and len(node.inputs) == 1:
-            out, mu = self._mha(node, layer, module, s_in), 0.0
+            out, mu = positions.alike(self._mha(node, layer, module, s_in), s_in), 0.0
         elif layer.kind == "activation" and s_in is not None:
             act = self._activate(module, src)
             self.backward_gains[k] = act[2] if act is not None else None
             pre = residual.pre(module, mu, s_in.m2, src.mix)
-            out, mu = (act[0], act[1]) if act is not None else (None, 0.0)
+            out = positions.through_call(module, layer, s_in, act and act[0], lambda x: (
+                rules.activate(module, x, src.mu, self.host) or (None,))[0])
+            mu = act[1] if act is not None else 0.0
         elif (shape := self.norm_shape(node)) is not None and s_in is not None \
                 and norms.uses_running_stats(module):
             out = normshape.running_forward(module, shape, s_in, self.actual is not None)
@@ -369,9 +355,13 @@ class Walk(Backward):
             w = self.weights[i]
             out = (rules.forward(layer, module, s_in, w, self.host, mu)
                    if s_in is not None or isinstance(module, nn.Embedding) else None)
+            out = positions.through_call(module, layer, s_in, out, lambda x: rules.forward(
+                layer, module, x, w, self.host, src.mu))
             mu = rules.mean_after(module, mu, self.host, w)
         if out is None and not self.measured and s_in is not None:
             out, mu, note = self._approximate(layer, module, s_in, src.mu, note)
+        if self.closed_tokens:
+            out = widths.after_call(module, layer.kind, s_in, out)
         if out is not None:
             w = self.weights[i]
             out, shape = profile.after_call(module, layer, src.profile if src else None, out,
