@@ -8,7 +8,9 @@ at the class token is the positions' 0.0004 where the patch tokens have 0.33, so
 first LayerNorm multiplies the class token's gradient by ~2500 and the patch tokens'
 by ~3: only the class token's query has a gradient, and attention spreads it to every
 key through the value and key paths (theory.positions). One number per tensor puts the
-embedding's gradient at the average token's, the class token's included.
+embedding's gradient at the average token's, the class token's included. Below it,
+the part of the gradient the value path hands every key alike
+(positions.attention_shared) against softmax attention in float64.
 
 The closed form serves the walks with nothing measured about the tokens: a scheme's
 (here torch-default's, which re-draws the Linear weights and keeps the zero class
@@ -92,3 +94,32 @@ def test_average_token_rule_is_rejected(monkeypatch):
     found = backward_errors()
     log, se = found.get("embed", (math.inf, 0.0))
     assert log > math.log1p(DELTA) + 3 * se
+
+
+def test_value_path_shared_part_against_monte_carlo():
+    """attention_shared against softmax attention in float64: a lead gradient at
+    query 0, the others sharing a random vector per sample. The pairs of keys share
+    E[dv_j dv_j'] = E[g²](1 + (T-1) r_g)/T at flat attention; at logit variance 0.25
+    the softmax's spread moves it by about P₂ T - 1 = 28% of 1/T, within 2%
+    (tolerance 5% + 3 se over 8 draws)."""
+    tokens, d, batch, lead, shared, own = 33, 32, 256, 4.0, 0.3, 0.2
+    gen = torch.Generator().manual_seed(0)
+    pairs, total = [], []
+    for _ in range(8):
+        q, k = (torch.randn(batch, tokens, d, generator=gen, dtype=torch.float64) * 0.5 ** 0.5
+                for _ in range(2))
+        v = torch.randn(batch, tokens, d, generator=gen, dtype=torch.float64).requires_grad_()
+        p = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1)
+        g = torch.randn(batch, 1, d, generator=gen, dtype=torch.float64) * shared ** 0.5 + \
+            torch.randn(batch, tokens, d, generator=gen, dtype=torch.float64) * own ** 0.5
+        g[:, 0] = torch.randn(batch, d, generator=gen, dtype=torch.float64) * lead ** 0.5
+        (p @ v).backward(g)
+        dv = v.grad
+        sums = dv.sum(1).pow(2).mean() - dv.pow(2).sum(1).mean()
+        pairs.append(float(sums) / (tokens * (tokens - 1)))
+        total.append(float(g.pow(2).mean()))
+    mean_var = (lead + (tokens - 1) * (shared + own)) / tokens
+    _, predicted = positions.attention_shared(mean_var, shared, tokens)
+    measured = sum(pairs) / len(pairs)
+    se = (sum((x - measured) ** 2 for x in pairs) / (len(pairs) - 1)) ** 0.5 / len(pairs) ** 0.5
+    assert abs(math.log(measured / predicted)) <= math.log1p(0.05) + 3 * se / measured

@@ -98,7 +98,8 @@ class Backward:
         elif node.op == "dropout":
             keep = 1 - node.p  # the mask's mean over positions is 1: the shared part stays
             _flow(grads, node.inputs[0], _with(Grad(g.var / keep, g.broken, g.note, g.sparse,
-                                                    g.rel, lead=g.lead and g.lead / keep),
+                                                    g.rel, lead=g.lead and g.lead / keep,
+                                                    pairs=g.pairs),
                                                shared.dropped(g, keep), g.profile))
         elif node.op == "product":
             self._product_backward(node, g, grads)
@@ -121,6 +122,9 @@ class Backward:
             return
         dx = _rectified(_with(Grad((g.var + g.deferred) * gain, g.broken, g.note, g.sparse,
                                    g.rel), self._shared_act(node.module, x, g), g.profile), x)
+        if g.pairs and g.window is None:
+            slope = rules.mean_slope(node.module, _rest(x.signal, g).m2 - x.mu ** 2, x.mu)
+            dx.pairs = g.pairs * slope * slope if slope is not None else 0.0
         if g.window is None and g.broken is None:  # each population at its own input
             both = positions.call_backward(node.module, None, x.signal, g,
                                            self._activation_step(node.module, x.mu))
@@ -158,7 +162,7 @@ class Backward:
                                       cover=b if node.sparse else g.cover),
                                  shared.into_stream(g, stream, b * scale), g.profile),
                            g, stream, b * scale)
-            dx.lead = own.lead
+            dx.lead, dx.pairs = own.lead, own.pairs
             _flow(grads, i, dx)
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
@@ -226,20 +230,20 @@ class Backward:
             return
         s_in = info.input.signal if info.input is not None else None
         mu = info.input.mu if info.input is not None else 0.0
-        lead = None
+        lead, pairs = None, 0.0
         if g.broken is not None:
             dx = None
-        elif (both := self._lead_backward(node, layer, module, s_in, g, mu)) is not None:
-            dx, lead = both  # past self-attention the gradient reaches every position
-            g = Grad(g.var, g.broken, g.note, g.sparse and node.attn is None, g.rel)
+        elif node.attn is not None and s_in is not None and len(node.inputs) == 1:
+            dx, lead, pairs = self._mha_backward(node, layer, module, s_in, g)
+            if lead is not None:  # past self-attention the gradient reaches every position
+                g = dataclasses.replace(g, sparse=False)
+        elif (both := self._lead_backward(layer, module, s_in, g, mu)) is not None:
+            dx, lead = both
         elif k in self.backward_gains:  # an activation, at its own (shifted) input
             gain = self._gate(module, info.input, g, self.backward_gains[k])
             dx = None if gain is None else (g.var + g.deferred) * gain
         elif self._pieces_normalized(node, module, g, grads):
             return
-        elif node.attn is not None and s_in is not None and len(node.inputs) == 1:
-            dx = mha.backward(module, node.attn, s_in, g.var,
-                              self.mha_weights(node, layer, module))
         elif (shape := self.norm_shape(node)) is not None and s_in is not None \
                 and (gain := normshape.backward_gain(module, shape, s_in)) is not None:
             dx = g.var * gain
@@ -260,6 +264,8 @@ class Backward:
             if k in self.backward_gains:
                 grad = _rectified(grad, info.input)
         grad.lead = lead
+        grad.pairs = pairs if node.attn is not None or grad.broken else \
+            g.pairs * self._pairs_gain(layer, module, s_in, g, mu)
         _flow(grads, node.inputs[0], grad)
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
@@ -281,21 +287,46 @@ class Backward:
             return shared.scaled(g, gain)
         return shared.NONE
 
-    def _lead_backward(self, node: Node, layer: Layer, module: nn.Module,
-                       s_in: Signal | None, g: Grad, mu: float) -> tuple[float, float] | None:
+    def _lead_backward(self, layer: Layer, module: nn.Module, s_in: Signal | None,
+                       g: Grad, mu: float) -> tuple[float, float] | None:
         """(mean, lead) of the input gradient where the gradient and the input have a
-        lead position (theory.positions): self-attention's query path stays at the
-        lead query, its value and key paths reach every key alike; a call acting
-        position by position steps each population at its own forward value."""
+        lead position (theory.positions): a call acting position by position steps
+        each population at its own forward value."""
         if g.lead is None or s_in is None or s_in.lead is None or g.window is not None:
             return None
-        if node.attn is not None and len(node.inputs) == 1:
-            total, query = mha.paths(module, node.attn, s_in, g.var,
-                                     self.mha_weights(node, layer, module))
-            lead = positions.attention_backward(total, query, g, s_in)
-            return None if lead is None else (total, lead)
         return positions.call_backward(module, layer, s_in, g, lambda grad, s: rules.backward(
             layer, module, grad, s, self.weights[layer.index], self.host, mu))
+
+    def _mha_backward(self, node: Node, layer: Layer, module: nn.Module, s: Signal,
+                      g: Grad) -> tuple[float, float | None, float]:
+        """nn.MultiheadAttention (theory.mha): the input gradient's mean, its value at a
+        lead position (the query path stays at the lead query, the value and key paths
+        reach every key alike) and the part the keys share (the value path's; every key
+        seen: the other positions' shared part enters as r_g). The shared part is a
+        closed form of the walks without measured token shapes (closed_tokens)."""
+        facts, w = node.attn, self.mha_weights(node, layer, module)
+        tokens = facts.queries if self.closed_tokens and not facts.causal and \
+            facts.queries == facts.keys else 0
+        r_g, pairs = positions.attention_shared(g.var, g.pairs, tokens)
+        total, query = mha.paths(module, facts, s, g.var, w, r_g)
+        e = module.embed_dim  # pairs: per unit of g; through W_o, then W_v (H d_k = E)
+        lead = positions.attention_backward(total, query, g, s) if g.window is None else None
+        return total, lead, e * w[3] * e * w[2] * pairs
+
+    def _pairs_gain(self, layer: Layer, module: nn.Module, s: Signal | None, g: Grad,
+                    mu: float) -> float:
+        """What a call acting position by position keeps of the gradient the tokens
+        share in pairs: its step at their forward value (linear in the gradient), an
+        activation's E[f']² (E[f'(y_i) f'(y_j)] for weakly correlated y_i, y_j)."""
+        if not g.pairs or s is None or not positions.per_position(module, layer, s.lead):
+            return 0.0
+        rest = _rest(s, g)
+        if layer.kind == "activation":
+            slope = rules.mean_slope(module, rest.m2 - mu * mu, mu)
+            return 0.0 if slope is None else slope * slope
+        gain = rules.backward(layer, module, 1.0, rest, self.weights[layer.index], self.host,
+                              mu)
+        return gain or 0.0
 
     @staticmethod
     def _shared_act(module: nn.Module, x: Value | None, g: Grad) -> shared.Parts:
@@ -379,6 +410,12 @@ def _with(g: Grad, parts: shared.Parts, shape: Any = None) -> Grad:
     g.shared, g.curv, g.cross, g.shared0, g.cross0, g.centred = parts
     g.profile = shape
     return g
+
+
+def _rest(s: Signal | None, g: Grad) -> Signal | None:
+    """The forward value of the positions other than the lead (all, where none)."""
+    return positions.rest(s) if s is not None and s.lead is not None and \
+        g.lead is not None else s
 
 
 def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:

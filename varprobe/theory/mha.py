@@ -84,15 +84,16 @@ def backward(module: nn.MultiheadAttention, facts: Attention, x: Signal, grad: f
 
 
 def paths(module: nn.MultiheadAttention, facts: Attention, x: Signal, grad: float,
-          w: tuple[float, ...]) -> tuple[float, float]:
+          w: tuple[float, ...], r_g: float = 0.0) -> tuple[float, float]:
     """E[dx²] at the input, and the query path's part of it (H d_k σ_q² E[dq²]): the
-    part that stays at each query's own position (theory.positions)."""
+    part that stays at each query's own position (theory.positions). ``r_g``: the
+    gradient's token correlation at the output."""
     e = module.embed_dim
     wq, wk, wv, wo, bq, bk, bv, _ = w
     q_q, q_k, q_v = e * wq * x.m2 + bq, e * wk * x.m2 + bk, e * wv * x.m2 + bv
     causal = facts.causal and facts.queries == facts.keys
     b = attention.backward(e * wo * grad, q_v, q_q, q_k, facts.d_k, keys(facts),
-                           r=correlation(facts, x, None), causal=causal,
+                           r=correlation(facts, x, None), r_g=r_g, causal=causal,
                            heads=facts.heads, weight_var=(wq, wk, wv),
                            n=widths.effective(e, x),
                            dropout=facts.dropout)

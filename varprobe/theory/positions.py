@@ -21,7 +21,10 @@ query's output is a p-weighted mean over all the values, so its forward is the s
 every position; in the backward the value and key paths give every key the gradient
 averaged over the queries (dv_j = Σ_i p_ij g_i: E[dv_j²] = Σ_i E[p_ij²] g_i², and
 E[p_ij²] = P₂,i/T alike for every key), while the query path stays at the query's own
-position, in proportion to its own E[g²].
+position, in proportion to its own E[g²]. At flat attention the value path hands every
+key the same vector, Σ_i g_i/T: below the last block the other positions' gradients
+share a part (``Grad.pairs``, E[g_i g_j] over their pairs; 0.6-0.75 of their E[g²]
+measured on the ViT), which the next attention's value path sums coherently (its r_g).
 
 The lead is born at a concatenation along an axis where exactly one piece is one
 position wide, and a slice that picks one position along that axis (``x[:, 0]``) reads
@@ -40,6 +43,7 @@ from torch import nn
 from varprobe.theory.signal import Grad, Lead, Signal
 
 T = torch.Tensor
+CEILING = 0.999  # r_g -> 1: every position's gradient the same; kept below, as attend's r
 
 
 # --- the recording --------------------------------------------------------------------
@@ -159,25 +163,27 @@ def alike(out: Signal, s_in: Signal) -> Signal:
     return dataclasses.replace(out, lead=Lead(s_in.lead.at, out.m2))
 
 
-def per_position(module: nn.Module, layer, lead: Lead) -> bool:
+def per_position(module: nn.Module, layer, lead: Lead | None) -> bool:
     """Whether the call maps each position by the same function of that position's own
-    features, keeping the lead's axis: a weight layer or a norm on the last dimension
-    (Linear, LayerNorm, RMSNorm), an activation, dropout, an identity."""
+    features, keeping the lead's axis (the tokens' -2 where there is no lead): a weight
+    layer or a norm on the last dimension (Linear, LayerNorm, RMSNorm), an activation,
+    dropout, an identity."""
     from varprobe.theory import norms, rules  # noqa: PLC0415 -- they import signal too
 
+    axis = lead.at[0] if lead is not None else -2
     if layer is None:  # an activation of the recording (F.gelu): elementwise
         return True
     shape, before = layer.shape, layer.input_shape
     if not isinstance(shape, list) or not isinstance(before, list) or \
-            len(shape) != len(before) or -lead.at[0] > len(shape):
+            len(shape) != len(before) or -axis > len(shape):
         return False
     if isinstance(module, nn.Linear) or (norms.is_norm(module) and not isinstance(
             module, (nn.GroupNorm, *norms.BATCH_NORMS))):
         trailing = len(getattr(module, "normalized_shape", (1,)) or (1,))
-        return -lead.at[0] > trailing and shape[:-trailing] == before[:-trailing]
-    alike = layer.kind == "activation" or isinstance(module, (*rules.DROPOUTS,
-                                                             *rules.IDENTITY_LIKE))
-    return alike and shape == before
+        return -axis > trailing and shape[:-trailing] == before[:-trailing]
+    elementwise = layer.kind == "activation" or isinstance(module, (*rules.DROPOUTS,
+                                                                   *rules.IDENTITY_LIKE))
+    return elementwise and shape == before
 
 
 def through_call(module: nn.Module, layer, s_in: Signal | None, out: Signal | None,
@@ -223,9 +229,11 @@ def linear_backward(node, k: int, s_in: Signal | None, s_out: Signal | None, g: 
     node's constant factor), with the lead where the node keeps it: a picked position
     gets all the output's gradient; a concatenation's one-position piece the lead's,
     the other pieces the rest; an add or a view passes it on."""
-    out = Grad(g.var * factor, g.broken, g.note, g.sparse or node.sparse, g.rel)
+    out = Grad(g.var * factor, g.broken, g.note, g.sparse or node.sparse, g.rel,
+               pairs=g.pairs * factor)
     lead = s_in.lead if s_in is not None else None
     if node.pick is not None:
+        out.pairs = 0.0  # one position's gradient: no pair shares anything
         axis, position, tokens = node.pick
         if lead is not None and lead.at[0] == axis and lead.at[2] == tokens:
             out.lead = g.var * factor * tokens if lead.at[1] == position else 0.0
@@ -235,6 +243,7 @@ def linear_backward(node, k: int, s_in: Signal | None, s_out: Signal | None, g: 
         if parts is not None:
             mine = node.lead[1] == "input" and node.lead[2] == k
             out.var = (parts[0] if mine else parts[1]) * factor
+            out.pairs = 0.0 if mine else out.pairs
         return out
     if g.lead is not None and lead is not None and not node.cat and \
             node.tails and node.tails[k] >= -lead.at[0]:
@@ -253,9 +262,22 @@ def attention_backward(total: float, query: float, g: Grad, s_in: Signal | None
     return total - query + query * parts[0] / g.var
 
 
+def attention_shared(total_var: float, shared: float, tokens: int) -> tuple[float, float]:
+    """(r_g, the value path's shared part) of self-attention's output gradient at init
+    (every key seen): r_g = Σ_{i≠i'} E[g_i g_i'] / (T (T-1) E[g²]) over all pairs, the
+    other positions' shared part ``shared`` taken as the only correlation; at flat
+    attention dv_j = Σ_i g_i / T for every key, so the keys share
+    E[|Σ_i g_i|²]/T² = E[g²] (1 + (T-1) r_g)/T."""
+    if tokens < 3 or total_var <= 0:
+        return 0.0, 0.0
+    r_g = min((tokens - 2) * shared / (tokens * total_var), CEILING)
+    return r_g, total_var * (1 + (tokens - 1) * r_g) / tokens
+
+
 def merge(have: Grad, g: Grad) -> None:
     """Two consumers' gradients add, at the lead position as on average (one without a
     lead is the same at every position); call before adding the variances."""
+    have.pairs += g.pairs  # independent contributions: their pairs' parts add
     if have.lead is None and g.lead is None:
         return
     have.lead = (have.lead if have.lead is not None else have.var) + \

@@ -222,6 +222,21 @@ def activation_mean(module: nn.Module, var: float, mu: float) -> float:
 _MEANS: dict[tuple, float] = {}
 
 
+def mean_slope(module: nn.Module, var: float, mu: float) -> float | None:
+    """E[f'(mu + N(0, var))]: what a gradient shared by many positions keeps through
+    the activation, E[f'(y_i) f'(y_j)] ~ E[f']² for weakly correlated y_i, y_j."""
+    if var <= 0:
+        return None
+    key = (type(module), _attributes(module), var, mu, "slope")
+    if key not in _MEANS:
+        try:
+            kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
+            _MEANS[key] = expectation(lambda y: _slope(module, y + mu), var, kinks)
+        except Exception:  # noqa: BLE001 -- no slope known: nothing kept
+            _MEANS[key] = None
+    return _MEANS[key]
+
+
 def glu(s: Signal, mu: float = 0.0, values: Values | None = None,
         ) -> tuple[Signal, float, float | None] | None:
     """GLU, a * sigmoid(b) with a and b the two halves of one tensor, taken as independent

@@ -71,6 +71,9 @@ class Grad:
     deferred: float = 0.0  # variance its rectifier adds back (theory.residual: k_V)
     centred: float = 0.0  # of shared, the part with no mean over the batch (theory.shared)
     lead: float | None = None  # E[g²] at the forward value's lead position (positions)
+    # E[g_i g_j] over pairs of tokens other than the lead: the vector self-attention's
+    # value path hands every key alike (theory.positions; the closed-form walks)
+    pairs: float = 0.0
 
 
 @dataclass
