@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from varprobe.theory.pools import Pool
 
@@ -203,3 +204,20 @@ def _m2(stats: Any) -> float | None:
 def is_view(node: Node) -> bool:
     return (len(node.inputs) == 1 and node.forward == (1.0,) and node.backward == (1.0,)
             and not node.const and node.scale is None)
+
+
+def in_place(func, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    return ((name.endswith("_") and not name.endswith("__")) or name in IN_PLACE_DUNDERS
+            or kwargs.get("inplace") is True)
+
+
+def tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    if not kwargs and len(args) == 1 and isinstance(args[0], T):
+        return [args[0]]
+    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, T)]
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    pieces = (out,) if isinstance(out, T) else out if isinstance(out, (tuple, list)) else ()
+    return [t for t in pieces if isinstance(t, T)]

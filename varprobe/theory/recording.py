@@ -36,7 +36,6 @@ from varprobe.theory.nodes import (
     CUSTOM,
     DIV,
     EXPANDS,
-    IN_PLACE_DUNDERS,
     IN_PLACE_WRITES,
     KERNELS,
     MUL,
@@ -51,6 +50,9 @@ from varprobe.theory.nodes import (
     T,
     _arg,
     _name,
+    in_place,
+    output_tensors,
+    tensor_leaves,
 )
 from varprobe.theory.pools import Pool
 from varprobe.theory.shared import over_positions
@@ -133,7 +135,7 @@ class Recording(TorchFunctionMode):
             self._frames.append(_Frame(index, True, ()))  # inside a module taken whole
             return
         with torch._C.DisableTorchFunction():
-            tensors = _tensor_leaves(args, kwargs)
+            tensors = tensor_leaves(args, kwargs)
             primary = next((t for t in tensors if t.is_floating_point()), None)
             inputs = [self._lookup(primary)] if primary is not None else []
             inputs += [self._lookup(t) for t in tensors if t is not primary]
@@ -209,7 +211,7 @@ class Recording(TorchFunctionMode):
         if self.failed is not None or (self._frames and self._frames[-1].opaque):
             return func(*args, **kwargs)
         # An in-place op bumps its target's version: read the target's node before.
-        target = args[0] if args and isinstance(args[0], T) and _in_place(func, kwargs) else None
+        target = args[0] if args and isinstance(args[0], T) and in_place(func, kwargs) else None
         before = self._lookup(target) if target is not None else None
         out = func(*args, **kwargs)
         try:
@@ -223,7 +225,7 @@ class Recording(TorchFunctionMode):
     def _record(self, func, args: tuple, kwargs: dict, out: Any) -> None:
         if func in IN_PLACE_WRITES:
             out = args[0]
-        outs = _outputs(out)
+        outs = output_tensors(out)
         if not outs:
             if func in READS and self._lookup(args[0]) is not None:
                 self.reads.append(self._where())
@@ -267,7 +269,7 @@ class Recording(TorchFunctionMode):
                 self._bind(t, n)
             return
         if node is None:
-            inputs = tuple(n for n in map(self._lookup, _tensor_leaves(args, kwargs))
+            inputs = tuple(n for n in map(self._lookup, tensor_leaves(args, kwargs))
                            if n is not None)
             if not inputs:
                 return
@@ -482,25 +484,8 @@ class Recording(TorchFunctionMode):
         return None if self._last is None else ("after", self._last)
 
 
-def _in_place(func, kwargs: dict) -> bool:
-    name = getattr(func, "__name__", "")
-    return ((name.endswith("_") and not name.endswith("__")) or name in IN_PLACE_DUNDERS
-            or kwargs.get("inplace") is True)
-
-
 def _opaque(module: nn.Module) -> bool:
     """Taken whole: torch.nn's own modules and leaves. A user's container that owns a
     parameter (a SkipInit alpha, a position embedding) is followed inside."""
     return (next(module.children(), None) is None
             or type(module).__module__.startswith("torch.nn."))
-
-
-def _tensor_leaves(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    if not kwargs and len(args) == 1 and isinstance(args[0], T):
-        return [args[0]]
-    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, T)]
-
-
-def _outputs(out: Any) -> list[torch.Tensor]:
-    pieces = (out,) if isinstance(out, T) else out if isinstance(out, (tuple, list)) else ()
-    return [t for t in pieces if isinstance(t, T)]
