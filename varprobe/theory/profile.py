@@ -61,23 +61,41 @@ def _uniform(e: Any, spatial: tuple) -> torch.Tensor:
     return torch.ones(spatial, dtype=torch.float64)
 
 
-def conv_forward(module: nn.Module, e: Any, input_shape) -> tuple[float, Any]:
+def _memo(step):
+    """The same conv on the same profile gives the same answer in every walk (the actual
+    init's, each scheme's, the fix's), so each is computed once per process: keyed by
+    the conv's geometry, the spatial shape and the profile's bytes."""
+    def cached(module: nn.Module, e: Any, input_shape) -> tuple[float, Any]:
+        spatial = tuple(int(s) for s in (input_shape or ())[2:])
+        if not spatial or not _counted(module, spatial):
+            return 1.0, None
+        key = (_key(module), spatial, None if e is None else (tuple(e.shape), e.numpy().tobytes()))
+        if key not in _MEMO[step]:
+            if len(_MEMO[step]) > 4096:
+                _MEMO[step].clear()
+            _MEMO[step][key] = step(module, e, spatial)
+        return _MEMO[step][key]
+    _MEMO[step] = {}
+    cached.__doc__ = step.__doc__
+    return cached
+
+
+_MEMO: dict = {}
+
+
+@_memo
+def conv_forward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]:
     """(E[y^2] over the effective-fan rule's, the output's profile)."""
-    spatial = tuple(int(s) for s in (input_shape or ())[2:])
-    if not spatial or not _counted(module, spatial):
-        return 1.0, None
     x = _uniform(e, spatial)[None, None]
     y = _convolve(module, x)
     base = _count(module, spatial)
     return float(y.mean()) / base, (y / y.mean())[0, 0]
 
 
-def conv_backward(module: nn.Module, e: Any, input_shape) -> tuple[float, Any]:
+@_memo
+def conv_backward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]:
     """(Var[dx] over the effective-fan rule's, the input gradient's profile): the
     transposed count, by autograd through the same convolution of ones."""
-    spatial = tuple(int(s) for s in (input_shape or ())[2:])
-    if not spatial or not _counted(module, spatial):
-        return 1.0, None
     x = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
         y = _convolve(module, x)
