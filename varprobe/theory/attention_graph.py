@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import attention_stats, functional, gradient_stats
+from varprobe.theory import attention_paths, attention_stats, functional, gradient_stats
 from varprobe.theory.nodes import (
     ADD,
     DIV,
@@ -90,6 +90,10 @@ class AttentionGraph:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
             facts.measured = len(self.rec._constants) - 5
         self._watch(facts, out)
+        paths = attention_paths.watch(q, k, v, mask, facts, out)
+        if paths:
+            self.rec._constants.extend(paths)
+            facts.paths = len(self.rec._constants) - len(paths)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
 

@@ -1,0 +1,171 @@
+"""Attention's backward at the realized tensors, for a saturated call: what the value,
+query and key paths and the logits carry per unit of the gradient at the output,
+measured by the probe in the backward.
+
+Past (1 - r) s^2 = 1.5 (attention.SATURATED_SPREAD) the closed forms of
+theory.attention rest on what no longer holds: the query-pair overlap
+e^{r(1-r)s^2}/(e^{r(1-r)s^2} + T - 1) that the gradient correlation's terms use counts
+one common key for every query, where the keys' shared logit part (variance
+r(1-r)s^2) spreads the queries over a few keys, each column of p summing a different
+number of them; and the Gaussian-logit m of the query and key paths misses what the
+realized p, v and k are (BERT under He: value path 2.5x, key path 2x, query path 1.3x
+its gradient at the third block; T5's decoder under Xavier, logit variance ~64: value
+path 0.5x). With the gradient g in hand the paths are sums of products of p, g, v, k
+and q, so the probe forms them for a subsample of the (batch, head) slices: every
+query of a slice (the value and key paths sum over the queries), softmax rows
+recomputed from the slice's q and k as a fused kernel never materializes them.
+
+dS_ij = p_ij g_i.(v_j - v̄_i) (the softmax's backward), and per unit of the measured
+E[g^2] (sigma^2), E[v^2], E[k^2], E[q^2] of the slices (d_v the value width):
+
+    V = mean (p^T g)^2 / sigma^2                   the value path:  E[dv^2] = sigma^2 V
+    Q = mean (dS k)^2 / (d_v sigma^2 q_v q_k)      the query path: c^2 d_k sigma^2 q_v q_k Q
+    K = mean (dS^T q)^2 / (d_v sigma^2 q_v q_q)    the key path:   c^2 d_k sigma^2 q_v q_q K
+    L = mean dS^2 / (d_v sigma^2 q_v)              per logit:      sigma^2 d_k q_v L
+
+Attention dropout (keep 1/(1 - p)) multiplies p by a mask the fused kernel draws and
+keeps to itself: the paths above are those without it, and each has a second factor
+for the mask's own noise, n_ij = (M_ij keep - 1) g_i.v_j of variance (keep - 1) A_ij^2
+(A = g v^T), independent over (i, j), which adds (keep - 1) times it (below, B = p^2 A^2):
+
+    D_V = mean_j sum_i p_ij^2 g_i^2 / sigma^2,
+    D_Q = mean_i sum_j B_ij |k_j - k̄_i|^2 / d_k, k̄_i = sum_j p_ij k_j,
+    D_K = mean_j sum_i |q_i|^2 E_ij / d_k, D_L = mean E_ij,
+    E_ij = B_ij (1 - p_ij)^2 + p_ij^2 (sum_l B_il - B_ij),
+
+each over the same normalization as its path. The walk (the actual init's, at a
+saturated call) multiplies them by its own E[g^2], q_v, q_k, q_q: a forward error
+before the call still reaches its backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from varprobe.theory import attend, attention
+from varprobe.theory.nodes import Attention, T
+from varprobe.theory.signal import Signal
+
+BUDGET = 1 << 21  # softmax entries (slices x queries x keys) recomputed per call: 8 MiB
+PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
+
+
+def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T) -> list[T]:
+    """PAIRS (2,) float64 slots on ``out``'s device that the backward fills; none where
+    no gradient will come. The slices' q, k, v (and mask) are copied now, in float32:
+    the hook needs them after the forward is done with them."""
+    if out.is_meta or not out.requires_grad or q.dim() < 3 \
+            or not q.dim() == k.dim() == v.dim() or out.shape[:-1] != q.shape[:-1]:
+        return []
+    with torch.no_grad():
+        picked = _slices(q, k, v, mask, facts)
+    slots = [torch.zeros(2, dtype=torch.float64, device=out.device) for _ in range(PAIRS)]
+
+    def fill(grad: T) -> None:
+        with torch.no_grad():
+            g = grad[picked[0]].float()
+            for slot, pair in zip(slots, paths(g, *picked[1:], facts)):
+                slot.copy_(pair)
+
+    out.register_hook(fill)
+    return slots
+
+
+def _slices(q: T, k: T, v: T, mask: Any, facts: Attention) -> tuple:
+    """(the indices of a spread subsample of the slices, their q, k, v, the additive mask or
+    None, the boolean mask of seen keys): float32 copies of a spread subsample."""
+    lead, tq, tk = q.shape[:-2], facts.queries, facts.keys
+    count = math.prod(lead)
+    pick = torch.linspace(0, count - 1, max(1, min(count, BUDGET // (tq * tk))),
+                          device=q.device).round().long().unique()
+    index = torch.unravel_index(pick, lead)
+    group = max(facts.heads // max(facts.kv_heads, 1), 1)
+    kv_index = (*index[:-1], index[-1] // group) if group > 1 else index
+
+    def take(x: T, at: tuple) -> T:  # broadcast over the batch where it is
+        return x.expand(*lead[:-1], *x.shape[-3:])[at].float()
+
+    qs, ks, vs = q[index].float(), take(k, kv_index), take(v, kv_index)
+    seen = torch.ones(pick.numel(), tq, tk, dtype=torch.bool, device=q.device)
+    if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
+        seen = seen & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
+    bias = None
+    if isinstance(mask, T):
+        full = torch.broadcast_to(mask, (*lead, tq, tk))[index]
+        if full.dtype == torch.bool:
+            seen = seen & full
+        else:
+            bias = full.float()
+            seen = seen & (full > -1e4)  # attention_stats.MASKED: a hidden key
+    return index, qs, ks, vs, bias, seen
+
+
+def paths(g: T, q: T, k: T, v: T, bias: T | None, seen: T, facts: Attention) -> list[T]:
+    """The (factor, dropout factor) pairs of the module note for slices g (S, T_q, d_v),
+    q (S, T_q, d_k), k (S, T_k, d_k), v (S, T_k, d_v), and (1, 0)."""
+    scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
+    logits = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        logits = logits + bias
+    p = torch.softmax(logits.masked_fill(~seen, -math.inf), -1).nan_to_num(0.0)
+    a = g @ v.transpose(-1, -2)
+    ds = p * (a - (p * a).sum(-1, keepdim=True))
+    sigma, d_v = _ms(g), v.shape[-1]
+    q_v, q_k, q_q = _ms(v), _ms(k), _ms(q)
+    b = (p * a).square()
+    noise = b * (1 - p).square() + p.square() * (b.sum(-1, keepdim=True) - b)
+    kbar = p @ k
+    k2 = k.square().sum(-1)
+    spread = b @ k2.unsqueeze(-1) - 2 * (b * (kbar @ k.transpose(-1, -2))).sum(-1, True) \
+        + b.sum(-1, keepdim=True) * kbar.square().sum(-1, keepdim=True)
+    norm_v, d_k = (d_v * sigma * q_v).clamp(min=1e-300), k.shape[-1]
+    one = torch.ones((), dtype=torch.float64, device=g.device)
+    return [torch.stack([_ms(p.transpose(-1, -2) @ g), _mean(
+                p.square().transpose(-1, -2) @ g.square())]) / sigma.clamp(min=1e-300),
+            torch.stack([_ms(ds @ k), _mean(spread) / d_k]) / (norm_v * q_k).clamp(min=1e-300),
+            torch.stack([_ms(ds.transpose(-1, -2) @ q), _mean(
+                noise.transpose(-1, -2) @ q.square().sum(-1, keepdim=True)) / d_k])
+            / (norm_v * q_q).clamp(min=1e-300),
+            torch.stack([_ms(ds), _mean(noise)]) / norm_v,
+            torch.stack([one, 0 * one])]
+
+
+def _ms(x: T) -> T:
+    """E[x^2] in float64."""
+    return x.double().square().mean()
+
+
+def _mean(x: T) -> T:
+    return x.double().mean()
+
+
+def backward(facts: Attention, g: float, q_m2: float, k_m2: float, v_m2: float,
+             factors: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+    """E[dq^2], E[dk^2], E[dv^2] and E[dS^2] per logit from the walk's E[g^2] and the
+    measured factors, in theory.attend.backward's order (grouped keys and values
+    collect their group's query heads)."""
+    keep = 1 / (1 - facts.dropout) - 1
+    (v, dv), (q, dq), (k, dk), (s, ds) = factors[:4]
+    c2dk = (1 / facts.d_k if facts.scale is None else facts.scale ** 2) * facts.d_k
+    group = max(facts.heads // max(facts.kv_heads, 1), 1)
+    return (c2dk * g * v_m2 * k_m2 * (q + keep * dq),
+            c2dk * g * v_m2 * q_m2 * (k + keep * dk) * group,
+            g * (v + keep * dv) * group,
+            g * facts.d_k * v_m2 * (s + keep * ds))
+
+
+def saturated(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
+              correlations: tuple | None, factors: list | None,
+              ) -> tuple[float, float, float, float] | None:
+    """``backward`` where the walk's call is saturated ((1 - r) s^2 past
+    attention.SATURATED_SPREAD, as the report flags it) and the probe filled the
+    factors; None where the closed forms (theory.attend.backward) hold."""
+    if factors is None or factors[-1][0] < 0.5:
+        return None
+    s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+    if not attention.saturated(s2, attend.correlation(facts, v, correlations)):
+        return None
+    return backward(facts, g, q.m2, k.m2, v.m2, factors)
