@@ -122,8 +122,9 @@ class _Block(torch.nn.Module):
     """x -> q, k, v projections -> SDPA -> out. For inputs of E[x^2] = 2 the q and k
     weights' std 0.16 give E[q^2] = 64 * 0.0256 * 2 = 3.3, s^2 = 10.9."""
 
-    def __init__(self, causal: bool, n: int = 64, heads: int = 2):
+    def __init__(self, causal: bool, n: int = 64, heads: int = 2, eager: bool = False):
         super().__init__()
+        self.eager = eager
         self.q, self.k, self.v, self.o = (torch.nn.Linear(n, n, bias=False) for _ in range(4))
         for lin in (self.q, self.k):
             torch.nn.init.normal_(lin.weight, std=0.16)
@@ -135,18 +136,25 @@ class _Block(torch.nn.Module):
         def split(y: torch.Tensor) -> torch.Tensor:
             return y.view(b, t, self.heads, n // self.heads).transpose(1, 2)
 
-        z = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)),
-                                           split(self.v(x)), is_causal=self.causal)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        if self.eager:  # spelled out, as transformers' eager attention
+            logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            if self.causal:
+                hidden = torch.ones(t, t, dtype=torch.bool).triu(1)
+                logits = logits.masked_fill(hidden, float("-inf"))
+            z = torch.softmax(logits, dim=-1) @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.o(z.transpose(1, 2).reshape(b, t, n))
 
 
-def _probe_logs(causal: bool, seed: int) -> dict[str, float]:
+def _probe_logs(causal: bool, seed: int, eager: bool = False) -> dict[str, float]:
     """log(measured/predicted) of the backward at the q, k, v projections, one seed:
     tokens and cotangent sharing a direction per sample, as a deep stack makes them."""
     import varprobe
 
     torch.manual_seed(seed)
-    model = _Block(causal)
+    model = _Block(causal, eager=eager)
     gen = torch.Generator().manual_seed(1000 + seed)
     x = torch.randn(8, 32, 64, generator=gen) + torch.randn(8, 1, 64, generator=gen)
     cot = torch.randn(8, 32, 64, generator=gen) + 0.7 * torch.randn(8, 1, 64, generator=gen)
@@ -158,25 +166,28 @@ def _probe_logs(causal: bool, seed: int) -> dict[str, float]:
             for name in ("q", "k", "v")}
 
 
+@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_walk_uses_the_measured_paths_through_the_probe(causal):
+def test_walk_uses_the_measured_paths_through_the_probe(causal, eager):
     """The walk's backward at the projections, against the probe's own measurement, over
     6 seeds: the mean log ratio within 3 standard errors of its seed-to-seed scatter
     (what is left is the walk's E[q^2], E[k^2], E[v^2] against the realized ones: one
-    weight draw on tokens that share a direction)."""
-    logs = [_probe_logs(causal, seed) for seed in range(6)]
+    weight draw on tokens that share a direction). Eager attention's p is the
+    softmax's own output."""
+    logs = [_probe_logs(causal, seed, eager) for seed in range(6)]
     for name in ("q", "k", "v"):
         values = torch.tensor([row[name] for row in logs], dtype=torch.float64)
         se = float(values.std()) / math.sqrt(values.numel())
         assert abs(float(values.mean())) <= 3 * se + 1e-3, (name, values.tolist())
 
 
+@pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_closed_forms_miss_that_call(causal, monkeypatch):
+def test_closed_forms_miss_that_call(causal, eager, monkeypatch):
     """What the walk gave there before: without a causal mask the gradient's r_g is
     dropped at a saturated call (value and key paths 3-6x under); with one the
     query-pair overlap of a common key puts them 2-3x over."""
     monkeypatch.setattr(attention_paths, "saturated", lambda *args: None)
-    logs = [_probe_logs(causal, seed) for seed in range(3)]
+    logs = [_probe_logs(causal, seed, eager) for seed in range(3)]
     for name in ("k", "v"):
         assert abs(sum(row[name] for row in logs) / len(logs)) > 0.5

@@ -53,64 +53,75 @@ BUDGET = 1 << 21  # softmax entries (slices x queries x keys) recomputed per cal
 PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
 
 
-def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T) -> list[T]:
+def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T,
+          probs: T | None = None) -> list[T]:
     """PAIRS (2,) float64 slots on ``out``'s device that the backward fills; none where
-    no gradient will come. The slices' q, k, v (and mask) are copied now, in float32:
-    the hook needs them after the forward is done with them."""
+    no gradient will come. ``probs``: eager attention's materialized p (its mask and
+    scale already in it); for an SDPA call the hook recomputes p from q, k and ``mask``.
+    q, k, v, the mask and p are held by reference, not copied: autograd keeps them for
+    the call's own backward anyway. One of them written in place since (autograd would
+    refuse that too) leaves the slots empty, and the closed forms stand."""
     if out.is_meta or not out.requires_grad or q.dim() < 3 \
             or not q.dim() == k.dim() == v.dim() or out.shape[:-1] != q.shape[:-1]:
         return []
-    with torch.no_grad():
-        picked = _slices(q, k, v, mask, facts)
+    held = [t.detach() if isinstance(t, T) else t for t in (q, k, v, mask, probs)]
+    versions = [t._version for t in held if isinstance(t, T)]
     slots = [torch.zeros(2, dtype=torch.float64, device=out.device) for _ in range(PAIRS)]
 
     def fill(grad: T) -> None:
+        if not held or [t._version for t in held if isinstance(t, T)] != versions:
+            return
         with torch.no_grad():
-            g = grad[picked[0]].float()
-            for slot, pair in zip(slots, paths(g, *picked[1:], facts)):
+            index, qs, ks, vs = _slices(*held[:3], facts)
+            p = _probs(qs, ks, held[3], index, held[0].shape[:-2], facts) if held[4] is None \
+                else held[4][index].float()
+            for slot, pair in zip(slots, paths(grad[index].float(), qs, ks, vs, p)):
                 slot.copy_(pair)
+        held.clear()  # the pass's tensors are the backward's to free
 
     out.register_hook(fill)
     return slots
 
 
-def _slices(q: T, k: T, v: T, mask: Any, facts: Attention) -> tuple:
-    """(the indices of a spread subsample of the slices, their q, k, v, the additive mask or
-    None, the boolean mask of seen keys): float32 copies of a spread subsample."""
-    lead, tq, tk = q.shape[:-2], facts.queries, facts.keys
+def _slices(q: T, k: T, v: T, facts: Attention) -> tuple:
+    """The indices of a spread subsample of the (batch, head) slices, and their q, k
+    and v in float32 (a group's key and value head for each query head)."""
+    lead = q.shape[:-2]
     count = math.prod(lead)
-    pick = torch.linspace(0, count - 1, max(1, min(count, BUDGET // (tq * tk))),
-                          device=q.device).round().long().unique()
+    pick = torch.linspace(0, count - 1, max(1, min(count, BUDGET // (
+        facts.queries * facts.keys))), device=q.device).round().long().unique()
     index = torch.unravel_index(pick, lead)
-    group = max(facts.heads // max(facts.kv_heads, 1), 1)
+    group = max(q.shape[-3] // max(k.shape[-3], 1), 1) if q.dim() > 3 else 1
     kv_index = (*index[:-1], index[-1] // group) if group > 1 else index
 
     def take(x: T, at: tuple) -> T:  # broadcast over the batch where it is
         return x.expand(*lead[:-1], *x.shape[-3:])[at].float()
 
-    qs, ks, vs = q[index].float(), take(k, kv_index), take(v, kv_index)
-    seen = torch.ones(pick.numel(), tq, tk, dtype=torch.bool, device=q.device)
-    if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
-        seen = seen & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
-    bias = None
+    return index, q[index].float(), take(k, kv_index), take(v, kv_index)
+
+
+def _probs(q: T, k: T, mask: Any, index: tuple, lead: torch.Size, facts: Attention) -> T:
+    """Softmax rows of the slices as the SDPA call formed them: scale, is_causal (top-left
+    aligned), a boolean mask or an additive one (a hidden key at or below -1e4)."""
+    scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
+    logits = q @ k.transpose(-1, -2) * scale
+    seen = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device)
+    if facts.causal:
+        seen = seen.tril()
+    seen = seen.expand_as(logits)
     if isinstance(mask, T):
-        full = torch.broadcast_to(mask, (*lead, tq, tk))[index]
+        full = torch.broadcast_to(mask, (*lead, *logits.shape[-2:]))[index]
         if full.dtype == torch.bool:
             seen = seen & full
         else:
-            bias = full.float()
-            seen = seen & (full > -1e4)  # attention_stats.MASKED: a hidden key
-    return index, qs, ks, vs, bias, seen
+            logits = logits + full.float()
+            seen = seen & (full > -1e4)  # attention_stats.MASKED
+    return torch.softmax(logits.masked_fill(~seen, -math.inf), -1).nan_to_num(0.0)
 
 
-def paths(g: T, q: T, k: T, v: T, bias: T | None, seen: T, facts: Attention) -> list[T]:
+def paths(g: T, q: T, k: T, v: T, p: T) -> list[T]:
     """The (factor, dropout factor) pairs of the module note for slices g (S, T_q, d_v),
-    q (S, T_q, d_k), k (S, T_k, d_k), v (S, T_k, d_v), and (1, 0)."""
-    scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
-    logits = q @ k.transpose(-1, -2) * scale
-    if bias is not None:
-        logits = logits + bias
-    p = torch.softmax(logits.masked_fill(~seen, -math.inf), -1).nan_to_num(0.0)
+    q (S, T_q, d_k), k (S, T_k, d_k), v (S, T_k, d_v), p (S, T_q, T_k), and (1, 0)."""
     a = g @ v.transpose(-1, -2)
     ds = p * (a - (p * a).sum(-1, keepdim=True))
     sigma, d_v = _ms(g), v.shape[-1]
