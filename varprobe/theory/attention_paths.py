@@ -49,7 +49,7 @@ from varprobe.theory import attend, attention
 from varprobe.theory.nodes import Attention, T
 from varprobe.theory.signal import Signal
 
-BUDGET = 1 << 21  # softmax entries (slices x queries x keys) recomputed per call: 8 MiB
+BUDGET = 1 << 19  # softmax entries (slices x queries x keys) formed per call: 2 MiB
 PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
 
 
@@ -90,7 +90,11 @@ def _slices(q: T, k: T, v: T, facts: Attention) -> tuple:
     count = math.prod(lead)
     pick = torch.linspace(0, count - 1, max(1, min(count, BUDGET // (
         facts.queries * facts.keys))), device=q.device).round().long().unique()
-    index = torch.unravel_index(pick, lead)
+    index, rest = [], pick
+    for size in reversed(lead):  # torch.unravel_index, without its first-call cost
+        index.insert(0, rest % size)
+        rest = rest // size
+    index = tuple(index)
     group = max(q.shape[-3] // max(k.shape[-3], 1), 1) if q.dim() > 3 else 1
     kv_index = (*index[:-1], index[-1] // group) if group > 1 else index
 
@@ -145,12 +149,12 @@ def paths(g: T, q: T, k: T, v: T, p: T) -> list[T]:
 
 
 def _ms(x: T) -> T:
-    """E[x^2] in float64."""
-    return x.double().square().mean()
+    """E[x^2] in float64 from a norm in x's precision (no squared temporary)."""
+    return torch.linalg.vector_norm(x).double().square() / max(x.numel(), 1)
 
 
 def _mean(x: T) -> T:
-    return x.double().mean()
+    return x.sum(dtype=torch.float64) / max(x.numel(), 1)
 
 
 def backward(facts: Attention, g: float, q_m2: float, k_m2: float, v_m2: float,
