@@ -8,12 +8,14 @@ e^{r(1-r)s^2}/(e^{r(1-r)s^2} + T - 1) that the gradient correlation's terms use 
 one common key for every query, where the keys' shared logit part (variance
 r(1-r)s^2) spreads the queries over a few keys, each column of p summing a different
 number of them; and the Gaussian-logit m of the query and key paths misses what the
-realized p, v and k are (BERT under He: value path 2.5x, key path 2x, query path 1.3x
-its gradient at the third block; T5's decoder under Xavier, logit variance ~64: value
-path 0.5x). With the gradient g in hand the paths are sums of products of p, g, v, k
-and q, so the probe forms them for a subsample of the (batch, head) slices: every
-query of a slice (the value and key paths sum over the queries), softmax rows
-recomputed from the slice's q and k as a fused kernel never materializes them.
+realized p, v and k are (float64 autograd at the call against the walk: BERT under
+He, third block, value path 1/2.5, key path 1/2, query path 1/1.3 of the gradient;
+T5's decoder self-attention under Xavier, logit variance ~64, value path 1.9x). With
+the gradient g in hand the paths are sums of products of p, g, v, k and q, so the
+probe forms them for a subsample of the (batch, head) slices: every query of a slice
+(the value and key paths sum over the queries), the softmax rows recomputed from the
+slice's q, k and mask, as a fused kernel never materializes them (eager attention
+hands over its p).
 
 dS_ij = p_ij g_i.(v_j - v̄_i) (the softmax's backward), and per unit of the measured
 E[g^2] (sigma^2), E[v^2], E[k^2], E[q^2] of the slices (d_v the value width):
