@@ -191,3 +191,29 @@ def test_closed_forms_miss_that_call(causal, eager, monkeypatch):
     logs = [_probe_logs(causal, seed, eager) for seed in range(3)]
     for name in ("k", "v"):
         assert abs(sum(row[name] for row in logs) / len(logs)) > 0.5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_logit_gradient_of_an_additive_mask(causal):
+    """A float attn_mask that is an activation (T5's relative position bias, with the
+    causal mask folded in as large negative entries in its decoder) gets dS itself: the
+    per-logit factor against autograd of the mask, masked entries included as zeros."""
+    q, k, v, g = _inputs(2)
+    gen = torch.Generator().manual_seed(7)
+    bias = torch.randn(B, H, T, T, generator=gen, dtype=torch.float64)
+    if causal:
+        hidden = torch.ones(T, T, dtype=torch.bool).triu(1)
+        bias = bias.masked_fill(hidden, torch.finfo(torch.float64).min)
+    leaf = bias.clone().requires_grad_()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=leaf)
+    (ds,) = torch.autograd.grad(out, (leaf,), g)
+    facts = Attention(queries=T, keys=T, d_k=D, heads=H, kv_heads=H, masked=True)
+    tensors = [x.float().clone().requires_grad_() for x in (q, k, v)]
+    mask = bias.float().clone().requires_grad_()
+    out = F.scaled_dot_product_attention(*tensors, attn_mask=mask)
+    slots = attention_paths.watch(*tensors, mask, facts, out)
+    out.backward(g.float())
+    factors = [tuple(s.tolist()) for s in slots]
+    ms = [float(x.square().mean()) for x in (g, q, k, v)]
+    logit = attention_paths.backward(facts, *ms, factors)[3]
+    assert logit == pytest.approx(float(ds.square().mean()), rel=1e-4)
