@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import attention_stats, functional, gradient_stats
+from varprobe.theory import attention_paths, attention_stats, functional, gradient_stats
 from varprobe.theory.nodes import (
     ADD,
     DIV,
@@ -52,8 +52,9 @@ PAIR = " of two activations"  # what an unfollowed matmul of two activations is 
 class Pending:
     """An eager attention under way: its query and key nodes, its facts so far, whether
     the softmax has been taken, and what the probe measured on the device so far
-    (r_k, u_k and the keys at the logits; Σp², the mean logit², the mask's shape and
-    a subsample of p's rows at the softmax)."""
+    (r_k, u_k, the queries and the keys at the logits; Σp², the mean logit², the mask's
+    shape, p itself and a subsample of its rows at the softmax). The tensors are held
+    by reference, as autograd holds them."""
 
     q: int
     k: int
@@ -89,7 +90,7 @@ class AttentionGraph:
         if not q.is_meta:
             self.rec._constants.extend(attention_stats.sdpa(q, k, v, mask, facts))
             facts.measured = len(self.rec._constants) - 5
-        self._watch(facts, out)
+        self._watch(facts, out, q, k, v, mask)
         return self.rec._add(Node("attention", tuple(nodes), attn=facts,
                                   where=self.rec._where()))
 
@@ -158,6 +159,7 @@ class AttentionGraph:
                 state.stats["r_k"] = attention_stats._correlation(k)
                 state.stats["u_k"] = attention_stats.prefix_share(k, weighted=True)
                 state.stats["k"] = k.detach()
+                state.stats["q"] = q.detach()
         return state
 
     def _causal_hint(self, nq: int) -> bool:
@@ -184,17 +186,26 @@ class AttentionGraph:
                     attention_stats.query_path(s["rows"], v.detach(), s["k"]) if "k" in s
                     else torch.stack([z, z])])
             facts.measured = len(self.rec._constants) - 5
-        self._watch(facts, out)
+        s = state.stats
+        self._watch(facts, out, s.get("q"), s.get("k"), v, None, s.get("p"))
         return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
                                   where=self.rec._where()))
 
-    def _watch(self, facts: Attention, out: T) -> None:
-        """The gradient's token correlation at the output, measured in the backward
-        (theory.gradient_stats) into a slot among the constants."""
+    def _watch(self, facts: Attention, out: T, q: T | None, k: T | None, v: T, mask: Any,
+               probs: T | None = None) -> None:
+        """The gradient's token correlation at the output and the paths' factors at the
+        realized tensors, measured in the backward (theory.gradient_stats,
+        theory.attention_paths) into slots among the constants."""
         slots = gradient_stats.watch(out)
         if slots:
             self.rec._constants.extend(slots)
             facts.gradient = len(self.rec._constants) - len(slots)
+        if q is None or k is None or (probs is None and facts.measured is None):
+            return  # an eager chain whose p the probe did not keep
+        slots = attention_paths.watch(q, k, v, mask, facts, out, probs)
+        if slots:
+            self.rec._constants.extend(slots)
+            facts.paths = len(self.rec._constants) - len(slots)
 
     # --- what carries a pending attention ------------------------------------------------
     def softmax(self, func, args: tuple, kwargs: dict, out: T) -> int | None:
@@ -265,8 +276,9 @@ def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:
 def _softmax_stats(x: T, p: T) -> dict[str, T]:
     """Σp² over every row, the mean squared logit over the keys each query sees, and the
     mask's shape (1 where every row sees exactly the keys up to its own position, top-left
-    aligned; 1 where every key is seen), on the device; and a subsample of p's rows
-    for the query path's factor (attention_stats.query_path). Elementwise in the
+    aligned; 1 where every key is seen), on the device; a subsample of p's rows
+    for the query path's factor (attention_stats.query_path), and p (by reference) for
+    the paths' factors of a saturated call (theory.attention_paths). Elementwise in the
     tensors' own dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
     with torch.no_grad():
         x, p = x.detach(), p.detach()
@@ -275,7 +287,7 @@ def _softmax_stats(x: T, p: T) -> dict[str, T]:
         count = allowed.sum().clamp(min=1)
         rows = torch.linspace(0, p.shape[-2] - 1, min(attention_stats.SUBSAMPLE, p.shape[-2]),
                               device=p.device).round().long()
-        return {"p2": p.square().sum(-1, dtype=torch.float64).mean(),
+        return {"p2": p.square().sum(-1, dtype=torch.float64).mean(), "p": p,
                 "rows": p.index_select(-2, rows),
                 "s2": x.masked_fill(~allowed, 0.0).square().sum(dtype=torch.float64) / count,
                 "causal": (allowed == tril).all().double(),

@@ -19,6 +19,7 @@ from torch import nn
 from varprobe.report import Layer
 from varprobe.theory import (
     attend,
+    attention_paths,
     mha,
     norms,
     normshape,
@@ -197,14 +198,25 @@ class Backward:
                                      "value for", rel=g.rel))
             return
         measured, correlations = self.measurements(node)
-        paths = attend.backward(self.facts(node), g.var, *values, correlations,
-                                self.width(node), self.gradient_correlation(node),
-                                measured[2] if measured is not None else None)
+        paths = attention_paths.saturated(self.facts(node), g.var, *values, correlations,
+                                          self.path_factors(node)) \
+            or attend.backward(self.facts(node), g.var, *values, correlations,
+                               self.width(node), self.gradient_correlation(node),
+                               measured[2] if measured is not None else None)
         for i, var in zip(node.inputs, paths):
             _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))
         bias = node.attn.bias
         if bias is not None:  # each element of it collects the logits it is added to
             _flow(grads, bias, Grad(paths[3] * node.attn.bias_fold, None, g.note, rel=g.rel))
+
+    def path_factors(self, node: Node) -> list | None:
+        """What the probe measured of the attention call's paths in the backward
+        (theory.attention_paths), for the actual init's walk over a measured pass: the
+        realized p a scheme's weights would change."""
+        index = node.attn.paths
+        if index is None or not self.measured or self.actual is not None:
+            return None
+        return self.constants[index:index + attention_paths.PAIRS]
 
     def _at_output(self, node: Node, g: Grad) -> Grad:
         """Record the call's gradient; where the graph broke, carry the measured one."""

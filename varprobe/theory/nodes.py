@@ -99,6 +99,7 @@ class Attention:
     measured: int | None = None
     params: int | None = None  # nn.MultiheadAttention: its weights' moments (theory.mha)
     gradient: int | None = None  # the constant the backward fills with r_g (gradient_stats)
+    paths: int | None = None  # the constants it fills with the paths' factors (attention_paths)
     bias: int | None = None  # the node of an activation added to the logits (a float mask)
     bias_fold: float = 1.0   # logits per element of it (the batch it is broadcast over)
 

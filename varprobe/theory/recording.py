@@ -106,6 +106,7 @@ class Recording(TorchFunctionMode):
             self.outputs = [self._lookup(t) for t in outputs]
         self.cotangent_var = cotangent_var
         self._ids.clear()
+        self._graph.pending.clear()  # eager chains hold their q, k and p by reference
 
     def constants(self) -> list[tuple[float, float] | None]:
         """(mean(c^2), mean(c)) of every constant operand: one host transfer, after the pass.

@@ -1,0 +1,188 @@
+"""Attention's backward at the realized tensors, for a saturated call: what the value,
+query and key paths and the logits carry per unit of the gradient at the output,
+measured by the probe in the backward.
+
+Past (1 - r) s^2 = 1.5 (attention.SATURATED_SPREAD) the closed forms of
+theory.attention rest on what no longer holds: the query-pair overlap
+e^{r(1-r)s^2}/(e^{r(1-r)s^2} + T - 1) that the gradient correlation's terms use counts
+one common key for every query, where the keys' shared logit part (variance
+r(1-r)s^2) spreads the queries over a few keys, each column of p summing a different
+number of them; and the Gaussian-logit m of the query and key paths misses what the
+realized p, v and k are (float64 autograd at the call against the walk: BERT under
+He, third block, value path 1/2.5, key path 1/2, query path 1/1.3 of the gradient;
+T5's decoder self-attention under Xavier, logit variance ~64, value path 1.9x). With
+the gradient g in hand the paths are sums of products of p, g, v, k and q, so the
+probe forms them for a subsample of the (batch, head) slices: every query of a slice
+(the value and key paths sum over the queries), the softmax rows recomputed from the
+slice's q, k and mask, as a fused kernel never materializes them (eager attention
+hands over its p).
+
+dS_ij = p_ij g_i.(v_j - v̄_i) (the softmax's backward), and per unit of the measured
+E[g^2] (sigma^2), E[v^2], E[k^2], E[q^2] of the slices (d_v the value width):
+
+    V = mean (p^T g)^2 / sigma^2                   the value path:  E[dv^2] = sigma^2 V
+    Q = mean (dS k)^2 / (d_v sigma^2 q_v q_k)      the query path: c^2 d_k sigma^2 q_v q_k Q
+    K = mean (dS^T q)^2 / (d_v sigma^2 q_v q_q)    the key path:   c^2 d_k sigma^2 q_v q_q K
+    L = mean dS^2 / (d_v sigma^2 q_v)              per logit:      sigma^2 d_k q_v L
+
+Attention dropout (keep 1/(1 - p)) multiplies p by a mask the fused kernel draws and
+keeps to itself: the paths above are those without it, and each has a second factor
+for the mask's own noise, n_ij = (M_ij keep - 1) g_i.v_j of variance (keep - 1) A_ij^2
+(A = g v^T), independent over (i, j), which adds (keep - 1) times it (below, B = p^2 A^2):
+
+    D_V = mean_j sum_i p_ij^2 g_i^2 / sigma^2,
+    D_Q = mean_i sum_j B_ij |k_j - k̄_i|^2 / d_k, k̄_i = sum_j p_ij k_j,
+    D_K = mean_j sum_i |q_i|^2 E_ij / d_k, D_L = mean E_ij,
+    E_ij = B_ij (1 - p_ij)^2 + p_ij^2 (sum_l B_il - B_ij),
+
+each over the same normalization as its path. The walk (the actual init's, at a
+saturated call) multiplies them by its own E[g^2], q_v, q_k, q_q: a forward error
+before the call still reaches its backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from varprobe.theory import attend, attention
+from varprobe.theory.nodes import Attention, T
+from varprobe.theory.signal import Signal
+
+BUDGET = 1 << 19  # softmax entries (slices x queries x keys) formed per call: 2 MiB
+PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
+
+
+def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T,
+          probs: T | None = None) -> list[T]:
+    """PAIRS (2,) float64 slots on ``out``'s device that the backward fills; none where
+    no gradient will come. ``probs``: eager attention's materialized p (its mask and
+    scale already in it); for an SDPA call the hook recomputes p from q, k and ``mask``.
+    q, k, v, the mask and p are held by reference, not copied: autograd keeps them for
+    the call's own backward anyway. One of them written in place since (autograd would
+    refuse that too) leaves the slots empty, and the closed forms stand."""
+    if out.is_meta or not out.requires_grad or q.dim() < 3 \
+            or not q.dim() == k.dim() == v.dim() or out.shape[:-1] != q.shape[:-1]:
+        return []
+    held = [t.detach() if isinstance(t, T) else t for t in (q, k, v, mask, probs)]
+    versions = [t._version for t in held if isinstance(t, T)]
+    slots = [torch.zeros(2, dtype=torch.float64, device=out.device) for _ in range(PAIRS)]
+
+    def fill(grad: T) -> None:
+        if not held or [t._version for t in held if isinstance(t, T)] != versions:
+            return
+        with torch.no_grad():
+            index, qs, ks, vs = _slices(*held[:3], facts)
+            p = _probs(qs, ks, held[3], index, held[0].shape[:-2], facts) if held[4] is None \
+                else held[4][index].float()
+            for slot, pair in zip(slots, paths(grad[index].float(), qs, ks, vs, p)):
+                slot.copy_(pair)
+        held.clear()  # the pass's tensors are the backward's to free
+
+    out.register_hook(fill)
+    return slots
+
+
+def _slices(q: T, k: T, v: T, facts: Attention) -> tuple:
+    """The indices of a spread subsample of the (batch, head) slices, and their q, k
+    and v in float32 (a group's key and value head for each query head)."""
+    lead = q.shape[:-2]
+    count = math.prod(lead)
+    pick = torch.linspace(0, count - 1, max(1, min(count, BUDGET // (
+        facts.queries * facts.keys))), device=q.device).round().long().unique()
+    index, rest = [], pick
+    for size in reversed(lead):  # torch.unravel_index, without its first-call cost
+        index.insert(0, rest % size)
+        rest = rest // size
+    index = tuple(index)
+    group = max(q.shape[-3] // max(k.shape[-3], 1), 1) if q.dim() > 3 else 1
+    kv_index = (*index[:-1], index[-1] // group) if group > 1 else index
+
+    def take(x: T, at: tuple) -> T:  # broadcast over the batch where it is
+        return x.expand(*lead[:-1], *x.shape[-3:])[at].float()
+
+    return index, q[index].float(), take(k, kv_index), take(v, kv_index)
+
+
+def _probs(q: T, k: T, mask: Any, index: tuple, lead: torch.Size, facts: Attention) -> T:
+    """Softmax rows of the slices as the SDPA call formed them: scale, is_causal (top-left
+    aligned), a boolean mask or an additive one (a hidden key at or below -1e4)."""
+    scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
+    logits = q @ k.transpose(-1, -2) * scale
+    seen = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device)
+    if facts.causal:
+        seen = seen.tril()
+    seen = seen.expand_as(logits)
+    if isinstance(mask, T):
+        full = torch.broadcast_to(mask, (*lead, *logits.shape[-2:]))[index]
+        if full.dtype == torch.bool:
+            seen = seen & full
+        else:
+            logits = logits + full.float()
+            seen = seen & (full > -1e4)  # attention_stats.MASKED
+    return torch.softmax(logits.masked_fill(~seen, -math.inf), -1).nan_to_num(0.0)
+
+
+def paths(g: T, q: T, k: T, v: T, p: T) -> list[T]:
+    """The (factor, dropout factor) pairs of the module note for slices g (S, T_q, d_v),
+    q (S, T_q, d_k), k (S, T_k, d_k), v (S, T_k, d_v), p (S, T_q, T_k), and (1, 0)."""
+    a = g @ v.transpose(-1, -2)
+    ds = p * (a - (p * a).sum(-1, keepdim=True))
+    sigma, d_v = _ms(g), v.shape[-1]
+    q_v, q_k, q_q = _ms(v), _ms(k), _ms(q)
+    b = (p * a).square()
+    noise = b * (1 - p).square() + p.square() * (b.sum(-1, keepdim=True) - b)
+    kbar = p @ k
+    k2 = k.square().sum(-1)
+    spread = b @ k2.unsqueeze(-1) - 2 * (b * (kbar @ k.transpose(-1, -2))).sum(-1, True) \
+        + b.sum(-1, keepdim=True) * kbar.square().sum(-1, keepdim=True)
+    norm_v, d_k = (d_v * sigma * q_v).clamp(min=1e-300), k.shape[-1]
+    one = torch.ones((), dtype=torch.float64, device=g.device)
+    return [torch.stack([_ms(p.transpose(-1, -2) @ g), _mean(
+                p.square().transpose(-1, -2) @ g.square())]) / sigma.clamp(min=1e-300),
+            torch.stack([_ms(ds @ k), _mean(spread) / d_k]) / (norm_v * q_k).clamp(min=1e-300),
+            torch.stack([_ms(ds.transpose(-1, -2) @ q), _mean(
+                noise.transpose(-1, -2) @ q.square().sum(-1, keepdim=True)) / d_k])
+            / (norm_v * q_q).clamp(min=1e-300),
+            torch.stack([_ms(ds), _mean(noise)]) / norm_v,
+            torch.stack([one, 0 * one])]
+
+
+def _ms(x: T) -> T:
+    """E[x^2] in float64 from a norm in x's precision (no squared temporary)."""
+    return torch.linalg.vector_norm(x).double().square() / max(x.numel(), 1)
+
+
+def _mean(x: T) -> T:
+    return x.sum(dtype=torch.float64) / max(x.numel(), 1)
+
+
+def backward(facts: Attention, g: float, q_m2: float, k_m2: float, v_m2: float,
+             factors: list[tuple[float, float]]) -> tuple[float, float, float, float]:
+    """E[dq^2], E[dk^2], E[dv^2] and E[dS^2] per logit from the walk's E[g^2] and the
+    measured factors, in theory.attend.backward's order (grouped keys and values
+    collect their group's query heads)."""
+    keep = 1 / (1 - facts.dropout) - 1
+    (v, dv), (q, dq), (k, dk), (s, ds) = factors[:4]
+    c2dk = (1 / facts.d_k if facts.scale is None else facts.scale ** 2) * facts.d_k
+    group = max(facts.heads // max(facts.kv_heads, 1), 1)
+    return (c2dk * g * v_m2 * k_m2 * (q + keep * dq),
+            c2dk * g * v_m2 * q_m2 * (k + keep * dk) * group,
+            g * (v + keep * dv) * group,
+            g * facts.d_k * v_m2 * (s + keep * ds))
+
+
+def saturated(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
+              correlations: tuple | None, factors: list | None,
+              ) -> tuple[float, float, float, float] | None:
+    """``backward`` where the walk's call is saturated ((1 - r) s^2 past
+    attention.SATURATED_SPREAD, as the report flags it) and the probe filled the
+    factors; None where the closed forms (theory.attend.backward) hold."""
+    if factors is None or factors[-1][0] < 0.5:
+        return None
+    s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+    if not attention.saturated(s2, attend.correlation(facts, v, correlations)):
+        return None
+    return backward(facts, g, q.m2, k.m2, v.m2, factors)
