@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import attention_paths, attention_stats, functional, gradient_stats
+from varprobe.theory import (
+    attention,
+    attention_paths,
+    attention_stats,
+    functional,
+    gradient_stats,
+)
 from varprobe.theory.nodes import (
     ADD,
     DIV,
@@ -202,10 +208,23 @@ class AttentionGraph:
             facts.gradient = len(self.rec._constants) - len(slots)
         if q is None or k is None or (probs is None and facts.measured is None):
             return  # an eager chain whose p the probe did not keep
+        if self._unsaturated(facts):
+            return
         slots = attention_paths.watch(q, k, v, mask, facts, out, probs)
         if slots:
             self.rec._constants.extend(slots)
             facts.paths = len(self.rec._constants) - len(slots)
+
+    def _unsaturated(self, facts: Attention) -> bool:
+        """Whether the call cannot be saturated, told without a device sync: on the CPU,
+        where reading a result is free, a measured mean squared logit below half the
+        saturated spread ((1 - r) s^2 <= s^2). The paths' factors are read only past
+        that spread, and forming them costs about twice the call itself at the bench's
+        sizes, so such a call skips them (an accelerator forms them, as it cannot look)."""
+        if facts.measured is None:
+            return False
+        s2 = self.rec._constants[facts.measured][1]
+        return s2.device.type == "cpu" and float(s2) < attention.SATURATED_SPREAD / 2
 
     # --- what carries a pending attention ------------------------------------------------
     def softmax(self, func, args: tuple, kwargs: dict, out: T) -> int | None:
