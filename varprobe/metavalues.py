@@ -35,6 +35,7 @@ FACTORIES = {"arange", "range", "zeros", "ones", "full", "tensor", "as_tensor", 
              "logspace", "eye", "tril_indices", "triu_indices", "scalar_tensor"}
 LIKE = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
         "new_tensor"}
+MADE = FACTORIES | LIKE
 
 
 def _is_meta(t: Any) -> bool:
@@ -58,13 +59,21 @@ class MetaValues(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        metas = [t for t in pytree.tree_leaves((args, kwargs)) if _is_meta(t)]
+        metas = [t for t in _tensors(args, kwargs) if t.device.type == "meta"]
+        if getattr(func, "__name__", "") not in MADE and \
+                not any(t in self.values for t in metas):
+            # nothing of this op has a value (the activations): the meta op alone,
+            # less a value its target's base may lose to a write through a view
+            if self.values and metas and args and args[0] is metas[0] \
+                    and in_place(func, kwargs):
+                self._forget(args[0])
+            return func(*args, **kwargs)
         if func in READS:
             computed = self._compute(func, args, kwargs, metas)
             # a read (bool, item, tolist) of a value answers from it; else meta raises
             return computed[0] if computed is not None else func(*args, **kwargs)
         out = func(*args, **kwargs)
-        target = args[0] if metas and args and _is_meta(args[0]) and in_place(func, kwargs) \
+        target = args[0] if metas and args and args[0] is metas[0] and in_place(func, kwargs) \
             else None
         if target is None and not any(_is_meta(t) for t in pytree.tree_leaves(out)):
             return out  # a getter (shape, device, is_meta): nothing to keep
@@ -72,10 +81,8 @@ class MetaValues(TorchFunctionMode):
         if computed is None:
             if target is not None:
                 self._forget(target)  # written with something unknown
-        elif target is None:
-            self._keep(out, computed[0])
-        elif _is_meta(out):
-            self._keep(out, computed[0])  # the value was written in place as well
+        elif target is None or _is_meta(out):
+            self._keep(out, computed[0])  # in place: the value was written as well
         return out
 
     def _compute(self, func, args: tuple, kwargs: dict, metas: list) -> tuple[Any] | None:
@@ -92,10 +99,10 @@ class MetaValues(TorchFunctionMode):
         swap = lambda x: (  # noqa: E731
             (self.values.get(x) if x in self.values else stand_in(x)) if _is_meta(x)
             else "cpu" if _on_meta_device(x) else x)
-        args, kwargs = pytree.tree_map(swap, args), pytree.tree_map(swap, kwargs)
-        if name in FACTORIES:  # made on meta (a device argument or a device context)
-            kwargs["device"] = "cpu"
         try:
+            args, kwargs = pytree.tree_map(swap, args), pytree.tree_map(swap, kwargs)
+            if name in FACTORIES:  # made on meta (a device argument or a device context)
+                kwargs["device"] = "cpu"
             with torch.random.fork_rng(devices=[]):
                 return (func(*args, **kwargs),)
         except Exception:  # noqa: BLE001 - no value: the meta op decides what happens
@@ -118,6 +125,13 @@ class MetaValues(TorchFunctionMode):
             self.values.pop(t._base, None)
 
 
-def _has_tensor(x: Any) -> bool:
-    return any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(x))
-
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, one list level deep (torch.cat's list): a
+    tensor nested deeper goes unseen, and the op then gets no value (its CPU run fails)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(t for t in a if isinstance(t, torch.Tensor))
+    return found
