@@ -41,18 +41,22 @@ def enter(rec: Any, index: int, module: nn.Module, tensors: list[torch.Tensor],
     if ids is None or ids.dim() == 0 or ids.shape[-1] < 2:
         return
     rec.same_ids[index] = len(rec._constants)
-    rec._constants.append(torch.stack([same_id(ids, module.num_embeddings),
+    rec._constants.append(torch.stack([same_id(ids),
                                        torch.zeros((), dtype=torch.float64, device=ids.device)]))
 
 
-def same_id(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+def same_id(ids: torch.Tensor) -> torch.Tensor:
     """P(id_i = id_j) over pairs of distinct positions (the last axis) of one sequence,
-    averaged over the sequences; on the ids' device, without a transfer."""
-    rows = ids.reshape(-1, ids.shape[-1]).long().clamp(0, vocab - 1)
+    averaged over the sequences; on the ids' device, without a transfer, in memory of
+    the ids' size. In each sorted row, an id's run of c equal entries holds
+    c (c - 1) / 2 pairs: position i of the run has i - (the run's start) before it."""
+    rows = torch.sort(ids.reshape(-1, ids.shape[-1]), dim=-1).values
     t = rows.shape[-1]
-    counts = torch.zeros(rows.shape[0], vocab, dtype=torch.float64, device=ids.device)
-    counts.scatter_add_(1, rows, torch.ones(rows.shape, dtype=torch.float64, device=ids.device))
-    pairs = (counts * (counts - 1)).sum(-1) / (t * (t - 1))
+    at = torch.arange(t, device=ids.device).expand_as(rows)
+    new_run = torch.ones_like(rows, dtype=torch.bool)
+    new_run[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    start = torch.cummax(torch.where(new_run, at, torch.zeros_like(at)), dim=-1).values
+    pairs = 2 * (at - start).sum(-1, dtype=torch.float64) / (t * (t - 1))
     return pairs.mean()
 
 
