@@ -303,3 +303,17 @@ def test_spread_on_the_grid_equals_a_fine_gauss_hermite_average(rel, k):
     got = attention._spread_at(k, rel, counts)
     assert np.max(np.abs(got[0] / want[0] - 1)) < 1e-8
     assert np.max(np.abs(got[1][1:] / want[1][1:] - 1)) < 1e-8  # m = 0 at T = 1
+
+
+def test_spreads_of_many_widths_share_the_grid_quadratures():
+    # A deep stack's tokens' width moves rel = 2/d_k + 2/n a little at every layer; the
+    # grid sum needs softmax_moments only at the grid points within 8 sd of se2, so 50
+    # widths cost what one does: 2 ceil(8 sig/h) + 2 quadratures, not 3 per width.
+    attention._spread_at.cache_clear()
+    attention._grid_moments.cache_clear()
+    widths = range(12000, 12400, 8)
+    for n in widths:
+        attention.participation(1.3, 0.1, 64, causal=True, d_k=128, n=n)
+    sig = math.sqrt(math.log1p(2 / 128 + 2 / widths[0]))
+    reach = math.ceil(8 * sig / math.log(attention.STEP))
+    assert attention._grid_moments.cache_info().misses <= 2 * reach + 2
