@@ -281,3 +281,39 @@ def test_token_correlation_estimator():
     with pytest.raises(ValueError):
         attention.token_correlation(1.0, 1.0, 1)
     assert math.isnan(attention.token_correlation(0.0, 0.0, 4))
+
+
+@pytest.mark.parametrize("rel", [0.0158, 0.07, 0.2])
+@pytest.mark.parametrize("k", [-40, 0, 25])
+def test_spread_on_the_grid_equals_a_fine_gauss_hermite_average(rel, k):
+    # _spread_at sums the lognormal factor's Gaussian (in log se2) on the STEP grid
+    # itself; at sig >= 2 grid steps its aliasing is below 1e-30, so what is left is
+    # the reference's: 21-point Gauss-Hermite, whose own truncation is far below the
+    # 1e-8 allowed (the 3-point rule _spread_moments uses is up to 1e-4 off it).
+    counts = tuple(range(1, 129))
+    sig = math.sqrt(math.log1p(rel))
+    knots = attention._knots(np.array(counts, float))
+    z, wz = np.polynomial.hermite_e.hermegauss(21)
+    p2 = p3 = p22 = 0.0
+    for zi, wi in zip(z, wz / wz.sum()):
+        a, b, c = attention.softmax_moments(
+            attention.STEP ** k * math.exp(sig * zi - sig * sig / 2), knots)
+        p2, p3, p22 = p2 + wi * a, p3 + wi * b, p22 + wi * c
+    want = attention._per_count(np.array(counts, float), knots, p2, p2 - 2 * p3 + p22)
+    got = attention._spread_at(k, rel, counts)
+    assert np.max(np.abs(got[0] / want[0] - 1)) < 1e-8
+    assert np.max(np.abs(got[1][1:] / want[1][1:] - 1)) < 1e-8  # m = 0 at T = 1
+
+
+def test_spreads_of_many_widths_share_the_grid_quadratures():
+    # A deep stack's tokens' width moves rel = 2/d_k + 2/n a little at every layer; the
+    # grid sum needs softmax_moments only at the grid points within 8 sd of se2, so 50
+    # widths cost what one does: 2 ceil(8 sig/h) + 2 quadratures, not 3 per width.
+    attention._spread_at.cache_clear()
+    attention._grid_moments.cache_clear()
+    widths = range(12000, 12400, 8)
+    for n in widths:
+        attention.participation(1.3, 0.1, 64, causal=True, d_k=128, n=n)
+    sig = math.sqrt(math.log1p(2 / 128 + 2 / widths[0]))
+    reach = math.ceil(8 * sig / math.log(attention.STEP))
+    assert attention._grid_moments.cache_info().misses <= 2 * reach + 2

@@ -15,6 +15,7 @@ from schema import check_report
 
 import varprobe
 from varprobe import inputs
+from varprobe.predict import predict_target
 from varprobe.recorder import float_leaves
 
 tf = pytest.importorskip("transformers")
@@ -141,3 +142,43 @@ def test_t5_shared_embedding_is_one_weight_in_two_modules():
     assert [x.name for x in embeds] == ["encoder.embed_tokens", "decoder.embed_tokens"]
     assert embeds[0].weight_var == embeds[1].weight_var
     assert all(x.backward is not None for x in embeds)
+
+
+TRAINING_BUILD = '''
+import transformers as tf
+tf.logging.set_verbosity_error()
+model = lambda: tf.{cls}(tf.{cfg}({kw}, vocab_size=100, use_cache=False,
+                                  attn_implementation="{attn}"))
+'''
+TRAINING = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config",
+             "n_layer=2, n_embd=32, n_head=2, n_positions=16, bos_token_id=1, eos_token_id=2"),
+    "llama": ("LlamaForCausalLM", "LlamaConfig",
+              "num_hidden_layers=2, hidden_size=32, num_attention_heads=2, "
+              "num_key_value_heads=1, intermediate_size=64, max_position_embeddings=16"),
+}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", sorted(TRAINING))
+def test_predict_builds_gpt2_and_llama_without_a_cache_on_meta(tmp_path, name, attn):
+    # Without a cache transformers branches on the position ids' values (its check for
+    # packed sequences); on meta they carry their values (varprobe.metavalues), so the
+    # model is built and run there, its _init_weights recorded for every weight layer
+    # (exact moments of the draws it makes: no sampling).
+    cls, cfg, kw = TRAINING[name]
+    path = tmp_path / f"{name}_{attn}.py"
+    path.write_text(TRAINING_BUILD.format(cls=cls, cfg=cfg, kw=kw, attn=attn))
+    report = predict_target(str(path), batch_size=BATCH, input_shape=(SEQ,))
+    assert report.settings["device"] == "meta"
+    weights = report.weight_layers
+    assert report.notes[0] == ("weights: the moments the model's own init ops give "
+                               "(recorded while it was built on the meta device) for "
+                               f"{len(weights)} weight layer(s)")
+    for layer in weights:
+        # initializer_range 0.02; GPT-2 scales its residual projections by 1/sqrt(2 n_layer)
+        scaled = name == "gpt2" and layer.name.endswith("c_proj")
+        want = 0.02**2 / (2 * 2) if scaled else 0.02**2
+        assert layer.weight_second_moment == pytest.approx(want), layer.label
+        assert layer.predicted.forward_var is not None, layer.label
+        assert layer.predicted.backward_var is not None, layer.label

@@ -53,7 +53,7 @@ from torch import nn
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        depth = int(torch.tensor(2.0).item())  # data-dependent: fails on meta
+        depth = 2 + int(torch.rand(()).item() > 1)  # a draw has no value on meta
         self.layers = nn.Sequential(*(nn.Linear(12, 12) for _ in range(depth)))
 
     def forward(self, x):
@@ -152,6 +152,15 @@ def test_a_model_too_big_to_allocate_is_predicted_on_meta(tmp_path):
     assert time.perf_counter() - start < 20
     assert report.model.parameters == 2 * (100_000 * 100_000 + 100_000)  # 80 GB in fp32
     assert report.layers[-1].predicted.forward_var is not None
+
+
+def test_a_constant_read_in_the_constructor_is_known_on_meta(tmp_path):
+    path = tmp_path / "reads_a_constant.py"
+    path.write_text(NEEDS_VALUES.replace("2 + int(torch.rand(()).item() > 1)",
+                                         "int(torch.tensor(2.0).item())"))
+    report = predict_target(str(path), batch_size=4)
+    assert report.settings["device"] == "meta"
+    assert sum(layer.kind == "weight" for layer in report.layers) == 2
 
 
 def test_falls_back_to_the_cpu_with_a_note(tmp_path):

@@ -14,11 +14,14 @@ are recorded (initlog) and give the weights' second moments; where nothing was
 recorded (a model handed over already built on meta), each layer's reset_parameters
 draw (PyTorch's default) is assumed, and a PReLU slope its constructor's ``init``.
 A model that cannot be built or run on meta (``.item()`` in its constructor, a
-data-dependent op) is built on the CPU instead, and then its weights are read.
+branch on an activation's value) is built on the CPU instead, and then its weights are
+read; branches on index and mask tensors made from constants run on their values
+(metavalues).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -30,6 +33,7 @@ from varprobe import diagnose, initlog, reinit, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
+from varprobe.metavalues import MetaValues
 from varprobe.pipeline import (
     DEFAULT_BATCH_SIZE,
     _layers,
@@ -71,10 +75,12 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
         loaded = target_mod.load(spec, device=str(resolve_device(device, None)), seed=0)
         return predict(loaded.model, loaded.example_input, **options)
     try:
-        with initlog.recording() as log:  # the model's own init, seen as it is built
+        values = MetaValues()  # index buffers made while it is built keep their values
+        with initlog.recording() as log, values:  # the model's own init, seen as it is built
             loaded = target_mod.load(spec, device="meta")
             initlog.run_skipped_init(loaded.model)
-        return predict(loaded.model, loaded.example_input, init_log=log, **options)
+        return predict(loaded.model, loaded.example_input, init_log=log, meta_values=values,
+                       **options)
     except Exception as exc:  # noqa: BLE001 - whatever needed values: the theory, too
         if not _about_meta(exc):
             raise
@@ -91,7 +97,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             mode: str | None = "train", target: str | None = None,
             thresholds: diagnose.Thresholds | None = None, ignore: Any = (),
             init_log: initlog.Log | None = None, precision: Any = None,
-            cotangent: float | str | None = None) -> Report:
+            cotangent: float | str | None = None, meta_values: MetaValues | None = None,
+            ) -> Report:
     """Closed-form predictions for ``model`` from one shape-only forward pass.
 
     On a meta model nothing is allocated; on a real one the forward runs there, under
@@ -99,7 +106,9 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
     theory.SCHEMES for every Linear/Conv layer instead. ``thresholds`` / ``ignore`` /
     ``precision``: as for probe (ranges predicted, see headroom). ``init_log``: the init
     ops recorded while a meta model was built (initlog.recording); without it a meta
-    model's layers take PyTorch's default. The model is left as found.
+    model's layers take PyTorch's default. ``meta_values``: the values of index tensors
+    made while it was built (metavalues), which the shape pass keeps adding to. The model
+    is left as found.
     """
     if mode not in (None, "train", "eval"):
         raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
@@ -114,7 +123,7 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         with stage("input"):
             x = _inputs(model, inputs, batch_size, input_shape, dev)
         with stage("record"):
-            output, rec, recording = _shape_pass(model, x, dev, init_log)
+            output, rec, recording = _shape_pass(model, x, dev, init_log, meta_values)
             seed, seed_note = cotangent_var(cotangent, output)
             recording.cotangent_var = seed
             layers = _layers(rec, rec.collect())
@@ -187,7 +196,7 @@ def cotangent_var(spec: float | str | None, output: Any) -> tuple[float, str]:
 
 
 def _shape_pass(model: nn.Module, x: Any, dev: torch.device, init_log: Any = None,
-                ) -> tuple[Any, Recorder, Recording]:
+                values: MetaValues | None = None) -> tuple[Any, Recorder, Recording]:
     """One forward under a Recorder that measures nothing and a graph Recording.
 
     Autograd stays on (free on meta): the recording tells custom autograd Functions and
@@ -195,11 +204,19 @@ def _shape_pass(model: nn.Module, x: Any, dev: torch.device, init_log: Any = Non
     """
     args, kwargs = inputs_mod.as_call(x)
     recording = Recording(model, init_log)  # a parameter's recorded init: its moments
+    # On meta, the index and mask tensors made from constants carry values, so that the
+    # model's own branches on them (transformers' packed-sequence check) can run and
+    # the embeddings see which positions share an id (theory.tokenids).
+    if dev.type == "meta":
+        values = values or MetaValues()
+        recording.value_of = values.value
+    else:
+        values = contextlib.nullcontext()
     with torch.enable_grad(), Recorder(model, measure=False) as rec:
         rec.observer = recording
         recording.start(float_leaves(x))
         try:
-            with recording:
+            with values, recording:
                 output = model(*args, **kwargs)
         except Exception as exc:
             raise VarprobeError(

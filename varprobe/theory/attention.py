@@ -42,8 +42,10 @@ import numpy as np
 # weights the forms here still hold to 4% at s_e^2 = 2: bench/accuracy/attention.py.)
 SATURATED_SPREAD = 1.5
 STEP = 1.05   # the log grid _interpolated evaluates P2 and m on
+GRID_SD = 2.0  # a logit-variance spread this many grid steps wide is summed on the grid
 FLAT = 1e-8   # a logit spread below this is the uniform limit
 ONE_HOT = 1600.0  # a logit variance past which softmax_moments scales, not integrates
+DX, DU = 0.25, 0.2  # softmax_moments' largest trapezoid steps in x and u (logit units)
 DENSE = 32    # key counts up to this are computed one by one...
 KNOT = 1.015  # ...and past it on a log grid of this ratio, interpolated in log T
 
@@ -100,8 +102,11 @@ def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     1/S^k = int t^{k-1} e^{-tS} dt / (k-1)! with S = sum_j e^{x_j} turns each moment into
     int A(u) L(u)^{T-1} du over u = -log t, with L(u) = E[exp(-e^{x-u})] and
     A_k(u) = E[e^{k(x-u)} exp(-e^{x-u})]: both Gaussian smoothings of smooth functions,
-    done by the trapezoid rule (spectrally accurate: within 1e-12 of a 4x finer grid for
-    v <= 10, T <= 4096).
+    done by the trapezoid rule, spectrally accurate: its aliasing falls like
+    e^{-2 pi^2 s^2/dx^2} for the Gaussian and like e^{-pi^2/dx} for the double
+    exponential, so steps of s/4 and at most DX logit units in x and DU in u are within
+    1e-10 of a 10x finer grid (v from 1e-9 to 40, T <= 4096), at a tenth to half of the
+    points of the 361 x (600 + 40 s) grid, which larger v keep (within 3e-10 at v = 200).
     """
     counts = np.asarray(counts, float)
     if v < 1e-10:
@@ -113,11 +118,12 @@ def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
         k = math.sqrt(ONE_HOT / v)
         return tuple(1 - (1 - a) * k for a in softmax_moments(ONE_HOT, counts))
     s = math.sqrt(v)
-    x = np.linspace(-9, 9, 361) * s
+    x = np.linspace(-9, 9, min(361, math.ceil(18 * s / min(s / 4, DX)) + 1)) * s
     px = np.exp(-0.5 * (x / s) ** 2)
     px /= px.sum()
-    # u steps of at most ~0.45 logit units: the integrand in u is O(1) wide at any s
-    u = np.linspace(-9 * s - 8, 9 * s + math.log(counts.max()) + 40, 600 + int(40 * s))
+    # the integrand in u is O(1) wide at any s
+    lo, hi = -9 * s - 8, 9 * s + math.log(counts.max()) + 40
+    u = np.linspace(lo, hi, min(600 + int(40 * s), math.ceil((hi - lo) / DU) + 1))
     z = np.minimum(x[None, :] - u[:, None], 700.0)  # e^z stays finite
     w = np.exp(z)
     e = np.exp(-w)
@@ -162,9 +168,42 @@ def _interpolated(se2: float, rel: float, uniq: tuple) -> tuple[np.ndarray, np.n
         return _spread_moments(0.0, rel, uniq)
     k = math.floor(math.log(se2) / math.log(STEP))
     lo, hi = STEP ** k, STEP ** (k + 1)
-    (p2a, ma), (p2b, mb) = _spread_moments(lo, rel, uniq), _spread_moments(hi, rel, uniq)
+    (p2a, ma), (p2b, mb) = _spread_at(k, rel, uniq), _spread_at(k + 1, rel, uniq)
     t = (se2 - lo) / (hi - lo)
     return p2a + t * (p2b - p2a), ma + t * (mb - ma)
+
+
+@functools.lru_cache(maxsize=1024)
+def _spread_at(k: int, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """_spread_moments at the grid point se2 = STEP^k. The lognormal factor's average
+    is a Gaussian in log se2 (sd sig, mean -sig^2/2); where sig spans GRID_SD grid steps
+    or more, the trapezoid sum over the grid points themselves integrates it (a
+    Gaussian sampled at sig/h >= 2 aliases at e^{-2 pi^2 sig^2/h^2} < 1e-30 relative,
+    times a P2 or m that is smooth in log se2), so every spread, layer and walk shares
+    the grid points' softmax quadratures: a 96-layer stack's walks, each with its own
+    rel (the tokens' width moves it by the layer), need a few hundred of them instead
+    of three per (grid point, rel) pair. Narrower, Gauss-Hermite as _spread_moments."""
+    h = math.log(STEP)
+    sig = math.sqrt(math.log1p(rel))
+    if sig < GRID_SD * h:
+        return _spread_moments(STEP ** k, rel, uniq)
+    counts = np.array(uniq, float)
+    knots = tuple(_knots(counts).tolist())
+    reach = math.ceil(8 * sig / h)
+    offsets = np.arange(-reach, reach + 1)
+    weights = np.exp(-((offsets * h + sig * sig / 2) ** 2) / (2 * sig * sig))
+    weights /= weights.sum()
+    p2 = p3 = p22 = 0.0
+    for j, wj in zip(offsets.tolist(), weights):
+        a, b, c = _grid_moments(k + j, knots)
+        p2, p3, p22 = p2 + wj * a, p3 + wj * b, p22 + wj * c
+    return _per_count(counts, np.array(knots), p2, p2 - 2 * p3 + p22)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_moments(k: int, knots: tuple) -> tuple[np.ndarray, ...]:
+    """softmax_moments at the grid point STEP^k, for every walk that reaches it."""
+    return softmax_moments(STEP ** k, np.array(knots))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -180,7 +219,12 @@ def _spread_moments(se2: float, rel: float, uniq: tuple) -> tuple[np.ndarray, np
     for zi, wi in zip(z, wz / wz.sum()):
         a, b, c = softmax_moments(se2 * math.exp(sig * zi - sig * sig / 2), knots)
         p2, p3, p22 = p2 + wi * a, p3 + wi * b, p22 + wi * c
-    m = p2 - 2 * p3 + p22
+    return _per_count(counts, knots, p2, p2 - 2 * p3 + p22)
+
+
+def _per_count(counts: np.ndarray, knots: np.ndarray, p2: np.ndarray, m: np.ndarray,
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """P2 and m at every count from their values at the knots."""
     if knots.size == counts.size:
         return p2, m
     # P2 and m fall off like 1/T: linear in log T between knots a ratio KNOT apart, the

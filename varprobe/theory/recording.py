@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
-from varprobe.theory import catshare, functional, normshape, positions, tokennorm
+from varprobe.theory import catshare, functional, normshape, positions, tokenids, tokennorm
 from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
@@ -89,6 +89,8 @@ class Recording(TorchFunctionMode):
         self.norm_shapes: dict[int, int] = {}  # BatchNorm call -> its theory.normshape pairs
         self.token_norms, self.token_scales = {}, {}  # theory.tokennorm: slots, scales
         self.cat_shares: dict[int, int] = {}  # torch.cat node -> theory.catshare slots
+        self.same_ids: dict[int, int] = {}  # embedding call -> theory.tokenids slot
+        self.value_of = None  # a meta tensor's value, where one is known (metavalues)
         self.compiled = next((name for name, m in model.named_modules()
                               if type(m).__name__ == "OptimizedModule"), None)
         self._graph = AttentionGraph(self, model)  # SDPA, eager attention, x @ W
@@ -144,6 +146,7 @@ class Recording(TorchFunctionMode):
                 self.norm_shapes[index] = len(self._constants)
                 self._constants.extend(normshape.measure(module, primary))
             tokennorm.enter(self, index, module, primary)
+            tokenids.enter(self, index, module, tensors, self.value_of)
         ids = tuple(dict.fromkeys(n for n in inputs if n is not None))
         if primary is not None and inputs[0] is None:
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "

@@ -44,6 +44,7 @@ from varprobe.theory import (
     profile,
     residual,
     rules,
+    tokenids,
     widths,
 )
 from varprobe.theory.backflow import Backward
@@ -355,6 +356,7 @@ class Walk(Backward, TokenShapes):
             w = self.weights[i]
             out = (rules.forward(layer, module, s_in, w, self.host, mu)
                    if s_in is not None or isinstance(module, nn.Embedding) else None)
+            out = tokenids.correlate(out, module, self.constants, self.graph, i)
             out = positions.through_call(module, layer, s_in, out, lambda x: rules.forward(
                 layer, module, x, w, self.host, src.mu))
             mu = rules.mean_after(module, mu, self.host, w)
