@@ -87,6 +87,8 @@ class Layer:
     weight_second_moment: float | None = None
     bias_second_moment: float | None = None
     bias_mean: float | None = None
+    # E[w^4]/E[w^2]^2 of the weights' draw where predict recorded it (None: Gaussian)
+    weight_kurtosis: float | None = None
     weight_grad_ratio: float | None = None
     activation: str | None = None       # the activation that follows (weight layers)
     gain: float | None = None           # its E[f(y)^2]/q

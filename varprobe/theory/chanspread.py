@@ -210,7 +210,7 @@ def _call(walk, k: int, i: int, ch: Channels, s_in: Signal | None, s: Signal) ->
         return ALIKE
     if layer.kind == "weight" and (w := walk.weights[i]) is not None:
         n, phi = fans(module, layer)
-        return weight_layer(ch, n, getattr(w, "kurtosis", GAUSSIAN), phi, s_in,
+        return weight_layer(ch, n, w.kurtosis, phi, s_in,
                             max(s.m2 - w.b2, 0.0), s.m2)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) \
             and not norms.uses_running_stats(module):
