@@ -144,3 +144,39 @@ def test_sum_of_independent_branches():
     rel = chanspread.summed(parts, 3.0).rel
     measured, se = _relvar_se(a + b)
     assert abs(measured - rel) < SE * se, (measured, rel, se)
+
+
+def test_positional_means_through_batchnorm_relu_conv():
+    """relu(z) -> padded conv -> BatchNorm -> ReLU -> padded conv, z i.i.d. N(0, 1):
+    BatchNorm keeps the positional part of the first conv's unit means, the ReLU passes
+    E[f']^2 of it (and adds it to its own 1/pi mean share), the second conv adds its
+    borders' part again. Closed-form V/m2 at the second conv's output against float64:
+    the ratio over the channels, standard error by the delta method."""
+    # each output channel's mean is one Gaussian draw (its square spreads by sqrt(2)),
+    # so the second conv has many channels: 8192 give a standard error of ~0.003
+    c, wide, batch = 64, 8192, 4
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(batch, c, SIDE, SIDE, generator=gen, dtype=torch.float64).relu()
+    w1 = torch.randn(c, c, 3, 3, generator=gen, dtype=torch.float64)
+    w2 = torch.randn(wide, c, 3, 3, generator=gen, dtype=torch.float64)
+    h = F.conv2d(x, w1, padding=1)
+    h = F.batch_norm(h, None, None, training=True).relu()
+    y = F.conv2d(h, w2, padding=1)
+    v = y.var(dim=(0, 2, 3), unbiased=False)
+    m2 = (y * y).mean(dim=(0, 2, 3))
+    ratio = float(v.mean() / m2.mean())
+    z = v / m2.mean() - ratio * m2 / m2.mean()
+    se = float(z.std() / math.sqrt(wide))
+
+    conv, layer = _conv(c_in=c)
+    n, phi = chanspread.fans(conv, layer)
+    relu = Signal(0.5, 1 / math.pi)  # the walk's ReLU of a zero-mean unit Gaussian
+    first = chanspread.weight_layer(chanspread.ALIKE, n, chanspread.GAUSSIAN, phi, relu,
+                                    1.0, 1.0)
+    normed = chanspread.batch_norm(nn.BatchNorm2d(c), first, Signal(1.0, 1 / math.pi), None)
+    rectified = chanspread.activation(normed, 0.5, 1.0, 0.5)
+    second = chanspread.weight_layer(rectified, n, chanspread.GAUSSIAN, phi, relu, 1.0, 1.0)
+    closed = chanspread.variance(Signal(1.0, 1 / math.pi), second)
+    assert abs(ratio - closed) < SE * se, (ratio, closed, se)
+    # the per-tensor rule, 1 - 1/pi, is off by more than the tolerance
+    assert abs(ratio - (1 - 1 / math.pi)) > SE * se
