@@ -24,6 +24,13 @@ m2 (1 - mean_share). Two things set it apart, both carried here per node:
   only the channel's mean), a rectifier passes E[f']^2 of it, a global pool ends it.
 
 Then V = m2 (1 - mean_share + pos) and the gain is mean(gamma^2)/(1 - rel)/(V + eps).
+``predict`` uses it as it is. A scheme over a measured pass (``walk_gain``) also has the
+actual weights' measured gain there (theory.normshape): it multiplies its own closed
+form by that over the closed form for the actual weights, which keeps what the closed
+form leaves out (the spread a hidden conv's correlated inputs add) and moves what the
+scheme changes (a pre-activation stack whose stem, at a scheme's fan-in variance,
+outweighs its branches: the stream's mean share and spread are the stem's, not those
+of the actual weights' branch-dominated stream).
 """
 
 from __future__ import annotations
@@ -222,7 +229,7 @@ def _call(walk, k: int, i: int, ch: Channels, s_in: Signal | None, s: Signal) ->
 
 
 def walk_gain(walk, node, module: nn.Module, s_in: Signal | None) -> float | None:
-    """The train-mode BatchNorm gain a scheme's or ``predict``'s walk uses at node k;
+    """The train-mode BatchNorm gain a scheme's or ``predict``'s walk uses at ``node``;
     None where the rule is another one (the actual init's walk reads the measured
     shape, eval mode has its running statistics, a depthwise conv's norm keeps the
     per-tensor rule: theory.walk.norm_shape)."""
