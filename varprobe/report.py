@@ -206,6 +206,8 @@ class Report:
         for layer in raw["layers"]:
             if not layer["ranges"]:
                 del layer["ranges"]
+            if layer["weight_kurtosis"] is None:  # only where predict recorded the init
+                del layer["weight_kurtosis"]
         ordered = {"schema": SCHEMA, "varprobe_version": raw.pop("varprobe_version"),
                    "torch_version": raw.pop("torch_version"), **raw}
         return _clean(ordered)
