@@ -248,7 +248,8 @@ def walk_gain(walk, node, module: nn.Module, s_in: Signal | None) -> float | Non
     # a scheme over a measured pass: the actual weights' measured gain corrects what
     # the closed form misses for them (the spread the inputs' correlations add:
     # mean(1/v) mean(v) 1.005-1.02 after a 256-channel conv, 1.0009 in closed form),
-    # and the closed form carries the change from the actual weights to the scheme's
+    # and the closed form carries the change from the actual weights to the scheme's;
+    # it also carries their draw's channel means, which the scheme's draw does not share
     theirs = _channels(walk.actual)[node.inputs[0]]
     measured = normshape.backward_gain(module, shape, theirs_in.signal)
     closed = gain(module, theirs_in.signal, theirs, walk.host) if theirs else None
