@@ -375,3 +375,22 @@ def test_an_init_with_no_closed_form_is_not_predicted(tmp_path):
     assert first.weight_second_moment == pytest.approx(1 / 24)  # kaiming_uniform_(a=sqrt 5)
     assert last.weight_second_moment is None and "clamp_" in last.unavailable["weight_var"]
     assert last.predicted is None or last.predicted.forward_var is None
+
+
+KURTOSIS = ("normal", "uniform", "kaiming_normal fan_out", "kaiming_uniform (default)",
+            "xavier_uniform", "constant", ".data scaled")
+
+
+@pytest.mark.parametrize("name", KURTOSIS)
+def test_recorded_kurtosis_equals_a_real_draw(name):
+    """E[w^4]/E[w^2]^2 (theory.chanspread's spread of a channel's sum of squares): 3 for
+    a Gaussian, 9/5 for a symmetric uniform, 1 for a constant. Bound: 6 sd of the
+    Gaussian's mean(w^4) (relative sqrt(96/n)/3) and twice mean(w^2)'s."""
+    torch.manual_seed(0)
+    real = _build("cpu", INITS[name]).weight.detach().double()
+    with initlog.recording() as log:
+        meta = _build("meta", INITS[name])
+    got = log.moments(meta.weight)
+    n = real.numel()
+    want = (real.pow(4).mean() / real.pow(2).mean() ** 2).item()
+    assert got.kurt == pytest.approx(want, rel=SD * (math.sqrt(96 / n) / 3 + 2 * math.sqrt(2 / n)))

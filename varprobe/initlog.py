@@ -48,11 +48,13 @@ UNKNOWN = "an init op with no closed form here was applied to it"
 @dataclass(frozen=True)
 class Moments:
     """What the recorded ops leave in a tensor: its mean and E[w^2] (NaN: unknown),
-    and the last op, for the report."""
+    and the last op, for the report. ``kurt``: E[w^4]/E[w^2]^2 (how far a channel's
+    sum of squared weights spreads: theory.chanspread), 3 (Gaussian) where not known."""
 
     mean: float
     m2: float
     op: str
+    kurt: float = 3.0
 
     @property
     def known(self) -> bool:
@@ -111,7 +113,8 @@ class Log:
         self._update(t, lambda old: _unknown(f"{op} of a tensor with no recorded init")
                      if old is None else Moments(
                          c * old.mean + shift,
-                         c * c * old.m2 + 2 * c * shift * old.mean + shift * shift, op))
+                         c * c * old.m2 + 2 * c * shift * old.mean + shift * shift, op,
+                         old.kurt if shift == 0 else 3.0))
 
     def _update(self, t: torch.Tensor, fn: Callable[[Moments | None], Moments]) -> None:
         if self._depth or not self.active or not getattr(t, "is_meta", False):
@@ -169,7 +172,9 @@ def _normal(args, kwargs) -> Moments:
     s = _scalar(_arg(args, kwargs, 1, "std", 1.0))
     if m is None or s is None:
         return _unknown("normal_ with a tensor mean or std")
-    return Moments(m, m * m + s * s, f"normal_(mean={m:.4g}, std={s:.4g})")
+    m2 = m * m + s * s
+    m4 = m ** 4 + 6 * m * m * s * s + 3 * s ** 4
+    return Moments(m, m2, f"normal_(mean={m:.4g}, std={s:.4g})", _kurt(m4, m2))
 
 
 def _uniform(args, kwargs) -> Moments:
@@ -177,14 +182,20 @@ def _uniform(args, kwargs) -> Moments:
     b = _scalar(_arg(args, kwargs, 1, "to", 1.0))
     if a is None or b is None:
         return _unknown("uniform_ with tensor bounds")
-    return Moments((a + b) / 2, (a * a + a * b + b * b) / 3, f"uniform_({a:.4g}, {b:.4g})")
+    m2 = (a * a + a * b + b * b) / 3
+    m4 = (a ** 4 + a ** 3 * b + a * a * b * b + a * b ** 3 + b ** 4) / 5  # (b^5 - a^5)/5(b - a)
+    return Moments((a + b) / 2, m2, f"uniform_({a:.4g}, {b:.4g})", _kurt(m4, m2))
+
+
+def _kurt(m4: float, m2: float) -> float:
+    return m4 / (m2 * m2) if m2 > 0 else 3.0
 
 
 def _fill(args, kwargs) -> Moments:
     c = _scalar(_arg(args, kwargs, 0, "value", None))
     if c is None:
         return _unknown("fill_ with a tensor value")
-    return Moments(c, c * c, f"fill_({c:.4g})")
+    return Moments(c, c * c, f"fill_({c:.4g})", 1.0)
 
 
 def truncated(mean: float, std: float, a: float, b: float) -> tuple[float, float]:
@@ -398,7 +409,8 @@ class _Made(TorchFunctionMode):
         shift *= alpha
         self.log.write(out, Moments(c * old.mean + shift, c * c * old.m2
                                     + 2 * c * shift * old.mean + shift * shift,
-                                    f"{old.op} {name} {value:.4g}"))
+                                    f"{old.op} {name} {value:.4g}",
+                                    old.kurt if shift == 0 else 3.0))
 
 
 def _parameter(log: Log, original: Callable) -> Callable:

@@ -87,6 +87,8 @@ class Layer:
     weight_second_moment: float | None = None
     bias_second_moment: float | None = None
     bias_mean: float | None = None
+    # E[w^4]/E[w^2]^2 of the weights' draw where predict recorded it (None: Gaussian)
+    weight_kurtosis: float | None = None
     weight_grad_ratio: float | None = None
     activation: str | None = None       # the activation that follows (weight layers)
     gain: float | None = None           # its E[f(y)^2]/q
@@ -204,6 +206,8 @@ class Report:
         for layer in raw["layers"]:
             if not layer["ranges"]:
                 del layer["ranges"]
+            if layer["weight_kurtosis"] is None:  # only where predict recorded the init
+                del layer["weight_kurtosis"]
         ordered = {"schema": SCHEMA, "varprobe_version": raw.pop("varprobe_version"),
                    "torch_version": raw.pop("torch_version"), **raw}
         return _clean(ordered)

@@ -20,6 +20,7 @@ from varprobe.report import Layer
 from varprobe.theory import (
     attend,
     attention_paths,
+    chanspread,
     mha,
     norms,
     normshape,
@@ -256,8 +257,7 @@ class Backward:
             dx = None if gain is None else (g.var + g.deferred) * gain
         elif self._pieces_normalized(node, module, g, grads):
             return
-        elif (shape := self.norm_shape(node)) is not None and s_in is not None \
-                and (gain := normshape.backward_gain(module, shape, s_in)) is not None:
+        elif (gain := self._channel_gain(node, module, s_in)) is not None:
             dx = g.var * gain
         elif g.sparse and isinstance(module, norms.FEATURE_NORMS):
             dx = None  # each position has its own scale: the average one does not apply
@@ -282,6 +282,16 @@ class Backward:
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
                                   "(not measured)"))
+
+    def _channel_gain(self, node: Node, module: nn.Module,
+                      s_in: Signal | None) -> float | None:
+        """A train-mode BatchNorm's gain from its channels: in closed form for a
+        scheme's and predict's walk (theory.chanspread), measured for the actual
+        init's (theory.normshape)."""
+        gain = chanspread.walk_gain(self, node, module, s_in)
+        if gain is None and s_in is not None and (shape := self.norm_shape(node)) is not None:
+            gain = normshape.backward_gain(module, shape, s_in)
+        return gain
 
     def _shared_call(self, k: int, layer: Layer, module: nn.Module, info: Call, g: Grad,
                      gain: float) -> shared.Parts:

@@ -35,6 +35,7 @@ class Weights:
     note: str | None = None
     b1: float = 0.0  # mean(b): a common mean every unit of the output gets
     out: Weights | None = None  # a scheme's draw for nn.MultiheadAttention's out_proj
+    kurtosis: float = 3.0  # E[w^4]/E[w^2]^2: Gaussian (every scheme's draw) unless recorded
 
 
 def actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weights | None]:
@@ -50,14 +51,16 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
     w2 = _finite(layer.weight_var) if w2 is None else w2
     if w2 is not None:
         return Weights(w2, _finite(layer.bias_second_moment) or 0.0,
-                       b1=_finite(layer.bias_mean) or 0.0)
+                       b1=_finite(layer.bias_mean) or 0.0,
+                       kurtosis=_finite(layer.weight_kurtosis) or 3.0)
     if isinstance(module, nn.Embedding):
         return Weights(1.0, 0.0, note="weights not measured: N(0, 1), PyTorch's default")
     n = torch_fans(module)[0]
     if n is None:
         return None
     b2 = 1.0 / (3 * n) if getattr(module, "bias", None) is not None else 0.0
-    return Weights(1.0 / (3 * n), b2, note="weights not measured: PyTorch's default assumed")
+    return Weights(1.0 / (3 * n), b2, note="weights not measured: PyTorch's default assumed",
+                   kurtosis=9 / 5)  # its kaiming_uniform_ draw
 
 
 def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
