@@ -4,8 +4,9 @@ non-finite elements, a histogram of ceil(log2|x|) and the counts at or past a fe
 float32 is read through its bits: for a positive float the bit pattern orders like the
 value, so max, min and the cuts are integer compares, and ceil(log2|x|) is the exponent
 field of the next float down (bits - 1) plus one. One read (``exponent_bins``), and a
-second only for the rare tensor that reaches an overflow cut. float64 goes through
-``frexp``.
+second only for the rare tensor that reaches an overflow cut; for a large tensor, one
+vector read for the extremes (``extremes``) and ``exponent_bins`` over a sample.
+float64 goes through ``frexp``.
 Exponents outside float32's range land in the end bins (below every flush cut, above
 every overflow cut).
 """
@@ -57,6 +58,25 @@ def exponent_bins(a, hist):
         amax = max(amax, b if b < 0x7F800000 else 0)
         amin = min(amin, b if b != 0 else 0x7F800000)
     return amax, amin
+
+
+@_jit
+def extremes(a):
+    """(bits of the largest |x|, bits of the smallest non-zero |x| minus one) of the
+    int32 view of a float32 array; inf and NaN count as the largest (past 0x7F800000),
+    zero as 2^31 - 1 in the second. Compares and selects only, so that they run in
+    vector lanes: a tenth of ``exponent_bins``' time per element. A tensor's histogram
+    then comes from a sample (``exponents``), its extremes from every element."""
+    top = np.int32(0)
+    low = np.int32(0x7FFFFFFF)
+    for i in range(a.shape[0]):
+        b = np.int32(a[i] & np.int32(0x7FFFFFFF))
+        if b > top:
+            top = b
+        c = np.int32((b - np.int32(1)) & np.int32(0x7FFFFFFF))
+        if c < low:
+            low = c
+    return top, low
 
 
 @_jit

@@ -13,6 +13,7 @@ with the pass's other statistics in its one transfer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any
 
@@ -22,7 +23,11 @@ import torch
 from varprobe import precision, stats
 from varprobe.precision import BINS, FORMATS, LOW, Ranges
 
-HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, then bins
+HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, then bins,
+# then the elements the bins and zeros counted (``SAMPLE``, or all of them)
+SAMPLE = 1 << 14  # a larger float32 CPU tensor's histogram is of this many elements
+SEED = 0x5EED
+INF_BITS = 0x7F800000
 
 
 class Measure:
@@ -45,8 +50,8 @@ class Measure:
         return measure(t, self.loss_scale)
 
 
-def cuts(scale: float) -> list[float]:
-    return [f.overflow_cut / scale for f in FORMATS.values()]
+def cuts(scale: float) -> tuple[float, ...]:
+    return tuple(f.overflow_cut / scale for f in FORMATS.values())
 
 
 def _strict() -> list[bool]:
@@ -63,10 +68,12 @@ def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
     def finish(r: list[float]) -> Ranges:
         amax = r[0] if r[0] >= 0 else None
         k = len(FORMATS)
+        drawn = int(r[-1])
         return Ranges(numel=n, amax=amax, min_nonzero=r[1] if amax is not None else None,
                       zeros=int(r[2]), nonfinite=int(r[3]),
-                      overflow={name: int(c) for name, c in zip(FORMATS, r[HEAD: HEAD + k])},
-                      histogram=[int(c) for c in r[HEAD + k:]], scale=scale)
+                      overflow=dict(zip(FORMATS, map(int, r[HEAD: HEAD + k]))),
+                      histogram=list(map(int, r[HEAD + k: -1])), scale=scale,
+                      sample=None if drawn == n else drawn)
 
     return stats.Pending(raw, finish)
 
@@ -101,33 +108,66 @@ def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
     cut = np.where(_strict(), np.nextafter(cut, np.inf), cut)
     amax, amin, zeros, nonfinite = k.ranges64(flat, cut, hist, over)
     return [float(amax), float(amin), float(zeros), float(nonfinite)] + over.tolist() \
-        + hist.tolist()
+        + hist.tolist() + [float(flat.size)]
 
 
-def _cpu32(ints: np.ndarray, limits: list[float]) -> list[float]:
-    """The row of a float32 array (its int32 view): cuts as float32 bits, compared as
-    integers (the next float up where only past the cut overflows)."""
+def _cpu32(ints: np.ndarray, limits: tuple[float, ...]) -> list[float]:
+    """The row of a float32 array (its int32 view). Past ``SAMPLE`` elements without
+    inf or NaN: amax, the smallest non-zero |x| and the overflow counts from every
+    element, the histogram and zeros from ``SAMPLE`` of them (``sample_index``), since
+    its per-element increment is what costs; otherwise all of it from every element."""
     k = _kernels()
-
-    cut = np.array(limits)
-    past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
-    bits = np.where(past, 1.0, cut).astype(np.float32).view(np.int32).astype(np.int64)
-    bits = np.where(past, 0x7F800000, bits + np.array(_strict()))
+    bits = _cut_bits(tuple(limits))
+    if ints.shape[0] > SAMPLE:
+        top, low = k.extremes(ints)
+        if top < INF_BITS:
+            drawn = ints[sample_index(ints.shape[0])]
+            rows = np.zeros((k.ROWS, 257), dtype=np.int64)
+            k.exponent_bins(drawn, rows)
+            over = k.cut_counts(ints, *bits)[1:] if top >= min(bits) else (0,) * len(bits)
+            return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, drawn)
     rows = np.zeros((k.ROWS, 257), dtype=np.int64)
     amax, amin = k.exponent_bins(ints, rows)
     raw = rows.sum(0)
-    infs, over = 0, [0] * len(limits)
-    if amax >= bits.min() or raw[255]:
-        infs, *over = k.cut_counts(ints, *(int(b) for b in bits))
+    infs, over = 0, (0,) * len(bits)
+    if amax >= min(bits) or raw[255]:
+        infs, *over = k.cut_counts(ints, *bits)
+    return _row(amax, amin, raw, infs, over, ints)
+
+
+def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, counted: np.ndarray
+         ) -> list[float]:
+    """The row from extremes as bits, ``exponent_bins``' counts over ``counted`` (every
+    element, or the sample) and the infinities and overflow counts of every element."""
     raw[255] -= infs
     hist = np.zeros(BINS, dtype=np.int64)
     hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
     if raw[1]:
-        k.small_bins(ints, hist)
+        _kernels().small_bins(counted, hist)
     value = np.array([amax, amin], dtype=np.int32).view(np.float32)
-    head = [float(value[0]) if amax > 0 else -1.0, float(value[1])]
-    return head + [float(raw[0]), float(infs + raw[256])] + [float(o) for o in over] \
-        + hist.astype(np.float64).tolist()
+    head = [float(value[0]) if amax > 0 else -1.0, float(value[1]), float(raw[0]),
+            float(infs + raw[256])]
+    return head + [float(o) for o in over] + hist.tolist() + [float(counted.shape[0])]
+
+
+@functools.lru_cache(maxsize=8)
+def _cut_bits(limits: tuple[float, ...]) -> tuple[int, ...]:
+    """The cuts as float32 bits, compared as integers (the next float up where only
+    past the cut overflows; past float32's range, the bits of inf, which no finite
+    element reaches)."""
+    cut = np.array(limits)
+    past = cut > float(np.finfo(np.float32).max)
+    bits = np.where(past, 1.0, cut).astype(np.float32).view(np.int32).astype(np.int64)
+    return tuple(int(b) for b in np.where(past, INF_BITS, bits + np.array(_strict())))
+
+
+@functools.lru_cache(maxsize=32)
+def sample_index(n: int) -> np.ndarray:
+    """``SAMPLE`` indices into ``n`` elements, uniform and independent (drawn with
+    replacement, so each sampled fraction is a binomial estimate: standard error
+    sqrt(p (1 - p) / SAMPLE)), sorted so that the gather walks memory forward. Seeded:
+    the same tensor gives the same row, run after run."""
+    return np.sort(np.random.default_rng(SEED).integers(0, n, SAMPLE))
 
 
 def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
@@ -152,7 +192,8 @@ def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
                                  for cut, strict in zip(limits, _strict())])
     if x.numel() == 0:
         head = torch.tensor([-1.0, math.inf], dtype=torch.float64, device=dev)
-    return torch.cat([head, counts.double(), hist[:BINS].double()])
+    drawn = torch.full((1,), float(x.numel()), dtype=torch.float64, device=dev)
+    return torch.cat([head, counts.double(), hist[:BINS].double(), drawn])
 
 
 def layer_ranges(slots: dict[str, int], weight_slots: tuple[int | None, int | None],

@@ -8,6 +8,10 @@ unscaled, under a loss scale, or with per-tensor amax scaling.
 
 Histogram bins: bin ``k`` counts finite x with 2^(k-1) < |x| <= 2^k, i.e. k =
 ceil(log2|x|), for k = ``LOW``..``HIGH`` (the float32 range, subnormals included).
+A large tensor's histogram (and zero count) may come from a uniform random sample of
+``sample`` of its elements, drawn with replacement (``exponents.SAMPLE``): its fractions
+are then binomial estimates, standard error sqrt(p (1 - p) / sample), while amax, the
+smallest non-zero |x| and the overflow counts stay exact over every element.
 Rounding to nearest-even sends |x| <= (smallest subnormal)/2 to zero (the tie goes to
 the even neighbour, 0), so with power-of-two scales the flush count is exact. The
 overflow cut (max plus half an ulp; at or past it a cast gives inf, or saturates for
@@ -106,13 +110,19 @@ class Ranges:
     overflow: dict[str, int]     # format -> count at or past its cut (under ``scale``)
     histogram: list[int]         # BINS counts, bin i is exponent LOW + i
     scale: float = 1.0           # the power of two the overflow cuts were divided by
+    sample: int | None = None    # elements the histogram and zeros count; None: all
     _below: list = field(init=False, repr=False, compare=False)  # running sums
 
     def __post_init__(self):
         self._below = list(itertools.accumulate(self.histogram))
 
+    @property
+    def drawn(self) -> int:
+        """The elements the histogram counts: the sample's size, or every element."""
+        return self.numel if self.sample is None else self.sample
+
     def count_at_most(self, exponent: int) -> int:
-        """Elements with 0 < |x| <= 2^exponent."""
+        """Counted elements (``drawn``) with 0 < |x| <= 2^exponent."""
         top = min(exponent - LOW, BINS - 1)
         return self._below[top] if top >= 0 else 0
 
@@ -124,21 +134,31 @@ class Ranges:
         shift = round(math.log2(scale))
         flushed = self.count_at_most(fmt.flush_exponent - shift)
         below_normal = self.count_at_most(fmt.normal_exponent - shift)
-        return {"underflow": flushed / self.numel,
-                "subnormal": (below_normal - flushed) / self.numel,
-                "overflow": self.overflow_count(fmt, scale) / self.numel}
+        return {"underflow": flushed / self.drawn,
+                "subnormal": (below_normal - flushed) / self.drawn,
+                "overflow": self.overflow_fraction(fmt, scale)}
 
-    def overflow_count(self, fmt: NumberFormat, scale: float) -> int:
+    def overflow_fraction(self, fmt: NumberFormat, scale: float) -> float:
         if self.amax is None or self.amax * scale < fmt.overflow_cut or (
                 self.amax * scale == fmt.overflow_cut and not fmt.cut_inclusive):
-            return 0
+            return 0.0
         if scale == self.scale:
-            return self.overflow[fmt.name]
+            return self.overflow[fmt.name] / self.numel
         # Whole bins past the cut: exact when the cut falls on a bin edge, a lower
-        # bound otherwise (scales that overflow are never recommended).
+        # bound otherwise (scales that overflow are never recommended); at least one
+        # element, which the exact amax says is there.
         first = math.ceil(math.log2(fmt.overflow_cut / scale)) + 1 - LOW
         above = self._below[-1] - (self._below[first - 1] if first > 0 else 0)
-        return max(1, above)
+        return max(1 / self.numel, above / self.drawn)
+
+    def survives(self, fmt: NumberFormat, scale: float) -> bool:
+        """Whether some non-zero element stays non-zero in ``fmt`` under ``scale``: from
+        the exact amax where the histogram is a sample, else from the counts (expected
+        ones for a predicted row: at least half an element left)."""
+        if self.sample is not None:
+            return self.amax is not None and self.amax * scale > 2.0 ** fmt.flush_exponent
+        flushed = self.count_at_most(fmt.flush_exponent - round(math.log2(scale)))
+        return self.nonzero_finite() - flushed >= 0.5
 
     def amax_scale(self, fmt: NumberFormat) -> float | None:
         """Transformer Engine's per-tensor scale max/amax, rounded down to a power of two
@@ -148,7 +168,8 @@ class Ranges:
         return 2.0 ** math.floor(math.log2(fmt.max / self.amax))
 
     def nonzero_finite(self) -> int:
-        return self.numel - self.zeros - self.nonfinite
+        """Of the counted elements (``drawn``)."""
+        return self.drawn - self.zeros - self.nonfinite
 
     @classmethod
     def from_dict(cls, d: dict) -> Ranges:
@@ -159,12 +180,13 @@ class Ranges:
             counts[first - LOW + i] = c
         return cls(numel=d["numel"], amax=d["amax"], min_nonzero=d["min_nonzero"],
                    zeros=d["zeros"], nonfinite=d["nonfinite"], overflow=dict(d["overflow"]),
-                   histogram=counts, scale=d["scale"])
+                   histogram=counts, scale=d["scale"], sample=_sampled(d))
 
     def to_dict(self, formats: list[str] = tuple(FORMATS)) -> dict:
         out: dict = {"numel": self.numel, "amax": self.amax, "min_nonzero": self.min_nonzero,
                      "log2_amax": _log2(self.amax), "log2_min_nonzero": _log2(self.min_nonzero),
                      "zeros": self.zeros, "nonfinite": self.nonfinite, "scale": self.scale,
+                     "sample": self.drawn,
                      "overflow": dict(self.overflow), "formats": {},
                      "histogram": _trim(self.histogram)}
         for name in formats:
@@ -178,6 +200,12 @@ class Ranges:
                 row["amax_scale"] = s
             out["formats"][name] = row
         return out
+
+
+def _sampled(d: dict) -> int | None:
+    """A JSON row's sample size, None where it counted every element."""
+    drawn = d.get("sample", d["numel"])
+    return None if drawn == d["numel"] else drawn
 
 
 def _log2(value: float | None) -> float | None:
@@ -195,7 +223,8 @@ def _trim(counts: list[int]) -> dict[str, object]:
 def merged(rows: list[dict]) -> dict:
     """The range row of several tensors' elements together (``to_dict`` rows, e.g. one
     per trial): counts added, the extremes of the extremes. Predicted rows (no
-    histogram) are kept from the first."""
+    histogram) are kept from the first. Sampled rows pool their samples, which weighs
+    each tensor by its sample: by its size for trials, whose tensors have one shape."""
     if "histogram" not in rows[0]:
         return rows[0]
     parts = [Ranges.from_dict(r) for r in rows]
@@ -206,7 +235,9 @@ def merged(rows: list[dict]) -> dict:
                   nonfinite=sum(p.nonfinite for p in parts),
                   overflow={k: sum(p.overflow[k] for p in parts) for k in parts[0].overflow},
                   histogram=[sum(c) for c in zip(*(p.histogram for p in parts))],
-                  scale=parts[0].scale).to_dict()
+                  scale=parts[0].scale,
+                  sample=None if all(p.sample is None for p in parts)
+                  else sum(p.drawn for p in parts)).to_dict()
 
 
 # --- loss scales ------------------------------------------------------------------------
@@ -262,7 +293,11 @@ def loss_scale_range(grads: dict[str, Ranges], fmt: NumberFormat,
 def _smallest_scale(r: Ranges, fmt: NumberFormat, max_underflow: float) -> float | None:
     for e in range(-64, 65):
         flushed = r.count_at_most(fmt.flush_exponent - e)
-        if flushed / r.numel <= max_underflow and flushed < r.nonzero_finite():
+        # some element left: exactly from amax for a sampled row; any expected count
+        # left for a predicted one
+        alive = r.survives(fmt, 2.0 ** e) if r.sample is not None \
+            else flushed < r.nonzero_finite()
+        if flushed / r.drawn <= max_underflow and alive:
             return 2.0 ** e
     return None
 

@@ -174,9 +174,8 @@ def _check(layer: Layer, key: str, r: Ranges, fmt: NumberFormat, scale: float,
             fits["overflow"]))
     if not fits["underflow"]:
         return
-    survivors = r.nonzero_finite() - fits["underflow"] * r.numel
-    if survivors < 0.5 or fits["underflow"] > underflow:
-        whole = survivors < 0.5
+    whole = not r.survives(fmt, scale)
+    if whole or fits["underflow"] > underflow:
         layer.flags.append(Flag("underflow", "error" if whole else "warning", (
             f"{what}: {'every non-zero element' if whole else format(fits['underflow'], '.3g')}"
             f"{'' if whole else ' of its elements'} flush{'es' if whole else ''} to zero in "
