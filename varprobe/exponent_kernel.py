@@ -61,6 +61,21 @@ def exponent_bins(a, hist):
 
 
 @_jit
+def sample_bins(a, idx, hist):
+    """``exponent_bins``' counts (without the extremes) of the elements ``a[idx]``,
+    gathered in the same loop."""
+    n = idx.shape[0]
+    whole = n - n % ROWS
+    for i in range(0, whole, ROWS):
+        for j in range(ROWS):
+            b = a[idx[i + j]] & 0x7FFFFFFF
+            hist[j, ((b - 1) >> 23) + 1] += 1
+    for i in range(whole, n):
+        b = a[idx[i]] & 0x7FFFFFFF
+        hist[0, ((b - 1) >> 23) + 1] += 1
+
+
+@_jit
 def extremes(a):
     """(bits of the largest |x|, bits of the smallest non-zero |x| minus one) of the
     int32 view of a float32 array; inf and NaN count as the largest (past 0x7F800000),

@@ -51,6 +51,11 @@ class Measure:
 
 
 def cuts(scale: float) -> tuple[float, ...]:
+    return _cuts(scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuts(scale: float) -> tuple[float, ...]:
     return tuple(f.overflow_cut / scale for f in FORMATS.values())
 
 
@@ -63,7 +68,8 @@ def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
     """The Pending of ``t``'s range row; overflow cuts divided by ``scale``."""
     x = t.detach()
     n = x.numel()
-    raw = _cpu(x, cuts(scale)) if _kernel_readable(x) else _chunked(x, cuts(scale))
+    flat = _readable(x)
+    raw = _cpu(flat, cuts(scale)) if flat is not None else _chunked(x, cuts(scale))
 
     def finish(r: list[float]) -> Ranges:
         amax = r[0] if r[0] >= 0 else None
@@ -72,10 +78,25 @@ def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
         return Ranges(numel=n, amax=amax, min_nonzero=r[1] if amax is not None else None,
                       zeros=int(r[2]), nonfinite=int(r[3]),
                       overflow=dict(zip(FORMATS, map(int, r[HEAD: HEAD + k]))),
-                      histogram=list(map(int, r[HEAD + k: -1])), scale=scale,
+                      histogram=_whole(r[HEAD + k: -1]), scale=scale,
                       sample=None if drawn == n else drawn)
 
     return stats.Pending(raw, finish)
+
+
+def _whole(counts: list) -> list[int]:
+    """Counts as ints: a CPU row's are already (``_row``), a device row's are floats."""
+    return counts if not counts or type(counts[0]) is int else list(map(int, counts))
+
+
+def _readable(x: torch.Tensor) -> np.ndarray | None:
+    """``x``'s memory as a flat numpy array where the CPU kernels read it, else None;
+    the common case (contiguous float32) without the general checks, which cost more
+    than a sampled tensor's whole kernel time."""
+    if x.dtype == torch.float32 and stats.reads_are_free(x.device) and x.is_contiguous() \
+            and x.numel() > 0 and not x.is_neg():
+        return x.view(-1).numpy()
+    return stats._dense(x).numpy() if _kernel_readable(x) else None
 
 
 def _kernel_readable(x: torch.Tensor) -> bool:
@@ -87,7 +108,12 @@ def _kernel_readable(x: torch.Tensor) -> bool:
 
 def _kernels():
     """numba's range kernels where numba is used, else their torch versions."""
-    if stats.numba_kernels() is None:
+    return _range_kernels(stats.numba_kernels() is not None)
+
+
+@functools.cache
+def _range_kernels(numba: bool):
+    if not numba:
         from varprobe import torch_exponent_kernel
 
         return torch_exponent_kernel
@@ -96,10 +122,9 @@ def _kernels():
     return exponent_kernel
 
 
-def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
+def _cpu(flat: np.ndarray, limits: tuple[float, ...]) -> list[float]:
     from varprobe import exponent_kernel as k
 
-    flat = stats._dense(x).numpy()
     if flat.dtype == np.float32:
         return _cpu32(flat.view(np.int32), limits)
     hist = np.zeros(BINS, dtype=np.int64)
@@ -121,11 +146,11 @@ def _cpu32(ints: np.ndarray, limits: tuple[float, ...]) -> list[float]:
     if ints.shape[0] > SAMPLE:
         top, low = k.extremes(ints)
         if top < INF_BITS:
-            drawn = ints[sample_index(ints.shape[0])]
+            idx = sample_index(ints.shape[0])
             rows = np.zeros((k.ROWS, 257), dtype=np.int64)
-            k.exponent_bins(drawn, rows)
+            k.sample_bins(ints, idx, rows)
             over = k.cut_counts(ints, *bits)[1:] if top >= min(bits) else (0,) * len(bits)
-            return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, drawn)
+            return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, ints, idx)
     rows = np.zeros((k.ROWS, 257), dtype=np.int64)
     amax, amin = k.exponent_bins(ints, rows)
     raw = rows.sum(0)
@@ -135,19 +160,21 @@ def _cpu32(ints: np.ndarray, limits: tuple[float, ...]) -> list[float]:
     return _row(amax, amin, raw, infs, over, ints)
 
 
-def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, counted: np.ndarray
-         ) -> list[float]:
-    """The row from extremes as bits, ``exponent_bins``' counts over ``counted`` (every
-    element, or the sample) and the infinities and overflow counts of every element."""
+def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, ints: np.ndarray,
+         idx: np.ndarray | None = None) -> list[float]:
+    """The row from extremes as bits, ``exponent_bins``' counts over the elements
+    counted (``ints``, or ``ints[idx]``: the sample) and the infinities and overflow
+    counts of every element."""
     raw[255] -= infs
     hist = np.zeros(BINS, dtype=np.int64)
     hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
     if raw[1]:
-        _kernels().small_bins(counted, hist)
+        _kernels().small_bins(ints if idx is None else ints[idx], hist)
     value = np.array([amax, amin], dtype=np.int32).view(np.float32)
     head = [float(value[0]) if amax > 0 else -1.0, float(value[1]), float(raw[0]),
             float(infs + raw[256])]
-    return head + [float(o) for o in over] + hist.tolist() + [float(counted.shape[0])]
+    drawn = ints.shape[0] if idx is None else idx.shape[0]
+    return head + [float(o) for o in over] + hist.tolist() + [float(drawn)]
 
 
 @functools.lru_cache(maxsize=8)

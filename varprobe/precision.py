@@ -26,6 +26,8 @@ histogram by whole bins and the counts stay exact.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -44,14 +46,14 @@ class NumberFormat:
     max: float
     saturates: bool = False  # torch casts past max to max (e4m3fn has no inf)
 
-    @property
+    @functools.cached_property
     def overflow_cut(self) -> float:
         """Where a cast stops keeping |x| finite and within half an ulp: max plus half
         the ulp at max (itself included or not: ``cut_inclusive``)."""
         ulp = 2.0 ** (math.floor(math.log2(self.max)) - self.mantissa_bits)
         return self.max + ulp / 2
 
-    @property
+    @functools.cached_property
     def cut_inclusive(self) -> bool:
         """Whether the cut itself overflows: a tie rounds to the even neighbour, which is
         the step past max when max's mantissa is odd (all ones: fp16, bf16, e5m2), and
@@ -59,16 +61,16 @@ class NumberFormat:
         top = 2.0 ** math.floor(math.log2(self.max))
         return round((self.max / top - 1) * 2 ** self.mantissa_bits) % 2 == 1
 
-    @property
+    @functools.cached_property
     def flush_exponent(self) -> int:
         """log2 of the largest |x| that rounds to zero: half the smallest subnormal."""
         return round(math.log2(self.min_subnormal)) - 1
 
-    @property
+    @functools.cached_property
     def normal_exponent(self) -> int:
         return round(math.log2(self.min_normal))
 
-    @property
+    @functools.cached_property
     def range_binades(self) -> float:
         """log2(max / smallest subnormal): the spread a tensor can have and keep every
         non-zero element."""
@@ -167,6 +169,18 @@ class Ranges:
             return None
         return 2.0 ** math.floor(math.log2(fmt.max / self.amax))
 
+    def _trimmed(self) -> dict[str, object]:
+        """The histogram without its empty ends: bin i of "counts" is exponent first + i.
+        Whole counts: the ends from the running sums (a bisection each), since a
+        Python loop over every bin costs more than the rest of the row."""
+        below = self._below
+        if not isinstance(below[-1], int):  # expected counts: a tiny one can vanish
+            return _trim(self.histogram)  # in a running sum
+        if not below[-1]:
+            return {"first": None, "counts": []}
+        first, last = bisect.bisect_right(below, 0), bisect.bisect_left(below, below[-1])
+        return {"first": LOW + first, "counts": self.histogram[first: last + 1]}
+
     def nonzero_finite(self) -> int:
         """Of the counted elements (``drawn``)."""
         return self.drawn - self.zeros - self.nonfinite
@@ -175,9 +189,9 @@ class Ranges:
     def from_dict(cls, d: dict) -> Ranges:
         """Back from ``to_dict`` (a report read from JSON)."""
         counts = [0] * BINS
-        first = d["histogram"]["first"]
-        for i, c in enumerate(d["histogram"]["counts"]):
-            counts[first - LOW + i] = c
+        first, kept = d["histogram"]["first"], d["histogram"]["counts"]
+        if kept:
+            counts[first - LOW: first - LOW + len(kept)] = kept
         return cls(numel=d["numel"], amax=d["amax"], min_nonzero=d["min_nonzero"],
                    zeros=d["zeros"], nonfinite=d["nonfinite"], overflow=dict(d["overflow"]),
                    histogram=counts, scale=d["scale"], sample=_sampled(d))
@@ -188,7 +202,7 @@ class Ranges:
                      "zeros": self.zeros, "nonfinite": self.nonfinite, "scale": self.scale,
                      "sample": self.drawn,
                      "overflow": dict(self.overflow), "formats": {},
-                     "histogram": _trim(self.histogram)}
+                     "histogram": self._trimmed()}
         for name in formats:
             fmt = FORMATS[name]
             row = {"unscaled": self.fits(fmt)}
@@ -291,15 +305,22 @@ def loss_scale_range(grads: dict[str, Ranges], fmt: NumberFormat,
 
 
 def _smallest_scale(r: Ranges, fmt: NumberFormat, max_underflow: float) -> float | None:
-    for e in range(-64, 65):
-        flushed = r.count_at_most(fmt.flush_exponent - e)
-        # some element left: exactly from amax for a sampled row; any expected count
-        # left for a predicted one
-        alive = r.survives(fmt, 2.0 ** e) if r.sample is not None \
-            else flushed < r.nonzero_finite()
-        if flushed / r.drawn <= max_underflow and alive:
-            return 2.0 ** e
-    return None
+    """The smallest 2^e, e in -64..64, under which at most ``max_underflow`` of the
+    tensor flushes and some element is left. Both only get truer as e grows (fewer
+    elements at or below the flush cut / scale), so a bisection finds it."""
+    exponents = range(-64, 65)
+    first = bisect.bisect_left(exponents, True, key=lambda e: _scale_keeps(r, fmt, e,
+                                                                           max_underflow))
+    return 2.0 ** exponents[first] if first < len(exponents) else None
+
+
+def _scale_keeps(r: Ranges, fmt: NumberFormat, e: int, max_underflow: float) -> bool:
+    flushed = r.count_at_most(fmt.flush_exponent - e)
+    # some element left: exactly from amax for a sampled row; any expected count
+    # left for a predicted one
+    alive = r.survives(fmt, 2.0 ** e) if r.sample is not None \
+        else flushed < r.nonzero_finite()
+    return flushed / r.drawn <= max_underflow and alive
 
 
 # --- settings -----------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """``exponent_kernel``'s float32 kernels in torch: the CPU path without numba.
 
 The same functions, arguments and results as ``varprobe.exponent_kernel``'s
-``exponent_bins``, ``extremes``, ``cut_counts`` and ``small_bins`` (see there), on the
-same int32 views of float32 arrays (as tensors, without a copy), so ``exponents``
+``exponent_bins``, ``sample_bins``, ``extremes``, ``cut_counts`` and ``small_bins`` (see
+there), on the same int32 views of float32 arrays (as tensors, without a copy), so ``exponents``
 assembles one row from either. A histogram is a ``bincount`` of the exponent field,
 and the largest and smallest magnitudes are integer max and min of the bits: a few
 reads of the tensor where numba's loop makes one, about 4x its time per element (3.5
@@ -71,6 +71,10 @@ def _bins_with_nan(bits: torch.Tensor, rows: np.ndarray) -> tuple[int, int]:
     finite = torch.where(bits < INF_BITS, bits, 0).amax()
     nonzero = torch.where(bits != 0, bits, INF_BITS).amin()
     return int(finite), int(nonzero)
+
+
+def sample_bins(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
+    exponent_bins(np.ascontiguousarray(a[idx]), rows)
 
 
 def extremes(a: np.ndarray) -> tuple[int, int]:
