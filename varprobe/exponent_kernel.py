@@ -20,6 +20,7 @@ from numba import njit
 
 LOW, HIGH = -149, 128  # precision.LOW/HIGH (kept free of imports: numba compiles this)
 ROWS = 8  # histogram rows exponent_bins takes in turn
+BLOCK = 1 << 12  # elements ``sampled`` reads before taking the sample's among them
 _OPTIONS = {"nogil": True, "boundscheck": False}
 
 
@@ -80,8 +81,7 @@ def extremes(a):
     """(bits of the largest |x|, bits of the smallest non-zero |x| minus one) of the
     int32 view of a float32 array; inf and NaN count as the largest (past 0x7F800000),
     zero as 2^31 - 1 in the second. Compares and selects only, so that they run in
-    vector lanes: a tenth of ``exponent_bins``' time per element. A tensor's histogram
-    then comes from a sample (``exponents``), its extremes from every element."""
+    vector lanes: a tenth of ``exponent_bins``' time per element."""
     top = np.int32(0)
     low = np.int32(0x7FFFFFFF)
     for i in range(a.shape[0]):
@@ -91,6 +91,34 @@ def extremes(a):
         c = np.int32((b - np.int32(1)) & np.int32(0x7FFFFFFF))
         if c < low:
             low = c
+    return top, low
+
+
+@_jit
+def sampled(a, idx, hist):
+    """``extremes`` of every element and ``sample_bins`` of ``a[idx]`` (``idx`` sorted)
+    in one read: block by block, the sample's elements taken while the block is in
+    cache (a sorted sample of a tenth of the elements touches most cache lines, so
+    gathered apart it costs another read of the tensor)."""
+    top = np.int32(0)
+    low = np.int32(0x7FFFFFFF)
+    n = a.shape[0]
+    m = idx.shape[0]
+    p = 0
+    for start in range(0, n, BLOCK):
+        t, lo = extremes(a[start:start + BLOCK])
+        top = max(top, t)
+        low = min(low, lo)
+        end = min(start + BLOCK, n)
+        while p + ROWS <= m and idx[p + ROWS - 1] < end:
+            for j in range(ROWS):
+                b = a[idx[p + j]] & 0x7FFFFFFF
+                hist[j, ((b - 1) >> 23) + 1] += 1
+            p += ROWS
+        while p < m and idx[p] < end:
+            b = a[idx[p]] & 0x7FFFFFFF
+            hist[0, ((b - 1) >> 23) + 1] += 1
+            p += 1
     return top, low
 
 

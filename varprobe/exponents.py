@@ -144,11 +144,10 @@ def _cpu32(ints: np.ndarray, limits: tuple[float, ...]) -> list[float]:
     k = _kernels()
     bits = _cut_bits(tuple(limits))
     if ints.shape[0] > SAMPLE:
-        top, low = k.extremes(ints)
+        idx = sample_index(ints.shape[0])
+        rows = np.zeros((k.ROWS, 257), dtype=np.int64)
+        top, low = k.sampled(ints, idx, rows)
         if top < INF_BITS:
-            idx = sample_index(ints.shape[0])
-            rows = np.zeros((k.ROWS, 257), dtype=np.int64)
-            k.sample_bins(ints, idx, rows)
             over = k.cut_counts(ints, *bits)[1:] if top >= min(bits) else (0,) * len(bits)
             return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, ints, idx)
     rows = np.zeros((k.ROWS, 257), dtype=np.int64)
@@ -226,14 +225,16 @@ def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
 def layer_ranges(slots: dict[str, int], weight_slots: tuple[int | None, int | None],
                  range_slots: dict[int, int], host: list) -> dict[str, dict]:
     """A layer's range rows by tensor (input, forward, backward, backward_input,
-    weight, weight_grad), JSON-ready; tensors without a range slot are left out."""
+    weight, weight_grad), JSON-ready; tensors without a range slot are left out. A
+    tensor two layers see (one's output, the next one's input) gives both the same
+    row, made once: read-only."""
     named = dict(slots)
     named.update(zip(("weight", "weight_grad"), weight_slots))
     out = {}
     for key, slot in named.items():
         found = range_slots.get(slot) if slot is not None else None
         if found is not None and host[found] is not None:
-            out[key] = host[found].to_dict()
+            out[key] = host[found].row()
     return out
 
 

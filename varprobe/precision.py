@@ -114,6 +114,7 @@ class Ranges:
     scale: float = 1.0           # the power of two the overflow cuts were divided by
     sample: int | None = None    # elements the histogram and zeros count; None: all
     _below: list = field(init=False, repr=False, compare=False)  # running sums
+    _row: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self._below = list(itertools.accumulate(self.histogram))
@@ -195,6 +196,12 @@ class Ranges:
         return cls(numel=d["numel"], amax=d["amax"], min_nonzero=d["min_nonzero"],
                    zeros=d["zeros"], nonfinite=d["nonfinite"], overflow=dict(d["overflow"]),
                    histogram=counts, scale=d["scale"], sample=_sampled(d))
+
+    def row(self) -> dict:
+        """``to_dict()``, made once: the same dict for every layer that shows this row."""
+        if self._row is None:
+            self._row = self.to_dict()
+        return self._row
 
     def to_dict(self, formats: list[str] = tuple(FORMATS)) -> dict:
         out: dict = {"numel": self.numel, "amax": self.amax, "min_nonzero": self.min_nonzero,

@@ -1,13 +1,13 @@
 """``exponent_kernel``'s float32 kernels in torch: the CPU path without numba.
 
 The same functions, arguments and results as ``varprobe.exponent_kernel``'s
-``exponent_bins``, ``sample_bins``, ``extremes``, ``cut_counts`` and ``small_bins`` (see
-there), on the same int32 views of float32 arrays (as tensors, without a copy), so ``exponents``
-assembles one row from either. A histogram is a ``bincount`` of the exponent field,
-and the largest and smallest magnitudes are integer max and min of the bits: a few
-reads of the tensor where numba's loop makes one, about 4x its time per element (3.5
-against 0.9 ns on this project's CPU), against 30x for the general chunked path
-(``frexp`` and ``index_add_``) that accelerators take.
+``exponent_bins``, ``sampled``, ``sample_bins``, ``extremes``, ``cut_counts`` and
+``small_bins`` (see there), on the same int32 views of float32 arrays (as tensors,
+without a copy), so ``exponents`` assembles one row from either. A histogram is a
+``bincount`` of the exponent field, and the largest and smallest magnitudes are integer
+max and min of the bits: a few reads of the tensor where numba's loop makes one, about
+4x its time per element (3.5 against 0.9 ns on this project's CPU), against 30x for
+the general chunked path (``frexp`` and ``index_add_``) that accelerators take.
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def _bins_with_nan(bits: torch.Tensor, rows: np.ndarray) -> tuple[int, int]:
 
 def sample_bins(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
     exponent_bins(np.ascontiguousarray(a[idx]), rows)
+
+
+def sampled(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
+    sample_bins(a, idx, rows)
+    return extremes(a)
 
 
 def extremes(a: np.ndarray) -> tuple[int, int]:
