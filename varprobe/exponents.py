@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import struct
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, th
 SAMPLE = 1 << 14  # a larger float32 CPU tensor's histogram is of this many elements
 SEED = 0x5EED
 INF_BITS = 0x7F800000
+_AS_BITS, _AS_FLOATS = struct.Struct("<2i"), struct.Struct("<2f")  # float32 from its bits
 
 
 class Measure:
@@ -169,9 +171,8 @@ def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, ints: np.ndarra
     hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
     if raw[1]:
         _kernels().small_bins(ints if idx is None else ints[idx], hist)
-    value = np.array([amax, amin], dtype=np.int32).view(np.float32)
-    head = [float(value[0]) if amax > 0 else -1.0, float(value[1]), float(raw[0]),
-            float(infs + raw[256])]
+    top, low = _AS_FLOATS.unpack(_AS_BITS.pack(amax, amin))
+    head = [top if amax > 0 else -1.0, low, float(raw[0]), float(infs + raw[256])]
     drawn = ints.shape[0] if idx is None else idx.shape[0]
     return head + [float(o) for o in over] + hist.tolist() + [float(drawn)]
 
