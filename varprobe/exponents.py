@@ -26,7 +26,7 @@ from varprobe.precision import BINS, FORMATS, LOW, Ranges
 
 HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, then bins,
 # then the elements the bins and zeros counted (``SAMPLE``, or all of them)
-SAMPLE = 1 << 14  # a larger float32 CPU tensor's histogram is of this many elements
+SAMPLE = 1 << 13  # a larger float32 CPU tensor's histogram is of this many elements
 SEED = 0x5EED
 INF_BITS = 0x7F800000
 _AS_BITS, _AS_FLOATS = struct.Struct("<2i"), struct.Struct("<2f")  # float32 from its bits
@@ -44,12 +44,13 @@ class Measure:
         """The measurement a precision.Settings asks for; None without one."""
         return None if settings is None else cls(settings.loss_scale or 1.0)
 
-    def values(self, t: torch.Tensor) -> stats.Pending:
-        """An activation or a weight: no scale."""
-        return measure(t, 1.0)
+    def values(self, t: torch.Tensor, seen: tuple | None = None) -> stats.Pending:
+        """An activation or a weight: no scale. ``seen``: its extremes from the moment
+        kernel's read (``stats.extremes_read``), or None."""
+        return measure(t, 1.0, seen)
 
-    def gradient(self, t: torch.Tensor) -> stats.Pending:
-        return measure(t, self.loss_scale)
+    def gradient(self, t: torch.Tensor, seen: tuple | None = None) -> stats.Pending:
+        return measure(t, self.loss_scale, seen)
 
 
 def cuts(scale: float) -> tuple[float, ...]:
@@ -66,12 +67,15 @@ def _strict() -> list[bool]:
     return [not f.cut_inclusive for f in FORMATS.values()]
 
 
-def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
-    """The Pending of ``t``'s range row; overflow cuts divided by ``scale``."""
+def measure(t: torch.Tensor, scale: float = 1.0, seen: tuple | None = None
+            ) -> stats.Pending:
+    """The Pending of ``t``'s range row; overflow cuts divided by ``scale``; ``seen``:
+    (elements, ``exponent_kernel.extremes``) of ``t`` from an earlier read, or None."""
     x = t.detach()
     n = x.numel()
     flat = _readable(x)
-    raw = _cpu(flat, cuts(scale)) if flat is not None else _chunked(x, cuts(scale))
+    known = seen[1:] if seen is not None and seen[0] == n else None
+    raw = _cpu(flat, cuts(scale), known) if flat is not None else _chunked(x, cuts(scale))
 
     def finish(r: list[float]) -> Ranges:
         amax = r[0] if r[0] >= 0 else None
@@ -124,11 +128,12 @@ def _range_kernels(numba: bool):
     return exponent_kernel
 
 
-def _cpu(flat: np.ndarray, limits: tuple[float, ...]) -> list[float]:
+def _cpu(flat: np.ndarray, limits: tuple[float, ...], known: tuple | None = None
+         ) -> list[float]:
     from varprobe import exponent_kernel as k
 
     if flat.dtype == np.float32:
-        return _cpu32(flat.view(np.int32), limits)
+        return _cpu32(flat.view(np.int32), limits, known)
     hist = np.zeros(BINS, dtype=np.int64)
     over = np.zeros(len(limits), dtype=np.int64)
     cut = np.array(limits)
@@ -138,17 +143,23 @@ def _cpu(flat: np.ndarray, limits: tuple[float, ...]) -> list[float]:
         + hist.tolist() + [float(flat.size)]
 
 
-def _cpu32(ints: np.ndarray, limits: tuple[float, ...]) -> list[float]:
+def _cpu32(ints: np.ndarray, limits: tuple[float, ...], known: tuple | None = None
+           ) -> list[float]:
     """The row of a float32 array (its int32 view). Past ``SAMPLE`` elements without
     inf or NaN: amax, the smallest non-zero |x| and the overflow counts from every
     element, the histogram and zeros from ``SAMPLE`` of them (``sample_index``), since
-    its per-element increment is what costs; otherwise all of it from every element."""
+    its per-element increment is what costs; otherwise all of it from every element.
+    ``known``: ``extremes`` of ``ints`` from the moment kernel's read, which then
+    leaves only the sample to read here."""
     k = _kernels()
     bits = _cut_bits(tuple(limits))
     if ints.shape[0] > SAMPLE:
         idx = sample_index(ints.shape[0])
         rows = np.zeros((k.ROWS, 257), dtype=np.int64)
-        top, low = k.sampled(ints, idx, rows)
+        if known is None:
+            top, low = k.sampled(ints, idx, rows)
+        else:
+            (top, low), _ = known, k.sample_bins(ints, idx, rows)
         if top < INF_BITS:
             over = k.cut_counts(ints, *bits)[1:] if top >= min(bits) else (0,) * len(bits)
             return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, ints, idx)

@@ -16,6 +16,7 @@ again from the mean when the mean dominates the spread).
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 BLOCK = 256
@@ -50,6 +51,35 @@ def sums(a, shift, zero):
         s1 += b1
         s2 += b2
     return s1, s2
+
+
+@_jit
+def sums_extremes(a, bits, shift, zero):
+    """``sums`` of a float32 array and, in the same read, ``exponent_kernel.extremes`` of
+    ``bits``, its int32 view: the exact part of the range statistics (``--precision``)
+    without a read of their own."""
+    s1 = 0.0
+    s2 = 0.0
+    top = np.int32(0)
+    low = np.int32(0x7FFFFFFF)
+    for start in range(0, a.shape[0], BLOCK):
+        block = a[start:start + BLOCK]
+        ints = bits[start:start + BLOCK]
+        b1 = zero
+        b2 = zero
+        for i in range(block.shape[0]):
+            d = block[i] - shift
+            b1 += d
+            b2 += d * d
+            b = np.int32(ints[i] & np.int32(0x7FFFFFFF))
+            if b > top:
+                top = b
+            c = np.int32((b - np.int32(1)) & np.int32(0x7FFFFFFF))
+            if c < low:
+                low = c
+        s1 += b1
+        s2 += b2
+    return s1, s2, top, low
 
 
 @_jit
