@@ -141,6 +141,35 @@ def test_predict_flags_the_same_overflow_before_any_tensor_exists():
     assert flagged(report, "overflow") == flagged(measured, "overflow")
 
 
+def test_extremes_from_the_moment_read_are_every_elements(monkeypatch):
+    """Past SAMPLE elements the probe takes amax and the smallest non-zero |x| from the
+    moment kernel's own read where it can (``stats.extremes_read``): exactly those of
+    every element of each output, output gradient, weight and weight gradient,
+    recomputed here with autograd."""
+    from varprobe import exponent_kernel, exponents
+
+    reads = []
+    monkeypatch.setattr(exponent_kernel, "sample_bins",
+                        lambda *a, f=exponent_kernel.sample_bins: reads.append(1) or f(*a))
+    monkeypatch.setattr(exponents, "_range_kernels", lambda numba: exponent_kernel)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256))
+    x, g = torch.randn(128, 256), torch.randn(128, 256)  # 32768 elements each
+    report = varprobe.probe(model, x, grad_output=g, precision=Settings("fp16"))
+    ys = outputs(model, x)
+    weights = [model[0].weight, model[2].weight]
+    grads = torch.autograd.grad(ys[-1], ys[:-1] + weights, g)
+    truth = {(i, "forward"): y for i, y in enumerate(ys)}
+    truth.update({(i, "backward"): d for i, d in enumerate(list(grads[:-2]) + [g])})
+    truth.update({(0, "weight"): weights[0], (2, "weight"): weights[1],
+                  (0, "weight_grad"): grads[-2], (2, "weight_grad"): grads[-1]})
+    for (i, key), t in truth.items():
+        row, a = report.layers[i].ranges[key], t.detach().abs()
+        assert row["sample"] == SAMPLE < row["numel"] == t.numel(), (i, key)
+        assert row["amax"] == a.max().item() and row["min_nonzero"] == a[a > 0].min().item()
+    assert reads  # the sample read alone: the extremes came with the moments
+
+
 def test_one_host_read_with_range_statistics(monkeypatch):
     """As tests/test_fastpath.py: on the accelerators' code path the range statistics
     travel in the pass's one transfer."""

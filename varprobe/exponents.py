@@ -3,11 +3,14 @@
 format, the elements at or past its overflow cut.
 
 Opt-in (``Recorder(ranges=...)``): the default probe never reads a tensor for them.
-Dense float32/float64 CPU tensors are read once more by ``exponent_kernel`` where numba is
-used (``stats.numba_kernels``); everything else (accelerators, fp16/bf16, strided memory,
-and every CPU tensor without numba) in chunks with torch ops
-that issue no sync (``index_add_`` into the histogram, no boolean indexing), copied
-with the pass's other statistics in its one transfer.
+Dense float32/float64 CPU tensors are read by ``exponent_kernel`` where numba is used
+(``stats.numba_kernels``), else by its torch versions (``torch_exponent_kernel``). Past
+``SAMPLE`` elements (float32, no inf or NaN) the histogram and zeros are those of a
+uniform random sample, and the extremes come from every element, from the moment
+kernel's read where it made one (``stats.extremes_read``); see ``sample_index``.
+Everything else (accelerators, fp16/bf16, strided memory) is read whole in chunks with
+torch ops that issue no sync (``index_add_`` into the histogram, no boolean
+indexing), copied with the pass's other statistics in its one transfer.
 """
 
 from __future__ import annotations
