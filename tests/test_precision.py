@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -167,6 +168,26 @@ def test_the_sample_is_not_strided(path):
     assert r.sample == exponents.SAMPLE
     assert within(r.fits(FORMATS["fp16"])["underflow"], 1 / 64, r.sample)
     assert r.fits(FORMATS["fp16"])["underflow"] > 0
+
+
+@pytest.mark.parametrize("n", [exponents.SAMPLE + 1, 300_001])
+def test_the_moment_read_takes_the_same_row(n):
+    """Where the probe's moment kernel reads a float32 tensor it also takes the range
+    statistics' extremes and sample (``stats.extremes_read``): the same row as the
+    range kernels' own read, and the same sums as without."""
+    from varprobe import kernels
+
+    x = finite_spanning(8, n)[:n]
+    m = exponents.Measure()
+    with stats.extremes_read(m.sample, m.rows) as found:
+        sums = stats._moment_read(x.numpy())
+    want = kernels.sums(x.numpy(), *[x.numpy().dtype.type(0)] * 2)  # inf: x spans float32
+    assert np.array_equal(sums, want, equal_nan=True)
+    size, *known = found[0]
+    assert size == x.numel()
+    got = stats.Pending(exponents._cpu32(x.numpy().view("int32"), exponents.cuts(1.0),
+                                         tuple(known)), exponents.measure(x).finish)
+    assert stats.collect([got])[0].to_dict() == measured(x).to_dict()
 
 
 def test_a_large_tensor_with_inf_or_nan_is_counted_whole():

@@ -146,12 +146,11 @@ def test_extremes_from_the_moment_read_are_every_elements(monkeypatch):
     moment kernel's own read where it can (``stats.extremes_read``): exactly those of
     every element of each output, output gradient, weight and weight gradient,
     recomputed here with autograd."""
-    from varprobe import exponent_kernel, exponents
+    from varprobe import kernels
 
     reads = []
-    monkeypatch.setattr(exponent_kernel, "sample_bins",
-                        lambda *a, f=exponent_kernel.sample_bins: reads.append(1) or f(*a))
-    monkeypatch.setattr(exponents, "_range_kernels", lambda numba: exponent_kernel)
+    monkeypatch.setattr(kernels, "sums_extremes",
+                        lambda *a, f=kernels.sums_extremes: reads.append(1) or f(*a))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256))
     x, g = torch.randn(128, 256), torch.randn(128, 256)  # 32768 elements each
@@ -167,7 +166,7 @@ def test_extremes_from_the_moment_read_are_every_elements(monkeypatch):
         row, a = report.layers[i].ranges[key], t.detach().abs()
         assert row["sample"] == SAMPLE < row["numel"] == t.numel(), (i, key)
         assert row["amax"] == a.max().item() and row["min_nonzero"] == a[a > 0].min().item()
-    assert reads  # the sample read alone: the extremes came with the moments
+    assert reads  # the moment kernel's read, with the range statistics' reads in it
 
 
 def test_one_host_read_with_range_statistics(monkeypatch):

@@ -42,6 +42,13 @@ class Measure:
     def __init__(self, loss_scale: float = 1.0):
         self.loss_scale = loss_scale
 
+    rows = (8, 257)  # the histogram rows a moment read fills (any count sums the same)
+
+    @staticmethod
+    def sample(n: int) -> np.ndarray | None:
+        """The sample a tensor of ``n`` elements is counted on, None for all of them."""
+        return sample_index(n) if n > SAMPLE else None
+
     @classmethod
     def of(cls, settings: precision.Settings | None) -> Measure | None:
         """The measurement a precision.Settings asks for; None without one."""
@@ -152,8 +159,8 @@ def _cpu32(ints: np.ndarray, limits: tuple[float, ...], known: tuple | None = No
     inf or NaN: amax, the smallest non-zero |x| and the overflow counts from every
     element, the histogram and zeros from ``SAMPLE`` of them (``sample_index``), since
     its per-element increment is what costs; otherwise all of it from every element.
-    ``known``: ``extremes`` of ``ints`` from the moment kernel's read, which then
-    leaves only the sample to read here."""
+    ``known``: ``extremes`` of ``ints`` from the moment kernel's read, and the
+    sample's histogram rows from it too (or None: the sample is read here)."""
     k = _kernels()
     bits = _cut_bits(tuple(limits))
     if ints.shape[0] > SAMPLE:
@@ -162,7 +169,11 @@ def _cpu32(ints: np.ndarray, limits: tuple[float, ...], known: tuple | None = No
         if known is None:
             top, low = k.sampled(ints, idx, rows)
         else:
-            (top, low), _ = known, k.sample_bins(ints, idx, rows)
+            top, low, taken = known
+            if taken is None:
+                k.sample_bins(ints, idx, rows)
+            else:
+                rows = taken
         if top < INF_BITS:
             over = k.cut_counts(ints, *bits)[1:] if top >= min(bits) else (0,) * len(bits)
             return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, ints, idx)

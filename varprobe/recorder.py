@@ -186,7 +186,7 @@ class Recorder:
         measured, the extremes its kernel read found on the way (``stats.extremes_read``)."""
         if self.ranges is None:
             return make(*args), None
-        with stats.extremes_read() as found:
+        with stats.extremes_read(self.ranges.sample, self.ranges.rows) as found:
             value = make(*args)
         return value, found[0] if found else None
 
