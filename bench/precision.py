@@ -52,7 +52,7 @@ def kernels(n: int = 1 << 20, repeats: int = 20) -> dict[str, float]:
     usually is when it is read): the whole range row as the probe takes it, its one read
     (``sampled``: extremes of every element, the histogram of ``exponents.SAMPLE``), the
     extremes alone, the histogram of every element (the exact kernel), and the moment
-    kernel."""
+    kernel, alone and with those reads in it (what the probe runs where it can)."""
     from varprobe import exponent_kernel as k
     from varprobe import exponents
     from varprobe import kernels as moments
@@ -65,7 +65,9 @@ def kernels(n: int = 1 << 20, repeats: int = 20) -> dict[str, float]:
             "sampled": lambda: k.sampled(ints, idx, rows),
             "extremes": lambda: k.extremes(ints),
             "histogram": lambda: k.exponent_bins(ints, rows),
-            "moments": lambda: moments.sums(x, np.float32(0), np.float32(0))}
+            "moments": lambda: moments.sums(x, np.float32(0), np.float32(0)),
+            "moments_ranges": lambda: moments.sums_extremes(x, ints, np.float32(0),
+                                                            np.float32(0), idx, rows)}
     out = {}
     for name, fn in runs.items():
         fn()  # compile
@@ -110,10 +112,13 @@ def section(result: dict) -> list[str]:
              "`varprobe.probe(model, x, grad_output=g, precision=Settings(\"fp16\"))` "
              f"against the same call without it, interleaved, {result['warmup']} warm-up "
              f"then {result['repeats']} timed runs each, process CPU time. The extra work: "
-             "every recorded tensor (outputs, gradients, weights, weight gradients) read "
-             "once more for its largest and smallest non-zero |x| (vector compares), the "
-             f"exponent histogram of {SAMPLE} of its elements drawn at random (all of them "
-             "for a smaller tensor), the rows in the same one transfer, and the report's "
+             "where the probe's moment kernel reads a float32 tensor (outputs, gradients, "
+             "weights, weight gradients) the same read also takes its largest and smallest "
+             f"non-zero |x| (vector compares) and the exponent histogram of {SAMPLE} of its "
+             "elements drawn at random (each taken while its block is in cache); a tensor "
+             "the moment kernel reads otherwise (the activations whose units it counts) "
+             "gets one read of its own for both; the rows go in the same one transfer; "
+             "then the report's "
              "range rows, flags and loss scale range.", ""]
     for block in result["blocks"]:
         lines += [f"{block['threads']} intra-op thread(s) (load average "
@@ -133,7 +138,7 @@ def section(result: dict) -> list[str]:
               f"{k['sampled']:.3f}; the extremes alone {k['extremes']:.3f}; a histogram of "
               f"every element (the exact kernel) {k['histogram']:.3f}; the moment kernel "
               f"(sum and sum of squares, which the probe runs on every tensor anyway) "
-              f"{k['moments']:.3f}."]
+              f"{k['moments']:.3f}, and with the range reads in it {k['moments_ranges']:.3f}."]
     return lines
 
 
