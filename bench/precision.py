@@ -1,18 +1,20 @@
-"""The cost of ``--precision``: the range statistics (exponent histogram, abs max,
-smallest non-zero, overflow counts) on top of the probe, on the same models as the
-overhead benchmark.
+"""The cost of ``--precision``: the range statistics (abs max, smallest non-zero,
+exponent histogram, overflow counts; ``varprobe.exponents``) and the report's range rows,
+flags and loss scale, on top of the probe, on the same models as the overhead benchmark.
 
-``python -m bench.precision`` measures and writes its section of RESULTS.md (``python
--m bench`` writes it too). The probe with and without ``precision=Settings("fp16")``,
-interleaved, process CPU time (single-threaded: what the work costs, whatever the
-neighbours do); and the range read against the moment kernel on one large tensor,
-which bounds what fusing the two would save: at most the time of one read.
+``python -m bench.precision`` measures at each thread count and writes its subsection of
+RESULTS.md under this machine's heading. The probe with and without
+``precision=Settings("fp16")``, interleaved, process CPU time (what the work costs,
+whatever the neighbours do); and the range kernels per element on one large tensor,
+beside the moment kernel, which reads every tensor once already.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -20,18 +22,20 @@ import numpy as np
 import torch
 
 import varprobe
-from bench import machine, overhead
+from bench import machine, overhead, results
+from bench.__main__ import thread_counts
 from varprobe.precision import Settings
 
-HEADER = "## Number-format statistics (--precision)"
+HEADER = results.PRECISION
 
 
 def timings(case: overhead.Case, repeats: int, warmup: int) -> dict[str, float]:
     g = overhead.cotangent(case.model, case.inputs)
     settings = Settings("fp16")
     cpu: dict[str, list[float]] = {"probe": [], "precision": []}
+    sides = [("probe", {}), ("precision", {"precision": settings})]
     for i in range(warmup + repeats):
-        for name, extra in (("probe", {}), ("precision", {"precision": settings})):
+        for name, extra in sides if i % 2 else sides[::-1]:  # neither always goes first
             start = time.process_time()
             varprobe.probe(case.model, case.inputs, grad_output=g, mode=None, **extra)
             if i >= warmup:
@@ -43,15 +47,27 @@ def timings(case: overhead.Case, repeats: int, warmup: int) -> dict[str, float]:
             "ratio": precision / probe, "q1": q1, "q3": q3}
 
 
-def kernels(n: int = 1 << 24, repeats: int = 5) -> dict[str, float]:
-    """ns per element: the range read, the moment kernel (one read of the tensor)."""
+def kernels(n: int = 1 << 20, repeats: int = 20) -> dict[str, float]:
+    """ns per element of an n-element float32 tensor (in cache, as a recorded tensor
+    usually is when it is read): the whole range row as the probe takes it, its one read
+    (``sampled``: extremes of every element, the histogram of ``exponents.SAMPLE``), the
+    extremes alone, the histogram of every element (the exact kernel), and the moment
+    kernel, alone and with those reads in it (what the probe runs where it can)."""
+    from varprobe import exponent_kernel as k
     from varprobe import exponents
     from varprobe import kernels as moments
 
     x = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
-    limits = exponents.cuts(1.0)
-    runs = {"ranges": lambda: exponents._cpu32(x.view(np.int32), limits),
-            "moments": lambda: moments.sums(x, np.float32(0), np.float32(0))}
+    ints, limits = x.view(np.int32), exponents.cuts(1.0)
+    idx = exponents.sample_index(n)
+    rows = np.zeros((k.ROWS, 257), dtype=np.int64)
+    runs = {"row": lambda: exponents._cpu32(ints, limits),
+            "sampled": lambda: k.sampled(ints, idx, rows),
+            "extremes": lambda: k.extremes(ints),
+            "histogram": lambda: k.exponent_bins(ints, rows),
+            "moments": lambda: moments.sums(x, np.float32(0), np.float32(0)),
+            "moments_ranges": lambda: moments.sums_extremes(x, ints, np.float32(0),
+                                                            np.float32(0), idx, rows)}
     out = {}
     for name, fn in runs.items():
         fn()  # compile
@@ -66,61 +82,88 @@ def _cpu_seconds(fn) -> float:
     return time.process_time() - start
 
 
-def run(repeats: int, warmup: int, log=print) -> dict:
-    rows = []
-    for case in overhead.cases(torch.device("cpu")):
-        t = timings(case, repeats, warmup)
-        log(f"{case.name:7} probe {t['probe_ms']:8.1f} ms  with --precision "
-            f"{t['precision_ms']:8.1f} ms  cpu-time ratio {t['ratio']:.3f} "
-            f"(pairs {t['q1']:.3f}-{t['q3']:.3f})")
-        rows.append({"model": case.name, **t})
+def run(repeats: int, warmup: int, threads: list[int], log=print) -> dict:
+    blocks = []
+    for count in threads:
+        torch.set_num_threads(count)
+        block = {"threads": count, "load_before": machine.load(), "rows": []}
+        for case in overhead.cases(torch.device("cpu")):
+            t = timings(case, repeats, warmup)
+            log(f"{count} thread(s) {case.name:7} probe {t['probe_ms']:8.1f} ms  with "
+                f"--precision {t['precision_ms']:8.1f} ms  cpu-time ratio {t['ratio']:.3f} "
+                f"(pairs {t['q1']:.3f}-{t['q3']:.3f})")
+            block["rows"].append({"model": case.name, **t})
+        block["load_after"] = machine.load()
+        blocks.append(block)
+    torch.set_num_threads(1)
     k = kernels()
-    log(f"kernels: ranges {k['ranges']:.2f} ns/element, moments {k['moments']:.2f}")
-    return {"rows": rows, "kernels": k, "repeats": repeats, "warmup": warmup}
+    log("kernels (ns/element): " + ", ".join(f"{name} {v:.3f}" for name, v in k.items()))
+    return {"blocks": blocks, "kernels": k, "repeats": repeats, "warmup": warmup,
+            "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python -m bench.precision " + " ".join(sys.argv[1:])}
 
 
 def section(result: dict) -> list[str]:
+    from varprobe.exponents import SAMPLE
+
     k = result["kernels"]
     lines = [HEADER, "",
-             "`varprobe.probe(model, x, grad_output=g, precision=Settings(\"fp16\"))` against "
-             f"the same call without it, interleaved, {result['warmup']} warm-up then "
-             f"{result['repeats']} timed runs each, process CPU time (1 intra-op thread). "
-             "The extra work: one more read of every recorded tensor (outputs, gradients, "
-             "weights, weight gradients) by the range kernel, its rows in the same one "
-             "transfer, and the report's histograms.", "",
-             "| model | probe (ms) | with --precision (ms) | CPU-time ratio | pair ratios q1-q3 |",
-             "|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['probe_ms']:.1f} | {r['precision_ms']:.1f} | "
-                     f"{r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |")
-    worst = max(r["ratio"] for r in result["rows"])
-    lines += ["", f"Target: at most 1.02x the probe: "
-              f"{'meets' if worst <= 1.02 else '**misses**'} (worst {worst:.3f}x).", "",
-              "Kernels, one float32 tensor of 2^24 elements (best of 5, CPU time): the "
-              f"range read (histogram, abs max, smallest non-zero) {k['ranges']:.2f} "
-              "ns/element, the moment kernel (one read: sum and sum of squares) "
-              f"{k['moments']:.2f} ns/element. The range read is one read per tensor (the "
-              "overflow cuts take a second only for a tensor that reaches one); what it "
-              "costs beyond the read is the histogram's per-element increment, which cannot "
-              "run in vector lanes. Fusing it into the moment kernel would save at most one "
-              "read, bounded by the moment kernel's whole time, and would take that kernel "
-              "out of its vector lanes. The probe without --precision pays nothing: the "
-              "statistics are opt-in."]
+             f"Run of {result['when']}: `{result['command'].strip()}`. "
+             "`varprobe.probe(model, x, grad_output=g, precision=Settings(\"fp16\"))` "
+             f"against the same call without it, interleaved, {result['warmup']} warm-up "
+             f"then {result['repeats']} timed runs each, process CPU time. The extra work: "
+             "where the probe's moment kernel reads a float32 tensor (outputs, gradients, "
+             "weights, weight gradients) the same read also takes its largest and smallest "
+             f"non-zero |x| (vector compares) and the exponent histogram of {SAMPLE} of its "
+             "elements drawn at random (each taken while its block is in cache); a tensor "
+             "the moment kernel reads otherwise (the activations whose units it counts) "
+             "gets one read of its own for both; the rows go in the same one transfer; "
+             "then the report's "
+             "range rows, flags and loss scale range.", ""]
+    for block in result["blocks"]:
+        lines += [f"{block['threads']} intra-op thread(s) (load average "
+                  f"{block['load_before']} before, {block['load_after']} after):", "",
+                  "| model | probe (ms) | with --precision (ms) | CPU-time ratio | "
+                  "pair ratios q1-q3 |", "|---|---|---|---|---|"]
+        for r in block["rows"]:
+            lines.append(f"| {r['model']} | {r['probe_ms']:.1f} | {r['precision_ms']:.1f} | "
+                         f"{r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |")
+        lines.append("")
+    worst = max(r["ratio"] for b in result["blocks"] for r in b["rows"])
+    lines += [f"Target: at most 1.02x the probe: {'meets' if worst <= 1.02 else '**misses**'} "
+              f"(worst {worst:.3f}x).", "",
+              "Kernels, one float32 tensor of 2^20 elements in cache (best of 20, CPU time, "
+              f"ns per element): the range row as the probe takes it {k['row']:.3f}, of "
+              f"which its one read (extremes of every element, histogram of the sample) "
+              f"{k['sampled']:.3f}; the extremes alone {k['extremes']:.3f}; a histogram of "
+              f"every element (the exact kernel) {k['histogram']:.3f}; the moment kernel "
+              f"(sum and sum of squares, which the probe runs on every tensor anyway) "
+              f"{k['moments']:.3f}, and with the range reads in it {k['moments_ranges']:.3f}."]
     return lines
 
 
-def splice(path: Path, lines: list[str]) -> None:
-    """Replace (or insert before ## History) this section of RESULTS.md."""
+def splice(path: Path, key: str, lines: list[str]) -> None:
+    """Put this subsection under ``## Machine: key`` of RESULTS.md (replacing an earlier
+    one there, or first under the heading; a new heading before the other machines')."""
     text = path.read_text() if path.exists() else ""
     block = "\n".join(lines) + "\n"
-    start = text.find(HEADER)
-    if start >= 0:
-        end = text.find("\n## ", start + len(HEADER))
-        text = text[:start] + block + ("\n" + text[end + 1:] if end >= 0 else "")
+    heading = f"## Machine: {key}\n"
+    at = text.find(heading)
+    if at < 0:
+        first = text.find("\n## ")
+        at = first + 1 if first >= 0 else len(text)
+        text = text[:at] + heading + "\n" + text[at:]
+    body = at + len(heading)
+    end = text.find("\n## ", body)
+    end = len(text) if end < 0 else end + 1
+    own = text.find(HEADER, body, end)
+    if own >= 0:
+        stop = text.find("\n### ", own + len(HEADER))
+        stop = end if stop < 0 or stop >= end else stop + 1
+        text = text[:own] + block + "\n" + text[stop:]
     else:
-        at = text.find("\n## History")
-        text = (text[:at + 1] + block + "\n" + text[at + 1:] if at >= 0
-                else text + "\n" + block)
+        start = body + (1 if text[body:body + 1] == "\n" else 0)
+        text = text[:start] + block + "\n" + text[start:]
     path.write_text(text)
 
 
@@ -128,11 +171,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=thread_counts, default=[1, 2],
+                        help="torch intra-op thread counts, comma-separated (default 1,2)")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
-    torch.set_num_threads(1)
     machine.keep_freed_memory()
-    splice(args.output, section(run(args.repeats, args.warmup)))
+    print(f"{machine.key()}\nload average {machine.load()}")
+    splice(args.output, machine.key(), section(run(args.repeats, args.warmup, args.threads)))
     print(f"wrote {args.output}")
 
 

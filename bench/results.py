@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+PRECISION = "### Number-format statistics (--precision)"  # bench.precision's subsection
+KEPT = (PRECISION,)  # subsections of a machine's section that other benches write
 TARGETS = {"probe": 1.05, "pass": 1.03, "analysis": 10.0, "memory": 1.00, "e2e": 1.10}
 INTRO = """# varprobe benchmark results
 
@@ -134,6 +136,18 @@ def run_section(run: dict) -> list[str]:
     return lines
 
 
+def _subsections(section: str, headers: tuple[str, ...]) -> list[str]:
+    """The blocks of ``section`` that start with one of ``headers``, each up to the next
+    ### heading (another bench's figures for this machine, which this run keeps)."""
+    out = []
+    for header in headers:
+        at = section.find(header)
+        if at >= 0:
+            end = section.find("\n### ", at + len(header))
+            out.append(section[at: end + 1 if end >= 0 else len(section)].rstrip("\n") + "\n")
+    return out
+
+
 def write(path: Path, key: str, run: dict, keep: int = 2) -> None:
     old = path.read_text() if path.exists() else ""
     history = old[old.find("\n## History"):] if "\n## History" in old else ""
@@ -143,7 +157,8 @@ def write(path: Path, key: str, run: dict, keep: int = 2) -> None:
     mine = next((s for s in sections if s.startswith(heading + "\n")), "")
     others = [s.rstrip("\n") for s in sections if s is not mine]
     previous = re.split(r"\n(?=### Run of )", mine)[1:keep]  # the latest keep-1 runs
-    section = "\n".join([heading, "", *run_section(run)] + [""] +
+    kept = _subsections(mine, KEPT)
+    section = "\n".join([heading, "", *kept, *run_section(run)] + [""] +
                         [p.rstrip("\n") + "\n" for p in previous])
     text = "\n\n".join([INTRO.rstrip("\n"), section.rstrip("\n"), *others])
     path.write_text(text + "\n" + history)

@@ -7,6 +7,13 @@ scaling moves no mantissa bit). "Subnormal" is defined as (flush cut, smallest n
 which differs from what the cast gives only for elements within half a subnormal step
 below the smallest normal (they round up to it): the test allows exactly the count of
 elements in that band, computed here in float64.
+
+A float32 CPU tensor of more than ``exponents.SAMPLE`` elements without inf or NaN gets
+its histogram from a uniform sample drawn with replacement: each fraction is then a
+binomial estimate, held here within ``SIGMAS`` standard errors sqrt(p (1 - p) / sample)
+of the cast truth p (a correct estimate falls outside 5 with probability below 6e-7
+per comparison), and exactly equal where p is 0 or 1; amax, the smallest non-zero |x|
+and the overflow counts stay exact.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import math
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +30,7 @@ from hypothesis import strategies as st
 from varprobe import exponents, stats
 from varprobe.precision import FORMATS, Ranges, loss_scale_range
 
+SIGMAS = 5
 TORCH_DTYPES = {name: getattr(torch, f.torch_dtype) for name, f in FORMATS.items()
                 if hasattr(torch, f.torch_dtype)}
 
@@ -87,11 +96,22 @@ def measured(x: torch.Tensor, scale: float = 1.0, path: str = "numba") -> Ranges
 def check_against_cast(x: torch.Tensor, r: Ranges, scale: float) -> None:
     for name in TORCH_DTYPES:
         got, want = r.fits(FORMATS[name], scale), truth(x, name, scale)
+        assert got["overflow"] == want["overflow"], name  # counted over every element
+        if r.sample is not None:
+            assert within(got["underflow"], want["underflow"], r.sample), name
+            assert within(got["subnormal"], want["subnormal"], r.sample,
+                          band(x, name, scale)), name
+            continue
         assert got["underflow"] == want["underflow"], name
-        assert got["overflow"] == want["overflow"], name
         n = x.numel()  # compared as counts: fractions of counts do not subtract exactly
         assert abs(round(got["subnormal"] * n) - round(want["subnormal"] * n)) \
             <= round(band(x, name, scale) * n), name
+
+
+def within(got: float, want: float, sample: int, allowed: float = 0.0) -> bool:
+    """A sampled fraction within SIGMAS binomial standard errors of the truth (plus
+    ``allowed``, the subnormal band)."""
+    return abs(got - want) <= SIGMAS * math.sqrt(want * (1 - want) / sample) + allowed
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -109,11 +129,74 @@ def test_without_numba_the_torch_kernels_give_numbas_rows():
     x = spanning()
     assert measured(x, path="torch").to_dict() == measured(x, path="numba").to_dict()
     long = spanning(4, n=5 * CHUNK // 2)  # pieces; then a NaN in the last one only
-    for y in (long, torch.cat([long, torch.tensor([math.nan])])):
+    for y in (long, torch.cat([long, torch.tensor([math.nan])]), finite_spanning(5, 10 ** 6)):
         assert measured(y, path="torch").to_dict() == measured(y, path="numba").to_dict()
     with mock.patch.object(stats, "numba_kernels", lambda: None):
         assert exponents._kernels().__name__ == "varprobe.torch_exponent_kernel"
         assert not exponents._kernel_readable(x.double())
+
+
+def finite_spanning(seed: int, n: int) -> torch.Tensor:
+    x = spanning(seed, n)
+    return x[torch.isfinite(x)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** 12, 2.0 ** -7])
+def test_large_tensor_sampled_against_casting(path, scale):
+    """Past SAMPLE elements (no inf or NaN) the CPU kernels draw the histogram from a
+    sample: fractions within SIGMAS standard errors of the cast, overflow counts, amax
+    and the smallest non-zero |x| exact; the chunked path still counts every element."""
+    x = finite_spanning(6, 300_000)
+    x[::5] = 0
+    r = measured(x, scale, path)
+    assert r.sample == (None if path == "chunked" else exponents.SAMPLE)
+    check_against_cast(x, r, scale)
+    a = x.abs()
+    assert r.amax == a.max().item() and r.min_nonzero == a[a > 0].min().item()
+    assert r.nonfinite == 0 and sum(r.histogram) + r.zeros == r.drawn
+    assert within(r.zeros / r.drawn, 0.2, r.drawn)
+
+
+@pytest.mark.parametrize("path", ("numba", "torch"))
+def test_the_sample_is_not_strided(path):
+    """One element in 64 is tiny (it flushes in fp16), in rows of 64: a strided sample
+    whose step is a multiple of 64 would see none or only those."""
+    x = torch.ones(1 << 20)
+    x[::64] = 1e-9
+    r = measured(x, 1.0, path)
+    assert r.sample == exponents.SAMPLE
+    assert within(r.fits(FORMATS["fp16"])["underflow"], 1 / 64, r.sample)
+    assert r.fits(FORMATS["fp16"])["underflow"] > 0
+
+
+@pytest.mark.parametrize("n", [exponents.SAMPLE + 1, 300_001])
+def test_the_moment_read_takes_the_same_row(n):
+    """Where the probe's moment kernel reads a float32 tensor it also takes the range
+    statistics' extremes and sample (``stats.extremes_read``): the same row as the
+    range kernels' own read, and the same sums as without."""
+    from varprobe import kernels
+
+    x = finite_spanning(8, n)[:n]
+    m = exponents.Measure()
+    with stats.extremes_read(m.sample, m.rows) as found:
+        sums = stats._moment_read(x.numpy())
+    want = kernels.sums(x.numpy(), *[x.numpy().dtype.type(0)] * 2)  # inf: x spans float32
+    assert np.array_equal(sums, want, equal_nan=True)
+    size, *known = found[0]
+    assert size == x.numel()
+    got = stats.Pending(exponents._cpu32(x.numpy().view("int32"), exponents.cuts(1.0),
+                                         tuple(known)), exponents.measure(x).finish)
+    assert stats.collect([got])[0].to_dict() == measured(x).to_dict()
+
+
+def test_a_large_tensor_with_inf_or_nan_is_counted_whole():
+    x = finite_spanning(7, 100_000)
+    for bad in (math.inf, math.nan):
+        y = torch.cat([x, torch.tensor([bad])])
+        r = measured(y)
+        assert r.sample is None and r.nonfinite == 1
+        check_against_cast(y, r, 1.0)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -129,7 +212,12 @@ def test_amax_scaled_fp8_equals_casting(path):
         want = truth(x, name, s)
         got = r.fits(FORMATS[name], s)
         assert want["overflow"] == 0 == got["overflow"]
-        assert got["underflow"] == want["underflow"] > 0
+        assert r.sample == (None if path == "chunked" else exponents.SAMPLE)
+        if r.sample is None:
+            assert got["underflow"] == want["underflow"] > 0
+        else:
+            assert want["underflow"] > 0 and within(got["underflow"], want["underflow"],
+                                                     r.sample)
 
 
 @settings(max_examples=60, deadline=None)

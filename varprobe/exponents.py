@@ -3,17 +3,22 @@
 format, the elements at or past its overflow cut.
 
 Opt-in (``Recorder(ranges=...)``): the default probe never reads a tensor for them.
-Dense float32/float64 CPU tensors are read once more by ``exponent_kernel`` where numba is
-used (``stats.numba_kernels``); everything else (accelerators, fp16/bf16, strided memory,
-and every CPU tensor without numba) in chunks with torch ops
-that issue no sync (``index_add_`` into the histogram, no boolean indexing), copied
-with the pass's other statistics in its one transfer.
+Dense float32/float64 CPU tensors are read by ``exponent_kernel`` where numba is used
+(``stats.numba_kernels``), else by its torch versions (``torch_exponent_kernel``). Past
+``SAMPLE`` elements (float32, no inf or NaN) the histogram and zeros are those of a
+uniform random sample, and the extremes come from every element, from the moment
+kernel's read where it made one (``stats.extremes_read``); see ``sample_index``.
+Everything else (accelerators, fp16/bf16, strided memory) is read whole in chunks with
+torch ops that issue no sync (``index_add_`` into the histogram, no boolean
+indexing), copied with the pass's other statistics in its one transfer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import struct
 from typing import Any
 
 import numpy as np
@@ -22,7 +27,12 @@ import torch
 from varprobe import precision, stats
 from varprobe.precision import BINS, FORMATS, LOW, Ranges
 
-HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, then bins
+HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, then bins,
+# then the elements the bins and zeros counted (``SAMPLE``, or all of them)
+SAMPLE = 1 << 13  # a larger float32 CPU tensor's histogram is of this many elements
+SEED = 0x5EED
+INF_BITS = 0x7F800000
+_AS_BITS, _AS_FLOATS = struct.Struct("<2i"), struct.Struct("<2f")  # float32 from its bits
 
 
 class Measure:
@@ -32,21 +42,34 @@ class Measure:
     def __init__(self, loss_scale: float = 1.0):
         self.loss_scale = loss_scale
 
+    rows = (8, 257)  # the histogram rows a moment read fills (any count sums the same)
+
+    @staticmethod
+    def sample(n: int) -> np.ndarray | None:
+        """The sample a tensor of ``n`` elements is counted on, None for all of them."""
+        return sample_index(n) if n > SAMPLE else None
+
     @classmethod
     def of(cls, settings: precision.Settings | None) -> Measure | None:
         """The measurement a precision.Settings asks for; None without one."""
         return None if settings is None else cls(settings.loss_scale or 1.0)
 
-    def values(self, t: torch.Tensor) -> stats.Pending:
-        """An activation or a weight: no scale."""
-        return measure(t, 1.0)
+    def values(self, t: torch.Tensor, seen: tuple | None = None) -> stats.Pending:
+        """An activation or a weight: no scale. ``seen``: its extremes from the moment
+        kernel's read (``stats.extremes_read``), or None."""
+        return measure(t, 1.0, seen)
 
-    def gradient(self, t: torch.Tensor) -> stats.Pending:
-        return measure(t, self.loss_scale)
+    def gradient(self, t: torch.Tensor, seen: tuple | None = None) -> stats.Pending:
+        return measure(t, self.loss_scale, seen)
 
 
-def cuts(scale: float) -> list[float]:
-    return [f.overflow_cut / scale for f in FORMATS.values()]
+def cuts(scale: float) -> tuple[float, ...]:
+    return _cuts(scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _cuts(scale: float) -> tuple[float, ...]:
+    return tuple(f.overflow_cut / scale for f in FORMATS.values())
 
 
 def _strict() -> list[bool]:
@@ -54,21 +77,42 @@ def _strict() -> list[bool]:
     return [not f.cut_inclusive for f in FORMATS.values()]
 
 
-def measure(t: torch.Tensor, scale: float = 1.0) -> stats.Pending:
-    """The Pending of ``t``'s range row; overflow cuts divided by ``scale``."""
+def measure(t: torch.Tensor, scale: float = 1.0, seen: tuple | None = None
+            ) -> stats.Pending:
+    """The Pending of ``t``'s range row; overflow cuts divided by ``scale``; ``seen``:
+    (elements, ``exponent_kernel.extremes``) of ``t`` from an earlier read, or None."""
     x = t.detach()
     n = x.numel()
-    raw = _cpu(x, cuts(scale)) if _kernel_readable(x) else _chunked(x, cuts(scale))
+    flat = _readable(x)
+    known = seen[1:] if seen is not None and seen[0] == n else None
+    raw = _cpu(flat, cuts(scale), known) if flat is not None else _chunked(x, cuts(scale))
 
     def finish(r: list[float]) -> Ranges:
         amax = r[0] if r[0] >= 0 else None
         k = len(FORMATS)
+        drawn = int(r[-1])
         return Ranges(numel=n, amax=amax, min_nonzero=r[1] if amax is not None else None,
                       zeros=int(r[2]), nonfinite=int(r[3]),
-                      overflow={name: int(c) for name, c in zip(FORMATS, r[HEAD: HEAD + k])},
-                      histogram=[int(c) for c in r[HEAD + k:]], scale=scale)
+                      overflow=dict(zip(FORMATS, map(int, r[HEAD: HEAD + k]))),
+                      histogram=_whole(r[HEAD + k: -1]), scale=scale,
+                      sample=None if drawn == n else drawn)
 
     return stats.Pending(raw, finish)
+
+
+def _whole(counts: list) -> list[int]:
+    """Counts as ints: a CPU row's are already (``_row``), a device row's are floats."""
+    return counts if not counts or type(counts[0]) is int else list(map(int, counts))
+
+
+def _readable(x: torch.Tensor) -> np.ndarray | None:
+    """``x``'s memory as a flat numpy array where the CPU kernels read it, else None;
+    the common case (contiguous float32) without the general checks, which cost more
+    than a sampled tensor's whole kernel time."""
+    if x.dtype == torch.float32 and stats.reads_are_free(x.device) and x.is_contiguous() \
+            and x.numel() > 0 and not x.is_neg():
+        return x.view(-1).numpy()
+    return stats._dense(x).numpy() if _kernel_readable(x) else None
 
 
 def _kernel_readable(x: torch.Tensor) -> bool:
@@ -80,7 +124,12 @@ def _kernel_readable(x: torch.Tensor) -> bool:
 
 def _kernels():
     """numba's range kernels where numba is used, else their torch versions."""
-    if stats.numba_kernels() is None:
+    return _range_kernels(stats.numba_kernels() is not None)
+
+
+@functools.cache
+def _range_kernels(numba: bool):
+    if not numba:
         from varprobe import torch_exponent_kernel
 
         return torch_exponent_kernel
@@ -89,45 +138,88 @@ def _kernels():
     return exponent_kernel
 
 
-def _cpu(x: torch.Tensor, limits: list[float]) -> list[float]:
+def _cpu(flat: np.ndarray, limits: tuple[float, ...], known: tuple | None = None
+         ) -> list[float]:
     from varprobe import exponent_kernel as k
 
-    flat = stats._dense(x).numpy()
     if flat.dtype == np.float32:
-        return _cpu32(flat.view(np.int32), limits)
+        return _cpu32(flat.view(np.int32), limits, known)
     hist = np.zeros(BINS, dtype=np.int64)
     over = np.zeros(len(limits), dtype=np.int64)
     cut = np.array(limits)
     cut = np.where(_strict(), np.nextafter(cut, np.inf), cut)
     amax, amin, zeros, nonfinite = k.ranges64(flat, cut, hist, over)
     return [float(amax), float(amin), float(zeros), float(nonfinite)] + over.tolist() \
-        + hist.tolist()
+        + hist.tolist() + [float(flat.size)]
 
 
-def _cpu32(ints: np.ndarray, limits: list[float]) -> list[float]:
-    """The row of a float32 array (its int32 view): cuts as float32 bits, compared as
-    integers (the next float up where only past the cut overflows)."""
+def _cpu32(ints: np.ndarray, limits: tuple[float, ...], known: tuple | None = None
+           ) -> list[float]:
+    """The row of a float32 array (its int32 view). Past ``SAMPLE`` elements without
+    inf or NaN: amax, the smallest non-zero |x| and the overflow counts from every
+    element, the histogram and zeros from ``SAMPLE`` of them (``sample_index``), since
+    its per-element increment is what costs; otherwise all of it from every element.
+    ``known``: ``extremes`` of ``ints`` from the moment kernel's read, and the
+    sample's histogram rows from it too (or None: the sample is read here)."""
     k = _kernels()
-
-    cut = np.array(limits)
-    past = cut > float(np.finfo(np.float32).max)  # no float32 reaches these cuts
-    bits = np.where(past, 1.0, cut).astype(np.float32).view(np.int32).astype(np.int64)
-    bits = np.where(past, 0x7F800000, bits + np.array(_strict()))
+    bits = _cut_bits(tuple(limits))
+    if ints.shape[0] > SAMPLE:
+        idx = sample_index(ints.shape[0])
+        rows = np.zeros((k.ROWS, 257), dtype=np.int64)
+        if known is None:
+            top, low = k.sampled(ints, idx, rows)
+        else:
+            top, low, taken = known
+            if taken is None:
+                k.sample_bins(ints, idx, rows)
+            else:
+                rows = taken
+        if top < INF_BITS:
+            over = k.cut_counts(ints, *bits)[1:] if top >= min(bits) else (0,) * len(bits)
+            return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, ints, idx)
     rows = np.zeros((k.ROWS, 257), dtype=np.int64)
     amax, amin = k.exponent_bins(ints, rows)
     raw = rows.sum(0)
-    infs, over = 0, [0] * len(limits)
-    if amax >= bits.min() or raw[255]:
-        infs, *over = k.cut_counts(ints, *(int(b) for b in bits))
+    infs, over = 0, (0,) * len(bits)
+    if amax >= min(bits) or raw[255]:
+        infs, *over = k.cut_counts(ints, *bits)
+    return _row(amax, amin, raw, infs, over, ints)
+
+
+def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, ints: np.ndarray,
+         idx: np.ndarray | None = None) -> list[float]:
+    """The row from extremes as bits, ``exponent_bins``' counts over the elements
+    counted (``ints``, or ``ints[idx]``: the sample) and the infinities and overflow
+    counts of every element."""
     raw[255] -= infs
     hist = np.zeros(BINS, dtype=np.int64)
     hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
     if raw[1]:
-        k.small_bins(ints, hist)
-    value = np.array([amax, amin], dtype=np.int32).view(np.float32)
-    head = [float(value[0]) if amax > 0 else -1.0, float(value[1])]
-    return head + [float(raw[0]), float(infs + raw[256])] + [float(o) for o in over] \
-        + hist.astype(np.float64).tolist()
+        _kernels().small_bins(ints if idx is None else ints[idx], hist)
+    top, low = _AS_FLOATS.unpack(_AS_BITS.pack(amax, amin))
+    head = [top if amax > 0 else -1.0, low, float(raw[0]), float(infs + raw[256])]
+    drawn = ints.shape[0] if idx is None else idx.shape[0]
+    return head + [float(o) for o in over] + hist.tolist() + [float(drawn)]
+
+
+@functools.lru_cache(maxsize=8)
+def _cut_bits(limits: tuple[float, ...]) -> tuple[int, ...]:
+    """The cuts as float32 bits, compared as integers (the next float up where only
+    past the cut overflows; past float32's range, the bits of inf, which no finite
+    element reaches)."""
+    cut = np.array(limits)
+    past = cut > float(np.finfo(np.float32).max)
+    bits = np.where(past, 1.0, cut).astype(np.float32).view(np.int32).astype(np.int64)
+    return tuple(int(b) for b in np.where(past, INF_BITS, bits + np.array(_strict())))
+
+
+@functools.lru_cache(maxsize=32)
+def sample_index(n: int) -> np.ndarray:
+    """``SAMPLE`` indices into ``n`` elements, uniform and independent (drawn with
+    replacement, so each sampled fraction is a binomial estimate: standard error
+    sqrt(p (1 - p) / SAMPLE)), sorted so that the gather walks memory forward. Seeded:
+    the same tensor gives the same row, run after run."""
+    return np.sort(np.random.default_rng(SEED).integers(0, n, SAMPLE))
 
 
 def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
@@ -152,20 +244,23 @@ def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
                                  for cut, strict in zip(limits, _strict())])
     if x.numel() == 0:
         head = torch.tensor([-1.0, math.inf], dtype=torch.float64, device=dev)
-    return torch.cat([head, counts.double(), hist[:BINS].double()])
+    drawn = torch.full((1,), float(x.numel()), dtype=torch.float64, device=dev)
+    return torch.cat([head, counts.double(), hist[:BINS].double(), drawn])
 
 
 def layer_ranges(slots: dict[str, int], weight_slots: tuple[int | None, int | None],
                  range_slots: dict[int, int], host: list) -> dict[str, dict]:
     """A layer's range rows by tensor (input, forward, backward, backward_input,
-    weight, weight_grad), JSON-ready; tensors without a range slot are left out."""
+    weight, weight_grad), JSON-ready; tensors without a range slot are left out. A
+    tensor two layers see (one's output, the next one's input) gives both the same
+    row, made once: read-only."""
     named = dict(slots)
     named.update(zip(("weight", "weight_grad"), weight_slots))
     out = {}
     for key, slot in named.items():
         found = range_slots.get(slot) if slot is not None else None
         if found is not None and host[found] is not None:
-            out[key] = host[found].to_dict()
+            out[key] = host[found].row()
     return out
 
 

@@ -35,11 +35,21 @@ def predicted(second_moment: float | None, numel: int | None) -> Ranges | None:
     below = [_cdf_abs(2.0 ** (LOW + i), sd) for i in range(BINS)]
     hist = [numel * (b - a) for a, b in zip([0.0] + below[:-1], below)]
     hist[-1] += numel * (1 - below[-1])  # past float32: the top bin, like the kernel
+    amax, amin = extremes(second_moment, numel)
+    return Ranges(numel=numel, amax=amax, min_nonzero=amin, zeros=0, nonfinite=0,
+                  histogram=hist, overflow={name: numel * (1 - _cdf_abs(f.overflow_cut, sd))
+                                            for name, f in FORMATS.items()})
+
+
+def extremes(second_moment: float | None, numel: int | None) -> tuple[float, float] | None:
+    """``predicted``'s amax and smallest non-zero |x| alone (the medians of the max and
+    the min of N draws), without its histogram."""
+    if not numel or second_moment is None or not math.isfinite(second_moment) \
+            or second_moment <= 0:
+        return None
+    sd = math.sqrt(second_moment)
     p = -math.expm1(-math.log(2) / numel)  # 1 - 2^(-1/N), accurate for large N
-    return Ranges(numel=numel, amax=sd * _quantile_abs(1 - p), min_nonzero=sd * _quantile_abs(p),
-                  zeros=0, nonfinite=0, histogram=hist,
-                  overflow={name: numel * (1 - _cdf_abs(f.overflow_cut, sd))
-                            for name, f in FORMATS.items()})
+    return sd * _quantile_abs(1 - p), sd * _quantile_abs(p)
 
 
 def _cdf_abs(t: float, sd: float) -> float:

@@ -16,6 +16,7 @@ again from the mean when the mean dominates the spread).
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 BLOCK = 256
@@ -50,6 +51,43 @@ def sums(a, shift, zero):
         s1 += b1
         s2 += b2
     return s1, s2
+
+
+@_jit
+def sums_extremes(a, bits, shift, zero, idx, hist):
+    """``sums`` of a float32 array and, in the same read, the range statistics' reads
+    of it (``--precision``): ``exponent_kernel.extremes`` of ``bits``, its int32 view,
+    and ``exponent_kernel.sample_bins`` of ``bits[idx]`` (``idx`` sorted, possibly
+    empty) into ``hist``, each sampled element taken while its block is in cache."""
+    s1 = 0.0
+    s2 = 0.0
+    top = np.int32(0)
+    low = np.int32(0x7FFFFFFF)
+    p = 0
+    m = idx.shape[0]
+    for start in range(0, a.shape[0], BLOCK):
+        block = a[start:start + BLOCK]
+        ints = bits[start:start + BLOCK]
+        b1 = zero
+        b2 = zero
+        for i in range(block.shape[0]):
+            d = block[i] - shift
+            b1 += d
+            b2 += d * d
+            b = np.int32(ints[i] & np.int32(0x7FFFFFFF))
+            if b > top:
+                top = b
+            c = np.int32((b - np.int32(1)) & np.int32(0x7FFFFFFF))
+            if c < low:
+                low = c
+        s1 += b1
+        s2 += b2
+        end = start + block.shape[0]
+        while p < m and idx[p] < end:
+            b = bits[idx[p]] & 0x7FFFFFFF
+            hist[p & (hist.shape[0] - 1), ((b - 1) >> 23) + 1] += 1
+            p += 1
+    return s1, s2, top, low
 
 
 @_jit

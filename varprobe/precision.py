@@ -8,6 +8,10 @@ unscaled, under a loss scale, or with per-tensor amax scaling.
 
 Histogram bins: bin ``k`` counts finite x with 2^(k-1) < |x| <= 2^k, i.e. k =
 ceil(log2|x|), for k = ``LOW``..``HIGH`` (the float32 range, subnormals included).
+A large tensor's histogram (and zero count) may come from a uniform random sample of
+``sample`` of its elements, drawn with replacement (``exponents.SAMPLE``): its fractions
+are then binomial estimates, standard error sqrt(p (1 - p) / sample), while amax, the
+smallest non-zero |x| and the overflow counts stay exact over every element.
 Rounding to nearest-even sends |x| <= (smallest subnormal)/2 to zero (the tie goes to
 the even neighbour, 0), so with power-of-two scales the flush count is exact. The
 overflow cut (max plus half an ulp; at or past it a cast gives inf, or saturates for
@@ -22,6 +26,8 @@ histogram by whole bins and the counts stay exact.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -40,14 +46,14 @@ class NumberFormat:
     max: float
     saturates: bool = False  # torch casts past max to max (e4m3fn has no inf)
 
-    @property
+    @functools.cached_property
     def overflow_cut(self) -> float:
         """Where a cast stops keeping |x| finite and within half an ulp: max plus half
         the ulp at max (itself included or not: ``cut_inclusive``)."""
         ulp = 2.0 ** (math.floor(math.log2(self.max)) - self.mantissa_bits)
         return self.max + ulp / 2
 
-    @property
+    @functools.cached_property
     def cut_inclusive(self) -> bool:
         """Whether the cut itself overflows: a tie rounds to the even neighbour, which is
         the step past max when max's mantissa is odd (all ones: fp16, bf16, e5m2), and
@@ -55,16 +61,16 @@ class NumberFormat:
         top = 2.0 ** math.floor(math.log2(self.max))
         return round((self.max / top - 1) * 2 ** self.mantissa_bits) % 2 == 1
 
-    @property
+    @functools.cached_property
     def flush_exponent(self) -> int:
         """log2 of the largest |x| that rounds to zero: half the smallest subnormal."""
         return round(math.log2(self.min_subnormal)) - 1
 
-    @property
+    @functools.cached_property
     def normal_exponent(self) -> int:
         return round(math.log2(self.min_normal))
 
-    @property
+    @functools.cached_property
     def range_binades(self) -> float:
         """log2(max / smallest subnormal): the spread a tensor can have and keep every
         non-zero element."""
@@ -106,13 +112,20 @@ class Ranges:
     overflow: dict[str, int]     # format -> count at or past its cut (under ``scale``)
     histogram: list[int]         # BINS counts, bin i is exponent LOW + i
     scale: float = 1.0           # the power of two the overflow cuts were divided by
+    sample: int | None = None    # elements the histogram and zeros count; None: all
     _below: list = field(init=False, repr=False, compare=False)  # running sums
+    _row: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self._below = list(itertools.accumulate(self.histogram))
 
+    @property
+    def drawn(self) -> int:
+        """The elements the histogram counts: the sample's size, or every element."""
+        return self.numel if self.sample is None else self.sample
+
     def count_at_most(self, exponent: int) -> int:
-        """Elements with 0 < |x| <= 2^exponent."""
+        """Counted elements (``drawn``) with 0 < |x| <= 2^exponent."""
         top = min(exponent - LOW, BINS - 1)
         return self._below[top] if top >= 0 else 0
 
@@ -124,21 +137,31 @@ class Ranges:
         shift = round(math.log2(scale))
         flushed = self.count_at_most(fmt.flush_exponent - shift)
         below_normal = self.count_at_most(fmt.normal_exponent - shift)
-        return {"underflow": flushed / self.numel,
-                "subnormal": (below_normal - flushed) / self.numel,
-                "overflow": self.overflow_count(fmt, scale) / self.numel}
+        return {"underflow": flushed / self.drawn,
+                "subnormal": (below_normal - flushed) / self.drawn,
+                "overflow": self.overflow_fraction(fmt, scale)}
 
-    def overflow_count(self, fmt: NumberFormat, scale: float) -> int:
+    def overflow_fraction(self, fmt: NumberFormat, scale: float) -> float:
         if self.amax is None or self.amax * scale < fmt.overflow_cut or (
                 self.amax * scale == fmt.overflow_cut and not fmt.cut_inclusive):
-            return 0
+            return 0.0
         if scale == self.scale:
-            return self.overflow[fmt.name]
+            return self.overflow[fmt.name] / self.numel
         # Whole bins past the cut: exact when the cut falls on a bin edge, a lower
-        # bound otherwise (scales that overflow are never recommended).
+        # bound otherwise (scales that overflow are never recommended); at least one
+        # element, which the exact amax says is there.
         first = math.ceil(math.log2(fmt.overflow_cut / scale)) + 1 - LOW
         above = self._below[-1] - (self._below[first - 1] if first > 0 else 0)
-        return max(1, above)
+        return max(1 / self.numel, above / self.drawn)
+
+    def survives(self, fmt: NumberFormat, scale: float) -> bool:
+        """Whether some non-zero element stays non-zero in ``fmt`` under ``scale``: from
+        the exact amax where the histogram is a sample, else from the counts (expected
+        ones for a predicted row: at least half an element left)."""
+        if self.sample is not None:
+            return self.amax is not None and self.amax * scale > 2.0 ** fmt.flush_exponent
+        flushed = self.count_at_most(fmt.flush_exponent - round(math.log2(scale)))
+        return self.nonzero_finite() - flushed >= 0.5
 
     def amax_scale(self, fmt: NumberFormat) -> float | None:
         """Transformer Engine's per-tensor scale max/amax, rounded down to a power of two
@@ -147,26 +170,46 @@ class Ranges:
             return None
         return 2.0 ** math.floor(math.log2(fmt.max / self.amax))
 
+    def _trimmed(self) -> dict[str, object]:
+        """The histogram without its empty ends: bin i of "counts" is exponent first + i.
+        Whole counts: the ends from the running sums (a bisection each), since a
+        Python loop over every bin costs more than the rest of the row."""
+        below = self._below
+        if not isinstance(below[-1], int):  # expected counts: a tiny one can vanish
+            return _trim(self.histogram)  # in a running sum
+        if not below[-1]:
+            return {"first": None, "counts": []}
+        first, last = bisect.bisect_right(below, 0), bisect.bisect_left(below, below[-1])
+        return {"first": LOW + first, "counts": self.histogram[first: last + 1]}
+
     def nonzero_finite(self) -> int:
-        return self.numel - self.zeros - self.nonfinite
+        """Of the counted elements (``drawn``)."""
+        return self.drawn - self.zeros - self.nonfinite
 
     @classmethod
     def from_dict(cls, d: dict) -> Ranges:
         """Back from ``to_dict`` (a report read from JSON)."""
         counts = [0] * BINS
-        first = d["histogram"]["first"]
-        for i, c in enumerate(d["histogram"]["counts"]):
-            counts[first - LOW + i] = c
+        first, kept = d["histogram"]["first"], d["histogram"]["counts"]
+        if kept:
+            counts[first - LOW: first - LOW + len(kept)] = kept
         return cls(numel=d["numel"], amax=d["amax"], min_nonzero=d["min_nonzero"],
                    zeros=d["zeros"], nonfinite=d["nonfinite"], overflow=dict(d["overflow"]),
-                   histogram=counts, scale=d["scale"])
+                   histogram=counts, scale=d["scale"], sample=_sampled(d))
+
+    def row(self) -> dict:
+        """``to_dict()``, made once: the same dict for every layer that shows this row."""
+        if self._row is None:
+            self._row = self.to_dict()
+        return self._row
 
     def to_dict(self, formats: list[str] = tuple(FORMATS)) -> dict:
         out: dict = {"numel": self.numel, "amax": self.amax, "min_nonzero": self.min_nonzero,
                      "log2_amax": _log2(self.amax), "log2_min_nonzero": _log2(self.min_nonzero),
                      "zeros": self.zeros, "nonfinite": self.nonfinite, "scale": self.scale,
+                     "sample": self.drawn,
                      "overflow": dict(self.overflow), "formats": {},
-                     "histogram": _trim(self.histogram)}
+                     "histogram": self._trimmed()}
         for name in formats:
             fmt = FORMATS[name]
             row = {"unscaled": self.fits(fmt)}
@@ -178,6 +221,12 @@ class Ranges:
                 row["amax_scale"] = s
             out["formats"][name] = row
         return out
+
+
+def _sampled(d: dict) -> int | None:
+    """A JSON row's sample size, None where it counted every element."""
+    drawn = d.get("sample", d["numel"])
+    return None if drawn == d["numel"] else drawn
 
 
 def _log2(value: float | None) -> float | None:
@@ -195,7 +244,8 @@ def _trim(counts: list[int]) -> dict[str, object]:
 def merged(rows: list[dict]) -> dict:
     """The range row of several tensors' elements together (``to_dict`` rows, e.g. one
     per trial): counts added, the extremes of the extremes. Predicted rows (no
-    histogram) are kept from the first."""
+    histogram) are kept from the first. Sampled rows pool their samples, which weighs
+    each tensor by its sample: by its size for trials, whose tensors have one shape."""
     if "histogram" not in rows[0]:
         return rows[0]
     parts = [Ranges.from_dict(r) for r in rows]
@@ -206,7 +256,9 @@ def merged(rows: list[dict]) -> dict:
                   nonfinite=sum(p.nonfinite for p in parts),
                   overflow={k: sum(p.overflow[k] for p in parts) for k in parts[0].overflow},
                   histogram=[sum(c) for c in zip(*(p.histogram for p in parts))],
-                  scale=parts[0].scale).to_dict()
+                  scale=parts[0].scale,
+                  sample=None if all(p.sample is None for p in parts)
+                  else sum(p.drawn for p in parts)).to_dict()
 
 
 # --- loss scales ------------------------------------------------------------------------
@@ -260,11 +312,22 @@ def loss_scale_range(grads: dict[str, Ranges], fmt: NumberFormat,
 
 
 def _smallest_scale(r: Ranges, fmt: NumberFormat, max_underflow: float) -> float | None:
-    for e in range(-64, 65):
-        flushed = r.count_at_most(fmt.flush_exponent - e)
-        if flushed / r.numel <= max_underflow and flushed < r.nonzero_finite():
-            return 2.0 ** e
-    return None
+    """The smallest 2^e, e in -64..64, under which at most ``max_underflow`` of the
+    tensor flushes and some element is left. Both only get truer as e grows (fewer
+    elements at or below the flush cut / scale), so a bisection finds it."""
+    exponents = range(-64, 65)
+    first = bisect.bisect_left(exponents, True, key=lambda e: _scale_keeps(r, fmt, e,
+                                                                           max_underflow))
+    return 2.0 ** exponents[first] if first < len(exponents) else None
+
+
+def _scale_keeps(r: Ranges, fmt: NumberFormat, e: int, max_underflow: float) -> bool:
+    flushed = r.count_at_most(fmt.flush_exponent - e)
+    # some element left: exactly from amax for a sampled row; any expected count
+    # left for a predicted one
+    alive = r.survives(fmt, 2.0 ** e) if r.sample is not None \
+        else flushed < r.nonzero_finite()
+    return flushed / r.drawn <= max_underflow and alive
 
 
 # --- settings -----------------------------------------------------------------------------

@@ -107,11 +107,14 @@ def _predictions(report: Report) -> None:
     """Each layer's predicted amax and smallest non-zero |x| (``headroom``), beside the
     measured rows; a field of its own so that the measured ones stay measured."""
     for layer in report.layers:
-        for key, row in _rows(layer, measured=False).items():
-            layer.ranges[f"predicted_{key}"] = {
-                "model": headroom.MODEL, "second_moment": _moment(layer, key),
-                "numel": row.numel, "amax": row.amax, "min_nonzero": row.min_nonzero,
-                "log2_amax": math.log2(row.amax) if row.amax else None}
+        numel = math.prod(layer.shape) if layer.shape else None
+        for key in PREDICTED:
+            found = headroom.extremes(_moment(layer, key), numel)
+            if found is not None:
+                layer.ranges[f"predicted_{key}"] = {
+                    "model": headroom.MODEL, "second_moment": _moment(layer, key),
+                    "numel": numel, "amax": found[0], "min_nonzero": found[1],
+                    "log2_amax": math.log2(found[0]) if found[0] else None}
 
 
 def _moment(layer: Layer, key: str) -> float | None:
@@ -174,9 +177,8 @@ def _check(layer: Layer, key: str, r: Ranges, fmt: NumberFormat, scale: float,
             fits["overflow"]))
     if not fits["underflow"]:
         return
-    survivors = r.nonzero_finite() - fits["underflow"] * r.numel
-    if survivors < 0.5 or fits["underflow"] > underflow:
-        whole = survivors < 0.5
+    whole = not r.survives(fmt, scale)
+    if whole or fits["underflow"] > underflow:
         layer.flags.append(Flag("underflow", "error" if whole else "warning", (
             f"{what}: {'every non-zero element' if whole else format(fits['underflow'], '.3g')}"
             f"{'' if whole else ' of its elements'} flush{'es' if whole else ''} to zero in "

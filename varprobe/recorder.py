@@ -174,26 +174,36 @@ class Recorder:
                 and (seen[3] or not units)):
             return seen[2]
         channel_dim = 1 if self._channels_first and t.dim() >= 3 else -1
-        slot = self._new_slot(stats.activation(t, channel_dim, units))
+        value, seen = self._with_extremes(stats.activation, t, channel_dim, units)
+        slot = self._new_slot(value)
         self._seen[id(t)] = (weakref.ref(t), t._version, slot, units)
         if self.ranges is not None:
-            self.range_slots[slot] = self._new_slot(self.ranges.values(t))
+            self.range_slots[slot] = self._new_slot(self.ranges.values(t, seen))
         return slot
+
+    def _with_extremes(self, make, *args) -> tuple[Any, tuple | None]:
+        """``make(*args)`` (the moment statistics of a tensor) and, when ranges are
+        measured, the extremes its kernel read found on the way (``stats.extremes_read``)."""
+        if self.ranges is None:
+            return make(*args), None
+        with stats.extremes_read(self.ranges.sample, self.ranges.rows) as found:
+            value = make(*args)
+        return value, found[0] if found else None
 
     def _grad_hook(self, slot: int):
         def hook(grad: torch.Tensor) -> None:
-            self.slots[slot] = self._gradient_stats(grad)
+            self.slots[slot], seen = self._with_extremes(self._gradient_stats, grad)
             if self.ranges is not None:
-                self._range_of(slot, grad)
+                self._range_of(slot, grad, seen)
         return timing.timed("recording", hook)
 
-    def _range_of(self, slot: int, grad: torch.Tensor) -> None:
+    def _range_of(self, slot: int, grad: torch.Tensor, seen: tuple | None) -> None:
         """The range slot of a gradient, shared by every slot holding the same Pending
         (the same buffer, see ``_gradient_stats``)."""
         key = id(self.slots[slot])  # the Pending lives in self.slots: its id is stable
         if key not in self._range_by_pending:
             with torch.no_grad():
-                self._range_by_pending[key] = self._new_slot(self.ranges.gradient(grad))
+                self._range_by_pending[key] = self._new_slot(self.ranges.gradient(grad, seen))
         self.range_slots[slot] = self._range_by_pending[key]
 
     def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:
@@ -258,10 +268,11 @@ class Recorder:
         self._unweighed.discard(id(module))
         w, b = main_weight(module)
         if w is not None and not w.is_meta:  # meta tensors have shapes, not values
-            self.weights[id(module)] = (self._new_slot(stats.weight(w, b)), w)
+            value, seen = self._with_extremes(stats.weight, w, b)
+            self.weights[id(module)] = (self._new_slot(value), w)
             if self.ranges is not None:
                 self.range_slots[self.weights[id(module)][0]] = self._new_slot(
-                    self.ranges.values(w))
+                    self.ranges.values(w, seen))
 
     def _quiet(self):
         return (torch._C.DisableTorchFunction() if self.observer is not None
@@ -385,9 +396,12 @@ class Recorder:
             for key, (slot, w) in self.weights.items():
                 g = grads.get(key)
                 if g is not None:
-                    out[key] = self._new_slot(stats.grad_ratio(g, w, self.slots[slot]))
+                    value, seen = self._with_extremes(stats.grad_ratio, g, w,
+                                                      self.slots[slot])
+                    out[key] = self._new_slot(value)
                     if self.ranges is not None:
-                        self.range_slots[out[key]] = self._new_slot(self.ranges.gradient(g))
+                        self.range_slots[out[key]] = self._new_slot(
+                            self.ranges.gradient(g, seen))
         return out
 
     def collect(self) -> list:

@@ -22,6 +22,8 @@ float32) and every tensor whose memory is not dense.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -159,8 +161,49 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
     if found is None:
         return _sums_shifted(x, nonfinite)
     flat = found[0].reshape(-1)
-    zero = flat.dtype.type(0)
-    return _finish_cpu_sums(x, flat, _kernels().sums(flat, zero, zero), nonfinite)
+    return _finish_cpu_sums(x, flat, _moment_read(flat), nonfinite)
+
+
+_EXTREMES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("extremes",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def extremes_read(sample: Callable[[int], np.ndarray | None], rows: tuple[int, int]
+                  ) -> Iterator[list]:
+    """Within it, the first float32 array the CPU moment kernel reads also gets, from
+    that same read, what the range statistics (``exponents``) read of it: its
+    ``exponent_kernel.extremes`` and the histogram rows (shape ``rows``) of its
+    elements at ``sample(n)`` (sorted indices; None: no sample), appended to the
+    yielded list as (n, bits of the largest |x|, bits of the smallest non-zero |x|
+    minus one, rows or None). Empty where no such read happened (a cached gradient,
+    units kernels, torch's sums)."""
+    found: list = []
+    token = _EXTREMES.set((found, sample, rows))
+    try:
+        yield found
+    finally:
+        _EXTREMES.reset(token)
+
+
+_NO_SAMPLE = np.zeros(0, dtype=np.int64)
+
+
+def _moment_read(flat: np.ndarray) -> tuple[float, float]:
+    """(sum, sum of squares) of ``flat`` by the CPU kernels, with the range reads where
+    ``extremes_read`` asks for them."""
+    k, zero = _kernels(), flat.dtype.type(0)
+    wanted = _EXTREMES.get()
+    if wanted is None or wanted[0] or flat.dtype != np.float32 \
+            or not hasattr(k, "sums_extremes"):
+        return k.sums(flat, zero, zero)
+    found, sample, shape = wanted
+    idx = sample(flat.size)
+    hist = np.zeros(shape, dtype=np.int64)
+    s1, s2, top, low = k.sums_extremes(flat, flat.view(np.int32), zero, zero,
+                                       _NO_SAMPLE if idx is None else idx, hist)
+    found.append((flat.size, int(top), int(low), None if idx is None else hist))
+    return s1, s2
 
 
 def _kernels():
@@ -373,8 +416,6 @@ def _square_sums(x: torch.Tensor) -> Raw:
     """[sum(x^2)], float64."""
     found = _kernel_array(x)
     if found is not None:
-        flat = found[0].reshape(-1)
-        zero = flat.dtype.type(0)
-        return [_kernels().sums(flat, zero, zero)[1]]
+        return [_moment_read(found[0].reshape(-1))[1]]
     sums = [_square_sum(p) for p in _pieces(x, chunked=False)]
     return (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).view(1)

@@ -1,13 +1,13 @@
 """``exponent_kernel``'s float32 kernels in torch: the CPU path without numba.
 
 The same functions, arguments and results as ``varprobe.exponent_kernel``'s
-``exponent_bins``, ``cut_counts`` and ``small_bins`` (see there), on the same int32 views
-of float32 arrays (as tensors, without a copy), so ``exponents`` assembles one row from
-either. A histogram is a ``bincount`` of the exponent field, and the largest and
-smallest magnitudes are integer max and min of the bits: a few reads of the tensor
-where numba's loop makes one, about 4x its time per element (3.5 against 0.9 ns on
-this project's CPU), against 30x for the general chunked path (``frexp`` and
-``index_add_``) that accelerators take.
+``exponent_bins``, ``sampled``, ``sample_bins``, ``extremes``, ``cut_counts`` and
+``small_bins`` (see there), on the same int32 views of float32 arrays (as tensors,
+without a copy), so ``exponents`` assembles one row from either. A histogram is a
+``bincount`` of the exponent field, and the largest and smallest magnitudes are integer
+max and min of the bits: a few reads of the tensor where numba's loop makes one, about
+4x its time per element (3.5 against 0.9 ns on this project's CPU), against 30x for
+the general chunked path (``frexp`` and ``index_add_``) that accelerators take.
 """
 
 from __future__ import annotations
@@ -71,6 +71,29 @@ def _bins_with_nan(bits: torch.Tensor, rows: np.ndarray) -> tuple[int, int]:
     finite = torch.where(bits < INF_BITS, bits, 0).amax()
     nonzero = torch.where(bits != 0, bits, INF_BITS).amin()
     return int(finite), int(nonzero)
+
+
+def sample_bins(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
+    exponent_bins(np.ascontiguousarray(a[idx]), rows)
+
+
+def sampled(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
+    sample_bins(a, idx, rows)
+    return extremes(a)
+
+
+def extremes(a: np.ndarray) -> tuple[int, int]:
+    whole = torch.from_numpy(a)
+    top, low = 0, 0x7FFFFFFF
+    for start in range(0, whole.numel(), CHUNK):
+        piece = whole[start:start + CHUNK]
+        bits = _scratch(piece.numel())[0][:piece.numel()]
+        torch.bitwise_and(piece, 0x7FFFFFFF, out=bits)
+        top = max(top, int(bits.amax()))
+        bits -= 1
+        bits &= 0x7FFFFFFF  # zero became 2^31 - 1
+        low = min(low, int(bits.amin()))
+    return top, low
 
 
 def cut_counts(a: np.ndarray, *cuts: int) -> tuple[int, ...]:
