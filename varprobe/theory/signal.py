@@ -48,6 +48,7 @@ class Value:
     pre: tuple | None = None  # a rectifier's output: its input's (mu, var, slope)
     mix: tuple | None = None  # a zero-mean branch plus a rectified stream (theory.residual)
     profile: Any = None  # E[x^2] over the positions, mean 1 (theory.profile); None: uniform
+    gram: Any = None  # the tokens' Gram shape, mean diagonal 1 (theory.tokens); None: alike
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Grad:
     # E[g_i g_j] over pairs of tokens other than the lead: the vector self-attention's
     # value path hands every key alike (theory.positions; the closed-form walks)
     pairs: float = 0.0
+    gram: Any = None  # the gradient's Gram shape over the tokens (theory.tokens)
 
 
 @dataclass

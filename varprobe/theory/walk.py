@@ -50,11 +50,11 @@ from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
 from varprobe.theory.nodes import CUSTOM, Attention, Node
 from varprobe.theory.signal import Call, Grad, Signal, Value
-from varprobe.theory.tokenshape import TokenShapes
+from varprobe.theory.tokenshape import TokenGrams, TokenShapes
 from varprobe.theory.weights import Weights
 
 
-class Walk(Backward, TokenShapes):
+class Walk(Backward, TokenShapes, TokenGrams):
     """``graph``: a theory.recording.Recording, or the chain that stands in for one.
     ``weights``: per layer, from theory.weights. ``values``: host copies of the
     parameters the rules read (norm scales, PReLU slopes)."""
@@ -88,6 +88,7 @@ class Walk(Backward, TokenShapes):
                 value.at = k
             if value.signal is not None:
                 value.rel = self._rel(k, value.signal)
+            self.token_gram(k, node, value)
             self.values.append(value)
 
     def failure(self, node: Node, exc: Exception) -> str:
@@ -215,13 +216,18 @@ class Walk(Backward, TokenShapes):
     def _attention(self, node: Node, ins: list[Value], note: str | None, at: int) -> Value:
         measured, correlations = self.measurements(node)
         q, k, v = (x.signal for x in ins)
+        grams = self.gram_correlations(node, self.facts(node))
+        correlations = grams if grams is not None else correlations
         signal, facts = attend.forward(self.facts(node), q, k, v, measured, correlations,
                                        self.width(node))
+        gram = None
+        if grams is not None:
+            signal, gram = self.attention_gram(node, ins, signal, correlations)
         signal = widths.keep(signal, v)
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
                                "key_layer": self.producer(node.inputs[1]), **facts})
-        return Value(signal, None, note, at, ins[2].mu)
+        return Value(signal, None, note, at, ins[2].mu, gram=gram)
 
     def facts(self, node: Node) -> Attention:
         """The mask as the probe measured it (causal, or none at all) over what the
