@@ -215,7 +215,16 @@ class TokenGrams:
             return None
         uv = tokens.prefix_shares(sv, counts)
         uk = tokens.prefix_shares(sk, counts)
-        return (tokens.off_diagonal(sv), tokens.off_diagonal(sk), uv[0], uk[1])
+        out = (tokens.off_diagonal(sv), tokens.off_diagonal(sk), uv[0], uk[1])
+        if not facts.causal:
+            # saturated without a causal mask every query goes to one key, and the
+            # overlap the output's pairs rest on (e^{r(1-r)s²}) is past what the closed
+            # forms hold (T5 under LeCun): the scalar rules, as theory.attend drops r_g
+            q = self.values[node.inputs[0]].signal
+            s2 = attention.logit_variance(q.m2, k.signal.m2, facts.d_k, facts.scale)
+            if attention.saturated(s2, attend.correlation(facts, v.signal, out)):
+                return None
+        return out
 
     def attention_gram(self, node: Node, ins: list[Value], signal, correlations):
         """The attention output's E[z²], r and Gram shape from the values' Gram
