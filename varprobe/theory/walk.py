@@ -44,6 +44,7 @@ from varprobe.theory import (
     profile,
     residual,
     rules,
+    tokens,
     widths,
 )
 from varprobe.theory.backflow import Backward
@@ -223,6 +224,10 @@ class Walk(Backward, TokenShapes, TokenGrams):
         gram = None
         if grams is not None:
             signal, gram = self.attention_gram(node, ins, signal, correlations)
+        elif self.grams_on() and max(node.attn.keys, node.attn.queries) > tokens.CAP:
+            note, at = _join(note, f"{max(node.attn.keys, node.attn.queries)} positions at "
+                             f"the attention{self._place(node.where)}: past {tokens.CAP} "
+                             "the tokens taken alike (no Gram)"), len(self.values)
         signal = widths.keep(signal, v)
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
