@@ -211,9 +211,10 @@ class Backward:
         closed = self.attention_grams(node, g, correlations)
         r_g = self.gradient_correlation(node) if closed is None or closed[0] is None \
             else closed[0]
+        factor = measured[2] if measured is not None else \
+            closed[4] if closed is not None else None
         paths = attend.backward(self.facts(node), g.var, *values, correlations,
-                                self.width(node), r_g,
-                                measured[2] if measured is not None else None)
+                                self.width(node), r_g, factor)
         for j, (i, var) in enumerate(zip(node.inputs, paths)):
             _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel,
                                  gram=closed[1 + j] if closed is not None else None))

@@ -384,3 +384,30 @@ def blend(a: np.ndarray | None, wa: float, b: np.ndarray | None, wb: float
     if a.shape != b.shape or not wa + wb > 0:
         return None
     return (wa * a + wb * b) / (wa + wb)
+
+
+def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: float,
+                 counts: np.ndarray, mi: np.ndarray, r: float, f: float,
+                 coherent: float) -> float | None:
+    """The query path's factor X (attention_stats.query_path: what a probe measures at
+    the actual init) from the values' and keys' Grams: for query i over its window,
+    Σ_jl (v_j - v̄_i)·(v_l - v̄_i) k_j·k_l / T_i² = F_i, which for tokens alike is
+    (1 - r)(1 - r_k)(T_i - 1)/T_i²; the closed form's (1 - r_k) f m_i becomes
+    m_i F_i T_i² f / ((T_i - 1)(1 - r)), plus the coherent term as before."""
+    tokens = counts.size
+    if int(counts.max()) != tokens:
+        return None
+    g = implied(rv, tokens) if sv is None else sv
+    k = implied(rk, tokens) if sk is None else sk
+    if g.shape != (tokens, tokens) or k.shape != g.shape or r >= 1:
+        return None
+    lmask = windows(counts)
+    s1 = np.einsum("ij,jk,ik->i", lmask, g * k, lmask)
+    rg, rk_ = g @ lmask.T, k @ lmask.T  # column i: the sums over window i
+    s2 = np.einsum("ij,ji,ji->i", lmask, rg, rk_) / counts
+    s3 = np.einsum("ij,jk,ik->i", lmask, g, lmask) * np.einsum("ij,jk,ik->i", lmask, k,
+                                                                lmask) / counts ** 2
+    many = counts > 1
+    x = np.zeros(tokens)
+    x[many] = (s1 - 2 * s2 + s3)[many] / (counts[many] - 1)
+    return float(np.mean(mi * x) * f / (1 - r) + (1 - r) * coherent)

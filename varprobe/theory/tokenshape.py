@@ -319,5 +319,11 @@ class TokenGrams:
             p2, c = gradient_stats.flat_moments(counts)
             r_g = float((u - p2) / (c - p2)) if c > p2 else 0.0
         keep = 1 / (1 - facts.dropout)
+        n = self.width(node)
+        coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
+        kv = [self.values[i] for i in node.inputs[1:3]]
+        factor = tokens.query_factor(kv[1].gram, max(v.r, v.mean_share), kv[0].gram,
+                                     max(k.r, k.mean_share), counts, mi, r, keep - r,
+                                     coherent) if square else None
         return (r_g, tokens.query_backward(h, counts, mi), tokens.key_backward(h, counts, mi),
-                tokens.value_backward(h, counts, p2i, s2, r, keep))
+                tokens.value_backward(h, counts, p2i, s2, r, keep), factor)
