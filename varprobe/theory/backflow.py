@@ -208,7 +208,7 @@ class Backward:
         measured, correlations = self.measurements(node)
         grams = self.gram_correlations(node, self.facts(node))
         correlations = grams if grams is not None else correlations
-        closed = self.attention_grams(node, g, correlations)
+        closed = self.attention_grams(node, g, correlations) if grams is not None else None
         r_g = self.gradient_correlation(node) if closed is None or closed[0] is None \
             else closed[0]
         factor = measured[2] if measured is not None else \

@@ -46,6 +46,7 @@ carried (the scalar rules, as before).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -55,6 +56,9 @@ from torch import nn
 from varprobe.theory import attention, correlation, rules
 
 CAP = 256  # positions: past it, the scalar rules
+# (1 - r) s² past which a call without a causal mask takes no Gram (theory.tokenshape):
+# between T5's encoder under torch-default (~5, where the Gram holds) and LeCun (~57)
+SATURATED = 16.0
 
 
 def implied(r: float, tokens: int) -> np.ndarray:
@@ -69,7 +73,7 @@ def normalized(g: np.ndarray | None) -> tuple[np.ndarray | None, float]:
     """(G / mean diag, mean diag); (None, 0) where there is nothing."""
     if g is None:
         return None, 0.0
-    m = float(np.mean(np.diag(g)))
+    m = float(np.trace(g)) / g.shape[0]
     if not m > 0 or not np.isfinite(m):
         return None, 0.0
     return g / m, m
@@ -144,7 +148,12 @@ def norm_backward(s_in: np.ndarray | None, m2: float, eps: float,
 
 
 def _grid(values: np.ndarray) -> np.ndarray:
-    return np.linspace(0.0, 1.0, values.size)
+    return _unit_grid(values.size)
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_grid(size: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, size)
 
 
 def activation(module: nn.Module, s: np.ndarray | None, m2: float, mu: float = 0.0
@@ -226,8 +235,33 @@ def product(a: np.ndarray | None, ra: float, b: np.ndarray | None, rb: float
 # --- attention -----------------------------------------------------------------------
 def windows(counts: np.ndarray) -> np.ndarray:
     """L[i, j] = 1 where query i sees key j (nested windows: the first counts[i])."""
+    return _windows(np.asarray(counts, dtype=np.float64).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(key: bytes) -> np.ndarray:
+    counts = np.frombuffer(key, dtype=np.float64)
     keys = int(counts.max())
-    return (np.arange(keys)[None, :] < counts[:, None]).astype(np.float64)
+    out = (np.arange(keys)[None, :] < counts[:, None]).astype(np.float64)
+    out.setflags(write=False)
+    return out
+
+
+def window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl, by a 2-D cumulative sum (nested windows)."""
+    cs = s.cumsum(0).cumsum(1)
+    at = counts.astype(int) - 1
+    return cs[np.ix_(at, at)]
+
+
+def window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """diag(L S Lᵀ): the sum of S over each query's window."""
+    at = counts.astype(int) - 1
+    return s.cumsum(0).cumsum(1)[at, at]
+
+
+def _causal(counts: np.ndarray) -> bool:
+    return bool(counts.size and counts[0] == 1 and np.all(np.diff(counts) == 1))
 
 
 def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
@@ -257,9 +291,8 @@ def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray
         sv = implied(rv, tokens)
     if sv.shape[0] != int(counts.max()):
         return None
-    lmask = windows(counts)
     a, b, shared = pair_weights(counts, p2i, s2, r, keep)
-    sums = lmask @ sv @ lmask.T
+    sums = window_sums(sv, counts)
     cum = np.cumsum(np.diag(sv))
     d = cum[shared.astype(int) - 1]
     out = a * (sums - d) + b * d
@@ -276,12 +309,16 @@ def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2
     h = np.eye(tokens) if h is None else h
     if h.shape[0] != tokens:
         return None
-    lmask = windows(counts)
     a, b, shared = pair_weights(counts, p2i, s2, r, keep)
-    out = lmask.T @ (a * h) @ lmask
+    x = a * h
+    if _causal(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
+        out = x[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1].copy()
+    else:
+        lmask = windows(counts)
+        out = lmask.T @ x @ lmask
     # the shared-key term: key j is shared by queries i, k where j < min(T_i, T_k)
     extra = (b - a) * h
-    keys = lmask.shape[1]
+    keys = int(counts.max())
     diag = _shared_diag(extra, counts, keys)
     out[np.diag_indices(keys)] += diag
     return normalized(out)[0]
@@ -327,9 +364,8 @@ def prefix_shares(s: np.ndarray | None, counts: np.ndarray) -> tuple[float, floa
     the windows, w = mean_i u_i / i."""
     if s is None or s.shape[0] != counts.size:
         return None
-    lmask = windows(counts)
-    means = np.einsum("ij,jk,ik->i", lmask, s, lmask) / counts ** 2
-    scale = float(np.mean(np.diag(s)))
+    means = window_diag(s, counts) / counts ** 2
+    scale = float(np.trace(s)) / s.shape[0]
     return float(np.mean(means) / scale), float(np.mean(means / counts) / scale)
 
 
@@ -337,6 +373,10 @@ def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float 
     """u = mean_j (Σ_i p̄_ij g_i)²/E[g²] for flat attention p̄ (gradient_stats)."""
     if h is None or h.shape[0] != counts.size:
         return None
+    if causal and _causal(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
+        x = h / np.outer(counts, counts)
+        diag = np.diag(x[::-1, ::-1].cumsum(0).cumsum(1))[::-1]
+        return float(np.mean(diag) / np.mean(np.diag(h)))
     if causal:
         flat = windows(counts) / counts[:, None]
         return float(np.mean(np.einsum("ij,ik,kj->j", flat, h, flat)) / np.mean(np.diag(h)))
@@ -401,12 +441,11 @@ def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: fl
     k = implied(rk, tokens) if sk is None else sk
     if g.shape != (tokens, tokens) or k.shape != g.shape or r >= 1:
         return None
-    lmask = windows(counts)
-    s1 = np.einsum("ij,jk,ik->i", lmask, g * k, lmask)
-    rg, rk_ = g @ lmask.T, k @ lmask.T  # column i: the sums over window i
-    s2 = np.einsum("ij,ji,ji->i", lmask, rg, rk_) / counts
-    s3 = np.einsum("ij,jk,ik->i", lmask, g, lmask) * np.einsum("ij,jk,ik->i", lmask, k,
-                                                                lmask) / counts ** 2
+    at = counts.astype(int) - 1
+    s1 = window_diag(g * k, counts)
+    rg, rk_ = g.cumsum(1)[:, at], k.cumsum(1)[:, at]  # column i: the sums over window i
+    s2 = (rg * rk_).cumsum(0)[at, np.arange(tokens)] / counts
+    s3 = window_diag(g, counts) * window_diag(k, counts) / counts ** 2
     many = counts > 1
     x = np.zeros(tokens)
     x[many] = (s1 - 2 * s2 + s3)[many] / (counts[many] - 1)

@@ -147,6 +147,8 @@ class TokenGrams:
                 return None
             fixed = sum(f * self.constants[c][0] for f, c, _ in node.const)
             own = self._own(node)
+            if len(ins) == 1 and not fixed and not own:
+                return ins[0].gram  # a view, a slice of features, a constant factor
             parts = [(f * v.signal.m2, v.gram, v.signal.r) for f, v in zip(node.forward, ins)]
             return tokens.combine(parts, fixed - own, own)
         return None
@@ -197,9 +199,16 @@ class TokenGrams:
     # --- what attention reads --------------------------------------------------------
     def gram_correlations(self, node: Node, facts) -> tuple | None:
         """(r_v, r_k, u_v, u_k) of the values and keys from their Grams, as a probe
-        measures them (theory.attention_stats), for the closed-form walks."""
+        measures them (theory.attention_stats), for the closed-form walks (the forward's,
+        kept for the backward)."""
         if not self.grams_on():
             return None
+        memo = self.__dict__.setdefault("_gram_memo", {})
+        if ("corr", id(node)) not in memo:
+            memo[("corr", id(node))] = self._gram_correlations(node, facts)
+        return memo[("corr", id(node))]
+
+    def _gram_correlations(self, node: Node, facts) -> tuple | None:
         k, v = (self.values[i] for i in node.inputs[1:3])
         if facts.keys > tokens.CAP or facts.queries > tokens.CAP:
             return None
@@ -216,14 +225,16 @@ class TokenGrams:
         uv = tokens.prefix_shares(sv, counts)
         uk = tokens.prefix_shares(sk, counts)
         out = (tokens.off_diagonal(sv), tokens.off_diagonal(sk), uv[0], uk[1])
-        if not facts.causal:
-            # saturated without a causal mask every query goes to one key, and the
-            # overlap the output's pairs rest on (e^{r(1-r)s²}) is past what the closed
-            # forms hold (T5 under LeCun): the scalar rules, as theory.attend drops r_g
-            q = self.values[node.inputs[0]].signal
-            s2 = attention.logit_variance(q.m2, k.signal.m2, facts.d_k, facts.scale)
-            if attention.saturated(s2, attend.correlation(facts, v.signal, out)):
-                return None
+        # far past saturation every query goes to a few keys, and the overlap the
+        # output's pairs rest on (e^{r(1-r)s²}) is past what the closed forms hold: the
+        # scalar rules there, as theory.attend drops r_g. T5: (1 - r)s² ~ 5 under
+        # torch-default (the Gram puts its scheme column's backward median at 0.05,
+        # 0.69 without), ~57 under LeCun/Xavier and ~230 under He (0.7-2.1 with the
+        # Gram, 0.56-0.89 without)
+        q = self.values[node.inputs[0]].signal
+        s2 = attention.logit_variance(q.m2, k.signal.m2, facts.d_k, facts.scale)
+        if (1 - attend.correlation(facts, v.signal, out)) * s2 > tokens.SATURATED:
+            return None
         return out
 
     def attention_gram(self, node: Node, ins: list[Value], signal, correlations):
@@ -259,8 +270,17 @@ class TokenGrams:
         module = self.modules[node.index]
         if not self._feature_norm(module):
             return None
-        m2 = self._norm_scale(module, src)
-        return tokens.norm_backward(src.gram, m2, norms.eps_of(module), g.gram)[1]
+        return self._norm_backward(node, module, src, g)[1]
+
+    def _norm_backward(self, node: Node, module: nn.Module, src: Value, g):
+        """tokens.norm_backward at a norm call, once per gradient (gram_gain, then
+        call_grad_gram)."""
+        memo = self.__dict__.setdefault("_gram_memo", {})
+        key = ("norm", id(node))
+        if key not in memo or memo[key][0] is not g:
+            memo[key] = (g, tokens.norm_backward(src.gram, self._norm_scale(module, src),
+                                                 norms.eps_of(module), g.gram))
+        return memo[key][1]
 
     @staticmethod
     def _feature_norm(module: nn.Module) -> bool:
@@ -291,8 +311,7 @@ class TokenGrams:
         if isinstance(module, rules.IDENTITY_LIKE):
             return g.gram
         if self._feature_norm(module):
-            return tokens.norm_backward(src.gram, self._norm_scale(module, src),
-                                        norms.eps_of(module), g.gram)[0]
+            return self._norm_backward(node, module, src, g)[0]
         return None
 
     def attention_grams(self, node: Node, g, correlations) -> tuple | None:
