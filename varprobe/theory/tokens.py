@@ -39,9 +39,11 @@ next to the walk's own E[x²], and the gradient's the same way (``Grad.gram``):
 
 From these the walk reads what the actual init's walk measures: the values' and keys'
 prefix shares u and their plain r at each attention call (theory.attend.correlation),
-the gradient's u, and so r_g (theory.gradient_stats.effective), at each attention
-output, and kappa at each LayerNorm and RMSNorm. Past ``CAP`` positions the Gram is not
-carried (the scalar rules, as before).
+the query path's factor X (``query_factor``), the gradient's u, and so r_g
+(theory.gradient_stats.effective), at each attention output, and kappa at each
+LayerNorm and RMSNorm. Past ``CAP`` positions, and at a call far past saturation
+((1 - r)s² > ``SATURATED``), the Gram is not carried (the scalar rules, as before).
+Window sums use cumulative sums (nested windows), no loop over tokens.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from varprobe.theory import attention, correlation, rules
+from varprobe.theory import correlation, rules
 
 CAP = 256  # positions: past it, the scalar rules
 # (1 - r) s² past which a call without a causal mask takes no Gram (theory.tokenshape):
