@@ -216,10 +216,7 @@ class TokenGrams:
                                       facts.causal and facts.queries == facts.keys)
         if counts.size != facts.keys:
             return None
-        sv = v.gram if v.gram is not None else tokens.implied(
-            max(v.signal.r, v.signal.mean_share), facts.keys)
-        sk = k.gram if k.gram is not None else tokens.implied(
-            max(k.signal.r, k.signal.mean_share), facts.keys)
+        sv, sk = self.attended_grams(node, facts)
         if sv.shape[0] != facts.keys or sk.shape[0] != facts.keys:
             return None
         uv = tokens.prefix_shares(sv, counts)
@@ -237,6 +234,24 @@ class TokenGrams:
             return None
         return out
 
+    def attended_grams(self, node: Node, facts) -> tuple:
+        """The values' and keys' Grams at an attention call; where the walk carries none
+        (tokens alike up to there), alike with the walk's own r; without a causal mask,
+        with the r a probe measured at the call where there is one (a scheme's walk:
+        BERT's token-type embedding, which every token shares, is r 0.19 that the
+        walk's scalar r does not see)."""
+        k, v = (self.values[i] for i in node.inputs[1:3])
+        measured = self.measurements(node)[1]
+        out = []
+        for side, x in ((0, v), (1, k)):
+            if x.gram is not None:
+                out.append(x.gram)
+                continue
+            r = max(x.signal.r, x.signal.mean_share) if measured is None or \
+                facts.causal else attend.correlation(facts, x.signal, measured, side)
+            out.append(tokens.implied(r, facts.keys))
+        return tuple(out)
+
     def attention_gram(self, node: Node, ins: list[Value], signal, correlations):
         """The attention output's E[z²], r and Gram shape from the values' Gram
         (theory.tokens.attend); the scalar signal where there is none."""
@@ -249,7 +264,7 @@ class TokenGrams:
         n = self.width(node)
         p2i, _ = attention._moments(s2, r, counts, "gaussian", facts.d_k, n)
         coupling = (1 - r) ** 2 * s2 * (1 - p2i) ** 2 / n if n else None
-        out = tokens.attend(ins[2].gram, max(v.r, v.mean_share), counts, p2i, s2, r,
+        out = tokens.attend(self.attended_grams(node, facts)[0], 0.0, counts, p2i, s2, r,
                             coupling, 1 / (1 - facts.dropout))
         if out is None or not out[1] > 0:
             return signal, None
@@ -340,9 +355,8 @@ class TokenGrams:
         keep = 1 / (1 - facts.dropout)
         n = self.width(node)
         coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
-        kv = [self.values[i] for i in node.inputs[1:3]]
-        factor = tokens.query_factor(kv[1].gram, max(v.r, v.mean_share), kv[0].gram,
-                                     max(k.r, k.mean_share), counts, mi, r, keep - r,
+        sv, sk = self.attended_grams(node, facts)
+        factor = tokens.query_factor(sv, 0.0, sk, 0.0, counts, mi, r, keep - r,
                                      coherent) if square else None
         return (r_g, tokens.query_backward(h, counts, mi), tokens.key_backward(h, counts, mi),
                 tokens.value_backward(h, counts, p2i, s2, r, keep), factor)
