@@ -20,8 +20,8 @@ from varprobe.theory import norms
 from varprobe.theory.gains import Values, backward_gain, forward_gain, gain_unavailable_reason
 from varprobe.theory.layer_fans import SCHEMES, effective_fans, is_linear_map
 from varprobe.theory.nodes import chain
-from varprobe.theory.signal import Call
-from varprobe.theory.walk import Walk, _join, _measured_m2, start_signal
+from varprobe.theory.signal import Call, measured_m2, start_signal
+from varprobe.theory.walk import Walk, _join
 from varprobe.theory.weights import (
     Weights,
     actual_weights,
@@ -148,7 +148,7 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
                 layer.input_activation, layer.input_gain = before
             before, owner = None, layer
         elif layer.kind == "activation" and owner is not None and owner.activation is None:
-            q = _measured_m2(layer.input)
+            q = measured_m2(layer.input)
             call = walk.calls.get(i)
             if q is None and call is not None and call.input is not None \
                     and call.input.signal is not None:
@@ -182,7 +182,7 @@ def _local(layer: Layer, module: nn.Module, w: Weights | None) -> Prediction:
         return Prediction(None, None, basis="local", note=f"no closed form for {layer.type}")
     if isinstance(module, nn.Embedding):
         return Prediction(w.w2, None, basis="local", note=w.note)
-    x2 = _measured_m2(layer.input)
+    x2 = measured_m2(layer.input)
     dy = layer.backward.var if layer.backward else None
     fwd = None if x2 is None else layer.effective_fan_in * w.w2 * x2 + w.b2
     dx = None if dy is None else layer.effective_fan_out * w.w2 * dy

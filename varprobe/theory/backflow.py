@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from varprobe.report import Layer
@@ -30,6 +31,7 @@ from varprobe.theory import (
     residual,
     rules,
     shared,
+    tokens,
 )
 from varprobe.theory.nodes import Node, is_view
 from varprobe.theory.signal import Call, Grad, Signal, Value
@@ -101,7 +103,8 @@ class Backward:
             keep = 1 - node.p  # the mask's mean over positions is 1: the shared part stays
             _flow(grads, node.inputs[0], _with(Grad(g.var / keep, g.broken, g.note, g.sparse,
                                                     g.rel, lead=g.lead and g.lead / keep,
-                                                    pairs=g.pairs),
+                                                    pairs=g.pairs,
+                                                    gram=tokens.dropout(g.gram, node.p)),
                                                shared.dropped(g, keep), g.profile))
         elif node.op == "product":
             self._product_backward(node, g, grads)
@@ -124,6 +127,9 @@ class Backward:
             return
         dx = _rectified(_with(Grad((g.var + g.deferred) * gain, g.broken, g.note, g.sparse,
                                    g.rel), self._shared_act(node.module, x, g), g.profile), x)
+        if g.gram is not None or x.gram is not None:
+            dx.gram = tokens.activation_backward(node.module, x.gram, x.signal.m2, g.gram) \
+                if x.signal is not None else None
         if g.pairs and g.window is None:
             slope = rules.mean_slope(node.module, _rest(x.signal, g).m2 - x.mu ** 2, x.mu)
             dx.pairs = g.pairs * slope * slope if slope is not None else 0.0
@@ -165,6 +171,7 @@ class Backward:
                                  shared.into_stream(g, stream, b * scale), g.profile),
                            g, stream, b * scale)
             dx.lead, dx.pairs = own.lead, own.pairs
+            dx.gram = g.gram if node.pick is None and node.lead is None else None
             _flow(grads, i, dx)
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
@@ -186,8 +193,10 @@ class Backward:
                 parts = shared.seed(var, None)  # one value per sample and channel
             elif positions[1 - j]:
                 parts = shared.scaled(g, x.signal.m2)
-            _flow(grads, i, _with(Grad(var, g.broken, g.note, g.sparse, g.rel), parts,
-                                  g.profile if spread == 1 else None))
+            grad = _with(Grad(var, g.broken, g.note, g.sparse, g.rel), parts,
+                         g.profile if spread == 1 else None)
+            grad.gram = self._product_gram(node, j, g)
+            _flow(grads, i, grad)
 
     def _attention_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """The query, key and value paths (theory.attention.backward); a self-attention
@@ -199,13 +208,14 @@ class Backward:
                                      "value for", rel=g.rel))
             return
         measured, correlations = self.measurements(node)
+        correlations, closed, r_g, factor = self.closed_paths(node, g, measured, correlations)
         paths = attention_paths.saturated(self.facts(node), g.var, *values, correlations,
                                           self.path_factors(node)) \
             or attend.backward(self.facts(node), g.var, *values, correlations,
-                               self.width(node), self.gradient_correlation(node),
-                               measured[2] if measured is not None else None)
-        for i, var in zip(node.inputs, paths):
-            _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel))
+                               self.width(node), r_g, factor)
+        for j, (i, var) in enumerate(zip(node.inputs, paths)):
+            _flow(grads, i, Grad(var, None, g.note, g.sparse, g.rel,
+                                 gram=closed[1 + j] if closed is not None else None))
         bias = node.attn.bias
         if bias is not None:  # each element of it collects the logits it is added to
             _flow(grads, bias, Grad(paths[3] * node.attn.bias_fold, None, g.note, rel=g.rel))
@@ -265,6 +275,8 @@ class Backward:
             dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
             if dx is not None and (kappa := self.token_gain(node)) is not None:
                 dx *= kappa  # the tokens' own scales against their gradients
+            elif dx is not None and (kappa := self.gram_gain(node, info.input, g)) is not None:
+                dx *= kappa  # the same from the tokens' Grams (theory.tokens)
         corr, shape = profile.before_call(module, layer, g.profile) if dx is not None \
             else (1.0, None)
         if dx is not None and isinstance(module, norms.BATCH_NORMS) \
@@ -276,6 +288,8 @@ class Backward:
             if k in self.backward_gains:
                 grad = _rectified(grad, info.input)
         grad.lead = lead
+        if dx is not None:
+            grad.gram = self.call_grad_gram(node, info.input, g)
         grad.pairs = pairs if node.attn is not None or grad.broken else \
             g.pairs * self._pairs_gain(layer, module, s_in, g, mu)
         _flow(grads, node.inputs[0], grad)
@@ -349,6 +363,20 @@ class Backward:
         gain = rules.backward(layer, module, 1.0, rest, self.weights[layer.index], self.host,
                               mu)
         return gain or 0.0
+
+    def _product_gram(self, node: Node, j: int, g: Grad):
+        """d(ab)/da = b: the gradient's Gram times the other factor's (a rotary table's
+        at its own scale, theory.tokens)."""
+        other = self.values[node.inputs[1 - j]]
+        if other is None or (g.gram is None and other.gram is None):
+            return None
+        if self.nodes[node.inputs[1 - j]].op == "table":
+            if other.gram is None:
+                return None
+            h = g.gram if g.gram is not None else np.eye(other.gram.shape[0])
+            return h * other.gram if h.shape == other.gram.shape else None
+        r = other.signal.r if other.signal is not None else 0.0
+        return tokens.product(g.gram, 0.0, other.gram, r)
 
     @staticmethod
     def _shared_act(module: nn.Module, x: Value | None, g: Grad) -> shared.Parts:
@@ -449,6 +477,7 @@ def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
         grads[k] = dataclasses.replace(g)
         return
     positions.merge(have, g)
+    have.gram = tokens.blend(have.gram, have.var, g.gram, g.var)
     have.profile = profile.blend([(have.profile, have.var), (g.profile, g.var)])
     have.var += g.var
     have.rectified += g.rectified

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from varprobe.report import Report
+
 
 @dataclass(frozen=True)
 class Lead:
@@ -48,6 +50,7 @@ class Value:
     pre: tuple | None = None  # a rectifier's output: its input's (mu, var, slope)
     mix: tuple | None = None  # a zero-mean branch plus a rectified stream (theory.residual)
     profile: Any = None  # E[x^2] over the positions, mean 1 (theory.profile); None: uniform
+    gram: Any = None  # the tokens' Gram shape, mean diagonal 1 (theory.tokens); None: alike
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Grad:
     # E[g_i g_j] over pairs of tokens other than the lead: the vector self-attention's
     # value path hands every key alike (theory.positions; the closed-form walks)
     pairs: float = 0.0
+    gram: Any = None  # the gradient's Gram shape over the tokens (theory.tokens)
 
 
 @dataclass
@@ -88,3 +92,28 @@ class Call:
     grad_input: float | None = None
     backward_break: str | None = None
     backward_note: str | None = None
+
+
+def start_signal(report: Report) -> tuple[Signal | None, str | None]:
+    """The network input's measured E[x^2] (1 assumed when nothing was measured)."""
+    measured = measured_m2(report.input)
+    if measured is not None:
+        share = measured_share(report.input)
+        return Signal(measured, share, share), None
+    if report.input.dtype is not None and "int" in report.input.dtype:
+        return None, None  # token ids: the first (embedding) layer starts the walk
+    return Signal(1.0), "input E[x²] = 1 assumed"
+
+
+def measured_m2(stats) -> float | None:
+    value = stats.second_moment if stats is not None else None
+    return value if value is not None and value == value and abs(value) != float("inf") \
+        else None
+
+
+def measured_share(stats) -> float:
+    """mean^2 / E[x^2] of a measured tensor: its shared mean (a lower bound on the
+    per-unit one, exact after an activation, where every unit has the same mean)."""
+    if stats is None or not stats.second_moment or stats.mean is None:
+        return 0.0
+    return min(1.0, stats.mean * stats.mean / stats.second_moment)

@@ -13,7 +13,23 @@ uses one of the two, never both (``closed_tokens``).
 
 from __future__ import annotations
 
-from varprobe.theory import catshare, positions, tokennorm, widths
+import dataclasses
+
+import numpy as np
+from torch import nn
+
+from varprobe.theory import (
+    attend,
+    attention,
+    catshare,
+    gradient_stats,
+    norms,
+    positions,
+    rules,
+    tokennorm,
+    tokens,
+    widths,
+)
 from varprobe.theory.nodes import Node
 from varprobe.theory.signal import Signal, Value
 
@@ -76,3 +92,293 @@ class TokenShapes:
         source = self.calls.get(layer.index)
         return widths.effective(layer.fan_in, source.input.signal if source is not None
                                 and source.input is not None else None)
+
+
+class TokenGrams:
+    """The tokens' Gram matrices (theory.tokens) in the closed-form walks: forward at
+    every node (``Value.gram``), backward beside each gradient (``Grad.gram``). Mixed
+    into theory.walk.Walk."""
+
+    def grams_on(self) -> bool:
+        return self.closed_tokens
+
+    def token_gram(self, k: int, node: Node, value: Value) -> None:
+        """Set ``value.gram`` from the node's inputs' (None: tokens alike, or unknown)."""
+        if not self.grams_on() or value.signal is None or value.gram is not None:
+            return
+        try:
+            value.gram = self._gram_of(k, node, value)
+        except Exception:  # noqa: BLE001 -- a Gram rule's failure: the scalar rules
+            value.gram = None
+        if value.gram is not None and (value.gram.shape[0] > tokens.CAP
+                                       or not np.all(np.isfinite(value.gram))):
+            value.gram = None
+
+    def _in(self, i: int) -> Value | None:
+        return self.values[i] if i >= 0 else None
+
+    def _gram_of(self, k: int, node: Node, value: Value):
+        ins = [self._in(i) for i in node.inputs]
+        if node.op == "table":
+            return self._table_gram(k, node)
+        if node.op in ("input", "lookup", "unknown", "pool", "attention"):
+            return None
+        if any(v is None or v.signal is None for v in ins):
+            return None
+        if node.op == "exit":
+            return ins[0].gram
+        if node.op == "act":
+            return tokens.activation(node.module, ins[0].gram, ins[0].signal.m2, ins[0].mu)
+        if node.op == "dropout":
+            return tokens.dropout(ins[0].gram, node.p)
+        if node.op == "product":
+            a, b = ins
+            if self.nodes[node.inputs[1]].op == "table" or self.nodes[node.inputs[0]].op == "table":
+                if a.gram is None or b.gram is None or a.gram.shape != b.gram.shape:
+                    return None
+                return a.gram * b.gram  # the table's own scale: the add after sums them
+            return tokens.product(a.gram, a.signal.r, b.gram, b.signal.r)
+        if node.op == "call":
+            return self._call_gram(node, ins[0] if ins else None, value)
+        if node.op == "linear":
+            if node.pick is not None or node.lead is not None:
+                return None
+            if all(v.gram is None for v in ins):
+                return None
+            fixed = sum(f * self.constants[c][0] for f, c, _ in node.const)
+            own = self._own(node)
+            if len(ins) == 1 and not fixed and not own:
+                return ins[0].gram  # a view, a slice of features, a constant factor
+            parts = [(f * v.signal.m2, v.gram, v.signal.r) for f, v in zip(node.forward, ins)]
+            return tokens.combine(parts, fixed - own, own)
+        return None
+
+    def _call_gram(self, node: Node, src: Value | None, value: Value):
+        if src is None or src.gram is None or node.attn is not None:
+            return None
+        layer, module = self.report.layers[node.index], self.modules[node.index]
+        s = src.gram
+        if layer.kind == "weight":
+            if isinstance(module, nn.Embedding):
+                return None
+            w = self.weights[node.index]
+            b2 = w.b2 if w is not None else 0.0
+            return tokens.weight(s, max(value.signal.m2 - b2, 0.0), b2)
+        if layer.kind == "activation" or node.index in getattr(self, "_act_calls", ()):
+            return tokens.activation(module, s, src.signal.m2, src.mu)
+        if isinstance(module, rules.DROPOUTS):
+            return tokens.dropout(s, module.p) if module.training else s
+        if isinstance(module, rules.IDENTITY_LIKE):
+            return s
+        if norms.is_norm(module) and not isinstance(module, (nn.GroupNorm,
+                                                              *norms.BATCH_NORMS)) \
+                and "GroupNorm" not in type(module).__name__:
+            m2 = src.signal.m2 if norms._is_rms(module) else max(
+                src.signal.m2 - src.mu * src.mu, 0.0)
+            g2, n, b2 = norms.affine_sums(module, self.host)
+            return tokens.norm(s, m2, norms.eps_of(module), g2 / n, b2)
+        return None
+
+    def _table_gram(self, k: int, node: Node):
+        """A rotary embedding's cos (the first table of its call) or sin, per unit of its
+        E[x²] = 1/2: C_ij / (1/2), C_ij = mean_f cos(iθ_f) cos(jθ_f) (or sin sin)."""
+        layer = self.report.layers[node.index]
+        shape = layer.shape if isinstance(layer.shape, list) else None
+        if not shape or len(shape) < 2 or shape[-2] > tokens.CAP:
+            return None
+        first = next(j for j, n in enumerate(self.nodes) if n.op == "table"
+                     and n.index == node.index)
+        theta = tokens._frequencies(self.modules[node.index], shape[-1])
+        if theta is None:
+            return None
+        pos = np.arange(shape[-2], dtype=np.float64)
+        angle = pos[:, None] * theta[None, :]
+        f = np.cos(angle) if k == first else np.sin(angle)
+        return f @ f.T / theta.size / 0.5
+
+    # --- what attention reads --------------------------------------------------------
+    def gram_correlations(self, node: Node, facts) -> tuple | None:
+        """(r_v, r_k, u_v, u_k) of the values and keys from their Grams, as a probe
+        measures them (theory.attention_stats), for the closed-form walks (the forward's,
+        kept for the backward)."""
+        if not self.grams_on():
+            return None
+        memo = self.__dict__.setdefault("_gram_memo", {})
+        if ("corr", id(node)) not in memo:
+            memo[("corr", id(node))] = self._gram_correlations(node, facts)
+        return memo[("corr", id(node))]
+
+    def _gram_correlations(self, node: Node, facts) -> tuple | None:
+        k, v = (self.values[i] for i in node.inputs[1:3])
+        if facts.keys > tokens.CAP or facts.queries > tokens.CAP:
+            return None
+        counts = attention.key_counts(attend.keys(facts),
+                                      facts.causal and facts.queries == facts.keys)
+        if counts.size != facts.keys:
+            return None
+        sv, sk = self.attended_grams(node, facts)
+        if sv.shape[0] != facts.keys or sk.shape[0] != facts.keys:
+            return None
+        uv = tokens.prefix_shares(sv, counts)
+        uk = tokens.prefix_shares(sk, counts)
+        out = (tokens.off_diagonal(sv), tokens.off_diagonal(sk), uv[0], uk[1])
+        # far past saturation every query goes to a few keys, and the overlap the
+        # output's pairs rest on (e^{r(1-r)s²}) is past what the closed forms hold: the
+        # scalar rules there, as theory.attend drops r_g. T5: (1 - r)s² ~ 5 under
+        # torch-default (the Gram puts its scheme column's backward median at 0.05,
+        # 0.69 without), ~57 under LeCun/Xavier and ~230 under He (0.7-2.1 with the
+        # Gram, 0.56-0.89 without)
+        q = self.values[node.inputs[0]].signal
+        s2 = attention.logit_variance(q.m2, k.signal.m2, facts.d_k, facts.scale)
+        if (1 - attend.correlation(facts, v.signal, out)) * s2 > tokens.SATURATED:
+            return None
+        return out
+
+    def attended_grams(self, node: Node, facts) -> tuple:
+        """The values' and keys' Grams at an attention call; where the walk carries none
+        (tokens alike up to there), alike with the walk's own r; without a causal mask,
+        with the r a probe measured at the call where there is one (a scheme's walk:
+        BERT's token-type embedding, which every token shares, is r 0.19 that the
+        walk's scalar r does not see)."""
+        k, v = (self.values[i] for i in node.inputs[1:3])
+        measured = self.measurements(node)[1]
+        out = []
+        for side, x in ((0, v), (1, k)):
+            if x.gram is not None:
+                out.append(x.gram)
+                continue
+            r = max(x.signal.r, x.signal.mean_share) if measured is None or \
+                facts.causal else attend.correlation(facts, x.signal, measured, side)
+            out.append(tokens.implied(r, facts.keys))
+        return tuple(out)
+
+    def attention_gram(self, node: Node, ins: list[Value], signal, correlations, grams):
+        """(signal, Gram, why not): the attention output's E[z²], r and Gram shape from
+        the values' Gram (theory.tokens.attend) where ``grams`` (the call's correlations
+        from the Grams) were found; else the scalar signal, and where a closed-form walk
+        found none because the call has too many positions, what to say."""
+        if grams is None:
+            size = max(node.attn.keys, node.attn.queries)
+            return signal, None, (f"{size} positions at the attention"
+                                  if self.grams_on() and size > tokens.CAP else None)
+        return (*self._attention_gram(node, ins, signal, correlations), None)
+
+    def _attention_gram(self, node: Node, ins: list[Value], signal, correlations):
+        facts = self.facts(node)
+        q, k, v = (x.signal for x in ins)
+        causal = facts.causal and facts.queries == facts.keys
+        counts = attention.key_counts(attend.keys(facts), causal)
+        r = attend.correlation(facts, v, correlations)
+        s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+        n = self.width(node)
+        p2i, _ = attention._moments(s2, r, counts, "gaussian", facts.d_k, n)
+        coupling = (1 - r) ** 2 * s2 * (1 - p2i) ** 2 / n if n else None
+        out = tokens.attend(self.attended_grams(node, facts)[0], 0.0, counts, p2i, s2, r,
+                            coupling, 1 / (1 - facts.dropout))
+        if out is None or not out[1] > 0:
+            return signal, None
+        shape, z2 = out
+        m2 = v.m2 * z2
+        share = min(1.0, v.m2 * v.mean_share / m2) if m2 > 0 else 0.0
+        r_out = tokens.off_diagonal(shape)
+        return dataclasses.replace(signal, m2=m2, mean_share=share,
+                                   r=min(1.0, max(share, r_out))), shape
+
+    # --- backward --------------------------------------------------------------------
+    def gram_gain(self, node: Node, src: Value | None, g) -> float | None:
+        """kappa of a LayerNorm or RMSNorm from the forward Gram of its input and the
+        gradient's at its output (theory.tokens.norm_backward); None where the walk
+        carries no Gram there."""
+        if not self.grams_on() or src is None or src.gram is None or src.signal is None:
+            return None
+        module = self.modules[node.index]
+        if not self._feature_norm(module):
+            return None
+        return self._norm_backward(node, module, src, g)[1]
+
+    def _norm_backward(self, node: Node, module: nn.Module, src: Value, g):
+        """tokens.norm_backward at a norm call, once per gradient (gram_gain, then
+        call_grad_gram)."""
+        memo = self.__dict__.setdefault("_gram_memo", {})
+        key = ("norm", id(node))
+        if key not in memo or memo[key][0] is not g:
+            memo[key] = (g, tokens.norm_backward(src.gram, self._norm_scale(module, src),
+                                                 norms.eps_of(module), g.gram))
+        return memo[key][1]
+
+    @staticmethod
+    def _feature_norm(module: nn.Module) -> bool:
+        return norms.is_norm(module) and not isinstance(
+            module, (nn.GroupNorm, *norms.BATCH_NORMS)) and "GroupNorm" not in type(
+            module).__name__
+
+    @staticmethod
+    def _norm_scale(module: nn.Module, src: Value) -> float:
+        return src.signal.m2 if norms._is_rms(module) else max(
+            src.signal.m2 - src.mu * src.mu, 0.0)
+
+    def call_grad_gram(self, node: Node, src: Value | None, g):
+        """The gradient's Gram at a call's input."""
+        if not self.grams_on() or g.gram is None and (src is None or src.gram is None):
+            return None
+        layer, module = self.report.layers[node.index], self.modules[node.index]
+        if node.attn is not None:
+            return None
+        if layer.kind == "weight":
+            return None if isinstance(module, nn.Embedding) else g.gram
+        if src is None or src.signal is None:
+            return None
+        if layer.kind == "activation":
+            return tokens.activation_backward(module, src.gram, src.signal.m2, g.gram)
+        if isinstance(module, rules.DROPOUTS):
+            return tokens.dropout(g.gram, module.p) if module.training else g.gram
+        if isinstance(module, rules.IDENTITY_LIKE):
+            return g.gram
+        if self._feature_norm(module):
+            return self._norm_backward(node, module, src, g)[0]
+        return None
+
+    def closed_paths(self, node: Node, g, measured, correlations) -> tuple:
+        """(correlations, the paths' Grams or None, r_g, the query path's factor) for
+        an attention call's backward: from the Grams where a closed-form walk has them,
+        else the probe's measurements."""
+        grams = self.gram_correlations(node, self.facts(node))
+        correlations = grams if grams is not None else correlations
+        closed = self.attention_grams(node, g, correlations) if grams is not None else None
+        r_g = self.gradient_correlation(node) if closed is None or closed[0] is None \
+            else closed[0]
+        factor = measured[2] if measured is not None else \
+            closed[4] if closed is not None else None
+        return correlations, closed, r_g, factor
+
+    def attention_grams(self, node: Node, g, correlations) -> tuple | None:
+        """(r_g, the query, key and value paths' gradient Grams) at an attention call,
+        from the gradient's Gram at its output, for the closed-form walks."""
+        if not self.grams_on():
+            return None
+        facts = self.facts(node)
+        if facts.keys > tokens.CAP or facts.queries > tokens.CAP:
+            return None
+        q, k, v = (self.values[i].signal for i in node.inputs[:3])
+        causal = facts.causal and facts.queries == facts.keys
+        counts = attention.key_counts(attend.keys(facts), causal)
+        h = g.gram
+        if h is not None and h.shape[0] != counts.size:
+            return None
+        r = attend.correlation(facts, v, correlations)
+        s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+        p2i, mi = attention._moments(s2, r, counts, "gaussian", facts.d_k, self.width(node))
+        square = facts.queries == facts.keys
+        r_g = None
+        if square:
+            u = tokens.gradient_u(h if h is not None else np.eye(counts.size), counts, causal)
+            p2, c = gradient_stats.flat_moments(counts)
+            r_g = float((u - p2) / (c - p2)) if c > p2 else 0.0
+        keep = 1 / (1 - facts.dropout)
+        n = self.width(node)
+        coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
+        sv, sk = self.attended_grams(node, facts)
+        factor = tokens.query_factor(sv, 0.0, sk, 0.0, counts, mi, r, keep - r,
+                                     coherent) if square else None
+        return (r_g, tokens.query_backward(h, counts, mi), tokens.key_backward(h, counts, mi),
+                tokens.value_backward(h, counts, p2i, s2, r, keep), factor)

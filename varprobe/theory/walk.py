@@ -45,17 +45,26 @@ from varprobe.theory import (
     residual,
     rules,
     tokenids,
+    tokens,
     widths,
 )
 from varprobe.theory.backflow import Backward
 from varprobe.theory.gains import Values
 from varprobe.theory.nodes import CUSTOM, Attention, Node
-from varprobe.theory.signal import Call, Grad, Signal, Value
-from varprobe.theory.tokenshape import TokenShapes
+from varprobe.theory.signal import (
+    Call,
+    Grad,
+    Signal,
+    Value,
+    measured_m2,
+    measured_share,
+    start_signal,
+)
+from varprobe.theory.tokenshape import TokenGrams, TokenShapes
 from varprobe.theory.weights import Weights
 
 
-class Walk(Backward, TokenShapes):
+class Walk(Backward, TokenShapes, TokenGrams):
     """``graph``: a theory.recording.Recording, or the chain that stands in for one.
     ``weights``: per layer, from theory.weights. ``values``: host copies of the
     parameters the rules read (norm scales, PReLU slopes)."""
@@ -89,6 +98,7 @@ class Walk(Backward, TokenShapes):
                 value.at = k
             if value.signal is not None:
                 value.rel = self._rel(k, value.signal)
+            self.token_gram(k, node, value)
             self.values.append(value)
 
     def failure(self, node: Node, exc: Exception) -> str:
@@ -216,13 +226,19 @@ class Walk(Backward, TokenShapes):
     def _attention(self, node: Node, ins: list[Value], note: str | None, at: int) -> Value:
         measured, correlations = self.measurements(node)
         q, k, v = (x.signal for x in ins)
+        grams = self.gram_correlations(node, self.facts(node))
+        correlations = grams if grams is not None else correlations
         signal, facts = attend.forward(self.facts(node), q, k, v, measured, correlations,
                                        self.width(node))
+        signal, gram, uncapped = self.attention_gram(node, ins, signal, correlations, grams)
+        if uncapped:
+            note, at = _join(note, f"{uncapped}{self._place(node.where)}: past {tokens.CAP} "
+                             "the tokens taken alike (no Gram)"), len(self.values)
         signal = widths.keep(signal, v)
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
                                "key_layer": self.producer(node.inputs[1]), **facts})
-        return Value(signal, None, note, at, ins[2].mu)
+        return Value(signal, None, note, at, ins[2].mu, gram=gram)
 
     def facts(self, node: Node) -> Attention:
         """The mask as the probe measured it (causal, or none at all) over what the
@@ -378,7 +394,7 @@ class Walk(Backward, TokenShapes):
     def _reset(self, layer: Layer, module: nn.Module, info: Call, src: Value) -> Value | None:
         """A norm whose input the walk lost, with nothing measured: it sets the scale
         whatever its input was."""
-        if self.measured and _measured_m2(layer.input) is not None:
+        if self.measured and measured_m2(layer.input) is not None:
             return None
         reset = norms.reset(module, self.host)
         if reset is None:
@@ -402,13 +418,13 @@ class Walk(Backward, TokenShapes):
     def _carry_input(self, layer: Layer, info: Call, src: Value) -> Value:
         """A call whose input the walk lost: the measured input is carried (times the
         scheme's ratio), or, with nothing measured, the call's input stays broken."""
-        m_in = _measured_m2(layer.input) if self.measured else None
+        m_in = measured_m2(layer.input) if self.measured else None
         info.forward_break = src.broken
         if m_in is None or src.rel is None:
             return Value(None, src.broken)
         what = ("carried the measured input" if self.actual is None
                 else "scaled the measured input by the scheme's ratio before it")
-        share = _share(layer.input)
+        share = measured_share(layer.input)
         return Value(Signal(m_in * src.rel, share, share), None,
                      f"{what} of {layer.label}, past {src.broken}", -1,
                      (layer.input.mean if layer.input else None) or 0.0)
@@ -431,8 +447,8 @@ class Walk(Backward, TokenShapes):
         scheme applies the call's measured ratio out/in to its own input instead. With
         nothing measured, the value stays broken by ``root`` (what broke its input) or
         by this call."""
-        m_out = _measured_m2(layer.forward) if self.measured else None
-        m_in = _measured_m2(layer.input) if self.measured else None
+        m_out = measured_m2(layer.forward) if self.measured else None
+        m_in = measured_m2(layer.input) if self.measured else None
         what = f"{layer.type} at {layer.label}"
         if self.actual is None:
             out, how = m_out, "carried the measured output of"
@@ -445,7 +461,7 @@ class Walk(Backward, TokenShapes):
         if out is None:
             return Value(None, root or f"{what} ({why or 'not followed'}; nothing measured)")
         info.forward_note = f"{why} for {what}" if why else None
-        share = _share(layer.forward)
+        share = measured_share(layer.forward)
         return Value(Signal(out, share, share), None, f"{how} {what}", -1,
                      layer.forward.mean or 0.0)
 
@@ -467,31 +483,6 @@ class Walk(Backward, TokenShapes):
             return " (at the start of the forward)"
         kind, i = where
         return f" ({kind} {self.report.layers[i].label})"
-
-
-def start_signal(report: Report) -> tuple[Signal | None, str | None]:
-    """The network input's measured E[x^2] (1 assumed when nothing was measured)."""
-    measured = _measured_m2(report.input)
-    if measured is not None:
-        share = _share(report.input)
-        return Signal(measured, share, share), None
-    if report.input.dtype is not None and "int" in report.input.dtype:
-        return None, None  # token ids: the first (embedding) layer starts the walk
-    return Signal(1.0), "input E[x²] = 1 assumed"
-
-
-def _measured_m2(stats) -> float | None:
-    value = stats.second_moment if stats is not None else None
-    return value if value is not None and value == value and abs(value) != float("inf") \
-        else None
-
-
-def _share(stats) -> float:
-    """mean^2 / E[x^2] of a measured tensor: its shared mean (a lower bound on the
-    per-unit one, exact after an activation, where every unit has the same mean)."""
-    if stats is None or not stats.second_moment or stats.mean is None:
-        return 0.0
-    return min(1.0, stats.mean * stats.mean / stats.second_moment)
 
 
 def _join(*parts: str | None) -> str | None:

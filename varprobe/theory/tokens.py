@@ -1,0 +1,454 @@
+"""The tokens' Gram matrix, in the walks with nothing measured about the tokens.
+
+A causal stack makes the positions differ: the first query's attention output is its
+own value (E[z_0²] = E[v²]), the last one's an average over the whole prefix, so the
+early tokens are larger and, once a LayerNorm or RMSNorm has put every token at one
+scale, the late ones (averages of overlapping prefixes) are correlated among
+themselves far more than the early ones. One number per tensor with one token
+correlation r misses both, and a scheme re-draws the weights that set them, so the
+actual init's measured token shapes (theory.tokennorm's kappa, the attention calls'
+prefix shares, the gradient's u) do not carry over. The closed-form walks (a scheme's,
+``varprobe predict``; ``Walk.closed_tokens``) carry instead, beside the scalar signal,
+the tokens' Gram matrix G[i, j] = E[x_i·x_j]/d over positions (averaged over the batch
+and the features; T x T float64, T up to ``CAP``), as a shape S = G / mean(diag G)
+next to the walk's own E[x²], and the gradient's the same way (``Grad.gram``):
+
+- a weight layer (i.i.d. weights) keeps S and adds its bias to every pair: (m S + b² J)
+  / (m + b²); an add sums its independent inputs' Grams; a view, a slice of features, a
+  concatenation of features keep it; dropout raises the diagonal by 1/(1 - p);
+- an elementwise activation maps each entry by the 2-D Gaussian kernel of its pair
+  (theory.rules.token_correlation's map of the normalized correlation
+  G_ij/sqrt(G_ii G_jj), each token's own scale by the gain at the mean one), the
+  gradient by the kernel of f';
+- LayerNorm and RMSNorm put each token at its own scale: G_ij/sqrt((G_ii + ε)(G_jj + ε));
+  their backward divides the gradient's Gram the same way, so kappa (theory.tokennorm)
+  is mean_t(H_tt/(ρ_t + ε))(E[ρ] + ε)/E[H] of the two diagonals;
+- a product of two factors (SwiGLU, a gate) multiplies their Grams entrywise; a rotary
+  embedding multiplies the Gram by mean_f cos((i - j) θ_f) (``rotary``);
+- attention (``attend``): with query i's weights p_ij over its window (T_i keys: j ≤ i
+  when causal), E[p_ij p_kl] = a_ik off the shared keys and b_ik on them (j = l), where
+  b_ii T_i = P₂,ᵢ (the participation of theory.attention at the call's logit variance)
+  and b_ik min(T_i, T_k) = O_ik the overlap of two queries' weights
+  (e^{r(1-r)s²}/(e^{r(1-r)s²} + max(T_i, T_k) - 1), as theory.attention._pairs), and
+  a_ik the rest of Σ_jl E[p_ij p_kl] = 1: the output's Gram is a ⊙ (L G Lᵀ - D) + b ⊙ D
+  (L the window mask, D_ik the sum of G_jj over the shared keys), plus the finite-width
+  coupling term on the diagonal. The value path's gradient is the transpose of that map
+  (Lᵀ (a ⊙ H) L, and the shared-key term on the diagonal); the query path reaches each
+  query in proportion to its own gradient, the key path each key by the queries that
+  read it.
+
+From these the walk reads what the actual init's walk measures: the values' and keys'
+prefix shares u and their plain r at each attention call (theory.attend.correlation),
+the query path's factor X (``query_factor``), the gradient's u, and so r_g
+(theory.gradient_stats.effective), at each attention output, and kappa at each
+LayerNorm and RMSNorm. Past ``CAP`` positions, and at a call far past saturation
+((1 - r)s² > ``SATURATED``), the Gram is not carried (the scalar rules, as before).
+Window sums use cumulative sums (nested windows), no loop over tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from varprobe.theory import correlation, rules
+
+CAP = 256  # positions: past it, the scalar rules
+# (1 - r) s² past which a call without a causal mask takes no Gram (theory.tokenshape):
+# between T5's encoder under torch-default (~5, where the Gram holds) and LeCun (~57)
+SATURATED = 16.0
+
+
+def implied(r: float, tokens: int) -> np.ndarray:
+    """The shape of tokens alike with one uncentered correlation r."""
+    r = min(max(r, 0.0), 1.0)
+    out = np.full((tokens, tokens), r)
+    np.fill_diagonal(out, 1.0)
+    return out
+
+
+def normalized(g: np.ndarray | None) -> tuple[np.ndarray | None, float]:
+    """(G / mean diag, mean diag); (None, 0) where there is nothing."""
+    if g is None:
+        return None, 0.0
+    m = float(np.trace(g)) / g.shape[0]
+    if not m > 0 or not np.isfinite(m):
+        return None, 0.0
+    return g / m, m
+
+
+def off_diagonal(s: np.ndarray) -> float:
+    """The mean of the off-diagonal entries over the mean of the diagonal: the plain r."""
+    t = s.shape[0]
+    d = float(np.trace(s))
+    return float((s.sum() - d) / (t * (t - 1)) / (d / t)) if t > 1 and d > 0 else 0.0
+
+
+def combine(parts: list[tuple[float, np.ndarray | None, float]], shared: float = 0.0,
+            own: float = 0.0) -> np.ndarray | None:
+    """Σ w_i S_i (absolute Grams of independent inputs, w_i their E[x²] weight; a part
+    without a Gram is alike with its r) + ``shared`` on every pair (a bias) + ``own`` on
+    the diagonal (a learned position each token has its own of); its shape."""
+    sizes = {s.shape[0] for _, s, _ in parts if s is not None}
+    if len(sizes) != 1:
+        return None
+    tokens = sizes.pop()
+    total = np.full((tokens, tokens), float(shared))
+    total[np.diag_indices(tokens)] += own
+    for w, s, r in parts:
+        total += w * (s if s is not None else implied(r, tokens))
+    return normalized(total)[0]
+
+
+def weight(s: np.ndarray | None, m2: float, b2: float) -> np.ndarray | None:
+    """A weight layer's output shape: (m S + b² J)/(m + b²), m = E[(Wx)²]."""
+    if s is None:
+        return None
+    if b2 <= 0:
+        return s
+    return normalized(m2 * s + b2)[0]
+
+
+def dropout(s: np.ndarray | None, p: float) -> np.ndarray | None:
+    if s is None or not p:
+        return s
+    out = s.copy()
+    out[np.diag_indices(s.shape[0])] /= (1 - p)
+    return normalized(out)[0]
+
+
+def norm(s: np.ndarray | None, m2: float, eps: float, g2: float, b2: float
+         ) -> np.ndarray | None:
+    """LayerNorm / RMSNorm: each token at its own scale, then γ² and β² (β on every pair)."""
+    if s is None:
+        return None
+    d = np.diag(s) * m2 + eps
+    c = s * m2 / np.sqrt(np.outer(d, d))
+    return normalized(g2 * c + b2)[0]
+
+
+def norm_backward(s_in: np.ndarray | None, m2: float, eps: float,
+                  h: np.ndarray | None) -> tuple[np.ndarray | None, float]:
+    """(the gradient's shape at the norm's input, kappa): H_ij/sqrt((ρ_i + ε)(ρ_j + ε))
+    and mean_t(H_tt/(ρ_t + ε))(E[ρ] + ε)/E[H]; kappa 1 where the tokens are alike."""
+    if s_in is None:
+        return h, 1.0
+    rho = np.diag(s_in) * m2
+    tokens = rho.size
+    h = np.eye(tokens) if h is None else h
+    if h.shape[0] != tokens:
+        return None, 1.0
+    inv = 1 / np.sqrt(rho + eps)
+    out = h * np.outer(inv, inv)
+    diag = np.diag(h)
+    kappa = float(np.mean(diag / (rho + eps)) * (np.mean(rho) + eps) / np.mean(diag))
+    return normalized(out)[0], kappa
+
+
+def _grid(values: np.ndarray) -> np.ndarray:
+    return _unit_grid(values.size)
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_grid(size: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, size)
+
+
+def activation(module: nn.Module, s: np.ndarray | None, m2: float, mu: float = 0.0
+               ) -> np.ndarray | None:
+    """E[f(y_i) f(y_j)] of an elementwise activation: the normalized correlation of each
+    pair mapped by the activation's kernel at the mean scale (theory.rules), each token's
+    own scale by the gain at the mean one (exact for rectifiers)."""
+    if s is None or mu * mu > 1e-6 * m2 or not m2 > 0:
+        return None
+    q = float(f"{m2:.3g}")
+    table = _kernel(module, q)
+    if table is None:
+        return None
+    d = np.diag(s)
+    rho = np.clip(s / np.sqrt(np.outer(d, d)), 0.0, 1.0)
+    mapped = np.interp(rho, _grid(table), table)
+    return normalized(mapped * np.sqrt(np.outer(d, d)))[0]
+
+
+def activation_backward(module: nn.Module, s: np.ndarray | None, m2: float,
+                        h: np.ndarray | None) -> np.ndarray | None:
+    """E[g_i g_j f'(y_i) f'(y_j)] ≈ H_ij E[f'(y_i) f'(y_j)], the derivative's kernel at
+    each pair's correlation."""
+    if s is None or not m2 > 0:
+        return h
+    table = _slope_kernel(module, float(f"{m2:.3g}"))
+    if table is None:
+        return h
+    d = np.diag(s)
+    rho = np.clip(s / np.sqrt(np.outer(d, d)), 0.0, 1.0)
+    mapped = np.interp(rho, _grid(table), table)
+    h = np.eye(s.shape[0]) if h is None else h
+    return normalized(h * mapped)[0] if h.shape == s.shape else None
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(module: nn.Module, q: float) -> np.ndarray | None:
+    key = (type(module), rules._attributes(module), q, False)
+    if key not in _KERNELS:
+        try:
+            _KERNELS[key] = np.array([rules.token_correlation(module, k / rules.RHO_STEPS, q)
+                                      for k in range(rules.RHO_STEPS + 1)])
+        except Exception:  # noqa: BLE001 -- no map: no Gram
+            _KERNELS[key] = None
+    return _KERNELS[key]
+
+
+def _slope_kernel(module: nn.Module, q: float) -> np.ndarray | None:
+    key = (type(module), rules._attributes(module), q, True)
+    if key not in _KERNELS:
+        if isinstance(module, (*rules.DROPOUTS, *rules.IDENTITY_LIKE)):
+            _KERNELS[key] = np.ones(rules.RHO_STEPS + 1)
+            return _KERNELS[key]
+        try:
+            def slope(y: torch.Tensor) -> torch.Tensor:
+                return rules._slope(module, y)
+            kinks = rules._breakpoints(module)
+            _KERNELS[key] = np.array([correlation.activation(k / rules.RHO_STEPS, slope, q,
+                                                             kinks)
+                                      for k in range(rules.RHO_STEPS + 1)])
+        except Exception:  # noqa: BLE001
+            _KERNELS[key] = None
+    return _KERNELS[key]
+
+
+def product(a: np.ndarray | None, ra: float, b: np.ndarray | None, rb: float
+            ) -> np.ndarray | None:
+    """Two independent factors: the Grams multiply entrywise."""
+    if a is None and b is None:
+        return None
+    tokens = (a if a is not None else b).shape[0]
+    a = implied(ra, tokens) if a is None else a
+    b = implied(rb, tokens) if b is None else b
+    return normalized(a * b)[0] if a.shape == b.shape else None
+
+
+# --- attention -----------------------------------------------------------------------
+def windows(counts: np.ndarray) -> np.ndarray:
+    """L[i, j] = 1 where query i sees key j (nested windows: the first counts[i])."""
+    return _windows(np.asarray(counts, dtype=np.float64).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(key: bytes) -> np.ndarray:
+    counts = np.frombuffer(key, dtype=np.float64)
+    keys = int(counts.max())
+    out = (np.arange(keys)[None, :] < counts[:, None]).astype(np.float64)
+    out.setflags(write=False)
+    return out
+
+
+def window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl, by a 2-D cumulative sum (nested windows)."""
+    cs = s.cumsum(0).cumsum(1)
+    at = counts.astype(int) - 1
+    return cs[np.ix_(at, at)]
+
+
+def window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """diag(L S Lᵀ): the sum of S over each query's window."""
+    at = counts.astype(int) - 1
+    return s.cumsum(0).cumsum(1)[at, at]
+
+
+def _causal(counts: np.ndarray) -> bool:
+    return bool(counts.size and counts[0] == 1 and np.all(np.diff(counts) == 1))
+
+
+def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
+                 keep: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, shared keys): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the
+    windows of queries i and k (see the module's docstring)."""
+    ti, tk = counts[:, None], counts[None, :]
+    shared = np.minimum(ti, tk)
+    e = math.exp(min(r * (1 - r) * s2, 50.0))
+    overlap = e / (e + np.maximum(ti, tk) - 1)
+    np.fill_diagonal(overlap, p2i)
+    b = overlap / shared
+    rest = ti * tk - shared
+    a = np.where(rest > 0, (1 - overlap) / np.where(rest > 0, rest, 1.0), 0.0)
+    b = b.copy()
+    b[np.diag_indices(counts.size)] *= keep
+    return a, b, shared
+
+
+def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray,
+           s2: float, r: float, coupling: np.ndarray | None, keep: float = 1.0
+           ) -> tuple[np.ndarray, float] | None:
+    """(the output's shape, its E[z²] per unit E[v²]) of attention over values of shape
+    ``sv`` (alike with ``rv`` where None), T queries over T keys."""
+    tokens = counts.size
+    if sv is None:
+        sv = implied(rv, tokens)
+    if sv.shape[0] != int(counts.max()):
+        return None
+    a, b, shared = pair_weights(counts, p2i, s2, r, keep)
+    sums = window_sums(sv, counts)
+    cum = np.cumsum(np.diag(sv))
+    d = cum[shared.astype(int) - 1]
+    out = a * (sums - d) + b * d
+    if coupling is not None:
+        out[np.diag_indices(tokens)] += coupling
+    return normalized(out)
+
+
+def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2: float,
+                   r: float, keep: float = 1.0) -> np.ndarray | None:
+    """The value path's gradient shape: E[dv_j·dv_l] = Σ_ik L_ij L_kl (a_ik + δ_jl
+    (b_ik - a_ik)) H_ik."""
+    tokens = counts.size
+    h = np.eye(tokens) if h is None else h
+    if h.shape[0] != tokens:
+        return None
+    a, b, shared = pair_weights(counts, p2i, s2, r, keep)
+    x = a * h
+    if _causal(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
+        out = x[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1].copy()
+    else:
+        lmask = windows(counts)
+        out = lmask.T @ x @ lmask
+    # the shared-key term: key j is shared by queries i, k where j < min(T_i, T_k)
+    extra = (b - a) * h
+    keys = int(counts.max())
+    diag = _shared_diag(extra, counts, keys)
+    out[np.diag_indices(keys)] += diag
+    return normalized(out)[0]
+
+
+def _shared_diag(extra: np.ndarray, counts: np.ndarray, keys: int) -> np.ndarray:
+    """Σ_{i,k: min(T_i, T_k) > j} extra_ik for every key j, by sorting the queries by
+    their window: a suffix sum over the sorted matrix's lower-right blocks."""
+    order = np.argsort(counts)
+    e = extra[np.ix_(order, order)]
+    c = counts[order]
+    # block sums S[m] = Σ_{i,k ≥ m} e_ik (sorted), by 2-D reversed cumulative sums
+    rev = e[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]
+    block = np.diag(rev)
+    # first sorted query whose window exceeds j
+    first = np.searchsorted(c, np.arange(keys), side="right")
+    return np.where(first < c.size, block[np.minimum(first, c.size - 1)], 0.0)
+
+
+def query_backward(h: np.ndarray | None, counts: np.ndarray, mi: np.ndarray
+                   ) -> np.ndarray | None:
+    """The query path: each query in proportion to its own gradient and its m_i."""
+    tokens = counts.size
+    diag = np.ones(tokens) if h is None else np.diag(h)
+    if diag.size != tokens:
+        return None
+    return normalized(np.diag(diag * mi))[0]
+
+
+def key_backward(h: np.ndarray | None, counts: np.ndarray, mi: np.ndarray
+                 ) -> np.ndarray | None:
+    """The key path: key j by the queries that read it, Σ_i L_ij (m_i/T_i) H_ii."""
+    tokens = counts.size
+    diag = np.ones(tokens) if h is None else np.diag(h)
+    if diag.size != tokens:
+        return None
+    lmask = windows(counts)
+    return normalized(np.diag((diag * mi / counts) @ lmask))[0]
+
+
+def prefix_shares(s: np.ndarray | None, counts: np.ndarray) -> tuple[float, float] | None:
+    """(u, w) as attention_stats.prefix_share measures them: u = mean_i |x̄_i|²/E[x²] over
+    the windows, w = mean_i u_i / i."""
+    if s is None or s.shape[0] != counts.size:
+        return None
+    means = window_diag(s, counts) / counts ** 2
+    scale = float(np.trace(s)) / s.shape[0]
+    return float(np.mean(means) / scale), float(np.mean(means / counts) / scale)
+
+
+def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float | None:
+    """u = mean_j (Σ_i p̄_ij g_i)²/E[g²] for flat attention p̄ (gradient_stats)."""
+    if h is None or h.shape[0] != counts.size:
+        return None
+    if causal and _causal(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
+        x = h / np.outer(counts, counts)
+        diag = np.diag(x[::-1, ::-1].cumsum(0).cumsum(1))[::-1]
+        return float(np.mean(diag) / np.mean(np.diag(h)))
+    if causal:
+        flat = windows(counts) / counts[:, None]
+        return float(np.mean(np.einsum("ij,ik,kj->j", flat, h, flat)) / np.mean(np.diag(h)))
+    return float(h.mean() / np.mean(np.diag(h)))
+
+
+# --- rotary positions ----------------------------------------------------------------
+def rotary(s: np.ndarray | None, module: nn.Module | None, dim: int) -> np.ndarray | None:
+    """q·cos + rotate_half(q)·sin at positions 0..T-1: features i.i.d. across the pairs,
+    so E[q'_i·q'_j] = G_ij mean_f cos((i - j) θ_f)."""
+    if s is None:
+        return None
+    theta = _frequencies(module, dim)
+    if theta is None:
+        return None
+    pos = np.arange(s.shape[0], dtype=np.float64)
+    gap = pos[:, None] - pos[None, :]
+    turn = np.cos(gap[..., None] * theta[None, None, :]).mean(-1)
+    return normalized(s * turn)[0]
+
+
+def _frequencies(module: nn.Module | None, dim: int) -> np.ndarray | None:
+    inv = getattr(module, "inv_freq", None) if module is not None else None
+    if isinstance(inv, torch.Tensor) and not inv.is_meta and inv.numel():
+        return inv.detach().double().cpu().numpy()
+    config = getattr(module, "config", None)
+    base = getattr(config, "rope_theta", None) or getattr(module, "base", None) or 10000.0
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("rope_theta"):
+        base = rope["rope_theta"]
+    if dim < 2:
+        return None
+    return 1.0 / float(base) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+
+
+def blend(a: np.ndarray | None, wa: float, b: np.ndarray | None, wb: float
+          ) -> np.ndarray | None:
+    """Two independent gradients' Grams added (weights their variances); one without a
+    Gram is alike and uncorrelated."""
+    if a is None and b is None:
+        return None
+    tokens = (a if a is not None else b).shape[0]
+    a = np.eye(tokens) if a is None else a
+    b = np.eye(tokens) if b is None else b
+    if a.shape != b.shape or not wa + wb > 0:
+        return None
+    return (wa * a + wb * b) / (wa + wb)
+
+
+def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: float,
+                 counts: np.ndarray, mi: np.ndarray, r: float, f: float,
+                 coherent: float) -> float | None:
+    """The query path's factor X (attention_stats.query_path: what a probe measures at
+    the actual init) from the values' and keys' Grams: for query i over its window,
+    Σ_jl (v_j - v̄_i)·(v_l - v̄_i) k_j·k_l / T_i² = F_i, which for tokens alike is
+    (1 - r)(1 - r_k)(T_i - 1)/T_i²; the closed form's (1 - r_k) f m_i becomes
+    m_i F_i T_i² f / ((T_i - 1)(1 - r)), plus the coherent term as before."""
+    tokens = counts.size
+    if int(counts.max()) != tokens:
+        return None
+    g = implied(rv, tokens) if sv is None else sv
+    k = implied(rk, tokens) if sk is None else sk
+    if g.shape != (tokens, tokens) or k.shape != g.shape or r >= 1:
+        return None
+    at = counts.astype(int) - 1
+    s1 = window_diag(g * k, counts)
+    rg, rk_ = g.cumsum(1)[:, at], k.cumsum(1)[:, at]  # column i: the sums over window i
+    s2 = (rg * rk_).cumsum(0)[at, np.arange(tokens)] / counts
+    s3 = window_diag(g, counts) * window_diag(k, counts) / counts ** 2
+    many = counts > 1
+    x = np.zeros(tokens)
+    x[many] = (s1 - 2 * s2 + s3)[many] / (counts[many] - 1)
+    return float(np.mean(mi * x) * f / (1 - r) + (1 - r) * coherent)
