@@ -343,22 +343,23 @@ def _shared_diag(extra: np.ndarray, counts: np.ndarray, keys: int) -> np.ndarray
 def query_backward(h: np.ndarray | None, counts: np.ndarray, mi: np.ndarray
                    ) -> np.ndarray | None:
     """The query path: each query in proportion to its own gradient and its m_i."""
-    tokens = counts.size
-    diag = np.ones(tokens) if h is None else np.diag(h)
-    if diag.size != tokens:
-        return None
-    return normalized(np.diag(diag * mi))[0]
+    diag = _grad_diag(h, counts.size)
+    return None if diag is None else normalized(np.diag(diag * mi))[0]
 
 
 def key_backward(h: np.ndarray | None, counts: np.ndarray, mi: np.ndarray
                  ) -> np.ndarray | None:
     """The key path: key j by the queries that read it, Σ_i L_ij (m_i/T_i) H_ii."""
-    tokens = counts.size
+    diag = _grad_diag(h, counts.size)
+    return None if diag is None else \
+        normalized(np.diag((diag * mi / counts) @ windows(counts)))[0]
+
+
+def _grad_diag(h: np.ndarray | None, tokens: int) -> np.ndarray | None:
+    """Each token's gradient scale from the gradient's Gram (None: tokens alike), or
+    None where the Gram has another number of tokens."""
     diag = np.ones(tokens) if h is None else np.diag(h)
-    if diag.size != tokens:
-        return None
-    lmask = windows(counts)
-    return normalized(np.diag((diag * mi / counts) @ lmask))[0]
+    return diag if diag.size == tokens else None
 
 
 def prefix_shares(s: np.ndarray | None, counts: np.ndarray) -> tuple[float, float] | None:
