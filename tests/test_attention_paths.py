@@ -75,15 +75,17 @@ def test_paths_match_autograd_at_a_saturated_call(causal):
     truth = _truth(q, k, v, g, causal)
     for got, want in zip(_measured(q, k, v, g, causal), truth):
         assert got == pytest.approx(want, rel=1e-4)
-    # the closed forms there, given the same r and the gradient's r_g: the value and
-    # key paths 1.2-1.6x over (the overlap of a common key), far past rounding
+    # the closed forms there, given the same r and the gradient's r_g, still miss what
+    # the realized tensors give, far past rounding: with theory.overlap's query-pair
+    # overlap the key path 0.88x (not causal) and the value path 1.07x (causal); the
+    # lognormal overlap (a common key for every pair) had them 1.2-1.6x over
     sigma = float(g.square().mean())
     r_g = attention.token_correlation(float(g.sum(-2).square().mean()), sigma, T)
     m2 = [float(x.square().mean()) for x in (q, k, v)]
     closed = attention.backward(sigma, m2[2], m2[0], m2[1], D, T, r=r, r_g=r_g,
                                 causal=causal)
     assert max(abs(math.log(c / t)) for c, t in
-               zip((closed.query, closed.key, closed.value), truth)) > 0.2
+               zip((closed.query, closed.key, closed.value), truth)) > 0.05
 
 
 def _dropped_truth(q, k, v, g, causal: bool, p: float, masks: int) -> list[list[float]]:
@@ -184,13 +186,14 @@ def test_walk_uses_the_measured_paths_through_the_probe(causal, eager):
 @pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 def test_closed_forms_miss_that_call(causal, eager, monkeypatch):
-    """What the walk gave there before: without a causal mask the gradient's r_g is
-    dropped at a saturated call (value and key paths 3-6x under); with one the
-    query-pair overlap of a common key puts them 2-3x over."""
+    """What the walk gives there without the measured paths: without a causal mask the
+    gradient's r_g is dropped at a saturated call (value and key paths 3-6x under);
+    with one, the key path 0.8x (theory.overlap's query-pair overlap; the lognormal
+    one, a common key for every pair, put the key and value paths 2-3x over)."""
     monkeypatch.setattr(attention_paths, "saturated", lambda *args: None)
     logs = [_probe_logs(causal, seed, eager) for seed in range(3)]
-    for name in ("k", "v"):
-        assert abs(sum(row[name] for row in logs) / len(logs)) > 0.5
+    for name in ("k",) if causal else ("k", "v"):
+        assert abs(sum(row[name] for row in logs) / len(logs)) > (0.1 if causal else 0.5)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from varprobe.theory import overlap
+
 # Above this effective logit variance (1-r) s^2 attention heads towards one-hot at init
 # (entropy collapse, attention.md §3.5): sum p^2 is set by the few largest logits, so by
 # the tails of the logit distribution, which only Gaussian weights make Gaussian (RoPE,
@@ -265,14 +267,22 @@ def _pairs(s2: float, r: float, counts: np.ndarray) -> tuple[float, float]:
 
     Key sets are nested (causal, key padding), so two queries share min(T_i, T_k) keys
     and O_ik ~ 1/max(T_i, T_k) (§3.2, last bullet), times the lognormal factor of the
-    key-side logit part the two queries share (variance r (1-r) s^2; 1 at r = 0).
+    key-side logit part the two queries share (variance r (1-r) s^2; 1 at r = 0); past
+    saturation, where that form sends every pair to one key, theory.overlap's.
     """
     t = np.sort(counts)
-    e = math.exp(r * (1 - r) * s2)
-    g = e / (e + t - 1)
+    g = pair_overlap(s2, r, t)
     below = np.arange(t.size)                        # partners with T_k <= T_i
     inv_below = np.concatenate(([0.0], np.cumsum(1 / t)[:-1]))
     return 2 * float(g @ below) / t.size, 2 * float(g @ (below - inv_below)) / t.size
+
+
+def pair_overlap(s2: float, r: float, t: np.ndarray) -> np.ndarray:
+    """E[sum_j p_ij p_kj] of two queries over T keys, for each T in ``t``."""
+    if saturated(s2, r):
+        return overlap.overlaps((1 - r) * s2, r, t)
+    e = math.exp(r * (1 - r) * s2)
+    return e / (e + t - 1)
 
 
 def forward(q_v: float, s2: float, r: float, keys: Keys, causal: bool = False,
