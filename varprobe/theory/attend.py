@@ -7,7 +7,9 @@ makes every token share; a lower bound on r, and r ~ 0 for independent tokens). 
 also measures Σp² on a subsample of queries and uses it in place of the closed form for
 the participation (exact at any logit variance, saturated or not); ``predict`` uses the
 closed form throughout. A counterfactual scheme changes the logit variance, so it uses
-the closed form too, with the measured r.
+the closed form too, with the measured r, or its own far past saturation (what the
+actual init's softmax averaged into the tokens a saturated one does not:
+theory.tokenshape.TokenShapes.own_correlations).
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def correlation(facts: Attention, v: Signal, measured: tuple | None, side: int =
     else:
         r = measured[side]
     return min(max(r, 0.0), CEILING)
+
+
+def shifted(facts: Attention, measured: tuple, r_v: float, r_k: float) -> tuple:
+    """``measured`` (r_v, r_k, u_v, u_k) re-expressed so that ``correlation`` reads
+    ``r_v`` and ``r_k`` from it (under a causal mask through the prefix shares)."""
+    if facts.causal and facts.queries == facts.keys:
+        i = attention.key_counts(facts.keys, True)
+        p2 = float((1 / i).mean())
+        return (r_v, r_k, p2 + (1 - p2) * r_v,
+                p2 - (1 - r_k) * float(((i - 1) / i**2).mean()))
+    return (r_v, r_k, *measured[2:])
 
 
 def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple | None,

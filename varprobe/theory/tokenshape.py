@@ -82,6 +82,34 @@ class TokenShapes:
         return widths.mix([(f, v.signal) for f, v in zip(node.forward, ins)],
                           self._own(node), signal)
 
+    def own_correlations(self, node: Node, measured: tuple) -> tuple:
+        """The (r_v, r_k, u_v, u_k) a probe measured at an attention call, as the walks
+        that take them read it; in a scheme's walk far past saturation, moved by what
+        the scheme changes in the walk's own r (its r less the actual init's walk's at
+        the call). The measured r is what the actual init's attention left, and a
+        saturated softmax averages far less (T5 under He, its decoder's last block: the
+        values at r 0.51 under the actual init, 0.20 under He); what the walk's own r
+        does not see, both walks share (tokens correlated at the input, BERT's
+        token-type embedding), and the measurement keeps it."""
+        if self.actual is None or not self._far_saturated(node):
+            return measured
+        facts = self.facts(node)
+        mine, theirs = ([max(x.r, x.mean_share) for x in (walk.values[i].signal
+                                                            for i in node.inputs[1:3])]
+                        for walk in (self, self.actual))
+        r_k, r_v = (attend.correlation(facts, None, measured, side) + a - b
+                    for side, a, b in ((1, mine[0], theirs[0]), (0, mine[1], theirs[1])))
+        return attend.shifted(facts, measured, min(max(r_v, 0.0), attend.CEILING),
+                              min(max(r_k, 0.0), attend.CEILING))
+
+    def _far_saturated(self, node: Node) -> bool:
+        """(1 - r) s² past tokens.SATURATED at the walk's own r: where the walk carries
+        no Gram (theory.tokenshape.TokenGrams)."""
+        q, k, v = (self.values[i].signal for i in node.inputs[:3])
+        facts = self.facts(node)
+        s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+        return (1 - attend.correlation(facts, v, None)) * s2 > tokens.SATURATED
+
     def width(self, node: Node) -> int | None:
         """The fan-in of the layer that made the queries: the width n of attention's
         finite-width terms; None where there is none."""

@@ -284,14 +284,14 @@ class Walk(Backward, TokenShapes, TokenGrams):
         """The probe's (Σp², mean logit², query path's factor or None) at an attention
         call, for the actual init only (they depend on the logit variance a scheme
         changes), and the (r_v, r_k, u_v, u_k) it measured, for every walk over a
-        measured pass."""
+        measured pass (a scheme's own far past saturation: own_correlations)."""
         index = node.attn.measured
         if index is None or not self.measured:
             return None, None
         factor, filled = self.constants[index + 4]
         return ((*self.constants[index], factor if filled > 0.5 else None)
-                if self.actual is None else None,
-                (*self.constants[index + 1], *self.constants[index + 3]))
+                if self.actual is None else None, self.own_correlations(
+                    node, (*self.constants[index + 1], *self.constants[index + 3])))
 
     def gradient_correlation(self, node: Node) -> float | None:
         """r_g, the gradient's token correlation at an attention call's output as the
