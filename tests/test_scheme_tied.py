@@ -65,7 +65,7 @@ def measured(model: nn.Module, seed: int) -> float:
 
 def test_lecun_column_of_a_tied_bert_sees_the_redrawn_embedding():
     """The LeCun column of the model as built against copies drawn here, over SEEDS
-    inits. Taking the r measured at the actual init (0.29 against the realized ~0.06)
+    inits. Taking the r measured at the actual init (0.29 against the realized 0.06)
     put the prediction 2.1x over (|log| 0.76; 0.01 with the walk's own r). The bound:
     the measured E[y^2] has a 12% sd from init to init (seen over these 4; the value
     and output projections' draws bring ~sqrt(2/256) = 9% each), 6% over 4 inits; the
