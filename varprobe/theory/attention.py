@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from varprobe.theory import overlap
+
 # Above this effective logit variance (1-r) s^2 attention heads towards one-hot at init
 # (entropy collapse, attention.md §3.5): sum p^2 is set by the few largest logits, so by
 # the tails of the logit distribution, which only Gaussian weights make Gaussian (RoPE,
@@ -266,10 +268,16 @@ def _pairs(s2: float, r: float, counts: np.ndarray) -> tuple[float, float]:
     Key sets are nested (causal, key padding), so two queries share min(T_i, T_k) keys
     and O_ik ~ 1/max(T_i, T_k) (§3.2, last bullet), times the lognormal factor of the
     key-side logit part the two queries share (variance r (1-r) s^2; 1 at r = 0).
+    Past saturation, where every query sees the same keys, O from the softmax itself
+    (theory.overlap): the closed form overshoots it there.
     """
     t = np.sort(counts)
     e = math.exp(r * (1 - r) * s2)
     g = e / (e + t - 1)
+    same = overlap.overlap(s2, r, int(t[0])) \
+        if t[0] == t[-1] and saturated(s2, r) else None
+    if same is not None:
+        g = np.full(t.size, same)
     below = np.arange(t.size)                        # partners with T_k <= T_i
     inv_below = np.concatenate(([0.0], np.cumsum(1 / t)[:-1]))
     return 2 * float(g @ below) / t.size, 2 * float(g @ (below - inv_below)) / t.size
