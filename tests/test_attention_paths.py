@@ -184,16 +184,16 @@ def test_walk_uses_the_measured_paths_through_the_probe(causal, eager):
 
 
 @pytest.mark.parametrize("eager", [False, True])
-@pytest.mark.parametrize("causal", [False, True])
-def test_closed_forms_miss_that_call(causal, eager, monkeypatch):
-    """What the walk gives there without the measured paths: without a causal mask the
-    gradient's r_g is dropped at a saturated call (value and key paths 3-6x under);
-    with one, the key path 0.8x (theory.overlap's query-pair overlap; the lognormal
-    one, a common key for every pair, put the key and value paths 2-3x over)."""
+def test_closed_forms_miss_that_call(eager, monkeypatch):
+    """What the walk gives there without the measured paths, under a causal mask: the
+    key path 0.8x (theory.overlap's query-pair overlap; the lognormal one, a common key
+    for every pair, put the key and value paths 2-3x over). Without a causal mask the
+    closed forms now keep r_g at this spread and follow the softmax's overlap: value
+    and key paths within ~0.1 in log over 3 seeds, where dropping r_g put them 3-6x
+    under; the measured paths are what the causal call still needs."""
     monkeypatch.setattr(attention_paths, "saturated", lambda *args: None)
-    logs = [_probe_logs(causal, seed, eager) for seed in range(3)]
-    for name in ("k",) if causal else ("k", "v"):
-        assert abs(sum(row[name] for row in logs) / len(logs)) > (0.1 if causal else 0.5)
+    logs = [_probe_logs(True, seed, eager) for seed in range(3)]
+    assert abs(sum(row["k"] for row in logs) / len(logs)) > 0.1
 
 
 @pytest.mark.parametrize("causal", [False, True])

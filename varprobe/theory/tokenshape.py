@@ -264,21 +264,16 @@ class TokenGrams:
 
     def attended_grams(self, node: Node, facts) -> tuple:
         """The values' and keys' Grams at an attention call; where the walk carries none
-        (tokens alike up to there), alike with the walk's own r; without a causal mask,
-        with the r a probe measured at the call where there is one (a scheme's walk:
-        BERT's token-type embedding, which every token shares, is r 0.19 that the
-        walk's scalar r does not see)."""
+        (tokens alike up to there), alike with the walk's own r. Not the r a probe
+        measured at the call: that is the actual init's, and a scheme changes it where
+        it re-draws what sets the tokens' shared part. An LM head tied to the word
+        embedding re-draws the embedding with it: BERT's token-type row, a third of the
+        embeddings' sum at init (r 0.29 measured at the first attention), is 5% of it
+        under He (r 0.04, which the walk's own r from theory.tokenids gives)."""
         k, v = (self.values[i] for i in node.inputs[1:3])
-        measured = self.measurements(node)[1]
-        out = []
-        for side, x in ((0, v), (1, k)):
-            if x.gram is not None:
-                out.append(x.gram)
-                continue
-            r = max(x.signal.r, x.signal.mean_share) if measured is None or \
-                facts.causal else attend.correlation(facts, x.signal, measured, side)
-            out.append(tokens.implied(r, facts.keys))
-        return tuple(out)
+        return tuple(x.gram if x.gram is not None else
+                     tokens.implied(max(x.signal.r, x.signal.mean_share), facts.keys)
+                     for x in (v, k))
 
     def attention_gram(self, node: Node, ins: list[Value], signal, correlations, grams):
         """(signal, Gram, why not): the attention output's E[z²], r and Gram shape from
