@@ -83,9 +83,11 @@ def measure(t: torch.Tensor, scale: float = 1.0, seen: tuple | None = None
     (elements, ``exponent_kernel.extremes``) of ``t`` from an earlier read, or None."""
     x = t.detach()
     n = x.numel()
-    flat = _readable(x)
     known = seen[1:] if seen is not None and seen[0] == n else None
-    raw = _cpu(flat, cuts(scale), known) if flat is not None else _chunked(x, cuts(scale))
+    raw = _from_read(known, cuts(scale), n) if known is not None else None
+    if raw is None:
+        flat = _readable(x)
+        raw = _cpu(flat, cuts(scale), known) if flat is not None else _chunked(x, cuts(scale))
 
     def finish(r: list[float]) -> Ranges:
         amax = r[0] if r[0] >= 0 else None
@@ -138,12 +140,26 @@ def _range_kernels(numba: bool):
     return exponent_kernel
 
 
+def _from_read(known: tuple, limits: tuple[float, ...], n: int) -> list[float] | None:
+    """The row from the moment kernel's read alone, without looking at the tensor
+    again: where that read took the sample's histogram, no element reaches a cut and
+    no sampled one is below float32's normal range (the common case, and the cheap one:
+    a tensor's own Python work costs more than its sample). None otherwise."""
+    top, low, rows = known
+    if rows is None or top >= min(_cut_bits(limits)):
+        return None
+    raw = rows.sum(0)
+    if raw[1]:
+        return None
+    return _row(top, min(low + 1, INF_BITS), raw, 0, (0,) * len(limits), None, SAMPLE)
+
+
 def _cpu(flat: np.ndarray, limits: tuple[float, ...], known: tuple | None = None
          ) -> list[float]:
-    from varprobe import exponent_kernel as k
-
     if flat.dtype == np.float32:
         return _cpu32(flat.view(np.int32), limits, known)
+    from varprobe import exponent_kernel as k
+
     hist = np.zeros(BINS, dtype=np.int64)
     over = np.zeros(len(limits), dtype=np.int64)
     cut = np.array(limits)
@@ -186,20 +202,22 @@ def _cpu32(ints: np.ndarray, limits: tuple[float, ...], known: tuple | None = No
     return _row(amax, amin, raw, infs, over, ints)
 
 
-def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, ints: np.ndarray,
-         idx: np.ndarray | None = None) -> list[float]:
+def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, ints: np.ndarray | None,
+         drawn: int | np.ndarray | None = None) -> list[float]:
     """The row from extremes as bits, ``exponent_bins``' counts over the elements
-    counted (``ints``, or ``ints[idx]``: the sample) and the infinities and overflow
-    counts of every element."""
+    counted (``ints``, or ``ints[drawn]`` where ``drawn`` is the sample's indices, or
+    just the sample's size where no counted element is below float32's normal range)
+    and the infinities and overflow counts of every element."""
     raw[255] -= infs
     hist = np.zeros(BINS, dtype=np.int64)
     hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
     if raw[1]:
-        _kernels().small_bins(ints if idx is None else ints[idx], hist)
+        _kernels().small_bins(ints if drawn is None else ints[drawn], hist)
     top, low = _AS_FLOATS.unpack(_AS_BITS.pack(amax, amin))
     head = [top if amax > 0 else -1.0, low, float(raw[0]), float(infs + raw[256])]
-    drawn = ints.shape[0] if idx is None else idx.shape[0]
-    return head + [float(o) for o in over] + hist.tolist() + [float(drawn)]
+    count = ints.shape[0] if drawn is None else drawn if isinstance(drawn, int) else \
+        drawn.shape[0]
+    return head + [float(o) for o in over] + hist.tolist() + [float(count)]
 
 
 @functools.lru_cache(maxsize=8)

@@ -100,6 +100,13 @@ def is_power_of_two(value: float) -> bool:
     return value > 0 and math.isfinite(value) and math.frexp(value)[0] == 0.5
 
 
+class Row(dict):
+    """``Ranges.to_dict()``, which knows the Ranges it was made from (``source``):
+    reading a report's rows back (the flags) then costs nothing."""
+
+    source: Ranges | None = None
+
+
 @dataclass
 class Ranges:
     """The host row of one tensor's range statistics (``exponents`` measures it)."""
@@ -188,7 +195,11 @@ class Ranges:
 
     @classmethod
     def from_dict(cls, d: dict) -> Ranges:
-        """Back from ``to_dict`` (a report read from JSON)."""
+        """Back from ``to_dict`` (a report read from JSON); a row this process made
+        (``row``) gives back the Ranges it was made from."""
+        made = getattr(d, "source", None)
+        if made is not None:
+            return made
         counts = [0] * BINS
         first, kept = d["histogram"]["first"], d["histogram"]["counts"]
         if kept:
@@ -200,7 +211,8 @@ class Ranges:
     def row(self) -> dict:
         """``to_dict()``, made once: the same dict for every layer that shows this row."""
         if self._row is None:
-            self._row = self.to_dict()
+            self._row = Row(self.to_dict())
+            self._row.source = self
         return self._row
 
     def to_dict(self, formats: list[str] = tuple(FORMATS)) -> dict:

@@ -57,9 +57,15 @@ def annotate(report: Report, modules: list[nn.Module], recording=None,
     _notes(report, actual, measured)
     report.attention = actual.attention
     slopes = prelu_slopes(modules, values)
+    walked: list[tuple[list[Weights | None], Walk]] = []
     for scheme in SCHEMES:
-        walk = Walk(report, modules, graph, scheme_weights(scheme, layers, modules, slopes),
-                    measured, actual if measured else None, values).run()
+        weights = scheme_weights(scheme, layers, modules, slopes)
+        # schemes that draw the same weights walk alike (he-prelu is he without a PReLU)
+        walk = next((done for drawn, done in walked if drawn == weights), None)
+        if walk is None:
+            walk = Walk(report, modules, graph, weights, measured,
+                        actual if measured else None, values).run()
+            walked.append((weights, walk))
         for i, layer in enumerate(layers):
             if layer.kind == "weight":
                 layer.schemes[scheme] = _prediction(layer, walk.calls.get(i), measured)
