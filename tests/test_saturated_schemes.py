@@ -121,3 +121,25 @@ def test_scheme_walk_r_at_saturated_calls_matches_reinitialized_copies(monkeypat
     se = copy_r.std(0, ddof=1) / math.sqrt(len(copy_r))
     assert np.all(np.abs(walk_r.mean(0) - copy_r.mean(0)) < SIGMAS * se + 1e-3), \
         (walk_r.mean(0), copy_r.mean(0), se)
+
+
+def test_overlap_at_any_larger_spread_is_the_argmaxes_agreement():
+    """Far past saturation each query's softmax is one-hot on its largest logit, so the
+    overlap is the chance that two queries' logits (correlation r) peak at the same key,
+    computed here from 200,000 independent draws of the argmaxes alone; finite (no
+    overflow) at spreads up to inf. The bound: 4 standard errors of that chance plus 4 of
+    the rule's own (4096 draws, with its control variate ~1e-3)."""
+    from varprobe.theory import overlap
+
+    t, r = 16, 0.3
+    gen = np.random.default_rng(7)
+    n = 200_000
+    shared = math.sqrt(r) * gen.standard_normal((n, t))
+    a = shared + math.sqrt(1 - r) * gen.standard_normal((n, t))
+    b = shared + math.sqrt(1 - r) * gen.standard_normal((n, t))
+    agree = float(np.mean(a.argmax(1) == b.argmax(1)))
+    se = math.sqrt(agree * (1 - agree) / n)
+    for spread in (1e5, 1e40, math.inf):
+        got = float(overlap.overlaps(spread, r, np.array([t]))[0])
+        assert math.isfinite(got)
+        assert abs(got - agree) < SIGMAS * se + SIGMAS * 1e-3, (spread, got, agree)

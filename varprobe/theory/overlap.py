@@ -25,12 +25,20 @@ import numpy as np
 
 DRAWS = 4096
 SEED = 20240607
+ELEMENTS = DRAWS * 256  # draws x keys: past 256 keys fewer draws (at least MIN_DRAWS)
+MIN_DRAWS = 256
+# Past this spread the softmax is one-hot to double precision (the top two of T
+# Gaussian logits part by ~0.3 sqrt(spread)), so the overlap is that of the two
+# queries' argmaxes, the same at any larger spread; the cap keeps the logs' differences
+# below (at 1e40 they cancel to overflow).
+SPREAD_CAP = 1e4
 
 
 def overlaps(spread: float, r: float, counts: np.ndarray) -> np.ndarray:
     """E[sum_j p_ij p_kj] for two queries over the first T keys, for each T in
     ``counts``, at a logit spread (1 - r) s^2 and query correlation r."""
-    table = _overlaps(round(spread, 2), round(min(max(r, 0.0), 1.0), 3), int(np.max(counts)))
+    table = _overlaps(round(min(spread, SPREAD_CAP), 2), round(min(max(r, 0.0), 1.0), 3),
+                      int(np.max(counts)))
     return table[np.asarray(counts, dtype=int) - 1]
 
 
@@ -39,7 +47,8 @@ def _overlaps(spread: float, r: float, t: int) -> np.ndarray:
     """Every window 1..T at once: sum_{j<=T} p_j q_j = sum e^{x_j + y_j}/(Z_T(x) Z_T(y))
     with Z_T the prefix sums, in logs."""
     gen = np.random.default_rng(SEED)
-    a, b, c = (gen.standard_normal((DRAWS, t)) for _ in range(3))
+    draws = max(MIN_DRAWS, min(DRAWS, ELEMENTS // t))
+    a, b, c = (gen.standard_normal((draws, t)) for _ in range(3))
     s = math.sqrt(spread)
     shared = s * math.sqrt(r) * a
     own = s * math.sqrt(1 - r)
