@@ -22,6 +22,7 @@ import functools
 import math
 
 import numpy as np
+import torch
 
 DRAWS = 4096
 SEED = 20240607
@@ -45,21 +46,44 @@ def overlaps(spread: float, r: float, counts: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=1024)
 def _overlaps(spread: float, r: float, t: int) -> np.ndarray:
     """Every window 1..T at once: sum_{j<=T} p_j q_j = sum e^{x_j + y_j}/(Z_T(x) Z_T(y))
-    with Z_T the prefix sums, in logs."""
-    gen = np.random.default_rng(SEED)
-    draws = max(MIN_DRAWS, min(DRAWS, ELEMENTS // t))
-    a, b, c = (gen.standard_normal((draws, t)) for _ in range(3))
+    with Z_T the prefix sums."""
+    a, b, c = _normals(t)
     s = math.sqrt(spread)
-    shared = s * math.sqrt(r) * a
+    shared = a * (s * math.sqrt(r))
     own = s * math.sqrt(1 - r)
-    both = _prefix_dots(shared + own * b, shared + own * c)
-    alone = _prefix_dots(s * b, s * c)  # r = 0 on the same draws: 1/T in expectation
-    out = 1 / np.arange(1, t + 1) + both - alone
+    both = _prefix_dots(torch.add(shared, b, alpha=own), torch.add(shared, c, alpha=own))
+    out = 1 / np.arange(1, t + 1) + both - _alone(spread, t)
     out[0] = 1.0
     out.flags.writeable = False
     return np.clip(out, 0.0, 1.0)
 
 
-def _prefix_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    cum = np.logaddexp.accumulate
-    return np.exp(cum(x + y, axis=1) - cum(x, axis=1) - cum(y, axis=1)).mean(0)
+@functools.lru_cache(maxsize=8)
+def _normals(t: int) -> tuple[torch.Tensor, ...]:
+    """The fixed draws for T keys (the same at every call: common random numbers)."""
+    gen = np.random.default_rng(SEED)
+    draws = max(MIN_DRAWS, min(DRAWS, ELEMENTS // t))
+    return tuple(torch.from_numpy(gen.standard_normal((draws, t))) for _ in range(3))
+
+
+@functools.lru_cache(maxsize=256)
+def _alone(spread: float, t: int) -> np.ndarray:
+    """r = 0 on the same draws, 1/T in expectation: the control variate."""
+    _, b, c = _normals(t)
+    s = math.sqrt(spread)
+    return _prefix_dots(b * s, c * s)
+
+
+def _prefix_dots(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """The mean over draws of each prefix's sum e^{x_j + y_j}/(Z_T(x) Z_T(y)) (float64,
+    torch's vectorized exp: a third of numpy's time here): in linear terms, each draw
+    shifted by its largest logit, where no prefix's normalizers come near underflow; in
+    logs where they would (a prefix whose largest logit sits ~300 under the draw's:
+    spreads past ~10^3)."""
+    ex = (x - x.amax(1, keepdim=True)).exp_()
+    ey = (y - y.amax(1, keepdim=True)).exp_()
+    norm = ex.cumsum(1).mul_(ey.cumsum(1))
+    if float(norm[:, 0].min()) > 1e-250:  # the first prefix's is a draw's smallest
+        return ex.mul_(ey).cumsum(1).div_(norm).mean(0).numpy()
+    cum = torch.logcumsumexp
+    return (cum(x + y, 1) - cum(x, 1) - cum(y, 1)).exp_().mean(0).numpy()
