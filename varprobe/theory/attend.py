@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from varprobe.theory import attention
+from varprobe.theory import attention, tokens
 from varprobe.theory.nodes import Attention
 from varprobe.theory.signal import Signal
 
 CEILING = 0.999  # r -> 1 leaves nothing for the softmax to average: keep r below it
-RG_SPREAD = 16.0  # (1-r)s^2 past which r_g is dropped without a causal mask (backward)
+# (1-r)s^2 past which r_g is dropped without a causal mask (backward): where the closed
+# forms carry no Gram either, far past saturation
+RG_SPREAD = tokens.SATURATED
 
 
 def keys(facts: Attention) -> attention.Keys:
