@@ -192,32 +192,32 @@ def _cpu32(ints: np.ndarray, limits: tuple[float, ...], known: tuple | None = No
                 rows = taken
         if top < INF_BITS:
             over = k.cut_counts(ints, *bits)[1:] if top >= min(bits) else (0,) * len(bits)
-            return _row(top, min(low + 1, INF_BITS), rows.sum(0), 0, over, ints, idx)
+            raw = rows.sum(0)
+            return _row(top, min(low + 1, INF_BITS), raw, 0, over,
+                        ints[idx] if raw[1] else None, idx.shape[0])
     rows = np.zeros((k.ROWS, 257), dtype=np.int64)
     amax, amin = k.exponent_bins(ints, rows)
     raw = rows.sum(0)
     infs, over = 0, (0,) * len(bits)
     if amax >= min(bits) or raw[255]:
         infs, *over = k.cut_counts(ints, *bits)
-    return _row(amax, amin, raw, infs, over, ints)
+    return _row(amax, amin, raw, infs, over, ints, ints.shape[0])
 
 
-def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over, ints: np.ndarray | None,
-         drawn: int | np.ndarray | None = None) -> list[float]:
-    """The row from extremes as bits, ``exponent_bins``' counts over the elements
-    counted (``ints``, or ``ints[drawn]`` where ``drawn`` is the sample's indices, or
-    just the sample's size where no counted element is below float32's normal range)
-    and the infinities and overflow counts of every element."""
+def _row(amax: int, amin: int, raw: np.ndarray, infs: int, over,
+         counted: np.ndarray | None, drawn: int) -> list[float]:
+    """The row from extremes as bits, ``exponent_bins``' counts over the ``drawn``
+    elements counted (``counted``, their int32 bits, read again only where some are
+    below float32's normal range: None where none is) and the infinities and overflow
+    counts of every element."""
     raw[255] -= infs
     hist = np.zeros(BINS, dtype=np.int64)
     hist[24:278] = raw[2:256]  # field f of (bits - 1): ceil(log2|x|) = f - 126
     if raw[1]:
-        _kernels().small_bins(ints if drawn is None else ints[drawn], hist)
+        _kernels().small_bins(counted, hist)
     top, low = _AS_FLOATS.unpack(_AS_BITS.pack(amax, amin))
     head = [top if amax > 0 else -1.0, low, float(raw[0]), float(infs + raw[256])]
-    count = ints.shape[0] if drawn is None else drawn if isinstance(drawn, int) else \
-        drawn.shape[0]
-    return head + [float(o) for o in over] + hist.tolist() + [float(count)]
+    return head + [float(o) for o in over] + hist.tolist() + [float(drawn)]
 
 
 @functools.lru_cache(maxsize=8)
