@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, initlog, reinit, structure, theory
+from varprobe import diagnose, initlog, metakernels, reinit, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -76,11 +76,12 @@ def predict_target(spec: str, *, device: str = "meta", input_shape: tuple[int, .
         return predict(loaded.model, loaded.example_input, **options)
     try:
         values = MetaValues()  # index buffers made while it is built keep their values
-        with initlog.recording() as log, values:  # the model's own init, seen as it is built
-            loaded = target_mod.load(spec, device="meta")
-            initlog.run_skipped_init(loaded.model)
-        return predict(loaded.model, loaded.example_input, init_log=log, meta_values=values,
-                       **options)
+        with metakernels.without_compiler():
+            with initlog.recording() as log, values:  # its own init, seen as it is built
+                loaded = target_mod.load(spec, device="meta")
+                initlog.run_skipped_init(loaded.model)
+            return predict(loaded.model, loaded.example_input, init_log=log,
+                           meta_values=values, **options)
     except Exception as exc:  # noqa: BLE001 - whatever needed values: the theory, too
         if not _about_meta(exc):
             raise
@@ -210,9 +211,10 @@ def _shape_pass(model: nn.Module, x: Any, dev: torch.device, init_log: Any = Non
     if dev.type == "meta":
         values = values or MetaValues()
         recording.value_of = values.value
+        kernels = metakernels.without_compiler()
     else:
-        values = contextlib.nullcontext()
-    with torch.enable_grad(), Recorder(model, measure=False) as rec:
+        values = kernels = contextlib.nullcontext()
+    with kernels, torch.enable_grad(), Recorder(model, measure=False) as rec:
         rec.observer = recording
         recording.start(float_leaves(x))
         try:
