@@ -14,6 +14,7 @@ import copy
 import dataclasses
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -122,3 +123,31 @@ def test_report_rows_copy_and_convert_as_plain_rows():
             want = Ranges.from_dict(row).to_dict()
             assert Ranges.from_dict(copied[key]).to_dict() == want, key
             assert Ranges.from_dict(converted[key]).to_dict() == want, key
+
+
+@pytest.mark.parametrize("shape, channel_dim", [((64, 1000), -1), ((16, 12, 40), 1),
+                                                ((6, 7, 9, 11), 1), ((3, 50), -1)])
+def test_unit_kernels_take_the_range_reads_in_their_read(shape, channel_dim):
+    """The units' moment kernels (zeros and dead units, after a ReLU) take the range
+    reads in their read too: the same sums, zero and live-unit counts as without them,
+    and the extremes of every element and the sample's histogram as the range
+    kernels' own reads of the tensor give them."""
+    from varprobe import exponent_kernel
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).clamp(min=0) * 3
+    x[0] = 0  # a dead unit along the first dim where units run along another
+    m = exponents.Measure()
+    with stats.extremes_read(m.sample, m.rows) as found:
+        got = stats._sums_and_units(x, channel_dim)
+    assert got == stats._sums_and_units(x, channel_dim)  # outside: no range reads
+    (n, top, low, rows), = found
+    bits = x.numpy().reshape(-1).view("int32")
+    assert n == x.numel() and (top, low) == exponent_kernel.extremes(bits)
+    idx = m.sample(n)
+    if idx is None:
+        assert rows is None
+        return
+    want = np.zeros((exponent_kernel.ROWS, 257), dtype=np.int64)
+    exponent_kernel.sample_bins(bits, idx, want)
+    assert np.array_equal(rows.sum(0), want.sum(0))
