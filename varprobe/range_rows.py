@@ -24,6 +24,7 @@ from varprobe.precision import BINS, FORMATS, LOW, SCALED, Ranges, Row
 SAMPLE = 1 << 13  # elements a larger float32 CPU tensor's histogram counts (exponents)
 SUBNORMAL_BITS = 0x800000  # |x| bits at or below which exponents refines the bins
 _NONE: list = []  # a noted tensor's raw sums: nothing to transfer
+_NO_OVERFLOW = dict.fromkeys(FORMATS, 0)  # a noted tensor's overflow counts (copied)
 
 
 class Batch:
@@ -74,8 +75,8 @@ class BatchRow(Row):
 
     @property
     def source(self) -> Ranges | None:
-        built = self.__dict__.get("_built")
-        return built.ranges(self.__dict__["_index"]) if built is not None else None
+        at = self.__dict__.get("_at")  # (the batch's arrays, this row's index)
+        return at[0].ranges(at[1]) if at is not None else None
 
     def __deepcopy__(self, memo: dict) -> Row:
         out = Row(copy.deepcopy(dict(self), memo))
@@ -90,63 +91,60 @@ class _Built:
         n = len(entries)
         self.numel = [e[0] for e in entries]
         self.scale = [e[4] for e in entries]
-        bits = np.array([(e[1], min(e[2] + 1, 0x7F800000)) for e in entries],
-                        dtype=np.int64).reshape(n, 2)
-        floats = bits.astype(np.int32).view(np.float32).astype(np.float64).tolist()
-        self.amax = [f[0] if b > 0 else None for f, b in zip(floats, bits[:, 0].tolist())]
-        self.min_nonzero = [f[1] if a is not None else None
-                            for f, a in zip(floats, self.amax)]
-        self.top = np.array([-1.0 if a is None else a for a in self.amax])  # for compares
-        self.own = np.array(self.scale)
+        top = np.array([e[1] for e in entries], dtype=np.int32)
+        low = np.minimum(np.array([e[2] for e in entries], dtype=np.int64) + 1, 0x7F800000)
+        self.amax = [a if b > 0 else None for a, b in zip(_floats(top), top.tolist())]
+        self.min_nonzero = [m if a is not None else None
+                            for m, a in zip(_floats(low.astype(np.int32)), self.amax)]
         raw = np.stack([e[3] for e in entries]).sum(1) if n else np.zeros((0, 257), np.int64)
         self.hist = np.zeros((n, BINS), dtype=np.int64)
         self.hist[:, 24:278] = raw[:, 2:256]  # as exponents._row: no bin-1 element here
         self.below = self.hist.cumsum(1)
         self.zeros = raw[:, 0].tolist()
-        self.trim = _trims(self.hist)
+        self.trim, self.kept = _trims(self.hist)
         self._rows: list[BatchRow | None] = [None] * n
         self._ranges: list[Ranges | None] = [None] * n
-        self.fits = self._fits()
+        self._fits()
 
-    def _fits(self) -> list[tuple]:
-        """Per format: its name, then per tensor its fits unscaled, under its own scale,
-        under its amax scale (None without one) and that scale, as ``Ranges.fits`` and
-        ``Ranges.amax_scale`` give them, from array gathers."""
-        out = []
+    def _fits(self) -> None:
+        """``Ranges.fits`` of every tensor in every format, under each scale a row
+        shows (none, its own where not 1, its amax scale in the fp8 formats): the
+        counts at or below the flush and normal cuts gathered as one [tensors x
+        (format, scale)] matrix, overflow 0 but where a rare tensor reaches a cut
+        under another scale than its own (then the Ranges' own answer)."""
+        n = len(self.numel)
+        self.amax_scales = {name: [2.0 ** math.floor(math.log2(FORMATS[name].max / a))
+                                   if a else None for a in self.amax] for name in SCALED}
         own = np.array(self.scale)
-        shifts = np.array([round(math.log2(s)) for s in self.scale], dtype=np.int64)
-        ones = np.ones_like(own)
+        shifts = {"unscaled": np.zeros(n, dtype=np.int64),
+                  "loss_scaled": np.array([round(math.log2(s)) for s in self.scale])}
+        self.columns, flush, normal, self.over = [], [], [], {}
         for name, fmt in FORMATS.items():
-            unscaled = self._fractions(fmt, shifts * 0, ones)
-            scaled = self._fractions(fmt, shifts, own) if shifts.any() else unscaled
-            amax = amax_scale = [None] * len(self.numel)
+            scales = {"unscaled": np.ones(n), "loss_scaled": own}
             if name in SCALED:
-                amax_scale = [2.0 ** math.floor(math.log2(fmt.max / a)) if a else None
-                              for a in self.amax]
-                by = np.array([round(math.log2(s)) if s else 0 for s in amax_scale],
-                              dtype=np.int64)
-                amax = [f if s else None for f, s in zip(
-                    self._fractions(fmt, by, np.array([s or 1.0 for s in amax_scale])),
-                    amax_scale)]
-            out.append((name, unscaled, scaled, amax, amax_scale))
-        return out
+                given = [s or 1.0 for s in self.amax_scales[name]]
+                scales["amax_scaled"] = np.array(given)
+                shifts["amax_scaled"] = np.array([round(math.log2(s)) for s in given])
+            for kind, by in scales.items():
+                self.columns.append((name, kind))
+                flush.append(fmt.flush_exponent - shifts[kind])
+                normal.append(fmt.normal_exponent - shifts[kind])
+                self._overflows(len(self.columns) - 1, fmt, by, own)
+        at = {c: k for k, c in enumerate(self.columns)}
+        self.layout = [(name, at[name, "unscaled"], at[name, "loss_scaled"],
+                        at.get((name, "amax_scaled"))) for name in FORMATS]
+        flushed = _at_most(self.below, np.array(flush).T)
+        below_normal = _at_most(self.below, np.array(normal).T)
+        self.under = (flushed / SAMPLE).tolist()
+        self.sub = ((below_normal - flushed) / SAMPLE).tolist()
 
-    def _fractions(self, fmt, shifts: np.ndarray, scales: np.ndarray) -> list[dict]:
-        """``Ranges.fits(fmt, scale)`` of every tensor, under ``scales`` (per tensor,
-        powers of two, ``shifts`` their log2)."""
-        flushed = _at_most(self.below, fmt.flush_exponent - shifts)
-        normal = _at_most(self.below, fmt.normal_exponent - shifts)
-        under = (flushed / SAMPLE).tolist()
-        sub = ((normal - flushed) / SAMPLE).tolist()
-        over = [0.0] * len(under)
-        # none of a noted tensor's elements reaches its own cuts; under another scale,
-        # past the cut, the Ranges' own (rare) answer
-        top = self.top * scales
+    def _overflows(self, column: int, fmt, scales: np.ndarray, own: np.ndarray) -> None:
+        """``Ranges.overflow_fraction`` where it is not 0: none of a noted tensor's
+        elements reaches its own cuts; past a cut under another scale, the Ranges'."""
+        top = np.array([-1.0 if a is None else a for a in self.amax]) * scales
         reach = (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
-        for i in np.flatnonzero(reach & (scales != self.own)).tolist():
-            over[i] = self.ranges(i).overflow_fraction(fmt, float(scales[i]))
-        return [{"underflow": u, "subnormal": s, "overflow": o}
-                for u, s, o in zip(under, sub, over)]
+        for i in np.flatnonzero(reach & (scales != own)).tolist():
+            self.over[i, column] = self.ranges(i).overflow_fraction(fmt, float(scales[i]))
 
     def row(self, i: int) -> BatchRow:
         if self._rows[i] is None:
@@ -155,25 +153,31 @@ class _Built:
 
     def _row(self, i: int) -> BatchRow:
         a, low, scale = self.amax[i], self.min_nonzero[i], self.scale[i]
-        first, last = self.trim[i]
-        formats = {}
-        for name, unscaled, scaled, amax, amax_scale in self.fits:
-            row = {"unscaled": unscaled[i]}
+        under, sub, over = self.under[i], self.sub[i], self.over
+
+        def fits(k: int) -> dict:
+            return {"underflow": under[k], "subnormal": sub[k],
+                    "overflow": over.get((i, k), 0.0) if over else 0.0}
+
+        formats: dict[str, dict] = {}
+        for name, unscaled, own, amax in self.layout:
+            row = formats[name] = {"unscaled": fits(unscaled)}
             if scale != 1.0:
-                row["loss_scaled"] = scaled[i]
-            if name in SCALED:
-                row["amax_scaled"] = amax[i]
-                row["amax_scale"] = amax_scale[i]
-            formats[name] = row
+                row["loss_scaled"] = fits(own)
+            if amax is not None:
+                s = self.amax_scales[name][i]
+                row["amax_scaled"] = fits(amax) if s else None
+                row["amax_scale"] = s
+        first, start, end = self.trim[i]
         out = BatchRow({
             "numel": self.numel[i], "amax": a, "min_nonzero": low,
             "log2_amax": math.log2(a) if a else None,
             "log2_min_nonzero": math.log2(low) if low else None,
             "zeros": self.zeros[i], "nonfinite": 0, "scale": scale, "sample": SAMPLE,
-            "overflow": dict.fromkeys(FORMATS, 0), "formats": formats,
-            "histogram": {"first": None, "counts": []} if first < 0 else
-            {"first": LOW + first, "counts": self.hist[i, first:last + 1].tolist()}})
-        out.__dict__.update(_built=self, _index=i)
+            "overflow": _NO_OVERFLOW.copy(), "formats": formats,
+            "histogram": {"first": None if first is None else LOW + first,
+                          "counts": self.kept[start:end]}})
+        out._at = (self, i)
         return out
 
     def ranges(self, i: int) -> NotedRanges:
@@ -212,17 +216,27 @@ class NotedRanges(Ranges):
 
 
 def _at_most(below: np.ndarray, exponents: np.ndarray) -> np.ndarray:
-    """``Ranges.count_at_most`` of every row, row i at ``exponents[i]``."""
+    """``Ranges.count_at_most`` of every row of ``below``, row i at ``exponents[i]``
+    (one exponent, or a row of them)."""
     col = np.minimum(exponents - LOW, BINS - 1)
-    found = below[np.arange(below.shape[0]), np.maximum(col, 0)]
-    return np.where(col >= 0, found, 0)
+    rows = np.arange(below.shape[0]).reshape(-1, *[1] * (col.ndim - 1))
+    return np.where(col >= 0, below[rows, np.maximum(col, 0)], 0)
 
 
-def _trims(hist: np.ndarray) -> list[tuple[int, int]]:
-    """Per row, its first and last non-empty bin; (-1, -1) for an empty histogram."""
+def _floats(bits: np.ndarray) -> list[float]:
+    """float32 values from their bits, as Python floats."""
+    return bits.view(np.float32).astype(np.float64).tolist()
+
+
+def _trims(hist: np.ndarray) -> tuple[list[tuple], list[int]]:
+    """The histograms without their empty ends, all in one list: per row its first
+    non-empty bin (None for an empty histogram) and where its counts start and end
+    in that list."""
     live = hist != 0
     first = live.argmax(1)
-    last = BINS - 1 - live[:, ::-1].argmax(1)
-    empty = ~live.any(1)
-    return [(-1, -1) if e else (f, la) for f, la, e in
-            zip(first.tolist(), last.tolist(), empty.tolist())]
+    last = np.where(live.any(1), BINS - 1 - live[:, ::-1].argmax(1), first - 1)
+    bins = np.arange(BINS)
+    kept = hist[(bins >= first[:, None]) & (bins <= last[:, None])].tolist()
+    ends = np.cumsum(last - first + 1).tolist()
+    return [(f if e > s else None, s, e) for f, s, e in
+            zip(first.tolist(), [0] + ends[:-1], ends)], kept
