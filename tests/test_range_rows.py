@@ -98,6 +98,17 @@ def test_rows_noted_after_a_read_get_built_too():
     assert dict(second.row()) == measure_row(y) and dict(first.row()) == measure_row(x)
 
 
+def test_rows_from_outside_the_pool():
+    """Histogram rows the Measure did not hand out (a read given a shape) sum the same."""
+    m = exponents.Measure()
+    x = tensors()["relu"]
+    with stats.extremes_read(m.sample, exponents.Measure.rows) as found:
+        stats._moment_read(x.numpy())
+    got = m.values(x, found[0])
+    assert isinstance(stats.collect([got])[0], range_rows.Noted)
+    assert dict(stats.collect([got])[0].row()) == measure_row(x)
+
+
 def fields(r: Ranges) -> list:
     return [getattr(r, f.name) for f in dataclasses.fields(Ranges) if f.compare]
 

@@ -44,10 +44,12 @@ class Measure:
 
     def __init__(self, loss_scale: float = 1.0):
         self.loss_scale = loss_scale
-        self.batch = range_rows.Batch()  # the tensors whose one read gave everything
+        self.rows = range_rows.Pool(self.rows)  # the histogram rows the reads fill
+        self.batch = range_rows.Batch(self.rows)  # the tensors whose one read gave all
         self._tops = {s: min(_cut_bits(cuts(s))) for s in {1.0, loss_scale}}
 
-    rows = (8, 257)  # the histogram rows a moment read fills (any count sums the same)
+    rows = (8, 257)  # the histogram rows a read fills (any count sums the same); an
+    # instance hands out zeroed ones of this shape (``range_rows.Pool``)
 
     @staticmethod
     def sample(n: int) -> np.ndarray | None:
@@ -73,20 +75,20 @@ class Measure:
         common case); the same row as ``measure``'s, which takes every other tensor."""
         n = t.numel()
         if seen is None and n > SAMPLE:
-            seen = _sampled_read(t)
+            seen = _sampled_read(t, self.rows())
         if seen is not None and seen[0] == n and seen[3] is not None \
                 and seen[1] < self._tops[scale] and seen[2] >= range_rows.SUBNORMAL_BITS:
             return self.batch.add(n, seen[1], seen[2], seen[3], scale)
         return measure(t, scale, seen)
 
 
-def _sampled_read(t: torch.Tensor) -> tuple | None:
+def _sampled_read(t: torch.Tensor, rows: np.ndarray) -> tuple | None:
     """What the moment kernel's read gives (``stats.extremes_read``), from one read of
-    a dense float32 CPU tensor's own (past ``SAMPLE`` elements); None for any other."""
+    a dense float32 CPU tensor's own (past ``SAMPLE`` elements), the sample's histogram
+    into ``rows`` (zeroed, ``Measure.rows``); None for any other tensor."""
     flat = _readable(t.detach())
     if flat is None or flat.dtype != np.float32:
         return None
-    rows = np.zeros(Measure.rows, dtype=np.int64)  # one shape for the batch's stack
     top, low = _kernels().sampled(flat.view(np.int32), sample_index(flat.shape[0]), rows)
     return flat.shape[0], int(top), int(low), rows
 

@@ -27,14 +27,51 @@ _NONE: list = []  # a noted tensor's raw sums: nothing to transfer
 _NO_OVERFLOW = dict.fromkeys(FORMATS, 0)  # a noted tensor's overflow counts (copied)
 
 
+class Pool:
+    """Zeroed histogram rows of ``shape`` for the moment reads (``rows()``), taken from
+    blocks of them: no allocation per tensor, and a batch sums its tensors' rows a
+    block at a time, without copying them together first."""
+
+    BLOCK = 64
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+        self._blocks: list[np.ndarray] = []
+        self._used = self.BLOCK
+        self._at: dict[int, int] = {}  # id of a view handed out -> its place in the blocks
+        self._views: list[np.ndarray] = []  # kept, so that no other array takes their ids
+
+    def __call__(self) -> np.ndarray:
+        if self._used == self.BLOCK:
+            self._blocks.append(np.zeros((self.BLOCK, *self.shape), dtype=np.int64))
+            self._used = 0
+        rows = self._blocks[-1][self._used]
+        self._used += 1
+        self._at[id(rows)] = len(self._views)
+        self._views.append(rows)
+        return rows
+
+    def summed(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Each of ``rows`` summed over its histogram rows: [len(rows), bins]; where
+        all are views this pool handed out, from the blocks' sums."""
+        at = [self._at.get(id(r), -1) for r in rows]
+        if not rows or min(at) < 0:
+            return np.stack([r.sum(0) for r in rows]) if rows else np.zeros((0, 257), np.int64)
+        last = max(at) // self.BLOCK + 1
+        whole = np.concatenate([b.sum(1) for b in self._blocks[:last]])
+        return whole[at]
+
+
 class Batch:
     """The tensors of one pass noted for their rows (``add``), built together at the
     first read of one (those noted after it, at the first read of one of them)."""
 
-    def __init__(self):
+    def __init__(self, pool: Pool | None = None):
+        self.pool = pool or Pool((8, 257))  # where the entries' histogram rows come from
         self._entries: list[tuple] = []  # (numel, top bits, low bits, rows, scale)
         self._parts: list[_Built] = []  # built, in order, each over the next entries
         self._starts: list[int] = []
+        self._done = 0  # entries built
 
     def add(self, n: int, top: int, low: int, rows: np.ndarray, scale: float) -> stats.Pending:
         """The Pending of a tensor of ``n`` elements whose sample's histogram rows are
@@ -45,11 +82,12 @@ class Batch:
         return stats.Pending(_NONE, noted.finish)
 
     def row(self, index: int) -> dict:
-        done = self._starts[-1] + len(self._parts[-1].numel) if self._parts else 0
-        if index >= done:
-            self._parts.append(_Built(self._entries[done:]))
-            self._starts.append(done)
-            self._entries[done:] = [None] * (len(self._entries) - done)  # rows freed
+        if index >= self._done:
+            self._parts.append(_Built(self._entries[self._done:], self.pool))
+            self._starts.append(self._done)
+            self._done = len(self._entries)
+        if len(self._parts) == 1:  # the probe's case: every row read after the pass
+            return self._parts[0].row(index)
         part = bisect.bisect_right(self._starts, index) - 1
         return self._parts[part].row(index - self._starts[part])
 
@@ -87,7 +125,7 @@ class BatchRow(Row):
 class _Built:
     """Every noted tensor's counts as arrays; rows and Ranges made per tensor on demand."""
 
-    def __init__(self, entries: list[tuple]):
+    def __init__(self, entries: list[tuple], pool: Pool):
         n = len(entries)
         self.numel = [e[0] for e in entries]
         self.scale = [e[4] for e in entries]
@@ -96,7 +134,7 @@ class _Built:
         self.amax = [a if b > 0 else None for a, b in zip(_floats(top), top.tolist())]
         self.min_nonzero = [m if a is not None else None
                             for m, a in zip(_floats(low.astype(np.int32)), self.amax)]
-        raw = np.stack([e[3] for e in entries]).sum(1) if n else np.zeros((0, 257), np.int64)
+        raw = pool.summed([e[3] for e in entries])
         self.hist = np.zeros((n, BINS), dtype=np.int64)
         self.hist[:, 24:278] = raw[:, 2:256]  # as exponents._row: no bin-1 element here
         self.below = self.hist.cumsum(1)

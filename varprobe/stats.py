@@ -169,11 +169,12 @@ _EXTREMES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("extrem
 
 
 @contextlib.contextmanager
-def extremes_read(sample: Callable[[int], np.ndarray | None], rows: tuple[int, int]
-                  ) -> Iterator[list]:
+def extremes_read(sample: Callable[[int], np.ndarray | None],
+                  rows: tuple[int, int] | Callable[[], np.ndarray]) -> Iterator[list]:
     """Within it, the first float32 array the CPU moment kernel reads also gets, from
     that same read, what the range statistics (``exponents``) read of it: its
-    ``exponent_kernel.extremes`` and the histogram rows (shape ``rows``) of its
+    ``exponent_kernel.extremes`` and the histogram rows (shape ``rows``, or zeroed
+    ones from ``rows()``) of its
     elements at ``sample(n)`` (sorted indices; None: no sample), appended to the
     yielded list as (n, bits of the largest |x|, bits of the smallest non-zero |x|
     minus one, rows or None). Empty where no such read happened (a cached gradient,
@@ -211,8 +212,8 @@ def _range_reads(flat: np.ndarray, kernel: str) -> tuple | None:
         return None
     found, sample, shape = wanted
     idx = sample(flat.size)
-    return (found, _NO_SAMPLE if idx is None else idx, np.zeros(shape, dtype=np.int64),
-            idx is not None)
+    hist = shape() if callable(shape) else np.zeros(shape, dtype=np.int64)
+    return found, _NO_SAMPLE if idx is None else idx, hist, idx is not None
 
 
 def _found(reads: tuple, n: int, top, low) -> None:
