@@ -22,7 +22,7 @@ from torch import nn
 import varprobe
 from tests.test_precision import check_against_cast
 from varprobe import exponents, range_rows, stats
-from varprobe.precision import Ranges, Settings
+from varprobe.precision import FORMATS, Ranges, Settings
 
 N = exponents.SAMPLE * 4 + 3  # sampled: past SAMPLE elements
 
@@ -65,8 +65,20 @@ def test_batch_rows_are_measures_rows(loss_scale, moment_read):
             r = Ranges.from_dict(row)  # what the flags read
             assert fields(r) == fields(want) and r.to_dict() == want.to_dict()
             assert r.row() is row
+            same_answers(r, want)
             check_against_cast(x, r, scale)  # exact overflow counts: under its own scale
     assert noted >= 4  # the batch's path was taken: randn, relu, zeros, spread unscaled
+
+
+def same_answers(r: Ranges, want: Ranges) -> None:
+    """What the flags ask a row (fits under the scales they use and others, the loss
+    scale a gradient needs), the same from the batch's arrays as from ``want``."""
+    for fmt in FORMATS.values():
+        for s in {1.0, want.scale, want.amax_scale(fmt) or 1.0, 2.0 ** -30, 2.0 ** 12}:
+            assert r.fits(fmt, s) == want.fits(fmt, s), (fmt.name, s)
+            assert r.survives(fmt, s) == want.survives(fmt, s), (fmt.name, s)
+        for limit in (0.0, 0.01, 0.5, 1.0):
+            assert r.smallest_scale(fmt, limit) == want.smallest_scale(fmt, limit)
 
 
 def test_batch_rows_with_torch_kernels():

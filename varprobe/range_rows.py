@@ -169,8 +169,9 @@ class _Built:
                 normal.append(fmt.normal_exponent - shifts[kind])
                 self._overflows(len(self.columns) - 1, fmt, by, own)
         at = {c: k for k, c in enumerate(self.columns)}
-        self.layout = [(name, at[name, "unscaled"], at[name, "loss_scaled"],
-                        at.get((name, "amax_scaled"))) for name in FORMATS]
+        self.layout = {name: (at[name, "unscaled"], at[name, "loss_scaled"],
+                              at.get((name, "amax_scaled"))) for name in FORMATS}
+        self._smallest: dict[tuple, list] = {}
         flushed = _at_most(self.below, np.array(flush).T)
         below_normal = _at_most(self.below, np.array(normal).T)
         self.under = (flushed / SAMPLE).tolist()
@@ -184,6 +185,41 @@ class _Built:
         for i in np.flatnonzero(reach & (scales != own)).tolist():
             self.over[i, column] = self.ranges(i).overflow_fraction(fmt, float(scales[i]))
 
+    def column(self, name: str, scale: float, i: int) -> int | None:
+        """The column of tensor ``i``'s fits in format ``name`` under ``scale``, where
+        one was gathered (no scale, its own, its amax scale); else None."""
+        unscaled, own, amax = self.layout[name]
+        if scale == 1.0:
+            return unscaled
+        if scale == self.scale[i]:
+            return own
+        return amax if amax is not None and scale == self.amax_scales[name][i] else None
+
+    def fits(self, i: int, k: int) -> dict:
+        return {"underflow": self.under[i][k], "subnormal": self.sub[i][k],
+                "overflow": self.over.get((i, k), 0.0) if self.over else 0.0}
+
+    def smallest_scale(self, i: int, fmt, max_underflow: float) -> float | None:
+        """``Ranges.smallest_scale`` of tensor ``i``, made for every tensor at once."""
+        key = fmt.name, max_underflow
+        if key not in self._smallest:
+            self._smallest[key] = self._smallest_scales(fmt, max_underflow)
+        return self._smallest[key][i]
+
+    def _smallest_scales(self, fmt, max_underflow: float) -> list[float | None]:
+        """For each tensor the first e of -64..64 under which at most ``max_underflow``
+        flushes and (a sampled row: from the exact amax) some element is left; both
+        only get truer as e grows, so the first is what a bisection finds."""
+        exps = np.arange(-64, 65)
+        flushed = _at_most(self.below, np.broadcast_to(fmt.flush_exponent - exps,
+                                                       (len(self.numel), exps.size)))
+        top = np.array([-1.0 if a is None else a for a in self.amax])
+        alive = top[:, None] * np.array([2.0 ** e for e in exps.tolist()]) \
+            > 2.0 ** fmt.flush_exponent
+        keep = (flushed / SAMPLE <= max_underflow) & alive
+        return [2.0 ** (f - 64) if found else None
+                for f, found in zip(keep.argmax(1).tolist(), keep.any(1).tolist())]
+
     def row(self, i: int) -> BatchRow:
         if self._rows[i] is None:
             self._rows[i] = self._row(i)
@@ -191,20 +227,14 @@ class _Built:
 
     def _row(self, i: int) -> BatchRow:
         a, low, scale = self.amax[i], self.min_nonzero[i], self.scale[i]
-        under, sub, over = self.under[i], self.sub[i], self.over
-
-        def fits(k: int) -> dict:
-            return {"underflow": under[k], "subnormal": sub[k],
-                    "overflow": over.get((i, k), 0.0) if over else 0.0}
-
         formats: dict[str, dict] = {}
-        for name, unscaled, own, amax in self.layout:
-            row = formats[name] = {"unscaled": fits(unscaled)}
+        for name, (unscaled, own, amax) in self.layout.items():
+            row = formats[name] = {"unscaled": self.fits(i, unscaled)}
             if scale != 1.0:
-                row["loss_scaled"] = fits(own)
+                row["loss_scaled"] = self.fits(i, own)
             if amax is not None:
                 s = self.amax_scales[name][i]
-                row["amax_scaled"] = fits(amax) if s else None
+                row["amax_scaled"] = self.fits(i, amax) if s else None
                 row["amax_scale"] = s
         first, start, end = self.trim[i]
         out = BatchRow({
@@ -248,6 +278,15 @@ class NotedRanges(Ranges):
     def count_at_most(self, exponent: int) -> int:
         top = min(exponent - LOW, BINS - 1)
         return int(self._at[0].below[self._at[1], top]) if top >= 0 else 0
+
+    def fits(self, fmt, scale: float = 1.0) -> dict[str, float | None]:
+        """As a Ranges', from the columns gathered for the rows where there is one."""
+        built, i = self._at
+        k = built.column(fmt.name, scale, i)
+        return super().fits(fmt, scale) if k is None else built.fits(i, k)
+
+    def smallest_scale(self, fmt, max_underflow: float) -> float | None:
+        return self._at[0].smallest_scale(self._at[1], fmt, max_underflow)
 
     def row(self) -> dict:
         return self._at[0].row(self._at[1])
