@@ -116,10 +116,12 @@ def section(result: dict) -> list[str]:
              "weights, weight gradients) the same read also takes its largest and smallest "
              f"non-zero |x| (vector compares) and the exponent histogram of {SAMPLE} of its "
              "elements drawn at random (each taken while its block is in cache); a tensor "
-             "the moment kernel reads otherwise (the activations whose units it counts) "
-             "gets one read of its own for both; the rows go in the same one transfer; "
-             "then the report's "
-             "range rows, flags and loss scale range.", ""]
+             "the moment kernel reads per unit (the activations whose zeros and dead "
+             "units it counts) gets them group by group while the group is in cache; "
+             "in the hooks such a tensor is only noted, and after the pass the rows of "
+             "all of them are made together (array operations over a [tensors x bins] "
+             "matrix, `varprobe.range_rows`), then the report's range rows, flags and "
+             "loss scale range.", ""]
     for block in result["blocks"]:
         lines += [f"{block['threads']} intra-op thread(s) (load average "
                   f"{block['load_before']} before, {block['load_after']} after):", "",

@@ -11,6 +11,9 @@ kernel's read where it made one (``stats.extremes_read``); see ``sample_index``.
 Everything else (accelerators, fp16/bf16, strided memory) is read whole in chunks with
 torch ops that issue no sync (``index_add_`` into the histogram, no boolean
 indexing), copied with the pass's other statistics in its one transfer.
+In the probe (``Measure``) a float32 CPU tensor whose one read gave its whole row (no
+element at an overflow cut or below float32's normal range) is only noted during the
+pass; ``range_rows`` makes all their rows together after it, the same numbers.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from varprobe import precision, stats
+from varprobe import precision, range_rows, stats
 from varprobe.precision import BINS, FORMATS, LOW, Ranges
+from varprobe.range_rows import SAMPLE  # a larger float32 CPU tensor's histogram's elements
 
 HEAD = 4  # amax, min non-zero, zeros, non-finite; then one count per format, then bins,
 # then the elements the bins and zeros counted (``SAMPLE``, or all of them)
-SAMPLE = 1 << 13  # a larger float32 CPU tensor's histogram is of this many elements
 SEED = 0x5EED
 INF_BITS = 0x7F800000
 _AS_BITS, _AS_FLOATS = struct.Struct("<2i"), struct.Struct("<2f")  # float32 from its bits
@@ -41,8 +44,12 @@ class Measure:
 
     def __init__(self, loss_scale: float = 1.0):
         self.loss_scale = loss_scale
+        self.rows = range_rows.Pool(self.rows)  # the histogram rows the reads fill
+        self.batch = range_rows.Batch(self.rows)  # the tensors whose one read gave all
+        self._tops = {s: min(_cut_bits(cuts(s))) for s in {1.0, loss_scale}}
 
-    rows = (8, 257)  # the histogram rows a moment read fills (any count sums the same)
+    rows = (8, 257)  # the histogram rows a read fills (any count sums the same); an
+    # instance hands out zeroed ones of this shape (``range_rows.Pool``)
 
     @staticmethod
     def sample(n: int) -> np.ndarray | None:
@@ -57,10 +64,33 @@ class Measure:
     def values(self, t: torch.Tensor, seen: tuple | None = None) -> stats.Pending:
         """An activation or a weight: no scale. ``seen``: its extremes from the moment
         kernel's read (``stats.extremes_read``), or None."""
-        return measure(t, 1.0, seen)
+        return self._pending(t, 1.0, seen)
 
     def gradient(self, t: torch.Tensor, seen: tuple | None = None) -> stats.Pending:
-        return measure(t, self.loss_scale, seen)
+        return self._pending(t, self.loss_scale, seen)
+
+    def _pending(self, t: torch.Tensor, scale: float, seen: tuple | None) -> stats.Pending:
+        """Noted in ``batch`` where one read (the moment kernel's, else one here) gave
+        the whole row: no element at an overflow cut, none at or below 2^-126 (the
+        common case); the same row as ``measure``'s, which takes every other tensor."""
+        n = t.numel()
+        if seen is None and n > SAMPLE:
+            seen = _sampled_read(t, self.rows())
+        if seen is not None and seen[0] == n and seen[3] is not None \
+                and seen[1] < self._tops[scale] and seen[2] >= range_rows.SUBNORMAL_BITS:
+            return self.batch.add(n, seen[1], seen[2], seen[3], scale)
+        return measure(t, scale, seen)
+
+
+def _sampled_read(t: torch.Tensor, rows: np.ndarray) -> tuple | None:
+    """What the moment kernel's read gives (``stats.extremes_read``), from one read of
+    a dense float32 CPU tensor's own (past ``SAMPLE`` elements), the sample's histogram
+    into ``rows`` (zeroed, ``Measure.rows``); None for any other tensor."""
+    flat = _readable(t.detach())
+    if flat is None or flat.dtype != np.float32:
+        return None
+    top, low = _kernels().sampled(flat.view(np.int32), sample_index(flat.shape[0]), rows)
+    return flat.shape[0], int(top), int(low), rows
 
 
 def cuts(scale: float) -> tuple[float, ...]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from varprobe.exponent_kernel import sampled
+
 BLOCK = 256
 GROUP = 1 << 15  # elements (128 KiB of float32)
 # Let LLVM reorder the additions so that they run in vector lanes; no assumptions about
@@ -134,3 +136,77 @@ def unit_sums_last(a, zero, nonzero):
             for u in range(units):
                 nonzero[u] += row[u] != 0
     return s1, s2
+
+
+@_jit
+def _group_extremes(flat, bits, zero, idx, hist, lo, hi, p):
+    """``sums`` of ``flat[lo:hi]`` and then, while it is in cache, the range kernels'
+    ``sampled`` read of it (``bits`` its int32 view), the sampled indices from
+    ``idx[p]`` on that fall in it shifted to it; and the next ``p``. (Not
+    ``sums_extremes``, whose sums LLVM may add in another order: the units' sums stay
+    those of a read without the range reads.)"""
+    q = p
+    while q < idx.shape[0] and idx[q] < hi:
+        q += 1
+    s1, s2 = sums(flat[lo:hi], zero, zero)
+    top, low = sampled(bits[lo:hi], idx[p:q] - lo, hist)
+    return s1, s2, top, low, q
+
+
+@_jit
+def unit_sums_first_extremes(a, bits, zero, nonzero, idx, hist):
+    """``unit_sums_first`` and, from the same read, ``sums_extremes``' range reads:
+    (sum, sum of squares, bits of the largest |x|, bits of the smallest non-zero |x|
+    minus one); ``bits`` the int32 view of ``a`` flat, ``idx`` sorted."""
+    s1 = 0.0
+    s2 = 0.0
+    top = np.int32(0)
+    low = np.int32(0x7FFFFFFF)
+    p = 0
+    flat = a.reshape(-1)
+    units, length = a.shape[1], a.shape[2]
+    group = max(1, GROUP // length)
+    for n in range(a.shape[0]):
+        for first in range(0, units, group):
+            last = min(first + group, units)
+            r1, r2, t, lo, p = _group_extremes(flat, bits, zero, idx, hist,
+                                               (n * units + first) * length,
+                                               (n * units + last) * length, p)
+            s1 += r1
+            s2 += r2
+            top = max(top, t)
+            low = min(low, lo)
+            for c in range(first, last):
+                row = a[n, c]
+                count = 0
+                for i in range(row.shape[0]):
+                    count += row[i] != 0
+                nonzero[c] += count
+    return s1, s2, top, low
+
+
+@_jit
+def unit_sums_last_extremes(a, bits, zero, nonzero, idx, hist):
+    """``unit_sums_last`` with ``sums_extremes``' range reads, as
+    ``unit_sums_first_extremes``."""
+    s1 = 0.0
+    s2 = 0.0
+    top = np.int32(0)
+    low = np.int32(0x7FFFFFFF)
+    p = 0
+    flat = a.reshape(-1)
+    units = a.shape[1]
+    group = max(1, GROUP // units)
+    for first in range(0, a.shape[0], group):
+        last = min(first + group, a.shape[0])
+        r1, r2, t, lo, p = _group_extremes(flat, bits, zero, idx, hist, first * units,
+                                           last * units, p)
+        s1 += r1
+        s2 += r2
+        top = max(top, t)
+        low = min(low, lo)
+        for n in range(first, last):
+            row = a[n]
+            for u in range(units):
+                nonzero[u] += row[u] != 0
+    return s1, s2, top, low

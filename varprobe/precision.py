@@ -193,6 +193,11 @@ class Ranges:
         """Of the counted elements (``drawn``)."""
         return self.drawn - self.zeros - self.nonfinite
 
+    def smallest_scale(self, fmt: NumberFormat, max_underflow: float) -> float | None:
+        """The smallest 2^e, e in -64..64, under which at most ``max_underflow`` of the
+        tensor flushes in ``fmt`` and some element is left (``loss_scale_range``)."""
+        return _smallest_scale(self, fmt, max_underflow)
+
     @classmethod
     def from_dict(cls, d: dict) -> Ranges:
         """Back from ``to_dict`` (a report read from JSON); a row this process made
@@ -317,7 +322,7 @@ def loss_scale_range(grads: dict[str, Ranges], fmt: NumberFormat,
         hi = 2.0 ** (math.ceil(math.log2(fmt.overflow_cut / r.amax)) - 1)
         if high is None or hi < high:
             high, high_by = hi, label
-        lo = _smallest_scale(r, fmt, max_underflow)
+        lo = r.smallest_scale(fmt, max_underflow)
         if lo is not None and (low is None or lo > low):
             low, low_by = lo, label
     return LossScaleRange(low, high, low_by, high_by)

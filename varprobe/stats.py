@@ -169,11 +169,12 @@ _EXTREMES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("extrem
 
 
 @contextlib.contextmanager
-def extremes_read(sample: Callable[[int], np.ndarray | None], rows: tuple[int, int]
-                  ) -> Iterator[list]:
+def extremes_read(sample: Callable[[int], np.ndarray | None],
+                  rows: tuple[int, int] | Callable[[], np.ndarray]) -> Iterator[list]:
     """Within it, the first float32 array the CPU moment kernel reads also gets, from
     that same read, what the range statistics (``exponents``) read of it: its
-    ``exponent_kernel.extremes`` and the histogram rows (shape ``rows``) of its
+    ``exponent_kernel.extremes`` and the histogram rows (shape ``rows``, or zeroed
+    ones from ``rows()``) of its
     elements at ``sample(n)`` (sorted indices; None: no sample), appended to the
     yielded list as (n, bits of the largest |x|, bits of the smallest non-zero |x|
     minus one, rows or None). Empty where no such read happened (a cached gradient,
@@ -193,17 +194,30 @@ def _moment_read(flat: np.ndarray) -> tuple[float, float]:
     """(sum, sum of squares) of ``flat`` by the CPU kernels, with the range reads where
     ``extremes_read`` asks for them."""
     k, zero = _kernels(), flat.dtype.type(0)
+    reads = _range_reads(flat, "sums_extremes")
+    if reads is None:
+        return k.sums(flat, zero, zero)
+    s1, s2, top, low = k.sums_extremes(flat, flat.view(np.int32), zero, zero, *reads[1:3])
+    _found(reads, flat.size, top, low)
+    return s1, s2
+
+
+def _range_reads(flat: np.ndarray, kernel: str) -> tuple | None:
+    """Where ``extremes_read`` asks the CPU moment read of float32 ``flat`` (by
+    ``kernel``) for the range reads: (the list to append to, the sorted sample indices,
+    the histogram rows, whether there is a sample); else None."""
     wanted = _EXTREMES.get()
     if wanted is None or wanted[0] or flat.dtype != np.float32 \
-            or not hasattr(k, "sums_extremes"):
-        return k.sums(flat, zero, zero)
+            or not hasattr(_kernels(), kernel):
+        return None
     found, sample, shape = wanted
     idx = sample(flat.size)
-    hist = np.zeros(shape, dtype=np.int64)
-    s1, s2, top, low = k.sums_extremes(flat, flat.view(np.int32), zero, zero,
-                                       _NO_SAMPLE if idx is None else idx, hist)
-    found.append((flat.size, int(top), int(low), None if idx is None else hist))
-    return s1, s2
+    hist = shape() if callable(shape) else np.zeros(shape, dtype=np.int64)
+    return found, _NO_SAMPLE if idx is None else idx, hist, idx is not None
+
+
+def _found(reads: tuple, n: int, top, low) -> None:
+    reads[0].append((n, int(top), int(low), reads[2] if reads[3] else None))
 
 
 def _kernels():
@@ -301,16 +315,22 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
     array, order = found
     shape = (1, 1, array.size)  # (before the units, units, after them) in memory
     if x.dim() >= 2:
-        k = order.index(channel_dim % x.dim())
-        shape = (math.prod(array.shape[:k]), array.shape[k], math.prod(array.shape[k + 1:]))
+        at = order.index(channel_dim % x.dim())
+        shape = (math.prod(array.shape[:at]), array.shape[at],
+                 math.prod(array.shape[at + 1:]))
     nonzero = np.zeros(shape[1], dtype=np.int64)
-    zero = array.dtype.type(0)
-    if shape[2] == 1:  # units innermost: a Linear's features
-        sums = _kernels().unit_sums_last(array.reshape(shape[:2]), zero, nonzero)
+    zero, k, flat = array.dtype.type(0), _kernels(), array.reshape(-1)
+    units = array.reshape(shape[:2] if shape[2] == 1 else shape)
+    last = shape[2] == 1  # units innermost: a Linear's features
+    reads = _range_reads(flat, "unit_sums_last_extremes")
+    if reads is not None:  # the range reads in the same read (``extremes_read``)
+        fused = k.unit_sums_last_extremes if last else k.unit_sums_first_extremes
+        *sums, top, low = fused(units, flat.view(np.int32), zero, nonzero, *reads[1:3])
+        _found(reads, flat.size, top, low)
     else:
-        sums = _kernels().unit_sums_first(array.reshape(shape), zero, nonzero)
+        sums = (k.unit_sums_last if last else k.unit_sums_first)(units, zero, nonzero)
     alive = np.count_nonzero(nonzero) if x.dim() >= 2 else 0
-    return _finish_cpu_sums(x, array.reshape(-1), sums, nonfinite=True) + [
+    return _finish_cpu_sums(x, flat, sums, nonfinite=True) + [
         float(array.size - nonzero.sum()), float(alive)]
 
 
