@@ -156,9 +156,19 @@ def _moments(s2, r, counts, method, d_k, n):
     # The logit variance of query i is s_e^2 |q_i|^2 |W_k q_i|^2 / E[...]: relative
     # variance 2/d_k + 2/n. Averaged over, as a lognormal factor.
     rel = (2 / d_k if d_k else 0.0) + (2 / n if n else 0.0)
-    uniq, inv = np.unique(counts, return_inverse=True)
-    p2, m = _interpolated(float(se2), float(f"{rel:.4g}"), tuple(uniq.tolist()))
+    counts = np.asarray(counts)
+    uniq, inv = _unique(counts.dtype.str, counts.shape, counts.tobytes())
+    p2, m = _interpolated(float(se2), float(f"{rel:.4g}"), uniq)
     return p2[inv], m[inv]
+
+
+@functools.lru_cache(maxsize=64)
+def _unique(dtype: str, shape: tuple, data: bytes) -> tuple[tuple, np.ndarray]:
+    """np.unique of the key counts (as a tuple) and where each count is in it: once per
+    mask, not at each of a deep stack's calls and walks."""
+    uniq, inv = np.unique(np.frombuffer(data, dtype).reshape(shape), return_inverse=True)
+    inv.setflags(write=False)
+    return tuple(uniq.tolist()), inv
 
 
 def _interpolated(se2: float, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]:

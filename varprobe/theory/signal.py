@@ -4,6 +4,7 @@ says about one recorded call (``Call``)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,12 @@ class Grad:
     # value path hands every key alike (theory.positions; the closed-form walks)
     pairs: float = 0.0
     gram: Any = None  # the gradient's Gram shape over the tokens (theory.tokens)
+
+
+def fork(g: Grad) -> Grad:
+    """A copy of ``g`` that more consumers' gradients can be added to: what
+    dataclasses.replace(g) makes, at a tenth of its cost (every node of every walk)."""
+    return copy.copy(g)
 
 
 @dataclass
