@@ -87,11 +87,19 @@ def causal_keys(T: int) -> range:
 def key_counts(keys: Keys, causal: bool = False) -> np.ndarray:
     """Per-query key counts T_i: T for every query, 1..T when causal, or as given."""
     if isinstance(keys, (int, np.integer)):
-        counts = np.arange(1, keys + 1) if causal else np.full(int(keys), keys)
-    elif causal:
+        return _counts(int(keys), bool(causal)).copy()  # a deep stack asks it again and again
+    if causal:
         raise ValueError("causal=True takes the sequence length, not per-query counts")
     else:
         counts = np.asarray(keys)
+    if counts.size == 0 or counts.min() < 1:
+        raise ValueError("every query needs at least one key")
+    return counts.astype(float)
+
+
+@functools.lru_cache(maxsize=64)
+def _counts(keys: int, causal: bool) -> np.ndarray:
+    counts = np.arange(1, keys + 1) if causal else np.full(keys, keys)
     if counts.size == 0 or counts.min() < 1:
         raise ValueError("every query needs at least one key")
     return counts.astype(float)
@@ -205,10 +213,9 @@ def _spread_at(k: int, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]
     offsets = np.arange(-reach, reach + 1)
     weights = np.exp(-((offsets * h + sig * sig / 2) ** 2) / (2 * sig * sig))
     weights /= weights.sum()
-    p2 = p3 = p22 = 0.0
-    for j, wj in zip(offsets.tolist(), weights):
-        a, b, c = _grid_moments(k + j, knots)
-        p2, p3, p22 = p2 + wj * a, p3 + wj * b, p22 + wj * c
+    # the weighted sums over the grid points as one product (not a Python loop)
+    rows = [_grid_moments(k + j, knots) for j in offsets.tolist()]
+    p2, p3, p22 = (weights @ np.array(column) for column in zip(*rows))
     return _per_count(counts, np.array(knots), p2, p2 - 2 * p3 + p22)
 
 
@@ -280,11 +287,22 @@ def _pairs(s2: float, r: float, counts: np.ndarray) -> tuple[float, float]:
     key-side logit part the two queries share (variance r (1-r) s^2; 1 at r = 0); past
     saturation, where that form sends every pair to one key, theory.overlap's.
     """
-    t = np.sort(counts)
+    counts = np.asarray(counts)
+    t, below, spread = _sorted_pairs(counts.dtype.str, counts.tobytes())
     g = pair_overlap(s2, r, t)
+    return 2 * float(g @ below) / t.size, 2 * float(g @ spread) / t.size
+
+
+@functools.lru_cache(maxsize=64)
+def _sorted_pairs(dtype: str, data: bytes) -> tuple[np.ndarray, ...]:
+    """_pairs' parts that only the key counts set: once per mask, not per call."""
+    t = np.sort(np.frombuffer(data, dtype))
     below = np.arange(t.size)                        # partners with T_k <= T_i
     inv_below = np.concatenate(([0.0], np.cumsum(1 / t)[:-1]))
-    return 2 * float(g @ below) / t.size, 2 * float(g @ (below - inv_below)) / t.size
+    out = t, below, below - inv_below
+    for x in out:
+        x.setflags(write=False)
+    return out
 
 
 def pair_overlap(s2: float, r: float, t: np.ndarray) -> np.ndarray:
@@ -374,7 +392,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     # the pair term's dispersion |v_j - v̄_i|^2 is K's flat (1 - 1/T_i); at the actual
     # spread it is what m/P2 is to its flat value, -> 0 as p goes one-hot (the softmax
     # Jacobian vanishes: saturated attention sends the keys no gradient)
-    flat = float(np.mean((counts - 1) / counts**2) / np.mean(1 / counts))
+    flat = _flat(counts.tobytes())
     spread = (m / p2) / flat if p2 > 0 and flat > 0 else 1.0
     dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross * spread)
     dx = None
@@ -385,6 +403,13 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     # (the query path without c k_j), spread over the T_k entries of its row
     logit = sigma_g2 * d_k * q_v * f * m / float(row or counts.max())
     return Backward(dv, dq, dk, dx, logit)
+
+
+@functools.lru_cache(maxsize=64)
+def _flat(data: bytes) -> float:
+    """mean((T_i - 1)/T_i²)/mean(1/T_i) of float key counts: once per mask."""
+    counts = np.frombuffer(data, np.float64)
+    return float(np.mean((counts - 1) / counts**2) / np.mean(1 / counts))
 
 
 def token_correlation(sum_sq_of_token_sums_mean: float, second_moment: float, T: int) -> float:

@@ -4,7 +4,6 @@ says about one recorded call (``Call``)."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +82,11 @@ class Grad:
 
 def fork(g: Grad) -> Grad:
     """A copy of ``g`` that more consumers' gradients can be added to: what
-    dataclasses.replace(g) makes, at a tenth of its cost (every node of every walk)."""
-    return copy.copy(g)
+    dataclasses.replace(g) makes (every field, none other set), at a tenth of its cost
+    (every node of every walk)."""
+    out = Grad.__new__(Grad)
+    out.__dict__.update(g.__dict__)
+    return out
 
 
 @dataclass

@@ -138,9 +138,17 @@ class TokenGrams:
             value.gram = self._gram_of(k, node, value)
         except Exception:  # noqa: BLE001 -- a Gram rule's failure: the scalar rules
             value.gram = None
-        if value.gram is not None and (value.gram.shape[0] > tokens.CAP
-                                       or not np.all(np.isfinite(value.gram))):
+        gram = value.gram
+        if gram is None:
+            return
+        # an input's Gram passed on (a view, an identity) was checked where it was made
+        checked = self.__dict__.setdefault("_finite_grams", {})
+        if checked.get(id(gram)) is gram:
+            return
+        if gram.shape[0] > tokens.CAP or not np.all(np.isfinite(gram)):
             value.gram = None
+        else:
+            checked[id(gram)] = gram
 
     def _in(self, i: int) -> Value | None:
         return self.values[i] if i >= 0 else None
