@@ -407,7 +407,7 @@ class TokenGrams:
             r_g = float((u - p2) / (c - p2)) if c > p2 else 0.0
         keep = 1 / (1 - facts.dropout)
         n = self.width(node)
-        coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
+        coherent = (1 - r) * float(attention.mean((1 - p2i) ** 2)) / n if n else 0.0
         sv, sk = self.attended_grams(node, facts)
         factor = tokens.query_factor(sv, 0.0, sk, 0.0, counts, mi, r, keep - r,
                                      coherent) if square else None
