@@ -14,6 +14,7 @@ theory.tokenshape.TokenShapes.own_correlations).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from varprobe.theory import attention, tokens
@@ -53,12 +54,8 @@ def correlation(facts: Attention, v: Signal, measured: tuple | None, side: int =
     if measured is None:
         r = max(v.r, v.mean_share) if side == 0 else correlation(facts, v, None)
     elif facts.causal and facts.queries == facts.keys:
-        i = attention.key_counts(facts.keys, True)
-        if side == 0:
-            p2 = float((1 / i).mean())
-            r = (measured[2] - p2) / (1 - p2)
-        else:
-            r = 1 - float((1 / i).mean() - measured[3]) / float(((i - 1) / i**2).mean())
+        p2, m = _causal_means(facts.keys)
+        r = (measured[2] - p2) / (1 - p2) if side == 0 else 1 - (p2 - measured[3]) / m
     else:
         r = measured[side]
     return min(max(r, 0.0), CEILING)
@@ -68,11 +65,17 @@ def shifted(facts: Attention, measured: tuple, r_v: float, r_k: float) -> tuple:
     """``measured`` (r_v, r_k, u_v, u_k) re-expressed so that ``correlation`` reads
     ``r_v`` and ``r_k`` from it (under a causal mask through the prefix shares)."""
     if facts.causal and facts.queries == facts.keys:
-        i = attention.key_counts(facts.keys, True)
-        p2 = float((1 / i).mean())
-        return (r_v, r_k, p2 + (1 - p2) * r_v,
-                p2 - (1 - r_k) * float(((i - 1) / i**2).mean()))
+        p2, m = _causal_means(facts.keys)
+        return (r_v, r_k, p2 + (1 - p2) * r_v, p2 - (1 - r_k) * m)
     return (r_v, r_k, *measured[2:])
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_means(keys: int) -> tuple[float, float]:
+    """mean_i 1/i and mean_i (i-1)/i² over the causal windows 1..T: once per T (every
+    attention call of every walk reads them)."""
+    i = attention.key_counts(keys, True)
+    return float((1 / i).mean()), float(((i - 1) / i**2).mean())
 
 
 def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple | None,

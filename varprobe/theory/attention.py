@@ -68,6 +68,12 @@ class Backward(NamedTuple):
     logit: float = 0.0     # E[dS^2] per logit entry (masked ones included)
 
 
+def mean(x: np.ndarray) -> np.float64:
+    """np.mean(x) to the bit (the same sum over the same count) without its Python
+    overhead: the walks take thousands of means of a few dozen numbers."""
+    return x.sum() / x.size
+
+
 def logit_variance(q_q: float, q_k: float, d_k: int, scale: float | None = None) -> float:
     """s^2 = c^2 d_k q_q q_k, c = 1/sqrt(d_k) unless given (§3.1)."""
     c = 1 / math.sqrt(d_k) if scale is None else scale
@@ -87,11 +93,19 @@ def causal_keys(T: int) -> range:
 def key_counts(keys: Keys, causal: bool = False) -> np.ndarray:
     """Per-query key counts T_i: T for every query, 1..T when causal, or as given."""
     if isinstance(keys, (int, np.integer)):
-        counts = np.arange(1, keys + 1) if causal else np.full(int(keys), keys)
-    elif causal:
+        return _counts(int(keys), bool(causal)).copy()  # a deep stack asks it again and again
+    if causal:
         raise ValueError("causal=True takes the sequence length, not per-query counts")
     else:
         counts = np.asarray(keys)
+    if counts.size == 0 or counts.min() < 1:
+        raise ValueError("every query needs at least one key")
+    return counts.astype(float)
+
+
+@functools.lru_cache(maxsize=64)
+def _counts(keys: int, causal: bool) -> np.ndarray:
+    counts = np.arange(1, keys + 1) if causal else np.full(keys, keys)
     if counts.size == 0 or counts.min() < 1:
         raise ValueError("every query needs at least one key")
     return counts.astype(float)
@@ -126,13 +140,19 @@ def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     # the integrand in u is O(1) wide at any s
     lo, hi = -9 * s - 8, 9 * s + math.log(counts.max()) + 40
     u = np.linspace(lo, hi, min(600 + int(40 * s), math.ceil((hi - lo) / DU) + 1))
-    z = np.minimum(x[None, :] - u[:, None], 700.0)  # e^z stays finite
-    w = np.exp(z)
-    e = np.exp(-w)
+    # in place where a matrix is not read again (the same products, fewer copies)
+    w = np.subtract(x[None, :], u[:, None])
+    np.minimum(w, 700.0, out=w)  # e^z stays finite
+    np.exp(w, out=w)
+    e = np.exp(np.negative(w))
     # w^k e^-w, k = 2..4, by products (w capped where e^-w is 0 anyway: no inf * 0)
-    wc = np.minimum(w, 800.0)
-    we2 = wc * wc * e
-    a2, a3, a4 = we2 @ px, (we2 * wc) @ px, (we2 * wc * wc) @ px
+    np.minimum(w, 800.0, out=w)
+    we2 = w * w
+    we2 *= e
+    wk = we2 * w
+    a2, a3 = we2 @ px, wk @ px
+    wk *= w
+    a4 = wk @ px
     log_l = np.log(np.maximum(e @ px, 1e-300))
     du = u[1] - u[0]
     lt = np.exp(np.outer(counts - 1, log_l))
@@ -156,9 +176,19 @@ def _moments(s2, r, counts, method, d_k, n):
     # The logit variance of query i is s_e^2 |q_i|^2 |W_k q_i|^2 / E[...]: relative
     # variance 2/d_k + 2/n. Averaged over, as a lognormal factor.
     rel = (2 / d_k if d_k else 0.0) + (2 / n if n else 0.0)
-    uniq, inv = np.unique(counts, return_inverse=True)
-    p2, m = _interpolated(float(se2), float(f"{rel:.4g}"), tuple(uniq.tolist()))
+    counts = np.asarray(counts)
+    uniq, inv = _unique(counts.dtype.str, counts.shape, counts.tobytes())
+    p2, m = _interpolated(float(se2), float(f"{rel:.4g}"), uniq)
     return p2[inv], m[inv]
+
+
+@functools.lru_cache(maxsize=64)
+def _unique(dtype: str, shape: tuple, data: bytes) -> tuple[tuple, np.ndarray]:
+    """np.unique of the key counts (as a tuple) and where each count is in it: once per
+    mask, not at each of a deep stack's calls and walks."""
+    uniq, inv = np.unique(np.frombuffer(data, dtype).reshape(shape), return_inverse=True)
+    inv.setflags(write=False)
+    return tuple(uniq.tolist()), inv
 
 
 def _interpolated(se2: float, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -195,10 +225,9 @@ def _spread_at(k: int, rel: float, uniq: tuple) -> tuple[np.ndarray, np.ndarray]
     offsets = np.arange(-reach, reach + 1)
     weights = np.exp(-((offsets * h + sig * sig / 2) ** 2) / (2 * sig * sig))
     weights /= weights.sum()
-    p2 = p3 = p22 = 0.0
-    for j, wj in zip(offsets.tolist(), weights):
-        a, b, c = _grid_moments(k + j, knots)
-        p2, p3, p22 = p2 + wj * a, p3 + wj * b, p22 + wj * c
+    # the weighted sums over the grid points as one product (not a Python loop)
+    rows = [_grid_moments(k + j, knots) for j in offsets.tolist()]
+    p2, p3, p22 = (weights @ np.array(column) for column in zip(*rows))
     return _per_count(counts, np.array(knots), p2, p2 - 2 * p3 + p22)
 
 
@@ -270,11 +299,22 @@ def _pairs(s2: float, r: float, counts: np.ndarray) -> tuple[float, float]:
     key-side logit part the two queries share (variance r (1-r) s^2; 1 at r = 0); past
     saturation, where that form sends every pair to one key, theory.overlap's.
     """
-    t = np.sort(counts)
+    counts = np.asarray(counts)
+    t, below, spread = _sorted_pairs(counts.dtype.str, counts.tobytes())
     g = pair_overlap(s2, r, t)
+    return 2 * float(g @ below) / t.size, 2 * float(g @ spread) / t.size
+
+
+@functools.lru_cache(maxsize=64)
+def _sorted_pairs(dtype: str, data: bytes) -> tuple[np.ndarray, ...]:
+    """_pairs' parts that only the key counts set: once per mask, not per call."""
+    t = np.sort(np.frombuffer(data, dtype))
     below = np.arange(t.size)                        # partners with T_k <= T_i
     inv_below = np.concatenate(([0.0], np.cumsum(1 / t)[:-1]))
-    return 2 * float(g @ below) / t.size, 2 * float(g @ (below - inv_below)) / t.size
+    out = t, below, below - inv_below
+    for x in out:
+        x.setflags(write=False)
+    return out
 
 
 def pair_overlap(s2: float, r: float, t: np.ndarray) -> np.ndarray:
@@ -300,10 +340,10 @@ def forward(q_v: float, s2: float, r: float, keys: Keys, causal: bool = False,
     """
     counts = key_counts(keys, causal)
     p2i, _ = _moments(s2, r, counts, method, d_k, n)
-    p2 = float(np.mean(p2i))
+    p2 = float(mean(p2i))
     z2 = r + p2 * (1 / (1 - dropout) - r)
     if n:
-        z2 += (1 - r) ** 2 * s2 * float(np.mean((1 - p2i) ** 2)) / n
+        z2 += (1 - r) ** 2 * s2 * float(mean((1 - p2i) ** 2)) / n
     tokens = counts.size
     if tokens < 2:
         return Forward(q_v * z2, math.nan, p2)
@@ -350,12 +390,12 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     s2 = c2dk * q_q * q_k
     counts = key_counts(keys, causal)
     p2i, mi = _moments(s2, r, counts, method, d_k, n)
-    p2, m = float(np.mean(p2i)), float(np.mean(mi))
+    p2, m = float(mean(p2i)), float(mean(mi))
     overlap, cross = _pairs(s2, r, counts)
     keep = 1 / (1 - dropout)
     dv = sigma_g2 * (r_g * (p2 + overlap) + p2 * (keep - r_g))
     f = keep - r
-    coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
+    coherent = (1 - r) * float(mean((1 - p2i) ** 2)) / n if n else 0.0
     r_k = r if r_k is None else r_k
     if query_factor is None or dropout:
         query_factor = (1 - r_k) * f * m + (1 - r) * coherent
@@ -364,7 +404,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     # the pair term's dispersion |v_j - v̄_i|^2 is K's flat (1 - 1/T_i); at the actual
     # spread it is what m/P2 is to its flat value, -> 0 as p goes one-hot (the softmax
     # Jacobian vanishes: saturated attention sends the keys no gradient)
-    flat = float(np.mean((counts - 1) / counts**2) / np.mean(1 / counts))
+    flat = _flat(counts.tobytes())
     spread = (m / p2) / flat if p2 > 0 and flat > 0 else 1.0
     dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross * spread)
     dx = None
@@ -375,6 +415,13 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     # (the query path without c k_j), spread over the T_k entries of its row
     logit = sigma_g2 * d_k * q_v * f * m / float(row or counts.max())
     return Backward(dv, dq, dk, dx, logit)
+
+
+@functools.lru_cache(maxsize=64)
+def _flat(data: bytes) -> float:
+    """mean((T_i - 1)/T_i²)/mean(1/T_i) of float key counts: once per mask."""
+    counts = np.frombuffer(data, np.float64)
+    return float(np.mean((counts - 1) / counts**2) / np.mean(1 / counts))
 
 
 def token_correlation(sum_sq_of_token_sums_mean: float, second_moment: float, T: int) -> float:

@@ -34,7 +34,7 @@ from varprobe.theory import (
     tokens,
 )
 from varprobe.theory.nodes import Node, is_view
-from varprobe.theory.signal import Call, Grad, Signal, Value
+from varprobe.theory.signal import Call, Grad, Signal, Value, fork
 
 
 class Backward:
@@ -474,7 +474,7 @@ def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
         return
     have = grads[k]
     if have is None:
-        grads[k] = dataclasses.replace(g)
+        grads[k] = fork(g)
         return
     positions.merge(have, g)
     have.gram = tokens.blend(have.gram, have.var, g.gram, g.var)

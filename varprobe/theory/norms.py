@@ -164,6 +164,7 @@ class Memo(Mapping):
     def __init__(self, values: Values | None):
         self.values: Values = values if values is not None else {}
         self.memo: dict[int, tuple[float, int, float]] = {}
+        self.means: dict[int, float] = {}
 
     def __getitem__(self, key: int) -> list[float]:
         return self.values[key]
@@ -186,6 +187,19 @@ def affine_sums(module: nn.Module, values: Values | None) -> tuple[float, int, f
     if memo is not None:
         memo[id(module)] = sums
     return sums
+
+
+def mean_beta(module: nn.Module, values: Values | None) -> float:
+    """mean_c beta_c, once per module where ``values`` is a Memo (every walk reads it at
+    every norm)."""
+    means = getattr(values, "means", None)
+    if means is not None and id(module) in means:
+        return means[id(module)]
+    beta = affine(module, values)[1]
+    mean = sum(beta) / len(beta)
+    if means is not None:
+        means[id(module)] = mean
+    return mean
 
 
 def backward(module: nn.Module, s: Signal | None, values: Values | None = None,

@@ -262,8 +262,7 @@ def mean_after(module: nn.Module, mu: float, values: Values | None = None,
     if w is not None:
         return w.b1
     if norms.is_norm(module):
-        beta = norms.affine(module, values)[1]
-        return sum(beta) / len(beta)
+        return norms.mean_beta(module, values)
     return 0.0
 
 

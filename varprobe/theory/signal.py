@@ -80,6 +80,15 @@ class Grad:
     gram: Any = None  # the gradient's Gram shape over the tokens (theory.tokens)
 
 
+def fork(g: Grad) -> Grad:
+    """A copy of ``g`` that more consumers' gradients can be added to: what
+    dataclasses.replace(g) makes (every field, none other set), at a tenth of its cost
+    (every node of every walk)."""
+    out = Grad.__new__(Grad)
+    out.__dict__.update(g.__dict__)
+    return out
+
+
 @dataclass
 class Call:
     """What the walk says about one recorded call."""

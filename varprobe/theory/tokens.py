@@ -55,7 +55,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from varprobe.theory import correlation, rules
+from varprobe.theory import correlation, keyindex, rules
+from varprobe.theory.attention import mean
 
 CAP = 256  # positions: past it, the scalar rules
 # (1 - r) s² past which a call without a causal mask takes no Gram (theory.tokenshape):
@@ -75,8 +76,8 @@ def normalized(g: np.ndarray | None) -> tuple[np.ndarray | None, float]:
     """(G / mean diag, mean diag); (None, 0) where there is nothing."""
     if g is None:
         return None, 0.0
-    m = float(np.trace(g)) / g.shape[0]
-    if not m > 0 or not np.isfinite(m):
+    m = float(g.trace()) / g.shape[0]
+    if not m > 0 or not math.isfinite(m):
         return None, 0.0
     return g / m, m
 
@@ -98,7 +99,8 @@ def combine(parts: list[tuple[float, np.ndarray | None, float]], shared: float =
         return None
     tokens = sizes.pop()
     total = np.full((tokens, tokens), float(shared))
-    total[np.diag_indices(tokens)] += own
+    if own:
+        total.flat[::tokens + 1] += own  # the diagonal
     for w, s, r in parts:
         total += w * (s if s is not None else implied(r, tokens))
     return normalized(total)[0]
@@ -145,7 +147,7 @@ def norm_backward(s_in: np.ndarray | None, m2: float, eps: float,
     inv = 1 / np.sqrt(rho + eps)
     out = h * np.outer(inv, inv)
     diag = np.diag(h)
-    kappa = float(np.mean(diag / (rho + eps)) * (np.mean(rho) + eps) / np.mean(diag))
+    kappa = float(mean(diag / (rho + eps)) * (mean(rho) + eps) / mean(diag))
     return normalized(out)[0], kappa
 
 
@@ -251,37 +253,32 @@ def _windows(key: bytes) -> np.ndarray:
 
 def window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl, by a 2-D cumulative sum (nested windows)."""
-    cs = s.cumsum(0).cumsum(1)
-    at = counts.astype(int) - 1
-    return cs[np.ix_(at, at)]
+    return s.cumsum(0).cumsum(1)[keyindex.index(counts).grid]
 
 
 def window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """diag(L S Lᵀ): the sum of S over each query's window."""
-    at = counts.astype(int) - 1
+    at = keyindex.index(counts).at
     return s.cumsum(0).cumsum(1)[at, at]
 
 
 def _causal(counts: np.ndarray) -> bool:
-    return bool(counts.size and counts[0] == 1 and np.all(np.diff(counts) == 1))
+    return keyindex.index(counts).causal
 
 
 def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
                  keep: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, b, shared keys): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the
     windows of queries i and k (see the module's docstring)."""
-    ti, tk = counts[:, None], counts[None, :]
-    shared = np.minimum(ti, tk)
+    shared, top, rest, some = keyindex.pairs(counts)
     # the lognormal overlap also past attention.SATURATED_SPREAD (up to SATURATED,
     # past which no Gram is carried): theory.overlap's there put T5's torch-default
     # scheme column's backward median at 0.12, 0.05 with this one
     e = math.exp(min(r * (1 - r) * s2, 50.0))
-    overlap = e / (e + np.maximum(ti, tk) - 1)
+    overlap = e / (e + top - 1)
     np.fill_diagonal(overlap, p2i)
     b = overlap / shared
-    rest = ti * tk - shared
-    a = np.where(rest > 0, (1 - overlap) / np.where(rest > 0, rest, 1.0), 0.0)
-    b = b.copy()
+    a = np.where(some, (1 - overlap) / rest, 0.0)
     b[np.diag_indices(counts.size)] *= keep
     return a, b, shared
 
@@ -299,7 +296,7 @@ def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray
     a, b, shared = pair_weights(counts, p2i, s2, r, keep)
     sums = window_sums(sv, counts)
     cum = np.cumsum(np.diag(sv))
-    d = cum[shared.astype(int) - 1]
+    d = cum[keyindex.index(counts).shared_at]
     out = a * (sums - d) + b * d
     if coupling is not None:
         out[np.diag_indices(tokens)] += coupling
@@ -332,15 +329,17 @@ def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2
 def _shared_diag(extra: np.ndarray, counts: np.ndarray, keys: int) -> np.ndarray:
     """Σ_{i,k: min(T_i, T_k) > j} extra_ik for every key j, by sorting the queries by
     their window: a suffix sum over the sorted matrix's lower-right blocks."""
-    order = np.argsort(counts)
-    e = extra[np.ix_(order, order)]
-    c = counts[order]
+    sorted_ = keyindex.index(counts)
+    e = extra[sorted_.order]
     # block sums S[m] = Σ_{i,k ≥ m} e_ik (sorted), by 2-D reversed cumulative sums
     rev = e[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]
     block = np.diag(rev)
-    # first sorted query whose window exceeds j
-    first = np.searchsorted(c, np.arange(keys), side="right")
-    return np.where(first < c.size, block[np.minimum(first, c.size - 1)], 0.0)
+    # the first sorted query whose window exceeds j (the index's keys: up to max T_i)
+    if sorted_.first.size != keys:
+        c = np.sort(counts)
+        first = np.searchsorted(c, np.arange(keys), side="right")
+        return np.where(first < c.size, block[np.minimum(first, c.size - 1)], 0.0)
+    return np.where(sorted_.seen, block[sorted_.pick], 0.0)
 
 
 def query_backward(h: np.ndarray | None, counts: np.ndarray, mi: np.ndarray
@@ -372,7 +371,7 @@ def prefix_shares(s: np.ndarray | None, counts: np.ndarray) -> tuple[float, floa
         return None
     means = window_diag(s, counts) / counts ** 2
     scale = float(np.trace(s)) / s.shape[0]
-    return float(np.mean(means) / scale), float(np.mean(means / counts) / scale)
+    return float(mean(means) / scale), float(mean(means / counts) / scale)
 
 
 def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float | None:
@@ -382,11 +381,11 @@ def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float 
     if causal and _causal(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
         x = h / np.outer(counts, counts)
         diag = np.diag(x[::-1, ::-1].cumsum(0).cumsum(1))[::-1]
-        return float(np.mean(diag) / np.mean(np.diag(h)))
+        return float(mean(diag) / mean(np.diag(h)))
     if causal:
         flat = windows(counts) / counts[:, None]
         return float(np.mean(np.einsum("ij,ik,kj->j", flat, h, flat)) / np.mean(np.diag(h)))
-    return float(h.mean() / np.mean(np.diag(h)))
+    return float(mean(h) / mean(np.diag(h)))
 
 
 # --- rotary positions ----------------------------------------------------------------
@@ -447,7 +446,7 @@ def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: fl
     k = implied(rk, tokens) if sk is None else sk
     if g.shape != (tokens, tokens) or k.shape != g.shape or r >= 1:
         return None
-    at = counts.astype(int) - 1
+    at = keyindex.index(counts).at
     s1 = window_diag(g * k, counts)
     rg, rk_ = g.cumsum(1)[:, at], k.cumsum(1)[:, at]  # column i: the sums over window i
     s2 = (rg * rk_).cumsum(0)[at, np.arange(tokens)] / counts
@@ -455,4 +454,4 @@ def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: fl
     many = counts > 1
     x = np.zeros(tokens)
     x[many] = (s1 - 2 * s2 + s3)[many] / (counts[many] - 1)
-    return float(np.mean(mi * x) * f / (1 - r) + (1 - r) * coherent)
+    return float(mean(mi * x) * f / (1 - r) + (1 - r) * coherent)

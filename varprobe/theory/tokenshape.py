@@ -138,9 +138,17 @@ class TokenGrams:
             value.gram = self._gram_of(k, node, value)
         except Exception:  # noqa: BLE001 -- a Gram rule's failure: the scalar rules
             value.gram = None
-        if value.gram is not None and (value.gram.shape[0] > tokens.CAP
-                                       or not np.all(np.isfinite(value.gram))):
+        gram = value.gram
+        if gram is None:
+            return
+        # an input's Gram passed on (a view, an identity) was checked where it was made
+        checked = self.__dict__.setdefault("_finite_grams", {})
+        if checked.get(id(gram)) is gram:
+            return
+        if gram.shape[0] > tokens.CAP or not np.all(np.isfinite(gram)):
             value.gram = None
+        else:
+            checked[id(gram)] = gram
 
     def _in(self, i: int) -> Value | None:
         return self.values[i] if i >= 0 else None
@@ -399,7 +407,7 @@ class TokenGrams:
             r_g = float((u - p2) / (c - p2)) if c > p2 else 0.0
         keep = 1 / (1 - facts.dropout)
         n = self.width(node)
-        coherent = (1 - r) * float(np.mean((1 - p2i) ** 2)) / n if n else 0.0
+        coherent = (1 - r) * float(attention.mean((1 - p2i) ** 2)) / n if n else 0.0
         sv, sk = self.attended_grams(node, facts)
         factor = tokens.query_factor(sv, 0.0, sk, 0.0, counts, mi, r, keep - r,
                                      coherent) if square else None

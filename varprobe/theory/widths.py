@@ -27,7 +27,6 @@ Rules (``None``: as many as the tensor has features):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from torch import nn
@@ -52,17 +51,17 @@ def after_call(module: nn.Module, kind: str, s_in: Signal | None,
     if is_linear_map(module):
         shape = _features(module)
         if shape is None:
-            return dataclasses.replace(out, width=None)
+            return _width(out, None)
         n_in, taps, n_out = shape
         w_in = min(float(n_in), s_in.width) if s_in.width else float(n_in)
-        return dataclasses.replace(out, width=1 / (1 / (w_in * taps) + 1 / n_out))
+        return _width(out, 1 / (1 / (w_in * taps) + 1 / n_out))
     if isinstance(module, nn.MultiheadAttention):
         e = module.embed_dim
         w = s_in.width or e
-        return dataclasses.replace(out, width=1 / (1 / w + 2 / e))  # W_v, then W_o
+        return _width(out, 1 / (1 / w + 2 / e))  # W_v, then W_o
     if kind in ("norm", "activation") or isinstance(module, (nn.Dropout, nn.Identity)):
-        return dataclasses.replace(out, width=s_in.width)
-    return dataclasses.replace(out, width=None)
+        return _width(out, s_in.width)
+    return _width(out, None)
 
 
 def _features(module: nn.Module) -> tuple[int, int, int] | None:
@@ -92,11 +91,17 @@ def mix(parts: list[tuple[float, Signal]], spread: float, out: Signal) -> Signal
         return out
     total = sum(v for v, _ in known) + spread
     inverse = sum(v / w for v, w in known if w) / total if total > 0 else 0.0
-    return dataclasses.replace(out, width=1 / inverse if inverse > 0 else None)
+    return _width(out, 1 / inverse if inverse > 0 else None)
 
 
 def keep(out: Signal | None, s: Signal | None) -> Signal | None:
     """An elementwise step or attention's average of the values: w unchanged."""
     if out is None or s is None:
         return out
-    return dataclasses.replace(out, width=s.width)
+    return _width(out, s.width)
+
+
+def _width(s: Signal, width: float | None) -> Signal:
+    """``s`` with another w: built directly (dataclasses.replace costs ~20 us a call, and
+    every node of every walk passes here)."""
+    return Signal(s.m2, s.mean_share, s.r, s.lead, width)

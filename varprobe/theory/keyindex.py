@@ -1,0 +1,63 @@
+"""What only an attention call's key counts set, once per mask.
+
+Every attention call of a deep stack, in every walk (the actual init's and each
+scheme's), has the same per-query key counts T_i (1..T when causal): the index arrays
+and pair counts the Gram rules (theory.tokens) read are computed once per distinct
+counts and kept read-only, not rebuilt at each call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Index(NamedTuple):
+    at: np.ndarray        # T_i - 1: each query's last key
+    grid: tuple           # np.ix_(at, at)
+    shared_at: np.ndarray  # min(T_i, T_k) - 1: the last key two queries share
+    causal: bool          # the counts are 1, 2, ..., T
+    order: tuple          # np.ix_ of the queries sorted by their window
+    first: np.ndarray     # per key j, the first sorted query whose window exceeds j...
+    seen: np.ndarray      # ...where there is one...
+    pick: np.ndarray      # ...and that query's index, kept in range where there is none
+
+
+def index(counts: np.ndarray) -> Index:
+    return _index(np.asarray(counts, dtype=np.float64).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _index(key: bytes) -> Index:
+    counts = np.frombuffer(key, dtype=np.float64)
+    at = counts.astype(int) - 1
+    causal = bool(counts.size and counts[0] == 1 and np.all(np.diff(counts) == 1))
+    order = np.argsort(counts)
+    c = counts[order]
+    first = np.searchsorted(c, np.arange(int(counts.max())), side="right")
+    out = Index(at, np.ix_(at, at), np.minimum(counts[:, None], counts[None, :]).astype(int)
+                - 1, causal, np.ix_(order, order), first, first < c.size,
+                np.minimum(first, c.size - 1))
+    for x in (out.at, *out.grid, out.shared_at, *out.order, out.first, out.seen, out.pick):
+        x.setflags(write=False)
+    return out
+
+
+def pairs(counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """theory.tokens.pair_weights' parts: the shared keys min(T_i, T_k), max(T_i, T_k),
+    the other pairs' count (1 where there are none) and where there are some."""
+    return _pairs(np.asarray(counts, dtype=np.float64).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(key: bytes) -> tuple[np.ndarray, ...]:
+    counts = np.frombuffer(key, dtype=np.float64)
+    ti, tk = counts[:, None], counts[None, :]
+    shared = np.minimum(ti, tk)
+    rest = ti * tk - shared
+    out = shared, np.maximum(ti, tk), np.where(rest > 0, rest, 1.0), rest > 0
+    for x in out:
+        x.setflags(write=False)
+    return out
