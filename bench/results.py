@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 PRECISION = "### Number-format statistics (--precision)"  # bench.precision's subsection
-KEPT = (PRECISION,)  # subsections of a machine's section that other benches write
+PRECISION_OWN = "### --precision's own CPU time (bench.precision_own)"
+KEPT = (PRECISION, PRECISION_OWN)  # subsections of a machine's section that other benches write
 TARGETS = {"probe": 1.05, "pass": 1.03, "analysis": 10.0, "memory": 1.00, "e2e": 1.10}
 INTRO = """# varprobe benchmark results
 
