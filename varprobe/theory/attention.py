@@ -132,7 +132,7 @@ def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
         # 1 - P22 (and so m) fall as 1/sqrt(v), the chance that the top two logits of T
         # lie within O(1) of each other (Monte Carlo at v = 6400: P2 and m within 1%).
         k = math.sqrt(ONE_HOT / v)
-        return tuple(1 - (1 - a) * k for a in softmax_moments(ONE_HOT, counts))
+        return tuple(1 - (1 - a) * k for a in _at_one_hot(counts.tobytes()))
     s = math.sqrt(v)
     x = np.linspace(-9, 9, min(361, math.ceil(18 * s / min(s / 4, DX)) + 1)) * s
     px = np.exp(-0.5 * (x / s) ** 2)
@@ -161,6 +161,13 @@ def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     p3 = counts * (lt @ a3) * du / 2
     p22 = (counts * (lt @ a4) + counts * (counts - 1) * (lt2 @ a2**2)) * du / 6
     return p2, p3, p22
+
+
+@functools.lru_cache(maxsize=64)
+def _at_one_hot(counts: bytes) -> tuple[np.ndarray, ...]:
+    """softmax_moments at ONE_HOT, which every larger variance scales: once per set of
+    counts (a saturated stack's grid points past it would each redo it)."""
+    return softmax_moments(ONE_HOT, np.frombuffer(counts))
 
 
 def _moments(s2, r, counts, method, d_k, n):

@@ -251,15 +251,36 @@ def _windows(key: bytes) -> np.ndarray:
     return out
 
 
+def cumsum(a: np.ndarray, axes: tuple[int, ...] = (0, 1), reverse: bool = False
+           ) -> np.ndarray:
+    """Cumulative sums of a float64 array along ``axes`` in turn (from the far end when
+    ``reverse``). torch's: the same sequential sums as numpy's, 3-5x faster at T = 256
+    (numpy's along the first axis ~0.7 ms there)."""
+    t = torch.from_numpy(a if a.flags.writeable and min(a.strides) > 0 else a.copy())
+    if reverse:
+        t = t.flip(axes)
+    for axis in axes:
+        t = t.cumsum(axis)
+    return (t.flip(axes) if reverse else t).numpy()
+
+
+def diag_sums(s: np.ndarray, reverse: bool = False) -> np.ndarray:
+    """D_m = Σ_{j, l ≤ m} S_jl (≥ m when ``reverse``): the diagonal of the 2-D cumulative
+    sum, from each row's and column's part of the L-shaped step between m - 1 and m."""
+    t = torch.from_numpy(s if s.flags.writeable and min(s.strides) > 0 else s.copy())
+    if reverse:
+        return (t.triu().sum(1) + t.tril(-1).sum(0)).flip(0).cumsum(0).flip(0).numpy()
+    return (t.tril().sum(1) + t.triu(1).sum(0)).cumsum(0).numpy()
+
+
 def window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl, by a 2-D cumulative sum (nested windows)."""
-    return s.cumsum(0).cumsum(1)[keyindex.index(counts).grid]
+    return cumsum(s)[keyindex.index(counts).grid]
 
 
 def window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """diag(L S Lᵀ): the sum of S over each query's window."""
-    at = keyindex.index(counts).at
-    return s.cumsum(0).cumsum(1)[at, at]
+    return diag_sums(s)[keyindex.index(counts).at]
 
 
 def _causal(counts: np.ndarray) -> bool:
@@ -314,7 +335,7 @@ def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2
     a, b, shared = pair_weights(counts, p2i, s2, r, keep)
     x = a * h
     if _causal(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
-        out = x[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1].copy()
+        out = cumsum(x, reverse=True)
     else:
         lmask = windows(counts)
         out = lmask.T @ x @ lmask
@@ -331,9 +352,7 @@ def _shared_diag(extra: np.ndarray, counts: np.ndarray, keys: int) -> np.ndarray
     their window: a suffix sum over the sorted matrix's lower-right blocks."""
     sorted_ = keyindex.index(counts)
     e = extra[sorted_.order]
-    # block sums S[m] = Σ_{i,k ≥ m} e_ik (sorted), by 2-D reversed cumulative sums
-    rev = e[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1]
-    block = np.diag(rev)
+    block = diag_sums(e, reverse=True)  # S[m] = Σ_{i,k ≥ m} e_ik (sorted)
     # the first sorted query whose window exceeds j (the index's keys: up to max T_i)
     if sorted_.first.size != keys:
         c = np.sort(counts)
@@ -380,7 +399,7 @@ def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float 
         return None
     if causal and _causal(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
         x = h / np.outer(counts, counts)
-        diag = np.diag(x[::-1, ::-1].cumsum(0).cumsum(1))[::-1]
+        diag = diag_sums(x, reverse=True)
         return float(mean(diag) / mean(np.diag(h)))
     if causal:
         flat = windows(counts) / counts[:, None]
@@ -448,8 +467,8 @@ def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: fl
         return None
     at = keyindex.index(counts).at
     s1 = window_diag(g * k, counts)
-    rg, rk_ = g.cumsum(1)[:, at], k.cumsum(1)[:, at]  # column i: the sums over window i
-    s2 = (rg * rk_).cumsum(0)[at, np.arange(tokens)] / counts
+    rg, rk_ = cumsum(g, (1,))[:, at], cumsum(k, (1,))[:, at]  # column i: window i's sums
+    s2 = cumsum(rg * rk_, (0,))[at, np.arange(tokens)] / counts
     s3 = window_diag(g, counts) * window_diag(k, counts) / counts ** 2
     many = counts > 1
     x = np.zeros(tokens)

@@ -1,0 +1,45 @@
+"""theory.tokens' cumulative sums against numpy's own, on any square array."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from varprobe.theory import tokens
+
+arrays = st.integers(1, 40).flatmap(lambda t: st.tuples(
+    st.just(t), st.integers(0, 2**32 - 1), st.booleans()))
+
+
+def _array(t: int, seed: int, read_only: bool) -> np.ndarray:
+    a = np.random.default_rng(seed).normal(size=(t, t))
+    a.setflags(write=not read_only)
+    return a
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays)
+def test_cumsum_is_numpys(case):
+    """The same sequential sums: equal to the last bit, forward and from the far end."""
+    a = _array(*case)
+    assert np.array_equal(tokens.cumsum(a), a.cumsum(0).cumsum(1))
+    assert np.array_equal(tokens.cumsum(a, (1,)), a.cumsum(1))
+    assert np.array_equal(tokens.cumsum(a, (0,)), a.cumsum(0))
+    assert np.array_equal(tokens.cumsum(a, reverse=True),
+                          a[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1])
+    assert np.array_equal(tokens.cumsum(a[::-1]), a[::-1].cumsum(0).cumsum(1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays)
+def test_diag_sums_are_the_blocks(case):
+    """D_m = the sum over the top-left (bottom-right) m + 1 block, by summing each block;
+    the sums differ only in their order: float64 rounding, a few ulp of the absolute sum."""
+    a = _array(*case)
+    t = a.shape[0]
+    top = np.array([a[:m + 1, :m + 1].sum() for m in range(t)])
+    bottom = np.array([a[m:, m:].sum() for m in range(t)])
+    scale = np.abs(a).sum()
+    assert np.allclose(tokens.diag_sums(a), top, rtol=0, atol=1e-13 * scale)
+    assert np.allclose(tokens.diag_sums(a, reverse=True), bottom, rtol=0, atol=1e-13 * scale)
