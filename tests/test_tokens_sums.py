@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from varprobe.theory import tokens
 
-arrays = st.integers(1, 40).flatmap(lambda t: st.tuples(
+# sizes below and above tokens.SMALL (64 x 64): numpy's path and torch's
+arrays = st.integers(1, 90).flatmap(lambda t: st.tuples(
     st.just(t), st.integers(0, 2**32 - 1), st.booleans()))
 
 

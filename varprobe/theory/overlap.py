@@ -18,12 +18,13 @@ draws as a control variate: the estimate is 1/T + mean(O_r - O_0), whose noise a
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import numpy as np
 import torch
+
+from varprobe.theory import threads
 
 DRAWS = 4096
 SEED = 20240607
@@ -39,27 +40,10 @@ SPREAD_CAP = 1e4
 def overlaps(spread: float, r: float, counts: np.ndarray) -> np.ndarray:
     """E[sum_j p_ij p_kj] for two queries over the first T keys, for each T in
     ``counts``, at a logit spread (1 - r) s^2 and query correlation r."""
-    with _one_thread():
+    with threads.one_thread():
         table = _overlaps(round(min(spread, SPREAD_CAP), 2),
                           round(min(max(r, 0.0), 1.0), 3), int(np.max(counts)))
     return table[np.asarray(counts, dtype=int) - 1]
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one thread while the draws are summed: its intra-op threads on arrays
-    of this size (draws x keys, ~10^5) cost more than they save where the cores are
-    shared (a 32-key table: 8 ms on one thread, ~250 ms on two with the other core
-    busy); the thread count it had is restored."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1024)
