@@ -165,6 +165,7 @@ class Memo(Mapping):
         self.values: Values = values if values is not None else {}
         self.memo: dict[int, tuple[float, int, float]] = {}
         self.means: dict[int, float] = {}
+        self.gammas: dict[int, tuple[float, float]] = {}  # theory.chanspread's
 
     def __getitem__(self, key: int) -> list[float]:
         return self.values[key]

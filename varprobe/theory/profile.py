@@ -17,16 +17,18 @@ resets the scale after it; an eval-mode one and a residual stream compound it. T
 backward is the same count transposed: an input position receives from the outputs
 whose taps touch it, in proportion to their gradients' profile.
 
-The walk carries e (a float64 tensor of the spatial shape, mean 1; None: uniform) on
-values and gradients: a conv makes it; elementwise ops, BatchNorm, GroupNorm and
+The walk carries e (a float64 numpy array of the spatial shape, mean 1; None: uniform)
+on values and gradients: a conv makes it; elementwise ops, BatchNorm, GroupNorm and
 InstanceNorm keep it; an add and a concatenation average it by second moment;
-anything else drops it.
+anything else drops it. numpy rather than torch: on maps this small an elementwise
+step costs a tenth of torch's, with the same IEEE results.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +59,7 @@ def _counted(module: nn.Module, spatial: tuple) -> bool:
 
 def _uniform(e: Any, spatial: tuple) -> torch.Tensor:
     if e is not None and tuple(e.shape) == spatial:
-        return e
+        return torch.from_numpy(e)
     return torch.ones(spatial, dtype=torch.float64)
 
 
@@ -69,7 +71,7 @@ def _memo(step):
         spatial = tuple(int(s) for s in (input_shape or ())[2:])
         if not spatial or not _counted(module, spatial):
             return 1.0, None
-        key = (_key(module), spatial, None if e is None else (tuple(e.shape), e.numpy().tobytes()))
+        key = (_key(module), spatial, None if e is None else (e.shape, e.tobytes()))
         if key not in _MEMO[step]:
             if len(_MEMO[step]) > 4096:
                 _MEMO[step].clear()
@@ -89,7 +91,7 @@ def conv_forward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]
     x = _uniform(e, spatial)[None, None]
     y = _convolve(module, x)
     base = _count(module, spatial)
-    return float(y.mean()) / base, (y / y.mean())[0, 0]
+    return float(y.mean()) / base, (y / y.mean())[0, 0].numpy()
 
 
 @_memo
@@ -102,7 +104,7 @@ def conv_backward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any
         weight = _uniform(e, tuple(y.shape[2:]))[None, None]
         (dx,) = torch.autograd.grad((y * weight).sum(), x)
     base = _fan_out_count(module, spatial)
-    return float(dx.mean()) / base, (dx / dx.mean())[0, 0].detach()
+    return float(dx.mean()) / base, (dx / dx.mean())[0, 0].detach().numpy()
 
 
 def _key(module: nn.Module) -> tuple:
@@ -167,5 +169,5 @@ def blend(parts: list[tuple[Any, float]]) -> Any:
     total = sum(w for _, w in parts)
     if total <= 0:
         return None
-    return sum((e if e is not None else torch.ones_like(shaped[0])) * w
+    return sum((e if e is not None else np.ones_like(shaped[0])) * w
                for e, w in parts) / total
