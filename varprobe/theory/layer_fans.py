@@ -260,12 +260,17 @@ def scheme_variance(scheme: str, fan_in: float | None, fan_out: float | None,
     needs = {"xavier": (n, m), "he-fan-out": (m,)}.get(scheme, (n,))
     if any(v is None or v <= 0 for v in needs):
         return None
-    return {"xavier": lambda: 2.0 / (n + m),
-            "he": lambda: 2.0 / n,
-            "he-fan-out": lambda: 2.0 / m,
-            "he-prelu": lambda: 2.0 / ((1.0 + a * a) * n),
-            "torch-default": lambda: 1.0 / (3.0 * n),
-            "lecun": lambda: 1.0 / n}[scheme]()
+    if scheme == "xavier":
+        return 2.0 / (n + m)
+    if scheme == "he":
+        return 2.0 / n
+    if scheme == "he-fan-out":
+        return 2.0 / m
+    if scheme == "he-prelu":
+        return 2.0 / ((1.0 + a * a) * n)
+    if scheme == "torch-default":
+        return 1.0 / (3.0 * n)
+    return 1.0 / n  # lecun
 
 
 def scheme_bias_variance(scheme: str, module: nn.Module) -> float:

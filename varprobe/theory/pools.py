@@ -34,6 +34,7 @@ ADAPTIVE_MAX = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d
 ZERO_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
              nn.ConstantPad3d)
 EXACT_FORWARD = ("pad", "nearest")
+POOLS = (*AVG, *ADAPTIVE_AVG, *MAX, *ADAPTIVE_MAX, *ZERO_PADS, nn.Upsample)
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,9 @@ class Pool:
 
 
 def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
-    """The pool a module call is; None for anything else."""
-    if not input_shape or not output_shape:
+    """The pool a module call is; None for anything else (told first: every walk asks
+    at every call)."""
+    if not isinstance(module, POOLS) or not input_shape or not output_shape:
         return None
     fraction = math.prod(output_shape) / max(math.prod(input_shape), 1)
     if isinstance(module, AVG):
