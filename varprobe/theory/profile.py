@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory.layer_fans import NORMS, is_activation
+from varprobe.theory.layer_fans import ELEMENTWISE_LIBRARIES, NORMS, is_activation
 from varprobe.theory.signal import Signal
 
 KEEP = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
@@ -55,6 +55,22 @@ def _convolve(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
 def _counted(module: nn.Module, spatial: tuple) -> bool:
     return (isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode == "zeros"
             and isinstance(module.padding, tuple) and len(spatial) == len(module.kernel_size))
+
+
+def _keeps(module: nn.Module) -> bool:
+    """Whether a call keeps its input's profile: an elementwise op or a per-channel
+    norm. Once per class where only the class decides (every walk asks at every call)."""
+    cls = type(module)
+    if cls.__module__ in ELEMENTWISE_LIBRARIES:  # decided by the module's own contents
+        return isinstance(module, KEEP) or (is_activation(module)
+                                            and not isinstance(module, NORMS))
+    if cls not in _KEEPS:
+        _KEEPS[cls] = isinstance(module, KEEP) or (is_activation(module)
+                                                   and not isinstance(module, NORMS))
+    return _KEEPS[cls]
+
+
+_KEEPS: dict[type, bool] = {}
 
 
 def _uniform(e: Any, spatial: tuple) -> torch.Tensor:
@@ -148,7 +164,7 @@ def after_call(module: nn.Module, layer, e: Any, out: Signal | None,
         if m2 <= 0:
             return out, None
         return Signal(m2, out.mean_share, out.r), (made * spread + b2) / m2
-    keeps = isinstance(module, KEEP) or (is_activation(module) and not isinstance(module, NORMS))
+    keeps = _keeps(module)
     return out, e if keeps else None
 
 
@@ -156,7 +172,7 @@ def before_call(module: nn.Module, layer, e: Any) -> tuple[float, Any]:
     """Backward across a call: (the factor on the rule's Var[dx], dx's profile)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return conv_backward(module, e, layer.input_shape)
-    keeps = isinstance(module, KEEP) or (is_activation(module) and not isinstance(module, NORMS))
+    keeps = _keeps(module)
     return 1.0, e if keeps else None
 
 

@@ -487,4 +487,4 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
 
 def _join(*parts: str | None) -> str | None:
-    return "; ".join(p for p in parts if p) or None
+    return "; ".join([p for p in parts if p]) or None
