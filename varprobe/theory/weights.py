@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -66,19 +66,20 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
 
 class Drawable(NamedTuple):
     """What a scheme reads of a Linear/Conv layer: varprobe's fans, torch's, whether it
-    has a bias, and id(weight) (a tied weight follows it)."""
+    has a bias, and its weight (a weight tied to it follows it; held, so that its id
+    stays its own while the schemes are drawn)."""
 
     fans: tuple
     torch: tuple
     bias: bool
-    weight: int
+    weight: Any
 
 
 def drawables(layers: list[Layer], modules: list[nn.Module]) -> list[Drawable | None]:
     """Per layer, what ``scheme_weights`` reads (None: not a re-drawn layer), read once
     for all the schemes."""
     return [Drawable(fans(module), torch_fans(module), getattr(module, "bias", None)
-                     is not None, id(module.weight))
+                     is not None, module.weight)
             if layer.kind == "weight" and is_linear_map(module) else None
             for layer, module in zip(layers, modules)]
 
@@ -100,7 +101,7 @@ def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
         fan_in, fan_out = d.torch if scheme == "torch-default" else d.fans
         var = scheme_variance(scheme, fan_in, fan_out, a)
         out.append(None if var is None else Weights(var, _bias_variance(scheme, d)))
-        drawn[d.weight] = out[-1]
+        drawn[id(d.weight)] = out[-1]
     for i, (layer, module, d) in enumerate(zip(layers, modules, drawn_from)):
         if layer.kind == "weight" and d is None:
             # a weight tied to a re-drawn Linear (an LM head and its embedding) is re-drawn
