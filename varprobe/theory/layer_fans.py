@@ -274,9 +274,10 @@ def scheme_variance(scheme: str, fan_in: float | None, fan_out: float | None,
     if scheme not in SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     n, m = fan_in, fan_out
-    needs = {"xavier": (n, m), "he-fan-out": (m,)}.get(scheme, (n,))
-    if any(v is None or v <= 0 for v in needs):
-        return None
+    needs = (n, m) if scheme == "xavier" else (m,) if scheme == "he-fan-out" else (n,)
+    for v in needs:  # a loop, not any(): every scheme asks it of every layer
+        if v is None or v <= 0:
+            return None
     if scheme == "xavier":
         return 2.0 / (n + m)
     if scheme == "he":
