@@ -87,7 +87,7 @@ def taps(module: nn.Module, input_shape) -> tuple[float, float] | None:
     """(sum_t f_t, sum_t f_t^2) of a zero-padded conv, f_t the share of the output
     positions where tap t lands in bounds; None for other layers. Once per process for
     each geometry and spatial shape: every walk asks it at every conv."""
-    spatial = tuple(int(d) for d in (input_shape or ())[2:])
+    spatial = tuple(map(int, (input_shape or ())[2:]))
     if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed \
             or module.padding_mode != "zeros" or not isinstance(module.padding, tuple) \
             or len(spatial) != len(module.kernel_size):

@@ -84,7 +84,7 @@ def _memo(step):
     init's, each scheme's, the fix's), so each is computed once per process: keyed by
     the conv's geometry, the spatial shape and the profile's bytes."""
     def cached(module: nn.Module, e: Any, input_shape) -> tuple[float, Any]:
-        spatial = tuple(int(s) for s in (input_shape or ())[2:])
+        spatial = tuple(map(int, (input_shape or ())[2:]))
         if not spatial or not _counted(module, spatial):
             return 1.0, None
         key = (_key(module), spatial, None if e is None else (e.shape, e.tobytes()))
