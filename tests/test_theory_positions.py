@@ -38,7 +38,8 @@ def test_padded_conv_reads_its_input_profile():
     _, e = profile.conv_forward(conv, None, _Layer.input_shape)
     corr, _ = profile.conv_forward(conv, e, _Layer.input_shape)
     assert corr == pytest.approx(1.0265, abs=5e-4)
-    x = torch.randn((64, 64, 16, 16), generator=GEN, dtype=torch.float64) * e.sqrt()
+    x = torch.randn((64, 64, 16, 16), generator=GEN, dtype=torch.float64) * \
+        torch.from_numpy(e).sqrt()
     with torch.no_grad():
         y2 = conv(x).pow(2).mean().item()
     taps = float(profile._count(conv, (16, 16)))
@@ -50,7 +51,8 @@ def test_padded_conv_backward_reads_the_gradient_profile():
     conv = _conv()
     _, e = profile.conv_backward(conv, None, _Layer.input_shape)
     corr, _ = profile.conv_backward(conv, e, _Layer.input_shape)
-    g = torch.randn((64, 64, 16, 16), generator=GEN, dtype=torch.float64) * e.sqrt()
+    g = torch.randn((64, 64, 16, 16), generator=GEN, dtype=torch.float64) * \
+        torch.from_numpy(e).sqrt()
     x = torch.zeros((64, 64, 16, 16), dtype=torch.float64, requires_grad=True)
     conv(x).backward(g)
     taps = profile._fan_out_count(conv, (16, 16))

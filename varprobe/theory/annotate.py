@@ -25,6 +25,7 @@ from varprobe.theory.walk import Walk, _join
 from varprobe.theory.weights import (
     Weights,
     actual_weights,
+    drawables,
     prelu_slopes,
     scheme_weights,
 )
@@ -64,8 +65,9 @@ def _annotate(report: Report, modules: list[nn.Module], recording, values, measu
     report.attention = actual.attention
     slopes = prelu_slopes(modules, values)
     walked: list[tuple[list[Weights | None], Walk]] = []
+    drawn_from = drawables(layers, modules)
     for scheme in SCHEMES:
-        weights = scheme_weights(scheme, layers, modules, slopes)
+        weights = scheme_weights(scheme, layers, modules, slopes, drawn_from)
         # schemes that draw the same weights walk alike (he-prelu is he without a PReLU)
         walk = next((done for drawn, done in walked if drawn == weights), None)
         if walk is None:

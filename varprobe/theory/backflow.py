@@ -232,7 +232,7 @@ class Backward:
     def _at_output(self, node: Node, g: Grad) -> Grad:
         """Record the call's gradient; where the graph broke, carry the measured one."""
         layer = self.report.layers[node.index]
-        info = self.calls.setdefault(node.index, Call())
+        info = self.calls.get(node.index) or self.calls.setdefault(node.index, Call())
         if g.broken is None:
             info.grad, info.backward_note = g.var, g.note
             return g

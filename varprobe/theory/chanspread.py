@@ -85,12 +85,25 @@ def gain(module: nn.Module, s: Signal, ch: Channels, values) -> float:
 
 def taps(module: nn.Module, input_shape) -> tuple[float, float] | None:
     """(sum_t f_t, sum_t f_t^2) of a zero-padded conv, f_t the share of the output
-    positions where tap t lands in bounds; None for other layers."""
-    spatial = tuple(int(d) for d in (input_shape or ())[2:])
+    positions where tap t lands in bounds; None for other layers. Once per process for
+    each geometry and spatial shape: every walk asks it at every conv."""
+    spatial = tuple(map(int, (input_shape or ())[2:]))
     if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed \
             or module.padding_mode != "zeros" or not isinstance(module.padding, tuple) \
             or len(spatial) != len(module.kernel_size):
         return None
+    key = (module.kernel_size, module.stride, module.padding, module.dilation, spatial)
+    if key not in _TAPS:
+        if len(_TAPS) > 4096:
+            _TAPS.clear()
+        _TAPS[key] = _count_taps(module, spatial)
+    return _TAPS[key]
+
+
+_TAPS: dict[tuple, tuple[float, float]] = {}
+
+
+def _count_taps(module: nn.Module, spatial: tuple) -> tuple[float, float]:
     k = math.prod(module.kernel_size)
     onehot = torch.eye(k, dtype=torch.float64).reshape(k, 1, *module.kernel_size)
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
@@ -127,15 +140,26 @@ def weight_layer(ch: Channels, n: float | None, kappa: float, phi: float,
 def batch_norm(module: nn.Module, ch: Channels, s_in: Signal, values) -> Channels:
     """Train mode: channel c becomes gamma_c^2 (its spread that of gamma^2); the
     positional means stay, relative to the channel's variance."""
-    gamma = norms.affine(module, values)[0]
-    g2 = sum(g * g for g in gamma) / len(gamma)
-    g4 = sum(g ** 4 for g in gamma) / len(gamma)
+    g2, g4 = _gamma_moments(module, values)
     rel = g4 / (g2 * g2) - 1.0 if g2 > 0 else 0.0
     var = variance(s_in, ch)
     pos = min(ch.pos, mean_share(s_in, ch)) * s_in.m2 / var if var > 0 else 0.0
     out = norms.forward(module, s_in, values)
     kept = min(1.0, pos) * min(1.0, g2 / out.m2 if out is not None and out.m2 > 0 else 1.0)
     return Channels(rel, kept, kept)  # the walk takes the output's unit means as 0
+
+
+def _gamma_moments(module: nn.Module, values) -> tuple[float, float]:
+    """(mean_c gamma_c^2, mean_c gamma_c^4), once per module where ``values`` is a
+    norms.Memo (every closed-form walk reads them at every BatchNorm)."""
+    memo = getattr(values, "gammas", None)
+    if memo is not None and id(module) in memo:
+        return memo[id(module)]
+    gamma = norms.affine(module, values)[0]
+    moments = (sum(g * g for g in gamma) / len(gamma), sum(g ** 4 for g in gamma) / len(gamma))
+    if memo is not None:
+        memo[id(module)] = moments
+    return moments
 
 
 def activation(ch: Channels, slope: float | None, m2_in: float, m2_out: float) -> Channels:
@@ -250,10 +274,19 @@ def walk_gain(walk, node, module: nn.Module, s_in: Signal | None) -> float | Non
     # mean(1/v) mean(v) 1.005-1.02 after a 256-channel conv, 1.0009 in closed form),
     # and the closed form carries the change from the actual weights to the scheme's;
     # it also carries their draw's channel means, which the scheme's draw does not share
-    theirs = _channels(walk.actual)[node.inputs[0]]
-    measured = normshape.backward_gain(module, shape, theirs_in.signal)
-    closed = gain(module, theirs_in.signal, theirs, walk.host) if theirs else None
+    measured, closed = _actual_gains(walk, node, module, shape, theirs_in.signal)
     return own * measured / closed if measured and closed else own
+
+
+def _actual_gains(walk, node, module: nn.Module, shape, s: Signal) -> tuple:
+    """(measured, closed-form) gain of the actual weights at ``node``: the same for
+    every scheme's walk, so kept on the actual walk."""
+    kept = walk.actual.__dict__.setdefault("_actual_gains", {})
+    if id(node) not in kept:
+        theirs = _channels(walk.actual)[node.inputs[0]]
+        kept[id(node)] = (normshape.backward_gain(module, shape, s),
+                          gain(module, s, theirs, walk.host) if theirs else None)
+    return kept[id(node)]
 
 
 def _channels(walk) -> list[Channels | None]:

@@ -26,8 +26,19 @@ NOT_ELEMENTWISE = (nn.Softmax, nn.Softmax2d, nn.LogSoftmax, nn.Softmin, nn.Multi
 
 
 def is_linear_map(module: nn.Module) -> bool:
-    """y = W x + b summed over a fan-in: Linear, every ConvNd, transformers' Conv1D."""
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or _is_conv1d(module)
+    """y = W x + b summed over a fan-in: Linear, every ConvNd, transformers' Conv1D.
+    Once per class but for a Conv1D, told by its weight (every walk asks at every call)."""
+    cls = type(module)
+    known = _LINEAR_MAPS.get(cls)
+    if known is None:
+        known = issubclass(cls, (nn.Linear, nn.modules.conv._ConvNd))
+        if not known and cls.__name__ == "Conv1D":
+            return _is_conv1d(module)
+        _LINEAR_MAPS[cls] = known
+    return known
+
+
+_LINEAR_MAPS: dict[type, bool] = {}
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -48,10 +59,16 @@ ELEMENTWISE_LIBRARIES = ("transformers.activations", "diffusers.models.activatio
 def is_activation(module: nn.Module) -> bool:
     """An elementwise nonlinearity from torch.nn (ReLU, PReLU, GELU, Tanh, ...), or a
     parameterless one from ELEMENTWISE_LIBRARIES."""
-    where = type(module).__module__
-    if where in ELEMENTWISE_LIBRARIES:
+    cls = type(module)
+    if cls.__module__ in ELEMENTWISE_LIBRARIES:
         return not module._parameters and next(module.children(), None) is None
-    return where == "torch.nn.modules.activation" and not isinstance(module, NOT_ELEMENTWISE)
+    if cls not in _ACTIVATIONS:  # decided by the class alone
+        _ACTIVATIONS[cls] = cls.__module__ == "torch.nn.modules.activation" and \
+            not issubclass(cls, NOT_ELEMENTWISE)
+    return _ACTIVATIONS[cls]
+
+
+_ACTIVATIONS: dict[type, bool] = {}
 
 
 # Norm modules of other libraries and hand-written code, told by class name (nanoGPT's
@@ -257,15 +274,21 @@ def scheme_variance(scheme: str, fan_in: float | None, fan_out: float | None,
     if scheme not in SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     n, m = fan_in, fan_out
-    needs = {"xavier": (n, m), "he-fan-out": (m,)}.get(scheme, (n,))
-    if any(v is None or v <= 0 for v in needs):
-        return None
-    return {"xavier": lambda: 2.0 / (n + m),
-            "he": lambda: 2.0 / n,
-            "he-fan-out": lambda: 2.0 / m,
-            "he-prelu": lambda: 2.0 / ((1.0 + a * a) * n),
-            "torch-default": lambda: 1.0 / (3.0 * n),
-            "lecun": lambda: 1.0 / n}[scheme]()
+    needs = (n, m) if scheme == "xavier" else (m,) if scheme == "he-fan-out" else (n,)
+    for v in needs:  # a loop, not any(): every scheme asks it of every layer
+        if v is None or v <= 0:
+            return None
+    if scheme == "xavier":
+        return 2.0 / (n + m)
+    if scheme == "he":
+        return 2.0 / n
+    if scheme == "he-fan-out":
+        return 2.0 / m
+    if scheme == "he-prelu":
+        return 2.0 / ((1.0 + a * a) * n)
+    if scheme == "torch-default":
+        return 1.0 / (3.0 * n)
+    return 1.0 / n  # lecun
 
 
 def scheme_bias_variance(scheme: str, module: nn.Module) -> float:

@@ -25,6 +25,7 @@ from varprobe.theory.signal import Signal
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 FEATURE_NORMS = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 NORMS = (*BATCH_NORMS, *FEATURE_NORMS)
+_ABSENT = object()
 
 
 def _channels(*values: list[float]) -> list[list[float]]:
@@ -78,7 +79,9 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def eps_of(module: nn.Module) -> float:
-    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    eps = getattr(module, "eps", _ABSENT)
+    if eps is _ABSENT:  # asked only then: a Module's missing attribute raises inside
+        eps = getattr(module, "variance_epsilon", None)
     # RMSNorm's None means the dtype's epsilon
     return torch.finfo(torch.float32).eps if eps is None else float(eps)
 
@@ -165,6 +168,7 @@ class Memo(Mapping):
         self.values: Values = values if values is not None else {}
         self.memo: dict[int, tuple[float, int, float]] = {}
         self.means: dict[int, float] = {}
+        self.gammas: dict[int, tuple[float, float]] = {}  # theory.chanspread's
 
     def __getitem__(self, key: int) -> list[float]:
         return self.values[key]

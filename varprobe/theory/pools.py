@@ -34,6 +34,7 @@ ADAPTIVE_MAX = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d
 ZERO_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
              nn.ConstantPad3d)
 EXACT_FORWARD = ("pad", "nearest")
+POOLS = (*AVG, *ADAPTIVE_AVG, *MAX, *ADAPTIVE_MAX, *ZERO_PADS, nn.Upsample)
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,12 @@ class Pool:
 
 
 def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
-    """The pool a module call is; None for anything else."""
-    if not input_shape or not output_shape:
+    """The pool a module call is; None for anything else (told first: every walk asks
+    at every call)."""
+    cls = type(module)
+    if cls not in _IS_POOL:
+        _IS_POOL[cls] = issubclass(cls, POOLS)
+    if not _IS_POOL[cls] or not input_shape or not output_shape:
         return None
     fraction = math.prod(output_shape) / max(math.prod(input_shape), 1)
     if isinstance(module, AVG):
@@ -61,6 +66,9 @@ def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
     if isinstance(module, nn.Upsample) and module.mode == "nearest":
         return Pool("nearest", 1.0, fraction)
     return None
+
+
+_IS_POOL: dict[type, bool] = {}
 
 
 def _window(kernel, dims: int) -> float:

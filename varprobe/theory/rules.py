@@ -26,9 +26,8 @@ from varprobe.theory.gains import (
     Values,
     _attributes,
     _breakpoints,
-    backward_gain,
+    _gain,
     expectation,
-    forward_gain,
     prelu_slope,
     rectified_moments,
 )
@@ -40,6 +39,7 @@ IDENTITY_LIKE = (nn.Identity, nn.Flatten, nn.Unflatten)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # not the alpha kinds
 CENTRED = 1e-6  # mu^2/q below this: the input of an activation counts as zero-mean
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU)  # one fixed slope: closed-form moments at any mean
+KEEP_MEAN = (*DROPOUTS, *IDENTITY_LIKE)
 
 
 def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None,
@@ -118,13 +118,12 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
     if isinstance(module, nn.GLU):
         return glu(s, mu, values)
     if mu * mu <= CENTRED * s.m2:
-        g = forward_gain(module, s.m2, values)
+        (g, slope2), _ = _gain(module, s.m2, values)  # forward_gain's and backward_gain's
         if g is None:
             return None
         share = activation_share(module, s.m2, g, values)
         r = max(share, token_correlation(module, s.r, s.m2))
-        return (Signal(g * s.m2, share, r), activation_mean(module, s.m2, 0.0),
-                backward_gain(module, s.m2, values))
+        return Signal(g * s.m2, share, r), activation_mean(module, s.m2, 0.0), slope2
     var = s.m2 - mu * mu
     if var <= 0:
         return None
@@ -257,7 +256,7 @@ def mean_after(module: nn.Module, mu: float, values: Values | None = None,
     """The common mean after a module other than an activation: kept by dropout and
     identities, mean(beta) after a norm, mean(b) after a weight layer (its weights give
     each unit a mean of random sign), lost elsewhere."""
-    if isinstance(module, (*DROPOUTS, *IDENTITY_LIKE)):
+    if isinstance(module, KEEP_MEAN):
         return mu
     if w is not None:
         return w.b1

@@ -36,6 +36,13 @@ class Signal:
     lead: Lead | None = None  # one position apart (theory.positions); m2 is the mean
     width: float | None = None  # directions the features span (theory.widths); None: all
 
+    def __init__(self, m2: float, mean_share: float = 0.0, r: float = 0.0,
+                 lead: Lead | None = None, width: float | None = None) -> None:
+        # the fields set in one step: a frozen dataclass's own __init__ sets each through
+        # object.__setattr__, 3x the cost, and every node of every walk makes a few
+        d = self.__dict__
+        d["m2"], d["mean_share"], d["r"], d["lead"], d["width"] = m2, mean_share, r, lead, width
+
 
 @dataclass
 class Value:

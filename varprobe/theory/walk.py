@@ -119,10 +119,8 @@ class Walk(Backward, TokenShapes, TokenGrams):
         ins = [self.values[i] if i >= 0 else Value(None, "an output made outside the "
                                                       "recorded operations")
                for i in node.inputs]
-        broken = next((v.broken for v in ins if v.broken), None)
-        rel = next((v.rel for v in ins if v.rel is not None), None)
-        latest = max(ins, key=lambda v: v.at if v.note else -2, default=None)
-        note, at = (latest.note, latest.at) if latest is not None else (None, -1)
+        if node.op == "call":
+            return self._call(node, ins)
         if node.op == "input":
             return self._input(node)
         if node.op == "table":  # cos or sin of rotary embeddings: half of cos² + sin²
@@ -131,10 +129,13 @@ class Walk(Backward, TokenShapes, TokenGrams):
             valueless = self._no_value(node)
             return Value(None, valueless) if valueless else \
                 Value(Signal(self.constants[node.scale][0]))
-        if node.op == "call":
-            return self._call(node, ins)
         if node.op == "exit":
             return self._exit(node, ins)
+        # what the ops below carry on from their inputs (not needed above)
+        broken = next((v.broken for v in ins if v.broken), None)
+        rel = next((v.rel for v in ins if v.rel is not None), None)
+        latest = max(ins, key=lambda v: v.at if v.note else -2, default=None)
+        note, at = (latest.note, latest.at) if latest is not None else (None, -1)
         if node.op == "unknown":  # a custom Function names itself, not its inner ops
             own = self._reason(node)
             return Value(None, own if node.reason.startswith(CUSTOM) else broken or own,
@@ -344,7 +345,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
     def _call(self, node: Node, ins: list[Value]) -> Value:
         k, i = len(self.values), node.index
         layer, module = self.report.layers[i], self.modules[i]
-        info = self.calls.setdefault(i, Call())
+        info = self.calls.get(i) or self.calls.setdefault(i, Call())
         src = ins[0] if ins else None
         note = src.note if src else None
         if src is not None and src.broken:
@@ -486,4 +487,4 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
 
 def _join(*parts: str | None) -> str | None:
-    return "; ".join(p for p in parts if p) or None
+    return "; ".join([p for p in parts if p]) or None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -63,22 +64,46 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
                    kurtosis=9 / 5)  # its kaiming_uniform_ draw
 
 
+class Drawable(NamedTuple):
+    """What a scheme reads of a Linear/Conv layer: varprobe's fans, torch's, whether it
+    has a bias, and its weight (a weight tied to it follows it; held, so that its id
+    stays its own while the schemes are drawn)."""
+
+    fans: tuple
+    torch: tuple
+    bias: bool
+    weight: Any
+
+
+def drawables(layers: list[Layer], modules: list[nn.Module]) -> list[Drawable | None]:
+    """Per layer, what ``scheme_weights`` reads (None: not a re-drawn layer), read once
+    for all the schemes."""
+    return [Drawable(fans(module), torch_fans(module), getattr(module, "bias", None)
+                     is not None, module.weight)
+            if layer.kind == "weight" and is_linear_map(module) else None
+            for layer, module in zip(layers, modules)]
+
+
 def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
-                   slopes: list[float]) -> list[Weights | None]:
+                   slopes: list[float], drawn_from: list[Drawable | None] | None = None,
+                   ) -> list[Weights | None]:
     """Var[w] of ``scheme`` for Linear/Conv layers and its bias (zero but for
-    torch-default's); embeddings as they are. ``slopes``: ``prelu_slopes(modules)``."""
+    torch-default's); embeddings as they are. ``slopes``: ``prelu_slopes(modules)``;
+    ``drawn_from``: ``drawables(layers, modules)`` where several schemes are asked."""
     out: list[Weights | None] = []
     drawn: dict[int, Weights | None] = {}  # id(weight): what the scheme draws for it
-    for layer, module, a in zip(layers, modules, slopes):
-        if layer.kind != "weight" or not is_linear_map(module):
+    if drawn_from is None:
+        drawn_from = drawables(layers, modules)
+    for d, a in zip(drawn_from, slopes):
+        if d is None:
             out.append(None)
             continue
-        fan_in, fan_out = torch_fans(module) if scheme == "torch-default" else fans(module)
+        fan_in, fan_out = d.torch if scheme == "torch-default" else d.fans
         var = scheme_variance(scheme, fan_in, fan_out, a)
-        out.append(None if var is None else Weights(var, scheme_bias_variance(scheme, module)))
-        drawn[id(module.weight)] = out[-1]
-    for i, (layer, module) in enumerate(zip(layers, modules)):
-        if layer.kind == "weight" and not is_linear_map(module):
+        out.append(None if var is None else Weights(var, _bias_variance(scheme, d)))
+        drawn[id(d.weight)] = out[-1]
+    for i, (layer, module, d) in enumerate(zip(layers, modules, drawn_from)):
+        if layer.kind == "weight" and d is None:
             # a weight tied to a re-drawn Linear (an LM head and its embedding) is re-drawn
             w = getattr(module, "weight", None)
             tied = drawn.get(id(w)) if w is not None else None
@@ -88,6 +113,14 @@ def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
                 # the packed in-projection stays
                 out[i].out = _drawn(scheme, module.out_proj)
     return out
+
+
+def _bias_variance(scheme: str, d: Drawable) -> float:
+    """layer_fans.scheme_bias_variance from what ``drawables`` read."""
+    if not d.bias or scheme != "torch-default":
+        return 0.0
+    n = d.torch[0]
+    return 1.0 / (3.0 * n) if n else 0.0
 
 
 def _drawn(scheme: str, module: nn.Module) -> Weights | None:
