@@ -274,15 +274,14 @@ def cumsum(a: np.ndarray, axes: tuple[int, ...] = (0, 1), reverse: bool = False
 
 def diag_sums(s: np.ndarray, reverse: bool = False) -> np.ndarray:
     """D_m = Σ_{j, l ≤ m} S_jl (≥ m when ``reverse``): the diagonal of the 2-D cumulative
-    sum, from each row's and column's part of the L-shaped step between m - 1 and m."""
-    lib = np if s.size < SMALL else torch
-    t = s if lib is np else _tensor(s)
+    sum, from each row's and column's part of the L-shaped step between m - 1 and m (below
+    SMALL the whole 2-D sum's diagonal: fewer calls, half the time at T = 32)."""
+    if s.size < SMALL:
+        return np.diag(cumsum(s, reverse=reverse)).copy()
+    t = _tensor(s)
     if reverse:
-        step = lib.triu(t).sum(1) + lib.tril(t, -1).sum(0)
-        return (np.cumsum(step[::-1])[::-1] if lib is np
-                else step.flip(0).cumsum(0).flip(0).numpy())
-    step = lib.tril(t).sum(1) + lib.triu(t, 1).sum(0)
-    return np.cumsum(step) if lib is np else step.cumsum(0).numpy()
+        return (t.triu().sum(1) + t.tril(-1).sum(0)).flip(0).cumsum(0).flip(0).numpy()
+    return (t.tril().sum(1) + t.triu(1).sum(0)).cumsum(0).numpy()
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
