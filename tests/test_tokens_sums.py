@@ -29,6 +29,8 @@ def test_cumsum_is_numpys(case):
     assert np.array_equal(tokens.cumsum(a, (0,)), a.cumsum(0))
     assert np.array_equal(tokens.cumsum(a, reverse=True),
                           a[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1])
+    assert np.array_equal(tokens.cumsum(a, (0,), reverse=True), a[::-1].cumsum(0)[::-1])
+    assert np.array_equal(tokens.cumsum(a, (1,), reverse=True), a[:, ::-1].cumsum(1)[:, ::-1])
     assert np.array_equal(tokens.cumsum(a[::-1]), a[::-1].cumsum(0).cumsum(1))
 
 
