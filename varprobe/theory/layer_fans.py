@@ -297,5 +297,9 @@ def scheme_bias_variance(scheme: str, module: nn.Module) -> float:
     zero it. 0 for a layer without bias."""
     if getattr(module, "bias", None) is None or scheme != "torch-default":
         return 0.0
-    n = torch_fans(module)[0]
+    return default_bias_variance(torch_fans(module)[0])
+
+
+def default_bias_variance(n: float | None) -> float:
+    """Var of PyTorch's default bias, U(-1/sqrt(n), 1/sqrt(n)) for torch's fan-in n."""
     return 1.0 / (3.0 * n) if n else 0.0

@@ -18,6 +18,7 @@ from varprobe import initlog
 from varprobe.report import Layer
 from varprobe.theory.gains import Values, prelu_slope
 from varprobe.theory.layer_fans import (
+    default_bias_variance,
     fans,
     is_linear_map,
     kind,
@@ -119,8 +120,7 @@ def _bias_variance(scheme: str, d: Drawable) -> float:
     """layer_fans.scheme_bias_variance from what ``drawables`` read."""
     if not d.bias or scheme != "torch-default":
         return 0.0
-    n = d.torch[0]
-    return 1.0 / (3.0 * n) if n else 0.0
+    return default_bias_variance(d.torch[0])
 
 
 def _drawn(scheme: str, module: nn.Module) -> Weights | None:
