@@ -61,13 +61,13 @@ def _keeps(module: nn.Module) -> bool:
     """Whether a call keeps its input's profile: an elementwise op or a per-channel
     norm. Once per class where only the class decides (every walk asks at every call)."""
     cls = type(module)
-    if cls.__module__ in ELEMENTWISE_LIBRARIES:  # decided by the module's own contents
-        return isinstance(module, KEEP) or (is_activation(module)
-                                            and not isinstance(module, NORMS))
-    if cls not in _KEEPS:
-        _KEEPS[cls] = isinstance(module, KEEP) or (is_activation(module)
-                                                   and not isinstance(module, NORMS))
-    return _KEEPS[cls]
+    known = _KEEPS.get(cls)
+    if known is None:
+        known = isinstance(module, KEEP) or (is_activation(module)
+                                             and not isinstance(module, NORMS))
+        if cls.__module__ not in ELEMENTWISE_LIBRARIES:  # else its own contents decide
+            _KEEPS[cls] = known
+    return known
 
 
 _KEEPS: dict[type, bool] = {}
