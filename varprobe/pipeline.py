@@ -14,6 +14,7 @@ from varprobe import (
     diagnose,
     exponents,
     reinit,
+    rng,
     stats,
     structure,
     theory,
@@ -157,7 +158,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
                 x = _make_inputs(work, inputs, batch_size, input_shape, generator, dev)
             recording = recording_mod.Recording(work)  # the last trial's graph serves them all
             values: dict[int, list[float]] = {}  # and its norm and PReLU values
-            with stage("record"):
+            with stage("record"), rng.seeded(seed + k):
                 report, modules = _record(
                     work, x, grad_output, loss, generator, settings={
                         **settings, "batch_size": _batch_of(x)},

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import diagnose, initlog, metakernels, reinit, structure, theory
+from varprobe import diagnose, initlog, metakernels, reinit, rng, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
 from varprobe.errors import VarprobeError
@@ -124,7 +124,8 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         with stage("input"):
             x = _inputs(model, inputs, batch_size, input_shape, dev)
         with stage("record"):
-            output, rec, recording = _shape_pass(model, x, dev, init_log, meta_values)
+            with rng.seeded(0, with_torch=True):  # the model's own draws: the same each run
+                output, rec, recording = _shape_pass(model, x, dev, init_log, meta_values)
             seed, seed_note = cotangent_var(cotangent, output)
             recording.cotangent_var = seed
             layers = _layers(rec, rec.collect())
