@@ -90,6 +90,12 @@ def backward_gain(module: nn.Module, q: float = 1.0,
     return _gain(module, q, values)[0][1]
 
 
+def both_gains(module: nn.Module, q: float = 1.0, values: Values | None = None
+               ) -> tuple[float | None, float | None]:
+    """(forward_gain, backward_gain) from one lookup."""
+    return _gain(module, q, values)[0]
+
+
 def gain_unavailable_reason(module: nn.Module, q: float = 1.0,
                             values: Values | None = None) -> str | None:
     """Why forward_gain/backward_gain return None for this module (None if they don't)."""

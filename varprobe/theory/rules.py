@@ -26,7 +26,7 @@ from varprobe.theory.gains import (
     Values,
     _attributes,
     _breakpoints,
-    _gain,
+    both_gains,
     expectation,
     prelu_slope,
     rectified_moments,
@@ -118,7 +118,7 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
     if isinstance(module, nn.GLU):
         return glu(s, mu, values)
     if mu * mu <= CENTRED * s.m2:
-        (g, slope2), _ = _gain(module, s.m2, values)  # forward_gain's and backward_gain's
+        g, slope2 = both_gains(module, s.m2, values)
         if g is None:
             return None
         share = activation_share(module, s.m2, g, values)
