@@ -51,7 +51,8 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         keys = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) \
             if q.dim() > 2 and k.shape[-3] != q.shape[-3] else k
         scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
-        logits = (q.index_select(-2, rows) @ keys.transpose(-1, -2)).float() * scale
+        logits = (q.index_select(-2, rows) @ keys.transpose(-1, -2)).float()
+        logits = logits.mul_(scale) if logits.dtype == q.dtype else logits * scale
         allowed = torch.ones(rows.numel(), facts.keys, dtype=torch.bool, device=q.device)
         if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
             cols = torch.arange(facts.keys, device=q.device)
@@ -65,16 +66,28 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
                 allowed = allowed & (part > MASKED)
         count = allowed.sum() * (logits.numel() // max(allowed.numel(), 1)) \
             if allowed.dim() <= 2 else allowed.expand_as(logits).sum()
-        spread = logits.square().masked_fill_(~allowed, 0.0).sum(dtype=torch.float64) \
-            / count.clamp(min=1)
-        p = torch.softmax(logits.masked_fill_(~allowed, -math.inf), -1).nan_to_num_(0.0)
+        hidden = ~allowed
+        # in place on the logits: the hidden entries' squares are zero, then -inf
+        spread = _square_sum(logits.masked_fill_(hidden, 0.0)) / count.clamp(min=1)
+        p = torch.softmax(logits.masked_fill_(hidden, -math.inf), -1).nan_to_num_(0.0)
         values = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3) \
             if q.dim() > 2 and v.shape[-3] != q.shape[-3] else v
-        return [torch.stack([p.square().sum(-1).mean(dtype=torch.float64), spread]),
-                torch.stack([_correlation(v), _correlation(k)]),
+        # the mean over rows of each row's sum: the whole sum over the row count
+        squares = _square_sum(p) / max(p.numel() // max(p.shape[-1], 1), 1)
+        q_v, q_k = _square_sum(v), _square_sum(k)
+        return [torch.stack([squares, spread]),
+                torch.stack([_correlation(v, q_v), _correlation(k, q_k)]),
                 mask_shape(mask, facts),
-                torch.stack([prefix_share(v), prefix_share(k, weighted=True)]),
+                torch.stack([prefix_share(v, square_sum=q_v),
+                             prefix_share(k, weighted=True, square_sum=q_k)]),
                 query_path(p, values, keys)]
+
+
+def _square_sum(x: T) -> T:
+    """sum(x^2) as a float64 scalar on x's device: a norm in x's precision (torch's
+    cascade of partial sums, relative error ~1e-7 in float32) squared in float64; one
+    read, no copy."""
+    return torch.linalg.vector_norm(x).double().square()
 
 
 def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
@@ -112,19 +125,19 @@ def multihead(module: nn.MultiheadAttention, args: tuple, kwargs: dict,
             return facts, mha.moments(module)
 
 
-def _correlation(x: T) -> T:
+def _correlation(x: T, square_sum: T | None = None) -> T:
     """The uncentered token correlation r of x (..., T, d), on its device:
     (mean(S^2)/T - E[x^2]) / ((T-1) E[x^2]) with S the sum over the T tokens (summed in
-    x's precision, finished in float64)."""
+    x's precision, finished in float64). ``square_sum``: sum(x^2) where already read."""
     tokens = x.shape[-2]
-    q = torch.linalg.vector_norm(x).double().square() / x.numel()
+    q = (_square_sum(x) if square_sum is None else square_sum) / x.numel()
     if tokens < 2:
         return torch.zeros_like(q)
     s = torch.linalg.vector_norm(x.sum(-2)).double().square() / (x.numel() // tokens)
     return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
 
 
-def prefix_share(x: T, weighted: bool = False) -> T:
+def prefix_share(x: T, weighted: bool = False, square_sum: T | None = None) -> T:
     """u = mean_i |x̄_i|^2 / E[x^2], x̄_i the mean of x_1..x_i (tokens on axis -2): what
     flat causal attention keeps of x, on its device. For tokens of one second moment
     and uncentered correlation r it is r + (1 - r) mean_i 1/i; where the correlation
@@ -133,12 +146,12 @@ def prefix_share(x: T, weighted: bool = False) -> T:
     ``weighted``: mean_i u_i / i, the weights the query path gives query i (its m_i,
     ~1/i at flat attention)."""
     tokens = x.shape[-2]
-    q = torch.linalg.vector_norm(x).double().square()
-    rows = torch.arange(1, tokens + 1, dtype=x.dtype, device=x.device).unsqueeze(-1)
-    means = x.cumsum(-2) / rows
-    if weighted:
-        means = means / rows.sqrt()
-    return torch.linalg.vector_norm(means).double().square() / q.clamp(min=1e-300)
+    q = _square_sum(x) if square_sum is None else square_sum
+    # |x̄_i|^2 = |S_i|^2 / i^2, S_i the running sum: one norm per prefix, then the
+    # positions' weights (no division of the whole tensor)
+    positions = torch.arange(1, tokens + 1, dtype=torch.float64, device=x.device)
+    prefix = torch.linalg.vector_norm(x.cumsum(-2), dim=-1).double().square()
+    return (prefix * positions ** (-3 if weighted else -2)).sum() / q.clamp(min=1e-300)
 
 
 def query_path(p: T, v: T, k: T) -> T:
@@ -163,11 +176,15 @@ def query_path(p: T, v: T, k: T) -> T:
         if not (p.shape[:-2] == v.shape[:-2] == k.shape[:-2]) or v.shape[-2] != keys \
                 or k.shape[-2] != keys:  # broadcast heads or batch: left to the closed form
             return torch.zeros(2, dtype=torch.float64, device=p.device)
-        pf, vf, kf = (t.reshape(-1, *t.shape[-2:]) for t in (p, v, k))
-        slices = pf.shape[0]
+        if p.dim() == 2:  # one slice
+            p, v, k = p[None], v[None], k[None]
+        slices = math.prod(p.shape[:-2])
         pick = torch.linspace(0, slices - 1, min(slices, max(1, GRAMS // keys ** 2)),
                               device=p.device).round().long()
-        pf, vf, kf = (t.index_select(0, pick).float() for t in (pf, vf, kf))
+        # only the picked (batch, head) slices: a flat view of a transposed v or k
+        # would copy all of them
+        at = _unravel(pick, p.shape[:-2])
+        pf, vf, kf = (t[at].float() for t in (p, v, k))
         gk = kf @ kf.transpose(-1, -2)
         both = (vf @ vf.transpose(-1, -2)).mul_(gk)
         vbar = pf @ vf
@@ -179,3 +196,13 @@ def query_path(p: T, v: T, k: T) -> T:
             * kf.square().sum(-1).mean(dtype=torch.float64)
         x = q.mean(dtype=torch.float64) / scale.clamp(min=1e-300)
         return torch.stack([x, torch.ones_like(x)])
+
+
+def _unravel(flat: T, shape: torch.Size) -> tuple[T, ...]:
+    """The indices into ``shape`` of the flat positions ``flat`` (row-major), as
+    torch.unravel_index, whose Python checks cost more than the whole statistic here."""
+    found = []
+    for size in reversed(shape):
+        found.append(flat % size)
+        flat = flat // size
+    return tuple(reversed(found))
