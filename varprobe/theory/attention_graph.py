@@ -297,8 +297,9 @@ def _softmax_stats(x: T, p: T) -> dict[str, T]:
     mask's shape (1 where every row sees exactly the keys up to its own position, top-left
     aligned; 1 where every key is seen), on the device; a subsample of p's rows
     for the query path's factor (attention_stats.query_path), and p (by reference) for
-    the paths' factors of a saturated call (theory.attention_paths). Elementwise in the
-    tensors' own dtype (no float64 copy of a (B, H, T, T) tensor), summed in float64."""
+    the paths' factors of a saturated call (theory.attention_paths). The sums of squares
+    as at an SDPA call (attention_stats._square_sum: no float64 copy of a (B, H, T, T)
+    tensor), so that the two spellings of one attention measure alike."""
     with torch.no_grad():
         x, p = x.detach(), p.detach()
         allowed = torch.isfinite(x) & (x > attention_stats.MASKED)
@@ -306,8 +307,9 @@ def _softmax_stats(x: T, p: T) -> dict[str, T]:
         count = allowed.sum().clamp(min=1)
         rows = torch.linspace(0, p.shape[-2] - 1, min(attention_stats.SUBSAMPLE, p.shape[-2]),
                               device=p.device).round().long()
-        return {"p2": p.square().sum(-1, dtype=torch.float64).mean(), "p": p,
+        per_row = max(p.numel() // max(p.shape[-1], 1), 1)
+        return {"p2": attention_stats._square_sum(p) / per_row, "p": p,
                 "rows": p.index_select(-2, rows),
-                "s2": x.masked_fill(~allowed, 0.0).square().sum(dtype=torch.float64) / count,
+                "s2": attention_stats._square_sum(x.masked_fill(~allowed, 0.0)) / count,
                 "causal": (allowed == tril).all().double(),
                 "full": allowed.all().double()}
