@@ -298,8 +298,8 @@ def _softmax_stats(x: T, p: T) -> dict[str, T]:
     aligned; 1 where every key is seen), on the device; a subsample of p's rows
     for the query path's factor (attention_stats.query_path), and p (by reference) for
     the paths' factors of a saturated call (theory.attention_paths). The sums of squares
-    as at an SDPA call (attention_stats._square_sum: no float64 copy of a (B, H, T, T)
-    tensor), so that the two spellings of one attention measure alike."""
+    accumulated in float64 without a float64 copy of a (B, H, T, T) tensor
+    (attention_stats._square_sum), as at an SDPA call."""
     with torch.no_grad():
         x, p = x.detach(), p.detach()
         allowed = torch.isfinite(x) & (x > attention_stats.MASKED)
@@ -308,8 +308,9 @@ def _softmax_stats(x: T, p: T) -> dict[str, T]:
         rows = torch.linspace(0, p.shape[-2] - 1, min(attention_stats.SUBSAMPLE, p.shape[-2]),
                               device=p.device).round().long()
         per_row = max(p.numel() // max(p.shape[-1], 1), 1)
-        return {"p2": attention_stats._square_sum(p) / per_row, "p": p,
+        return {"p2": attention_stats._square_sum(p, torch.float64) / per_row, "p": p,
                 "rows": p.index_select(-2, rows),
-                "s2": attention_stats._square_sum(x.masked_fill(~allowed, 0.0)) / count,
+                "s2": attention_stats._square_sum(x.masked_fill(~allowed, 0.0), torch.float64)
+                / count,
                 "causal": (allowed == tril).all().double(),
                 "full": allowed.all().double()}

@@ -68,12 +68,13 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
             if allowed.dim() <= 2 else allowed.expand_as(logits).sum()
         hidden = ~allowed
         # in place on the logits: the hidden entries' squares are zero, then -inf
-        spread = _square_sum(logits.masked_fill_(hidden, 0.0)) / count.clamp(min=1)
+        spread = _square_sum(logits.masked_fill_(hidden, 0.0), torch.float64) \
+            / count.clamp(min=1)
         p = torch.softmax(logits.masked_fill_(hidden, -math.inf), -1).nan_to_num_(0.0)
         values = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3) \
             if q.dim() > 2 and v.shape[-3] != q.shape[-3] else v
         # the mean over rows of each row's sum: the whole sum over the row count
-        squares = _square_sum(p) / max(p.numel() // max(p.shape[-1], 1), 1)
+        squares = _square_sum(p, torch.float64) / max(p.numel() // max(p.shape[-1], 1), 1)
         q_v, q_k = _square_sum(v), _square_sum(k)
         return [torch.stack([squares, spread]),
                 torch.stack([_correlation(v, q_v), _correlation(k, q_k)]),
@@ -83,11 +84,12 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
                 query_path(p, values, keys)]
 
 
-def _square_sum(x: T) -> T:
-    """sum(x^2) as a float64 scalar on x's device: a norm in x's precision (torch's
-    cascade of partial sums, relative error ~1e-7 in float32) squared in float64; one
-    read, no copy."""
-    return torch.linalg.vector_norm(x).double().square()
+def _square_sum(x: T, dtype: torch.dtype | None = None) -> T:
+    """sum(x^2) as a float64 scalar on x's device, from one read and no copy: a norm
+    accumulated in ``dtype`` (x's own by default: torch's cascade of partial sums,
+    relative error ~1e-7 in float32; float64 where the sum must be exact to rounding),
+    squared in float64."""
+    return torch.linalg.vector_norm(x, dtype=dtype).double().square()
 
 
 def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
