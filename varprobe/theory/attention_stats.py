@@ -42,9 +42,10 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
     (``prefix_share``) and the query path's factor (``query_path``): five pairs,
     reduced on the device.
 
-    In the inputs' precision (float32 keeps Σp² and the logit moments to ~1e-6, far
-    inside the rules' own error) and without copies of the whole q, k or v: at a
-    model's own attention sizes this costs a fraction of the call it measures."""
+    Elementwise in the inputs' precision, Σp² and the squared logits summed in float64
+    (``_square_sum``), and without copies of the whole q, k or v: at a model's own
+    attention sizes this costs a fraction of the call it measures (the bench GPT's four
+    calls: 54 ms of its 0.72 s pass on one CPU thread)."""
     with torch.no_grad():
         rows = torch.linspace(0, facts.queries - 1, min(SUBSAMPLE, facts.queries),
                               device=q.device).round().long()
