@@ -47,7 +47,8 @@ def _index(key: bytes) -> Index:
 
 def pairs(counts: np.ndarray) -> tuple[np.ndarray, ...]:
     """theory.tokens.pair_weights' parts: the shared keys min(T_i, T_k), max(T_i, T_k),
-    the other pairs' count (1 where there are none) and where there are some."""
+    the other pairs' count (1 where there are none) and where there are none (flat
+    indices: a handful, not a T x T mask)."""
     return _pairs(np.asarray(counts, dtype=np.float64).tobytes())
 
 
@@ -57,7 +58,21 @@ def _pairs(key: bytes) -> tuple[np.ndarray, ...]:
     ti, tk = counts[:, None], counts[None, :]
     shared = np.minimum(ti, tk)
     rest = ti * tk - shared
-    out = shared, np.maximum(ti, tk), np.where(rest > 0, rest, 1.0), rest > 0
+    out = shared, np.maximum(ti, tk), np.where(rest > 0, rest, 1.0), \
+        np.flatnonzero(rest <= 0)
     for x in out:
         x.setflags(write=False)
+    return out
+
+
+def products(counts: np.ndarray) -> np.ndarray:
+    """T_i T_k."""
+    return _products(np.asarray(counts, dtype=np.float64).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _products(key: bytes) -> np.ndarray:
+    counts = np.frombuffer(key, dtype=np.float64)
+    out = np.outer(counts, counts)
+    out.setflags(write=False)
     return out

@@ -57,6 +57,17 @@ from torch import nn
 
 from varprobe.theory import correlation, keyindex, rules
 from varprobe.theory.attention import mean
+from varprobe.theory.windowsums import (  # noqa: F401 -- tokens.cumsum etc. as before
+    SMALL,
+    _causal,
+    column_window_sums,
+    cumsum,
+    diag_sums,
+    row_window_sums,
+    window_diag,
+    window_sums,
+    windows,
+)
 
 CAP = 256  # positions: past it, the scalar rules
 # (1 - r) s² past which a call without a causal mask takes no Gram (theory.tokenshape):
@@ -72,14 +83,15 @@ def implied(r: float, tokens: int) -> np.ndarray:
     return out
 
 
-def normalized(g: np.ndarray | None) -> tuple[np.ndarray | None, float]:
-    """(G / mean diag, mean diag); (None, 0) where there is nothing."""
+def normalized(g: np.ndarray | None, fresh: bool = False) -> tuple[np.ndarray | None, float]:
+    """(G / mean diag, mean diag); (None, 0) where there is nothing. ``fresh``: g is the
+    caller's own temporary, divided in place (one T x T array less)."""
     if g is None:
         return None, 0.0
     m = float(g.trace()) / g.shape[0]
     if not m > 0 or not math.isfinite(m):
         return None, 0.0
-    return g / m, m
+    return (np.divide(g, m, out=g) if fresh else g / m), m
 
 
 def off_diagonal(s: np.ndarray) -> float:
@@ -103,7 +115,7 @@ def combine(parts: list[tuple[float, np.ndarray | None, float]], shared: float =
         total.flat[::tokens + 1] += own  # the diagonal
     for w, s, r in parts:
         total += w * (s if s is not None else implied(r, tokens))
-    return normalized(total)[0]
+    return normalized(total, fresh=True)[0]
 
 
 def weight(s: np.ndarray | None, m2: float, b2: float) -> np.ndarray | None:
@@ -112,7 +124,9 @@ def weight(s: np.ndarray | None, m2: float, b2: float) -> np.ndarray | None:
         return None
     if b2 <= 0:
         return s
-    return normalized(m2 * s + b2)[0]
+    out = m2 * s
+    out += b2
+    return normalized(out, fresh=True)[0]
 
 
 def dropout(s: np.ndarray | None, p: float) -> np.ndarray | None:
@@ -120,7 +134,7 @@ def dropout(s: np.ndarray | None, p: float) -> np.ndarray | None:
         return s
     out = s.copy()
     out[np.diag_indices(s.shape[0])] /= (1 - p)
-    return normalized(out)[0]
+    return normalized(out, fresh=True)[0]
 
 
 def norm(s: np.ndarray | None, m2: float, eps: float, g2: float, b2: float
@@ -129,8 +143,11 @@ def norm(s: np.ndarray | None, m2: float, eps: float, g2: float, b2: float
     if s is None:
         return None
     d = np.diag(s) * m2 + eps
-    c = s * m2 / np.sqrt(np.outer(d, d))
-    return normalized(g2 * c + b2)[0]
+    c = s * m2
+    c /= _root_outer(d)
+    c *= g2
+    c += b2
+    return normalized(c, fresh=True)[0]
 
 
 def norm_backward(s_in: np.ndarray | None, m2: float, eps: float,
@@ -145,10 +162,17 @@ def norm_backward(s_in: np.ndarray | None, m2: float, eps: float,
     if h.shape[0] != tokens:
         return None, 1.0
     inv = 1 / np.sqrt(rho + eps)
-    out = h * np.outer(inv, inv)
+    out = np.outer(inv, inv)
+    out *= h
     diag = np.diag(h)
     kappa = float(mean(diag / (rho + eps)) * (mean(rho) + eps) / mean(diag))
-    return normalized(out)[0], kappa
+    return normalized(out, fresh=True)[0], kappa
+
+
+def _root_outer(d: np.ndarray) -> np.ndarray:
+    """sqrt(d_i d_j), a fresh array: the square root taken in place."""
+    out = np.outer(d, d)
+    return np.sqrt(out, out=out)
 
 
 def _grid(values: np.ndarray) -> np.ndarray:
@@ -171,10 +195,12 @@ def activation(module: nn.Module, s: np.ndarray | None, m2: float, mu: float = 0
     table = _kernel(module, q)
     if table is None:
         return None
-    d = np.diag(s)
-    rho = np.clip(s / np.sqrt(np.outer(d, d)), 0.0, 1.0)
+    scale = _root_outer(np.diag(s))
+    rho = np.divide(s, scale)
+    np.clip(rho, 0.0, 1.0, out=rho)
     mapped = np.interp(rho, _grid(table), table)
-    return normalized(mapped * np.sqrt(np.outer(d, d)))[0]
+    mapped *= scale
+    return normalized(mapped, fresh=True)[0]
 
 
 def activation_backward(module: nn.Module, s: np.ndarray | None, m2: float,
@@ -186,11 +212,14 @@ def activation_backward(module: nn.Module, s: np.ndarray | None, m2: float,
     table = _slope_kernel(module, float(f"{m2:.3g}"))
     if table is None:
         return h
-    d = np.diag(s)
-    rho = np.clip(s / np.sqrt(np.outer(d, d)), 0.0, 1.0)
+    rho = np.divide(s, _root_outer(np.diag(s)))
+    np.clip(rho, 0.0, 1.0, out=rho)
     mapped = np.interp(rho, _grid(table), table)
     h = np.eye(s.shape[0]) if h is None else h
-    return normalized(h * mapped)[0] if h.shape == s.shape else None
+    if h.shape != s.shape:
+        return None
+    mapped *= h
+    return normalized(mapped, fresh=True)[0]
 
 
 _KERNELS: dict = {}
@@ -233,122 +262,65 @@ def product(a: np.ndarray | None, ra: float, b: np.ndarray | None, rb: float
     tokens = (a if a is not None else b).shape[0]
     a = implied(ra, tokens) if a is None else a
     b = implied(rb, tokens) if b is None else b
-    return normalized(a * b)[0] if a.shape == b.shape else None
+    return normalized(a * b, fresh=True)[0] if a.shape == b.shape else None
 
 
 # --- attention -----------------------------------------------------------------------
-def windows(counts: np.ndarray) -> np.ndarray:
-    """L[i, j] = 1 where query i sees key j (nested windows: the first counts[i])."""
-    return _windows(np.asarray(counts, dtype=np.float64).tobytes())
-
-
-@functools.lru_cache(maxsize=64)
-def _windows(key: bytes) -> np.ndarray:
-    counts = np.frombuffer(key, dtype=np.float64)
-    keys = int(counts.max())
-    out = (np.arange(keys)[None, :] < counts[:, None]).astype(np.float64)
-    out.setflags(write=False)
-    return out
-
-
-SMALL = 4096  # elements: below, numpy (torch's per-call cost is more than it saves)
-
-
-def cumsum(a: np.ndarray, axes: tuple[int, ...] = (0, 1), reverse: bool = False
-           ) -> np.ndarray:
-    """Cumulative sums of a float64 array along ``axes`` in turn (from the far end when
-    ``reverse``). Large ones by torch: the same sequential sums as numpy's, 3-5x faster
-    at T = 256 (numpy's along the first axis ~0.7 ms there)."""
-    if a.size < SMALL:
-        out = np.flip(a, axes) if reverse else a
-        for axis in axes:
-            out = out.cumsum(axis)
-        return np.flip(out, axes) if reverse else out
-    t = _tensor(a)
-    if reverse:
-        t = t.flip(axes)
-    for axis in axes:
-        t = t.cumsum(axis)
-    return (t.flip(axes) if reverse else t).numpy()
-
-
-def diag_sums(s: np.ndarray, reverse: bool = False) -> np.ndarray:
-    """D_m = Σ_{j, l ≤ m} S_jl (≥ m when ``reverse``): the diagonal of the 2-D cumulative
-    sum, from each row's and column's part of the L-shaped step between m - 1 and m (below
-    SMALL the whole 2-D sum's diagonal: fewer calls, half the time at T = 32)."""
-    if s.size < SMALL:
-        return np.diag(cumsum(s, reverse=reverse)).copy()
-    t = _tensor(s)
-    if reverse:
-        return (t.triu().sum(1) + t.tril(-1).sum(0)).flip(0).cumsum(0).flip(0).numpy()
-    return (t.tril().sum(1) + t.triu(1).sum(0)).cumsum(0).numpy()
-
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """torch's view of ``a`` (a copy where torch cannot view it: read-only, reversed)."""
-    return torch.from_numpy(a if a.flags.writeable and min(a.strides) > 0 else a.copy())
-
-
-def window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl, by a 2-D cumulative sum (nested windows)."""
-    return cumsum(s)[keyindex.index(counts).grid]
-
-
-def window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """diag(L S Lᵀ): the sum of S over each query's window."""
-    return diag_sums(s)[keyindex.index(counts).at]
-
-
-def _causal(counts: np.ndarray) -> bool:
-    return keyindex.index(counts).causal
-
-
 def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
                  keep: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, b, shared keys): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the
     windows of queries i and k (see the module's docstring)."""
-    shared, top, rest, some = keyindex.pairs(counts)
+    shared, top, rest, none = keyindex.pairs(counts)
     # the lognormal overlap also past attention.SATURATED_SPREAD (up to SATURATED,
     # past which no Gram is carried): theory.overlap's there put T5's torch-default
     # scheme column's backward median at 0.12, 0.05 with this one
     e = math.exp(min(r * (1 - r) * s2, 50.0))
-    overlap = e / (e + top - 1)
+    overlap = top + e  # e/(e + top - 1), in place
+    overlap -= 1
+    np.divide(e, overlap, out=overlap)
     np.fill_diagonal(overlap, p2i)
     b = overlap / shared
-    a = np.where(some, (1 - overlap) / rest, 0.0)
+    a = np.subtract(1, overlap, out=overlap)
+    a /= rest
+    a.flat[none] = 0.0  # no pairs off the shared keys
     b[np.diag_indices(counts.size)] *= keep
     return a, b, shared
 
 
 def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray,
-           s2: float, r: float, coupling: np.ndarray | None, keep: float = 1.0
-           ) -> tuple[np.ndarray, float] | None:
+           s2: float, r: float, coupling: np.ndarray | None, keep: float = 1.0,
+           weights: tuple | None = None) -> tuple[np.ndarray, float] | None:
     """(the output's shape, its E[z²] per unit E[v²]) of attention over values of shape
-    ``sv`` (alike with ``rv`` where None), T queries over T keys."""
+    ``sv`` (alike with ``rv`` where None), T queries over T keys; ``weights``: the
+    call's pair_weights where the caller has them."""
     tokens = counts.size
     if sv is None:
         sv = implied(rv, tokens)
     if sv.shape[0] != int(counts.max()):
         return None
-    a, b, shared = pair_weights(counts, p2i, s2, r, keep)
-    sums = window_sums(sv, counts)
+    a, b, _ = weights or pair_weights(counts, p2i, s2, r, keep)
+    out = window_sums(sv, counts)  # a fresh array: a ⊙ (sums - d) + b ⊙ d in place
     cum = np.cumsum(np.diag(sv))
     d = cum[keyindex.index(counts).shared_at]
-    out = a * (sums - d) + b * d
+    out -= d
+    out *= a
+    d *= b
+    out += d
     if coupling is not None:
         out[np.diag_indices(tokens)] += coupling
-    return normalized(out)
+    return normalized(out, fresh=True)
 
 
 def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2: float,
-                   r: float, keep: float = 1.0) -> np.ndarray | None:
+                   r: float, keep: float = 1.0, weights: tuple | None = None
+                   ) -> np.ndarray | None:
     """The value path's gradient shape: E[dv_j·dv_l] = Σ_ik L_ij L_kl (a_ik + δ_jl
     (b_ik - a_ik)) H_ik."""
     tokens = counts.size
     h = np.eye(tokens) if h is None else h
     if h.shape[0] != tokens:
         return None
-    a, b, shared = pair_weights(counts, p2i, s2, r, keep)
+    a, b, _ = weights or pair_weights(counts, p2i, s2, r, keep)
     x = a * h
     if _causal(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
         out = cumsum(x, reverse=True)
@@ -356,18 +328,19 @@ def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2
         lmask = windows(counts)
         out = lmask.T @ x @ lmask
     # the shared-key term: key j is shared by queries i, k where j < min(T_i, T_k)
-    extra = (b - a) * h
+    extra = np.subtract(b, a, out=x)  # x is spent
+    extra *= h
     keys = int(counts.max())
     diag = _shared_diag(extra, counts, keys)
     out[np.diag_indices(keys)] += diag
-    return normalized(out)[0]
+    return normalized(out, fresh=True)[0]
 
 
 def _shared_diag(extra: np.ndarray, counts: np.ndarray, keys: int) -> np.ndarray:
     """Σ_{i,k: min(T_i, T_k) > j} extra_ik for every key j, by sorting the queries by
     their window: a suffix sum over the sorted matrix's lower-right blocks."""
     sorted_ = keyindex.index(counts)
-    e = extra[sorted_.order]
+    e = extra if sorted_.causal else extra[sorted_.order]  # causal: already sorted
     block = diag_sums(e, reverse=True)  # S[m] = Σ_{i,k ≥ m} e_ik (sorted)
     # the first sorted query whose window exceeds j (the index's keys: up to max T_i)
     if sorted_.first.size != keys:
@@ -399,12 +372,13 @@ def _grad_diag(h: np.ndarray | None, tokens: int) -> np.ndarray | None:
     return diag if diag.size == tokens else None
 
 
-def prefix_shares(s: np.ndarray | None, counts: np.ndarray) -> tuple[float, float] | None:
+def prefix_shares(s: np.ndarray | None, counts: np.ndarray, sums: np.ndarray | None = None
+                  ) -> tuple[float, float] | None:
     """(u, w) as attention_stats.prefix_share measures them: u = mean_i |x̄_i|²/E[x²] over
-    the windows, w = mean_i u_i / i."""
+    the windows, w = mean_i u_i / i (``sums``: window_diag(s, counts) where known)."""
     if s is None or s.shape[0] != counts.size:
         return None
-    means = window_diag(s, counts) / counts ** 2
+    means = (window_diag(s, counts) if sums is None else sums) / counts ** 2
     scale = float(np.trace(s)) / s.shape[0]
     return float(mean(means) / scale), float(mean(means / counts) / scale)
 
@@ -414,7 +388,7 @@ def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float 
     if h is None or h.shape[0] != counts.size:
         return None
     if causal and _causal(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
-        x = h / np.outer(counts, counts)
+        x = h / keyindex.products(counts)
         diag = diag_sums(x, reverse=True)
         return float(mean(diag) / mean(np.diag(h)))
     if causal:
@@ -458,22 +432,28 @@ def blend(a: np.ndarray | None, wa: float, b: np.ndarray | None, wb: float
     Gram is alike and uncorrelated."""
     if a is None and b is None:
         return None
-    tokens = (a if a is not None else b).shape[0]
-    a = np.eye(tokens) if a is None else a
-    b = np.eye(tokens) if b is None else b
-    if a.shape != b.shape or not wa + wb > 0:
+    if a is None:  # the sum is symmetric: the one with a Gram first
+        a, wa, b, wb = b, wb, a, wa
+    if b is not None and a.shape != b.shape or not wa + wb > 0:
         return None
-    return (wa * a + wb * b) / (wa + wb)
+    out = wa * a
+    if b is None:  # wb I: on the diagonal only
+        out.flat[::a.shape[0] + 1] += wb
+    else:
+        out += wb * b
+    out /= wa + wb
+    return out
 
 
 def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: float,
                  counts: np.ndarray, mi: np.ndarray, r: float, f: float,
-                 coherent: float) -> float | None:
+                 coherent: float, sums: tuple | None = None) -> float | None:
     """The query path's factor X (attention_stats.query_path: what a probe measures at
     the actual init) from the values' and keys' Grams: for query i over its window,
     Σ_jl (v_j - v̄_i)·(v_l - v̄_i) k_j·k_l / T_i² = F_i, which for tokens alike is
     (1 - r)(1 - r_k)(T_i - 1)/T_i²; the closed form's (1 - r_k) f m_i becomes
-    m_i F_i T_i² f / ((T_i - 1)(1 - r)), plus the coherent term as before."""
+    m_i F_i T_i² f / ((T_i - 1)(1 - r)), plus the coherent term as before. ``sums``: the
+    two Grams' window_diag where known."""
     tokens = counts.size
     if int(counts.max()) != tokens:
         return None
@@ -481,11 +461,12 @@ def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: fl
     k = implied(rk, tokens) if sk is None else sk
     if g.shape != (tokens, tokens) or k.shape != g.shape or r >= 1:
         return None
-    at = keyindex.index(counts).at
     s1 = window_diag(g * k, counts)
-    rg, rk_ = cumsum(g, (1,))[:, at], cumsum(k, (1,))[:, at]  # column i: window i's sums
-    s2 = cumsum(rg * rk_, (0,))[at, np.arange(tokens)] / counts
-    s3 = window_diag(g, counts) * window_diag(k, counts) / counts ** 2
+    rg = row_window_sums(g, counts)  # column i: window i's sums
+    rg *= row_window_sums(k, counts)
+    s2 = column_window_sums(rg, counts) / counts
+    wg, wk = sums or (window_diag(g, counts), window_diag(k, counts))
+    s3 = wg * wk / counts ** 2
     many = counts > 1
     x = np.zeros(tokens)
     x[many] = (s1 - 2 * s2 + s3)[many] / (counts[many] - 1)

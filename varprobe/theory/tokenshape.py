@@ -255,8 +255,9 @@ class TokenGrams:
         sv, sk = self.attended_grams(node, facts)
         if sv.shape[0] != facts.keys or sk.shape[0] != facts.keys:
             return None
-        uv = tokens.prefix_shares(sv, counts)
-        uk = tokens.prefix_shares(sk, counts)
+        sums = self._window_diags(node, (sv, sk), counts)
+        uv = tokens.prefix_shares(sv, counts, sums[0])
+        uk = tokens.prefix_shares(sk, counts, sums[1])
         out = (tokens.off_diagonal(sv), tokens.off_diagonal(sk), uv[0], uk[1])
         # far past saturation every query goes to a few keys, and the overlap the
         # output's pairs rest on (e^{r(1-r)s²}) is past what the closed forms hold: the
@@ -269,6 +270,17 @@ class TokenGrams:
         if (1 - attend.correlation(facts, v.signal, out)) * s2 > tokens.SATURATED:
             return None
         return out
+
+    def _window_diags(self, node: Node, grams: tuple, counts: np.ndarray) -> tuple:
+        """tokens.window_diag of the values' and keys' Grams at a call: once for the
+        forward's prefix shares and the backward's query factor where both read the
+        same arrays."""
+        memo = self.__dict__.setdefault("_gram_memo", {})
+        held = memo.get(("diags", id(node)))
+        if held is None or any(a is not b for a, b in zip(held[0], grams)):
+            held = memo[("diags", id(node))] = (
+                grams, tuple(tokens.window_diag(s, counts) for s in grams))
+        return held[1]
 
     def attended_grams(self, node: Node, facts) -> tuple:
         """The values' and keys' Grams at an attention call; where the walk carries none
@@ -304,8 +316,10 @@ class TokenGrams:
         n = self.width(node)
         p2i, _ = attention._moments(s2, r, counts, "gaussian", facts.d_k, n)
         coupling = (1 - r) ** 2 * s2 * (1 - p2i) ** 2 / n if n else None
+        keep = 1 / (1 - facts.dropout)
         out = tokens.attend(self.attended_grams(node, facts)[0], 0.0, counts, p2i, s2, r,
-                            coupling, 1 / (1 - facts.dropout))
+                            coupling, keep,
+                            self._pair_weights(node, (counts, p2i, s2, r, keep), False))
         if out is None or not out[1] > 0:
             return signal, None
         shape, z2 = out
@@ -409,7 +423,23 @@ class TokenGrams:
         n = self.width(node)
         coherent = (1 - r) * float(attention.mean((1 - p2i) ** 2)) / n if n else 0.0
         sv, sk = self.attended_grams(node, facts)
-        factor = tokens.query_factor(sv, 0.0, sk, 0.0, counts, mi, r, keep - r,
-                                     coherent) if square else None
+        factor = tokens.query_factor(sv, 0.0, sk, 0.0, counts, mi, r, keep - r, coherent,
+                                     self._window_diags(node, (sv, sk), counts)
+                                     ) if square else None
         return (r_g, tokens.query_backward(h, counts, mi), tokens.key_backward(h, counts, mi),
-                tokens.value_backward(h, counts, p2i, s2, r, keep), factor)
+                tokens.value_backward(h, counts, p2i, s2, r, keep, self._pair_weights(
+                    node, (counts, p2i, s2, r, keep), True)), factor)
+
+    def _pair_weights(self, node: Node, args: tuple, last: bool) -> tuple:
+        """tokens.pair_weights(*args) at an attention call, once for its forward and its
+        backward where the two agree on the arguments (the T x T weights kept in between;
+        dropped at their ``last`` use)."""
+        memo = self.__dict__.setdefault("_gram_memo", {})
+        key = ("pairs", id(node))
+        held = memo.pop(key, None) if last else memo.get(key)
+        if held is not None and all(np.array_equal(x, y) for x, y in zip(held[0], args)):
+            return held[1]
+        weights = tokens.pair_weights(*args)
+        if not last:
+            memo[key] = (args, weights)
+        return weights
