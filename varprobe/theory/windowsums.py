@@ -59,10 +59,23 @@ def diag_sums(s: np.ndarray, reverse: bool = False) -> np.ndarray:
     SMALL the whole 2-D sum's diagonal: fewer calls, half the time at T = 32)."""
     if s.size < SMALL:
         return np.diag(cumsum(s, reverse=reverse)).copy()
-    t = _tensor(s)
+    rows, columns = _triangles(s.shape[0], reverse)  # a product by a mask: ~2x tril's speed
+    step = _tensor(np.multiply(s, rows, order="C")).sum(1) + \
+        _tensor(np.multiply(s, columns, order="C")).sum(0)
     if reverse:
-        return (t.triu().sum(1) + t.tril(-1).sum(0)).flip(0).cumsum(0).flip(0).numpy()
-    return (t.tril().sum(1) + t.triu(1).sum(0)).cumsum(0).numpy()
+        return step.flip(0).cumsum(0).flip(0).numpy()
+    return step.cumsum(0).numpy()
+
+
+@functools.lru_cache(maxsize=16)
+def _triangles(size: int, reverse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The masks of diag_sums' row and column parts: the lower triangle with the
+    diagonal and the upper without it (the other way round when ``reverse``)."""
+    ones = np.ones((size, size))
+    out = (np.triu(ones), np.tril(ones, -1)) if reverse else (np.tril(ones), np.triu(ones, 1))
+    for x in out:
+        x.setflags(write=False)
+    return out
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
