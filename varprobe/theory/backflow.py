@@ -128,8 +128,8 @@ class Backward:
         dx = _rectified(_with(Grad((g.var + g.deferred) * gain, g.broken, g.note, g.sparse,
                                    g.rel), self._shared_act(node.module, x, g), g.profile), x)
         if g.gram is not None or x.gram is not None:
-            dx.gram = tokens.activation_backward(node.module, x.gram, x.signal.m2, g.gram) \
-                if x.signal is not None else None
+            dx.gram = None if x.signal is None else tokens.activation_backward(
+                node.module, x.gram, x.signal.m2, g.gram, self.spent_correlations)
         if g.pairs and g.window is None:
             slope = rules.mean_slope(node.module, _rest(x.signal, g).m2 - x.mu ** 2, x.mu)
             dx.pairs = g.pairs * slope * slope if slope is not None else 0.0

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -184,27 +185,36 @@ def _unit_grid(size: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, size)
 
 
-def activation(module: nn.Module, s: np.ndarray | None, m2: float, mu: float = 0.0
-               ) -> np.ndarray | None:
+def correlations(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each pair's normalized correlation G_ij/sqrt(G_ii G_jj) clipped to [0, 1], and
+    sqrt(G_ii G_jj)): what an activation's kernels read."""
+    scale = _root_outer(np.diag(s))
+    rho = np.divide(s, scale)
+    np.clip(rho, 0.0, 1.0, out=rho)
+    return rho, scale
+
+
+def activation(module: nn.Module, s: np.ndarray | None, m2: float, mu: float = 0.0,
+               pairs: Callable = correlations) -> np.ndarray | None:
     """E[f(y_i) f(y_j)] of an elementwise activation: the normalized correlation of each
     pair mapped by the activation's kernel at the mean scale (theory.rules), each token's
-    own scale by the gain at the mean one (exact for rectifiers)."""
+    own scale by the gain at the mean one (exact for rectifiers). ``pairs``: s ->
+    correlations(s), or a walk's copy of it kept for the backward."""
     if s is None or mu * mu > 1e-6 * m2 or not m2 > 0:
         return None
     q = float(f"{m2:.3g}")
     table = _kernel(module, q)
     if table is None:
         return None
-    scale = _root_outer(np.diag(s))
-    rho = np.divide(s, scale)
-    np.clip(rho, 0.0, 1.0, out=rho)
+    rho, scale = pairs(s)
     mapped = np.interp(rho, _grid(table), table)
     mapped *= scale
     return normalized(mapped, fresh=True)[0]
 
 
 def activation_backward(module: nn.Module, s: np.ndarray | None, m2: float,
-                        h: np.ndarray | None) -> np.ndarray | None:
+                        h: np.ndarray | None, pairs: Callable = correlations
+                        ) -> np.ndarray | None:
     """E[g_i g_j f'(y_i) f'(y_j)] ≈ H_ij E[f'(y_i) f'(y_j)], the derivative's kernel at
     each pair's correlation."""
     if s is None or not m2 > 0:
@@ -212,9 +222,7 @@ def activation_backward(module: nn.Module, s: np.ndarray | None, m2: float,
     table = _slope_kernel(module, float(f"{m2:.3g}"))
     if table is None:
         return h
-    rho = np.divide(s, _root_outer(np.diag(s)))
-    np.clip(rho, 0.0, 1.0, out=rho)
-    mapped = np.interp(rho, _grid(table), table)
+    mapped = np.interp(pairs(s)[0], _grid(table), table)
     h = np.eye(s.shape[0]) if h is None else h
     if h.shape != s.shape:
         return None

@@ -150,6 +150,19 @@ class TokenGrams:
         else:
             checked[id(gram)] = gram
 
+    def pair_correlations(self, s: np.ndarray) -> tuple:
+        """tokens.correlations(s), kept for the activation's backward on the same Gram."""
+        memo = self.__dict__.setdefault("_pair_memo", {})
+        held = memo.get(id(s))
+        if held is None or held[0] is not s:
+            held = memo[id(s)] = (s, tokens.correlations(s))
+        return held[1]
+
+    def spent_correlations(self, s: np.ndarray) -> tuple:
+        """tokens.correlations(s) at its last use (the backward): the kept copy dropped."""
+        held = self.__dict__.setdefault("_pair_memo", {}).pop(id(s), None)
+        return held[1] if held is not None and held[0] is s else tokens.correlations(s)
+
     def _in(self, i: int) -> Value | None:
         return self.values[i] if i >= 0 else None
 
@@ -164,7 +177,8 @@ class TokenGrams:
         if node.op == "exit":
             return ins[0].gram
         if node.op == "act":
-            return tokens.activation(node.module, ins[0].gram, ins[0].signal.m2, ins[0].mu)
+            return tokens.activation(node.module, ins[0].gram, ins[0].signal.m2, ins[0].mu,
+                                     self.pair_correlations)
         if node.op == "dropout":
             return tokens.dropout(ins[0].gram, node.p)
         if node.op == "product":
@@ -201,7 +215,7 @@ class TokenGrams:
             b2 = w.b2 if w is not None else 0.0
             return tokens.weight(s, max(value.signal.m2 - b2, 0.0), b2)
         if layer.kind == "activation" or node.index in getattr(self, "_act_calls", ()):
-            return tokens.activation(module, s, src.signal.m2, src.mu)
+            return tokens.activation(module, s, src.signal.m2, src.mu, self.pair_correlations)
         if isinstance(module, rules.DROPOUTS):
             return tokens.dropout(s, module.p) if module.training else s
         if isinstance(module, rules.IDENTITY_LIKE):
@@ -374,7 +388,8 @@ class TokenGrams:
         if src is None or src.signal is None:
             return None
         if layer.kind == "activation":
-            return tokens.activation_backward(module, src.gram, src.signal.m2, g.gram)
+            return tokens.activation_backward(module, src.gram, src.signal.m2, g.gram,
+                                              self.spent_correlations)
         if isinstance(module, rules.DROPOUTS):
             return tokens.dropout(g.gram, module.p) if module.training else g.gram
         if isinstance(module, rules.IDENTITY_LIKE):
