@@ -111,10 +111,16 @@ def combine(parts: list[tuple[float, np.ndarray | None, float]], shared: float =
     if len(sizes) != 1:
         return None
     tokens = sizes.pop()
-    total = np.full((tokens, tokens), float(shared))
-    if own:
-        total.flat[::tokens + 1] += own  # the diagonal
-    for w, s, r in parts:
+    start = 0 if own or parts[0][1] is None else 1
+    if start:  # shared + w S as w S + shared: one T x T pass less
+        total = parts[0][0] * parts[0][1]
+        if shared:
+            total += float(shared)
+    else:
+        total = np.full((tokens, tokens), float(shared))
+        if own:
+            total.flat[::tokens + 1] += own  # the diagonal
+    for w, s, r in parts[start:]:
         total += w * (s if s is not None else implied(r, tokens))
     return normalized(total, fresh=True)[0]
 
