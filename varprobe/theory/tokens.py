@@ -43,7 +43,7 @@ the query path's factor X (``query_factor``), the gradient's u, and so r_g
 (theory.gradient_stats.effective), at each attention output, and kappa at each
 LayerNorm and RMSNorm. Past ``CAP`` positions, and at a call far past saturation
 ((1 - r)s² > ``SATURATED``), the Gram is not carried (the scalar rules, as before).
-Window sums use cumulative sums (nested windows), no loop over tokens.
+Window sums use cumulative sums (nested windows, theory.windowsums), no loop over tokens.
 """
 
 from __future__ import annotations
