@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from varprobe.theory import tokens
+from varprobe.theory import tokens, windowsums
 
 # sizes below and above tokens.SMALL (64 x 64): numpy's path and torch's
 arrays = st.integers(1, 90).flatmap(lambda t: st.tuples(
@@ -46,3 +46,26 @@ def test_diag_sums_are_the_blocks(case):
     scale = np.abs(a).sum()
     assert np.allclose(tokens.diag_sums(a), top, rtol=0, atol=1e-13 * scale)
     assert np.allclose(tokens.diag_sums(a, reverse=True), bottom, rtol=0, atol=1e-13 * scale)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays, st.booleans())
+def test_window_sums_are_the_masked_products(case, causal):
+    """Sums over nested windows (query i sees the first T_i keys; causal: T_i = i + 1,
+    else any counts up to T) against products with the window mask L: L S Lᵀ, S Lᵀ and
+    diag(L P). Only the order of the sums differs: a few ulp of the absolute sum."""
+    a = _array(*case)
+    t = a.shape[0]
+    rng = np.random.default_rng(case[1] + 1)
+    counts = np.arange(1.0, t + 1) if causal else rng.integers(1, t + 1, t).astype(float)
+    counts[rng.integers(t)] = t  # some query sees every key
+    mask = (np.arange(t)[None, :] < counts[:, None]).astype(float)
+    scale = np.abs(a).sum()
+
+    def close(x, y):
+        return np.allclose(x, y, rtol=0, atol=1e-13 * scale)
+
+    assert close(windowsums.window_sums(a, counts), mask @ a @ mask.T)
+    assert close(windowsums.window_diag(a, counts), np.diag(mask @ a @ mask.T))
+    assert close(windowsums.row_window_sums(a, counts), a @ mask.T)
+    assert close(windowsums.column_window_sums(a, counts), np.diag(mask @ a))
