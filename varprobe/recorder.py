@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,9 +138,14 @@ class Recorder:
         # Told where each call starts (the args its forward gets) and ends (its output):
         # theory.recording.Recording, a TorchFunctionMode that must not see the statistics.
         self.observer: Any = None
+        self._on_grad_timed = self._on_grad
+        self._kernels_token: Any = None
 
     # --- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Recorder:
+        # One timed wrapper for every gradient hook, not one per tensor: a gradient
+        # hook is this bound to its slot.
+        self._on_grad_timed = timing.timed("recording", self._on_grad)
         for name, module in probed_modules(self.model):
             self._units[id(module)] = theory.kind(module) in UNITS_AFTER
             if main_weight(module)[0] is not None:
@@ -148,9 +154,11 @@ class Recorder:
                 timing.timed("recording", self._pre_hook(name)), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
                 timing.timed("recording", self._post_hook()), with_kwargs=True))
+        self._kernels_token = stats.fix_kernels()
         return self
 
     def __exit__(self, *exc) -> None:
+        stats.release_kernels(self._kernels_token)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -191,11 +199,12 @@ class Recorder:
         return value, found[0] if found else None
 
     def _grad_hook(self, slot: int):
-        def hook(grad: torch.Tensor) -> None:
-            self.slots[slot], seen = self._with_extremes(self._gradient_stats, grad)
-            if self.ranges is not None:
-                self._range_of(slot, grad, seen)
-        return timing.timed("recording", hook)
+        return functools.partial(self._on_grad_timed, slot)
+
+    def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
+        self.slots[slot], seen = self._with_extremes(self._gradient_stats, grad)
+        if self.ranges is not None:
+            self._range_of(slot, grad, seen)
 
     def _range_of(self, slot: int, grad: torch.Tensor, seen: tuple | None) -> None:
         """The range slot of a gradient, shared by every slot holding the same Pending
@@ -217,7 +226,10 @@ class Recorder:
         seen = self._grads.get(key)
         if seen is not None and seen[0]() is not None and seen[1] == g._version:
             return seen[2]
-        with torch.no_grad():
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            with torch.no_grad():
+                value = stats.gradient(g)
+        else:  # the usual backward, already without grad: no context to enter
             value = stats.gradient(g)
         self._grads[key] = (weakref.ref(g), g._version, value)
         return value

@@ -220,14 +220,33 @@ def _found(reads: tuple, n: int, top, low) -> None:
     reads[0].append((n, int(top), int(low), reads[2] if reads[3] else None))
 
 
+# Between ``fix_kernels`` and ``release_kernels`` (a recording): the CPU sums chosen at
+# their first use, then reused, so that the environment is read once per recording and
+# not at every tensor read (a few microseconds each, hundreds of reads per pass).
+_CHOSEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("kernels",
+                                                                      default=None)
+
+
+def fix_kernels() -> contextvars.Token:
+    """Choose the CPU sums once from here on (lazily: a meta recording loads nothing)."""
+    return _CHOSEN.set([])
+
+
+def release_kernels(token: contextvars.Token) -> None:
+    _CHOSEN.reset(token)
+
+
 def _kernels():
     """The CPU sums: numba's (``numba_kernels``) where used, else ``torch_kernels``."""
+    chosen = _CHOSEN.get()
+    if chosen:
+        return chosen[0]
     found = numba_kernels()
-    if found is not None:
-        return found
-    from varprobe import torch_kernels
-
-    return torch_kernels
+    if found is None:
+        from varprobe import torch_kernels as found
+    if chosen is not None:
+        chosen.append(found)
+    return found
 
 
 def numba_kernels():
@@ -409,7 +428,10 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
     parts = [_sums(w.detach(), nonfinite=False)]
     if bias is not None:
         parts.append(_square_sums(bias.detach()))
-        parts.append(bias.detach().double().sum().view(1))
+        mean = bias.detach().double().sum()
+        # On the CPU the value itself (the same float64): the row stays a host list,
+        # without a torch.cat per weight.
+        parts.append([mean.item()] if reads_are_free(mean.device) else mean.view(1))
 
     def finish(r: list[float]) -> list[float | None]:
         _, var, m2 = _moments(r, n)
