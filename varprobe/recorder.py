@@ -129,6 +129,12 @@ class Recorder:
         self._grads: dict[tuple, tuple[weakref.ref, int, stats.Pending]] = {}
         self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
         self._unweighed: set[int] = set()  # id(module): has a weight, not measured yet
+        # id(module) -> what its type and settings say, looked up once per recording
+        # rather than at each call (a missing attribute costs nn.Module an exception):
+        # the layout it sets (True: channels first, False: last, None: keeps it), and
+        # whether it says it works in place.
+        self._layout: dict[int, bool | None] = {}
+        self._inplace: dict[int, bool] = {}
         self._channels_first = False
         # Outputs that are views, watched for in-place writes: (call, weakref, version,
         # {slot key: reason}, the call whose output the module passed through or None).
@@ -150,6 +156,9 @@ class Recorder:
             self._units[id(module)] = theory.kind(module) in UNITS_AFTER
             if main_weight(module)[0] is not None:
                 self._unweighed.add(id(module))
+            self._layout[id(module)] = (True if isinstance(module, CHANNELS_FIRST) else
+                                        False if isinstance(module, CHANNELS_LAST) else None)
+            self._inplace[id(module)] = bool(getattr(module, "inplace", False))
             self._handles.append(module.register_forward_pre_hook(
                 timing.timed("recording", self._pre_hook(name)), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
@@ -267,10 +276,9 @@ class Recorder:
         return hook
 
     def _update_layout(self, module: nn.Module) -> None:
-        if isinstance(module, CHANNELS_FIRST):
-            self._channels_first = True
-        elif isinstance(module, CHANNELS_LAST):
-            self._channels_first = False
+        layout = self._layout.get(id(module))
+        if layout is not None:
+            self._channels_first = layout
 
     def _record_weight(self, module: nn.Module) -> None:
         """At the module's first call: its weight then (a parametrization or an old-style
@@ -308,7 +316,7 @@ class Recorder:
         if not x.requires_grad:
             call.unavailable["backward_input"] = "the input does not require grad"
             return None
-        if getattr(module, "inplace", False):
+        if self._inplace.get(id(module), False):
             call.unavailable["backward_input"] = "the module modifies its input in place"
             return None
         # aten.alias, not view_as: its backward hands the gradient on as it is, where a

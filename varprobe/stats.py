@@ -75,10 +75,13 @@ def collect(pending: list[Pending]) -> list[list[float | None]]:
 
 
 def _join(parts: list[Raw]) -> Raw:
-    """Raw vectors one after another: a list when all are on the host."""
-    if all(isinstance(p, list) for p in parts):
-        return [v for p in parts for v in p]
-    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    """Raw vectors one after another: a list when all are on the host or on a device
+    whose reads are free (the same float64 values, without a torch.cat)."""
+    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+    if not tensors or all(reads_are_free(p.device) for p in tensors):
+        return [v for p in parts for v in (p.view(-1).tolist() if isinstance(p, torch.Tensor)
+                                           else p)]
+    device = tensors[0].device
     return torch.cat([p.view(-1) if isinstance(p, torch.Tensor)
                       else torch.tensor(p, dtype=torch.float64, device=device) for p in parts])
 
@@ -116,11 +119,11 @@ def _pieces(x: torch.Tensor, chunked: bool) -> Iterator[torch.Tensor]:
     """Contiguous 1-D float32/float64 pieces covering ``x``: the whole tensor when it is
     dense and not ``chunked``, else chunks of at most about ``chunk_size`` elements
     (views where possible; fp16/bf16 upcast and strided rows copied, chunk by chunk)."""
-    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
-    if flat is not None:
-        yield from [flat] if not chunked else flat.split(chunk_size(x.device))
-        return
     size = chunk_size(x.device)
+    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
+    if flat is not None:  # one piece without split(), a Python call of a few microseconds
+        yield from [flat] if not chunked or flat.numel() <= size else flat.split(size)
+        return
     flat = _dense(x)
     if flat is not None:
         for c in flat.split(size):
@@ -353,15 +356,26 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
         float(array.size - nonzero.sum()), float(alive)]
 
 
-def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _units(x: torch.Tensor, channel_dim: int) -> Raw:
     """float64 [zero elements, units alive]. A unit (an index along ``channel_dim``) is
     dead when zero for every sample and position: max and min per unit both 0, which
-    are reductions without scratch memory."""
+    are reductions without scratch memory. Where reads are free, the same two counts
+    as a host list, by fewer ops (per-op dispatch outweighs small tensors' reads)."""
+    if reads_are_free(x.device):
+        zeros = float(x.numel() - torch.count_nonzero(x).item())  # NaN counts as non-zero
+        return [zeros, float(_unit_peaks(x, channel_dim).count_nonzero().item())
+                       if x.dim() >= 2 else 0.0]
     scratch = _scratch(x)
     zeros = torch.stack([c.numel() - torch.ne(c, 0, out=_fit(scratch, c)).sum()
                          for c in _pieces(x, chunked=True)]).double().sum()
     if x.dim() < 2:
         return torch.stack([zeros, zeros.new_zeros(())])
+    alive = _unit_peaks(x, channel_dim).ne_(0).sum()
+    return torch.stack([zeros, alive.double()])
+
+
+def _unit_peaks(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """max(hi, -lo) per unit, hi and lo its max and min: 0 only if both are."""
     c = channel_dim % x.dim()
     if x.is_contiguous() and c < x.dim() - 1:  # (before, units, after), inner along memory
         v = x.reshape(math.prod(x.shape[:c]), x.shape[c], -1)
@@ -369,8 +383,7 @@ def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     else:
         dims = [d for d in range(x.dim()) if d != c]
         hi, lo = torch.amax(x, dims), torch.amin(x, dims)
-    alive = torch.maximum(hi, lo.neg_()).ne_(0).sum()  # max(hi, -lo) is 0 only if both are
-    return torch.stack([zeros, alive.double()])
+    return torch.maximum(hi, lo.neg_())
 
 
 # --- host rows ------------------------------------------------------------------------
@@ -428,10 +441,7 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
     parts = [_sums(w.detach(), nonfinite=False)]
     if bias is not None:
         parts.append(_square_sums(bias.detach()))
-        mean = bias.detach().double().sum()
-        # On the CPU the value itself (the same float64): the row stays a host list,
-        # without a torch.cat per weight.
-        parts.append([mean.item()] if reads_are_free(mean.device) else mean.view(1))
+        parts.append(bias.detach().double().sum().view(1))
 
     def finish(r: list[float]) -> list[float | None]:
         _, var, m2 = _moments(r, n)
