@@ -45,6 +45,8 @@ W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM, B_MEAN = 0, 1, 2, 3, 4
 # lanes (at most 256 terms each, relative error below 256 * 6e-8 = 1.5e-5 in the worst
 # case, about 1e-7 in practice); the rows are added in float64.
 ROW = 256
+# Elements up to which a CPU tensor's zeros are counted by torch.count_nonzero (see _units).
+FEW = 1 << 15
 
 
 Raw = torch.Tensor | list[float]  # float64 sums on a device, or already on the host
@@ -360,17 +362,21 @@ def _units(x: torch.Tensor, channel_dim: int) -> Raw:
     """float64 [zero elements, units alive]. A unit (an index along ``channel_dim``) is
     dead when zero for every sample and position: max and min per unit both 0, which
     are reductions without scratch memory. Where reads are free, the same two counts
-    as a host list, by fewer ops (per-op dispatch outweighs small tensors' reads)."""
-    if reads_are_free(x.device):
-        zeros = float(x.numel() - torch.count_nonzero(x).item())  # NaN counts as non-zero
-        return [zeros, float(_unit_peaks(x, channel_dim).count_nonzero().item())
-                       if x.dim() >= 2 else 0.0]
-    scratch = _scratch(x)
-    zeros = torch.stack([c.numel() - torch.ne(c, 0, out=_fit(scratch, c)).sum()
-                         for c in _pieces(x, chunked=True)]).double().sum()
-    if x.dim() < 2:
+    as a host list, a small tensor's zeros by one count_nonzero (per-op dispatch
+    outweighs its read; on big tensors torch's count_nonzero runs several times slower
+    than the compare pass into scratch)."""
+    host = reads_are_free(x.device)
+    if host and x.numel() <= FEW:
+        zeros: torch.Tensor | float = float(x.numel() - torch.count_nonzero(x).item())
+    else:
+        scratch = _scratch(x)
+        zeros = torch.stack([c.numel() - torch.ne(c, 0, out=_fit(scratch, c)).sum()
+                             for c in _pieces(x, chunked=True)]).double().sum()
+    alive = _unit_peaks(x, channel_dim).ne_(0).sum() if x.dim() >= 2 else None
+    if host:
+        return [float(zeros), 0.0 if alive is None else float(alive)]
+    if alive is None:
         return torch.stack([zeros, zeros.new_zeros(())])
-    alive = _unit_peaks(x, channel_dim).ne_(0).sum()
     return torch.stack([zeros, alive.double()])
 
 
