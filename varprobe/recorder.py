@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,6 +129,12 @@ class Recorder:
         self._grads: dict[tuple, tuple[weakref.ref, int, stats.Pending]] = {}
         self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
         self._unweighed: set[int] = set()  # id(module): has a weight, not measured yet
+        # id(module) -> what its type and settings say, looked up once per recording
+        # rather than at each call (a missing attribute costs nn.Module an exception):
+        # the layout it sets (True: channels first, False: last, None: keeps it), and
+        # whether it says it works in place.
+        self._layout: dict[int, bool | None] = {}
+        self._inplace: dict[int, bool] = {}
         self._channels_first = False
         # Outputs that are views, watched for in-place writes: (call, weakref, version,
         # {slot key: reason}, the call whose output the module passed through or None).
@@ -137,20 +144,30 @@ class Recorder:
         # Told where each call starts (the args its forward gets) and ends (its output):
         # theory.recording.Recording, a TorchFunctionMode that must not see the statistics.
         self.observer: Any = None
+        self._on_grad_timed = self._on_grad
+        self._kernels_token: Any = None
 
     # --- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Recorder:
+        # One timed wrapper for every gradient hook, not one per tensor: a gradient
+        # hook is this bound to its slot.
+        self._on_grad_timed = timing.timed("recording", self._on_grad)
         for name, module in probed_modules(self.model):
             self._units[id(module)] = theory.kind(module) in UNITS_AFTER
             if main_weight(module)[0] is not None:
                 self._unweighed.add(id(module))
+            self._layout[id(module)] = (True if isinstance(module, CHANNELS_FIRST) else
+                                        False if isinstance(module, CHANNELS_LAST) else None)
+            self._inplace[id(module)] = bool(getattr(module, "inplace", False))
             self._handles.append(module.register_forward_pre_hook(
                 timing.timed("recording", self._pre_hook(name)), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
                 timing.timed("recording", self._post_hook()), with_kwargs=True))
+        self._kernels_token = stats.fix_kernels()
         return self
 
     def __exit__(self, *exc) -> None:
+        stats.release_kernels(self._kernels_token)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -191,11 +208,12 @@ class Recorder:
         return value, found[0] if found else None
 
     def _grad_hook(self, slot: int):
-        def hook(grad: torch.Tensor) -> None:
-            self.slots[slot], seen = self._with_extremes(self._gradient_stats, grad)
-            if self.ranges is not None:
-                self._range_of(slot, grad, seen)
-        return timing.timed("recording", hook)
+        return functools.partial(self._on_grad_timed, slot)
+
+    def _on_grad(self, slot: int, grad: torch.Tensor) -> None:
+        self.slots[slot], seen = self._with_extremes(self._gradient_stats, grad)
+        if self.ranges is not None:
+            self._range_of(slot, grad, seen)
 
     def _range_of(self, slot: int, grad: torch.Tensor, seen: tuple | None) -> None:
         """The range slot of a gradient, shared by every slot holding the same Pending
@@ -217,7 +235,10 @@ class Recorder:
         seen = self._grads.get(key)
         if seen is not None and seen[0]() is not None and seen[1] == g._version:
             return seen[2]
-        with torch.no_grad():
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            with torch.no_grad():
+                value = stats.gradient(g)
+        else:  # the usual backward, already without grad: no context to enter
             value = stats.gradient(g)
         self._grads[key] = (weakref.ref(g), g._version, value)
         return value
@@ -255,10 +276,9 @@ class Recorder:
         return hook
 
     def _update_layout(self, module: nn.Module) -> None:
-        if isinstance(module, CHANNELS_FIRST):
-            self._channels_first = True
-        elif isinstance(module, CHANNELS_LAST):
-            self._channels_first = False
+        layout = self._layout.get(id(module))
+        if layout is not None:
+            self._channels_first = layout
 
     def _record_weight(self, module: nn.Module) -> None:
         """At the module's first call: its weight then (a parametrization or an old-style
@@ -296,7 +316,7 @@ class Recorder:
         if not x.requires_grad:
             call.unavailable["backward_input"] = "the input does not require grad"
             return None
-        if getattr(module, "inplace", False):
+        if self._inplace.get(id(module), False):
             call.unavailable["backward_input"] = "the module modifies its input in place"
             return None
         # aten.alias, not view_as: its backward hands the gradient on as it is, where a

@@ -45,6 +45,8 @@ W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM, B_MEAN = 0, 1, 2, 3, 4
 # lanes (at most 256 terms each, relative error below 256 * 6e-8 = 1.5e-5 in the worst
 # case, about 1e-7 in practice); the rows are added in float64.
 ROW = 256
+# Elements up to which a CPU tensor's zeros are counted by torch.count_nonzero (see _units).
+FEW = 1 << 15
 
 
 Raw = torch.Tensor | list[float]  # float64 sums on a device, or already on the host
@@ -75,10 +77,13 @@ def collect(pending: list[Pending]) -> list[list[float | None]]:
 
 
 def _join(parts: list[Raw]) -> Raw:
-    """Raw vectors one after another: a list when all are on the host."""
-    if all(isinstance(p, list) for p in parts):
-        return [v for p in parts for v in p]
-    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    """Raw vectors one after another: a list when all are on the host or on a device
+    whose reads are free (the same float64 values, without a torch.cat)."""
+    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+    if not tensors or all(reads_are_free(p.device) for p in tensors):
+        return [v for p in parts for v in (p.view(-1).tolist() if isinstance(p, torch.Tensor)
+                                           else p)]
+    device = tensors[0].device
     return torch.cat([p.view(-1) if isinstance(p, torch.Tensor)
                       else torch.tensor(p, dtype=torch.float64, device=device) for p in parts])
 
@@ -116,11 +121,11 @@ def _pieces(x: torch.Tensor, chunked: bool) -> Iterator[torch.Tensor]:
     """Contiguous 1-D float32/float64 pieces covering ``x``: the whole tensor when it is
     dense and not ``chunked``, else chunks of at most about ``chunk_size`` elements
     (views where possible; fp16/bf16 upcast and strided rows copied, chunk by chunk)."""
-    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
-    if flat is not None:
-        yield from [flat] if not chunked else flat.split(chunk_size(x.device))
-        return
     size = chunk_size(x.device)
+    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
+    if flat is not None:  # one piece without split(), a Python call of a few microseconds
+        yield from [flat] if not chunked or flat.numel() <= size else flat.split(size)
+        return
     flat = _dense(x)
     if flat is not None:
         for c in flat.split(size):
@@ -220,14 +225,33 @@ def _found(reads: tuple, n: int, top, low) -> None:
     reads[0].append((n, int(top), int(low), reads[2] if reads[3] else None))
 
 
+# Between ``fix_kernels`` and ``release_kernels`` (a recording): the CPU sums chosen at
+# their first use, then reused, so that the environment is read once per recording and
+# not at every tensor read (a few microseconds each, hundreds of reads per pass).
+_CHOSEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("kernels",
+                                                                      default=None)
+
+
+def fix_kernels() -> contextvars.Token:
+    """Choose the CPU sums once from here on (lazily: a meta recording loads nothing)."""
+    return _CHOSEN.set([])
+
+
+def release_kernels(token: contextvars.Token) -> None:
+    _CHOSEN.reset(token)
+
+
 def _kernels():
     """The CPU sums: numba's (``numba_kernels``) where used, else ``torch_kernels``."""
+    chosen = _CHOSEN.get()
+    if chosen:
+        return chosen[0]
     found = numba_kernels()
-    if found is not None:
-        return found
-    from varprobe import torch_kernels
-
-    return torch_kernels
+    if found is None:
+        from varprobe import torch_kernels as found
+    if chosen is not None:
+        chosen.append(found)
+    return found
 
 
 def numba_kernels():
@@ -334,15 +358,30 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
         float(array.size - nonzero.sum()), float(alive)]
 
 
-def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _units(x: torch.Tensor, channel_dim: int) -> Raw:
     """float64 [zero elements, units alive]. A unit (an index along ``channel_dim``) is
     dead when zero for every sample and position: max and min per unit both 0, which
-    are reductions without scratch memory."""
-    scratch = _scratch(x)
-    zeros = torch.stack([c.numel() - torch.ne(c, 0, out=_fit(scratch, c)).sum()
-                         for c in _pieces(x, chunked=True)]).double().sum()
-    if x.dim() < 2:
+    are reductions without scratch memory. Where reads are free, the same two counts
+    as a host list, a small tensor's zeros by one count_nonzero (per-op dispatch
+    outweighs its read; on big tensors torch's count_nonzero runs several times slower
+    than the compare pass into scratch)."""
+    host = reads_are_free(x.device)
+    if host and x.numel() <= FEW:
+        zeros: torch.Tensor | float = float(x.numel() - torch.count_nonzero(x).item())
+    else:
+        scratch = _scratch(x)
+        zeros = torch.stack([c.numel() - torch.ne(c, 0, out=_fit(scratch, c)).sum()
+                             for c in _pieces(x, chunked=True)]).double().sum()
+    alive = _unit_peaks(x, channel_dim).ne_(0).sum() if x.dim() >= 2 else None
+    if host:
+        return [float(zeros), 0.0 if alive is None else float(alive)]
+    if alive is None:
         return torch.stack([zeros, zeros.new_zeros(())])
+    return torch.stack([zeros, alive.double()])
+
+
+def _unit_peaks(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """max(hi, -lo) per unit, hi and lo its max and min: 0 only if both are."""
     c = channel_dim % x.dim()
     if x.is_contiguous() and c < x.dim() - 1:  # (before, units, after), inner along memory
         v = x.reshape(math.prod(x.shape[:c]), x.shape[c], -1)
@@ -350,8 +389,7 @@ def _units(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     else:
         dims = [d for d in range(x.dim()) if d != c]
         hi, lo = torch.amax(x, dims), torch.amin(x, dims)
-    alive = torch.maximum(hi, lo.neg_()).ne_(0).sum()  # max(hi, -lo) is 0 only if both are
-    return torch.stack([zeros, alive.double()])
+    return torch.maximum(hi, lo.neg_())
 
 
 # --- host rows ------------------------------------------------------------------------

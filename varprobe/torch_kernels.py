@@ -23,13 +23,19 @@ def sums(a: np.ndarray, shift, zero) -> tuple[float, float]:
     t = torch.from_numpy(a)
     if shift:  # the mean dominates the spread: read again, from a shifted copy
         t = t - float(shift)
-    whole = t.numel() - t.numel() % BLOCK
-    rows = t[:whole].view(-1, BLOCK)
+    n = t.numel()
+    whole = n - n % BLOCK
     # torch's float sum is a cascade of float32 partial sums (error ~ eps * log2(n));
-    # the squares go by row norms (no temporary), their squares added in float64.
-    s1 = float(t.sum())
-    s2 = float(torch.linalg.vector_norm(torch.linalg.vector_norm(rows, dim=1),
-                                        dtype=torch.float64).square())
-    if whole < t.numel():
+    # the squares go by row norms (no temporary), their squares added in float64 (the
+    # last square on the host: the same rounded float64 product, one op less). Fewer
+    # than BLOCK elements: no rows, whose norm would be 0.
+    s1 = t.sum().item()
+    s2 = 0.0
+    if whole:
+        rows = (t if whole == n else t[:whole]).view(-1, BLOCK)
+        norm = torch.linalg.vector_norm(torch.linalg.vector_norm(rows, dim=1),
+                                        dtype=torch.float64).item()
+        s2 = norm * norm
+    if whole < n:
         s2 += float(t[whole:].double().square().sum())
     return s1, s2
