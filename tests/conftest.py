@@ -1,12 +1,27 @@
 """Under pytest-xdist each worker is its own process: one torch intra-op thread each,
 since the workers already fill the cores (two threads per worker on two shared cores
-wait on each other at every parallel region)."""
+wait on each other at every parallel region). ``numba_kernels``: for the tests of what
+only numba's one-read kernels do."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
+
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def numba_kernels():
+    """varprobe.kernels; the test skipped where the CPU sums are torch's (numba not
+    installed, or VARPROBE_NUMBA=0), whose reads take no range statistics."""
+    from varprobe import stats
+
+    found = stats.numba_kernels()
+    if found is None:
+        pytest.skip("numba's kernels are not in use")
+    return found

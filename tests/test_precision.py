@@ -171,7 +171,7 @@ def test_the_sample_is_not_strided(path):
 
 
 @pytest.mark.parametrize("n", [exponents.SAMPLE + 1, 300_001])
-def test_the_moment_read_takes_the_same_row(n):
+def test_the_moment_read_takes_the_same_row(n, numba_kernels):
     """Where the probe's moment kernel reads a float32 tensor it also takes the range
     statistics' extremes and sample (``stats.extremes_read``): the same row as the
     range kernels' own read, and the same sums as without."""

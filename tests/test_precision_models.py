@@ -141,7 +141,7 @@ def test_predict_flags_the_same_overflow_before_any_tensor_exists():
     assert flagged(report, "overflow") == flagged(measured, "overflow")
 
 
-def test_extremes_from_the_moment_read_are_every_elements(monkeypatch):
+def test_extremes_from_the_moment_read_are_every_elements(monkeypatch, numba_kernels):
     """Past SAMPLE elements the probe takes amax and the smallest non-zero |x| from the
     moment kernel's own read where it can (``stats.extremes_read``): exactly those of
     every element of each output, output gradient, weight and weight gradient,

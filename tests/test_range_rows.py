@@ -110,7 +110,7 @@ def test_rows_noted_after_a_read_get_built_too():
     assert dict(second.row()) == measure_row(y) and dict(first.row()) == measure_row(x)
 
 
-def test_rows_from_outside_the_pool():
+def test_rows_from_outside_the_pool(numba_kernels):
     """Histogram rows the Measure did not hand out (a read given a shape) sum the same."""
     m = exponents.Measure()
     x = tensors()["relu"]
@@ -150,7 +150,7 @@ def test_report_rows_copy_and_convert_as_plain_rows():
 
 @pytest.mark.parametrize("shape, channel_dim", [((64, 1000), -1), ((16, 12, 40), 1),
                                                 ((6, 7, 9, 11), 1), ((3, 50), -1)])
-def test_unit_kernels_take_the_range_reads_in_their_read(shape, channel_dim):
+def test_unit_kernels_take_the_range_reads_in_their_read(shape, channel_dim, numba_kernels):
     """The units' moment kernels (zeros and dead units, after a ReLU) take the range
     reads in their read too: the same sums, zero and live-unit counts as without them,
     and the extremes of every element and the sample's histogram as the range
