@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from varprobe.theory import tokens, windowsums
+from varprobe.theory import windowsums
 
-# sizes below and above tokens.SMALL (64 x 64): numpy's path and torch's
+# sizes below and above windowsums.SMALL (64 x 64): numpy's path and torch's
 arrays = st.integers(1, 90).flatmap(lambda t: st.tuples(
     st.just(t), st.integers(0, 2**32 - 1), st.booleans()))
 
@@ -24,14 +24,14 @@ def _array(t: int, seed: int, read_only: bool) -> np.ndarray:
 def test_cumsum_is_numpys(case):
     """The same sequential sums: equal to the last bit, forward and from the far end."""
     a = _array(*case)
-    assert np.array_equal(tokens.cumsum(a), a.cumsum(0).cumsum(1))
-    assert np.array_equal(tokens.cumsum(a, (1,)), a.cumsum(1))
-    assert np.array_equal(tokens.cumsum(a, (0,)), a.cumsum(0))
-    assert np.array_equal(tokens.cumsum(a, reverse=True),
+    assert np.array_equal(windowsums.cumsum(a), a.cumsum(0).cumsum(1))
+    assert np.array_equal(windowsums.cumsum(a, (1,)), a.cumsum(1))
+    assert np.array_equal(windowsums.cumsum(a, (0,)), a.cumsum(0))
+    assert np.array_equal(windowsums.cumsum(a, reverse=True),
                           a[::-1, ::-1].cumsum(0).cumsum(1)[::-1, ::-1])
-    assert np.array_equal(tokens.cumsum(a, (0,), reverse=True), a[::-1].cumsum(0)[::-1])
-    assert np.array_equal(tokens.cumsum(a, (1,), reverse=True), a[:, ::-1].cumsum(1)[:, ::-1])
-    assert np.array_equal(tokens.cumsum(a[::-1]), a[::-1].cumsum(0).cumsum(1))
+    assert np.array_equal(windowsums.cumsum(a, (0,), reverse=True), a[::-1].cumsum(0)[::-1])
+    assert np.array_equal(windowsums.cumsum(a, (1,), reverse=True), a[:, ::-1].cumsum(1)[:, ::-1])
+    assert np.array_equal(windowsums.cumsum(a[::-1]), a[::-1].cumsum(0).cumsum(1))
 
 
 @settings(max_examples=60, deadline=None)
@@ -44,8 +44,8 @@ def test_diag_sums_are_the_blocks(case):
     top = np.array([a[:m + 1, :m + 1].sum() for m in range(t)])
     bottom = np.array([a[m:, m:].sum() for m in range(t)])
     scale = np.abs(a).sum()
-    assert np.allclose(tokens.diag_sums(a), top, rtol=0, atol=1e-13 * scale)
-    assert np.allclose(tokens.diag_sums(a, reverse=True), bottom, rtol=0, atol=1e-13 * scale)
+    assert np.allclose(windowsums.diag_sums(a), top, rtol=0, atol=1e-13 * scale)
+    assert np.allclose(windowsums.diag_sums(a, reverse=True), bottom, rtol=0, atol=1e-13 * scale)
 
 
 @settings(max_examples=60, deadline=None)

@@ -58,9 +58,8 @@ from torch import nn
 
 from varprobe.theory import correlation, keyindex, rules
 from varprobe.theory.attention import mean
-from varprobe.theory.windowsums import (  # noqa: F401 -- tokens.cumsum etc. as before
-    SMALL,
-    _causal,
+from varprobe.theory.windowsums import (
+    causal_windows,
     column_window_sums,
     cumsum,
     diag_sums,
@@ -336,7 +335,7 @@ def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2
         return None
     a, b, _ = weights or pair_weights(counts, p2i, s2, r, keep)
     x = a * h
-    if _causal(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
+    if causal_windows(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
         out = cumsum(x, reverse=True)
     else:
         lmask = windows(counts)
@@ -401,7 +400,7 @@ def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float 
     """u = mean_j (Σ_i p̄_ij g_i)²/E[g²] for flat attention p̄ (gradient_stats)."""
     if h is None or h.shape[0] != counts.size:
         return None
-    if causal and _causal(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
+    if causal and causal_windows(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
         x = h / keyindex.products(counts)
         diag = diag_sums(x, reverse=True)
         return float(mean(diag) / mean(np.diag(h)))

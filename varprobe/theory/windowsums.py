@@ -116,5 +116,5 @@ def _columns(key: bytes) -> np.ndarray:
     return out
 
 
-def _causal(counts: np.ndarray) -> bool:
+def causal_windows(counts: np.ndarray) -> bool:
     return keyindex.index(counts).causal
