@@ -52,8 +52,8 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         keys = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) \
             if q.dim() > 2 and k.shape[-3] != q.shape[-3] else k
         scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
-        logits = (q.index_select(-2, rows) @ keys.transpose(-1, -2)).float()
-        logits = logits.mul_(scale) if logits.dtype == q.dtype else logits * scale
+        # a fresh tensor (the product, or its float32 copy): scaled in place
+        logits = (q.index_select(-2, rows) @ keys.transpose(-1, -2)).float().mul_(scale)
         allowed = torch.ones(rows.numel(), facts.keys, dtype=torch.bool, device=q.device)
         if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
             cols = torch.arange(facts.keys, device=q.device)
