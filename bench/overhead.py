@@ -9,6 +9,7 @@ time into the pass under the hooks, the hooks' own share of it and the analysis 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
@@ -70,16 +71,23 @@ def probed(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Any:
 def with_sums(numba: bool) -> Callable:
     """``probed`` with the CPU sums from numba's kernels or from torch's."""
     def run(model: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Any:
-        before = os.environ.get("VARPROBE_NUMBA")
-        os.environ["VARPROBE_NUMBA"] = "1" if numba else "0"
-        try:
+        with sums(numba):
             return probed(model, x, g)
-        finally:
-            if before is None:
-                del os.environ["VARPROBE_NUMBA"]
-            else:
-                os.environ["VARPROBE_NUMBA"] = before
     return run
+
+
+@contextlib.contextmanager
+def sums(numba: bool):
+    """The CPU sums (and range kernels) numba's or torch's inside the block."""
+    before = os.environ.get("VARPROBE_NUMBA")
+    os.environ["VARPROBE_NUMBA"] = "1" if numba else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["VARPROBE_NUMBA"]
+        else:
+            os.environ["VARPROBE_NUMBA"] = before
 
 
 def numba_installed() -> bool:

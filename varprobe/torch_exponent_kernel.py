@@ -1,28 +1,36 @@
-"""``exponent_kernel``'s float32 kernels in torch: the CPU path without numba.
+"""``exponent_kernel``'s float32 kernels without numba: the CPU path's default.
 
 The same functions, arguments and results as ``varprobe.exponent_kernel``'s
 ``exponent_bins``, ``sampled``, ``sample_bins``, ``extremes``, ``cut_counts`` and
-``small_bins`` (see there), on the same int32 views of float32 arrays (as tensors,
-without a copy), so ``exponents`` assembles one row from either. A histogram is a
-``bincount`` of the exponent field, and the largest and smallest magnitudes are integer
-max and min of the bits: a few reads of the tensor where numba's loop makes one, about
-4x its time per element (3.5 against 0.9 ns on this project's CPU), against 30x for
-the general chunked path (``frexp`` and ``index_add_``) that accelerators take.
+``small_bins`` (see there), on the same int32 views of float32 arrays, so
+``exponents`` assembles one row from either. A histogram is a ``bincount`` of the
+exponent field: numpy's on a small array or a sample (a few µs per call, where each
+torch op costs ~10), torch's on a large tensor's chunks. The extremes of a large
+tensor are two vector reads and one write per chunk (``extremes``) where numba's loop
+rides along the moment read; the general chunked path (``frexp`` and ``index_add_``)
+that accelerators take is ~30x numba's time per element.
 """
 
 from __future__ import annotations
 
 import functools
+import struct
 
 import numpy as np
 import torch
 
 INF_BITS = 0x7F800000
 CHUNK = 1 << 18  # elements per piece: 1 MB int32 scratch, reused
+SMALL = 1 << 15  # up to this many elements numpy's ops cost less than torch's
 ROWS = 1  # histogram rows exponent_bins fills (numba's kernel takes several in turn)
+TOP = 0x7FFFFFFF  # int32 max: the key of zero (``extremes``)
+_KEY_OFFSET = torch.tensor(TOP, dtype=torch.int32)
+_AS_BITS = struct.Struct("<f")
 
 
 def exponent_bins(a: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
+    if a.shape[0] <= SMALL:
+        return _array_bins(a, rows)
     whole = torch.from_numpy(a)
     finite, nonzero = 0, INF_BITS
     for start in range(0, whole.numel(), CHUNK):
@@ -33,6 +41,25 @@ def exponent_bins(a: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
             return _bins_with_nan(whole & 0x7FFFFFFF, rows)
         finite, nonzero = max(finite, got[0]), min(nonzero, got[1])
     return finite, nonzero
+
+
+def _array_bins(a: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
+    """``exponent_bins`` of a small array in numpy (NaN included: field 256)."""
+    bits = a & 0x7FFFFFFF
+    top = int(bits.max())
+    finite = top if top < INF_BITS else int(np.where(bits < INF_BITS, bits, 0).max())
+    bits -= 1  # zero -> -1, which as the low 31 bits is the largest
+    nonzero = min(int((bits & 0x7FFFFFFF).min()) + 1, INF_BITS)
+    _count_fields(bits, rows)
+    return finite, nonzero
+
+
+def _count_fields(below: np.ndarray, rows: np.ndarray) -> None:
+    """Adds to ``rows[0]`` the count of each exponent field of ``below`` (|x|'s bits
+    minus one, an owned int32 array, overwritten): zero's -1 goes to bin 0."""
+    below >>= 23
+    below += 1
+    rows[0] += np.bincount(below, minlength=257)
 
 
 def _piece_bins(piece: torch.Tensor, rows: np.ndarray) -> tuple[int, int] | None:
@@ -69,12 +96,15 @@ def _bins_with_nan(bits: torch.Tensor, rows: np.ndarray) -> tuple[int, int]:
     field += 1  # 0: zero, 1: subnormal or 2^-126, ..., 255: large or inf, 256: NaN
     rows[0] += torch.bincount(field, minlength=257).numpy()
     finite = torch.where(bits < INF_BITS, bits, 0).amax()
-    nonzero = torch.where(bits != 0, bits, INF_BITS).amin()
-    return int(finite), int(nonzero)
+    nonzero = torch.where(bits != 0, bits, INF_BITS).amin()  # NaN's bits: past inf
+    return int(finite), min(int(nonzero), INF_BITS)
 
 
 def sample_bins(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
-    exponent_bins(np.ascontiguousarray(a[idx]), rows)
+    below = a[idx]
+    below &= 0x7FFFFFFF
+    below -= 1
+    _count_fields(below, rows)
 
 
 def sampled(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
@@ -83,17 +113,29 @@ def sampled(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> tuple[int, int]
 
 
 def extremes(a: np.ndarray) -> tuple[int, int]:
+    """One pass writes each chunk's key into scratch, 2b + 2^31 - 1 of its bits b
+    wrapped to int32, that is 2|b| - 1 - 2^31 (|b| the bits of |x|: the sign is
+    shifted out), so that signed order is the order of |x| with zero (-1 unsigned)
+    past every other value; ``aminmax`` reads it. Its min is the smallest non-zero
+    |x|, its max the largest |x| unless the chunk holds a zero: then ``aminmax`` of
+    the floats gives that."""
     whole = torch.from_numpy(a)
-    top, low = 0, 0x7FFFFFFF
+    top, low = 0, TOP
     for start in range(0, whole.numel(), CHUNK):
         piece = whole[start:start + CHUNK]
-        bits = _scratch(piece.numel())[0][:piece.numel()]
-        torch.bitwise_and(piece, 0x7FFFFFFF, out=bits)
-        top = max(top, int(bits.amax()))
-        bits -= 1
-        bits &= 0x7FFFFFFF  # zero became 2^31 - 1
-        low = min(low, int(bits.amin()))
+        key = _scratch(piece.numel())[0][:piece.numel()]
+        torch.add(_KEY_OFFSET, piece, alpha=2, out=key)
+        least, most = (int(v) for v in torch.aminmax(key))
+        low = min(low, (least + TOP) >> 1)
+        top = max(top, (most + TOP + 2) >> 1 if most < TOP else _largest(piece))
     return top, low
+
+
+def _largest(piece: torch.Tensor) -> int:
+    """The bits of the largest |x| of a chunk of float32 bits (NaN: past inf)."""
+    least, most = torch.aminmax(piece.view(torch.float32))
+    value = torch.maximum(most, -least).item()
+    return int.from_bytes(_AS_BITS.pack(value), "little") & 0x7FFFFFFF
 
 
 def cut_counts(a: np.ndarray, *cuts: int) -> tuple[int, ...]:
