@@ -169,9 +169,21 @@ class Memo(Mapping):
         self.memo: dict[int, tuple[float, int, float]] = {}
         self.means: dict[int, float] = {}
         self.gammas: dict[int, tuple[float, float]] = {}  # theory.chanspread's
+        self.fans: dict[int, tuple[float | None, float]] = {}  # chanspread's, per layer
+        self.shapes: dict[int, list | None] = {}  # Walk.norm_shape's, per node
+        self._constants: dict[int, list] = {}
+
+    def constants_of(self, graph) -> list:
+        """``graph.constants()``, made once for every walk over the graph."""
+        if id(graph) not in self._constants:
+            self._constants[id(graph)] = graph.constants()
+        return self._constants[id(graph)]
 
     def __getitem__(self, key: int) -> list[float]:
         return self.values[key]
+
+    def __contains__(self, key: object) -> bool:  # Mapping's goes through __getitem__
+        return key in self.values
 
     def __iter__(self):
         return iter(self.values)

@@ -75,7 +75,8 @@ class Walk(Backward, TokenShapes, TokenGrams):
         self.report, self.modules, self.graph = report, modules, graph
         self.weights, self.measured, self.actual, self.host = weights, measured, actual, values
         self.nodes: list[Node] = graph.nodes
-        self.constants = graph.constants()
+        self.constants = values.constants_of(graph) if isinstance(values, norms.Memo) \
+            else graph.constants()
         self.values: list[Value] = []
         self.grads: list[Grad | None] = []
         self.calls: dict[int, Call] = {}
@@ -313,12 +314,20 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
     def norm_shape(self, node: Node) -> list[tuple[float, float]] | None:
         """What the probe measured of a BatchNorm call's channels (theory.normshape),
-        for every walk over a measured pass; None on meta or where nothing was."""
+        for every walk over a measured pass; None on meta or where nothing was. Once
+        per node where ``host`` is a norms.Memo: the same in every walk of a graph."""
         index = getattr(self.graph, "norm_shapes", {}).get(node.index)
-        if index is None or not self.measured or self._per_channel_producer(node):
+        if index is None or not self.measured:
             return None
-        shape = self.constants[index:index + normshape.PAIRS]
-        return None if any(c is None for c in shape) else shape
+        memo = getattr(self.host, "shapes", None)
+        if memo is not None and id(node) in memo:
+            return memo[id(node)]
+        shape = None if self._per_channel_producer(node) else \
+            self.constants[index:index + normshape.PAIRS]
+        shape = None if shape is None or any(c is None for c in shape) else shape
+        if memo is not None:
+            memo[id(node)] = shape
+        return shape
 
     def _per_channel_producer(self, node: Node) -> bool:
         """The norm reads a depthwise conv: channel c's variance is made of that conv's
