@@ -58,6 +58,11 @@ class Channels:
     pos: float = 0.0
     miss: float = 0.0  # of the per-unit mean share, what the walk's mean_share lacks
 
+    def __init__(self, rel: float = 0.0, pos: float = 0.0, miss: float = 0.0) -> None:
+        # set in one step, as theory.signal.Signal: every node of every sweep makes one
+        d = self.__dict__
+        d["rel"], d["pos"], d["miss"] = rel, pos, miss
+
 
 ALIKE = Channels()
 
