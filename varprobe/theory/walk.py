@@ -27,6 +27,7 @@ One walk serves three uses, told apart by ``mode``:
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 from torch import nn
@@ -68,6 +69,9 @@ class Walk(Backward, TokenShapes, TokenGrams):
     """``graph``: a theory.recording.Recording, or the chain that stands in for one.
     ``weights``: per layer, from theory.weights. ``values``: host copies of the
     parameters the rules read (norm scales, PReLU slopes)."""
+
+    # set by the walk's modes, which do not change: read once (it is asked at every node)
+    closed_tokens = cached_property(TokenShapes.closed_tokens.fget)
 
     def __init__(self, report: Report, modules: list[nn.Module], graph: Any,
                  weights: list[Weights | None], measured: bool = True,
@@ -319,15 +323,12 @@ class Walk(Backward, TokenShapes, TokenGrams):
         index = getattr(self.graph, "norm_shapes", {}).get(node.index)
         if index is None or not self.measured:
             return None
-        memo = getattr(self.host, "shapes", None)
-        if memo is not None and id(node) in memo:
-            return memo[id(node)]
-        shape = None if self._per_channel_producer(node) else \
-            self.constants[index:index + normshape.PAIRS]
-        shape = None if shape is None or any(c is None for c in shape) else shape
-        if memo is not None:
-            memo[id(node)] = shape
-        return shape
+        memo = self.host.shapes if isinstance(self.host, norms.Memo) else {}
+        if id(node) not in memo:
+            shape = None if self._per_channel_producer(node) else \
+                self.constants[index:index + normshape.PAIRS]
+            memo[id(node)] = None if shape is None or None in shape else shape
+        return memo[id(node)]
 
     def _per_channel_producer(self, node: Node) -> bool:
         """The norm reads a depthwise conv: channel c's variance is made of that conv's
