@@ -162,7 +162,8 @@ def _normalized(module: nn.Module, kept: float, values: Values | None = None,
 
 class Memo(Mapping):
     """``values`` with a place for what is derived from them: every walk (the actual
-    init's and each scheme's) reads the same norm parameters, summed once."""
+    init's and each scheme's) reads the same norm parameters, summed once, and the same
+    facts of one annotate's graph (its constants, chanspread's fans, measured shapes)."""
 
     def __init__(self, values: Values | None):
         self.values: Values = values if values is not None else {}
