@@ -234,7 +234,7 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
             note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
                              loss, generator)
         with timing.phase("collect"):
-            host, ends = _collect(rec, x, output, recording, values)
+            host, ends = _collect(rec, _measured_copy(rec, x, fed), output, recording, values)
             layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
             if recording is not None:
                 slot = getattr(rec, "cotangent_slot", None)  # a loss makes its own cotangent
@@ -449,6 +449,15 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
 def _first_tensor(value: Any) -> torch.Tensor | None:
     tensors = tensor_leaves(value)
     return next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
+
+
+def _measured_copy(rec: Recorder, x: Any, fed: Any) -> Any:
+    """``fed`` where a call measured its first tensor as cloned from ``x`` (not written in
+    place, the same layout): the same moments, not read again; else ``x``."""
+    a, b = _first_tensor(x), _first_tensor(fed)
+    same = a is not None and b is not None and b._version == 0 and id(b) in rec._seen \
+        and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+    return fed if same else x
 
 
 def _moments_slot(rec: Recorder, value: Any) -> int | None:

@@ -138,7 +138,7 @@ class Backward:
                                            self._activation_step(node.module, x.mu))
             if both is not None:
                 dx.var, dx.lead = both
-        _flow(grads, node.inputs[0], dx)
+        _flow(grads, node.inputs[0], dx, fresh=True)
 
     def _activation_step(self, module: nn.Module, mu: float):
         """grad, signal -> E[f'(y)²] grad at that signal (None: no closed form)."""
@@ -172,7 +172,7 @@ class Backward:
                            g, stream, b * scale)
             dx.lead, dx.pairs = own.lead, own.pairs
             dx.gram = g.gram if node.pick is None and node.lead is None else None
-            _flow(grads, i, dx)
+            _flow(grads, i, dx, fresh=True)
 
     def _product_backward(self, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         """d(ab)/da = b: Var[da] = Var[g] E[b²], times the positions a broadcast factor
@@ -292,7 +292,7 @@ class Backward:
             grad.gram = self.call_grad_gram(node, info.input, g)
         grad.pairs = pairs if node.attn is not None or grad.broken else \
             g.pairs * self._pairs_gain(layer, module, s_in, g, mu)
-        _flow(grads, node.inputs[0], grad)
+        _flow(grads, node.inputs[0], grad, fresh=True)
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
                                   "(not measured)"))
@@ -468,13 +468,13 @@ def _rest(s: Signal | None, g: Grad) -> Signal | None:
         g.lead is not None else s
 
 
-def _flow(grads: list[Grad | None], k: int, g: Grad) -> None:
-    """Add one consumer's contribution: independent gradients add their variances."""
+def _flow(grads: list[Grad | None], k: int, g: Grad, fresh: bool = False) -> None:
+    """Add one consumer's contribution (variances add); a ``fresh`` g is kept, not copied."""
     if k < 0:
         return
     have = grads[k]
     if have is None:
-        grads[k] = fork(g)
+        grads[k] = g if fresh else fork(g)
         return
     positions.merge(have, g)
     have.gram = tokens.blend(have.gram, have.var, g.gram, g.var)

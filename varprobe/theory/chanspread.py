@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import mul
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,11 @@ class Channels:
     rel: float = 0.0
     pos: float = 0.0
     miss: float = 0.0  # of the per-unit mean share, what the walk's mean_share lacks
+
+    def __init__(self, rel: float = 0.0, pos: float = 0.0, miss: float = 0.0) -> None:
+        # set in one step, as theory.signal.Signal: every node of every sweep makes one
+        d = self.__dict__
+        d["rel"], d["pos"], d["miss"] = rel, pos, miss
 
 
 ALIKE = Channels()
@@ -156,7 +162,7 @@ def _gamma_moments(module: nn.Module, values) -> tuple[float, float]:
     if memo is not None and id(module) in memo:
         return memo[id(module)]
     gamma = norms.affine(module, values)[0]
-    moments = (sum(g * g for g in gamma) / len(gamma), sum(g ** 4 for g in gamma) / len(gamma))
+    moments = (sum(map(mul, gamma, gamma)) / len(gamma), sum(g ** 4 for g in gamma) / len(gamma))
     if memo is not None:
         memo[id(module)] = moments
     return moments
@@ -240,7 +246,7 @@ def _call(walk, k: int, i: int, ch: Channels, s_in: Signal | None, s: Signal) ->
     if s_in is None:
         return ALIKE
     if layer.kind == "weight" and (w := walk.weights[i]) is not None:
-        n, phi = fans(module, layer)
+        n, phi = _layer_fans(walk.host, i, module, layer)
         return weight_layer(ch, n, w.kurtosis, phi, s_in,
                             max(s.m2 - w.b2, 0.0), s.m2)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) \
@@ -250,6 +256,17 @@ def _call(walk, k: int, i: int, ch: Channels, s_in: Signal | None, s: Signal) ->
         return activation(ch, walk.backward_gains.get(k), s_in.m2, s.m2)
     pool = pools.of_module(module, layer.input_shape, layer.shape)
     return pooled(pool, ch) if pool is not None else ch
+
+
+def _layer_fans(values, i: int, module: nn.Module, layer) -> tuple[float | None, float]:
+    """``fans`` of layer ``i``, once per annotate where ``values`` is a norms.Memo (every
+    closed-form walk's sweep asks it at every weight layer)."""
+    memo = getattr(values, "fans", None)
+    if memo is None:
+        return fans(module, layer)
+    if i not in memo:
+        memo[i] = fans(module, layer)
+    return memo[i]
 
 
 def walk_gain(walk, node, module: nn.Module, s_in: Signal | None) -> float | None:

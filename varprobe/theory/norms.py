@@ -162,16 +162,29 @@ def _normalized(module: nn.Module, kept: float, values: Values | None = None,
 
 class Memo(Mapping):
     """``values`` with a place for what is derived from them: every walk (the actual
-    init's and each scheme's) reads the same norm parameters, summed once."""
+    init's and each scheme's) reads the same norm parameters, summed once, and the same
+    facts of one annotate's graph (its constants, chanspread's fans, measured shapes)."""
 
     def __init__(self, values: Values | None):
         self.values: Values = values if values is not None else {}
         self.memo: dict[int, tuple[float, int, float]] = {}
         self.means: dict[int, float] = {}
         self.gammas: dict[int, tuple[float, float]] = {}  # theory.chanspread's
+        self.fans: dict[int, tuple[float | None, float]] = {}  # chanspread's, per layer
+        self.shapes: dict[int, list | None] = {}  # Walk.norm_shape's, per node
+        self._constants: dict[int, list] = {}
+
+    def constants_of(self, graph) -> list:
+        """``graph.constants()``, made once for every walk over the graph."""
+        if id(graph) not in self._constants:
+            self._constants[id(graph)] = graph.constants()
+        return self._constants[id(graph)]
 
     def __getitem__(self, key: int) -> list[float]:
         return self.values[key]
+
+    def __contains__(self, key: object) -> bool:  # Mapping's goes through __getitem__
+        return key in self.values
 
     def __iter__(self):
         return iter(self.values)

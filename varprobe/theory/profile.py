@@ -88,12 +88,13 @@ def _memo(step):
         if not spatial or not _counted(module, spatial):
             return 1.0, None
         key = (_key(module), spatial, None if e is None else (e.shape, e.tobytes()))
-        if key not in _MEMO[step]:
-            if len(_MEMO[step]) > 4096:
-                _MEMO[step].clear()
-            _MEMO[step][key] = step(module, e, spatial)
-        return _MEMO[step][key]
-    _MEMO[step] = {}
+        found = memo.get(key)
+        if found is None:
+            if len(memo) > 4096:
+                memo.clear()
+            found = memo[key] = step(module, e, spatial)
+        return found
+    memo = _MEMO[step] = {}
     cached.__doc__ = step.__doc__
     return cached
 
@@ -163,7 +164,10 @@ def after_call(module: nn.Module, layer, e: Any, out: Signal | None,
         m2 = spread + b2
         if m2 <= 0:
             return out, None
-        return Signal(m2, out.mean_share, out.r), (made * spread + b2) / m2
+        shape = made * spread  # (made * spread + b2) / m2, in place
+        shape += b2
+        shape /= m2
+        return Signal(m2, out.mean_share, out.r), shape
     keeps = _keeps(module)
     return out, e if keeps else None
 
@@ -185,5 +189,13 @@ def blend(parts: list[tuple[Any, float]]) -> Any:
     total = sum(w for _, w in parts)
     if total <= 0:
         return None
-    return sum((e if e is not None else np.ones_like(shaped[0])) * w
-               for e, w in parts) / total
+    out = None  # sum(e w) / total as sum() adds (0 + the first, then each), in place
+    for e, w in parts:
+        term = e * w if e is not None else np.full_like(shaped[0], w)  # 1 * w is w
+        if out is None:
+            out = term
+            out += 0  # -0.0 + 0 is +0.0, as in sum()
+        else:
+            out += term
+    out /= total
+    return out

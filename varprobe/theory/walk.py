@@ -27,6 +27,7 @@ One walk serves three uses, told apart by ``mode``:
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 from torch import nn
@@ -69,13 +70,17 @@ class Walk(Backward, TokenShapes, TokenGrams):
     ``weights``: per layer, from theory.weights. ``values``: host copies of the
     parameters the rules read (norm scales, PReLU slopes)."""
 
+    # set by the walk's modes, which do not change: read once (it is asked at every node)
+    closed_tokens = cached_property(TokenShapes.closed_tokens.fget)
+
     def __init__(self, report: Report, modules: list[nn.Module], graph: Any,
                  weights: list[Weights | None], measured: bool = True,
                  actual: Walk | None = None, values: Values | None = None):
         self.report, self.modules, self.graph = report, modules, graph
         self.weights, self.measured, self.actual, self.host = weights, measured, actual, values
         self.nodes: list[Node] = graph.nodes
-        self.constants = graph.constants()
+        self.constants = values.constants_of(graph) if isinstance(values, norms.Memo) \
+            else graph.constants()
         self.values: list[Value] = []
         self.grads: list[Grad | None] = []
         self.calls: dict[int, Call] = {}
@@ -313,12 +318,17 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
     def norm_shape(self, node: Node) -> list[tuple[float, float]] | None:
         """What the probe measured of a BatchNorm call's channels (theory.normshape),
-        for every walk over a measured pass; None on meta or where nothing was."""
+        for every walk over a measured pass; None on meta or where nothing was. Once
+        per node where ``host`` is a norms.Memo: the same in every walk of a graph."""
         index = getattr(self.graph, "norm_shapes", {}).get(node.index)
-        if index is None or not self.measured or self._per_channel_producer(node):
+        if index is None or not self.measured:
             return None
-        shape = self.constants[index:index + normshape.PAIRS]
-        return None if any(c is None for c in shape) else shape
+        memo = self.host.shapes if isinstance(self.host, norms.Memo) else {}
+        if id(node) not in memo:
+            shape = None if self._per_channel_producer(node) else \
+                self.constants[index:index + normshape.PAIRS]
+            memo[id(node)] = None if shape is None or None in shape else shape
+        return memo[id(node)]
 
     def _per_channel_producer(self, node: Node) -> bool:
         """The norm reads a depthwise conv: channel c's variance is made of that conv's

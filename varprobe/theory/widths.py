@@ -103,5 +103,8 @@ def keep(out: Signal | None, s: Signal | None) -> Signal | None:
 
 def _width(s: Signal, width: float | None) -> Signal:
     """``s`` with another w: built directly (dataclasses.replace costs ~20 us a call, and
-    every node of every walk passes here)."""
+    every node of every walk passes here); ``s`` itself where w is already that one
+    (a Signal is frozen)."""
+    if width is s.width:
+        return s
     return Signal(s.m2, s.mean_share, s.r, s.lead, width)
