@@ -18,7 +18,6 @@ import math
 
 import numpy as np
 
-from varprobe import stats
 from varprobe.precision import BINS, FORMATS, LOW, SCALED, Ranges, Row
 
 SAMPLE = 1 << 13  # elements a larger float32 CPU tensor's histogram counts (exponents)
@@ -37,19 +36,24 @@ class Pool:
     def __init__(self, shape: tuple[int, int]):
         self.shape = shape
         self._blocks: list[np.ndarray] = []
-        self._used = self.BLOCK
-        self._at: dict[int, int] = {}  # id of a view handed out -> its place in the blocks
-        self._views: list[np.ndarray] = []  # kept, so that no other array takes their ids
+        self._views: list[np.ndarray] = []  # the blocks' rows, made a block at a time:
+        # handing one out is an index (kept, so that no other array takes their ids)
+        self._next = 0
+        self._at: dict[int, int] = {}  # id of a view -> its place in the blocks
 
     def __call__(self) -> np.ndarray:
-        if self._used == self.BLOCK:
-            self._blocks.append(np.zeros((self.BLOCK, *self.shape), dtype=np.int64))
-            self._used = 0
-        rows = self._blocks[-1][self._used]
-        self._used += 1
-        self._at[id(rows)] = len(self._views)
-        self._views.append(rows)
-        return rows
+        i = self._next
+        if i == len(self._views):
+            self._grow()
+        self._next = i + 1
+        return self._views[i]
+
+    def _grow(self) -> None:
+        block = np.zeros((self.BLOCK, *self.shape), dtype=np.int64)
+        self._blocks.append(block)
+        views, start = list(block), len(self._views)
+        self._views.extend(views)
+        self._at.update(zip(map(id, views), range(start, start + self.BLOCK)))
 
     def summed(self, rows: list[np.ndarray]) -> np.ndarray:
         """Each of ``rows`` summed over its histogram rows: [len(rows), bins]; where
@@ -73,13 +77,13 @@ class Batch:
         self._starts: list[int] = []
         self._done = 0  # entries built
 
-    def add(self, n: int, top: int, low: int, rows: np.ndarray, scale: float) -> stats.Pending:
-        """The Pending of a tensor of ``n`` elements whose sample's histogram rows are
+    def add(self, n: int, top: int, low: int, rows: np.ndarray, scale: float) -> Noted:
+        """The Pending (a ``Noted``) of a tensor of ``n`` elements whose sample's histogram rows are
         ``rows`` (more than ``SAMPLE`` elements, ``top`` below every overflow cut and
         the smallest non-zero |x|, ``low`` + 1 as bits, above float32's subnormals)."""
         noted = Noted(self, len(self._entries))
         self._entries.append((n, top, low, rows, scale))
-        return stats.Pending(_NONE, noted.finish)
+        return noted
 
     def row(self, index: int) -> dict:
         if index >= self._done:
@@ -93,9 +97,12 @@ class Batch:
 
 
 class Noted:
-    """The host row of a noted tensor: its dict made on first ``row()``, as a Ranges'."""
+    """A noted tensor's ``stats.Pending`` (nothing to transfer; ``finish`` gives
+    itself) and its host row: its dict made on first ``row()``, as a Ranges'. One
+    object per tensor, not a Pending around it: the hooks make one per tensor."""
 
     __slots__ = ("batch", "index")
+    raw = _NONE
 
     def __init__(self, batch: Batch, index: int):
         self.batch, self.index = batch, index
@@ -151,23 +158,27 @@ class _Built:
         (format, scale)] matrix, overflow 0 but where a rare tensor reaches a cut
         under another scale than its own (then the Ranges' own answer)."""
         n = len(self.numel)
-        self.amax_scales = {name: [2.0 ** math.floor(math.log2(FORMATS[name].max / a))
-                                   if a else None for a in self.amax] for name in SCALED}
+        log2, floor = math.log2, math.floor
+        steps = {name: [floor(log2(FORMATS[name].max / a)) if a else None for a in self.amax]
+                 for name in SCALED}  # log2 of each amax scale (as Ranges.amax_scale)
+        self.amax_scales = {name: [None if k is None else 2.0 ** k for k in ks]
+                            for name, ks in steps.items()}
         own = np.array(self.scale)
+        logs = {s: round(log2(s)) for s in set(self.scale)}
         shifts = {"unscaled": np.zeros(n, dtype=np.int64),
-                  "loss_scaled": np.array([round(math.log2(s)) for s in self.scale])}
+                  "loss_scaled": np.array([logs[s] for s in self.scale], dtype=np.int64)}
+        top = np.array([-1.0 if a is None else a for a in self.amax])
         self.columns, flush, normal, self.over = [], [], [], {}
         for name, fmt in FORMATS.items():
             scales = {"unscaled": np.ones(n), "loss_scaled": own}
             if name in SCALED:
-                given = [s or 1.0 for s in self.amax_scales[name]]
-                scales["amax_scaled"] = np.array(given)
-                shifts["amax_scaled"] = np.array([round(math.log2(s)) for s in given])
+                scales["amax_scaled"] = np.array([s or 1.0 for s in self.amax_scales[name]])
+                shifts["amax_scaled"] = np.array([k or 0 for k in steps[name]], dtype=np.int64)
             for kind, by in scales.items():
                 self.columns.append((name, kind))
                 flush.append(fmt.flush_exponent - shifts[kind])
                 normal.append(fmt.normal_exponent - shifts[kind])
-                self._overflows(len(self.columns) - 1, fmt, by, own)
+                self._overflows(len(self.columns) - 1, fmt, top, by, own)
         at = {c: k for k, c in enumerate(self.columns)}
         self.layout = {name: (at[name, "unscaled"], at[name, "loss_scaled"],
                               at.get((name, "amax_scaled"))) for name in FORMATS}
@@ -177,10 +188,12 @@ class _Built:
         self.under = (flushed / SAMPLE).tolist()
         self.sub = ((below_normal - flushed) / SAMPLE).tolist()
 
-    def _overflows(self, column: int, fmt, scales: np.ndarray, own: np.ndarray) -> None:
+    def _overflows(self, column: int, fmt, amax: np.ndarray, scales: np.ndarray,
+                   own: np.ndarray) -> None:
         """``Ranges.overflow_fraction`` where it is not 0: none of a noted tensor's
-        elements reaches its own cuts; past a cut under another scale, the Ranges'."""
-        top = np.array([-1.0 if a is None else a for a in self.amax]) * scales
+        elements reaches its own cuts; past a cut under another scale, the Ranges'.
+        ``amax``: each tensor's, -1 for none."""
+        top = amax * scales
         reach = (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
         for i in np.flatnonzero(reach & (scales != own)).tolist():
             self.over[i, column] = self.ranges(i).overflow_fraction(fmt, float(scales[i]))
