@@ -183,6 +183,7 @@ class _Built:
         self.layout = {name: (at[name, "unscaled"], at[name, "loss_scaled"],
                               at.get((name, "amax_scaled"))) for name in FORMATS}
         self._smallest: dict[tuple, list] = {}
+        self._scaled: dict[tuple, tuple] = {}  # (format, scale) -> ``_under`` columns
         flushed = _at_most(self.below, np.array(flush).T)
         below_normal = _at_most(self.below, np.array(normal).T)
         self.under = (flushed / SAMPLE).tolist()
@@ -211,6 +212,28 @@ class _Built:
     def fits(self, i: int, k: int) -> dict:
         return {"underflow": self.under[i][k], "subnormal": self.sub[i][k],
                 "overflow": self.over.get((i, k), 0.0) if self.over else 0.0}
+
+    def fits_under(self, i: int, fmt, scale: float) -> dict:
+        """``Ranges.fits`` of tensor ``i`` under a scale no column holds (the flags'
+        loss scale, on every gradient), made for every tensor at once."""
+        key = fmt.name, scale
+        if key not in self._scaled:
+            self._scaled[key] = self._under(fmt, scale)
+        under, sub, reach = self._scaled[key]
+        return {"underflow": under[i], "subnormal": sub[i],
+                "overflow": self.ranges(i).overflow_fraction(fmt, scale) if reach[i] else 0.0}
+
+    def _under(self, fmt, scale: float) -> tuple[list, list, list]:
+        """The fractions flushed and subnormal under ``scale`` of every tensor, and
+        which reach the overflow cut (their fraction is then the Ranges')."""
+        shift = round(math.log2(scale))
+        flushed = _at_most(self.below, np.full(len(self.numel), fmt.flush_exponent - shift))
+        below_normal = _at_most(self.below,
+                                np.full(len(self.numel), fmt.normal_exponent - shift))
+        top = np.array([-1.0 if a is None else a for a in self.amax]) * scale
+        reach = (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
+        return ((flushed / SAMPLE).tolist(), ((below_normal - flushed) / SAMPLE).tolist(),
+                reach.tolist())
 
     def smallest_scale(self, i: int, fmt, max_underflow: float) -> float | None:
         """``Ranges.smallest_scale`` of tensor ``i``, made for every tensor at once."""
@@ -293,10 +316,11 @@ class NotedRanges(Ranges):
         return int(self._at[0].below[self._at[1], top]) if top >= 0 else 0
 
     def fits(self, fmt, scale: float = 1.0) -> dict[str, float | None]:
-        """As a Ranges', from the columns gathered for the rows where there is one."""
+        """As a Ranges', from the columns gathered for the rows (or, under another
+        scale, from those made for it, ``_Built.fits_under``)."""
         built, i = self._at
         k = built.column(fmt.name, scale, i)
-        return super().fits(fmt, scale) if k is None else built.fits(i, k)
+        return built.fits_under(i, fmt, scale) if k is None else built.fits(i, k)
 
     def smallest_scale(self, fmt, max_underflow: float) -> float | None:
         return self._at[0].smallest_scale(self._at[1], fmt, max_underflow)
