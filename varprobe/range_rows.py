@@ -78,9 +78,10 @@ class Batch:
         self._done = 0  # entries built
 
     def add(self, n: int, top: int, low: int, rows: np.ndarray, scale: float) -> Noted:
-        """The Pending (a ``Noted``) of a tensor of ``n`` elements whose sample's histogram rows are
-        ``rows`` (more than ``SAMPLE`` elements, ``top`` below every overflow cut and
-        the smallest non-zero |x|, ``low`` + 1 as bits, above float32's subnormals)."""
+        """The Pending (a ``Noted``) of a tensor of ``n`` elements whose sample's
+        histogram rows are ``rows`` (more than ``SAMPLE`` elements, ``top`` below every
+        overflow cut and the smallest non-zero |x|, ``low`` + 1 as bits, above
+        float32's subnormals)."""
         noted = Noted(self, len(self._entries))
         self._entries.append((n, top, low, rows, scale))
         return noted
@@ -101,17 +102,20 @@ class Noted:
     itself) and its host row: its dict made on first ``row()``, as a Ranges'. One
     object per tensor, not a Pending around it: the hooks make one per tensor."""
 
-    __slots__ = ("batch", "index")
+    __slots__ = ("batch", "index", "made")
     raw = _NONE
 
     def __init__(self, batch: Batch, index: int):
-        self.batch, self.index = batch, index
+        self.batch, self.index, self.made = batch, index, None
 
     def finish(self, _raw: list) -> Noted:
         return self
 
     def row(self) -> dict:
-        return self.batch.row(self.index)
+        """The row, kept here once made: a layer's input is the layer before's output."""
+        if self.made is None:
+            self.made = self.batch.row(self.index)
+        return self.made
 
 
 class BatchRow(Row):
