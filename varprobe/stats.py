@@ -170,8 +170,8 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
 
 
 # (list, sample, rows) while the range reads are asked for: ``extremes_read``, or set
-# and reset directly where a context manager's own calls would cost more than the
-# read it wraps (the recorder's hooks, once per tensor).
+# and reset directly by the recorder's hooks, once per tensor, where a context
+# manager's own calls (a generator, enter, exit) are a share of the hook's cost.
 EXTREMES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("extremes",
                                                                         default=None)
 
