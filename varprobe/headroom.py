@@ -17,6 +17,7 @@ attention output) has a larger max than predicted. From the model:
 
 from __future__ import annotations
 
+import functools
 import math
 from statistics import NormalDist
 
@@ -48,8 +49,16 @@ def extremes(second_moment: float | None, numel: int | None) -> tuple[float, flo
             or second_moment <= 0:
         return None
     sd = math.sqrt(second_moment)
+    top, low = _unit_extremes(numel)
+    return sd * top, sd * low
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_extremes(numel: int) -> tuple[float, float]:
+    """``extremes`` of N(0, 1) draws, which scale by sd: one pair per tensor size (a
+    model's layers share a few), not two inverse CDFs per tensor."""
     p = -math.expm1(-math.log(2) / numel)  # 1 - 2^(-1/N), accurate for large N
-    return sd * _quantile_abs(1 - p), sd * _quantile_abs(p)
+    return _quantile_abs(1 - p), _quantile_abs(p)
 
 
 def _cdf_abs(t: float, sd: float) -> float:

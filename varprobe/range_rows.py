@@ -18,7 +18,6 @@ import math
 
 import numpy as np
 
-from varprobe import stats
 from varprobe.precision import BINS, FORMATS, LOW, SCALED, Ranges, Row
 
 SAMPLE = 1 << 13  # elements a larger float32 CPU tensor's histogram counts (exponents)
@@ -37,19 +36,24 @@ class Pool:
     def __init__(self, shape: tuple[int, int]):
         self.shape = shape
         self._blocks: list[np.ndarray] = []
-        self._used = self.BLOCK
-        self._at: dict[int, int] = {}  # id of a view handed out -> its place in the blocks
-        self._views: list[np.ndarray] = []  # kept, so that no other array takes their ids
+        self._views: list[np.ndarray] = []  # the blocks' rows, made a block at a time:
+        # handing one out is an index (kept, so that no other array takes their ids)
+        self._next = 0
+        self._at: dict[int, int] = {}  # id of a view -> its place in the blocks
 
     def __call__(self) -> np.ndarray:
-        if self._used == self.BLOCK:
-            self._blocks.append(np.zeros((self.BLOCK, *self.shape), dtype=np.int64))
-            self._used = 0
-        rows = self._blocks[-1][self._used]
-        self._used += 1
-        self._at[id(rows)] = len(self._views)
-        self._views.append(rows)
-        return rows
+        i = self._next
+        if i == len(self._views):
+            self._grow()
+        self._next = i + 1
+        return self._views[i]
+
+    def _grow(self) -> None:
+        block = np.zeros((self.BLOCK, *self.shape), dtype=np.int64)
+        self._blocks.append(block)
+        views, start = list(block), len(self._views)
+        self._views.extend(views)
+        self._at.update(zip(map(id, views), range(start, start + self.BLOCK)))
 
     def summed(self, rows: list[np.ndarray]) -> np.ndarray:
         """Each of ``rows`` summed over its histogram rows: [len(rows), bins]; where
@@ -73,13 +77,14 @@ class Batch:
         self._starts: list[int] = []
         self._done = 0  # entries built
 
-    def add(self, n: int, top: int, low: int, rows: np.ndarray, scale: float) -> stats.Pending:
-        """The Pending of a tensor of ``n`` elements whose sample's histogram rows are
-        ``rows`` (more than ``SAMPLE`` elements, ``top`` below every overflow cut and
-        the smallest non-zero |x|, ``low`` + 1 as bits, above float32's subnormals)."""
+    def add(self, n: int, top: int, low: int, rows: np.ndarray, scale: float) -> Noted:
+        """The Pending (a ``Noted``) of a tensor of ``n`` elements whose sample's
+        histogram rows are ``rows`` (more than ``SAMPLE`` elements, ``top`` below every
+        overflow cut and the smallest non-zero |x|, ``low`` + 1 as bits, above
+        float32's subnormals)."""
         noted = Noted(self, len(self._entries))
         self._entries.append((n, top, low, rows, scale))
-        return stats.Pending(_NONE, noted.finish)
+        return noted
 
     def row(self, index: int) -> dict:
         if index >= self._done:
@@ -93,18 +98,24 @@ class Batch:
 
 
 class Noted:
-    """The host row of a noted tensor: its dict made on first ``row()``, as a Ranges'."""
+    """A noted tensor's ``stats.Pending`` (nothing to transfer; ``finish`` gives
+    itself) and its host row: its dict made on first ``row()``, as a Ranges'. One
+    object per tensor, not a Pending around it: the hooks make one per tensor."""
 
-    __slots__ = ("batch", "index")
+    __slots__ = ("batch", "index", "made")
+    raw = _NONE
 
     def __init__(self, batch: Batch, index: int):
-        self.batch, self.index = batch, index
+        self.batch, self.index, self.made = batch, index, None
 
     def finish(self, _raw: list) -> Noted:
         return self
 
     def row(self) -> dict:
-        return self.batch.row(self.index)
+        """The row, kept here once made: a layer's input is the layer before's output."""
+        if self.made is None:
+            self.made = self.batch.row(self.index)
+        return self.made
 
 
 class BatchRow(Row):
@@ -151,36 +162,43 @@ class _Built:
         (format, scale)] matrix, overflow 0 but where a rare tensor reaches a cut
         under another scale than its own (then the Ranges' own answer)."""
         n = len(self.numel)
-        self.amax_scales = {name: [2.0 ** math.floor(math.log2(FORMATS[name].max / a))
-                                   if a else None for a in self.amax] for name in SCALED}
+        log2, floor = math.log2, math.floor
+        steps = {name: [floor(log2(FORMATS[name].max / a)) if a else None for a in self.amax]
+                 for name in SCALED}  # log2 of each amax scale (as Ranges.amax_scale)
+        self.amax_scales = {name: [None if k is None else 2.0 ** k for k in ks]
+                            for name, ks in steps.items()}
         own = np.array(self.scale)
+        logs = {s: round(log2(s)) for s in set(self.scale)}
         shifts = {"unscaled": np.zeros(n, dtype=np.int64),
-                  "loss_scaled": np.array([round(math.log2(s)) for s in self.scale])}
+                  "loss_scaled": np.array([logs[s] for s in self.scale], dtype=np.int64)}
+        top = np.array([-1.0 if a is None else a for a in self.amax])
         self.columns, flush, normal, self.over = [], [], [], {}
         for name, fmt in FORMATS.items():
             scales = {"unscaled": np.ones(n), "loss_scaled": own}
             if name in SCALED:
-                given = [s or 1.0 for s in self.amax_scales[name]]
-                scales["amax_scaled"] = np.array(given)
-                shifts["amax_scaled"] = np.array([round(math.log2(s)) for s in given])
+                scales["amax_scaled"] = np.array([s or 1.0 for s in self.amax_scales[name]])
+                shifts["amax_scaled"] = np.array([k or 0 for k in steps[name]], dtype=np.int64)
             for kind, by in scales.items():
                 self.columns.append((name, kind))
                 flush.append(fmt.flush_exponent - shifts[kind])
                 normal.append(fmt.normal_exponent - shifts[kind])
-                self._overflows(len(self.columns) - 1, fmt, by, own)
+                self._overflows(len(self.columns) - 1, fmt, top, by, own)
         at = {c: k for k, c in enumerate(self.columns)}
         self.layout = {name: (at[name, "unscaled"], at[name, "loss_scaled"],
                               at.get((name, "amax_scaled"))) for name in FORMATS}
         self._smallest: dict[tuple, list] = {}
+        self._scaled: dict[tuple, tuple] = {}  # (format, scale) -> ``_under`` columns
         flushed = _at_most(self.below, np.array(flush).T)
         below_normal = _at_most(self.below, np.array(normal).T)
         self.under = (flushed / SAMPLE).tolist()
         self.sub = ((below_normal - flushed) / SAMPLE).tolist()
 
-    def _overflows(self, column: int, fmt, scales: np.ndarray, own: np.ndarray) -> None:
+    def _overflows(self, column: int, fmt, amax: np.ndarray, scales: np.ndarray,
+                   own: np.ndarray) -> None:
         """``Ranges.overflow_fraction`` where it is not 0: none of a noted tensor's
-        elements reaches its own cuts; past a cut under another scale, the Ranges'."""
-        top = np.array([-1.0 if a is None else a for a in self.amax]) * scales
+        elements reaches its own cuts; past a cut under another scale, the Ranges'.
+        ``amax``: each tensor's, -1 for none."""
+        top = amax * scales
         reach = (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
         for i in np.flatnonzero(reach & (scales != own)).tolist():
             self.over[i, column] = self.ranges(i).overflow_fraction(fmt, float(scales[i]))
@@ -198,6 +216,28 @@ class _Built:
     def fits(self, i: int, k: int) -> dict:
         return {"underflow": self.under[i][k], "subnormal": self.sub[i][k],
                 "overflow": self.over.get((i, k), 0.0) if self.over else 0.0}
+
+    def fits_under(self, i: int, fmt, scale: float) -> dict:
+        """``Ranges.fits`` of tensor ``i`` under a scale no column holds (the flags'
+        loss scale, on every gradient), made for every tensor at once."""
+        key = fmt.name, scale
+        if key not in self._scaled:
+            self._scaled[key] = self._under(fmt, scale)
+        under, sub, reach = self._scaled[key]
+        return {"underflow": under[i], "subnormal": sub[i],
+                "overflow": self.ranges(i).overflow_fraction(fmt, scale) if reach[i] else 0.0}
+
+    def _under(self, fmt, scale: float) -> tuple[list, list, list]:
+        """The fractions flushed and subnormal under ``scale`` of every tensor, and
+        which reach the overflow cut (their fraction is then the Ranges')."""
+        shift = round(math.log2(scale))
+        flushed = _at_most(self.below, np.full(len(self.numel), fmt.flush_exponent - shift))
+        below_normal = _at_most(self.below,
+                                np.full(len(self.numel), fmt.normal_exponent - shift))
+        top = np.array([-1.0 if a is None else a for a in self.amax]) * scale
+        reach = (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
+        return ((flushed / SAMPLE).tolist(), ((below_normal - flushed) / SAMPLE).tolist(),
+                reach.tolist())
 
     def smallest_scale(self, i: int, fmt, max_underflow: float) -> float | None:
         """``Ranges.smallest_scale`` of tensor ``i``, made for every tensor at once."""
@@ -280,10 +320,11 @@ class NotedRanges(Ranges):
         return int(self._at[0].below[self._at[1], top]) if top >= 0 else 0
 
     def fits(self, fmt, scale: float = 1.0) -> dict[str, float | None]:
-        """As a Ranges', from the columns gathered for the rows where there is one."""
+        """As a Ranges', from the columns gathered for the rows (or, under another
+        scale, from those made for it, ``_Built.fits_under``)."""
         built, i = self._at
         k = built.column(fmt.name, scale, i)
-        return super().fits(fmt, scale) if k is None else built.fits(i, k)
+        return built.fits_under(i, fmt, scale) if k is None else built.fits(i, k)
 
     def smallest_scale(self, fmt, max_underflow: float) -> float | None:
         return self._at[0].smallest_scale(self._at[1], fmt, max_underflow)

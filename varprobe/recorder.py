@@ -203,8 +203,12 @@ class Recorder:
         measured, the extremes its kernel read found on the way (``stats.extremes_read``)."""
         if self.ranges is None:
             return make(*args), None
-        with stats.extremes_read(self.ranges.sample, self.ranges.rows) as found:
+        found: list = []  # ``stats.extremes_read``, without a context manager's calls
+        token = stats.EXTREMES.set((found, self.ranges.sample, self.ranges.rows))
+        try:
             value = make(*args)
+        finally:
+            stats.EXTREMES.reset(token)
         return value, found[0] if found else None
 
     def _grad_hook(self, slot: int):
@@ -220,8 +224,12 @@ class Recorder:
         (the same buffer, see ``_gradient_stats``)."""
         key = id(self.slots[slot])  # the Pending lives in self.slots: its id is stable
         if key not in self._range_by_pending:
-            with torch.no_grad():
-                self._range_by_pending[key] = self._new_slot(self.ranges.gradient(grad, seen))
+            if torch.is_grad_enabled():  # a backward with create_graph=True
+                with torch.no_grad():
+                    value = self.ranges.gradient(grad, seen)
+            else:  # the usual backward: no context to enter (as ``_gradient_stats``)
+                value = self.ranges.gradient(grad, seen)
+            self._range_by_pending[key] = self._new_slot(value)
         self.range_slots[slot] = self._range_by_pending[key]
 
     def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:

@@ -169,8 +169,11 @@ def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
     return _finish_cpu_sums(x, flat, _moment_read(flat), nonfinite)
 
 
-_EXTREMES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("extremes",
-                                                                         default=None)
+# (list, sample, rows) while the range reads are asked for: ``extremes_read``, or set
+# and reset directly by the recorder's hooks, once per tensor, where a context
+# manager's own calls (a generator, enter, exit) are a share of the hook's cost.
+EXTREMES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("extremes",
+                                                                        default=None)
 
 
 @contextlib.contextmanager
@@ -185,11 +188,11 @@ def extremes_read(sample: Callable[[int], np.ndarray | None],
     minus one, rows or None). Empty where no such read happened (a cached gradient,
     units kernels, torch's sums)."""
     found: list = []
-    token = _EXTREMES.set((found, sample, rows))
+    token = EXTREMES.set((found, sample, rows))
     try:
         yield found
     finally:
-        _EXTREMES.reset(token)
+        EXTREMES.reset(token)
 
 
 _NO_SAMPLE = np.zeros(0, dtype=np.int64)
@@ -211,7 +214,7 @@ def _range_reads(flat: np.ndarray, kernel: str) -> tuple | None:
     """Where ``extremes_read`` asks the CPU moment read of float32 ``flat`` (by
     ``kernel``) for the range reads: (the list to append to, the sorted sample indices,
     the histogram rows, whether there is a sample); else None."""
-    wanted = _EXTREMES.get()
+    wanted = EXTREMES.get()
     if wanted is None or wanted[0] or flat.dtype != np.float32 \
             or not hasattr(_kernels(), kernel):
         return None
