@@ -272,7 +272,8 @@ class TokenGrams:
         sums = self._window_diags(node, (sv, sk), counts)
         uv = tokens.prefix_shares(sv, counts, sums[0])
         uk = tokens.prefix_shares(sk, counts, sums[1])
-        out = (tokens.off_diagonal(sv), tokens.off_diagonal(sk), uv[0], uk[1])
+        r_v = tokens.off_diagonal(sv)
+        out = (r_v, r_v if sk is sv else tokens.off_diagonal(sk), uv[0], uk[1])
         # far past saturation every query goes to a few keys, and the overlap the
         # output's pairs rest on (e^{r(1-r)s²}) is past what the closed forms hold: the
         # scalar rules there, as theory.attend drops r_g. T5: (1 - r)s² ~ 5 under
@@ -292,8 +293,9 @@ class TokenGrams:
         memo = self.__dict__.setdefault("_gram_memo", {})
         held = memo.get(("diags", id(node)))
         if held is None or any(a is not b for a, b in zip(held[0], grams)):
-            held = memo[("diags", id(node))] = (
-                grams, tuple(tokens.window_diag(s, counts) for s in grams))
+            first = tokens.window_diag(grams[0], counts)  # the values' and keys' often one
+            held = memo[("diags", id(node))] = (grams, (first, *(
+                first if s is grams[0] else tokens.window_diag(s, counts) for s in grams[1:])))
         return held[1]
 
     def attended_grams(self, node: Node, facts) -> tuple:
