@@ -171,7 +171,7 @@ class _Built:
         logs = {s: round(log2(s)) for s in set(self.scale)}
         shifts = {"unscaled": np.zeros(n, dtype=np.int64),
                   "loss_scaled": np.array([logs[s] for s in self.scale], dtype=np.int64)}
-        top = np.array([-1.0 if a is None else a for a in self.amax])
+        self.top = np.array([-1.0 if a is None else a for a in self.amax])  # -1: none
         self.columns, flush, normal, self.over = [], [], [], {}
         for name, fmt in FORMATS.items():
             scales = {"unscaled": np.ones(n), "loss_scaled": own}
@@ -182,7 +182,7 @@ class _Built:
                 self.columns.append((name, kind))
                 flush.append(fmt.flush_exponent - shifts[kind])
                 normal.append(fmt.normal_exponent - shifts[kind])
-                self._overflows(len(self.columns) - 1, fmt, top, by, own)
+                self._overflows(len(self.columns) - 1, fmt, by, own)
         at = {c: k for k, c in enumerate(self.columns)}
         self.layout = {name: (at[name, "unscaled"], at[name, "loss_scaled"],
                               at.get((name, "amax_scaled"))) for name in FORMATS}
@@ -193,14 +193,10 @@ class _Built:
         self.under = (flushed / SAMPLE).tolist()
         self.sub = ((below_normal - flushed) / SAMPLE).tolist()
 
-    def _overflows(self, column: int, fmt, amax: np.ndarray, scales: np.ndarray,
-                   own: np.ndarray) -> None:
+    def _overflows(self, column: int, fmt, scales: np.ndarray, own: np.ndarray) -> None:
         """``Ranges.overflow_fraction`` where it is not 0: none of a noted tensor's
-        elements reaches its own cuts; past a cut under another scale, the Ranges'.
-        ``amax``: each tensor's, -1 for none."""
-        top = amax * scales
-        reach = (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
-        for i in np.flatnonzero(reach & (scales != own)).tolist():
+        elements reaches its own cuts; past a cut under another scale, the Ranges'."""
+        for i in np.flatnonzero(self._reach(fmt, scales) & (scales != own)).tolist():
             self.over[i, column] = self.ranges(i).overflow_fraction(fmt, float(scales[i]))
 
     def column(self, name: str, scale: float, i: int) -> int | None:
@@ -234,10 +230,13 @@ class _Built:
         flushed = _at_most(self.below, np.full(len(self.numel), fmt.flush_exponent - shift))
         below_normal = _at_most(self.below,
                                 np.full(len(self.numel), fmt.normal_exponent - shift))
-        top = np.array([-1.0 if a is None else a for a in self.amax]) * scale
-        reach = (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
         return ((flushed / SAMPLE).tolist(), ((below_normal - flushed) / SAMPLE).tolist(),
-                reach.tolist())
+                self._reach(fmt, scale).tolist())
+
+    def _reach(self, fmt, scales) -> np.ndarray:
+        """Which tensors' amax, times ``scales``, is at or past the format's cut."""
+        top = self.top * scales
+        return (top > fmt.overflow_cut) | ((top == fmt.overflow_cut) & fmt.cut_inclusive)
 
     def smallest_scale(self, i: int, fmt, max_underflow: float) -> float | None:
         """``Ranges.smallest_scale`` of tensor ``i``, made for every tensor at once."""
@@ -253,8 +252,7 @@ class _Built:
         exps = np.arange(-64, 65)
         flushed = _at_most(self.below, np.broadcast_to(fmt.flush_exponent - exps,
                                                        (len(self.numel), exps.size)))
-        top = np.array([-1.0 if a is None else a for a in self.amax])
-        alive = top[:, None] * np.array([2.0 ** e for e in exps.tolist()]) \
+        alive = self.top[:, None] * np.array([2.0 ** e for e in exps.tolist()]) \
             > 2.0 ** fmt.flush_exponent
         keep = (flushed / SAMPLE <= max_underflow) & alive
         return [2.0 ** (f - 64) if found else None
