@@ -36,15 +36,15 @@ def exponent_bins(a: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
     for start in range(0, whole.numel(), CHUNK):
         piece = whole[start:start + CHUNK]
         got = _piece_bins(piece, rows)
-        if got is None:  # a NaN: the general path, rare
+        if got is None:  # a NaN: counted again whole by numpy's path, rare
             rows[:] = 0
-            return _bins_with_nan(whole & 0x7FFFFFFF, rows)
+            return _array_bins(a, rows)
         finite, nonzero = max(finite, got[0]), min(nonzero, got[1])
     return finite, nonzero
 
 
 def _array_bins(a: np.ndarray, rows: np.ndarray) -> tuple[int, int]:
-    """``exponent_bins`` of a small array in numpy (NaN included: field 256)."""
+    """``exponent_bins`` in numpy: a small array, or one holding a NaN (field 256)."""
     bits = a & 0x7FFFFFFF
     top = int(bits.max())
     finite = top if top < INF_BITS else int(np.where(bits < INF_BITS, bits, 0).max())
@@ -89,15 +89,6 @@ def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     size = min(CHUNK, 1 << max(n - 1, 1).bit_length())
     return (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=torch.int32),
             torch.empty(size, dtype=torch.uint8))
-
-
-def _bins_with_nan(bits: torch.Tensor, rows: np.ndarray) -> tuple[int, int]:
-    field = torch.bitwise_right_shift(bits - 1, 23)
-    field += 1  # 0: zero, 1: subnormal or 2^-126, ..., 255: large or inf, 256: NaN
-    rows[0] += torch.bincount(field, minlength=257).numpy()
-    finite = torch.where(bits < INF_BITS, bits, 0).amax()
-    nonzero = torch.where(bits != 0, bits, INF_BITS).amin()  # NaN's bits: past inf
-    return int(finite), min(int(nonzero), INF_BITS)
 
 
 def sample_bins(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
