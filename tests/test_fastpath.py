@@ -380,6 +380,6 @@ def test_cpu_sums_without_numba_installed(monkeypatch):
     monkeypatch.delattr(varprobe, "kernels", raising=False)
     assert stats._load_numba.__wrapped__(True) is None
     monkeypatch.setattr(stats, "numba_kernels", lambda: None)
-    assert stats._kernels().__name__ == "varprobe.torch_kernels"
+    assert stats.cpu_kernels().__name__ == "varprobe.torch_kernels"
     check_activation(relu_with_dead_units(64, 8, 5, 5, channel_dim=1), channel_dim=1)
     check_activation(relu_with_dead_units(300, 70))

@@ -220,3 +220,17 @@ def unit_sums_last_extremes(a, bits, zero, nonzero, idx, hist):
             for u in range(units):
                 nonzero[u] += row[u] != 0
     return s1, s2, top, low
+
+
+@_jit
+def channel_sums(a, zero, s1, s2):
+    """Per unit c of an (N, C, L) array, L > 1: ``s1[c]`` += sum(a[:, c]) and
+    ``s2[c]`` += sum(a[:, c]^2), in ``sums``' blocks (a BatchNorm's input channels)."""
+    flat = a.reshape(-1)
+    units, length = a.shape[1], a.shape[2]
+    for n in range(a.shape[0]):
+        for c in range(units):
+            start = (n * units + c) * length
+            r1, r2 = sums(flat[start:start + length], zero, zero)
+            s1[c] += r1
+            s2[c] += r2

@@ -162,7 +162,7 @@ def _scratch(x: torch.Tensor) -> torch.Tensor:
 def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
     """float64 [shift, sum(x - shift), sum((x - shift)^2), then the non-finite count if
     asked for]."""
-    found = _kernel_array(x)
+    found = kernel_array(x)
     if found is None:
         return _sums_shifted(x, nonfinite)
     flat = found[0].reshape(-1)
@@ -201,7 +201,7 @@ _NO_SAMPLE = np.zeros(0, dtype=np.int64)
 def _moment_read(flat: np.ndarray) -> tuple[float, float]:
     """(sum, sum of squares) of ``flat`` by the CPU kernels, with the range reads where
     ``extremes_read`` asks for them."""
-    k, zero = _kernels(), flat.dtype.type(0)
+    k, zero = cpu_kernels(), flat.dtype.type(0)
     reads = _range_reads(flat, "sums_extremes")
     if reads is None:
         return k.sums(flat, zero, zero)
@@ -216,7 +216,7 @@ def _range_reads(flat: np.ndarray, kernel: str) -> tuple | None:
     the histogram rows, whether there is a sample); else None."""
     wanted = EXTREMES.get()
     if wanted is None or wanted[0] or flat.dtype != np.float32 \
-            or not hasattr(_kernels(), kernel):
+            or not hasattr(cpu_kernels(), kernel):
         return None
     found, sample, shape = wanted
     idx = sample(flat.size)
@@ -244,7 +244,7 @@ def release_kernels(token: contextvars.Token) -> None:
     _CHOSEN.reset(token)
 
 
-def _kernels():
+def cpu_kernels():
     """The CPU sums: numba's (``numba_kernels``) where used, else ``torch_kernels``."""
     chosen = _CHOSEN.get()
     if chosen:
@@ -275,7 +275,7 @@ def _load_numba(wanted: bool):
     return kernels
 
 
-def _kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
+def kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
     """``x``'s memory as a numpy array with its dims in memory order, and that order,
     when the CPU kernels can read it: a dense, non-empty float32/float64 CPU tensor."""
     if not reads_are_free(x.device) or x.dtype not in (torch.float32, torch.float64) \
@@ -296,7 +296,7 @@ def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float
     finite = math.isfinite(s1) and math.isfinite(s2)
     if finite and mean * mean > m2 - mean * mean:  # E[x^2] - E[x]^2 would cancel
         shift = flat.dtype.type(mean)
-        s1, s2 = _kernels().sums(flat, shift, flat.dtype.type(0))
+        s1, s2 = cpu_kernels().sums(flat, shift, flat.dtype.type(0))
     row = [float(shift), s1, s2]
     if nonfinite:
         row.append(0.0 if finite else _count_nonfinite(x))
@@ -336,8 +336,8 @@ def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
 
 def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
     """``_sums`` with the non-finite count, then ``_units``; with numba in one read."""
-    found = _kernel_array(x)
-    if found is None or not hasattr(_kernels(), "unit_sums_first"):
+    found = kernel_array(x)
+    if found is None or not hasattr(cpu_kernels(), "unit_sums_first"):
         return _join([_sums(x, nonfinite=True), _units(x, channel_dim)])
     array, order = found
     shape = (1, 1, array.size)  # (before the units, units, after them) in memory
@@ -346,7 +346,7 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
         shape = (math.prod(array.shape[:at]), array.shape[at],
                  math.prod(array.shape[at + 1:]))
     nonzero = np.zeros(shape[1], dtype=np.int64)
-    zero, k, flat = array.dtype.type(0), _kernels(), array.reshape(-1)
+    zero, k, flat = array.dtype.type(0), cpu_kernels(), array.reshape(-1)
     units = array.reshape(shape[:2] if shape[2] == 1 else shape)
     last = shape[2] == 1  # units innermost: a Linear's features
     reads = _range_reads(flat, "unit_sums_last_extremes")
@@ -475,7 +475,7 @@ def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
 
 def _square_sums(x: torch.Tensor) -> Raw:
     """[sum(x^2)], float64."""
-    found = _kernel_array(x)
+    found = kernel_array(x)
     if found is not None:
         return [_moment_read(found[0].reshape(-1))[1]]
     sums = [_square_sum(p) for p in _pieces(x, chunked=False)]

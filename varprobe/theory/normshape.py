@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from varprobe.channel_sums import channel_sums
 from varprobe.theory import norms
 from varprobe.theory.signal import Signal
 
@@ -45,15 +47,24 @@ def wanted(module: nn.Module, x: object) -> bool:
             and (module.training or module.running_var is not None))
 
 
-def _param(module: nn.Module, name: str, like: torch.Tensor, default: float) -> torch.Tensor:
+def _param(module: nn.Module, name: str, like, default: float, host: bool):
+    """A BatchNorm's parameter or buffer in float64, a numpy array where ``host``;
+    ``default`` in every channel where it has none."""
     t = getattr(module, name, None)
     if not isinstance(t, torch.Tensor) or t.is_meta:
-        return torch.full_like(like, default)
-    return t.detach().double()
+        return _full(like, default, host)
+    t = t.detach().double()
+    return t.numpy() if host else t
 
 
-def measure(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Four float64 pairs on x's device, no sync:
+def _full(like, value: float, host: bool):
+    return np.full(like.shape, value) if host else torch.full_like(like, value)
+
+
+def measure(module: nn.Module, x: torch.Tensor) -> list:
+    """Four float64 pairs: on x's device, no sync; a CPU tensor's as host pairs, whose
+    reads are free (two dozen torch calls on a few hundred channels cost more than the
+    sums themselves):
 
     (m2, V)   the input's E[x^2] and mean_c v_c (the per-channel variance over the
               batch and positions, as BatchNorm takes it);
@@ -66,27 +77,33 @@ def measure(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     E[out^2] is A k^2 + B k + C (the running-statistics terms are zero in train mode,
     where only (m2, V) and Q are read)."""
     with torch.no_grad():
-        dims = [d for d in range(x.dim()) if d != 1]
-        # two reductions in x's precision, no copy of the norm's input (its largest
-        # activations: a float64 copy cost more than the BatchNorm itself), finished in
-        # float64; E[x^2] - mu^2 loses digits only where a channel's mean^2 exceeds its
+        # sums in x's precision (in rows, added in float64), no copy of the norm's
+        # input (its largest activations: a float64 copy cost more than the BatchNorm
+        # itself); E[x^2] - mu^2 loses digits only where a channel's mean^2 exceeds its
         # variance ~1e4-fold, which no initialized network feeds a BatchNorm
         count = x.numel() // x.shape[1]
-        mu = x.detach().sum(dim=dims).double() / count
-        m2 = torch.linalg.vector_norm(x.detach(), dim=dims).double().square() / count
-        v = (m2 - mu * mu).clamp(min=0.0)
+        s1, s2 = channel_sums(x.detach(), 1)
+        host = s1.device.type == "cpu"
+        if host:
+            s1, s2 = s1.numpy(), s2.numpy()
+        mu, m2 = s1 / count, s2 / count
+        v = m2 - mu * mu
+        v = v * (v > 0)  # clamped at 0, in either kind of array
         eps = norms.eps_of(module)
-        gamma = _param(module, "weight", v, 1.0)
-        beta = _param(module, "bias", v, 0.0)
+        gamma = _param(module, "weight", v, 1.0, host)
+        beta = _param(module, "bias", v, 0.0, host)
         running = norms.uses_running_stats(module)
-        rm = _param(module, "running_mean", v, 0.0) if running else torch.zeros_like(v)
-        rv = _param(module, "running_var", v, 1.0) if running else torch.ones_like(v)
-        a = gamma / (rv + eps).sqrt()
+        rm = _param(module, "running_mean", v, 0.0, host) if running else _full(v, 0.0, host)
+        rv = _param(module, "running_var", v, 1.0, host) if running else _full(v, 1.0, host)
+        a = gamma / (rv + eps) ** 0.5
         t = beta - a * rm
-        return [torch.stack([(v + mu * mu).mean(), v.mean()]),
-                torch.stack([(gamma * gamma / (v + eps)).mean(), (t * t).mean()]),
-                torch.stack([(a * a * (v + mu * mu)).mean(), (a * a * mu * mu).mean()]),
-                torch.stack([(2 * a * mu * t).mean(), (a * a).mean()])]
+        pairs = [((v + mu * mu).mean(), v.mean()),
+                 ((gamma * gamma / (v + eps)).mean(), (t * t).mean()),
+                 ((a * a * (v + mu * mu)).mean(), (a * a * mu * mu).mean()),
+                 ((2 * a * mu * t).mean(), (a * a).mean())]
+        if host:
+            return [(float(p), float(q)) for p, q in pairs]
+        return [torch.stack(pair) for pair in pairs]
 
 
 def _scale(shape: list[tuple[float, float]], s: Signal) -> float | None:
