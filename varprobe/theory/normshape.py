@@ -97,13 +97,12 @@ def measure(module: nn.Module, x: torch.Tensor) -> list:
         rv = _param(module, "running_var", v, 1.0, host) if running else _full(v, 1.0, host)
         a = gamma / (rv + eps) ** 0.5
         t = beta - a * rm
-        pairs = [((v + mu * mu).mean(), v.mean()),
-                 ((gamma * gamma / (v + eps)).mean(), (t * t).mean()),
-                 ((a * a * (v + mu * mu)).mean(), (a * a * mu * mu).mean()),
-                 ((2 * a * mu * t).mean(), (a * a).mean())]
-        if host:
-            return [(float(p), float(q)) for p, q in pairs]
-        return [torch.stack(pair) for pair in pairs]
+        terms = [v + mu * mu, v, gamma * gamma / (v + eps), t * t,
+                 a * a * (v + mu * mu), a * a * mu * mu, 2 * a * mu * t, a * a]
+        if host:  # one mean over the channels for all eight (numpy's is a Python call)
+            means = np.stack(terms).mean(1).tolist()
+            return [(means[i], means[i + 1]) for i in range(0, 2 * PAIRS, 2)]
+        return list(torch.stack(terms).mean(1).view(PAIRS, 2))
 
 
 def _scale(shape: list[tuple[float, float]], s: Signal) -> float | None:
