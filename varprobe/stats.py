@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from varprobe import unit_counts
+
 WIDTH = 8
 # Forward row layout.
 MEAN, VAR, SECOND_MOMENT, ZERO_FRACTION, DEAD_FRACTION, NONFINITE, NUMEL = range(7)
@@ -340,11 +342,7 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
     if found is None or not hasattr(cpu_kernels(), "unit_sums_first"):
         return _join([_sums(x, nonfinite=True), _units(x, channel_dim)])
     array, order = found
-    shape = (1, 1, array.size)  # (before the units, units, after them) in memory
-    if x.dim() >= 2:
-        at = order.index(channel_dim % x.dim())
-        shape = (math.prod(array.shape[:at]), array.shape[at],
-                 math.prod(array.shape[at + 1:]))
+    shape = _unit_layout(found, channel_dim, x.dim())
     nonzero = np.zeros(shape[1], dtype=np.int64)
     zero, k, flat = array.dtype.type(0), cpu_kernels(), array.reshape(-1)
     units = array.reshape(shape[:2] if shape[2] == 1 else shape)
@@ -361,6 +359,17 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
         float(array.size - nonzero.sum()), float(alive)]
 
 
+def _unit_layout(found: tuple[np.ndarray, list[int]], channel_dim: int,
+                 dims: int) -> tuple[int, int, int]:
+    """(before the units, units, after them) in the memory of ``kernel_array``'s
+    ``found``."""
+    array, order = found
+    if dims < 2:
+        return (1, 1, array.size)
+    at = order.index(channel_dim % dims)
+    return math.prod(array.shape[:at]), array.shape[at], math.prod(array.shape[at + 1:])
+
+
 def _units(x: torch.Tensor, channel_dim: int) -> Raw:
     """float64 [zero elements, units alive]. A unit (an index along ``channel_dim``) is
     dead when zero for every sample and position: max and min per unit both 0, which
@@ -369,6 +378,12 @@ def _units(x: torch.Tensor, channel_dim: int) -> Raw:
     outweighs its read; on big tensors torch's count_nonzero runs several times slower
     than the compare pass into scratch)."""
     host = reads_are_free(x.device)
+    found = kernel_array(x) if host and x.numel() > FEW and x.dim() >= 2 else None
+    if found is not None:  # both counts from one read (unit_counts)
+        made = unit_counts.counts(
+            torch.from_numpy(found[0]).view(_unit_layout(found, channel_dim, x.dim())))
+        if made is not None:
+            return list(made)
     if host and x.numel() <= FEW:
         zeros: torch.Tensor | float = float(x.numel() - torch.count_nonzero(x).item())
     else:
