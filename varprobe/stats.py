@@ -341,7 +341,7 @@ def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
     found = kernel_array(x)
     if found is None or not hasattr(cpu_kernels(), "unit_sums_first"):
         return _join([_sums(x, nonfinite=True), _units(x, channel_dim)])
-    array, order = found
+    array = found[0]
     shape = _unit_layout(found, channel_dim, x.dim())
     nonzero = np.zeros(shape[1], dtype=np.int64)
     zero, k, flat = array.dtype.type(0), cpu_kernels(), array.reshape(-1)
