@@ -22,7 +22,7 @@ SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
 GRAMS = 1 << 19
 MASKED = -1e4   # an additive mask entry at or below this hides the key
 BLOCK = 16      # tokens per block of _cumulate_'s in-place adds
-CHUNK = 1 << 22  # entries per float64 copy in _square_sum64 (32 MiB)
+CHUNK = 1 << 16  # entries per float64 copy in _square_sum64 (512 KiB: no large fresh block)
 
 
 def sdpa_facts(q: T, k: T, args: tuple, kwargs: dict) -> tuple[Attention, Any]:
