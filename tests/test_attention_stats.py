@@ -2,8 +2,8 @@
 float64 with other algebra (explicit per-row sums, the query path's Q_i as the Frobenius
 norm of sum_j p_ij (v_j - v̄_i) k_j^T): grouped heads, bool and float masks (-inf and
 -1e4 entries, a fully hidden row), causal and not, a packed (strided) q/k/v, 3-d inputs,
-and sizes on both sides of the blocked code paths (half of the keys under 64, token
-counts that are not a multiple of the running sums' block).
+values wider than the keys, and sizes on both sides of the blocked code paths (half of
+the keys under 64, token counts that are not a multiple of the running sums' block).
 
 Tolerances: the inputs are float32 and sdpa computes in float32 (its float64 sums start
 from float32 terms), so each statistic carries float32 rounding: a sum of n float32 terms
@@ -134,6 +134,7 @@ CASES = {
     "short": dict(b=4, heads=4, kv=4, t=64, d=64, causal=True),
     "odd": dict(b=3, heads=6, kv=3, t=197, d=40),
     "long": dict(b=1, heads=2, kv=2, t=1024, d=64, causal=True),
+    "value_width": dict(b=2, heads=4, kv=4, t=256, d=32, dv=48, causal=True),
 }
 
 
@@ -145,7 +146,7 @@ def test_sdpa_statistics_against_their_definitions(name):
     causal = c.pop("causal", False)
     b, heads, kv, t, d = c["b"], c["heads"], c["kv"], c["t"], c["d"]
     q = _tokens(gen, b, heads, t, d, packed)
-    k, v = _tokens(gen, b, kv, t, d, packed), _tokens(gen, b, kv, t, d, packed)
+    k, v = _tokens(gen, b, kv, t, d, packed), _tokens(gen, b, kv, t, c.get("dv", d), packed)
     mask = None
     if masking == "bool":
         mask = torch.rand(t, t, generator=gen) > 0.4

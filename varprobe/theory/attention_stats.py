@@ -56,8 +56,9 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
         # k as one contiguous tensor: the logits' matmul would copy a strided k (the
         # heads of a packed projection, transposed) anyway
-        k_sums, v_sums = _Sums(k), _Sums(v)
-        logits = _logits(q, k_sums.x, rows, scale, group)
+        sums = _Sums(k, v)
+        keys, values = sums.x
+        logits = _logits(q, keys, rows, scale, group)
         allowed = torch.ones(rows.numel(), facts.keys, dtype=torch.bool, device=q.device)
         if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
             cols = torch.arange(facts.keys, device=q.device)
@@ -80,30 +81,42 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         p = torch.softmax(seen.add_(bias), -1).nan_to_num_(0.0)
         # the mean over rows of each row's sum: the whole sum over the row count
         squares = _square_sum64(p) / max(p.numel() // max(p.shape[-1], 1), 1)
-        path = query_path(p, v_sums.x, k_sums.x, group, _early(facts, rows.numel()))
-        return [torch.stack([squares, spread]),
-                torch.stack([v_sums.correlation(), k_sums.correlation()]),
-                mask_shape(mask, facts),
-                torch.stack([v_sums.prefix_share(), k_sums.prefix_share(weighted=True)]),
-                path]
+        path = query_path(p, values, keys, group, _early(facts, rows.numel()))
+        r_k, r_v = sums.correlations()
+        w_k, u_v = sums.prefix_shares(weighted=(True, False))
+        return [torch.stack([squares, spread]), torch.stack([r_v, r_k]),
+                mask_shape(mask, facts), torch.stack([u_v, w_k]), path]
 
 
 class _Sums:
-    """sum(x^2), the sum over the tokens and the running sums of one v or k, read from a
-    contiguous copy of it (a strided x, the heads of a packed projection, is read
-    several times slower), which then becomes the running sums in place."""
+    """sum(x^2), the sum over the tokens and the running sums of k and v, read from
+    contiguous copies of them (a strided x, the heads of a packed projection, is read
+    several times slower; one buffer where their shapes match, so the running sums are
+    one pass), which then become the running sums in place."""
 
-    def __init__(self, x: T):
-        self.x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
-        self.square = _square_sum(self.x)
-        self.total = self.x.sum(-2)
+    def __init__(self, *tensors: T):
+        first = tensors[0]
+        if all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
+            joint = torch.empty((len(tensors), *first.shape), dtype=first.dtype,
+                                device=first.device)
+            for part, t in zip(joint, tensors):
+                part.copy_(t)
+            self.buffers, self.x = [joint], list(joint.unbind(0))
+        else:
+            self.x = [torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+                      for t in tensors]
+            self.buffers = self.x
+        self.square = [_square_sum(x) for x in self.x]
 
-    def correlation(self) -> T:
-        return _correlation(self.x, self.square, self.total)
+    def correlations(self) -> list[T]:
+        return [_correlation(x, square, x.sum(-2)) for x, square in zip(self.x, self.square)]
 
-    def prefix_share(self, weighted: bool = False) -> T:
-        """After the last read of x: its copy is summed in place."""
-        return prefix_share(self.x, weighted, self.square, _cumulate_(self.x))
+    def prefix_shares(self, weighted: tuple[bool, ...]) -> list[T]:
+        """After the last read of the tensors: their copies are summed in place."""
+        for buffer in self.buffers:
+            _cumulate_(buffer)
+        return [prefix_share(x, w, square, x)
+                for x, w, square in zip(self.x, weighted, self.square)]
 
 
 def _early(facts: Attention, count: int) -> int:
