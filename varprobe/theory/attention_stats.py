@@ -45,10 +45,12 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
     reduced on the device.
 
     Elementwise in the inputs' precision, Σp² and the squared logits summed in float64
-    (``_square_sum64``); of the whole v and k one contiguous copy each, which becomes
-    their running sums (the prefix shares' cumsum, a tensor of x's size anyway), and
-    no copy of q (a key head shared by a group of query heads is read once per group):
-    at a model's own attention sizes this costs a fraction of the call it measures."""
+    (``_square_sum64``); of the whole v and k one contiguous copy (``_Sums``), which
+    becomes their running sums (the prefix shares' cumsum, a tensor of their size
+    anyway), and no copy of q (a key head shared by a group of query heads is read once
+    per group). At the bench GPT's calls (8 x 4 heads x 256 tokens, d 64, q/k/v strided
+    views of one projection) this costs ~10-12 ms of CPU time on one thread, ~1.3x the
+    SDPA forward it measures."""
     with torch.no_grad():
         rows = torch.linspace(0, facts.queries - 1, min(SUBSAMPLE, facts.queries),
                               device=q.device).round().long()
