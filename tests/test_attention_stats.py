@@ -135,6 +135,7 @@ CASES = {
     "odd": dict(b=3, heads=6, kv=3, t=197, d=40),
     "long": dict(b=1, heads=2, kv=2, t=1024, d=64, causal=True),
     "value_width": dict(b=2, heads=4, kv=4, t=256, d=32, dv=48, causal=True),
+    "ragged": dict(b=4, heads=4, kv=4, t=300, d=32, causal=True),
 }
 
 

@@ -252,7 +252,7 @@ def _cumulate_(out: T) -> T:
     tokens = out.shape[-2]
     blocks = tokens // BLOCK
     if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64) \
-            or blocks < 2 or out.numel() < 1 << 18:
+            or blocks < 8 or out.numel() < 1 << 18:
         return out.cumsum_(-2)
     body = out[..., :blocks * BLOCK, :].unflatten(-2, (blocks, BLOCK))
     for i in range(1, BLOCK):
