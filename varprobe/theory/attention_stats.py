@@ -164,8 +164,11 @@ def _square_sum(x: T, dtype: torch.dtype | None = None) -> T:
 
 def _square_sum64(x: T) -> T:
     """sum(x^2) accumulated in float64, as _square_sum(x, torch.float64), for the
-    subsampled logits and probabilities: a float64 dot of a float64 copy, in pieces of
-    at most CHUNK entries (the norm's elementwise cast costs twice the copy and dot)."""
+    subsampled logits and probabilities: on the CPU a float64 dot of a float64 copy, in
+    pieces of at most CHUNK entries (the norm's elementwise cast costs twice the copy and
+    dot there); elsewhere the norm, one kernel."""
+    if x.device.type != "cpu":
+        return _square_sum(x, torch.float64)
     flat = x.reshape(-1)
     sums = [torch.dot(c, c) for c in (flat[i:i + CHUNK].double()
                                        for i in range(0, max(flat.numel(), 1), CHUNK))]
