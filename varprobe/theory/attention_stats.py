@@ -21,6 +21,8 @@ SUBSAMPLE = 64  # queries per head whose softmax rows the probe recomputes
 # at a quarter of the cost (the 32 slices took 14% of that GPT's bare pass, CPU time)
 GRAMS = 1 << 19
 MASKED = -1e4   # an additive mask entry at or below this hides the key
+BLOCK = 16      # tokens per block of _cumulate_'s in-place adds
+CHUNK = 1 << 16  # entries per float64 copy in _square_sum64 (512 KiB: no large fresh block)
 
 
 def sdpa_facts(q: T, k: T, args: tuple, kwargs: dict) -> tuple[Attention, Any]:
@@ -43,17 +45,22 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
     reduced on the device.
 
     Elementwise in the inputs' precision, Σp² and the squared logits summed in float64
-    (``_square_sum``), and without copies of the whole q, k or v: at a model's own
-    attention sizes this costs a fraction of the call it measures (the bench GPT's four
-    calls: 54 ms of its 0.72 s pass on one CPU thread)."""
+    (``_square_sum64``); of the whole v and k one contiguous copy (``_Sums``), which
+    becomes their running sums (the prefix shares' cumsum, a tensor of their size
+    anyway), and no copy of q (a key head shared by a group of query heads is read once
+    per group). At the bench GPT's calls (8 x 4 heads x 256 tokens, d 64, q/k/v strided
+    views of one projection) this costs ~10-12 ms of CPU time on one thread, ~1.3x the
+    SDPA forward it measures."""
     with torch.no_grad():
         rows = torch.linspace(0, facts.queries - 1, min(SUBSAMPLE, facts.queries),
                               device=q.device).round().long()
-        keys = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3) \
-            if q.dim() > 2 and k.shape[-3] != q.shape[-3] else k
+        group = _group(q, k)
         scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
-        # a fresh tensor (the product, or its float32 copy): scaled in place
-        logits = (q.index_select(-2, rows) @ keys.transpose(-1, -2)).float().mul_(scale)
+        # k as one contiguous tensor: the logits' matmul would copy a strided k (the
+        # heads of a packed projection, transposed) anyway
+        sums = _Sums(k, v)
+        keys, values = sums.x
+        logits = _logits(q, keys, rows, scale, group)
         allowed = torch.ones(rows.numel(), facts.keys, dtype=torch.bool, device=q.device)
         if facts.causal:  # torch's is_causal: the top-left aligned lower triangle
             cols = torch.arange(facts.keys, device=q.device)
@@ -67,22 +74,84 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
                 allowed = allowed & (part > MASKED)
         count = allowed.sum() * (logits.numel() // max(allowed.numel(), 1)) \
             if allowed.dim() <= 2 else allowed.expand_as(logits).sum()
-        hidden = ~allowed
-        # in place on the logits: the hidden entries' squares are zero, then -inf
-        spread = _square_sum(logits.masked_fill_(hidden, 0.0), torch.float64) \
-            / count.clamp(min=1)
-        p = torch.softmax(logits.masked_fill_(hidden, -math.inf), -1).nan_to_num_(0.0)
-        values = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3) \
-            if q.dim() > 2 and v.shape[-3] != q.shape[-3] else v
+        # the hidden entries' squares are zero, then -inf for the softmax: a select and
+        # an added bias of the mask's own size (masked_fill broadcast over the heads
+        # costs twice the select); 0 + -inf and x + 0 are exact
+        seen = torch.where(allowed, logits, 0.0)
+        spread = _square_sum64(seen) / count.clamp(min=1)
+        bias = torch.where(allowed, 0.0, -math.inf)
+        p = torch.softmax(seen.add_(bias), -1).nan_to_num_(0.0)
         # the mean over rows of each row's sum: the whole sum over the row count
-        squares = _square_sum(p, torch.float64) / max(p.numel() // max(p.shape[-1], 1), 1)
-        q_v, q_k = _square_sum(v), _square_sum(k)
-        return [torch.stack([squares, spread]),
-                torch.stack([_correlation(v, q_v), _correlation(k, q_k)]),
-                mask_shape(mask, facts),
-                torch.stack([prefix_share(v, square_sum=q_v),
-                             prefix_share(k, weighted=True, square_sum=q_k)]),
-                query_path(p, values, keys)]
+        squares = _square_sum64(p) / max(p.numel() // max(p.shape[-1], 1), 1)
+        path = query_path(p, values, keys, group, _early(facts, rows.numel()))
+        r_k, r_v = sums.correlations()
+        w_k, u_v = sums.prefix_shares(weighted=(True, False))
+        return [torch.stack([squares, spread]), torch.stack([r_v, r_k]),
+                mask_shape(mask, facts), torch.stack([u_v, w_k]), path]
+
+
+class _Sums:
+    """sum(x^2), the sum over the tokens and the running sums of k and v, read from
+    contiguous copies of them (a strided x, the heads of a packed projection, is read
+    several times slower; one buffer where their shapes match, so the running sums are
+    one pass), which then become the running sums in place."""
+
+    def __init__(self, *tensors: T):
+        first = tensors[0]
+        if all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
+            joint = torch.empty((len(tensors), *first.shape), dtype=first.dtype,
+                                device=first.device)
+            for part, t in zip(joint, tensors):
+                part.copy_(t)
+            self.buffers, self.x = [joint], list(joint.unbind(0))
+        else:
+            self.x = [torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+                      for t in tensors]
+            self.buffers = self.x
+        self.square = [_square_sum(x) for x in self.x]
+
+    def correlations(self) -> list[T]:
+        return [_correlation(x, square, x.sum(-2)) for x, square in zip(self.x, self.square)]
+
+    def prefix_shares(self, weighted: tuple[bool, ...]) -> list[T]:
+        """After the last read of the tensors: their copies are summed in place."""
+        for buffer in self.buffers:
+            _cumulate_(buffer)
+        return [prefix_share(x, w, square, x)
+                for x, w, square in zip(self.x, weighted, self.square)]
+
+
+def _early(facts: Attention, count: int) -> int:
+    """How many of the ``count`` subsampled queries see no key of the second half: under
+    is_causal query r sees the keys up to r. Counted on the host with a margin of one
+    position for the rounding of the subsample's positions (an early row counted late
+    only costs its share of the products)."""
+    if not facts.causal or count < 2:
+        return 0
+    step, half = (facts.queries - 1) / (count - 1), facts.keys // 2
+    return sum(1 for i in range(count) if i * step < half - 1)
+
+
+def _group(q: T, k: T) -> int:
+    """How many query heads share each key and value head (1 without grouped heads)."""
+    if q.dim() <= 2 or k.dim() <= 2 or k.shape[-3] == q.shape[-3] \
+            or q.shape[-3] % k.shape[-3]:
+        return 1
+    return q.shape[-3] // k.shape[-3]
+
+
+def _logits(q: T, k: T, rows: T, scale: float, group: int) -> T:
+    """The scaled logits of the subsampled queries (..., heads, rows, T_k), a fresh float32
+    tensor. Query heads that share a key head (``group``, consecutive as
+    repeat_interleave orders them) are one matrix of group x rows queries against that
+    key head, so k is not repeated per query head."""
+    picked = q.index_select(-2, rows)
+    if group == 1:
+        return (picked @ k.transpose(-1, -2)).float().mul_(scale)
+    lead, heads, count = picked.shape[:-3], picked.shape[-3], picked.shape[-2]
+    shared = picked.reshape(*lead, heads // group, group * count, picked.shape[-1])
+    logits = (shared @ k.transpose(-1, -2)).float().mul_(scale)
+    return logits.view(*logits.shape[:-3], heads, count, k.shape[-2])
 
 
 def _square_sum(x: T, dtype: torch.dtype | None = None) -> T:
@@ -91,6 +160,19 @@ def _square_sum(x: T, dtype: torch.dtype | None = None) -> T:
     relative error ~1e-7 in float32; float64 where the sum must be exact to rounding),
     squared in float64."""
     return torch.linalg.vector_norm(x, dtype=dtype).double().square()
+
+
+def _square_sum64(x: T) -> T:
+    """sum(x^2) accumulated in float64, as _square_sum(x, torch.float64), for the
+    subsampled logits and probabilities: on the CPU a float64 dot of a float64 copy, in
+    pieces of at most CHUNK entries (the norm's elementwise cast costs twice the copy and
+    dot there); elsewhere the norm, one kernel."""
+    if x.device.type != "cpu":
+        return _square_sum(x, torch.float64)
+    flat = x.reshape(-1)
+    sums = [torch.dot(c, c) for c in (flat[i:i + CHUNK].double()
+                                       for i in range(0, max(flat.numel(), 1), CHUNK))]
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
 
 def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
@@ -128,36 +210,66 @@ def multihead(module: nn.MultiheadAttention, args: tuple, kwargs: dict,
             return facts, mha.moments(module)
 
 
-def _correlation(x: T, square_sum: T | None = None) -> T:
+def _correlation(x: T, square_sum: T | None = None, total: T | None = None) -> T:
     """The uncentered token correlation r of x (..., T, d), on its device:
     (mean(S^2)/T - E[x^2]) / ((T-1) E[x^2]) with S the sum over the T tokens (summed in
-    x's precision, finished in float64). ``square_sum``: sum(x^2) where already read."""
+    x's precision, finished in float64). ``square_sum``: sum(x^2) where already read;
+    ``total``: x.sum(-2) where already summed."""
     tokens = x.shape[-2]
     q = (_square_sum(x) if square_sum is None else square_sum) / x.numel()
     if tokens < 2:
         return torch.zeros_like(q)
-    s = torch.linalg.vector_norm(x.sum(-2)).double().square() / (x.numel() // tokens)
+    total = x.sum(-2) if total is None else total
+    s = torch.linalg.vector_norm(total).double().square() / (x.numel() // tokens)
     return (s / tokens - q) / ((tokens - 1) * q).clamp(min=1e-300)
 
 
-def prefix_share(x: T, weighted: bool = False, square_sum: T | None = None) -> T:
+def prefix_share(x: T, weighted: bool = False, square_sum: T | None = None,
+                 running: T | None = None) -> T:
     """u = mean_i |x̄_i|^2 / E[x^2], x̄_i the mean of x_1..x_i (tokens on axis -2): what
     flat causal attention keeps of x, on its device. For tokens of one second moment
     and uncentered correlation r it is r + (1 - r) mean_i 1/i; where the correlation
     depends on the positions (a causal stack makes the early tokens' correlated among
     themselves) it is the r the windows of causal attention see (theory.attend).
     ``weighted``: mean_i u_i / i, the weights the query path gives query i (its m_i,
-    ~1/i at flat attention)."""
+    ~1/i at flat attention). ``running``: the running sums of x (_cumulate_) where
+    already formed."""
     tokens = x.shape[-2]
     q = _square_sum(x) if square_sum is None else square_sum
     # |x̄_i|^2 = |S_i|^2 / i^2, S_i the running sum: one norm per prefix, then the
     # positions' weights (no division of the whole tensor)
     positions = torch.arange(1, tokens + 1, dtype=torch.float64, device=x.device)
-    prefix = torch.linalg.vector_norm(x.cumsum(-2), dim=-1).double().square()
+    sums = _cumulate_(x.clone(memory_format=torch.contiguous_format)) \
+        if running is None else running
+    prefix = torch.linalg.vector_norm(sums, dim=-1).double().square()
     return (prefix * positions ** (-3 if weighted else -2)).sum() / q.clamp(min=1e-300)
 
 
-def query_path(p: T, v: T, k: T) -> T:
+def _cumulate_(out: T) -> T:
+    """The running sums over the tokens (x.cumsum(-2)) in place on a contiguous ``out``.
+    On the CPU, cumsum along an axis that is not the last walks each of the d columns
+    with a stride; a large x is summed instead in blocks of BLOCK tokens (BLOCK - 1
+    in-place adds of whole token rows), the blocks' totals then carried over (rounding:
+    sums of the same terms in another order; a half-precision x keeps cumsum, which
+    accumulates in float32)."""
+    tokens = out.shape[-2]
+    blocks = tokens // BLOCK
+    if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64) \
+            or blocks < 8 or out.numel() < 1 << 18:
+        return out.cumsum_(-2)
+    body = out[..., :blocks * BLOCK, :].unflatten(-2, (blocks, BLOCK))
+    for i in range(1, BLOCK):
+        body[..., i, :] += body[..., i - 1, :]
+    totals = body[..., -1, :].cumsum(-2)  # the running sum at each block's end
+    body[..., 1:, :, :] += totals[..., :-1, None, :]
+    if tokens > blocks * BLOCK:
+        tail = out[..., blocks * BLOCK:, :]
+        tail[..., 0, :] += totals[..., -1, :]
+        out[..., blocks * BLOCK:, :] = tail.cumsum(-2)
+    return out
+
+
+def query_path(p: T, v: T, k: T, group: int = 1, early: int = 0) -> T:
     """(X, 1): the query path's factor at the realized p, v and k, on the device.
 
     dq_i = c sum_j p_ij (g_i . (v_j - v̄_i)) k_j, v̄_i = sum_j p_ij v_j, so for a gradient
@@ -171,34 +283,70 @@ def query_path(p: T, v: T, k: T) -> T:
     Llama's last two blocks: 2-3x), which no r can say.
 
     p: rows of the probabilities (..., R, T_k) (the subsample of queries); v, k:
-    (..., T_k, d) with p's leading dims. Q_i = p^T (Gv o Gk) p - 2 sum_j p_j (v_j . v̄)
-    (Gk p)_j + |v̄|^2 p^T Gk p, Gv, Gk the Gram matrices of v and k, formed for a
-    subsample of the (batch, head) slices (GRAMS entries)."""
+    (..., T_k, d) with p's leading dims, or with heads / ``group`` heads, each shared by
+    ``group`` consecutive query heads (grouped-query attention); ``early``: how many of
+    the first rows are zero past the first half of the keys (causal attention's early
+    queries). Q_i = p^T (Gv o Gk) p
+    - 2 sum_j p_j (v_j . v̄)(k_j . k̄) + |v̄|^2 |k̄|^2, k̄ = sum_j p_j k_j, Gv, Gk the Gram
+    matrices of v and k, formed for a subsample of the (batch, head) slices (GRAMS
+    entries)."""
     with torch.no_grad():
         rows, keys = p.shape[-2:]
-        if not (p.shape[:-2] == v.shape[:-2] == k.shape[:-2]) or v.shape[-2] != keys \
-                or k.shape[-2] != keys:  # broadcast heads or batch: left to the closed form
+        heads = p.shape[-3] if p.dim() > 2 else 1
+        if not (p.shape[:-3] == v.shape[:-3] == k.shape[:-3]) \
+                or v.dim() != p.dim() or k.dim() != p.dim() \
+                or heads != (v.shape[-3] if v.dim() > 2 else 1) * group \
+                or k.shape[:-2] != v.shape[:-2] \
+                or v.shape[-2] != keys or k.shape[-2] != keys:
+            # broadcast heads or batch: left to the closed form
             return torch.zeros(2, dtype=torch.float64, device=p.device)
         if p.dim() == 2:  # one slice
             p, v, k = p[None], v[None], k[None]
         slices = math.prod(p.shape[:-2])
         pick = torch.linspace(0, slices - 1, min(slices, max(1, GRAMS // keys ** 2)),
                               device=p.device).round().long()
-        # only the picked (batch, head) slices: a flat view of a transposed v or k
-        # would copy all of them
-        at = _unravel(pick, p.shape[:-2])
-        pf, vf, kf = (t[at].float() for t in (p, v, k))
-        gk = kf @ kf.transpose(-1, -2)
-        both = (vf @ vf.transpose(-1, -2)).mul_(gk)
-        vbar = pf @ vf
-        gkp = pf @ gk
-        q = ((pf @ both) * pf).sum(-1) \
-            - 2 * (pf * (vbar @ vf.transpose(-1, -2)) * gkp).sum(-1) \
-            + vbar.square().sum(-1) * (pf * gkp).sum(-1)
+        # the picked slices of v and k: those of the key head each query head reads
+        shared = pick // heads * (heads // group) + pick % heads // group
+        pf = _slices(p, pick).float()
+        vf, kf = _slices(v, shared).float(), _slices(k, shared).float()
+        vbar, kbar = pf @ vf, pf @ kf
+        # (Gk p)_j = k_j . k̄ and p^T Gk p = |k̄|^2: O(R T d) where Gk p was O(R T^2)
+        q = _fourth(pf, vf, kf, early) \
+            - 2 * (pf * (vbar @ vf.transpose(-1, -2)) * (kbar @ kf.transpose(-1, -2))).sum(-1) \
+            + vbar.square().sum(-1) * kbar.square().sum(-1)
         scale = vf.square().sum(-1).mean(dtype=torch.float64) \
             * kf.square().sum(-1).mean(dtype=torch.float64)
         x = q.mean(dtype=torch.float64) / scale.clamp(min=1e-300)
         return torch.stack([x, torch.ones_like(x)])
+
+
+def _fourth(p: T, v: T, k: T, early: int) -> T:
+    """p_i^T (Gv o Gk) p_i for each row i of p (S, R, T) and v, k (S, T, d). The Gram
+    matrices are symmetric: of their halves' blocks [[C11, C21^T], [C21, C22]] the left
+    column (T x T/2) and C22 are formed, 3/4 of the products, and the rows' forms are
+    p1^T C11 p1 + 2 p2^T C21 p1 + p2^T C22 p2 (p1, p2 the row's halves), the terms with
+    p2 skipped for the ``early`` rows, whose p2 is 0."""
+    half = p.shape[-1] // 2
+    if half < 64:  # small blocks: the whole products
+        both = (v @ v.transpose(-1, -2)).mul_(k @ k.transpose(-1, -2))
+        return (p @ both).mul_(p).sum(-1)
+    v2, k2 = v[:, half:], k[:, half:]
+    left = (v @ v[:, :half].transpose(-1, -2)).mul_(k @ k[:, :half].transpose(-1, -2))
+    corner = (v2 @ v2.transpose(-1, -2)).mul_(k2 @ k2.transpose(-1, -2))
+    p1, p2 = p[..., :half], p[..., early:, half:]
+    forms = (p @ left).mul_(p1).sum(-1)  # p1^T C11 p1 + p2^T C21 p1
+    forms[..., early:] += (p1[..., early:, :] @ left[:, half:].transpose(-1, -2)) \
+        .add_(p2 @ corner).mul_(p2).sum(-1)
+    return forms
+
+
+def _slices(x: T, flat: T) -> T:
+    """x's (..., T, d) slices at the flat positions ``flat`` of its leading dims, (n, T,
+    d): rows of a flat view where x has one (a copy of n slices), else gathered by
+    index (a flat view of a transposed v or k would copy all of them)."""
+    if x.is_contiguous():
+        return x.view(-1, *x.shape[-2:]).index_select(0, flat)
+    return x[_unravel(flat, x.shape[:-2])]
 
 
 def _unravel(flat: T, shape: torch.Size) -> tuple[T, ...]:
