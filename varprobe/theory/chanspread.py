@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import norms, normshape, pools
+from varprobe.theory import norms, normshape, pools, tapmaps
 from varprobe.theory.signal import Signal
 
 GAUSSIAN = 3.0  # E[w^4]/E[w^2]^2 of Gaussian weights (every scheme's draw)
@@ -110,6 +110,8 @@ _TAPS: dict[tuple, tuple[float, float]] = {}
 
 
 def _count_taps(module: nn.Module, spatial: tuple) -> tuple[float, float]:
+    if (found := tapmaps.axes(module, spatial)) is not None:
+        return tapmaps.taps(found)
     k = math.prod(module.kernel_size)
     onehot = torch.eye(k, dtype=torch.float64).reshape(k, 1, *module.kernel_size)
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]

@@ -111,9 +111,9 @@ _MEMO: dict = {}
 @_memo
 def conv_forward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]:
     """(E[y^2] over the effective-fan rule's, the output's profile)."""
-    mats = tapmaps.matrices(module, spatial)
-    if mats is not None:
-        y = tapmaps.convolve(e if _fits(e, spatial) else np.ones(spatial), mats)
+    found = tapmaps.axes(module, spatial)
+    if found is not None:
+        y = tapmaps.convolve(e if _fits(e, spatial) else np.ones(spatial), found)
         mean = y.mean()
         return float(mean) / _count(module, spatial), y / mean
     x = _uniform(e, spatial)[None, None]
@@ -127,10 +127,10 @@ def conv_backward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any
     """(Var[dx] over the effective-fan rule's, the input gradient's profile): the
     transposed count (torch's autograd through the convolution of ones where
     theory.tapmaps has no matrices)."""
-    mats = tapmaps.matrices(module, spatial)
-    if mats is not None:
-        out = tuple(m.shape[0] for m in mats)
-        dx = tapmaps.transposed(e if _fits(e, out) else np.ones(out), mats)
+    found = tapmaps.axes(module, spatial)
+    if found is not None:
+        out = tuple(a[1] for a in found)
+        dx = tapmaps.transposed(e if _fits(e, out) else np.ones(out), found)
         mean = dx.mean()
         return float(mean) / _fan_out_count(module, spatial), dx / mean
     x = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
@@ -157,9 +157,9 @@ def _fan_out_count(module: nn.Module, spatial: tuple) -> float:
 
 def _counts(key: tuple, spatial: tuple, module: nn.Module) -> tuple[float, float]:
     """Mean in-bounds taps per output, and mean outputs per input position."""
-    if (key, spatial) not in _COUNTS and (mats := tapmaps.matrices(module, spatial)):
-        total = math.prod(float(m.sum()) for m in mats)  # integers: exact
-        _COUNTS[(key, spatial)] = (total / math.prod(m.shape[0] for m in mats),
+    if (key, spatial) not in _COUNTS and (found := tapmaps.axes(module, spatial)):
+        total = tapmaps.total(found)  # an integer: exact
+        _COUNTS[(key, spatial)] = (total / math.prod(a[1] for a in found),
                                    total / math.prod(spatial))
     if (key, spatial) not in _COUNTS:
         ones = torch.ones((1, 1, *spatial), dtype=torch.float64)
