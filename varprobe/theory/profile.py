@@ -114,7 +114,7 @@ def conv_forward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]
     found = tapmaps.axes(module, spatial)
     if found is not None:
         y = tapmaps.convolve(e if _fits(e, spatial) else np.ones(spatial), found)
-        mean = y.mean()
+        mean = tapmaps.mean(y)
         return float(mean) / _count(module, spatial), y / mean
     x = _uniform(e, spatial)[None, None]
     y = _convolve(module, x)
@@ -131,7 +131,7 @@ def conv_backward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any
     if found is not None:
         out = tuple(a[1] for a in found)
         dx = tapmaps.transposed(e if _fits(e, out) else np.ones(out), found)
-        mean = dx.mean()
+        mean = tapmaps.mean(dx)
         return float(mean) / _fan_out_count(module, spatial), dx / mean
     x = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():

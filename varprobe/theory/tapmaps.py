@@ -29,8 +29,16 @@ def axes(module: nn.Module, spatial: tuple) -> tuple[Axis, ...] | None:
     where torch's path counts (a transposed conv, an input too small for one output)."""
     if module.transposed:
         return None
-    found = tuple(_axis(n, k, s, p, d) for n, k, s, p, d in zip(
-        spatial, module.kernel_size, module.stride, module.padding, module.dilation))
+    return along(spatial, module.kernel_size, module.stride, module.padding, module.dilation)
+
+
+@functools.lru_cache(maxsize=1024)
+def along(spatial: tuple, kernel: tuple, stride: tuple, padding, dilation: tuple
+          ) -> tuple[Axis, ...] | None:
+    """``axes`` of the conv geometry (padding a tuple of ints, one per axis)."""
+    if not isinstance(padding, tuple) or not len(spatial) == len(kernel) == len(padding):
+        return None
+    found = tuple(_axis(*one) for one in zip(spatial, kernel, stride, padding, dilation))
     return None if any(a is None for a in found) else found
 
 
@@ -80,6 +88,12 @@ def transposed(y: np.ndarray, found: tuple[Axis, ...]) -> np.ndarray:
             y = x
         y = _roll(y)
     return y
+
+
+def mean(x: np.ndarray) -> np.float64:
+    """``x.mean()`` to the bit (its sum over the count, as numpy's mean takes it),
+    without numpy's Python-level wrapper, which costs more than the sum on these maps."""
+    return np.add.reduce(x, axis=None) / x.size
 
 
 def _alike(axis: Axis) -> bool:
