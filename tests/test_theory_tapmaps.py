@@ -41,24 +41,24 @@ def _on(x: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("cls,spatial,kw", GEOMETRIES)
 def test_tap_matrices_are_the_conv_of_ones_and_its_transpose(cls, spatial, kw):
     conv = cls(1, 1, bias=False, **kw)
-    found = tapmaps.axes(conv, spatial)
+    taps = tapmaps.of(conv, spatial)
     rng = np.random.default_rng(0)
     x = rng.random(spatial) + 0.5
     ref = _torch_conv(conv, _on(x))[0, 0].numpy()
-    np.testing.assert_array_equal(tapmaps.convolve(np.ones(spatial), found),
+    np.testing.assert_array_equal(tapmaps.convolve(np.ones(spatial), taps),
                                   _torch_conv(conv, _on(np.ones(spatial)))[0, 0].numpy())
-    np.testing.assert_allclose(tapmaps.convolve(x, found), ref, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(tapmaps.convolve(x, taps), ref, rtol=1e-13, atol=0)
     w = rng.random(ref.shape) + 0.5
     leaf = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
         y = _torch_conv(conv, leaf)
         (dx,) = torch.autograd.grad((y * torch.from_numpy(w)).sum(), leaf)
-    np.testing.assert_allclose(tapmaps.transposed(w, found), dx[0, 0].numpy(), rtol=1e-13, atol=0)
+    np.testing.assert_allclose(tapmaps.transposed(w, taps), dx[0, 0].numpy(), rtol=1e-13, atol=0)
 
 
 def test_transposed_convs_and_empty_outputs_keep_torchs_path():
-    assert tapmaps.axes(nn.ConvTranspose2d(1, 1, 3, stride=2), (8, 8)) is None
-    assert tapmaps.axes(nn.Conv2d(1, 1, 5), (3, 3)) is None
+    assert tapmaps.of(nn.ConvTranspose2d(1, 1, 3, stride=2), (8, 8)) is None
+    assert tapmaps.of(nn.Conv2d(1, 1, 5), (3, 3)) is None
 
 
 @pytest.mark.parametrize("cls,spatial,kw", GEOMETRIES)
@@ -71,7 +71,7 @@ def test_tap_shares_match_one_hot_kernels(cls, spatial, kw):
     f = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1](
         torch.ones((1, 1, *spatial), dtype=torch.float64), onehot, stride=conv.stride,
         padding=conv.padding, dilation=conv.dilation).flatten(2).mean(-1)[0]
-    first, second = tapmaps.taps(tapmaps.axes(conv, spatial))
+    first, second = tapmaps.shares(tapmaps.of(conv, spatial))
     assert first == pytest.approx(float(f.sum()), rel=1e-14, abs=0)
     assert second == pytest.approx(float((f * f).sum()), rel=1e-14, abs=0)
 

@@ -110,8 +110,8 @@ _TAPS: dict[tuple, tuple[float, float]] = {}
 
 
 def _count_taps(module: nn.Module, spatial: tuple) -> tuple[float, float]:
-    if (found := tapmaps.axes(module, spatial)) is not None:
-        return tapmaps.taps(found)
+    if (taps := tapmaps.of(module, spatial)) is not None:
+        return tapmaps.shares(taps)
     k = math.prod(module.kernel_size)
     onehot = torch.eye(k, dtype=torch.float64).reshape(k, 1, *module.kernel_size)
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]

@@ -26,7 +26,6 @@ step costs a tenth of torch's, with the same IEEE results.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -111,11 +110,11 @@ _MEMO: dict = {}
 @_memo
 def conv_forward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]:
     """(E[y^2] over the effective-fan rule's, the output's profile)."""
-    found = tapmaps.axes(module, spatial)
-    if found is not None:
-        y = tapmaps.convolve(e if _fits(e, spatial) else np.ones(spatial), found)
+    taps = tapmaps.of(module, spatial)
+    if taps is not None:
+        y = tapmaps.convolve(e if _fits(e, spatial) else np.ones(spatial), taps)
         mean = tapmaps.mean(y)
-        return float(mean) / _count(module, spatial), y / mean
+        return float(mean) / taps.per_output, y / mean
     x = _uniform(e, spatial)[None, None]
     y = _convolve(module, x)
     base = _count(module, spatial)
@@ -127,12 +126,11 @@ def conv_backward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any
     """(Var[dx] over the effective-fan rule's, the input gradient's profile): the
     transposed count (torch's autograd through the convolution of ones where
     theory.tapmaps has no matrices)."""
-    found = tapmaps.axes(module, spatial)
-    if found is not None:
-        out = tuple(a[1] for a in found)
-        dx = tapmaps.transposed(e if _fits(e, out) else np.ones(out), found)
+    taps = tapmaps.of(module, spatial)
+    if taps is not None:
+        dx = tapmaps.transposed(e if _fits(e, taps.outputs) else np.ones(taps.outputs), taps)
         mean = tapmaps.mean(dx)
-        return float(mean) / _fan_out_count(module, spatial), dx / mean
+        return float(mean) / taps.per_input, dx / mean
     x = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
         y = _convolve(module, x)
@@ -157,10 +155,8 @@ def _fan_out_count(module: nn.Module, spatial: tuple) -> float:
 
 def _counts(key: tuple, spatial: tuple, module: nn.Module) -> tuple[float, float]:
     """Mean in-bounds taps per output, and mean outputs per input position."""
-    if (key, spatial) not in _COUNTS and (found := tapmaps.axes(module, spatial)):
-        total = tapmaps.total(found)  # an integer: exact
-        _COUNTS[(key, spatial)] = (total / math.prod(a[1] for a in found),
-                                   total / math.prod(spatial))
+    if (key, spatial) not in _COUNTS and (taps := tapmaps.of(module, spatial)):
+        _COUNTS[(key, spatial)] = (taps.per_output, taps.per_input)
     if (key, spatial) not in _COUNTS:
         ones = torch.ones((1, 1, *spatial), dtype=torch.float64)
         total = float(_convolve(module, ones).sum())
