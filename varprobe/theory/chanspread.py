@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from operator import mul
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,8 @@ def _gamma_moments(module: nn.Module, values) -> tuple[float, float]:
     if memo is not None and id(module) in memo:
         return memo[id(module)]
     gamma = norms.affine(module, values)[0]
-    moments = (sum(map(mul, gamma, gamma)) / len(gamma), sum(g ** 4 for g in gamma) / len(gamma))
+    g2, n, _ = norms.affine_sums(module, values)  # its sum of gamma^2, kept in the Memo
+    moments = (g2 / n, sum(map(pow, gamma, repeat(4))) / len(gamma))  # pow is ** (no frame)
     if memo is not None:
         memo[id(module)] = moments
     return moments
