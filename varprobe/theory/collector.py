@@ -7,8 +7,8 @@ the objects each older one finds alive count towards the next full collection, w
 traverses every object of the process (~300k with torch loaded: ~150 ms on the bench's
 machine). Held off for the walks, the objects still alive when they end are examined
 once by the next young collection, and fewer reach the full one: over 24 warm probes
-of bench/resnet50.py at batch 2 the full collections fell from 6 to 4 and the
-predictions' mean from 106-116 to 73-75 ms (docs/engine.md, Cost). The walks make no
+of bench/resnet50.py at batch 2 the full collections fell from 6 to 4 (twice), over 40
+from 9 to 6, over 15 not at all (docs/engine.md, Cost). The walks make no
 cyclic garbage (a full collection right after them found nothing unreachable on the
 bench's four models), so holding the collector off for them keeps no memory. Where it
 was already off (the caller's choice) it stays off.
