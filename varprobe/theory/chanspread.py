@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from operator import mul
+from itertools import repeat
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import norms, normshape, pools
+from varprobe.theory import norms, normshape, pools, tapmaps
 from varprobe.theory.signal import Signal
 
 GAUSSIAN = 3.0  # E[w^4]/E[w^2]^2 of Gaussian weights (every scheme's draw)
@@ -110,6 +110,8 @@ _TAPS: dict[tuple, tuple[float, float]] = {}
 
 
 def _count_taps(module: nn.Module, spatial: tuple) -> tuple[float, float]:
+    if (taps := tapmaps.of(module, spatial)) is not None:
+        return tapmaps.shares(taps)
     k = math.prod(module.kernel_size)
     onehot = torch.eye(k, dtype=torch.float64).reshape(k, 1, *module.kernel_size)
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
@@ -162,7 +164,8 @@ def _gamma_moments(module: nn.Module, values) -> tuple[float, float]:
     if memo is not None and id(module) in memo:
         return memo[id(module)]
     gamma = norms.affine(module, values)[0]
-    moments = (sum(map(mul, gamma, gamma)) / len(gamma), sum(g ** 4 for g in gamma) / len(gamma))
+    g2, n, _ = norms.affine_sums(module, values)  # its sum of gamma^2, kept in the Memo
+    moments = (g2 / n, sum(map(pow, gamma, repeat(4))) / len(gamma))  # pow is ** (no frame)
     if memo is not None:
         memo[id(module)] = moments
     return moments

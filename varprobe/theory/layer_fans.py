@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varprobe.theory import tapmaps
+
 # ---------------------------------------------------------------------------
 # Module classes
 # ---------------------------------------------------------------------------
@@ -242,6 +244,9 @@ def tap_fraction(module: nn.Module, input_shape: Sequence[int]) -> float | None:
 def _tap_pairs(transposed: bool, kernel: tuple, stride: tuple, padding, dilation: tuple,
                output_padding: tuple, spatial: tuple) -> tuple[float, int, int]:
     """(P, n_in, n_out): in-bounds (output, tap) pairs of a one-channel conv of ones."""
+    if not transposed and (taps := tapmaps.along(spatial, kernel, stride, padding,
+                                                 dilation)) is not None:
+        return taps.total, math.prod(spatial), math.prod(taps.outputs)
     d = len(kernel)
     x = torch.ones((1, 1, *spatial), dtype=torch.float64)
     k = torch.ones((1, 1, *kernel), dtype=torch.float64)

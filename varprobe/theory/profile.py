@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varprobe.theory import tapmaps
 from varprobe.theory.layer_fans import ELEMENTWISE_LIBRARIES, NORMS, is_activation
 from varprobe.theory.signal import Signal
 
@@ -73,8 +74,12 @@ def _keeps(module: nn.Module) -> bool:
 _KEEPS: dict[type, bool] = {}
 
 
+def _fits(e: Any, spatial: tuple) -> bool:
+    return e is not None and tuple(e.shape) == spatial
+
+
 def _uniform(e: Any, spatial: tuple) -> torch.Tensor:
-    if e is not None and tuple(e.shape) == spatial:
+    if _fits(e, spatial):
         return torch.from_numpy(e)
     return torch.ones(spatial, dtype=torch.float64)
 
@@ -105,6 +110,11 @@ _MEMO: dict = {}
 @_memo
 def conv_forward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]:
     """(E[y^2] over the effective-fan rule's, the output's profile)."""
+    taps = tapmaps.of(module, spatial)
+    if taps is not None:
+        y = tapmaps.convolve(e if _fits(e, spatial) else np.ones(spatial), taps)
+        mean = tapmaps.mean(y)
+        return float(mean) / taps.per_output, y / mean
     x = _uniform(e, spatial)[None, None]
     y = _convolve(module, x)
     base = _count(module, spatial)
@@ -114,7 +124,13 @@ def conv_forward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]
 @_memo
 def conv_backward(module: nn.Module, e: Any, spatial: tuple) -> tuple[float, Any]:
     """(Var[dx] over the effective-fan rule's, the input gradient's profile): the
-    transposed count, by autograd through the same convolution of ones."""
+    transposed count (torch's autograd through the convolution of ones where
+    theory.tapmaps has no matrices)."""
+    taps = tapmaps.of(module, spatial)
+    if taps is not None:
+        dx = tapmaps.transposed(e if _fits(e, taps.outputs) else np.ones(taps.outputs), taps)
+        mean = tapmaps.mean(dx)
+        return float(mean) / taps.per_input, dx / mean
     x = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
         y = _convolve(module, x)
@@ -139,6 +155,8 @@ def _fan_out_count(module: nn.Module, spatial: tuple) -> float:
 
 def _counts(key: tuple, spatial: tuple, module: nn.Module) -> tuple[float, float]:
     """Mean in-bounds taps per output, and mean outputs per input position."""
+    if (key, spatial) not in _COUNTS and (taps := tapmaps.of(module, spatial)):
+        _COUNTS[(key, spatial)] = (taps.per_output, taps.per_input)
     if (key, spatial) not in _COUNTS:
         ones = torch.ones((1, 1, *spatial), dtype=torch.float64)
         total = float(_convolve(module, ones).sum())
