@@ -5,6 +5,8 @@ result within 1e-13 of the largest entry."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -77,3 +79,26 @@ def test_no_shape_without_a_positive_diagonal(rule):
     out = {"mix": lambda: gramfold.mix([(1.0, z)]), "product": lambda: gramfold.product(z, z),
            "outer": lambda: gramfold.outer_scaled(z, np.ones(4))}[rule]()
     assert out is None
+
+
+@pytest.mark.parametrize("counts", [np.arange(1.0, 9.0), np.array([3.0, 1, 5, 1, 8, 2, 8, 1])])
+def test_pair_weights_are_the_docstring_rule(counts):
+    """theory.tokens.pair_weights (fused, from cached reciprocals) against its rule
+    entry by entry: b_ik = O_ik/min(T_i, T_k) (O_ii = P₂ᵢ, b_ii × keep), a_ik = (1 -
+    O_ik)/(T_i T_k - min(T_i, T_k)), 0 where there are no such pairs; O_ik =
+    e/(e + max(T_i, T_k) - 1), e = exp(r(1 - r)s²). Rounding only: 1e-14."""
+    from varprobe.theory import tokens
+    p2i, s2, r, keep = np.linspace(0.2, 0.9, counts.size), 2.0, 0.3, 1.25
+    a, extra = tokens.pair_weights(counts, p2i, s2, r, keep)
+    e = math.exp(r * (1 - r) * s2)
+    t = counts.size
+    want_a, want_b = np.zeros((t, t)), np.zeros((t, t))
+    for i in range(t):
+        for k in range(t):
+            o = p2i[i] if i == k else e / (e + max(counts[i], counts[k]) - 1)
+            shared = min(counts[i], counts[k])
+            rest = counts[i] * counts[k] - shared
+            want_b[i, k] = o / shared * (keep if i == k else 1)
+            want_a[i, k] = (1 - o) / rest if rest > 0 else 0.0
+    assert np.allclose(a, want_a, rtol=1e-14, atol=0)
+    assert np.allclose(extra, want_b - want_a, rtol=1e-14, atol=1e-16)

@@ -259,11 +259,11 @@ def product(a: np.ndarray | None, ra: float, b: np.ndarray | None, rb: float
 
 # --- attention -----------------------------------------------------------------------
 def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
-                 keep: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a, b, b - a): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the windows
-    of queries i and k (see the module's docstring); b - a is what the shared keys add,
-    read by the forward and the backward."""
-    inv_shared, inv_rest, none = keyindex.pairs(counts)
+                 keep: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b - a): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the windows of
+    queries i and k (see the module's docstring); b - a is what the shared keys add,
+    as the forward and the backward read it."""
+    inv_rest, neg_rest, both, inv_shared, none = keyindex.pairs(counts)
     # the lognormal overlap also past attention.SATURATED_SPREAD (up to SATURATED,
     # past which no Gram is carried): theory.overlap's there put T5's torch-default
     # scheme column's backward median at 0.12, 0.05 with this one
@@ -272,12 +272,14 @@ def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
     v = e / (e + counts - 1)
     overlap = np.minimum.outer(v, v)
     np.fill_diagonal(overlap, p2i)
-    b = overlap * inv_shared
-    a = np.subtract(1, overlap, out=overlap)
-    a *= inv_rest
-    a.flat[none] = 0.0  # no pairs off the shared keys
-    b[np.diag_indices(counts.size)] *= keep
-    return a, b, b - a
+    # b = overlap/shared, a = (1 - overlap)/rest: a and b - a each in one fused pass
+    o = torch.from_numpy(overlap)
+    a = torch.addcmul(inv_rest, o, inv_rest, value=-1).numpy()
+    extra = torch.addcmul(neg_rest, o, both).numpy()
+    a.flat[none] = 0.0  # no pairs off the shared keys: b - a = b
+    extra.flat[none] = overlap.flat[none] * inv_shared.flat[none]
+    extra[np.diag_indices(counts.size)] = p2i * np.diag(inv_shared) * keep - np.diag(a)
+    return a, extra
 
 
 def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray,
@@ -291,7 +293,7 @@ def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray
         sv = implied(rv, tokens)
     if sv.shape[0] != int(counts.max()):
         return None
-    a, _, extra = weights or pair_weights(counts, p2i, s2, r, keep)
+    a, extra = weights or pair_weights(counts, p2i, s2, r, keep)
     sums = gram_window_sums(sv, counts)
     index = keyindex.index(counts)
     cum = np.cumsum(np.diag(sv))  # non-decreasing (a diagonal of variances): the sum up
@@ -320,7 +322,7 @@ def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2
     h = np.eye(tokens) if h is None else h
     if h.shape[0] != tokens:
         return None
-    a, _, extra = weights or pair_weights(counts, p2i, s2, r, keep)
+    a, extra = weights or pair_weights(counts, p2i, s2, r, keep)
     if causal_windows(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
         out = gram_cumsum(np.multiply(a[::-1, ::-1], h[::-1, ::-1]))[::-1, ::-1]
     else:
