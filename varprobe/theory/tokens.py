@@ -263,7 +263,7 @@ def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
     """(a, b - a): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the windows of
     queries i and k (see the module's docstring); b - a is what the shared keys add,
     as the forward and the backward read it."""
-    inv_rest, neg_rest, both, inv_shared, none = keyindex.pairs(counts)
+    inv_shared, inv_rest, none = keyindex.pairs(counts)
     # the lognormal overlap also past attention.SATURATED_SPREAD (up to SATURATED,
     # past which no Gram is carried): theory.overlap's there put T5's torch-default
     # scheme column's backward median at 0.12, 0.05 with this one
@@ -272,13 +272,12 @@ def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
     v = e / (e + counts - 1)
     overlap = np.minimum.outer(v, v)
     np.fill_diagonal(overlap, p2i)
-    # b = overlap/shared, a = (1 - overlap)/rest: a and b - a each in one fused pass
-    o = torch.from_numpy(overlap)
-    a = torch.addcmul(inv_rest, o, inv_rest, value=-1).numpy()
-    extra = torch.addcmul(neg_rest, o, both).numpy()
-    a.flat[none] = 0.0  # no pairs off the shared keys: b - a = b
-    extra.flat[none] = overlap.flat[none] * inv_shared.flat[none]
-    extra[np.diag_indices(counts.size)] = p2i * np.diag(inv_shared) * keep - np.diag(a)
+    extra = overlap * inv_shared  # b, then b - a in place
+    a = np.subtract(1, overlap, out=overlap)
+    a *= inv_rest
+    a.flat[none] = 0.0  # no pairs off the shared keys
+    extra[np.diag_indices(counts.size)] *= keep
+    extra -= a
     return a, extra
 
 
