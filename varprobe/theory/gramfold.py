@@ -38,14 +38,18 @@ def mix(parts: list[tuple[float, np.ndarray]], shared: float = 0.0, own: float =
     if inv is None:
         return None
     w, s = parts[0]
-    out = torch.mul(_tensor(s), w * inv)  # fresh
+    out = np.multiply(s, w * inv)  # fresh, whatever s's flags
+    total = torch.from_numpy(out)
     for w, s in parts[1:]:
-        out.add_(_tensor(s), alpha=w * inv)
+        if s.flags.writeable and min(s.strides) > 0:  # torch's view: w s added in one pass
+            total.add_(torch.from_numpy(s), alpha=w * inv)
+        else:  # a read-only shape (tokens alike): no copy for torch
+            out += s * (w * inv)
     if shared:
         out += shared * inv
     if own:
-        out.diagonal().add_(own * inv)
-    return out.numpy()
+        out.flat[::tokens + 1] += own * inv  # the diagonal
+    return out
 
 
 def lerp(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
