@@ -69,3 +69,30 @@ def test_window_sums_are_the_masked_products(case, causal):
     assert close(windowsums.window_diag(a, counts), np.diag(mask @ a @ mask.T))
     assert close(windowsums.row_window_sums(a, counts), a @ mask.T)
     assert close(windowsums.column_window_sums(a, counts), np.diag(mask @ a))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays, st.booleans())
+def test_gram_sums_are_the_masked_products(case, causal):
+    """The sums of a symmetric array (a Gram) that use its symmetry (gram_*) against the
+    masked products and the blocks: only the order of the sums differs, a few ulp of
+    the absolute sum."""
+    a = _array(*case)
+    a = a + a.T
+    t = a.shape[0]
+    rng = np.random.default_rng(case[1] + 2)
+    counts = np.arange(1.0, t + 1) if causal else rng.integers(1, t + 1, t).astype(float)
+    counts[rng.integers(t)] = t
+    mask = (np.arange(t)[None, :] < counts[:, None]).astype(float)
+    scale = np.abs(a).sum()
+
+    def close(x, y):
+        return np.allclose(x, y, rtol=0, atol=1e-13 * scale)
+
+    full = np.tril(np.ones((t, t)))
+    assert close(windowsums.gram_cumsum(a), full @ a @ full.T)
+    assert close(windowsums.gram_cumsum(a, reverse=True), full.T @ a @ full)
+    assert close(windowsums.gram_diag_sums(a), [a[:m + 1, :m + 1].sum() for m in range(t)])
+    assert close(windowsums.gram_diag_sums(a, reverse=True), [a[m:, m:].sum() for m in range(t)])
+    assert close(windowsums.gram_window_sums(a, counts), mask @ a @ mask.T)
+    assert close(windowsums.gram_window_diag(a, counts), np.diag(mask @ a @ mask.T))

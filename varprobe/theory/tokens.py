@@ -56,16 +56,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from varprobe.theory import correlation, diagonal, keyindex, rules
+from varprobe.theory import correlation, diagonal, gramfold, keyindex, rules
 from varprobe.theory.attention import mean
 from varprobe.theory.windowsums import (
     causal_windows,
     column_window_sums,
-    cumsum,
-    diag_sums,
+    gram_cumsum,
+    gram_diag_sums,
+    gram_window_diag,
+    gram_window_sums,
     row_window_sums,
-    window_diag,
-    window_sums,
     windows,
 )
 
@@ -116,18 +116,8 @@ def combine(parts: list[tuple[float, np.ndarray | None, float]], shared: float =
     if len(sizes) != 1:
         return None
     tokens = sizes.pop()
-    start = 0 if own or parts[0][1] is None else 1
-    if start:  # shared + w S as w S + shared: one T x T pass less
-        total = parts[0][0] * parts[0][1]
-        if shared:
-            total += float(shared)
-    else:
-        total = np.full((tokens, tokens), float(shared))
-        if own:
-            total.flat[::tokens + 1] += own  # the diagonal
-    for w, s, r in parts[start:]:
-        total += w * (s if s is not None else implied(r, tokens))
-    return normalized(total, fresh=True)[0]
+    return gramfold.mix([(w, s if s is not None else implied(r, tokens))
+                         for w, s, r in parts], float(shared), float(own))
 
 
 def weight(s: np.ndarray | None, m2: float, b2: float) -> np.ndarray | None:
@@ -136,9 +126,7 @@ def weight(s: np.ndarray | None, m2: float, b2: float) -> np.ndarray | None:
         return None
     if b2 <= 0:
         return s
-    out = m2 * s
-    out += b2
-    return normalized(out, fresh=True)[0]
+    return gramfold.mix([(m2, s)], b2)
 
 
 def dropout(s: np.ndarray | None, p: float) -> np.ndarray | None:
@@ -154,14 +142,8 @@ def norm(s: np.ndarray | None, m2: float, eps: float, g2: float, b2: float
     """LayerNorm / RMSNorm: each token at its own scale, then γ² and β² (β on every pair)."""
     if s is None:
         return None
-    d = np.diag(s) * m2 + eps
-    c = s * m2
-    c /= _root_outer(d)
-    if g2 != 1:  # γ = 1, β = 0 at init: no pass for either
-        c *= g2
-    if b2:
-        c += b2
-    return normalized(c, fresh=True)[0]
+    # S_ij m2 g2 / sqrt(d_i d_j), d = diag(S) m2 + ε: one outer product of the scales
+    return gramfold.outer_scaled(s, math.sqrt(m2 * g2) / np.sqrt(np.diag(s) * m2 + eps), b2)
 
 
 def norm_backward(s_in: np.ndarray | None, m2: float, eps: float,
@@ -175,18 +157,14 @@ def norm_backward(s_in: np.ndarray | None, m2: float, eps: float,
     h = np.eye(tokens) if h is None else h
     if h.shape[0] != tokens:
         return None, 1.0
-    inv = 1 / np.sqrt(rho + eps)
-    out = _outer(inv)
-    out *= h
     diag = np.diag(h)
     kappa = float(mean(diag / (rho + eps)) * (mean(rho) + eps) / mean(diag))
-    return normalized(out, fresh=True)[0], kappa
+    return gramfold.outer_scaled(h, 1 / np.sqrt(rho + eps)), kappa
 
 
 def _root_outer(d: np.ndarray) -> np.ndarray:
-    """sqrt(d_i d_j), a fresh array: the square root taken in place."""
-    out = _outer(d)
-    return np.sqrt(out, out=out)
+    """sqrt(d_i d_j), a fresh array: the roots of the T numbers, then their products."""
+    return _outer(np.sqrt(d))
 
 
 def _outer(v: np.ndarray) -> np.ndarray:
@@ -195,18 +173,14 @@ def _outer(v: np.ndarray) -> np.ndarray:
     return torch.outer(t, t).numpy()
 
 
-@functools.lru_cache(maxsize=8)
-def _unit_grid(size: int) -> np.ndarray:
-    return np.linspace(0.0, 1.0, size)
-
-
-def correlations(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(each pair's normalized correlation G_ij/sqrt(G_ii G_jj) clipped to [0, 1], and
-    sqrt(G_ii G_jj)): what an activation's kernels read."""
+def correlations(s: np.ndarray) -> tuple[gramfold.Cells, np.ndarray]:
+    """(the cells on the kernels' grid of each pair's normalized correlation
+    G_ij/sqrt(G_ii G_jj), clipped to [0, 1], and sqrt(G_ii G_jj)): what an activation's
+    kernels read."""
     scale = _root_outer(np.diag(s))
     rho = np.divide(s, scale)
     np.clip(rho, 0.0, 1.0, out=rho)
-    return rho, scale
+    return gramfold.cells(rho, rules.RHO_STEPS), scale
 
 
 def activation(module: nn.Module, s: np.ndarray | None, m2: float, mu: float = 0.0,
@@ -221,10 +195,8 @@ def activation(module: nn.Module, s: np.ndarray | None, m2: float, mu: float = 0
     table = _kernel(module, q)
     if table is None:
         return None
-    rho, scale = pairs(s)
-    mapped = np.interp(rho, _unit_grid(table.size), table)
-    mapped *= scale
-    return normalized(mapped, fresh=True)[0]
+    at, scale = pairs(s)
+    return gramfold.kernel_map(at, table, scale)
 
 
 def activation_backward(module: nn.Module, s: np.ndarray | None, m2: float,
@@ -237,12 +209,9 @@ def activation_backward(module: nn.Module, s: np.ndarray | None, m2: float,
     table = _slope_kernel(module, float(f"{m2:.3g}"))
     if table is None:
         return h
-    mapped = np.interp(pairs(s)[0], _unit_grid(table.size), table)
+    at = pairs(s)[0]  # a walk's kept copy: spent here either way
     h = np.eye(s.shape[0]) if h is None else h
-    if h.shape != s.shape:
-        return None
-    mapped *= h
-    return normalized(mapped, fresh=True)[0]
+    return gramfold.kernel_map(at, table, h) if h.shape == s.shape else None
 
 
 _KERNELS: dict = {}
@@ -285,29 +254,31 @@ def product(a: np.ndarray | None, ra: float, b: np.ndarray | None, rb: float
     tokens = (a if a is not None else b).shape[0]
     a = implied(ra, tokens) if a is None else a
     b = implied(rb, tokens) if b is None else b
-    return normalized(a * b, fresh=True)[0] if a.shape == b.shape else None
+    return gramfold.product(a, b) if a.shape == b.shape else None
 
 
 # --- attention -----------------------------------------------------------------------
 def pair_weights(counts: np.ndarray, p2i: np.ndarray, s2: float, r: float,
-                 keep: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a, b, shared keys): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the
-    windows of queries i and k (see the module's docstring)."""
-    shared, top, rest, none = keyindex.pairs(counts)
+                 keep: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b - a): E[p_ij p_kl] = a_ik for j ≠ l, b_ik for j = l, over the windows of
+    queries i and k (see the module's docstring); b - a is what the shared keys add,
+    as the forward and the backward read it."""
+    inv_shared, inv_rest, none = keyindex.pairs(counts)
     # the lognormal overlap also past attention.SATURATED_SPREAD (up to SATURATED,
     # past which no Gram is carried): theory.overlap's there put T5's torch-default
     # scheme column's backward median at 0.12, 0.05 with this one
     e = math.exp(min(r * (1 - r) * s2, 50.0))
-    overlap = top + e  # e/(e + top - 1), in place
-    overlap -= 1
-    np.divide(e, overlap, out=overlap)
+    # e/(e + max(T_i, T_k) - 1), falling with the count: the least of the two queries'
+    v = torch.from_numpy(e / (e + counts - 1))
+    overlap = torch.minimum(v[:, None], v[None, :]).numpy()  # ~2x np.minimum.outer's speed
     np.fill_diagonal(overlap, p2i)
-    b = overlap / shared
+    extra = overlap * inv_shared  # b, then b - a in place
     a = np.subtract(1, overlap, out=overlap)
-    a /= rest
+    a *= inv_rest
     a.flat[none] = 0.0  # no pairs off the shared keys
-    b[np.diag_indices(counts.size)] *= keep
-    return a, b, shared
+    extra[np.diag_indices(counts.size)] *= keep
+    extra -= a
+    return a, extra
 
 
 def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray,
@@ -321,17 +292,25 @@ def attend(sv: np.ndarray | None, rv: float, counts: np.ndarray, p2i: np.ndarray
         sv = implied(rv, tokens)
     if sv.shape[0] != int(counts.max()):
         return None
-    a, b, _ = weights or pair_weights(counts, p2i, s2, r, keep)
-    out = window_sums(sv, counts)  # a fresh array: a ⊙ (sums - d) + b ⊙ d in place
-    cum = np.cumsum(np.diag(sv))
-    d = cum[keyindex.index(counts).shared_at]
-    out -= d
-    out *= a
-    d *= b
-    out += d
+    a, extra = weights or pair_weights(counts, p2i, s2, r, keep)
+    sums = gram_window_sums(sv, counts)
+    index = keyindex.index(counts)
+    cum = np.cumsum(np.diag(sv))  # non-decreasing (a diagonal of variances): the sum up
+    cum = cum if index.causal else cum[index.at]  # to the last shared key is the least
+    # a ⊙ sums + (b - a) ⊙ d over its mean diagonal, found first from the diagonals
+    diag = np.diag(a) * np.diag(sums) + np.diag(extra) * cum
     if coupling is not None:
-        out[np.diag_indices(tokens)] += coupling
-    return normalized(out, fresh=True)
+        diag = diag + coupling
+    m = float(mean(diag))
+    if not m > 0 or not math.isfinite(m):
+        return None, 0.0
+    c = torch.from_numpy(cum / m)
+    d = torch.minimum(c[:, None], c[None, :])
+    d *= torch.from_numpy(extra)
+    out = d.addcmul_(torch.from_numpy(a), torch.from_numpy(sums), value=1 / m).numpy()
+    if coupling is not None:
+        out[np.diag_indices(tokens)] += coupling / m
+    return out, m
 
 
 def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2: float,
@@ -343,20 +322,19 @@ def value_backward(h: np.ndarray | None, counts: np.ndarray, p2i: np.ndarray, s2
     h = np.eye(tokens) if h is None else h
     if h.shape[0] != tokens:
         return None
-    a, b, _ = weights or pair_weights(counts, p2i, s2, r, keep)
-    x = a * h
+    a, extra = weights or pair_weights(counts, p2i, s2, r, keep)
     if causal_windows(counts):  # Σ over i ≥ j, k ≥ l: reversed 2-D cumulative sums
-        out = cumsum(x, reverse=True)
+        out = gram_cumsum(np.multiply(a[::-1, ::-1], h[::-1, ::-1]))[::-1, ::-1]
     else:
         lmask = windows(counts)
-        out = lmask.T @ x @ lmask
+        out = lmask.T @ (a * h) @ lmask
     # the shared-key term: key j is shared by queries i, k where j < min(T_i, T_k)
-    extra = np.subtract(b, a, out=x)  # x is spent
-    extra *= h
     keys = int(counts.max())
-    diag = _shared_diag(extra, counts, keys)
-    out[np.diag_indices(keys)] += diag
-    return normalized(out, fresh=True)[0]
+    out[np.diag_indices(keys)] += _shared_diag(extra * h, counts, keys)
+    m = float(out.trace()) / keys
+    if not m > 0 or not math.isfinite(m):
+        return None
+    return np.multiply(out, 1 / m)  # contiguous where out is the reversed sums' view
 
 
 def _shared_diag(extra: np.ndarray, counts: np.ndarray, keys: int) -> np.ndarray:
@@ -364,7 +342,7 @@ def _shared_diag(extra: np.ndarray, counts: np.ndarray, keys: int) -> np.ndarray
     their window: a suffix sum over the sorted matrix's lower-right blocks."""
     sorted_ = keyindex.index(counts)
     e = extra if sorted_.causal else extra[sorted_.order]  # causal: already sorted
-    block = diag_sums(e, reverse=True)  # S[m] = Σ_{i,k ≥ m} e_ik (sorted)
+    block = gram_diag_sums(e, reverse=True)  # S[m] = Σ_{i,k ≥ m} e_ik (sorted)
     # the first sorted query whose window exceeds j (the index's keys: up to max T_i)
     if sorted_.first.size != keys:
         c = np.sort(counts)
@@ -397,10 +375,10 @@ def _grad_diag(h: np.ndarray | None, tokens: int) -> np.ndarray | None:
 def prefix_shares(s: np.ndarray | None, counts: np.ndarray, sums: np.ndarray | None = None
                   ) -> tuple[float, float] | None:
     """(u, w) as attention_stats.prefix_share measures them: u = mean_i |x̄_i|²/E[x²] over
-    the windows, w = mean_i u_i / i (``sums``: window_diag(s, counts) where known)."""
+    the windows, w = mean_i u_i / i (``sums``: gram_window_diag(s, counts) where known)."""
     if s is None or s.shape[0] != counts.size:
         return None
-    means = (window_diag(s, counts) if sums is None else sums) / counts ** 2
+    means = (gram_window_diag(s, counts) if sums is None else sums) / counts ** 2
     scale = float(np.trace(s)) / s.shape[0]
     return float(mean(means) / scale), float(mean(means / counts) / scale)
 
@@ -410,9 +388,11 @@ def gradient_u(h: np.ndarray | None, counts: np.ndarray, causal: bool) -> float 
     if h is None or h.shape[0] != counts.size:
         return None
     if causal and causal_windows(counts):  # Σ_{i,k ≥ j} H_ik / (T_i T_k): reversed cumsums
-        x = h / keyindex.products(counts)
-        diag = diag_sums(x, reverse=True)
-        return float(mean(diag) / mean(np.diag(h)))
+        # the L-shaped steps of the symmetric H/(T_i T_k) (gram_diag_sums), weighed in
+        # one pass: H_mm/T_m² + 2 Σ_{k>m} H_mk/(T_m T_k)
+        step = np.einsum("ij,ij->i", h, keyindex.gradient_weights(counts))
+        step += np.diag(h) / counts ** 2
+        return float(mean(step[::-1].cumsum()) / mean(np.diag(h)))
     if causal:
         flat = windows(counts) / counts[:, None]
         return float(np.mean(np.einsum("ij,ik,kj->j", flat, h, flat)) / np.mean(np.diag(h)))
@@ -460,14 +440,12 @@ def blend(a: np.ndarray | None, wa: float, b: np.ndarray | None, wb: float
         return None
     if b is not None and diagonal.marked(a) and not diagonal.marked(b):
         a, wa, b, wb = b, wb, a, wa  # wa a + wb b, the diagonal one second
-    out = wa * a
-    if b is None:  # wb I: on the diagonal only
-        out.flat[::a.shape[0] + 1] += wb
-    elif diagonal.marked(b):  # wb b off the diagonal adds zeros: on the diagonal only
-        out.flat[::a.shape[0] + 1] += wb * np.diag(b)
-    else:
-        out += wb * b
-    out /= wa + wb
+    w = wb / (wa + wb)
+    if b is not None and not diagonal.marked(b):
+        return gramfold.lerp(a, b, w)  # (1 - w) a + w b in one pass
+    out = a * (wa / (wa + wb))
+    # b = None (I) or diagonal: w b off the diagonal adds zeros, on the diagonal only
+    out.flat[::a.shape[0] + 1] += w if b is None else w * np.diag(b)
     return out
 
 
@@ -479,7 +457,7 @@ def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: fl
     Σ_jl (v_j - v̄_i)·(v_l - v̄_i) k_j·k_l / T_i² = F_i, which for tokens alike is
     (1 - r)(1 - r_k)(T_i - 1)/T_i²; the closed form's (1 - r_k) f m_i becomes
     m_i F_i T_i² f / ((T_i - 1)(1 - r)), plus the coherent term as before. ``sums``: the
-    two Grams' window_diag where known."""
+    two Grams' gram_window_diag where known."""
     tokens = counts.size
     if int(counts.max()) != tokens:
         return None
@@ -487,11 +465,11 @@ def query_factor(sv: np.ndarray | None, rv: float, sk: np.ndarray | None, rk: fl
     k = implied(rk, tokens) if sk is None else sk
     if g.shape != (tokens, tokens) or k.shape != g.shape or r >= 1:
         return None
-    s1 = window_diag(g * k, counts)
+    s1 = gram_window_diag(g * k, counts)
     rg = row_window_sums(g, counts)  # column i: window i's sums
     rg *= rg if k is g else row_window_sums(k, counts)
     s2 = column_window_sums(rg, counts) / counts
-    wg, wk = sums or (window_diag(g, counts), window_diag(k, counts))
+    wg, wk = sums or (gram_window_diag(g, counts), gram_window_diag(k, counts))
     s3 = wg * wk / counts ** 2
     many = counts > 1
     x = np.zeros(tokens)

@@ -14,6 +14,7 @@ uses one of the two, never both (``closed_tokens``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from torch import nn
@@ -145,7 +146,9 @@ class TokenGrams:
         checked = self.__dict__.setdefault("_finite_grams", {})
         if checked.get(id(gram)) is gram:
             return
-        if gram.shape[0] > tokens.CAP or not np.all(np.isfinite(gram)):
+        # the sum is finite where every entry is (an inf or NaN carries into it): one
+        # pass, no T x T mask; a shape's entries are far from overflowing the sum
+        if gram.shape[0] > tokens.CAP or not math.isfinite(float(gram.sum())):
             value.gram = None
         else:
             checked[id(gram)] = gram
@@ -287,15 +290,15 @@ class TokenGrams:
         return out
 
     def _window_diags(self, node: Node, grams: tuple, counts: np.ndarray) -> tuple:
-        """tokens.window_diag of the values' and keys' Grams at a call: once for the
+        """tokens.gram_window_diag of the values' and keys' Grams at a call: once for the
         forward's prefix shares and the backward's query factor where both read the
         same arrays."""
         memo = self.__dict__.setdefault("_gram_memo", {})
         held = memo.get(("diags", id(node)))
         if held is None or any(a is not b for a, b in zip(held[0], grams)):
-            first = tokens.window_diag(grams[0], counts)  # the values' and keys' often one
+            first = tokens.gram_window_diag(grams[0], counts)  # the values' and keys' often one
             held = memo[("diags", id(node))] = (grams, (first, *(
-                first if s is grams[0] else tokens.window_diag(s, counts) for s in grams[1:])))
+                first if s is grams[0] else tokens.gram_window_diag(s, counts) for s in grams[1:])))
         return held[1]
 
     def attended_grams(self, node: Node, facts) -> tuple:

@@ -83,6 +83,53 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable and min(a.strides) > 0 else a.copy())
 
 
+def gram_cumsum(s: np.ndarray, reverse: bool = False) -> np.ndarray:
+    """cumsum(s) of a symmetric s (a Gram; up to the order of the sums). The 2-D sum
+    C = cumsum₀(cumsum₁(S)) is the transpose of cumsum₁(cumsum₁(S)ᵀ) for any S, and its
+    own transpose for a symmetric one: two passes along rows, the faster direction,
+    and a contiguous result."""
+    if s.size < SMALL:
+        return cumsum(s, reverse=reverse)
+    t = _tensor(s)
+    if reverse:
+        t = t.flip((0, 1))
+    t = t.cumsum(1).T.cumsum(1)
+    return (t.flip((0, 1)) if reverse else t).numpy()
+
+
+def gram_diag_sums(s: np.ndarray, reverse: bool = False) -> np.ndarray:
+    """diag_sums(s) of a symmetric s (up to the order of the sums): the L-shaped step
+    between m - 1 and m is S_mm plus twice row m's part before it (after it when
+    ``reverse``), one masked row sum where diag_sums takes a row and a column one."""
+    if s.size < SMALL:
+        return diag_sums(s, reverse)
+    step = np.einsum("ij,ij->i", s, _strict(s.shape[0], reverse))
+    step *= 2
+    step += np.diag(s)
+    return np.ascontiguousarray(step[::-1].cumsum()[::-1]) if reverse else step.cumsum()
+
+
+@functools.lru_cache(maxsize=16)
+def _strict(size: int, reverse: bool) -> np.ndarray:
+    """The strict lower triangle's mask (the upper's when ``reverse``)."""
+    ones = np.ones((size, size))
+    out = np.triu(ones, 1) if reverse else np.tril(ones, -1)
+    out.setflags(write=False)
+    return out
+
+
+def gram_window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """window_sums(s, counts) of a symmetric s (up to the order of the sums)."""
+    index = keyindex.index(counts)
+    return gram_cumsum(s) if index.causal else gram_cumsum(s)[index.grid]
+
+
+def gram_window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """window_diag(s, counts) of a symmetric s (up to the order of the sums)."""
+    index = keyindex.index(counts)
+    return gram_diag_sums(s) if index.causal else gram_diag_sums(s)[index.at]
+
+
 def window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl, by a 2-D cumulative sum (nested windows)."""
     index = keyindex.index(counts)
@@ -103,9 +150,8 @@ def row_window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def column_window_sums(p: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Σ_{j < T_i} P[j, i]: column i of P summed over query i's window (a masked column
-    sum, not the whole first-axis cumulative sum)."""
-    masked = p * _columns(np.asarray(counts, dtype=np.float64).tobytes())
-    return masked.sum(0)
+    sum in one pass, not the whole first-axis cumulative sum)."""
+    return np.einsum("ji,ji->i", p, _columns(np.asarray(counts, dtype=np.float64).tobytes()))
 
 
 @functools.lru_cache(maxsize=64)
