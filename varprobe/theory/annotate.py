@@ -16,7 +16,7 @@ import dataclasses
 from torch import nn
 
 from varprobe.report import Layer, Prediction, Report
-from varprobe.theory import collector, norms, threads
+from varprobe.theory import norms, threads
 from varprobe.theory.gains import Values, backward_gain, forward_gain, gain_unavailable_reason
 from varprobe.theory.layer_fans import SCHEMES, effective_fans, is_linear_map
 from varprobe.theory.nodes import chain
@@ -39,8 +39,7 @@ def annotate(report: Report, modules: list[nn.Module], recording=None,
     calls). ``values``: host copies of the tensors ``norms.host_tensors`` names (the
     probe's one transfer). ``measured``: False for the closed-form ``predict``.
     """
-    # the walks' torch work is on small arrays; their many small objects die young
-    with threads.one_thread(), collector.paused():
+    with threads.one_thread():  # the walks' torch work is on small arrays
         return _annotate(report, modules, recording, values, measured)
 
 
