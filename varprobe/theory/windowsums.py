@@ -119,27 +119,16 @@ def _strict(size: int, reverse: bool) -> np.ndarray:
 
 
 def gram_window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """window_sums(s, counts) of a symmetric s (up to the order of the sums)."""
+    """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl of a symmetric S, by a 2-D cumulative sum
+    (nested windows)."""
     index = keyindex.index(counts)
     return gram_cumsum(s) if index.causal else gram_cumsum(s)[index.grid]
 
 
 def gram_window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """window_diag(s, counts) of a symmetric s (up to the order of the sums)."""
+    """diag(L S Lᵀ) of a symmetric S: the sum of S over each query's window."""
     index = keyindex.index(counts)
     return gram_diag_sums(s) if index.causal else gram_diag_sums(s)[index.at]
-
-
-def window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(L S Lᵀ)_ik = Σ_{j < T_i, l < T_k} S_jl, by a 2-D cumulative sum (nested windows)."""
-    index = keyindex.index(counts)
-    return cumsum(s) if index.causal else cumsum(s)[index.grid]
-
-
-def window_diag(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """diag(L S Lᵀ): the sum of S over each query's window."""
-    index = keyindex.index(counts)
-    return diag_sums(s) if index.causal else diag_sums(s)[index.at]
 
 
 def row_window_sums(s: np.ndarray, counts: np.ndarray) -> np.ndarray:
