@@ -17,10 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    """torch's view of ``a`` (a copy where torch cannot view it: read-only, reversed)."""
-    return torch.from_numpy(a if a.flags.writeable and min(a.strides) > 0 else a.copy())
+from varprobe.theory.windowsums import torch_view, viewable
 
 
 def _scale(total: float, tokens: int) -> float | None:
@@ -41,7 +38,7 @@ def mix(parts: list[tuple[float, np.ndarray]], shared: float = 0.0, own: float =
     out = np.multiply(s, w * inv)  # fresh, whatever s's flags
     total = torch.from_numpy(out)
     for w, s in parts[1:]:
-        if s.flags.writeable and min(s.strides) > 0:  # torch's view: w s added in one pass
+        if viewable(s):  # torch's view: w s added in one pass
             total.add_(torch.from_numpy(s), alpha=w * inv)
         else:  # a read-only shape (tokens alike): no copy for torch
             out += s * (w * inv)
@@ -54,7 +51,7 @@ def mix(parts: list[tuple[float, np.ndarray]], shared: float = 0.0, own: float =
 
 def lerp(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
     """(1 - w) a + w b in one pass (a fresh array)."""
-    return torch.lerp(_tensor(a), _tensor(b), w).numpy()
+    return torch.lerp(torch_view(a), torch_view(b), w).numpy()
 
 
 def product(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -77,7 +74,7 @@ def outer_scaled(s: np.ndarray, v: np.ndarray, shared: float = 0.0) -> np.ndarra
     u = torch.from_numpy(np.array(v, dtype=np.float64))  # a writeable, contiguous copy
     u *= math.sqrt(inv)
     out = torch.outer(u, u)
-    out *= _tensor(s)
+    out *= torch_view(s)
     if shared:
         out += shared * inv
     return out.numpy()
