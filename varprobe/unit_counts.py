@@ -20,7 +20,8 @@ def counts(v: torch.Tensor) -> tuple[float, float] | None:
     """(zero elements, live units) of a contiguous (before, units, after) CPU tensor;
     None where a row is longer than a chunk (the caller reads it otherwise)."""
     before, units, after = v.shape
-    if v.numel() == 0 or units * (after == 1) > CHUNK or after > CHUNK:
+    row = after if after > 1 else units  # the elements a row of the chunks holds
+    if v.numel() == 0 or row > CHUNK:
         return None
     scratch = torch.empty(min(v.numel(), CHUNK), dtype=v.dtype)
     if after > 1:  # units along rows of ``after`` contiguous elements
