@@ -13,6 +13,7 @@ float64 part."""
 from __future__ import annotations
 
 import contextlib
+import math
 from unittest import mock
 
 import numpy as np
@@ -20,7 +21,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import varprobe
+from varprobe import channel_sums as channel_sums_module
 from varprobe import stats
 from varprobe.channel_sums import channel_sums
 
@@ -98,3 +102,87 @@ def test_non_finite_values_reach_their_channel(path):
     with chosen(path):
         s1, s2 = channel_sums(x)
     assert torch.isfinite(s1[:2]).all() and s1[2] == float("inf") and s2[2] == float("inf")
+
+
+@PATHS
+def test_a_kept_read_is_what_a_batchnorm_recalls(path):
+    """Inside ``keep``, an activation's read per channel gives its totals (within the
+    bound above) and its sums to any view of the same unwritten memory; a write, the
+    tensor's end or the end of ``keep`` forgets them."""
+    x = torch.randn(2, 3, 4, 5) + 0.5
+    with chosen(path):
+        assert channel_sums_module.kept_read(x) is None  # nothing is kept outside keep()
+        token = channel_sums_module.keep()
+        try:
+            total1, total2 = channel_sums_module.kept_read(x)
+            d = x.double()
+            assert abs(total1 - d.sum().item()) <= 21 * U * d.abs().sum().item()
+            assert abs(total2 - d.square().sum().item()) <= 21 * U * d.square().sum().item()
+            s1, s2 = channel_sums_module.recall(x.view_as(x))
+            check_against(x, s1, s2)
+            assert channel_sums_module.recall(x[:1]) is None  # another tensor's memory
+            x.mul_(2)
+            assert channel_sums_module.recall(x) is None  # written since
+            y = torch.randn(2, 3, 4, 5)
+            channel_sums_module.kept_read(y)
+            alias = y.detach()
+            assert channel_sums_module.recall(alias) is not None
+            del y  # the tensor read is gone (its memory might be reused): forgotten
+            assert channel_sums_module.recall(alias) is None
+        finally:
+            channel_sums_module.release(token)
+    assert channel_sums_module.recall(x) is None
+
+
+def check_against(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> None:
+    d = x.double()
+    b = min(x.numel() // (x.shape[0] * x.shape[1]), 256)
+    want1, want2 = d.sum((0, 2, 3)), d.square().sum((0, 2, 3))
+    assert ((s1 - want1).abs() <= b * U * d.abs().sum((0, 2, 3)) + 1e-12).all()
+    assert ((s2 - want2).abs() <= (b + 1) * U * want2 + 1e-12).all()
+
+
+class ConvNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+@PATHS
+def test_a_convs_read_per_channel_serves_its_batchnorm(path):
+    """In a probe the conv's output is read once, per channel: its moments and the
+    eval-mode BatchNorm's per-channel closed form (theory.normshape) both come from
+    that read, and equal float64 arithmetic on the captured tensor."""
+    torch.manual_seed(0)
+    model, x = ConvNormed().eval(), torch.randn(4, 3, 10, 10)
+    with torch.no_grad():
+        for t in (model.bn.weight, model.bn.bias, model.bn.running_mean):
+            t.uniform_(-0.5, 0.9)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        h = model.conv(x).double()
+    reads = mock.Mock(wraps=channel_sums_module.kept_read)
+    with mock.patch.object(stats, "numba_kernels",
+                           stats.numba_kernels if path == "numba" else lambda: None), \
+            mock.patch.object(channel_sums_module, "kept_read", reads):
+        if path == "numba":
+            pytest.importorskip("numba")
+        report = varprobe.probe(model, x, mode="eval")
+    assert reads.call_count == 1
+    layers = {layer.name: layer for layer in report.layers}
+    conv, bn = layers["conv"], model.bn
+    # float32 blocks of at most 100 terms (a 10x10 row), then float64: 1e-5 relative
+    assert conv.forward.mean == pytest.approx(h.mean().item(), rel=1e-5)
+    assert conv.forward.var == pytest.approx(h.var(unbiased=False).item(), rel=1e-5)
+    mu, v = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+    k = math.sqrt(conv.predicted.forward_var / h.square().mean().item())  # the walk's scale
+    g, b, m = (t.detach().double() for t in (bn.weight, bn.bias, bn.running_mean))
+    sd = (bn.running_var.double() + bn.eps).sqrt()
+    out = g * (k * mu - m) / sd + b  # each channel's mean, and its variance below
+    expected = out.square() + (g / sd).square() * k * k * v
+    assert layers["bn"].predicted.forward_var == pytest.approx(expected.mean().item(),
+                                                               rel=1e-5)

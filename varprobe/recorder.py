@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import stats, theory, timing
+from varprobe import channel_sums, stats, theory, timing
 
 CHANNELS_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -128,6 +128,7 @@ class Recorder:
         self._seen: dict[int, tuple[weakref.ref, int, int, bool]] = {}
         self._grads: dict[tuple, tuple[weakref.ref, int, stats.Pending]] = {}
         self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
+        self._per_channel: dict[int, bool] = {}  # id(module) -> read per channel (BatchNorm)
         self._unweighed: set[int] = set()  # id(module): has a weight, not measured yet
         # id(module) -> what its type and settings say, looked up once per recording
         # rather than at each call (a missing attribute costs nn.Module an exception):
@@ -146,14 +147,19 @@ class Recorder:
         self.observer: Any = None
         self._on_grad_timed = self._on_grad
         self._kernels_token: Any = None
+        self._channels_token: Any = None
 
     # --- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> Recorder:
         # One timed wrapper for every gradient hook, not one per tensor: a gradient
         # hook is this bound to its slot.
         self._on_grad_timed = timing.timed("recording", self._on_grad)
+        norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         for name, module in probed_modules(self.model):
-            self._units[id(module)] = theory.kind(module) in UNITS_AFTER
+            kind = theory.kind(module)
+            self._units[id(module)] = kind in UNITS_AFTER
+            # a weight layer's output in a net with BatchNorms most likely feeds one
+            self._per_channel[id(module)] = norms and kind == "weight"
             if main_weight(module)[0] is not None:
                 self._unweighed.add(id(module))
             self._layout[id(module)] = (True if isinstance(module, CHANNELS_FIRST) else
@@ -164,10 +170,13 @@ class Recorder:
             self._handles.append(module.register_forward_hook(
                 timing.timed("recording", self._post_hook()), with_kwargs=True))
         self._kernels_token = stats.fix_kernels()
+        self._channels_token = channel_sums.keep() if norms else None
         return self
 
     def __exit__(self, *exc) -> None:
         stats.release_kernels(self._kernels_token)
+        if self._channels_token is not None:
+            channel_sums.release(self._channels_token)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -181,9 +190,11 @@ class Recorder:
         self.slots.append(value)
         return len(self.slots) - 1
 
-    def _activation_slot(self, t: torch.Tensor, units: bool = False) -> int | None:
+    def _activation_slot(self, t: torch.Tensor, units: bool = False,
+                         per_channel: bool = False) -> int | None:
         """Measure ``t`` once: the output of one module is usually the next one's input.
-        ``units``: with the zero and dead-unit fractions (see ``UNITS_AFTER``)."""
+        ``units``: with the zero and dead-unit fractions (see ``UNITS_AFTER``);
+        ``per_channel``: read per channel, the sums kept for a BatchNorm (channel_sums)."""
         if not self.measure:
             return None
         seen = self._seen.get(id(t))
@@ -191,7 +202,9 @@ class Recorder:
                 and (seen[3] or not units)):
             return seen[2]
         channel_dim = 1 if self._channels_first and t.dim() >= 3 else -1
-        value, seen = self._with_extremes(stats.activation, t, channel_dim, units)
+        read = channel_sums.kept_read(t) if per_channel and channel_dim == 1 \
+            and self.ranges is None else None
+        value, seen = self._with_extremes(stats.activation, t, channel_dim, units, read)
         slot = self._new_slot(value)
         self._seen[id(t)] = (weakref.ref(t), t._version, slot, units)
         if self.ranges is not None:
@@ -359,7 +372,8 @@ class Recorder:
         y = outs[0]
         call.shape, call.dtype = list(y.shape), str(y.dtype).removeprefix("torch.")
         units = self._units.get(id(call.module), True)
-        call.slots["forward"] = self._activation_slot(y, units)
+        call.slots["forward"] = self._activation_slot(
+            y, units, self._per_channel.get(id(call.module), False))
         if self.measure and not self._seen[id(y)][3]:
             call.unavailable["zero_fraction"] = call.unavailable["dead_fraction"] = NO_UNITS
         if y.requires_grad:

@@ -47,7 +47,7 @@ W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM, B_MEAN = 0, 1, 2, 3, 4
 # lanes (at most 256 terms each, relative error below 256 * 6e-8 = 1.5e-5 in the worst
 # case, about 1e-7 in practice); the rows are added in float64.
 ROW = 256
-# Elements up to which a CPU tensor's zeros are counted by torch.count_nonzero (see _units).
+# Elements up to which a CPU tensor's unit counts are numpy's (see _units).
 FEW = 1 << 15
 
 
@@ -161,14 +161,15 @@ def _scratch(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(min(x.numel(), chunk_size(x.device)), dtype=dtype, device=x.device)
 
 
-def _sums(x: torch.Tensor, nonfinite: bool) -> Raw:
+def _sums(x: torch.Tensor, nonfinite: bool, read: tuple[float, float] | None = None) -> Raw:
     """float64 [shift, sum(x - shift), sum((x - shift)^2), then the non-finite count if
-    asked for]."""
+    asked for]; ``read``: (sum, sum of squares) of a CPU ``x`` read elsewhere."""
     found = kernel_array(x)
     if found is None:
         return _sums_shifted(x, nonfinite)
     flat = found[0].reshape(-1)
-    return _finish_cpu_sums(x, flat, _moment_read(flat), nonfinite)
+    return _finish_cpu_sums(x, flat, read if read is not None else _moment_read(flat),
+                            nonfinite)
 
 
 # (list, sample, rows) while the range reads are asked for: ``extremes_read``, or set
@@ -372,16 +373,18 @@ def _unit_layout(found: tuple[np.ndarray, list[int]], channel_dim: int,
 
 def _units(x: torch.Tensor, channel_dim: int) -> Raw:
     """float64 [zero elements, units alive]. A unit (an index along ``channel_dim``) is
-    dead when zero for every sample and position: max and min per unit both 0, which
-    are reductions without scratch memory. Where reads are free, the same two counts
-    as a host list, a small tensor's zeros by one count_nonzero (per-op dispatch
-    outweighs its read; on big tensors torch's count_nonzero runs several times slower
-    than the compare pass into scratch)."""
+    dead when zero for every sample and position: max and min per unit both 0. A dense
+    CPU tensor's as a host list from one read: numpy's up to ``FEW`` elements (torch's
+    per-op dispatch outweighs the read there), else ``unit_counts``'."""
     host = reads_are_free(x.device)
-    found = kernel_array(x) if host and x.numel() > FEW and x.dim() >= 2 else None
-    if found is not None:  # both counts from one read (unit_counts)
-        made = unit_counts.counts(
-            torch.from_numpy(found[0]).view(_unit_layout(found, channel_dim, x.dim())))
+    found = kernel_array(x) if host and x.dim() >= 2 else None
+    if found is not None:  # both counts from one read (numpy's, or unit_counts)
+        layout = _unit_layout(found, channel_dim, x.dim())
+        if x.numel() <= FEW:
+            live = found[0].reshape(layout) != 0
+            return [float(live.size - np.count_nonzero(live)),
+                    float(np.count_nonzero(live.any(axis=(0, 2))))]
+        made = unit_counts.counts(torch.from_numpy(found[0]).view(layout))
         if made is not None:
             return list(made)
     if host and x.numel() <= FEW:
@@ -421,19 +424,20 @@ def _moments(r: list[float], n: int) -> tuple[float, float, float]:
     return mean, var, var + mean * mean
 
 
-def activation(t: torch.Tensor, channel_dim: int, units: bool = True) -> Pending:
+def activation(t: torch.Tensor, channel_dim: int, units: bool = True,
+               read: tuple[float, float] | None = None) -> Pending:
     """mean, var, E[x^2], zero fraction, dead-unit fraction, non-finite count, numel.
 
     With ``units=False`` the zero and dead-unit fractions are not measured (None): they
     say something only where an activation can zero a unit, and off the CPU they cost
     more passes.
     A unit is one index along ``channel_dim`` (a feature or a conv channel); the dead
-    fraction is NaN for a tensor with fewer than two dims.
+    fraction is NaN for a tensor with fewer than two dims. ``read``: see ``_sums``.
     """
     x = t.detach()
     n = x.numel()
     count = x.shape[channel_dim] if units and x.dim() >= 2 else 0
-    raw = _sums_and_units(x, channel_dim) if units else _sums(x, nonfinite=True)
+    raw = _sums_and_units(x, channel_dim) if units else _sums(x, True, read)
 
     def finish(r: list[float]) -> list[float | None]:
         mean, var, m2 = _moments(r, n)
@@ -464,8 +468,7 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
     n, nb = w.numel(), bias.numel() if bias is not None else 0
     parts = [_sums(w.detach(), nonfinite=False)]
     if bias is not None:
-        parts.append(_square_sums(bias.detach()))
-        parts.append(bias.detach().double().sum().view(1))
+        parts.extend(_bias_sums(bias.detach()))
 
     def finish(r: list[float]) -> list[float | None]:
         _, var, m2 = _moments(r, n)
@@ -486,6 +489,16 @@ def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
         return [math.sqrt(r[0]) / norm if norm else math.inf if r[0] else math.nan]
 
     return Pending(_join([_square_sums(grad.detach()), stats.raw[:3]]), finish)
+
+
+def _bias_sums(b: torch.Tensor) -> list[Raw]:
+    """[sum(b^2)], [sum(b)], float64; the sum in float64 (a centred bias's mean is its
+    rounding residue), on the host where reads are free."""
+    found = kernel_array(b)
+    if found is not None:
+        flat = found[0].reshape(-1)
+        return [[_moment_read(flat)[1]], [float(flat.sum(dtype=np.float64))]]
+    return [_square_sums(b), b.double().sum().view(1)]
 
 
 def _square_sums(x: torch.Tensor) -> Raw:
