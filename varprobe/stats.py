@@ -1,23 +1,16 @@
 """On-device reductions: a few raw sums per tensor, finished on the host after one copy.
 
 Each measurement is a ``Pending``: a short float64 vector of sums on the tensor's
-device (a plain list when the CPU kernels made them on the host) and a function that
-turns those sums into the row the report reads (the layouts below). ``collect``
-concatenates every vector still on a device and copies it in a single transfer; means,
-variances and fractions are then plain float64 arithmetic on the host, so a hook
-issues only the reductions themselves.
+device (a plain list where the CPU kernels made them on the host) and a function that
+turns them into the row the report reads (the layouts below). ``collect`` copies every
+vector still on a device in a single transfer; the rest is float64 arithmetic on the host.
 
-Speed (CPU): torch has no reduction that returns a sum and a sum of squares from one
-read, ``torch.var_mean`` (Welford) runs at a tenth of memory speed, reductions with
-``dtype=`` copy the whole tensor first and every elementwise temporary is a write pass.
-So where numba is installed (the optional ``fast`` extra) a dense float32/float64 CPU
-tensor is read once by ``kernels``: the sum, the sum of squares and, where asked, the
-non-zero count of every unit; without it ``torch_kernels`` reads it in torch. E[x^2] - E[x]^2
-cancels when the mean dominates: on the CPU, where reading a sum costs no transfer, the
-sums are looked at and, only when mean^2 > Var, taken again from ``x - mean``. On
-accelerators, which must not sync, every tensor is shifted by its first chunk's mean
-and read in chunks of scratch, as is every fp16/bf16 tensor (upcast per chunk to
-float32) and every tensor whose memory is not dense.
+CPU: a dense float32/float64 tensor is read by ``kernels`` (numba, the optional ``fast``
+extra: sum, sum of squares and unit counts in one read) or else ``torch_kernels`` (torch
+has no one-read reduction of both sums; ``var_mean`` runs at a tenth of memory speed).
+Where the mean dominates (mean^2 > Var) the sums are taken again from ``x - mean``.
+Accelerators must not sync: every tensor is shifted by its first chunk's mean and read
+in chunks of scratch, as is every fp16/bf16 tensor and all memory that is not dense.
 """
 
 from __future__ import annotations
@@ -183,13 +176,11 @@ EXTREMES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("extreme
 def extremes_read(sample: Callable[[int], np.ndarray | None],
                   rows: tuple[int, int] | Callable[[], np.ndarray]) -> Iterator[list]:
     """Within it, the first float32 array the CPU moment kernel reads also gets, from
-    that same read, what the range statistics (``exponents``) read of it: its
-    ``exponent_kernel.extremes`` and the histogram rows (shape ``rows``, or zeroed
-    ones from ``rows()``) of its
-    elements at ``sample(n)`` (sorted indices; None: no sample), appended to the
-    yielded list as (n, bits of the largest |x|, bits of the smallest non-zero |x|
-    minus one, rows or None). Empty where no such read happened (a cached gradient,
-    units kernels, torch's sums)."""
+    that read, what the range statistics (``exponents``) take of it: its extremes and
+    the histogram rows (shape ``rows``, or zeroed ones from ``rows()``) of its elements
+    at ``sample(n)`` (sorted indices; None: no sample), appended to the yielded list as
+    (n, bits of the largest |x|, bits of the smallest non-zero |x| minus one, rows or
+    None). Empty where no such read happened (a cached gradient, torch's sums)."""
     found: list = []
     token = EXTREMES.set((found, sample, rows))
     try:
