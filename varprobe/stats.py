@@ -40,8 +40,7 @@ W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM, B_MEAN = 0, 1, 2, 3, 4
 # lanes (at most 256 terms each, relative error below 256 * 6e-8 = 1.5e-5 in the worst
 # case, about 1e-7 in practice); the rows are added in float64.
 ROW = 256
-# Elements up to which a CPU tensor's unit counts are numpy's (see _units).
-FEW = 1 << 15
+FEW = 1 << 15  # elements up to which a CPU tensor's unit counts are numpy's (_units)
 
 
 Raw = torch.Tensor | list[float]  # float64 sums on a device, or already on the host
@@ -363,10 +362,10 @@ def _unit_layout(found: tuple[np.ndarray, list[int]], channel_dim: int,
 
 
 def _units(x: torch.Tensor, channel_dim: int) -> Raw:
-    """float64 [zero elements, units alive]. A unit (an index along ``channel_dim``) is
-    dead when zero for every sample and position: max and min per unit both 0. A dense
-    CPU tensor's as a host list from one read: numpy's up to ``FEW`` elements (torch's
-    per-op dispatch outweighs the read there), else ``unit_counts``'."""
+    """float64 [zero elements, units alive]; a unit (an index along ``channel_dim``) is
+    dead when zero for every sample and position. A dense CPU tensor's as a host list
+    from one read: numpy's up to ``FEW`` elements (dispatch outweighs the read), else
+    ``unit_counts``'; elsewhere the compare pass and per-unit max and min."""
     host = reads_are_free(x.device)
     found = kernel_array(x) if host and x.dim() >= 2 else None
     if found is not None:  # both counts from one read (numpy's, or unit_counts)
