@@ -482,12 +482,12 @@ def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
 
 
 def _bias_sums(b: torch.Tensor) -> list[Raw]:
-    """[sum(b^2)], [sum(b)], float64; the sum in float64 (a centred bias's mean is its
-    rounding residue), on the host where reads are free."""
+    """[sum(b^2)], [sum(b)]; the sum in float64 (a centred bias's mean is what rounding left)."""
     found = kernel_array(b)
     if found is not None:
         flat = found[0].reshape(-1)
-        return [[_moment_read(flat)[1]], [float(flat.sum(dtype=np.float64))]]
+        with np.errstate(all="ignore"):  # inf - inf: NaN, as torch's sum gives it
+            return [[_moment_read(flat)[1]], [float(flat.sum(dtype=np.float64))]]
     return [_square_sums(b), b.double().sum().view(1)]
 
 

@@ -27,7 +27,8 @@ def sums(a: np.ndarray, shift, zero) -> tuple[float, float]:
         d = a.astype(np.float64)
         if shift:
             d -= float(shift)
-        return float(d.sum()), float(d @ d)
+        with np.errstate(all="ignore"):  # inf - inf is NaN here as in torch, unannounced
+            return float(d.sum()), float(d @ d)
     t = torch.from_numpy(a)
     if shift:  # the mean dominates the spread: read again, from a shifted copy
         t = t - float(shift)
