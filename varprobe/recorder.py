@@ -154,8 +154,9 @@ class Recorder:
         # One timed wrapper for every gradient hook, not one per tensor: a gradient
         # hook is this bound to its slot.
         self._on_grad_timed = timing.timed("recording", self._on_grad)
-        norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        for name, module in probed_modules(self.model):
+        probed = probed_modules(self.model)
+        norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m in probed)
+        for name, module in probed:
             kind = theory.kind(module)
             self._units[id(module)] = kind in UNITS_AFTER
             # a weight layer's output in a net with BatchNorms most likely feeds one
