@@ -23,6 +23,7 @@ from varprobe import (
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
+from varprobe.cotangent import paired
 from varprobe.errors import VarprobeError
 from varprobe.input_leaves import InputLeaves
 from varprobe.recorder import Call, Recorder, float_leaves, tensor_leaves
@@ -334,9 +335,10 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
                       for o in outs]
     if not outs or not outs[0].requires_grad:
         return "backward unavailable: the output has no floating tensor that requires grad"
+    start = paired(outs, cotangents)
     rec.in_backward = True
     try:
-        grads = _gradients(outs, wrt, cotangents)
+        grads = _gradients(start, outs, wrt)
     except Exception as exc:
         if _out_of_memory(exc):
             raise VarprobeError(_oom_message("the backward pass")) from exc
@@ -353,8 +355,9 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
     return ""
 
 
-def _gradients(outs, wrt, cotangents) -> tuple:
-    """d<outs, cotangents>/d wrt, without touching any ``.grad`` the user holds.
+def _gradients(start: torch.Tensor, outs, wrt) -> tuple:
+    """d start/d wrt (``start`` = cotangent.paired(outs, ...)), without touching any
+    ``.grad`` the user holds.
 
     ``autograd.grad`` is the clean way, but a use_reentrant=True checkpoint refuses it;
     then ``backward()`` runs with every ``.grad`` cleared and they are read back (the
@@ -363,10 +366,10 @@ def _gradients(outs, wrt, cotangents) -> tuple:
     if not wrt:
         return ()
     if not _has_reentrant_checkpoint(outs):
-        return torch.autograd.grad(outs, wrt, cotangents, allow_unused=True)
+        return torch.autograd.grad(start, wrt, allow_unused=True)
     for t in wrt:
         t.grad = None
-    torch.autograd.backward(outs, cotangents)
+    torch.autograd.backward(start)
     grads = tuple(t.grad for t in wrt)
     for t in wrt:
         t.grad = None

@@ -1,0 +1,83 @@
+"""The backward pass starts from ``cotangent.paired``: the gradients are torch's own
+``autograd.grad(outs, wrt, cotangents)`` bit for bit, each output's gradient is its
+cotangent's memory (no copy), a cotangent of the wrong shape is a usage error, and a
+probe leaves sympy unimported (autograd's ``grad_outputs`` check would import it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import varprobe
+from varprobe.cotangent import paired
+from varprobe.errors import VarprobeError
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 7)
+        self.a, self.b = nn.Linear(7, 3), nn.Linear(7, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.a(h), self.b(h).t()  # the second one not contiguous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_are_autograds_own(dtype):
+    torch.manual_seed(0)
+    model = TwoHeads().to(dtype)
+    x = torch.randn(6, 5, dtype=dtype)
+    wrt = list(model.parameters())
+    outs = list(model(x))
+    cots = [torch.randn(o.shape, dtype=dtype) for o in outs]
+    want = torch.autograd.grad(outs, wrt, cots)
+    got = torch.autograd.grad(paired(list(model(x)), cots), wrt)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_each_output_gets_its_cotangents_memory():
+    model = TwoHeads()
+    outs = list(model(torch.randn(6, 5)))
+    cots = [torch.randn(o.shape) for o in outs]
+    seen = {}
+    for i, o in enumerate(outs):
+        o.register_hook(lambda g, i=i: seen.__setitem__(i, g.data_ptr()))
+    torch.autograd.grad(paired(outs, cots), list(model.parameters()))
+    assert seen == {i: c.data_ptr() for i, c in enumerate(cots)}
+
+
+def test_a_cotangent_of_another_shape_is_refused():
+    out = nn.Linear(3, 4)(torch.randn(2, 3))
+    with pytest.raises(VarprobeError, match=r"grad_output has shape \(1, 4\), the output "
+                                            r"has \(2, 4\)"):
+        paired([out], [torch.ones(1, 4)])  # broadcastable: autograd would sum it
+
+
+def test_a_probe_with_a_wrong_grad_output_says_so():
+    with pytest.raises(VarprobeError, match="grad_output has shape"):
+        varprobe.probe(nn.Linear(3, 4), torch.randn(2, 3), grad_output=torch.ones(4))
+
+
+def test_a_probe_does_not_import_sympy():
+    script = ("import sys, torch, varprobe\n"
+              "varprobe.probe(torch.nn.Linear(3, 4), torch.randn(2, 3),"
+              " grad_output=torch.randn(2, 4))\n"
+              "print('sympy' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    # not blind: autograd's own start with grad_outputs does import it
+    control = ("import sys, torch\n"
+               "y = torch.nn.Linear(3, 4)(torch.randn(2, 3))\n"
+               "torch.autograd.grad(y, [y], torch.randn(2, 4))\n"
+               "print('sympy' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "True"
