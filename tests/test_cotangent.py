@@ -65,19 +65,18 @@ def test_a_probe_with_a_wrong_grad_output_says_so():
         varprobe.probe(nn.Linear(3, 4), torch.randn(2, 3), grad_output=torch.ones(4))
 
 
+def imports_sympy(script: str) -> bool:
+    """Whether a fresh interpreter running ``script`` ends with sympy imported."""
+    done = subprocess.run([sys.executable, "-c", script + "\nprint('sympy' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
 def test_a_probe_does_not_import_sympy():
-    script = ("import sys, torch, varprobe\n"
-              "varprobe.probe(torch.nn.Linear(3, 4), torch.randn(2, 3),"
-              " grad_output=torch.randn(2, 4))\n"
-              "print('sympy' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert not imports_sympy("import sys, torch, varprobe\n"
+                             "varprobe.probe(torch.nn.Linear(3, 4), torch.randn(2, 3),"
+                             " grad_output=torch.randn(2, 4))")
     # not blind: autograd's own start with grad_outputs does import it
-    control = ("import sys, torch\n"
-               "y = torch.nn.Linear(3, 4)(torch.randn(2, 3))\n"
-               "torch.autograd.grad(y, [y], torch.randn(2, 4))\n"
-               "print('sympy' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True,
-                          timeout=120, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "True"
+    assert imports_sympy("import sys, torch\n"
+                         "y = torch.nn.Linear(3, 4)(torch.randn(2, 3))\n"
+                         "torch.autograd.grad(y, [y], torch.randn(2, 4))")
