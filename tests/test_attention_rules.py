@@ -221,6 +221,29 @@ def test_softmax_moments_limits():
     assert abs(p2[0] - 1) < 1e-6
 
 
+def _hermite_moments(v: float, T: int, n: int) -> np.ndarray:
+    """E[sum p^2], E[sum p^3], E[(sum p^2)^2] of a softmax over T i.i.d. N(0, v) logits by
+    n-node Gauss-Hermite in each of the T dimensions: another quadrature altogether."""
+    z, w = np.polynomial.hermite_e.hermegauss(n)
+    x = np.stack(np.meshgrid(*([z * math.sqrt(v)] * T), indexing="ij"), -1)
+    weight = np.prod(np.stack(np.meshgrid(*([w / w.sum()] * T), indexing="ij"), -1), -1)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    s2, s3 = (p**2).sum(-1), (p**3).sum(-1)
+    return np.array([(weight * s2).sum(), (weight * s3).sum(), (weight * s2**2).sum()])
+
+
+@pytest.mark.parametrize("T", [2, 3])
+@pytest.mark.parametrize("v", [0.01, 0.3, 1.0, 4.0])
+def test_softmax_moments_against_gauss_hermite(v, T):
+    # softmax_moments' trapezoid rule claims 1e-10; the reference's error is bounded by
+    # the gap between two of its node counts (1e-16 to 2e-10 here)
+    fine, finer = (_hermite_moments(v, T, n) for n in ((120, 150) if T == 2 else (90, 120)))
+    gap = np.max(np.abs(fine / finer - 1))
+    got = np.array([a[0] for a in attention.softmax_moments(v, np.array([float(T)]))])
+    assert np.max(np.abs(got / finer - 1)) <= 1e-10 + gap
+
+
 @pytest.mark.parametrize("v", [0.05, 1.0, 4.0, 10.0])
 def test_long_causal_key_counts_interpolate_within_their_bound(v):
     # Every count up to 32 is computed; past it a log grid of ratio 1.015, linear in

@@ -140,10 +140,12 @@ def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     # the integrand in u is O(1) wide at any s
     lo, hi = -9 * s - 8, 9 * s + math.log(counts.max()) + 40
     u = np.linspace(lo, hi, min(600 + int(40 * s), math.ceil((hi - lo) / DU) + 1))
-    # in place where a matrix is not read again (the same products, fewer copies)
-    w = np.subtract(x[None, :], u[:, None])
-    np.minimum(w, 700.0, out=w)  # e^z stays finite
-    np.exp(w, out=w)
+    # e^(x - u) as the outer product e^-u e^x (a thousand exps, not a matrix of them),
+    # capped at e^700 (e^-w is 0 past it anyway; the product can overflow there); in
+    # place where a matrix is not read again (the same products, fewer copies)
+    with np.errstate(over="ignore"):
+        w = np.multiply.outer(np.exp(-u), np.exp(x))
+    np.minimum(w, math.exp(700.0), out=w)
     e = np.exp(np.negative(w))
     # w^k e^-w, k = 2..4, by products (w capped where e^-w is 0 anyway: no inf * 0)
     np.minimum(w, 800.0, out=w)
@@ -153,10 +155,12 @@ def softmax_moments(v: float, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     a2, a3 = we2 @ px, wk @ px
     wk *= w
     a4 = wk @ px
-    log_l = np.log(np.maximum(e @ px, 1e-300))
+    l_u = np.maximum(e @ px, 1e-300)
     du = u[1] - u[0]
-    lt = np.exp(np.outer(counts - 1, log_l))
-    lt2 = np.exp(np.outer(np.maximum(counts - 2, 0), log_l))
+    # L^(T-2) by exps, L^(T-1) from it by one product (L^0 = 1 where T = 1)
+    lt2 = np.exp(np.outer(np.maximum(counts - 2, 0), np.log(l_u)))
+    lt = lt2 * l_u
+    lt[counts == 1] = 1.0
     p2 = counts * (lt @ a2) * du
     p3 = counts * (lt @ a3) * du / 2
     p22 = (counts * (lt @ a4) + counts * (counts - 1) * (lt2 @ a2**2)) * du / 6
