@@ -93,7 +93,8 @@ def inputs(case: Case, seed: int) -> Any:
 def probe(case: Case, seed: int, init: str | None = None,
           model: nn.Module | None = None) -> varprobe.Report:
     model = build(case, seed) if model is None else model
-    return varprobe.probe(model, inputs(case, seed), seed=seed, mode=case.mode, init=init)
+    return varprobe.probe(model, inputs(case, seed), seed=seed, mode=case.mode, init=init,
+                         compare=None if init else "all")
 
 
 # -- per-layer numbers over seeds ----------------------------------------------------------

@@ -1,7 +1,7 @@
 """Under pytest-xdist each worker is its own process: one torch intra-op thread each,
 since the workers already fill the cores (two threads per worker on two shared cores
 wait on each other at every parallel region). ``numba_kernels``: for the tests of what
-only numba's one-read kernels do."""
+only numba's one-read kernels do; ``walks``: every graph walk the predictions run."""
 
 from __future__ import annotations
 
@@ -25,3 +25,20 @@ def numba_kernels():
     if found is None:
         pytest.skip("numba's kernels are not in use")
     return found
+
+
+@pytest.fixture
+def walks(monkeypatch):
+    """The theory.walk.Walk objects the predictions run, in order."""
+    import sys
+
+    annotate = sys.modules["varprobe.theory.annotate"]  # the package re-exports a function
+    runs = []
+
+    class Recorded(annotate.Walk):
+        def run(self):
+            runs.append(self)
+            return super().run()
+
+    monkeypatch.setattr(annotate, "Walk", Recorded)
+    return runs

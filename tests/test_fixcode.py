@@ -162,7 +162,7 @@ def test_pasted_code_measures_the_predicted_after_ratio(name):
     """
     model, shape = _build(name)
     scheme = MODELS[name][1]
-    report = _probe(model, shape, seed=1)
+    report = _probe(model, shape, seed=1, compare=scheme)
     scored = _scored(report)
     code, _ = fixcode.code(scheme, scored, [0.0] * len(scored))
     runs = [_probe(_pasted(model, code, seed=100 + s), shape, seed=200 + s) for s in SEEDS]

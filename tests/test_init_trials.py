@@ -148,7 +148,7 @@ def model_file(tmp_path):
 
 def test_cli_init_trials_and_compare(model_file, capsys):
     result = run(capsys, "analyze", model_file, "-b", "16", "--init", "he", "--trials", "3",
-                 "--compare", "xavier,he", "-f", "json")
+                 "--compare", "all", "-f", "json")
     assert result.code == 0, result.err
     data = json.loads(result.out)
     assert data["settings"]["init"] == "he" and data["settings"]["trials"] == 3

@@ -32,7 +32,6 @@ from torch import nn
 
 import varprobe
 from varprobe.theory import attention
-from varprobe.theory.layer_fans import SCHEMES
 
 SIGMAS = 4.0
 
@@ -91,18 +90,7 @@ class _Block(nn.Module):
         return x + self.wo(torch.relu(self.wi(self.n2(x))))
 
 
-def test_scheme_walk_r_at_saturated_calls_matches_reinitialized_copies(monkeypatch):
-    import sys
-
-    annotate = sys.modules["varprobe.theory.annotate"]  # the package re-exports a function
-    walks = []
-
-    class Recorded(annotate.Walk):
-        def run(self):
-            walks.append(self)
-            return super().run()
-
-    monkeypatch.setattr(annotate, "Walk", Recorded)
+def test_scheme_walk_r_at_saturated_calls_matches_reinitialized_copies(walks):
     walk_r, copy_r = [], []
     for seed in range(4):
         torch.manual_seed(seed)
@@ -111,8 +99,8 @@ def test_scheme_walk_r_at_saturated_calls_matches_reinitialized_copies(monkeypat
         # tokens sharing a direction (r = 0.36): what a flat softmax spreads
         x = 0.6 * torch.randn(B, 1, N, generator=gen) + 0.8 * torch.randn(B, T, N, generator=gen)
         walks.clear()
-        varprobe.probe(model, x, seed=seed)
-        scheme = walks[1 + SCHEMES.index("he")]
+        varprobe.probe(model, x, seed=seed, compare="he")
+        scheme = walks[1]
         copy = varprobe.probe(model, x, seed=seed, init="he")
         assert all(a["spread"] > 16 for a in scheme.attention)  # far past saturation
         walk_r.append([a["token_correlation"] for a in scheme.attention])

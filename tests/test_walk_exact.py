@@ -33,7 +33,8 @@ def probe(model: nn.Module, batch_size: int, input_shape=None, mode: str = "trai
         model.train(mode == "train")
         x = inputs.synthesize(model, batch_size, input_shape, generator, torch.device("cpu"))
         report, modules = _record(model, x, None, None, generator, settings={}, target="m")
-        return annotate(report, modules)
+        annotate(report, modules)
+        return report
 
 
 def centred(model: nn.Module) -> nn.Module:

@@ -153,7 +153,7 @@ def analyze(
     with timing.Stopwatch() if timings else nullcontext() as watch:
         report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
                       device, debug, settings, init=init.value if init else None,
-                      trials=trials,
+                      trials=trials, compare=_walked(schemes, fmt, output, png),
                       precision=precision_settings(precision, loss_scale, autocast, ranges))
         _record_settings(report, settings)
         with timing.phase("report"):
@@ -165,8 +165,17 @@ def analyze(
         _exit_code(report, settings.fail_on)
 
 
+def _walked(schemes: list[str], fmt: Format | None, output: Path | None,
+            png: Path | None) -> list[str]:
+    """The init schemes the probe predicts: --compare's, and Xavier's and He's where a
+    figure or a Markdown report draws them."""
+    drawn = png is not None or fmt is Format.markdown or (
+        output is not None and output.suffix.lower() == ".md")
+    return list(dict.fromkeys([*schemes, *(("xavier", "he") if drawn else ())]))
+
+
 def _run(target, shape, input_file, batch_size, seed, mode, device, debug, settings, *,
-         init: str | None = None, trials: int = 1, precision=None):
+         init: str | None = None, trials: int = 1, precision=None, compare=()):
     from varprobe import timing
     from varprobe.errors import VarprobeError
     from varprobe.stages import tell_failed
@@ -186,7 +195,7 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug, setti
                            seed=seed, mode=mode.value, device=device, input_shape=shape,
                            target=target, init=init, trials=trials, progress=progress,
                            thresholds=settings.thresholds, ignore=settings.ignore,
-                           precision=precision)
+                           precision=precision, compare=compare)
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
     tell_failed(report)
@@ -385,7 +394,7 @@ def check(
                          ignore=ignore, threshold=threshold)
     base = _read_report(baseline, debug) if baseline is not None else None
     report = _run(target, shape, input_file, settings.batch_size, settings.seed, mode,
-                  device, debug, settings,
+                  device, debug, settings, compare=_walked([], None, output, png),
                   precision=precision_settings(precision, loss_scale, autocast))
     _record_settings(report, settings)
     lines = []

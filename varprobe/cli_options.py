@@ -40,6 +40,8 @@ def parse_schemes(text: str | None) -> list[str]:
     """--compare xavier,he -> ["xavier", "he"]; a bad name lists the valid ones."""
     if not text:
         return []
+    if text.strip() == "all":
+        return [s.value for s in Scheme]
     names = [p.strip() for p in text.split(",") if p.strip()]
     valid = [s.value for s in Scheme]
     bad = [n for n in names if n not in valid]
@@ -82,8 +84,8 @@ Timings = Annotated[bool, typer.Option(
     "--timings", help="print where the time went to stderr: the pass, the hooks' share "
                       "of it, and the analysis after it, per 100 layer calls")]
 Compare = Annotated[str | None, typer.Option(
-    "--compare", help="add the predicted forward second moment under these init "
-                      "schemes, e.g. xavier,he "
+    "--compare", help="predict under these init schemes too (a table column each, "
+                      "and the reports' scheme predictions), e.g. xavier,he, or all "
                       "(xavier, he, he-fan-out, he-prelu, torch-default, lecun)")]
 Init = Annotated[Scheme | None, typer.Option(
     "--init", help="re-initialize a copy of the model with this scheme first "

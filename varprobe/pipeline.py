@@ -116,7 +116,8 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
           init: str | None = None, trials: int = 1,
           progress: Callable[[int, int], None] | None = None,
           thresholds: diagnose.Thresholds | None = None,
-          ignore: Iterable[str] = (), precision: Any = None) -> Report:
+          ignore: Iterable[str] = (), precision: Any = None,
+          compare: str | Iterable[str] | None = None) -> Report:
     """Measure per-layer forward and backward statistics of ``model``.
 
     ``inputs``: a tensor, a tuple (positional) or a dict (keywords), or a callable
@@ -131,6 +132,9 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
     and glob patterns of layer names it skips.
     ``precision``: a precision.Settings: range statistics, number-format flags and
     ``autocast`` (see range_flags).
+    ``compare``: init schemes (theory.SCHEMES, or "all") whose counterfactual
+    predictions ``layer.schemes`` carries; a fix the diagnosis proposes adds the
+    schemes it weighed.
     The model is left exactly as found, also when it raises.
     """
     if mode not in (None, "train", "eval"):
@@ -140,6 +144,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
     if trials < 1:
         raise VarprobeError(f"trials must be positive, not {trials}")
     scheme = reinit.check_scheme(init)
+    compared = reinit.check_compare(compare)
     model = unwrap(model)
     dev = resolve_device(device, model)
     settings = {"seed": seed, "trials": trials, "batch_size": None, "device": str(dev),
@@ -170,13 +175,26 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
                 progress(k + 1, trials)
         with stage("record"):
             report = reports[0] if trials == 1 else trials_mod.aggregate(reports)
+        walker = None
         with timing.phase("predictions"), stage("predict", report):
-            theory.annotate(report, modules, recording, values)  # in the probe's modes
+            walker = theory.annotate(report, modules, recording, values, schemes=compared)
         with timing.phase("diagnosis"), stage("diagnose"):
             structure.annotate(report, recording)
-    with timing.phase("diagnosis"), stage("diagnose"):
-        diagnose.annotate(report, thresholds, ignore)
+            # in the probe's modes, like the predictions: a fix walks the schemes it weighs
+            diagnose.annotate(report, thresholds, ignore, schemes=_schemes(walker, report))
     return report
+
+
+def _schemes(walker, report: Report) -> Callable[[Iterable[str]], None] | None:
+    """``walker.add`` as an isolated predict stage (its failure is noted in the
+    report, as the first walk's would be); None when that walk failed."""
+    if walker is None:
+        return None
+
+    def add(names: Iterable[str]) -> None:
+        with stage("predict", report):
+            walker.add(names)
+    return add
 
 
 def _working_copy(model: nn.Module, dev: torch.device, scheme: str | None,

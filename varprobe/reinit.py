@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -38,6 +39,21 @@ def check_scheme(name: str | None) -> str | None:
         raise VarprobeError(f"unknown init scheme {name!r}; valid: "
                             f"{', '.join(theory.SCHEMES)} (or {AS_IS})")
     return name
+
+
+def check_compare(names: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``probe(compare=...)``: the schemes named ("all": every one); a VarprobeError
+    listing the valid ones."""
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        names = theory.SCHEMES if names == "all" else (names,)
+    names = tuple(dict.fromkeys(names))
+    bad = [n for n in names if n not in theory.SCHEMES]
+    if bad:
+        raise VarprobeError(f"unknown init scheme(s) to compare: {', '.join(map(repr, bad))}; "
+                            f"valid: {', '.join(theory.SCHEMES)} (or all)")
+    return names
 
 
 def reinitialized(model: nn.Module, scheme: str, seed: int) -> nn.Module:

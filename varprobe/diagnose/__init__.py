@@ -1,7 +1,8 @@
 """Flags, culprit layers and a checked fix, read off the numbers in a Report.
 
 Pure: thresholds held against what the report already carries (measured statistics,
-the structure read off the dataflow, and the predictions). No hooks. Each rule lives in
+the structure read off the dataflow, and the predictions; a fix asks for the init
+schemes' predictions it weighs). No hooks. Each rule lives in
 one module with its rationale: ``forward`` (the signal's scale along un-normalized
 stretches), ``backward`` (gradient products along chains), ``local`` (one layer at a
 time), ``fix`` (culprits and the init that fixes them); the defaults in ``thresholds``.
@@ -10,7 +11,7 @@ time), ``fix`` (culprits and the init that fixes them); the defaults in ``thresh
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from varprobe import range_flags
 from varprobe.diagnose import attention, backward, forward, local
@@ -24,8 +25,13 @@ __all__ = ["SEVERITIES", "SEVERITY", "TREND_CODES", "Thresholds", "annotate", "f
 
 
 def annotate(report: Report, thresholds: Thresholds | None = None,
-             ignore: Iterable[str] = ()) -> Report:
-    """Fill every layer's flags (most severe first) and report.summary."""
+             ignore: Iterable[str] = (),
+             schemes: Callable[[Iterable[str]], None] | None = None) -> Report:
+    """Fill every layer's flags (most severe first) and report.summary.
+
+    ``schemes(names)``: fills those init schemes' predictions (theory's
+    ``Counterfactuals.add``) where a fix is to be weighed; without it the fix weighs
+    the schemes the report already carries."""
     t = thresholds or Thresholds()
     ignore = list(ignore)
     layers = report.layers
@@ -44,6 +50,8 @@ def annotate(report: Report, thresholds: Thresholds | None = None,
     once_per_module(layers)
     for layer in layers:
         layer.flags.sort(key=lambda f: SEVERITIES.index(f.severity))
+    if trends and schemes is not None:
+        schemes(fixes.SCHEME_PREFERENCE)
     _summarize(report, t, trends)
     report.settings["thresholds"] = t.to_dict()
     report.settings["ignore"] = ignore

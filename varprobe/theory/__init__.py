@@ -11,7 +11,8 @@ One job per module, in the order the data takes:
 - ``attention``, ``correlation``: attention at init and token correlation.
 - ``weights``: E[w^2] and mean(b^2) per layer, for the actual init or a scheme.
 - ``walk``: the walk over the recorded graph, forward then backward.
-- ``annotate``: the report's predictions: local, the actual init's, every scheme's.
+- ``annotate``: the report's predictions: local, the actual init's, and each scheme's
+    when asked (``Counterfactuals``).
 
 The names below are the ones the rest of varprobe uses.
 """

@@ -3,15 +3,17 @@
 Per weight layer: its effective fans and multipliers, the ``local`` one-step check from
 its own measured input and output gradient, the actual init's end-to-end prediction
 (basis "graph": theory.walk, measured values carried only where the graph cannot be
-followed), and every counterfactual scheme's (the same walk over the same graph with
-the scheme's weights). Without a usable recording the calls in execution order stand in
-for the graph (theory.nodes.chain). Closed-form ``predict`` runs the same walk with
+followed), and the counterfactual schemes' asked for (the same walk over the same
+graph with the scheme's weights; ``Counterfactuals`` walks each when first asked).
+Without a usable recording the calls in execution order stand in for the graph
+(theory.nodes.chain). Closed-form ``predict`` runs the same walk with
 nothing measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -32,23 +34,27 @@ from varprobe.theory.weights import (
 
 
 def annotate(report: Report, modules: list[nn.Module], recording=None,
-             values: Values | None = None, measured: bool = True) -> Report:
-    """Fill fans, gains, multipliers and the local, graph and scheme predictions.
+             values: Values | None = None, measured: bool = True,
+             schemes: Iterable[str] = SCHEMES) -> Counterfactuals:
+    """Fill fans, gains, multipliers and the local and graph predictions, and the
+    predictions of ``schemes``; the walker it returns adds other schemes' later.
 
     ``recording``: the theory.recording.Recording of the pass (None: the chain of
     calls). ``values``: host copies of the tensors ``norms.host_tensors`` names (the
     probe's one transfer). ``measured``: False for the closed-form ``predict``.
     """
     with threads.one_thread():  # the walks' torch work is on small arrays
-        return _annotate(report, modules, recording, values, measured)
+        walker = _annotate(report, modules, recording, values, measured)
+        walker.add(schemes)
+    return walker
 
 
 def _annotate(report: Report, modules: list[nn.Module], recording, values, measured: bool
-              ) -> Report:
+              ) -> Counterfactuals:
     layers = report.layers
-    if not layers:
-        return report
     values = norms.Memo(values)
+    if not layers:
+        return Counterfactuals(report, modules, None, None, measured, values)
     for layer, module in zip(layers, modules):
         _effective_fans(layer, module)
     weights = actual_weights(layers, modules)
@@ -63,22 +69,51 @@ def _annotate(report: Report, modules: list[nn.Module], recording, values, measu
         layer.predicted = _prediction(layer, actual.calls.get(i), measured)
     _notes(report, actual, measured)
     report.attention = actual.attention
-    slopes = prelu_slopes(modules, values)
-    walked: list[tuple[list[Weights | None], Walk]] = []
-    drawn_from = drawables(layers, modules)
-    for scheme in SCHEMES:
-        weights = scheme_weights(scheme, layers, modules, slopes, drawn_from)
-        # schemes that draw the same weights walk alike (he-prelu is he without a PReLU)
-        walk = next((done for drawn, done in walked if drawn == weights), None)
-        if walk is None:
-            walk = Walk(report, modules, graph, weights, measured,
-                        actual if measured else None, values).run()
-            walked.append((weights, walk))
-        for i, layer in enumerate(layers):
-            if layer.kind == "weight":
-                layer.schemes[scheme] = _prediction(layer, walk.calls.get(i), measured)
     report.summary.forward_ratio, report.summary.backward_ratio = end_to_end(report)
-    return report
+    return Counterfactuals(report, modules, graph, actual, measured, values)
+
+
+class Counterfactuals:
+    """The init schemes' walks over the probe's graph (the actual init's weights
+    replaced by each scheme's), each run when first asked for: they are most of the
+    predictions' time, and a report needs only the schemes its reader compares and
+    those a fix weighs. Must be asked while the modules are in the probe's modes."""
+
+    def __init__(self, report: Report, modules: list[nn.Module], graph, actual: Walk | None,
+                 measured: bool, values: norms.Memo) -> None:
+        self.report, self.modules, self.graph = report, modules, graph
+        self.actual, self.measured, self.values = actual, measured, values
+        self.walked: list[tuple[list[Weights | None], Walk]] = []
+        self.done: set[str] = set()
+        self._drawn: tuple | None = None
+
+    def add(self, schemes: Iterable[str]) -> None:
+        """Fill ``layer.schemes[name]`` of every weight layer for each of ``schemes``."""
+        todo = [s for s in schemes if s not in self.done]
+        if self.actual is None or not todo:
+            return
+        layers, modules = self.report.layers, self.modules
+        if self._drawn is None:
+            self._drawn = (prelu_slopes(modules, self.values), drawables(layers, modules))
+        slopes, drawn_from = self._drawn
+        with threads.one_thread():
+            for scheme in todo:
+                self.done.add(scheme)
+                weights = scheme_weights(scheme, layers, modules, slopes, drawn_from)
+                walk = self._walk(weights)
+                for i, layer in enumerate(layers):
+                    if layer.kind == "weight":
+                        layer.schemes[scheme] = _prediction(layer, walk.calls.get(i),
+                                                            self.measured)
+
+    def _walk(self, weights: list[Weights | None]) -> Walk:
+        # schemes that draw the same weights walk alike (he-prelu is he without a PReLU)
+        walk = next((done for drawn, done in self.walked if drawn == weights), None)
+        if walk is None:
+            walk = Walk(self.report, self.modules, self.graph, weights, self.measured,
+                        self.actual if self.measured else None, self.values).run()
+            self.walked.append((weights, walk))
+        return walk
 
 
 def end_to_end(report: Report, scheme: str | None = None) -> tuple[float | None, float | None]:

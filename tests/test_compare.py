@@ -1,0 +1,98 @@
+"""The counterfactual schemes' predictions are walked when asked for (``compare``, or a
+fix the diagnosis weighs), and what is walked is the same whenever it is asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+
+import pytest
+from torch import nn
+from zoo import mlp
+
+from tests.cli_helpers import run
+from varprobe import VarprobeError, probe, theory
+from varprobe.diagnose.fix import SCHEME_PREFERENCE
+
+N, DEPTH, BATCH = 64, 10, 32
+
+
+def healthy() -> nn.Sequential:
+    return mlp([N] * (DEPTH + 1), nn.init.kaiming_normal_)
+
+
+def exploding() -> nn.Sequential:
+    return mlp([N] * (DEPTH + 1), lambda w: nn.init.normal_(w, std=1.0))
+
+
+def _schemes(report) -> list[set[str]]:
+    return [set(layer.schemes) for layer in report.weight_layers]
+
+
+def test_a_healthy_probe_walks_only_the_actual_init(walks):
+    report = probe(healthy(), batch_size=BATCH)
+    assert report.summary.healthy and report.summary.fix is None
+    assert len(walks) == 1
+    assert _schemes(report) == [set()] * DEPTH
+    assert all(layer.predicted.forward_var is not None for layer in report.weight_layers)
+
+
+def test_compare_walks_each_asked_scheme_once(walks):
+    report = probe(healthy(), batch_size=BATCH, compare=["xavier", "he", "xavier"])
+    assert len(walks) == 3
+    assert _schemes(report) == [{"xavier", "he"}] * DEPTH
+    walks.clear()
+    every = probe(healthy(), batch_size=BATCH, compare="all")
+    # square layers without PReLU: lecun draws xavier's 1/n, he-fan-out and he-prelu
+    # he's 2/n; one walk serves the schemes that draw alike
+    assert len(walks) == 1 + len({"xavier", "he", "torch-default"})
+    assert _schemes(every) == [set(theory.SCHEMES)] * DEPTH
+    for some, all_ in zip(report.weight_layers, every.weight_layers):
+        for name in ("xavier", "he"):
+            assert some.schemes[name] == all_.schemes[name]  # the same walk, bit for bit
+
+
+def test_a_fix_walks_the_schemes_it_weighs_and_finds_what_all_of_them_find():
+    asked = probe(exploding(), batch_size=BATCH)
+    assert not asked.summary.healthy and asked.summary.fix is not None
+    assert _schemes(asked) == [set(SCHEME_PREFERENCE)] * DEPTH
+    every = probe(exploding(), batch_size=BATCH, compare="all")
+    assert dataclasses.asdict(asked.summary.fix) == dataclasses.asdict(every.summary.fix)
+    for a, b in zip(asked.weight_layers, every.weight_layers):
+        assert a.schemes == b.schemes
+
+
+def test_an_unknown_scheme_is_a_usage_error():
+    with pytest.raises(VarprobeError, match=r"'kaiming'.*valid: xavier, he"):
+        probe(healthy(), batch_size=BATCH, compare=["he", "kaiming"])
+
+
+MODEL = """
+    import torch
+    from torch import nn
+
+    def build_model():
+        torch.manual_seed(0)
+        layers = [m for _ in range(4) for m in (nn.Linear(32, 32), nn.ReLU())]
+        model = nn.Sequential(*layers)
+        for layer in model[::2]:
+            nn.init.kaiming_normal_(layer.weight)
+        return model
+
+    input_shape = (32,)
+"""
+
+
+def test_cli_reports_carry_the_schemes_their_reader_sees(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent(MODEL))
+    plain = json.loads(run(capsys, "analyze", path, "-b", "16", "-f", "json").out)
+    assert [layer["schemes"] for layer in plain["layers"]] == [{}] * 8
+    every = json.loads(run(capsys, "analyze", path, "-b", "16", "-f", "json", "--compare",
+                           "all").out)
+    weights = [layer for layer in every["layers"] if layer["kind"] == "weight"]
+    assert all(set(layer["schemes"]) == set(theory.SCHEMES) for layer in weights)
+    markdown = run(capsys, "analyze", path, "-b", "16", "-f", "markdown").out
+    header = next(line for line in markdown.splitlines() if "meas/pred" in line)
+    assert "| xavier |" in header and "| he |" in header  # the columns it draws
