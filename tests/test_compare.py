@@ -96,3 +96,19 @@ def test_cli_reports_carry_the_schemes_their_reader_sees(tmp_path, capsys):
     markdown = run(capsys, "analyze", path, "-b", "16", "-f", "markdown").out
     header = next(line for line in markdown.splitlines() if "meas/pred" in line)
     assert "| xavier |" in header and "| he |" in header  # the columns it draws
+
+
+def test_predict_walks_the_schemes_asked_for(tmp_path, capsys):
+    path = tmp_path / "net.py"
+    path.write_text(textwrap.dedent(MODEL))
+    plain = json.loads(run(capsys, "predict", path, "-f", "json").out)
+    assert plain["summary"]["healthy"]
+    assert [layer["schemes"] for layer in plain["layers"]] == [{}] * 8
+    asked = run(capsys, "predict", path, "-f", "json", "--compare", "lecun")
+    weights = [layer for layer in json.loads(asked.out)["layers"] if layer["kind"] == "weight"]
+    # lecun's 1/n: each ReLU layer halves the forward second moment of the one before
+    ratios = [b["schemes"]["lecun"]["forward_var"] / a["schemes"]["lecun"]["forward_var"]
+              for a, b in zip(weights, weights[1:])]
+    assert ratios == pytest.approx([0.5] * 3, rel=1e-12)
+    table = run(capsys, "predict", path, "--compare", "lecun").out
+    assert "lecun" in table

@@ -262,8 +262,8 @@ def _meta_against_real(path: str) -> None:
     (sums of such products at residual adds, weighted averages of the factors' errors),
     so its relative error is at most the root-sum-square of the layers' sampling errors,
     sqrt(sum 2/N_l), whose 6 sd is the bound."""
-    meta = predict_target(path, batch_size=4)
-    real = predict_target(path, batch_size=4, device="cpu")
+    meta = predict_target(path, batch_size=4, compare="all")
+    real = predict_target(path, batch_size=4, device="cpu", compare="all")
     assert meta.settings["device"] == "meta" and real.settings["device"] == "cpu"
     assert not any("nothing recorded" in note for note in meta.notes), meta.notes
     model = target.load(path, device="meta").model

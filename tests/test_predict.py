@@ -97,8 +97,8 @@ def same(a, b, rel=1e-12):
 
 
 def test_meta_and_cpu_give_the_same_predictions(model_file):
-    meta = predict_target(model_file, batch_size=4, init="he")
-    cpu = predict_target(model_file, batch_size=4, init="he", device="cpu")
+    meta = predict_target(model_file, batch_size=4, init="he", compare="all")
+    cpu = predict_target(model_file, batch_size=4, init="he", device="cpu", compare="all")
     assert meta.settings["device"] == "meta" and cpu.settings["device"] == "cpu"
     assert structure(meta) == structure(cpu)
     same(predictions(meta), predictions(cpu))
@@ -107,9 +107,10 @@ def test_meta_and_cpu_give_the_same_predictions(model_file):
 
 
 def test_counterfactual_schemes_do_not_depend_on_the_weights(model_file):
-    meta = predict_target(model_file, batch_size=4)
-    cpu = predict_target(model_file, batch_size=4, device="cpu")
+    meta = predict_target(model_file, batch_size=4, compare="all")
+    cpu = predict_target(model_file, batch_size=4, device="cpu", compare="all")
     keep = lambda p: {k: v for k, v in p.items() if "/" in k}  # noqa: E731
+    assert len(keep(predictions(meta))) == len(meta.weight_layers) * len(varprobe.theory.SCHEMES)
     same(keep(predictions(meta)), keep(predictions(cpu)))
     # Meta has no weight values: the init its constructor applied is recorded
     # (reset_parameters' kaiming_uniform_, Var = 1/(3 n)); the CPU build reads them.

@@ -36,7 +36,8 @@ def test_torch_default_scheme_predicts_a_default_init_mlp():
     # The probe's input seed differs from the weights': the same seed would draw the
     # same numbers for both, and x correlated with W is not He's independent input.
     reports = [varprobe.probe(zoo.mlp([WIDTH] * (DEPTH + 1), bias=True, seed=s),
-                              batch_size=256, seed=100 + s) for s in SEEDS]
+                              batch_size=256, seed=100 + s, compare="torch-default")
+               for s in SEEDS]
     measured = _mean_by_layer(reports, lambda layer: layer.forward.second_moment)
     predicted = _mean_by_layer(reports, lambda layer: layer.schemes["torch-default"].forward_var)
     assert measured[-1] > 1e-3  # the bias floor, not 6^-8 of the first layer

@@ -223,6 +223,7 @@ def predict(
     precision: PrecisionOpt = None,
     loss_scale: LossScale = None,
     ranges: RangesOpt = False,
+    compare: Compare = None,
     cotangent: Annotated[str, typer.Option(
         "--cotangent", help="the loss gradient's Var at each output element that seeds "
                             "the backward: unit (the papers' 1), cross-entropy (a mean "
@@ -231,6 +232,7 @@ def predict(
 ) -> None:
     """Closed-form trajectories only: no data, no backward pass, no weights allocated."""
     shape = parse_shape(input_shape)
+    schemes = parse_schemes(compare)
     settings = _settings(debug, batch_size=batch_size, seed=None, fail_on=fail_on,
                          ignore=ignore, threshold=threshold)
     from varprobe.errors import VarprobeError
@@ -244,12 +246,13 @@ def predict(
                                 else None, mode=mode.value, thresholds=settings.thresholds,
                                 ignore=settings.ignore, precision=precision_settings(
                                     precision, loss_scale, None, ranges),
-                                cotangent=cotangent)
+                                cotangent=cotangent,
+                                compare=_walked(schemes, fmt, output, None))
     except VarprobeError as exc:
         fail(str(exc), debug, exc)
     tell_failed(report)
     _record_settings(report, settings)
-    _emit(report, fmt, output, all_layers, debug, ranges=ranges)
+    _emit(report, fmt, output, all_layers, debug, compare=schemes, ranges=ranges)
     if fail_on is not None:
         _exit_code(report, settings.fail_on)
 

@@ -181,11 +181,11 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
         with timing.phase("diagnosis"), stage("diagnose"):
             structure.annotate(report, recording)
             # in the probe's modes, like the predictions: a fix walks the schemes it weighs
-            diagnose.annotate(report, thresholds, ignore, schemes=_schemes(walker, report))
+            diagnose.annotate(report, thresholds, ignore, schemes=asked_schemes(walker, report))
     return report
 
 
-def _schemes(walker, report: Report) -> Callable[[Iterable[str]], None] | None:
+def asked_schemes(walker, report: Report) -> Callable[[Iterable[str]], None] | None:
     """``walker.add`` as an isolated predict stage (its failure is noted in the
     report, as the first walk's would be); None when that walk failed."""
     if walker is None:

@@ -41,6 +41,7 @@ from varprobe.pipeline import (
     _users,
     _version,
     _where,
+    asked_schemes,
     resolve_device,
     unwrap,
 )
@@ -99,7 +100,7 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
             thresholds: diagnose.Thresholds | None = None, ignore: Any = (),
             init_log: initlog.Log | None = None, precision: Any = None,
             cotangent: float | str | None = None, meta_values: MetaValues | None = None,
-            ) -> Report:
+            compare: Any = None) -> Report:
     """Closed-form predictions for ``model`` from one shape-only forward pass.
 
     On a meta model nothing is allocated; on a real one the forward runs there, under
@@ -108,14 +109,16 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
     ``precision``: as for probe (ranges predicted, see headroom). ``init_log``: the init
     ops recorded while a meta model was built (initlog.recording); without it a meta
     model's layers take PyTorch's default. ``meta_values``: the values of index tensors
-    made while it was built (metavalues), which the shape pass keeps adding to. The model
-    is left as found.
+    made while it was built (metavalues), which the shape pass keeps adding to.
+    ``compare``: as for probe, the init schemes whose predictions ``layer.schemes``
+    carries. The model is left as found.
     """
     if mode not in (None, "train", "eval"):
         raise VarprobeError(f"mode must be 'train' or 'eval', not {mode!r}")
     if batch_size < 1:
         raise VarprobeError(f"batch size must be positive, not {batch_size}")
     scheme = reinit.check_scheme(init)
+    compared = reinit.check_compare(compare)
     model = unwrap(model)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     with preserved(model, []):
@@ -152,17 +155,19 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         values = None if init_log is None else init_log.constants(
             [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())
              if t is not None])
+        walker = None
         with stage("predict", report):
             floats = report.input.dtype is not None and "int" not in report.input.dtype
             report.notes.append(f"input E[x²] = 1 and {seed_note} assumed"
                                 if floats else f"{seed_note} assumed")
-            theory.annotate(report, modules, recording, values, measured=False)
+            walker = theory.annotate(report, modules, recording, values, measured=False,
+                                     schemes=compared)
+        if precision is not None:
+            report.settings["precision"] = precision.to_dict()
         with stage("diagnose"):
             structure.annotate(report, recording)
-    if precision is not None:
-        report.settings["precision"] = precision.to_dict()
-    with stage("diagnose"):
-        diagnose.annotate(report, thresholds, ignore)
+            diagnose.annotate(report, thresholds, ignore,
+                              schemes=asked_schemes(walker, report))
     return report
 
 
