@@ -22,19 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def commands(numba: bool) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Name -> (argv, extra environment): varprobe as installed (numba's sums where
-    numba is), and with torch's sums (``VARPROBE_NUMBA=0``) where that differs."""
+    """Name -> (argv, extra environment): varprobe with numba's sums
+    (``VARPROBE_NUMBA=1``) where numba is installed, and with torch's (the default)."""
     varprobe = [sys.executable, "-m", "varprobe"]
     target = [str(MODEL), "--batch-size", "16"]
-    sums = "numba sums" if numba else "torch sums"
-    out = {"plain script": ([sys.executable, str(MODEL)], {}),
-           f"varprobe analyze, {sums}": ([*varprobe, "analyze", *target], {}),
-           f"varprobe check, {sums}": ([*varprobe, "check", *target], {})}
-    if numba:
-        out["varprobe analyze, torch sums"] = ([*varprobe, "analyze", *target],
-                                               {"VARPROBE_NUMBA": "0"})
-        out["varprobe check, torch sums"] = ([*varprobe, "check", *target],
-                                             {"VARPROBE_NUMBA": "0"})
+    out = {"plain script": ([sys.executable, str(MODEL)], {})}
+    for sums, extra in ((("numba sums", {"VARPROBE_NUMBA": "1"}),) if numba else ()) + (
+            ("torch sums", {}),):
+        out[f"varprobe analyze, {sums}"] = ([*varprobe, "analyze", *target], extra)
+        out[f"varprobe check, {sums}"] = ([*varprobe, "check", *target], extra)
     return out
 
 

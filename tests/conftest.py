@@ -9,6 +9,10 @@ import os
 
 import pytest
 
+# numba's kernels where installed (the dev extra), so that the suite checks both CPU
+# paths against each other; VARPROBE_NUMBA=0 runs all of it on torch's sums, the default.
+os.environ.setdefault("VARPROBE_NUMBA", "1")
+
 if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
     import torch
 
@@ -18,7 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 @pytest.fixture
 def numba_kernels():
     """varprobe.kernels; the test skipped where the CPU sums are torch's (numba not
-    installed, or VARPROBE_NUMBA=0), whose reads take no range statistics."""
+    installed, or VARPROBE_NUMBA not 1), whose reads take no range statistics."""
     from varprobe import stats
 
     found = stats.numba_kernels()

@@ -68,7 +68,7 @@ def chosen(path: str):
     if path == "numba":
         pytest.importorskip("numba")
         if stats.numba_kernels() is None:
-            pytest.skip("numba's kernels are switched off (VARPROBE_NUMBA=0)")
+            pytest.skip("numba's kernels are not asked for (VARPROBE_NUMBA is not 1)")
     with mock.patch.object(stats, "numba_kernels",
                            stats.numba_kernels if path == "numba" else lambda: None):
         token = stats.fix_kernels()

@@ -27,9 +27,9 @@ print(json.dumps({{"code": code, "heavy": heavy}}))
 """
 
 
-def run(*args: str) -> dict:
+def run(*args: str, env: dict[str, str] | None = None) -> dict:
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -66,13 +66,17 @@ def test_the_check_sees_torch_when_a_command_runs(tmp_path):
     assert "numba" not in result["heavy"]  # predict measures nothing: no CPU kernels
     measured = run("analyze", str(model), "-f", "json", "--input-shape", "3")
     assert measured["code"] in (0, None)
-    # numba's kernels: loaded by a measurement where numba can be imported and is not
-    # switched off (VARPROBE_NUMBA=0); without it the CPU sums are torch's.
+    # numba's kernels: loaded by a measurement where numba can be imported and is asked
+    # for (VARPROBE_NUMBA=1, as the suite sets it); without it the CPU sums are torch's.
     assert ("numba" in measured["heavy"]) == numba_usable()
+    default = {k: v for k, v in os.environ.items() if k != "VARPROBE_NUMBA"}
+    plain = run("analyze", str(model), "-f", "json", "--input-shape", "3", env=default)
+    assert plain["code"] in (0, None)
+    assert "torch" in plain["heavy"] and "numba" not in plain["heavy"]  # the default
 
 
 def numba_usable() -> bool:
-    if os.environ.get("VARPROBE_NUMBA") == "0":
+    if os.environ.get("VARPROBE_NUMBA") != "1":
         return False
     try:
         import numba  # noqa: F401

@@ -251,10 +251,12 @@ def cpu_kernels():
 
 
 def numba_kernels():
-    """``varprobe.kernels`` where numba can be imported (the ``fast`` extra) and
-    ``VARPROBE_NUMBA`` is not ``0``, else None. Imported at the first CPU measurement:
-    ``predict`` (meta tensors) never loads numba."""
-    return _load_numba(os.environ.get("VARPROBE_NUMBA", "1") != "0")
+    """``varprobe.kernels`` where ``VARPROBE_NUMBA=1`` asks for them and numba can be
+    imported (the ``fast`` extra), else None: torch's sums are the default, since
+    importing numba and loading its kernels costs a process about 0.8 s, which a
+    one-shot run does not earn back (bench/RESULTS.md, end to end). Imported at the
+    first CPU measurement: ``predict`` (meta tensors) never loads numba."""
+    return _load_numba(os.environ.get("VARPROBE_NUMBA") == "1")
 
 
 @functools.cache
