@@ -27,7 +27,7 @@ def probe(model: Any, inputs: Any = None, *, precision: Settings | None = None,
     and ``report.precision["autocast"]``."""
     report = pipeline.probe(model, inputs, precision=precision, **options)
     if precision is not None and precision.autocast is not None:
-        options = {**options, "progress": None}
+        options = {**options, "progress": None, "compare": None}  # only its measurements
         reference = pipeline.probe(model, inputs, **options)
         report.precision = {**(report.precision or {}),
                             "autocast": parting(report, reference, precision.autocast)}
