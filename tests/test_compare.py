@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import textwrap
 
 import pytest
@@ -112,3 +113,16 @@ def test_predict_walks_the_schemes_asked_for(tmp_path, capsys):
     assert ratios == pytest.approx([0.5] * 3, rel=1e-12)
     table = run(capsys, "predict", path, "--compare", "lecun").out
     assert "lecun" in table
+
+
+def test_a_failing_scheme_walk_is_an_isolated_predict_failure(monkeypatch):
+    annotate = sys.modules["varprobe.theory.annotate"]  # the package re-exports a function
+
+    def broken(self, weights):
+        raise ZeroDivisionError("a scheme's walk")
+
+    monkeypatch.setattr(annotate.Counterfactuals, "_walk", broken)
+    report = probe(exploding(), batch_size=BATCH)  # flagged: the fix asks for the schemes
+    assert [s["stage"] for s in report.stages] == ["predict"]
+    assert report.summary.fix is None and not report.summary.healthy
+    assert all(layer.predicted is None and layer.schemes == {} for layer in report.layers)

@@ -35,7 +35,7 @@ from varprobe.report import (
     Report,
     TensorInfo,
 )
-from varprobe.stages import stage
+from varprobe.stages import later_predictions, stage
 from varprobe.state import preserved
 from varprobe.theory import norms
 from varprobe.theory import recording as recording_mod
@@ -181,20 +181,8 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
         with timing.phase("diagnosis"), stage("diagnose"):
             structure.annotate(report, recording)
             # in the probe's modes, like the predictions: a fix walks the schemes it weighs
-            diagnose.annotate(report, thresholds, ignore, schemes=asked_schemes(walker, report))
+            diagnose.annotate(report, thresholds, ignore, schemes=later_predictions(walker, report))
     return report
-
-
-def asked_schemes(walker, report: Report) -> Callable[[Iterable[str]], None] | None:
-    """``walker.add`` as an isolated predict stage (its failure is noted in the
-    report, as the first walk's would be); None when that walk failed."""
-    if walker is None:
-        return None
-
-    def add(names: Iterable[str]) -> None:
-        with stage("predict", report):
-            walker.add(names)
-    return add
 
 
 def _working_copy(model: nn.Module, dev: torch.device, scheme: str | None,

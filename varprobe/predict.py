@@ -41,13 +41,12 @@ from varprobe.pipeline import (
     _users,
     _version,
     _where,
-    asked_schemes,
     resolve_device,
     unwrap,
 )
 from varprobe.recorder import Recorder, float_leaves, main_weight, tensor_leaves
 from varprobe.report import ModelInfo, Report, TensorInfo
-from varprobe.stages import stage
+from varprobe.stages import later_predictions, stage
 from varprobe.state import preserved
 from varprobe.theory.recording import Recording
 from varprobe.theory.weights import prelu_slopes
@@ -167,7 +166,7 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         with stage("diagnose"):
             structure.annotate(report, recording)
             diagnose.annotate(report, thresholds, ignore,
-                              schemes=asked_schemes(walker, report))
+                              schemes=later_predictions(walker, report))
     return report
 
 

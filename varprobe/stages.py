@@ -157,3 +157,15 @@ def clear_predictions(report: Any, reason: str) -> None:
         layer.schemes = {}
         layer.unavailable["predicted"] = reason
     report.summary.forward_ratio = report.summary.backward_ratio = None
+
+
+def later_predictions(walker: Any, report: Any) -> Callable[[Any], None] | None:
+    """``walker.add`` (theory's Counterfactuals: schemes walked when asked) as an
+    isolated predict stage, as the first walk was; None when that walk failed."""
+    if walker is None:
+        return None
+
+    def add(names: Any) -> None:
+        with stage("predict", report):
+            walker.add(names)
+    return add

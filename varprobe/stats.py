@@ -251,11 +251,9 @@ def cpu_kernels():
 
 
 def numba_kernels():
-    """``varprobe.kernels`` where ``VARPROBE_NUMBA=1`` asks for them and numba can be
-    imported (the ``fast`` extra), else None: torch's sums are the default, since
-    importing numba and loading its kernels costs a process about 0.8 s, which a
-    one-shot run does not earn back (bench/RESULTS.md, end to end). Imported at the
-    first CPU measurement: ``predict`` (meta tensors) never loads numba."""
+    """``varprobe.kernels`` where ``VARPROBE_NUMBA=1`` and numba imports (the ``fast``
+    extra), else None: loading numba costs a process ~0.8 s, which a one-shot run does
+    not earn back (docs/speed.md). Imported at the first CPU measurement."""
     return _load_numba(os.environ.get("VARPROBE_NUMBA") == "1")
 
 
