@@ -45,7 +45,7 @@ def annotate(report: Report, modules: list[nn.Module], recording=None,
     """
     with threads.one_thread():  # the walks' torch work is on small arrays
         walker = _annotate(report, modules, recording, values, measured)
-        walker.add(schemes)
+    walker.add(schemes)  # on one thread too
     return walker
 
 
