@@ -176,3 +176,24 @@ def test_query_path_three_dim_and_one_slice():
     x = m.square().sum((-1, -2)).mean() / (v[0].double().square().sum(-1).mean()
                                            * k[0].double().square().sum(-1).mean())
     assert single == pytest.approx(x.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("hidden", [0.7, -math.inf, math.inf, math.nan])
+def test_hidden_entries_zeroed_as_the_select_does(hidden):
+    """The CPU's in-place product equals ``where(allowed, logits, 0)`` entry for entry
+    (a non-finite hidden logit included, and a NaN among the shown ones), and so does
+    its sum of squares, also where the mask broadcasts beyond the logits."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 8, 16, generator=gen)
+    allowed = torch.rand(8, 16, generator=gen) > 0.3
+    logits[0, 1][~allowed] = hidden
+    logits[1, 2, 4, allowed[4].nonzero()[0]] = math.nan  # a NaN that is shown
+    for mask in (allowed, allowed.expand(5, 2, 3, 8, 16)):
+        want = torch.where(mask, logits, 0.0)
+        seen, spread = attention_stats._hidden_zeroed(logits.clone(), mask)
+        assert torch.equal(seen.isnan(), want.isnan())
+        assert torch.equal(seen.nan_to_num(), want.nan_to_num())
+        assert math.isnan(spread.item())  # the shown NaN reaches the sum, as it must
+        clean = torch.where(mask, logits.nan_to_num(0.0, math.inf, -math.inf), 0.0)
+        got = attention_stats._hidden_zeroed(clean.clone(), mask)[1].item()
+        assert got == pytest.approx(clean.double().square().sum().item(), rel=1e-12)

@@ -330,8 +330,12 @@ def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
 def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
     """``_sums`` with the non-finite count, then ``_units``; with numba in one read."""
     found = kernel_array(x)
-    if found is None or not hasattr(cpu_kernels(), "unit_sums_first"):
+    if found is None:
         return _join([_sums(x, nonfinite=True), _units(x, channel_dim)])
+    if not hasattr(cpu_kernels(), "unit_sums_first"):  # torch's sums: the array as found
+        flat = found[0].reshape(-1)
+        return _finish_cpu_sums(x, flat, _moment_read(flat), nonfinite=True) + _units(
+            x, channel_dim, found)
     array = found[0]
     shape = _unit_layout(found, channel_dim, x.dim())
     nonzero = np.zeros(shape[1], dtype=np.int64)
@@ -361,13 +365,15 @@ def _unit_layout(found: tuple[np.ndarray, list[int]], channel_dim: int,
     return math.prod(array.shape[:at]), array.shape[at], math.prod(array.shape[at + 1:])
 
 
-def _units(x: torch.Tensor, channel_dim: int) -> Raw:
+def _units(x: torch.Tensor, channel_dim: int, found: tuple | None = None) -> Raw:
     """float64 [zero elements, units alive]; a unit (an index along ``channel_dim``) is
     dead when zero for every sample and position. A dense CPU tensor's as a host list
     from one read: numpy's up to ``FEW`` elements (dispatch outweighs the read), else
-    ``unit_counts``'; elsewhere the compare pass and per-unit max and min."""
+    ``unit_counts``'; elsewhere the compare pass and per-unit max and min. ``found``:
+    ``kernel_array(x)`` where already made."""
     host = reads_are_free(x.device)
-    found = kernel_array(x) if host and x.dim() >= 2 else None
+    if found is None or x.dim() < 2:
+        found = kernel_array(x) if host and x.dim() >= 2 else None
     if found is not None:  # both counts from one read (numpy's, or unit_counts)
         layout = _unit_layout(found, channel_dim, x.dim())
         if x.numel() <= FEW:
@@ -495,6 +501,8 @@ def _square_sums(x: torch.Tensor) -> Raw:
     """[sum(x^2)], float64."""
     found = kernel_array(x)
     if found is not None:
-        return [_moment_read(found[0].reshape(-1))[1]]
+        # torch's kernels in one read (their moment read takes two); numba's in its one
+        flat, k = found[0].reshape(-1), cpu_kernels()
+        return [k.square_sum(flat) if hasattr(k, "square_sum") else _moment_read(flat)[1]]
     sums = [_square_sum(p) for p in _pieces(x, chunked=False)]
     return (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).view(1)

@@ -32,13 +32,25 @@ def sums(a: np.ndarray, shift, zero) -> tuple[float, float]:
     t = torch.from_numpy(a)
     if shift:  # the mean dominates the spread: read again, from a shifted copy
         t = t - float(shift)
+    # torch's float sum is a cascade of float32 partial sums (error ~ eps * log2(n))
+    return t.sum().item(), _square_sum(t)
+
+
+def square_sum(a: np.ndarray) -> float:
+    """sum(a^2) of a 1-D array: ``sums``' second value without its first read (a weight
+    gradient's norm needs no sum)."""
+    if a.shape[0] <= SMALL:
+        d = a.astype(np.float64)
+        return float(d @ d)
+    return _square_sum(torch.from_numpy(a))
+
+
+def _square_sum(t: torch.Tensor) -> float:
+    """The squares go by row norms (no temporary), their squares added in float64 (the
+    last square on the host: the same rounded float64 product, one op less). Fewer than
+    BLOCK elements: no rows, whose norm would be 0."""
     n = t.numel()
     whole = n - n % BLOCK
-    # torch's float sum is a cascade of float32 partial sums (error ~ eps * log2(n));
-    # the squares go by row norms (no temporary), their squares added in float64 (the
-    # last square on the host: the same rounded float64 product, one op less). Fewer
-    # than BLOCK elements: no rows, whose norm would be 0.
-    s1 = t.sum().item()
     s2 = 0.0
     if whole:
         rows = (t if whole == n else t[:whole]).view(-1, BLOCK)
@@ -47,4 +59,4 @@ def sums(a: np.ndarray, shift, zero) -> tuple[float, float]:
         s2 = norm * norm
     if whole < n:
         s2 += float(t[whole:].double().square().sum())
-    return s1, s2
+    return s2
