@@ -74,9 +74,9 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
                 allowed = allowed & (part > MASKED)
         count = allowed.sum() * (logits.numel() // max(allowed.numel(), 1)) \
             if allowed.dim() <= 2 else allowed.expand_as(logits).sum()
-        # the hidden entries' squares are zero, then -inf for the softmax: a select and
-        # an added bias of the mask's own size (masked_fill broadcast over the heads
-        # costs twice the select); 0 + -inf and x + 0 are exact
+        # the hidden entries' squares are zero, then -inf for the softmax: zeroed
+        # (_hidden_zeroed) and an added bias of the mask's own size (masked_fill
+        # broadcast over the heads costs twice the select); 0 + -inf and x + 0 are exact
         seen, spread = _hidden_zeroed(logits, allowed)
         spread = spread / count.clamp(min=1)
         bias = torch.where(allowed, 0.0, -math.inf)
