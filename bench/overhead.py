@@ -23,7 +23,7 @@ from torch import nn
 
 import varprobe
 from bench import models, peers
-from varprobe import recorder, stats, timing
+from varprobe import kernel_choice, recorder, timing
 
 
 @dataclass
@@ -91,7 +91,7 @@ def sums(numba: bool):
 
 
 def numba_installed() -> bool:
-    return stats._load_numba(True) is not None
+    return kernel_choice._load_numba(True) is not None
 
 
 def sides(device: torch.device) -> dict[str, Callable]:

@@ -23,9 +23,9 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
 def numba_kernels():
     """varprobe.kernels; the test skipped where the CPU sums are torch's (numba not
     installed, or VARPROBE_NUMBA not 1), whose reads take no range statistics."""
-    from varprobe import stats
+    from varprobe import kernel_choice
 
-    found = stats.numba_kernels()
+    found = kernel_choice.numba_kernels()
     if found is None:
         pytest.skip("numba's kernels are not in use")
     return found

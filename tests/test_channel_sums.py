@@ -25,7 +25,7 @@ from torch import nn
 
 import varprobe
 from varprobe import channel_sums as channel_sums_module
-from varprobe import stats
+from varprobe import kernel_choice
 from varprobe.channel_sums import channel_sums
 
 U = 2.0 ** -24
@@ -67,15 +67,15 @@ def chosen(path: str):
     """The CPU sums of ``path`` ("numba" or "torch") chosen, as a recording does."""
     if path == "numba":
         pytest.importorskip("numba")
-        if stats.numba_kernels() is None:
+        if kernel_choice.numba_kernels() is None:
             pytest.skip("numba's kernels are not asked for (VARPROBE_NUMBA is not 1)")
-    with mock.patch.object(stats, "numba_kernels",
-                           stats.numba_kernels if path == "numba" else lambda: None):
-        token = stats.fix_kernels()
+    with mock.patch.object(kernel_choice, "numba_kernels",
+                           kernel_choice.numba_kernels if path == "numba" else lambda: None):
+        token = kernel_choice.fix_kernels()
         try:
             yield
         finally:
-            stats.release_kernels(token)
+            kernel_choice.release_kernels(token)
 
 
 PATHS = pytest.mark.parametrize("path", ["numba", "torch"])
@@ -97,7 +97,7 @@ def test_the_kernel_path_is_taken(path):
     x = torch.randn(2, 3, 4, 5)
     with chosen(path):
         s1, _ = channel_sums(x)
-        assert hasattr(stats.cpu_kernels(), "channel_sums") == (path == "numba")
+        assert hasattr(kernel_choice.cpu_kernels(), "channel_sums") == (path == "numba")
     assert np.allclose(s1.numpy(), x.double().sum((0, 2, 3)).numpy())
 
 

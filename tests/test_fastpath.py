@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import varprobe
-from varprobe import stats
+from varprobe import kernel_choice, stats
 
 RTOL = 1e-5
 
@@ -378,8 +378,8 @@ def test_cpu_sums_without_numba_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # what an install without it sees
     monkeypatch.delitem(sys.modules, "varprobe.kernels", raising=False)
     monkeypatch.delattr(varprobe, "kernels", raising=False)
-    assert stats._load_numba.__wrapped__(True) is None
-    monkeypatch.setattr(stats, "numba_kernels", lambda: None)
-    assert stats.cpu_kernels().__name__ == "varprobe.torch_kernels"
+    assert kernel_choice._load_numba.__wrapped__(True) is None
+    monkeypatch.setattr(kernel_choice, "numba_kernels", lambda: None)
+    assert kernel_choice.cpu_kernels().__name__ == "varprobe.torch_kernels"
     check_activation(relu_with_dead_units(64, 8, 5, 5, channel_dim=1), channel_dim=1)
     check_activation(relu_with_dead_units(300, 70))

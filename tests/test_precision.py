@@ -27,7 +27,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from varprobe import exponents, stats
+from varprobe import exponents, kernel_choice, stats
 from varprobe.precision import FORMATS, Ranges, loss_scale_range
 
 SIGMAS = 5
@@ -86,7 +86,7 @@ def measured(x: torch.Tensor, scale: float = 1.0, path: str = "numba") -> Ranges
         pending = exponents.measure(x, scale)
         pending = stats.Pending(exponents._chunked(x, exponents.cuts(scale)), pending.finish)
     elif path == "torch":
-        with mock.patch.object(stats, "numba_kernels", lambda: None):
+        with mock.patch.object(kernel_choice, "numba_kernels", lambda: None):
             pending = exponents.measure(x, scale)
     else:
         pending = exponents.measure(x, scale)
@@ -131,7 +131,7 @@ def test_without_numba_the_torch_kernels_give_numbas_rows():
     long = spanning(4, n=5 * CHUNK // 2)  # pieces; then a NaN in the last one only
     for y in (long, torch.cat([long, torch.tensor([math.nan])]), finite_spanning(5, 10 ** 6)):
         assert measured(y, path="torch").to_dict() == measured(y, path="numba").to_dict()
-    with mock.patch.object(stats, "numba_kernels", lambda: None):
+    with mock.patch.object(kernel_choice, "numba_kernels", lambda: None):
         assert exponents._kernels().__name__ == "varprobe.torch_exponent_kernel"
         assert not exponents._kernel_readable(x.double())
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import varprobe
 from tests.test_precision import check_against_cast
-from varprobe import exponents, range_rows, stats
+from varprobe import exponents, kernel_choice, range_rows, stats
 from varprobe.precision import FORMATS, Ranges, Settings
 
 N = exponents.SAMPLE * 4 + 3  # sampled: past SAMPLE elements
@@ -83,7 +83,7 @@ def same_answers(r: Ranges, want: Ranges) -> None:
 
 def test_batch_rows_with_torch_kernels():
     """Without numba (the torch versions of the range kernels fill one histogram row)."""
-    with mock.patch.object(stats, "numba_kernels", lambda: None):
+    with mock.patch.object(kernel_choice, "numba_kernels", lambda: None):
         m = exponents.Measure(1024.0)
         for kind, x in tensors().items():
             for gradient in (False, True):

@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 import torch
 
-from varprobe import stats
+from varprobe import kernel_choice, stats
 
 # tensor key -> (weak reference to the tensor, s1, s2); None: nothing is kept
 _KEPT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("channel_sums",
@@ -76,7 +76,7 @@ def channel_sums(x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Ten
     array, order = found
     at = order.index(dim % x.dim())
     shape = (math.prod(array.shape[:at]), array.shape[at], math.prod(array.shape[at + 1:]))
-    k = stats.cpu_kernels()
+    k = kernel_choice.cpu_kernels()
     if hasattr(k, "channel_sums") and shape[2] > 1:
         s1, s2 = np.zeros(shape[1]), np.zeros(shape[1])
         k.channel_sums(array.reshape(shape), array.dtype.type(0), s1, s2)

@@ -4,7 +4,7 @@ format, the elements at or past its overflow cut.
 
 Opt-in (``Recorder(ranges=...)``): the default probe never reads a tensor for them.
 Dense float32/float64 CPU tensors are read by ``exponent_kernel`` where numba is used
-(``stats.numba_kernels``), else by its torch versions (``torch_exponent_kernel``). Past
+(``kernel_choice.numba_kernels``), else by its torch versions (``torch_exponent_kernel``). Past
 ``SAMPLE`` elements (float32, no inf or NaN) the histogram and zeros are those of a
 uniform random sample, and the extremes come from every element, from the moment
 kernel's read where it made one (``stats.extremes_read``); see ``sample_index``.
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from varprobe import precision, range_rows, stats
+from varprobe import kernel_choice, precision, range_rows, stats
 from varprobe.precision import BINS, FORMATS, LOW, Ranges
 from varprobe.range_rows import SAMPLE  # a larger float32 CPU tensor's histogram's elements
 
@@ -149,14 +149,14 @@ def _readable(x: torch.Tensor) -> np.ndarray | None:
 
 def _kernel_readable(x: torch.Tensor) -> bool:
     """A dense float32 CPU tensor (or float64, where numba is used)."""
-    wide = (torch.float32, torch.float64) if stats.numba_kernels() else (torch.float32,)
+    wide = (torch.float32, torch.float64) if kernel_choice.numba_kernels() else (torch.float32,)
     return (stats.reads_are_free(x.device) and x.dtype in wide and x.numel() > 0
             and not x.is_neg() and stats._dense(x) is not None)
 
 
 def _kernels():
     """numba's range kernels where numba is used, else their torch versions."""
-    return _range_kernels(stats.numba_kernels() is not None)
+    return _range_kernels(kernel_choice.numba_kernels() is not None)
 
 
 @functools.cache

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from varprobe import channel_sums, stats, theory, timing
+from varprobe import channel_sums, kernel_choice, stats, theory, timing
 
 CHANNELS_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -170,12 +170,12 @@ class Recorder:
                 timing.timed("recording", self._pre_hook(name)), with_kwargs=True))
             self._handles.append(module.register_forward_hook(
                 timing.timed("recording", self._post_hook()), with_kwargs=True))
-        self._kernels_token = stats.fix_kernels()
+        self._kernels_token = kernel_choice.fix_kernels()
         self._channels_token = channel_sums.keep() if norms else None
         return self
 
     def __exit__(self, *exc) -> None:
-        stats.release_kernels(self._kernels_token)
+        kernel_choice.release_kernels(self._kernels_token)
         if self._channels_token is not None:
             channel_sums.release(self._channels_token)
         for handle in self._handles:

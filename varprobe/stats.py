@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from varprobe import unit_counts
+from varprobe.kernel_choice import cpu_kernels
 
 WIDTH = 8
 # Forward row layout.
@@ -219,53 +218,6 @@ def _range_reads(flat: np.ndarray, kernel: str) -> tuple | None:
 
 def _found(reads: tuple, n: int, top, low) -> None:
     reads[0].append((n, int(top), int(low), reads[2] if reads[3] else None))
-
-
-# Between ``fix_kernels`` and ``release_kernels`` (a recording): the CPU sums chosen at
-# their first use, then reused, so that the environment is read once per recording and
-# not at every tensor read (a few microseconds each, hundreds of reads per pass).
-_CHOSEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("kernels",
-                                                                      default=None)
-
-
-def fix_kernels() -> contextvars.Token:
-    """Choose the CPU sums once from here on (lazily: a meta recording loads nothing)."""
-    return _CHOSEN.set([])
-
-
-def release_kernels(token: contextvars.Token) -> None:
-    _CHOSEN.reset(token)
-
-
-def cpu_kernels():
-    """The CPU sums: numba's (``numba_kernels``) where used, else ``torch_kernels``."""
-    chosen = _CHOSEN.get()
-    if chosen:
-        return chosen[0]
-    found = numba_kernels()
-    if found is None:
-        from varprobe import torch_kernels as found
-    if chosen is not None:
-        chosen.append(found)
-    return found
-
-
-def numba_kernels():
-    """``varprobe.kernels`` where ``VARPROBE_NUMBA=1`` and numba imports (the ``fast``
-    extra), else None: loading numba costs a process ~0.8 s, which a one-shot run does
-    not earn back (docs/speed.md). Imported at the first CPU measurement."""
-    return _load_numba(os.environ.get("VARPROBE_NUMBA") == "1")
-
-
-@functools.cache
-def _load_numba(wanted: bool):
-    if not wanted:
-        return None
-    try:
-        from varprobe import kernels
-    except ImportError:  # numba is not installed: an optional speed-up
-        return None
-    return kernels
 
 
 def kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
