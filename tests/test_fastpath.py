@@ -383,3 +383,17 @@ def test_cpu_sums_without_numba_installed(monkeypatch):
     assert kernel_choice.cpu_kernels().__name__ == "varprobe.torch_kernels"
     check_activation(relu_with_dead_units(64, 8, 5, 5, channel_dim=1), channel_dim=1)
     check_activation(relu_with_dead_units(300, 70))
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 16384, 16385, 70003])
+def test_torch_square_sum_is_the_sums_second_value(n):
+    """torch's one-read sum of squares (a weight gradient's norm) equals the second value
+    of its two-read ``sums`` exactly (the same row norms, or numpy's float64 dot up to
+    SMALL elements) and float64's to float32 rounding: both sides of SMALL and of a whole
+    number of rows."""
+    from varprobe import torch_kernels
+
+    a = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 0.5).numpy()
+    got = torch_kernels.square_sum(a)
+    assert got == torch_kernels.sums(a, np.float32(0), np.float32(0))[1]
+    assert got == pytest.approx(float(a.astype(np.float64) @ a.astype(np.float64)), rel=RTOL)
