@@ -225,6 +225,52 @@ def test_dead_units():
     assert "dead_units" not in codes(probe(mlp(3, he, bias=True)))
 
 
+def zeroed_units(act: nn.Module, bias: float, units: int) -> nn.Sequential:
+    """Linear -> act -> Linear whose first layer's first ``units`` units have zero
+    weights and a constant bias: their pre-activation is exactly ``bias`` for every
+    sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), act, nn.Linear(WIDTH, WIDTH))
+    with torch.no_grad():
+        model[0].weight[:units] = 0.0
+        model[0].bias[:units] = bias
+    return model
+
+
+def zero_rows_learn(model: nn.Sequential, units: int) -> bool:
+    """Whether the zeroed units' incoming weights get a gradient (more than 1e-6 of the
+    largest): plain autograd on a batch, independent of varprobe."""
+    model.zero_grad()
+    model(torch.randn(256, WIDTH)).square().sum().backward()
+    grad = model[0].weight.grad
+    return bool(grad[:units].abs().amax() > 1e-6 * grad.abs().amax())
+
+
+@pytest.mark.parametrize("act, bias, units, dead", [
+    (nn.ReLU(), 0.0, 48, True),      # relu'(0) = 0 in torch: zero units get no gradient
+    (nn.SiLU(), 0.0, 48, False),     # silu'(0) = 1/2 and no other zero near O(1) inputs
+    (nn.Tanh(), 0.0, 48, False),
+    (nn.LeakyReLU(), 0.0, 48, False),
+    (nn.GELU(), 0.0, WIDTH, False),  # a whole input of zeros: gelu'(0) = 1/2
+    (nn.GELU(), -10.0, 48, True),    # float32's 1 + erf(-10/sqrt 2) is 0: slope ~1e-22
+    (nn.Hardswish(), -5.0, 48, True),
+])
+def test_dead_means_no_gradient(act, bias, units, dead):
+    """``units`` of 64 units are zero for every sample; they are flagged dead exactly
+    where autograd gives their weights no gradient. (GELU's zeros at part of a layer
+    stay ambiguous: zero at y = 0, where it learns, and below -5.4, where it does not.)"""
+    model = zeroed_units(act, bias, units)
+    assert zero_rows_learn(model, units) is not dead
+    layer = probe(model, batch_size=256).layers[1]
+    assert layer.forward.zero_fraction >= units / WIDTH
+    assert ("dead_units" in {f.code for f in layer.flags}) is dead
+    if dead:
+        assert layer.forward.dead_fraction == units / WIDTH
+    else:
+        assert layer.forward.dead_fraction is None
+        assert type(act).__name__ in layer.unavailable["dead_fraction"]
+
+
 class Log(nn.Module):
     def forward(self, x):
         return torch.log(x)  # NaN for every negative input

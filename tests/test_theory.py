@@ -319,3 +319,37 @@ def test_scheme_errors_and_missing_fans():
     assert theory.scheme_variance("xavier", 1, None) is None
     assert theory.scheme_variance("he", 1, None) == 2.0
     assert theory.scheme_variance("he-fan-out", None, 4) == 0.5
+
+
+# Where an activation is zero with (next to) no slope, a unit zero for every sample may
+# be dead: ReLU's y <= 0, Hardswish's y <= -3, Hardsigmoid's, the shrinks' band, GELU's
+# float32 tail below -5.4 (1 + erf rounds to 0), tanh-approximated GELU's (tanh rounds
+# to -1). Elsewhere the only zero at O(1) inputs is y = 0, where the slope is f'(0).
+MAY_DIE = [nn.ReLU(), nn.ReLU6(), nn.Hardswish(), nn.Hardsigmoid(), nn.Hardshrink(),
+           nn.Softshrink(), nn.Threshold(0.1, 0.0), nn.GELU(), nn.GELU("tanh"),
+           nn.PReLU(init=0.0), nn.Tanhshrink()]  # tanhshrink'(0) = 1 - sech^2(0) = 0
+LEARNS = [(nn.SiLU(), 0.5), (nn.Tanh(), 1.0), (nn.ELU(), 1.0), (nn.Mish(), 0.6),
+          (nn.Softsign(), 1.0), (nn.Hardtanh(), 1.0), (nn.SELU(), 1.0507 * 1.67326),
+          (nn.CELU(), 1.0), (nn.SiLU(inplace=True), 0.5)]
+
+
+@pytest.mark.parametrize("module", MAY_DIE, ids=lambda m: repr(m))
+def test_activations_whose_zeros_may_be_dead(module):
+    assert theory.live_at_zero(module) is None
+
+
+@pytest.mark.parametrize("module, slope", LEARNS, ids=lambda m: repr(m))
+def test_activations_whose_zeros_learn(module, slope):
+    why = theory.live_at_zero(module)
+    assert why is not None and f"{slope:.3g}" in why
+
+
+@pytest.mark.parametrize("module, a", [(nn.LeakyReLU(0.01), 0.01), (nn.PReLU(), 0.25)])
+def test_rectifiers_with_a_negative_slope_never_die(module, a):
+    assert f"slope {a:.3g}" in theory.live_at_zero(module)
+
+
+def test_a_gelu_fed_only_zeros_learns():
+    assert theory.live_at_zero(nn.GELU()) is None  # a zero may be its tail's
+    assert "0.5" in theory.live_at_zero(nn.GELU(), zero_input=True)
+    assert theory.live_at_zero(nn.ReLU(), zero_input=True) is None

@@ -26,6 +26,7 @@ from varprobe.theory.gains import (
     expectation,
     forward_gain,
     gain_unavailable_reason,
+    live_at_zero,
     prelu_slope,
     rectified_moments,
 )
@@ -48,6 +49,6 @@ from varprobe.theory.layer_fans import (
 
 __all__ = ["NORMS", "SCHEMES", "Fans", "Gain", "Values", "annotate", "backward_gain",
            "effective_fans", "elements", "end_to_end", "expectation", "fans", "forward_gain",
-           "gain_unavailable_reason", "is_activation", "is_linear_map", "kind",
+           "gain_unavailable_reason", "is_activation", "is_linear_map", "kind", "live_at_zero",
            "own_parameters", "param_fans", "prelu_slope", "rectified_moments",
            "scheme_bias_variance", "scheme_variance", "tap_fraction", "torch_fans"]

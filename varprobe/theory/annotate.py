@@ -19,7 +19,13 @@ from torch import nn
 
 from varprobe.report import Layer, Prediction, Report
 from varprobe.theory import norms, threads
-from varprobe.theory.gains import Values, backward_gain, forward_gain, gain_unavailable_reason
+from varprobe.theory.gains import (
+    Values,
+    backward_gain,
+    forward_gain,
+    gain_unavailable_reason,
+    live_at_zero,
+)
 from varprobe.theory.layer_fans import SCHEMES, effective_fans, is_linear_map
 from varprobe.theory.nodes import chain
 from varprobe.theory.signal import Call, measured_m2, start_signal
@@ -57,6 +63,7 @@ def _annotate(report: Report, modules: list[nn.Module], recording, values, measu
         return Counterfactuals(report, modules, None, None, measured, values)
     for layer, module in zip(layers, modules):
         _effective_fans(layer, module)
+        _dead_or_live(layer, module, values)
     weights = actual_weights(layers, modules)
     graph = _graph(report, recording, measured)
     actual = Walk(report, modules, graph, weights, measured, None, values).run()
@@ -211,6 +218,18 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
                 if owner.gain is None:
                     owner.unavailable["gain"] = gain_unavailable_reason(module, q, values)
             before = (layer.type, owner.gain)
+
+
+def _dead_or_live(layer: Layer, module: nn.Module, values: Values) -> None:
+    """Units zero for every sample are dead only where the activation's slope is zero
+    there too (live_at_zero): elsewhere their fraction says nothing of death."""
+    if layer.kind != "activation" or not (layer.forward and layer.forward.dead_fraction):
+        return
+    zero_input = layer.input is not None and layer.input.second_moment == 0
+    why = live_at_zero(module, zero_input, values)
+    if why is not None:
+        layer.forward.dead_fraction = None
+        layer.unavailable["dead_fraction"] = why
 
 
 def _multipliers(layer: Layer, w: Weights | None) -> None:

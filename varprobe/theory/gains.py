@@ -218,3 +218,44 @@ def _quadrature(module: nn.Module, q: float) -> Gain:
     if not (math.isfinite(fwd) and math.isfinite(bwd)):
         return (None, None), f"{name} is not finite on a Gaussian input of variance {q}"
     return (fwd, bwd), None
+
+
+# Where a unit's pre-activation lies at init (a few sd of an O(1) signal), in float32, the
+# precision a probe usually runs in (GELU's 1 + erf rounds to 0 there below y ~ -5.4).
+ZERO_GRID = torch.arange(-1200, 1201, dtype=torch.float32) / 100  # 0 exactly among them
+# A zero output whose slope is at most this gets no gradient to speak of: dead.
+DEAD_SLOPE = 1e-3
+
+
+def live_at_zero(module: nn.Module, zero_input: bool = False,
+                 values: Values | None = None) -> str | None:
+    """Why a unit of this activation that is zero for every sample is not dead, or None
+    where it may be. Dead means no gradient: ReLU's zeros (slope 0 on y <= 0), a
+    Hardswish's below -3, GELU's below -5.4 (slope < 1e-6). A SiLU, tanh or LeakyReLU
+    is zero at inputs of O(1) only at y = 0, where its slope is not small: such a unit's
+    input is exactly zero (a zero-initialized weight, a gate) and it learns.
+    ``zero_input``: the activation's whole input was zero, so only y = 0 counts (a GELU
+    fed zeros learns). Read off the module on a grid of inputs (as the gains' quadrature
+    reads it); None where that fails."""
+    name = type(module).__name__
+    a = prelu_slope(module, values)
+    if a is not None:
+        return None if abs(a) <= DEAD_SLOPE else (
+            f"{name}'s slope {a:.3g} on y < 0 passes gradient: none of its units die")
+    try:
+        leaf = ZERO_GRID.clone().requires_grad_(True)
+        y = module.forward(leaf * 1.0)  # a non-leaf copy: in-place modules write it
+        (dy,) = torch.autograd.grad(y.sum(), leaf)
+    except Exception:  # noqa: BLE001 -- not evaluable elementwise: it may die
+        return None
+    zero = y.detach() == 0
+    if zero_input:
+        zero &= leaf.detach() == 0
+    slopes = dy[zero].abs()
+    if slopes.numel() == 0 or float(slopes.min()) <= DEAD_SLOPE:
+        return None  # zero only by underflow, or somewhere without gradient: it may die
+    slope = f"{float(slopes.min()):.3g}"
+    if zero_input:
+        return f"{name}'s whole input was zero, where its slope is {slope}: its units learn"
+    return (f"{name} is zero on |y| <= 12 only where its slope is at least {slope}: a unit "
+            "zero for every sample gets gradient and learns")
