@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import zoo
 from torch import nn
@@ -192,3 +193,47 @@ def test_a_layer_whose_units_are_all_dead_stops_the_signal():
     report = probe(model, batch_size=256)
     assert "vanishing_forward" in codes(report)
     assert "dead_units" in codes(report, "warning")
+
+
+class Sinusoidal(nn.Module):
+    """A diffusion model's timestep embedding (diffusers' Timesteps, DDPM's
+    SinusoidalPosEmb): [cos(t f), sin(t f)] at geometric frequencies, E[x²] = 1/2 for t
+    in [0, 1000) whatever t's own scale."""
+
+    def __init__(self, dim=WIDTH):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(1e4) * torch.arange(half) / half))
+
+    def forward(self, t):
+        angles = t[:, None].float() * self.freqs
+        return torch.cat([angles.cos(), angles.sin()], -1)
+
+
+class Denoiser(nn.Module):
+    """x + MLP(embed(t)) into a He ReLU stack: the time path starts at the embedding."""
+
+    def __init__(self, depth=3):
+        super().__init__()
+        self.embed = Sinusoidal()
+        self.time = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.SiLU(), nn.Linear(WIDTH, WIDTH))
+        self.body = zoo.mlp([WIDTH] * (depth + 1), lambda w: nn.init.kaiming_normal_(
+            w, nonlinearity="relu"), nn.ReLU, False, 0)
+
+    def forward(self, x, t):
+        return self.body(x + self.time(self.embed(t)))
+
+
+def test_a_float_timestep_is_no_signal_scale_its_embedding_sets_one():
+    """t in [0, 1000) has E[t²] ~ 3e5; the time MLP after the embedding is fed ~1/2
+    (torch's default Linear init then shrinks it ~1/6 per layer): held against t, its
+    layers would look 1e-7 of their reference, a false vanishing error."""
+    torch.manual_seed(0)
+    model, x = Denoiser(), torch.randn(64, WIDTH)
+    for t in (torch.randint(0, 1000, (64,)), torch.randint(0, 1000, (64,)).float()):
+        report = probe(model, (x, t))
+        assert codes(report) == set()
+        first = layer(report, "time.0")
+        assert first.reference == "embed"  # the embedding's output, not its input t
+        assert first.reference_second_moment == first.input.second_moment
+        assert first.reference_second_moment == pytest.approx(0.5, rel=0.05)

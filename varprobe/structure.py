@@ -24,7 +24,9 @@ dropout, residual adds and concatenations) to the anchor it inherits its scale f
 and every weight layer's input is judged against that anchor. Where two signals meet
 (a residual add, a concatenation, a gate), the older one, the trunk the other was
 branched off, carries the anchor. An anchor that is not measured (a functional op
-between modules) hands over to the first measured tensor after it.
+between modules) hands over to the first measured tensor after it: a weight layer's
+input, or a weightless module's output (a sinusoidal embedding sets the scale of what it
+makes of a raw timestep, whose own scale is none a signal keeps).
 
 The result goes into each layer: ``reference`` (the label of the measured tensor it is
 held against), ``reference_second_moment`` (its E[x^2]), ``stretch`` (weight layers
@@ -178,7 +180,10 @@ def _anchor(node: Node, anchors: dict[int, Anchor | None],
         inner = node.inputs[0] if node.inputs else None
         upstream = anchors.get(inner) if inner is not None and inner >= 0 else None
         if node.op == "call" and upstream is None:
-            return Anchor(node.index, own_input=True)  # its input is the first measured
+            # its input is the first measured tensor; a module without weights sets the
+            # scale of what it outputs from an input of no scale of its own (a sinusoidal
+            # embedding of a raw timestep t in [0, 1000), a network's second input)
+            return Anchor(node.index, own_input=layers[node.index].kind == "weight")
         return upstream
     if node.op == "unknown" and is_anchor_function(node.reason):
         return None
