@@ -113,6 +113,7 @@ class Layer:
     stretch: int | None = None  # weight layers that share a reference: one stretch
     depth: int | None = None    # weight layers in series since the reference, itself included
     forks: bool | None = None   # its output is read by more than one operation
+    rejoins: bool | None = None  # its output is added back onto the trunk it branched off
     calls: int = 1              # how often the module was called in the pass
     ranges: dict[str, dict] = field(default_factory=dict)  # precision.Ranges.to_dict
 

@@ -33,7 +33,8 @@ held against), ``reference_second_moment`` (its E[x^2]), ``stretch`` (weight lay
 sharing an anchor form one un-normalized stretch), ``depth`` (weight layers in series
 since the anchor, itself included: how far a per-layer factor has compounded) and
 ``forks`` (the layer's output is read by more than one operation: a gradient product
-along a chain cannot see what flows around it).
+along a chain cannot see what flows around it) and ``rejoins`` (its output is added back
+onto the tensor its branch forked off: a residual branch's end).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def annotate(report: Report, recording: Recording | None) -> Report:
     anchors = _node_anchors(recording.nodes, layers)
     depths = _depths(recording.nodes, layers, anchors)
     consumers = _consumer_counts(recording.nodes)
+    rejoining = _rejoining(recording.nodes, layers)
     stretches: dict[Anchor, int] = {}
     for node_id, node in enumerate(recording.nodes):
         if node.op not in ("call", "exit") or node.index is None:
@@ -101,6 +103,7 @@ def annotate(report: Report, recording: Recording | None) -> Report:
             anchor = Anchor(node.index, own_input=True)
         _set_reference(report, layer, anchor)
         layer.forks = consumers.get(node_id, 0) > 1
+        layer.rejoins = node.index in rejoining
         layer.depth = depths[node_id] if anchor.layer != node.index else 1
         if layer.kind == "weight":
             layer.stretch = stretches.setdefault(anchor, len(stretches))
@@ -218,6 +221,55 @@ def _depths(nodes: list[Node], layers: list[Layer],
             and layers[node.index].kind == "weight"
         depths.append(before + own)
     return depths
+
+
+def _rejoining(nodes: list[Node], layers: list[Layer]) -> set[int]:
+    """The layers of a residual branch's end: from its last weight layer to the add that
+    puts its output back onto the tensor the branch forked off (through views, scales,
+    dropout and other weightless modules). The gradient reaches everything before the
+    branch around it, along the trunk."""
+    found: set[int] = set()
+    for node in nodes:
+        if node.op != "linear" or node.cat:
+            continue
+        ins = sorted({k for k in node.inputs if k is not None and k >= 0})
+        for k in ins[1:]:  # the oldest is the trunk, if the others branched off it
+            if _descends(nodes, k, ins[0]):
+                found.update(_branch_end(nodes, layers, k))
+    return found
+
+
+def _branch_end(nodes: list[Node], layers: list[Layer], k: int) -> list[int]:
+    """The layers from node ``k`` back to the first weight layer (included), through
+    nodes of one input (a module's own input, an exit's inner value)."""
+    end = []
+    while k >= 0:
+        node = nodes[k]
+        if node.op in ("call", "exit") and node.index is not None:
+            end.append(node.index)
+            if layers[node.index].kind == "weight":
+                break
+        elif node.op not in ("linear", "dropout", "act") or len(node.inputs) != 1:
+            break
+        if not node.inputs or node.inputs[0] is None:
+            break
+        k = node.inputs[0]
+    return end
+
+
+def _descends(nodes: list[Node], start: int, trunk: int) -> bool:
+    """Whether node ``trunk`` is an ancestor of node ``start`` (an input's index is
+    always below its node's: only the nodes between the two are walked)."""
+    stack, seen = [start], set()
+    while stack:
+        k = stack.pop()
+        if k == trunk:
+            return True
+        if k < trunk or k in seen:
+            continue
+        seen.add(k)
+        stack.extend(i for i in nodes[k].inputs if i is not None and i >= 0)
+    return False
 
 
 def _consumer_counts(nodes: list[Node]) -> dict[int, int]:

@@ -7,6 +7,12 @@ A chain is a run of weight layers each consuming exactly the previous one's outp
 It ends where the gradient also flows around it: at a tensor read by more than one
 operation (a residual add, a fork into branches, a gate), which a product along the
 chain cannot see (varprobe.structure's ``forks``).
+
+A chain added back onto the trunk it branched off (``rejoins``: a residual branch) is
+judged for explosion only: the trunk carries the gradient around it to every layer
+before, so a small product there is the branch's scale at init (a Mix-FFN of three
+layers at std 0.02, the soft form of a zero-initialized branch), and the branch's last
+layer, which gets the trunk's gradient in full, grows it within steps.
 """
 
 from __future__ import annotations
@@ -79,24 +85,26 @@ def trends(layers: list[Layer], t: Thresholds, skip: set[int]) -> list[Trend]:
     """A product is judged once ``t.stretch`` weight layers lie on the chain from the
     layer to its top, itself included: over one or two layers it is a design (a gate,
     a branch at std 0.02), and only a repeated factor compounds."""
-    products = []  # (weight index, product, units after it)
+    products = []  # (weight index, product, units after it, on a residual branch)
     for run in runs(layers, units(layers)):
+        branch = any(layers[i].rejoins for i in range(run[-1].first, run[-1].last + 1))
         product = 1.0
         for k in range(len(run) - 1, -1, -1):
             if run[k].first not in skip and k < len(run) - 1 and len(run) - k >= t.stretch:
-                products.append((run[k].first, product, run[k + 1:]))
+                products.append((run[k].first, product, run[k + 1:], branch))
             if run[k].first not in skip and run[k].factor is not None:
                 product *= run[k].factor
     # An exact zero is a zero-initialized scale (SkipInit, Fixup, zero_init_residual),
     # a deliberate design, not a trend.
     products = [p for p in products if p[1] > 0]
     found = []
-    for code, outside, pick in (("vanishing_backward", lambda p: p < t.backward[0], min),
-                                ("exploding_backward", lambda p: p > t.backward[1], max)):
-        out = [p for p in products if outside(p[1])]
+    for code, outside, pick in (
+            ("vanishing_backward", lambda p: p[1] < t.backward[0] and not p[3], min),
+            ("exploding_backward", lambda p: p[1] > t.backward[1], max)):
+        out = [p for p in products if outside(p)]
         if not out:
             continue
-        at, value, after = pick(out, key=lambda p: p[1])
+        at, value, after, _ = pick(out, key=lambda p: p[1])
         top = layers[after[-1].last].label
         trend = Trend(code, at, [u.first for u in after if u.first not in skip])
         blamed = [layers[i].label for i in culprits_of(layers, [trend], t)]

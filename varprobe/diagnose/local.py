@@ -76,13 +76,16 @@ def multipliers(layers: list[Layer], t: Thresholds, weights: list[int]) -> None:
     at std 0.02 shrinks its signal on purpose and the next norm resets it; only a factor
     that repeats through many layers with nothing to reset it compounds. Skipped too: a
     layer whose output a norm rescales (its scale cancels), and the first and last weight
-    layers of the network (a one-off factor at the ends).
+    layers of the network (a one-off factor at the ends). A stretch that is added back
+    onto the trunk it branched off (a residual branch, varprobe.structure's ``rejoins``)
+    does not shrink the signal, which the trunk carries: only ``amplifies`` there.
     """
     every = [i for i, layer in enumerate(layers) if is_weight(layer)]
     ends = {every[0], every[-1]} if every else set()
     sizes: dict[int | None, int] = {}  # a stretch's depth: weight layers in series
     for i in every:
         sizes[layers[i].stretch] = max(sizes.get(layers[i].stretch, 0), layers[i].depth or 1)
+    branches = {layers[i].stretch for i in every if layers[i].rejoins}
     lo, hi = t.multiplier
     for i in weights:
         layer = layers[i]
@@ -90,8 +93,8 @@ def multipliers(layers: list[Layer], t: Thresholds, weights: list[int]) -> None:
         if (i in ends or not values or feeds_norm(layers, i)
                 or sizes.get(layer.stretch, 0) < t.stretch):
             continue
-        code = ("shrinks" if max(values) < lo else "amplifies" if min(values) > hi
-                else None)
+        code = ("shrinks" if max(values) < lo and layer.stretch not in branches
+                else "amplifies" if min(values) > hi else None)
         if code is None:
             continue
         parts = []
