@@ -392,3 +392,17 @@ def test_nonfinite_activations_are_counted_and_serialise_as_null():
     report = probe_untouched(model, torch.randn(BATCH, WIDTH))
     assert report.layers[0].forward.nonfinite == BATCH * WIDTH
     assert report.to_dict()["layers"][0]["forward"]["var"] is None
+
+
+def test_a_batchnorm_fed_the_wrong_channels_raises_its_own_error():
+    """The model's own error, not one from varprobe's bookkeeping of the BatchNorm."""
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(6)), torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError) as plain:
+        model(x)
+    before = snapshot(model)
+    with pytest.raises(VarprobeError) as probed:
+        varprobe.probe(model, x)
+    message = str(probed.value)
+    assert "layer 1 (BatchNorm2d)" in message
+    assert str(plain.value).splitlines()[0] in message
+    assert_untouched(model, before)

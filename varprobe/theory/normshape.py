@@ -40,11 +40,13 @@ PAIRS = 4  # the measured numbers, stored as pairs (the recording's constants ar
 
 
 def wanted(module: nn.Module, x: object) -> bool:
-    """A BatchNorm (train, or eval with running statistics) on a float input with
-    channels on dim 1 and values (not the meta device)."""
+    """A BatchNorm (train, or eval with running statistics) on a float input with its
+    channels on dim 1 and values (not the meta device). Other channel counts are the
+    model's error to raise, from the BatchNorm itself."""
     return (isinstance(module, nn.modules.batchnorm._BatchNorm)
             and isinstance(x, torch.Tensor) and x.is_floating_point()
             and not x.is_meta and x.dim() >= 2 and x.numel() > 0
+            and x.shape[1] == module.num_features
             and (module.training or module.running_var is not None))
 
 

@@ -137,16 +137,20 @@ class Recording(TorchFunctionMode):
         if self._frames and self._frames[-1].opaque:
             self._frames.append(_Frame(index, True, ()))  # inside a module taken whole
             return
-        with torch._C.DisableTorchFunction():
-            tensors = tensor_leaves(args, kwargs)
-            primary = next((t for t in tensors if t.is_floating_point()), None)
-            inputs = [self._lookup(primary)] if primary is not None else []
-            inputs += [self._lookup(t) for t in tensors if t is not primary]
-            if normshape.wanted(module, primary):
-                self.norm_shapes[index] = len(self._constants)
-                self._constants.extend(normshape.measure(module, primary))
-            tokennorm.enter(self, index, module, primary)
-            tokenids.enter(self, index, module, tensors, self.value_of)
+        try:
+            with torch._C.DisableTorchFunction():
+                tensors = tensor_leaves(args, kwargs)
+                primary = next((t for t in tensors if t.is_floating_point()), None)
+                inputs = [self._lookup(primary)] if primary is not None else []
+                inputs += [self._lookup(t) for t in tensors if t is not primary]
+                if normshape.wanted(module, primary):
+                    self.norm_shapes[index] = len(self._constants)
+                    self._constants.extend(normshape.measure(module, primary))
+                tokennorm.enter(self, index, module, primary)
+                tokenids.enter(self, index, module, tensors, self.value_of)
+        except Exception as exc:  # noqa: BLE001 -- bookkeeping must never break a model
+            self.failed = f"{type(exc).__name__}: {exc}"
+            return
         ids = tuple(dict.fromkeys(n for n in inputs if n is not None))
         if primary is not None and inputs[0] is None:
             ids = (self._add(Node("unknown", reason="a tensor made outside the recorded "
