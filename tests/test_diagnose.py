@@ -373,3 +373,26 @@ def test_assert_healthy():
                    backward=(1e-9, 1e9))
     with pytest.raises(TypeError, match="'fwd'"):
         assert_healthy(mlp(2, he), fwd=(0.1, 10))
+
+
+class ZeroedBetween(nn.Module):
+    """The signal zeroed by a functional op between two modules, not by a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(5))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = self.act(self.layers[0](x))
+        h = torch.where(h > 100, h, torch.zeros_like(h))
+        for layer in self.layers[1:]:
+            h = self.act(layer(h))
+        return h
+
+
+def test_a_signal_zeroed_between_modules_says_so():
+    report = probe(ZeroedBetween(), batch_size=64)
+    message = next(f.message for f in report.layers[2].flags if f.code == "vanishing_forward")
+    assert report.layers[2].label == "layers.1"
+    assert "died at an operation between modules before layers.1" in message

@@ -126,8 +126,9 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
                 killed = None
             culprits = killed if killed is not None else culprits_of(report.layers, [trend], t)
             labels = [report.layers[i].label for i in culprits]
-            flag(layer, code, message.replace("{culprits}", ", ".join(labels[:3]) or "?"), r,
-                 labels)
+            # no module's output was zero first: a functional op between them zeroed it
+            where = ", ".join(labels[:3]) or f"an operation between modules before {layer.label}"
+            flag(layer, code, message.replace("{culprits}", where), r, labels)
             trend.suspects = culprits if killed else suspects
             found.append(trend)
     return found
