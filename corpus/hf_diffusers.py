@@ -3,9 +3,9 @@
 Built from constructor arguments (no hub download), at the init the constructors give:
 diffusers keeps PyTorch's layer defaults and zeroes nothing (not DiT's adaLN-Zero
 modulation, not the UNets' output convs), unlike the papers' reference code.
-Noisy samples are 16x16 (UNets, DiT latents) or 32x32 (VAE); timesteps are integers in
-[0, 1000). Every one is trained as regression to a target of its output's shape, as a
-denoiser is.
+Noisy samples are 16x16 (UNets, DiT and SD3 latents) or 32x32 (VAE); timesteps are
+integers in [0, 1000), floats there for SD3, as its flow-matching scheduler gives them.
+Every one is trained as regression to a target of its output's shape, as a denoiser is.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def latents_with_class(batch: int) -> dict[str, torch.Tensor]:
             "class_labels": torch.randint(0, 10, (batch,))}
 
 
+def latents_with_text(batch: int) -> dict[str, torch.Tensor]:
+    """SD3's and Flux's inputs: the timestep a float, as their schedulers give it."""
+    return {"hidden_states": torch.randn(batch, 4, SIDE, SIDE),
+            "encoder_hidden_states": torch.randn(batch, 8, 32),
+            "pooled_projections": torch.randn(batch, 16),
+            "timestep": torch.rand(batch) * STEPS}
+
+
 def image(batch: int) -> dict[str, torch.Tensor]:
     return {"sample": torch.randn(batch, 3, 2 * SIDE, 2 * SIDE)}
 
@@ -86,3 +94,11 @@ add("diffusers_dit",
                         "on timestep and class (modulation not zeroed), learned-sigma "
                         "output (8 channels)",
     ("transformer", "diffusion", "adaln"))
+add("diffusers_sd3",
+    model("SD3Transformer2DModel", sample_size=SIDE, patch_size=2, in_channels=4,
+          num_layers=2, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+          caption_projection_dim=64, pooled_projection_dim=16, out_channels=4,
+          pos_embed_max_size=SIDE),
+    latents_with_text, "Stable Diffusion 3 MMDiT: joint attention over image patches and "
+                       "text tokens, adaLN modulation from a float timestep's sinusoidal "
+                       "embedding and pooled text", ("transformer", "diffusion", "adaln"))

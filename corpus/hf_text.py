@@ -84,6 +84,10 @@ lm("hf_opt", "OPTForCausalLM", "OPTConfig",
 lm("hf_phi", "PhiForCausalLM", "PhiConfig",
    "Phi: parallel attention + MLP sharing one LayerNorm, partial rotary, untied head",
    **DECODER, intermediate_size=4 * WIDTH)
+lm("hf_xlstm", "xLSTMForCausalLM", "xLSTMConfig",
+   "xLSTM: mLSTM blocks and a SiLU-gated feed-forward whose gate projection starts at "
+   "zero (every gate unit zero for every sample, yet learning: silu'(0) = 1/2)",
+   num_hidden_layers=LAYERS, hidden_size=WIDTH, num_heads=HEADS, vocab_size=VOCAB)
 lm("hf_mamba", "MambaForCausalLM", "MambaConfig",
    "Mamba: selective state-space blocks (the sequential CPU path), RMSNorm, tied head",
    num_hidden_layers=LAYERS, hidden_size=WIDTH, state_size=16, vocab_size=VOCAB)

@@ -110,3 +110,10 @@ add("hf_whisper", "WhisperForConditionalGeneration", "WhisperConfig", mels_and_t
     "regress", "Whisper encoder-decoder with its tied LM head; trained as regression "
     "because the decoder's tokens are not the audio", ("transformer", "audio",
                                                       "encoder-decoder"), **WHISPER)
+add("hf_segformer", "SegformerForImageClassification", "SegformerConfig", images, "classify",
+    "SegFormer (MiT): overlapping patch embeddings, spatial-reduction attention, Mix-FFN "
+    "(Linear, 3x3 depthwise conv, Linear) residual branches, every Linear and conv at "
+    "std 0.02", ("transformer", "vision", "residual-branch"),
+    num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+    patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[4, 4],
+    num_labels=CLASSES)
