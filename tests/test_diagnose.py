@@ -396,3 +396,15 @@ def test_a_signal_zeroed_between_modules_says_so():
     message = next(f.message for f in report.layers[2].flags if f.code == "vanishing_forward")
     assert report.layers[2].label == "layers.1"
     assert "died at an operation between modules before layers.1" in message
+
+
+def test_a_dropout_that_scales_the_signal_is_named():
+    """MobileNetV1's config in transformers defaults to classifier dropout 0.999: in
+    train mode the survivors are scaled by 1/(1 - p), E[x²] by 1000 on average. No
+    weight layer's factor explains the logits' scale; the dropout is named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*mlp(3, he, width=WIDTH), nn.Dropout(0.99), nn.Linear(WIDTH, 10))
+    report = probe(model, batch_size=256)
+    flag_ = next(f for f in report.layers[-1].flags if f.code == "exploding_forward")
+    assert flag_.culprits == [report.layers[-2].label]
+    assert "scales E[x²] by" in report.summary.cause

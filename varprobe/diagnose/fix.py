@@ -43,8 +43,15 @@ def cause(layers: list[Layer], culprits: list[int]) -> str:
               if multiplier_values(layers[i])]
     names = ", ".join(layers[i].label for i in culprits[:3])
     more = f" and {len(culprits) - 3} more" if len(culprits) > 3 else ""
-    if not values:
-        return f"{names}{more}"
+    if not values:  # weightless culprits (forward._scalers): their measured steps
+        steps = [layers[i].forward.second_moment / layers[i].input.second_moment
+                 for i in culprits if layers[i].input and layers[i].forward
+                 and pos(layers[i].input.second_moment)
+                 and layers[i].forward.second_moment is not None]
+        if len(steps) != len(culprits):
+            return f"{names}{more}"
+        return (f"{names}{more} {'scales' if len(steps) == 1 else 'each scale'} E[x²] by "
+                f"{num(statistics.median(steps))} (measured, output over input)")
     typical = statistics.median(values)
     verb = "multiplies" if len(culprits) == 1 else "each multiply"
     return (f"{names}{more} {verb} the signal by n·E[w²]·g ≈ {num(typical)}"

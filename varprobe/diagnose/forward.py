@@ -16,6 +16,8 @@ a collapse the next layers cannot undo.
 
 from __future__ import annotations
 
+import math
+
 from varprobe.diagnose.common import Trend, band, flag, is_weight, num, pos
 from varprobe.diagnose.fix import culprits as culprits_of
 from varprobe.diagnose.thresholds import Thresholds
@@ -124,7 +126,8 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
                            f"nothing between to restore the scale ({limit})"
                            f"{since}: {CONSEQUENCE[code]}")
                 killed = None
-            culprits = killed if killed is not None else culprits_of(report.layers, [trend], t)
+            culprits = killed if killed is not None else (
+                culprits_of(report.layers, [trend], t) or _scalers(report.layers, at, code, t))
             labels = [report.layers[i].label for i in culprits]
             # no module's output was zero first: a functional op between them zeroed it
             where = ", ".join(labels[:3]) or f"an operation between modules before {layer.label}"
@@ -132,3 +135,24 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
             trend.suspects = culprits if killed else suspects
             found.append(trend)
     return found
+
+
+def _scalers(layers: list[Layer], at: int, code: str, t: Thresholds) -> list[int]:
+    """Where no weight layer's factor explains a trend: the weightless modules on its
+    stretch before it (the same reference) whose measured E[y²]/E[x²] lies outside the
+    multiplier band that way, the furthest first (a Dropout at p = 0.999 scales by
+    1000 in train mode)."""
+    lo, hi = t.multiplier
+    steps = {}
+    for i in range(at):
+        layer = layers[i]
+        if is_weight(layer) or layer.kind == "norm" or layer.reference != layers[at].reference:
+            continue
+        m_in = pos(layer.input.second_moment) if layer.input else None
+        m_out = pos(layer.forward.second_moment) if layer.forward else None
+        if m_in is not None and m_out is not None:
+            steps[i] = m_out / m_in
+    far = (lambda r: r < lo) if code.startswith("vanishing") else (lambda r: r > hi)
+    out = sorted((i for i in steps if far(steps[i])), key=lambda i: abs(math.log(steps[i])),
+                 reverse=True)
+    return out[:3]
