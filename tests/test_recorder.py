@@ -215,3 +215,45 @@ def test_nonfinite_values_are_counted_not_crashed_on():
     assert layer.forward.nonfinite > 0
     data = report.to_dict()
     assert data["layers"][0]["forward"]["var"] is None  # NaN is not JSON: null
+
+
+def reparametrized(style: str) -> nn.Sequential:
+    """mlp() with each Linear's weight computed from other tensors: torch's
+    parametrizations (weight_norm, spectral_norm) or the old weight_norm hook."""
+    from torch.nn.utils import parametrizations, weight_norm
+    model = mlp()
+    for i in (0, 2, 4):
+        if style == "weight_norm":
+            parametrizations.weight_norm(model[i])
+        elif style == "spectral_norm":
+            parametrizations.spectral_norm(model[i])
+        else:
+            weight_norm(model[i])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
+@pytest.mark.parametrize("style", ["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_a_computed_weight_is_the_layers_with_its_gradient(style):
+    """The computed weight is the layer's: a Linear (not the modules that compute it),
+    its moments and ||dL/dW|| / ||W|| those of the tensor it multiplies by, against
+    plain autograd under the same cotangent (the probe's N(0, 1) of seed 0)."""
+    model = reparametrized(style).eval()  # eval: spectral_norm's power iteration stays
+    x = torch.randn(256, 32)
+    report = varprobe.probe(model, x)
+    assert [la.name for la in report.layers] == [str(i) for i in range(5)]
+    layers = [la for la in report.layers if la.kind == "weight"]
+    assert [la.type for la in layers] == ["Linear"] * 3
+    weights = []  # the tensors each layer multiplied by, read as it ran
+    handles = [model[i].register_forward_hook(lambda m, args, out: weights.append(m.weight))
+               for i in (0, 2, 4)]
+    with torch.nn.utils.parametrize.cached():
+        out = model(x)
+    for h in handles:
+        h.remove()
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(out, weights, cotangent)
+    for layer, w, g in zip(layers, weights, grads):
+        assert layer.weight_var == pytest.approx(pvar(w), rel=RTOL)
+        expected = float(g.double().norm() / w.detach().double().norm())
+        assert layer.weight_grad_ratio == pytest.approx(expected, rel=RTOL)

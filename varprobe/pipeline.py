@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from varprobe import (
     diagnose,
@@ -231,13 +232,16 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     (theory.norms.host_tensors), keyed by id, from the same one transfer."""
     owned = InputLeaves(x)  # gradients w.r.t. float inputs come from leaves we own
     fed, leaves = owned.fed, owned.leaves
+    # parametrize.cached: a parametrized weight (weight_norm) is computed once, so the
+    # tensor the hooks read is the one the layer multiplies by, and has its gradient
     with Recorder(model, ranges=exponents.Measure.of(precision)) as rec:
-        with timing.phase("pass"):
+        with timing.phase("pass"), parametrize.cached():
             with exponents.autocast(precision, x):
                 output = _forward(model, fed, rec, recording, owned)
             rec.check_views()
             out_leaves = [t for t in float_leaves(output) if t.requires_grad]
-            params = [p for p in model.parameters() if p.requires_grad]
+            params = [p for p in model.parameters() if p.requires_grad] + [
+                w for _, w in rec.weights.values() if w.grad_fn is not None]  # computed
             note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
                              loss, generator)
         with timing.phase("collect"):
@@ -425,7 +429,8 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
            no_backward: str = "") -> Layer:
     module = call.module
     fan_in, fan_out = theory.fans(module)
-    layer = Layer(index=index, name=call.name, call=call.call, type=type(module).__name__,
+    layer = Layer(index=index, name=call.name, call=call.call,
+                  type=parametrize.type_before_parametrizations(module).__name__,
                   kind=theory.kind(module), shape=call.shape, dtype=call.dtype,
                   input_shape=call.input_shape, fan_in=fan_in, fan_out=fan_out,
                   unavailable=dict(call.unavailable))

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from varprobe import channel_sums, kernel_choice, stats, theory, timing
@@ -86,9 +87,16 @@ def float_leaves(value: Any) -> list[torch.Tensor]:
 
 
 def probed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Leaf modules, plus any module that owns parameters directly (e.g. attention)."""
-    out = []
+    """Leaf modules, plus any module that owns parameters directly (e.g. attention).
+    Not the modules that compute a parametrized weight (``module.parametrizations``):
+    they run whenever the weight is read, and the weight is the layer's."""
+    out, inside = [], ()
     for name, module in model.named_modules(remove_duplicate=True):
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, parametrize.ParametrizationList):
+            inside = (*inside, name + ".")
+            continue
         is_leaf = next(module.children(), None) is None
         owns = bool(theory.own_parameters(module))
         if (is_leaf or owns) and (name or is_leaf):

@@ -103,8 +103,15 @@ def kind(module: nn.Module) -> str:
 def own_parameters(module: nn.Module) -> list[torch.Tensor]:
     """``module.parameters(recurse=False)``, read from the module's own table: the
     public generator walks ``named_modules`` first, which costs tens of microseconds,
-    and this is asked for every layer of every pass."""
-    return [p for p in module._parameters.values() if p is not None]
+    and this is asked for every layer of every pass. A parametrized tensor
+    (torch.nn.utils.parametrize: weight_norm, spectral_norm) is the module's own too,
+    as the tensors it is computed from (the ones an optimizer updates)."""
+    own = [p for p in module._parameters.values() if p is not None]
+    lists = module._modules.get("parametrizations")
+    if isinstance(lists, nn.ModuleDict):
+        own += [p for plist in lists.values() for p in plist._parameters.values()
+                if p is not None]
+    return own
 
 
 # ---------------------------------------------------------------------------
