@@ -15,6 +15,7 @@ import pytest
 import torch
 import zoo
 from torch import nn
+from torch.nn import functional as F
 
 from varprobe import assert_healthy, probe
 from varprobe.diagnose import Thresholds, annotate
@@ -408,3 +409,33 @@ def test_a_dropout_that_scales_the_signal_is_named():
     flag_ = next(f for f in report.layers[-1].flags if f.code == "exploding_forward")
     assert flag_.culprits == [report.layers[-2].label]
     assert "scales E[x²] by" in report.summary.cause
+
+
+class FunctionalMLP(nn.Module):
+    """x = F.relu(fc(x)) in a loop, as hand-written code does: no activation module."""
+
+    def __init__(self, init, depth=8):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(depth))
+        for layer in self.layers:
+            init(layer.weight)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return x
+
+
+def test_a_functional_relu_is_the_layers_activation():
+    """He's n·Var[w]·½ = 1 under F.relu as under nn.ReLU: no flag; the multiplier from
+    the layer's own weights (float64) and relu's ½."""
+    torch.manual_seed(0)
+    model = FunctionalMLP(he)
+    report = probe(model, batch_size=256)
+    assert codes(report) == set()
+    for layer, module in zip(report.layers[1:], model.layers[1:]):
+        w2 = module.weight.detach().double().square().mean().item()
+        assert (layer.activation, layer.input_activation) == ("ReLU", "ReLU")
+        assert layer.forward_multiplier == pytest.approx(WIDTH * w2 * 0.5, rel=1e-6)
+    xavier = probe(FunctionalMLP(nn.init.xavier_normal_), batch_size=256)
+    assert "shrinks" in codes(xavier)  # ½ per layer under ReLU

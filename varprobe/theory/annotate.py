@@ -194,12 +194,16 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
     """Name the activation after (and before) each weight layer and give its gains.
 
     The gain is taken at the activation's measured input second moment, else at the
-    predicted one (it depends on it only for non-rectifiers).
-    """
+    predicted one (it depends on it only for non-rectifiers). An activation module
+    after the layer, else a functional one on its output (F.relu(fc(x)), read off the
+    recorded dataflow)."""
+    functional = _functional_activations(walk.graph.nodes, layers) \
+        if hasattr(walk.graph, "nodes") else {}
     before: tuple[str, float | None] | None = None
     owner: Layer | None = None
     for i, (layer, module) in enumerate(zip(layers, modules)):
         if layer.kind == "weight":
+            before = _functional_gain(owner, functional, walk, values) or before
             if before is not None:
                 layer.input_activation, layer.input_gain = before
             before, owner = None, layer
@@ -209,15 +213,53 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
             if q is None and call is not None and call.input is not None \
                     and call.input.signal is not None:
                 q = call.input.signal.m2
-            owner.activation = layer.type
-            if q is None:
-                owner.unavailable["gain"] = "the activation's input is unknown"
-            else:
-                owner.gain = forward_gain(module, q, values)
-                owner.backward_gain = backward_gain(module, q, values)
-                if owner.gain is None:
-                    owner.unavailable["gain"] = gain_unavailable_reason(module, q, values)
+            _set_gains(owner, layer.type, module, q, values)
             before = (layer.type, owner.gain)
+    _functional_gain(owner, functional, walk, values)
+
+
+def _set_gains(owner: Layer, name: str, module: nn.Module, q: float | None,
+               values: Values | None) -> None:
+    owner.activation = name
+    if q is None:
+        owner.unavailable["gain"] = "the activation's input is unknown"
+        return
+    owner.gain = forward_gain(module, q, values)
+    owner.backward_gain = backward_gain(module, q, values)
+    if owner.gain is None:
+        owner.unavailable["gain"] = gain_unavailable_reason(module, q, values)
+
+
+def _functional_gain(owner: Layer | None, functional: dict[int, nn.Module], walk: Walk,
+                     values: Values | None) -> tuple[str, float | None] | None:
+    """The gains of the functional activation on ``owner``'s output (at its measured,
+    else predicted, scale), where no module activation followed it; the pair the next
+    weight layer takes as its input's."""
+    if owner is None or owner.activation is not None or owner.index not in functional:
+        return None
+    module = functional[owner.index]
+    call = walk.calls.get(owner.index)
+    q = measured_m2(owner.forward) or (call.forward if call is not None else None)
+    name = type(module).__name__  # as a module activation is named: the same rules apply
+    _set_gains(owner, name, module, q, values)
+    return name, owner.gain
+
+
+def _functional_activations(nodes: list, layers: list[Layer]) -> dict[int, nn.Module]:
+    """Weight layer index -> the functional activation its output goes into (through
+    views and bias adds), where the recording saw one (its stand-in module)."""
+    found: dict[int, nn.Module] = {}
+    for node in nodes:
+        if node.op != "act" or node.module is None or not node.inputs:
+            continue
+        k = node.inputs[0]
+        while k is not None and k >= 0 and nodes[k].op == "linear" \
+                and len(nodes[k].inputs) == 1 and not nodes[k].cat:
+            k = nodes[k].inputs[0]
+        if k is not None and k >= 0 and nodes[k].op == "call" and nodes[k].index is not None \
+                and layers[nodes[k].index].kind == "weight":
+            found.setdefault(nodes[k].index, node.module)
+    return found
 
 
 def _dead_or_live(layer: Layer, module: nn.Module, values: Values) -> None:
