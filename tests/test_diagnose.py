@@ -439,3 +439,27 @@ def test_a_functional_relu_is_the_layers_activation():
         assert layer.forward_multiplier == pytest.approx(WIDTH * w2 * 0.5, rel=1e-6)
     xavier = probe(FunctionalMLP(nn.init.xavier_normal_), batch_size=256)
     assert "shrinks" in codes(xavier)  # ½ per layer under ReLU
+
+
+class SharedActivation(nn.Module):
+    """One ReLU read by two weight layers, as a pre-activation block's first conv and
+    shortcut read relu(bn(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        h = self.relu(self.a(x))
+        return self.b(h) + self.c(h)
+
+
+def test_every_layer_reading_an_activation_takes_its_gain():
+    torch.manual_seed(0)
+    model = SharedActivation()
+    layers = {la.name: la for la in probe(model, batch_size=64).layers}
+    for name in ("b", "c"):
+        w2 = getattr(model, name).weight.detach().double().square().mean().item()
+        assert (layers[name].input_activation, layers[name].input_gain) == ("ReLU", 0.5)
+        assert layers[name].forward_multiplier == pytest.approx(WIDTH * w2 * 0.5, rel=1e-6)

@@ -118,8 +118,9 @@ def dead_units(layers: list[Layer], t: Thresholds, skip: set[int]) -> None:
             continue
         source = f" (fed by {feeder.label})" if feeder is not None else ""
         flag(layer, "dead_units", f"{dead:.0%} of its units are zero for every sample"
-             f"{source} (threshold {t.dead_units:.0%}); a dead unit gets no gradient and "
-             "never recovers: check that layer's bias and scale", dead)
+             f"{source} (threshold {t.dead_units:.0%}); a dead unit passes no gradient to "
+             "the weights that feed it, which stay where they are unless something they "
+             "share moves (a scalar bias, a norm): check that layer's bias and scale", dead)
 
 
 def mismatch(layers: list[Layer], t: Thresholds, weights: list[int]) -> None:

@@ -197,10 +197,11 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
     predicted one (it depends on it only for non-rectifiers). An activation module
     after the layer, else a functional one on its output (F.relu(fc(x)), read off the
     recorded dataflow)."""
-    functional = _functional_activations(walk.graph.nodes, layers) \
-        if hasattr(walk.graph, "nodes") else {}
+    nodes = getattr(walk.graph, "nodes", [])
+    functional = _functional_activations(nodes, layers)
     before: tuple[str, float | None] | None = None
     owner: Layer | None = None
+    pairs: dict[int, tuple[str, float | None]] = {}  # activation layer -> its (name, gain)
     for i, (layer, module) in enumerate(zip(layers, modules)):
         if layer.kind == "weight":
             before = _functional_gain(owner, functional, walk, values) or before
@@ -214,8 +215,26 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
                     and call.input.signal is not None:
                 q = call.input.signal.m2
             _set_gains(owner, layer.type, module, q, values)
-            before = (layer.type, owner.gain)
+            before = pairs[i] = (layer.type, owner.gain)
     _functional_gain(owner, functional, walk, values)
+    _shared_inputs(layers, nodes, pairs)
+
+
+def _shared_inputs(layers: list[Layer], nodes: list, pairs: dict) -> None:
+    """A weight layer that reads an activation another weight layer read first (a
+    pre-activation block's shortcut conv beside its first conv) takes its gain too."""
+    for node in nodes:
+        if node.op != "call" or node.index is None or not node.inputs \
+                or layers[node.index].kind != "weight" \
+                or layers[node.index].input_activation is not None:
+            continue
+        k = node.inputs[0]
+        while k is not None and k >= 0 and nodes[k].op == "linear" \
+                and len(nodes[k].inputs) == 1 and not nodes[k].cat:
+            k = nodes[k].inputs[0]
+        if k is not None and k >= 0 and nodes[k].op == "call" and nodes[k].index in pairs:
+            layers[node.index].input_activation, layers[node.index].input_gain = \
+                pairs[nodes[k].index]
 
 
 def _set_gains(owner: Layer, name: str, module: nn.Module, q: float | None,
