@@ -380,7 +380,7 @@ def _gradients(start: torch.Tensor, outs, wrt) -> tuple:
     for t in wrt:
         t.grad = None
     torch.autograd.backward(start)
-    grads = tuple(t.grad for t in wrt)
+    grads = tuple(t.grad if t.is_leaf else None for t in wrt)  # computed weights: none
     for t in wrt:
         t.grad = None
     return grads
