@@ -232,9 +232,8 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     (theory.norms.host_tensors), keyed by id, from the same one transfer."""
     owned = InputLeaves(x)  # gradients w.r.t. float inputs come from leaves we own
     fed, leaves = owned.fed, owned.leaves
-    # parametrize.cached: a parametrized weight (weight_norm) is computed once, so the
-    # tensor the hooks read is the one the layer multiplies by, and has its gradient
     with Recorder(model, ranges=exponents.Measure.of(precision)) as rec:
+        # cached: a parametrized weight is computed once, the tensor the hooks read
         with timing.phase("pass"), parametrize.cached():
             with exponents.autocast(precision, x):
                 output = _forward(model, fed, rec, recording, owned)
@@ -419,10 +418,8 @@ def _backward_stats(row: list[float] | None) -> BackwardStats | None:
 def _layers(rec: Recorder, host: list, no_backward: str = "") -> list[Layer]:
     """``no_backward``: why the backward pass did not run at all ("" when it did)."""
     grad_slots = getattr(rec, "weight_grad_slots", {})
-    layers = []
-    for index, call in enumerate(rec.calls):
-        layers.append(_layer(index, call, rec, host, grad_slots, no_backward))
-    return layers
+    return [_layer(index, call, rec, host, grad_slots, no_backward)
+            for index, call in enumerate(rec.calls)]
 
 
 def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
