@@ -228,11 +228,8 @@ def _shared_inputs(layers: list[Layer], nodes: list, pairs: dict) -> None:
                 or layers[node.index].kind != "weight" \
                 or layers[node.index].input_activation is not None:
             continue
-        k = node.inputs[0]
-        while k is not None and k >= 0 and nodes[k].op == "linear" \
-                and len(nodes[k].inputs) == 1 and not nodes[k].cat:
-            k = nodes[k].inputs[0]
-        if k is not None and k >= 0 and nodes[k].op == "call" and nodes[k].index in pairs:
+        k = _through_views(nodes, node.inputs[0])
+        if k is not None and nodes[k].op == "call" and nodes[k].index in pairs:
             layers[node.index].input_activation, layers[node.index].input_gain = \
                 pairs[nodes[k].index]
 
@@ -264,6 +261,15 @@ def _functional_gain(owner: Layer | None, functional: dict[int, nn.Module], walk
     return name, owner.gain
 
 
+def _through_views(nodes: list, k: int | None) -> int | None:
+    """The node behind ``k`` through views, scales and bias adds (one-input linear
+    nodes); None for no node."""
+    while k is not None and k >= 0 and nodes[k].op == "linear" \
+            and len(nodes[k].inputs) == 1 and not nodes[k].cat:
+        k = nodes[k].inputs[0]
+    return k if k is not None and k >= 0 else None
+
+
 def _functional_activations(nodes: list, layers: list[Layer]) -> dict[int, nn.Module]:
     """Weight layer index -> the functional activation its output goes into (through
     views and bias adds), where the recording saw one (its stand-in module)."""
@@ -271,11 +277,8 @@ def _functional_activations(nodes: list, layers: list[Layer]) -> dict[int, nn.Mo
     for node in nodes:
         if node.op != "act" or node.module is None or not node.inputs:
             continue
-        k = node.inputs[0]
-        while k is not None and k >= 0 and nodes[k].op == "linear" \
-                and len(nodes[k].inputs) == 1 and not nodes[k].cat:
-            k = nodes[k].inputs[0]
-        if k is not None and k >= 0 and nodes[k].op == "call" and nodes[k].index is not None \
+        k = _through_views(nodes, node.inputs[0])
+        if k is not None and nodes[k].op == "call" and nodes[k].index is not None \
                 and layers[nodes[k].index].kind == "weight":
             found.setdefault(nodes[k].index, node.module)
     return found
