@@ -442,22 +442,23 @@ def test_a_functional_relu_is_the_layers_activation():
 
 
 class SharedActivation(nn.Module):
-    """One ReLU read by two weight layers, as a pre-activation block's first conv and
-    shortcut read relu(bn(x))."""
+    """One ReLU (a module, or F.relu) read by two weight layers, as a pre-activation
+    block's first conv and shortcut read relu(bn(x))."""
 
-    def __init__(self):
+    def __init__(self, functional: bool):
         super().__init__()
         self.a, self.b, self.c = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
-        self.relu = nn.ReLU()
+        self.relu = F.relu if functional else nn.ReLU()
 
     def forward(self, x):
         h = self.relu(self.a(x))
         return self.b(h) + self.c(h)
 
 
-def test_every_layer_reading_an_activation_takes_its_gain():
+@pytest.mark.parametrize("functional", [False, True])
+def test_every_layer_reading_an_activation_takes_its_gain(functional):
     torch.manual_seed(0)
-    model = SharedActivation()
+    model = SharedActivation(functional)
     layers = {la.name: la for la in probe(model, batch_size=64).layers}
     for name in ("b", "c"):
         w2 = getattr(model, name).weight.detach().double().square().mean().item()

@@ -201,10 +201,11 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
     functional = _functional_activations(nodes, layers)
     before: tuple[str, float | None] | None = None
     owner: Layer | None = None
-    pairs: dict[int, tuple[str, float | None]] = {}  # activation layer -> its (name, gain)
+    # activation layer (or "act" node) -> its (name, gain)
+    pairs: dict[int | tuple[str, int], tuple[str, float | None]] = {}
     for i, (layer, module) in enumerate(zip(layers, modules)):
         if layer.kind == "weight":
-            before = _functional_gain(owner, functional, walk, values) or before
+            before = _functional_gain(owner, functional, walk, values, pairs) or before
             if before is not None:
                 layer.input_activation, layer.input_gain = before
             before, owner = None, layer
@@ -216,7 +217,7 @@ def _gains(layers: list[Layer], modules: list[nn.Module], walk: Walk,
                 q = call.input.signal.m2
             _set_gains(owner, layer.type, module, q, values)
             before = pairs[i] = (layer.type, owner.gain)
-    _functional_gain(owner, functional, walk, values)
+    _functional_gain(owner, functional, walk, values, pairs)
     _shared_inputs(layers, nodes, pairs)
 
 
@@ -229,9 +230,10 @@ def _shared_inputs(layers: list[Layer], nodes: list, pairs: dict) -> None:
                 or layers[node.index].input_activation is not None:
             continue
         k = _through_views(nodes, node.inputs[0])
-        if k is not None and nodes[k].op == "call" and nodes[k].index in pairs:
-            layers[node.index].input_activation, layers[node.index].input_gain = \
-                pairs[nodes[k].index]
+        key = None if k is None else ("act", k) if nodes[k].op == "act" else \
+            nodes[k].index if nodes[k].op == "call" else None
+        if key in pairs:
+            layers[node.index].input_activation, layers[node.index].input_gain = pairs[key]
 
 
 def _set_gains(owner: Layer, name: str, module: nn.Module, q: float | None,
@@ -246,19 +248,21 @@ def _set_gains(owner: Layer, name: str, module: nn.Module, q: float | None,
         owner.unavailable["gain"] = gain_unavailable_reason(module, q, values)
 
 
-def _functional_gain(owner: Layer | None, functional: dict[int, nn.Module], walk: Walk,
-                     values: Values | None) -> tuple[str, float | None] | None:
+def _functional_gain(owner: Layer | None, functional: dict[int, tuple[int, nn.Module]],
+                     walk: Walk, values: Values | None,
+                     pairs: dict) -> tuple[str, float | None] | None:
     """The gains of the functional activation on ``owner``'s output (at its measured,
     else predicted, scale), where no module activation followed it; the pair the next
     weight layer takes as its input's."""
     if owner is None or owner.activation is not None or owner.index not in functional:
         return None
-    module = functional[owner.index]
+    node, module = functional[owner.index]
     call = walk.calls.get(owner.index)
     q = measured_m2(owner.forward) or (call.forward if call is not None else None)
     name = type(module).__name__  # as a module activation is named: the same rules apply
     _set_gains(owner, name, module, q, values)
-    return name, owner.gain
+    pairs["act", node] = name, owner.gain
+    return pairs["act", node]
 
 
 def _through_views(nodes: list, k: int | None) -> int | None:
@@ -270,17 +274,18 @@ def _through_views(nodes: list, k: int | None) -> int | None:
     return k if k is not None and k >= 0 else None
 
 
-def _functional_activations(nodes: list, layers: list[Layer]) -> dict[int, nn.Module]:
+def _functional_activations(nodes: list, layers: list[Layer]
+                            ) -> dict[int, tuple[int, nn.Module]]:
     """Weight layer index -> the functional activation its output goes into (through
-    views and bias adds), where the recording saw one (its stand-in module)."""
-    found: dict[int, nn.Module] = {}
-    for node in nodes:
+    views and bias adds), where the recording saw one: its node, its stand-in module."""
+    found: dict[int, tuple[int, nn.Module]] = {}
+    for j, node in enumerate(nodes):
         if node.op != "act" or node.module is None or not node.inputs:
             continue
         k = _through_views(nodes, node.inputs[0])
         if k is not None and nodes[k].op == "call" and nodes[k].index is not None \
                 and layers[nodes[k].index].kind == "weight":
-            found.setdefault(nodes[k].index, node.module)
+            found.setdefault(nodes[k].index, (j, node.module))
     return found
 
 
