@@ -199,20 +199,32 @@ def _cached(key: tuple, q: float, module: nn.Module) -> Gain:
     return _CACHE[full]
 
 
+class _ShapeChanged(Exception):
+    pass
+
+
+def _evaluate(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's values and slopes at the points ``x``, by autograd. forward, not
+    __call__: no hooks fire; on a non-leaf copy: in-place modules write it."""
+    leaf = x.clone().requires_grad_(True)
+    y = module.forward(leaf * 1.0)
+    if y.shape != x.shape:
+        raise _ShapeChanged
+    (dy,) = torch.autograd.grad(y.sum(), leaf)
+    return y.detach(), dy
+
+
 def _quadrature(module: nn.Module, q: float) -> Gain:
     """E[f(y)^2]/q and E[f'(y)^2], evaluating the module itself on the nodes."""
     name = type(module).__name__
     x, w = _nodes(q, tuple(sorted(set(_breakpoints(module)))))
     try:
-        leaf = x.clone().requires_grad_(True)
-        # forward, not __call__: no hooks fire. A non-leaf copy: in-place modules write it.
-        y = module.forward(leaf * 1.0)
-        if y.shape != x.shape:
-            return (None, None), f"{name} changed the shape of its input"
-        (dy,) = torch.autograd.grad(y.sum(), leaf)
+        y, dy = _evaluate(module, x)
+    except _ShapeChanged:
+        return (None, None), f"{name} changed the shape of its input"
     except Exception as e:  # noqa: BLE001 -- any failure means "no closed form here"
         return (None, None), f"{name} could not be evaluated elementwise: {e}"
-    y, dy = y.detach().double(), dy.double()
+    y, dy = y.double(), dy.double()
     fwd = float(torch.dot(w, y * y)) / q
     bwd = float(torch.dot(w, dy * dy))
     if not (math.isfinite(fwd) and math.isfinite(bwd)):
@@ -243,14 +255,12 @@ def live_at_zero(module: nn.Module, zero_input: bool = False,
         return None if abs(a) <= DEAD_SLOPE else (
             f"{name}'s slope {a:.3g} on y < 0 passes gradient: none of its units die")
     try:
-        leaf = ZERO_GRID.clone().requires_grad_(True)
-        y = module.forward(leaf * 1.0)  # a non-leaf copy: in-place modules write it
-        (dy,) = torch.autograd.grad(y.sum(), leaf)
+        y, dy = _evaluate(module, ZERO_GRID)
     except Exception:  # noqa: BLE001 -- not evaluable elementwise: it may die
         return None
-    zero = y.detach() == 0
+    zero = y == 0
     if zero_input:
-        zero &= leaf.detach() == 0
+        zero &= ZERO_GRID == 0
     slopes = dy[zero].abs()
     if slopes.numel() == 0 or float(slopes.min()) <= DEAD_SLOPE:
         return None  # zero only by underflow, or somewhere without gradient: it may die
