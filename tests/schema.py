@@ -26,7 +26,8 @@ def check_report(data: dict[str, Any]) -> None:
                               "device": (str,), "mode": (str,), "init": (str,),
                               "grad": (str,)}, "settings")
     _check(data["input"], {"shape": (list, dict, type(None)), "dtype": (str, type(None)),
-                           "mean": NUM, "var": NUM, "second_moment": NUM}, "input")
+                           "mean": NUM, "var": NUM, "second_moment": NUM,
+                           "indicator": (bool, type(None))}, "input")
     _check(data["summary"], {"healthy": (bool,), "errors": (int,), "warnings": (int,),
                              "forward_ratio": NUM, "backward_ratio": NUM}, "summary")
     for i, layer in enumerate(data["layers"]):

@@ -273,3 +273,74 @@ def test_a_small_residual_branch_is_no_vanishing_gradient():
     assert "vanishing_backward" not in codes(branch)
     assert "shrinks" not in codes(branch, "warning")
     assert [la.name for la in branch.layers if la.rejoins] == ["fc3"]
+
+
+class Lookup(nn.Module):
+    """A table of V rows at N(0, 1) (nn.Embedding's init) read one of two ways, the same
+    function: token ids into nn.Embedding, or one-hot rows times the table (a Linear
+    without bias); then ``depth`` ReLU layers at std ``body`` and a head at 1/sqrt(d)."""
+
+    def __init__(self, one_hot: bool, body: float, vocab=70, d=WIDTH, depth=8):
+        super().__init__()
+        self.one_hot, self.vocab = one_hot, vocab
+        self.table = nn.Linear(vocab, d, bias=False) if one_hot else nn.Embedding(vocab, d)
+        nn.init.normal_(self.table.weight)
+        self.body = nn.ModuleList(nn.Linear(d, d) for _ in range(depth))
+        self.head = nn.Linear(d, 10)
+        for m in self.body:
+            nn.init.normal_(m.weight, std=body)
+            nn.init.zeros_(m.bias)
+        nn.init.normal_(self.head.weight, std=d ** -0.5)
+
+    def forward(self, ids):
+        x = self.table(F.one_hot(ids, self.vocab).float() if self.one_hot else ids)
+        for m in self.body:
+            x = F.relu(m(x))
+        return self.head(x)
+
+
+class OneHotInput(Lookup):
+    def forward(self, x):  # the one-hot made outside, as a data loader would
+        for m in [self.table, *self.body]:
+            x = F.relu(m(x)) if m is not self.table else m(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("body, expected", [
+    (math.sqrt(2 / WIDTH), set()),              # He: n Var[w] / 2 = 1 per layer
+    (0.01, {"vanishing_forward"}),                # 128 x 1e-4 / 2 = 0.0064 per layer
+    (3 / math.sqrt(WIDTH), {"exploding_forward"}),  # 9 / 2 = 4.5 per layer, 8 layers
+])
+def test_a_one_hot_input_is_token_ids_in_disguise(body, expected):
+    """One-hot rows times a table are an embedding lookup: the same function of the ids,
+    so the same verdict, whatever the table's scale (here nn.Embedding's N(0, 1), 70x
+    the one-hot's E[x²] = 1/70) and whether the body is healthy or not."""
+    ids = torch.randint(0, 70, (64,), generator=torch.Generator().manual_seed(1))
+    reports = []
+    for one_hot in (False, True):
+        torch.manual_seed(0)
+        model = OneHotInput(True, body) if one_hot else Lookup(False, body)
+        x = F.one_hot(ids, 70).float() if one_hot else ids
+        reports.append(probe(model, x))
+    by_ids, by_one_hot = reports
+    assert codes(by_ids) == codes(by_one_hot) == expected
+    assert by_ids.summary.culprits == by_one_hot.summary.culprits
+    assert "unnormalized_input" not in codes(by_one_hot, "warning")
+    assert by_one_hot.input.indicator is True
+    assert layer(by_one_hot, "body.0").reference == "table"
+
+
+@pytest.mark.parametrize("values, indicator", [
+    ("one-hot", True), ("multi-hot", True), ("halves", False), ("gaussian", False),
+    ("nan", False), ("zeros", False),
+])
+def test_an_indicator_input_is_every_element_zero_or_one(values, indicator):
+    g = torch.Generator().manual_seed(0)
+    x = {"one-hot": F.one_hot(torch.randint(0, 16, (32,), generator=g), 16).float(),
+         "multi-hot": torch.randint(0, 2, (32, 16), generator=g).float(),
+         "halves": torch.randint(0, 2, (32, 16), generator=g).float() / 2,
+         "gaussian": torch.randn(32, 16, generator=g),
+         "nan": torch.tensor([[0.0, 1.0, float("nan")] + [0.0] * 13] * 32),
+         "zeros": torch.zeros(32, 16)}[values]
+    report = probe(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), x)
+    assert report.input.indicator is indicator

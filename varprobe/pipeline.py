@@ -21,6 +21,7 @@ from varprobe import (
     theory,
     timing,
 )
+from varprobe import ends as ends_mod
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
@@ -34,7 +35,6 @@ from varprobe.report import (
     Layer,
     ModelInfo,
     Report,
-    TensorInfo,
 )
 from varprobe.stages import later_predictions, stage
 from varprobe.state import preserved
@@ -244,7 +244,8 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
             note = _backward(rec, model, output, out_leaves, params + leaves, grad_output,
                              loss, generator)
         with timing.phase("collect"):
-            host, ends = _collect(rec, _measured_copy(rec, x, fed), output, recording, values)
+            host, ends = _collect(rec, ends_mod.measured_copy(rec, x, fed), output,
+                                  recording, values)
             layers = _layers(rec, host, note.removeprefix("backward unavailable: "))
             if recording is not None:
                 slot = getattr(rec, "cotangent_slot", None)  # a loss makes its own cotangent
@@ -253,8 +254,8 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     report = Report(
         model=ModelInfo(target=target, class_=type(model).__name__,
                         parameters=sum(p.numel() for p in model.parameters())),
-        settings=settings, input=_tensor_info(x, host, ends[0]),
-        output=_tensor_info(output, host, ends[1]),
+        settings=settings, input=ends_mod.tensor_info(x, host, ends[0], ends[2]),
+        output=ends_mod.tensor_info(output, host, ends[1]),
         layers=layers, varprobe_version=_version(), torch_version=torch.__version__)
     if note:
         report.notes.append(note)
@@ -288,7 +289,8 @@ def _collect(rec: Recorder, x: Any, output: Any, recording: recording_mod.Record
     """The pass's one device-to-host transfer: every layer's statistics, the network's
     input and output moments (slots ``ends``), the graph's constants, and host copies
     of the parameters the predictions read (into ``values``)."""
-    ends = [_moments_slot(rec, x), _moments_slot(rec, output)]
+    ends = [ends_mod.moments_slot(rec, x), ends_mod.moments_slot(rec, output),
+            ends_mod.indicator_slot(rec, x)]
     constants = [rec._new_slot(stats.Pending(c, list))
                  for c in (recording.on_device() if recording is not None else [])]
     copies = {id(t): rec._new_slot(stats.Pending(t.detach().double().flatten(), list))
@@ -455,43 +457,6 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
         layer.ranges = exponents.layer_ranges(call.slots, (weight, grad_slots.get(id(module))),
                                               rec.range_slots, host)
     return layer
-
-
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    tensors = tensor_leaves(value)
-    return next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
-
-
-def _measured_copy(rec: Recorder, x: Any, fed: Any) -> Any:
-    """``fed`` where a call measured its first tensor as cloned from ``x`` (not written in
-    place, the same layout): the same moments, not read again; else ``x``."""
-    a, b = _first_tensor(x), _first_tensor(fed)
-    same = a is not None and b is not None and b._version == 0 and id(b) in rec._seen \
-        and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-    return fed if same else x
-
-
-def _moments_slot(rec: Recorder, value: Any) -> int | None:
-    """A slot for the moments of the network's input or output: measured on the device
-    (the output usually already is, as the last call's) and copied with everything else
-    in the pass's one transfer."""
-    first = _first_tensor(value)
-    if first is None or not first.is_floating_point():
-        return None
-    return rec._activation_slot(first)
-
-
-def _tensor_info(value: Any, host: list, slot: int | None) -> TensorInfo:
-    first = _first_tensor(value)
-    if first is None:
-        return TensorInfo(shape=None, dtype=None, mean=None, var=None, second_moment=None)
-    shape: Any = list(first.shape)
-    if isinstance(value, dict):
-        shape = {k: list(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)}
-    row = host[slot] if slot is not None else [None] * stats.WIDTH
-    return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
-                      mean=row[stats.MEAN], var=row[stats.VAR],
-                      second_moment=row[stats.SECOND_MOMENT])
 
 
 def _version() -> str:

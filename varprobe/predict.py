@@ -32,12 +32,12 @@ from torch.utils import _pytree as pytree
 from varprobe import diagnose, initlog, metakernels, reinit, rng, structure, theory
 from varprobe import inputs as inputs_mod
 from varprobe import target as target_mod
+from varprobe.ends import tensor_info
 from varprobe.errors import VarprobeError
 from varprobe.metavalues import MetaValues
 from varprobe.pipeline import (
     DEFAULT_BATCH_SIZE,
     _layers,
-    _tensor_info,
     _users,
     _version,
     _where,
@@ -320,7 +320,7 @@ def _listed(labels: list[str]) -> str:
 
 def _shape_info(value: Any) -> TensorInfo:
     """Shape and dtype of the first (float) tensor; its moments are not measured."""
-    return _tensor_info(value, [], None)
+    return tensor_info(value, [], None)
 
 
 def _batch_of(x: Any) -> int | None:

@@ -124,13 +124,16 @@ class Layer:
 
 @dataclass
 class TensorInfo:
-    """The network's input or output: its shape, dtype and moments."""
+    """The network's input or output: its shape, dtype and moments. ``indicator`` (the
+    input only): every element is 0 or 1, a one-hot or multi-hot encoding that selects
+    weights as token ids do, with no scale of its own (varprobe.structure)."""
 
     shape: list[int] | dict[str, list[int]] | None
     dtype: str | None
     mean: float | None
     var: float | None
     second_moment: float | None
+    indicator: bool | None = None
 
 
 @dataclass

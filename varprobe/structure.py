@@ -7,7 +7,9 @@ against the network's input mistakes those restarts for explosions or collapses:
 
 - a normalization (BatchNorm, LayerNorm, GroupNorm, RMSNorm, a custom ``*Norm``
   module, ``F.layer_norm``...) sets its output's scale from its own affine parameters;
-- a lookup (an embedding) sets it from its table: token ids have no scale to keep;
+- a lookup (an embedding) sets it from its table: token ids have no scale to keep, nor
+  has an indicator input (one-hot or multi-hot, every element 0 or 1), whose ones select
+  the rows of the weight layer that reads it;
 - a mixing operation (attention, softmax, a product of two activations like q @ k^T or
   SwiGLU's silu(g) * u) sets it from the geometry of what it mixes (attention at init
   averages its values over the sequence; that is not signal loss).
@@ -77,17 +79,23 @@ class Anchor:
     own_input: bool = False
 
 
+# The network input when it is an indicator (TensorInfo.indicator: one-hot or multi-hot):
+# like token ids it selects weights and has no scale to keep, so each weight layer that
+# reads it sets a scale of its own, as an embedding does.
+IDS = Anchor(-1)
+
+
 def annotate(report: Report, recording: Recording | None) -> Report:
     """Fill reference, reference_second_moment, stretch and forks on every layer.
 
     Without a usable recording, every layer is held against the network input (or,
-    for token ids, the first weight layer's output) and no forks are known."""
+    for token ids or an indicator, the first weight layer's output); no forks known."""
     layers = report.layers
     if recording is None or recording.failed is not None or recording.compiled is not None \
             or not recording.nodes:
         _fallback(report)
         return report
-    anchors = _node_anchors(recording.nodes, layers)
+    anchors = _node_anchors(recording.nodes, layers, bool(report.input.indicator))
     depths = _depths(recording.nodes, layers, anchors)
     consumers = _consumer_counts(recording.nodes)
     rejoining = _rejoining(recording.nodes, layers)
@@ -99,6 +107,9 @@ def annotate(report: Report, recording: Recording | None) -> Report:
         source = node.inputs[1] if node.op == "exit" and len(node.inputs) > 1 else (
             node.inputs[0] if node.op == "call" and node.inputs else None)
         anchor = anchors.get(source) if source is not None and source >= 0 else None
+        if anchor is IDS:
+            anchor = Anchor(node.index, own_input=True) if layer.kind == "weight" \
+                else Anchor(None)
         if anchor is None:
             anchor = Anchor(node.index, own_input=True)
         _set_reference(report, layer, anchor)
@@ -161,27 +172,30 @@ def _gate(node: Node, nodes: list[Node], layers: list[Layer]) -> int | None:
     return None
 
 
-def _node_anchors(nodes: list[Node], layers: list[Layer]) -> dict[int, Anchor | None]:
+def _node_anchors(nodes: list[Node], layers: list[Layer],
+                  indicator: bool = False) -> dict[int, Anchor | None]:
     """Each node's anchor, in execution order (a node's inputs come before it).
     None: the scale was set by an unmeasured operation; the next measured tensor
-    takes over."""
+    takes over. ``indicator``: the network input is one (``IDS``)."""
     anchors: dict[int, Anchor | None] = {}
     for k, node in enumerate(nodes):
         gated = _gate(node, nodes, layers) if (node.reason or "").endswith(PRODUCT) else None
         anchors[k] = (anchors.get(gated) if gated is not None and gated >= 0
-                      else _anchor(node, anchors, layers))
+                      else _anchor(node, anchors, layers, indicator))
     return anchors
 
 
-def _anchor(node: Node, anchors: dict[int, Anchor | None],
-            layers: list[Layer]) -> Anchor | None:
+def _anchor(node: Node, anchors: dict[int, Anchor | None], layers: list[Layer],
+            indicator: bool) -> Anchor | None:
     if node.op == "input":
-        return Anchor(None) if node.index == 0 else None
+        return (IDS if indicator else Anchor(None)) if node.index == 0 else None
     if node.op in ("call", "exit") and node.index is not None:
         if is_anchor_layer(layers[node.index]):
             return Anchor(node.index)
         inner = node.inputs[0] if node.inputs else None
         upstream = anchors.get(inner) if inner is not None and inner >= 0 else None
+        if upstream is IDS and node.op == "call" and layers[node.index].kind == "weight":
+            return Anchor(node.index)  # a lookup by the indicator's ones
         if node.op == "call" and upstream is None:
             # its input is the first measured tensor; a module without weights sets the
             # scale of what it outputs from an input of no scale of its own (a sinusoidal
@@ -212,7 +226,7 @@ def _depths(nodes: list[Node], layers: list[Layer],
     depths: list[int] = []
     for k, node in enumerate(nodes):
         if anchors.get(k) is None or (node.op in ("call", "exit") and node.index is not None
-                                      and is_anchor_layer(layers[node.index])):
+                                      and anchors[k] == Anchor(node.index)):
             depths.append(0)
             continue
         before = max((depths[i] for i in node.inputs if i is not None and 0 <= i < k
@@ -285,7 +299,7 @@ def _consumer_counts(nodes: list[Node]) -> dict[int, int]:
 
 def _fallback(report: Report) -> None:
     weights = [i for i, layer in enumerate(report.layers) if layer.kind == "weight"]
-    if report.input.second_moment:
+    if report.input.second_moment and not report.input.indicator:
         anchor = Anchor(None)
     elif weights:
         anchor = Anchor(weights[0])

@@ -46,7 +46,8 @@ def nonfinite(layers: list[Layer], skip: set[int]) -> None:
 
 def unnormalized_input(report: Report, t: Thresholds, weights: list[int]) -> None:
     m2 = report.input.second_moment
-    if m2 is None or not math.isfinite(m2) or t.input[0] <= m2 <= t.input[1] or not weights:
+    if m2 is None or not math.isfinite(m2) or t.input[0] <= m2 <= t.input[1] or not weights \
+            or report.input.indicator:  # one-hot: its scale is 1/V by design, as ids' is none
         return
     first = report.layers[weights[0]]
     if m2 > t.input_step and not any(layer.kind == "norm" for layer in report.layers):
