@@ -181,12 +181,12 @@ def _node_anchors(nodes: list[Node], layers: list[Layer],
     for k, node in enumerate(nodes):
         gated = _gate(node, nodes, layers) if (node.reason or "").endswith(PRODUCT) else None
         anchors[k] = (anchors.get(gated) if gated is not None and gated >= 0
-                      else _anchor(node, anchors, layers, indicator))
+                      else _anchor(node, anchors, layers, indicator, nodes))
     return anchors
 
 
 def _anchor(node: Node, anchors: dict[int, Anchor | None], layers: list[Layer],
-            indicator: bool) -> Anchor | None:
+            indicator: bool, nodes: list[Node]) -> Anchor | None:
     if node.op == "input":
         return (IDS if indicator else Anchor(None)) if node.index == 0 else None
     if node.op in ("call", "exit") and node.index is not None:
@@ -207,15 +207,31 @@ def _anchor(node: Node, anchors: dict[int, Anchor | None], layers: list[Layer],
     if node.op == "product" or node.op == "attention" or (
             node.op == "pool" and node.pool.kind in ("mean", "sum")):
         return None  # attention and averages set a scale of their own (max pools carry)
-    return _trunk(node, anchors)
+    return _trunk(node, anchors, nodes)
 
 
-def _trunk(node: Node, anchors: dict[int, Anchor | None]) -> Anchor | None:
-    """The anchor of the oldest input that has one: where branches meet (an add, a
-    concatenation, a gate x * s), the trunk is the tensor the others branched off."""
-    for k in sorted(i for i in node.inputs if i is not None and i >= 0):
-        if anchors.get(k) is not None:
-            return anchors[k]
+def _trunk(node: Node, anchors: dict[int, Anchor | None],
+           nodes: list[Node]) -> Anchor | None:
+    """Where branches meet (an add, a concatenation, a gate x * s), the anchor of the
+    trunk, the tensor the others branched off (``_trunk_input``); else of the oldest
+    input that has one."""
+    ins = sorted({i for i in node.inputs if i is not None and i >= 0})
+    trunk = _trunk_input(nodes, ins) if node.op == "linear" and not node.cat else None
+    if trunk is not None and anchors.get(trunk) is not None:
+        return anchors[trunk]
+    return next((anchors[k] for k in ins if anchors.get(k) is not None), None)
+
+
+def _trunk_input(nodes: list[Node], ins: list[int]) -> int | None:
+    """The input of a sum that every other one branched off: the fork itself or a short
+    shortcut from it (``_shortcut``), None where there is no such input."""
+    if len(ins) < 2:
+        return None
+    for j in ins:
+        forks = _shortcut(nodes, j)
+        if all(k == j or (not _descends(nodes, j, k) and any(_descends(nodes, k, f)
+                                                            for f in forks)) for k in ins):
+            return j
     return None
 
 
@@ -247,10 +263,28 @@ def _rejoining(nodes: list[Node], layers: list[Layer]) -> set[int]:
         if node.op != "linear" or node.cat:
             continue
         ins = sorted({k for k in node.inputs if k is not None and k >= 0})
-        for k in ins[1:]:  # the oldest is the trunk, if the others branched off it
-            if _descends(nodes, k, ins[0]):
+        trunk = _trunk_input(nodes, ins)
+        for k in ins if trunk is not None else ():
+            if k != trunk:
                 found.update(_branch_end(nodes, layers, k))
     return found
+
+
+SHORTCUT = 3  # module calls a shortcut may pass through: avg pool, 1x1 conv, norm
+
+
+def _shortcut(nodes: list[Node], j: int) -> list[int]:
+    """Node ``j`` and the nodes it was made from through up to ``SHORTCUT`` calls of one
+    input each: where a shortcut module (``self.shortcut(x)``, an identity or a
+    projection, called after the branch) forked off the trunk."""
+    path = [j]
+    for _ in range(SHORTCUT):
+        node = nodes[path[-1]]
+        if node.op != "call" or len(node.inputs) != 1 or node.inputs[0] is None \
+                or node.inputs[0] < 0:
+            break
+        path.append(node.inputs[0])
+    return path
 
 
 def _branch_end(nodes: list[Node], layers: list[Layer], k: int) -> list[int]:

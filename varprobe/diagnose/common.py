@@ -9,7 +9,8 @@ from varprobe.report import Flag, ForwardStats, Layer
 
 SEVERITY = {"nonfinite": "error", "vanishing_forward": "error", "exploding_forward": "error",
             "vanishing_backward": "error", "exploding_backward": "error",
-            "dead_units": "warning", "shrinks": "warning", "amplifies": "warning",
+            "dead_units": "warning", "dead_branch": "warning", "shrinks": "warning",
+            "amplifies": "warning",
             "unnormalized_input": "warning", "exploding_input": "error",
             "theory_mismatch": "info",
             "attention_saturated": "warning", "attention_collapsed": "error"}

@@ -32,20 +32,27 @@ CONSEQUENCE = {
 }
 
 
+BRANCH_ZERO = "its input, on a residual branch,"
+
+
 def points(report: Report, weights: list[int],
            depth: float = 1) -> list[tuple[int, str, float, Layer]]:
     """(layer, what, ratio to its reference, the layer) at every judged point.
 
     - The input of a weight layer at least ``depth`` weight layers in series after its
       reference: vanishing or exploding.
-    - An input that is exactly zero, at any depth, unless a zero-initialized weight on its
-      stretch made it so on purpose: the signal is gone (ratio 0).
+    - An input that is exactly zero, at any depth: the signal is gone (ratio 0). On a
+      residual branch (``_on_branch``) it is ``BRANCH_ZERO``, and not judged where it
+      ``revives`` (a LayerNorm with γ = 0 at a pre-LN branch's start); on the trunk it is
+      judged even then (a final norm at γ = 0 revives, but SGD does not train it).
     - The last weight layer's output, what the loss sees: exploding only (small logits at
       init are a design), against its reference or, if that is smaller, 1, the scale a
       softmax or a unit-variance target expects.
     """
     layers = report.layers
     last = max((i for i, layer in enumerate(layers) if is_weight(layer)), default=None)
+    zeros = {i for i, layer in enumerate(layers) if is_weight(layer)
+             and layer.input is not None and layer.input.second_moment == 0}
     found = []
     for i in weights:
         layer = layers[i]
@@ -53,8 +60,10 @@ def points(report: Report, weights: list[int],
             continue  # its own input sets the scale: nothing before it to compound
         ref = pos(layer.reference_second_moment)
         m2 = layer.input.second_moment if layer.input is not None else None
-        if m2 == 0 and not _deliberate_zero(layers, i):
-            found.append((i, "its input", 0.0, layer))
+        if m2 == 0:
+            branch = _on_branch(layers, i, zeros)
+            if not (branch and revives(layers, i)):
+                found.append((i, BRANCH_ZERO if branch else "its input", 0.0, layer))
         elif m2 is not None and ref is not None and (layer.depth or 1) >= depth:
             found.append((i, "its input's E[x²]", m2 / ref, layer))
         out = layer.forward.second_moment if layer.forward is not None else None
@@ -63,12 +72,27 @@ def points(report: Report, weights: list[int],
     return found
 
 
-def _deliberate_zero(layers: list[Layer], i: int) -> bool:
-    """An exact zero made on purpose: a zero-initialized weight in the same stretch
-    (a zero-init head, a ControlNet zero conv, zero initial flow) before it or at it."""
+def _on_branch(layers: list[Layer], i: int, zeros: set[int]) -> bool:
+    """Whether the zero at weight layer i is confined to residual branches: it reaches
+    a branch's end (``rejoins``: one that reads a zero too, or one in i's stretch past a
+    bias), and a later weight layer reads a non-zero input (the trunk carries on)."""
     stretch = layers[i].stretch
-    return any(layer.weight_second_moment == 0 for layer in layers[: i + 1]
-               if is_weight(layer) and layer.stretch == stretch)
+    return any(layers[j].rejoins and (j in zeros or layers[j].stretch == stretch)
+               for j in range(i, len(layers)) if is_weight(layers[j])) and any(
+        j not in zeros and layers[j].input is not None and pos(layers[j].input.second_moment)
+        is not None for j in range(i + 1, len(layers)) if is_weight(layers[j]))
+
+
+def revives(layers: list[Layer], i: int) -> bool:
+    """Whether the exact zero at weight layer i's input comes back after one step: each
+    layer that made it (output zero, input not) has a gradient at its output, so its
+    parameters move (a zero-initialized layer before a tanh, a LayerNorm with γ = 0 in a
+    pre-LN branch, a zero-init head). Behind a ReLU the gradient is zero too, so the zero
+    stays: its makers, and the layers that read it, never learn."""
+    makers = _killers(layers, i)[-1:]  # the nearest: an earlier zero is another's
+    return bool(makers) and all(
+        layers[k].backward is not None and pos(layers[k].backward.var) is not None
+        and math.isfinite(layers[k].backward.var) for k in makers)
 
 
 def _killers(layers: list[Layer], at: int) -> list[int]:
@@ -95,8 +119,11 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
     found = []
     by_stretch: dict[int | None, list] = {}
     judged = points(report, weights, t.stretch)
-    # where the signal is gone, everything after is a consequence: the first zero only
-    zero = next((p for p in judged if p[2] == 0), None)
+    # where the signal is gone, everything after is a consequence: the first zero only;
+    # a zero on a residual branch (the trunk carries the signal around it) is a warning
+    zero = next((p for p in judged if p[2] == 0 and p[1] != BRANCH_ZERO), None)
+    dead_branches(report, [p for p in judged if p[1] == BRANCH_ZERO
+                           and (zero is None or p[0] < zero[0])])
     judged = [p for p in judged if p[2] != 0 or p is zero]
     for p in judged:
         by_stretch.setdefault(p[3].stretch, []).append(p)
@@ -135,6 +162,19 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
             trend.suspects = culprits if killed else suspects
             found.append(trend)
     return found
+
+
+def dead_branches(report: Report, zeros: list) -> None:
+    """dead_branch: a residual branch whose input is exactly zero and stays so (not
+    ``revives``): its layers never learn, while the trunk carries the signal around."""
+    for i, _, _, layer in zeros:
+        makers = [report.layers[k].label for k in _killers(report.layers, i)[-1:]]
+        where = ", ".join(makers[:3]) or f"an operation between modules before {layer.label}"
+        flag(layer, "dead_branch",
+             f"its input is exactly zero, made by {where}, and so is the gradient there: "
+             "this residual branch never learns (nor does what zeroed it), while the trunk "
+             "carries the signal around it; a zero-initialized scale (γ = 0) belongs at "
+             "the branch's end, after its last activation", 0.0, makers)
 
 
 def _scalers(layers: list[Layer], at: int, code: str, t: Thresholds) -> list[int]:
