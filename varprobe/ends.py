@@ -42,7 +42,7 @@ def indicator_slot(rec: Recorder, value: Any) -> int | None:
     if first is None or not first.is_floating_point() or not first.numel():
         return None
     with torch.no_grad():
-        flag = (first.eq(0) | first.eq(1)).all().to(torch.float64).reshape(1)
+        flag = first.eq(0).logical_or_(first.eq(1)).all().to(torch.float64).reshape(1)
     return rec._new_slot(stats.Pending(flag, list))
 
 

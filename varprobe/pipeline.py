@@ -238,6 +238,7 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
             with exponents.autocast(precision, x):
                 output = _forward(model, fed, rec, recording, owned)
             rec.check_views()
+            indicator = ends_mod.indicator_slot(rec, x)  # the input, read with the pass
             out_leaves = [t for t in float_leaves(output) if t.requires_grad]
             params = [p for p in model.parameters() if p.requires_grad] + [
                 w for _, w in rec.weights.values() if w.grad_fn is not None]  # computed
@@ -254,7 +255,7 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
     report = Report(
         model=ModelInfo(target=target, class_=type(model).__name__,
                         parameters=sum(p.numel() for p in model.parameters())),
-        settings=settings, input=ends_mod.tensor_info(x, host, ends[0], ends[2]),
+        settings=settings, input=ends_mod.tensor_info(x, host, ends[0], indicator),
         output=ends_mod.tensor_info(output, host, ends[1]),
         layers=layers, varprobe_version=_version(), torch_version=torch.__version__)
     if note:
@@ -289,8 +290,7 @@ def _collect(rec: Recorder, x: Any, output: Any, recording: recording_mod.Record
     """The pass's one device-to-host transfer: every layer's statistics, the network's
     input and output moments (slots ``ends``), the graph's constants, and host copies
     of the parameters the predictions read (into ``values``)."""
-    ends = [ends_mod.moments_slot(rec, x), ends_mod.moments_slot(rec, output),
-            ends_mod.indicator_slot(rec, x)]
+    ends = [ends_mod.moments_slot(rec, x), ends_mod.moments_slot(rec, output)]
     constants = [rec._new_slot(stats.Pending(c, list))
                  for c in (recording.on_device() if recording is not None else [])]
     copies = {id(t): rec._new_slot(stats.Pending(t.detach().double().flatten(), list))
