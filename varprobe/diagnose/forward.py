@@ -84,15 +84,21 @@ def _on_branch(layers: list[Layer], i: int, zeros: set[int]) -> bool:
 
 
 def revives(layers: list[Layer], i: int) -> bool:
-    """Whether the exact zero at weight layer i's input comes back after one step: each
-    layer that made it (output zero, input not) has a gradient at its output, so its
-    parameters move (a zero-initialized layer before a tanh, a LayerNorm with γ = 0 in a
-    pre-LN branch, a zero-init head). Behind a ReLU the gradient is zero too, so the zero
-    stays: its makers, and the layers that read it, never learn."""
-    makers = _killers(layers, i)[-1:]  # the nearest: an earlier zero is another's
-    return bool(makers) and all(
-        layers[k].backward is not None and pos(layers[k].backward.var) is not None
-        and math.isfinite(layers[k].backward.var) for k in makers)
+    """Whether the exact zero at weight layer i's input comes back after one step: the
+    layer that made it (``_maker``) has a gradient at its output, so its parameters move
+    (a zero-initialized layer before a tanh, a LayerNorm with γ = 0 at a pre-LN branch's
+    start). Behind a ReLU the gradient is zero too, so the zero stays: its maker, and
+    the layers that read it, never learn."""
+    k = _maker(layers, i)
+    grad = layers[k].backward if k is not None else None
+    return grad is not None and pos(grad.var) is not None and math.isfinite(grad.var)
+
+
+def _maker(layers: list[Layer], i: int) -> int | None:
+    """The nearest layer before weight layer i whose output is zero while its input is
+    not (``_killers``; an earlier one made another zero)."""
+    found = _killers(layers, i)
+    return found[-1] if found else None
 
 
 def _killers(layers: list[Layer], at: int) -> list[int]:
@@ -168,8 +174,9 @@ def dead_branches(report: Report, zeros: list) -> None:
     """dead_branch: a residual branch whose input is exactly zero and stays so (not
     ``revives``): its layers never learn, while the trunk carries the signal around."""
     for i, _, _, layer in zeros:
-        makers = [report.layers[k].label for k in _killers(report.layers, i)[-1:]]
-        where = ", ".join(makers[:3]) or f"an operation between modules before {layer.label}"
+        k = _maker(report.layers, i)
+        makers = [report.layers[k].label] if k is not None else []
+        where = makers[0] if makers else f"an operation between modules before {layer.label}"
         flag(layer, "dead_branch",
              f"its input is exactly zero, made by {where}, and so is the gradient there: "
              "this residual branch never learns (nor does what zeroed it), while the trunk "
