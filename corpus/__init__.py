@@ -28,7 +28,7 @@ from torch import nn
 
 # modules of this package that register entries
 FAMILIES = ("cnn", "cnn_modern", "vision", "hf_text", "hf_vision", "hf_diffusers",
-            "handwritten", "broken")
+            "handwritten", "broken", "zeros")
 OPTIONAL = ("transformers", "diffusers")  # libraries a family may need
 LABELS = Path(__file__).resolve().parent / "labels"  # bench/labels.py writes them
 

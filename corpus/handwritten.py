@@ -4,7 +4,9 @@ nanoGPT (Karpathy's model.py: its own LayerNorm calling ``F.layer_norm``, normal
 init with every ``c_proj`` at 0.02/sqrt(2 n_layer), causal scaled-dot-product attention,
 the LM head tied to the token embedding), the word-level LSTM language model of PyTorch's
 examples (embedding, 2-layer LSTM, tied decoder, uniform(-0.1, 0.1) init), and a ViT
-built on ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``-style pre-LN blocks.
+built on ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``-style pre-LN blocks;
+and a character MLP fed one-hot rows, whose first Linear is an embedding table (N(0, 1),
+nn.Embedding's init) in the form a one-hot input takes.
 """
 
 from __future__ import annotations
@@ -168,3 +170,37 @@ register(Entry(name="vit_mha", family="hand-written", make=ViT,
                inputs=lambda batch: torch.randn(batch, 3, 32, 32), task="classify",
                notes="6 pre-LN blocks on nn.MultiheadAttention, PyTorch default inits",
                tags=("transformer", "vision")))
+
+
+CHARS = 70  # Zhang et al. 2015's alphabet
+
+
+class OneHotMLP(nn.Module):
+    """A bag of one-hot characters (batch, CHARS) into a table at N(0, 1), then He ReLU
+    layers and a head at 1/sqrt(width)."""
+
+    def __init__(self, width: int = 256, depth: int = 4, classes: int = 4):
+        super().__init__()
+        self.table = nn.Linear(CHARS, width, bias=False)
+        nn.init.normal_(self.table.weight)
+        self.body = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        for m in self.body:
+            nn.init.kaiming_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+        self.head = nn.Linear(width, classes)
+        nn.init.normal_(self.head.weight, std=width ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.table(x)
+        for m in self.body:
+            x = F.relu(m(x))
+        return self.head(x)
+
+
+def one_hot_chars(batch: int) -> torch.Tensor:
+    return F.one_hot(torch.randint(0, CHARS, (batch,)), CHARS).float()
+
+
+register(Entry(name="onehot_mlp", family="hand-written", make=OneHotMLP, inputs=one_hot_chars,
+               task="classify", notes="one-hot characters into an N(0, 1) table, 4 He layers",
+               tags=("one-hot",)))
