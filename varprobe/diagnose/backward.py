@@ -63,6 +63,22 @@ def _energy_ratio(first: Layer, last: Layer) -> float | None:
     return g_in / g_out
 
 
+def _balanced(layers: list[Layer], product: tuple, t: Thresholds) -> bool:
+    """A small product whose weights learn at comparable rates all the same: a weight's
+    gradient is its output gradient times its input, so where the signal shrinks up the
+    chain as the gradient shrinks down it (Xavier under ReLU, a tanh stack at PyTorch's
+    default) the measured ‖∇W‖/‖W‖ of the layer stays within ``t.backward`` of the top
+    layer's and one learning rate suits both; the small signal is the forward rule's
+    to judge. (A 10-layer tanh MLP at PyTorch's default init, product 4e-5, ‖∇W‖/‖W‖
+    0.02 of the top's, trains under SGD at 0.1.)"""
+    at, value, after, _ = product
+    if value >= t.backward[0]:
+        return False
+    mine, top = layers[at].weight_grad_ratio, layers[after[-1].first].weight_grad_ratio
+    return bool(mine and top and math.isfinite(mine) and math.isfinite(top)
+                and mine / top >= t.backward[0])
+
+
 def runs(layers: list[Layer], found: list[Unit]) -> list[list[Unit]]:
     """Maximal chains: each unit consumes exactly the previous unit's output, that output
     is read by nothing else, and no normalization lies between (the same stretch: a
@@ -96,7 +112,7 @@ def trends(layers: list[Layer], t: Thresholds, skip: set[int]) -> list[Trend]:
                 product *= run[k].factor
     # An exact zero is a zero-initialized scale (SkipInit, Fixup, zero_init_residual),
     # a deliberate design, not a trend.
-    products = [p for p in products if p[1] > 0]
+    products = [p for p in products if p[1] > 0 and not _balanced(layers, p, t)]
     found = []
     for code, outside, pick in (
             ("vanishing_backward", lambda p: p[1] < t.backward[0] and not p[3], min),
