@@ -64,19 +64,22 @@ def _energy_ratio(first: Layer, last: Layer) -> float | None:
 
 
 def _balanced(layers: list[Layer], product: tuple, t: Thresholds) -> bool:
-    """A small product whose weights learn at comparable rates all the same: a weight's
-    gradient is its output gradient times its input, so where the signal shrinks up the
-    chain as the gradient shrinks down it (Xavier under ReLU, a tanh stack at PyTorch's
-    default) the measured ‖∇W‖/‖W‖ of the layer stays within ``t.backward`` of the top
-    layer's and one learning rate suits both; the small signal is the forward rule's
-    to judge. (A 10-layer tanh MLP at PyTorch's default init, product 4e-5, ‖∇W‖/‖W‖
-    0.02 of the top's, trains under SGD at 0.1.)"""
-    at, value, after, _ = product
+    """A small product whose weights learn at one rate with the layers after it all the
+    same: a weight's gradient is its output gradient times its input, and where the
+    signal shrinks up the chain as the gradient shrinks down it (Xavier under ReLU, a
+    tanh stack at PyTorch's default) the layer's measured ‖∇W‖/‖W‖ stays within
+    ``t.backward`` of every later weight layer's, so one learning rate suits them all;
+    the small signal is the forward rule's to judge. (A 10-layer tanh MLP at PyTorch's
+    default init, product 4e-5, ‖∇W‖/‖W‖ 0.02 of the head's, trains under SGD at 0.1;
+    a VGG-16 at PyTorch's default, whose chains end at every pool, does not, and its
+    last block's first conv is at 0.01 of the classifier's.)"""
+    at, value, _, _ = product
     if value >= t.backward[0]:
         return False
-    mine, top = layers[at].weight_grad_ratio, layers[after[-1].first].weight_grad_ratio
-    return bool(mine and top and math.isfinite(mine) and math.isfinite(top)
-                and mine / top >= t.backward[0])
+    rates = [layer.weight_grad_ratio for layer in layers[at:] if is_weight(layer)]
+    if not all(r is not None and math.isfinite(r) and r > 0 for r in rates):
+        return False
+    return rates[0] >= t.backward[0] * max(rates)
 
 
 def runs(layers: list[Layer], found: list[Unit]) -> list[list[Unit]]:
