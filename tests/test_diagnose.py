@@ -497,3 +497,24 @@ def test_a_small_product_whose_weights_learn_at_one_rate_is_no_vanishing_gradien
     report = probe(model, x, grad_output=g)
     assert "vanishing_backward" not in codes(report)
     model.zero_grad()
+
+
+def test_a_vanishing_gradient_across_pools_is_still_judged_by_the_layers_after_it():
+    """A VGG-16 without BatchNorm at PyTorch's default init (bench's label protocol: SGD
+    does not train it at any rate, AdamW does): its chains end at every max pool, and
+    within the last one ‖∇W‖/‖W‖ is level, but against the classifier after it the
+    block's first conv learns at 1e-2 of the rate (plain autograd), so the small
+    product stays vanishing_backward."""
+    from corpus.cnn import VGG
+
+    torch.manual_seed(0)
+    model = VGG(bn=False)
+    x = torch.randn(16, 3, 32, 32)
+    g = torch.randn(16, 10)
+    model(x).backward(g)
+    conv, head = model.features[24], model.classifier  # the last block's first conv
+    rate = [m.weight.grad.norm() / m.weight.norm() for m in (conv, head)]
+    model.zero_grad()
+    assert rate[0] < 1e-2 * rate[1]
+    report = probe(model, x, grad_output=g)
+    assert "vanishing_backward" in codes(report)
