@@ -95,10 +95,11 @@ def annotate(report: Report, recording: Recording | None) -> Report:
             or not recording.nodes:
         _fallback(report)
         return report
-    anchors = _node_anchors(recording.nodes, layers, bool(report.input.indicator))
+    trunks = _trunks(recording.nodes)
+    anchors = _node_anchors(recording.nodes, layers, trunks, bool(report.input.indicator))
     depths = _depths(recording.nodes, layers, anchors)
     consumers = _consumer_counts(recording.nodes)
-    rejoining = _rejoining(recording.nodes, layers)
+    rejoining = _rejoining(recording.nodes, layers, trunks)
     stretches: dict[Anchor, int] = {}
     for node_id, node in enumerate(recording.nodes):
         if node.op not in ("call", "exit") or node.index is None:
@@ -172,21 +173,22 @@ def _gate(node: Node, nodes: list[Node], layers: list[Layer]) -> int | None:
     return None
 
 
-def _node_anchors(nodes: list[Node], layers: list[Layer],
+def _node_anchors(nodes: list[Node], layers: list[Layer], trunks: dict[int, int],
                   indicator: bool = False) -> dict[int, Anchor | None]:
     """Each node's anchor, in execution order (a node's inputs come before it).
     None: the scale was set by an unmeasured operation; the next measured tensor
-    takes over. ``indicator``: the network input is one (``IDS``)."""
+    takes over. ``trunks``: ``_trunks``; ``indicator``: the network input is one
+    (``IDS``)."""
     anchors: dict[int, Anchor | None] = {}
     for k, node in enumerate(nodes):
         gated = _gate(node, nodes, layers) if (node.reason or "").endswith(PRODUCT) else None
         anchors[k] = (anchors.get(gated) if gated is not None and gated >= 0
-                      else _anchor(node, anchors, layers, indicator, nodes))
+                      else _anchor(node, anchors, layers, indicator, trunks.get(k)))
     return anchors
 
 
 def _anchor(node: Node, anchors: dict[int, Anchor | None], layers: list[Layer],
-            indicator: bool, nodes: list[Node]) -> Anchor | None:
+            indicator: bool, trunk: int | None) -> Anchor | None:
     if node.op == "input":
         return (IDS if indicator else Anchor(None)) if node.index == 0 else None
     if node.op in ("call", "exit") and node.index is not None:
@@ -207,19 +209,24 @@ def _anchor(node: Node, anchors: dict[int, Anchor | None], layers: list[Layer],
     if node.op == "product" or node.op == "attention" or (
             node.op == "pool" and node.pool.kind in ("mean", "sum")):
         return None  # attention and averages set a scale of their own (max pools carry)
-    return _trunk(node, anchors, nodes)
-
-
-def _trunk(node: Node, anchors: dict[int, Anchor | None],
-           nodes: list[Node]) -> Anchor | None:
-    """Where branches meet (an add, a concatenation, a gate x * s), the anchor of the
-    trunk, the tensor the others branched off (``_trunk_input``); else of the oldest
-    input that has one."""
-    ins = sorted({i for i in node.inputs if i is not None and i >= 0})
-    trunk = _trunk_input(nodes, ins) if node.op == "linear" and not node.cat else None
+    # where branches meet (an add, a concatenation, a gate x * s): the trunk's anchor,
+    # the tensor the others branched off; else the oldest input's that has one
     if trunk is not None and anchors.get(trunk) is not None:
         return anchors[trunk]
+    ins = sorted({i for i in node.inputs if i is not None and i >= 0})
     return next((anchors[k] for k in ins if anchors.get(k) is not None), None)
+
+
+def _trunks(nodes: list[Node]) -> dict[int, int]:
+    """Each sum's (a linear node, not a concatenation) trunk input, where it has one."""
+    found = {}
+    for k, node in enumerate(nodes):
+        if node.op == "linear" and not node.cat:
+            trunk = _trunk_input(nodes, sorted({i for i in node.inputs
+                                                if i is not None and i >= 0}))
+            if trunk is not None:
+                found[k] = trunk
+    return found
 
 
 def _trunk_input(nodes: list[Node], ins: list[int]) -> int | None:
@@ -253,20 +260,15 @@ def _depths(nodes: list[Node], layers: list[Layer],
     return depths
 
 
-def _rejoining(nodes: list[Node], layers: list[Layer]) -> set[int]:
+def _rejoining(nodes: list[Node], layers: list[Layer], trunks: dict[int, int]) -> set[int]:
     """The layers of a residual branch's end: from its last weight layer to the add that
     puts its output back onto the tensor the branch forked off (through views, scales,
     dropout and other weightless modules). The gradient reaches everything before the
     branch around it, along the trunk."""
     found: set[int] = set()
-    for node in nodes:
-        if node.op != "linear" or node.cat:
-            continue
-        ins = sorted({k for k in node.inputs if k is not None and k >= 0})
-        trunk = _trunk_input(nodes, ins)
-        for k in ins if trunk is not None else ():
-            if k != trunk:
-                found.update(_branch_end(nodes, layers, k))
+    for at, trunk in trunks.items():
+        for k in {i for i in nodes[at].inputs if i is not None and i >= 0} - {trunk}:
+            found.update(_branch_end(nodes, layers, k))
     return found
 
 
