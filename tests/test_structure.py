@@ -349,3 +349,44 @@ def test_an_indicator_input_is_every_element_zero_or_one(values, indicator):
          "zeros": torch.zeros(32, 16)}[values]
     report = probe(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), x)
     assert report.input.indicator is indicator
+
+
+def _bn_stack(gamma_std: float | None, depth: int = 10) -> nn.Sequential:
+    """conv -> BatchNorm(eps 1e-3) -> ReLU, ``depth`` times, at PyTorch's default conv
+    init; the BatchNorm gammas drawn N(0, gamma_std²) (a generic normal_(0, 0.02) over
+    every module's weight, as some libraries' init does), or left at 1 (None)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    c_in = 3
+    for _ in range(depth):
+        bn = nn.BatchNorm2d(16, eps=1e-3)
+        if gamma_std is not None:
+            nn.init.normal_(bn.weight, 0.0, gamma_std)
+        layers += [nn.Conv2d(c_in, 16, 3, padding=1), bn, nn.ReLU()]
+        c_in = 16
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+
+
+def test_a_norm_whose_input_is_below_its_eps_restores_no_scale():
+    """BatchNorm's output is gamma² v/(v + eps) + beta², v the per-channel variance it
+    divides by. With gamma ~ N(0, 0.02) the first one sets E[y²] ~ 4e-4; the next conv
+    (n·Var[w] = 1/3) and ReLU (1/2) leave a per-channel variance ~7e-5, below eps =
+    1e-3 (the conv's bias adds ~2e-3 of per-channel means, which the norm removes), so
+    each later norm multiplies its input's scale by ~gamma²/eps instead of resetting it,
+    and the signal the first norm set falls ~1/20 per block: ~1e-13 after ten. Held
+    against that first norm, not each norm's own output, the stack vanishes; with
+    gamma = 1 every norm sets its output's scale and nothing is flagged."""
+    x = torch.randn(8, 3, 8, 8)
+    model = _bn_stack(0.02)
+    gamma2 = [float(m.weight.detach().square().mean())
+              for m in model if isinstance(m, nn.BatchNorm2d)]
+    small = probe(model, x)
+    norms = [la for la in small.layers if la.type == "BatchNorm2d"]
+    flagged = [la for la in small.layers
+               if any(f.code == "vanishing_forward" for f in la.flags)]
+    assert flagged and flagged[0].reference == norms[0].label
+    # the first norm sets its gammas' scale; every later one hands on a tenth or less
+    assert norms[0].forward.second_moment > 0.5 * gamma2[0]
+    assert all(la.forward.second_moment < 0.1 * g2 for la, g2 in zip(norms[1:], gamma2[1:]))
+    healthy = probe(_bn_stack(None), x)
+    assert not codes(healthy)

@@ -180,7 +180,7 @@ def probe(model: nn.Module, inputs: Any = None, *, grad_output: Any = None,
         with timing.phase("predictions"), stage("predict", report):
             walker = theory.annotate(report, modules, recording, values, schemes=compared)
         with timing.phase("diagnosis"), stage("diagnose"):
-            structure.annotate(report, recording)
+            structure.annotate(report, recording, modules, values)
             # in the probe's modes, like the predictions: a fix walks the schemes it weighs
             diagnose.annotate(report, thresholds, ignore, schemes=later_predictions(walker, report))
     return report

@@ -6,7 +6,10 @@ Real networks restart that scale all the time, and a verdict that holds every la
 against the network's input mistakes those restarts for explosions or collapses:
 
 - a normalization (BatchNorm, LayerNorm, GroupNorm, RMSNorm, a custom ``*Norm``
-  module, ``F.layer_norm``...) sets its output's scale from its own affine parameters;
+  module, ``F.layer_norm``...) sets its output's scale from its own affine parameters,
+  as long as what it divides by is above its eps: a norm whose measured output is far
+  below that scale hands on its input's scale times gamma^2/eps (BatchNorm gammas
+  drawn N(0, 0.02) collapse a network this way, norm after norm) and is no anchor;
 - a lookup (an embedding) sets it from its table: token ids have no scale to keep, nor
   has an indicator input (one-hot or multi-hot, every element 0 or 1), whose ones select
   the rows of the weight layer that reads it;
@@ -43,7 +46,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from varprobe.report import Layer, Report
+from varprobe.theory import norms
 from varprobe.theory.nodes import Node
 from varprobe.theory.recording import Recording
 
@@ -85,18 +91,24 @@ class Anchor:
 IDS = Anchor(-1)
 
 
-def annotate(report: Report, recording: Recording | None) -> Report:
+def annotate(report: Report, recording: Recording | None,
+             modules: list[nn.Module] | None = None,
+             values: dict[int, list[float]] | None = None) -> Report:
     """Fill reference, reference_second_moment, stretch and forks on every layer.
 
     Without a usable recording, every layer is held against the network input (or,
-    for token ids or an indicator, the first weight layer's output); no forks known."""
+    for token ids or an indicator, the first weight layer's output); no forks known.
+    ``modules`` (aligned with the layers) and ``values`` (the host copies of their
+    norms' parameters): tell the norms that did not set their output's scale
+    (``carried``)."""
     layers = report.layers
     if recording is None or recording.failed is not None or recording.compiled is not None \
             or not recording.nodes:
         _fallback(report)
         return report
     trunks = _trunks(recording.nodes)
-    anchors = _node_anchors(recording.nodes, layers, trunks, bool(report.input.indicator))
+    anchors = _node_anchors(recording.nodes, layers, trunks, bool(report.input.indicator),
+                            carried(layers, modules, values))
     depths = _depths(recording.nodes, layers, anchors)
     consumers = _consumer_counts(recording.nodes)
     rejoining = _rejoining(recording.nodes, layers, trunks)
@@ -145,6 +157,19 @@ def _label(report: Report, anchor: Anchor) -> str:
     return f"{label} (input)" if anchor.own_input else label
 
 
+def carried(layers: list[Layer], modules: list[nn.Module] | None,
+            values: dict[int, list[float]] | None = None) -> set[int]:
+    """The norm layers that did not set their output's scale (``norms.normalizes``):
+    they carry their input's on. Not one whose input is exactly zero: the signal died
+    before it, which the zero rules judge (diagnose.forward)."""
+    if modules is None:
+        return set()
+    return {i for i, (layer, module) in enumerate(zip(layers, modules))
+            if layer.kind == "norm" and layer.forward is not None and layer.input is not None
+            and layer.input.second_moment
+            and not norms.normalizes(module, layer.forward.second_moment, values)}
+
+
 def is_anchor_layer(layer: Layer) -> bool:
     return (layer.kind == "norm" or layer.type in ANCHOR_TYPES
             or any(word in layer.type for word in ANCHOR_WORDS))
@@ -174,25 +199,26 @@ def _gate(node: Node, nodes: list[Node], layers: list[Layer]) -> int | None:
 
 
 def _node_anchors(nodes: list[Node], layers: list[Layer], trunks: dict[int, int],
-                  indicator: bool = False) -> dict[int, Anchor | None]:
+                  indicator: bool = False,
+                  carrying: set[int] = frozenset()) -> dict[int, Anchor | None]:
     """Each node's anchor, in execution order (a node's inputs come before it).
     None: the scale was set by an unmeasured operation; the next measured tensor
     takes over. ``trunks``: ``_trunks``; ``indicator``: the network input is one
-    (``IDS``)."""
+    (``IDS``); ``carrying``: norm layers that are no anchor (``carried``)."""
     anchors: dict[int, Anchor | None] = {}
     for k, node in enumerate(nodes):
         gated = _gate(node, nodes, layers) if (node.reason or "").endswith(PRODUCT) else None
         anchors[k] = (anchors.get(gated) if gated is not None and gated >= 0
-                      else _anchor(node, anchors, layers, indicator, trunks.get(k)))
+                      else _anchor(node, anchors, layers, indicator, trunks.get(k), carrying))
     return anchors
 
 
 def _anchor(node: Node, anchors: dict[int, Anchor | None], layers: list[Layer],
-            indicator: bool, trunk: int | None) -> Anchor | None:
+            indicator: bool, trunk: int | None, carrying: set[int]) -> Anchor | None:
     if node.op == "input":
         return (IDS if indicator else Anchor(None)) if node.index == 0 else None
     if node.op in ("call", "exit") and node.index is not None:
-        if is_anchor_layer(layers[node.index]):
+        if is_anchor_layer(layers[node.index]) and node.index not in carrying:
             return Anchor(node.index)
         inner = node.inputs[0] if node.inputs else None
         upstream = anchors.get(inner) if inner is not None and inner >= 0 else None

@@ -86,6 +86,23 @@ def eps_of(module: nn.Module) -> float:
     return torch.finfo(torch.float32).eps if eps is None else float(eps)
 
 
+def normalizes(module: nn.Module, m_out: float | None, values: Values | None = None) -> bool:
+    """Whether a norm set its output's scale: its measured E[y²] ``m_out`` is at least a
+    tenth of mean(gamma²) + mean(beta²), what it gives an input far above its eps. Its
+    output is gamma² v/(v + eps) + beta² (v what it divides by, per channel or token), so
+    below that tenth v < eps/9: the norm then multiplies what reaches it by ~gamma²/eps
+    and hands its scale on. Measured on the output, not the input, because a BatchNorm
+    removes each channel's mean: a conv's bias makes a tensor's variance large while
+    the per-channel variance the norm divides by is far below eps. Unmeasured, with
+    running statistics (an eval-mode BatchNorm divides by those) or with gamma = beta = 0
+    (a zero-initialized branch end): taken to set it."""
+    if m_out is None or uses_running_stats(module):
+        return True
+    gamma2, channels, beta2 = affine_sums(module, values)
+    own = gamma2 / channels + beta2
+    return not own > 0 or m_out >= 0.1 * own
+
+
 def _variance(module: nn.Module, s: Signal, mu: float = 0.0) -> float:
     """What the normalizer divides by: the per-unit variance over the batch for
     BatchNorm and InstanceNorm (each unit's own mean is removed), the variance across
