@@ -14,6 +14,7 @@ import torch
 import transformers as tf
 
 from corpus import Entry, register
+from corpus.broken import pair
 
 tf.logging.set_verbosity_error()
 
@@ -117,3 +118,22 @@ add("hf_segformer", "SegformerForImageClassification", "SegformerConfig", images
     num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[32, 64],
     patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[4, 4],
     num_labels=CLASSES)
+
+
+def _efficientnet(gamma_one: bool = False) -> torch.nn.Module:
+    """EfficientNet at transformers' own init, which draws every BatchNorm's γ from
+    N(0, 0.02) as it draws the convs (``gamma_one``: the twin, those γ reset to 1)."""
+    made = model("EfficientNetForImageClassification", "EfficientNetConfig",
+                 image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25,
+                 hidden_dim=320, num_labels=CLASSES)()
+    for module in made.modules():
+        if gamma_one and isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
+    return made
+
+
+pair("hf_efficientnet", "transformers", _efficientnet, lambda: _efficientnet(True), images,
+     "collapsing norms: every BatchNorm's γ ~ N(0, 0.02) (the library's init), so past "
+     "the stem no norm's input reaches its eps (1e-3) and each multiplies the signal by "
+     "~γ²/eps", batch_size=8,
+     notes="MBConv blocks with squeeze-excitation, width and depth x0.25")
