@@ -388,5 +388,7 @@ def test_a_norm_whose_input_is_below_its_eps_restores_no_scale():
     # the first norm sets its gammas' scale; every later one hands on a tenth or less
     assert norms[0].forward.second_moment > 0.5 * gamma2[0]
     assert all(la.forward.second_moment < 0.1 * g2 for la, g2 in zip(norms[1:], gamma2[1:]))
+    assert any(note.startswith("structure: 9 norm(s) did not set") for note in small.notes)
     healthy = probe(_bn_stack(None), x)
     assert not codes(healthy)
+    assert not any(note.startswith("structure:") for note in healthy.notes)

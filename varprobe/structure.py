@@ -107,8 +107,11 @@ def annotate(report: Report, recording: Recording | None,
         _fallback(report)
         return report
     trunks = _trunks(recording.nodes)
+    carrying = carried(layers, modules, values)
+    if carrying:
+        report.notes.append(_carried_note([layers[i].label for i in sorted(carrying)]))
     anchors = _node_anchors(recording.nodes, layers, trunks, bool(report.input.indicator),
-                            carried(layers, modules, values))
+                            carrying)
     depths = _depths(recording.nodes, layers, anchors)
     consumers = _consumer_counts(recording.nodes)
     rejoining = _rejoining(recording.nodes, layers, trunks)
@@ -168,6 +171,15 @@ def carried(layers: list[Layer], modules: list[nn.Module] | None,
             if layer.kind == "norm" and layer.forward is not None and layer.input is not None
             and layer.input.second_moment
             and not norms.normalizes(module, layer.forward.second_moment, values)}
+
+
+def _carried_note(labels: list[str]) -> str:
+    more = f" and {len(labels) - 3} more" if len(labels) > 3 else ""
+    return (f"structure: {len(labels)} norm(s) did not set their output's scale "
+            f"({', '.join(labels[:3])}{more}): each output's E[y²] is below a tenth of its "
+            "mean(γ²) + mean(β²), so what it divides by is under eps/9 and it multiplies "
+            "its input by ~γ²/eps; the layers after it are held against the last norm that "
+            "did (γ drawn small, e.g. N(0, 0.02), does this)")
 
 
 def is_anchor_layer(layer: Layer) -> bool:
