@@ -126,9 +126,10 @@ def _efficientnet(gamma_one: bool = False) -> torch.nn.Module:
     made = model("EfficientNetForImageClassification", "EfficientNetConfig",
                  image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.25,
                  hidden_dim=320, num_labels=CLASSES)()
-    for module in made.modules():
-        if gamma_one and isinstance(module, torch.nn.BatchNorm2d):
-            torch.nn.init.ones_(module.weight)
+    if gamma_one:
+        for module in made.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(module.weight)
     return made
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from varprobe.diagnose.common import places
 from varprobe.report import Layer, Report
 from varprobe.theory import norms
 from varprobe.theory.nodes import Node
@@ -100,14 +101,14 @@ def annotate(report: Report, recording: Recording | None,
     for token ids or an indicator, the first weight layer's output); no forks known.
     ``modules`` (aligned with the layers) and ``values`` (the host copies of their
     norms' parameters): tell the norms that did not set their output's scale
-    (``carried``)."""
+    (``_carried``)."""
     layers = report.layers
     if recording is None or recording.failed is not None or recording.compiled is not None \
             or not recording.nodes:
         _fallback(report)
         return report
     trunks = _trunks(recording.nodes)
-    carrying = carried(layers, modules, values)
+    carrying = _carried(layers, modules, values)
     if carrying:
         report.notes.append(_carried_note([layers[i].label for i in sorted(carrying)]))
     anchors = _node_anchors(recording.nodes, layers, trunks, bool(report.input.indicator),
@@ -160,7 +161,7 @@ def _label(report: Report, anchor: Anchor) -> str:
     return f"{label} (input)" if anchor.own_input else label
 
 
-def carried(layers: list[Layer], modules: list[nn.Module] | None,
+def _carried(layers: list[Layer], modules: list[nn.Module] | None,
             values: dict[int, list[float]] | None = None) -> set[int]:
     """The norm layers that did not set their output's scale (``norms.normalizes``):
     they carry their input's on. Not one whose input is exactly zero: the signal died
@@ -174,9 +175,8 @@ def carried(layers: list[Layer], modules: list[nn.Module] | None,
 
 
 def _carried_note(labels: list[str]) -> str:
-    more = f" and {len(labels) - 3} more" if len(labels) > 3 else ""
     return (f"structure: {len(labels)} norm(s) did not set their output's scale "
-            f"({', '.join(labels[:3])}{more}): each output's E[y²] is below a tenth of its "
+            f"({places(labels)}): each output's E[y²] is below a tenth of its "
             "mean(γ²) + mean(β²), so what it divides by is under eps/9 and it multiplies "
             "its input by ~γ²/eps; the layers after it are held against the last norm that "
             "did (γ drawn small, e.g. N(0, 0.02), does this)")
@@ -216,7 +216,7 @@ def _node_anchors(nodes: list[Node], layers: list[Layer], trunks: dict[int, int]
     """Each node's anchor, in execution order (a node's inputs come before it).
     None: the scale was set by an unmeasured operation; the next measured tensor
     takes over. ``trunks``: ``_trunks``; ``indicator``: the network input is one
-    (``IDS``); ``carrying``: norm layers that are no anchor (``carried``)."""
+    (``IDS``); ``carrying``: norm layers that are no anchor (``_carried``)."""
     anchors: dict[int, Anchor | None] = {}
     for k, node in enumerate(nodes):
         gated = _gate(node, nodes, layers) if (node.reason or "").endswith(PRODUCT) else None
