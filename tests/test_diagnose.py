@@ -162,6 +162,33 @@ def test_std_one_weights_explode_and_the_fix_tames_them():
     assert codes(probe(model, batch_size=256), "error") == set()
 
 
+def hot_head(classes: int = 10) -> nn.Sequential:
+    """BatchNorm'd convs, a pooling module, and a head drawn as torchvision's MNASNet draws
+    it: kaiming_uniform_(fan_out), Var[w] = 1/classes, so a 256-wide head starts the
+    logits at 256/classes times the pooled features' E[x²]."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 256, 3, padding=1), nn.BatchNorm2d(256), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, classes))
+    nn.init.kaiming_uniform_(model[-1].weight, mode="fan_out", nonlinearity="sigmoid")
+    return model
+
+
+def test_a_hot_head_is_its_own_culprit_and_the_fix_cools_it():
+    model = hot_head()
+    x = torch.randn(16, 3, 8, 8)
+    report = probe(model, x)
+    assert flagged(report, "exploding_forward") == ["8"]
+    head = report.layers[-1]
+    # its output over its input, the pooled features (its reference): 256 · Var[w] = 25.6
+    assert head.forward.second_moment / head.input.second_moment == pytest.approx(
+        256 * model[-1].weight.double().square().mean().item(), rel=0.3)
+    assert report.summary.culprits == ["8"] and report.summary.cause.startswith("8 ")
+    # the fix is held to the output's own limit too, so pasting it clears the error
+    apply_fix(model, report)
+    assert codes(probe(model, x), "error") == set()
+
+
 def test_prelu_model_gets_he_prelu_with_its_own_slope():
     torch.manual_seed(0)
     layers: list[nn.Module] = []

@@ -116,17 +116,24 @@ def fix(report: Report, t: Thresholds) -> Fix | None:
 def _score(report: Report, scheme: str, ref: float | None, t: Thresholds,
            ends: tuple[float | None, float | None]) -> float | None:
     """Worst |log| forward ratio over the predicted trajectory plus |log| end-to-end
-    backward ratio; None when the trajectory leaves the forward band. Layers without
-    a closed form (attention) carry no prediction and are passed over."""
-    values = [pos(p.forward_var) for layer in report.weight_layers
-              if (p := layer.schemes.get(scheme)) is not None]
-    values = [v for v in values if v is not None]
+    backward ratio; None when the trajectory leaves the forward band, or the last
+    layer's output passes the output's own limit (what the loss sees: held, as
+    diagnose.forward holds it, against the smaller of 1, the network's reference and
+    the layer's own predicted input, which a head right after a norm or a pool has as
+    its reference). Layers without a closed form (attention) carry no prediction and
+    are passed over."""
+    last = report.weight_layers[-1] if report.weight_layers else None
+    values = [(v, pos(p.input_var) if layer is last else None, layer is last)
+              for layer in report.weight_layers
+              if (p := layer.schemes.get(scheme)) is not None
+              and (v := pos(p.forward_var)) is not None]
     if ref is None or not values:
         return None
     worst = 0.0
-    for value in values:
+    for value, fed, output in values:
         ratio = value / ref
-        if not t.forward[0] <= ratio <= t.forward[1]:
+        if not t.forward[0] <= ratio <= t.forward[1] or (
+                output and value / min(ref, fed or 1.0, 1.0) > t.output):
             return None
         worst = max(worst, abs(math.log(ratio)))
     backward = pos(ends[1])

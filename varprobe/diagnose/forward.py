@@ -160,7 +160,8 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
                            f"{since}: {CONSEQUENCE[code]}")
                 killed = None
             culprits = killed if killed is not None else (
-                culprits_of(report.layers, [trend], t) or _scalers(report.layers, at, code, t))
+                culprits_of(report.layers, [trend], t) or _own(report.layers, at, what)
+                or _scalers(report.layers, at, code, t))
             labels = [report.layers[i].label for i in culprits]
             # no module's output was zero first: a functional op between them zeroed it
             where = ", ".join(labels[:3]) or f"an operation between modules before {layer.label}"
@@ -182,6 +183,14 @@ def dead_branches(report: Report, zeros: list) -> None:
              "this residual branch never learns (nor does what zeroed it), while the trunk "
              "carries the signal around it; a zero-initialized scale (γ = 0) belongs at "
              "the branch's end, after its last activation", 0.0, makers)
+
+
+def _own(layers: list[Layer], at: int, what: str) -> list[int]:
+    """The last layer itself, where its output is judged one weight layer after its
+    reference: its own forward factor made the excess. ``culprits`` wants both of a
+    layer's factors out of band, and a head's backward one, n̂·E[w²] over a few outputs,
+    is small by construction (a 10-class head at Var[w] = 1/30: forward 15, backward 0.3)."""
+    return [at] if "output" in what and (layers[at].depth or 1) <= 1 else []
 
 
 def _scalers(layers: list[Layer], at: int, code: str, t: Thresholds) -> list[int]:
