@@ -21,14 +21,18 @@ class Block(nn.Module):
     """Linear q, k, v; scores = q k^T / sqrt(d) (+ causal -inf); softmax; p @ v; Linear.
     ``kind``: "attention", or a chain that is only partly attention."""
 
-    def __init__(self, kind: str = "attention", causal: bool = True, qk_std: float | None = None):
+    def __init__(self, kind: str = "attention", causal: bool = True, qk_std: float | None = None,
+                 dropout: float = 0.0, modules: bool = False):
         super().__init__()
         self.q, self.k, self.v = (nn.Linear(N, N, bias=False) for _ in range(3))
         self.out = nn.Linear(N, N, bias=False)
-        self.kind, self.causal, self.p = kind, causal, None
+        self.kind, self.causal, self.p, self.dropout = kind, causal, None, dropout
         if qk_std is not None:
             for m in (self.q, self.k):
                 nn.init.normal_(m.weight, 0, qk_std)
+        # the same steps as modules: nn.Softmax(dim=-1) and an attn_drop, as timm spells it
+        self.steps = nn.ModuleList([nn.Softmax(dim=-1), nn.Dropout(dropout)]) \
+            if modules else None
 
     def forward(self, x):
         B = x.shape[0]
@@ -39,8 +43,14 @@ class Block(nn.Module):
         if self.causal:
             upper = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(upper, -math.inf)
-        p = F.softmax(scores, dim=-2 if self.kind == "wrong axis" else -1)
-        self.p = p.detach()
+        if self.steps is not None:
+            p = self.steps[0](scores)
+            self.p = p.detach()
+            p = self.steps[1](p)
+        else:
+            p = F.softmax(scores, dim=-2 if self.kind == "wrong axis" else -1)
+            self.p = p.detach()
+            p = F.dropout(p, self.dropout, self.training)
         return self.out((p @ v).transpose(1, 2).reshape(B, T, N))
 
 
@@ -67,6 +77,37 @@ def test_saturated_eager_attention_is_flagged():
     assert flags & {"attention_saturated", "attention_collapsed"}
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_softmax_and_dropout_modules_are_followed_as_their_functions(dropout):
+    """nn.Softmax(dim=-1) and an nn.Dropout on p (timm's attn_drop) are the same steps
+    as F.softmax and F.dropout: the same draws (one seed) give the same report."""
+    def run(modules: bool):
+        torch.manual_seed(0)
+        model = Block(dropout=dropout, modules=modules)
+        return model, probe(model, torch.randn(8, T, N), seed=0, mode="train")
+
+    (model, spelled), (_, functions) = run(True), run(False)
+    assert len(spelled.attention) == len(functions.attention) == 1
+    (call,), (same,) = spelled.attention, functions.attention
+    assert call["participation"] == pytest.approx(
+        model.p.double().square().sum(-1).mean().item(), rel=1e-9)
+    # 'where' names the module or op the chain was last seen at; every number agrees
+    assert {**call, "where": None} == {**same, "where": None}
+    out = {r: next(layer for layer in rep.layers if layer.name == "out")
+           for r, rep in (("modules", spelled), ("functions", functions))}
+    assert out["modules"].predicted == out["functions"].predicted
+    assert out["modules"].predicted.basis == "graph" and not (
+        out["modules"].predicted.note or "")
+
+
+def test_a_collapsed_attention_behind_a_softmax_module_is_flagged():
+    torch.manual_seed(0)
+    report = probe(Block(qk_std=1.0, modules=True), torch.randn(8, T, N), seed=0)
+    (call,) = report.attention
+    assert call["saturated"]
+    assert "attention_collapsed" in {f.code for layer in report.layers for f in layer.flags}
+
+
 @pytest.mark.parametrize("kind, named", [("gram", "of two activations"),
                                          ("wrong axis", "of two activations")])
 def test_what_is_only_partly_attention_is_named(kind, named):
@@ -89,3 +130,58 @@ def test_predict_on_meta_follows_eager_attention():
     for layer in report.layers:
         assert layer.predicted.forward_var is not None, layer.name
         assert layer.predicted.backward_var is not None, layer.name
+
+
+class Cross(nn.Module):
+    """Queries from the tokens, keys and values from ``keys`` context tokens (a
+    conditioning embedding), through scaled_dot_product_attention."""
+
+    def __init__(self, keys: int):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(N, N, bias=False) for _ in range(4))
+        self.context = nn.Parameter(torch.randn(keys, N))
+
+    def forward(self, x):
+        B = x.shape[0]
+        q = self.q(x).view(B, T, H, N // H).transpose(1, 2)
+        k, v = (f(self.context).view(1, -1, H, N // H).transpose(1, 2).expand(B, -1, -1, -1)
+                for f in (self.k, self.v))
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, N))
+
+
+@pytest.mark.parametrize("keys", [1, 2])
+def test_one_or_two_keys_at_uniform_weights_are_not_collapsed(keys):
+    """One key: Σp² = 1 whatever the logits; two keys at small logits: Σp² ≈ 1/2. Both
+    sit at their floor, and SGD trains them (SVD's cross-attention to one token)."""
+    torch.manual_seed(0)
+    report = probe(Cross(keys), torch.randn(8, T, N), seed=0)
+    (call,) = report.attention
+    assert call["keys"] == keys and call["participation"] >= 0.49
+    assert not {f.code for layer in report.layers for f in layer.flags} & {
+        "attention_collapsed", "attention_saturated"}
+
+
+class Causal(nn.Module):
+    """Self-attention over ``tokens`` positions under a causal mask (SDPA, is_causal)."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.q, self.k, self.v, self.out = (nn.Linear(N, N, bias=False) for _ in range(4))
+
+    def forward(self, x):
+        B = x.shape[0]
+        q, k, v = (f(x).view(B, self.tokens, H, N // H).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, self.tokens, N))
+
+
+def test_a_causal_mask_over_two_tokens_at_uniform_weights_is_not_collapsed():
+    """Query 1 sees one key, query 2 two: Σp² = (1 + 1/2) / 2 = 3/4 at uniform weights."""
+    torch.manual_seed(0)
+    report = probe(Causal(2), torch.randn(8, 2, N), seed=0)
+    (call,) = report.attention
+    assert call["causal"] and call["participation"] >= 0.74
+    assert "attention_collapsed" not in {f.code for layer in report.layers
+                                         for f in layer.flags}

@@ -44,8 +44,9 @@ class Thresholds:
     --precision format (docs/precision.md).
     attention_spread: the effective logit variance (1-r) s^2 past which attention's
     closed forms stop holding and the softmax heads towards one-hot (a warning).
-    attention_participation: the mean sum_j p_ij^2 at or past which the average query
-    puts most of its weight on one key (an error).
+    attention_participation: the mean sum_j p_ij^2, read over its floor at uniform weights
+    ((Σp² - u) / (1 - u), u = 1/k over k keys), at or past which the average query puts
+    most of its weight on one key (an error).
     """
 
     # Asymmetric, and both limits placed by training (bench/boundary.py, docs/flags.md):

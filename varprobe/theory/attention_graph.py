@@ -232,14 +232,28 @@ class AttentionGraph:
         nx = self.rec._lookup(x) if isinstance(x, T) else None
         if nx is None:
             return -1
-        dim = _arg(args, kwargs, 1, "dim", None)
-        state = self.pending.get(nx)
         node = self.rec._add(Node("unknown", (nx,), reason=_name(func),
                                   where=self.rec._where()))
+        self._softmaxed(self.pending.get(nx), _arg(args, kwargs, 1, "dim", None), x, node, out)
+        return node
+
+    def _softmaxed(self, state: Pending | None, dim: Any, x: T, node: int, out: T) -> None:
         if state is not None and not state.probs and dim in (-1, x.dim() - 1):
             self.pending[node] = replace(state, probs=True, stats={
                 **state.stats, **(_softmax_stats(x, out) if not x.is_meta else {})})
-        return node
+
+    def module_step(self, index: int, inputs: tuple[int, ...], x: T | None, node: int,
+                    out: T) -> None:
+        """An ``nn.Softmax`` or ``nn.Dropout`` module on the chain (an
+        ``nn.Softmax(dim=-1)``, timm's ``attn_drop``), followed as its function is;
+        ``x``: the softmax module's input (the logits)."""
+        module = self.modules.get(index)
+        state = self.pending.get(inputs[0]) if len(inputs) == 1 else None
+        if isinstance(module, nn.Softmax) and isinstance(x, T):
+            self._softmaxed(state, module.dim, x, node, out)
+        elif type(module) is nn.Dropout and state is not None and state.probs:
+            self.pending[node] = replace(state, facts=replace(
+                state.facts, dropout=module.p if module.training else 0.0))
 
     def carry(self, func, args: tuple, kwargs: dict, node: int, out: T) -> None:
         """Pass a pending attention on to ``node``, made by ``func`` from it, where
