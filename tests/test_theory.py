@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe import theory
+from varprobe import probe, theory
 
 # docs/theory-review.md §8, values at q = 1: (module, E[phi^2], E[phi'^2]).
 TABLE = [
@@ -173,6 +173,31 @@ def test_effective_fans_count_the_taps_the_module_really_uses(module, shape):
     fan_in, fan_out = theory.effective_fans(module, shape)
     assert fan_in == pytest.approx(taps, rel=1e-12)
     assert fan_out == pytest.approx(feeds, rel=1e-12)
+
+
+class CausalConv3d(nn.Conv3d):
+    """A video model's causal conv: no padding of its own, two frames of zeros in front
+    and a spatial border added in its forward (diffusers' WanCausalConv3d)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 3)
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 1, 1, 1, 2, 0)))
+
+
+def test_a_conv_that_pads_in_its_own_forward_keeps_its_nominal_fans():
+    """Its attributes describe another conv than the one it runs (on one frame the kernel
+    outgrows the unpadded input): the effective fans are unknown, the nominal ones stand,
+    and the probe predicts every layer."""
+    conv = CausalConv3d(4, 4)
+    assert theory.effective_fans(conv, (2, 4, 1, 8, 8)) is None
+    assert theory.effective_fans(conv, (2, 4, 5, 8, 8), (2, 4, 5, 8, 8)) is None
+    torch.manual_seed(0)
+    report = probe(nn.Sequential(CausalConv3d(4, 8), nn.ReLU(), CausalConv3d(8, 4)),
+                   torch.randn(2, 4, 1, 8, 8))
+    for layer in report.weight_layers:
+        assert layer.effective_fan_in == layer.fan_in and layer.predicted.forward_var > 0
 
 
 def test_grouped_and_depthwise_fans():

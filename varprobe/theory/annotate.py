@@ -182,9 +182,11 @@ def _effective_fans(layer: Layer, module: nn.Module) -> None:
     if layer.kind != "weight":
         return
     shape = layer.input_shape
-    if shape is not None and isinstance(module, nn.modules.conv._ConvNd):
-        layer.effective_fan_in, layer.effective_fan_out = effective_fans(module, shape)
-    else:  # no borders or stride: the nominal fans
+    eff = effective_fans(module, shape, layer.shape) if shape is not None and isinstance(
+        module, nn.modules.conv._ConvNd) else None
+    if eff is not None:
+        layer.effective_fan_in, layer.effective_fan_out = eff
+    else:  # no borders or stride, or a conv that pads on its own: the nominal fans
         layer.effective_fan_in = None if layer.fan_in is None else float(layer.fan_in)
         layer.effective_fan_out = None if layer.fan_out is None else float(layer.fan_out)
 

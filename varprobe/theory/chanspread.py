@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from varprobe.theory import norms, normshape, pools, tapmaps
+from varprobe.theory.layer_fans import kernel_fits
 from varprobe.theory.signal import Signal
 
 GAUSSIAN = 3.0  # E[w^4]/E[w^2]^2 of Gaussian weights (every scheme's draw)
@@ -96,7 +97,7 @@ def taps(module: nn.Module, input_shape) -> tuple[float, float] | None:
     spatial = tuple(map(int, (input_shape or ())[2:]))
     if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed \
             or module.padding_mode != "zeros" or not isinstance(module.padding, tuple) \
-            or len(spatial) != len(module.kernel_size):
+            or len(spatial) != len(module.kernel_size) or not kernel_fits(module, spatial):
         return None
     key = (module.kernel_size, module.stride, module.padding, module.dilation, spatial)
     if key not in _TAPS:

@@ -208,7 +208,8 @@ def _torch_formula(w: torch.Tensor) -> tuple[int, int]:
     return w.shape[1] * rf, w.shape[0] * rf
 
 
-def effective_fans(module: nn.Module, input_shape: Sequence[int]) -> tuple[float, float] | None:
+def effective_fans(module: nn.Module, input_shape: Sequence[int],
+                   output_shape: Sequence[int] | None = None) -> tuple[float, float] | None:
     """Fans averaged over positions, counting only the taps that touch real input.
 
     For a conv, output positions near a zero-padded border see fewer than k taps
@@ -222,7 +223,10 @@ def effective_fans(module: nn.Module, input_shape: Sequence[int]) -> tuple[float
     the trailing spatial dims are used. A transposed conv called with output_size
     is counted with its own output_padding. Non-zero padding modes (circular,
     reflect, replicate) feed every tap real data: f = 1.
-    Returns None for modules without a spatial kernel (use fans()).
+    Returns None for modules without a spatial kernel (use fans()), and where the
+    module does not compute what its attributes say on that input: the conv does not
+    fit it, or gives another ``output_shape`` than the one recorded (a subclass that
+    pads in its own forward, as a causal video conv does).
     """
     if not isinstance(module, nn.modules.conv._ConvNd):
         return None
@@ -230,13 +234,28 @@ def effective_fans(module: nn.Module, input_shape: Sequence[int]) -> tuple[float
     spatial = tuple(int(s) for s in input_shape[-d:])
     if len(spatial) != d:
         raise ValueError(f"input shape {list(input_shape)} has fewer than {d} spatial dims")
-    pairs, n_in, n_out = _tap_pairs(module.transposed, module.kernel_size, module.stride,
-                                    module.padding, module.dilation,
-                                    tuple(getattr(module, "output_padding", ())), spatial)
+    try:
+        pairs, n_in, n_out = _tap_pairs(module.transposed, module.kernel_size, module.stride,
+                                        module.padding, module.dilation,
+                                        tuple(getattr(module, "output_padding", ())), spatial)
+    except RuntimeError:  # the kernel outgrows the input: the module pads on its own
+        return None
+    if output_shape is not None and n_out != math.prod(int(v) for v in output_shape[-d:]):
+        return None
     if module.padding_mode != "zeros":  # padded with copies of the data: every tap is real
         pairs = math.prod(module.kernel_size) * n_out
     g = module.groups
     return (module.in_channels // g * pairs / n_out, module.out_channels // g * pairs / n_in)
+
+
+def kernel_fits(module: nn.modules.conv._ConvNd, spatial: Sequence[int]) -> bool:
+    """Whether the conv's kernel fits its zero-padded input on every axis: where it does
+    not, the module must pad on its own (or it would have raised), so its attributes
+    do not say where its borders are."""
+    if module.transposed or not isinstance(module.padding, tuple):
+        return True
+    return all(s + 2 * p >= d * (k - 1) + 1 for s, p, d, k in zip(
+        spatial, module.padding, module.dilation, module.kernel_size))
 
 
 def tap_fraction(module: nn.Module, input_shape: Sequence[int]) -> float | None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from varprobe.theory import tapmaps
-from varprobe.theory.layer_fans import ELEMENTWISE_LIBRARIES, NORMS, is_activation
+from varprobe.theory.layer_fans import ELEMENTWISE_LIBRARIES, NORMS, is_activation, kernel_fits
 from varprobe.theory.signal import Signal
 
 KEEP = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
@@ -55,7 +55,8 @@ def _convolve(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
 
 def _counted(module: nn.Module, spatial: tuple) -> bool:
     return (isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode == "zeros"
-            and isinstance(module.padding, tuple) and len(spatial) == len(module.kernel_size))
+            and isinstance(module.padding, tuple) and len(spatial) == len(module.kernel_size)
+            and kernel_fits(module, spatial))
 
 
 def _keeps(module: nn.Module) -> bool:
