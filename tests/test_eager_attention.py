@@ -22,11 +22,12 @@ class Block(nn.Module):
     ``kind``: "attention", or a chain that is only partly attention."""
 
     def __init__(self, kind: str = "attention", causal: bool = True, qk_std: float | None = None,
-                 dropout: float = 0.0, modules: bool = False):
+                 dropout: float = 0.0, modules: bool = False, refill: bool = False):
         super().__init__()
         self.q, self.k, self.v = (nn.Linear(N, N, bias=False) for _ in range(3))
         self.out = nn.Linear(N, N, bias=False)
         self.kind, self.causal, self.p, self.dropout = kind, causal, None, dropout
+        self.refill = refill  # zero p's masked entries again after the softmax (CPM-Ant)
         if qk_std is not None:
             for m in (self.q, self.k):
                 nn.init.normal_(m.weight, 0, qk_std)
@@ -40,8 +41,8 @@ class Block(nn.Module):
         scores = q @ k.transpose(-1, -2) / math.sqrt(N // H)
         if self.kind == "gram":  # a matmul of two activations that is not attention
             return self.out((scores @ scores).transpose(1, 2).reshape(B, T, -1)[..., :N])
+        upper = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         if self.causal:
-            upper = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(upper, -math.inf)
         if self.steps is not None:
             p = self.steps[0](scores)
@@ -51,6 +52,8 @@ class Block(nn.Module):
             p = F.softmax(scores, dim=-2 if self.kind == "wrong axis" else -1)
             self.p = p.detach()
             p = F.dropout(p, self.dropout, self.training)
+        if self.refill:
+            p = torch.masked_fill(p, upper, 0)
         return self.out((p @ v).transpose(1, 2).reshape(B, T, N))
 
 
@@ -98,6 +101,15 @@ def test_softmax_and_dropout_modules_are_followed_as_their_functions(dropout):
     assert out["modules"].predicted == out["functions"].predicted
     assert out["modules"].predicted.basis == "graph" and not (
         out["modules"].predicted.note or "")
+
+
+def test_probabilities_zeroed_again_where_the_mask_was_keep_the_attention():
+    def run(refill: bool):
+        torch.manual_seed(0)
+        return probe(Block(refill=refill), torch.randn(8, T, N), seed=0)
+
+    (call,), (same,) = run(True).attention, run(False).attention
+    assert {**call, "where": None} == {**same, "where": None}
 
 
 def test_a_collapsed_attention_behind_a_softmax_module_is_flagged():

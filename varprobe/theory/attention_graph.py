@@ -264,16 +264,22 @@ class AttentionGraph:
             return
         if out.shape != args[0].shape:
             return  # a view that moves the axes: the softmax's axis is lost
-        facts = self._step(func, self.rec.nodes[node], state)
+        fill = _arg(args, kwargs, 2, "value", None) if func in MASK_FILLS else None
+        zero_fill = isinstance(fill, (int, float)) and fill == 0  # a number: no sync
+        facts = self._step(func, self.rec.nodes[node], state, zero_fill)
         if facts is not None:
             self.pending[node] = replace(state, facts=facts)
 
-    def _step(self, func, node: Node, state: Pending) -> Attention | None:
+    def _step(self, func, node: Node, state: Pending, zero_fill: bool = False) -> Attention | None:
         facts = state.facts
         if func in VIEWS or func is F.dropout:
             if func is F.dropout:
                 return replace(facts, dropout=node.p) if state.probs else None
             return facts if len(node.inputs) == 1 else None
+        if state.probs and zero_fill and len(node.inputs) == 1:
+            # p's masked entries set to 0 again after the softmax (CPM-Ant): taken to be
+            # the ones the logits' mask already sent to 0, so p @ v is unchanged
+            return facts
         if state.probs or len(node.inputs) != 1:
             return None  # p scaled, masked or added to: not attention's p @ v
         if (func in MUL or func in DIV) and node.scale is not None:
