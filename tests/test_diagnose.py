@@ -189,6 +189,17 @@ def test_a_hot_head_is_its_own_culprit_and_the_fix_cools_it():
     assert codes(probe(model, x), "error") == set()
 
 
+def test_a_head_fed_an_already_hot_pool_is_not_its_culprit():
+    """No norm: the pooled features carry the input's 1e4x scale into the head, whose own
+    step is PyTorch's default 1/3: the excess is not the head's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(64, 10))
+    report = probe(model, 100 * torch.randn(16, 3, 8, 8))
+    assert "exploding_forward" in codes(report, "error")
+    assert report.layers[-1].label == "4" and "4" not in report.summary.culprits
+
+
 def test_prelu_model_gets_he_prelu_with_its_own_slope():
     torch.manual_seed(0)
     layers: list[nn.Module] = []

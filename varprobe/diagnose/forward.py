@@ -160,7 +160,7 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
                            f"{since}: {CONSEQUENCE[code]}")
                 killed = None
             culprits = killed if killed is not None else (
-                culprits_of(report.layers, [trend], t) or _own(report.layers, at, what)
+                culprits_of(report.layers, [trend], t) or _own(report.layers, at, what, t)
                 or _scalers(report.layers, at, code, t))
             labels = [report.layers[i].label for i in culprits]
             # no module's output was zero first: a functional op between them zeroed it
@@ -185,12 +185,18 @@ def dead_branches(report: Report, zeros: list) -> None:
              "the branch's end, after its last activation", 0.0, makers)
 
 
-def _own(layers: list[Layer], at: int, what: str) -> list[int]:
+def _own(layers: list[Layer], at: int, what: str, t: Thresholds) -> list[int]:
     """The last layer itself, where its output is judged one weight layer after its
-    reference: its own forward factor made the excess. ``culprits`` wants both of a
-    layer's factors out of band, and a head's backward one, n̂·E[w²] over a few outputs,
-    is small by construction (a 10-class head at Var[w] = 1/30: forward 15, backward 0.3)."""
-    return [at] if "output" in what and (layers[at].depth or 1) <= 1 else []
+    reference and its own measured step, E[y²]/E[x²], passes the output's limit alone:
+    it made the excess (not a reference that was already too large). ``culprits``
+    wants both of a layer's factors out of band, and a head's backward one, n̂·E[w²]
+    over a few outputs, is small by construction (a 10-class head at Var[w] = 1/30:
+    forward 15, backward 0.3)."""
+    layer = layers[at]
+    m_in = pos(layer.input.second_moment) if layer.input is not None else None
+    m_out = layer.forward.second_moment if layer.forward is not None else None
+    own = m_in is not None and m_out is not None and m_out / m_in > t.output
+    return [at] if "output" in what and (layer.depth or 1) <= 1 and own else []
 
 
 def _scalers(layers: list[Layer], at: int, code: str, t: Thresholds) -> list[int]:
