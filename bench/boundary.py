@@ -20,6 +20,9 @@ SGD grid) and probed by varprobe at default settings:
   1-homogeneous, so the logits' E[y^2] grows as s^2);
 * ``relu_gain``: a 20-layer ReLU MLP at g^2 times He's variance (the signal and the
   gradient grow g^2 per layer).
+* ``mnasnet_head``: torchvision's MNASNet 0.5 built for 10 classes on 64x64 images, its
+  head (kaiming_uniform_ fan_out: Var[w] = 1/10) scaled by k: a classifier head's own
+  excess over normalized, pooled features (E[y^2] ~ 200 k^2 times theirs).
 
 For each point: the largest forward ratio varprobe judges (a weight layer's input, or
 the last layer's output, over its reference's: ``diagnose.forward.points``), the
@@ -50,6 +53,7 @@ import corpus
 import varprobe
 from bench import labels
 from corpus import broken
+from corpus.cnn_modern import MNASNet
 from varprobe.diagnose import backward, forward
 from varprobe.diagnose.common import is_weight
 from varprobe.diagnose.thresholds import Thresholds
@@ -87,6 +91,15 @@ def _scaled(s: float) -> Callable[[int], torch.Tensor]:
     return lambda batch: s * broken.vectors(batch)
 
 
+def _mnasnet_head(k: float) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        model = MNASNet(0.5, num_classes=10)
+        with torch.no_grad():
+            model.classifier[1].weight.mul_(k)
+        return model
+    return make
+
+
 def _relu(g2: float) -> Callable[[], nn.Module]:
     return lambda: broken.mlp(20, nn.ReLU, lambda fi, fo: math.sqrt(g2) * broken.HE(fi, fo))
 
@@ -108,6 +121,8 @@ FAMILIES = {
                inputs_for=_scaled),
         Family("relu_gain", "g^2 (x He)", (1.25, 1.5, 2, 2.5, 3, 4), _relu,
                broken.vectors, 16),
+        Family("mnasnet_head", "k (the 10-class head x k)", (1, 2, 3.16), _mnasnet_head,
+               lambda b: torch.randn(b, 3, 64, 64), 4),
     )
 }
 

@@ -1,19 +1,22 @@
 """Mobile, searched and transformer-era vision families at their libraries' init.
 
-MobileNetV2, MobileNetV3-Small, EfficientNet-B0 and RegNetY-400MF as torchvision builds
-them, ConvNeXt (torchvision blocks) and PoolFormer-S12 with LayerScale, and a Swin-style
-stack (shifted windows, relative-position-bias table). Probe times in the comments:
+MobileNetV2, MobileNetV3-Small, EfficientNet-B0, MNASNet 0.5 and RegNetY-400MF as
+torchvision builds them, ConvNeXt (torchvision blocks) and PoolFormer-S12 with LayerScale,
+and a Swin-style stack (shifted windows, relative-position-bias table). Probe times in the comments:
 ``varprobe.probe(e.build(), e.example())``, wall clock on a 2-core CPU shared with other
 jobs (load average 7-13, so several times what an idle machine takes).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from corpus import Entry, register
+from corpus.broken import pair
 from corpus.layers import (
     SqueezeExcitation,
     StochasticDepth,
@@ -181,6 +184,47 @@ class EfficientNetB0(nn.Module):
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class MNASNet(nn.Module):
+    """torchvision's MNASNet (B1 search space) at width ``alpha`` and its init: convs
+    kaiming_normal_(fan_out, relu), norms 1/0, the head kaiming_uniform_(fan_out,
+    sigmoid), so Var[w] = 1/num_classes (BatchNorm momentum left at PyTorch's 0.1, not
+    torchvision's 0.0003: the probe and the labels run in train mode on batch stats)."""
+
+    # output channels at alpha = 1, kernel, stride, expand ratio, repeats
+    STACKS = ((24, 3, 2, 3, 3), (40, 5, 2, 3, 3), (80, 5, 2, 6, 3), (96, 3, 1, 6, 2),
+              (192, 5, 2, 6, 4), (320, 3, 1, 6, 1))
+
+    def __init__(self, alpha: float = 0.5, num_classes: int = 1000):
+        super().__init__()
+        stem, first = make_divisible(32 * alpha), make_divisible(16 * alpha)
+        layers: list[nn.Module] = [conv_bn_act(3, stem, 3, 2),
+                                   conv_bn_act(stem, stem, 3, groups=stem),
+                                   conv_bn_act(stem, first, 1, act=None)]
+        cin = first
+        for out, k, s, t, n in self.STACKS:
+            cout = make_divisible(out * alpha)
+            for i in range(n):
+                layers.append(InvertedResidual(cin, k, cin * t, cout, s if i == 0 else 1,
+                                               nn.ReLU))
+                cin = cout
+        layers.append(conv_bn_act(cin, 1280, 1))
+        self.layers = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2, inplace=True),
+                                        nn.Linear(1280, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, mode="fan_out", nonlinearity="sigmoid")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(self.layers(x).mean([2, 3]))
 
 
 class ResBottleneckBlock(nn.Module):
@@ -413,3 +457,26 @@ for _e in (
     ),
 ):
     register(_e)
+
+
+def _head_for_1000(model: nn.Module) -> nn.Module:
+    """The twins: the 10-class head drawn as the library draws it for 1000 classes."""
+    head = model.classifier[1]
+    # MNASNet: kaiming_uniform_(fan_out = 1000, gain 1); EfficientNet: U(+-1/sqrt(out))
+    bound = math.sqrt(3 / 1000) if isinstance(model, MNASNet) else 1 / math.sqrt(1000)
+    nn.init.uniform_(head.weight, -bound, bound)
+    return model
+
+
+pair("efficientnet_b0_10cls", _TV, lambda: EfficientNetB0(num_classes=10),
+     lambda: _head_for_1000(EfficientNetB0(num_classes=10)), images(3, 224),
+     "hot logits: torchvision's head init U(+-1/sqrt(num_classes)) at 10 classes gives "
+     "Var[w] = 1/30, so the logits start at E[y²] ~56x the pooled features'",
+     culprits=("classifier.1",), batch_size=2,
+     notes="torchvision EfficientNet-B0 built with num_classes=10")
+pair("mnasnet0_5_10cls", _TV, lambda: MNASNet(0.5, num_classes=10),
+     lambda: _head_for_1000(MNASNet(0.5, num_classes=10)), images(3, 224),
+     "hot logits: torchvision's head init kaiming_uniform_(fan_out) at 10 classes gives "
+     "Var[w] = 1/10, so the logits start at E[y²] ~200x the pooled features'",
+     culprits=("classifier.1",), batch_size=2,
+     notes="torchvision MNASNet 0.5 built with num_classes=10")
