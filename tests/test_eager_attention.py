@@ -197,3 +197,11 @@ def test_a_causal_mask_over_two_tokens_at_uniform_weights_is_not_collapsed():
     assert call["causal"] and call["participation"] >= 0.74
     assert "attention_collapsed" not in {f.code for layer in report.layers
                                          for f in layer.flags}
+
+
+def test_predict_follows_the_softmax_and_dropout_modules_on_meta():
+    reports = [predict(Block(causal=False, modules=modules, dropout=0.1).to("meta"),
+                       input_shape=(T, N), batch_size=8) for modules in (True, False)]
+    (call,), (same,) = (r.attention for r in reports)
+    assert {**call, "where": None} == {**same, "where": None}
+    assert reports[0].layers[-1].predicted == reports[1].layers[-1].predicted
