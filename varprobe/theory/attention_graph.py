@@ -76,6 +76,7 @@ class AttentionGraph:
         self.rec = rec
         self.pending: dict[int, Pending] = {}
         self.modules: dict[int, nn.Module] = {}  # call index -> module (the Recorder's)
+        self._softmax_inputs: dict[int, T] = {}  # an nn.Softmax call's input, until it ends
         self.selected: dict[int, tuple[int, int]] = {}  # where(c, x, m): (x's node, numel)
         self._parents = {id(c): m for m in model.modules() for c in m.children()}
 
@@ -242,12 +243,17 @@ class AttentionGraph:
             self.pending[node] = replace(state, probs=True, stats={
                 **state.stats, **(_softmax_stats(x, out) if not x.is_meta else {})})
 
-    def module_step(self, index: int, inputs: tuple[int, ...], x: T | None, node: int,
-                    out: T) -> None:
+    def enter(self, index: int, module: nn.Module, args: tuple) -> None:
+        """A module call starts: an nn.Softmax's input (the logits) is kept until it
+        ends, for the statistics taken at the softmax."""
+        self.modules[index] = module
+        if isinstance(module, nn.Softmax) and args and isinstance(args[0], T):
+            self._softmax_inputs[index] = args[0]
+
+    def module_step(self, index: int, inputs: tuple[int, ...], node: int, out: T) -> None:
         """An ``nn.Softmax`` or ``nn.Dropout`` module on the chain (an
-        ``nn.Softmax(dim=-1)``, timm's ``attn_drop``), followed as its function is;
-        ``x``: the softmax module's input (the logits)."""
-        module = self.modules.get(index)
+        ``nn.Softmax(dim=-1)``, timm's ``attn_drop``), followed as its function is."""
+        module, x = self.modules.get(index), self._softmax_inputs.pop(index, None)
         state = self.pending.get(inputs[0]) if len(inputs) == 1 else None
         if isinstance(module, nn.Softmax) and isinstance(x, T):
             self._softmaxed(state, module.dim, x, node, out)

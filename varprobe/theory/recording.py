@@ -67,7 +67,6 @@ class _Frame:
     inputs: tuple[int, ...]
     attn: Attention | None = None
     rotary: bool = False
-    logits: Any = None  # an nn.Softmax's input, for attention's statistics
 
 
 class Recording(TorchFunctionMode):
@@ -134,7 +133,7 @@ class Recording(TorchFunctionMode):
     def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.failed is not None:
             return
-        self._graph.modules[index] = module
+        self._graph.enter(index, module, args)
         if self._frames and self._frames[-1].opaque:
             self._frames.append(_Frame(index, True, ()))  # inside a module taken whole
             return
@@ -159,8 +158,7 @@ class Recording(TorchFunctionMode):
         attn = self._graph.multihead(module, args, kwargs) \
             if isinstance(module, nn.MultiheadAttention) else None
         self._frames.append(_Frame(index, _opaque(module), ids, attn,
-                                   "Rotary" in type(module).__name__,
-                                   primary if isinstance(module, nn.Softmax) else None))
+                                   "Rotary" in type(module).__name__))
         if self._frames[-1].opaque and self._on_top():
             self._off = torch._C._pop_torch_function_stack()  # nothing inside is recorded
 
@@ -192,8 +190,7 @@ class Recording(TorchFunctionMode):
                 node = self._add(Node("call", frame.inputs, index=frame.index,
                                       attn=frame.attn))
                 self._bind(outputs[0], node)
-                self._graph.module_step(frame.index, frame.inputs, frame.logits, node,
-                                        outputs[0])
+                self._graph.module_step(frame.index, frame.inputs, node, outputs[0])
                 for k, t in enumerate(outputs[1:], 1):
                     self._bind(t, self._add(Node(
                         "unknown", (node,), reason=f"output {k}, which is not measured",
