@@ -27,7 +27,7 @@ class Block(nn.Module):
         self.q, self.k, self.v = (nn.Linear(N, N, bias=False) for _ in range(3))
         self.out = nn.Linear(N, N, bias=False)
         self.kind, self.causal, self.p, self.dropout = kind, causal, None, dropout
-        self.refill = refill  # zero p's masked entries again after the softmax (CPM-Ant)
+        self.refill = refill  # zero p's masked entries again after the softmax
         if qk_std is not None:
             for m in (self.q, self.k):
                 nn.init.normal_(m.weight, 0, qk_std)

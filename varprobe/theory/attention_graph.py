@@ -283,7 +283,7 @@ class AttentionGraph:
                 return replace(facts, dropout=node.p) if state.probs else None
             return facts if len(node.inputs) == 1 else None
         if state.probs and zero_fill and len(node.inputs) == 1:
-            # p's masked entries set to 0 again after the softmax (CPM-Ant): taken to be
+            # p's masked entries set to 0 again after the softmax: taken to be
             # the ones the logits' mask already sent to 0, so p @ v is unchanged
             return facts
         if state.probs or len(node.inputs) != 1:
