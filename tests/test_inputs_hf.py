@@ -244,6 +244,40 @@ def test_a_set_the_plain_call_refuses_is_still_refused():
         varprobe.probe(SetsFlagOnComputed(), x)
 
 
+class CountsMask(nn.Module):
+    """Like HunyuanVideo: counts a float mask's ones with an integer-dtype sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        keep = mask.sum(dim=1, dtype=torch.int)
+        return self.lin(x) * (keep[:, None] > 0)
+
+
+def test_an_integer_reduction_of_a_float_input_runs_as_the_plain_call():
+    x, mask = torch.randn(2, 4), torch.ones(2, 3)
+    CountsMask()(x, mask)  # the plain call: the mask does not require grad
+    report = varprobe.probe(CountsMask(), (x, mask))
+    [lin] = [layer for layer in report.layers if layer.name == "lin"]
+    assert lin.backward is not None and lin.backward.var > 0
+    with pytest.raises(VarprobeError, match="Autograd not support dtype"):
+        varprobe.probe(nn.Sequential(SumsTrainable()), x)
+
+
+class SumsTrainable(nn.Module):
+    """An integer sum of a tensor that requires grad through a parameter: refused by
+    autograd in the plain call, and so under the probe."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * self.lin(x).sum(dim=1, dtype=torch.int)[:, None]
+
+
 def test_wav2vec2_in_train_mode_measures_its_first_conv_input_gradient():
     torch.manual_seed(0)
     model = wav2vec2().train()

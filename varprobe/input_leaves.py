@@ -9,7 +9,10 @@ PyTorch's "only leaf variables" error, which the plain call, where that tensor i
 leaf, never raises. While the forward runs, a TorchFunctionMode grants such a set: the
 tensor already requires grad, as asked, and its gradient is the one the model would
 see. A set on a tensor that requires grad through anything else (a parameter) raises
-as it always would.
+as it always would. Likewise a reduction to an integer dtype of a tensor that requires
+grad only through our leaves (HunyuanVideo's ``mask.sum(dim=1, dtype=torch.int)`` on a
+float mask) runs without grad, as the plain call's does: autograd refuses integer
+results.
 """
 
 from __future__ import annotations
@@ -40,10 +43,16 @@ class InputLeaves(TorchFunctionMode):
         return t
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if (getattr(func, "__self__", None) is _REQUIRES_GRAD and func.__name__ == "__set__"
                 and len(args) == 2 and args[1] is True and self._only_ours(args[0])):
             return None
-        return func(*args, **(kwargs or {}))
+        dtype = kwargs.get("dtype")
+        if (isinstance(dtype, torch.dtype) and not dtype.is_floating_point
+                and not dtype.is_complex and args and self._only_ours(args[0])):
+            with torch.no_grad():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
 
     def _only_ours(self, t: torch.Tensor) -> bool:
         """Whether ``t`` is a non-leaf only because of our leaves: every leaf its
