@@ -53,6 +53,20 @@ def test_each_output_gets_its_cotangents_memory():
     assert seen == {i: c.data_ptr() for i, c in enumerate(cots)}
 
 
+def test_the_default_cotangent_drives_the_first_output_and_says_so():
+    """He's N(0, 1) goes to the first float output; the second head gets no gradient, and
+    the report says how to drive it. A given cotangent or a loss drives both, silently."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    report = varprobe.probe(TwoHeads(), x)
+    heads = {layer.name: layer for layer in report.layers}
+    assert heads["a"].backward is not None and heads["b"].backward is None
+    assert any("first of the output's 2 float tensors" in n for n in report.notes)
+    driven = varprobe.probe(TwoHeads(), x, loss=lambda out: out[0].sum() + out[1].sum())
+    assert {layer.name: layer for layer in driven.layers}["b"].backward is not None
+    assert not any("first of the output" in n for n in driven.notes)
+
+
 def test_a_cotangent_of_another_shape_is_refused():
     out = nn.Linear(3, 4)(torch.randn(2, 3))
     with pytest.raises(VarprobeError, match=r"grad_output has shape \(1, 4\), the output "

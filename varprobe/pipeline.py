@@ -260,6 +260,12 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         layers=layers, varprobe_version=_version(), torch_version=torch.__version__)
     if note:
         report.notes.append(note)
+    elif grad_output is None and loss is None and len(out_leaves) > 1:
+        report.notes.append(
+            f"backward: the N(0, 1) cotangent drives the first of the output's "
+            f"{len(out_leaves)} float tensors that require grad (the logits, by He's "
+            "assumption); a layer that reaches only the others gets no gradient: a "
+            "loss(output) in the model file, or probe(loss=...), drives them all")
     return report, [call.module for call in rec.calls]
 
 
