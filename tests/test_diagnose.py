@@ -259,6 +259,18 @@ def test_a_scale_invariant_layer_is_not_an_error():
 
 # --- the other flags -----------------------------------------------------------------
 
+def test_a_zero_initialized_layer_is_no_shrinking_factor():
+    """Its n·E[w²]·g is 0, which is no scale that compounds: no ``shrinks``; the exact
+    zero it makes is the zero-signal rule's, which names it."""
+    model = mlp(8, he)
+    nn.init.zeros_(model[8].weight)
+    report = probe(model, batch_size=256)
+    assert "shrinks" not in codes(report)
+    [(layer, f)] = [(la, f) for la in report.layers for f in la.flags
+                    if f.code == "vanishing_forward"]
+    assert f.value == 0 and "8" in f.culprits
+
+
 def test_dead_units():
     model = mlp(3, he, bias=True)
     with torch.no_grad():

@@ -79,7 +79,10 @@ def multipliers(layers: list[Layer], t: Thresholds, weights: list[int]) -> None:
     layer whose output a norm rescales (its scale cancels), and the first and last weight
     layers of the network (a one-off factor at the ends). A stretch that is added back
     onto the trunk it branched off (a residual branch, varprobe.structure's ``rejoins``)
-    does not shrink the signal, which the trunk carries: only ``amplifies`` there.
+    does not shrink the signal, which the trunk carries: only ``amplifies`` there. Nor
+    a layer whose weights are all zero (ControlNet's zero convs, a zero-initialized
+    output): its factor is no scale that compounds, and the exact zero it makes is
+    judged where it is read (diagnose.forward's zero-signal rules).
     """
     every = [i for i, layer in enumerate(layers) if is_weight(layer)]
     ends = {every[0], every[-1]} if every else set()
@@ -91,7 +94,7 @@ def multipliers(layers: list[Layer], t: Thresholds, weights: list[int]) -> None:
     for i in weights:
         layer = layers[i]
         values = multiplier_values(layer)
-        if (i in ends or not values or feeds_norm(layers, i)
+        if (i in ends or not any(values) or feeds_norm(layers, i)
                 or sizes.get(layer.stretch, 0) < t.stretch):
             continue
         code = ("shrinks" if max(values) < lo and layer.stretch not in branches
