@@ -118,12 +118,12 @@ def _score(report: Report, scheme: str, ref: float | None, t: Thresholds,
     """Worst |log| forward ratio over the predicted trajectory plus |log| end-to-end
     backward ratio; None when the trajectory leaves the forward band, or the last
     layer's output passes the output's own limit (what the loss sees: held, as
-    diagnose.forward holds it, against the smaller of 1, the network's reference and
-    the layer's own predicted input, which a head right after a norm or a pool has as
-    its reference). Layers without a closed form (attention) carry no prediction and
-    are passed over."""
+    diagnose.forward holds it, against the smaller of 1 and its reference: the network's,
+    or for a head right after a norm or a pool, its own predicted input). Layers without
+    a closed form (attention) carry no prediction and are passed over."""
     last = report.weight_layers[-1] if report.weight_layers else None
-    values = [(v, pos(p.input_var) if layer is last else None, layer is last)
+    values = [(v, pos(p.input_var) if layer is last and (layer.depth or 1) <= 1 else None,
+               layer is last)
               for layer in report.weight_layers
               if (p := layer.schemes.get(scheme)) is not None
               and (v := pos(p.forward_var)) is not None]
