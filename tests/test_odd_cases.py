@@ -139,6 +139,8 @@ class Structured(nn.Module):
             return y, h
         if self.kind == "dict":
             return {"logits": y, "hidden": h}
+        if self.kind == "nested":  # a ControlNet's residuals: a tuple inside the output
+            return {"logits": y, "states": (h, 2 * h), "count": 3}
         return Output(y, y.argmax(-1))
 
 
@@ -170,6 +172,13 @@ def test_default_cotangent_covers_a_dataclass_output_with_an_integer_field():
     report = probe_untouched(Structured("dataclass"), torch.randn(BATCH, WIDTH))
     assert all(layer.backward is not None for layer in report.weight_layers)
     assert report.output.shape == [BATCH, 4]
+
+
+def test_the_output_shape_lists_every_tensor_of_a_nested_output():
+    report = probe_untouched(Structured("nested"), torch.randn(BATCH, WIDTH))
+    assert report.output.shape == {"logits": [BATCH, 4],
+                                   "states": [[BATCH, WIDTH], [BATCH, WIDTH]]}
+    assert any("first of the output's 3 float tensors" in n for n in report.notes)
 
 
 class KeywordOnly(nn.Module):

@@ -52,8 +52,10 @@ def tensor_info(value: Any, host: list, slot: int | None,
     if first is None:
         return TensorInfo(shape=None, dtype=None, mean=None, var=None, second_moment=None)
     shape: Any = list(first.shape)
-    if isinstance(value, dict):
-        shape = {k: list(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)}
+    if isinstance(value, dict):  # a value holding several tensors lists each one's shape
+        shape = {k: list(v.shape) if isinstance(v, torch.Tensor) else
+                 [list(t.shape) for t in tensor_leaves(v)]
+                 for k, v in value.items() if tensor_leaves(v)}
     row = host[slot] if slot is not None else [None] * stats.WIDTH
     return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
                       mean=row[stats.MEAN], var=row[stats.VAR],
