@@ -20,9 +20,9 @@ from varprobe. The protocol, the same for every entry:
     over ``e.vocab`` in which each token has two likely successors (probability 0.45
     each, the remaining 0.1 spread uniformly); next-token cross-entropy on the output.
   - "regress": the classes above in the input; MSE to a fixed N(0, 1) vector per class
-    along the output's channel axis (dim 1 of an image map, else the last), broadcast
-    over positions, on the raw output (an output at the wrong scale is part of what is
-    being judged).
+    along the output's channel axis (dim 1 of an image or video map, else the last),
+    broadcast over positions, on the raw output (an output at the wrong scale is part
+    of what is being judged).
 * chance: the loss of the best constant output: ln(classes) for "classify", ln(vocab)
   for "lm", the targets' variance across examples for "regress".
 * Optimizers: SGD (momentum 0.9) at learning rates 0.1, 0.03, 0.01, 0.003 and AdamW
@@ -200,9 +200,10 @@ def _show_classes(x: torch.Tensor, y: torch.Tensor, vocab: int | None, gen) -> t
 
 def _class_targets(y: torch.Tensor, shape: torch.Size, gen) -> torch.Tensor:
     """Regression targets: a fixed N(0, 1) vector per class along the output's channel
-    axis (dim 1 of an image map, the last dim otherwise), broadcast over positions: a
-    target any network that can read the class can fit, convolutional ones included."""
-    axis = 0 if len(shape) == 3 else len(shape) - 1  # per-example dims
+    axis (dim 1 of an image or video map, the last dim otherwise), broadcast over
+    positions: a target any network that can read the class can fit, convolutional ones
+    included."""
+    axis = 0 if len(shape) >= 3 else len(shape) - 1  # per-example dims
     vectors = torch.randn(int(y.max()) + 1, shape[axis], generator=gen)
     view = [1] * len(shape)
     view[axis] = shape[axis]

@@ -97,3 +97,14 @@ def test_labels_show_the_class_at_the_inputs_own_scale():
     tokens = labels._show_classes(torch.zeros(64, 10, dtype=torch.long), y, 100,
                                   torch.Generator().manual_seed(0))
     assert ((tokens // 25) == y[:, None]).all()
+
+
+def test_labels_regression_targets_vary_along_the_channels_of_an_image_or_video_map():
+    """One class: its target is one vector, constant over every position of the map."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.zeros(2, dtype=torch.long)
+    for shape in (torch.Size((3, 4, 5)), torch.Size((3, 2, 4, 5))):  # (C, H, W), (C, F, H, W)
+        t = labels._class_targets(y, shape, gen)
+        flat = t.flatten(2)  # (B, C, positions)
+        assert torch.equal(flat, flat[..., :1].expand_as(flat))
+        assert flat[0, :, 0].unique().numel() == 3  # three channels, three values
