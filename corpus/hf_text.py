@@ -16,6 +16,7 @@ import torch
 import transformers as tf
 
 from corpus import Entry, register
+from corpus.broken import pair
 
 tf.logging.set_verbosity_error()
 
@@ -127,3 +128,25 @@ register(Entry(
     notes="T5 v1.0: RMS-style norm without bias, relative position buckets, unscaled "
           "attention (folded into the init), tied head rescaled by d_model^-0.5",
     tags=("transformer", "encoder-decoder", "token-input")))
+
+
+def _t5_v11(head_scaled: bool = False) -> torch.nn.Module:
+    """T5 v1.1 as its config asks (gated GELU, ``tie_word_embeddings=False``): the library
+    still ties the head to the N(0, 1) shared embedding but drops v1.0's d_model^-0.5
+    before it. The twin: the head untied into a copy scaled by d_model^-0.5."""
+    made = model("T5ForConditionalGeneration", "T5Config", num_layers=LAYERS,
+                 num_decoder_layers=LAYERS, d_model=WIDTH, d_ff=4 * WIDTH, num_heads=HEADS,
+                 d_kv=WIDTH // HEADS, vocab_size=VOCAB, feed_forward_proj="gated-gelu",
+                 tie_word_embeddings=False)()
+    if head_scaled:
+        head = torch.nn.Linear(WIDTH, VOCAB, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(made.shared.weight * WIDTH ** -0.5)
+        made.lm_head = head
+    return made
+
+
+pair("hf_t5_v11", "transformers", _t5_v11, lambda: _t5_v11(True), seq2seq_ids,
+     "hot logits: the LM head is the N(0, 1) embedding with no d_model^-0.5 before it, so "
+     "the logits start at E[y²] ~ d_model", culprits=("lm_head",), batch_size=8,
+     task="lm", vocab=VOCAB, notes="T5 v1.1 (gated GELU) as transformers builds it")
