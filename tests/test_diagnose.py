@@ -184,9 +184,20 @@ def test_a_hot_head_is_its_own_culprit_and_the_fix_cools_it():
     assert head.forward.second_moment / head.input.second_moment == pytest.approx(
         256 * model[-1].weight.double().square().mean().item(), rel=0.3)
     assert report.summary.culprits == ["8"] and report.summary.cause.startswith("8 ")
-    # the fix is held to the output's own limit too, so pasting it clears the error
+    # the fix re-draws the head alone, and pasting it clears the error
+    fix = report.summary.fix
+    assert fix.layers == ["8"] and "get_submodule('8')" in fix.code
+    others = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("8.")}
     apply_fix(model, report)
-    assert codes(probe(model, x), "error") == set()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in others.items())
+    after = probe(model, x)
+    assert codes(after, "error") == set()
+    # its predicted end-to-end forward ratio against the one measured after the paste,
+    # within theory_mismatch's 4 sd of a fresh draw over 10 outputs, sqrt(2/10) in log
+    # (docs/theory-review.md §10); the old weights' ratio is 25.6/2 = 12.8x away
+    head = after.layers[-1]
+    measured = head.forward.second_moment / report.input.second_moment
+    assert abs(math.log(measured / fix.after[0])) < 4 * math.sqrt(2 / 10)
 
 
 def test_a_head_fed_an_already_hot_pool_is_not_its_culprit():

@@ -68,6 +68,19 @@ def code(scheme: str, weights: list[Layer], slopes: list[float]) -> tuple[str, s
             + body), short
 
 
+def redraw(scheme: str, layer: Layer) -> tuple[str, str]:
+    """Runnable code that re-draws the one layer ``layer.name`` (its module path) with
+    ``scheme`` (one of VARIANCE's), and the init alone in one line."""
+    linear = layer.type == "Linear"
+    helper, fans = ("import math\n\n", "m.in_features, m.out_features") if linear \
+        else (FANS, "fans(m)")
+    draw = DRAW.format(fans=fans, variance=VARIANCE[scheme])
+    body = "\n".join(line.removeprefix("    ") for line in draw.splitlines())
+    short = (f"{scheme} init on {layer.name} alone: normal_(std=sqrt({VARIANCE[scheme]})) "
+             "on varprobe's fans, zero bias")
+    return helper + f"m = model.get_submodule({layer.name!r})\n" + body, short
+
+
 # transformers' Conv1D has no reset_parameters: what nn.Linear's does, on torch's fan-in
 # of Conv1D's (in, out) weight, which is its out (the fans the scheme was scored on)
 CONV1D_DEFAULT = """import math

@@ -98,6 +98,9 @@ def fix(report: Report, t: Thresholds) -> Fix | None:
     weights = [layer for layer in report.weight_layers if layer.type in LINEAR_TYPES]
     if not weights:
         return None
+    head = _hot_head(report, weights[-1])
+    if head is not None and (found := _head_fix(report, t, head)) is not None:
+        return found
     ref = network_reference(report)
     best: tuple[float, str, tuple[float | None, float | None]] | None = None
     for scheme in SCHEME_PREFERENCE:
@@ -111,6 +114,38 @@ def fix(report: Report, t: Thresholds) -> Fix | None:
     code, short = fixcode.code(scheme, weights, [_slope(layer) for layer in weights])
     return Fix(scheme=scheme, code=code, short=short, layers=[w.label for w in weights],
                before=list(end_to_end(report)), after=list(after))
+
+
+def _hot_head(report: Report, last: Layer) -> Layer | None:
+    """The last weight layer, where every error is its own output excess (the flag that
+    names it its own culprit, diagnose.forward): re-drawing it alone is the fix."""
+    errors = [(layer, f) for layer in report.layers for f in layer.flags
+              if f.severity == "error"]
+    own = all(layer is last and f.code == "exploding_forward" and f.culprits == [last.label]
+              for layer, f in errors)
+    return last if errors and own and last is report.weight_layers[-1] else None
+
+
+def _head_fix(report: Report, t: Thresholds, head: Layer) -> Fix | None:
+    """The head alone re-drawn with the first scheme whose output, n·Var[w]·E[x²] on its
+    measured input (a linear layer's closed form, the bias zeroed), passes the output's
+    limit against min(its input, 1), its reference. The end-to-end ratios move by the new
+    E[w²] over the old: the head's forward and backward factors are both linear in it."""
+    from varprobe.theory import end_to_end, scheme_variance  # imports torch
+
+    m_in = pos(head.input.second_moment) if head.input is not None else None
+    w2, n = pos(head.weight_second_moment), head.effective_fan_in or head.fan_in
+    if m_in is None or w2 is None or not n:
+        return None
+    for scheme in (s for s in SCHEME_PREFERENCE if s in fixcode.VARIANCE and s != "he-prelu"):
+        var = scheme_variance(scheme, head.fan_in, head.fan_out)
+        if var is None or n * var * m_in / min(m_in, 1.0) > t.output:
+            continue
+        before = list(end_to_end(report))
+        code, short = fixcode.redraw(scheme, head)
+        return Fix(scheme=scheme, code=code, short=short, layers=[head.label], before=before,
+                   after=[None if v is None else v * var / w2 for v in before])
+    return None
 
 
 def _score(report: Report, scheme: str, ref: float | None, t: Thresholds,
