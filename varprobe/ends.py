@@ -54,8 +54,8 @@ def tensor_info(value: Any, host: list, slot: int | None,
     shape: Any = list(first.shape)
     if isinstance(value, dict):  # a value holding several tensors lists each one's shape
         shape = {k: list(v.shape) if isinstance(v, torch.Tensor) else
-                 [list(t.shape) for t in tensor_leaves(v)]
-                 for k, v in value.items() if tensor_leaves(v)}
+                 [list(t.shape) for t in leaves]
+                 for k, v in value.items() if (leaves := tensor_leaves(v))}
     row = host[slot] if slot is not None else [None] * stats.WIDTH
     return TensorInfo(shape=shape, dtype=str(first.dtype).removeprefix("torch."),
                       mean=row[stats.MEAN], var=row[stats.VAR],

@@ -234,12 +234,11 @@ def effective_fans(module: nn.Module, input_shape: Sequence[int],
     spatial = tuple(int(s) for s in input_shape[-d:])
     if len(spatial) != d:
         raise ValueError(f"input shape {list(input_shape)} has fewer than {d} spatial dims")
-    try:
-        pairs, n_in, n_out = _tap_pairs(module.transposed, module.kernel_size, module.stride,
-                                        module.padding, module.dilation,
-                                        tuple(getattr(module, "output_padding", ())), spatial)
-    except RuntimeError:  # the kernel outgrows the input: the module pads on its own
+    if not kernel_fits(module, spatial):
         return None
+    pairs, n_in, n_out = _tap_pairs(module.transposed, module.kernel_size, module.stride,
+                                    module.padding, module.dilation,
+                                    tuple(getattr(module, "output_padding", ())), spatial)
     if output_shape is not None and n_out != math.prod(int(v) for v in output_shape[-d:]):
         return None
     if module.padding_mode != "zeros":  # padded with copies of the data: every tap is real
