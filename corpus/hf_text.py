@@ -70,6 +70,14 @@ lm("hf_qwen2", "Qwen2ForCausalLM", "Qwen2Config",
 lm("hf_gemma", "GemmaForCausalLM", "GemmaConfig",
    "Gemma: embeddings scaled by sqrt(hidden), (1 + w) RMSNorm, GeGLU, tied head",
    **DECODER, num_key_value_heads=1, head_dim=32, intermediate_size=344)
+lm("hf_gemma3n", "Gemma3nForCausalLM", "Gemma3nTextConfig",
+   "Gemma 3n: AltUp (4 streams in one tensor, the corrected one scaled by a learned "
+   "gate at 0 into per-layer inputs added back in place), LAuReL, per-layer "
+   "embeddings, Gaussian top-k activation sparsity in the first layers, tied head",
+   **DECODER, num_key_value_heads=2, head_dim=32, intermediate_size=344,
+   vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16, laurel_rank=8,
+   layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
+   num_kv_shared_layers=0, activation_sparsity_pattern=[0.95, 0.95] + [0.0] * (LAYERS - 2))
 lm("hf_gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXConfig",
    "GPT-NeoX (Pythia): parallel attention + MLP residual, partial rotary, untied head",
    **DECODER, intermediate_size=4 * WIDTH)

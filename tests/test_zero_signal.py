@@ -136,3 +136,59 @@ def test_a_zero_on_the_trunk_stays_an_error_even_where_it_comes_back():
     assert step_moves(mlp, x, [mlp[4].weight]) == [False]
     report = probe(mlp, x)
     assert "vanishing_forward" in codes(report) and not flagged(report, "dead_branch")
+
+
+class Gated(nn.Module):
+    """Residual MLP blocks whose branch starts at a scale that is 0 at init, applied
+    between modules (``x * self.scale``); ``learned``: a parameter (a gate that learns,
+    as Gemma 3n's AltUp scales its corrected stream), else a buffer. ``streams``: the
+    blocks carry two streams stacked in one tensor, the branch reads stream 0 and its
+    output is added in place into stream 1 (``x[1:] += ...``, AltUp's layout)."""
+
+    def __init__(self, learned: bool, streams: bool, depth: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.streams = streams
+        self.up = nn.ModuleList(nn.Linear(D, 4 * D) for _ in range(depth))
+        self.down = nn.ModuleList(nn.Linear(4 * D, D) for _ in range(depth))
+        for k in range(depth):
+            zero = torch.zeros(D)
+            if learned:
+                self.register_parameter(f"scale{k}", nn.Parameter(zero))
+            else:
+                self.register_buffer(f"scale{k}", zero)
+        self.head = nn.Linear(D, 10)
+
+    def forward(self, x):
+        if self.streams:
+            x = torch.stack([x, x])
+        for k, (up, down) in enumerate(zip(self.up, self.down)):
+            scale = getattr(self, f"scale{k}")
+            if self.streams:
+                x = x.clone()
+                x[1:] += down(F.gelu(up(x[0].clone() * scale)))
+            else:
+                x = x + down(F.gelu(up(x * scale)))
+        return self.head(x.mean(0) if self.streams else x)
+
+
+def test_a_learned_gate_at_zero_between_modules_comes_back():
+    """The gate's gradient is its input times the gradient at the branch's first layer,
+    which is not zero (gelu'(b) and the layers after it are not): the gate moves at the
+    first step and the zero is gone, in both layouts; a zero buffer never moves, and the
+    branch's layers never learn (dead_branch, a warning: the trunk carries on). In the
+    stacked layout the in-place add into a slice is the branch's rejoin."""
+    x = torch.randn(64, D)
+    for streams in (False, True):
+        model = Gated(learned=True, streams=streams)
+        assert step_moves(model, x, [model.scale0, model.up[0].weight]) == [True, False]
+        report = probe(model, x)
+        assert codes(report) == set() and not flagged(report, "dead_branch")
+        frozen = Gated(learned=False, streams=streams)
+        assert step_moves(frozen, x, [frozen.up[0].weight, frozen.down[0].weight]) == \
+            [False, True]
+        report = probe(frozen, x)
+        assert codes(report) == set()
+        assert flagged(report, "dead_branch") == ["up.0", "up.1", "up.2"]
+        assert [la.label for la in report.layers if la.rejoins] == ["down.0", "down.1",
+                                                                    "down.2"]

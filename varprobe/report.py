@@ -114,6 +114,9 @@ class Layer:
     depth: int | None = None    # weight layers in series since the reference, itself included
     forks: bool | None = None   # its output is read by more than one operation
     rejoins: bool | None = None  # its output is added back onto the trunk it branched off
+    # its input is exactly zero, made between modules by a learned factor at 0 (a gate)
+    # that the gradient reaches: the gate moves at the first step and the zero is gone
+    revives: bool | None = None
     calls: int = 1              # how often the module was called in the pass
     ranges: dict[str, dict] = field(default_factory=dict)  # precision.Ranges.to_dict
 

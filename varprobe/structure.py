@@ -44,6 +44,7 @@ onto the tensor its branch forked off: a residual branch's end).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -116,6 +117,7 @@ def annotate(report: Report, recording: Recording | None,
     depths = _depths(recording.nodes, layers, anchors)
     consumers = _consumer_counts(recording.nodes)
     rejoining = _rejoining(recording.nodes, layers, trunks)
+    gated = _gated(recording.nodes, layers, recording.constants())
     stretches: dict[Anchor, int] = {}
     for node_id, node in enumerate(recording.nodes):
         if node.op not in ("call", "exit") or node.index is None:
@@ -132,6 +134,7 @@ def annotate(report: Report, recording: Recording | None,
         _set_reference(report, layer, anchor)
         layer.forks = consumers.get(node_id, 0) > 1
         layer.rejoins = node.index in rejoining
+        layer.revives = node.index in gated
         layer.depth = depths[node_id] if anchor.layer != node.index else 1
         if layer.kind == "weight":
             layer.stretch = stretches.setdefault(anchor, len(stretches))
@@ -310,14 +313,70 @@ def _rejoining(nodes: list[Node], layers: list[Layer], trunks: dict[int, int]) -
     return found
 
 
+def _gated(nodes: list[Node], layers: list[Layer], constants: list) -> set[int]:
+    """The weight layers whose exact-zero input a learned factor at 0 made between
+    modules (``x * self.scale``, the scale a zero-initialized parameter), reached through
+    views and scalings, from an input not known to be zero, where the gradient at the
+    layer's input is non-zero: then the gate's gradient, its input times that one, is
+    non-zero too, and it moves at the first step (a module that made the zero is
+    judged by its own gradient, diagnose.forward.revives)."""
+    found = set()
+    for node in nodes:
+        i = node.index
+        if node.op != "call" or i is None or layers[i].kind != "weight" \
+                or layers[i].input is None or layers[i].input.second_moment != 0:
+            continue
+        gate = _zero_factor(nodes, node.inputs[0] if node.inputs else None, constants)
+        grad = layers[i].backward_input
+        if gate is not None and nodes[gate].learned and not _zero_source(
+                nodes, layers, nodes[gate].inputs[0]) and grad is not None \
+                and grad.var is not None and 0 < grad.var < math.inf:
+            found.add(i)
+    return found
+
+
+def _zero_factor(nodes: list[Node], k: int | None, constants: list) -> int | None:
+    """The nearest node before ``k``, through nodes of one input, that scales by a factor
+    whose mean square is 0."""
+    while k is not None and k >= 0 and nodes[k].op == "linear" and not nodes[k].cat \
+            and len(nodes[k].inputs) == 1:
+        scale = nodes[k].scale
+        if scale is not None and constants[scale] is not None and constants[scale][0] == 0:
+            return k
+        k = nodes[k].inputs[0]
+    return None
+
+
+def _zero_source(nodes: list[Node], layers: list[Layer], k: int | None) -> bool:
+    """Whether the value at node ``k`` is known to be zero: the measured output of the
+    module it comes from through nodes of one input."""
+    while k is not None and k >= 0:
+        node = nodes[k]
+        if node.op == "call" and node.index is not None:
+            out = layers[node.index].forward
+            return out is not None and out.second_moment == 0
+        if len(node.inputs) != 1:
+            return False
+        k = node.inputs[0]
+    return False
+
+
 SHORTCUT = 3  # module calls a shortcut may pass through: avg pool, 1x1 conv, norm
 
 
 def _shortcut(nodes: list[Node], j: int) -> list[int]:
     """Node ``j`` and the nodes it was made from through up to ``SHORTCUT`` calls of one
     input each: where a shortcut module (``self.shortcut(x)``, an identity or a
-    projection, called after the branch) forked off the trunk."""
+    projection, called after the branch) forked off the trunk. Where ``j`` is itself a
+    view or a slice, the tensors it was taken from through views alone (``x[1:] +=
+    f(x[0])``: streams stacked in one tensor, the branch reading one of them), not on
+    through calls: a view of a value made far back (a time embedding added in every
+    block) is no trunk."""
     path = [j]
+    while _view(nodes[path[-1]]) and len(path) <= SHORTCUT:
+        path.append(nodes[path[-1]].inputs[0])
+    if len(path) > 1:
+        return path
     for _ in range(SHORTCUT):
         node = nodes[path[-1]]
         if node.op != "call" or len(node.inputs) != 1 or node.inputs[0] is None \
@@ -325,6 +384,12 @@ def _shortcut(nodes: list[Node], j: int) -> list[int]:
             break
         path.append(node.inputs[0])
     return path
+
+
+def _view(node: Node) -> bool:
+    """A node of one input that only views, slices or copies it."""
+    return node.op == "linear" and not node.cat and node.scale is None and not node.const \
+        and len(node.inputs) == 1 and node.inputs[0] is not None and node.inputs[0] >= 0
 
 
 def _branch_end(nodes: list[Node], layers: list[Layer], k: int) -> list[int]:

@@ -88,7 +88,10 @@ def revives(layers: list[Layer], i: int) -> bool:
     layer that made it (``_maker``) has a gradient at its output, so its parameters move
     (a zero-initialized layer before a tanh, a LayerNorm with γ = 0 at a pre-LN branch's
     start). Behind a ReLU the gradient is zero too, so the zero stays: its maker, and
-    the layers that read it, never learn."""
+    the layers that read it, never learn. A learned gate at 0 between modules
+    (``revives``, varprobe.structure) comes back by its own gradient."""
+    if layers[i].revives:
+        return True
     k = _maker(layers, i)
     grad = layers[k].backward if k is not None else None
     return grad is not None and pos(grad.var) is not None and math.isfinite(grad.var)

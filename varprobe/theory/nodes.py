@@ -129,6 +129,7 @@ class Node:
     positions: tuple[bool, ...] = ()  # product: each factor broadcast over positions only
     const: tuple[tuple[float, int, float], ...] = ()  # linear: (f_j, constant index, m_j)
     scale: int | None = None          # linear: constant index of a factor on the whole
+    learned: bool = False             # linear: that factor requires grad (a gate, learned)
     cat: bool = False                 # linear: a concatenation (pieces side by side)
     sparse: bool = False              # linear: a slice that leaves other positions out
     module: nn.Module | None = None   # act

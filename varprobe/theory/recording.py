@@ -329,7 +329,8 @@ class Recording(TorchFunctionMode):
         if k is None:
             return None
         return self._add(Node("linear", (node,), forward=(1.0,), means=(1.0,), backward=(1.0,),
-                              scale=k, where=self._where()))
+                              scale=k, learned=isinstance(c, T) and c.requires_grad,
+                              where=self._where()))
 
     def _root(self, k: int) -> int:
         """The node ``k`` was made from by elementwise ops of one input (activations,
