@@ -15,6 +15,7 @@ theory.tokenshape.TokenShapes.own_correlations).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 from varprobe.theory import attention, tokens
@@ -78,10 +79,43 @@ def _causal_means(keys: int) -> tuple[float, float]:
     return float((1 / i).mean()), float(((i - 1) / i**2).mean())
 
 
+CAP_RANGE = 0.01  # s²/c² up to which the closed forms take a soft cap as a scale
+
+
+def past_cap(facts: Attention, q: Signal, k: Signal) -> str | None:
+    """Why a soft-capped call has no closed form: its plain logits reach past a tenth of
+    the cap (s² > c²/100), where the cap reshapes their distribution. Inside, the cap
+    changes E[logit²] by under 2% and the closed forms hold as for plain logits; past
+    it they do not (at s² = c²/9 the query projection's gradient comes out 1.3x the
+    measured one, at s² = c² ~8x, tests/test_softcap.py); the probe's measured Σp²
+    still gives the forward."""
+    if facts.softcap is None:
+        return None
+    s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+    if s2 <= CAP_RANGE * facts.softcap ** 2:
+        return None
+    return (f"logits soft-capped at c = {facts.softcap:.3g} with s² = {s2:.3g} past the "
+            "cap's linear range (c²/100)")
+
+
+def capped(facts: Attention, q: Signal, k: Signal) -> Attention:
+    """``facts`` with a soft cap folded into the logit scale (attention.capped_scale)."""
+    if facts.softcap is None:
+        return facts
+    return replace(facts, scale=attention.capped_scale(q.m2, k.m2, facts.d_k, facts.scale,
+                                                       facts.softcap))
+
+
+def logit_variance(facts: Attention, q: Signal, k: Signal) -> float:
+    """s² of the logits the softmax sees, a soft cap's included."""
+    return attention.logit_variance(q.m2, k.m2, facts.d_k, capped(facts, q, k).scale)
+
+
 def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple | None,
             correlations: tuple | None, n: int | None = None) -> tuple[Signal, dict[str, Any]]:
     """E[z^2] at the head outputs and what the report says about the call. ``n``: the
     width the projections read (the finite-width coupling term; dropped when None)."""
+    facts = capped(facts, q, k)
     s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
@@ -123,6 +157,7 @@ def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
     0.018-0.035), and r_g stays: dropping it at spreads 2-5 put BERT's v 0.54-0.63x
     its gradient under He. A causal mask keeps each query's own window, and the overlap
     1/max(i, k) holds there."""
+    facts = capped(facts, q, k)
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
     r_g = min(r_g or 0.0, CEILING)  # below 0 where early tokens' gradients are small

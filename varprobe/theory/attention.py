@@ -80,6 +80,26 @@ def logit_variance(q_q: float, q_k: float, d_k: int, scale: float | None = None)
     return c * c * d_k * q_q * q_k
 
 
+def capped_scale(q_q: float, q_k: float, d_k: int, scale: float | None,
+                 cap: float | None) -> float | None:
+    """The logit scale under a soft cap c·tanh(s/c) (Gemma 2): the plain scale times
+    sqrt(E[(c tanh(s/c))^2] / s^2), s ~ N(0, s^2) (Gauss-Hermite), so that the closed
+    forms see the capped logits' variance. Exact to first order in s^2/c^2 both ways:
+    the capped variance is s^2 (1 - 2 s^2/c^2 + ...), and the logits' gradient carries
+    tanh'(s/c)^2 = sech^4, whose mean is 1 - 2 s^2/c^2 + ... too. Past the linear range
+    (s ~ c) the capped logits are taken as Gaussian of their own variance."""
+    c = 1 / math.sqrt(d_k) if scale is None else scale
+    s2 = logit_variance(q_q, q_k, d_k, scale)
+    if cap is None or not s2 > 0 or not math.isfinite(s2):
+        return scale
+    z, w = _HERMITE
+    capped = float(w @ (cap * np.tanh(math.sqrt(s2) * z / cap)) ** 2)
+    return c * math.sqrt(capped / s2)
+
+
+_HERMITE = (lambda z, w: (z, w / w.sum()))(*np.polynomial.hermite_e.hermegauss(40))
+
+
 def saturated(s2: float, r: float = 0.0) -> bool:
     """Whether the effective spread (1-r) s^2 exceeds SATURATED_SPREAD (§3.6 tier 1)."""
     return (1 - r) * s2 > SATURATED_SPREAD

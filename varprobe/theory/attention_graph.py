@@ -7,6 +7,8 @@ attention out: ``scores = q @ k^T [* c] [+ mask | masked_fill]``, ``p = softmax(
 two activations becomes a pending logits node that remembers its query and key nodes;
 scalings by a number, additive masks, masked_fill, dtype casts and the softmax over the
 keys carry the pending state; dropout on the probabilities sets the attention dropout;
+a soft cap c·tanh(s/c) on the logits (Gemma 2) sets ``softcap`` (the scale at the tanh,
+and the factor after it, give c);
 the matmul of the probabilities with a third activation becomes one "attention" node
 (inputs q, k, v) that the walk predicts with the same closed forms as an SDPA call. The
 intermediate nodes stay unknown ops: a chain that is only partly there (a matmul of two
@@ -51,6 +53,7 @@ from varprobe.theory.nodes import (
 MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
 SOFTMAXES = {F.softmax, torch.softmax, T.softmax}
 MASK_FILLS = {T.masked_fill, T.masked_fill_, torch.masked_fill}
+TANHS = {torch.tanh, T.tanh, F.tanh}
 PAIR = " of two activations"  # what an unfollowed matmul of two activations is called
 
 
@@ -67,6 +70,7 @@ class Pending:
     facts: Attention
     probs: bool = False
     stats: dict[str, T] = field(default_factory=dict)
+    capped_at: float | None = None  # the logits' scale where a tanh capped them
 
 
 class AttentionGraph:
@@ -209,8 +213,8 @@ class AttentionGraph:
             facts.gradient = len(self.rec._constants) - len(slots)
         if q is None or k is None or (probs is None and facts.measured is None):
             return  # an eager chain whose p the probe did not keep
-        if self._unsaturated(facts):
-            return
+        if self._unsaturated(facts) or facts.softcap is not None:
+            return  # the paths' factors have no tanh' in their chain rule
         slots = attention_paths.watch(q, k, v, mask, facts, out, probs)
         if slots:
             self.rec._constants.extend(slots)
@@ -240,6 +244,9 @@ class AttentionGraph:
 
     def _softmaxed(self, state: Pending | None, dim: Any, x: T, node: int, out: T) -> None:
         if state is not None and not state.probs and dim in (-1, x.dim() - 1):
+            if state.capped_at is not None:
+                state = replace(state, facts=replace(
+                    state.facts, softcap=abs(state.facts.scale / state.capped_at)))
             self.pending[node] = replace(state, probs=True, stats={
                 **state.stats, **(_softmax_stats(x, out) if not x.is_meta else {})})
 
@@ -270,6 +277,11 @@ class AttentionGraph:
             return
         if out.shape != args[0].shape:
             return  # a view that moves the axes: the softmax's axis is lost
+        if func in TANHS and not state.probs and state.capped_at is None \
+                and len(inputs) == 1 and state.facts.scale:
+            # c·tanh(s/c): the scale here is s's over c; the factors after it make s's
+            self.pending[node] = replace(state, capped_at=state.facts.scale)
+            return
         fill = _arg(args, kwargs, 2, "value", None) if func in MASK_FILLS else None
         zero_fill = isinstance(fill, (int, float)) and fill == 0  # a number: no sync
         facts = self._step(func, self.rec.nodes[node], state, zero_fill)

@@ -102,6 +102,7 @@ class Attention:
     paths: int | None = None  # the constants it fills with the paths' factors (attention_paths)
     bias: int | None = None  # the node of an activation added to the logits (a float mask)
     bias_fold: float = 1.0   # logits per element of it (the batch it is broadcast over)
+    softcap: float | None = None  # the logits are c·tanh(s/c) (Gemma 2's soft-capping)
 
 
 @dataclass

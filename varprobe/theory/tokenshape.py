@@ -108,7 +108,7 @@ class TokenShapes:
         no Gram (theory.tokenshape.TokenGrams)."""
         q, k, v = (self.values[i].signal for i in node.inputs[:3])
         facts = self.facts(node)
-        s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+        s2 = attend.logit_variance(facts, q, k)
         return (1 - attend.correlation(facts, v, None)) * s2 > tokens.SATURATED
 
     def width(self, node: Node) -> int | None:
@@ -284,7 +284,7 @@ class TokenGrams:
         # 0.69 without), ~57 under LeCun/Xavier and ~230 under He (0.7-2.1 with the
         # Gram, 0.56-0.89 without)
         q = self.values[node.inputs[0]].signal
-        s2 = attention.logit_variance(q.m2, k.signal.m2, facts.d_k, facts.scale)
+        s2 = attend.logit_variance(facts, q, k.signal)
         if (1 - attend.correlation(facts, v.signal, out)) * s2 > tokens.SATURATED:
             return None
         return out
@@ -331,7 +331,7 @@ class TokenGrams:
         causal = facts.causal and facts.queries == facts.keys
         counts = attention.key_counts(attend.keys(facts), causal)
         r = attend.correlation(facts, v, correlations)
-        s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+        s2 = attend.logit_variance(facts, q, k)
         n = self.width(node)
         p2i, _ = attention._moments(s2, r, counts, "gaussian", facts.d_k, n)
         coupling = (1 - r) ** 2 * s2 * (1 - p2i) ** 2 / n if n else None
@@ -431,7 +431,7 @@ class TokenGrams:
         if h is not None and h.shape[0] != counts.size:
             return None
         r = attend.correlation(facts, v, correlations)
-        s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
+        s2 = attend.logit_variance(facts, q, k)
         p2i, mi = attention._moments(s2, r, counts, "gaussian", facts.d_k, self.width(node))
         square = facts.queries == facts.keys
         r_g = None

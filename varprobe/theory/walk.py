@@ -244,6 +244,9 @@ class Walk(Backward, TokenShapes, TokenGrams):
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
                                "key_layer": self.producer(node.inputs[1]), **facts})
+        capped = attend.past_cap(self.facts(node), q, k)
+        if capped is not None and measured is None:
+            return Value(None, f"{capped}{self._place(node.where)}")
         return Value(signal, None, note, at, ins[2].mu, gram=gram)
 
     def facts(self, node: Node) -> Attention:
