@@ -51,6 +51,11 @@ from varprobe.theory.nodes import (
 )
 
 MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
+# views that keep the elements' order: with the last two axes kept, the heads are only
+# regrouped (Bloom's (batch·heads, q, k) logits viewed as (batch, heads, q, k))
+RESHAPES = {T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.unflatten,
+            torch.unflatten, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}
+BADDBMMS = {torch.baddbmm, T.baddbmm}  # beta·bias + alpha·(q @ kᵀ): Bloom's ALiBi logits
 SOFTMAXES = {F.softmax, torch.softmax, T.softmax}
 MASK_FILLS = {T.masked_fill, T.masked_fill_, torch.masked_fill}
 TANHS = {torch.tanh, T.tanh, F.tanh}
@@ -158,6 +163,27 @@ class AttentionGraph:
             self.pending[node] = self._logits(a, b, na, nb, transposed)
         return node
 
+    def baddbmm(self, args: tuple, kwargs: dict, out: T) -> int | None:
+        """beta·c + alpha·(a @ b) with c a constant (a position bias: ALiBi): the logits
+        of a @ b scaled by alpha, c taken as a mask is (the closed forms see every key;
+        a probe's measured Σp² includes it)."""
+        c, a, b = (_arg(args, kwargs, i, name, None)
+                   for i, name in enumerate(("input", "batch1", "batch2")))
+        if not all(isinstance(t, T) for t in (c, a, b)):
+            return None
+        if self.rec._lookup(c) is not None:
+            return None  # an activation added to the logits: not followed
+        alpha, beta = (kwargs.get(name, 1) for name in ("alpha", "beta"))
+        node = self.matmul(torch.bmm, (a, b), {}, out)
+        state = self.pending.get(node) if isinstance(node, int) and node >= 0 else None
+        if state is not None:
+            if not isinstance(alpha, (int, float)) or not isinstance(beta, (int, float)):
+                del self.pending[node]
+                return node
+            state.facts.scale, state.facts.masked = float(alpha), bool(beta)
+            self.rec.nodes[node].reason = "Tensor.baddbmm" + PAIR
+        return node
+
     def _logits(self, q: T, b: T, nq: int, nk: int, transposed: bool) -> Pending:
         k = b if transposed else b.transpose(-1, -2)  # keys as (..., T_k, d)
         facts = Attention(queries=q.shape[-2], keys=k.shape[-2], d_k=q.shape[-1],
@@ -194,11 +220,13 @@ class AttentionGraph:
                     torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
                     torch.stack([s["causal"], s["full"]]),
                     torch.stack([attention_stats.prefix_share(v), s.get("u_k", z)]),
-                    attention_stats.query_path(s["rows"], v.detach(), s["k"]) if "k" in s
-                    else torch.stack([z, z])])
+                    attention_stats.query_path(_like(s["rows"], v), v.detach(), s["k"])
+                    if "k" in s else torch.stack([z, z])])
             facts.measured = len(self.rec._constants) - 5
         s = state.stats
-        self._watch(facts, out, s.get("q"), s.get("k"), v, None, s.get("p"))
+        p = s.get("p")
+        self._watch(facts, out, s.get("q"), s.get("k"), v, None,
+                    _like(p, v) if p is not None else None)
         return self.rec._add(Node("attention", (state.q, state.k, nv), attn=facts,
                                   where=self.rec._where()))
 
@@ -275,7 +303,8 @@ class AttentionGraph:
         state = self.pending.get(inputs[0]) if inputs else None
         if state is None or node in self.pending or not isinstance(args[0], T):
             return
-        if out.shape != args[0].shape:
+        if out.shape != args[0].shape and not (
+                func in RESHAPES and out.shape[-2:] == args[0].shape[-2:]):
             return  # a view that moves the axes: the softmax's axis is lost
         if func in TANHS and not state.probs and state.capped_at is None \
                 and len(inputs) == 1 and state.facts.scale:
@@ -306,6 +335,15 @@ class AttentionGraph:
         if func in ADD and node.const or func in MASK_FILLS or func is torch.where:
             return replace(facts, masked=True)
         return None
+
+
+def _like(p: T, v: T) -> T:
+    """p (or rows of it) with v's leading axes where the chain regrouped them (Bloom's
+    (batch, heads, q, k) probabilities against (batch·heads, k, d) values)."""
+    lead = v.shape[:-2]
+    if p.shape[:-2] == lead or p.shape[:-2].numel() != lead.numel():
+        return p
+    return p.reshape(*lead, *p.shape[-2:])
 
 
 def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:

@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from varprobe.recorder import float_leaves
 from varprobe.theory import catshare, functional, normshape, positions, tokenids, tokennorm
-from varprobe.theory.attention_graph import MATMULS, SOFTMAXES, AttentionGraph
+from varprobe.theory.attention_graph import BADDBMMS, MATMULS, SOFTMAXES, AttentionGraph
 from varprobe.theory.nodes import (
     ACTIVATIONS,
     ADD,
@@ -261,6 +261,8 @@ class Recording(TorchFunctionMode):
             node = self._pool_node(func, args, kwargs, outs[0])
         elif func is F.scaled_dot_product_attention:
             node = self._graph.sdpa(args, kwargs, outs[0])
+        elif func in BADDBMMS:
+            node = self._graph.baddbmm(args, kwargs, outs[0])
         elif func in MATMULS:
             node = self._graph.matmul(func, args, kwargs, outs[0])
         elif func in functional.LINEARS:
