@@ -23,6 +23,7 @@ A matmul of an activation with a parameter (``x @ W``) is a linear map
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -56,6 +57,7 @@ MATMULS = {torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm, torch.einsum}
 RESHAPES = {T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.unflatten,
             torch.unflatten, T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze}
 BADDBMMS = {torch.baddbmm, T.baddbmm}  # beta·bias + alpha·(q @ kᵀ): Bloom's ALiBi logits
+NUMBERS = {torch.scalar_tensor, torch.tensor}  # a tensor made from one Python number
 SOFTMAXES = {F.softmax, torch.softmax, T.softmax}
 MASK_FILLS = {T.masked_fill, T.masked_fill_, torch.masked_fill}
 TANHS = {torch.tanh, T.tanh, F.tanh}
@@ -87,6 +89,7 @@ class AttentionGraph:
         self.modules: dict[int, nn.Module] = {}  # call index -> module (the Recorder's)
         self._softmax_inputs: dict[int, T] = {}  # an nn.Softmax call's input, until it ends
         self.selected: dict[int, tuple[int, int]] = {}  # where(c, x, m): (x's node, numel)
+        self._numbers: dict[int, tuple[Any, float]] = {}  # id -> (weakref, its one value)
         self._parents = {id(c): m for m in model.modules() for c in m.children()}
 
     # --- scaled_dot_product_attention --------------------------------------------------
@@ -301,7 +304,12 @@ class AttentionGraph:
         ``func`` is one of the steps between the logits and the product with v."""
         inputs = self.rec.nodes[node].inputs
         state = self.pending.get(inputs[0]) if inputs else None
+        if state is None and func in ADD and len(inputs) == 2:
+            state = self.pending.get(inputs[1])  # bias + logits
         if state is None or node in self.pending or not isinstance(args[0], T):
+            return
+        if func in ADD and len(inputs) == 2:
+            self._added(state, node, args, kwargs, out)
             return
         if out.shape != args[0].shape and not (
                 func in RESHAPES and out.shape[-2:] == args[0].shape[-2:]):
@@ -312,10 +320,41 @@ class AttentionGraph:
             self.pending[node] = replace(state, capped_at=state.facts.scale)
             return
         fill = _arg(args, kwargs, 2, "value", None) if func in MASK_FILLS else None
+        fill = self.number(fill) if isinstance(fill, T) else fill
         zero_fill = isinstance(fill, (int, float)) and fill == 0  # a number: no sync
         facts = self._step(func, self.rec.nodes[node], state, zero_fill)
         if facts is not None:
             self.pending[node] = replace(state, facts=facts)
+
+    def made(self, func, args: tuple, out: Any) -> None:
+        """Remember the value of a tensor made from one Python number
+        (``torch.scalar_tensor(0)``, ``torch.tensor(0.0)``: CPM-Ant's mask fill), so
+        that reading it later needs no device sync."""
+        if func in NUMBERS and args and isinstance(args[0], (int, float)) \
+                and isinstance(out, T) and out.dim() == 0:
+            self._numbers[id(out)] = (weakref.ref(out), float(args[0]))
+
+    def number(self, t: T) -> float | None:
+        seen = self._numbers.get(id(t))
+        return seen[1] if seen is not None and seen[0]() is t and t._version == 0 else None
+
+    def _added(self, state: Pending, node: int, args: tuple, kwargs: dict, out: T) -> None:
+        """logits + an activation made apart from them (MPNet's and CPM-Ant's relative
+        position bias, computed from a table each call): the bias of an SDPA call's float
+        mask (``_bias``); its variance is left out of the closed forms' logit variance, as
+        there."""
+        n = self.rec.nodes[node]
+        logits = n.inputs[0] if n.inputs[0] in self.pending else n.inputs[1]
+        bias = n.inputs[1] if logits == n.inputs[0] else n.inputs[0]
+        other = next((t for t in (args[0], _arg(args, kwargs, 1, "other", None))
+                      if isinstance(t, T) and self.rec._lookup(t) == bias), None)
+        if state.probs or state.facts.bias is not None or other is None \
+                or n.forward != (1.0, 1.0) or out.shape[-2:] != (
+                    state.facts.queries, state.facts.keys) or bias in self.pending \
+                or self.rec._root(bias) in (self.rec._root(state.q), self.rec._root(state.k)):
+            return
+        self.pending[node] = replace(state, facts=replace(
+            state.facts, bias=bias, bias_fold=out.numel() / max(other.numel(), 1)))
 
     def _step(self, func, node: Node, state: Pending, zero_fill: bool = False) -> Attention | None:
         facts = state.facts

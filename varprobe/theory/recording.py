@@ -235,6 +235,7 @@ class Recording(TorchFunctionMode):
         if func in IN_PLACE_WRITES:
             out = args[0]
         outs = output_tensors(out)
+        self._graph.made(func, args, out)
         if not outs:
             if func in READS and self._lookup(args[0]) is not None:
                 self.reads.append(self._where())
