@@ -158,3 +158,29 @@ pair("hf_t5_v11", "transformers", _t5_v11, lambda: _t5_v11(True), seq2seq_ids,
      "hot logits: the LM head is the N(0, 1) embedding with no d_model^-0.5 before it, so "
      "the logits start at E[y²] ~ d_model", culprits=("lm_head",), batch_size=8,
      task="lm", vocab=VOCAB, notes="T5 v1.1 (gated GELU) as transformers builds it")
+
+
+def _cpmant(qk_scaled: bool = False) -> torch.nn.Module:
+    """CPM-Ant at its library init (``init_std=1.0``: every Linear drawn N(0, 1)) with its
+    untied LM head scaled by d_model^-0.5, so that only the attention is broken: q and k
+    at std 1 put the logits' variance at ~d_model and each query's weight on one key.
+    The twin: the q and k projections drawn at std d_model^-0.5."""
+    made = model("CpmAntForCausalLM", "CpmAntConfig", vocab_size=VOCAB, hidden_size=WIDTH,
+                 num_attention_heads=HEADS, dim_head=WIDTH // HEADS, dim_ff=344,
+                 num_hidden_layers=LAYERS, prompt_types=4, prompt_length=4,
+                 segment_types=4)()
+    with torch.no_grad():
+        made.lm_head.weight.mul_(WIDTH ** -0.5)
+        for name, module in made.named_modules():
+            if qk_scaled and name.endswith(("project_q", "project_k")):
+                torch.nn.init.normal_(module.weight, std=WIDTH ** -0.5)
+    return made
+
+
+pair("hf_cpmant", "transformers", _cpmant, lambda: _cpmant(True), ids,
+     "collapsed attention: CPM-Ant's init_std = 1.0 draws q and k at N(0, 1), so the "
+     "logits' variance is ~d_model and each query's weight sits on one key",
+     culprits=("cpmant.encoder.layers.0.self_att.self_attention.project_q",), batch_size=8,
+     task="lm", vocab=VOCAB,
+     notes="CPM-Ant: eager attention with a relative position bias added to the logits and "
+     "its masks filled from torch.scalar_tensor; the LM head scaled to leave the attention")
