@@ -67,6 +67,38 @@ def test_the_default_cotangent_drives_the_first_output_and_says_so():
     assert not any("first of the output" in n for n in driven.notes)
 
 
+class Skipping(nn.Module):
+    """Three blocks, the middle one skipped (as LayerDrop skips a layer at random in
+    train mode), an unused head, and a frozen layer that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(5, 5) for _ in range(3))
+        self.frozen = nn.Linear(5, 5).requires_grad_(False)
+        self.unused_head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        for k in (0, 2):
+            x = torch.relu(self.blocks[k](x))
+        return self.frozen(x)
+
+
+def test_modules_whose_parameters_get_no_gradient_are_named():
+    """autograd.grad's own None for a parameter the pass did not reach: the skipped
+    block and the unused head are named (their layers are not in the report), the
+    frozen layer is not (it asks for no gradient); the two heads above get the second
+    one named, as it feeds only the output the cotangent does not drive."""
+    report = varprobe.probe(Skipping(), torch.randn(6, 5))
+    note = next(n for n in report.notes if "got no gradient" in n)
+    assert "2 module(s)" in note and "blocks.1, unused_head" in note
+    assert "blocks.1" not in {layer.name for layer in report.layers}
+    report = varprobe.probe(TwoHeads(), torch.randn(6, 5))
+    assert any("got no gradient for their parameters (b)" in n for n in report.notes)
+    driven = varprobe.probe(TwoHeads(), torch.randn(6, 5),
+                            loss=lambda out: out[0].sum() + out[1].sum())
+    assert not any("got no gradient" in n for n in driven.notes)
+
+
 def test_a_cotangent_of_another_shape_is_refused():
     out = nn.Linear(3, 4)(torch.randn(2, 3))
     with pytest.raises(VarprobeError, match=r"grad_output has shape \(1, 4\), the output "

@@ -26,6 +26,7 @@ from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
 from varprobe.cotangent import paired
+from varprobe.diagnose.common import places
 from varprobe.errors import VarprobeError
 from varprobe.input_leaves import InputLeaves
 from varprobe.recorder import Call, Recorder, float_leaves, tensor_leaves
@@ -258,6 +259,12 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         settings=settings, input=ends_mod.tensor_info(x, host, ends[0], indicator),
         output=ends_mod.tensor_info(output, host, ends[1]),
         layers=layers, varprobe_version=_version(), torch_version=torch.__version__)
+    if getattr(rec, "unreached", None):
+        report.notes.append(
+            f"backward: {len(rec.unreached)} module(s) got no gradient for their parameters "
+            f"({places(rec.unreached)}): the forward did not use them (a layer skipped at "
+            "random, as LayerDrop does in train mode; a head the output does not come "
+            "from) or they feed only an output the cotangent does not drive")
     if note:
         report.notes.append(note)
     elif grad_output is None and loss is None and len(out_leaves) > 1:
@@ -366,6 +373,9 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
     finally:
         rec.in_backward = False
     by_param = {id(p): g for p, g in zip(wrt, grads)}
+    rec.unreached = list(dict.fromkeys(  # modules, in order, whose parameters got none
+        name.rpartition(".")[0] or name for name, p in model.named_parameters()
+        if p.requires_grad and by_param.get(id(p)) is None))
     weight_grads = {key: by_param.get(id(w)) for key, (_, w) in rec.weights.items()}
     rec.weight_grad_slots = timing.timed("recording", rec.add_weight_grads)(weight_grads)
     rec.cotangent_slot = rec._new_slot(stats.gradient(cotangents[0].detach()))
