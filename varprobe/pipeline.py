@@ -263,8 +263,9 @@ def _record(model: nn.Module, x: Any, grad_output: Any, loss: Any, generator,
         report.notes.append(
             f"backward: {len(rec.unreached)} module(s) got no gradient for their parameters "
             f"({places(rec.unreached)}): the forward did not use them (a layer skipped at "
-            "random, as LayerDrop does in train mode; a head the output does not come "
-            "from) or they feed only an output the cotangent does not drive")
+            "random, as LayerDrop does in train mode, which --mode eval turns off; a head "
+            "the output does not come from) or they feed only an output the cotangent "
+            "does not drive")
     if note:
         report.notes.append(note)
     elif grad_output is None and loss is None and len(out_leaves) > 1:
