@@ -82,14 +82,14 @@ def _causal_means(keys: int) -> tuple[float, float]:
 CAP_RANGE = 0.01  # s²/c² up to which the closed forms take a soft cap as a scale
 
 
-def past_cap(facts: Attention, q: Signal, k: Signal) -> str | None:
+def past_cap(facts: Attention, q: Signal | None, k: Signal | None) -> str | None:
     """Why a soft-capped call has no closed form: its plain logits reach past a tenth of
     the cap (s² > c²/100), where the cap reshapes their distribution. Inside, the cap
     changes E[logit²] by under 2% and the closed forms hold as for plain logits; past
     it they do not (at s² = c²/9 the query projection's gradient comes out 1.3x the
     measured one, at s² = c² ~8x, tests/test_softcap.py); the probe's measured Σp²
-    still gives the forward."""
-    if facts.softcap is None:
+    still gives the forward. None also where q or k has no value (nothing to judge)."""
+    if facts.softcap is None or q is None or k is None:
         return None
     s2 = attention.logit_variance(q.m2, k.m2, facts.d_k, facts.scale)
     if s2 <= CAP_RANGE * facts.softcap ** 2:

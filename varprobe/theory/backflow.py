@@ -202,8 +202,7 @@ class Backward:
         """The query, key and value paths (theory.attention.backward); a self-attention
         whose q, k and v are one tensor gets their sum, as independent paths add."""
         values = [self.values[i].signal for i in node.inputs]
-        capped = None if any(v is None for v in values) else attend.past_cap(
-            self.facts(node), values[0], values[1])
+        capped = attend.past_cap(self.facts(node), values[0], values[1])
         if g.broken is not None or any(v is None for v in values) or capped is not None:
             for i in (*node.inputs, *(() if node.attn.bias is None else (node.attn.bias,))):
                 _flow(grads, i, Grad(0.0, g.broken or capped or "an attention input the walk "

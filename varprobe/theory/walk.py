@@ -244,8 +244,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
         where = self._place(node.where).strip(" ()")
         self.attention.append({"where": where, "layer": self.producer(node.inputs[0]),
                                "key_layer": self.producer(node.inputs[1]), **facts})
-        capped = attend.past_cap(self.facts(node), q, k)
-        if capped is not None and measured is None:
+        if (capped := attend.past_cap(self.facts(node), q, k)) is not None and measured is None:
             return Value(None, f"{capped}{self._place(node.where)}")
         return Value(signal, None, note, at, ins[2].mu, gram=gram)
 
