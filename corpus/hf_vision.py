@@ -138,3 +138,26 @@ pair("hf_efficientnet", "transformers", _efficientnet, lambda: _efficientnet(Tru
      "the stem no norm's input reaches its eps (1e-3) and each multiplies the signal by "
      "~γ²/eps", batch_size=8,
      notes="MBConv blocks with squeeze-excitation, width and depth x0.25")
+
+
+def _mobilevit(gamma_one: bool = False) -> torch.nn.Module:
+    """MobileViT (v1) narrowed (hidden 48/64/80) at 64×64, at transformers' own init,
+    BatchNorm γ ~ N(0, 0.02) as for EfficientNet (``gamma_one``: the twin, γ = 1). Its
+    transformer blocks' LayerNorms reset the scale between the collapsing stretches, so
+    the deepest point stays near 1e-6 of its reference."""
+    made = model("MobileViTForImageClassification", "MobileViTConfig", image_size=64,
+                 hidden_sizes=[48, 64, 80], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 160],
+                 num_labels=CLASSES)()
+    if gamma_one:
+        for module in made.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(module.weight)
+    return made
+
+
+pair("hf_mobilevit", "transformers", _mobilevit, lambda: _mobilevit(True),
+     lambda batch: {"pixel_values": torch.randn(batch, 3, 64, 64)},
+     "collapsing norms between LayerNorms: every BatchNorm's γ ~ N(0, 0.02) (the "
+     "library's init), each conv stretch shrinking the signal to ~1e-6 of its reference "
+     "before a transformer block's LayerNorm resets it", batch_size=8,
+     notes="MobileViT v1 narrowed, 64x64")
