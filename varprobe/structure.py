@@ -387,7 +387,8 @@ def _shortcut(nodes: list[Node], j: int) -> list[int]:
 
 
 def _view(node: Node) -> bool:
-    """A node of one input that only views, slices or copies it."""
+    """A node of one input that only views, slices or copies it (a slice too, whose
+    gradient reaches part of its input: unlike nodes.is_view, which keeps the whole)."""
     return node.op == "linear" and not node.cat and node.scale is None and not node.const \
         and len(node.inputs) == 1 and node.inputs[0] is not None and node.inputs[0] >= 0
 
