@@ -220,3 +220,14 @@ def test_logit_gradient_of_an_additive_mask(causal):
     ms = [float(x.square().mean()) for x in (g, q, k, v)]
     logit = attention_paths.backward(facts, *ms, factors)[3]
     assert logit == pytest.approx(float(ds.square().mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_factors_do_not_depend_on_how_the_slices_are_chunked(causal, monkeypatch):
+    """The hook forms its sums a few slices at a time (CHUNK softmax entries: the
+    backward's extra memory) and adds them: one slice at a time and all at once give the
+    same factors, up to float32 sums in another order (1e-5 relative)."""
+    q, k, v, g = _inputs(3)
+    whole = _measured(q, k, v, g, causal, dropout=0.1)
+    monkeypatch.setattr(attention_paths, "CHUNK", T * T)  # one slice per chunk
+    assert _measured(q, k, v, g, causal, dropout=0.1) == pytest.approx(whole, rel=1e-5)

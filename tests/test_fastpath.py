@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -397,3 +398,61 @@ def test_torch_square_sum_is_the_sums_second_value(n):
     got = torch_kernels.square_sum(a)
     assert got == torch_kernels.sums(a, np.float32(0), np.float32(0))[1]
     assert got == pytest.approx(float(a.astype(np.float64) @ a.astype(np.float64)), rel=RTOL)
+
+
+# aten ops that make the host wait for an accelerator: a value read (item), or an output
+# whose size depends on the data. On the CPU they cost nothing, so only their calls show.
+WAITS = ("_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
+         "masked_select", "is_nonzero", "equal")
+HOST_SIDE = ("expectation", "_quadrature", "_points", "collect")  # host tensors of their own
+
+
+class _AttentionNet(nn.Module):
+    """Projections into a causal SDPA call and a spelled-out (eager) one: the attention
+    paths' backward hooks subsample (batch, head) slices on the tensors' device."""
+
+    def __init__(self, n: int = 32, heads: int = 4):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(n, n) for _ in range(4))
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, n = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, -1).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        return self.o((z + p @ v).transpose(1, 2).reshape(b, t, n))
+
+
+@pytest.mark.parametrize("model", [Normed, _AttentionNet])
+def test_nothing_waits_for_the_device_during_a_probe(monkeypatch, model):
+    """No aten op that would make the host wait for a GPU (listed in WAITS, or indexing
+    by a boolean mask) runs during a probe on the accelerators' code path, except
+    inside ``stats.collect`` (the one transfer) and the quadrature's own host tensors.
+    A dispatch mode sees every op, also those inside torch functions and the backward's
+    hooks, which the Tensor-method count above cannot."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
+    seen: list[tuple[str, str]] = []
+
+    class Waits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            boolean = name == "index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+            if name in WAITS or boolean:
+                frames = [f.name for f in traceback.extract_stack()]
+                if not any(f in HOST_SIDE for f in frames):
+                    seen.append((name, " < ".join(frames[-6:-1])))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = model()
+    x = torch.randn(4, 8, 32) if model is _AttentionNet else torch.randn(32, 16)
+    with Waits():
+        report = varprobe.probe(net, x)
+    assert seen == [], seen
+    if model is _AttentionNet:
+        assert report.attention  # the attention calls were followed

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,18 +56,18 @@ class Pending:
 
 def collect(pending: list[Pending]) -> list[list[float | None]]:
     """The one device-to-host transfer: every vector still on a device, copied
-    together; then every row finished on the host."""
-    on_device = [p.raw for p in pending if isinstance(p.raw, torch.Tensor)]
-    copied = torch.cat(on_device).cpu().tolist() if on_device else []
-    rows, at = [], 0
+    together (one copy per device: a model on a GPU can still hold a CPU constant,
+    whose sums are read where they are); then every row finished on the host."""
+    devices: dict[torch.device, list[torch.Tensor]] = {}
     for p in pending:
-        if isinstance(p.raw, list):
-            rows.append(p.finish(p.raw))
-        else:
-            n = p.raw.numel()
-            rows.append(p.finish(copied[at:at + n]))
-            at += n
-    return rows
+        if isinstance(p.raw, torch.Tensor):
+            devices.setdefault(p.raw.device, []).append(p.raw.view(-1))
+    copied = {}
+    for device, ts in devices.items():  # a loop, not a comprehension: the reads' caller
+        copied[device] = iter(torch.cat(ts).cpu().tolist())  # is collect (test_fastpath)
+    return [p.finish(p.raw if isinstance(p.raw, list)
+                     else list(itertools.islice(copied[p.raw.device], p.raw.numel())))
+            for p in pending]
 
 
 def _join(parts: list[Raw]) -> Raw:

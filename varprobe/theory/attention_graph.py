@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varprobe import stats
 from varprobe.theory import (
     attention,
     attention_paths,
@@ -260,7 +261,7 @@ class AttentionGraph:
         if facts.measured is None:
             return False
         s2 = self.rec._constants[facts.measured][1]
-        return s2.device.type == "cpu" and float(s2) < attention.SATURATED_SPREAD / 2
+        return stats.reads_are_free(s2.device) and float(s2) < attention.SATURATED_SPREAD / 2
 
     # --- what carries a pending attention ------------------------------------------------
     def softmax(self, func, args: tuple, kwargs: dict, out: T) -> int | None:

@@ -51,7 +51,10 @@ from varprobe.theory import attend, attention
 from varprobe.theory.nodes import Attention, T
 from varprobe.theory.signal import Signal
 
-BUDGET = 1 << 19  # softmax entries (slices x queries x keys) formed per call: 2 MiB
+BUDGET = 1 << 19  # softmax entries (slices x queries x keys) read per call
+# softmax entries formed at once: path_sums holds about seven float32 arrays of them,
+# which add to the backward's peak memory (14 MiB at the whole budget, 3.5 MiB here)
+CHUNK = 1 << 17
 PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
 
 
@@ -75,9 +78,15 @@ def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T,
             return
         with torch.no_grad():
             index, qs, ks, vs = _slices(*held[:3], facts)
-            p = _probs(qs, ks, held[3], index, held[0].shape[:-2], facts) if held[4] is None \
-                else held[4][index].float()
-            for slot, pair in zip(slots, paths(grad[index].float(), qs, ks, vs, p)):
+            gs = grad[index].float()
+            step = max(1, CHUNK // (qs.shape[-2] * ks.shape[-2]))
+            sums = 0
+            for at in range(0, qs.shape[0], step):
+                part, sub = slice(at, at + step), tuple(i[at:at + step] for i in index)
+                p = _probs(qs[part], ks[part], held[3], sub, held[0].shape[:-2], facts) \
+                    if held[4] is None else held[4][sub].float()
+                sums = sums + path_sums(gs[part], qs[part], ks[part], vs[part], p)
+            for slot, pair in zip(slots, paths(sums, gs, qs, ks, vs)):
                 slot.copy_(pair)
         held.clear()  # the pass's tensors are the backward's to free
 
@@ -90,8 +99,10 @@ def _slices(q: T, k: T, v: T, facts: Attention) -> tuple:
     and v in float32 (a group's key and value head for each query head)."""
     lead = q.shape[:-2]
     count = math.prod(lead)
+    # at most count points from 0 to count - 1 are at least 1 apart, so their rounded
+    # values are distinct without a unique(), which would wait for the device
     pick = torch.linspace(0, count - 1, max(1, min(count, BUDGET // (
-        facts.queries * facts.keys))), device=q.device).round().long().unique()
+        facts.queries * facts.keys))), device=q.device).round().long()
     index, rest = [], pick
     for size in reversed(lead):  # torch.unravel_index, without its first-call cost
         index.insert(0, rest % size)
@@ -125,38 +136,54 @@ def _probs(q: T, k: T, mask: Any, index: tuple, lead: torch.Size, facts: Attenti
     return torch.softmax(logits.masked_fill(~seen, -math.inf), -1).nan_to_num(0.0)
 
 
-def paths(g: T, q: T, k: T, v: T, p: T) -> list[T]:
-    """The (factor, dropout factor) pairs of the module note for slices g (S, T_q, d_v),
-    q (S, T_q, d_k), k (S, T_k, d_k), v (S, T_k, d_v), p (S, T_q, T_k), and (1, 0)."""
+def path_sums(g: T, q: T, k: T, v: T, p: T) -> T:
+    """The module note's sums over slices g (S, T_q, d_v), q (S, T_q, d_k), k (S, T_k,
+    d_k), v (S, T_k, d_v), p (S, T_q, T_k), in float64, in the order ``paths`` reads
+    them: sums over more slices are their sum."""
     a = g @ v.transpose(-1, -2)
     ds = p * (a - (p * a).sum(-1, keepdim=True))
-    sigma, d_v = _ms(g), v.shape[-1]
-    q_v, q_k, q_q = _ms(v), _ms(k), _ms(q)
     b = (p * a).square()
     noise = b * (1 - p).square() + p.square() * (b.sum(-1, keepdim=True) - b)
     kbar = p @ k
-    k2 = k.square().sum(-1)
-    spread = b @ k2.unsqueeze(-1) - 2 * (b * (kbar @ k.transpose(-1, -2))).sum(-1, True) \
+    spread = b @ k.square().sum(-1).unsqueeze(-1) \
+        - 2 * (b * (kbar @ k.transpose(-1, -2))).sum(-1, True) \
         + b.sum(-1, keepdim=True) * kbar.square().sum(-1, keepdim=True)
-    norm_v, d_k = (d_v * sigma * q_v).clamp(min=1e-300), k.shape[-1]
+    return torch.stack([
+        _ss(p.transpose(-1, -2) @ g), _sum(p.square().transpose(-1, -2) @ g.square()),
+        _ss(ds @ k), _sum(spread),
+        _ss(ds.transpose(-1, -2) @ q), _sum(noise.transpose(-1, -2) @ q.square().sum(-1, True)),
+        _ss(ds), _sum(noise)])
+
+
+def paths(sums: T, g: T, q: T, k: T, v: T) -> list[T]:
+    """The (factor, dropout factor) pairs of the module note from ``path_sums`` over all
+    the slices g, q, k, v (shaped as there), and (1, 0)."""
+    s, t_q, d_v = g.shape[-3:]
+    t_k, d_k = k.shape[-2:]
+    counts = (t_k * d_v, t_k * d_v, t_q * d_k, t_q * d_k, t_k * d_k, t_k * d_k, t_q * t_k,
+              t_q * t_k)  # each sum's terms per slice; the spreads' over d_k as well
+    means = [sums[i] / (s * n) for i, n in enumerate(counts)]  # Python numbers: no upload
+    sigma, q_v, q_k, q_q = _ms(g), _ms(v), _ms(k), _ms(q)
+    norm_v = (d_v * sigma * q_v).clamp(min=1e-300)
     one = torch.ones((), dtype=torch.float64, device=g.device)
-    return [torch.stack([_ms(p.transpose(-1, -2) @ g), _mean(
-                p.square().transpose(-1, -2) @ g.square())]) / sigma.clamp(min=1e-300),
-            torch.stack([_ms(ds @ k), _mean(spread) / d_k]) / (norm_v * q_k).clamp(min=1e-300),
-            torch.stack([_ms(ds.transpose(-1, -2) @ q), _mean(
-                noise.transpose(-1, -2) @ q.square().sum(-1, keepdim=True)) / d_k])
-            / (norm_v * q_q).clamp(min=1e-300),
-            torch.stack([_ms(ds), _mean(noise)]) / norm_v,
+    return [torch.stack(means[0:2]) / sigma.clamp(min=1e-300),
+            torch.stack(means[2:4]) / (norm_v * q_k).clamp(min=1e-300),
+            torch.stack(means[4:6]) / (norm_v * q_q).clamp(min=1e-300),
+            torch.stack(means[6:8]) / norm_v,
             torch.stack([one, 0 * one])]
 
 
 def _ms(x: T) -> T:
     """E[x^2] in float64 from a norm in x's precision (no squared temporary)."""
-    return torch.linalg.vector_norm(x).double().square() / max(x.numel(), 1)
+    return _ss(x) / max(x.numel(), 1)
 
 
-def _mean(x: T) -> T:
-    return x.sum(dtype=torch.float64) / max(x.numel(), 1)
+def _ss(x: T) -> T:
+    return torch.linalg.vector_norm(x).double().square()
+
+
+def _sum(x: T) -> T:
+    return x.sum(dtype=torch.float64)
 
 
 def backward(facts: Attention, g: float, q_m2: float, k_m2: float, v_m2: float,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from varprobe import stats
 from varprobe.theory import mha
 from varprobe.theory.nodes import Attention, T, _arg
 
@@ -95,7 +96,7 @@ def _hidden_zeroed(logits: T, allowed: T) -> tuple[T, T]:
     the mask in place (a tenth of the select's time there), exact where every hidden
     logit is finite (x * 1 = x, x * 0 = ±0); a non-finite one (0 * inf is NaN) shows in
     the sum, which the CPU reads without a sync, and the select then mends it."""
-    if logits.device.type != "cpu" \
+    if not stats.reads_are_free(logits.device) \
             or torch.broadcast_shapes(allowed.shape, logits.shape) != logits.shape:
         seen = torch.where(allowed, logits, 0.0)
         return seen, _square_sum64(seen)
