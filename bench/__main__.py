@@ -31,13 +31,17 @@ def main() -> None:
     parser.add_argument("--malloc-as-is", action="store_true",
                         help="leave glibc's malloc returning freed memory to the OS "
                              "(page faults make both sides noisier)")
+    parser.add_argument("--devices", type=lambda t: [d for d in t.split(",") if d.strip()],
+                        default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+                        help="where the models run, comma-separated (default cpu, and "
+                             "cuda where available)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     info = machine.info()
     info["malloc"] = "as is" if args.malloc_as_is else machine.keep_freed_memory()
-    print(f"{machine.key()}\nload average {machine.load()}")
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available()
-                                       else [])
+    devices = [torch.device(d) for d in args.devices]
+    key = machine.key(devices)
+    print(f"{key}\nload average {machine.load()}")
     blocks = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -45,14 +49,15 @@ def main() -> None:
         for device in devices:
             block["rows"] += overhead.run(device, args.repeats, args.warmup)
         if args.e2e_rounds:
-            block["e2e"] = e2e.run(threads, args.e2e_rounds, overhead.numba_installed())
+            block["e2e"] = e2e.run(threads, args.e2e_rounds, overhead.numba_installed(),
+                                   devices[-1].type)
         block["load_after"] = machine.load()
         blocks.append(block)
     big = None if args.skip_scale else scale.run()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     run = {"when": when, "info": info, "threads": blocks, "big": big,
            "command": "python -m bench " + " ".join(sys.argv[1:])}
-    results.write(args.output, machine.key(), run)
+    results.write(args.output, key, run)
     print(f"wrote {args.output}")
 
 

@@ -21,16 +21,18 @@ MODEL = Path(__file__).with_name("resnet50.py")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def commands(numba: bool) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Name -> (argv, extra environment): varprobe with numba's sums
-    (``VARPROBE_NUMBA=1``) where numba is installed, and with torch's (the default)."""
+def commands(numba: bool, device: str = "cpu") -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Name -> (argv, extra environment). On the CPU: varprobe with numba's sums
+    (``VARPROBE_NUMBA=1``) where numba is installed, and with torch's (the default).
+    On an accelerator both sides run there (its statistics are torch's)."""
     varprobe = [sys.executable, "-m", "varprobe"]
-    target = [str(MODEL), "--batch-size", "16"]
-    out = {"plain script": ([sys.executable, str(MODEL)], {})}
-    for sums, extra in ((("numba sums", {"VARPROBE_NUMBA": "1"}),) if numba else ()) + (
-            ("torch sums", {}),):
-        out[f"varprobe analyze, {sums}"] = ([*varprobe, "analyze", *target], extra)
-        out[f"varprobe check, {sums}"] = ([*varprobe, "check", *target], extra)
+    target = [str(MODEL), "--batch-size", "16", "--device", device]
+    out = {"plain script": ([sys.executable, str(MODEL), device], {})}
+    sums = ((("numba sums", {"VARPROBE_NUMBA": "1"}),) if numba else ()) + (("torch sums", {}),)
+    for name, extra in sums if device == "cpu" else (("", {}),):
+        suffix = f", {name}" if name else ""
+        out[f"varprobe analyze{suffix}"] = ([*varprobe, "analyze", *target], extra)
+        out[f"varprobe check{suffix}"] = ([*varprobe, "check", *target], extra)
     return out
 
 
@@ -47,10 +49,10 @@ def _once(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     return wall, cpu
 
 
-def run(threads: int, rounds: int, numba: bool, log=print) -> dict:
+def run(threads: int, rounds: int, numba: bool, device: str = "cpu", log=print) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("VARPROBE_NUMBA", None)
-    cmds = commands(numba)
+    cmds = commands(numba, device)
     times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in cmds}
     for _ in range(rounds):
         for name, (argv, extra) in cmds.items():
@@ -64,6 +66,6 @@ def run(threads: int, rounds: int, numba: bool, log=print) -> dict:
         rows[name] = {"wall_s": wall, "cpu_s": cpu,
                       "wall": wall / statistics.median(plain["wall"]),
                       "cpu": cpu / statistics.median(plain["cpu"])}
-        log(f"e2e {threads} thread(s) {name:30} {wall:6.2f} s wall ({rows[name]['wall']:.3f}x)"
-            f"  {cpu:6.2f} s cpu ({rows[name]['cpu']:.3f}x)")
-    return {"threads": threads, "rounds": rounds, "rows": rows}
+        log(f"e2e {device} {threads} thread(s) {name:30} {wall:6.2f} s wall "
+            f"({rows[name]['wall']:.3f}x)  {cpu:6.2f} s cpu ({rows[name]['cpu']:.3f}x)")
+    return {"threads": threads, "rounds": rounds, "device": device, "rows": rows}

@@ -35,9 +35,18 @@ def torch_build() -> str:
                       f"CPU capability {torch.backends.cpu.get_cpu_capability()}"])
 
 
-def key() -> str:
-    """The heading that names this machine in RESULTS.md: CPU model, cores, torch build."""
-    return f"{cpu_model()}, {os.cpu_count()} logical cores; {torch_build()}"
+def gpu() -> str:
+    return (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()})")
+
+
+def key(devices: list[torch.device] | None = None) -> str:
+    """The heading that names this machine in RESULTS.md: CPU model, cores, torch build,
+    and the GPU where the run used one."""
+    out = f"{cpu_model()}, {os.cpu_count()} logical cores; {torch_build()}"
+    if any(d.type == "cuda" for d in devices or []):
+        out += f"; GPU {gpu()}"
+    return out
 
 
 def load() -> str:
@@ -50,7 +59,7 @@ def info() -> dict[str, str]:
     out = {"CPU": f"{cpu_model()}, {os.cpu_count()} logical cores", "torch": torch_build(),
            "Python": platform.python_version(), "OS": platform.platform()}
     if torch.cuda.is_available():
-        out["GPU"] = torch.cuda.get_device_name()
+        out["GPU"] = gpu()
     return out
 
 

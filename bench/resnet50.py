@@ -4,6 +4,8 @@ builds the same model and runs one forward + backward, nothing else."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -60,10 +62,13 @@ def example_input(batch_size: int = BATCH) -> torch.Tensor:
 
 
 if __name__ == "__main__":  # the plain script: build, one forward + backward
-    model = build_model().train()
-    out = model(example_input())
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    model = build_model().train().to(device)
+    out = model(example_input().to(device))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
     # from a scalar, as a training script's loss.backward(): the same gradients as
     # out.backward(g), without the ~0.6 s import (sympy) that a tensor given to
     # backward() costs (varprobe's probe avoids it too: varprobe.cotangent)
     (out * g).sum().backward()
+    if device != "cpu":
+        torch.cuda.synchronize()  # the pass is done when its kernels are

@@ -47,6 +47,11 @@ def verdict(ok: bool) -> str:
     return "meets" if ok else "**misses**"
 
 
+def where(r: dict) -> str:
+    """A row's model, with the device where it is not the CPU."""
+    return r["model"] if r.get("device", "cpu") == "cpu" else f"{r['model']} ({r['device']})"
+
+
 def overhead_table(rows: list[dict]) -> list[str]:
     lines = ["| model | calls | side | wall (ms) | wall ratio | q1-q3 | CPU (ms) | CPU ratio | "
              "pass wall / CPU | hooks (ms) | analysis wall / CPU (ms / 100 calls) |",
@@ -54,13 +59,13 @@ def overhead_table(rows: list[dict]) -> list[str]:
     for r in rows:
         for name, s in r["sides"].items():
             if "failed" in s:
-                lines.append(f"| {r['model']} | {r['layers']} | {name} | failed: "
+                lines.append(f"| {where(r)} | {r['layers']} | {name} | failed: "
                              f"{s['failed']} |" + " |" * 7)
                 continue
             split = (f"{s['pass_wall']:.3f} / {s['pass_cpu']:.3f} | {s['hooks_ms']:.1f} | "
                      f"{s['analysis_ms_per_100']:.2f} / {s['analysis_cpu_ms_per_100']:.2f}"
                      if "pass_wall" in s else "- | - | -")
-            lines.append(f"| {r['model']} | {r['layers']} | {name} | {s['wall_ms']:.1f} | "
+            lines.append(f"| {where(r)} | {r['layers']} | {name} | {s['wall_ms']:.1f} | "
                          f"{s['wall']:.3f} | {s['q1']:.3f}-{s['q3']:.3f} | {s['cpu_ms']:.1f} | "
                          f"{s['cpu']:.3f} | {split} |")
     return lines
@@ -97,14 +102,14 @@ def targets(rows: list[dict], e2e: dict | None) -> list[str]:
             beats = ("-" if "wall" not in logger else
                      verdict(s["wall"] <= logger["wall"] and s["cpu"] <= logger["cpu"]))
             out.append(
-                f"- {r['model']}, {name}: probe <= {t['probe']}x "
+                f"- {where(r)}, {name}: probe <= {t['probe']}x "
                 f"{verdict(max(s['wall'], s['cpu']) <= t['probe'])} ({s['wall']:.3f} / "
                 f"{s['cpu']:.3f}); <= the backward-hook logger {beats}; pass <= {t['pass']}x "
                 f"{verdict(max(s['pass_wall'], s['pass_cpu']) <= t['pass'])} "
                 f"({s['pass_wall']:.3f} / {s['pass_cpu']:.3f}); analysis <= {t['analysis']:.0f} "
                 f"ms/100 calls {verdict(analysis <= t['analysis'])} "
                 f"({s['analysis_ms_per_100']:.2f} / {s['analysis_cpu_ms_per_100']:.2f})")
-        out.append(f"- {r['model']}: peak memory {verdict(r['mem_ratio'] <= t['memory'] + 5e-4)}"
+        out.append(f"- {where(r)}: peak memory {verdict(r['mem_ratio'] <= t['memory'] + 5e-4)}"
                    f" ({r['mem_ratio']:.3f}x)")
     if e2e is not None:
         for name, r in e2e["rows"].items():
@@ -123,7 +128,8 @@ def run_section(run: dict) -> list[str]:
                   f"{block['load_before']} before, {block['load_after']} after)", ""]
         lines += overhead_table(block["rows"]) + [""] + memory_table(block["rows"])
         if block.get("e2e") is not None:
-            lines += ["", f"End to end, ResNet-50-style, 224x224, batch 16, median of "
+            lines += ["", f"End to end ({block['e2e'].get('device', 'cpu')}), ResNet-50-style, "
+                      f"224x224, batch 16, median of "
                       f"{block['e2e']['rounds']} interleaved rounds:", ""]
             lines += e2e_table(block["e2e"])
         lines += ["", "Targets (wall / CPU):", ""] + targets(block["rows"], block.get("e2e"))

@@ -26,3 +26,21 @@ def test_a_run_keeps_the_other_benches_subsections(tmp_path):
                  "### Run of second", "old run"):
         assert kept in text, kept
     assert text.index("### Run of second") < text.index("### Run of first")
+
+
+def test_a_gpu_run_names_its_device_and_runs_both_sides_there():
+    """Rows measured on a GPU say so; end to end, the plain script and varprobe both run
+    on that device (torch's sums only: numba's are the CPU's)."""
+    from bench import e2e
+
+    row = {"model": "GPT", "device": "cuda", "layers": 1, "sides": {}, "mem_ratio": 1.0,
+           "mem_bare_mb": 1.0, "mem_probe_mb": 1.0, "transfers": 1}
+    assert results.where(row) == "GPT (cuda)"
+    assert results.where({**row, "device": "cpu"}) == "GPT"
+    assert "| cuda GPT |" in "\n".join(results.memory_table([row]))
+    commands = e2e.commands(numba=True, device="cuda")
+    assert set(commands) == {"plain script", "varprobe analyze", "varprobe check"}
+    assert commands["plain script"][0][-1] == "cuda"
+    assert all(argv[-2:] == ["--device", "cuda"] for name, (argv, _) in commands.items()
+               if name != "plain script")
+    assert "varprobe analyze, numba sums" in e2e.commands(numba=True, device="cpu")
