@@ -52,9 +52,10 @@ from varprobe.theory.nodes import Attention, T
 from varprobe.theory.signal import Signal
 
 BUDGET = 1 << 19  # softmax entries (slices x queries x keys) read per call
-# softmax entries formed at once: path_sums holds about seven float32 arrays of them,
-# which add to the backward's peak memory (14 MiB at the whole budget, 3.5 MiB here)
-CHUNK = 1 << 17
+# softmax entries formed at once: path_sums holds up to four float32 arrays of them (p
+# among them), which add to the backward's peak memory; each chunk is ~100 small
+# kernels, on a GPU ~20 us each
+CHUNK = 1 << 18
 PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
 
 
@@ -121,7 +122,7 @@ def _probs(q: T, k: T, mask: Any, index: tuple, lead: torch.Size, facts: Attenti
     """Softmax rows of the slices as the SDPA call formed them: scale, is_causal (top-left
     aligned), a boolean mask or an additive one (a hidden key at or below -1e4)."""
     scale = facts.scale if facts.scale is not None else facts.d_k ** -0.5
-    logits = q @ k.transpose(-1, -2) * scale
+    logits = (q @ k.transpose(-1, -2)).mul_(scale)  # in place: one array of the chunk
     seen = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device)
     if facts.causal:
         seen = seen.tril()
@@ -131,28 +132,32 @@ def _probs(q: T, k: T, mask: Any, index: tuple, lead: torch.Size, facts: Attenti
         if full.dtype == torch.bool:
             seen = seen & full
         else:
-            logits = logits + full.float()
+            logits.add_(full.float())
             seen = seen & (full > -1e4)  # attention_stats.MASKED
-    return torch.softmax(logits.masked_fill(~seen, -math.inf), -1).nan_to_num(0.0)
+    return torch.softmax(logits.masked_fill_(~seen, -math.inf), -1).nan_to_num_(0.0)
 
 
 def path_sums(g: T, q: T, k: T, v: T, p: T) -> T:
     """The module note's sums over slices g (S, T_q, d_v), q (S, T_q, d_k), k (S, T_k,
     d_k), v (S, T_k, d_v), p (S, T_q, T_k), in float64, in the order ``paths`` reads
     them: sums over more slices are their sum."""
+    # in this order, with in-place ops, at most three arrays of the chunk's size at once
+    # beside p: each is its share of the backward's peak memory
+    value = [_ss(p.transpose(-1, -2) @ g), _sum(p.square().transpose(-1, -2) @ g.square())]
     a = g @ v.transpose(-1, -2)
-    ds = p * (a - (p * a).sum(-1, keepdim=True))
-    b = (p * a).square()
-    noise = b * (1 - p).square() + p.square() * (b.sum(-1, keepdim=True) - b)
+    b = p * a
+    ds = a.sub_(b.sum(-1, keepdim=True)).mul_(p)
+    grads = [_ss(ds @ k), _ss(ds.transpose(-1, -2) @ q), _ss(ds)]
+    del a, ds
+    b.square_()
+    b_rows = b.sum(-1, keepdim=True)
     kbar = p @ k
-    spread = b @ k.square().sum(-1).unsqueeze(-1) \
-        - 2 * (b * (kbar @ k.transpose(-1, -2))).sum(-1, True) \
-        + b.sum(-1, keepdim=True) * kbar.square().sum(-1, keepdim=True)
-    return torch.stack([
-        _ss(p.transpose(-1, -2) @ g), _sum(p.square().transpose(-1, -2) @ g.square()),
-        _ss(ds @ k), _sum(spread),
-        _ss(ds.transpose(-1, -2) @ q), _sum(noise.transpose(-1, -2) @ q.square().sum(-1, True)),
-        _ss(ds), _sum(noise)])
+    spread = b @ k.square().sum(-1).unsqueeze(-1) + b_rows * kbar.square().sum(-1, keepdim=True) \
+        - 2 * (kbar @ k.transpose(-1, -2)).mul_(b).sum(-1, True)
+    noise = (1 - p).square_().mul_(b).add_((b_rows - b).mul_(p).mul_(p))
+    return torch.stack([*value, grads[0], _sum(spread), grads[1],
+                        _sum(noise.transpose(-1, -2) @ q.square().sum(-1, True)), grads[2],
+                        _sum(noise)])
 
 
 def paths(sums: T, g: T, q: T, k: T, v: T) -> list[T]:
