@@ -270,14 +270,14 @@ def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
         if first is None:
             first = c.mean()
         d = torch.sub(c, first, out=_fit(scratch, c))
-        row = [d.sum().double(), _square_sum(d)]
+        row = [d.sum(), _square_sum(d)]
         if nonfinite:
-            row.append(_nonfinite(c, d).double())
-        parts.append(torch.stack(row))
+            row.append(_nonfinite(c, d))
+        parts.append(torch.stack(row))  # float64 by type promotion: no kernel per cast
     if first is None:  # no elements
         return torch.zeros(4 if nonfinite else 3, dtype=torch.float64, device=x.device)
     total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-    return torch.cat([first.double().view(1), total])
+    return torch.cat([first.view(1), total])
 
 
 def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
@@ -347,7 +347,7 @@ def _units(x: torch.Tensor, channel_dim: int, found: tuple | None = None) -> Raw
         return [float(zeros), 0.0 if alive is None else float(alive)]
     if alive is None:
         return torch.stack([zeros, zeros.new_zeros(())])
-    return torch.stack([zeros, alive.double()])
+    return torch.stack([zeros, alive])  # float64 by type promotion
 
 
 def _unit_peaks(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
