@@ -164,6 +164,31 @@ def test_gradient_weight_and_grad_ratio(chunked):
     assert ratio == pytest.approx(np.linalg.norm(a) / np.linalg.norm(wa), rel=RTOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-25, 1e-35, 1e20])
+def test_squares_outside_float32s_range_are_kept(chunked, scale, dtype):
+    """A collapsed network's tensors reach |x| ~ 1e-25 (squares below float32's smallest
+    subnormal: a float32 sum of squares reads 0) and an exploding one's 1e20 (squares past
+    float32's largest): every path still gives each moment as float64 does, to RTOL
+    (the CPU kernels read such a tensor again in float64; the accelerators' path shifts
+    it into float64 scratch)."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(200, 300, generator=g).relu() * scale).to(dtype)
+    check_activation(x)
+    ref = reference(x)
+    row = host(stats.gradient(x))
+    assert row[stats.G_SECOND_MOMENT] == pytest.approx(ref["m2"], rel=RTOL)
+    assert row[stats.G_VAR] == pytest.approx(ref["var"], rel=RTOL)
+    w = (torch.randn(300, 200, generator=g) * scale).to(dtype)
+    b = (torch.randn(20000, generator=g) * scale).to(dtype)
+    wa, ba, a = (t.double().numpy() for t in (w, b, x))
+    row = host(stats.weight(w, b))
+    assert row[stats.W_SECOND_MOMENT] == pytest.approx((wa * wa).mean(), rel=RTOL)
+    assert row[stats.B_SECOND_MOMENT] == pytest.approx((ba * ba).mean(), rel=RTOL)
+    ratio = host(stats.grad_ratio(x, w, stats.weight(w, b)))[0]
+    assert ratio == pytest.approx(np.linalg.norm(a) / np.linalg.norm(wa), rel=RTOL)
+
+
 class Residual(nn.Module):
     """A chain (where gradient buffers are shared between calls) and a residual add
     (where two gradients meet, so no buffer may be reused for the other)."""

@@ -83,9 +83,16 @@ def _join(parts: list[Raw]) -> Raw:
 
 
 def chunk_size(device: torch.device) -> int:
-    # 1 MiB of float32 scratch on CPU (the passes over a chunk stay in cache);
-    # accelerators pay per kernel launch, so bigger there.
-    return 1 << 18 if device.type == "cpu" else 1 << 24
+    # 2 MiB of float64 scratch on CPU (the passes over a chunk stay in cache);
+    # accelerators pay per kernel launch, so bigger there (64 MiB).
+    return 1 << 18 if device.type == "cpu" else 1 << 23
+
+
+def _wide(device: torch.device) -> bool:
+    """Whether the device has float64 (MPS has not): there the shifted copy is float64,
+    whose squares neither underflow (float32's do below |x| ~ 1e-19, reading a tensor of
+    tiny values as 0) nor overflow."""
+    return device.type != "mps"
 
 
 def reads_are_free(device: torch.device) -> bool:
@@ -131,8 +138,11 @@ def _pieces(x: torch.Tensor, chunked: bool) -> Iterator[torch.Tensor]:
 
 
 def _square_sum(p: torch.Tensor) -> torch.Tensor:
-    """sum(p^2) of a contiguous 1-D piece, float64 0-d: the norms of its rows (no
-    temporary), their squares summed in float64."""
+    """sum(p^2) of a contiguous 1-D piece, float64 0-d: a float64 piece's norm squared;
+    a float32 one's by the norms of its rows (no temporary), their squares summed in
+    float64."""
+    if p.dtype == torch.float64:
+        return torch.linalg.vector_norm(p).square()
     whole = p.numel() - p.numel() % ROW
     rows = (p if whole == p.numel() else p[:whole]).view(-1, ROW)
     norms = torch.linalg.vector_norm(rows, dim=1)
@@ -147,9 +157,9 @@ def _nonfinite(c: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return torch.ne(torch.sub(c, c, out=scratch), 0, out=scratch).sum()
 
 
-def _scratch(x: torch.Tensor) -> torch.Tensor:
-    """One chunk of float32 (float64 for a float64 tensor) scratch."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+def _scratch(x: torch.Tensor, wide: bool = False) -> torch.Tensor:
+    """One chunk of float32 scratch (float64 for a float64 tensor, or ``wide``)."""
+    dtype = torch.float64 if x.dtype == torch.float64 or wide else torch.float32
     return torch.empty(min(x.numel(), chunk_size(x.device)), dtype=dtype, device=x.device)
 
 
@@ -231,18 +241,49 @@ def kernel_array(x: torch.Tensor) -> tuple[np.ndarray, list[int]] | None:
     return (found[0].numpy(), found[1]) if found is not None else None
 
 
+# A float32 read squares in float32: below |x| ~ 1e-19 a square underflows, and past
+# ~1.8e19 it overflows. Above this mean square the underflowed ones weigh under 2^-26
+# of the sum; below it (or where the squares overflowed and the sum did not) the sums
+# are read again in float64.
+SQUARE_FLOOR = 2.0 ** -100
+WIDE_CHUNK = 1 << 16  # elements per float64 copy of that read (512 KiB)
+
+
+def _narrow(flat: np.ndarray, s1: float, s2: float) -> bool:
+    """Whether a CPU kernel's sum of squares of float32 ``flat`` left float32's range."""
+    return flat.dtype == np.float32 and (
+        s2 < SQUARE_FLOOR * flat.size or (math.isfinite(s1) and not math.isfinite(s2)))
+
+
+def _wide_sums(flat: np.ndarray, shift: float = 0.0) -> tuple[float, float]:
+    """(sum(d), sum(d^2)) in float64, d = flat - shift, a chunk at a time."""
+    s1 = s2 = 0.0
+    with np.errstate(all="ignore"):  # inf - inf: NaN, as the kernels give it
+        for at in range(0, flat.size, WIDE_CHUNK):
+            d = flat[at:at + WIDE_CHUNK].astype(np.float64)
+            if shift:
+                d -= shift
+            s1 += float(d.sum())
+            s2 += float(np.einsum("i,i->", d, d))
+    return s1, s2
+
+
 def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float],
                      nonfinite: bool) -> list[float]:
     """The ``_sums`` vector from a kernel's (sum, sum of squares) of ``flat``: read again
     from ``flat - mean`` when mean^2 > Var, and non-finite elements counted only when a
     sum is non-finite (a non-finite element makes one so)."""
     s1, s2 = sums
+    narrow = _narrow(flat, s1, s2)
+    if narrow:
+        s1, s2 = _wide_sums(flat)
     n, shift = flat.size, 0.0
     mean, m2 = s1 / n, s2 / n
     finite = math.isfinite(s1) and math.isfinite(s2)
     if finite and mean * mean > m2 - mean * mean:  # E[x^2] - E[x]^2 would cancel
         shift = flat.dtype.type(mean)
-        s1, s2 = cpu_kernels().sums(flat, shift, flat.dtype.type(0))
+        s1, s2 = _wide_sums(flat, float(shift)) if narrow else \
+            cpu_kernels().sums(flat, shift, flat.dtype.type(0))
     row = [float(shift), s1, s2]
     if nonfinite:
         row.append(0.0 if finite else _count_nonfinite(x))
@@ -263,9 +304,9 @@ def _fit(scratch: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
-    """Chunk by chunk from ``d = x - shift`` in scratch, the shift being the first
-    chunk's mean (no sync)."""
-    scratch, parts, first = _scratch(x), [], None
+    """Chunk by chunk from ``d = x - shift`` in scratch (float64 where the device has it,
+    ``_wide``), the shift being the first chunk's mean (no sync)."""
+    scratch, parts, first = _scratch(x, _wide(x.device)), [], None
     for c in _pieces(x, chunked=True):
         if first is None:
             first = c.mean()
@@ -445,8 +486,11 @@ def _bias_sums(b: torch.Tensor) -> list[Raw]:
     found = kernel_array(b)
     if found is not None:
         flat = found[0].reshape(-1)
+        s2 = _moment_read(flat)[1]
+        if _narrow(flat, 0.0, s2):
+            s2 = _wide_sums(flat)[1]
         with np.errstate(all="ignore"):  # inf - inf: NaN, as torch's sum gives it
-            return [[_moment_read(flat)[1]], [float(flat.sum(dtype=np.float64))]]
+            return [[s2], [float(flat.sum(dtype=np.float64))]]
     return [_square_sums(b), b.double().sum().view(1)]
 
 
@@ -456,6 +500,11 @@ def _square_sums(x: torch.Tensor) -> Raw:
     if found is not None:
         # torch's kernels in one read (their moment read takes two); numba's in its one
         flat, k = found[0].reshape(-1), cpu_kernels()
-        return [k.square_sum(flat) if hasattr(k, "square_sum") else _moment_read(flat)[1]]
-    sums = [_square_sum(p) for p in _pieces(x, chunked=False)]
+        s2 = k.square_sum(flat) if hasattr(k, "square_sum") else _moment_read(flat)[1]
+        return [_wide_sums(flat)[1] if _narrow(flat, 0.0, s2) else s2]
+    # a float64 copy of each chunk where the device has float64 (``_wide``)
+    wide = _wide(x.device) and x.dtype != torch.float64
+    scratch = _scratch(x, wide=True) if wide else None
+    sums = [_square_sum(p if scratch is None else _fit(scratch, p).copy_(p))
+            for p in _pieces(x, chunked=wide)]
     return (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).view(1)
