@@ -167,3 +167,31 @@ def test_transformers_dropout_at_p0_is_measured_like_plain_autograd():
     for name in dropouts:
         [(_, grad)] = reference[name]
         assert layer(report, name).backward.var == pytest.approx(var(grad), rel=RTOL), name
+
+
+@pytest.mark.parametrize("frozen", ["first", "head", "all"])
+def test_frozen_weights_add_no_flag(frozen):
+    """Fine-tuning freezes weights (requires_grad=False): they say so, and the backward
+    rule that weighs whether the weights along a chain learn at one rate leaves them
+    out, so freezing adds no error. A 30-layer Xavier ReLU MLP: vanishing forward, its
+    trainable layers' ‖∇W‖/‖W‖ balanced, so no vanishing_backward with or without."""
+    import corpus
+    from varprobe.report import FROZEN
+
+    def errors(model):
+        e = corpus.entry("mlp30_xavier_relu")
+        report = varprobe.probe(model, e.example(), batch_size=e.batch_size)
+        return report, sorted((f.code, layer.name) for layer in report.layers
+                              for f in layer.flags if f.severity == "error")
+
+    entry = corpus.entry("mlp30_xavier_relu")
+    _, plain = errors(entry.build())
+    model = entry.build()
+    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+    for w in {"first": weights[:1], "head": weights[-1:], "all": weights}[frozen]:
+        w.requires_grad_(False)
+    report, flags = errors(model)
+    assert flags == plain == [("vanishing_forward", "58")]
+    layers = {layer.name: layer for layer in report.layers}
+    name = {"first": "0", "head": "58", "all": "0"}[frozen]
+    assert layers[name].unavailable["weight_grad_ratio"] == FROZEN

@@ -31,6 +31,7 @@ from varprobe.errors import VarprobeError
 from varprobe.input_leaves import InputLeaves
 from varprobe.recorder import Call, Recorder, float_leaves, tensor_leaves
 from varprobe.report import (
+    FROZEN,
     BackwardStats,
     ForwardStats,
     Layer,
@@ -466,7 +467,7 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
         if id(module) in grad_slots:
             layer.weight_grad_ratio = host[grad_slots[id(module)]][0]
         elif not rec.weights[id(module)][1].requires_grad:
-            layer.unavailable["weight_grad_ratio"] = "the weight is frozen (requires_grad=False)"
+            layer.unavailable["weight_grad_ratio"] = FROZEN
         else:
             layer.unavailable["weight_grad_ratio"] = no_backward or "no gradient reached the weight"
     if rec.range_slots:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "varprobe.report/1"
+# Layer.unavailable["weight_grad_ratio"] of a weight that does not learn by design
+FROZEN = "the weight is frozen (requires_grad=False)"
 
 
 @dataclass

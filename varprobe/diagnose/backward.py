@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from varprobe.diagnose.common import Trend, band, flag, is_weight, num, same, unit_end
 from varprobe.diagnose.fix import culprits as culprits_of
 from varprobe.diagnose.thresholds import Thresholds
-from varprobe.report import Layer
+from varprobe.report import FROZEN, Layer
 
 CONSEQUENCE = {
     "vanishing_backward": "its weights (and those before it) learn that much more slowly "
@@ -76,10 +76,13 @@ def _balanced(layers: list[Layer], product: tuple, t: Thresholds) -> bool:
     at, value, _, _ = product
     if value >= t.backward[0]:
         return False
-    rates = [layer.weight_grad_ratio for layer in layers[at:] if is_weight(layer)]
+    # a frozen weight (fine-tuning a backbone, a fixed embedding) learns at no rate by
+    # design: only the weights that learn need one rate
+    rates = [layer.weight_grad_ratio for layer in layers[at:] if is_weight(layer)
+             and layer.unavailable.get("weight_grad_ratio") != FROZEN]
     if not all(r is not None and math.isfinite(r) and r > 0 for r in rates):
         return False
-    return rates[0] >= t.backward[0] * max(rates)
+    return not rates or rates[0] >= t.backward[0] * max(rates)
 
 
 def runs(layers: list[Layer], found: list[Unit]) -> list[list[Unit]]:
