@@ -90,3 +90,25 @@ def test_seeded_runs_repeat_and_do_not_touch_the_global_rng():
     assert a.to_dict()["layers"] == b.to_dict()["layers"]
     c = varprobe.probe(model, seed=4, mode="train")
     assert c.layers[0].forward.var != a.layers[0].forward.var
+
+
+def test_a_module_compiled_in_place_is_probed_eagerly_and_stays_compiled():
+    """Module.compile() routes every call through dynamo, which would trace the probe's
+    hooks (tens of times slower): the probe runs the eager calls (no frame reaches
+    dynamo), measures what the uncompiled twin gives, and the compiled call is back
+    afterwards."""
+    import torch._dynamo
+
+    model, twin = net(), net()
+    twin.load_state_dict(model.state_dict())
+    model.compile(backend="eager")
+    compiled = model._compiled_call_impl
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    x = torch.randn(16, 3, 6, 6)
+    report = varprobe.probe(model, x)
+    assert sum(torch._dynamo.utils.counters["frames"].values()) == 0
+    assert model._compiled_call_impl is compiled
+    expected = varprobe.probe(twin, x)
+    assert [(layer.forward.var, layer.backward.var) for layer in report.layers] == \
+        [(layer.forward.var, layer.backward.var) for layer in expected.layers]
