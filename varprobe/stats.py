@@ -10,7 +10,8 @@ extra: sum, sum of squares and unit counts in one read) or else ``torch_kernels`
 has no one-read reduction of both sums; ``var_mean`` runs at a tenth of memory speed).
 Where the mean dominates (mean^2 > Var) the sums are taken again from ``x - mean``.
 Accelerators must not sync: every tensor is shifted by its first chunk's mean and read
-in chunks of scratch, as is every fp16/bf16 tensor and all memory that is not dense.
+in chunks of float64 scratch, as is every fp16/bf16 tensor and all memory that is not
+dense. Squares outside float32's range are read in float64 on every path.
 """
 
 from __future__ import annotations
