@@ -415,3 +415,41 @@ def test_a_batchnorm_fed_the_wrong_channels_raises_its_own_error():
     assert "layer 1 (BatchNorm2d)" in message
     assert str(plain.value).splitlines()[0] in message
     assert_untouched(model, before)
+
+
+class _OwnsAndCalls(nn.Module):
+    """A model that owns a parameter (a class token) beside its layers, as a ViT."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, 16) * 0.02)
+        self.a, self.act, self.b = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.cat([self.token.expand(x.shape[0], 1, 16), x], dim=1)
+        return self.b(self.act(self.a(x)))
+
+
+class _Thin(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("wrap", [nn.Sequential, _Thin, lambda m: nn.Sequential(_Thin(m))])
+def test_a_wrapped_model_has_the_same_layers(wrap):
+    """Wrapping a model (nn.Sequential(model), a module whose forward calls it) changes
+    nothing but the names' prefix: the wrapped model's own parameters make it no layer,
+    as they do not unwrapped."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 16)
+    model = _OwnsAndCalls()
+    plain = varprobe.probe(model, x)
+    wrapped = varprobe.probe(wrap(model), x)
+    assert [layer.name.split(".")[-1] for layer in wrapped.layers] == \
+        [layer.name for layer in plain.layers] == ["a", "act", "b"]
+    assert [layer.forward.var for layer in wrapped.layers] == \
+        [layer.forward.var for layer in plain.layers]

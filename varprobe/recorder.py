@@ -86,11 +86,27 @@ def float_leaves(value: Any) -> list[torch.Tensor]:
     return [t for t in tensor_leaves(value) if t.is_floating_point()]
 
 
+def _roots(model: nn.Module) -> set[str]:
+    """The model and the modules it merely wraps: a module with nothing of its own and
+    one child (``nn.Sequential(model)``, a forward that calls ``self.inner``) hands the
+    root's place to that child, whose own parameters (a ViT's class token) make it no
+    layer, as the model's would not."""
+    roots, name, module = {""}, "", model
+    while not theory.own_parameters(module) and not list(module.buffers(recurse=False)):
+        children = list(module.named_children())
+        if len(children) != 1:
+            break
+        name, module = f"{name}.{children[0][0]}" if name else children[0][0], children[0][1]
+        roots.add(name)
+    return roots
+
+
 def probed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Leaf modules, plus any module that owns parameters directly (e.g. attention).
-    Not the modules that compute a parametrized weight (``module.parametrizations``):
-    they run whenever the weight is read, and the weight is the layer's."""
-    out, inside = [], ()
+    """Leaf modules, plus any module that owns parameters directly (e.g. attention),
+    except the model itself (``_roots``). Not the modules that compute a parametrized
+    weight (``module.parametrizations``): they run whenever the weight is read, and the
+    weight is the layer's."""
+    out, inside, roots = [], (), _roots(model)
     for name, module in model.named_modules(remove_duplicate=True):
         if inside and name.startswith(inside):
             continue
@@ -99,7 +115,7 @@ def probed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         is_leaf = next(module.children(), None) is None
         owns = bool(theory.own_parameters(module))
-        if (is_leaf or owns) and (name or is_leaf):
+        if (is_leaf or owns) and (name not in roots or is_leaf):
             out.append((name or type(model).__name__, module))
     return out
 
