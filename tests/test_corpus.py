@@ -25,11 +25,7 @@ BROKEN = [e for e in ENTRIES if e.broken is not None]
 
 # Broken variants that SGD does not train and the verdict rules do not catch at init;
 # strict, so a rule that starts catching one turns the test red.
-KNOWN_MISSES: dict[str, str] = {
-    "hf_mobilevit": "collapsing BatchNorms between LayerNorms: each stretch stops near "
-                    "the forward band's edge (1.1e-6 of its reference against 1e-6) and "
-                    "no backward rule reads the gradient they starve",
-}
+KNOWN_MISSES: dict[str, str] = {}
 # Networks that SGD trains (corpus/labels) which still get an error; strict likewise.
 KNOWN_FALSE_ALARMS: dict[str, str] = {}
 # Healthy twins that SGD does not train in the label budget (AdamW does): their pairs

@@ -579,3 +579,41 @@ def test_a_vanishing_gradient_across_pools_is_still_judged_by_the_layers_after_i
     assert rate[0] < 1e-2 * rate[1]
     report = probe(model, x, grad_output=g)
     assert "vanishing_backward" in codes(report)
+
+
+def _after_a_norm(gamma_std: float | None, gamma: float = 1.0) -> nn.Sequential:
+    """A BatchNorm (γ drawn N(0, gamma_std²), or set to ``gamma``) and then a stretch of
+    four linear layers, each keeping 0.05 of E[x²] (0.05⁴ = 6.25e-6), and a head."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, 64), nn.BatchNorm1d(64)]
+    layers += [nn.Linear(64, 64, bias=False) for _ in range(4)] + [nn.Linear(64, 10)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        if gamma_std is None:
+            model[1].weight.fill_(gamma)
+        else:
+            model[1].weight.normal_(0, gamma_std)
+        for lin in model[2:6]:
+            lin.weight.normal_(0, math.sqrt(0.05 / 64))
+    return model
+
+
+@pytest.mark.parametrize(("gamma_std", "gamma", "flagged"), [
+    (0.02, 1.0, True),        # E[y²] ~ 4e-4 at the norm, 2.5e-9 at the head: collapsed
+    (None, 1.0, False),       # E[y²] = 1 at the norm: 6.25e-6 of it, inside the band
+    (None, 0.45, False)])     # E[y²] = 0.2: a scale eps or channel means can set too
+def test_a_norm_with_small_gamma_does_not_excuse_the_stretch_after_it(gamma_std, gamma,
+                                                                     flagged):
+    """A norm sets its output's scale to about mean(γ²); γ drawn N(0, 0.02) (transformers'
+    EfficientNet and MobileViT) is a collapse of its own. Held against it, the stretch
+    after it keeps 6.25e-6 (inside the 1e-6 band) and nothing was flagged; held against a
+    normalized signal's 1, the input at the head is 2.5e-9 of it."""
+    report = probe(_after_a_norm(gamma_std, gamma), torch.randn(256, 32))
+    errors = [(layer.name, f) for layer in report.layers for f in layer.flags
+              if f.code == "vanishing_forward"]
+    assert bool(errors) == flagged
+    if flagged:
+        name, found = errors[0]
+        assert found.value == pytest.approx(
+            report.layers[int(name)].input.second_moment, rel=1e-12)  # over 1
+        assert "by its small γ" in found.message

@@ -53,12 +53,13 @@ def points(report: Report, weights: list[int],
     last = max((i for i, layer in enumerate(layers) if is_weight(layer)), default=None)
     zeros = {i for i, layer in enumerate(layers) if is_weight(layer)
              and layer.input is not None and layer.input.second_moment == 0}
+    small = small_norms(layers)
     found = []
     for i in weights:
         layer = layers[i]
         if layer.reference is None or layer.reference == f"{layer.label} (input)":
             continue  # its own input sets the scale: nothing before it to compound
-        ref = pos(layer.reference_second_moment)
+        ref = 1.0 if layer.reference in small else pos(layer.reference_second_moment)
         m2 = layer.input.second_moment if layer.input is not None else None
         if m2 == 0:
             branch = _on_branch(layers, i, zeros)
@@ -70,6 +71,19 @@ def points(report: Report, weights: list[int],
         if i == last and pos(out) is not None:
             found.append((i, "its output's E[y²]", out / min(ref or 1.0, 1.0), layer))
     return found
+
+
+# A norm sets its output's scale to about mean(γ²) + mean(β²). Drawn small (BatchNorm γ
+# ~ N(0, 0.02), transformers' EfficientNet and MobileViT), that scale is a collapse of
+# its own, which the stretch after it compounds: those layers are held against 1, a
+# normalized signal's scale (at 0.1 or more, eps and channel means account for it).
+SMALL_NORM = 0.1
+
+
+def small_norms(layers: list[Layer]) -> set[str]:
+    """The labels of norm layers whose output E[y²] is positive and below SMALL_NORM."""
+    return {layer.label for layer in layers if layer.kind == "norm" and layer.forward
+            is not None and 0 < (layer.forward.second_moment or 0) < SMALL_NORM}
 
 
 def _on_branch(layers: list[Layer], i: int, zeros: set[int]) -> bool:
@@ -157,7 +171,11 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
                          if "output" in what else f"band {band(t.forward)}")
                 since = ("" if out[0][0] == at else
                          f"; the signal leaves the band at {report.layers[out[0][0]].label}")
-                message = (f"{what} is {num(r)} of {layer.reference}'s, after "
+                of = (f"a normalized signal's (1: {layer.reference} sets "
+                      f"{num(layer.reference_second_moment)} by its small γ)"
+                      if layer.reference in small_norms(report.layers)
+                      else f"{layer.reference}'s")
+                message = (f"{what} is {num(r)} of {of}, after "
                            f"{layer.depth or len(suspects)} weight layer(s) in series with "
                            f"nothing between to restore the scale ({limit})"
                            f"{since}: {CONSEQUENCE[code]}")
