@@ -126,3 +126,26 @@ def test_a_probe_does_not_import_sympy():
     assert imports_sympy("import sys, torch\n"
                          "y = torch.nn.Linear(3, 4)(torch.randn(2, 3))\n"
                          "torch.autograd.grad(y, [y], torch.randn(2, 4))")
+
+
+def test_a_grad_output_dict_is_matched_by_key():
+    """A dict output's cotangent given in another key order goes to the same keys (each
+    layer's backward variance equals the matched order's), and other keys are refused."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return {"a": self.a(x), "b": self.b(x)}
+
+    torch.manual_seed(0)
+    model, x = Two(), torch.randn(64, 8)
+    ga, gb = torch.randn(64, 8), 10 * torch.randn(64, 8)
+    same = varprobe.probe(model, x, grad_output={"a": ga, "b": gb})
+    swapped = varprobe.probe(model, x, grad_output={"b": gb, "a": ga})
+    assert [layer.backward.var for layer in swapped.layers] == \
+        [layer.backward.var for layer in same.layers]
+    assert same.layers[1].backward.var > 50 * same.layers[0].backward.var
+    with pytest.raises(VarprobeError, match="keys"):
+        varprobe.probe(model, x, grad_output={"a": ga, "c": gb})

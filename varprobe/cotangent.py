@@ -11,6 +11,9 @@ the gradients are bit for bit those of ``autograd.grad(outs, wrt, cotangents)``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from varprobe.errors import VarprobeError
@@ -38,3 +41,18 @@ def paired(outs: list[torch.Tensor], cotangents: list[torch.Tensor]) -> torch.Te
             raise VarprobeError(f"grad_output has shape {tuple(g.shape)}, {where} has "
                                 f"{tuple(o.shape)}; they must match")
     return _Pairing.apply(len(outs), *outs, *(g.detach() for g in cotangents))
+
+
+def aligned(grad_output: Any, output: Any) -> Any:
+    """``grad_output`` laid out as ``output``: mappings matched by key, not by position
+    (``{"b": gb, "a": ga}`` for an output ``{"a": ..., "b": ...}``, which flattening
+    would pair by order, silently). Keys that differ are refused."""
+    if isinstance(output, Mapping) and isinstance(grad_output, Mapping):
+        if set(output) != set(grad_output):
+            raise VarprobeError(f"grad_output's keys {sorted(map(str, grad_output))} are "
+                                f"not the output's {sorted(map(str, output))}")
+        return [aligned(grad_output[k], output[k]) for k in output]
+    if isinstance(output, (list, tuple)) and isinstance(grad_output, (list, tuple)) \
+            and len(output) == len(grad_output):
+        return [aligned(g, o) for g, o in zip(grad_output, output)]
+    return grad_output

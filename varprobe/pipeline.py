@@ -25,7 +25,7 @@ from varprobe import ends as ends_mod
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
-from varprobe.cotangent import paired
+from varprobe.cotangent import aligned, paired
 from varprobe.diagnose.common import places
 from varprobe.errors import VarprobeError
 from varprobe.input_leaves import InputLeaves
@@ -348,7 +348,7 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
     elif grad_output is not None:
         floats = float_leaves(output)
         cotangents = [g.to(o.device, o.dtype) for g, o in
-                      zip(tensor_leaves(grad_output), floats)]
+                      zip(tensor_leaves(aligned(grad_output, output)), floats)]
         if len(cotangents) != len(floats):
             raise VarprobeError("grad_output does not match the model's output structure")
         pairs = [(o, g) for o, g in zip(floats, cotangents) if o.requires_grad]
