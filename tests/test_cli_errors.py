@@ -49,6 +49,16 @@ MODELS = {
         model = nn.Sequential(nn.ReLU())
         """,
     "raises_on_import.py": "raise RuntimeError('config missing')\n",
+    "exits_on_import.py": "import sys\nsys.exit(5)\n",
+    # a training script's own flags: run alone it sees none, so this parses
+    "own_flags.py": """
+        import argparse
+        from torch import nn
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--lr", type=float, default=0.1)
+        args = parser.parse_args()
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        """,
 }
 
 
@@ -75,6 +85,7 @@ CASES = [
     ("scripted.py", "TorchScript"),
     ("no_input.py", "--input-shape"),
     ("raises_on_import.py", "RuntimeError: config missing"),
+    ("exits_on_import.py", "exited while importing (SystemExit 5)"),
 ]
 
 
@@ -129,3 +140,11 @@ def test_input_file_errors(models, capsys, tmp_path):
     (tmp_path / "bad.pt").write_text("not a tensor")
     result = run(capsys, "analyze", model, "--input", tmp_path / "bad.pt")
     assert result.code == 2 and "cannot load" in result.err
+
+
+def test_a_model_file_parsing_its_own_flags_sees_none(models, capsys):
+    """Loaded as if run alone (argv is the file), a script that parses its own flags at
+    import does not see varprobe's."""
+    result = run(capsys, "analyze", models / "own_flags.py", "--input-shape", "4",
+                 "--batch-size", "4")
+    assert result.code == 0, result.err

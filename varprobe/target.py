@@ -105,6 +105,7 @@ def _import_file(path: Path) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look the module up here
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)  # sibling imports ("from helpers import K") work
+    argv, sys.argv = sys.argv, [str(path)]  # as run alone: its own argparse sees no flags
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
@@ -114,11 +115,17 @@ def _import_file(path: Path) -> ModuleType:
         sys.modules.pop(name, None)
         raise VarprobeError(f"{path}: it imports {exc.name!r}, which is not installed; "
                             "install it or fix the import") from exc
+    except SystemExit as exc:  # a script's sys.exit() or argparse, at import
+        sys.modules.pop(name, None)
+        raise VarprobeError(f"{path}: exited while importing (SystemExit {exc.code}); put "
+                            "the script's own code under `if __name__ == \"__main__\":`"
+                            ) from None
     except Exception as exc:
         sys.modules.pop(name, None)
         raise VarprobeError(f"{path}: raised while importing: "
                             f"{type(exc).__name__}: {exc}") from exc
     finally:
+        sys.argv = argv
         with contextlib.suppress(ValueError):
             sys.path.remove(folder)
     return module
