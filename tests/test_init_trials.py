@@ -7,6 +7,7 @@ import json
 import math
 import statistics
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -176,3 +177,25 @@ def test_the_cli_knows_every_scheme():
     from varprobe.cli import Scheme  # spelled out there so that --help needs no torch
 
     assert [s.value for s in Scheme] == list(theory.SCHEMES)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "old weight_norm", "spectral_norm"])
+def test_init_refuses_a_computed_weight(wrap):
+    """A weight computed at each call (a parametrization, or the old weight_norm hook)
+    cannot be re-drawn by copying into it (the copy is thrown away: --init would be a
+    silent no-op, and the old hook's tensor cannot even be deep-copied): --init says so
+    in one line; probing as it is works."""
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils import weight_norm as old_weight_norm
+
+    make = {"weight_norm": parametrizations.weight_norm,
+            "old weight_norm": old_weight_norm,
+            "spectral_norm": parametrizations.spectral_norm}[wrap]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old weight_norm's deprecation
+        model = nn.Sequential(make(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(16, 8)
+    with pytest.raises(VarprobeError, match=r"cannot re-draw a computed weight .* at 0;"):
+        probe(model, x, init="he")
+    assert probe(model, x).layers[0].forward is not None

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from varprobe import theory
 from varprobe.errors import VarprobeError
@@ -63,6 +64,13 @@ def reinitialized(model: nn.Module, scheme: str, seed: int) -> nn.Module:
     that they share no numbers with the seed's inputs): reproducible, and the global
     RNG is untouched. The PReLU slope of he-prelu is read in registration order.
     """
+    computed = [name for name, m in model.named_modules() if _computed_weight(m)]
+    if computed:  # copying into a weight that is recomputed at each call changes nothing
+        raise VarprobeError(
+            f"--init cannot re-draw a computed weight (weight_norm, spectral_norm or "
+            f"another parametrization) at {', '.join(computed[:3])}"
+            f"{f' and {len(computed) - 3} more' if len(computed) > 3 else ''}; "
+            "initialize the underlying parameters in the model file, or probe as it is")
     clone = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(_stream_seed(seed))
     modules = [m for m in clone.modules() if next(m.children(), None) is None]
@@ -71,6 +79,15 @@ def reinitialized(model: nn.Module, scheme: str, seed: int) -> nn.Module:
             if is_linear_map(module):  # the layers whose scheme columns assume the scheme
                 _draw(module, scheme, a, generator)
     return clone
+
+
+def _computed_weight(module: nn.Module) -> bool:
+    """A weight computed from other parameters at each call: a parametrization, or the
+    old-style weight_norm / spectral_norm hooks."""
+    if parametrize.is_parametrized(module, "weight"):
+        return True
+    return any(type(hook).__name__ in ("WeightNorm", "SpectralNorm")
+               for hook in module._forward_pre_hooks.values())
 
 
 def _draw(module: nn.Module, scheme: str, a: float, generator: torch.Generator) -> None:
