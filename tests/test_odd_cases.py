@@ -453,3 +453,39 @@ def test_a_wrapped_model_has_the_same_layers(wrap):
         [layer.name for layer in plain.layers] == ["a", "act", "b"]
     assert [layer.forward.var for layer in wrapped.layers] == \
         [layer.forward.var for layer in plain.layers]
+
+
+class _Reentrant(nn.Module):
+    """A use_reentrant=True checkpoint (autograd.grad refuses it: the probe runs
+    backward()), and a tensor the model keeps that requires grad but is no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.scale = torch.ones(1, requires_grad=True)
+
+    def forward(self, x):
+        return self.b(checkpoint(self.a, x * self.scale, use_reentrant=True))
+
+
+def test_a_reentrant_checkpoint_leaves_grads_and_optimizer_hooks_alone():
+    """backward() writes every leaf it reaches and runs post-accumulate hooks (an
+    optimizer in the backward, which steps the weights): the probe holds both off, the
+    kept tensor's grad stays None, the weights stay as they were, and the hooks are
+    still there after it."""
+    torch.manual_seed(0)
+    model, calls = _Reentrant(), []
+
+    def step(p):
+        calls.append(p)
+        p.data.add_(p.grad, alpha=-0.1)
+
+    for p in (model.a.weight, model.b.weight):  # inside the checkpoint and outside it
+        p.register_post_accumulate_grad_hook(step)
+    before = [p.detach().clone() for p in model.parameters()]
+    report = varprobe.probe(model, torch.randn(4, 8))
+    assert calls == [] and model.scale.grad is None
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(layer.weight_grad_ratio > 0 for layer in report.layers)
+    model(torch.randn(4, 8)).sum().backward()
+    assert len(calls) == 2

@@ -396,13 +396,44 @@ def _gradients(start: torch.Tensor, outs, wrt) -> tuple:
         return ()
     if not _has_reentrant_checkpoint(outs):
         return torch.autograd.grad(start, wrt, allow_unused=True)
-    for t in wrt:
+    # backward() writes every leaf it reaches (parameters, and any tensor the model
+    # keeps that requires grad) and runs their post-accumulate hooks (an optimizer in
+    # the backward): both are held off and put back as they were
+    # a reentrant checkpoint's parameters are out of the outer graph's sight: with wrt
+    leaves = list({id(t): t for t in (*_leaves(start), *wrt) if t.is_leaf}.values())
+    # autograd holds each leaf's hook dict itself: emptied in place, refilled after
+    hooks = [(t._post_accumulate_grad_hooks, dict(t._post_accumulate_grad_hooks or {}))
+             for t in leaves]
+    held = [(t, t.grad) for t in leaves]
+    for t in leaves:
         t.grad = None
-    torch.autograd.backward(start)
-    grads = tuple(t.grad if t.is_leaf else None for t in wrt)  # computed weights: none
-    for t in wrt:
-        t.grad = None
-    return grads
+    for table, _ in hooks:
+        if table:
+            table.clear()
+    try:
+        torch.autograd.backward(start)
+        return tuple(t.grad if t.is_leaf else None for t in wrt)  # computed weights: none
+    finally:
+        for t, grad in held:
+            t.grad = grad
+        for table, saved in hooks:
+            if saved:
+                table.update(saved)
+
+
+def _leaves(start: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors a backward from ``start`` accumulates into."""
+    found, seen, stack = {}, set(), [start.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad
+        if isinstance(variable, torch.Tensor):
+            found[id(variable)] = variable
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(found.values())
 
 
 def _has_reentrant_checkpoint(outs) -> bool:
