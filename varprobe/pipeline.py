@@ -25,7 +25,7 @@ from varprobe import ends as ends_mod
 from varprobe import inputs as inputs_mod
 from varprobe import trials as trials_mod
 from varprobe.config import DEFAULT_BATCH_SIZE
-from varprobe.cotangent import aligned, paired
+from varprobe.cotangent import aligned, gradients, paired
 from varprobe.diagnose.common import places
 from varprobe.errors import VarprobeError
 from varprobe.input_leaves import InputLeaves
@@ -364,7 +364,7 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
     start = paired(outs, cotangents)
     rec.in_backward = True
     try:
-        grads = _gradients(start, outs, wrt)
+        grads = gradients(start, outs, wrt)
     except Exception as exc:
         if _out_of_memory(exc):
             raise VarprobeError(_oom_message("the backward pass")) from exc
@@ -382,71 +382,6 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
     rec.weight_grad_slots = timing.timed("recording", rec.add_weight_grads)(weight_grads)
     rec.cotangent_slot = rec._new_slot(stats.gradient(cotangents[0].detach()))
     return ""
-
-
-def _gradients(start: torch.Tensor, outs, wrt) -> tuple:
-    """d start/d wrt (``start`` = cotangent.paired(outs, ...)), without touching any
-    ``.grad`` the user holds.
-
-    ``autograd.grad`` is the clean way, but a use_reentrant=True checkpoint refuses it;
-    then ``backward()`` runs with every ``.grad`` cleared and they are read back (the
-    caller's ``preserved`` puts the user's own tensors back afterwards).
-    """
-    if not wrt:
-        return ()
-    if not _has_reentrant_checkpoint(outs):
-        return torch.autograd.grad(start, wrt, allow_unused=True)
-    # backward() writes every leaf it reaches (parameters, and any tensor the model
-    # keeps that requires grad) and runs their post-accumulate hooks (an optimizer in
-    # the backward): both are held off and put back as they were
-    # a reentrant checkpoint's parameters are out of the outer graph's sight: with wrt
-    leaves = list({id(t): t for t in (*_leaves(start), *wrt) if t.is_leaf}.values())
-    # autograd holds each leaf's hook dict itself: emptied in place, refilled after
-    hooks = [(t._post_accumulate_grad_hooks, dict(t._post_accumulate_grad_hooks or {}))
-             for t in leaves]
-    held = [(t, t.grad) for t in leaves]
-    for t in leaves:
-        t.grad = None
-    for table, _ in hooks:
-        if table:
-            table.clear()
-    try:
-        torch.autograd.backward(start)
-        return tuple(t.grad if t.is_leaf else None for t in wrt)  # computed weights: none
-    finally:
-        for t, grad in held:
-            t.grad = grad
-        for table, saved in hooks:
-            if saved:
-                table.update(saved)
-
-
-def _leaves(start: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors a backward from ``start`` accumulates into."""
-    found, seen, stack = {}, set(), [start.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad
-        if isinstance(variable, torch.Tensor):
-            found[id(variable)] = variable
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return list(found.values())
-
-
-def _has_reentrant_checkpoint(outs) -> bool:
-    seen, stack = set(), [o.grad_fn for o in outs if o.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            return True
-        seen.add(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
 
 
 def _forward_stats(row: list[float] | None) -> ForwardStats | None:
