@@ -489,3 +489,22 @@ def test_a_reentrant_checkpoint_leaves_grads_and_optimizer_hooks_alone():
     assert all(layer.weight_grad_ratio > 0 for layer in report.layers)
     model(torch.randn(4, 8)).sum().backward()
     assert len(calls) == 2
+
+
+def test_a_spectral_norm_in_train_mode_is_measured_at_the_pass_own_weight():
+    """A spectral norm in train mode takes a power-iteration step each time its weight
+    is computed: the probe computes it once, in the pass (as a plain forward does), so
+    the recorded variance is the plain forward's to RTOL (one step more moves
+    it 1.6% here)."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Linear(64, 64)), nn.ReLU(),
+                          nn.Linear(64, 4)).train()
+    x = torch.randn(64, 64)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        y = twin[0](x).double()
+    report = varprobe.probe(model, x)
+    assert report.layers[0].forward.var == pytest.approx(y.var(unbiased=False).item(),
+                                                          rel=RTOL)

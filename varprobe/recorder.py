@@ -185,7 +185,10 @@ class Recorder:
             self._units[id(module)] = kind in UNITS_AFTER
             # a weight layer's output in a net with BatchNorms most likely feeds one
             self._per_channel[id(module)] = norms and kind == "weight"
-            if main_weight(module)[0] is not None:
+            # not read here: a parametrized weight would be computed out of the pass (a
+            # spectral norm's power iteration would take a step the pass then sees)
+            if parametrize.is_parametrized(module, "weight") \
+                    or main_weight(module)[0] is not None:
                 self._unweighed.add(id(module))
             self._layout[id(module)] = (True if isinstance(module, CHANNELS_FIRST) else
                                         False if isinstance(module, CHANNELS_LAST) else None)
