@@ -508,3 +508,34 @@ def test_a_spectral_norm_in_train_mode_is_measured_at_the_pass_own_weight():
     report = varprobe.probe(model, x)
     assert report.layers[0].forward.var == pytest.approx(y.var(unbiased=False).item(),
                                                           rel=RTOL)
+
+
+class _NormedCheckpoint(nn.Module):
+    """weight_norm layers (computed weights) around a checkpointed one."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        from torch.nn.utils import parametrizations
+
+        self.a = parametrizations.weight_norm(nn.Linear(8, 8))
+        self.c = nn.Linear(8, 8)
+        self.b = parametrizations.weight_norm(nn.Linear(8, 2))
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = checkpoint(self.c, self.a(x), use_reentrant=self.reentrant)
+        return self.b(torch.relu(h))
+
+
+def test_computed_weights_keep_their_gradient_ratio_under_a_reentrant_checkpoint():
+    """The backward() a reentrant checkpoint needs also reads computed weights' gradients
+    (they were reported as "no gradient reached the weight"): the same ratios as with a
+    non-reentrant checkpoint."""
+    ratios = []
+    for reentrant in (False, True):
+        torch.manual_seed(0)
+        report = varprobe.probe(_NormedCheckpoint(reentrant), torch.randn(16, 8))
+        ratios.append([layer.weight_grad_ratio for layer in report.layers
+                       if layer.kind == "weight"])
+    assert ratios[1] == pytest.approx(ratios[0], rel=1e-12)
+    assert all(r is not None and r > 0 for r in ratios[1])

@@ -85,9 +85,12 @@ def gradients(start: torch.Tensor, outs, wrt) -> tuple:
     for table, _ in hooks:
         if table:
             table.clear()
+    for t in wrt:
+        if not t.is_leaf:  # a computed weight (a parametrization), made for this pass
+            t.retain_grad()
     try:
         torch.autograd.backward(start)
-        return tuple(t.grad if t.is_leaf else None for t in wrt)  # computed weights: none
+        return tuple(t.grad for t in wrt)
     finally:
         for t, grad in held:
             t.grad = grad
