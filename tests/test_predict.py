@@ -411,3 +411,32 @@ def test_cli_cotangent_bad_value_is_exit_2(model_file):
     result = CliRunner().invoke(app, ["predict", model_file, "--cotangent", "mse"])
     assert result.exit_code == 2
     assert "--cotangent must be unit, cross-entropy or a positive number" in result.output
+
+
+class _Shortcut(torch.nn.Module):
+    """A residual block whose identity shortcut is ``shortcut`` (pytorch-cifar writes
+    ``nn.Sequential()``, which returns its input)."""
+
+    def __init__(self, shortcut: torch.nn.Module):
+        super().__init__()
+        self.lin, self.act, self.shortcut = torch.nn.Linear(64, 64), torch.nn.ReLU(), shortcut
+
+    def forward(self, x):
+        return self.act(self.lin(x)) + self.shortcut(x)
+
+
+def test_an_empty_sequential_shortcut_is_the_identity():
+    """``nn.Sequential()`` returns its input: the closed forms follow it as nn.Identity
+    (they stopped there: no forward prediction after it, no backward before it)."""
+    from torch import nn
+
+    def predicted(shortcut):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64), _Shortcut(shortcut), nn.Linear(64, 10))
+        report = predict(model, batch_size=64)
+        return [(layer.predicted.forward_var, layer.predicted.backward_var)
+                for layer in report.layers if layer.kind == "weight"]
+
+    empty = predicted(nn.Sequential())
+    assert empty == predicted(nn.Identity())
+    assert all(f is not None and b is not None for f, b in empty)

@@ -35,7 +35,18 @@ from varprobe.theory.layer_fans import is_linear_map
 from varprobe.theory.signal import Signal
 from varprobe.theory.weights import Weights
 
-IDENTITY_LIKE = (nn.Identity, nn.Flatten, nn.Unflatten)
+
+class _Empty(type):
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, nn.Sequential) and len(obj) == 0
+
+
+class EmptySequential(metaclass=_Empty):
+    """``isinstance``: an nn.Sequential with no modules, which returns its input
+    (pytorch-cifar's identity shortcut, ``nn.Sequential()``)."""
+
+
+IDENTITY_LIKE = (nn.Identity, EmptySequential, nn.Flatten, nn.Unflatten)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # not the alpha kinds
 CENTRED = 1e-6  # mu^2/q below this: the input of an activation counts as zero-mean
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU)  # one fixed slope: closed-form moments at any mean
