@@ -440,3 +440,29 @@ def test_an_empty_sequential_shortcut_is_the_identity():
     empty = predicted(nn.Sequential())
     assert empty == predicted(nn.Identity())
     assert all(f is not None and b is not None for f, b in empty)
+
+
+DEAD_BIAS = """
+from torch import nn
+def build_model():
+    layers = []
+    for i in range(4):
+        lin = nn.Linear(64, 64)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.constant_(lin.bias, -10.0 if i == 1 else 0.0)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+"""
+
+
+def test_a_recorded_bias_constant_reaches_the_prediction(tmp_path):
+    """``constant_(bias, -10)`` after a He layer: the ReLU after it sees N(-10, 2) and
+    passes almost nothing (Φ(-10/√2) ~ 1e-12). On meta the recorded bias gives its mean
+    as well as its square (the mean was dropped: the ReLU was predicted alive at 102)."""
+    path = tmp_path / "dead_bias.py"
+    path.write_text(DEAD_BIAS)
+    report = predict_target(str(path), batch_size=64)
+    layers = [layer for layer in report.layers if layer.kind == "weight"]
+    assert layers[1].bias_mean == -10.0 and layers[0].bias_mean == 0.0
+    assert layers[1].predicted.forward_var == pytest.approx(102, rel=1e-2)  # 2 + 100
+    assert layers[2].predicted.forward_var < 1e-9

@@ -301,6 +301,7 @@ def _assume_recorded(report: Report, modules: list[nn.Module], log: initlog.Log)
         layer.weight_var, layer.weight_second_moment = mw.var, mw.m2
         layer.weight_kurtosis = mw.kurt
         layer.bias_second_moment = None if b is None else (mb.m2 if mb is not None else 0.0)
+        layer.bias_mean = None if b is None else (mb.mean if mb is not None else 0.0)
         layer.unavailable.pop("weight_var", None)
     known = sum(layer.kind == "weight" for layer in report.layers) - len(defaults) - len(unknown)
     note = (f"weights: the moments the model's own init ops give (recorded while it was "
