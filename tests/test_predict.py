@@ -466,3 +466,34 @@ def test_a_recorded_bias_constant_reaches_the_prediction(tmp_path):
     assert layers[1].bias_mean == -10.0 and layers[0].bias_mean == 0.0
     assert layers[1].predicted.forward_var == pytest.approx(102, rel=1e-2)  # 2 + 100
     assert layers[2].predicted.forward_var < 1e-9
+
+
+SMALL_GAMMA = """
+from torch import nn
+def build_model():
+    layers = []
+    for _ in range(3):
+        lin, bn = nn.Linear(64, 64), nn.BatchNorm1d(64)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.normal_(bn.weight, std=0.02)  # as transformers' EfficientNet/MobileViT
+        layers += [lin, bn, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+"""
+
+
+def test_a_recorded_norm_scale_drawn_at_random_reaches_the_prediction(tmp_path):
+    """BatchNorm γ ~ N(0, 0.02) recorded on meta: the norms' output is mean(γ²) ~ 4e-4 of
+    a normalized signal, not 1. Each later weight layer's predicted E[y²] is within 2x of
+    what a probe of the same file built on the CPU measures (it was 200x off: γ = 1 was
+    assumed); one γ draw of 64 channels scatters mean(γ²) by ~ sqrt(2/64) = 18%."""
+    path = tmp_path / "small_gamma.py"
+    path.write_text(SMALL_GAMMA)
+    predicted = predict_target(str(path), batch_size=256)
+    from varprobe import target as target_mod
+
+    loaded = target_mod.load(str(path), device="cpu", seed=0)
+    measured = varprobe.probe(loaded.model, batch_size=256)
+    pairs = [(p.predicted.forward_var, m.forward.second_moment)
+             for p, m in zip(predicted.layers, measured.layers) if p.kind == "weight"]
+    assert all(0.5 < meas / pred < 2 for pred, meas in pairs[1:]), pairs
+    assert pairs[1][0] < 1e-2

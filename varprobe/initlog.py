@@ -89,12 +89,20 @@ class Log:
     def constants(self, tensors: list[torch.Tensor]) -> dict[int, list[float]]:
         """Host values (theory.Values) of the tensors a constant fill left whole
         (ones_, zeros_, constant_, fill_: a norm's scale, a PReLU slope, running
-        statistics): those are known element by element, not only in moments."""
+        statistics): those are known element by element, not only in moments. A 1-D one
+        drawn at random (a norm's γ ~ N(0, 0.02)) stands as two values with its mean and
+        E[x²], which is what the closed forms read of it (mean γ², mean β, the PReLU
+        gain (1 + E[a²])/2)."""
         out = {}
         for t in tensors:
             m = self.moments(t)
-            if m is not None and m.known and m.var == 0.0:
+            if m is None or not m.known:
+                continue
+            if m.var == 0.0:
                 out[id(t)] = [m.mean]
+            elif t.dim() == 1:
+                sd = math.sqrt(m.var)
+                out[id(t)] = [m.mean - sd, m.mean + sd]
         return out
 
     # --- recording ------------------------------------------------------------------
