@@ -497,3 +497,40 @@ def test_a_recorded_norm_scale_drawn_at_random_reaches_the_prediction(tmp_path):
              for p, m in zip(predicted.layers, measured.layers) if p.kind == "weight"]
     assert all(0.5 < meas / pred < 2 for pred, meas in pairs[1:]), pairs
     assert pairs[1][0] < 1e-2
+
+
+DEEP = """
+from torch import nn
+def build_model():
+    layers = []
+    for _ in range(20):
+        lin = nn.Linear(64, 64, bias=False)
+        nn.init.{init}(lin.weight)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+"""
+
+
+@pytest.mark.parametrize(("init", "errors"), [
+    ("xavier_normal_", ["vanishing_forward"]),  # (1/2)^20 of the input: 1e-6
+    ("kaiming_normal_", [])])
+def test_predict_judges_the_predicted_signal(tmp_path, init, errors):
+    """With nothing measured, ``predict`` holds each weight layer's predicted input E[x²]
+    against its reference's predicted one, in the same band: a 20-layer Xavier ReLU
+    stack keeps 2^-20 ~ 1e-6 of its input, flagged where a probe flags it; He's is not
+    (it was HEALTHY either way: the rules read measured values only). Also the dead
+    ReLU of ``DEAD_BIAS``."""
+    path = tmp_path / "deep.py"
+    path.write_text(DEEP.replace("{init}", init))
+    report = predict_target(str(path), batch_size=64)
+    found = sorted({f.code for layer in report.layers for f in layer.flags
+                    if f.severity == "error"})
+    assert found == errors
+    if errors:
+        flag = next(f for layer in report.layers for f in layer.flags
+                    if f.code == "vanishing_forward")
+        assert "predicted" in flag.message
+    dead = tmp_path / "dead_bias.py"
+    dead.write_text(DEAD_BIAS)
+    assert any(f.code == "vanishing_forward" for layer in
+               predict_target(str(dead), batch_size=64).layers for f in layer.flags)

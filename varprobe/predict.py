@@ -164,7 +164,7 @@ def predict(model: nn.Module, inputs: Any = None, *, input_shape: tuple[int, ...
         if precision is not None:
             report.settings["precision"] = precision.to_dict()
         with stage("diagnose"):
-            structure.annotate(report, recording)
+            structure.annotate(report, recording, modules, values)
             diagnose.annotate(report, thresholds, ignore,
                               schemes=later_predictions(walker, report))
     return report

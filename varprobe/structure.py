@@ -172,9 +172,19 @@ def _carried(layers: list[Layer], modules: list[nn.Module] | None,
     if modules is None:
         return set()
     return {i for i, (layer, module) in enumerate(zip(layers, modules))
-            if layer.kind == "norm" and layer.forward is not None and layer.input is not None
-            and layer.input.second_moment
-            and not norms.normalizes(module, layer.forward.second_moment, values)}
+            if layer.kind == "norm" and (m := _moments(layer)) is not None and m[0]
+            and not norms.normalizes(module, m[1], values)}
+
+
+def _moments(layer: Layer) -> tuple[float, float] | None:
+    """A norm layer's input and output E[x²]: measured, or predicted where nothing was
+    measured (``varprobe predict``)."""
+    if layer.forward is not None and layer.input is not None:
+        return layer.input.second_moment, layer.forward.second_moment
+    p = layer.predicted
+    if layer.forward is None and p is not None and None not in (p.input_var, p.forward_var):
+        return p.input_var, p.forward_var
+    return None
 
 
 def _carried_note(labels: list[str]) -> str:

@@ -22,6 +22,7 @@ from varprobe.diagnose.common import Trend, band, flag, is_weight, num, pos
 from varprobe.diagnose.fix import culprits as culprits_of
 from varprobe.diagnose.thresholds import Thresholds
 from varprobe.report import Layer, Report
+from varprobe.structure import NETWORK_INPUT
 
 CONSEQUENCE = {
     "vanishing_forward": "the layers from here on receive almost none of the signal, and "
@@ -50,6 +51,8 @@ def points(report: Report, weights: list[int],
       softmax or a unit-variance target expects.
     """
     layers = report.layers
+    if report.settings.get("source") == "closed-form":
+        return _predicted_points(report, weights, depth)
     last = max((i for i, layer in enumerate(layers) if is_weight(layer)), default=None)
     zeros = {i for i, layer in enumerate(layers) if is_weight(layer)
              and layer.input is not None and layer.input.second_moment == 0}
@@ -84,6 +87,37 @@ def small_norms(layers: list[Layer]) -> set[str]:
     """The labels of norm layers whose output E[y²] is positive and below SMALL_NORM."""
     return {layer.label for layer in layers if layer.kind == "norm" and layer.forward
             is not None and 0 < (layer.forward.second_moment or 0) < SMALL_NORM}
+
+
+def _predicted_points(report: Report, weights: list[int],
+                      depth: float) -> list[tuple[int, str, float, Layer]]:
+    """``points`` of a closed-form report (``varprobe predict``): nothing is measured, so
+    each weight layer's predicted input E[x²] is held against its reference's predicted
+    one (the network input's assumed 1), at the same depth and band; the same small-γ
+    rule; exact zeros are left to a probe (a prediction of 0 has no revival to read)."""
+    layers = report.layers
+    by_label = {layer.label: layer for layer in layers}
+
+    def predicted(layer: Layer | None, own_input: bool) -> float | None:
+        p = layer.predicted if layer is not None else None
+        return None if p is None else pos(p.input_var if own_input else p.forward_var)
+
+    small = {layer.label for layer in layers if layer.kind == "norm"
+             and 0 < (predicted(layer, False) or 0) < SMALL_NORM}
+    found = []
+    for i in weights:
+        layer = layers[i]
+        if layer.reference is None or layer.reference == f"{layer.label} (input)" \
+                or (layer.depth or 1) < depth:
+            continue
+        name, own = layer.reference.removesuffix(" (input)"), layer.reference.endswith(
+            " (input)")
+        ref = 1.0 if layer.reference == NETWORK_INPUT or name in small and not own \
+            else predicted(by_label.get(name), own)
+        m2 = predicted(layer, True)
+        if m2 is not None and ref is not None:
+            found.append((i, "its input's predicted E[x²]", m2 / ref, layer))
+    return found
 
 
 def _on_branch(layers: list[Layer], i: int, zeros: set[int]) -> bool:
