@@ -148,3 +148,12 @@ def test_a_model_file_parsing_its_own_flags_sees_none(models, capsys):
     result = run(capsys, "analyze", models / "own_flags.py", "--input-shape", "4",
                  "--batch-size", "4")
     assert result.code == 0, result.err
+
+
+def test_an_error_during_trials_is_still_one_line(models, capsys):
+    """With --trials, a progress bar runs; on a stderr that is no terminal (a CI log) it
+    is not drawn, so an error is still its one line, without the bar's newline before."""
+    result = run(capsys, "analyze", models / "shape.py", "--batch-size", "4", "--trials", "2")
+    assert result.code == 2
+    assert result.err.splitlines() == [result.err.strip()]
+    assert result.err.startswith("varprobe: error: ")

@@ -199,3 +199,27 @@ def test_init_refuses_a_computed_weight(wrap):
     with pytest.raises(VarprobeError, match=r"cannot re-draw a computed weight .* at 0;"):
         probe(model, x, init="he")
     assert probe(model, x).layers[0].forward is not None
+
+
+class _LayerDrop(nn.Module):
+    """Six layers, each skipped at random in train mode (LayerDrop 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x):
+        for layer in self.layers:
+            if not self.training or torch.rand(()) > 0.5:
+                x = layer(x).relu()
+        return x
+
+
+def test_trials_that_run_different_layers_say_which_and_why():
+    """LayerDrop runs other layers in each trial's seed: refused in one line that names
+    them and points at --mode eval, which then works."""
+    torch.manual_seed(0)
+    model, x = _LayerDrop(), torch.randn(32, 16)
+    with pytest.raises(VarprobeError, match=r"ran different layers \(layers\.\d.*--mode eval"):
+        probe(model, x, trials=2)
+    assert len(probe(model, x, trials=2, mode="eval").layers) == 6

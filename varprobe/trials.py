@@ -36,9 +36,14 @@ def aggregate(reports: Sequence[Report]) -> Report:
     first = reports[0]
     layout = [(layer.name, layer.call) for layer in first.layers]
     for report in reports[1:]:
-        if [(layer.name, layer.call) for layer in report.layers] != layout:
-            raise VarprobeError("the trials recorded different layers: the model's "
-                                "execution depends on its input; use --trials 1")
+        other = [(layer.name, layer.call) for layer in report.layers]
+        if other != layout:
+            differ = sorted({n for n, _ in set(layout) ^ set(other)})
+            raise VarprobeError(
+                f"the trials ran different layers ({', '.join(differ[:3])}"
+                f"{' and more' if len(differ) > 3 else ''}): the model's execution depends "
+                "on the seed or the input (LayerDrop and stochastic depth skip layers at "
+                "random in train mode); use --mode eval or --trials 1")
     out = copy.deepcopy(first)
     for i, layer in enumerate(out.layers):
         _layer(layer, [r.layers[i] for r in reports])

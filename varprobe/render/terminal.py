@@ -231,16 +231,17 @@ def end_to_end(report: Report, compare: list[str] = ()) -> Text:
 def trial_progress(total: int):
     """A context manager giving a ``progress(done, total)`` callback that draws a bar
     on stderr (None for a single trial): the library itself stays quiet."""
-    if total < 2:
+    console = Console(stderr=True)
+    if total < 2 or not console.is_terminal:  # a log or a pipe: no bar, nor its newline
         return contextlib.nullcontext(None)
-    return _bar(total)
+    return _bar(total, console)
 
 
 @contextlib.contextmanager
-def _bar(total: int):
+def _bar(total: int, console: Console):
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=console, transient=True) as bar:
         task = bar.add_task("trials", total=total)
         yield lambda done, _total: bar.update(task, completed=done)
 
