@@ -83,10 +83,18 @@ def points(report: Report, weights: list[int],
 SMALL_NORM = 0.1
 
 
-def small_norms(layers: list[Layer]) -> set[str]:
-    """The labels of norm layers whose output E[y²] is positive and below SMALL_NORM."""
-    return {layer.label for layer in layers if layer.kind == "norm" and layer.forward
-            is not None and 0 < (layer.forward.second_moment or 0) < SMALL_NORM}
+def small_norms(layers: list[Layer]) -> dict[str, float]:
+    """Label -> output E[y²] of the norm layers whose output E[y²] (measured, or predicted
+    where nothing was measured) is positive and below SMALL_NORM."""
+    out = {}
+    for layer in layers:
+        if layer.kind != "norm":
+            continue
+        m2 = layer.forward.second_moment if layer.forward is not None else (
+            layer.predicted.forward_var if layer.predicted is not None else None)
+        if m2 is not None and 0 < m2 < SMALL_NORM:
+            out[layer.label] = m2
+    return out
 
 
 def _predicted_points(report: Report, weights: list[int],
@@ -102,8 +110,7 @@ def _predicted_points(report: Report, weights: list[int],
         p = layer.predicted if layer is not None else None
         return None if p is None else pos(p.input_var if own_input else p.forward_var)
 
-    small = {layer.label for layer in layers if layer.kind == "norm"
-             and 0 < (predicted(layer, False) or 0) < SMALL_NORM}
+    small = small_norms(layers)
     found = []
     for i in weights:
         layer = layers[i]
@@ -205,10 +212,10 @@ def trends(report: Report, t: Thresholds, weights: list[int]) -> list[Trend]:
                          if "output" in what else f"band {band(t.forward)}")
                 since = ("" if out[0][0] == at else
                          f"; the signal leaves the band at {report.layers[out[0][0]].label}")
+                small = small_norms(report.layers)
                 of = (f"a normalized signal's (1: {layer.reference} sets "
-                      f"{num(layer.reference_second_moment)} by its small γ)"
-                      if layer.reference in small_norms(report.layers)
-                      else f"{layer.reference}'s")
+                      f"{num(small[layer.reference])} by its small γ)"
+                      if layer.reference in small else f"{layer.reference}'s")
                 message = (f"{what} is {num(r)} of {of}, after "
                            f"{layer.depth or len(suspects)} weight layer(s) in series with "
                            f"nothing between to restore the scale ({limit})"
