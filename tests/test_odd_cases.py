@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -539,3 +540,28 @@ def test_computed_weights_keep_their_gradient_ratio_under_a_reentrant_checkpoint
                        if layer.kind == "weight"])
     assert ratios[1] == pytest.approx(ratios[0], rel=1e-12)
     assert all(r is not None and r > 0 for r in ratios[1])
+
+
+def test_complex_weights_are_not_measured_and_say_so():
+    """A complex weight's real part alone is no moment of it (it read half of Var[w],
+    with torch's warning about the discarded imaginary part): its weight statistics are
+    null with the reason; the real layers beside it are measured as ever."""
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8, dtype=torch.cfloat)
+            self.b = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x.to(torch.cfloat)).real)
+
+    torch.manual_seed(0)
+    model = Complex()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no complex-to-real cast inside the probe
+        report = varprobe.probe(model, torch.randn(16, 8))
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["a"].weight_var is None
+    assert layers["a"].unavailable["weight_var"] == "complex weights: not measured"
+    assert layers["b"].weight_var == pytest.approx(
+        model.b.weight.detach().double().var(unbiased=False).item(), rel=RTOL)

@@ -29,7 +29,7 @@ from varprobe.cotangent import aligned, gradients, paired
 from varprobe.diagnose.common import places
 from varprobe.errors import VarprobeError
 from varprobe.input_leaves import InputLeaves
-from varprobe.recorder import Call, Recorder, float_leaves, tensor_leaves
+from varprobe.recorder import Call, Recorder, float_leaves, main_weight, tensor_leaves
 from varprobe.report import (
     FROZEN,
     BackwardStats,
@@ -424,6 +424,10 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
         setattr(layer, key, value)
         if value is None and slot is not None:
             layer.unavailable.setdefault(key, no_backward or "no gradient reached this tensor")
+    if id(module) not in rec.weights and layer.kind == "weight" \
+            and (w := main_weight(module)[0]) is not None and w.is_complex():
+        for key in ("weight_var", "weight_grad_ratio"):
+            layer.unavailable[key] = "complex weights: not measured"
     if id(module) in rec.weights:
         row = host[rec.weights[id(module)][0]]
         layer.weight_var, layer.weight_second_moment = row[stats.W_VAR], row[

@@ -336,7 +336,9 @@ class Recorder:
             return
         self._unweighed.discard(id(module))
         w, b = main_weight(module)
-        if w is not None and not w.is_meta:  # meta tensors have shapes, not values
+        # meta tensors have shapes, not values; complex ones are not read (their real
+        # part alone is no moment of them)
+        if w is not None and not w.is_meta and not w.is_complex():
             value, seen = self._with_extremes(stats.weight, w, b)
             self.weights[id(module)] = (self._new_slot(value), w)
             if self.ranges is not None:
