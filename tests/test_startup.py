@@ -83,3 +83,30 @@ def numba_usable() -> bool:
     except ImportError:
         return False
     return True
+
+
+IMPORT_EACH = """
+import importlib, pkgutil, sys
+import torch  # loaded once; varprobe's modules are dropped between imports
+import varprobe
+names = sorted(m.name for m in pkgutil.walk_packages(varprobe.__path__, "varprobe.")
+               if not m.name.endswith("__main__"))  # that one runs the CLI
+failed = []
+for name in names:
+    for loaded in [k for k in sys.modules if k == "varprobe" or k.startswith("varprobe.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        failed.append(f"{name}: {exc}")
+print("\\n".join(failed))
+"""
+
+
+def test_every_module_imports_first():
+    """Each module imports on its own, as the first of varprobe's: no import cycle that
+    only the usual order hides (structure and diagnose.forward had one)."""
+    done = subprocess.run([sys.executable, "-c", IMPORT_EACH], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ""

@@ -18,6 +18,8 @@ from typing import Any
 SCHEMA = "varprobe.report/1"
 # Layer.unavailable["weight_grad_ratio"] of a weight that does not learn by design
 FROZEN = "the weight is frozen (requires_grad=False)"
+# Layer.reference of a layer held against the network input (varprobe.structure)
+NETWORK_INPUT = "the network input"
 
 
 @dataclass

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from varprobe.diagnose.common import places
-from varprobe.report import Layer, Report
+from varprobe.report import NETWORK_INPUT, Layer, Report
 from varprobe.theory import norms
 from varprobe.theory.nodes import Node
 from varprobe.theory.recording import Recording
@@ -75,7 +75,6 @@ ANCHOR_FUNCS = ("F.layer_norm", "F.group_norm", "F.batch_norm", "F.instance_norm
                 "torch.einsum", "torch.baddbmm", "Tensor.rsqrt", "torch.rsqrt")
 
 PRODUCT = " of activations"  # theory.recording's suffix for a product of two activations
-NETWORK_INPUT = "the network input"
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ import math
 from varprobe.diagnose.common import Trend, band, flag, is_weight, num, pos
 from varprobe.diagnose.fix import culprits as culprits_of
 from varprobe.diagnose.thresholds import Thresholds
-from varprobe.report import Layer, Report
-from varprobe.structure import NETWORK_INPUT
+from varprobe.report import NETWORK_INPUT, Layer, Report
 
 CONSEQUENCE = {
     "vanishing_forward": "the layers from here on receive almost none of the signal, and "
