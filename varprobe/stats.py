@@ -1,17 +1,21 @@
 """On-device reductions: a few raw sums per tensor, finished on the host after one copy.
 
-Each measurement is a ``Pending``: a short float64 vector of sums on the tensor's
-device (a plain list where the CPU kernels made them on the host) and a function that
-turns them into the row the report reads (the layouts below). ``collect`` copies every
-vector still on a device in a single transfer; the rest is float64 arithmetic on the host.
+Each measurement is a ``Pending``: a short float64 vector on the tensor's device (a
+plain list where the CPU kernels made it on the host), a tensor's mean and variance and
+the counts asked for, and a function that turns it into the row the report reads (the
+layouts below). ``collect`` copies every vector still on a device in a single transfer;
+the rest is float64 arithmetic on the host.
 
 CPU: a dense float32/float64 tensor is read by ``kernels`` (numba, the optional ``fast``
 extra: sum, sum of squares and unit counts in one read) or else ``torch_kernels`` (torch
 has no one-read reduction of both sums; ``var_mean`` runs at a tenth of memory speed).
 Where the mean dominates (mean^2 > Var) the sums are taken again from ``x - mean``.
-Accelerators must not sync: every tensor is shifted by its first chunk's mean and read
-in chunks of float64 scratch, as is every fp16/bf16 tensor and all memory that is not
-dense. Squares outside float32's range are read in float64 on every path.
+Accelerators must not sync, and there each operation costs a launch, so a tensor is
+read by as few as will do: a float64 copy and ``var_mean`` (one pass, in float64: neither
+cancellation nor squares outside float32's range), counts by ``count_nonzero``. A tensor
+longer than a chunk, and on the CPU every fp16/bf16 tensor and all memory that is not
+dense, is shifted by its first chunk's mean and read in chunks of float64 scratch.
+Squares outside float32's range are read in float64 on every path.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def collect(pending: list[Pending]) -> list[list[float | None]]:
     devices: dict[torch.device, list[torch.Tensor]] = {}
     for p in pending:
         if isinstance(p.raw, torch.Tensor):
-            devices.setdefault(p.raw.device, []).append(p.raw.view(-1))
+            devices.setdefault(p.raw.device, []).append(_flat(p.raw))
     copied = {}
     for device, ts in devices.items():  # a loop, not a comprehension: the reads' caller
         copied[device] = iter(torch.cat(ts).cpu().tolist())  # is collect (test_fastpath)
@@ -79,8 +83,14 @@ def _join(parts: list[Raw]) -> Raw:
         return [v for p in parts for v in (p.view(-1).tolist() if isinstance(p, torch.Tensor)
                                            else p)]
     device = tensors[0].device
-    return torch.cat([p.view(-1) if isinstance(p, torch.Tensor)
+    return torch.cat([_flat(p) if isinstance(p, torch.Tensor)
                       else torch.tensor(p, dtype=torch.float64, device=device) for p in parts])
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a vector; without a view (an operation, on an accelerator a few
+    microseconds) where it is one."""
+    return t if t.dim() == 1 else t.view(-1)
 
 
 def chunk_size(device: torch.device) -> int:
@@ -165,11 +175,11 @@ def _scratch(x: torch.Tensor, wide: bool = False) -> torch.Tensor:
 
 
 def _sums(x: torch.Tensor, nonfinite: bool, read: tuple[float, float] | None = None) -> Raw:
-    """float64 [shift, sum(x - shift), sum((x - shift)^2), then the non-finite count if
-    asked for]; ``read``: (sum, sum of squares) of a CPU ``x`` read elsewhere."""
+    """float64 [mean, var, then the non-finite count if asked for]; ``read``: (sum, sum
+    of squares) of a CPU ``x`` read elsewhere."""
     found = kernel_array(x)
     if found is None:
-        return _sums_shifted(x, nonfinite)
+        return _device_moments(x, nonfinite)
     flat = found[0].reshape(-1)
     return _finish_cpu_sums(x, flat, read if read is not None else _moment_read(flat),
                             nonfinite)
@@ -285,7 +295,8 @@ def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float
         shift = flat.dtype.type(mean)
         s1, s2 = _wide_sums(flat, float(shift)) if narrow else \
             cpu_kernels().sums(flat, shift, flat.dtype.type(0))
-    row = [float(shift), s1, s2]
+    offset = s1 / n
+    row = [float(shift) + offset, max(s2 / n - offset * offset, 0.0)]  # NaN stays NaN
     if nonfinite:
         row.append(0.0 if finite else _count_nonfinite(x))
     return row
@@ -304,9 +315,25 @@ def _fit(scratch: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return scratch[: c.numel()]
 
 
+def _device_moments(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
+    """float64 [mean, var(, non-finite count)] without a sync, in five launches where
+    ``x`` fits a chunk: its float64 copy ``d`` (where the device has float64, ``_wide``;
+    dense whatever ``x``'s strides), ``var_mean`` of it, then ``d - d`` in place, NaN
+    exactly where ``x`` is not finite, its non-zero count, and the stack."""
+    if not x.numel() or x.numel() > chunk_size(x.device):
+        return _sums_shifted(x, nonfinite)
+    d = x.to(torch.float64 if _wide(x.device) else torch.float32, copy=True)
+    var, mean = torch.var_mean(d, correction=0)
+    row = [mean, var]
+    if nonfinite:
+        row.append(torch.count_nonzero(torch.sub(d, d, out=d)))
+    return torch.stack(row)  # float64 by type promotion: no kernel per cast
+
+
 def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
-    """Chunk by chunk from ``d = x - shift`` in scratch (float64 where the device has it,
-    ``_wide``), the shift being the first chunk's mean (no sync)."""
+    """``_device_moments`` chunk by chunk from ``d = x - shift`` in scratch (float64
+    where the device has it, ``_wide``), the shift being the first chunk's mean (no
+    sync)."""
     scratch, parts, first = _scratch(x, _wide(x.device)), [], None
     for c in _pieces(x, chunked=True):
         if first is None:
@@ -317,9 +344,11 @@ def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
             row.append(_nonfinite(c, d))
         parts.append(torch.stack(row))  # float64 by type promotion: no kernel per cast
     if first is None:  # no elements
-        return torch.zeros(4 if nonfinite else 3, dtype=torch.float64, device=x.device)
+        return torch.zeros(3 if nonfinite else 2, dtype=torch.float64, device=x.device)
     total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-    return torch.cat([first.view(1), total])
+    offset, m2 = total[0] / x.numel(), total[1] / x.numel()
+    var = (m2 - offset * offset).clamp_(min=0.0)  # NaN stays NaN
+    return torch.cat([(first + offset).view(1), var.view(1), total[2:]])
 
 
 def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
@@ -378,6 +407,13 @@ def _units(x: torch.Tensor, channel_dim: int, found: tuple | None = None) -> Raw
         made = unit_counts.counts(torch.from_numpy(found[0]).view(layout))
         if made is not None:
             return list(made)
+    if not host and x.dim() >= 2 and x.numel() <= chunk_size(x.device):
+        # three launches: per-unit non-zero counts (a bool copy of x, a quarter of its
+        # float32 bytes at most a chunk's), their total and the units alive
+        c = channel_dim % x.dim()
+        per_unit = torch.count_nonzero(x, dim=[d for d in range(x.dim()) if d != c])
+        return torch.stack([torch.rsub(per_unit.sum(), x.numel()),
+                            torch.count_nonzero(per_unit)])
     if host and x.numel() <= FEW:
         zeros: torch.Tensor | float = float(x.numel() - torch.count_nonzero(x).item())
     else:
@@ -406,12 +442,9 @@ def _unit_peaks(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
 
 # --- host rows ------------------------------------------------------------------------
 
-def _moments(r: list[float], n: int) -> tuple[float, float, float]:
-    """(mean, var, E[x^2]) from [shift, sum(d), sum(d^2)], d = x - shift."""
-    n = max(n, 1)
-    offset = r[1] / n
-    var = max(r[2] / n - offset * offset, 0.0)  # NaN stays NaN
-    mean = r[0] + offset
+def _moments(r: list[float]) -> tuple[float, float, float]:
+    """(mean, var, E[x^2]) from [mean, var]."""
+    mean, var = r[0], r[1]
     return mean, var, var + mean * mean
 
 
@@ -431,12 +464,12 @@ def activation(t: torch.Tensor, channel_dim: int, units: bool = True,
     raw = _sums_and_units(x, channel_dim) if units else _sums(x, True, read)
 
     def finish(r: list[float]) -> list[float | None]:
-        mean, var, m2 = _moments(r, n)
+        mean, var, m2 = _moments(r)
         zero = dead = None
         if units:
-            zero = r[4] / n if n else float("nan")
-            dead = 1 - r[5] / count if count else float("nan")
-        return [mean, var, m2, zero, dead, r[3], float(n)]
+            zero = r[3] / n if n else float("nan")
+            dead = 1 - r[4] / count if count else float("nan")
+        return [mean, var, m2, zero, dead, r[2], float(n)]
 
     return Pending(raw, finish)
 
@@ -446,8 +479,8 @@ def gradient(g: torch.Tensor) -> Pending:
     n = g.numel()
 
     def finish(r: list[float]) -> list[float | None]:
-        _, var, m2 = _moments(r, n)
-        return [var, m2, r[3], float(n)]
+        _, var, m2 = _moments(r)
+        return [var, m2, r[2], float(n)]
 
     return Pending(_sums(g.detach(), nonfinite=True), finish)
 
@@ -457,14 +490,13 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
     mean(b) (NaN without bias: the mean a bias gives every unit, which an activation
     after the layer sees)."""
     n, nb = w.numel(), bias.numel() if bias is not None else 0
-    parts = [_sums(w.detach(), nonfinite=False)]
+    parts: list[Raw] = [_sums(w.detach(), nonfinite=False)]
     if bias is not None:
-        parts.extend(_bias_sums(bias.detach()))
+        parts.append(_bias_moments(bias.detach()))
 
     def finish(r: list[float]) -> list[float | None]:
-        _, var, m2 = _moments(r, n)
-        b2 = r[3] / nb if nb else float("nan")
-        b1 = r[4] / nb if nb else float("nan")
+        _, var, m2 = _moments(r)
+        b1, _, b2 = _moments(r[2:4]) if nb else (math.nan, math.nan, math.nan)
         return [var, m2, b2, math.sqrt(n * m2), b1]
 
     return Pending(_join(parts), finish)
@@ -475,37 +507,39 @@ def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
     n = w.numel()
 
     def finish(r: list[float]) -> list[float | None]:
-        _, _, m2 = _moments(r[1:4], n)
+        _, _, m2 = _moments(r[1:3])
         norm = math.sqrt(n * m2)  # a zero weight: inf, or NaN for a zero gradient too
-        return [math.sqrt(r[0]) / norm if norm else math.inf if r[0] else math.nan]
+        return [r[0] / norm if norm else math.inf if r[0] else math.nan]
 
-    return Pending(_join([_square_sums(grad.detach()), stats.raw[:3]]), finish)
+    return Pending(_join([_norm(grad.detach()), stats.raw[:2]]), finish)
 
 
-def _bias_sums(b: torch.Tensor) -> list[Raw]:
-    """[sum(b^2)], [sum(b)]; the sum in float64 (a centred bias's mean is what rounding left)."""
+def _bias_moments(b: torch.Tensor) -> Raw:
+    """[mean, var] of a bias; on the CPU its sum in float64 (a centred bias's mean is
+    what rounding left)."""
     found = kernel_array(b)
-    if found is not None:
-        flat = found[0].reshape(-1)
-        s2 = _moment_read(flat)[1]
-        if _narrow(flat, 0.0, s2):
-            s2 = _wide_sums(flat)[1]
-        with np.errstate(all="ignore"):  # inf - inf: NaN, as torch's sum gives it
-            return [[s2], [float(flat.sum(dtype=np.float64))]]
-    return [_square_sums(b), b.double().sum().view(1)]
+    if found is None:
+        return _device_moments(b, nonfinite=False)
+    flat = found[0].reshape(-1)
+    s2 = _moment_read(flat)[1]
+    if _narrow(flat, 0.0, s2):
+        s2 = _wide_sums(flat)[1]
+    with np.errstate(all="ignore"):  # inf - inf: NaN, as torch's sum gives it
+        mean = float(flat.sum(dtype=np.float64)) / flat.size
+    return [mean, max(s2 / flat.size - mean * mean, 0.0)]  # NaN stays NaN
 
 
-def _square_sums(x: torch.Tensor) -> Raw:
-    """[sum(x^2)], float64."""
+def _norm(x: torch.Tensor) -> Raw:
+    """[||x||], float64; on an accelerator one launch per chunk, squaring in float64
+    where the device has it (``_wide``)."""
     found = kernel_array(x)
     if found is not None:
         # torch's kernels in one read (their moment read takes two); numba's in its one
         flat, k = found[0].reshape(-1), cpu_kernels()
         s2 = k.square_sum(flat) if hasattr(k, "square_sum") else _moment_read(flat)[1]
-        return [_wide_sums(flat)[1] if _narrow(flat, 0.0, s2) else s2]
-    # a float64 copy of each chunk where the device has float64 (``_wide``)
-    wide = _wide(x.device) and x.dtype != torch.float64
-    scratch = _scratch(x, wide=True) if wide else None
-    sums = [_square_sum(p if scratch is None else _fit(scratch, p).copy_(p))
-            for p in _pieces(x, chunked=wide)]
-    return (sums[0] if len(sums) == 1 else torch.stack(sums).sum()).view(1)
+        return [math.sqrt(_wide_sums(flat)[1] if _narrow(flat, 0.0, s2) else s2)]
+    dtype = torch.float64 if _wide(x.device) else None
+    norms = [torch.linalg.vector_norm(p, dtype=dtype) for p in _pieces(x, chunked=True)]
+    if not norms:
+        return torch.zeros(1, dtype=torch.float64, device=x.device)
+    return (norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))).view(1)
