@@ -180,3 +180,54 @@ def test_a_convs_read_per_channel_serves_its_batchnorm(path):
     expected = out.square() + (g / sd).square() * k * k * v
     assert layers["bn"].predicted.forward_var == pytest.approx(expected.mean().item(),
                                                                rel=1e-5)
+
+
+def expected_pairs(bn: nn.BatchNorm2d, x: torch.Tensor) -> list[tuple[float, float]]:
+    """theory.normshape's four pairs by its module note's formulas, in float64 on the
+    captured input (running statistics only where the norm uses them)."""
+    d = x.double()
+    mu, m2 = d.mean((0, 2, 3)), d.square().mean((0, 2, 3))
+    v = m2 - mu * mu
+    ones, zeros = torch.ones_like(mu), torch.zeros_like(mu)
+    g = bn.weight.detach().double() if bn.weight is not None else ones
+    b = bn.bias.detach().double() if bn.bias is not None else zeros
+    running = not bn.training and bn.running_var is not None
+    rm = bn.running_mean.double() if running else zeros
+    rv = bn.running_var.double() if running else ones
+    a = g / (rv + bn.eps).sqrt()
+    t = b - a * rm
+    terms = [m2, v, g * g / (v + bn.eps), t * t, a * a * m2, a * a * mu * mu,
+             2 * a * mu * t, a * a]
+    means = [float(term.mean()) for term in terms]
+    return [(means[i], means[i + 1]) for i in range(0, 8, 2)]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, "bf16 chunked"])
+def test_batchnorm_pairs_on_the_accelerators_path(monkeypatch, affine, mode, dtype):
+    """On an accelerator the BatchNorm's pairs are made on the host from per-channel
+    sums and parameters sent through the one transfer (a ``stats.Pending`` and FOLLOWS
+    in the recording's constants); they equal float64 arithmetic on the captured input.
+    Tolerance: float32 reductions of 4*10*10 = 400 terms per channel (torch's cascade,
+    error ~ log2(400) u), 1e-5 relative; bf16 input: the same sums of its exact values."""
+    from varprobe import stats
+    from varprobe.theory import normshape
+
+    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
+    if dtype == "bf16 chunked":  # float32 copies of one sample (600 elements) at a time
+        monkeypatch.setattr(stats, "chunk_size", lambda device: 300)
+        dtype = torch.bfloat16
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6, affine=affine).to(dtype)
+    with torch.no_grad():
+        for t in (*bn.parameters(), bn.running_mean):
+            t.uniform_(-0.5, 0.9)
+        bn.running_var.uniform_(0.5, 2.0)
+    bn.train(mode == "train")
+    x = (torch.randn(4, 6, 10, 10) * 1.5 + 0.3).to(dtype)
+    got = normshape.measure(bn, x)
+    assert isinstance(got[0], stats.Pending) and got[1:] == [normshape.FOLLOWS] * 3
+    pairs = stats.collect([got[0]])[0]
+    for have, want in zip(pairs, expected_pairs(bn, x), strict=True):
+        assert have == pytest.approx(want, rel=1e-5, abs=1e-12)

@@ -306,9 +306,10 @@ def _collect(rec: Recorder, x: Any, output: Any, recording: recording_mod.Record
     input and output moments (slots ``ends``), the graph's constants, and host copies
     of the parameters the predictions read (into ``values``)."""
     ends = [ends_mod.moments_slot(rec, x), ends_mod.moments_slot(rec, output)]
-    constants = [rec._new_slot(stats.Pending(c, list))
-                 for c in (recording.on_device() if recording is not None else [])]
-    copies = {id(t): rec._new_slot(stats.Pending(t.detach().double().flatten(), list))
+    constants = [rec._new_slot(p)
+                 for p in (recording.on_device() if recording is not None else [])]
+    # as they are: collect's one torch.cat makes them float64 vectors
+    copies = {id(t): rec._new_slot(stats.Pending(t.detach(), list))
               for t in (norms.host_tensors([c.module for c in rec.calls])
                         if values is not None else [])}
     host = rec.collect()

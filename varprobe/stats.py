@@ -48,7 +48,15 @@ ROW = 256
 FEW = 1 << 15  # elements up to which a CPU tensor's unit counts are numpy's (_units)
 
 
-Raw = torch.Tensor | list[float]  # float64 sums on a device, or already on the host
+class Parts(list):
+    """Raw values of which some are still on a device: host floats and 0-d or 1-D
+    float64 device tensors, in order. A reduction's 0-d results go in as they are:
+    ``collect`` stacks all of them at once, where a stack per tensor would cost a
+    launch each."""
+
+
+# a vector on a device, host floats, or Parts of both
+Raw = torch.Tensor | list[float] | Parts
 
 
 @dataclass
@@ -60,31 +68,59 @@ class Pending:
 
 
 def collect(pending: list[Pending]) -> list[list[float | None]]:
-    """The one device-to-host transfer: every vector still on a device, copied
-    together (one copy per device: a model on a GPU can still hold a CPU constant,
-    whose sums are read where they are); then every row finished on the host."""
-    devices: dict[torch.device, list[torch.Tensor]] = {}
+    """The one device-to-host transfer: every value still on a device, copied together
+    (one copy per device: a model on a GPU can still hold a CPU constant, whose sums
+    are read where they are); then every row finished on the host."""
+    scalars: dict[torch.device, list[torch.Tensor]] = {}
+    vectors: dict[torch.device, list[torch.Tensor]] = {}
     for p in pending:
-        if isinstance(p.raw, torch.Tensor):
-            devices.setdefault(p.raw.device, []).append(_flat(p.raw))
-    copied = {}
-    for device, ts in devices.items():  # a loop, not a comprehension: the reads' caller
-        copied[device] = iter(torch.cat(ts).cpu().tolist())  # is collect (test_fastpath)
-    return [p.finish(p.raw if isinstance(p.raw, list)
-                     else list(itertools.islice(copied[p.raw.device], p.raw.numel())))
-            for p in pending]
+        for item in _device_items(p.raw):
+            (vectors if item.dim() else scalars).setdefault(item.device, []).append(item)
+    copied = {}  # per device: iterators over (the 0-d values, the vectors')
+    for device in {**scalars, **vectors}:  # a loop, not a comprehension: the reads'
+        s = scalars.get(device, [])  # caller is collect (test_fastpath)
+        values = _joined(s, vectors.get(device, [])).cpu().tolist()
+        copied[device] = iter(values[:len(s)]), iter(values[len(s):])
+    return [p.finish(_values(p.raw, copied)) for p in pending]
+
+
+def _device_items(raw: Raw) -> list[torch.Tensor]:
+    if isinstance(raw, Parts):
+        return [item for item in raw if isinstance(item, torch.Tensor)]
+    return [raw] if isinstance(raw, torch.Tensor) else []
+
+
+def _joined(scalars: list[torch.Tensor], vectors: list[torch.Tensor]) -> torch.Tensor:
+    """One device's values in one vector: the 0-d ones stacked, then the vectors."""
+    joined = [torch.stack(scalars)] if scalars else []
+    joined += [_flat(v) for v in vectors]
+    return torch.cat(joined) if len(joined) > 1 else joined[0]
+
+
+def _values(raw: Raw, copied: dict) -> list[float]:
+    if isinstance(raw, torch.Tensor):
+        return list(itertools.islice(copied[raw.device][1], raw.numel()))
+    if not isinstance(raw, Parts):
+        return raw
+    out: list[float] = []
+    for item in raw:
+        if not isinstance(item, torch.Tensor):
+            out.append(item)
+        elif item.dim():
+            out.extend(itertools.islice(copied[item.device][1], item.numel()))
+        else:
+            out.append(next(copied[item.device][0]))
+    return out
 
 
 def _join(parts: list[Raw]) -> Raw:
-    """Raw vectors one after another: a list when all are on the host or on a device
-    whose reads are free (the same float64 values, without a torch.cat)."""
-    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
-    if not tensors or all(reads_are_free(p.device) for p in tensors):
-        return [v for p in parts for v in (p.view(-1).tolist() if isinstance(p, torch.Tensor)
-                                           else p)]
-    device = tensors[0].device
-    return torch.cat([_flat(p) if isinstance(p, torch.Tensor)
-                      else torch.tensor(p, dtype=torch.float64, device=device) for p in parts])
+    """Raw values one after another: host floats where all are on the host or on a
+    device whose reads are free, else ``Parts`` (no torch.cat: ``collect`` makes one)."""
+    items = [item for p in parts for item in (p if isinstance(p, list) else [p])]
+    if all(reads_are_free(t.device) for t in items if isinstance(t, torch.Tensor)):
+        return [v for item in items for v in (item.view(-1).tolist()
+                                              if isinstance(item, torch.Tensor) else [item])]
+    return Parts(items)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -315,19 +351,19 @@ def _fit(scratch: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return scratch[: c.numel()]
 
 
-def _device_moments(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
-    """float64 [mean, var(, non-finite count)] without a sync, in five launches where
-    ``x`` fits a chunk: its float64 copy ``d`` (where the device has float64, ``_wide``;
+def _device_moments(x: torch.Tensor, nonfinite: bool) -> Raw:
+    """[mean, var(, non-finite count)] without a sync, in four launches where ``x``
+    fits a chunk: its float64 copy ``d`` (where the device has float64, ``_wide``;
     dense whatever ``x``'s strides), ``var_mean`` of it, then ``d - d`` in place, NaN
-    exactly where ``x`` is not finite, its non-zero count, and the stack."""
+    exactly where ``x`` is not finite, and its non-zero count."""
     if not x.numel() or x.numel() > chunk_size(x.device):
         return _sums_shifted(x, nonfinite)
     d = x.to(torch.float64 if _wide(x.device) else torch.float32, copy=True)
     var, mean = torch.var_mean(d, correction=0)
-    row = [mean, var]
+    row = Parts([mean, var])
     if nonfinite:
         row.append(torch.count_nonzero(torch.sub(d, d, out=d)))
-    return torch.stack(row)  # float64 by type promotion: no kernel per cast
+    return row
 
 
 def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
@@ -412,8 +448,7 @@ def _units(x: torch.Tensor, channel_dim: int, found: tuple | None = None) -> Raw
         # float32 bytes at most a chunk's), their total and the units alive
         c = channel_dim % x.dim()
         per_unit = torch.count_nonzero(x, dim=[d for d in range(x.dim()) if d != c])
-        return torch.stack([torch.rsub(per_unit.sum(), x.numel()),
-                            torch.count_nonzero(per_unit)])
+        return Parts([torch.rsub(per_unit.sum(), x.numel()), torch.count_nonzero(per_unit)])
     if host and x.numel() <= FEW:
         zeros: torch.Tensor | float = float(x.numel() - torch.count_nonzero(x).item())
     else:

@@ -50,24 +50,26 @@ def wanted(module: nn.Module, x: object) -> bool:
             and (module.training or module.running_var is not None))
 
 
-def _param(module: nn.Module, name: str, like, default: float, host: bool):
-    """A BatchNorm's parameter or buffer in float64, a numpy array where ``host``;
-    ``default`` in every channel where it has none."""
+FOLLOWS = "follows"  # the constants after a deferred measurement's, which it fills
+
+
+def _param(module: nn.Module, name: str, like, default: float):
+    """A BatchNorm's parameter or buffer in float64 on the host; ``default`` in every
+    channel where it has none."""
     t = getattr(module, name, None)
     if not isinstance(t, torch.Tensor) or t.is_meta:
-        return _full(like, default, host)
-    t = t.detach().double()
-    return t.numpy() if host else t
+        return np.full(like.shape, default)
+    return t.detach().double().numpy()
 
 
-def _full(like, value: float, host: bool):
-    return np.full(like.shape, value) if host else torch.full_like(like, value)
+def _names(module: nn.Module) -> list[str]:
+    """The parameters and buffers the pairs read (running statistics only where used)."""
+    return ["weight", "bias"] + (["running_mean", "running_var"]
+                                 if norms.uses_running_stats(module) else [])
 
 
 def measure(module: nn.Module, x: torch.Tensor) -> list:
-    """Four float64 pairs: on x's device, no sync; a CPU tensor's as host pairs, whose
-    reads are free (two dozen torch calls on a few hundred channels cost more than the
-    sums themselves):
+    """Four float64 pairs:
 
     (m2, V)   the input's E[x^2] and mean_c v_c (the per-channel variance over the
               batch and positions, as BatchNorm takes it);
@@ -78,34 +80,81 @@ def measure(module: nn.Module, x: torch.Tensor) -> list:
 
     Eval mode's output is then a_c k mu_c + t_c + a_c k (x - mu_c) per channel, whose
     E[out^2] is A k^2 + B k + C (the running-statistics terms are zero in train mode,
-    where only (m2, V) and Q are read)."""
+    where only (m2, V) and Q are read).
+
+    A CPU tensor's are host pairs, whose reads are free. On an accelerator, no sync:
+    a ``stats.Pending`` and ``FOLLOWS`` three times (the recording's constants are
+    pairs); the per-channel sums and the parameters go through the pass's one transfer
+    as they are and the pairs are made on the host (``_deferred``): three launches
+    for a float32 input, where making them on the device took two dozen."""
     with torch.no_grad():
+        if not stats.reads_are_free(x.device):
+            return [_on_device(module, x), *[FOLLOWS] * (PAIRS - 1)]
         # sums in x's precision (in rows, added in float64), no copy of the norm's
         # input (its largest activations: a float64 copy cost more than the BatchNorm
         # itself); E[x^2] - mu^2 loses digits only where a channel's mean^2 exceeds its
         # variance ~1e4-fold, which no initialized network feeds a BatchNorm
-        count = x.numel() // x.shape[1]
         s1, s2 = recall(x) or channel_sums(x.detach(), 1)  # kept: read already
-        host = stats.reads_are_free(s1.device)
-        if host:
-            s1, s2 = s1.numpy(), s2.numpy()
-        mu, m2 = s1 / count, s2 / count
-        v = m2 - mu * mu
-        v = v * (v > 0)  # clamped at 0, in either kind of array
-        eps = norms.eps_of(module)
-        gamma = _param(module, "weight", v, 1.0, host)
-        beta = _param(module, "bias", v, 0.0, host)
-        running = norms.uses_running_stats(module)
-        rm = _param(module, "running_mean", v, 0.0, host) if running else _full(v, 0.0, host)
-        rv = _param(module, "running_var", v, 1.0, host) if running else _full(v, 1.0, host)
-        a = gamma / (rv + eps) ** 0.5
-        t = beta - a * rm
-        terms = [v + mu * mu, v, gamma * gamma / (v + eps), t * t,
-                 a * a * (v + mu * mu), a * a * mu * mu, 2 * a * mu * t, a * a]
-        if host:  # one mean over the channels for all eight (numpy's is a Python call)
-            means = np.stack(terms).mean(1).tolist()
-            return [(means[i], means[i + 1]) for i in range(0, 2 * PAIRS, 2)]
-        return list(torch.stack(terms).mean(1).view(PAIRS, 2))
+        count = x.numel() // x.shape[1]
+        return _pairs(module, s1.numpy() / count, s2.numpy() / count)
+
+
+def _on_device(module: nn.Module, x: torch.Tensor) -> stats.Pending:
+    """The Pending of ``measure`` on an accelerator: per-channel sums and norms of
+    ``x`` (fp16/bf16 in float32 copies of at most a chunk of it), then the present
+    parameters (on x's device, else copied there), one vector by ``torch.cat``."""
+    present = [t for n in _names(module) if isinstance(t := getattr(module, n, None),
+                                                       torch.Tensor) and not t.is_meta]
+    present = [t if t.device == x.device else t.to(x.device) for t in present]
+    dims = [d for d in range(x.dim()) if d != 1]
+    if x.dtype in (torch.float32, torch.float64):
+        sums, norms_ = [x.sum(dim=dims)], [torch.linalg.vector_norm(x, dim=dims)]
+    else:  # float32 sums of the exact values, not sums rounded to x's few bits
+        rows = max(1, stats.chunk_size(x.device) // max(1, x[0].numel()))
+        pieces = [p.float() for p in x.split(rows)]
+        sums = [p.sum(dim=dims) for p in pieces]
+        norms_ = [torch.linalg.vector_norm(p, dim=dims) for p in pieces]
+    if len(sums) > 1:
+        sums = [torch.stack(sums).sum(0)]
+        norms_ = [torch.linalg.vector_norm(torch.stack(norms_), dim=0)]
+    raw = torch.cat([*sums, *norms_, *present])
+    return stats.Pending(raw, lambda r: _deferred(module, x.shape, r))
+
+
+def _deferred(module: nn.Module, shape: torch.Size, r: list[float]) -> list:
+    """``_pairs`` from the values ``_on_device`` sent."""
+    c, count = shape[1], math.prod(shape) // shape[1]
+    values = np.asarray(r, dtype=np.float64)
+    given, at = {}, 2 * c
+    for name in _names(module):
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            given[name], at = values[at:at + c], at + c
+    return _pairs(module, values[:c] / count, np.square(values[c:2 * c]) / count, given)
+
+
+def _pairs(module: nn.Module, mu: np.ndarray, m2: np.ndarray,
+           given: dict[str, np.ndarray] | None = None) -> list[tuple[float, float]]:
+    """The four pairs of ``measure`` from the input's per-channel mean and E[x^2] and
+    the parameters (``given``, else read from the module)."""
+    v = np.maximum(m2 - mu * mu, 0.0)  # NaN stays NaN
+    eps = norms.eps_of(module)
+
+    def param(name: str, default: float) -> np.ndarray:
+        if given is not None:
+            return given.get(name, np.full(v.shape, default))
+        return _param(module, name, v, default)
+
+    gamma, beta = param("weight", 1.0), param("bias", 0.0)
+    running = norms.uses_running_stats(module)
+    rm = param("running_mean", 0.0) if running else np.zeros(v.shape)
+    rv = param("running_var", 1.0) if running else np.ones(v.shape)
+    a = gamma / (rv + eps) ** 0.5
+    t = beta - a * rm
+    terms = [v + mu * mu, v, gamma * gamma / (v + eps), t * t,
+             a * a * (v + mu * mu), a * a * mu * mu, 2 * a * mu * t, a * a]
+    means = np.stack(terms).mean(1).tolist()  # one mean over the channels for all eight
+    return [(means[i], means[i + 1]) for i in range(0, 2 * PAIRS, 2)]
 
 
 def _scale(shape: list[tuple[float, float]], s: Signal) -> float | None:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from varprobe import stats
 from varprobe.recorder import float_leaves
 from varprobe.theory import catshare, functional, normshape, positions, tokenids, tokennorm
 from varprobe.theory.attention_graph import BADDBMMS, MATMULS, SOFTMAXES, AttentionGraph
@@ -58,6 +59,10 @@ from varprobe.theory.pools import Pool
 from varprobe.theory.shared import over_positions
 
 PRODUCT = " of activations"  # the name of a product of two activations ends so
+
+
+def _on_device(c: Any) -> bool:
+    return isinstance(c, stats.Pending) or (isinstance(c, T) and not c.is_meta)
 
 
 @dataclass
@@ -113,21 +118,29 @@ class Recording(TorchFunctionMode):
     def constants(self) -> list[tuple[float, float] | None]:
         """(mean(c^2), mean(c)) of every constant operand: one host transfer, after the pass.
         None for a tensor on the meta device (``varprobe predict``): it has no values."""
-        on_device = [c for c in self._constants if isinstance(c, T) and not c.is_meta]
-        host = iter(torch.stack([c.cpu() for c in on_device]).tolist() if on_device else [])
-        return [None if isinstance(c, T) and c.is_meta else
-                tuple(next(host)) if isinstance(c, T) else c for c in self._constants]
+        pending = self.on_device()
+        if pending:
+            self.fetched(stats.collect(pending))
+        return [None if isinstance(c, T) and c.is_meta else c for c in self._constants]
 
-    def on_device(self) -> list[torch.Tensor]:
-        """The constants' (mean(c^2), mean(c)) still on their device: the probe copies
-        them with its statistics, in the pass's one transfer, and hands them back to
-        ``fetched``, so that ``constants`` has nothing left to copy."""
-        return [c for c in self._constants if isinstance(c, T) and not c.is_meta]
+    def on_device(self) -> list[stats.Pending]:
+        """The constants still on their device, as Pendings: the probe copies them with
+        its statistics, in the pass's one transfer, and hands their rows back to
+        ``fetched``, so that ``constants`` has nothing left to copy. A deferred
+        measurement (``normshape``) is a Pending already, which makes its pairs."""
+        return [c if isinstance(c, stats.Pending) else stats.Pending(c, list)
+                for c in self._constants if _on_device(c)]
 
-    def fetched(self, values: list[list[float]]) -> None:
-        host = iter(values)
-        self._constants = [tuple(next(host)) if isinstance(c, T) and not c.is_meta else c
-                           for c in self._constants]
+    def fetched(self, rows: list[list]) -> None:
+        host, out = iter(rows), []
+        for c in self._constants:
+            if isinstance(c, stats.Pending):
+                out.extend(next(host))  # its pairs, in place of it and its FOLLOWS
+            elif _on_device(c):
+                out.append(tuple(next(host)))
+            elif not (isinstance(c, str) and c == normshape.FOLLOWS):
+                out.append(c)
+        self._constants = out
 
     # --- module calls (from the Recorder's hooks) ----------------------------------
     def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
