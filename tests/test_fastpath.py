@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import varprobe
-from varprobe import kernel_choice, stats
+from varprobe import kernel_choice, stats, torch_kernels
 
 RTOL = 1e-5
 
@@ -377,9 +377,9 @@ def test_zero_and_dead_fractions_after_activations_only():
 
 def test_strided_tensor_and_odd_sizes(chunked):
     # Not dense in any order of its dims (every other column), and a size that is not a
-    # multiple of the sum of squares' row length.
+    # multiple of the CPU sum of squares' row length.
     x = relu_with_dead_units(300, 77)[:, ::2]
-    assert not x.is_contiguous() and x.numel() % stats.ROW
+    assert not x.is_contiguous() and x.numel() % torch_kernels.BLOCK
     check_activation(x)
     check_activation(relu_with_dead_units(61, 7, 5, channel_dim=1), channel_dim=1)
 
@@ -481,3 +481,57 @@ def test_nothing_waits_for_the_device_during_a_probe(monkeypatch, model):
     assert seen == [], seen
     if model is _AttentionNet:
         assert report.attention  # the attention calls were followed
+
+
+def test_collect_returns_every_value_in_its_place(monkeypatch):
+    """``collect`` copies 0-d values grouped by dtype (one stack each), vectors and
+    host floats in one transfer and hands each Pending its values in order: a 0-d
+    raw, a vector raw, and Parts mixing int64 and float64 0-d values, host floats and
+    a vector, on the accelerators' path."""
+    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
+    f64 = torch.float64
+    pending = [
+        stats.Pending(torch.tensor(2.5), list),
+        stats.Pending(torch.tensor([1.0, 2.0]), list),
+        stats.Pending(stats.Parts([torch.tensor(3), 4.0, torch.tensor(5.0, dtype=f64),
+                                   torch.tensor([6.0, 7.0]), torch.tensor(8)]), list),
+        stats.Pending([9.0], list),
+        stats.Pending(stats.Parts([torch.tensor(10.0, dtype=f64), torch.tensor(11.0)]), list),
+    ]
+    assert stats.collect(pending) == [[2.5], [1.0, 2.0], [3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+                                      [9.0], [10.0, 11.0]]
+
+
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_weight_grad_ratios_on_the_accelerators_path(monkeypatch, chunk):
+    """||dL/dW|| / ||W|| per weight layer and the weight's moments, on the accelerators'
+    path (the gradients' norms by one torch._foreach_norm, squared in float64; the
+    weights' moments whole or, with chunks of 1000 elements, combined on the host
+    from each chunk's), equal float64 autograd on a copy of the model. A layer whose
+    weight is scaled by 1e-30 has gradients and weights far below float32's squares'
+    range. Tolerance: float32 values summed in float64, 1e-6 relative."""
+    monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
+    if chunk is not None:
+        monkeypatch.setattr(stats, "chunk_size", lambda device: chunk)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 60), nn.Tanh(), nn.Linear(60, 50), nn.Tanh(),
+                          nn.Linear(50, 30))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-30)
+        model[2].bias.zero_()
+    x, g = torch.randn(16, 40), torch.randn(16, 30)
+    report = varprobe.probe(model, x, grad_output=g, mode=None)
+    twin = _double_copy(model)
+    twin(x.double()).backward(g.double())
+    layers = {layer.name: layer for layer in report.layers}
+    for name in ("0", "2", "4"):
+        w = twin.get_submodule(name).weight
+        want = (w.grad.norm() / w.norm()).item()
+        assert layers[name].weight_grad_ratio == pytest.approx(want, rel=1e-6), name
+        assert layers[name].weight_var == pytest.approx(w.var(unbiased=False).item(),
+                                                        rel=1e-6), name
+
+
+def _double_copy(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model).double()

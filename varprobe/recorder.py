@@ -465,15 +465,15 @@ class Recorder:
         """Slots for ||dL/dW|| / ||W||, keyed by id(module)."""
         out = {}
         with torch.no_grad():
-            for key, (slot, w) in self.weights.items():
-                g = grads.get(key)
-                if g is not None:
-                    value, seen = self._with_extremes(stats.grad_ratio, g, w,
-                                                      self.slots[slot])
-                    out[key] = self._new_slot(value)
-                    if self.ranges is not None:
-                        self.range_slots[out[key]] = self._new_slot(
-                            self.ranges.gradient(g, seen))
+            present = [(key, slot, w, g) for key, (slot, w) in self.weights.items()
+                       if (g := grads.get(key)) is not None]
+            norms = stats.weight_grad_norms([g for *_, g in present])
+            for (key, slot, w, g), norm in zip(present, norms):
+                value, seen = self._with_extremes(stats.grad_ratio, g, w, self.slots[slot],
+                                                  norm)
+                out[key] = self._new_slot(value)
+                if self.ranges is not None:
+                    self.range_slots[out[key]] = self._new_slot(self.ranges.gradient(g, seen))
         return out
 
     def collect(self) -> list:

@@ -1,10 +1,10 @@
-"""On-device reductions: a few raw sums per tensor, finished on the host after one copy.
+"""On-device reductions: a few raw values per tensor, finished on the host after one copy.
 
-Each measurement is a ``Pending``: a short float64 vector on the tensor's device (a
-plain list where the CPU kernels made it on the host), a tensor's mean and variance and
-the counts asked for, and a function that turns it into the row the report reads (the
-layouts below). ``collect`` copies every vector still on a device in a single transfer;
-the rest is float64 arithmetic on the host.
+Each measurement is a ``transfer.Pending``: a tensor's mean and variance and the counts
+asked for (host floats where the CPU kernels made them, else values still on the
+tensor's device) and a function that turns them into the row the report reads (the
+layouts below). ``transfer.collect`` copies every value still on a device in a single
+transfer; the rest is float64 arithmetic on the host.
 
 CPU: a dense float32/float64 tensor is read by ``kernels`` (numba, the optional ``fast``
 extra: sum, sum of squares and unit counts in one read) or else ``torch_kernels`` (torch
@@ -12,26 +12,30 @@ has no one-read reduction of both sums; ``var_mean`` runs at a tenth of memory s
 Where the mean dominates (mean^2 > Var) the sums are taken again from ``x - mean``.
 Accelerators must not sync, and there each operation costs a launch, so a tensor is
 read by as few as will do: a float64 copy and ``var_mean`` (one pass, in float64: neither
-cancellation nor squares outside float32's range), counts by ``count_nonzero``. A tensor
-longer than a chunk, and on the CPU every fp16/bf16 tensor and all memory that is not
-dense, is shifted by its first chunk's mean and read in chunks of float64 scratch.
+cancellation nor squares outside float32's range), counts by ``count_nonzero``, weight
+gradients' norms by one ``torch._foreach_norm``; a tensor longer than a chunk the same
+way a chunk at a time through float64 scratch, the chunks' moments combined on the
+host. The CPU reads fp16/bf16 tensors and memory that is not dense that way too.
 Squares outside float32's range are read in float64 on every path.
 """
-
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import itertools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from varprobe import unit_counts
 from varprobe.kernel_choice import cpu_kernels
+from varprobe.transfer import Folded as Folded
+from varprobe.transfer import Parts as Parts
+from varprobe.transfer import Pending as Pending
+from varprobe.transfer import Raw as Raw
+from varprobe.transfer import collect as collect
+from varprobe.transfer import device_items, read_free, values
 
 WIDTH = 8
 # Forward row layout.
@@ -41,98 +45,24 @@ G_VAR, G_SECOND_MOMENT, G_NONFINITE, G_NUMEL = 0, 1, 2, 3
 # Weight row layout.
 W_VAR, W_SECOND_MOMENT, B_SECOND_MOMENT, W_NORM, B_MEAN = 0, 1, 2, 3, 4
 
-# Elements per row of the sum of squares: vector_norm accumulates a row in float32
-# lanes (at most 256 terms each, relative error below 256 * 6e-8 = 1.5e-5 in the worst
-# case, about 1e-7 in practice); the rows are added in float64.
-ROW = 256
 FEW = 1 << 15  # elements up to which a CPU tensor's unit counts are numpy's (_units)
-
-
-class Parts(list):
-    """Raw values of which some are still on a device: host floats and 0-d or 1-D
-    float64 device tensors, in order. A reduction's 0-d results go in as they are:
-    ``collect`` stacks all of them at once, where a stack per tensor would cost a
-    launch each."""
-
-
-# a vector on a device, host floats, or Parts of both
-Raw = torch.Tensor | list[float] | Parts
-
-
-@dataclass
-class Pending:
-    """Raw float64 sums; ``finish`` makes the host row from them."""
-
-    raw: Raw
-    finish: Callable[[list[float]], list[float | None]]
-
-
-def collect(pending: list[Pending]) -> list[list[float | None]]:
-    """The one device-to-host transfer: every value still on a device, copied together
-    (one copy per device: a model on a GPU can still hold a CPU constant, whose sums
-    are read where they are); then every row finished on the host."""
-    scalars: dict[torch.device, list[torch.Tensor]] = {}
-    vectors: dict[torch.device, list[torch.Tensor]] = {}
-    for p in pending:
-        for item in _device_items(p.raw):
-            (vectors if item.dim() else scalars).setdefault(item.device, []).append(item)
-    copied = {}  # per device: iterators over (the 0-d values, the vectors')
-    for device in {**scalars, **vectors}:  # a loop, not a comprehension: the reads'
-        s = scalars.get(device, [])  # caller is collect (test_fastpath)
-        values = _joined(s, vectors.get(device, [])).cpu().tolist()
-        copied[device] = iter(values[:len(s)]), iter(values[len(s):])
-    return [p.finish(_values(p.raw, copied)) for p in pending]
-
-
-def _device_items(raw: Raw) -> list[torch.Tensor]:
-    if isinstance(raw, Parts):
-        return [item for item in raw if isinstance(item, torch.Tensor)]
-    return [raw] if isinstance(raw, torch.Tensor) else []
-
-
-def _joined(scalars: list[torch.Tensor], vectors: list[torch.Tensor]) -> torch.Tensor:
-    """One device's values in one vector: the 0-d ones stacked, then the vectors."""
-    joined = [torch.stack(scalars)] if scalars else []
-    joined += [_flat(v) for v in vectors]
-    return torch.cat(joined) if len(joined) > 1 else joined[0]
-
-
-def _values(raw: Raw, copied: dict) -> list[float]:
-    if isinstance(raw, torch.Tensor):
-        return list(itertools.islice(copied[raw.device][1], raw.numel()))
-    if not isinstance(raw, Parts):
-        return raw
-    out: list[float] = []
-    for item in raw:
-        if not isinstance(item, torch.Tensor):
-            out.append(item)
-        elif item.dim():
-            out.extend(itertools.islice(copied[item.device][1], item.numel()))
-        else:
-            out.append(next(copied[item.device][0]))
-    return out
 
 
 def _join(parts: list[Raw]) -> Raw:
     """Raw values one after another: host floats where all are on the host or on a
     device whose reads are free, else ``Parts`` (no torch.cat: ``collect`` makes one)."""
     items = [item for p in parts for item in (p if isinstance(p, list) else [p])]
-    if all(reads_are_free(t.device) for t in items if isinstance(t, torch.Tensor)):
-        return [v for item in items for v in (item.view(-1).tolist()
-                                              if isinstance(item, torch.Tensor) else [item])]
+    if all(reads_are_free(t.device) for t in device_items(Parts(items))):
+        return values(Parts(items), read_free)
     return Parts(items)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a vector; without a view (an operation, on an accelerator a few
-    microseconds) where it is one."""
-    return t if t.dim() == 1 else t.view(-1)
 
 
 def chunk_size(device: torch.device) -> int:
     # 2 MiB of float64 scratch on CPU (the passes over a chunk stay in cache);
-    # accelerators pay per kernel launch, so bigger there (64 MiB).
-    return 1 << 18 if device.type == "cpu" else 1 << 23
+    # accelerators pay per kernel launch, so bigger there, 8 MiB: a read's scratch
+    # adds to the model's peak memory where a hook runs at its peak (64 MiB made a
+    # GPT's 1.68x on an H200)
+    return 1 << 18 if device.type == "cpu" else 1 << 20
 
 
 def _wide(device: torch.device) -> bool:
@@ -182,32 +112,6 @@ def _pieces(x: torch.Tensor, chunked: bool) -> Iterator[torch.Tensor]:
     rows = max(1, size // max(1, x[0].numel()))
     for c in x.split(rows):
         yield c.float().reshape(-1)
-
-
-def _square_sum(p: torch.Tensor) -> torch.Tensor:
-    """sum(p^2) of a contiguous 1-D piece, float64 0-d: a float64 piece's norm squared;
-    a float32 one's by the norms of its rows (no temporary), their squares summed in
-    float64."""
-    if p.dtype == torch.float64:
-        return torch.linalg.vector_norm(p).square()
-    whole = p.numel() - p.numel() % ROW
-    rows = (p if whole == p.numel() else p[:whole]).view(-1, ROW)
-    norms = torch.linalg.vector_norm(rows, dim=1)
-    total = torch.linalg.vector_norm(norms, dtype=torch.float64).square()
-    if whole < p.numel():
-        total = total + p[whole:].double().square().sum()
-    return total
-
-
-def _nonfinite(c: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Non-finite elements of ``c``: ``c - c`` is 0 where c is finite, NaN where not."""
-    return torch.ne(torch.sub(c, c, out=scratch), 0, out=scratch).sum()
-
-
-def _scratch(x: torch.Tensor, wide: bool = False) -> torch.Tensor:
-    """One chunk of float32 scratch (float64 for a float64 tensor, or ``wide``)."""
-    dtype = torch.float64 if x.dtype == torch.float64 or wide else torch.float32
-    return torch.empty(min(x.numel(), chunk_size(x.device)), dtype=dtype, device=x.device)
 
 
 def _sums(x: torch.Tensor, nonfinite: bool, read: tuple[float, float] | None = None) -> Raw:
@@ -339,8 +243,8 @@ def _finish_cpu_sums(x: torch.Tensor, flat: np.ndarray, sums: tuple[float, float
 
 
 def _count_nonfinite(x: torch.Tensor) -> float:
-    scratch = _scratch(x)
-    return sum(_nonfinite(c, _fit(scratch, c)).item() for c in _pieces(x, chunked=True))
+    """On the CPU: ``c - c`` is 0 where c is finite, NaN where not."""
+    return float(sum(torch.count_nonzero(c - c).item() for c in _chunks(x)))
 
 
 def _fit(scratch: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -355,36 +259,48 @@ def _device_moments(x: torch.Tensor, nonfinite: bool) -> Raw:
     """[mean, var(, non-finite count)] without a sync, in four launches where ``x``
     fits a chunk: its float64 copy ``d`` (where the device has float64, ``_wide``;
     dense whatever ``x``'s strides), ``var_mean`` of it, then ``d - d`` in place, NaN
-    exactly where ``x`` is not finite, and its non-zero count."""
-    if not x.numel() or x.numel() > chunk_size(x.device):
-        return _sums_shifted(x, nonfinite)
-    d = x.to(torch.float64 if _wide(x.device) else torch.float32, copy=True)
+    exactly where ``x`` is not finite, and its non-zero count. A longer ``x`` the same
+    way a chunk at a time through one scratch buffer, the chunks' moments combined on
+    the host (``Folded``)."""
+    dtype = torch.float64 if _wide(x.device) else torch.float32
+    if not x.numel():
+        return [0.0, 0.0, 0.0][:3 if nonfinite else 2]
+    if x.numel() <= chunk_size(x.device):
+        return Parts(_chunk_moments(x.to(dtype, copy=True), nonfinite))
+    scratch = torch.empty(chunk_size(x.device), dtype=dtype, device=x.device)
+    items, sizes = [], []
+    for c in _chunks(x):
+        items += _chunk_moments(_fit(scratch, c).view(c.shape).copy_(c), nonfinite)
+        sizes.append(c.numel())
+    return Folded(items, lambda v: _combined(v, sizes, nonfinite))
+
+
+def _chunk_moments(d: torch.Tensor, nonfinite: bool) -> list[torch.Tensor]:
+    """[mean, var(, non-finite count)] of ``d``, a copy this may overwrite."""
     var, mean = torch.var_mean(d, correction=0)
-    row = Parts([mean, var])
-    if nonfinite:
-        row.append(torch.count_nonzero(torch.sub(d, d, out=d)))
-    return row
+    if not nonfinite:
+        return [mean, var]
+    return [mean, var, torch.count_nonzero(torch.sub(d, d, out=d))]
 
 
-def _sums_shifted(x: torch.Tensor, nonfinite: bool) -> torch.Tensor:
-    """``_device_moments`` chunk by chunk from ``d = x - shift`` in scratch (float64
-    where the device has it, ``_wide``), the shift being the first chunk's mean (no
-    sync)."""
-    scratch, parts, first = _scratch(x, _wide(x.device)), [], None
-    for c in _pieces(x, chunked=True):
-        if first is None:
-            first = c.mean()
-        d = torch.sub(c, first, out=_fit(scratch, c))
-        row = [d.sum(), _square_sum(d)]
-        if nonfinite:
-            row.append(_nonfinite(c, d))
-        parts.append(torch.stack(row))  # float64 by type promotion: no kernel per cast
-    if first is None:  # no elements
-        return torch.zeros(3 if nonfinite else 2, dtype=torch.float64, device=x.device)
-    total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-    offset, m2 = total[0] / x.numel(), total[1] / x.numel()
-    var = (m2 - offset * offset).clamp_(min=0.0)  # NaN stays NaN
-    return torch.cat([(first + offset).view(1), var.view(1), total[2:]])
+def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
+    """Views of ``x`` of at most about ``chunk_size`` elements: of its memory where it
+    is dense, else runs of its first dim (one of which can be longer)."""
+    size, flat = chunk_size(x.device), _dense(x)
+    if flat is not None:
+        return list(flat.split(size))
+    return list(x.split(max(1, size // max(1, x[0].numel()))))
+
+
+def _combined(v: list[float], sizes: list[int], nonfinite: bool) -> list[float]:
+    """[mean, var(, non-finite count)] of the whole from its chunks' (``_chunk_moments``
+    values in a row, ``sizes`` elements each): the pooled mean, and the chunks'
+    variances plus their means' spread about it (no cancellation)."""
+    step, n = 3 if nonfinite else 2, sum(sizes)
+    means, variances = v[0::step], v[1::step]
+    mean = sum(k * m for k, m in zip(sizes, means)) / n
+    var = sum(k * (s + (m - mean) ** 2) for k, s, m in zip(sizes, variances, means)) / n
+    return [mean, var] + ([sum(v[2::step])] if nonfinite else [])
 
 
 def _sums_and_units(x: torch.Tensor, channel_dim: int) -> Raw:
@@ -443,24 +359,20 @@ def _units(x: torch.Tensor, channel_dim: int, found: tuple | None = None) -> Raw
         made = unit_counts.counts(torch.from_numpy(found[0]).view(layout))
         if made is not None:
             return list(made)
-    if not host and x.dim() >= 2 and x.numel() <= chunk_size(x.device):
+    units, n = x.dim() >= 2, x.numel()
+    if not host and units and n <= chunk_size(x.device):
         # three launches: per-unit non-zero counts (a bool copy of x, a quarter of its
-        # float32 bytes at most a chunk's), their total and the units alive
-        c = channel_dim % x.dim()
-        per_unit = torch.count_nonzero(x, dim=[d for d in range(x.dim()) if d != c])
-        return Parts([torch.rsub(per_unit.sum(), x.numel()), torch.count_nonzero(per_unit)])
-    if host and x.numel() <= FEW:
-        zeros: torch.Tensor | float = float(x.numel() - torch.count_nonzero(x).item())
-    else:
-        scratch = _scratch(x)
-        zeros = torch.stack([c.numel() - torch.ne(c, 0, out=_fit(scratch, c)).sum()
-                             for c in _pieces(x, chunked=True)]).double().sum()
-    alive = _unit_peaks(x, channel_dim).ne_(0).sum() if x.dim() >= 2 else None
-    if host:
-        return [float(zeros), 0.0 if alive is None else float(alive)]
-    if alive is None:
-        return torch.stack([zeros, zeros.new_zeros(())])
-    return torch.stack([zeros, alive])  # float64 by type promotion
+        # float32 bytes at most a chunk's), their total and the units alive; the zeros
+        # on the host
+        at = channel_dim % x.dim()
+        per_unit = torch.count_nonzero(x, dim=[d for d in range(x.dim()) if d != at])
+        return Folded([per_unit.sum(), torch.count_nonzero(per_unit)],
+                      lambda v: [n - v[0], v[1]])
+    # the non-zeros a chunk at a time (a bool copy of each), units alive by their peaks
+    counts = [torch.count_nonzero(c) for c in _chunks(x)] if n else []
+    alive = torch.count_nonzero(_unit_peaks(x, channel_dim)) if units else 0.0
+    found = Folded([*counts, alive], lambda v: [n - sum(v[:-1]), v[-1]])
+    return values(found, read_free) if host else found
 
 
 def _unit_peaks(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -525,7 +437,8 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
     mean(b) (NaN without bias: the mean a bias gives every unit, which an activation
     after the layer sees)."""
     n, nb = w.numel(), bias.numel() if bias is not None else 0
-    parts: list[Raw] = [_sums(w.detach(), nonfinite=False)]
+    moments = _sums(w.detach(), nonfinite=False)
+    parts: list[Raw] = [moments]
     if bias is not None:
         parts.append(_bias_moments(bias.detach()))
 
@@ -534,11 +447,13 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
         b1, _, b2 = _moments(r[2:4]) if nb else (math.nan, math.nan, math.nan)
         return [var, m2, b2, math.sqrt(n * m2), b1]
 
-    return Pending(_join(parts), finish)
+    return Pending(_join(parts), finish, moments)
 
 
-def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
-    """||dL/dW|| / ||W||, ``stats`` being ``weight(w, ...)``. A norm needs no shift."""
+def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending,
+               norm: Raw | None = None) -> Pending:
+    """||dL/dW|| / ||W||, ``stats`` being ``weight(w, ...)``. A norm needs no shift.
+    ``norm``: ``weight_grad_norms``' for ``grad``, where it made one."""
     n = w.numel()
 
     def finish(r: list[float]) -> list[float | None]:
@@ -546,7 +461,26 @@ def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending) -> Pending:
         norm = math.sqrt(n * m2)  # a zero weight: inf, or NaN for a zero gradient too
         return [r[0] / norm if norm else math.inf if r[0] else math.nan]
 
-    return Pending(_join([_norm(grad.detach()), stats.raw[:2]]), finish)
+    found = norm if norm is not None else _norm(grad.detach())
+    return Pending(_join([found, stats.moments]), finish)
+
+
+def weight_grad_norms(grads: list[torch.Tensor]) -> list[Raw | None]:
+    """The norms of dense weight gradients on an accelerator, those of one device and
+    dtype by one ``torch._foreach_norm`` (its kernel squares and sums in float64: no
+    copy, one launch for hundreds of tensors); None for the rest, each read on its own
+    (``_norm``: the CPU's reads are free, and there the range reads share them)."""
+    out: list[Raw | None] = [None] * len(grads)
+    groups: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        if not reads_are_free(g.device) and _wide(g.device) and g.numel() \
+                and g.is_floating_point() and g.is_contiguous():
+            groups.setdefault((g.device, g.dtype), []).append(i)
+    for found in groups.values():
+        norms = torch._foreach_norm([grads[i] for i in found], 2, dtype=torch.float64)
+        for i, t in zip(found, norms):
+            out[i] = Parts([t])
+    return out
 
 
 def _bias_moments(b: torch.Tensor) -> Raw:
@@ -574,7 +508,7 @@ def _norm(x: torch.Tensor) -> Raw:
         s2 = k.square_sum(flat) if hasattr(k, "square_sum") else _moment_read(flat)[1]
         return [math.sqrt(_wide_sums(flat)[1] if _narrow(flat, 0.0, s2) else s2)]
     dtype = torch.float64 if _wide(x.device) else None
-    norms = [torch.linalg.vector_norm(p, dtype=dtype) for p in _pieces(x, chunked=True)]
+    norms = [torch.linalg.vector_norm(c, dtype=dtype) for c in _chunks(x)] if x.numel() else []
     if not norms:
         return torch.zeros(1, dtype=torch.float64, device=x.device)
     return (norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))).view(1)
