@@ -535,3 +535,38 @@ def test_weight_grad_ratios_on_the_accelerators_path(monkeypatch, chunk):
 def _double_copy(model: nn.Module) -> nn.Module:
     import copy
     return copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("path", ["cpu", "accelerator path"])
+def test_no_activation_outlives_the_backward(monkeypatch, path):
+    """No stored activations: when the one transfer starts (after the backward) no
+    module's output is still alive, on either code path (the BatchNorms' deferred
+    per-channel measurement, the moments' host folds and every hook keep numbers, not
+    tensors). The network's output, which the probe still reads, is left out."""
+    import gc
+    import weakref
+
+    if path == "accelerator path":
+        monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8).eval(), nn.GELU(),
+                          nn.Flatten(), nn.LayerNorm(800), nn.Linear(800, 10))
+    refs: list[weakref.ref] = []
+    handles = [m.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+               for m in list(model)[:-1]]
+    alive: list[int] = []
+    original = stats.collect
+
+    def checking(pending):
+        gc.collect()
+        alive.extend(i for i, r in enumerate(refs) if r() is not None)
+        return original(pending)
+
+    monkeypatch.setattr(stats, "collect", checking)
+    try:
+        varprobe.probe(model, torch.randn(4, 3, 10, 10))
+    finally:
+        for h in handles:
+            h.remove()
+    assert refs and not alive

@@ -118,7 +118,8 @@ def _on_device(module: nn.Module, x: torch.Tensor) -> stats.Pending:
         sums = [torch.stack(sums).sum(0)]
         norms_ = [torch.linalg.vector_norm(torch.stack(norms_), dim=0)]
     raw = torch.cat([*sums, *norms_, *present])
-    return stats.Pending(raw, lambda r: _deferred(module, x.shape, r))
+    shape = x.shape  # not x: the closure would keep the activation alive until collect
+    return stats.Pending(raw, lambda r: _deferred(module, shape, r))
 
 
 def _deferred(module: nn.Module, shape: torch.Size, r: list[float]) -> list:
