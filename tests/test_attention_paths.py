@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from varprobe import stats
 from varprobe.theory import attention, attention_paths
 from varprobe.theory.nodes import Attention
 
@@ -51,6 +52,12 @@ def _truth(q, k, v, g, causal: bool) -> tuple[float, ...]:
     return tuple(float(x.square().mean()) for x in (dq, dk, dv))
 
 
+def _factors(found: list) -> list[tuple[float, float]]:
+    """The pairs of ``attention_paths.watch``'s constants, through the one transfer."""
+    assert len(found) == attention_paths.PAIRS
+    return stats.collect([found[0]])[0]
+
+
 def _measured(q, k, v, g, causal: bool, dropout: float = 0.0) -> tuple[float, ...]:
     """The walk's paths from the factors the probe's hook forms, at the measured E[g^2],
     E[q^2], E[k^2], E[v^2]."""
@@ -58,9 +65,9 @@ def _measured(q, k, v, g, causal: bool, dropout: float = 0.0) -> tuple[float, ..
                       dropout=dropout)
     leaf = [x.float().clone().requires_grad_() for x in (q, k, v)]
     out = F.scaled_dot_product_attention(*leaf, is_causal=causal)
-    slots = attention_paths.watch(*leaf, None, facts, out)
+    found = attention_paths.watch(*leaf, None, facts, out)
     out.backward(g.float())
-    factors = [tuple(s.tolist()) for s in slots]
+    factors = _factors(found)
     ms = [float(x.square().mean()) for x in (g, q, k, v)]
     return attention_paths.backward(facts, *ms, factors)[:3]
 
@@ -214,9 +221,9 @@ def test_logit_gradient_of_an_additive_mask(causal):
     tensors = [x.float().clone().requires_grad_() for x in (q, k, v)]
     mask = bias.float().clone().requires_grad_()
     out = F.scaled_dot_product_attention(*tensors, attn_mask=mask)
-    slots = attention_paths.watch(*tensors, mask, facts, out)
+    found = attention_paths.watch(*tensors, mask, facts, out)
     out.backward(g.float())
-    factors = [tuple(s.tolist()) for s in slots]
+    factors = _factors(found)
     ms = [float(x.square().mean()) for x in (g, q, k, v)]
     logit = attention_paths.backward(facts, *ms, factors)[3]
     assert logit == pytest.approx(float(ds.square().mean()), rel=1e-4)

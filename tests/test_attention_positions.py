@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch import nn
 
+from varprobe import stats
 from varprobe.theory import attend, attention, attention_stats, tokennorm
 from varprobe.theory.nodes import Attention
 
@@ -136,10 +137,10 @@ def test_feature_norm_token_gain_against_autograd():
     norm = nn.RMSNorm(d, eps=1e-6)
     inverse, mean_scale = tokennorm.measure(norm, x)
     y = norm(x)
-    slot = tokennorm.watch(y, inverse, mean_scale)[0]
+    found = tokennorm.watch(y, inverse, mean_scale)[0]
     grad = torch.randn(B, T, d) * (1 / position)[:, None]  # and their gradients large
     y.backward(grad)
-    kappa = tokennorm.gain(tuple(slot.tolist()))
+    kappa = tokennorm.gain(stats.collect([found])[0][0])
     rule = grad.square().mean().item() / (x.detach().square().mean().item() + 1e-6)
     measured = x.grad.square().mean().item()
     # the projection removes 1/d of each token's gradient: 0.4%

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from varprobe import stats
 from varprobe.theory import attention, gradient_stats
 
 
@@ -34,7 +35,7 @@ def test_effective_correlation_makes_the_flat_value_path_exact(causal):
     p = p / p.sum(-1, keepdim=True)
     exact = float((p.transpose(0, 1) @ g).square().mean())  # dv_j = Σ_i p_ij g_i
     g.requires_grad_(False)
-    slots = [s.tolist() for s in _filled(g)]
+    slots = _filled(g)
     counts = attention.key_counts(tokens, causal)
     r_g = gradient_stats.effective(slots, causal, causal, counts)
     sigma = float(g.square().mean())
@@ -46,17 +47,19 @@ def test_effective_correlation_makes_the_flat_value_path_exact(causal):
         assert abs(plain / exact - 1) > 0.2
 
 
-def _filled(g: torch.Tensor) -> list[torch.Tensor]:
-    """The slots as the probe fills them: a hook on an output whose gradient is g."""
+def _filled(g: torch.Tensor) -> list[tuple[float, float]]:
+    """The pairs as the probe fills them: a hook on an output whose gradient is g, its
+    values through the one transfer."""
     out = torch.zeros_like(g, requires_grad=True)
     y = out * 1.0
-    slots = gradient_stats.watch(y)
+    found = gradient_stats.watch(y)
     y.backward(g)
-    return slots
+    assert len(found) == 2
+    return stats.collect([found[0]])[0]
 
 
 def test_no_gradient_leaves_the_slots_unfilled():
     y = torch.zeros(2, 8, 4, requires_grad=True) * 1.0
-    slots = [s.tolist() for s in gradient_stats.watch(y)]
+    slots = stats.collect([gradient_stats.watch(y)[0]])[0]
     assert gradient_stats.effective(slots, True, True, attention.key_counts(8, True)) is None
     assert gradient_stats.watch(torch.zeros(2, 8, 4)) == []

@@ -106,13 +106,17 @@ def test_gradient_u_and_prefix_shares_match_the_probe_definitions():
     """tokens.gradient_u and tokens.prefix_shares are the Gram forms of what
     gradient_stats and attention_stats.prefix_share compute from the tensors: equal to
     rounding on one sample's own Gram."""
+    from varprobe import stats
     from varprobe.theory import attention_stats, gradient_stats
 
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(1, T, 32, generator=gen, dtype=torch.float64).cumsum(1)
     gram = (g[0] @ g[0].T / 32).numpy()
     counts = attention.key_counts(T, True)
-    q = gradient_stats._flat_value_path(g)[0].item()
+    y = torch.zeros_like(g, requires_grad=True) * 1.0
+    found = gradient_stats.watch(y)
+    y.backward(g)
+    q = stats.collect([found[0]])[0][1][0]  # u under causal flat attention
     assert abs(tokens.gradient_u(gram, counts, True) - q) < 1e-12
     assert abs(tokens.prefix_shares(gram, counts)[0]
                - attention_stats.prefix_share(g).item()) < 1e-12

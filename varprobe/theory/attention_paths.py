@@ -47,8 +47,9 @@ from typing import Any
 
 import torch
 
+from varprobe import transfer
 from varprobe.theory import attend, attention
-from varprobe.theory.nodes import Attention, T
+from varprobe.theory.nodes import Attention, T, deferred
 from varprobe.theory.signal import Signal
 
 BUDGET = 1 << 19  # softmax entries (slices x queries x keys) read per call
@@ -60,19 +61,21 @@ PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
 
 
 def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T,
-          probs: T | None = None) -> list[T]:
-    """PAIRS (2,) float64 slots on ``out``'s device that the backward fills; none where
-    no gradient will come. ``probs``: eager attention's materialized p (its mask and
-    scale already in it); for an SDPA call the hook recomputes p from q, k and ``mask``.
-    q, k, v, the mask and p are held by reference, not copied: autograd keeps them for
-    the call's own backward anyway. One of them written in place since (autograd would
-    refuse that too) leaves the slots empty, and the closed forms stand."""
+          probs: T | None = None) -> list:
+    """The PAIRS constants the backward fills (``nodes.deferred``: a Pending whose raw
+    values the hook sets, the pairs made from them on the host by ``pairs``; all (0, 0)
+    where it never runs); none where no gradient will come. ``probs``: eager attention's
+    materialized p (its mask and scale already in it); for an SDPA call the hook
+    recomputes p from q, k and ``mask``. q, k, v, the mask and p are held by reference,
+    not copied: autograd keeps them for the call's own backward anyway. One of them
+    written in place since (autograd would refuse that too) leaves the pairs at (0, 0),
+    and the closed forms stand."""
     if out.is_meta or not out.requires_grad or q.dim() < 3 \
             or not q.dim() == k.dim() == v.dim() or out.shape[:-1] != q.shape[:-1]:
         return []
     held = [t.detach() if isinstance(t, T) else t for t in (q, k, v, mask, probs)]
     versions = [t._version for t in held if isinstance(t, T)]
-    slots = [torch.zeros(2, dtype=torch.float64, device=out.device) for _ in range(PAIRS)]
+    found = transfer.Pending([], lambda r: [(0.0, 0.0)] * PAIRS)
 
     def fill(grad: T) -> None:
         if not held or [t._version for t in held if isinstance(t, T)] != versions:
@@ -81,18 +84,21 @@ def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T,
             index, qs, ks, vs = _slices(*held[:3], facts)
             gs = grad[index].float()
             step = max(1, CHUNK // (qs.shape[-2] * ks.shape[-2]))
-            sums = 0
+            items: list[T] = []
             for at in range(0, qs.shape[0], step):
                 part, sub = slice(at, at + step), tuple(i[at:at + step] for i in index)
                 p = _probs(qs[part], ks[part], held[3], sub, held[0].shape[:-2], facts) \
                     if held[4] is None else held[4][sub].float()
-                sums = sums + path_sums(gs[part], qs[part], ks[part], vs[part], p)
-            for slot, pair in zip(slots, paths(sums, gs, qs, ks, vs)):
-                slot.copy_(pair)
+                items += path_sums(gs[part], qs[part], ks[part], vs[part], p)
+            # the norms of g, v, k and q last: E[x^2] on the host
+            items += [torch.linalg.vector_norm(x) for x in (gs, vs, ks, qs)]
+            shapes = gs.shape, ks.shape, [x.numel() for x in (gs, vs, ks, qs)]
+            found.raw = transfer.Parts(items)
+            found.finish = lambda r: pairs(r, *shapes)
         held.clear()  # the pass's tensors are the backward's to free
 
     out.register_hook(fill)
-    return slots
+    return deferred(found, PAIRS)
 
 
 def _slices(q: T, k: T, v: T, facts: Attention) -> tuple:
@@ -137,17 +143,18 @@ def _probs(q: T, k: T, mask: Any, index: tuple, lead: torch.Size, facts: Attenti
     return torch.softmax(logits.masked_fill_(~seen, -math.inf), -1).nan_to_num_(0.0)
 
 
-def path_sums(g: T, q: T, k: T, v: T, p: T) -> T:
+def path_sums(g: T, q: T, k: T, v: T, p: T) -> list[T]:
     """The module note's sums over slices g (S, T_q, d_v), q (S, T_q, d_k), k (S, T_k,
-    d_k), v (S, T_k, d_v), p (S, T_q, T_k), in float64, in the order ``paths`` reads
-    them: sums over more slices are their sum."""
+    d_k), v (S, T_k, d_v), p (S, T_q, T_k), 0-d tensors in the order ``pairs`` reads
+    them: the even ones norms, whose squares are the sums (squared on the host, in
+    float64), the odd ones float64 sums. Sums over more slices are their sum."""
     # in this order, with in-place ops, at most three arrays of the chunk's size at once
     # beside p: each is its share of the backward's peak memory
-    value = [_ss(p.transpose(-1, -2) @ g), _sum(p.square().transpose(-1, -2) @ g.square())]
+    value = [_norm(p.transpose(-1, -2) @ g), _sum(p.square().transpose(-1, -2) @ g.square())]
     a = g @ v.transpose(-1, -2)
     b = p * a
     ds = a.sub_(b.sum(-1, keepdim=True)).mul_(p)
-    grads = [_ss(ds @ k), _ss(ds.transpose(-1, -2) @ q), _ss(ds)]
+    grads = [_norm(ds @ k), _norm(ds.transpose(-1, -2) @ q), _norm(ds)]
     del a, ds
     b.square_()
     b_rows = b.sum(-1, keepdim=True)
@@ -155,36 +162,35 @@ def path_sums(g: T, q: T, k: T, v: T, p: T) -> T:
     spread = b @ k.square().sum(-1).unsqueeze(-1) + b_rows * kbar.square().sum(-1, keepdim=True) \
         - 2 * (kbar @ k.transpose(-1, -2)).mul_(b).sum(-1, True)
     noise = (1 - p).square_().mul_(b).add_((b_rows - b).mul_(p).mul_(p))
-    return torch.stack([*value, grads[0], _sum(spread), grads[1],
-                        _sum(noise.transpose(-1, -2) @ q.square().sum(-1, True)), grads[2],
-                        _sum(noise)])
+    return [*value, grads[0], _sum(spread), grads[1],
+            _sum(noise.transpose(-1, -2) @ q.square().sum(-1, True)), grads[2], _sum(noise)]
 
 
-def paths(sums: T, g: T, q: T, k: T, v: T) -> list[T]:
-    """The (factor, dropout factor) pairs of the module note from ``path_sums`` over all
-    the slices g, q, k, v (shaped as there), and (1, 0)."""
-    s, t_q, d_v = g.shape[-3:]
-    t_k, d_k = k.shape[-2:]
+def pairs(r: list[float], g_shape: torch.Size, k_shape: torch.Size,
+          numel: list[int]) -> list[tuple[float, float]]:
+    """The (factor, dropout factor) pairs of the module note, and (1, 0), on the host
+    from the hook's values ``r``: each chunk's ``path_sums`` in turn, then the norms of
+    the slices' g, v, k and q (g shaped (S, T_q, d_v), k (S, T_k, d_k); ``numel``
+    their sizes)."""
+    s, t_q, d_v = g_shape[-3:]
+    t_k, d_k = k_shape[-2:]
+    chunks = (len(r) - 4) // 8
+    sums = [sum(r[8 * c + i] ** (2 if i % 2 == 0 else 1) for c in range(chunks))
+            for i in range(8)]
     counts = (t_k * d_v, t_k * d_v, t_q * d_k, t_q * d_k, t_k * d_k, t_k * d_k, t_q * t_k,
               t_q * t_k)  # each sum's terms per slice; the spreads' over d_k as well
-    means = [sums[i] / (s * n) for i, n in enumerate(counts)]  # Python numbers: no upload
-    sigma, q_v, q_k, q_q = _ms(g), _ms(v), _ms(k), _ms(q)
-    norm_v = (d_v * sigma * q_v).clamp(min=1e-300)
-    one = torch.ones((), dtype=torch.float64, device=g.device)
-    return [torch.stack(means[0:2]) / sigma.clamp(min=1e-300),
-            torch.stack(means[2:4]) / (norm_v * q_k).clamp(min=1e-300),
-            torch.stack(means[4:6]) / (norm_v * q_q).clamp(min=1e-300),
-            torch.stack(means[6:8]) / norm_v,
-            torch.stack([one, 0 * one])]
+    means = [total / (s * n) for total, n in zip(sums, counts)]
+    sigma, q_v, q_k, q_q = (norm * norm / max(n, 1) for norm, n in zip(r[-4:], numel))
+    norm_v = max(d_v * sigma * q_v, 1e-300)
+    return [(means[0] / max(sigma, 1e-300), means[1] / max(sigma, 1e-300)),
+            (means[2] / max(norm_v * q_k, 1e-300), means[3] / max(norm_v * q_k, 1e-300)),
+            (means[4] / max(norm_v * q_q, 1e-300), means[5] / max(norm_v * q_q, 1e-300)),
+            (means[6] / norm_v, means[7] / norm_v), (1.0, 0.0)]
 
 
-def _ms(x: T) -> T:
-    """E[x^2] in float64 from a norm in x's precision (no squared temporary)."""
-    return _ss(x) / max(x.numel(), 1)
-
-
-def _ss(x: T) -> T:
-    return torch.linalg.vector_norm(x).double().square()
+def _norm(x: T) -> T:
+    """||x|| in x's precision (no squared temporary), a 0-d tensor."""
+    return torch.linalg.vector_norm(x)
 
 
 def _sum(x: T) -> T:

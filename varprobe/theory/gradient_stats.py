@@ -12,10 +12,10 @@ and the walk reads it as the gradient correlation r_g that makes the closed form
 attention exact (``effective``); the closed form then carries it to the actual logit
 spread. The plain uncentered r_g is kept beside it for a mask that is neither.
 
-The slots are device tensors made during the forward, among the recording's constants,
-and filled by a hook when the gradient arrives, so they travel in the pass's one
-device-to-host transfer (the pipeline collects after the backward): (r_g, 1) and
-(u causal, u full); (0, 0) where no gradient reached the output.
+Two constants of the recording, filled by a hook when the gradient arrives: its norms
+travel in the pass's one device-to-host transfer (the pipeline collects after the
+backward) and the pairs are made on the host: (r_g, 1) and (u causal, u full); (0, 0)
+where no gradient reached the output.
 """
 
 from __future__ import annotations
@@ -25,41 +25,47 @@ import functools
 import numpy as np
 import torch
 
-from varprobe.theory.attention_stats import _correlation
+from varprobe import transfer
+from varprobe.theory.nodes import deferred
 
 T = torch.Tensor
 
 
-def watch(out: T) -> list[T]:
-    """Two (2,) float64 slots on ``out``'s device that the backward fills (tokens on
-    axis -2); none where no gradient will come (meta, no grad)."""
+def watch(out: T) -> list:
+    """Two constants the backward fills (tokens on axis -2), ``nodes.deferred``: the
+    hook's three norms go through the pass's one transfer and the pairs are made on the
+    host (``_pairs``; (0, 0) twice where it never runs); none where no gradient will come
+    (meta, no grad)."""
     if out.is_meta or not out.requires_grad or out.dim() < 2:
         return []
-    slots = [torch.zeros(2, dtype=torch.float64, device=out.device) for _ in range(2)]
+    found = transfer.Pending([], lambda r: [(0.0, 0.0)] * 2)
 
     def fill(grad: T) -> None:
         with torch.no_grad():  # in the gradient's precision (fp16/bf16 upcast), no copy
             g = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
-            one = torch.ones((), dtype=torch.float64, device=g.device)
-            slots[0].copy_(torch.stack([_correlation(g), one]))
-            slots[1].copy_(torch.stack(_flat_value_path(g)))
+            tokens, numel = g.shape[-2], g.numel()
+            rows = torch.arange(1, tokens + 1, dtype=g.dtype, device=g.device).unsqueeze(-1)
+            causal = (g / rows).flip(-2).cumsum(-2).flip(-2)
+            found.raw = transfer.Parts([torch.linalg.vector_norm(x)
+                                        for x in (g, g.sum(-2), causal)])
+            found.finish = lambda r: _pairs(r, tokens, numel)
 
     out.register_hook(fill)
-    return slots
+    return deferred(found, 2)
 
 
-def _flat_value_path(g: T) -> list[T]:
-    """mean_j (Σ_i p̄_ij g_i)² / E[g²] under causal and under full flat attention."""
-    tokens = g.shape[-2]
-    q = _mean_square(g).clamp(min=1e-300)
-    rows = torch.arange(1, tokens + 1, dtype=g.dtype, device=g.device).unsqueeze(-1)
-    causal = (g / rows).flip(-2).cumsum(-2).flip(-2)
-    return [_mean_square(causal) / q, _mean_square(g.mean(-2)) / q]
-
-
-def _mean_square(x: T) -> T:
-    """E[x^2] in float64 from a norm in x's precision (no squared temporary)."""
-    return torch.linalg.vector_norm(x).double().square() / x.numel()
+def _pairs(r: list[float], tokens: int, numel: int) -> list[tuple[float, float]]:
+    """(r_g, 1) and (u causal, u full) from the norms of g, of its sum over the tokens
+    S and of the causal flat value path, g holding ``numel`` elements over ``tokens``:
+    r_g = (mean(S^2)/T - E[g^2]) / ((T - 1) E[g^2]) (attention_stats._correlation), and
+    u = mean_j (sum_i p̄_ij g_i)^2 / E[g^2], the full one's sum the tokens' mean."""
+    norm, total, causal = r
+    q = norm * norm / numel
+    s = total * total / (numel // tokens)
+    r_g = (s / tokens - q) / max((tokens - 1) * q, 1e-300) if tokens >= 2 else 0.0
+    q = max(q, 1e-300)
+    full = (total / tokens) ** 2 / (numel // tokens)
+    return [(r_g, 1.0), (causal * causal / numel / q, full / q)]
 
 
 def effective(slots: tuple[tuple, tuple] | None, causal: bool, masked: bool,

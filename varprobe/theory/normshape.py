@@ -34,6 +34,7 @@ from torch import nn
 from varprobe import stats
 from varprobe.channel_sums import channel_sums, recall
 from varprobe.theory import norms
+from varprobe.theory.nodes import deferred
 from varprobe.theory.signal import Signal
 
 PAIRS = 4  # the measured numbers, stored as pairs (the recording's constants are pairs)
@@ -48,9 +49,6 @@ def wanted(module: nn.Module, x: object) -> bool:
             and not x.is_meta and x.dim() >= 2 and x.numel() > 0
             and x.shape[1] == module.num_features
             and (module.training or module.running_var is not None))
-
-
-FOLLOWS = "follows"  # the constants after a deferred measurement's, which it fills
 
 
 def _param(module: nn.Module, name: str, like, default: float):
@@ -89,7 +87,7 @@ def measure(module: nn.Module, x: torch.Tensor) -> list:
     for a float32 input, where making them on the device took two dozen."""
     with torch.no_grad():
         if not stats.reads_are_free(x.device):
-            return [_on_device(module, x), *[FOLLOWS] * (PAIRS - 1)]
+            return deferred(_on_device(module, x), PAIRS)
         # sums in x's precision (in rows, added in float64), no copy of the norm's
         # input (its largest activations: a float64 copy cost more than the BatchNorm
         # itself); E[x^2] - mu^2 loses digits only where a channel's mean^2 exceeds its

@@ -37,6 +37,7 @@ from varprobe.theory.nodes import (
     CUSTOM,
     DIV,
     EXPANDS,
+    FOLLOWS,
     IN_PLACE_WRITES,
     KERNELS,
     MUL,
@@ -138,7 +139,7 @@ class Recording(TorchFunctionMode):
                 out.extend(next(host))  # its pairs, in place of it and its FOLLOWS
             elif _on_device(c):
                 out.append(tuple(next(host)))
-            elif not (isinstance(c, str) and c == normshape.FOLLOWS):
+            elif not (isinstance(c, str) and c == FOLLOWS):
                 out.append(c)
         self._constants = out
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from varprobe import transfer
 from varprobe.theory import norms
+from varprobe.theory.nodes import deferred
 
 T = torch.Tensor
 
@@ -63,26 +65,33 @@ def _variance(x: T, dims: tuple[int, ...]) -> T:
     return centred.square_().mean(dims)
 
 
-def watch(out: object, inverse: T, mean_scale: T) -> list[T]:
-    """One (2,) float64 slot on the output's device that the backward fills with
-    (kappa, 1); none where no gradient will come."""
+def watch(out: object, inverse: T, mean_scale: T) -> list:
+    """One constant the backward fills with (kappa, 1), ``nodes.deferred``: the hook's
+    means go through the pass's one transfer and kappa is made on the host ((0, 0)
+    where the hook never runs); none where no gradient will come."""
     if not isinstance(out, T) or out.is_meta or not out.requires_grad \
             or out.shape[:inverse.dim()] != inverse.shape:
         return []
-    slot = torch.zeros(2, dtype=torch.float64, device=out.device)
+    found = transfer.Pending([], lambda r: [(0.0, 0.0)])
 
     def fill(grad: T) -> None:
         with torch.no_grad():
             g = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
             per_token = g.square().flatten(inverse.dim()).mean(-1)
-            total = per_token.mean(dtype=torch.float64)
-            weighted = (per_token * inverse).mean(dtype=torch.float64)
-            kappa = torch.where(total > 0, weighted * mean_scale / total.clamp(min=1e-300),
-                                torch.ones_like(total))
-            slot.copy_(torch.stack([kappa, torch.ones_like(kappa)]))
+            found.raw = transfer.Parts([per_token.mean(dtype=torch.float64),
+                                        (per_token * inverse).mean(dtype=torch.float64),
+                                        mean_scale])
+            found.finish = _kappa
 
     out.register_hook(fill)
-    return [slot]
+    return deferred(found, 1)
+
+
+def _kappa(r: list[float]) -> list[tuple[float, float]]:
+    """(kappa, 1) from mean_t G_t, mean_t G_t/(rho_t + eps) and E[rho] + eps; 1 where no
+    gradient reached the output (or it is not finite)."""
+    total, weighted, mean_scale = r
+    return [(weighted * mean_scale / max(total, 1e-300) if total > 0 else 1.0, 1.0)]
 
 
 def enter(rec, index: int, module: nn.Module, x: object) -> None:
