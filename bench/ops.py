@@ -6,10 +6,10 @@ is what a GPU probe's extra time follows. A ``TorchDispatchMode`` sees every op 
 C++ decompositions of a composite op too: a matmul counts its views), and each is put
 to the innermost varprobe frame on the stack, else to the model: the model's forward
 runs under varprobe's hooks and recording (``input_leaves``), its backward under
-``cotangent.gradients``, so those lines are mostly the model's own ops. ``--device cpu --accelerator-path`` counts on the CPU
-what an accelerator would run: ``stats.reads_are_free`` False and the accelerators'
-chunk size (the attention statistics' CPU-only shortcuts, which ask the device type,
-still run as on a CPU).
+``cotangent.gradients``, so those lines are mostly the model's own ops.
+``--device cpu --accelerator-path`` counts on the CPU what an accelerator would run:
+``stats.reads_are_free`` False and the accelerators' chunk size (the attention
+statistics' CPU-only shortcuts, which ask the device type, still run as on a CPU).
 """
 
 from __future__ import annotations

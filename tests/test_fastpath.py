@@ -502,16 +502,25 @@ def test_collect_returns_every_value_in_its_place(monkeypatch):
                                       [9.0], [10.0, 11.0]]
 
 
-@pytest.mark.parametrize("chunk", [None, 1000])
+def _foreach_norm_without_dtype(tensors, ord=2, **kwargs):
+    if kwargs:  # as torch before 2.4 answers the dtype keyword
+        raise TypeError("_foreach_norm() got an unexpected keyword argument 'dtype'")
+    return [torch.linalg.vector_norm(t, ord) for t in tensors]
+
+
+@pytest.mark.parametrize("chunk", [None, 1000, "old torch"])
 def test_weight_grad_ratios_on_the_accelerators_path(monkeypatch, chunk):
     """||dL/dW|| / ||W|| per weight layer and the weight's moments, on the accelerators'
     path (the gradients' norms by one torch._foreach_norm, squared in float64; the
     weights' moments whole or, with chunks of 1000 elements, combined on the host
-    from each chunk's), equal float64 autograd on a copy of the model. A layer whose
+    from each chunk's; and, with a torch whose _foreach_norm takes no dtype, the norms
+    one at a time), equal float64 autograd on a copy of the model. A layer whose
     weight is scaled by 1e-30 has gradients and weights far below float32's squares'
     range. Tolerance: float32 values summed in float64, 1e-6 relative."""
     monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
-    if chunk is not None:
+    if chunk == "old torch":  # no dtype in _foreach_norm: the norms one at a time
+        monkeypatch.setattr(torch, "_foreach_norm", _foreach_norm_without_dtype)
+    elif chunk is not None:
         monkeypatch.setattr(stats, "chunk_size", lambda device: chunk)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 60), nn.Tanh(), nn.Linear(60, 50), nn.Tanh(),

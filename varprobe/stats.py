@@ -477,7 +477,10 @@ def weight_grad_norms(grads: list[torch.Tensor]) -> list[Raw | None]:
                 and g.is_floating_point() and g.is_contiguous():
             groups.setdefault((g.device, g.dtype), []).append(i)
     for found in groups.values():
-        norms = torch._foreach_norm([grads[i] for i in found], 2, dtype=torch.float64)
+        try:
+            norms = torch._foreach_norm([grads[i] for i in found], 2, dtype=torch.float64)
+        except TypeError:  # torch before 2.4 has no dtype there: one at a time, as unbatched
+            continue
         for i, t in zip(found, norms):
             out[i] = Parts([t])
     return out
