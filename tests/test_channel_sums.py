@@ -212,7 +212,7 @@ def test_batchnorm_pairs_on_the_accelerators_path(monkeypatch, affine, mode, dty
     Tolerance: float32 reductions of 4*10*10 = 400 terms per channel (torch's cascade,
     error ~ log2(400) u), 1e-5 relative; bf16 input: the same sums of its exact values."""
     from varprobe import stats
-    from varprobe.theory import nodes, normshape
+    from varprobe.theory import constants, normshape
 
     monkeypatch.setattr(stats, "reads_are_free", lambda device: False)
     if dtype == "bf16 chunked":  # float32 copies of one sample (600 elements) at a time
@@ -227,7 +227,7 @@ def test_batchnorm_pairs_on_the_accelerators_path(monkeypatch, affine, mode, dty
     bn.train(mode == "train")
     x = (torch.randn(4, 6, 10, 10) * 1.5 + 0.3).to(dtype)
     got = normshape.measure(bn, x)
-    assert isinstance(got[0], stats.Pending) and got[1:] == [nodes.FOLLOWS] * 3
+    assert isinstance(got[0], stats.Pending) and got[1:] == [constants.FOLLOWS] * 3
     pairs = stats.collect([got[0]])[0]
     for have, want in zip(pairs, expected_pairs(bn, x), strict=True):
         assert have == pytest.approx(want, rel=1e-5, abs=1e-12)

@@ -49,7 +49,8 @@ import torch
 
 from varprobe import transfer
 from varprobe.theory import attend, attention
-from varprobe.theory.nodes import Attention, T, deferred
+from varprobe.theory.constants import deferred
+from varprobe.theory.nodes import Attention, T
 from varprobe.theory.signal import Signal
 
 BUDGET = 1 << 19  # softmax entries (slices x queries x keys) read per call
@@ -62,7 +63,7 @@ PAIRS = 5  # (V, D_V), (Q, D_Q), (K, D_K), (L, D_L), (filled, 0)
 
 def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T,
           probs: T | None = None) -> list:
-    """The PAIRS constants the backward fills (``nodes.deferred``: a Pending whose raw
+    """The PAIRS constants the backward fills (``constants.deferred``: a Pending whose raw
     values the hook sets, the pairs made from them on the host by ``pairs``; all (0, 0)
     where it never runs); none where no gradient will come. ``probs``: eager attention's
     materialized p (its mask and scale already in it); for an SDPA call the hook

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from varprobe import transfer
-from varprobe.theory.nodes import deferred
+from varprobe.theory.constants import deferred
 
 T = torch.Tensor
 
 
 def watch(out: T) -> list:
-    """Two constants the backward fills (tokens on axis -2), ``nodes.deferred``: the
+    """Two constants the backward fills (tokens on axis -2), ``constants.deferred``: the
     hook's three norms go through the pass's one transfer and the pairs are made on the
     host (``_pairs``; (0, 0) twice where it never runs); none where no gradient will come
     (meta, no grad)."""

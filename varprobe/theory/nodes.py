@@ -77,16 +77,6 @@ def _arg(args: tuple, kwargs: dict, pos: int, name: str, default: Any) -> Any:
     return args[pos] if len(args) > pos else kwargs.get(name, default)
 
 
-FOLLOWS = "follows"  # a constant's place that the deferred measurement before it fills
-
-
-def deferred(pending: Any, pairs: int) -> list:
-    """The recording's constants of a measurement whose ``pairs`` (2-tuples) the host
-    makes from one ``transfer.Pending``: the Pending, then FOLLOWS in the places of the
-    rest, so that the constants' indices hold."""
-    return [pending, *[FOLLOWS] * (pairs - 1)]
-
-
 @dataclass
 class Attention:
     """What a scaled_dot_product_attention call was: its shapes and options, and where

@@ -34,7 +34,7 @@ from torch import nn
 from varprobe import stats
 from varprobe.channel_sums import channel_sums, recall
 from varprobe.theory import norms
-from varprobe.theory.nodes import deferred
+from varprobe.theory.constants import deferred
 from varprobe.theory.signal import Signal
 
 PAIRS = 4  # the measured numbers, stored as pairs (the recording's constants are pairs)

@@ -26,10 +26,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from varprobe import stats
+from varprobe import transfer
 from varprobe.recorder import float_leaves
 from varprobe.theory import catshare, functional, normshape, positions, tokenids, tokennorm
 from varprobe.theory.attention_graph import BADDBMMS, MATMULS, SOFTMAXES, AttentionGraph
+from varprobe.theory.constants import Constants
 from varprobe.theory.nodes import (
     ACTIVATIONS,
     ADD,
@@ -37,7 +38,6 @@ from varprobe.theory.nodes import (
     CUSTOM,
     DIV,
     EXPANDS,
-    FOLLOWS,
     IN_PLACE_WRITES,
     KERNELS,
     MUL,
@@ -60,10 +60,6 @@ from varprobe.theory.pools import Pool
 from varprobe.theory.shared import over_positions
 
 PRODUCT = " of activations"  # the name of a product of two activations ends so
-
-
-def _on_device(c: Any) -> bool:
-    return isinstance(c, stats.Pending) or (isinstance(c, T) and not c.is_meta)
 
 
 @dataclass
@@ -91,7 +87,7 @@ class Recording(TorchFunctionMode):
         self._frames: list[_Frame] = []
         self._off: TorchFunctionMode | None = None  # this mode, while a module taken whole runs
         self._last: int | None = None  # the last recorded call that finished
-        self._constants: list[torch.Tensor | tuple[float, float]] = []
+        self._constants = Constants()
         self.norm_shapes: dict[int, int] = {}  # BatchNorm call -> its theory.normshape pairs
         self.token_norms, self.token_scales = {}, {}  # theory.tokennorm: slots, scales
         self.cat_shares: dict[int, int] = {}  # torch.cat node -> theory.catshare slots
@@ -119,29 +115,14 @@ class Recording(TorchFunctionMode):
     def constants(self) -> list[tuple[float, float] | None]:
         """(mean(c^2), mean(c)) of every constant operand: one host transfer, after the pass.
         None for a tensor on the meta device (``varprobe predict``): it has no values."""
-        pending = self.on_device()
-        if pending:
-            self.fetched(stats.collect(pending))
-        return [None if isinstance(c, T) and c.is_meta else c for c in self._constants]
+        return self._constants.host()
 
-    def on_device(self) -> list[stats.Pending]:
-        """The constants still on their device, as Pendings: the probe copies them with
-        its statistics, in the pass's one transfer, and hands their rows back to
-        ``fetched``, so that ``constants`` has nothing left to copy. A deferred
-        measurement (``normshape``) is a Pending already, which makes its pairs."""
-        return [c if isinstance(c, stats.Pending) else stats.Pending(c, list)
-                for c in self._constants if _on_device(c)]
+    def on_device(self) -> list[transfer.Pending]:
+        """The constants still on their device, as Pendings (``Constants.on_device``)."""
+        return self._constants.on_device()
 
     def fetched(self, rows: list[list]) -> None:
-        host, out = iter(rows), []
-        for c in self._constants:
-            if isinstance(c, stats.Pending):
-                out.extend(next(host))  # its pairs, in place of it and its FOLLOWS
-            elif _on_device(c):
-                out.append(tuple(next(host)))
-            elif not (isinstance(c, str) and c == FOLLOWS):
-                out.append(c)
-        self._constants = out
+        self._constants.fetched(rows)
 
     # --- module calls (from the Recorder's hooks) ----------------------------------
     def enter(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from varprobe import transfer
 from varprobe.theory import norms
-from varprobe.theory.nodes import deferred
+from varprobe.theory.constants import deferred
 
 T = torch.Tensor
 
@@ -66,7 +66,7 @@ def _variance(x: T, dims: tuple[int, ...]) -> T:
 
 
 def watch(out: object, inverse: T, mean_scale: T) -> list:
-    """One constant the backward fills with (kappa, 1), ``nodes.deferred``: the hook's
+    """One constant the backward fills with (kappa, 1), ``constants.deferred``: the hook's
     means go through the pass's one transfer and kappa is made on the host ((0, 0)
     where the hook never runs); none where no gradient will come."""
     if not isinstance(out, T) or out.is_meta or not out.requires_grad \
