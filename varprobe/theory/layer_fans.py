@@ -8,7 +8,9 @@ bias variances each scheme prescribes (docs/theory.md).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import re
 from collections.abc import Sequence
 
 import torch
@@ -75,18 +77,34 @@ _ACTIVATIONS: dict[type, bool] = {}
 
 # Norm modules of other libraries and hand-written code, told by class name (nanoGPT's
 # LayerNorm calling F.layer_norm, transformers' LlamaRMSNorm and T5LayerNorm, ...):
-# a leaf whose parameters are per-feature scales and shifts. Gemma's (1 + weight)
-# convention would read as gamma = 0, so its family is left out.
+# a leaf whose parameters are per-feature scales and shifts.
 NORM_NAMES = ("LayerNorm", "RMSNorm", "GroupNorm")
 RMS_NAMES = ("RMSNorm", "T5LayerNorm")
+# Gemma's RMSNorm scales by (1 + weight), its weight initialized to zeros; T5Gemma's,
+# RecurrentGemma's, VaultGemma's and Qwen3-Next's too. Told by the forward's source.
+_ONE_PLUS = re.compile(r"\b1(?:\.0)?\s*\+\s*self\.weight\b")
 
 
 def norm_like(module: nn.Module) -> bool:
     name = type(module).__name__
-    return (name.endswith(NORM_NAMES) and not name.startswith("Gemma")
+    return (name.endswith(NORM_NAMES)
             and not type(module).__module__.startswith("torch.nn.")
             and next(module.children(), None) is None
             and all(p.dim() == 1 for p in own_parameters(module)))
+
+
+def gamma_offset(module: nn.Module) -> float:
+    """What a norm adds to its weight to scale by: 1 for a (1 + weight) norm, else 0."""
+    return _gamma_offset(type(module))
+
+
+@functools.cache
+def _gamma_offset(cls: type) -> float:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source at hand (a builtin, a compiled module)
+        return 0.0
+    return 1.0 if _ONE_PLUS.search(source) else 0.0
 
 
 def kind(module: nn.Module) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 
 from varprobe import runningnorm
 from varprobe.theory.gains import Values, elements
-from varprobe.theory.layer_fans import RMS_NAMES, norm_like
+from varprobe.theory.layer_fans import RMS_NAMES, gamma_offset, norm_like
 from varprobe.theory.signal import Signal
 
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -63,8 +63,11 @@ def host_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
 
 
 def affine(module: nn.Module, values: Values | None = None) -> list[list[float]]:
-    """gamma and beta per channel (1 and 0 without an affine part)."""
-    return _channels(param_values(getattr(module, "weight", None), 1.0, values),
+    """gamma and beta per channel (1 and 0 without an affine part); gamma is 1 + weight
+    for a (1 + weight) norm (``gamma_offset``: Gemma's RMSNorm), whose weight starts at 0."""
+    offset = gamma_offset(module)
+    gamma = param_values(getattr(module, "weight", None), 1.0 - offset, values)
+    return _channels([g + offset for g in gamma] if offset else gamma,
                      param_values(getattr(module, "bias", None), 0.0, values))
 
 

@@ -53,12 +53,27 @@ RECTIFIERS = (nn.ReLU, nn.LeakyReLU)  # one fixed slope: closed-form moments at 
 KEEP_MEAN = (*DROPOUTS, *IDENTITY_LIKE)
 
 
+def lookup_scale(module: nn.Embedding) -> float | None:
+    """What an embedding multiplies the rows it looks up by: 1 with nn.Embedding's own
+    forward; a scaled word embedding's number (transformers' ``*ScaledWordEmbedding``,
+    Gemma's sqrt(d): ``scalar_embed_scale``, or ``embed_scale`` where that is a number);
+    None for any other forward."""
+    if type(module).forward is nn.Embedding.forward:
+        return 1.0
+    for name in ("scalar_embed_scale", "embed_scale"):
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
 def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None,
             values: Values | None = None, mu: float = 0.0) -> Signal | None:
     """The predicted output of one call from its predicted input; None: no closed form.
     ``mu``: the mean every element of the input shares (see ``activate``)."""
     if isinstance(module, nn.Embedding) and w is not None:
-        return Signal(w.w2)  # a lookup: E[y^2] = E[w^2]; rows share no mean
+        scale = lookup_scale(module)  # a lookup: E[y^2] = E[w^2] scale^2; rows share no mean
+        return None if scale is None else Signal(w.w2 * scale * scale)
     if s is None:
         return None
     if layer.kind == "weight":
