@@ -45,13 +45,16 @@ def param_values(t, default: float, values: Values | None = None) -> list[float]
 
 def host_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
     """The tensors whose values the predictions read: the weights of PReLUs, the affine
-    parameters of norms and, where used, BatchNorm's running statistics. The probe
+    parameters of norms and, where used, BatchNorm's running statistics, a scaled word
+    embedding's factor. The probe
     copies them in its one transfer and passes them to ``annotate`` as ``values``."""
     out: dict[int, torch.Tensor] = {}
     for module in modules:
         names: tuple[str, ...] = ()
         if isinstance(module, nn.PReLU):
             names = ("weight",)
+        elif isinstance(module, nn.Embedding):
+            names = ("embed_scale",)  # a scaled word embedding's buffer (rules.lookup_scale)
         elif is_norm(module):
             running = ("running_mean", "running_var") if uses_running_stats(module) else ()
             names = ("weight", "bias", *running)

@@ -53,18 +53,24 @@ RECTIFIERS = (nn.ReLU, nn.LeakyReLU)  # one fixed slope: closed-form moments at 
 KEEP_MEAN = (*DROPOUTS, *IDENTITY_LIKE)
 
 
-def lookup_scale(module: nn.Embedding) -> float | None:
-    """What an embedding multiplies the rows it looks up by: 1 with nn.Embedding's own
-    forward; a scaled word embedding's number (transformers' ``*ScaledWordEmbedding``,
-    Gemma's sqrt(d): ``scalar_embed_scale``, or ``embed_scale`` where that is a number);
-    None for any other forward."""
-    if type(module).forward is nn.Embedding.forward:
-        return 1.0
-    for name in ("scalar_embed_scale", "embed_scale"):
+SCALES = ("scalar_embed_scale", "embed_scale")  # a scaled word embedding's factor
+
+
+def lookup_scale(module: nn.Embedding, values: Values | None = None) -> float | None:
+    """What an embedding multiplies the rows it looks up by: a scaled word embedding's
+    factor (transformers' ``*ScaledWordEmbedding``, Gemma's sqrt(d), BART's with
+    scale_embedding: ``scalar_embed_scale``, or ``embed_scale``, a number or a one-element
+    buffer copied in the pass's transfer), else 1: nn.Embedding's own forward, or an
+    override that looks its rows up at other ids (the learned positional embeddings of
+    OPT, BART and Whisper). None: a buffer with no value (meta)."""
+    for name in SCALES:
         value = getattr(module, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    return None
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            found = norms.param_values(value, math.nan, values)[0]
+            return None if math.isnan(found) else found
+    return 1.0
 
 
 def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None,
@@ -72,7 +78,7 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
     """The predicted output of one call from its predicted input; None: no closed form.
     ``mu``: the mean every element of the input shares (see ``activate``)."""
     if isinstance(module, nn.Embedding) and w is not None:
-        scale = lookup_scale(module)  # a lookup: E[y^2] = E[w^2] scale^2; rows share no mean
+        scale = lookup_scale(module, values)  # a lookup: E[y^2] = E[w^2] scale^2, no mean
         return None if scale is None else Signal(w.w2 * scale * scale)
     if s is None:
         return None
