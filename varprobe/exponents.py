@@ -276,7 +276,7 @@ def _chunked(x: torch.Tensor, limits: list[float]) -> torch.Tensor:
     hist = torch.zeros(BINS + 1, dtype=torch.int64, device=dev)  # last bin: not counted
     head = torch.tensor([-1.0, math.inf], dtype=torch.float64, device=dev)
     counts = torch.zeros(2 + len(limits), dtype=torch.int64, device=dev)
-    for c in stats._pieces(x, chunked=True):
+    for c in (c.float().reshape(-1) for c in stats._chunks(x)):
         a = c.abs()
         finite = torch.isfinite(a)
         live = finite & (a > 0)

@@ -95,25 +95,6 @@ def _dense(x: torch.Tensor) -> torch.Tensor | None:
     return found[0].reshape(-1) if found is not None else None
 
 
-def _pieces(x: torch.Tensor, chunked: bool) -> Iterator[torch.Tensor]:
-    """Contiguous 1-D float32/float64 pieces covering ``x``: the whole tensor when it is
-    dense and not ``chunked``, else chunks of at most about ``chunk_size`` elements
-    (views where possible; fp16/bf16 upcast and strided rows copied, chunk by chunk)."""
-    size = chunk_size(x.device)
-    flat = _dense(x) if x.dtype in (torch.float32, torch.float64) else None
-    if flat is not None:  # one piece without split(), a Python call of a few microseconds
-        yield from [flat] if not chunked or flat.numel() <= size else flat.split(size)
-        return
-    flat = _dense(x)
-    if flat is not None:
-        for c in flat.split(size):
-            yield c.float()
-        return
-    rows = max(1, size // max(1, x[0].numel()))
-    for c in x.split(rows):
-        yield c.float().reshape(-1)
-
-
 def _sums(x: torch.Tensor, nonfinite: bool, read: tuple[float, float] | None = None) -> Raw:
     """float64 [mean, var, then the non-finite count if asked for]; ``read``: (sum, sum
     of squares) of a CPU ``x`` read elsewhere."""

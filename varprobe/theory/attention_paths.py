@@ -49,7 +49,7 @@ import torch
 
 from varprobe import transfer
 from varprobe.theory import attend, attention
-from varprobe.theory.constants import deferred
+from varprobe.theory.constants import awaiting, deferred
 from varprobe.theory.nodes import Attention, T
 from varprobe.theory.signal import Signal
 
@@ -76,7 +76,7 @@ def watch(q: T, k: T, v: T, mask: Any, facts: Attention, out: T,
         return []
     held = [t.detach() if isinstance(t, T) else t for t in (q, k, v, mask, probs)]
     versions = [t._version for t in held if isinstance(t, T)]
-    found = transfer.Pending([], lambda r: [(0.0, 0.0)] * PAIRS)
+    found = awaiting(PAIRS)
 
     def fill(grad: T) -> None:
         if not held or [t._version for t in held if isinstance(t, T)] != versions:

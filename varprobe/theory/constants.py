@@ -24,6 +24,12 @@ def deferred(pending: transfer.Pending, pairs: int) -> list:
     return [pending, *[FOLLOWS] * (pairs - 1)]
 
 
+def awaiting(pairs: int) -> transfer.Pending:
+    """A Pending that a backward hook fills (its ``raw`` and ``finish``), ``pairs``
+    (0, 0) pairs where the hook never runs."""
+    return transfer.Pending([], lambda r: [(0.0, 0.0)] * pairs)
+
+
 def _on_device(c: Any) -> bool:
     return isinstance(c, transfer.Pending) or (isinstance(c, torch.Tensor) and not c.is_meta)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from varprobe import transfer
-from varprobe.theory.constants import deferred
+from varprobe.theory.constants import awaiting, deferred
 
 T = torch.Tensor
 
@@ -38,7 +38,7 @@ def watch(out: T) -> list:
     (meta, no grad)."""
     if out.is_meta or not out.requires_grad or out.dim() < 2:
         return []
-    found = transfer.Pending([], lambda r: [(0.0, 0.0)] * 2)
+    found = awaiting(2)
 
     def fill(grad: T) -> None:
         with torch.no_grad():  # in the gradient's precision (fp16/bf16 upcast), no copy

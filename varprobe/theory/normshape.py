@@ -60,10 +60,13 @@ def _param(module: nn.Module, name: str, like, default: float):
     return t.detach().double().numpy()
 
 
-def _names(module: nn.Module) -> list[str]:
-    """The parameters and buffers the pairs read (running statistics only where used)."""
-    return ["weight", "bias"] + (["running_mean", "running_var"]
-                                 if norms.uses_running_stats(module) else [])
+def _present(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers the pairs read (running statistics only where used)
+    that the module has, with values (not on the meta device)."""
+    names = ["weight", "bias"] + (["running_mean", "running_var"]
+                                  if norms.uses_running_stats(module) else [])
+    return {n: t for n in names
+            if isinstance(t := getattr(module, n, None), torch.Tensor) and not t.is_meta}
 
 
 def measure(module: nn.Module, x: torch.Tensor) -> list:
@@ -101,9 +104,8 @@ def _on_device(module: nn.Module, x: torch.Tensor) -> stats.Pending:
     """The Pending of ``measure`` on an accelerator: per-channel sums and norms of
     ``x`` (fp16/bf16 in float32 copies of at most a chunk of it), then the present
     parameters (on x's device, else copied there), one vector by ``torch.cat``."""
-    present = [t for n in _names(module) if isinstance(t := getattr(module, n, None),
-                                                       torch.Tensor) and not t.is_meta]
-    present = [t if t.device == x.device else t.to(x.device) for t in present]
+    present = [t if t.device == x.device else t.to(x.device)
+               for t in _present(module).values()]
     dims = [d for d in range(x.dim()) if d != 1]
     if x.dtype in (torch.float32, torch.float64):
         sums, norms_ = [x.sum(dim=dims)], [torch.linalg.vector_norm(x, dim=dims)]
@@ -124,11 +126,8 @@ def _deferred(module: nn.Module, shape: torch.Size, r: list[float]) -> list:
     """``_pairs`` from the values ``_on_device`` sent."""
     c, count = shape[1], math.prod(shape) // shape[1]
     values = np.asarray(r, dtype=np.float64)
-    given, at = {}, 2 * c
-    for name in _names(module):
-        t = getattr(module, name, None)
-        if isinstance(t, torch.Tensor) and not t.is_meta:
-            given[name], at = values[at:at + c], at + c
+    given = {name: values[at:at + c]
+             for name, at in zip(_present(module), range(2 * c, len(values), c))}
     return _pairs(module, values[:c] / count, np.square(values[c:2 * c]) / count, given)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from varprobe import transfer
 from varprobe.theory import norms
-from varprobe.theory.constants import deferred
+from varprobe.theory.constants import awaiting, deferred
 
 T = torch.Tensor
 
@@ -72,7 +72,7 @@ def watch(out: object, inverse: T, mean_scale: T) -> list:
     if not isinstance(out, T) or out.is_meta or not out.requires_grad \
             or out.shape[:inverse.dim()] != inverse.shape:
         return []
-    found = transfer.Pending([], lambda r: [(0.0, 0.0)])
+    found = awaiting(1)
 
     def fill(grad: T) -> None:
         with torch.no_grad():
