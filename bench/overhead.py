@@ -149,7 +149,7 @@ def timings(case: Case, device: torch.device, repeats: int, warmup: int,
                     t["pass_cpu"].append(watch.cpu["pass"])
                     t["recording"].append(watch.wall.get("recording", 0.0))
                     t["analysis"].append(watch.analysis())
-                    t["analysis_cpu"].append(sum(watch.cpu[p] for p in timing.ANALYSIS))
+                    t["analysis_cpu"].append(sum(watch.cpu.get(p, 0.0) for p in timing.ANALYSIS))
     return out
 
 

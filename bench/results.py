@@ -13,6 +13,7 @@ from pathlib import Path
 PRECISION = "### Number-format statistics (--precision)"  # bench.precision's subsection
 PRECISION_OWN = "### --precision's own CPU time (bench.precision_own)"
 KEPT = (PRECISION, PRECISION_OWN)  # subsections of a machine's section that other benches write
+FLOOR = "reads alone (sum + norm)"  # bench.peers.reads' side
 TARGETS = {"probe": 1.05, "pass": 1.03, "analysis": 10.0, "memory": 1.00, "e2e": 1.10}
 INTRO = """# varprobe benchmark results
 
@@ -24,7 +25,9 @@ In one process, per model, every side runs the same forward and the same
 `torch.autograd.grad` (w.r.t. every parameter and the float input) on the same input
 and cotangent, interleaved round by round after a warm-up: the bare pass, varprobe's
 `probe()` (with each kind of CPU sums it can use: torch's, and numba's where installed)
-and the peer loggers (`bench/peers.py`). Medians; ratios are to the bare pass's median,
+the peer loggers (`bench/peers.py`) and, as the floor under any recorder of the same
+tensors, their reads alone (torch's sum and norm of every leaf module's output and
+output gradient, every parameter and every parameter gradient). Medians; ratios are to the bare pass's median,
 wall clock and process CPU time (which a neighbour on a shared machine inflates less).
 
 - q1-q3: the spread of the per-round wall ratios.
@@ -109,6 +112,11 @@ def targets(rows: list[dict], e2e: dict | None) -> list[str]:
                 f"({s['pass_wall']:.3f} / {s['pass_cpu']:.3f}); analysis <= {t['analysis']:.0f} "
                 f"ms/100 calls {verdict(analysis <= t['analysis'])} "
                 f"({s['analysis_ms_per_100']:.2f} / {s['analysis_cpu_ms_per_100']:.2f})")
+        floor, bare = r["sides"].get(FLOOR, {}), r["sides"]["bare"]
+        if "hooks_ms" in floor:
+            out.append(f"- {where(r)}: the reads alone (torch's sum and norm of every tensor, "
+                       f"no statistics) took {floor['hooks_ms']:.1f} ms, "
+                       f"{floor['hooks_ms'] / bare['wall_ms']:.1%} of the bare pass")
         out.append(f"- {where(r)}: peak memory {verdict(r['mem_ratio'] <= t['memory'] + 5e-4)}"
                    f" ({r['mem_ratio']:.3f}x)")
     if e2e is not None:

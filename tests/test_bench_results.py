@@ -3,6 +3,8 @@ subsections of that machine, other machines and the history stay."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench import results
 
 
@@ -44,3 +46,22 @@ def test_a_gpu_run_names_its_device_and_runs_both_sides_there():
     assert all(argv[-2:] == ["--device", "cuda"] for name, (argv, _) in commands.items()
                if name != "plain script")
     assert "varprobe analyze, numba sums" in e2e.commands(numba=True, device="cpu")
+
+
+def test_the_reads_floor_reads_each_tensor_once():
+    """bench.peers.reads: a sum and a norm of every leaf output, output gradient,
+    parameter and parameter gradient (not the input's gradient), nothing else."""
+    import torch
+    from torch import nn
+
+    from bench import overhead, peers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, g = torch.randn(5, 4), torch.randn(5, 3)
+    got = peers.reads(model, x, g, overhead.bare)
+    assert len(got) == 2 * (3 + 3 + 4 + 4)
+    first = model[0](x).detach().double()
+    assert got[0] == pytest.approx(first.sum().item(), abs=1e-5)
+    assert got[1] == pytest.approx(first.norm().item(), rel=1e-6)
+    assert got[2] == pytest.approx(model[0].weight.double().sum().item(), abs=1e-5)

@@ -579,3 +579,18 @@ def test_no_activation_outlives_the_backward(monkeypatch, path):
         for h in handles:
             h.remove()
     assert refs and not alive
+
+
+def test_the_cotangent_is_read_once(monkeypatch):
+    """The output's gradient is the cotangent's own buffer: read once, for the last
+    layer's backward and for the cotangent's scale (a language model's logits gradient
+    is its largest tensor)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 64))
+    x, g = torch.randn(8, 16), torch.randn(8, 64)
+    reads, real = [], stats.gradient
+    monkeypatch.setattr(stats, "gradient", lambda t: reads.append(t.data_ptr()) or real(t))
+    report = varprobe.probe(model, x, grad_output=g)
+    assert reads.count(g.data_ptr()) == 1
+    truth = g.double().var(unbiased=False).item()
+    assert report.layers[-1].backward.var == pytest.approx(truth, rel=RTOL)

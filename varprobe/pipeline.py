@@ -363,6 +363,9 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
     if not outs or not outs[0].requires_grad:
         return "backward unavailable: the output has no floating tensor that requires grad"
     start = paired(outs, cotangents)
+    # read before the backward, so that the hook on the output that receives this very
+    # buffer finds it read (a language model's logits gradient is its largest tensor)
+    rec.cotangent_slot = timing.timed("recording", rec.gradient_slot)(cotangents[0])
     rec.in_backward = True
     try:
         grads = gradients(start, outs, wrt)
@@ -381,7 +384,6 @@ def _backward(rec: Recorder, model, output, outs, wrt, grad_output, loss, genera
         if p.requires_grad and by_param.get(id(p)) is None))
     weight_grads = {key: by_param.get(id(w)) for key, (_, w) in rec.weights.items()}
     rec.weight_grad_slots = timing.timed("recording", rec.add_weight_grads)(weight_grads)
-    rec.cotangent_slot = rec._new_slot(stats.gradient(cotangents[0].detach()))
     return ""
 
 

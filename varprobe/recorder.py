@@ -273,6 +273,11 @@ class Recorder:
             self._range_by_pending[key] = self._new_slot(value)
         self.range_slots[slot] = self._range_by_pending[key]
 
+    def gradient_slot(self, g: torch.Tensor) -> int:
+        """A slot for a gradient read outside the hooks (the output's cotangent, held
+        by the caller through the backward): a hook handed the same buffer reuses it."""
+        return self._new_slot(self._gradient_stats(g))
+
     def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:
         """Measure each gradient buffer once: the gradient w.r.t. a module's input alias
         is usually the very tensor of the one w.r.t. the previous module's output. The
