@@ -27,8 +27,9 @@ and cotangent, interleaved round by round after a warm-up: the bare pass, varpro
 `probe()` (with each kind of CPU sums it can use: torch's, and numba's where installed)
 the peer loggers (`bench/peers.py`) and, as the floor under any recorder of the same
 tensors, their reads alone (torch's sum and norm of every leaf module's output and
-output gradient, every parameter and every parameter gradient). Medians; ratios are to the bare pass's median,
-wall clock and process CPU time (which a neighbour on a shared machine inflates less).
+output gradient, every parameter and every parameter gradient). Medians; ratios are
+to the bare pass's median, wall clock and process CPU time (which a neighbour on a
+shared machine inflates less).
 
 - q1-q3: the spread of the per-round wall ratios.
 - pass: varprobe's forward + backward under its hooks (the recording), over the bare
