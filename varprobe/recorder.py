@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
-from varprobe import channel_sums, kernel_choice, stats, theory, timing
+from varprobe import channel_sums, computed_weights, kernel_choice, stats, theory, timing
 
 CHANNELS_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -154,6 +154,8 @@ class Recorder:
         self._units: dict[int, bool] = {}  # id(module) -> measure zeros and dead units
         self._per_channel: dict[int, bool] = {}  # id(module) -> read per channel (BatchNorm)
         self._unweighed: set[int] = set()  # id(module): has a weight, not measured yet
+        self._computes: set[int] = set()  # id(module): its forward computes its weight
+        self.row_shares: dict[int, int] = {}  # id(module) -> slot, where it does
         # id(module) -> what its type and settings say, looked up once per recording
         # rather than at each call (a missing attribute costs nn.Module an exception):
         # the layout it sets (True: channels first, False: last, None: keeps it), and
@@ -190,6 +192,8 @@ class Recorder:
             if parametrize.is_parametrized(module, "weight") \
                     or main_weight(module)[0] is not None:
                 self._unweighed.add(id(module))
+                if computed_weights.computes_weight(module):
+                    self._computes.add(id(module))
             self._layout[id(module)] = (True if isinstance(module, CHANNELS_FIRST) else
                                         False if isinstance(module, CHANNELS_LAST) else None)
             self._inplace[id(module)] = bool(getattr(module, "inplace", False))
@@ -274,8 +278,7 @@ class Recorder:
         self.range_slots[slot] = self._range_by_pending[key]
 
     def gradient_slot(self, g: torch.Tensor) -> int:
-        """A slot for a gradient read outside the hooks (the output's cotangent, held
-        by the caller through the backward): a hook handed the same buffer reuses it."""
+        """A slot for a gradient the caller holds through the backward (the cotangent)."""
         return self._new_slot(self._gradient_stats(g))
 
     def _gradient_stats(self, g: torch.Tensor) -> torch.Tensor:
@@ -323,6 +326,9 @@ class Recorder:
             call = self._open[id(module)].pop()
             self._update_layout(module)
             with self._quiet():
+                if id(module) in self._computes:  # the weight it convolved with
+                    self._record_weight(module, True,
+                                        computed_weights.convolved(output, module))
                 self._record_output(call, output)
             if self.observer is not None:
                 self.observer.exit(output)
@@ -334,15 +340,18 @@ class Recorder:
         if layout is not None:
             self._channels_first = layout
 
-    def _record_weight(self, module: nn.Module) -> None:
-        """At the module's first call: its weight then (a parametrization or an old-style
-        weight_norm computes it just before)."""
-        if id(module) not in self._unweighed:
+    def _record_weight(self, module: nn.Module, after: bool = False,
+                       computed: torch.Tensor | None = None) -> None:
+        """At the module's first call: its weight then (a parametrization computes it just
+        before), or ``after`` it where its forward does (``computed_weights``)."""
+        if id(module) not in self._unweighed or after != (id(module) in self._computes):
             return
         self._unweighed.discard(id(module))
         w, b = main_weight(module)
-        # meta tensors have shapes, not values; complex ones are not read (their real
-        # part alone is no moment of them)
+        if computed is not None:
+            w = computed
+            self.row_shares[id(module)] = self._new_slot(computed_weights.row_share(w))
+        # meta tensors have no values; a complex one's real part alone is no moment of it
         if w is not None and not w.is_meta and not w.is_complex():
             value, seen = self._with_extremes(stats.weight, w, b)
             self.weights[id(module)] = (self._new_slot(value), w)

@@ -93,6 +93,10 @@ class Layer:
     bias_mean: float | None = None
     # E[w^4]/E[w^2]^2 of the weights' draw where predict recorded it (None: Gaussian)
     weight_kurtosis: float | None = None
+    # sum over output units of (their weights' sum)^2, over sum w^2: 1 for independent
+    # zero-mean draws, 0 where each unit's weights sum to zero (weight standardization);
+    # measured where the layer's own forward computes its weight (None: 1)
+    weight_row_share: float | None = None
     weight_grad_ratio: float | None = None
     activation: str | None = None       # the activation that follows (weight layers)
     gain: float | None = None           # its E[f(y)^2]/q
@@ -219,6 +223,8 @@ class Report:
                 del layer["ranges"]
             if layer["weight_kurtosis"] is None:  # only where predict recorded the init
                 del layer["weight_kurtosis"]
+            if layer["weight_row_share"] is None:  # only where the forward computes it
+                del layer["weight_row_share"]
         ordered = {"schema": SCHEMA, "varprobe_version": raw.pop("varprobe_version"),
                    "torch_version": raw.pop("torch_version"), **raw}
         return _clean(ordered)

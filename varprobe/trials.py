@@ -26,7 +26,7 @@ from varprobe.report import Layer, Report
 
 STATS = ("input", "forward", "backward", "backward_input")
 WEIGHT_FIELDS = ("weight_var", "weight_second_moment", "bias_second_moment", "bias_mean",
-                 "weight_grad_ratio")
+                 "weight_row_share", "weight_grad_ratio")
 SIGNED = {"mean"}  # the only measured fields that may be negative
 COUNTS = {"nonfinite"}
 

@@ -87,10 +87,15 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
                 or layer.effective_fan_in is None):
             return None
         spread = layer.effective_fan_in * w.w2 * s.m2
-        y2 = spread + w.b2
+        # the mean every input element shares reaches each output unit through the sum of
+        # its weights: n E[w^2] mu^2 of the spread for independent draws, none where each
+        # unit's weights sum to zero (weight standardization: theory.weights row_share)
+        lost = min(layer.effective_fan_in * w.w2 * mu * mu * (1.0 - w.row_share), spread)
+        y2 = spread - lost + w.b2
         if y2 <= 0:
             return Signal(y2)
-        return Signal(y2, (spread * s.mean_share + w.b2) / y2, (spread * s.r + w.b2) / y2)
+        share = (max(spread * s.mean_share - lost, 0.0) + w.b2) / y2
+        return Signal(y2, share, (max(spread * s.r - lost, 0.0) + w.b2) / y2)
     if layer.kind == "activation":
         out = activate(module, s, mu, values)
         return None if out is None else out[0]

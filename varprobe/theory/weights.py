@@ -38,6 +38,7 @@ class Weights:
     b1: float = 0.0  # mean(b): a common mean every unit of the output gets
     out: Weights | None = None  # a scheme's draw for nn.MultiheadAttention's out_proj
     kurtosis: float = 3.0  # E[w^4]/E[w^2]^2: Gaussian (every scheme's draw) unless recorded
+    row_share: float = 1.0  # Layer.weight_row_share: 1 for independent zero-mean draws
 
 
 def actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weights | None]:
@@ -54,7 +55,8 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
     if w2 is not None:
         return Weights(w2, _finite(layer.bias_second_moment) or 0.0,
                        b1=_finite(layer.bias_mean) or 0.0,
-                       kurtosis=_finite(layer.weight_kurtosis) or 3.0)
+                       kurtosis=_finite(layer.weight_kurtosis) or 3.0,
+                       row_share=_row_share(layer.weight_row_share))
     if isinstance(module, nn.Embedding):
         return Weights(1.0, 0.0, note="weights not measured: N(0, 1), PyTorch's default")
     n = torch_fans(module)[0]
@@ -64,6 +66,11 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
     return Weights(1.0 / (3 * n), b2, note="weights not measured: PyTorch's default assumed",
                    kurtosis=9 / 5)  # its kaiming_uniform_ draw
 
+
+
+def _row_share(share: float | None) -> float:
+    share = _finite(share)
+    return 1.0 if share is None else share
 
 class Drawable(NamedTuple):
     """What a scheme reads of a Linear/Conv layer: varprobe's fans, torch's, whether it
