@@ -67,10 +67,11 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
                    kurtosis=9 / 5)  # its kaiming_uniform_ draw
 
 
-
 def _row_share(share: float | None) -> float:
+    """Layer.weight_row_share where measured (0 is a value: zero-sum rows), else 1."""
     share = _finite(share)
     return 1.0 if share is None else share
+
 
 class Drawable(NamedTuple):
     """What a scheme reads of a Linear/Conv layer: varprobe's fans, torch's, whether it
