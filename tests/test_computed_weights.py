@@ -92,3 +92,25 @@ def test_the_row_share_of_independent_weights_is_near_one():
     assert report.layers[0].weight_row_share == pytest.approx(share, rel=1e-9)
     # 128 rows of 64 independent draws: sd of the share about sqrt(2 / 128)
     assert abs(share - 1.0) < 5 * math.sqrt(2 / 128)
+
+
+def test_a_scheme_keeps_a_standardized_weight_as_it_is():
+    """Re-drawing the parameter of a standardized conv leaves the weight it convolves
+    with at the same scale: a scheme's column predicts what re-drawing it gives, checked
+    by re-drawing it (He's normal) and measuring again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), StdConv2d(256, 256), nn.ReLU(), nn.Conv2d(256, 256, 1))
+    x = torch.randn(16, 256, 8, 8)
+    report = varprobe.probe(model, x, compare=["he"])
+    with torch.no_grad():
+        for m in (model[1], model[3]):
+            m.weight.normal_(0.0, math.sqrt(2 / 256))
+            if m.bias is not None:
+                m.bias.zero_()
+    redrawn = varprobe.probe(model, x)
+    # 1,024 positions of 256 channels: within 3% (ten relative standard errors of a
+    # mean of y^2, as above); the standardized rows have unit variance, so a draw of
+    # He's 2 / n reaching them would predict 1/128 of the measured scale
+    for i in (1, 3):
+        assert report.layers[i].schemes["he"].forward_var == pytest.approx(
+            redrawn.layers[i].forward.var, rel=0.03)

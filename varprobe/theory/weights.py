@@ -27,6 +27,10 @@ from varprobe.theory.layer_fans import (
     torch_fans,
 )
 
+# a row share below this: every row sums to zero up to float32 rounding (weight
+# standardization), where independent draws give ~1 (sd sqrt(2 / rows))
+STANDARDIZED = 1e-6
+
 
 @dataclass
 class Weights:
@@ -86,11 +90,20 @@ class Drawable(NamedTuple):
 
 def drawables(layers: list[Layer], modules: list[nn.Module]) -> list[Drawable | None]:
     """Per layer, what ``scheme_weights`` reads (None: not a re-drawn layer), read once
-    for all the schemes."""
+    for all the schemes. A standardized weight (its rows sum to zero: the forward
+    standardizes the parameter, ``Layer.weight_row_share``) keeps its scale whatever
+    the parameter's draw: every scheme keeps the measured one."""
     return [Drawable(fans(module), torch_fans(module), getattr(module, "bias", None)
                      is not None, module.weight)
-            if layer.kind == "weight" and is_linear_map(module) else None
-            for layer, module in zip(layers, modules)]
+            if layer.kind == "weight" and is_linear_map(module) and not _standardized(layer)
+            else None for layer, module in zip(layers, modules)]
+
+
+def _standardized(layer: Layer) -> bool:
+    share = _finite(layer.weight_row_share)
+    return share is not None and share < STANDARDIZED
+
+
 
 
 def scheme_weights(scheme: str, layers: list[Layer], modules: list[nn.Module],
