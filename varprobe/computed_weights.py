@@ -38,7 +38,7 @@ def convolved(output: object, module: nn.Module) -> torch.Tensor | None:
         return None
     try:
         w = node._saved_weight
-    except RuntimeError:  # freed (a backward ran) or not saved
+    except (RuntimeError, AttributeError):  # freed (a backward ran), or not saved
         return None
     param = module.weight
     if not isinstance(w, torch.Tensor) or w.shape != param.shape or w is param \
