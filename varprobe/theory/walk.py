@@ -66,9 +66,8 @@ from varprobe.theory.weights import Weights
 
 
 class Walk(Backward, TokenShapes, TokenGrams):
-    """``graph``: a theory.recording.Recording, or the chain that stands in for one.
-    ``weights``: per layer, from theory.weights. ``values``: host copies of the
-    parameters the rules read (norm scales, PReLU slopes)."""
+    """``graph``: a theory.recording.Recording, or the chain standing in for one;
+    ``weights``: per layer (theory.weights); ``values``: the parameters' host copies."""
 
     # set by the walk's modes, which do not change: read once (it is asked at every node)
     closed_tokens = cached_property(TokenShapes.closed_tokens.fget)
@@ -480,8 +479,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
     # --- messages ------------------------------------------------------------------
     def _no_value(self, node: Node, backward: bool = False) -> str | None:
-        """Why a linear node's constant factor (or, forward, added constant) is unknown:
-        a tensor on the meta device has no values."""
+        """Why a linear node's factor (or, forward, added constant) is unknown: meta."""
         used = [node.scale] if backward else [node.scale, *(c for _, c, _ in node.const)]
         if all(c is None or self.constants[c] is not None for c in used):
             return None
