@@ -280,9 +280,8 @@ class Backward:
                 dx *= kappa  # the same from the tokens' Grams (theory.tokens)
         corr, shape = profile.before_call(module, layer, g.profile) if dx is not None \
             else (1.0, None)
-        if dx is not None and isinstance(module, norms.BATCH_NORMS) \
-                and not norms.uses_running_stats(module) and layer.shape:
-            corr *= 1.0 - shared.batch_loss(g, layer.shape[0])
+        if dx is not None:  # what a norm's centring removes of a shared gradient
+            corr *= 1.0 - shared.norm_loss(module, g, layer.shape)
         grad = self._input_grad(layer, info, g, None if dx is None else dx * corr, s_in)
         if dx is not None and g.var > 0:
             grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var), shape)
@@ -318,8 +317,8 @@ class Backward:
             return shared.pooled(g, pool)
         if layer.kind == "weight":
             return shared.scaled(g, gain, mixes=True)
-        if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
-            return shared.batch_normed(g, gain)
+        if (parts := shared.normed(module, g, gain)) is not None:
+            return parts
         if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):
             return shared.scaled(g, gain)
         return shared.NONE

@@ -119,6 +119,9 @@ def _variance(module: nn.Module, s: Signal, mu: float = 0.0) -> float:
         return s.m2 * (1 - s.mean_share)
     if _is_rms(module):
         return s.m2
+    if isinstance(module, nn.GroupNorm):  # a group's mean holds 1/k of its units' own
+        k = module.num_channels // module.num_groups
+        return max(s.m2 - mu * mu - max(s.m2 * s.mean_share - mu * mu, 0.0) / k, 0.0)
     return max(s.m2 - mu * mu, 0.0)
 
 

@@ -47,7 +47,7 @@ import math
 import torch
 from torch import nn
 
-from varprobe.theory import pools, residual, rules
+from varprobe.theory import norms, pools, residual, rules
 from varprobe.theory.gains import _attributes, _breakpoints, expectation, prelu_slope
 from varprobe.theory.pools import Pool
 from varprobe.theory.signal import Grad, Value
@@ -183,3 +183,34 @@ def batch_loss(g: Grad, batch: int) -> float:
         return 0.0
     fresh = max(1.0 - g.centred / g.shared, 0.0)
     return min(fresh * (g.shared + g.curv) / (batch * g.var), 1.0)
+
+
+def group_loss(g: Grad, channels: int) -> float:
+    """``batch_loss`` for a GroupNorm of ``channels`` channels a group: its means are
+    over one sample's group (its channels and positions), which holds the mean of the
+    channels' ḡ, E[ḡ^2]/channels for channels of independent signs, and of their H̄."""
+    if g.var <= 0 or (g.shared <= 0 and g.curv <= 0):
+        return 0.0
+    return min((g.shared + g.curv) / (channels * g.var), 1.0)
+
+
+def norm_loss(module: nn.Module, g: Grad, shape: list[int] | None) -> float:
+    """The share of Var[g] a normalizing call's backward removes beyond its gain: a
+    train-mode BatchNorm's (``batch_loss``), a GroupNorm's (``group_loss``); 0 else."""
+    if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
+        return batch_loss(g, shape[0]) if shape else 0.0
+    if isinstance(module, nn.GroupNorm):
+        return group_loss(g, module.num_channels // module.num_groups)
+    return 0.0
+
+
+def normed(module: nn.Module, g: Grad, gain: float) -> Parts | None:
+    """The shared parts past a norm that centres them: a train-mode BatchNorm
+    (``batch_normed``); a GroupNorm, which takes each group's mean of the channels'
+    parts away (a share 1/channels of them); None for other modules."""
+    if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
+        return batch_normed(g, gain)
+    if isinstance(module, nn.GroupNorm):
+        keep = 1.0 - module.num_groups / module.num_channels
+        return tuple(part * keep for part in scaled(g, gain))
+    return None
