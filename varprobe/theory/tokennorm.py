@@ -15,6 +15,13 @@ stream std 0.02, o_proj at the same std) E[rho_t] falls 2.6x from the first posi
 to the last and G_t 10^4x, and the rule puts the stream's gradient 2x over the truth at
 the second block's input norm (from E[G]/E[rho] 74.6, from mean_t G_t/rho_t 35.1).
 
+A GroupNorm divides each sample's group of channels by its own variance the same way,
+and where channels of different scales meet in a group (a UNet's skip connection
+concatenated to the upsampled path) the groups' variances spread widely: at the first
+up-block of the corpus's diffusers UNet E[1/rho] E[rho] = 2.0, and the rule's gradient
+there is half the truth. Its units here are (sample, group) where a LayerNorm's are
+tokens.
+
 So at each such call the probe measures, on the device and in the pass's one transfer,
 kappa = mean_t(G_t / (rho_t + eps)) (E[rho] + eps) / E[G], the ratio of the exact gain
 to the rule's (1 where the tokens are alike): the forward keeps 1/(rho_t + eps) per token,
@@ -36,22 +43,29 @@ T = torch.Tensor
 
 
 def wanted(module: nn.Module, x: object) -> bool:
-    """LayerNorm and RMSNorm (torch's, and those of other code told by name), on a
-    float input with values that will get a gradient, over at least two tokens."""
-    return (isinstance(x, T) and x.is_floating_point() and not x.is_meta
-            and x.requires_grad and x.dim() >= 2 and x.numel() > x.shape[-1]
-            and norms.is_norm(module) and not isinstance(module, norms.BATCH_NORMS)
-            and not isinstance(module, nn.GroupNorm)
+    """LayerNorm and RMSNorm (torch's, and those of other code told by name) over at
+    least two tokens, torch's GroupNorm on its channels (dim 1), on a float input with
+    values that will get a gradient."""
+    if not (isinstance(x, T) and x.is_floating_point() and not x.is_meta
+            and x.requires_grad and x.dim() >= 2):
+        return False
+    if isinstance(module, nn.GroupNorm):
+        return x.shape[1] == module.num_channels
+    return (x.numel() > x.shape[-1] and norms.is_norm(module)
+            and not isinstance(module, norms.BATCH_NORMS)
             and "GroupNorm" not in type(module).__name__)
 
 
 def measure(module: nn.Module, x: T) -> tuple[T, T]:
     """(1/(rho_t + eps) per token, in float32; E[rho] + eps as a float64 scalar), no sync.
-    rho_t over the normalized dims (the last ones: LayerNorm's normalized_shape)."""
+    rho_t over the normalized dims (the last ones: LayerNorm's normalized_shape; a
+    GroupNorm's group of channels and the positions)."""
     dims = tuple(range(-len(getattr(module, "normalized_shape", (0,))), 0))
     with torch.no_grad():
         x = x.detach()
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if isinstance(module, nn.GroupNorm):
+            x, dims = x.reshape(x.shape[0], module.num_groups, -1), (-1,)
         rho = x.square().mean(dims) if norms._is_rms(module) else _variance(x, dims)
         eps = norms.eps_of(module)
         return (1 / (rho + eps)).float(), rho.mean(dtype=torch.float64) + eps
@@ -70,14 +84,14 @@ def watch(out: object, inverse: T, mean_scale: T) -> list:
     means go through the pass's one transfer and kappa is made on the host ((0, 0)
     where the hook never runs); none where no gradient will come."""
     if not isinstance(out, T) or out.is_meta or not out.requires_grad \
-            or out.shape[:inverse.dim()] != inverse.shape:
+            or out.shape[:1] != inverse.shape[:1] or out.numel() % inverse.numel():
         return []
     found = awaiting(1)
 
     def fill(grad: T) -> None:
         with torch.no_grad():
             g = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
-            per_token = g.square().flatten(inverse.dim()).mean(-1)
+            per_token = g.reshape(*inverse.shape, -1).square().mean(-1)
             found.raw = transfer.Parts([per_token.mean(dtype=torch.float64),
                                         (per_token * inverse).mean(dtype=torch.float64),
                                         mean_scale])
