@@ -317,7 +317,7 @@ class Backward:
             return shared.pooled(g, pool)
         if layer.kind == "weight":
             return shared.scaled(g, gain, mixes=True)
-        if (parts := shared.normed(module, g, gain)) is not None:
+        if (parts := shared.normed(module, g, gain, layer.shape)) is not None:
             return parts
         if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):
             return shared.scaled(g, gain)

@@ -199,18 +199,26 @@ def norm_loss(module: nn.Module, g: Grad, shape: list[int] | None) -> float:
     train-mode BatchNorm's (``batch_loss``), a GroupNorm's (``group_loss``); 0 else."""
     if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
         return batch_loss(g, shape[0]) if shape else 0.0
-    if isinstance(module, nn.GroupNorm):
+    if isinstance(module, nn.GroupNorm) and _positions(shape):
         return group_loss(g, module.num_channels // module.num_groups)
     return 0.0
 
 
-def normed(module: nn.Module, g: Grad, gain: float) -> Parts | None:
+def normed(module: nn.Module, g: Grad, gain: float, shape: list[int] | None) -> Parts | None:
     """The shared parts past a norm that centres them: a train-mode BatchNorm
-    (``batch_normed``); a GroupNorm, which takes each group's mean of the channels'
-    parts away (a share 1/channels of them); None for other modules."""
+    (``batch_normed``); a GroupNorm over positions, which takes each group's mean of the
+    channels' parts away (a share 1/channels of them); None for other modules."""
     if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
         return batch_normed(g, gain)
-    if isinstance(module, nn.GroupNorm):
+    if isinstance(module, nn.GroupNorm) and _positions(shape):
         keep = 1.0 - module.num_groups / module.num_channels
         return tuple(part * keep for part in scaled(g, gain))
     return None
+
+
+def _positions(shape: list[int] | None) -> bool:
+    """Whether a call's output has positions beside its samples and channels: a
+    GroupNorm on features alone has none to share a gradient across, and there its
+    centring's 1/k is the same order as the spread of its small groups' scales, which
+    the rule leaves out too."""
+    return shape is not None and len(shape) > 2

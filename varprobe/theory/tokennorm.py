@@ -40,6 +40,11 @@ from varprobe.theory import norms
 from varprobe.theory.constants import awaiting, deferred
 
 T = torch.Tensor
+# Elements a GroupNorm's group must hold for its measured spread: in a group of a few
+# rectified features the near-zero scales are the groups the rectifier's mask zeroes
+# anyway, whose 1/rho the mean would count (GroupNorm(8) on 64 ReLU features: the
+# gradient predicted 77x over).
+GROUP = 64
 
 
 def wanted(module: nn.Module, x: object) -> bool:
@@ -49,8 +54,9 @@ def wanted(module: nn.Module, x: object) -> bool:
     if not (isinstance(x, T) and x.is_floating_point() and not x.is_meta
             and x.requires_grad and x.dim() >= 2):
         return False
-    if isinstance(module, nn.GroupNorm):
-        return x.shape[1] == module.num_channels
+    if isinstance(module, nn.GroupNorm):  # a few elements a group: see GROUP
+        return x.shape[1] == module.num_channels and \
+            x[0].numel() // module.num_groups >= GROUP
     return (x.numel() > x.shape[-1] and norms.is_norm(module)
             and not isinstance(module, norms.BATCH_NORMS)
             and "GroupNorm" not in type(module).__name__)
