@@ -1,4 +1,4 @@
-"""A GroupNorm's backward step, predicted against autograd's gradients.
+"""A GroupNorm's (and an InstanceNorm's) backward step, predicted against autograd's gradients.
 
 Two things its centring removes beside the gain gamma^2 / sigma^2: of the forward, a
 group's mean holds 1/k of its k channels' own means (a 1x1 conv of a rectified input
@@ -93,3 +93,21 @@ def test_small_groups_of_rectified_features_keep_the_rule():
     first = report.layers[0]
     ratio = first.predicted.backward_var / first.backward.var
     assert 1 / 3 < ratio < 3
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_an_instance_norm_takes_a_gradient_shared_across_positions_away(affine):
+    """An InstanceNorm is a GroupNorm of one channel a group: each sample's channel is
+    centred over its positions, so behind a global pool, where the gradient is the same
+    at every position, its backward keeps only the part the division adds (5.3x under
+    the rule's step when it was centred over the batch like a BatchNorm)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False),
+                          nn.InstanceNorm2d(64, affine=affine), nn.ReLU(),
+                          nn.Conv2d(64, 64, 1, bias=False), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(64, 10))
+    x = torch.randn(32, 64, 16, 16)
+    measured = varprobe.probe(model, x)
+    assert _step(measured, 1, True) == pytest.approx(_step(measured, 1, False), rel=TOLERANCE)
+    assert _step(predict(model, x), 1, True) == pytest.approx(_step(measured, 1, False),
+                                                               rel=TOLERANCE)

@@ -196,23 +196,38 @@ def group_loss(g: Grad, channels: int) -> float:
 
 def norm_loss(module: nn.Module, g: Grad, shape: list[int] | None) -> float:
     """The share of Var[g] a normalizing call's backward removes beyond its gain: a
-    train-mode BatchNorm's (``batch_loss``), a GroupNorm's (``group_loss``); 0 else."""
+    train-mode BatchNorm's (``batch_loss``), a GroupNorm's or an InstanceNorm's
+    (``group_loss``: an InstanceNorm's group is one channel); 0 else."""
+    if (channels := _group(module, shape)) is not None:
+        return group_loss(g, channels)
     if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
         return batch_loss(g, shape[0]) if shape else 0.0
-    if isinstance(module, nn.GroupNorm) and _positions(shape):
-        return group_loss(g, module.num_channels // module.num_groups)
     return 0.0
 
 
 def normed(module: nn.Module, g: Grad, gain: float, shape: list[int] | None) -> Parts | None:
     """The shared parts past a norm that centres them: a train-mode BatchNorm
-    (``batch_normed``); a GroupNorm over positions, which takes each group's mean of the
-    channels' parts away (a share 1/channels of them); None for other modules."""
+    (``batch_normed``); a GroupNorm or InstanceNorm over positions, which takes each
+    group's mean of the channels' parts away (a share 1/channels of them: all of them
+    for an InstanceNorm); None for other modules."""
+    if (channels := _group(module, shape)) is not None:
+        return tuple(part * (1.0 - 1.0 / channels) for part in scaled(g, gain))
     if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
         return batch_normed(g, gain)
-    if isinstance(module, nn.GroupNorm) and _positions(shape):
-        keep = 1.0 - module.num_groups / module.num_channels
-        return tuple(part * keep for part in scaled(g, gain))
+    return None
+
+
+def _group(module: nn.Module, shape: list[int] | None) -> int | None:
+    """The channels a group of a norm that centres each sample's group of channels
+    over the positions: a GroupNorm's, 1 for an InstanceNorm with its own statistics;
+    None for other norms or a call without positions."""
+    if not _positions(shape):
+        return None
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels // module.num_groups
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) \
+            and not norms.uses_running_stats(module):
+        return 1
     return None
 
 
