@@ -49,8 +49,9 @@ GROUP = 64
 
 def wanted(module: nn.Module, x: object) -> bool:
     """LayerNorm and RMSNorm (torch's, and those of other code told by name) over at
-    least two tokens, torch's GroupNorm on its channels (dim 1), on a float input with
-    values that will get a gradient."""
+    least two tokens whose normalized dims are known (``_channels_first``), torch's
+    GroupNorm on its channels (dim 1), on a float input with values that will get a
+    gradient."""
     if not (isinstance(x, T) and x.is_floating_point() and not x.is_meta
             and x.requires_grad and x.dim() >= 2):
         return False
@@ -59,22 +60,42 @@ def wanted(module: nn.Module, x: object) -> bool:
             x[0].numel() // module.num_groups >= GROUP
     return (x.numel() > x.shape[-1] and norms.is_norm(module)
             and not isinstance(module, norms.BATCH_NORMS)
-            and "GroupNorm" not in type(module).__name__)
+            and "GroupNorm" not in type(module).__name__
+            and _channels_first(module, x) is not None)
 
 
-def measure(module: nn.Module, x: T) -> tuple[T, T]:
-    """(1/(rho_t + eps) per token, in float32; E[rho] + eps as a float64 scalar), no sync.
-    rho_t over the normalized dims (the last ones: LayerNorm's normalized_shape; a
-    GroupNorm's group of channels and the positions)."""
+def _channels_first(module: nn.Module, x: T) -> bool | None:
+    """Where a norm's dims lie in its input: False where the input ends in them (its
+    ``normalized_shape``, else its weight's shape; the last dim where neither is
+    known), True where a one-dim norm's size is dim 1 instead (a subclass whose forward
+    permutes first: ConvNeXt's LayerNorm2d over the channels of NCHW), None else."""
+    shape = getattr(module, "normalized_shape", None)
+    if shape is None:
+        weight = getattr(module, "weight", None)
+        shape = weight.shape if isinstance(weight, T) and weight.dim() >= 1 else x.shape[-1:]
+    shape = tuple(shape)
+    if tuple(x.shape[x.dim() - len(shape):]) == shape:
+        return False
+    return True if len(shape) == 1 and x.dim() > 2 and x.shape[1] == shape[0] else None
+
+
+def measure(module: nn.Module, x: T) -> tuple[T, T, bool]:
+    """(1/(rho_t + eps) per token, in float32; E[rho] + eps as a float64 scalar; whether
+    the norm's dim is dim 1), no sync. rho_t over the normalized dims (LayerNorm's
+    normalized_shape, the last ones or the channels; a GroupNorm's group of channels
+    and the positions)."""
     dims = tuple(range(-len(getattr(module, "normalized_shape", (0,))), 0))
     with torch.no_grad():
         x = x.detach()
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        first = not isinstance(module, nn.GroupNorm) and bool(_channels_first(module, x))
         if isinstance(module, nn.GroupNorm):
             x, dims = x.reshape(x.shape[0], module.num_groups, -1), (-1,)
+        elif first:
+            dims = (1,)
         rho = x.square().mean(dims) if norms._is_rms(module) else _variance(x, dims)
         eps = norms.eps_of(module)
-        return (1 / (rho + eps)).float(), rho.mean(dtype=torch.float64) + eps
+        return (1 / (rho + eps)).float(), rho.mean(dtype=torch.float64) + eps, first
 
 
 def _variance(x: T, dims: tuple[int, ...]) -> T:
@@ -85,10 +106,11 @@ def _variance(x: T, dims: tuple[int, ...]) -> T:
     return centred.square_().mean(dims)
 
 
-def watch(out: object, inverse: T, mean_scale: T) -> list:
+def watch(out: object, inverse: T, mean_scale: T, first: bool = False) -> list:
     """One constant the backward fills with (kappa, 1), ``constants.deferred``: the hook's
     means go through the pass's one transfer and kappa is made on the host ((0, 0)
-    where the hook never runs); none where no gradient will come."""
+    where the hook never runs); none where no gradient will come. ``first``: the
+    tokens' features are dim 1 of the output (``_channels_first``)."""
     if not isinstance(out, T) or out.is_meta or not out.requires_grad \
             or out.shape[:1] != inverse.shape[:1] or out.numel() % inverse.numel():
         return []
@@ -97,7 +119,9 @@ def watch(out: object, inverse: T, mean_scale: T) -> list:
     def fill(grad: T) -> None:
         with torch.no_grad():
             g = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
-            per_token = g.reshape(*inverse.shape, -1).square().mean(-1)
+            squares = g.square()
+            per_token = squares.mean(1) if first else squares.reshape(*inverse.shape,
+                                                                      -1).mean(-1)
             found.raw = transfer.Parts([per_token.mean(dtype=torch.float64),
                                         (per_token * inverse).mean(dtype=torch.float64),
                                         mean_scale])

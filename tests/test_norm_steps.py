@@ -1,4 +1,5 @@
-"""A GroupNorm's (and an InstanceNorm's) backward step, predicted against autograd's gradients.
+"""Norms' backward steps (GroupNorm, InstanceNorm, a LayerNorm over NCHW channels),
+predicted against autograd's gradients.
 
 Two things its centring removes beside the gain gamma^2 / sigma^2: of the forward, a
 group's mean holds 1/k of its k channels' own means (a 1x1 conv of a rectified input
@@ -111,3 +112,22 @@ def test_an_instance_norm_takes_a_gradient_shared_across_positions_away(affine):
     assert _step(measured, 1, True) == pytest.approx(_step(measured, 1, False), rel=TOLERANCE)
     assert _step(predict(model, x), 1, True) == pytest.approx(_step(measured, 1, False),
                                                                rel=TOLERANCE)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's (torchvision's and timm's) LayerNorm over the channels of NCHW."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_layer_norm_over_nchw_channels_measures_its_tokens_there():
+    """Pixels whose scales spread (log-normal, sigma 0.5): the exact gain is
+    mean_t(1/rho_t) per pixel, E[1/rho] E[rho] = e^(4 sigma^2) = 2.7 times the rule's.
+    The probe measures it over the channels the subclass normalizes (dim 1), not over
+    the input's last dim (2x under when it did)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_LayerNorm2d(64), nn.Conv2d(64, 64, 1))
+    x = torch.randn(16, 64, 16, 16) * torch.exp(0.5 * torch.randn(16, 1, 16, 16))
+    report = varprobe.probe(model, x)
+    assert _step(report, 0, True) == pytest.approx(_step(report, 0, False), rel=TOLERANCE)
