@@ -135,9 +135,9 @@ def test_feature_norm_token_gain_against_autograd():
     scale = (1 / position).sqrt()[:, None]           # early tokens large (causal averages)
     x = (torch.randn(B, T, d) * (0.05 + scale)).requires_grad_()
     norm = nn.RMSNorm(d, eps=1e-6)
-    inverse, mean_scale = tokennorm.measure(norm, x)
+    scales = tokennorm.measure(norm, x)
     y = norm(x)
-    found = tokennorm.watch(y, inverse, mean_scale)[0]
+    found = tokennorm.watch(y, *scales)[0]
     grad = torch.randn(B, T, d) * (1 / position)[:, None]  # and their gradients large
     y.backward(grad)
     kappa = tokennorm.gain(stats.collect([found])[0][0])

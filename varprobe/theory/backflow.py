@@ -12,7 +12,6 @@ prediction stops.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 from torch import nn
@@ -33,8 +32,12 @@ from varprobe.theory import (
     shared,
     tokens,
 )
+from varprobe.theory.gradsum import flow as _flow
+from varprobe.theory.gradsum import keeps_window as _keeps_window
+from varprobe.theory.gradsum import rest as _rest
+from varprobe.theory.gradsum import with_parts as _with
 from varprobe.theory.nodes import Node, is_view
-from varprobe.theory.signal import Call, Grad, Signal, Value, fork
+from varprobe.theory.signal import Call, Grad, Signal, Value
 
 
 class Backward:
@@ -112,8 +115,9 @@ class Backward:
             self._attention_backward(node, g, grads)
         elif node.op == "pool":
             window = node.pool.window if node.pool.kind == "max" else None
+            dx = g.var * pools.backward(node.pool)
             _flow(grads, node.inputs[0], _with(Grad(
-                g.var * pools.backward(node.pool), g.broken, g.note, g.sparse, g.rel, window),
+                dx, g.broken, g.note, g.sparse, g.rel, window, dx if window else 0.0),
                 shared.pooled(g, node.pool)))
         elif node.op == "linear":
             self._linear_backward(node, g, grads, k)
@@ -166,7 +170,9 @@ class Backward:
                                   "gradient reaches only a slice" if node.cat and g.sparse
                                   and (node.lead is None or g.lead is None) else None)
             stream = mix if self.values[i] is not None and self.values[i].pre else None
+            window = _keeps_window(node, g)
             dx = _deferred(_with(Grad(own.var, broken, g.note, g.sparse or node.sparse, g.rel,
+                                      window, own.var * g.maxed / g.var if window else 0.0,
                                       cover=b if node.sparse else g.cover),
                                  shared.into_stream(g, stream, b * scale), g.profile),
                            g, stream, b * scale)
@@ -274,6 +280,10 @@ class Backward:
             dx = None  # each position has its own scale: the average one does not apply
         else:
             dx = rules.backward(layer, module, g.var, s_in, self.weights[i], self.host, mu)
+            if dx is not None and g.shared > 0:  # overlapping max-pool windows
+                dx += pools.overlap(module, layer.input_shape) * g.shared
+            if dx is not None and layer.kind == "weight":
+                dx *= self._pairing(k)  # the train-mode BatchNorm it feeds (normshape)
             if dx is not None and (kappa := self.token_gain(node)) is not None:
                 dx *= kappa  # the tokens' own scales against their gradients
             elif dx is not None and (kappa := self.gram_gain(node, info.input, g)) is not None:
@@ -296,6 +306,27 @@ class Backward:
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
                                   "(not measured)"))
+
+    def _pairing(self, k: int) -> float:
+        """theory.normshape's F where the call at ``k`` feeds one train-mode BatchNorm
+        alone, whose channels the actual walk measured; 1 elsewhere."""
+        if not self.is_actual():
+            return 1.0
+        readers = self.__dict__.get("_readers")
+        if readers is None:
+            readers = self._readers = {}
+            for j, other in enumerate(self.nodes):
+                for i in set(other.inputs):
+                    readers.setdefault(i, []).append(j)
+        mine = readers.get(k, [])
+        if len(mine) != 1 or self.nodes[mine[0]].op != "call":
+            return 1.0
+        reader = self.nodes[mine[0]]
+        module = self.modules[reader.index]
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or \
+                norms.uses_running_stats(module):
+            return 1.0
+        return normshape.pairing(self.norm_shape(reader)) or 1.0
 
     def _channel_gain(self, node: Node, module: nn.Module,
                       s_in: Signal | None) -> float | None:
@@ -321,6 +352,9 @@ class Backward:
             return parts
         if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):
             return shared.scaled(g, gain)
+        if isinstance(module, rules.DROPOUTS) and gain > 0:  # gain: 1/keep, 1 in eval
+            return shared.dropped(g, 1 / gain, not isinstance(layer.shape, list)
+                                  or shared.positions_of(layer.shape))
         return shared.NONE
 
     def _lead_backward(self, layer: Layer, module: nn.Module, s_in: Signal | None,
@@ -380,7 +414,8 @@ class Backward:
 
     @staticmethod
     def _shared_act(module: nn.Module, x: Value | None, g: Grad) -> shared.Parts:
-        return shared.NONE if g.window is not None else shared.activation(g, module, x)
+        return shared.NONE if g.window is not None and g.maxed >= g.var else \
+            shared.activation(g, module, x)
 
     @staticmethod
     def _gate(module: nn.Module, x: Value | None, g: Grad, gain: float | None) -> float | None:
@@ -390,7 +425,10 @@ class Backward:
         if g.window is None or x is None or x.signal is None:
             return gain
         gate = rules.max_gate(module, x.signal, x.mu, g.window)
-        return gain if gate is None else gate
+        share = min(g.maxed / g.var, 1.0) if g.var > 0 else 1.0
+        if gate is None or (share < 1 and gain is None):
+            return gain
+        return gate if share >= 1 else share * gate + (1 - share) * gain
 
     def _input_grad(self, layer: Layer, info: Call, g: Grad, dx: float | None,
                     s_in: Signal | None) -> Grad:
@@ -398,7 +436,7 @@ class Backward:
             info.grad_input = dx
             pool = pools.of_module(self.modules[layer.index], layer.input_shape, layer.shape)
             window = pool.window if pool is not None and pool.kind == "max" else None
-            return Grad(dx, None, g.note, g.sparse, g.rel, window)
+            return Grad(dx, None, g.note, g.sparse, g.rel, window, dx if window else 0.0)
         measured = (layer.backward_input.var if self.measured and layer.backward_input
                     is not None else None)
         at_out = layer.backward.var if self.measured and layer.backward is not None else None
@@ -456,44 +494,8 @@ def _rectified(g: Grad, x: Value | None) -> Grad:
     return g
 
 
-def _with(g: Grad, parts: shared.Parts, shape: Any = None) -> Grad:
-    g.shared, g.curv, g.cross, g.shared0, g.cross0, g.centred = parts
-    g.profile = shape
-    return g
 
 
-def _rest(s: Signal | None, g: Grad) -> Signal | None:
-    """The forward value of the positions other than the lead (all, where none)."""
-    return positions.rest(s) if s is not None and s.lead is not None and \
-        g.lead is not None else s
 
 
-def _flow(grads: list[Grad | None], k: int, g: Grad, fresh: bool = False) -> None:
-    """Add one consumer's contribution (variances add); a ``fresh`` g is kept, not copied."""
-    if k < 0:
-        return
-    have = grads[k]
-    if have is None:
-        grads[k] = g if fresh else fork(g)
-        return
-    positions.merge(have, g)
-    have.gram = tokens.blend(have.gram, have.var, g.gram, g.var)
-    have.profile = profile.blend([(have.profile, have.var), (g.profile, g.var)])
-    have.var += g.var
-    have.rectified += g.rectified
-    have.deferred += g.deferred
-    have.centred += g.centred
-    have.shared += g.shared
-    have.curv += g.curv
-    have.cross += g.cross
-    have.shared0 += g.shared0
-    have.cross0 += g.cross0
-    have.broken = have.broken or g.broken
-    if have.sparse and g.sparse:  # slices that together cover it (RoPE's two halves)
-        have.cover += g.cover
-        have.sparse = have.cover < 1 - 1e-9
-    else:
-        have.sparse = have.sparse or g.sparse
-    have.note = have.note or g.note
-    have.rel = have.rel if have.rel is not None else g.rel
-    have.window = have.window if have.window == g.window else None
+

@@ -37,7 +37,7 @@ from varprobe.theory import norms
 from varprobe.theory.constants import deferred
 from varprobe.theory.signal import Signal
 
-PAIRS = 4  # the measured numbers, stored as pairs (the recording's constants are pairs)
+PAIRS = 5  # the measured numbers, stored as pairs (the recording's constants are pairs)
 
 
 def wanted(module: nn.Module, x: object) -> bool:
@@ -77,11 +77,18 @@ def measure(module: nn.Module, x: torch.Tensor) -> list:
     (Q, C)    Q = mean_c gamma_c^2/(v_c + eps) (train mode's backward gain);
               C = mean_c t_c^2, t_c = beta_c - a_c mu_r,c, a_c = gamma_c/sqrt(var_r,c + eps);
     (A, A1)   A = mean_c a_c^2 (v_c + mu_c^2), A1 = mean_c a_c^2 mu_c^2;
-    (B, a2)   B = mean_c 2 a_c mu_c t_c, a2 = mean_c a_c^2.
+    (B, a2)   B = mean_c 2 a_c mu_c t_c, a2 = mean_c a_c^2;
+    (F, known) F = mean_c r_c q_c / (mean_c r_c mean_c q_c), q_c = gamma_c^2/(v_c + eps)
+              and r_c the sum of squares of the weights that make channel c, where a
+              conv made the input (``_rows``; known = 1, else (1, 0)).
 
     Eval mode's output is then a_c k mu_c + t_c + a_c k (x - mu_c) per channel, whose
     E[out^2] is A k^2 + B k + C (the running-statistics terms are zero in train mode,
-    where only (m2, V) and Q are read).
+    where only (m2, V) and Q are read). F is the conv's step's pairing: channel c's
+    variance is made of that conv's own weights r_c, and the gradient goes back through
+    the same weights, so the conv's backward is mean_c(r_c q_c G_c) where the per-tensor
+    rule takes mean(r) mean(q G) (a small fan-in: 16 inputs spread r_c as chi-square
+    with 16 degrees, F = 14/16; a depthwise 3x3 conv's 9 taps, F ~ 0.8).
 
     A CPU tensor's are host pairs, whose reads are free. On an accelerator, no sync:
     a ``stats.Pending`` and ``FOLLOWS`` three times (the recording's constants are
@@ -97,7 +104,31 @@ def measure(module: nn.Module, x: torch.Tensor) -> list:
         # variance ~1e4-fold, which no initialized network feeds a BatchNorm
         s1, s2 = recall(x) or channel_sums(x.detach(), 1)  # kept: read already
         count = x.numel() // x.shape[1]
-        return _pairs(module, s1.numpy() / count, s2.numpy() / count)
+        rows = _rows(x)
+        return _pairs(module, s1.numpy() / count, s2.numpy() / count,
+                      rows=None if rows is None else rows.double().numpy())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor | None:
+    """r_c: the sum of squares of the weights of the conv that made ``x`` (autograd's
+    node holds them), one per channel of ``x``; None where no conv made it directly."""
+    node = x.grad_fn
+    while node is not None and type(node).__name__ == "AliasBackward0":  # the probe's
+        node = node.next_functions[0][0]  # own alias of a recorded output
+    if node is None or type(node).__name__ != "ConvolutionBackward0":
+        return None
+    try:
+        w, transposed, groups = node._saved_weight, node._saved_transposed, node._saved_groups
+    except (RuntimeError, AttributeError):  # not saved (no grad for the weight)
+        return None
+    if transposed:  # (in, out / groups, taps): output channel c is w[:, c]
+        if groups != 1:
+            return None
+        w = w.transpose(0, 1)
+    if w.shape[0] != x.shape[1] or w.is_meta:
+        return None
+    with torch.no_grad():
+        return w.detach().reshape(w.shape[0], -1).float().square().sum(1)
 
 
 def _on_device(module: nn.Module, x: torch.Tensor) -> stats.Pending:
@@ -106,6 +137,9 @@ def _on_device(module: nn.Module, x: torch.Tensor) -> stats.Pending:
     parameters (on x's device, else copied there), one vector by ``torch.cat``."""
     present = [t if t.device == x.device else t.to(x.device)
                for t in _present(module).values()]
+    made = _rows(x)
+    present += [] if made is None else [made.to(x.device, x.dtype if x.dtype in (
+        torch.float32, torch.float64) else torch.float32)]
     dims = [d for d in range(x.dim()) if d != 1]
     if x.dtype in (torch.float32, torch.float64):
         sums, norms_ = [x.sum(dim=dims)], [torch.linalg.vector_norm(x, dim=dims)]
@@ -119,22 +153,24 @@ def _on_device(module: nn.Module, x: torch.Tensor) -> stats.Pending:
         norms_ = [torch.linalg.vector_norm(torch.stack(norms_), dim=0)]
     raw = torch.cat([*sums, *norms_, *present])
     shape = x.shape  # not x: the closure would keep the activation alive until collect
-    return stats.Pending(raw, lambda r: _deferred(module, shape, r))
+    return stats.Pending(raw, lambda r: _deferred(module, shape, r, made is not None))
 
 
-def _deferred(module: nn.Module, shape: torch.Size, r: list[float]) -> list:
-    """``_pairs`` from the values ``_on_device`` sent."""
+def _deferred(module: nn.Module, shape: torch.Size, r: list[float], rows: bool) -> list:
+    """``_pairs`` from the values ``_on_device`` sent (``rows``: r_c last)."""
     c, count = shape[1], math.prod(shape) // shape[1]
     values = np.asarray(r, dtype=np.float64)
     given = {name: values[at:at + c]
              for name, at in zip(_present(module), range(2 * c, len(values), c))}
-    return _pairs(module, values[:c] / count, np.square(values[c:2 * c]) / count, given)
+    return _pairs(module, values[:c] / count, np.square(values[c:2 * c]) / count, given,
+                  values[-c:] if rows else None)
 
 
 def _pairs(module: nn.Module, mu: np.ndarray, m2: np.ndarray,
-           given: dict[str, np.ndarray] | None = None) -> list[tuple[float, float]]:
-    """The four pairs of ``measure`` from the input's per-channel mean and E[x^2] and
-    the parameters (``given``, else read from the module)."""
+           given: dict[str, np.ndarray] | None = None,
+           rows: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """The pairs of ``measure`` from the input's per-channel mean and E[x^2], the
+    parameters (``given``, else read from the module) and the making conv's r_c."""
     v = np.maximum(m2 - mu * mu, 0.0)  # NaN stays NaN
     eps = norms.eps_of(module)
 
@@ -152,7 +188,26 @@ def _pairs(module: nn.Module, mu: np.ndarray, m2: np.ndarray,
     terms = [v + mu * mu, v, gamma * gamma / (v + eps), t * t,
              a * a * (v + mu * mu), a * a * mu * mu, 2 * a * mu * t, a * a]
     means = np.stack(terms).mean(1).tolist()  # one mean over the channels for all eight
-    return [(means[i], means[i + 1]) for i in range(0, 2 * PAIRS, 2)]
+    return [(means[i], means[i + 1]) for i in range(0, 2 * PAIRS - 2, 2)] + [
+        _pairing(rows, terms[2])]
+
+
+def _pairing(rows: np.ndarray | None, q: np.ndarray) -> tuple[float, float]:
+    """(F, 1) of ``measure``; (1, 0) without the rows or a gain to weight them by."""
+    if rows is None:
+        return 1.0, 0.0
+    r_mean, q_mean = float(rows.mean()), float(q.mean())
+    if not (r_mean > 0 and q_mean > 0 and math.isfinite(r_mean * q_mean)):
+        return 1.0, 0.0
+    return float((rows * q).mean()) / (r_mean * q_mean), 1.0
+
+
+def pairing(shape: list[tuple[float, float]] | None) -> float | None:
+    """F of a measured shape: the making conv's backward over its per-tensor rule;
+    None where it was not measured."""
+    if shape is None or len(shape) < PAIRS or shape[PAIRS - 1][1] < 0.5:
+        return None
+    return shape[PAIRS - 1][0]
 
 
 def _scale(shape: list[tuple[float, float]], s: Signal) -> float | None:
@@ -184,7 +239,7 @@ def running_forward(module: nn.Module, shape: list[tuple[float, float]], s: Sign
     k2 = _scale(shape, s)
     if k2 is None or not norms.uses_running_stats(module):
         return None
-    (m2, var), (_, c), (a_full, a_mean), (b, a2) = shape
+    (m2, var), (_, c), (a_full, a_mean), (b, a2) = shape[:4]
     k = math.sqrt(k2)
     if scheme:
         total, shared = a2 * k2 * m2 + c, a2 * k2 * (m2 - var) + c

@@ -14,14 +14,23 @@ elements as independent (a mean keeps the per-unit mean and 1/k of the rest; a m
 takes the k-th order statistic of Gaussians with the input's mean and variance). The
 walk uses the approximation only where nothing is measured (``varprobe predict``) and
 names it in the prediction's note; a probe carries the measured value past the op.
+
+A max pool's backward is exact only for a gradient independent across windows: an
+input that is the largest of K windows gathers their K gradients, so the part of the
+gradient shared across positions (behind a global pool: theory.shared) adds
+(E[K^2] - E[K]) E[ḡ^2] beside E[K] Var[dy] (E[K] = fraction). Overlapping windows make
+K large: a 3x3 stride-1 pool (GoogLeNet's pool branch) has E[K^2] ~ 6 on i.i.d. inputs,
+a 3x3 stride-2 one 2.2 times E[K] (``overlap``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from varprobe.theory.gains import expectation
@@ -125,3 +134,38 @@ def _max_moments(k: int) -> tuple[float, float]:
 
     return (expectation(lambda z: z * weight(z), 1.0),
             expectation(lambda z: z * z * weight(z), 1.0))
+
+
+def overlap(module: nn.Module, input_shape) -> float:
+    """E[K^2] - E[K] for a max pool module's windows over i.i.d. inputs of the call's
+    spatial shape (see the module note); 0 for other modules, or windows that do not
+    overlap."""
+    if not isinstance(module, MAX) or not input_shape or len(input_shape) < 3:
+        return 0.0
+    spatial = tuple(input_shape[2:])
+    dims = len(spatial)
+    if dims != int(type(module).__name__[-2]):  # an unbatched call: (C, *spatial)
+        spatial = tuple(input_shape[1:])
+    args = (module.kernel_size, module.stride, module.padding, module.dilation,
+            module.ceil_mode)
+    return _overlap(len(spatial), spatial, *(_tuple(a) for a in args[:4]), args[4])
+
+
+def _tuple(a) -> tuple | int:
+    return tuple(a) if isinstance(a, (list, tuple)) else a
+
+
+@functools.lru_cache(maxsize=256)
+def _overlap(dims: int, spatial: tuple, kernel, stride, padding, dilation,
+             ceil_mode: bool) -> float:
+    """Counted on a float64 i.i.d. sample of at least 2^15 elements (seeded: the same
+    every run): the backward of ones gives each input its K."""
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+    batch = max(1, -(-(1 << 15) // max(math.prod(spatial), 1)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        x = torch.randn(batch, 1, *spatial, dtype=torch.float64, generator=generator,
+                        requires_grad=True)
+        out = pool(x, kernel, stride, padding, dilation, ceil_mode)
+        (counts,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    return max(float((counts * counts).mean() - counts.mean()), 0.0)

@@ -79,8 +79,13 @@ def scaled(g: Grad, a2: float, mixes: bool = False) -> Parts:
             g.cross0 * a2 ** 1.5, g.centred * a2)
 
 
-def dropped(g: Grad, keep: float) -> Parts:
-    """Dropout: the mask's mean over positions is 1, H_i gets mask^2 / keep^2."""
+def dropped(g: Grad, keep: float, positions: bool = True) -> Parts:
+    """Dropout: the mask's mean over positions is 1, H_i gets mask^2 / keep^2. On a
+    tensor without positions (pooled features) each element is its own mean: all of
+    it is shared, E[(g m / keep)^2] = E[g^2] / keep, and E[H̄^2] gets E[m^4] / keep^4."""
+    if not positions:
+        return (g.shared / keep, g.curv / keep ** 3, g.cross / keep ** 2, g.shared0 / keep,
+                g.cross0 / keep ** 2, g.centred / keep)
     return (g.shared, g.curv / keep ** 2, g.cross / keep, g.shared0, g.cross0 / keep,
             g.centred)
 
@@ -165,10 +170,15 @@ def gate_gradient(g: Grad, spread: float, x: Value | None, s_m2: float) -> float
     return spread * spread * (s_m2 * v * v * g.curv + g.shared * x_shared)
 
 
-def batch_normed(g: Grad, gain: float) -> Parts:
+def batch_normed(g: Grad, gain: float, batch: int = 0) -> Parts:
     """Past a train-mode BatchNorm: scaled by its gain, and the shared part now has no
-    mean over the batch (BatchNorm subtracted it); a conv and a ReLU keep that."""
+    mean over the batch (BatchNorm subtracted it: of the per-sample means not yet
+    centred, 1/N of their energy, which ``batch_loss`` removes; half at a batch of 2);
+    a conv and a ReLU keep that."""
     parts = scaled(g, gain)
+    if batch >= 1 and g.shared > 0:
+        fresh = max(1.0 - g.centred / g.shared, 0.0)
+        parts = tuple(p * (1.0 - fresh / batch) for p in parts[:1]) + parts[1:]
     return (*parts[:5], parts[0])
 
 
@@ -213,7 +223,7 @@ def normed(module: nn.Module, g: Grad, gain: float, shape: list[int] | None) -> 
     if (channels := _group(module, shape)) is not None:
         return tuple(part * (1.0 - 1.0 / channels) for part in scaled(g, gain))
     if isinstance(module, norms.BATCH_NORMS) and not norms.uses_running_stats(module):
-        return batch_normed(g, gain)
+        return batch_normed(g, gain, shape[0] if shape else 0)
     return None
 
 
@@ -221,7 +231,7 @@ def _group(module: nn.Module, shape: list[int] | None) -> int | None:
     """The channels a group of a norm that centres each sample's group of channels
     over the positions: a GroupNorm's, 1 for an InstanceNorm with its own statistics;
     None for other norms or a call without positions."""
-    if not _positions(shape):
+    if not positions_of(shape):
         return None
     if isinstance(module, nn.GroupNorm):
         return module.num_channels // module.num_groups
@@ -231,7 +241,7 @@ def _group(module: nn.Module, shape: list[int] | None) -> int | None:
     return None
 
 
-def _positions(shape: list[int] | None) -> bool:
+def positions_of(shape: list[int] | None) -> bool:
     """Whether a call's output has positions beside its samples and channels: a
     GroupNorm on features alone has none to share a gradient across, and there its
     centring's 1/k is the same order as the spread of its small groups' scales, which

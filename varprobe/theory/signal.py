@@ -68,6 +68,7 @@ class Grad:
     sparse: bool = False  # it reaches only a slice of the positions (a class token)
     rel: float | None = 1.0  # a scheme's gradient over the actual walk's, before a break
     window: float | None = None  # it lands only on the maxima of windows this large
+    maxed: float = 0.0  # of var, the part that does (``window`` set): the rest does not
     cover: float = 1.0  # the share of the positions it reaches, where ``sparse``
     # what a gate broadcast over positions collects (theory.shared): E[ḡ^2], E[H̄^2],
     # E[ḡ H̄] of the means over one sample's and channel's positions

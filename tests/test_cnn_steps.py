@@ -1,0 +1,136 @@
+"""Backward steps of convolutional networks' parts, predicted against autograd's
+gradients (the probe's measured variances): a conv paired with the BatchNorm it feeds,
+a max pool of overlapping windows under a gradient shared across positions, dropout on
+pooled features, and a max pool's window through a concatenation. Each was off by a
+factor on the corpus's MobileNets, MNASNet or GoogLeNet before its rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import varprobe
+from varprobe.theory import normshape, pools
+
+
+def _ratio(layer, side: str) -> float:
+    """Measured over predicted: the gradient at the layer's output or input."""
+    if side == "out":
+        return layer.backward.var / layer.predicted.backward_var
+    return layer.backward_input.var / layer.predicted.backward_input_var
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_depthwise_conv_and_its_batchnorm_both_hold(seed):
+    """Channel c of a depthwise conv is made of its own 9 taps: the BatchNorm's gain
+    mean_c 1/v_c is E[1/v] E[v] ~ 1.15 over the per-tensor one, and one step back the
+    conv's own weights cancel it (theory.normshape's F). Both sides within 5% (the
+    seed's scatter at 64 channels; the per-tensor gain was 12-19% low at the output)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False),
+                          nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 1))
+    conv = varprobe.probe(model, torch.randn(8, 64, 16, 16)).layers[0]
+    assert _ratio(conv, "out") == pytest.approx(1, abs=0.05)
+    assert _ratio(conv, "in") == pytest.approx(1, abs=0.05)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_conv_of_few_inputs_pairs_with_its_batchnorm(seed):
+    """A 1x1 conv from 8 channels (an inverted residual's expansion): r_c = |w_c|^2
+    spreads as chi-square with 8 degrees, so the conv's step is F = mean(r q) /
+    (mean r mean q) ~ 6/8 of the per-tensor rule (22-28% over in three of these
+    seeds). Within 1/8: the BatchNorm's projection couples the channels at O(1/n_in)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(8, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 1))
+    nn.init.kaiming_normal_(model[0].weight, mode="fan_out", nonlinearity="relu")
+    conv = varprobe.probe(model, torch.randn(8, 8, 16, 16)).layers[0]
+    assert _ratio(conv, "in") == pytest.approx(1, abs=1 / 8)
+
+
+def test_the_pairing_against_float64():
+    """F from the pairs against float64 arithmetic on the conv's weights and the
+    BatchNorm's input."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 32, 3, padding=1), nn.BatchNorm2d(32)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    x = conv(torch.randn(4, 8, 10, 10))
+    got = normshape.pairing(normshape.measure(bn, x))
+    v = x.detach().double().var((0, 2, 3), unbiased=False)
+    q = bn.weight.detach().double() ** 2 / (v + bn.eps)
+    r = conv.weight.detach().double().square().sum((1, 2, 3))
+    want = ((r * q).mean() / (r.mean() * q.mean())).item()
+    assert got == pytest.approx(want, rel=1e-6)
+    assert normshape.pairing(normshape.measure(bn, x.detach() + 0)) is None  # no conv
+
+
+def test_overlapping_max_pool_windows_under_a_shared_gradient():
+    """Behind a global pool every position of a channel gets the same gradient; an
+    input that is the largest of K of a 3x3 stride-1 pool's windows gets K of them,
+    E[K^2] ~ 6 where the independent-windows rule has E[K] = 1 (5x under). The count is
+    made on an i.i.d. sample of 2^15 elements: ~2% of sampling error; the input here is
+    a 1x1 conv of i.i.d. values, i.i.d. across positions too. Within 10%."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 1), nn.ReLU(), nn.MaxPool2d(3, 1, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 512))
+    pool = varprobe.probe(model, torch.randn(16, 64, 14, 14)).layers[2]
+    assert pool.type == "MaxPool2d"
+    assert _ratio(pool, "in") == pytest.approx(1, abs=0.1)
+
+
+def test_the_overlap_count_against_its_definition():
+    """E[K^2] - E[K] of ``pools.overlap`` against a direct count on another sample."""
+    x = torch.randn(256, 1, 14, 14, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = nn.functional.max_pool2d(x, 3, 1, 1)
+    (k,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    want = ((k * k).mean() - k.mean()).item()
+    assert pools.overlap(nn.MaxPool2d(3, 1, 1), [2, 8, 14, 14]) == pytest.approx(want, rel=0.05)
+    assert pools.overlap(nn.MaxPool2d(2), [2, 8, 14, 14]) == 0.0  # windows apart
+    assert pools.overlap(nn.AvgPool2d(3, 1, 1), [2, 8, 14, 14]) == 0.0
+
+
+def test_dropout_on_pooled_features_keeps_the_gradient_shared():
+    """Pooled features have one position: their whole gradient is what the positions
+    before the pool share, dropout or not, and a train-mode BatchNorm there removes
+    its batch mean (at a batch of 4, a quarter of it; it was lost at the dropout and
+    the step predicted a third over). 1000 classes: the shared gradient's own scatter
+    over the batch's samples is a few percent. Within 8%."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+                          nn.Linear(256, 1000))
+    bn = varprobe.probe(model, torch.randn(4, 32, 7, 7)).layers[1]
+    step = (bn.backward_input.var / bn.backward.var) / (
+        bn.predicted.backward_input_var / bn.predicted.backward_var)
+    assert step == pytest.approx(1, abs=0.08)
+
+
+class _Branches(nn.Module):
+    """Two rectified branches side by side, then a max pool (an Inception block and the
+    pool after it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(32, 64, 1), nn.Conv2d(32, 64, 3, padding=1)
+        self.relu_a, self.relu_b = nn.ReLU(), nn.ReLU()
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.head = nn.Conv2d(128, 64, 1)
+
+    def forward(self, x):
+        return self.head(self.pool(torch.cat([self.relu_a(self.a(x)),
+                                              self.relu_b(self.b(x))], 1)))
+
+
+def test_a_max_pools_window_reaches_the_rectifiers_through_a_concatenation():
+    """The pool hands its gradient to each window's largest element, which a ReLU
+    before the concatenation passed: its step is ~1, not the mask's 1/2 (2x under when
+    the window was lost at the concatenation). Within 5%: the largest of 9 is negative
+    only where all nine are, 2^-9."""
+    torch.manual_seed(0)
+    report = varprobe.probe(_Branches(), torch.randn(8, 32, 16, 16))
+    for layer in report.layers:
+        if layer.type == "Conv2d" and layer.name in ("a", "b"):
+            assert _ratio(layer, "out") == pytest.approx(1, abs=0.05)
