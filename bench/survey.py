@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
+import statistics
 import tempfile
 import time
 import traceback
@@ -74,8 +76,33 @@ def survey_one(e: corpus.Entry) -> dict[str, Any]:
     s = report.summary
     row.update(flags_of(report), verdict=s.verdict, cause=s.cause, flagged_culprits=s.culprits,
                layers=len(report.layers),
-               forward_ratio=s.forward_ratio, backward_ratio=s.backward_ratio)
+               forward_ratio=s.forward_ratio, backward_ratio=s.backward_ratio,
+               prediction_error=prediction_error(report))
     return row
+
+
+def prediction_error(report: varprobe.Report) -> dict[str, Any]:
+    """The actual init's predictions against the same pass's measurement, per weight
+    layer: the median |log(measured / predicted)| of the forward E[y^2] and of the
+    backward Var[dL/dy], and the layer where the backward is furthest off (with
+    measured / predicted, 3 significant digits); None where no layer has both."""
+    forward, backward = [], []
+    for layer in report.layers:
+        p = layer.predicted
+        if layer.kind != "weight" or p is None:
+            continue
+        if layer.forward and p.forward_var and layer.forward.second_moment:
+            forward.append(abs(math.log(layer.forward.second_moment / p.forward_var)))
+        if layer.backward and p.backward_var and layer.backward.var:
+            ratio = layer.backward.var / p.backward_var
+            backward.append((abs(math.log(ratio)), layer.label, float(f"{ratio:.3g}")))
+    worst = max(backward, default=None)
+    return {"forward": _median(forward), "backward": _median([b[0] for b in backward]),
+            "worst": None if worst is None else {"layer": worst[1], "ratio": worst[2]}}
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
 
 
 def tally(flags: list[dict[str, str]], most: int = 3) -> str:
@@ -135,7 +162,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{outcome(r)} | "
                      f"{r.get('seconds', '')} | {tally(r.get('error', []))} | "
                      f"{tally(r.get('warning', []))} | {crashed} |")
-    lines += ["", *confusion(rows)]
+    lines += ["", *confusion(rows), "", *accuracy(rows)]
     n_healthy = sum(not r["broken"] for r in rows)
     lines += ["", "## Flags by code", "", "| code | severity | entries (healthy) | "
               "share of healthy | entries (broken) |", "|---|---|---:|---:|---:|"]
@@ -143,6 +170,25 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {code} | {severity} | {healthy} | {healthy / max(n_healthy, 1):.0%} "
                      f"| {broken} |")
     return "\n".join(lines) + "\n"
+
+
+def accuracy(rows: list[dict[str, Any]]) -> list[str]:
+    """The healthy entries' predictions against their own pass, worst backward first."""
+    kept = [r for r in rows if not r["broken"] and r.get("prediction_error")
+            and r["prediction_error"]["backward"] is not None]
+    kept.sort(key=lambda r: -r["prediction_error"]["backward"])
+    lines = ["## Predictions against the measurement", "",
+             "Healthy entries, the probe's `predicted` (the actual init's walk) against the "
+             "same pass's measurement, per weight layer: median |log(measured / predicted)| "
+             "of the forward E[y²] and the backward Var[dL/dy] (0.1: 10% off), and the "
+             "layer furthest off backward.", "",
+             "| entry | forward | backward | furthest off (measured / predicted) |",
+             "|---|---:|---:|---|"]
+    for r in kept:
+        e = r["prediction_error"]
+        worst = f"`{e['worst']['layer']}` {e['worst']['ratio']}" if e["worst"] else ""
+        lines.append(f"| {r['name']} | {e['forward']} | {e['backward']} | {worst} |")
+    return lines
 
 
 def confusion(rows: list[dict[str, Any]]) -> list[str]:

@@ -63,11 +63,11 @@ def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
         return None
     fraction = math.prod(output_shape) / max(math.prod(input_shape), 1)
     if isinstance(module, AVG):
-        return Pool("mean", _window(module.kernel_size, len(input_shape) - 2), fraction)
+        return Pool("mean", _window(module, input_shape), fraction)
     if isinstance(module, ADAPTIVE_AVG):
         return Pool("mean", 1 / fraction, fraction)
     if isinstance(module, MAX):
-        return Pool("max", _window(module.kernel_size, len(input_shape) - 2), fraction)
+        return Pool("max", _window(module, input_shape), fraction)
     if isinstance(module, ADAPTIVE_MAX):
         return Pool("max", 1 / fraction, fraction)
     if isinstance(module, ZERO_PADS) and float(getattr(module, "value", 0.0)) == 0.0:
@@ -80,10 +80,20 @@ def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
 _IS_POOL: dict[type, bool] = {}
 
 
-def _window(kernel, dims: int) -> float:
-    if isinstance(kernel, int):
-        return float(kernel ** max(dims, 1))
-    return float(math.prod(kernel))
+def _window(module: nn.Module, input_shape) -> float:
+    """The elements one window holds: the kernel's, clipped per dim to the padded input
+    (a kernel larger than the map, as transformers' EfficientNet pooler's AvgPool2d of
+    hidden_dim with ceil_mode, averages the whole map)."""
+    dims = max(int(type(module).__name__[-2]), 1)
+    spatial = list(input_shape[-dims:]) if len(input_shape) > dims else [None] * dims
+    kernel, padding = (_each(getattr(module, name, 0), dims) for name in ("kernel_size",
+                                                                          "padding"))
+    return float(math.prod(k if n is None else min(k, n + 2 * p)
+                           for k, n, p in zip(kernel, spatial, padding)))
+
+
+def _each(value, dims: int) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * dims
 
 
 def exact(pool: Pool, s: Signal, mu: float) -> tuple[Signal, float] | None:

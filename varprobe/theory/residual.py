@@ -62,9 +62,11 @@ def mix(terms: list[tuple[float, float, Pre | None, Signal, float]]) -> Mix | No
     if len(streams) != 1 or len(branches) != 1:
         return None
     _, _, _, s, mu = branches[0]
-    if s.m2 - mu * mu <= 0:
+    if s.m2 - mu * mu <= 0 and s.m2 != 0:  # an exactly zero branch: z = f(w)
         return None
     p = streams[0][2]
+    if s.m2 == 0 and p[2] == 0 and p[3] is not None and p[3][0] <= 0 and p[3][4] == 0:
+        return p[3]  # a ReLU's stream that is a zero-branch sum itself: z is that sum
     return (s.m2 - mu * mu, *p[:3], mu, p[3])
 
 
@@ -87,7 +89,7 @@ def slopes(module: nn.Module, m: Mix) -> tuple[float, float, float] | None:
     sigma = math.sqrt(m[0])
     d1 = _over_w(m, lambda c, t, big, phi, *_: big + b * (1 - big))
     d1_2 = _over_w(m, lambda c, t, big, phi, *_: big + b * b * (1 - big))
-    d2 = _over_w(m, lambda c, t, big, phi, *_: (1 - b) * phi / sigma)
+    d2 = _over_w(m, lambda c, t, big, phi, *_: (1 - b) * phi / sigma) if sigma > 0 else 0.0
     return d1, d1_2, d2
 
 
@@ -110,6 +112,8 @@ def _over_w(m: Mix, fn) -> float:
 
     def at(w: torch.Tensor) -> torch.Tensor:
         c = torch.where(w > 0, w, a * w) + mu_y
+        if v_y <= 0:  # z = c exactly: a rectifier's slope at 0 is its slope below
+            return fn(c, c, (c > 0).to(c.dtype), torch.zeros_like(c), a, w > 0)
         t = c / math.sqrt(v_y)
         big = 0.5 * torch.erfc(-t / math.sqrt(2))
         phi = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
@@ -164,8 +168,10 @@ def stream_factors(m: Mix) -> tuple[float, float, float, float]:
 
     d1 = plain(slope)
     k_s = masked(1, slope) / (masked(1, one) * d1)
-    k_c = masked(2, density) / (masked(2, one) * plain(density))
-    t = m[4] / math.sqrt(m[0])
-    above = 0.5 * math.erfc(-t / math.sqrt(2))
+    if m[0] > 0:
+        k_c = masked(2, density) / (masked(2, one) * plain(density))
+        above = 0.5 * math.erfc(-m[4] / math.sqrt(2 * m[0]))
+    else:  # z = f(w) + mu_y exactly: no density at 0 (no curvature), z = mu_y below
+        k_c, above = 1.0, float(m[4] > 0)
     k_v = masked(2, slope2) / (masked(2, one) * plain(slope2))
     return k_s, (above + a * (1 - above)) / d1, k_c, k_v
