@@ -21,6 +21,7 @@ from varprobe.theory import (
     attend,
     attention_paths,
     chanspread,
+    gradsum,
     mha,
     norms,
     normshape,
@@ -32,12 +33,11 @@ from varprobe.theory import (
     shared,
     tokens,
 )
-from varprobe.theory.gradsum import flow as _flow
-from varprobe.theory.gradsum import keeps_window as _keeps_window
-from varprobe.theory.gradsum import rest as _rest
-from varprobe.theory.gradsum import with_parts as _with
 from varprobe.theory.nodes import Node, is_view
 from varprobe.theory.signal import Call, Grad, Signal, Value
+
+_flow, _with, _rest, _keeps_window = (gradsum.flow, gradsum.with_parts, gradsum.rest,
+                                      gradsum.keeps_window)
 
 
 class Backward:
@@ -308,8 +308,8 @@ class Backward:
                                   "(not measured)"))
 
     def _pairing(self, k: int) -> float:
-        """theory.normshape's F where the call at ``k`` feeds one train-mode BatchNorm
-        alone, whose channels the actual walk measured; 1 elsewhere."""
+        """theory.normshape's F where the call at ``k`` feeds one measured train-mode
+        BatchNorm alone (actual walk); 1 elsewhere."""
         if not self.is_actual():
             return 1.0
         readers = self.__dict__.get("_readers")
@@ -419,9 +419,8 @@ class Backward:
 
     @staticmethod
     def _gate(module: nn.Module, x: Value | None, g: Grad, gain: float | None) -> float | None:
-        """E[f'(y)^2] where the gradient comes from a max pool: it reaches only each
-        window's largest element, which a rectifier passes unless the whole window is
-        negative (theory.rules.max_gate)."""
+        """E[f'(y)^2] where (a share of) the gradient reaches only each max-pool window's
+        largest element, which a rectifier passes unless all are negative (rules.max_gate)."""
         if g.window is None or x is None or x.signal is None:
             return gain
         gate = rules.max_gate(module, x.signal, x.mu, g.window)
@@ -492,10 +491,3 @@ def _rectified(g: Grad, x: Value | None) -> Grad:
     if x is not None and x.mix is not None:
         g.rectified = g.var
     return g
-
-
-
-
-
-
-

@@ -91,10 +91,11 @@ def measure(module: nn.Module, x: torch.Tensor) -> list:
     with 16 degrees, F = 14/16; a depthwise 3x3 conv's 9 taps, F ~ 0.8).
 
     A CPU tensor's are host pairs, whose reads are free. On an accelerator, no sync:
-    a ``stats.Pending`` and ``FOLLOWS`` three times (the recording's constants are
+    a ``stats.Pending`` and ``FOLLOWS`` four times (the recording's constants are
     pairs); the per-channel sums and the parameters go through the pass's one transfer
     as they are and the pairs are made on the host (``_deferred``): three launches
-    for a float32 input, where making them on the device took two dozen."""
+    for a float32 input (one more for the making conv's r_c), where making them on the
+    device took two dozen."""
     with torch.no_grad():
         if not stats.reads_are_free(x.device):
             return deferred(_on_device(module, x), PAIRS)
@@ -127,8 +128,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor | None:
         w = w.transpose(0, 1)
     if w.shape[0] != x.shape[1] or w.is_meta:
         return None
-    with torch.no_grad():
-        return w.detach().reshape(w.shape[0], -1).float().square().sum(1)
+    with torch.no_grad():  # a norm per row: no copy of the weight's squares
+        return torch.linalg.vector_norm(w.detach().reshape(w.shape[0], -1).float(),
+                                        dim=1).square()
 
 
 def _on_device(module: nn.Module, x: torch.Tensor) -> stats.Pending:

@@ -331,18 +331,13 @@ class Walk(Backward, TokenShapes, TokenGrams):
             memo[id(node)] = None if shape is None or None in shape else shape
         return memo[id(node)]
 
-    def is_actual(self) -> bool:
-        """The actual init's walk over a measured pass (not a scheme's, not predict's)."""
+    def is_actual(self) -> bool:  # the actual init's walk over a measured pass
         return self.measured and self.actual is None
 
     def _per_channel_producer(self, node: Node) -> bool:
-        """The norm reads a depthwise conv: channel c's variance is made of that conv's
-        own filter c, and the gradient goes back through the same filter to the same
-        channel, so one step back the spread over channels cancels. The actual walk
-        takes the measured gain and the conv's pairing with it (theory.normshape's F);
-        a scheme's walk carries one number, so there the per-tensor rule is kept: right
-        from the depthwise conv's input on, up to k/(k - 2) low at its own output (k its
-        filter's taps: 1.2x measured at 3x3)."""
+        """The norm reads a depthwise conv, whose filter c makes channel c's variance and
+        takes its gradient back: the actual walk pairs them (theory.normshape's F); a
+        scheme's keeps the per-tensor rule, whose errors cancel one step back."""
         source = self.nodes[node.inputs[0]] if node.inputs else None
         producer = self.modules[source.index] if source is not None and \
             source.op == "call" and source.index is not None else None
