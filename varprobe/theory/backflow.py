@@ -347,7 +347,7 @@ class Backward:
         if pool is not None:
             return shared.pooled(g, pool)
         if layer.kind == "weight":
-            return shared.scaled(g, gain, mixes=True)
+            return shared.scaled(g, gain * shared.stride_share(layer), mixes=True)
         if (parts := shared.normed(module, g, gain, layer.shape)) is not None:
             return parts
         if isinstance(module, (*norms.BATCH_NORMS, *rules.IDENTITY_LIKE)):

@@ -34,7 +34,8 @@ already centred over the batch (``batch_loss``). Backward:
   cross E[f'] (sqrt(S S0) E[f''] + X E[f'^2]); E[f''] = E[(z - mu) f'(z)] / var (Stein)
 - an add, a view, a constant factor (a^2 on the variance), a per-channel map
   (BatchNorm, the gated factor times s): shared a^2, curv a^4, cross a^3
-- a weight layer: shared times its gain (ḡ_x,c = sum_o (sum_t w_oct) ḡ_y,o), curv and
+- a weight layer: shared times its gain (ḡ_x,c = sum_o (sum_t w_oct) ḡ_y,o; a strided
+  conv's times P_out/P_in again, ``stride_share``), curv and
   cross 0: H̄_x,c = sum_o sum_t w_oct^2 H̄_y,o sums the output channels' curvatures,
   which carry the random signs of their Ū, and E[w^3] = 0 decouples ḡ_x from H̄_x
 - anything else: nothing shared (the independent-terms rule)
@@ -168,6 +169,20 @@ def gate_gradient(g: Grad, spread: float, x: Value | None, s_m2: float) -> float
     v = max(m2 - x.mu * x.mu, 0.0)
     x_shared = m2 * max(x.signal.mean_share, x.mu * x.mu / m2 if m2 > 0 else 0.0)
     return spread * spread * (s_m2 * v * v * g.curv + g.shared * x_shared)
+
+
+def stride_share(layer) -> float:
+    """What a weight layer's backward hands the shared part beside the variance: a
+    stride-s conv's input position meets 1/s^d of the taps, each class of positions its
+    own, so their mean over the positions holds (sum_t w_t / s^d)^2 where the variance
+    holds sum_t w_t^2 / s^d: the positions' fraction P_out / P_in again (1 unstrided or
+    transposed)."""
+    ins, outs = layer.input_shape, layer.shape
+    if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) < 3 \
+            or len(ins) != len(outs):
+        return 1.0
+    p_in, p_out = math.prod(ins[2:]), math.prod(outs[2:])
+    return min(1.0, p_out / p_in) if p_in > 0 else 1.0
 
 
 def batch_normed(g: Grad, gain: float, batch: int = 0) -> Parts:
