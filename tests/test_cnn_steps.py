@@ -90,6 +90,10 @@ def test_the_overlap_count_against_its_definition():
     want = ((k * k).mean() - k.mean()).item()
     assert pools.overlap(nn.MaxPool2d(3, 1, 1), [2, 8, 14, 14]) == pytest.approx(want, rel=0.05)
     assert pools.overlap(nn.MaxPool2d(2), [2, 8, 14, 14]) == 0.0  # windows apart
+    renamed = type("Pooling", (nn.MaxPool2d,), {})(3, 1, 1)  # a subclass, any name
+    assert pools.overlap(renamed, [2, 8, 14, 14]) == pools.overlap(nn.MaxPool2d(3, 1, 1),
+                                                                   [2, 8, 14, 14])
+    assert pools.of_module(renamed, [2, 8, 14, 14], [2, 8, 14, 14]).window == 9.0
     assert pools.overlap(nn.AvgPool2d(3, 1, 1), [2, 8, 14, 14]) == 0.0
 
 

@@ -84,7 +84,7 @@ def _window(module: nn.Module, input_shape) -> float:
     """The elements one window holds: the kernel's, clipped per dim to the padded input
     (a kernel larger than the map, as transformers' EfficientNet pooler's AvgPool2d of
     hidden_dim with ceil_mode, averages the whole map)."""
-    dims = max(int(type(module).__name__[-2]), 1)
+    dims = _dims(module)
     spatial = list(input_shape[-dims:]) if len(input_shape) > dims else [None] * dims
     kernel, padding = (_each(getattr(module, name, 0), dims) for name in ("kernel_size",
                                                                           "padding"))
@@ -94,6 +94,16 @@ def _window(module: nn.Module, input_shape) -> float:
 
 def _each(value, dims: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * dims
+
+
+def _dims(module: nn.Module) -> int:
+    """The spatial dims of an average or max pool module (1, 2, 3), by its torch class:
+    a subclass keeps them under any name."""
+    for classes in (AVG, MAX):
+        for d, cls in enumerate(classes, 1):
+            if isinstance(module, cls):
+                return d
+    return 1
 
 
 def exact(pool: Pool, s: Signal, mu: float) -> tuple[Signal, float] | None:
@@ -152,17 +162,11 @@ def overlap(module: nn.Module, input_shape) -> float:
     overlap."""
     if not isinstance(module, MAX) or not input_shape or len(input_shape) < 3:
         return 0.0
-    spatial = tuple(input_shape[2:])
-    dims = len(spatial)
-    if dims != int(type(module).__name__[-2]):  # an unbatched call: (C, *spatial)
-        spatial = tuple(input_shape[1:])
-    args = (module.kernel_size, module.stride, module.padding, module.dilation,
-            module.ceil_mode)
-    return _overlap(len(spatial), spatial, *(_tuple(a) for a in args[:4]), args[4])
-
-
-def _tuple(a) -> tuple | int:
-    return tuple(a) if isinstance(a, (list, tuple)) else a
+    dims = _dims(module)
+    spatial = tuple(input_shape[-dims:])  # batched or not: the trailing dims
+    args = (_each(getattr(module, name), dims) for name in ("kernel_size", "stride",
+                                                            "padding", "dilation"))
+    return _overlap(dims, spatial, *args, module.ceil_mode)
 
 
 @functools.lru_cache(maxsize=256)
