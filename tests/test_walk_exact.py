@@ -25,13 +25,15 @@ EXACT = 1e-9  # float64 round-off over <= 30 products and sums
 
 
 def probe(model: nn.Module, batch_size: int, input_shape=None, mode: str = "train",
-          seed: int = 0) -> Report:
+          seed: int = 0, mean_zero: bool = False) -> Report:
     """Record one pass and annotate it without a recording: the calls in execution order
-    stand in for the dataflow (theory.nodes.chain)."""
+    stand in for the dataflow (theory.nodes.chain); ``mean_zero``: the input less its
+    mean."""
     generator = torch.Generator().manual_seed(seed)
     with preserved(model):  # BatchNorm running stats, modes: as the pipeline leaves them
         model.train(mode == "train")
         x = inputs.synthesize(model, batch_size, input_shape, generator, torch.device("cpu"))
+        x = x - x.mean() if mean_zero else x
         report, modules = _record(model, x, None, None, generator, settings={}, target="m")
         annotate(report, modules)
         return report
@@ -242,10 +244,13 @@ def test_norms_and_dropout():
 
 def test_max_pool_is_carried_measured_and_named():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+    # No bias before the pool and an input of mean 0: a channel's mean (its bias, its
+    # weights' sum times the input's mean) is shared by its windows (rules.max_gate).
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(),
                           nn.Linear(8 * 4 * 4, 4))
-    report = probe(centred(model), batch_size=8, input_shape=(3, 8, 8))
+    report = probe(centred(model), batch_size=8, input_shape=(3, 8, 8), mean_zero=True)
     pool, conv = report.layers[2], report.layers[3]
     assert pool.predicted is None or pool.predicted.forward_var is None
     assert "carried the measured output of MaxPool2d at 2" in conv.predicted.note

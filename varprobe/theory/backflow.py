@@ -22,6 +22,7 @@ from varprobe.theory import (
     attention_paths,
     chanspread,
     gradsum,
+    maxgate,
     mha,
     norms,
     normshape,
@@ -124,13 +125,13 @@ class Backward:
 
     def _act_backward(self, k: int, node: Node, g: Grad, grads: list[Grad | None]) -> None:
         x = self.values[node.inputs[0]]
-        gain = self._gate(node.module, x, g, self.backward_gains.get(k))
+        gain = self._gate(k, node.module, x, g, self.backward_gains.get(k))
         if gain is None:
             _flow(grads, node.inputs[0], Grad(0.0, g.broken or
                                               f"F.{type(node.module).__name__}", rel=g.rel))
             return
         dx = _rectified(_with(Grad((g.var + g.deferred) * gain, g.broken, g.note, g.sparse,
-                                   g.rel), self._shared_act(node.module, x, g), g.profile), x)
+                                   g.rel), shared.activation(g, node.module, x), g.profile), x)
         if g.gram is not None or x.gram is not None:
             dx.gram = None if x.signal is None else tokens.activation_backward(
                 node.module, x.gram, x.signal.m2, g.gram, self.spent_correlations)
@@ -270,7 +271,7 @@ class Backward:
         elif (both := self._lead_backward(layer, module, s_in, g, mu)) is not None:
             dx, lead = both
         elif k in self.backward_gains:  # an activation, at its own (shifted) input
-            gain = self._gate(module, info.input, g, self.backward_gains[k])
+            gain = self._gate(k, module, info.input, g, self.backward_gains[k])
             dx = None if gain is None else (g.var + g.deferred) * gain
         elif self._pieces_normalized(node, module, g, grads):
             return
@@ -342,7 +343,7 @@ class Backward:
                      gain: float) -> shared.Parts:
         """What the gradient shares across positions past a call (theory.shared)."""
         if k in self.backward_gains:
-            return self._shared_act(module, info.input, g)
+            return shared.activation(g, module, info.input)
         pool = pools.of_module(module, layer.input_shape, layer.shape)
         if pool is not None:
             return shared.pooled(g, pool)
@@ -412,22 +413,25 @@ class Backward:
         r = other.signal.r if other.signal is not None else 0.0
         return tokens.product(g.gram, 0.0, other.gram, r)
 
-    @staticmethod
-    def _shared_act(module: nn.Module, x: Value | None, g: Grad) -> shared.Parts:
-        return shared.NONE if g.window is not None and g.maxed >= g.var else \
-            shared.activation(g, module, x)
-
-    @staticmethod
-    def _gate(module: nn.Module, x: Value | None, g: Grad, gain: float | None) -> float | None:
+    def _gate(self, k: int, module: nn.Module, x: Value | None, g: Grad,
+              gain: float | None) -> float | None:
         """E[f'(y)^2] where (a share of) the gradient reaches only each max-pool window's
-        largest element, which a rectifier passes unless all are negative (rules.max_gate)."""
+        largest element, which a rectifier passes unless all are negative (maxgate)."""
         if g.window is None or x is None or x.signal is None:
             return gain
-        gate = rules.max_gate(module, x.signal, x.mu, g.window)
+        gate = maxgate.gate(module, x.signal, x.mu, g.window, self._geometry(k, g))
         share = min(g.maxed / g.var, 1.0) if g.var > 0 else 1.0
         if gate is None or (share < 1 and gain is None):
             return gain
         return gate if share >= 1 else share * gate + (1 - share) * gain
+
+    def _geometry(self, k: int, g: Grad) -> maxgate.Geometry | None:
+        """The conv whose output node k rectifies, and the max pool g's window is of."""
+        i = self.nodes[k].inputs[0] if g.pool is not None else -1
+        j = self.nodes[i].index if i >= 0 and self.nodes[i].op == "call" else None
+        shape = self.report.layers[j].input_shape if j is not None else None
+        return None if not shape or self.weights[j] is None else maxgate.Geometry(
+            self.modules[j], tuple(shape[2:]), *g.pool, self.weights[j].b2)
 
     def _input_grad(self, layer: Layer, info: Call, g: Grad, dx: float | None,
                     s_in: Signal | None) -> Grad:
@@ -435,7 +439,9 @@ class Backward:
             info.grad_input = dx
             pool = pools.of_module(self.modules[layer.index], layer.input_shape, layer.shape)
             window = pool.window if pool is not None and pool.kind == "max" else None
-            return Grad(dx, None, g.note, g.sparse, g.rel, window, dx if window else 0.0)
+            return Grad(dx, None, g.note, g.sparse, g.rel, window, dx if window else 0.0,
+                        pool=(self.modules[layer.index], tuple(layer.input_shape[2:]))
+                        if window else None)
         measured = (layer.backward_input.var if self.measured and layer.backward_input
                     is not None else None)
         at_out = layer.backward.var if self.measured and layer.backward is not None else None

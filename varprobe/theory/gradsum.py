@@ -66,5 +66,7 @@ def flow(grads: list[Grad | None], k: int, g: Grad, fresh: bool = False) -> None
     # kept apart; two different pools' are not
     if have.window is None or g.window is None or have.window == g.window:
         have.window, have.maxed = have.window or g.window, have.maxed + g.maxed
+        have.pool = g.pool if have.pool is None else \
+            have.pool if g.pool is None or g.pool == have.pool else None
     else:
-        have.window, have.maxed = None, 0.0
+        have.window, have.maxed, have.pool = None, 0.0, None

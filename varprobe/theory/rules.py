@@ -49,6 +49,7 @@ class EmptySequential(metaclass=_Empty):
 IDENTITY_LIKE = (nn.Identity, EmptySequential, nn.Flatten, nn.Unflatten)
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # not the alpha kinds
 CENTRED = 1e-6  # mu^2/q below this: the input of an activation counts as zero-mean
+SQRT_2PI = math.sqrt(2 * math.pi)
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU)  # one fixed slope: closed-form moments at any mean
 KEEP_MEAN = (*DROPOUTS, *IDENTITY_LIKE)
 
@@ -151,7 +152,12 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
     """An elementwise activation of y with E[y^2] = q and common mean mu (every unit
     shifted alike, as after a rectifier passed on by a residual add): (E[f(y)^2] with
     its mean share, E[f(y)], E[f'(y)^2]) by quadrature over y = mu + N(0, q - mu^2);
-    the closed forms of theory.gains when mu is 0. None: no closed form."""
+    the closed forms of theory.gains when mu is 0. None: no closed form.
+
+    A per-unit mean's share of E[y^2] (a conv of a rectified input: w_c . E[x]) is the
+    correlation of two samples at one unit, so the output's is the activation's map of
+    it (theory.correlation; ReLU: 1/pi at 0, 0.70 at a max pool's 0.64): a stack
+    without norms drifts toward 1, as mean-field theory has it."""
     if isinstance(module, nn.GLU):
         return glu(s, mu, values)
     if mu * mu <= CENTRED * s.m2:
@@ -159,14 +165,19 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
         if g is None:
             return None
         share = activation_share(module, s.m2, g, values)
+        if s.mean_share > 0:  # units with means of their own: samples correlate at a unit
+            share = max(share, token_correlation(module, s.mean_share, s.m2))
         r = max(share, token_correlation(module, s.r, s.m2))
         return Signal(g * s.m2, share, r), activation_mean(module, s.m2, 0.0), slope2
     var = s.m2 - mu * mu
     if var <= 0:
         return None
     if isinstance(module, RECTIFIERS):
-        mean, m2, slope2 = rectified_moments(prelu_slope(module), mu, var)
-        share = min(1.0, mean * mean / m2) if m2 > 0 else 0.0
+        a = prelu_slope(module)
+        mean, m2, slope2 = rectified_moments(a, mu, var)
+        between = min(s.mean_share * s.m2 - mu * mu, var)
+        means = _unit_means(a, mu, var, between) if between > 0 else mean * mean
+        share = min(1.0, means / m2) if m2 > 0 else 0.0
         return Signal(m2, share, max(share, s.r)), mean, slope2
     try:
         kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
@@ -177,6 +188,21 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
         return None
     share = min(1.0, mean * mean / m2) if m2 > 0 else 0.0
     return Signal(m2, share, max(share, s.r)), mean, slope2
+
+
+def _unit_means(a: float, mu: float, var: float, between: float) -> float:
+    """E_m[E[f(mu + m + e) | m]^2], m ~ N(0, between), e ~ N(0, var - between): the
+    square of each unit's own mean after a rectifier of slope a below 0, where the
+    units' means spread by ``between`` around mu."""
+    sd = math.sqrt(var - between)
+    if sd <= 0:
+        return rectified_moments(a, mu, var)[1]  # each unit constant: all of it a mean
+
+    def squared(m: torch.Tensor) -> torch.Tensor:
+        c = (mu + m) / sd
+        above = sd * (c * torch.special.ndtr(c) + torch.exp(-0.5 * c * c) / SQRT_2PI)
+        return ((1 - a) * above + a * (mu + m)) ** 2
+    return expectation(squared, between, (-mu,))
 
 
 def token_correlation(module: nn.Module, r: float, q: float) -> float:
@@ -209,19 +235,6 @@ def _correlation_at(module: nn.Module, k: int, q: float) -> float:
 
 
 _CORRELATIONS: dict[tuple, float] = {}
-
-
-def max_gate(module: nn.Module, s: Signal, mu: float, window: float) -> float | None:
-    """E[f'(y)^2] of a rectifier over the gradient a max pool of ``window`` elements
-    sends back: it lands on each window's maximum, which is negative only when all k
-    elements are, with probability P(y<0)^k (independent Gaussian pre-activations), so
-    1 - P^k + a^2 P^k instead of the 1/2 (1 + a^2) of a gradient spread over all."""
-    a = prelu_slope(module) if isinstance(module, RECTIFIERS) else None
-    var = s.m2 - mu * mu
-    if a is None or var <= 0:
-        return None
-    below = (0.5 * math.erfc(mu / math.sqrt(2 * var))) ** round(window)
-    return 1 - below + a * a * below
 
 
 def activation_share(module: nn.Module, q: float, g: float,

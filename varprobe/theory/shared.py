@@ -116,8 +116,10 @@ def into_stream(g: Grad, m: residual.Mix | None, a2: float) -> Parts:
 
 def activation(g: Grad, module: nn.Module, x: Value | None) -> Parts:
     """g = U f'(z) at the activation's input z (module note); the curvature reads the
-    shared gradient where z crosses 0 (ḡ0), E[ḡ ḡ0] taken as sqrt(E[ḡ^2] E[ḡ0^2])."""
-    if g.shared <= 0 and g.curv <= 0 or x is None or x.signal is None:
+    shared gradient where z crosses 0 (ḡ0), E[ḡ ḡ0] taken as sqrt(E[ḡ^2] E[ḡ0^2]).
+    None of it under a max pool's window (each window's maximum only, maxgate)."""
+    if g.shared <= 0 and g.curv <= 0 or x is None or x.signal is None or \
+            g.window is not None and g.maxed >= g.var:
         return NONE
     slopes = (residual.slopes(module, x.mix) if x.mix is not None
               else _slopes(module, x.mu, x.signal.m2 - x.mu * x.mu))

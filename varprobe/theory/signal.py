@@ -86,6 +86,7 @@ class Grad:
     # value path hands every key alike (theory.positions; the closed-form walks)
     pairs: float = 0.0
     gram: Any = None  # the gradient's Gram shape over the tokens (theory.tokens)
+    pool: Any = None  # with ``window``: (the max pool, its input's spatial shape)
 
 
 def fork(g: Grad) -> Grad:
