@@ -130,8 +130,9 @@ class Backward:
             _flow(grads, node.inputs[0], Grad(0.0, g.broken or
                                               f"F.{type(node.module).__name__}", rel=g.rel))
             return
-        dx = _rectified(_with(Grad((g.var + g.deferred) * gain, g.broken, g.note, g.sparse,
-                                   g.rel), shared.activation(g, node.module, x), g.profile), x)
+        dx = residual.rectified(_with(Grad((g.var + g.deferred) * gain, g.broken, g.note,
+                                           g.sparse, g.rel),
+                                      shared.activation(g, node.module, x), g.profile), x)
         if g.gram is not None or x.gram is not None:
             dx.gram = None if x.signal is None else tokens.activation_backward(
                 node.module, x.gram, x.signal.m2, g.gram, self.spent_correlations)
@@ -172,11 +173,11 @@ class Backward:
                                   and (node.lead is None or g.lead is None) else None)
             stream = mix if self.values[i] is not None and self.values[i].pre else None
             window = _keeps_window(node, g)
-            dx = _deferred(_with(Grad(own.var, broken, g.note, g.sparse or node.sparse, g.rel,
-                                      window, own.var * g.maxed / g.var if window else 0.0,
-                                      cover=b if node.sparse else g.cover),
-                                 shared.into_stream(g, stream, b * scale), g.profile),
-                           g, stream, b * scale)
+            dx = _with(Grad(own.var, broken, g.note, g.sparse or node.sparse, g.rel, window,
+                            own.var * g.maxed / g.var if window else 0.0,
+                            cover=b if node.sparse else g.cover),
+                       shared.into_stream(g, stream, b * scale), g.profile)
+            dx = residual.deferred(dx, g, self.values[i] if i >= 0 else None, b * scale)
             dx.lead, dx.pairs = own.lead, own.pairs
             dx.gram = g.gram if node.pick is None and node.lead is None else None
             _flow(grads, i, dx, fresh=True)
@@ -297,7 +298,9 @@ class Backward:
         if dx is not None and g.var > 0:
             grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var), shape)
             if k in self.backward_gains:
-                grad = _rectified(grad, info.input)
+                grad = residual.rectified(grad, info.input)
+            elif (out := self.values[k]) is not None and out.mix is not None:
+                grad = residual.deferred(grad, g, info.input, grad.var / g.var)  # normalized
         grad.lead = lead
         if dx is not None:
             grad.gram = self.call_grad_gram(node, info.input, g)
@@ -481,19 +484,3 @@ class Backward:
             _flow(grads, piece, Grad(dx, None, g.note, rel=g.rel))
         self.calls[node.index].grad_input = total
         return True
-
-
-def _deferred(grad: Grad, g: Grad, stream: tuple | None, a2: float) -> Grad:
-    """Into a residual sum's rectified stream: the part of the gradient that passed the
-    sum's rectifier meets the stream's own with k_V (theory.residual), which the
-    stream's rectifier applies; at the stream itself the variance is the plain one."""
-    if stream is not None and g.rectified > 0:
-        grad.deferred = g.rectified * a2 * (residual.stream_factors(stream)[3] - 1)
-    return grad
-
-
-def _rectified(g: Grad, x: Value | None) -> Grad:
-    """Mark what passed the rectifier of a residual sum (theory.residual: k_V)."""
-    if x is not None and x.mix is not None:
-        g.rectified = g.var
-    return g

@@ -33,8 +33,9 @@ import math
 import torch
 from torch import nn
 
-from varprobe.theory.gains import _nodes, expectation, prelu_slope
-from varprobe.theory.signal import Signal
+from varprobe.theory import norms
+from varprobe.theory.gains import Values, _nodes, expectation, prelu_slope, rectified_moments
+from varprobe.theory.signal import Grad, Signal, Value
 
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU)
 
@@ -51,23 +52,59 @@ def pre(module: nn.Module, mu: float, m2: float, inner: Mix | None = None) -> Pr
             None if inner is None else (*inner[:5], None))
 
 
-def mix(terms: list[tuple[float, float, Pre | None, Signal, float]]) -> Mix | None:
+def mix(terms: list[tuple[float, float, Pre | None, Signal, float, Mix | None]]) -> Mix | None:
     """The sum of a branch and one rectified stream, each added once:
-    ``terms`` (f_i, m_i, pre_i, signal_i, mu_i) of the add's inputs."""
+    ``terms`` (f_i, m_i, pre_i, signal_i, mu_i, mix_i) of the add's inputs. A branch
+    added to such a sum (a pre-activation stage after a ReLU'd stem) joins its branch."""
     if len(terms) != 2 or any(abs(f - 1) > 1e-12 or abs(m - 1) > 1e-12
                               for f, m, *_ in terms):
         return None
     streams = [t for t in terms if t[2] is not None]
     branches = [t for t in terms if t[2] is None]
+    if not streams and sum(t[5] is not None for t in terms) == 1:
+        (m0,), (_, _, _, s, mu, _) = [t[5] for t in terms if t[5] is not None], \
+            [t for t in terms if t[5] is None][0]
+        return (m0[0] + s.m2 - mu * mu, *m0[1:4], m0[4] + mu, m0[5]) \
+            if s.m2 - mu * mu >= 0 else None
     if len(streams) != 1 or len(branches) != 1:
         return None
-    _, _, _, s, mu = branches[0]
+    _, _, _, s, mu, _ = branches[0]
     if s.m2 - mu * mu <= 0 and s.m2 != 0:  # an exactly zero branch: z = f(w)
         return None
     p = streams[0][2]
     if s.m2 == 0 and p[2] == 0 and p[3] is not None and p[3][0] <= 0 and p[3][4] == 0:
         return p[3]  # a ReLU's stream that is a zero-branch sum itself: z is that sum
     return (s.m2 - mu * mu, *p[:3], mu, p[3])
+
+
+def normalized(module: nn.Module, v: Value | None, values: Values | None) -> Mix | None:
+    """A train-mode BatchNorm of ``v``, a rectifier's output f(w) (its ``pre``) or a
+    sum y + f(w) (its ``mix``): every channel becomes k (z - E[z]) + beta with one
+    k = gamma / sqrt(Var[z] + eps) > 0 (the same gamma for all, as at init), and
+    k f(w) = f(k w) (f is positively homogeneous), so the result is again such a sum:
+    the branch scaled by k, none for f(w) alone. A ReLU after it is open only where
+    w > (k E[f] - beta)/k (a third of the time after a ReLU, not half), and the
+    rectifier before it passes all of what that one did (k_V: a pre-activation block
+    after a ReLU'd stem)."""
+    if v is None or v.pre is None and v.mix is None or \
+            not isinstance(module, norms.BATCH_NORMS) or norms.uses_running_stats(module):
+        return None
+    m, p = v.mix, v.pre
+    v_y, mu, var, a, _, inner = m if m is not None else (0.0, *p[:3], 0.0, p[3])
+    gammas = norms.param_values(module.weight, 1.0, values) if module.affine else [1.0]
+    betas = norms.param_values(module.bias, 0.0, values) if module.affine else [0.0]
+    if min(gammas) != max(gammas) or min(gammas) <= 0 or min(betas) != max(betas):
+        return None
+    if inner is None:
+        mean, m2, _ = rectified_moments(a, mu, var)
+    else:  # w itself a sum: f(w)'s moments over it, and k w = the sum scaled by k
+        mean, m2 = (_over_w(inner, lambda c, t, big, phi, *_, n=n: _moment(
+            c, t, big, phi, a, inner[0], n)) for n in (1, 2))
+    k = gammas[0] / math.sqrt(v_y + max(m2 - mean * mean, 0.0) + module.eps)
+    if inner is not None:
+        inner = (k * k * inner[0], k * inner[1], k * k * inner[2], inner[3], k * inner[4],
+                 None)
+    return (k * k * v_y, k * mu, k * k * var, a, betas[0] - k * mean, inner)
 
 
 def activate(module: nn.Module, m: Mix) -> tuple[Signal, float, float] | None:
@@ -175,3 +212,24 @@ def stream_factors(m: Mix) -> tuple[float, float, float, float]:
         k_c, above = 1.0, float(m[4] > 0)
     k_v = masked(2, slope2) / (masked(2, one) * plain(slope2))
     return k_s, (above + a * (1 - above)) / d1, k_c, k_v
+
+
+def deferred(grad: Grad, g: Grad, x: Value | None, a2: float) -> Grad:
+    """Toward a residual sum's rectified stream f(w) (an input ``x`` with ``pre``): the
+    excess that the gradient which passed a rectifier of the sum (or of a BatchNorm of
+    it) carries, k_V - 1 of its variance, scaled by ``a2``; the stream's rectifier
+    applies it. Into a sum that holds the stream (``mix``) it is carried on."""
+    if g.rectified and x is not None and x.pre is not None:
+        grad.deferred = g.rectified * a2
+    elif g.rectified and x is not None and x.mix is not None:
+        grad.rectified = g.rectified * a2
+    return grad
+
+
+def rectified(g: Grad, x: Value | None) -> Grad:
+    """Mark what passed the rectifier of a residual sum (or of a BatchNorm of one): its
+    mask and the stream's are open together more often than apart, k_V - 1 of its
+    variance in excess."""
+    if x is not None and x.mix is not None:
+        g.rectified = g.var * (stream_factors(x.mix)[3] - 1)
+    return g

@@ -78,7 +78,7 @@ class Grad:
     shared0: float = 0.0  # E[ḡ0^2], ḡ0 the shared gradient where its tensor's own
     cross0: float = 0.0   # rectifier input crosses 0; E[ḡ0 H̄] (theory.shared)
     profile: Any = None  # Var over the positions, mean 1 (theory.profile); None: uniform
-    rectified: float = 0.0  # of var, what passed the rectifier of a residual sum
+    rectified: float = 0.0  # k_V - 1 of what passed a residual sum's rectifier (residual)
     deferred: float = 0.0  # variance its rectifier adds back (theory.residual: k_V)
     centred: float = 0.0  # of shared, the part with no mean over the batch (theory.shared)
     lead: float | None = None  # E[g²] at the forward value's lead position (positions)

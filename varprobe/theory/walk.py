@@ -177,7 +177,8 @@ class Walk(Backward, TokenShapes, TokenGrams):
         signal, mu = self._linear(node, ins)
         signal = self.token_shapes(node, ins, signal)
         mix = None if node.cat or node.const or node.scale is not None else residual.mix(
-            [(f, m, v.pre, v.signal, v.mu) for f, m, v in zip(node.forward, node.means, ins)])
+            [(f, m, v.pre, v.signal, v.mu, v.mix)
+             for f, m, v in zip(node.forward, node.means, ins)])
         return Value(signal, None, note, at, mu, mix=mix, profile=profile.blend(
             [(v.profile, f * v.signal.m2) for f, v in zip(node.forward, ins)]))
 
@@ -398,7 +399,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
             info.forward = out.m2
             info.forward_note = _join(note, w.note if w else None)
             return Value(out, None, note, src.at if src is not None else -1, mu, pre=pre,
-                         profile=shape)
+                         profile=shape, mix=residual.normalized(module, src, self.host))
         return self._carry_output(layer, info, "no closed form" if s_in is not None
                                   else "its input is unknown", info.forward_break, src)
 
