@@ -54,6 +54,7 @@ class Backward:
                 info.backward_break = reason
             return
         self._seed(self.grads)
+        self.batch_normed_after = self._batch_normed_after()
         for k in reversed(range(len(self.nodes))):
             g = self.grads[k]
             if g is None:
@@ -67,6 +68,16 @@ class Backward:
             except Exception as exc:  # noqa: BLE001 -- one rule's failure costs its inputs
                 for i in self.nodes[k].inputs:
                     _flow(self.grads, i, Grad(0.0, self.failure(self.nodes[k], exc)))
+
+    def _batch_normed_after(self) -> set[int]:
+        """The nodes with a train-mode BatchNorm after them on some path to an output."""
+        after: set[int] = set()
+        for k in reversed(range(len(self.nodes))):
+            node = self.nodes[k]
+            if k in after or node.op == "call" and node.index is not None and \
+                    shared.batch_centring(self.modules[node.index], [2, 2]) < 1:
+                after.update(i for i in node.inputs if i >= 0)
+        return after
 
     def _seed(self, grads: list[Grad | None]) -> None:
         """The gradient at the outputs. A side output that the graph also reads
@@ -294,6 +305,8 @@ class Backward:
             else (1.0, None)
         if dx is not None:  # what a norm's centring removes of a shared gradient
             corr *= 1.0 - shared.norm_loss(module, g, layer.shape)
+            if k not in self.batch_normed_after:  # and of one with independent samples
+                corr *= shared.batch_centring(module, layer.shape)
         grad = self._input_grad(layer, info, g, None if dx is None else dx * corr, s_in)
         if dx is not None and g.var > 0:
             grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var), shape)
