@@ -57,8 +57,10 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
     w2 = _finite(layer.weight_second_moment)
     w2 = _finite(layer.weight_var) if w2 is None else w2
     if w2 is not None:
-        return Weights(w2, _finite(layer.bias_second_moment) or 0.0,
-                       b1=_finite(layer.bias_mean) or 0.0,
+        b1 = _finite(layer.bias_mean) or 0.0
+        if isinstance(module, nn.Embedding) and layer.forward is not None:
+            b1 = _finite(layer.forward.mean) or 0.0  # the rows it looked up: sinusoids'
+        return Weights(w2, _finite(layer.bias_second_moment) or 0.0, b1=b1,
                        kurtosis=_finite(layer.weight_kurtosis) or 3.0,
                        row_share=_row_share(layer.weight_row_share))
     if isinstance(module, nn.Embedding):
