@@ -75,7 +75,7 @@ class Backward:
         for k in reversed(range(len(self.nodes))):
             node = self.nodes[k]
             if k in after or node.op == "call" and node.index is not None and \
-                    shared.batch_centring(self.modules[node.index], [2, 2]) < 1:
+                    shared.centres_batch(self.modules[node.index]):
                 after.update(i for i in node.inputs if i >= 0)
         return after
 
