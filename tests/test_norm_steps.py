@@ -22,7 +22,8 @@ from torch import nn
 
 import varprobe
 from varprobe.predict import predict
-from varprobe.theory import shared
+from varprobe.theory import downstream, norms, shared
+from varprobe.theory.nodes import Node
 
 
 def _step(report, i: int, predicted: bool) -> float:
@@ -268,3 +269,62 @@ def test_a_layernorm_after_a_sinusoidal_position_table(seed):
     measured = norm.backward_input.var / norm.backward.var
     predicted = norm.predicted.backward_input_var / norm.predicted.backward_var
     assert measured / predicted == pytest.approx(1, abs=0.03)
+
+
+def test_the_layernorm_projection_against_float64():
+    """A LayerNorm's backward projects each token's d values off their mean and off x̂:
+    a gradient independent of x keeps (d - 2)/d beside the gain mean_t 1/rho_t; an RMS
+    norm (d - 1)/d. Float64 over 4096 tokens of d = 16: within 2% (3 sd)."""
+    torch.manual_seed(0)
+    for norm, rms in ((nn.LayerNorm(16), False), (nn.RMSNorm(16), True)):
+        norm = norm.double()
+        x = torch.randn(4096, 16, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(4096, 16, dtype=torch.float64)
+        norm(x).backward(g)
+        xd = x.detach()
+        rho = xd.square().mean(1) if rms else xd.var(1, unbiased=False)
+        gain = 1 / (rho + (norm.eps or torch.finfo(torch.float64).eps))
+        kept = (x.grad.pow(2).sum(1) / (gain * g.pow(2).sum(1))).mean().item()
+        assert kept == pytest.approx(norms.centring(norm), rel=0.02)
+    assert norms.centring(nn.LayerNorm(16)) == 14 / 16
+
+
+def _pre_ln(seed: int, d: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d), nn.ReLU(),
+                         nn.Linear(d, d))
+
+
+def test_a_layernorm_that_feeds_weight_layers_only():
+    """A LayerNorm whose output goes only into weight layers (a pre-LN block's q, k, v,
+    its MLP's first layer) gets W^T g, which knows nothing of its mean or x̂: its step
+    keeps (d - 2)/d beside the gain, whose variance is each token's own (1/d of the
+    features' variance is the token's own mean). At d = 16 the step's measured over
+    predicted, mean over 8 seeds: within 4% (0.954 before; one seed scatters by 4%)."""
+    ratios = []
+    for seed in range(8):
+        layers = varprobe.probe(_pre_ln(seed), torch.randn(64, 10, 16)).layers
+        before, norm = layers[0], layers[1]
+        ratios.append((before.backward.var / norm.backward.var) /
+                      (before.predicted.backward_var / norm.predicted.backward_var))
+    assert sum(ratios) / len(ratios) == pytest.approx(1, abs=0.04)
+
+
+def test_which_norms_see_a_gradient_that_knows_no_norm():
+    """theory.downstream on hand-made graphs: a pre-LN block's norm feeds weight layers
+    only (through a view too); a post-LN block's also feeds the next residual add; a
+    BatchNorm with another train-mode BatchNorm after it is marked, the last one not."""
+    modules = [nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.BatchNorm1d(8),
+               nn.BatchNorm1d(8)]
+    kinds = ["weight", "norm", "weight", "norm", "norm"]
+    view = Node("linear", (1,), forward=(1.0,), means=(1.0,), backward=(1.0,))
+    pre = [Node("call", (-1,), 0), Node("call", (0,), 1), view, Node("call", (2,), 2)]
+    assert downstream.fresh_norms(pre, modules, kinds) == {1}
+    post = [Node("call", (-1,), 0), Node("linear", (-1, 0), forward=(1.0, 1.0),
+                                         means=(1.0, 1.0), backward=(1.0, 1.0)),
+            Node("call", (1,), 1), Node("call", (2,), 2),
+            Node("linear", (2, 3), forward=(1.0, 1.0), means=(1.0, 1.0),
+                 backward=(1.0, 1.0))]
+    assert downstream.fresh_norms(post, modules, kinds) == set()
+    bns = [Node("call", (-1,), 3), Node("call", (0,), 0), Node("call", (1,), 4)]
+    assert downstream.batch_normed_after(bns, modules) == {0, 1}

@@ -21,6 +21,7 @@ from varprobe.theory import (
     attend,
     attention_paths,
     chanspread,
+    downstream,
     gradsum,
     maxgate,
     mha,
@@ -54,7 +55,9 @@ class Backward:
                 info.backward_break = reason
             return
         self._seed(self.grads)
-        self.batch_normed_after = self._batch_normed_after()
+        self.batch_normed_after = downstream.batch_normed_after(self.nodes, self.modules)
+        self.fresh_norms = downstream.fresh_norms(
+            self.nodes, self.modules, [layer.kind for layer in self.report.layers])
         for k in reversed(range(len(self.nodes))):
             g = self.grads[k]
             if g is None:
@@ -68,16 +71,6 @@ class Backward:
             except Exception as exc:  # noqa: BLE001 -- one rule's failure costs its inputs
                 for i in self.nodes[k].inputs:
                     _flow(self.grads, i, Grad(0.0, self.failure(self.nodes[k], exc)))
-
-    def _batch_normed_after(self) -> set[int]:
-        """The nodes with a train-mode BatchNorm after them on some path to an output."""
-        after: set[int] = set()
-        for k in reversed(range(len(self.nodes))):
-            node = self.nodes[k]
-            if k in after or node.op == "call" and node.index is not None and \
-                    shared.centres_batch(self.modules[node.index]):
-                after.update(i for i in node.inputs if i >= 0)
-        return after
 
     def _seed(self, grads: list[Grad | None]) -> None:
         """The gradient at the outputs. A side output that the graph also reads
@@ -297,14 +290,15 @@ class Backward:
                 dx += pools.overlap(module, layer.input_shape) * g.shared
             if dx is not None and layer.kind == "weight":
                 dx *= self._pairing(k)  # the train-mode BatchNorm it feeds (normshape)
-            if dx is not None and (kappa := self.token_gain(node)) is not None:
+            if dx is not None and (kappa := self.token_gain(node, s_in, mu)) is not None:
                 dx *= kappa  # the tokens' own scales against their gradients
             elif dx is not None and (kappa := self.gram_gain(node, info.input, g)) is not None:
                 dx *= kappa  # the same from the tokens' Grams (theory.tokens)
         corr, shape = profile.before_call(module, layer, g.profile) if dx is not None \
             else (1.0, None)
+        keep = norms.centring(module) if k in self.fresh_norms else 1.0  # every token's
         if dx is not None:  # what a norm's centring removes of a shared gradient
-            corr *= 1.0 - shared.norm_loss(module, g, layer.shape)
+            corr *= (1.0 - shared.norm_loss(module, g, layer.shape)) * keep
             if k not in self.batch_normed_after:  # and of one with independent samples
                 corr *= shared.batch_centring(module, layer.shape)
         grad = self._input_grad(layer, info, g, None if dx is None else dx * corr, s_in)
@@ -314,7 +308,7 @@ class Backward:
                 grad = residual.rectified(grad, info.input)
             elif (out := self.values[k]) is not None and out.mix is not None:
                 grad = residual.deferred(grad, g, info.input, grad.var / g.var)  # normalized
-        grad.lead = lead
+        grad.lead = lead if lead is None else lead * keep
         if dx is not None:
             grad.gram = self.call_grad_gram(node, info.input, g)
         grad.pairs = pairs if node.attn is not None or grad.broken else \

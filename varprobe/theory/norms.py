@@ -11,6 +11,7 @@ made in its one transfer (``values``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from operator import mul
 
@@ -260,3 +261,22 @@ def backward(module: nn.Module, s: Signal | None, values: Values | None = None,
         return None
     g2, n, _ = affine_sums(module, values)
     return g2 / n / (_variance(module, s, mu) + eps)
+
+
+def features(module: nn.Module) -> int | None:
+    """The features a LayerNorm or RMSNorm normalizes each token over: its
+    normalized_shape, else (other code's norms) its weight's size; None if neither."""
+    shape = getattr(module, "normalized_shape", None)
+    if shape:
+        return math.prod(shape)
+    weight = getattr(module, "weight", None)
+    return weight.numel() if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
+def centring(module: nn.Module) -> float:
+    """What a LayerNorm's backward keeps of a gradient that does not know it, beside its
+    gain: dx = (gamma/s)(g - mean(g) - x̂ mean(g x̂)) projects each token's d values off
+    their mean and off x̂, (d - 2)/d of the variance; (d - 1)/d for an RMS norm, which
+    takes no mean (theory.downstream says where the gradient does not know it)."""
+    d = features(module)
+    return max(1.0 - (1 if _is_rms(module) else 2) / d, 0.0) if d else 1.0

@@ -135,7 +135,8 @@ def _kappa(r: list[float]) -> list[tuple[float, float]]:
     """(kappa, 1) from mean_t G_t, mean_t G_t/(rho_t + eps) and E[rho] + eps; 1 where no
     gradient reached the output (or it is not finite)."""
     total, weighted, mean_scale = r
-    return [(weighted * mean_scale / max(total, 1e-300) if total > 0 else 1.0, 1.0)]
+    return [(weighted * mean_scale / max(total, 1e-300) if total > 0 else 1.0, 1.0,
+             mean_scale)]
 
 
 def enter(rec, index: int, module: nn.Module, x: object) -> None:
@@ -153,8 +154,24 @@ def leave(rec, index: int, out: object) -> None:
         rec._constants.extend(slots)
 
 
-def gain(slot: tuple[float, float] | None) -> float | None:
+def gain(slot: tuple | None) -> float | None:
     """kappa, or None where the backward never filled the slot."""
     if slot is None or slot[1] < 0.5 or not slot[0] > 0:
         return None
     return float(slot[0])
+
+
+def own_means(slot: tuple | None, module: nn.Module, stats) -> float:
+    """The rule divides by the variance across all the features, E[x^2] - mu^2; a
+    LayerNorm divides each token by its own, which is less where tokens have means of
+    their own over their features (sinusoidal positions: an early position's low
+    frequencies' cosines are all near 1; and 1/d of it for d independent features).
+    The measured E[rho] over the input's measured E[x^2] - mu^2 (``stats``): the share
+    of the variance a token's own mean leaves, which the walk applies at its own scale;
+    1 for an RMS norm (no mean taken) or a GroupNorm (the rule counts its groups')."""
+    if slot is None or len(slot) < 3 or isinstance(module, nn.GroupNorm) or \
+            norms._is_rms(module) or stats is None or not stats.second_moment:
+        return 1.0
+    whole = stats.second_moment - (stats.mean or 0.0) ** 2
+    rho = slot[2] - norms.eps_of(module)
+    return min(max(rho / whole, 0.0), 1.0) if whole > 0 and rho == rho else 1.0

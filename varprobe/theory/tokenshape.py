@@ -38,14 +38,22 @@ from varprobe.theory.signal import Signal, Value
 class TokenShapes:
     """Mixed into theory.walk.Walk (its graph, constants, calls and modes)."""
 
-    def token_gain(self, node: Node) -> float | None:
+    def token_gain(self, node: Node, s: Signal | None = None, mu: float = 0.0
+                   ) -> float | None:
         """A feature norm's kappa (theory.tokennorm), for the actual init's walk (a
-        scheme re-draws the weights that set the tokens' scales and gradients); None on
+        scheme re-draws the weights that set the tokens' scales and gradients), times
+        the rule's variance over the tokens' own at the walk's input ``s``; None on
         meta, or where no gradient reached the norm's output."""
         index = getattr(self.graph, "token_norms", {}).get(node.index)
         if index is None or not self.measured or self.actual is not None:
             return None
-        return tokennorm.gain(self.constants[index])
+        slot, module = self.constants[index], self.modules[node.index]
+        kappa = tokennorm.gain(slot)
+        share = tokennorm.own_means(slot, module, self.report.layers[node.index].input)
+        if kappa is None or s is None or share >= 1:
+            return kappa
+        whole, eps = norms._variance(module, s, mu), norms.eps_of(module)
+        return kappa * (whole + eps) / (whole * share + eps)
 
     @property
     def closed_tokens(self) -> bool:

@@ -1,0 +1,55 @@
+"""What lies after a node of the recorded graph, for the rules whose answer depends on
+where a norm's gradient comes from.
+
+A norm's backward projects the gradient off what it removed in the forward (the mean
+over the values it normalizes, and x̂), which costs a gradient that does not know the
+norm 2/M of its variance (M the values of one normalizing group). Behind another norm
+of the same kind the gradient has had that done already (a BatchNorm after it took
+each channel's mean over the batch; a post-LN block's next LayerNorm, reached through
+the residual add, projected it off nearly the same direction), so the cost applies only
+where nothing of the kind lies in between: a BatchNorm with no train-mode BatchNorm
+after it, a LayerNorm whose output goes only into weight layers (a pre-LN block's q,
+k, v and its MLP's first layer: their backward W^T g has neither mean nor x̂ removed).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from varprobe.theory import norms
+from varprobe.theory.nodes import Node, is_view
+
+
+def batch_normed_after(nodes: list[Node], modules: list[nn.Module]) -> set[int]:
+    """The nodes with a train-mode BatchNorm after them on some path to an output."""
+    after: set[int] = set()
+    for k in reversed(range(len(nodes))):
+        node = nodes[k]
+        if k in after or node.op == "call" and node.index is not None and \
+                isinstance(modules[node.index], nn.modules.batchnorm._BatchNorm) and \
+                not norms.uses_running_stats(modules[node.index]):
+            after.update(i for i in node.inputs if i >= 0)
+    return after
+
+
+def fresh_norms(nodes: list[Node], modules: list[nn.Module], kinds: list[str]) -> set[int]:
+    """The feature-norm calls (LayerNorm, RMSNorm; not GroupNorm) whose output reaches
+    only weight layers, through views (``kinds``: each layer's kind)."""
+    readers: dict[int, list[int]] = {}
+    for k, node in enumerate(nodes):
+        for i in node.inputs:
+            readers.setdefault(i, []).append(k)
+
+    def weights_only(k: int, depth: int = 0) -> bool:
+        found = readers.get(k, [])
+        return bool(found) and depth < 4 and all(
+            nodes[r].op == "call" and nodes[r].index is not None
+            and kinds[nodes[r].index] == "weight"
+            or is_view(nodes[r]) and nodes[r].op == "linear" and weights_only(r, depth + 1)
+            for r in found)
+
+    return {k for k, node in enumerate(nodes)
+            if node.op == "call" and node.index is not None
+            and norms.is_norm(modules[node.index])
+            and not isinstance(modules[node.index], (nn.GroupNorm, *norms.BATCH_NORMS))
+            and weights_only(k)}
