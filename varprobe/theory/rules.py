@@ -15,6 +15,7 @@ closed form; the walk then carries the measured value past the call.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -193,16 +194,24 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
 def _unit_means(a: float, mu: float, var: float, between: float) -> float:
     """E_m[E[f(mu + m + e) | m]^2], m ~ N(0, between), e ~ N(0, var - between): the
     square of each unit's own mean after a rectifier of slope a below 0, where the
-    units' means spread by ``between`` around mu."""
-    sd = math.sqrt(var - between)
-    if sd <= 0:
+    units' means spread by ``between`` around mu. Scale-free: taken at unit variance
+    with mu and between at 3 significant digits (a deep stack repeats them)."""
+    if var - between <= 0:
         return rectified_moments(a, mu, var)[1]  # each unit constant: all of it a mean
+    sd = math.sqrt(var)
+    return var * _unit_means_at(a, float(f"{mu / sd:.3g}"), float(f"{between / var:.3g}"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _unit_means_at(a: float, mu: float, between: float) -> float:
+    sd = math.sqrt(1.0 - between)
 
     def squared(m: torch.Tensor) -> torch.Tensor:
         c = (mu + m) / sd
         above = sd * (c * torch.special.ndtr(c) + torch.exp(-0.5 * c * c) / SQRT_2PI)
         return ((1 - a) * above + a * (mu + m)) ** 2
-    return expectation(squared, between, (-mu,))
+    return expectation(squared, between, (-mu,)) if between > 0 else \
+        rectified_moments(a, mu, 1.0)[0] ** 2
 
 
 def token_correlation(module: nn.Module, r: float, q: float) -> float:
