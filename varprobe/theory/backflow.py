@@ -296,7 +296,9 @@ class Backward:
                 dx *= kappa  # the same from the tokens' Grams (theory.tokens)
         corr, shape = profile.before_call(module, layer, g.profile) if dx is not None \
             else (1.0, None)
-        keep = norms.centring(module) if k in self.fresh_norms else 1.0  # every token's
+        # every token's projection, with the tokens' own variance measured (tokennorm)
+        keep = norms.centring(module) if k in self.fresh_norms and self.measured and \
+            self.actual is None else 1.0
         if dx is not None:  # what a norm's centring removes of a shared gradient
             corr *= (1.0 - shared.norm_loss(module, g, layer.shape)) * keep
             if k not in self.batch_normed_after:  # and of one with independent samples
