@@ -26,8 +26,7 @@ def batch_normed_after(nodes: list[Node], modules: list[nn.Module]) -> set[int]:
     for k in reversed(range(len(nodes))):
         node = nodes[k]
         if k in after or node.op == "call" and node.index is not None and \
-                isinstance(modules[node.index], nn.modules.batchnorm._BatchNorm) and \
-                not norms.uses_running_stats(modules[node.index]):
+                norms.centres_batch(modules[node.index]):
             after.update(i for i in node.inputs if i >= 0)
     return after
 

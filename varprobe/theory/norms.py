@@ -263,14 +263,28 @@ def backward(module: nn.Module, s: Signal | None, values: Values | None = None,
     return g2 / n / (_variance(module, s, mu) + eps)
 
 
-def features(module: nn.Module) -> int | None:
-    """The features a LayerNorm or RMSNorm normalizes each token over: its
-    normalized_shape, else (other code's norms) its weight's size; None if neither."""
+def normalized_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """The dims a LayerNorm or RMSNorm normalizes each token over: its
+    normalized_shape, else (other code's norms) its weight's shape; None if neither."""
     shape = getattr(module, "normalized_shape", None)
-    if shape:
-        return math.prod(shape)
-    weight = getattr(module, "weight", None)
-    return weight.numel() if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+    if shape is None:
+        weight = getattr(module, "weight", None)
+        shape = weight.shape if isinstance(weight, torch.Tensor) and weight.dim() >= 1 \
+            else None
+    return None if shape is None else tuple(shape)
+
+
+def features(module: nn.Module) -> int | None:
+    """How many values of a token a LayerNorm or RMSNorm normalizes together."""
+    shape = normalized_shape(module)
+    return math.prod(shape) if shape else None
+
+
+def centres_batch(module: nn.Module) -> bool:
+    """A BatchNorm on its batch's statistics: its backward takes each channel's mean
+    over the batch out of the gradient (an InstanceNorm's stays within each sample)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and \
+        not uses_running_stats(module)
 
 
 def centring(module: nn.Module) -> float:

@@ -220,8 +220,7 @@ def batch_centring(module: nn.Module, shape: list[int] | None) -> float:
     channels). Behind another BatchNorm the gradient has lost its mean over the batch
     already (a ReLU's mask gives back half of it), so there it keeps ~(M - 1.5)/M, which
     the walk leaves at 1: M is large wherever such chains are deep."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or \
-            norms.uses_running_stats(module) or not shape:
+    if not norms.centres_batch(module) or not shape:
         return 1.0
     m = shape[0] * math.prod(shape[2:])
     return max(1.0 - 2.0 / m, 0.0)

@@ -69,11 +69,7 @@ def _channels_first(module: nn.Module, x: T) -> bool | None:
     ``normalized_shape``, else its weight's shape; the last dim where neither is
     known), True where a one-dim norm's size is dim 1 instead (a subclass whose forward
     permutes first: ConvNeXt's LayerNorm2d over the channels of NCHW), None else."""
-    shape = getattr(module, "normalized_shape", None)
-    if shape is None:
-        weight = getattr(module, "weight", None)
-        shape = weight.shape if isinstance(weight, T) and weight.dim() >= 1 else x.shape[-1:]
-    shape = tuple(shape)
+    shape = norms.normalized_shape(module) or tuple(x.shape[-1:])
     if tuple(x.shape[x.dim() - len(shape):]) == shape:
         return False
     return True if len(shape) == 1 and x.dim() > 2 and x.shape[1] == shape[0] else None
