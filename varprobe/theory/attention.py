@@ -395,9 +395,14 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     With c the logit scale (``scale``, 1/sqrt(d_k) by default), f = 1/(1-p) - r, C the
     mean squared column sum of p and K the query-pair overlap sum (see _pairs):
 
-    E[dv^2] = sigma_g^2 [r_g C + P2 (1/(1-p) - r_g)]
+    E[dv^2] = sigma_g^2 [r_g C + P2 (1/(1-p) - r_g)] (N/T_k)
     E[dq^2] = c^2 d_k sigma_g^2 q_v q_k [(1-r_k) f m + (1-r)^2 mean_i (1-P2_i)^2 / n]
-    E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r_q r_g K]
+    E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r_q r_g K] (N/T_k)
+
+    per key: each key's gradients sum over the N queries that read it (N the length of
+    ``keys`` given as per-query counts, T_k = ``row``), so a reduced key sequence
+    (SegFormer's) or a cross-attention to a shorter context gets N/T_k times what the
+    per-query sums give (a float64 check: 8x at N = 64, T_k = 8); 1 in self-attention.
 
     ``weight_var`` = (sigma_q^2, sigma_k^2, sigma_v^2) per weight entry gives
     E[dx^2] = H d_k (sigma_v^2 E[dv^2] + sigma_q^2 E[dq^2] + sigma_k^2 E[dk^2]) (heads
@@ -424,7 +429,10 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     p2, m = float(mean(p2i)), float(mean(mi))
     overlap, cross = _pairs(s2, r, counts)
     keep = 1 / (1 - dropout)
-    dv = sigma_g2 * (r_g * (p2 + overlap) + p2 * (keep - r_g))
+    # key j's gradients sum over the queries that read it: per key, N/T_k times the
+    # per-query sums (N queries: as many as the counts; 1 in self-attention)
+    per_key = counts.size / float(row or counts.max())
+    dv = per_key * sigma_g2 * (r_g * (p2 + overlap) + p2 * (keep - r_g))
     f = keep - r
     coherent = (1 - r) * float(mean((1 - p2i) ** 2)) / n if n else 0.0
     r_k = r if r_k is None else r_k
@@ -437,7 +445,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     # Jacobian vanishes: saturated attention sends the keys no gradient)
     flat = _flat(counts.tobytes())
     spread = (m / p2) / flat if p2 > 0 and flat > 0 else 1.0
-    dk = c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross * spread)
+    dk = per_key * c2dk * sigma_g2 * q_v * q_q * (f * m + (1 - r) * r_q * r_g * cross * spread)
     dx = None
     if weight_var is not None:
         var_q, var_k, var_v = weight_var

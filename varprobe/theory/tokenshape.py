@@ -273,10 +273,11 @@ class TokenGrams:
         k, v = (self.values[i] for i in node.inputs[1:3])
         if facts.keys > tokens.CAP or facts.queries > tokens.CAP:
             return None
-        counts = attention.key_counts(attend.keys(facts),
-                                      facts.causal and facts.queries == facts.keys)
-        if counts.size != facts.keys:
+        if facts.causal and facts.queries != facts.keys:
             return None
+        # as the probe measures them: over the keys' own windows (its flat p has as
+        # many queries as keys)
+        counts = attention.key_counts(facts.keys, facts.causal)
         sv, sk = self.attended_grams(node, facts)
         if sv.shape[0] != facts.keys or sk.shape[0] != facts.keys:
             return None

@@ -308,13 +308,15 @@ class Walk(Backward, TokenShapes, TokenGrams):
         is none (predict, no backward)."""
         index, facts = node.attn.gradient, self.facts(node)
         square = facts.queries == facts.keys  # the flat p the probe summed with
-        if index is None or not self.measured or not square:
-            # the probe's flat p has as many queries as keys; T5's encoder reads the
-            # gradient cross-attention sums over the decoder's queries, correlated
-            # across its tokens (r_g = 0 put its v 4.7x under); 0.62 median |log|
-            # once came from its decoder's causal float mask, taken as no mask then
+        if index is None or not self.measured or (facts.causal and not square):
+            # 0.62 median |log| on T5 once came from its decoder's causal float mask,
+            # taken as no mask then
             return None
-        counts = attention.key_counts(attend.keys(facts), facts.causal and square)
+        # the probe's flat p has as many queries as keys: a cross-attention (every query
+        # sees every key) takes the plain r_g over its queries, which its value path's
+        # pair term weighs (T5's encoder reads the gradient its cross-attention sums
+        # over the decoder's queries, correlated across them)
+        counts = attention.key_counts(attend.keys(facts), facts.causal)
         return gradient_stats.effective(self.constants[index:index + 2], facts.causal,
                                         facts.masked or not square, counts)
 
