@@ -67,6 +67,15 @@ lm("hf_mistral", "MistralForCausalLM", "MistralConfig",
 lm("hf_qwen2", "Qwen2ForCausalLM", "Qwen2Config",
    "Qwen2: Llama layout with q/k/v biases",
    **DECODER, num_key_value_heads=2, intermediate_size=344)
+lm("hf_olmo2", "Olmo2ForCausalLM", "Olmo2Config",
+   "OLMo 2: norms after attention and MLP (post-norm inside the residual), RMSNorm on the "
+   "whole q and k projections (QK-norm), RoPE",
+   **DECODER, num_key_value_heads=2, intermediate_size=344)
+lm("hf_mixtral", "MixtralForCausalLM", "MixtralConfig",
+   "Mixtral: Llama layout with a sparse mixture of experts (4 SwiGLU experts, top-2 "
+   "router) in place of the MLP",
+   **DECODER, num_key_value_heads=2, intermediate_size=344, num_local_experts=4,
+   num_experts_per_tok=2)
 lm("hf_gemma", "GemmaForCausalLM", "GemmaConfig",
    "Gemma: embeddings scaled by sqrt(hidden), (1 + w) RMSNorm, GeGLU, tied head",
    **DECODER, num_key_value_heads=1, head_dim=32, intermediate_size=344)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import varprobe
 from varprobe import stats
 from varprobe.theory import attention, attention_paths
 from varprobe.theory.nodes import Attention
@@ -198,7 +199,7 @@ def test_closed_forms_miss_that_call(eager, monkeypatch):
     closed forms now keep r_g at this spread and follow the softmax's overlap: value
     and key paths within ~0.1 in log over 3 seeds, where dropping r_g put them 3-6x
     under; the measured paths are what the causal call still needs."""
-    monkeypatch.setattr(attention_paths, "saturated", lambda *args: None)
+    monkeypatch.setattr(attention_paths, "measured_paths", lambda *args: None)
     logs = [_probe_logs(True, seed, eager) for seed in range(3)]
     assert abs(sum(row["k"] for row in logs) / len(logs)) > 0.1
 
@@ -238,3 +239,28 @@ def test_the_factors_do_not_depend_on_how_the_slices_are_chunked(causal, monkeyp
     whole = _measured(q, k, v, g, causal, dropout=0.1)
     monkeypatch.setattr(attention_paths, "CHUNK", T * T)  # one slice per chunk
     assert _measured(q, k, v, g, causal, dropout=0.1) == pytest.approx(whole, rel=1e-5)
+
+
+def test_measured_paths_where_the_values_are_correlated_past_one_r():
+    """OLMo 2's post-norm blocks make the second block's values r = 0.999 at an
+    unsaturated call (s^2 ~ 1): each token the normalized causal mean of the first
+    block's, correlated by position, not by one r. The closed forms keep (1 - r) of
+    the key path there and put k_norm's gradient 1120x under (the query path 1/1.6,
+    the value path 1.5x, relative to the call's output); past
+    attention_paths.CORRELATED the walk takes the measured paths. The step from the
+    attention output's gradient (o_proj's) to each path, measured over predicted,
+    within 1/4: the walk multiplies the measured factors by its own forward values (the
+    values' E[v^2] 14% under at this call)."""
+    pytest.importorskip("transformers")
+    import corpus
+
+    e = corpus.entry("hf_olmo2")
+    torch.manual_seed(0)
+    report = varprobe.probe(e.build(), e.example(), batch_size=e.batch_size)
+    ratio = {layer.label: layer.backward.var / layer.predicted.backward_var
+             for layer in report.layers if layer.label.startswith("model.layers.1.self_attn")}
+    out = ratio["model.layers.1.self_attn.o_proj"]
+    assert report.attention[1]["token_correlation"] > attention_paths.CORRELATED
+    for path in ("q_norm", "k_norm", "v_proj"):
+        step = ratio[f"model.layers.1.self_attn.{path}"] / out
+        assert step == pytest.approx(1, abs=0.25), (path, step)

@@ -253,15 +253,18 @@ class AttentionGraph:
             facts.paths = len(self.rec._constants) - len(slots)
 
     def _unsaturated(self, facts: Attention) -> bool:
-        """Whether the call cannot be saturated, told without a device sync: on the CPU,
-        where reading a result is free, a measured mean squared logit below half the
-        saturated spread ((1 - r) s^2 <= s^2). The paths' factors are read only past
-        that spread, and forming them costs about twice the call itself at the bench's
-        sizes, so such a call skips them (an accelerator forms them, as it cannot look)."""
+        """Whether the walk cannot want the paths' factors, told without a device sync:
+        on the CPU, where reading a result is free, a measured mean squared logit below
+        half the saturated spread ((1 - r) s^2 <= s^2) and values' r below
+        attention_paths.CORRELATED. The factors are read only past one of them, and
+        forming them costs about twice the call itself at the bench's sizes, so such a
+        call skips them (an accelerator forms them, as it cannot look)."""
         if facts.measured is None:
             return False
         s2 = self.rec._constants[facts.measured][1]
-        return stats.reads_are_free(s2.device) and float(s2) < attention.SATURATED_SPREAD / 2
+        r_v = self.rec._constants[facts.measured + 1][0]
+        return stats.reads_are_free(s2.device) and float(s2) < attention.SATURATED_SPREAD / 2 \
+            and float(r_v) < attention_paths.CORRELATED
 
     # --- what carries a pending attention ------------------------------------------------
     def softmax(self, func, args: tuple, kwargs: dict, out: T) -> int | None:

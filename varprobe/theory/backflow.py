@@ -222,7 +222,7 @@ class Backward:
             return
         measured, correlations = self.measurements(node)
         correlations, closed, r_g, factor = self.closed_paths(node, g, measured, correlations)
-        paths = attention_paths.saturated(self.facts(node), g.var, *values, correlations,
+        paths = attention_paths.measured_paths(self.facts(node), g.var, *values, correlations,
                                           self.path_factors(node)) \
             or attend.backward(self.facts(node), g.var, *values, correlations,
                                self.width(node), r_g, factor)
