@@ -149,15 +149,22 @@ def test_feature_norm_token_gain_against_autograd():
 
 
 @pytest.mark.parametrize("kind,expected", [
-    ("bias+causal", (1.0, 0.0)), ("bias", (0.0, 1.0)), ("bool causal", (1.0, 0.0)),
-    ("bool padding", (0.0, 0.0))])
+    ("bias+causal", (1.0, 0.0, 8.0)), ("bias", (0.0, 1.0, 0.0)),
+    ("bool causal", (1.0, 0.0, 8.0)), ("bool padding", (0.0, 0.0, 0.0)),
+    ("window", (0.0, 0.0, 3.0)), ("window+bias", (0.0, 0.0, 3.0)),
+    ("window, one more hidden", (0.0, 0.0, 0.0))])
 def test_mask_shape_of_a_float_mask_with_a_position_bias(kind, expected):
+    """(causal, full, window): a causal mask is the window of all T keys."""
     T = 8
     facts = Attention(queries=T, keys=T, d_k=4, heads=2)
     bias = torch.randn(1, 2, T, T) * 0.1
     tril = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = {"bias+causal": torch.where(tril, bias, torch.finfo(torch.float32).min),
-            "bias": bias, "bool causal": tril,
+    band = tril & ~torch.ones(T, T, dtype=torch.bool).tril(-3)  # keys i-2..i
+    low = torch.finfo(torch.float32).min
+    mask = {"bias+causal": torch.where(tril, bias, low), "bias": bias, "bool causal": tril,
             "bool padding": torch.ones(T, T, dtype=torch.bool).index_fill(1, torch.tensor([0]),
-                                                                       False)}[kind]
+                                                                       False),
+            "window": band, "window+bias": torch.where(band, bias, low),
+            "window, one more hidden": band.index_put((torch.tensor(5), torch.tensor(4)),
+                                                      torch.tensor(False))}[kind]
     assert tuple(attention_stats.mask_shape(mask, facts).tolist()) == expected

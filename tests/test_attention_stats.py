@@ -58,20 +58,26 @@ def _reference(q, k, v, mask, causal, scale=None):
         s = x.sum(-2).square().mean()
         return (s / tokens - m2) / ((tokens - 1) * m2)
 
-    def prefix(x, power):
-        tokens = x.shape[-2]
-        sums = x.cumsum(-2).square().sum(-1)
-        weights = torch.arange(1, tokens + 1, dtype=torch.float64) ** -power
-        return (sums * weights).sum() / x.square().sum()
-
+    window = None
     if mask is None:
-        shape = (float(causal), float(not causal))
+        shape = (float(causal), float(not causal), 0.0)
     else:
         seen = mask if mask.dtype == torch.bool else mask > -1e4
         tril = torch.ones(tq, tk, dtype=torch.bool).tril()
         if causal:
             seen = seen & tril
-        shape = (float((seen == tril).all()), float(seen.all()))
+        width = int(seen.sum(-1).max())  # a sliding window: query i sees i-W+1..i
+        band = tril & (torch.arange(tq)[:, None] - torch.arange(tk)[None, :] < width)
+        window = width if bool((seen == band).all()) else None
+        shape = (float((seen == tril).all()), float(seen.all()), float(window or 0))
+
+    def prefix(x, power):  # mean_i |mean of i's window|^2 (/ its count) over E[x^2]
+        tokens = x.shape[-2]
+        w = window or tokens
+        sums = torch.stack([x[..., max(0, i - w + 1):i + 1, :].sum(-2)
+                            for i in range(tokens)], -2).square().sum(-1)
+        counts = torch.arange(1, tokens + 1, dtype=torch.float64).clamp(max=w)
+        return (sums * counts ** -power).sum() / x.square().sum()
     lead = p.shape[:-2]
     slices = math.prod(lead)
     picks = torch.linspace(0, slices - 1, min(slices, max(1, attention_stats.GRAMS // tk ** 2)))
@@ -131,6 +137,8 @@ CASES = {
     "float_mask_1e4": dict(b=2, heads=4, kv=4, t=200, d=32, mask="-1e4"),
     "bool_mask": dict(b=2, heads=4, kv=2, t=256, d=32, mask="bool"),
     "full": dict(b=2, heads=4, kv=4, t=256, d=32),
+    "window": dict(b=2, heads=4, kv=2, t=256, d=32, mask="window"),
+    "window_float": dict(b=2, heads=4, kv=4, t=200, d=32, mask="window", float=True),
     "short": dict(b=4, heads=4, kv=4, t=64, d=64, causal=True),
     "odd": dict(b=3, heads=6, kv=3, t=197, d=40),
     "long": dict(b=1, heads=2, kv=2, t=1024, d=64, causal=True),
@@ -151,6 +159,11 @@ def test_sdpa_statistics_against_their_definitions(name):
     mask = None
     if masking == "bool":
         mask = torch.rand(t, t, generator=gen) > 0.4
+    elif masking == "window":  # Mistral's sliding window of 48, bool and float
+        lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+        mask = (lag >= 0) & (lag < 48)
+        if c.pop("float", False):
+            mask = torch.zeros(t, t).masked_fill(~mask, -math.inf)
     elif masking is not None:
         mask = _float_mask(gen, t, -math.inf if masking == "-inf" else -1e4)
     got, want = _measured(q, k, v, mask, causal), _reference(q, k, v, mask, causal)

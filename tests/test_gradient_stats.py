@@ -26,33 +26,38 @@ def _gradient(causal: bool) -> torch.Tensor:
     return g * weight + shared * weight if causal else g + 0.5 * shared
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_effective_correlation_makes_the_flat_value_path_exact(causal):
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 8)])
+def test_effective_correlation_makes_the_flat_value_path_exact(causal, window):
+    """Also under a sliding window of 8 (query i sees keys i-7..i): the probe's flat p̄
+    is the window's, and the closed form's query pairs share their windows' keys."""
     g = _gradient(causal)
     tokens = g.shape[-2]
-    seen = torch.ones(tokens, tokens, dtype=torch.float64)
-    p = (seen.tril() if causal else seen)
-    p = p / p.sum(-1, keepdim=True)
+    lag = torch.arange(tokens)[:, None] - torch.arange(tokens)[None, :]
+    seen = ((lag >= 0) & (lag < (window or tokens)) if causal else lag == lag).double()
+    p = seen / seen.sum(-1, keepdim=True)
     exact = float((p.transpose(0, 1) @ g).square().mean())  # dv_j = Σ_i p_ij g_i
     g.requires_grad_(False)
-    slots = _filled(g)
-    counts = attention.key_counts(tokens, causal)
-    r_g = gradient_stats.effective(slots, causal, causal, counts)
+    slots = _filled(g, window)
+    counts = attention.key_counts(tokens, causal) if window is None else \
+        torch.arange(1, tokens + 1).clamp(max=window).double().numpy()
+    r_g = gradient_stats.effective(slots, causal, causal, counts, window)
     sigma = float(g.square().mean())
-    closed = attention.backward(sigma, 1.0, 0.0, 0.0, 16, tokens, r_g=r_g, causal=causal)
+    keys, flag = (tokens, causal) if window is None else (counts, False)
+    closed = attention.backward(sigma, 1.0, 0.0, 0.0, 16, keys, r_g=r_g, causal=flag,
+                                window=window)
     assert closed.value == pytest.approx(exact, rel=1e-9)
-    plain = attention.backward(sigma, 1.0, 0.0, 0.0, 16, tokens, r_g=slots[0][0],
-                               causal=causal).value
+    plain = attention.backward(sigma, 1.0, 0.0, 0.0, 16, keys, r_g=slots[0][0],
+                               causal=flag, window=window).value
     if causal:  # one uncentered r_g misses the position dependence
         assert abs(plain / exact - 1) > 0.2
 
 
-def _filled(g: torch.Tensor) -> list[tuple[float, float]]:
+def _filled(g: torch.Tensor, window: int | None = None) -> list[tuple[float, float]]:
     """The pairs as the probe fills them: a hook on an output whose gradient is g, its
     values through the one transfer."""
     out = torch.zeros_like(g, requires_grad=True)
     y = out * 1.0
-    found = gradient_stats.watch(y)
+    found = gradient_stats.watch(y, None if window is None else torch.tensor(float(window)))
     y.backward(g)
     assert len(found) == 2
     return stats.collect([found[0]])[0]

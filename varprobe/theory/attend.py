@@ -31,18 +31,20 @@ RG_SPREAD = tokens.SATURATED
 
 
 def keys(facts: Attention) -> attention.Keys:
-    """Per-query key counts: T, or 1..T when causal; one count per query where the
-    queries are not the keys (cross-attention, a reduced key sequence; top-left aligned
-    under a causal mask, as torch does), so that the query-pair sums run over the
-    queries there are."""
+    """Per-query key counts: T, or 1..T when causal, min(i, W) under a sliding window;
+    one count per query where the queries are not the keys (cross-attention, a reduced
+    key sequence; top-left aligned under a causal mask, as torch does), so that the
+    query-pair sums run over the queries there are."""
+    if facts.window is not None:  # query i sees keys i - W + 1..i
+        return _cross_counts(facts.queries, facts.window, True)
     if facts.queries != facts.keys:
         return _cross_counts(facts.queries, facts.keys, facts.causal)
     return facts.keys
 
 
 @functools.lru_cache(maxsize=64)
-def _cross_counts(queries: int, keys: int, causal: bool) -> np.ndarray:
-    counts = np.minimum(np.arange(1, queries + 1), keys) if causal \
+def _cross_counts(queries: int, keys: int, trailing: bool) -> np.ndarray:
+    counts = np.minimum(np.arange(1, queries + 1), keys) if trailing \
         else np.full(queries, keys)
     counts = counts.astype(float)
     counts.setflags(write=False)
@@ -59,7 +61,8 @@ def correlation(facts: Attention, v: Signal, measured: tuple | None, side: int =
     less of it than one of neighbours. So there:
 
     values: r = (u - P2)/(1 - P2), u the prefix share mean_i u_i (u_i = |x̄_i|^2/E[x^2],
-    x̄_i the mean of the window 1..i; attention_stats.prefix_share) and P2 = mean_i 1/i,
+    x̄_i the mean of the window 1..i, or i-W+1..i under a sliding window;
+    attention_stats.prefix_share) and P2 = mean_i 1/i (1/min(i, W)),
     the r whose flat forward r + (1 - r) P2 gives u;
     keys: r = 1 - (mean_i 1/i - w)/mean_i (i-1)/i^2, w = mean_i u_i/i. In the query path
     query i sums (v_j - v̄_i) k_j over its window, whose pair sum is
@@ -68,8 +71,8 @@ def correlation(facts: Attention, v: Signal, measured: tuple | None, side: int =
     (1 - r_k) m_i, m_i = (i-1)/i^2."""
     if measured is None:
         r = max(v.r, v.mean_share) if side == 0 else correlation(facts, v, None)
-    elif facts.causal and facts.queries == facts.keys:
-        p2, m = _causal_means(facts.keys)
+    elif _windowed(facts):
+        p2, m = _window_means(facts.keys, facts.window or facts.keys)
         r = (measured[2] - p2) / (1 - p2) if side == 0 else 1 - (p2 - measured[3]) / m
     else:
         r = measured[side]
@@ -91,17 +94,23 @@ def query_correlation(facts: Attention, q: Signal, measured: tuple | None) -> fl
 def shifted(facts: Attention, measured: tuple, r_v: float, r_k: float) -> tuple:
     """``measured`` (r_v, r_k, u_v, u_k) re-expressed so that ``correlation`` reads
     ``r_v`` and ``r_k`` from it (under a causal mask through the prefix shares)."""
-    if facts.causal and facts.queries == facts.keys:
-        p2, m = _causal_means(facts.keys)
+    if _windowed(facts):
+        p2, m = _window_means(facts.keys, facts.window or facts.keys)
         return (r_v, r_k, p2 + (1 - p2) * r_v, p2 - (1 - r_k) * m)
     return (r_v, r_k, *measured[2:])
 
 
+def _windowed(facts: Attention) -> bool:
+    """Whether each query sees a window of the keys up to its own position (causal, or
+    a sliding window), whose shares the probe measured."""
+    return (facts.causal and facts.queries == facts.keys) or facts.window is not None
+
+
 @functools.lru_cache(maxsize=64)
-def _causal_means(keys: int) -> tuple[float, float]:
-    """mean_i 1/i and mean_i (i-1)/i² over the causal windows 1..T: once per T (every
-    attention call of every walk reads them)."""
-    i = attention.key_counts(keys, True)
+def _window_means(keys: int, window: int) -> tuple[float, float]:
+    """mean_i 1/T_i and mean_i (T_i-1)/T_i² over the windows T_i = min(i, W) (causal: W
+    = T): once per (T, W) (every attention call of every walk reads them)."""
+    i = np.minimum(np.arange(1, keys + 1), window).astype(float)
     return float((1 / i).mean()), float(((i - 1) / i**2).mean())
 
 
@@ -146,7 +155,7 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
     r = correlation(facts, v, correlations)
     causal = facts.causal and facts.queries == facts.keys
     closed = attention.forward(1.0, s2, r, keys(facts), causal, n, facts.dropout,
-                               d_k=facts.d_k)
+                               d_k=facts.d_k, window=facts.window)
     z2, p2 = closed.second_moment, closed.participation
     if measured is not None:
         p2 = measured[0]
@@ -194,6 +203,6 @@ def backward(facts: Attention, g: float, q: Signal, k: Signal, v: Signal,
                            causal=causal, scale=facts.scale, dropout=facts.dropout, n=n,
                            r_k=correlation(facts, v, correlations, 1),
                            r_q=query_correlation(facts, q, correlations),
-                           query_factor=query_factor, row=facts.keys)
+                           query_factor=query_factor, row=facts.keys, window=facts.window)
     group = max(facts.heads // max(facts.kv_heads, 1), 1)
     return b.query, b.key * group, b.value * group, b.logit

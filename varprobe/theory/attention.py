@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from varprobe.theory import overlap
+from varprobe.theory import keyindex, overlap
 
 # Above this effective logit variance (1-r) s^2 attention heads towards one-hot at init
 # (entropy collapse, attention.md §3.5): sum p^2 is set by the few largest logits, so by
@@ -321,31 +321,26 @@ def participation(s2: float, r: float, keys: Keys, causal: bool = False, *,
     return float(np.mean(_moments(s2, r, key_counts(keys, causal), method, d_k, n)[0]))
 
 
-def _pairs(s2: float, r: float, counts: np.ndarray) -> tuple[float, float]:
+def _pairs(s2: float, r: float, counts: np.ndarray,
+           window: int | None = None) -> tuple[float, float]:
     """Query-pair sums over i != k, divided by the number of queries N:
     (sum O_ik, sum O_ik (1 - 1/min(T_i, T_k))) with the overlap O_ik = E[sum_j p_ij p_kj].
 
     Key sets are nested (causal, key padding), so two queries share min(T_i, T_k) keys
     and O_ik ~ 1/max(T_i, T_k) (§3.2, last bullet), times the lognormal factor of the
     key-side logit part the two queries share (variance r (1-r) s^2; 1 at r = 0); past
-    saturation, where that form sends every pair to one key, theory.overlap's.
+    saturation, where that form sends every pair to one key, theory.overlap's. Under a
+    sliding ``window`` (query i sees keys i - W + 1..i) two queries share s_ik of the
+    smaller one's keys, and O_ik is s_ik/min(T_i, T_k) of the nested one (0 for queries
+    W or more apart; 1/(T_i T_k) per shared key at flat attention, as nested).
     """
     counts = np.asarray(counts)
-    t, below, spread = _sorted_pairs(counts.dtype.str, counts.tobytes())
+    if window is not None:
+        t, below, spread = keyindex.window_pairs(counts.size, window)
+    else:
+        t, below, spread = keyindex.nested_pairs(counts.dtype.str, counts.tobytes())
     g = pair_overlap(s2, r, t)
     return 2 * float(g @ below) / t.size, 2 * float(g @ spread) / t.size
-
-
-@functools.lru_cache(maxsize=64)
-def _sorted_pairs(dtype: str, data: bytes) -> tuple[np.ndarray, ...]:
-    """_pairs' parts that only the key counts set: once per mask, not per call."""
-    t = np.sort(np.frombuffer(data, dtype))
-    below = np.arange(t.size)                        # partners with T_k <= T_i
-    inv_below = np.concatenate(([0.0], np.cumsum(1 / t)[:-1]))
-    out = t, below, below - inv_below
-    for x in out:
-        x.setflags(write=False)
-    return out
 
 
 def pair_overlap(s2: float, r: float, t: np.ndarray) -> np.ndarray:
@@ -358,7 +353,7 @@ def pair_overlap(s2: float, r: float, t: np.ndarray) -> np.ndarray:
 
 def forward(q_v: float, s2: float, r: float, keys: Keys, causal: bool = False,
             n: int | None = None, dropout: float = 0.0, *, d_k: int | None = None,
-            method: str = "gaussian") -> Forward:
+            method: str = "gaussian", window: int | None = None) -> Forward:
     """E[z^2] at the head output and its token correlation (§3.2, corrected):
 
     E[z^2] = q_v [r + P2 (1/(1-p) - r) + (1-r)^2 s^2 mean_i (1 - P2_i)^2 / n]
@@ -366,7 +361,8 @@ def forward(q_v: float, s2: float, r: float, keys: Keys, causal: bool = False,
     The last (coupling) term is dropped when the input width n is unknown (an error of
     at most ~s^2/n relative to q_v). r_out = [r + (1-r) O] / (E[z^2]/q_v) with O the
     mean overlap of two queries' attention, ~1/max(T_i, T_k) (key sets nested, as with
-    causal or key-padding masks, not sliding windows; nan for one token). Multi-head:
+    causal or key-padding masks; under a sliding ``window`` the keys they share, see
+    _pairs; nan for one token). Multi-head:
     per head, then E[o^2] = H d_k sigma_o^2 E[z^2] (+ b_o^2) through the output projection.
     """
     counts = key_counts(keys, causal)
@@ -378,7 +374,7 @@ def forward(q_v: float, s2: float, r: float, keys: Keys, causal: bool = False,
     tokens = counts.size
     if tokens < 2:
         return Forward(q_v * z2, math.nan, p2)
-    overlap = _pairs(s2, r, counts)[0] / (tokens - 1)
+    overlap = _pairs(s2, r, counts, window)[0] / (tokens - 1)
     return Forward(q_v * z2, (r + (1 - r) * overlap) / z2, p2)
 
 
@@ -388,7 +384,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
              weight_var: tuple[float, float, float] | None = None, n: int | None = None,
              dropout: float = 0.0, method: str = "gaussian",
              r_k: float | None = None, query_factor: float | None = None,
-             row: int | None = None, r_q: float | None = None) -> Backward:
+             row: int | None = None, r_q: float | None = None,
+             window: int | None = None) -> Backward:
     """Gradient second moments of one self-attention head (§3.3, corrected).
 
     sigma_g2, r_g: E[g^2] and token correlation of the gradient at the head output z.
@@ -400,7 +397,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     E[dk^2] = c^2 d_k sigma_g^2 q_v q_q [f m + (1-r) r_q r_g K] (N/T_k)
 
     per key: each key's gradients sum over the N queries that read it (N the length of
-    ``keys`` given as per-query counts, T_k = ``row``), so a reduced key sequence
+    ``keys`` given as per-query counts, T_k = ``row``: the largest count, or N under a
+    sliding window), so a reduced key sequence
     (SegFormer's) or a cross-attention to a shorter context gets N/T_k times what the
     per-query sums give (a float64 check: 8x at N = 64, T_k = 8); 1 in self-attention.
 
@@ -416,6 +414,8 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     key j is read by every query from j on, so the pairs span the sequence (the plain
     r of the rotated queries, which a probe takes from the keys: both are W x turned by
     the same angles).
+    ``window``: a sliding window of that many keys (``keys`` its per-query counts): the
+    query-pair terms count the keys two queries share (_pairs).
     ``logit``: E[dS^2] per entry of the logits, what an additive bias on them (T5's
     relative position bias) gets, = sigma_g^2 d_k q_v f m / T_k, T_k = ``row`` the
     length of a row of logits (the largest key count by default).
@@ -427,11 +427,12 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
     counts = key_counts(keys, causal)
     p2i, mi = _moments(s2, r, counts, method, d_k, n)
     p2, m = float(mean(p2i)), float(mean(mi))
-    overlap, cross = _pairs(s2, r, counts)
+    overlap, cross = _pairs(s2, r, counts, window)
     keep = 1 / (1 - dropout)
     # key j's gradients sum over the queries that read it: per key, N/T_k times the
     # per-query sums (N queries: as many as the counts; 1 in self-attention)
-    per_key = counts.size / float(row or counts.max())
+    row = row or (counts.size if window is not None else int(counts.max()))
+    per_key = counts.size / float(row)
     dv = per_key * sigma_g2 * (r_g * (p2 + overlap) + p2 * (keep - r_g))
     f = keep - r
     coherent = (1 - r) * float(mean((1 - p2i) ** 2)) / n if n else 0.0
@@ -452,7 +453,7 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
         dx = heads * d_k * (var_v * dv + var_q * dq + var_k * dk)
     # dS_ij = p_ij g_i.(v_j - v̄_i): per query sum_j E[dS_ij^2] = sigma_g^2 d_k q_v f m_i
     # (the query path without c k_j), spread over the T_k entries of its row
-    logit = sigma_g2 * d_k * q_v * f * m / float(row or counts.max())
+    logit = sigma_g2 * d_k * q_v * f * m / float(row)
     return Backward(dv, dq, dk, dx, logit)
 
 

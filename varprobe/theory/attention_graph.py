@@ -222,8 +222,9 @@ class AttentionGraph:
                 self.rec._constants.extend([
                     torch.stack([s["p2"], s["s2"]]),
                     torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
-                    torch.stack([s["causal"], s["full"]]),
-                    torch.stack([attention_stats.prefix_share(v), s.get("u_k", z)]),
+                    s["mask"],
+                    torch.stack([attention_stats.prefix_share(v, window=s["mask"][2]),
+                                 s.get("u_k", z)]),
                     attention_stats.query_path(_like(s["rows"], v), v.detach(), s["k"])
                     if "k" in s else torch.stack([z, z])])
             facts.measured = len(self.rec._constants) - 5
@@ -239,7 +240,9 @@ class AttentionGraph:
         """The gradient's token correlation at the output and the paths' factors at the
         realized tensors, measured in the backward (theory.gradient_stats,
         theory.attention_paths) into slots among the constants."""
-        slots = gradient_stats.watch(out)
+        shape = self.rec._constants[facts.measured + 2] if facts.measured is not None \
+            else None
+        slots = gradient_stats.watch(out, shape[2] if isinstance(shape, T) else None)
         if slots:
             self.rec._constants.extend(slots)
             facts.gradient = len(self.rec._constants) - len(slots)
@@ -413,16 +416,15 @@ def _operands(func, args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:
 
 def _softmax_stats(x: T, p: T) -> dict[str, T]:
     """Σp² over every row, the mean squared logit over the keys each query sees, and the
-    mask's shape (1 where every row sees exactly the keys up to its own position, top-left
-    aligned; 1 where every key is seen), on the device; a subsample of p's rows
-    for the query path's factor (attention_stats.query_path), and p (by reference) for
-    the paths' factors of a saturated call (theory.attention_paths). The sums of squares
+    mask's shape (attention_stats.mask_shape's causal, full and window), on the device;
+    a subsample of p's rows for the query path's factor (attention_stats.query_path),
+    and p (by reference) for the paths' factors of a saturated call
+    (theory.attention_paths). The sums of squares
     accumulated in float64 without a float64 copy of a (B, H, T, T) tensor
     (attention_stats._square_sum), as at an SDPA call."""
     with torch.no_grad():
         x, p = x.detach(), p.detach()
         allowed = torch.isfinite(x) & (x > attention_stats.MASKED)
-        tril = torch.ones(x.shape[-2:], dtype=torch.bool, device=x.device).tril()
         count = allowed.sum().clamp(min=1)
         rows = torch.linspace(0, p.shape[-2] - 1, min(attention_stats.SUBSAMPLE, p.shape[-2]),
                               device=p.device).round().long()
@@ -431,5 +433,4 @@ def _softmax_stats(x: T, p: T) -> dict[str, T]:
                 "rows": p.index_select(-2, rows),
                 "s2": attention_stats._square_sum(x.masked_fill(~allowed, 0.0), torch.float64)
                 / count,
-                "causal": (allowed == tril).all().double(),
-                "full": allowed.all().double()}
+                "mask": attention_stats.allowed_shape(allowed, *x.shape[-2:])}

@@ -86,9 +86,11 @@ def sdpa(q: T, k: T, v: T, mask: Any, facts: Attention) -> list[T | tuple[float,
         squares = _square_sum64(p) / max(p.numel() // max(p.shape[-1], 1), 1)
         path = query_path(p, values, keys, group, _early(facts, rows.numel()))
         r_k, r_v = sums.correlations()
-        w_k, u_v = sums.prefix_shares(weighted=(True, False))
-        return [torch.stack([squares, spread]), torch.stack([r_v, r_k]),
-                mask_shape(mask, facts), torch.stack([u_v, w_k]), path]
+        shape = mask_shape(mask, facts)
+        w_k, u_v = sums.prefix_shares(weighted=(True, False),
+                                      window=shape[2] if isinstance(shape, T) else None)
+        return [torch.stack([squares, spread]), torch.stack([r_v, r_k]), shape,
+                torch.stack([u_v, w_k]), path]
 
 
 def _hidden_zeroed(logits: T, allowed: T) -> tuple[T, T]:
@@ -131,11 +133,11 @@ class _Sums:
     def correlations(self) -> list[T]:
         return [_correlation(x, square, x.sum(-2)) for x, square in zip(self.x, self.square)]
 
-    def prefix_shares(self, weighted: tuple[bool, ...]) -> list[T]:
+    def prefix_shares(self, weighted: tuple[bool, ...], window: T | None = None) -> list[T]:
         """After the last read of the tensors: their copies are summed in place."""
         for buffer in self.buffers:
             _cumulate_(buffer)
-        return [prefix_share(x, w, square, x)
+        return [prefix_share(x, w, square, x, window)
                 for x, w, square in zip(self.x, weighted, self.square)]
 
 
@@ -193,20 +195,36 @@ def _square_sum64(x: T) -> T:
     return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
 
-def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float]:
-    """(causal, full) of an SDPA call's mask on the device: 1 where every query sees
-    exactly the keys up to its own position (top-left aligned, as is_causal), 1 where
-    every key is seen. A float mask that carries a position bias (T5 adds its relative
-    bias to the causal mask) hides a key by a large negative entry, so the shape is
-    read off the entries at or below MASKED, as at an eager softmax."""
-    if mask is None:  # the arguments say it all: a host pair
-        return float(facts.causal), float(not facts.causal)
-    cols = torch.arange(facts.keys, device=mask.device)
-    tril = cols[None, :] <= torch.arange(facts.queries, device=mask.device)[:, None]
+def mask_shape(mask: Any, facts: Attention) -> T | tuple[float, float, float]:
+    """(causal, full, window) of an SDPA call's mask on the device: 1 where every query
+    sees exactly the keys up to its own position (top-left aligned, as is_causal), 1
+    where every key is seen, and W where every query i sees exactly the keys i - W + 1
+    to i (a sliding window: Mistral's, Gemma's local layers; 0 where not). A float mask
+    that carries a position bias (T5 adds its relative bias to the causal mask) hides a
+    key by a large negative entry, so the shape is read off the entries at or below
+    MASKED, as at an eager softmax."""
+    if mask is None:  # the arguments say it all: a host triple
+        return float(facts.causal), float(not facts.causal), 0.0
     allowed = mask if mask.dtype == torch.bool else mask > MASKED
     if facts.causal:
-        allowed = allowed & tril
-    return torch.stack([(allowed == tril).all(), allowed.all()]).double()
+        allowed = allowed & _tril(facts.queries, facts.keys, mask.device)
+    return allowed_shape(allowed, facts.queries, facts.keys)
+
+
+def _tril(queries: int, keys: int, device: torch.device) -> T:
+    cols = torch.arange(keys, device=device)
+    return cols[None, :] <= torch.arange(queries, device=device)[:, None]
+
+
+def allowed_shape(allowed: T, queries: int, keys: int) -> T:
+    """``mask_shape``'s triple from the boolean mask of the keys each query sees (any
+    leading dims), on its device without a sync."""
+    tril = _tril(queries, keys, allowed.device)
+    rows = torch.arange(queries, device=allowed.device)[:, None]
+    width = allowed.sum(-1).amax()  # the widest row: the window where it is one
+    band = tril & (rows - torch.arange(keys, device=allowed.device)[None, :] < width)
+    window = torch.where((allowed == band).all(), width, 0)
+    return torch.stack([(allowed == tril).all(), allowed.all(), window]).double()
 
 
 def multihead(module: nn.MultiheadAttention, args: tuple, kwargs: dict,
@@ -243,7 +261,7 @@ def _correlation(x: T, square_sum: T | None = None, total: T | None = None) -> T
 
 
 def prefix_share(x: T, weighted: bool = False, square_sum: T | None = None,
-                 running: T | None = None) -> T:
+                 running: T | None = None, window: T | None = None) -> T:
     """u = mean_i |x̄_i|^2 / E[x^2], x̄_i the mean of x_1..x_i (tokens on axis -2): what
     flat causal attention keeps of x, on its device. For tokens of one second moment
     and uncentered correlation r it is r + (1 - r) mean_i 1/i; where the correlation
@@ -251,7 +269,8 @@ def prefix_share(x: T, weighted: bool = False, square_sum: T | None = None,
     themselves) it is the r the windows of causal attention see (theory.attend).
     ``weighted``: mean_i u_i / i, the weights the query path gives query i (its m_i,
     ~1/i at flat attention). ``running``: the running sums of x (_cumulate_) where
-    already formed."""
+    already formed. ``window``: a 0-d tensor, W > 0 for a sliding window (x̄_i the mean
+    of x_{i-W+1}..x_i, over min(i, W) tokens), 0 for none (mask_shape's third value)."""
     tokens = x.shape[-2]
     q = _square_sum(x) if square_sum is None else square_sum
     # |x̄_i|^2 = |S_i|^2 / i^2, S_i the running sum: one norm per prefix, then the
@@ -259,6 +278,12 @@ def prefix_share(x: T, weighted: bool = False, square_sum: T | None = None,
     positions = torch.arange(1, tokens + 1, dtype=torch.float64, device=x.device)
     sums = _cumulate_(x.clone(memory_format=torch.contiguous_format)) \
         if running is None else running
+    if window is not None:  # S_i - S_{i-W}, on the device: W is not read
+        width = torch.where(window > 0, window, tokens).to(torch.long)
+        start = torch.arange(tokens, device=x.device) - width
+        before = sums.index_select(-2, start.clamp(min=0)) * (start >= 0).unsqueeze(-1)
+        sums = sums - before
+        positions = torch.minimum(positions, width.to(torch.float64))
     prefix = torch.linalg.vector_norm(sums, dim=-1).double().square()
     return (prefix * positions ** (-3 if weighted else -2)).sum() / q.clamp(min=1e-300)
 

@@ -31,11 +31,13 @@ from varprobe.theory.constants import awaiting, deferred
 T = torch.Tensor
 
 
-def watch(out: T) -> list:
+def watch(out: T, window: T | None = None) -> list:
     """Two constants the backward fills (tokens on axis -2), ``constants.deferred``: the
     hook's three norms go through the pass's one transfer and the pairs are made on the
     host (``_pairs``; (0, 0) twice where it never runs); none where no gradient will come
-    (meta, no grad)."""
+    (meta, no grad). ``window``: the mask's measured sliding window (a 0-d tensor, 0 for
+    none), whose flat p̄ (1/min(i, W) over keys i-W+1..i) then takes the causal one's
+    place."""
     if out.is_meta or not out.requires_grad or out.dim() < 2:
         return []
     found = awaiting(2)
@@ -45,7 +47,14 @@ def watch(out: T) -> list:
             g = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
             tokens, numel = g.shape[-2], g.numel()
             rows = torch.arange(1, tokens + 1, dtype=g.dtype, device=g.device).unsqueeze(-1)
-            causal = (g / rows).flip(-2).cumsum(-2).flip(-2)
+            if window is not None:  # on the device: W is not read
+                width = torch.where(window > 0, window, tokens).to(torch.long)
+                rows = torch.minimum(rows, width.to(g.dtype))
+            causal = (g / rows).flip(-2).cumsum(-2).flip(-2)  # key j: sum over i >= j
+            if window is not None:  # less the queries past j's window, i >= j + W
+                end = torch.arange(tokens, device=g.device) + width
+                causal = causal - causal.index_select(-2, end.clamp(max=tokens - 1)) \
+                    * (end < tokens).unsqueeze(-1)
             found.raw = transfer.Parts([torch.linalg.vector_norm(x)
                                         for x in (g, g.sum(-2), causal)])
             found.finish = lambda r: _pairs(r, tokens, numel)
@@ -69,30 +78,35 @@ def _pairs(r: list[float], tokens: int, numel: int) -> list[tuple[float, float]]
 
 
 def effective(slots: tuple[tuple, tuple] | None, causal: bool, masked: bool,
-              counts: np.ndarray) -> float | None:
+              counts: np.ndarray, window: int | None = None) -> float | None:
     """The gradient correlation r_g for theory.attention.backward: the one whose value
-    path at flat attention gives the measured u (causal or every key seen), the plain
-    r_g under another mask; None where the backward never filled the slots."""
+    path at flat attention gives the measured u (causal, a sliding ``window``, or every
+    key seen), the plain r_g under another mask; None where the backward never filled
+    the slots."""
     if slots is None or slots[0][1] < 0.5:
         return None
     if masked and not causal:
         return float(slots[0][0])
     u = slots[1][0] if causal else slots[1][1]
-    p2, c = flat_moments(counts)
+    p2, c = flat_moments(counts, window)
     return float((u - p2) / (c - p2)) if c > p2 else float(slots[0][0])
 
 
-def flat_moments(counts: np.ndarray) -> tuple[float, float]:
+def flat_moments(counts: np.ndarray, window: int | None = None) -> tuple[float, float]:
     """P₂ and the mean squared column sum C of flat attention over nested key sets
-    (query i sees the first counts[i] keys): the value path's σ_g²[r_g C + (1-r_g) P₂].
-    Cached: every walk (the actual init's, each scheme's) asks it of the same calls."""
-    return _flat_moments(np.asarray(counts, dtype=np.float64).tobytes())
+    (query i sees the first counts[i] keys), or over a sliding window (query i sees keys
+    i - W + 1..i): the value path's σ_g²[r_g C + (1-r_g) P₂]. Cached: every walk (the
+    actual init's, each scheme's) asks it of the same calls."""
+    return _flat_moments(np.asarray(counts, dtype=np.float64).tobytes(), window)
 
 
 @functools.lru_cache(maxsize=256)
-def _flat_moments(key: bytes) -> tuple[float, float]:
+def _flat_moments(key: bytes, window: int | None) -> tuple[float, float]:
     counts = np.frombuffer(key, dtype=np.float64)
-    keys = int(counts.max())
-    seen = np.arange(keys)[None, :] < counts[:, None]
+    if window is None:
+        seen = np.arange(int(counts.max()))[None, :] < counts[:, None]
+    else:  # key j by queries j..j+W-1
+        lag = np.arange(counts.size)[:, None] - np.arange(counts.size)[None, :]
+        seen = (lag >= 0) & (lag < window)
     columns = (seen / counts[:, None]).sum(0)
     return float(np.mean(1 / counts)), float(np.mean(columns ** 2))

@@ -77,3 +77,35 @@ def _gradient_weights(key: bytes) -> np.ndarray:
     out = np.triu(2 / np.outer(counts, counts), 1)
     out.setflags(write=False)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def window_pairs(n: int, w: int) -> tuple[np.ndarray, ...]:
+    """``nested_pairs``' parts under a sliding window of w over n queries: for each
+    query k, T_k = min(k + 1, w), and over the earlier queries i (T_i <= T_k) the shared
+    fractions s_ik/T_i and those times (1 - 1/T_i); once per (n, w), by distance."""
+    t = np.minimum(np.arange(1, n + 1), w).astype(float)
+    below, spread = np.zeros(n), np.zeros(n)
+    k = np.arange(n)
+    for d in range(1, min(w, n)):  # queries w or more apart share no key
+        i = k[d:] - d
+        shared = i - np.maximum(0, k[d:] - w + 1) + 1
+        frac = shared / t[i]
+        below[d:] += frac
+        spread[d:] += frac * (1 - 1 / t[i])
+    for x in (t, below, spread):
+        x.setflags(write=False)
+    return t, below, spread
+
+
+@functools.lru_cache(maxsize=64)
+def nested_pairs(dtype: str, data: bytes) -> tuple[np.ndarray, ...]:
+    """attention._pairs' parts (nested key sets) that only the key counts set: once per
+    mask, not per call."""
+    t = np.sort(np.frombuffer(data, dtype))
+    below = np.arange(t.size)                        # partners with T_k <= T_i
+    inv_below = np.concatenate(([0.0], np.cumsum(1 / t)[:-1]))
+    out = t, below, below - inv_below
+    for x in out:
+        x.setflags(write=False)
+    return out

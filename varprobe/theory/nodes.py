@@ -82,7 +82,7 @@ class Attention:
     """What a scaled_dot_product_attention call was: its shapes and options, and where
     the probe's own measurements at the call sit among the recording's constants
     (``measured``: (Σp², mean logit²) of a subsample of queries, then (r_v, r_k), the
-    token correlations of the values and keys, then the mask's shape (causal, full),
+    token correlations of the values and keys, then the mask's shape (causal, full, window),
     then (u_v, w_k), their prefix shares (theory.attention_stats.prefix_share; the
     keys' weighted by 1/i), then
     the query path's factor (query_path); None on meta)."""
@@ -103,6 +103,7 @@ class Attention:
     bias: int | None = None  # the node of an activation added to the logits (a float mask)
     bias_fold: float = 1.0   # logits per element of it (the batch it is broadcast over)
     softcap: float | None = None  # the logits are c·tanh(s/c) (Gemma 2's soft-capping)
+    window: int | None = None  # query i sees keys i - W + 1..i (a measured sliding window)
 
 
 @dataclass

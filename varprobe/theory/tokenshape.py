@@ -273,8 +273,8 @@ class TokenGrams:
         k, v = (self.values[i] for i in node.inputs[1:3])
         if facts.keys > tokens.CAP or facts.queries > tokens.CAP:
             return None
-        if facts.causal and facts.queries != facts.keys:
-            return None
+        if (facts.causal and facts.queries != facts.keys) or facts.window is not None:
+            return None  # the Grams' windows are nested
         # as the probe measures them: over the keys' own windows (its flat p has as
         # many queries as keys)
         counts = attention.key_counts(facts.keys, facts.causal)
@@ -431,7 +431,7 @@ class TokenGrams:
         if not self.grams_on():
             return None
         facts = self.facts(node)
-        if facts.keys > tokens.CAP or facts.queries > tokens.CAP:
+        if facts.keys > tokens.CAP or facts.queries > tokens.CAP or facts.window is not None:
             return None
         q, k, v = (self.values[i].signal for i in node.inputs[:3])
         causal = facts.causal and facts.queries == facts.keys

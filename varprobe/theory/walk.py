@@ -249,14 +249,15 @@ class Walk(Backward, TokenShapes, TokenGrams):
         return Value(signal, None, note, at, ins[2].mu, gram=gram)
 
     def facts(self, node: Node) -> Attention:
-        """The mask as the probe measured it (causal, or none at all) over what the
-        recording took it to be: an eager attention's mask (theory.attention_graph), or
-        an SDPA call's attn_mask (T5's decoder passes its causal mask as a float mask,
-        with the position bias added)."""
+        """The mask as the probe measured it (causal, a sliding window, or none at all)
+        over what the recording took it to be: an eager attention's mask, or an SDPA
+        call's attn_mask (T5's decoder's causal one carries its position bias)."""
         facts = node.attn
         if facts.measured is None or not self.measured:
             return facts
-        causal, full = self.constants[facts.measured + 2]
+        causal, full, window = self.constants[facts.measured + 2]
+        if 0.5 < window < facts.keys and causal < 0.5:  # a sliding window
+            return replace(facts, causal=False, masked=True, window=round(window))
         return replace(facts, causal=causal > 0.5 and full < 0.5,
                        masked=facts.masked and full < 0.5)
 
@@ -309,16 +310,15 @@ class Walk(Backward, TokenShapes, TokenGrams):
         index, facts = node.attn.gradient, self.facts(node)
         square = facts.queries == facts.keys  # the flat p the probe summed with
         if index is None or not self.measured or (facts.causal and not square):
-            # 0.62 median |log| on T5 once came from its decoder's causal float mask,
-            # taken as no mask then
             return None
-        # the probe's flat p has as many queries as keys: a cross-attention (every query
-        # sees every key) takes the plain r_g over its queries, which its value path's
-        # pair term weighs (T5's encoder reads the gradient its cross-attention sums
-        # over the decoder's queries, correlated across them)
+        # a cross-attention (every query sees every key) takes the plain r_g over its
+        # queries, which its value path's pair term weighs (T5's encoder reads the
+        # gradient its cross-attention sums over the decoder's queries)
         counts = attention.key_counts(attend.keys(facts), facts.causal)
-        return gradient_stats.effective(self.constants[index:index + 2], facts.causal,
-                                        facts.masked or not square, counts)
+        trailing = facts.causal or facts.window is not None  # a window up to each query
+        return gradient_stats.effective(
+            self.constants[index:index + 2], trailing,
+            (facts.masked and facts.window is None) or not square, counts, facts.window)
 
     def norm_shape(self, node: Node) -> list[tuple[float, float]] | None:
         """What the probe measured of a BatchNorm call's channels (theory.normshape),
