@@ -69,8 +69,9 @@ PAIR = " of two activations"  # what an unfollowed matmul of two activations is 
 class Pending:
     """An eager attention under way: its query and key nodes, its facts so far, whether
     the softmax has been taken, and what the probe measured on the device so far
-    (r_k, u_k, the queries and the keys at the logits; Σp², the mean logit², the mask's
-    shape, p itself and a subsample of its rows at the softmax). The tensors are held
+    (r_k, the queries and the keys at the logits; Σp², the mean logit², the mask's
+    shape, p itself and a subsample of its rows at the softmax; the keys' prefix share
+    at the values, once the mask's window is known). The tensors are held
     by reference, as autograd holds them."""
 
     q: int
@@ -198,7 +199,6 @@ class AttentionGraph:
         if not q.is_meta:
             with torch.no_grad():
                 state.stats["r_k"] = attention_stats._correlation(k)
-                state.stats["u_k"] = attention_stats.prefix_share(k, weighted=True)
                 state.stats["k"] = k.detach()
                 state.stats["q"] = q.detach()
         return state
@@ -224,7 +224,8 @@ class AttentionGraph:
                     torch.stack([attention_stats._correlation(v), s.get("r_k", z)]),
                     s["mask"],
                     torch.stack([attention_stats.prefix_share(v, window=s["mask"][2]),
-                                 s.get("u_k", z)]),
+                                 attention_stats.prefix_share(s["k"], True, window=s["mask"][2])
+                                 if "k" in s else z]),
                     attention_stats.query_path(_like(s["rows"], v), v.detach(), s["k"])
                     if "k" in s else torch.stack([z, z])])
             facts.measured = len(self.rec._constants) - 5
