@@ -28,12 +28,12 @@ class WindowAttention(nn.Module):
     """SDPA with a boolean band, or (``eager``) the softmax of the logits plus a float
     band of -inf, as transformers' eager attention spells it."""
 
-    def __init__(self, eager: bool = False):
+    def __init__(self, eager: bool = False, window: int = W):
         super().__init__()
         self.eager = eager
         self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
         lag = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-        band = (lag >= 0) & (lag < W)
+        band = (lag >= 0) & (lag < window)
         self.register_buffer("mask", torch.zeros(T, T).masked_fill(~band, -torch.inf)
                              if eager else band)
 
@@ -86,3 +86,18 @@ def test_mistral_attention_projections():
               for layer in report.layers if ".self_attn." in layer.label}
     assert len(ratios) == 16
     assert all(1 / 1.3 < r < 1.3 for r in ratios.values()), ratios
+
+
+def test_uniform_attention_in_a_narrow_window_is_not_collapsed():
+    """Σp² is read over its floor at uniform weights: under a window of 2 keys that
+    floor is mean_i 1/min(i, 2) ~ 0.51, not 1/T. Flat attention (zero queries) there
+    was an `attention_collapsed` error (Σp² 0.51 over a floor of 1/64)."""
+    model = WindowAttention(window=2)
+    with torch.no_grad():
+        model.q.weight.zero_()
+        model.q.bias.zero_()
+    report = varprobe.probe(model, torch.randn(BATCH, T, D))
+    call = report.attention[0]
+    assert call["window"] == 2
+    assert call["participation"] == pytest.approx(sum(1 / min(i, 2) for i in range(1, T + 1)) / T)
+    assert not [f for layer in report.layers for f in layer.flags]

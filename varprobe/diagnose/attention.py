@@ -33,20 +33,23 @@ def saturation(report: Report, t: Thresholds, skip: set[int]) -> None:
         owner = by_label.get(call.get("layer") or "")
         if owner is None or owner[0] in skip or spread is None or p2 is None:
             continue
-        floor = uniform_participation(call.get("keys"), bool(call.get("causal")))
+        floor = uniform_participation(call.get("keys"), bool(call.get("causal")),
+                                      call.get("window"))
         if floor is None:
             continue
         culprits = [c for c in (call.get("layer"), call.get("key_layer")) if c in by_label]
         _flag(owner[1], call, spread, p2, floor, t, list(dict.fromkeys(culprits)))
 
 
-def uniform_participation(keys: int | None, causal: bool) -> float | None:
+def uniform_participation(keys: int | None, causal: bool,
+                          window: int | None = None) -> float | None:
     """Σp² of uniform weights, averaged over the queries (query i of a causal mask sees
-    i keys); None where every query sees one key, or the count is unknown."""
-    if not keys or keys < 2:
+    i keys, of a sliding window min(i, W)); None where every query sees one key, or the
+    count is unknown."""
+    if not keys or keys < 2 or window == 1:
         return None
-    if causal:
-        return sum(1 / i for i in range(1, keys + 1)) / keys
+    if causal or window:
+        return sum(1 / min(i, window or keys) for i in range(1, keys + 1)) / keys
     return 1 / keys
 
 

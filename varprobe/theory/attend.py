@@ -169,7 +169,7 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
                  "measured_logit_variance": measured[1] if measured is not None else None,
                  "token_correlation": r, "participation": p2, "spread": (1 - r) * s2,
                  "saturated": attention.saturated(s2, r), "keys": facts.keys,
-                 "causal": facts.causal, "masked": facts.masked,
+                 "causal": facts.causal, "masked": facts.masked, "window": facts.window,
                  "participation_basis": "measured" if measured is not None else "closed form"}
     return Signal(m2, share, min(1.0, max(share, r_out))), facts_out
 
