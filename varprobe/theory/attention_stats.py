@@ -98,8 +98,7 @@ def _hidden_zeroed(logits: T, allowed: T) -> tuple[T, T]:
     the mask in place (a tenth of the select's time there), exact where every hidden
     logit is finite (x * 1 = x, x * 0 = ±0); a non-finite one (0 * inf is NaN) shows in
     the sum, which the CPU reads without a sync, and the select then mends it."""
-    if not stats.reads_are_free(logits.device) \
-            or torch.broadcast_shapes(allowed.shape, logits.shape) != logits.shape:
+    if not stats.reads_are_free(logits.device) or not _fits(allowed.shape, logits.shape):
         seen = torch.where(allowed, logits, 0.0)
         return seen, _square_sum64(seen)
     seen = logits.mul_(allowed)
@@ -108,6 +107,13 @@ def _hidden_zeroed(logits: T, allowed: T) -> tuple[T, T]:
         seen = torch.where(allowed, seen, 0.0)
         spread = _square_sum64(seen)
     return seen, spread
+
+
+def _fits(small: torch.Size, shape: torch.Size) -> bool:
+    """Whether ``small`` broadcasts to ``shape`` without growing it (by hand:
+    torch.broadcast_shapes imports torch's symbolic shapes, sympy, ~0.4 s per process)."""
+    return len(small) <= len(shape) and all(
+        a in (1, b) for a, b in zip(reversed(small), reversed(shape)))
 
 
 class _Sums:

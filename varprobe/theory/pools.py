@@ -181,5 +181,8 @@ def _overlap(dims: int, spatial: tuple, kernel, stride, padding, dilation,
         x = torch.randn(batch, 1, *spatial, dtype=torch.float64, generator=generator,
                         requires_grad=True)
         out = pool(x, kernel, stride, padding, dilation, ceil_mode)
-        (counts,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        # the sum's gradient, not grad_outputs=ones: autograd checks a grad_outputs
+        # tensor's shape with torch's symbolic shapes, whose first import (sympy) costs
+        # ~0.4 s, once per process: a CLI run's whole analysis several times over
+        (counts,) = torch.autograd.grad(out.sum(), x)
     return max(float((counts * counts).mean() - counts.mean()), 0.0)
