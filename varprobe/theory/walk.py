@@ -304,16 +304,14 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
     def gradient_correlation(self, node: Node) -> float | None:
         """r_g, the gradient's token correlation at an attention call's output as the
-        value path sees it, from what the probe measured in the backward
-        (theory.gradient_stats), for every walk over a measured pass; None where there
-        is none (predict, no backward)."""
+        value path sees it, as the probe measured it in the backward (gradient_stats),
+        for every walk over a measured pass; None where there is none (predict)."""
         index, facts = node.attn.gradient, self.facts(node)
         square = facts.queries == facts.keys  # the flat p the probe summed with
         if index is None or not self.measured or (facts.causal and not square):
             return None
-        # a cross-attention (every query sees every key) takes the plain r_g over its
-        # queries, which its value path's pair term weighs (T5's encoder reads the
-        # gradient its cross-attention sums over the decoder's queries)
+        # a cross-attention takes the plain r_g over its queries, which its value path's
+        # pair term weighs (T5's encoder: the sum over the decoder's queries)
         counts = attention.key_counts(attend.keys(facts), facts.causal)
         trailing = facts.causal or facts.window is not None  # a window up to each query
         return gradient_stats.effective(
