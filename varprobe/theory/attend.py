@@ -36,14 +36,16 @@ def keys(facts: Attention) -> attention.Keys:
     key sequence; top-left aligned under a causal mask, as torch does), so that the
     query-pair sums run over the queries there are."""
     if facts.window is not None:  # query i sees keys i - W + 1..i
-        return _cross_counts(facts.queries, facts.window, True)
+        return _query_counts(facts.queries, facts.window, True)
     if facts.queries != facts.keys:
-        return _cross_counts(facts.queries, facts.keys, facts.causal)
+        return _query_counts(facts.queries, facts.keys, facts.causal)
     return facts.keys
 
 
 @functools.lru_cache(maxsize=64)
-def _cross_counts(queries: int, keys: int, trailing: bool) -> np.ndarray:
+def _query_counts(queries: int, keys: int, trailing: bool) -> np.ndarray:
+    """min(i, keys) for query i (``trailing``: a window up to each query, top-left
+    aligned), else ``keys`` for every query; read-only, once per shape."""
     counts = np.minimum(np.arange(1, queries + 1), keys) if trailing \
         else np.full(queries, keys)
     counts = counts.astype(float)
