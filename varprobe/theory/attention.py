@@ -398,9 +398,9 @@ def backward(sigma_g2: float, q_v: float, q_q: float, q_k: float, d_k: int, keys
 
     per key: each key's gradients sum over the N queries that read it (N the length of
     ``keys`` given as per-query counts, T_k = ``row``: the largest count, or N under a
-    sliding window), so a reduced key sequence
-    (SegFormer's) or a cross-attention to a shorter context gets N/T_k times what the
-    per-query sums give (a float64 check: 8x at N = 64, T_k = 8); 1 in self-attention.
+    sliding window), so a reduced key sequence (SegFormer's) or a cross-attention to a
+    shorter context gets N/T_k times what the per-query sums give (autograd: 8x at
+    N = 64, T_k = 8; tests/test_cross_attention.py); 1 in self-attention.
 
     ``weight_var`` = (sigma_q^2, sigma_k^2, sigma_v^2) per weight entry gives
     E[dx^2] = H d_k (sigma_v^2 E[dv^2] + sigma_q^2 E[dq^2] + sigma_k^2 E[dk^2]) (heads
