@@ -162,6 +162,12 @@ def forward(facts: Attention, q: Signal, k: Signal, v: Signal, measured: tuple |
     if measured is not None:
         p2 = measured[0]
         z2 = r + p2 * (1 / (1 - facts.dropout) - r)
+        if correlations is not None and _windowed(facts):
+            # the windows' measured share u where r was clipped to fit it: tokens whose
+            # scale falls with the position make u > 1, which no one r gives (OLMo 2's
+            # second block: u = 1.17, the output 1.6x the clipped r's); 0 elsewhere
+            flat = _window_means(facts.keys, facts.window or facts.keys)[0]
+            z2 += correlations[2] - (r + flat * (1 - r))
         if n:  # the coupling term of attention.forward, at the measured participation
             z2 += (1 - r) ** 2 * s2 * (1 - p2) ** 2 / n
     m2 = v.m2 * z2
