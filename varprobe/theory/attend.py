@@ -112,7 +112,7 @@ def _windowed(facts: Attention) -> bool:
 def _window_means(keys: int, window: int) -> tuple[float, float]:
     """mean_i 1/T_i and mean_i (T_i-1)/T_i² over the windows T_i = min(i, W) (causal: W
     = T): once per (T, W) (every attention call of every walk reads them)."""
-    i = np.minimum(np.arange(1, keys + 1), window).astype(float)
+    i = _query_counts(keys, window, True)
     return float((1 / i).mean()), float(((i - 1) / i**2).mean())
 
 
