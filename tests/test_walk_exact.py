@@ -58,16 +58,31 @@ def w2(layer) -> float:
     return layer.weight_second_moment
 
 
+def through(layer, fan: float, m2: float, mu: float) -> float:
+    """A weight layer's E[y^2] from an input of E[x^2] = m2 whose elements share the
+    mean mu: the rest of the input by n E[w^2], the mean by the measured sums of the
+    layer's own weights (G, and B with its bias: mean (b + mu S)^2, varprobe.mean_gain)."""
+    b2 = layer.bias_second_moment if math.isfinite(layer.bias_second_moment) else 0.0
+    mean = b2 + 2 * mu * layer.weight_bias_cross \
+        + mu * mu * layer.weight_mean_gain
+    return fan * w2(layer) * (m2 - mu * mu) + max(mean, 0.0)
+
+
+def relu_of(var: float) -> tuple[float, float]:
+    """(E[relu(z)^2], E[relu(z)]) for z ~ N(0, var)."""
+    return var / 2, math.sqrt(var / (2 * math.pi))
+
+
 def test_chain_is_he_recursion_over_30_relu_layers():
     n, depth = 64, 30
     model = mlp([n] * (depth + 1), gauss(lambda i, o: 1 / i))
     report = probe(model, batch_size=8)
     ws = weights(report)
     x2 = report.input.second_moment
-    expected = n * w2(ws[0]) * x2
+    expected = through(ws[0], n, x2, report.input.mean)
     for i, layer in enumerate(ws):
-        if i:
-            expected = n * w2(layer) * 0.5 * expected
+        if i:  # a ReLU of a zero-mean input: half of E[x^2], and a mean every unit shares
+            expected = through(layer, n, *relu_of(expected))
         assert layer.predicted.basis == "graph"
         assert layer.predicted.forward_var == pytest.approx(expected, rel=EXACT)
     # Var[w] = 1/n (the paper's "Xavier", scheme lecun): layer 30 is 2^-29 of layer 1.
@@ -111,6 +126,7 @@ def test_local_prediction_is_one_step_from_the_measured_input():
     for layer in weights(report):
         local = layer.local
         assert local.basis == "local"
+        # the independence assumptions' step (the theory_mismatch check's): n E[w^2] E[x^2]
         expected = layer.fan_in * w2(layer) * layer.input.second_moment + \
             layer.bias_second_moment
         assert local.forward_var == pytest.approx(expected, rel=EXACT)
@@ -165,9 +181,9 @@ def test_torch_default_scheme_shrinks_by_one_sixth_per_relu_layer():
     # = 9/5), so 4 sd bounds the multiplier's distance from 1/6.
     for layer in ws[1:]:
         assert layer.forward_multiplier == pytest.approx(1 / 6, rel=4 * math.sqrt(0.8) / n)
-    # and the chain adds each layer's mean(b^2).
+    # and the chain adds each layer's mean(b^2), with the mean its ReLU passes on.
     for prev, layer in zip(ws, ws[1:]):
-        expected = n * w2(layer) * 0.5 * prev.predicted.forward_var + layer.bias_second_moment
+        expected = through(layer, n, *relu_of(prev.predicted.forward_var))
         assert layer.predicted.forward_var == pytest.approx(expected, rel=EXACT)
 
 
@@ -254,7 +270,8 @@ def test_max_pool_is_carried_measured_and_named():
     pool, conv = report.layers[2], report.layers[3]
     assert pool.predicted is None or pool.predicted.forward_var is None
     assert "carried the measured output of MaxPool2d at 2" in conv.predicted.note
-    assert conv.predicted.forward_var == pytest.approx(conv.local.forward_var, rel=EXACT)
+    assert conv.predicted.forward_var == pytest.approx(through(
+        conv, conv.effective_fan_in, conv.input.second_moment, conv.input.mean), rel=EXACT)
     # A counterfactual applies the measured ratio across the pool, not its value.
     he0 = report.layers[0].schemes["he"].forward_var
     ratio = pool.forward.second_moment / pool.input.second_moment
@@ -286,7 +303,8 @@ def test_unrecorded_operations_are_noticed():
     report = probe(model, batch_size=32)
     last = report.layers[-1]
     assert "an unrecorded operation (before 2)" in last.predicted.note
-    assert last.predicted.forward_var == pytest.approx(last.local.forward_var, rel=EXACT)
+    assert last.predicted.forward_var == pytest.approx(through(
+        last, last.fan_in, last.input.second_moment, last.input.mean), rel=EXACT)
     assert report.layers[0].predicted.backward_var is not None
 
 

@@ -439,6 +439,8 @@ def _layer(index: int, call: Call, rec: Recorder, host: list, grad_slots: dict,
         layer.bias_mean = row[stats.B_MEAN]
         if id(module) in rec.row_shares:
             layer.weight_row_share = host[rec.row_shares[id(module)]][0]
+        if id(module) in rec.mean_gains:
+            layer.weight_mean_gain, layer.weight_bias_cross = host[rec.mean_gains[id(module)]]
         if id(module) in grad_slots:
             layer.weight_grad_ratio = host[grad_slots[id(module)]][0]
         elif not rec.weights[id(module)][1].requires_grad:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
-from varprobe import channel_sums, computed_weights, kernel_choice, stats, theory, timing
+from varprobe import channel_sums, computed_weights, kernel_choice, mean_gain, stats, theory, timing
 
 CHANNELS_FIRST = (
     nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm,
@@ -156,6 +156,7 @@ class Recorder:
         self._unweighed: set[int] = set()  # id(module): has a weight, not measured yet
         self._computes: set[int] = set()  # id(module): its forward computes its weight
         self.row_shares: dict[int, int] = {}  # id(module) -> slot, where it does
+        self.mean_gains: dict[int, int] = {}  # id(module) -> slot of its mean_gain
         # id(module) -> what its type and settings say, looked up once per recording
         # rather than at each call (a missing attribute costs nn.Module an exception):
         # the layout it sets (True: channels first, False: last, None: keeps it), and
@@ -312,7 +313,7 @@ class Recorder:
             self.calls.append(call)
             self._open.setdefault(id(module), []).append(call)
             with self._quiet():  # the hooks' own tensor calls are no dataflow to record
-                self._record_weight(module)
+                self._record_weight(module, args[0] if args else None)
                 new = self._record_input(call, module, args, kwargs)
                 if self.observer is not None:
                     self.observer.enter(len(self.calls) - 1, module, *(new or (args, kwargs)))
@@ -327,7 +328,7 @@ class Recorder:
             self._update_layout(module)
             with self._quiet():
                 if id(module) in self._computes:  # the weight it convolved with
-                    self._record_weight(module, True,
+                    self._record_weight(module, args[0] if args else None, True,
                                         computed_weights.convolved(output, module))
                 self._record_output(call, output)
             if self.observer is not None:
@@ -340,10 +341,11 @@ class Recorder:
         if layout is not None:
             self._channels_first = layout
 
-    def _record_weight(self, module: nn.Module, after: bool = False,
+    def _record_weight(self, module: nn.Module, x: Any, after: bool = False,
                        computed: torch.Tensor | None = None) -> None:
-        """At the module's first call: its weight then (a parametrization computes it just
-        before), or ``after`` it where its forward does (``computed_weights``)."""
+        """At the module's first call (on ``x``): its weight then (a parametrization
+        computes it just before), or ``after`` it where its forward does
+        (``computed_weights``); and the mean's gain through it (``mean_gain``)."""
         if id(module) not in self._unweighed or after != (id(module) in self._computes):
             return
         self._unweighed.discard(id(module))
@@ -355,6 +357,8 @@ class Recorder:
         if w is not None and not w.is_meta and not w.is_complex():
             value, seen = self._with_extremes(stats.weight, w, b)
             self.weights[id(module)] = (self._new_slot(value), w)
+            if self.measure and (gain := mean_gain.measure(module, w, b, x)) is not None:
+                self.mean_gains[id(module)] = self._new_slot(gain)
             if self.ranges is not None:
                 self.range_slots[self.weights[id(module)][0]] = self._new_slot(
                     self.ranges.values(w, seen))

@@ -97,6 +97,11 @@ class Layer:
     # zero-mean draws, 0 where each unit's weights sum to zero (weight standardization);
     # measured where the layer's own forward computes its weight (None: 1)
     weight_row_share: float | None = None
+    # mean over output units and positions of S^2, S the sum of a unit's weights over the
+    # taps that touch real input: the gain of a mean every input shares (varprobe.mean_gain);
+    # and of b S, the bias's cross term with it. Linear and convolutions, measured
+    weight_mean_gain: float | None = None
+    weight_bias_cross: float | None = None
     weight_grad_ratio: float | None = None
     activation: str | None = None       # the activation that follows (weight layers)
     gain: float | None = None           # its E[f(y)^2]/q

@@ -88,16 +88,13 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
         if (w is None or not is_linear_map(module)
                 or layer.effective_fan_in is None):
             return None
-        spread = layer.effective_fan_in * w.w2 * s.m2
-        # the mean every input element shares reaches each output unit through the sum of
-        # its weights: n E[w^2] mu^2 of the spread for independent draws, none where each
-        # unit's weights sum to zero (weight standardization: theory.weights row_share)
-        lost = min(layer.effective_fan_in * w.w2 * mu * mu * (1.0 - w.row_share), spread)
-        y2 = spread - lost + w.b2
+        n_w2 = layer.effective_fan_in * w.w2
+        spread, common = n_w2 * s.m2, n_w2 * mu * mu
+        y2, mean = through_weights(n_w2, s.m2, mu, w)
         if y2 <= 0:
             return Signal(y2)
-        share = (max(spread * s.mean_share - lost, 0.0) + w.b2) / y2
-        return Signal(y2, share, (max(spread * s.r - lost, 0.0) + w.b2) / y2)
+        return Signal(y2, (max(spread * s.mean_share - common, 0.0) + mean) / y2,
+                      (max(spread * s.r - common, 0.0) + mean) / y2)
     if layer.kind == "activation":
         out = activate(module, s, mu, values)
         return None if out is None else out[0]
@@ -117,6 +114,17 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
     pool = pools.of_module(module, layer.input_shape, layer.shape)
     exact = pools.exact(pool, s, mu) if pool is not None else None
     return exact[0] if exact is not None else None
+
+
+def through_weights(n_w2: float, m2: float, mu: float, w: Weights) -> tuple[float, float]:
+    """(E[y^2], the part of it that is mean(b + mu S)^2) of a weight layer whose input
+    has E[x^2] = m2 and a mean mu every element shares. That mean reaches output unit o
+    as mu S_o, S_o the sum of its weights: E[S^2] = n E[w^2] for independent draws,
+    0 where each unit's weights sum to zero (weight standardization), the actual
+    weights' own where measured (theory.weights row_share); it meets the bias there."""
+    common = n_w2 * mu * mu
+    mean = max(w.b2 + 2 * mu * w.bias_cross + w.row_share * common, 0.0)
+    return max(n_w2 * m2 - common, 0.0) + mean, mean
 
 
 def backward(layer: Layer, module: nn.Module, grad: float | None, s: Signal | None,

@@ -43,6 +43,7 @@ class Weights:
     out: Weights | None = None  # a scheme's draw for nn.MultiheadAttention's out_proj
     kurtosis: float = 3.0  # E[w^4]/E[w^2]^2: Gaussian (every scheme's draw) unless recorded
     row_share: float = 1.0  # Layer.weight_row_share: 1 for independent zero-mean draws
+    bias_cross: float = 0.0  # Layer.weight_bias_cross: mean of b S (varprobe.mean_gain)
 
 
 def actual_weights(layers: list[Layer], modules: list[nn.Module]) -> list[Weights | None]:
@@ -62,7 +63,8 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
             b1 = _finite(layer.forward.mean) or 0.0  # the rows it looked up: sinusoids'
         return Weights(w2, _finite(layer.bias_second_moment) or 0.0, b1=b1,
                        kurtosis=_finite(layer.weight_kurtosis) or 3.0,
-                       row_share=_row_share(layer.weight_row_share))
+                       row_share=_row_share(layer, w2),
+                       bias_cross=_finite(layer.weight_bias_cross) or 0.0)
     if isinstance(module, nn.Embedding):
         return Weights(1.0, 0.0, note="weights not measured: N(0, 1), PyTorch's default")
     n = torch_fans(module)[0]
@@ -73,9 +75,14 @@ def actual(layer: Layer, module: nn.Module) -> Weights | None:
                    kurtosis=9 / 5)  # its kaiming_uniform_ draw
 
 
-def _row_share(share: float | None) -> float:
-    """Layer.weight_row_share where measured (0 is a value: zero-sum rows), else 1."""
-    share = _finite(share)
+def _row_share(layer: Layer, w2: float) -> float:
+    """The share of a common input mean's expected gain n_eff E[w^2] that the actual
+    weights pass: their measured gain G over it (varprobe.mean_gain: borders counted),
+    else Layer.weight_row_share (0 is a value: zero-sum rows), else 1."""
+    gain, n = _finite(layer.weight_mean_gain), layer.effective_fan_in
+    if gain is not None and n and w2 > 0:
+        return gain / (n * w2)
+    share = _finite(layer.weight_row_share)
     return 1.0 if share is None else share
 
 
