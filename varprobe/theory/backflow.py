@@ -56,6 +56,8 @@ class Backward:
             return
         self._seed(self.grads)
         self.batch_normed_after = downstream.batch_normed_after(self.nodes, self.modules)
+        self.masks_after = downstream.masks_after(
+            self.nodes, self.modules, [layer.kind for layer in self.report.layers])
         self.fresh_norms = downstream.fresh_norms(
             self.nodes, self.modules, [layer.kind for layer in self.report.layers])
         for k in reversed(range(len(self.nodes))):
@@ -301,8 +303,7 @@ class Backward:
             self.actual is None else 1.0
         if dx is not None:  # what a norm's centring removes of a shared gradient
             corr *= (1.0 - shared.norm_loss(module, g, layer.shape)) * keep
-            if k not in self.batch_normed_after:  # and of one with independent samples
-                corr *= shared.batch_centring(module, layer.shape)
+            corr *= shared.batch_centring(module, layer.shape, self._behind(k))
         grad = self._input_grad(layer, info, g, None if dx is None else dx * corr, s_in)
         if dx is not None and g.var > 0:
             grad = _with(grad, self._shared_call(k, layer, module, info, g, dx / g.var), shape)
@@ -319,6 +320,13 @@ class Backward:
         for k2 in node.inputs[1:]:
             _flow(grads, k2, Grad(0.0, f"the gradient into another input of {layer.label} "
                                   "(not measured)"))
+
+    def _behind(self, k: int) -> float | None:
+        """shared.behind_loss at the BatchNorm call ``k`` where another is after it."""
+        if k not in self.batch_normed_after:
+            return None
+        act, x, per_channel = self.masks_after.get(k, (None, None, False))
+        return shared.behind_loss(act, None if x is None else self.values[x], per_channel)
 
     def _pairing(self, k: int) -> float:
         """theory.normshape's F where the call at ``k`` feeds one measured train-mode

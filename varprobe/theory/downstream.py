@@ -10,6 +10,8 @@ the residual add, projected it off nearly the same direction), so the cost appli
 where nothing of the kind lies in between: a BatchNorm with no train-mode BatchNorm
 after it, a LayerNorm whose output goes only into weight layers (a pre-LN block's q,
 k, v and its MLP's first layer: their backward W^T g has neither mean nor x̂ removed).
+Behind another BatchNorm an activation's mask in between gives part of the mean back
+(theory.shared.batch_centring): ``masks_after`` finds it.
 """
 
 from __future__ import annotations
@@ -31,13 +33,60 @@ def batch_normed_after(nodes: list[Node], modules: list[nn.Module]) -> set[int]:
     return after
 
 
-def fresh_norms(nodes: list[Node], modules: list[nn.Module], kinds: list[str]) -> set[int]:
-    """The feature-norm calls (LayerNorm, RMSNorm; not GroupNorm) whose output reaches
-    only weight layers, through views (``kinds``: each layer's kind)."""
+def _readers(nodes: list[Node]) -> dict[int, list[int]]:
     readers: dict[int, list[int]] = {}
     for k, node in enumerate(nodes):
         for i in node.inputs:
             readers.setdefault(i, []).append(k)
+    return readers
+
+
+def masks_after(nodes: list[Node], modules: list[nn.Module], kinds: list[str]
+                ) -> dict[int, tuple[nn.Module, int, bool]]:
+    """Per train-mode BatchNorm call, the activation its output alone reaches through
+    adds, views and module exits (a bottleneck's last BatchNorm: the ReLU of the
+    residual sum), as (its module, the node of its input, whether its output goes
+    through a depthwise conv alone into the next BatchNorm); absent where there is none."""
+    readers, found = _readers(nodes), {}
+
+    def only(j: int) -> int | None:
+        after = readers.get(j, [])
+        return after[0] if len(after) == 1 else None
+
+    def module_of(j: int | None) -> nn.Module | None:
+        node = nodes[j] if j is not None else None
+        return modules[node.index] if node is not None and node.op == "call" \
+            and node.index is not None else None
+
+    for k, node in enumerate(nodes):
+        if node.op != "call" or node.index is None or not norms.centres_batch(modules[node.index]):
+            continue
+        j = k
+        for _ in range(4):
+            if (j := only(j)) is None:
+                break
+            reader = nodes[j]
+            act = reader.module if reader.op == "act" else module_of(j) \
+                if reader.op == "call" and kinds[reader.index] == "activation" else None
+            if act is not None:
+                conv = only(j)
+                found[k] = (act, reader.inputs[0], _depthwise(module_of(conv)) and
+                            norms.centres_batch(module_of(only(conv)) or nn.Identity()))
+            elif reader.op == "exit" or reader.op == "linear" and not (reader.cat or reader.sparse):
+                continue
+            break
+    return found
+
+
+def _depthwise(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed \
+        and module.groups == module.in_channels == module.out_channels > 1
+
+
+def fresh_norms(nodes: list[Node], modules: list[nn.Module], kinds: list[str]) -> set[int]:
+    """The feature-norm calls (LayerNorm, RMSNorm; not GroupNorm) whose output reaches
+    only weight layers, through views (``kinds``: each layer's kind)."""
+    readers = _readers(nodes)
 
     def weights_only(k: int, depth: int = 0) -> bool:
         found = readers.get(k, [])

@@ -287,6 +287,14 @@ def centres_batch(module: nn.Module) -> bool:
         not uses_running_stats(module)
 
 
+def centres_channels(module: nn.Module) -> bool:
+    """A norm that takes each channel's mean over the positions out: BatchNorm on its
+    batch's statistics, an InstanceNorm on its own, a GroupNorm (its group's)."""
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return module.training or not module.track_running_stats
+    return centres_batch(module) or isinstance(module, nn.GroupNorm)
+
+
 def centring(module: nn.Module) -> float:
     """What a LayerNorm's backward keeps of a gradient that does not know it, beside its
     gain: dx = (gamma/s)(g - mean(g) - x̂ mean(g x̂)) projects each token's d values off

@@ -26,6 +26,7 @@ step costs a tenth of torch's, with the same IEEE results.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from varprobe.theory import tapmaps
+from varprobe.theory import norms, tapmaps
 from varprobe.theory.layer_fans import ELEMENTWISE_LIBRARIES, NORMS, is_activation, kernel_fits
 from varprobe.theory.signal import Signal
 
@@ -169,26 +170,91 @@ def _counts(key: tuple, spatial: tuple, module: nn.Module) -> tuple[float, float
 _COUNTS: dict[tuple, tuple[float, float]] = {}
 
 
-def after_call(module: nn.Module, layer, e: Any, out: Signal | None,
-               b2: float = 0.0) -> tuple[Signal | None, Any]:
-    """A call's output and its profile: a conv's by its count (its bias, alike at every
-    position, blended in), a per-position map's kept, anything else's dropped."""
+def after_call(module: nn.Module, layer, src: Any, out: Signal | None, w: Any = None
+               ) -> tuple[Signal | None, Any, Any]:
+    """A call's output, its profile and its centred profile (``centred``): a conv's by
+    its count (its bias, alike at every position, blended in), a per-position map's
+    kept, a norm that centres each channel's the centred one where its input has one,
+    anything else's dropped. ``src``: the input Value; ``w``: the call's Weights."""
+    e = src.profile if src is not None else None
     if out is None:
-        return out, None
+        return out, None, None
+    b2 = w.b2 if w is not None else 0.0
     if isinstance(module, nn.modules.conv._ConvNd):
         corr, made = conv_forward(module, e, layer.input_shape)
         if made is None:
-            return out, None
+            return out, None, None
         spread = max(out.m2 - b2, 0.0) * corr
         m2 = spread + b2
         if m2 <= 0:
-            return out, None
+            return out, None, None
         shape = made * spread  # (made * spread + b2) / m2, in place
         shape += b2
         shape /= m2
-        return Signal(m2, out.mean_share, out.r), shape
-    keeps = _keeps(module)
-    return out, e if keeps else None
+        return Signal(m2, out.mean_share, out.r), shape, centred(
+            module, layer, made, spread, src.mu if src is not None else 0.0, w)
+    if not _keeps(module):
+        return out, None, None
+    if src is not None and src.centred is not None and norms.centres_channels(module):
+        return out, src.centred, None
+    return out, e, None
+
+
+def centred(module: nn.Module, layer, made: np.ndarray, spread: float, mu: float,
+            w: Any) -> np.ndarray | None:
+    """The profile of a zero-padded conv's output once each channel's mean over the
+    positions is taken out (a train-mode BatchNorm, an InstanceNorm, a GroupNorm). A
+    mean mu every input element shares reaches output o at p as mu S_o(p), S_o(p) its
+    weights' sum over the taps in bounds there: fewer at the borders, so the channel's
+    mean over p is the interior's less a share, and what centring leaves of the mean
+    is mu^2 sum_t (I_t(p) - a_t)^2 per unit of a tap sum's variance (I_t(p): tap t in
+    bounds at p, a_t its mean over p; for independent draws, whose tap sums are
+    independent). Small in the interior, large at the borders: the border deficit of
+    the conv's own count comes back once normalized (MobileNetV2's 7x7 maps: corners
+    0.5-0.65 of the mean measured at the next depthwise conv's input, 0.19 from the
+    uncentred count, 0.5 from this). None where there is no mean or no border."""
+    if not mu or w is None or layer.input_shape is None:
+        return None
+    spatial = tuple(map(int, layer.input_shape[2:]))
+    found = _deficit(_key(module), spatial, module)
+    if found is None:
+        return None
+    deficit, taps = found
+    fan = module.in_channels // module.groups
+    tap2 = fan * w.w2 * w.row_share * mu * mu  # a tap sum's variance times mu^2
+    mean_part = tap2 * taps
+    fluct = max(spread - mean_part, 0.0)
+    shape = made * fluct + tap2 * deficit
+    total = float(shape.mean())
+    return shape / total if total > 0 else None
+
+
+@functools.lru_cache(maxsize=512)
+def _deficit(key: tuple, spatial: tuple, module: nn.Module) -> np.ndarray | None:
+    """(sum_t (I_t(p) - a_t)^2 over the output positions, the mean taps in bounds);
+    None where every tap is in bounds everywhere."""
+    valid = _valid(key, spatial, module)
+    if valid is None or valid.min() == 1:
+        return None
+    spread = valid - valid.mean(axis=tuple(range(1, valid.ndim)), keepdims=True)
+    return (spread * spread).sum(0), float(valid.sum(0).mean())
+
+
+@functools.lru_cache(maxsize=512)
+def _valid(key: tuple, spatial: tuple, module: nn.Module) -> np.ndarray | None:
+    """I_t(p) [taps, *output positions]: one convolution of a map of ones per tap."""
+    if module.transposed or not _counted(module, spatial):
+        return None
+    taps = int(np.prod(module.kernel_size))
+    ones = torch.ones((1, 1, *spatial), dtype=torch.float64)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
+    out = []
+    for t in range(taps):
+        one = torch.zeros(taps, dtype=torch.float64)
+        one[t] = 1.0
+        out.append(conv(ones, one.reshape(1, 1, *module.kernel_size), stride=module.stride,
+                        padding=module.padding, dilation=module.dilation)[0, 0])
+    return torch.stack(out).numpy()
 
 
 def before_call(module: nn.Module, layer, e: Any) -> tuple[float, Any]:

@@ -57,6 +57,7 @@ class Value:
     pre: tuple | None = None  # a rectifier's output: its input's (mu, var, slope)
     mix: tuple | None = None  # a zero-mean branch plus a rectified stream (theory.residual)
     profile: Any = None  # E[x^2] over the positions, mean 1 (theory.profile); None: uniform
+    centred: Any = None  # the profile once each channel's mean is taken out; None: the same
     gram: Any = None  # the tokens' Gram shape, mean diagonal 1 (theory.tokens); None: alike
 
 

@@ -394,12 +394,12 @@ class Walk(Backward, TokenShapes, TokenGrams):
             out = widths.after_call(module, layer.kind, s_in, out)
         if out is not None:
             w = self.weights[i]
-            out, shape = profile.after_call(module, layer, src.profile if src else None, out,
-                                            w.b2 if w is not None else 0.0)
+            out, shape, centred = profile.after_call(module, layer, src, out, w)
             info.forward = out.m2
             info.forward_note = _join(note, w.note if w else None)
             return Value(out, None, note, src.at if src is not None else -1, mu, pre=pre,
-                         profile=shape, mix=residual.normalized(module, src, self.host))
+                         profile=shape, mix=residual.normalized(module, src, self.host),
+                         centred=centred)
         return self._carry_output(layer, info, "no closed form" if s_in is not None
                                   else "its input is unknown", info.forward_break, src)
 
