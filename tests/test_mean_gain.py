@@ -100,3 +100,16 @@ def test_meta_and_transposed_layers_measure_none():
     up = nn.ConvTranspose2d(4, 4, 2, stride=2)
     layer = varprobe.probe(up, torch.randn(2, 4, 5, 5)).layers[0]
     assert layer.weight_mean_gain is None and layer.weight_bias_cross is None
+
+
+def test_a_half_precision_weight_is_summed_in_float32():
+    """bfloat16 holds ~3 digits: summing a row of 256 weights in it would lose the sum's
+    small remainder; the tap sums are taken in float32 (the bf16 weights themselves,
+    read exactly, against a float64 sum of the same values: 1e-5)."""
+    torch.manual_seed(0)
+    head = nn.Linear(256, 8).to(torch.bfloat16)
+    layer = varprobe.probe(head, torch.randn(32, 256, dtype=torch.bfloat16)).layers[0]
+    sums = head.weight.double().sum(1)
+    assert layer.weight_mean_gain == pytest.approx(float(sums.square().mean()), rel=1e-5)
+    assert layer.weight_bias_cross == pytest.approx(
+        float((sums * head.bias.double()).mean()), rel=1e-5)

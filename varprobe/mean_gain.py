@@ -45,7 +45,8 @@ def measure(module: nn.Module, w: torch.Tensor | None, bias: torch.Tensor | None
             or w.dim() < 2 or w.shape[0] == 0:
         return None
     out, kernel = w.shape[0], tuple(w.shape[2:])
-    taps = w.detach().reshape(out, w.shape[1], -1).sum(1)
+    taps = w.detach().reshape(out, w.shape[1], -1).sum(  # a half-precision weight's in float32
+        1, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
     b = bias.detach().reshape(out, 1).to(taps.dtype) if isinstance(bias, torch.Tensor) \
         and bias.numel() == out and not bias.is_meta else None
     groups = _groups(module, tuple(x.shape[-len(kernel):])) if kernel else None
