@@ -113,3 +113,18 @@ def test_a_half_precision_weight_is_summed_in_float32():
     assert layer.weight_mean_gain == pytest.approx(float(sums.square().mean()), rel=1e-5)
     assert layer.weight_bias_cross == pytest.approx(
         float((sums * head.bias.double()).mean()), rel=1e-5)
+
+
+def test_a_mean_beyond_the_second_moment_is_held_to_it():
+    """A scheme's walk carries its own E[x^2] beside a mean from elsewhere (a carried
+    measured input, another scale): with independent draws (row share 1) the mean only
+    splits E[x^2] and cannot add to it, whatever mu; with the actual sums it holds no
+    more than E[x^2] either. (Without the bound a Xavier walk's head of a CNN came out
+    8x over: its pooled mean^2 above its E[x^2].)"""
+    from varprobe.theory import rules
+    from varprobe.theory.weights import Weights
+    for mu in (0.0, 0.5, 3.0):
+        y2, _ = rules.through_weights(10.0, 0.2, mu, Weights(0.1, 0.01))
+        assert y2 == pytest.approx(10.0 * 0.2 + 0.01, rel=1e-12)
+    y2, mean = rules.through_weights(10.0, 0.2, 3.0, Weights(0.1, 0.0, row_share=0.5))
+    assert mean == pytest.approx(0.5 * 10.0 * 0.2) and y2 == pytest.approx(mean)

@@ -89,7 +89,7 @@ def forward(layer: Layer, module: nn.Module, s: Signal | None, w: Weights | None
                 or layer.effective_fan_in is None):
             return None
         n_w2 = layer.effective_fan_in * w.w2
-        spread, common = n_w2 * s.m2, n_w2 * mu * mu
+        spread, common = n_w2 * s.m2, n_w2 * min(mu * mu, s.m2)
         y2, mean = through_weights(n_w2, s.m2, mu, w)
         if y2 <= 0:
             return Signal(y2)
@@ -122,7 +122,8 @@ def through_weights(n_w2: float, m2: float, mu: float, w: Weights) -> tuple[floa
     as mu S_o, S_o the sum of its weights: E[S^2] = n E[w^2] for independent draws,
     0 where each unit's weights sum to zero (weight standardization), the actual
     weights' own where measured (theory.weights row_share); it meets the bias there."""
-    common = n_w2 * mu * mu
+    common = n_w2 * min(mu * mu, m2)  # a mean holds no more than E[x^2] (a walk whose
+    # mean and E[x^2] come from different places: a scheme's scale, a carried mean)
     mean = max(w.b2 + 2 * mu * w.bias_cross + w.row_share * common, 0.0)
     return max(n_w2 * m2 - common, 0.0) + mean, mean
 
