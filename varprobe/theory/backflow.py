@@ -56,10 +56,9 @@ class Backward:
             return
         self._seed(self.grads)
         self.batch_normed_after = downstream.batch_normed_after(self.nodes, self.modules)
-        self.masks_after = downstream.masks_after(
-            self.nodes, self.modules, [layer.kind for layer in self.report.layers])
-        self.fresh_norms = downstream.fresh_norms(
-            self.nodes, self.modules, [layer.kind for layer in self.report.layers])
+        kinds = [layer.kind for layer in self.report.layers]
+        self.masks_after = downstream.masks_after(self.nodes, self.modules, kinds)
+        self.fresh_norms = downstream.fresh_norms(self.nodes, self.modules, kinds)
         for k in reversed(range(len(self.nodes))):
             g = self.grads[k]
             if g is None:
@@ -323,10 +322,9 @@ class Backward:
 
     def _behind(self, k: int) -> float | None:
         """shared.behind_loss at the BatchNorm call ``k`` where another is after it."""
-        if k not in self.batch_normed_after:
-            return None
         act, x, per_channel = self.masks_after.get(k, (None, None, False))
-        return shared.behind_loss(act, None if x is None else self.values[x], per_channel)
+        return None if k not in self.batch_normed_after else shared.behind_loss(
+            act, None if x is None else self.values[x], per_channel)
 
     def _pairing(self, k: int) -> float:
         """theory.normshape's F where the call at ``k`` feeds one measured train-mode

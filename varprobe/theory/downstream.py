@@ -10,8 +10,8 @@ the residual add, projected it off nearly the same direction), so the cost appli
 where nothing of the kind lies in between: a BatchNorm with no train-mode BatchNorm
 after it, a LayerNorm whose output goes only into weight layers (a pre-LN block's q,
 k, v and its MLP's first layer: their backward W^T g has neither mean nor x̂ removed).
-Behind another BatchNorm an activation's mask in between gives part of the mean back
-(theory.shared.batch_centring): ``masks_after`` finds it.
+Behind another BatchNorm the cost is what the activation between them gives back
+(theory.shared.behind_loss): ``masks_after`` finds it.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def masks_after(nodes: list[Node], modules: list[nn.Module], kinds: list[str]
             if act is not None:
                 conv = only(j)
                 found[k] = (act, reader.inputs[0], _depthwise(module_of(conv)) and
-                            norms.centres_batch(module_of(only(conv)) or nn.Identity()))
+                            norms.centres_batch(module_of(only(conv))))
             elif reader.op == "exit" or reader.op == "linear" and not (reader.cat or reader.sparse):
                 continue
             break
