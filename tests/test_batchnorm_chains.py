@@ -126,3 +126,19 @@ def test_batchnorm_flattens_a_padded_convs_profile(monkeypatch):
     assert abs(statistics.mean(errors)) < 0.02, statistics.mean(errors)
     monkeypatch.setattr(profile, "centred", lambda *args: None)
     assert statistics.mean(_dw_forward_errors()) < -0.02
+
+
+def test_a_probe_keeps_no_reference_to_the_model():
+    """The centred profile's tap counts are cached per conv geometry, by the geometry,
+    not the module: once the caller drops the model, nothing of varprobe keeps its
+    weights alive (an accelerator's memory with them)."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    varprobe.probe(model, torch.randn(2, 4, 7, 7))
+    ref = weakref.ref(model[0])
+    del model
+    gc.collect()
+    assert ref() is None

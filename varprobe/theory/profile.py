@@ -26,7 +26,6 @@ step costs a tenth of torch's, with the same IEEE results.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -216,7 +215,7 @@ def centred(module: nn.Module, layer, made: np.ndarray, spread: float, mu: float
     if not mu or w is None or layer.input_shape is None:
         return None
     spatial = tuple(map(int, layer.input_shape[2:]))
-    found = _deficit(_key(module), spatial, module)
+    found = _deficit((_key(module), module.padding_mode), spatial, module)
     if found is None:
         return None
     deficit, taps = found
@@ -229,19 +228,24 @@ def centred(module: nn.Module, layer, made: np.ndarray, spread: float, mu: float
     return shape / total if total > 0 else None
 
 
-@functools.lru_cache(maxsize=512)
-def _deficit(key: tuple, spatial: tuple, module: nn.Module) -> np.ndarray | None:
+def _deficit(key: tuple, spatial: tuple, module: nn.Module) -> tuple | None:
     """(sum_t (I_t(p) - a_t)^2 over the output positions, the mean taps in bounds);
-    None where every tap is in bounds everywhere."""
-    valid = _valid(key, spatial, module)
-    if valid is None or valid.min() == 1:
-        return None
-    spread = valid - valid.mean(axis=tuple(range(1, valid.ndim)), keepdims=True)
-    return (spread * spread).sum(0), float(valid.sum(0).mean())
+    None where every tap is in bounds everywhere. Once per geometry (the key, not the
+    module: a cache must not keep the model alive)."""
+    if (key, spatial) not in _DEFICITS:
+        valid = _valid(module, spatial)
+        found = None
+        if valid is not None and valid.min() < 1:
+            spread = valid - valid.mean(axis=tuple(range(1, valid.ndim)), keepdims=True)
+            found = (spread * spread).sum(0), float(valid.sum(0).mean())
+        _DEFICITS[(key, spatial)] = found
+    return _DEFICITS[(key, spatial)]
 
 
-@functools.lru_cache(maxsize=512)
-def _valid(key: tuple, spatial: tuple, module: nn.Module) -> np.ndarray | None:
+_DEFICITS: dict[tuple, tuple | None] = {}
+
+
+def _valid(module: nn.Module, spatial: tuple) -> np.ndarray | None:
     """I_t(p) [taps, *output positions]: one convolution of a map of ones per tap."""
     if module.transposed or not _counted(module, spatial):
         return None
