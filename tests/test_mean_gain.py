@@ -128,3 +128,19 @@ def test_a_mean_beyond_the_second_moment_is_held_to_it():
         assert y2 == pytest.approx(10.0 * 0.2 + 0.01, rel=1e-12)
     y2, mean = rules.through_weights(10.0, 0.2, 3.0, Weights(0.1, 0.0, row_share=0.5))
     assert mean == pytest.approx(0.5 * 10.0 * 0.2) and y2 == pytest.approx(mean)
+
+
+def test_transformers_conv1d_sums_its_columns():
+    """GPT-2's Conv1D multiplies by a weight of shape (in, out): a unit's weights are a
+    column, summed over dim 0 (no copy of the transposed weight)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(48, 32)  # nf = 48 outputs, nx = 32 inputs
+    with torch.no_grad():
+        layer.bias.uniform_(-0.5, 0.5)
+    found = varprobe.probe(layer, torch.randn(4, 5, 32)).layers[0]
+    sums = layer.weight.detach().double().sum(0)
+    assert found.weight_mean_gain == pytest.approx(float(sums.square().mean()), rel=1e-6)
+    assert found.weight_bias_cross == pytest.approx(
+        float((sums * layer.bias.detach().double()).mean()), rel=1e-6)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from varprobe.theory.layer_fans import _is_conv1d
 from varprobe.transfer import Pending
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -36,17 +37,22 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def measure(module: nn.Module, w: torch.Tensor | None, bias: torch.Tensor | None,
             x: object) -> Pending | None:
-    """[G, B] of a Linear or (not transposed) convolution called on ``x``, ``w`` the
-    weight it multiplies by; None for other modules, weights without values (meta,
-    complex, not float) and a conv whose attributes do not fit its input (it pads on
-    its own)."""
-    if w is None or w.is_meta or w.is_complex() or not w.is_floating_point() \
-            or not isinstance(x, torch.Tensor) or not isinstance(module, (nn.Linear, *_CONVS)) \
-            or w.dim() < 2 or w.shape[0] == 0:
+    """[G, B] of a Linear, transformers' Conv1D or (not transposed) convolution called
+    on ``x``, ``w`` the weight it multiplies by; None for other modules, weights without
+    values (meta, complex, not float) and a conv whose attributes do not fit its input
+    (it pads on its own)."""
+    conv1d = w is not None and w.dim() == 2 and _is_conv1d(module)  # GPT-2's: W (in, out)
+    if not conv1d and not isinstance(module, (nn.Linear, *_CONVS)) or w is None \
+            or w.is_meta or w.is_complex() or not w.is_floating_point() \
+            or not isinstance(x, torch.Tensor) or w.dim() < 2 or w.numel() == 0:
         return None
-    out, kernel = w.shape[0], tuple(w.shape[2:])
-    taps = w.detach().reshape(out, w.shape[1], -1).sum(  # a half-precision weight's in float32
-        1, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # half's in fp32
+    if conv1d:
+        out, kernel = w.shape[1], ()
+        taps = w.detach().sum(0, dtype=dtype)[:, None]
+    else:
+        out, kernel = w.shape[0], tuple(w.shape[2:])
+        taps = w.detach().reshape(out, w.shape[1], -1).sum(1, dtype=dtype)
     b = bias.detach().reshape(out, 1).to(taps.dtype) if isinstance(bias, torch.Tensor) \
         and bias.numel() == out and not bias.is_meta else None
     groups = _groups(module, tuple(x.shape[-len(kernel):])) if kernel else None
