@@ -208,8 +208,9 @@ def stream_factors(m: Mix) -> tuple[float, float, float, float]:
     if m[0] > 0:
         k_c = masked(2, density) / (masked(2, one) * plain(density))
         above = 0.5 * math.erfc(-m[4] / math.sqrt(2 * m[0]))
-    else:  # z = f(w) + mu_y exactly: no density at 0 (no curvature), z = mu_y below
-        k_c, above = 1.0, float(m[4] > 0)
+    else:  # z = f(w) + mu_y exactly: no density at 0 (no curvature), z = mu_y below;
+        # at mu_y = 0 (a zeroed branch: zero_init_residual) z = f(w), open just above 0
+        k_c, above = 1.0, float(m[4] >= 0)
     k_v = masked(2, slope2) / (masked(2, one) * plain(slope2))
     return k_s, (above + a * (1 - above)) / d1, k_c, k_v
 
