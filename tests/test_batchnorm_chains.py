@@ -76,6 +76,18 @@ def test_through_a_depthwise_conv_the_projection_on_xhat_is_gone():
     assert measured + 3 * sd < 1.0
 
 
+def _stem_logs(name: str, seeds: tuple[int, ...] = (0, 1)) -> list[float]:
+    """log(measured / predicted) of the gradient at a corpus entry's first weight layer,
+    at its own probe batch, for each seed's weights and input."""
+    entry, logs = corpus.entry(name), []
+    for seed in seeds:
+        report = varprobe.probe(entry.build(seed), entry.example(seed=seed),
+                                batch_size=entry.batch_size)
+        stem = report.weight_layers[0]
+        logs.append(math.log(stem.backward.var / stem.predicted.backward_var))
+    return logs
+
+
 def test_resnet50_at_a_batch_of_two_reaches_the_stem():
     """ResNet-50 (corpus, torchvision's init) at its probe batch of 2: M = 98 values a
     channel in the last stage, where each BatchNorm behind another takes 1.5/98 of the
@@ -83,13 +95,7 @@ def test_resnet50_at_a_batch_of_two_reaches_the_stem():
     weights: 0.88 and 0.97 with the count, 0.77 and 0.86 without; within 0.1 of 1 in
     log for their geometric mean (what the rest of the walk leaves: the two seeds lie
     0.1 apart)."""
-    entry = corpus.entry("resnet50")
-    logs = []
-    for seed in (0, 1):
-        report = varprobe.probe(entry.build(seed), entry.example(seed=seed),
-                                batch_size=entry.batch_size)
-        stem = report.weight_layers[0]
-        logs.append(math.log(stem.backward.var / stem.predicted.backward_var))
+    logs = _stem_logs("resnet50")
     assert abs(statistics.mean(logs)) < 0.1, logs
 
 
@@ -153,11 +159,5 @@ def test_zero_init_residual_keeps_the_masks_curvature():
     without that part). The stem's gradient over the prediction for two seeds' weights:
     0.905 and 0.896 with it, 0.713 and 0.706 before; within 0.15 in log of their mean
     (what the rest of the walk leaves on ResNet-50 at a batch of 2: 0.88-0.97)."""
-    entry = corpus.entry("resnet50_residual_bn_zero_twin")
-    logs = []
-    for seed in (0, 1):
-        report = varprobe.probe(entry.build(seed), entry.example(seed=seed),
-                                batch_size=entry.batch_size)
-        stem = report.weight_layers[0]
-        logs.append(math.log(stem.backward.var / stem.predicted.backward_var))
+    logs = _stem_logs("resnet50_residual_bn_zero_twin")
     assert abs(statistics.mean(logs)) < 0.15, logs
