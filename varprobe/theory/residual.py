@@ -39,17 +39,31 @@ from varprobe.theory.signal import Grad, Signal, Value
 
 RECTIFIERS = (nn.ReLU, nn.LeakyReLU)
 
-Pre = tuple  # f(w), w ~ N(mu, var): (mu, var, slope a, w's own Mix or None)
+Pre = tuple  # f(w), w ~ N(mu, var): (mu, var, slope a, w's own Mix or None, E[w̄_u^2])
 Mix = tuple  # N(mu_y, v_y) + f(w): (v_y, mu, var, a, mu_y, w's own Mix or None)
 
 
-def pre(module: nn.Module, mu: float, m2: float, inner: Mix | None = None) -> Pre | None:
-    """What a rectifier's output is, for an add after it: f(w) at its input's moments,
-    and w's own mixture where w is itself a residual sum (kept one level deep)."""
+def pre(module: nn.Module, mu: float, m2: float, inner: Mix | None = None,
+        unit_means: float = 0.0) -> Pre | None:
+    """What a rectifier's output is, for an add (or a max pool) after it: f(w) at its
+    input's moments, w's own mixture where w is itself a residual sum (kept one level
+    deep), and ``unit_means``, E[w̄_u^2] of its units' own means over the batch (a
+    conv's w_c . E[x], the same at every position: theory.pools.rectified_max)."""
     if not isinstance(module, RECTIFIERS) or m2 - mu * mu <= 0:
         return None
     return (mu, m2 - mu * mu, prelu_slope(module),
-            None if inner is None else (*inner[:5], None))
+            None if inner is None else (*inner[:5], None), unit_means)
+
+
+def joined(shares: list[float], pres: list[Pre | None]) -> Pre | None:
+    """The ``pre`` of rectifier outputs concatenated (``shares``: each piece's part of
+    the elements), where it is one again: f(w) of centred w (no common mean, no unit
+    means of their own: a BatchNorm's output before its ReLU) under one slope, w's
+    variance the pieces' weighted mean (an Inception module's branches)."""
+    if not pres or any(p is None or p[0] != 0 or p[3] is not None or p[4] > 0
+                       or p[2] != pres[0][2] for p in pres):
+        return None
+    return (0.0, sum(f * p[1] for f, p in zip(shares, pres)), pres[0][2], None, 0.0)
 
 
 def mix(terms: list[tuple[float, float, Pre | None, Signal, float, Mix | None]]) -> Mix | None:

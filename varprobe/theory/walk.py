@@ -157,7 +157,8 @@ class Walk(Backward, TokenShapes, TokenGrams):
             own = positions.through_call(node.module, None, s, out[0], lambda x: (
                 rules.activate(node.module, x, mu, self.host) or (None,))[0])
             return Value(widths.keep(own, s), None, note, at, out[1], profile=ins[0].profile,
-                         pre=residual.pre(node.module, mu, s.m2, ins[0].mix))
+                         pre=residual.pre(node.module, mu, s.m2, ins[0].mix,
+                                              s.mean_share * s.m2))
         if node.op == "pool":
             return self._pool(node, ins[0], note, at)
         if node.op == "attention":
@@ -180,7 +181,8 @@ class Walk(Backward, TokenShapes, TokenGrams):
             [(f, m, v.pre, v.signal, v.mu, v.mix)
              for f, m, v in zip(node.forward, node.means, ins)])
         return Value(signal, None, note, at, mu, mix=mix, profile=profile.blend(
-            [(v.profile, f * v.signal.m2) for f, v in zip(node.forward, ins)]))
+            [(v.profile, f * v.signal.m2) for f, v in zip(node.forward, ins)]),
+            pre=residual.joined(node.forward, [v.pre for v in ins]) if node.cat else None)
 
     def _activate(self, module: nn.Module, v: Value) -> tuple | None:
         """An activation's moments; of a residual sum with a rectified stream, the
@@ -225,7 +227,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
         if self.measured:
             return Value(None, f"{self._reason(node)}, whose output depends on how "
                          "positions correlate", rel=v.rel)
-        signal, mu = pools.approximate(node.pool, v.signal, v.mu)
+        signal, mu = pools.approximate(node.pool, v.signal, v.mu, v.pre)
         return Value(signal, None, _join(note, f"{self._reason(node)} taken over "
                                          "independent positions"), len(self.values), mu)
 
@@ -372,7 +374,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
         elif layer.kind == "activation" and s_in is not None:
             act = self._activate(module, src)
             self.backward_gains[k] = act[2] if act is not None else None
-            pre = residual.pre(module, mu, s_in.m2, src.mix)
+            pre = residual.pre(module, mu, s_in.m2, src.mix, s_in.mean_share * s_in.m2)
             out = positions.through_call(module, layer, s_in, act and act[0], lambda x: (
                 rules.activate(module, x, src.mu, self.host) or (None,))[0])
             mu = act[1] if act is not None else 0.0
@@ -389,7 +391,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
                 layer, module, x, w, self.host, src.mu))
             mu = rules.mean_after(module, mu, self.host, w)
         if out is None and not self.measured and s_in is not None:
-            out, mu, note = self._approximate(layer, module, s_in, src.mu, note)
+            out, mu, note = self._approximate(layer, module, src, note)
         if self.closed_tokens:
             out = widths.after_call(module, layer.kind, s_in, out)
         if out is not None:
@@ -417,13 +419,13 @@ class Walk(Backward, TokenShapes, TokenGrams):
         return Value(reset, None, info.forward_note, len(self.values),
                      rules.mean_after(module, 0.0, self.host))
 
-    def _approximate(self, layer: Layer, module: nn.Module, s: Signal, mu: float,
+    def _approximate(self, layer: Layer, module: nn.Module, src: Value,
                      note: str | None) -> tuple[Signal | None, float, str | None]:
         """A pooling module where nothing is measured: positions taken as independent."""
         pool = pools.of_module(module, layer.input_shape, layer.shape)
         if pool is None:
             return None, 0.0, note
-        out, mu = pools.approximate(pool, s, mu)
+        out, mu = pools.approximate(pool, src.signal, src.mu, src.pre)
         return out, mu, _join(note, f"{layer.type} at {layer.label} taken over independent "
                               "positions")
 

@@ -1,0 +1,105 @@
+"""A max pool over a rectifier's output, where nothing is measured (``varprobe predict``).
+
+max_i f(w_i) = f(max_i w_i) for a non-decreasing f, so the pool's moments are the
+rectified moments of the largest of k Gaussians (theory.pools.rectified_max). The truth
+here is sampled in float64 (Monte Carlo) or computed by a float64 forward of the model;
+each tolerance is a stated number of the sample's own standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from varprobe.predict import predict
+from varprobe.theory import pools
+from varprobe.theory.pools import Pool
+from varprobe.theory.signal import Signal
+
+DRAWS = 200_000
+SDS = 5  # standard errors of the sampled mean allowed (plus the rule's 1e-6)
+
+
+def _sampled(k: int, a: float, mu: float, v_c: float, v_e: float, seed: int):
+    """y = max_i f(mu + c + e_i) over DRAWS windows: (E[y^2], its standard error, E[y])."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(DRAWS, 1, generator=g, dtype=torch.float64) * math.sqrt(v_c)
+    w = mu + c + torch.randn(DRAWS, k, generator=g, dtype=torch.float64) * math.sqrt(v_e)
+    y = torch.where(w > 0, w, a * w).amax(1)
+    sq = y * y
+    return sq.mean().item(), sq.std().item() / math.sqrt(DRAWS), y.mean().item()
+
+
+@pytest.mark.parametrize("k,a,mu,v_c,v_e", [
+    (9, 0.0, 0.0, 0.0, 1.0),    # BatchNorm -> ReLU -> 3x3 max pool
+    (4, 0.0, 0.0, 0.0, 1.0),    # 2x2
+    (4, 0.0, 0.0, 0.5, 0.5),    # half of w a unit's own mean (a conv of a ReLU'd input)
+    (9, 0.01, 0.3, 0.0, 2.0),   # LeakyReLU, a common mean
+    (9, 0.25, -0.5, 0.3, 1.0),  # PReLU's init slope, both
+    (2, 0.0, 1.0, 0.2, 0.1),    # a mostly open rectifier
+])
+def test_rule_against_sampled_windows(k, a, mu, v_c, v_e):
+    pre = (mu, v_c + v_e, a, None, v_c + mu * mu)
+    out = pools.rectified_max(Pool("max", k, 1 / k), pre, Signal(1.0))
+    assert out is not None
+    m2, se, mean = _sampled(k, a, mu, v_c, v_e, seed=k)
+    assert abs(out[0].m2 - m2) <= SDS * se + 1e-6 * m2
+    assert abs(out[1] - mean) <= SDS * math.sqrt(m2 / DRAWS) + 1e-6
+
+
+def test_gaussian_approximation_missed_it():
+    """What the rule replaces: f(w)'s mean and variance taken as a Gaussian's, the
+    largest of k such (pools.approximate without ``pre``), 33% under at a 3x3 pool."""
+    m2, se, _ = _sampled(9, 0.0, 0.0, 0.0, 1.0, seed=0)
+    relu = Signal(0.5, 1 / math.pi)
+    before, _ = pools.approximate(Pool("max", 9, 1 / 9), relu, 1 / math.sqrt(2 * math.pi))
+    assert before.m2 < 0.7 * m2
+    after, _ = pools.approximate(Pool("max", 9, 1 / 9), relu, 1 / math.sqrt(2 * math.pi),
+                                 (0.0, 1.0, 0.0, None, 0.0))
+    assert abs(after.m2 - m2) <= SDS * se
+
+
+def test_not_for_a_decreasing_rectifier():
+    """a < 0: f is not monotone, max f(w_i) is not f(max w_i)."""
+    assert pools.rectified_max(Pool("max", 4, 0.25), (0.0, 1.0, -0.5, None, 0.0),
+                               Signal(1.0)) is None
+
+
+class _Branches(nn.Module):
+    """Two 1x1 conv -> BatchNorm -> ReLU branches side by side (their BatchNorms' gamma
+    1 and 2), then a 3x3 max pool: an Inception module's shape. 1x1 convs of an i.i.d.
+    input keep the positions independent, the premise of the rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, stride=3)
+        with torch.no_grad():
+            self.b[1].weight.fill_(2.0)
+
+    def forward(self, x):
+        return self.pool(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_predict_at_a_pool_of_concatenated_branches():
+    """predict's E[y^2] at the pool against a float64 forward of the same model (train
+    mode, batch 32 x 12 x 12): the largest of 9 ReLU'd unit normals has E[y^2] 2.563, so
+    the pool holds (1 + 4)/2 x 2.563. Tolerance: SDS standard errors of the mean over
+    the channels (each channel's mean over its 32 x 16 windows), within each branch."""
+    torch.manual_seed(0)
+    model = _Branches()
+    x = torch.randn(32, 32, 12, 12)
+    report = predict(model, x)
+    layer = next(ly for ly in report.layers if ly.type == "MaxPool2d")
+    with torch.no_grad():
+        y = model.double()(x.double())
+    model.float()
+    halves = y.square().mean((0, 2, 3)).view(2, 16)  # the branches' channels
+    truth = halves.mean().item()
+    se = math.sqrt(sum(h.var().item() / 16 for h in halves)) / 2
+    assert abs(layer.predicted.forward_var - truth) <= SDS * se
+    assert abs(truth / (2.5 * 2.563) - 1) < 0.05  # the premise: the closed form's value
