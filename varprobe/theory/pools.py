@@ -53,6 +53,9 @@ class Pool:
     kind: str        # "mean" | "sum" | "max" | "pad" | "nearest"
     window: float    # k
     fraction: float  # numel(out) / numel(in)
+    # a max pool whose windows hold fewer elements at the borders (padding, ceil_mode):
+    # (elements, share of the outputs) of each size; None: every window holds k
+    sizes: tuple[tuple[int, float], ...] | None = None
 
 
 def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
@@ -69,7 +72,8 @@ def of_module(module: nn.Module, input_shape, output_shape) -> Pool | None:
     if isinstance(module, ADAPTIVE_AVG):
         return Pool("mean", 1 / fraction, fraction)
     if isinstance(module, MAX):
-        return Pool("max", _window(module, input_shape), fraction)
+        return Pool("max", _window(module, input_shape), fraction,
+                    _sizes(module, input_shape, output_shape))
     if isinstance(module, ADAPTIVE_MAX):
         return Pool("max", 1 / fraction, fraction)
     if isinstance(module, ZERO_PADS) and float(getattr(module, "value", 0.0)) == 0.0:
@@ -92,6 +96,33 @@ def _window(module: nn.Module, input_shape) -> float:
                                                                           "padding"))
     return float(math.prod(k if n is None else min(k, n + 2 * p)
                            for k, n, p in zip(kernel, spatial, padding)))
+
+
+def _sizes(module: nn.Module, input_shape, output_shape) -> tuple | None:
+    """``Pool.sizes`` of a max pool module: along each spatial dim, how many of the
+    kernel's taps land inside the input at each output position (a padded element is
+    -inf, never the max), combined over the dims."""
+    dims = _dims(module)
+    if len(input_shape) <= dims or len(output_shape) <= dims:
+        return None
+    kernel, padding, dilation = (_each(getattr(module, name, d), dims) for name, d in (
+        ("kernel_size", 1), ("padding", 0), ("dilation", 1)))
+    stride = _each(module.stride or module.kernel_size, dims)
+    found = {1: 1.0}
+    for n, m, k, s, p, d in zip(input_shape[-dims:], output_shape[-dims:], kernel, stride,
+                                padding, dilation):
+        counts: dict[int, float] = {}
+        for j in range(m):
+            c = sum(1 for i in range(k) if 0 <= j * s - p + i * d < n)
+            counts[c] = counts.get(c, 0.0) + 1 / m
+        combined: dict[int, float] = {}
+        for a, share in found.items():
+            for b, other in counts.items():
+                combined[a * b] = combined.get(a * b, 0.0) + share * other
+        found = combined
+    if len(found) == 1 and next(iter(found)) == math.prod(kernel):
+        return None
+    return tuple(sorted(found.items()))
 
 
 def _each(value, dims: int) -> tuple:
@@ -137,7 +168,7 @@ def approximate(pool: Pool, s: Signal, mu: float, pre: tuple | None = None,
         return Signal(m2 * scale, share, share), mu * math.sqrt(scale)
     mean = mu if mu else math.sqrt(shared)
     sigma = math.sqrt(max(s.m2 - mean * mean, 0.0))
-    z1, z2 = _max_moments(int(round(k)))
+    z1, z2 = _over_sizes(pool, lambda size: _max_moments(size))
     m2 = mean * mean + 2 * mean * sigma * z1 + sigma * sigma * z2
     out_mean = mean + sigma * z1
     return Signal(m2, min(1.0, out_mean * out_mean / m2) if m2 > 0 else 0.0), out_mean
@@ -163,12 +194,20 @@ def rectified_max(pool: Pool, pre: tuple, s: Signal) -> tuple[Signal, float] | N
     v_e = var - v_c
     if pool.kind != "max" or a < 0 or k < 1 or v_e <= 1e-12 * var:
         return None
-    m1, m2, means2 = _max_of_rectified(k, a, mu / math.sqrt(v_e), v_c / v_e)
+    m1, m2, means2 = _over_sizes(pool, lambda size: _max_of_rectified(
+        size, a, mu / math.sqrt(v_e), v_c / v_e))
     m1, m2, means2 = m1 * math.sqrt(v_e), m2 * v_e, means2 * v_e
     if not m2 > 0:
         return None
     share = min(1.0, means2 / m2)
     return Signal(m2, share, max(share, s.r)), m1
+
+
+def _over_sizes(pool: Pool, moments) -> tuple[float, ...]:
+    """``moments(k)`` at the pool's window, or averaged over its windows' sizes."""
+    sizes = pool.sizes or ((int(round(pool.window)), 1.0),)
+    found = [(moments(size), share) for size, share in sizes]
+    return tuple(sum(m[i] * share for m, share in found) for i in range(len(found[0][0])))
 
 
 @functools.lru_cache(maxsize=256)
@@ -208,6 +247,7 @@ def backward(pool: Pool) -> float:
     return pool.fraction * {"mean": 1 / k, "sum": k, "max": 1.0, "nearest": 1.0}[pool.kind]
 
 
+@functools.cache
 def _max_moments(k: int) -> tuple[float, float]:
     """E[Z] and E[Z^2] of the largest of k independent standard normals: the density
     k phi(z) Phi(z)^(k-1), integrated by theory.gains.expectation."""
