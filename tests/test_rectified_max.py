@@ -129,3 +129,33 @@ def test_googlenet_predict_against_its_probe():
               for ly in predict(model, x).layers if ly.type == "MaxPool2d"]
     assert len(pooled) == 13
     assert all(0.8 <= ratio <= 1.1 for _, ratio in pooled), pooled
+
+
+@pytest.mark.parametrize("mu,bias,tap", [(0.0, 0.0, 1.0), (0.3, 0.5, 2.0)])
+def test_border_windows_against_sampled_taps(mu, bias, tap):
+    """A 2x2 max pool of a ReLU'd 3x3 'same' conv at a 2x2 map: each position sums its
+    own 4 of the 9 taps' means, so the window's elements do not share one mean
+    (theory.maxgate.largest). The truth: the taps, the bias and the elements drawn
+    directly (another seed), the tap subsets written out by hand. Tolerance: SDS
+    standard errors of both estimates (the rule's 4096 draws of the taps bounded by
+    the sample's own spread)."""
+    from varprobe.theory import maxgate
+
+    conv, pool = nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2)
+    classes = maxgate.windows(maxgate.Geometry(conv, (2, 2), pool, (2, 2), 0.0))
+    assert len(classes) == 1 and not classes[0][2]
+    got = maxgate.largest(classes[0][0], 0.0, mu, bias, tap)
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(DRAWS, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(DRAWS, 1, generator=g, dtype=torch.float64)
+    # output (i, j) of a 2x2 map reads taps rows 1 - i .. 2 - i, columns 1 - j .. 2 - j
+    means = torch.stack([u[:, 1 - i:3 - i, 1 - j:3 - j].sum((1, 2))
+                         for i in range(2) for j in range(2)], 1)
+    y = mu + math.sqrt(bias) * b + math.sqrt(tap / 4) * means \
+        + torch.randn(DRAWS, 4, generator=g, dtype=torch.float64)
+    out = y.amax(1).clamp(min=0)
+    sq = out * out
+    se = sq.std().item() * math.sqrt(1 / DRAWS + 1 / maxgate.DRAWS)
+    assert abs(got[1] - sq.mean().item()) <= SDS * se
+    assert abs(got[0] - out.mean().item()) <= SDS * out.std().item() * math.sqrt(
+        1 / DRAWS + 1 / maxgate.DRAWS)

@@ -437,19 +437,20 @@ class Backward:
         largest element, which a rectifier passes unless all are negative (maxgate)."""
         if g.window is None or x is None or x.signal is None:
             return gain
-        gate = maxgate.gate(module, x.signal, x.mu, g.window, self._geometry(k, g))
+        gate = maxgate.gate(module, x.signal, x.mu, g.window, self._geometry(k, g.pool))
         share = min(g.maxed / g.var, 1.0) if g.var > 0 else 1.0
         if gate is None or (share < 1 and gain is None):
             return gain
         return gate if share >= 1 else share * gate + (1 - share) * gain
 
-    def _geometry(self, k: int, g: Grad) -> maxgate.Geometry | None:
-        """The conv whose output node k rectifies, and the max pool g's window is of."""
-        i = self.nodes[k].inputs[0] if g.pool is not None else -1
+    def _geometry(self, k: int, pool: tuple | None) -> maxgate.Geometry | None:
+        """The conv whose output node k rectifies, and the max pool (module, its input's
+        spatial shape) after it."""
+        i = self.nodes[k].inputs[0] if pool is not None and k >= 0 else -1
         j = self.nodes[i].index if i >= 0 and self.nodes[i].op == "call" else None
         shape = self.report.layers[j].input_shape if j is not None else None
         return None if not shape or self.weights[j] is None else maxgate.Geometry(
-            self.modules[j], tuple(shape[2:]), *g.pool, self.weights[j].b2)
+            self.modules[j], tuple(shape[2:]), *pool, self.weights[j].b2)
 
     def _input_grad(self, layer: Layer, info: Call, g: Grad, dx: float | None,
                     s_in: Signal | None) -> Grad:

@@ -157,6 +157,29 @@ def _taps(members: tuple, mu: float, bias: float, tap: float) -> float:
     """The same where each member sums its own subset of the taps: E over the bias
     (variance ``bias``) and the taps (i.i.d., ``tap`` of the mean's variance per the
     map's mean in-bounds count) of prod_p Phi(-(mu + b + m(p))), by Monte Carlo."""
+    logs = torch.special.log_ndtr(-_member_means(members, mu, bias, tap)).sum(1)
+    return float(logs.exp().mean())
+
+
+@functools.lru_cache(maxsize=512)
+def largest(members: tuple, a: float, mu: float, bias: float, tap: float,
+            ) -> tuple[float, float]:
+    """(E[y], E[y^2]) of y = f(max_p (mu + b + m(p) + e_p)) over a
+    window of ``members`` (as ``_taps``, e_p i.i.d. N(0, 1): the forward of a max pool
+    over the rectifier, theory.pools.rectified_max), by Monte Carlo over the bias and
+    the taps; for each draw the largest element's distribution prod_p Phi(x - y_p) on a
+    grid of x (steps of 0.05: its midpoint sums are within ~1e-4)."""
+    y = _member_means(members, mu, bias, tap)
+    x = torch.arange(float(y.min()) - 8.5, float(y.max()) + 8.5, 0.05, dtype=torch.float64)
+    cdf = sum(torch.special.log_ndtr(x[None, :] - y[:, p, None]) for p in range(y.shape[1]))
+    cdf = cdf.exp()
+    mass, mid = cdf.diff(dim=1), (x[1:] + x[:-1]) / 2
+    f = torch.where(mid > 0, mid, a * mid)
+    return float((mass @ f).mean()), float((mass @ (f * f)).mean())
+
+
+def _member_means(members: tuple, mu: float, bias: float, tap: float) -> torch.Tensor:
+    """mu + b + m(p) for each draw and member p [DRAWS, members] (see ``_taps``)."""
     subsets, kernel, mean_count = members
     u, b = _draws(kernel)
     m = u
@@ -166,9 +189,7 @@ def _taps(members: tuple, mu: float, bias: float, tap: float) -> float:
             select[row, list(taps)] = 1.0
         m = torch.movedim(torch.tensordot(m, select, dims=([1 + axis], [1])), -1, 1 + axis)
     scale = math.sqrt(tap / math.prod(mean_count))
-    y = mu + math.sqrt(bias) * b.view(-1, *([1] * len(kernel))) + scale * m
-    logs = torch.special.log_ndtr(-y).flatten(1).sum(1)
-    return float(logs.exp().mean())
+    return (mu + math.sqrt(bias) * b.view(-1, *([1] * len(kernel))) + scale * m).flatten(1)
 
 
 @functools.lru_cache(maxsize=8)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varprobe.theory import maxgate
 from varprobe.theory.gains import Z_MAX, _legendre, _nodes, expectation
 from varprobe.theory.signal import Signal
 
@@ -150,13 +151,13 @@ def exact(pool: Pool, s: Signal, mu: float) -> tuple[Signal, float] | None:
 
 
 def approximate(pool: Pool, s: Signal, mu: float, pre: tuple | None = None,
-                ) -> tuple[Signal, float]:
+                at: maxgate.Geometry | None = None) -> tuple[Signal, float]:
     """The forward with the k pooled elements independent (see the module note); a
     max pool of a rectifier's output (``pre``: theory.residual.pre) by
     ``rectified_max``."""
     if pool.kind in EXACT_FORWARD:
         return exact(pool, s, mu)
-    found = rectified_max(pool, pre, s) if pre is not None else None
+    found = rectified_max(pool, pre, s, at) if pre is not None else None
     if found is not None:
         return found
     k = max(pool.window, 1.0)
@@ -174,33 +175,60 @@ def approximate(pool: Pool, s: Signal, mu: float, pre: tuple | None = None,
     return Signal(m2, min(1.0, out_mean * out_mean / m2) if m2 > 0 else 0.0), out_mean
 
 
-def rectified_max(pool: Pool, pre: tuple, s: Signal) -> tuple[Signal, float] | None:
+def rectified_max(pool: Pool, pre: tuple, s: Signal, at: maxgate.Geometry | None = None,
+                  ) -> tuple[Signal, float] | None:
     """A max pool's forward over a rectifier's output f(w) (``pre``: w's (mu, var, slope
     a, ..., E[w̄_u^2]), theory.residual.pre), exact for windows of independent w.
 
     f is non-decreasing for a >= 0, so the largest of the k outputs is f of the largest
     input: max_i f(w_i) = f(max_i w_i). A unit's own mean over the batch, w̄_u (a conv's
-    w_c . E[x]: the same at every position of the window), is shared by the window, so
-    w_i = mu + c + e_i, c ~ N(0, v_c), v_c = E[w̄_u^2] - mu^2, and e_i i.i.d. N(0, v_e),
-    v_e = var - v_c; the largest is mu + c + sqrt(v_e) Z_k, Z_k the largest of k standard
-    normals (density k phi Phi^(k-1)). E[f^j] = E_Zk E_c f(mu + c + sqrt(v_e) Z_k)^j, the
-    inner one the rectified Gaussian's moments (gains.rectified_moments). ``approximate``
-    took the k elements as Gaussians with f(w)'s mean and variance, 1.3-1.5x under a
-    3x3 max pool of a ReLU's output (E[max^2] 2.56 against 1.72 for w ~ N(0, 1)).
-    None where f is not non-decreasing or the window's elements are alike."""
+    w_c . E[x]: the same at every position of a window inside the map), is shared by the
+    window, so w_i = mu + c + e_i, c ~ N(0, v_c), v_c = E[w̄_u^2] - mu^2, and e_i i.i.d.
+    N(0, v_e), v_e = var - v_c; the largest is mu + c + sqrt(v_e) Z_k, Z_k the largest
+    of k standard normals (density k phi Phi^(k-1)), and E[f^j] is a quadrature over
+    Z_k and c. Where the conv ``at`` cuts taps at the borders each position sums its own
+    subset of them (theory.maxgate.largest, by Monte Carlo over the taps); a padded
+    pool's windows hold fewer elements there (``Pool.sizes``). ``approximate`` took the
+    k elements as Gaussians with f(w)'s mean and variance, 1.3-1.5x under a 3x3 max pool
+    of a ReLU's output (E[max^2] 2.56 against 1.72 for w ~ N(0, 1)).
+
+    The output's mean share is its common mean's, E[y]^2 / E[y^2], as ``approximate``
+    gives it: the spread of the units' own means past the pool is not passed on (on the
+    corpus VGGs without norms passing it on moved predict's forward closer and its
+    backward, through the rectifiers' gates, further: left as it was). None where f is
+    not non-decreasing or the window's elements are alike."""
     mu, var, a, unit_means = pre[0], pre[1], pre[2], pre[4]
     k = int(round(pool.window))
     v_c = min(max(unit_means - mu * mu, 0.0), var)
     v_e = var - v_c
     if pool.kind != "max" or a < 0 or k < 1 or v_e <= 1e-12 * var:
         return None
-    m1, m2, means2 = _over_sizes(pool, lambda size: _max_of_rectified(
-        size, a, mu / math.sqrt(v_e), v_c / v_e))
-    m1, m2, means2 = m1 * math.sqrt(v_e), m2 * v_e, means2 * v_e
+    classes = maxgate.windows(at) if at is not None and v_c > 0 else None
+    if classes:  # the conv's zero padding gives border positions means of their own
+        m1, m2 = _over_classes(classes, a, mu, v_c, v_e, min(at.b2, v_c))
+    else:
+        m1, m2 = _over_sizes(pool, lambda size: _max_of_rectified(
+            size, a, mu / math.sqrt(v_e), v_c / v_e))
+    m1, m2 = m1 * math.sqrt(v_e), m2 * v_e
     if not m2 > 0:
         return None
-    share = min(1.0, means2 / m2)
+    share = min(1.0, m1 * m1 / m2)
     return Signal(m2, share, max(share, s.r)), m1
+
+
+def _over_classes(classes: list, a: float, mu: float, v_c: float, v_e: float,
+                  bias: float) -> tuple[float, ...]:
+    """``_max_of_rectified``'s moments (units of sqrt(v_e)) over a max pool's
+    windows by class (theory.maxgate.windows): a window inside the map shares one
+    unit mean; one where the conv's zero padding cuts taps, each member its own part of
+    it (maxgate.largest, by Monte Carlo over the taps; the bias shared)."""
+    sig = maxgate._sig
+    found = [(_max_of_rectified(size, a, mu / math.sqrt(v_e), v_c / v_e) if full else
+              maxgate.largest(members, a, sig(mu / math.sqrt(v_e)), sig(bias / v_e),
+                              sig((v_c - bias) / v_e)), n)
+             for members, size, full, n in classes]
+    total = sum(n for _, n in found)
+    return tuple(sum(m[i] * n for m, n in found) / total for i in range(2))
 
 
 def _over_sizes(pool: Pool, moments) -> tuple[float, ...]:
@@ -211,9 +239,9 @@ def _over_sizes(pool: Pool, moments) -> tuple[float, ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def _max_of_rectified(k: int, a: float, t: float, c: float) -> tuple[float, float, float]:
-    """(E[y], E[y^2], E_c[E[y | c]^2]) for y = f(t + c' + Z_k), c' ~ N(0, c) (f and Z_k
-    as in ``rectified_max``; w in units of sqrt(v_e)): E[y | c] is smooth in c, so the
+def _max_of_rectified(k: int, a: float, t: float, c: float) -> tuple[float, float]:
+    """(E[y], E[y^2]) for y = f(t + c' + Z_k), c' ~ N(0, c) (f and Z_k as in
+    ``rectified_max``; w in units of sqrt(v_e)): E[y | c'] is smooth in c', so the
     outer rule is Gauss's over c' (theory.gains._nodes)."""
     if c > 0:
         offsets, weights = _nodes(c, ())
@@ -221,7 +249,7 @@ def _max_of_rectified(k: int, a: float, t: float, c: float) -> tuple[float, floa
     else:
         means, weights = torch.tensor([t], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
     first, second = _given(k, a, means)
-    return float(weights @ first), float(weights @ second), float(weights @ (first * first))
+    return float(weights @ first), float(weights @ second)
 
 
 def _given(k: int, a: float, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -391,7 +391,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
                 layer, module, x, w, self.host, src.mu))
             mu = rules.mean_after(module, mu, self.host, w)
         if out is None and not self.measured and s_in is not None:
-            out, mu, note = self._approximate(layer, module, src, note)
+            out, mu, note = self._approximate(layer, module, src, note, node.inputs[0])
         if self.closed_tokens:
             out = widths.after_call(module, layer.kind, s_in, out)
         if out is not None:
@@ -419,13 +419,15 @@ class Walk(Backward, TokenShapes, TokenGrams):
         return Value(reset, None, info.forward_note, len(self.values),
                      rules.mean_after(module, 0.0, self.host))
 
-    def _approximate(self, layer: Layer, module: nn.Module, src: Value,
-                     note: str | None) -> tuple[Signal | None, float, str | None]:
-        """A pooling module where nothing is measured: positions taken as independent."""
+    def _approximate(self, layer: Layer, module: nn.Module, src: Value, note: str | None,
+                     k: int) -> tuple[Signal | None, float, str | None]:
+        """A pooling module (its input node k) where nothing is measured: positions
+        taken as independent but for the means a conv before the rectifier gives them."""
         pool = pools.of_module(module, layer.input_shape, layer.shape)
         if pool is None:
             return None, 0.0, note
-        out, mu = pools.approximate(pool, src.signal, src.mu, src.pre)
+        at = self._geometry(k, (module, tuple(layer.input_shape[2:]))) if src.pre else None
+        out, mu = pools.approximate(pool, src.signal, src.mu, src.pre, at)
         return out, mu, _join(note, f"{layer.type} at {layer.label} taken over independent "
                               "positions")
 
