@@ -444,8 +444,7 @@ class Backward:
         return gate if share >= 1 else share * gate + (1 - share) * gain
 
     def _geometry(self, k: int, pool: tuple | None) -> maxgate.Geometry | None:
-        """The conv whose output node k rectifies, and the max pool (module, its input's
-        spatial shape) after it."""
+        """The conv whose output node k rectifies, and the pool (module, input shape)."""
         i = self.nodes[k].inputs[0] if pool is not None and k >= 0 else -1
         j = self.nodes[i].index if i >= 0 and self.nodes[i].op == "call" else None
         shape = self.report.layers[j].input_shape if j is not None else None

@@ -43,16 +43,15 @@ Pre = tuple  # f(w), w ~ N(mu, var): (mu, var, slope a, w's own Mix or None, E[w
 Mix = tuple  # N(mu_y, v_y) + f(w): (v_y, mu, var, a, mu_y, w's own Mix or None)
 
 
-def pre(module: nn.Module, mu: float, m2: float, inner: Mix | None = None,
-        unit_means: float = 0.0) -> Pre | None:
+def pre(module: nn.Module, mu: float, s: Signal, inner: Mix | None = None) -> Pre | None:
     """What a rectifier's output is, for an add (or a max pool) after it: f(w) at its
-    input's moments, w's own mixture where w is itself a residual sum (kept one level
-    deep), and ``unit_means``, E[w̄_u^2] of its units' own means over the batch (a
-    conv's w_c . E[x], the same at every position: theory.pools.rectified_max)."""
-    if not isinstance(module, RECTIFIERS) or m2 - mu * mu <= 0:
+    input's moments (``s``, the common mean ``mu``), w's own mixture where w is itself a
+    residual sum (kept one level deep), and E[w̄_u^2] of its units' own means over the
+    batch (a conv's w_c . E[x], the same at every position: pools.rectified_max)."""
+    if not isinstance(module, RECTIFIERS) or s.m2 - mu * mu <= 0:
         return None
-    return (mu, m2 - mu * mu, prelu_slope(module),
-            None if inner is None else (*inner[:5], None), unit_means)
+    return (mu, s.m2 - mu * mu, prelu_slope(module),
+            None if inner is None else (*inner[:5], None), s.mean_share * s.m2)
 
 
 def joined(shares: list[float], pres: list[Pre | None]) -> Pre | None:

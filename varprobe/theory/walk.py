@@ -157,8 +157,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
             own = positions.through_call(node.module, None, s, out[0], lambda x: (
                 rules.activate(node.module, x, mu, self.host) or (None,))[0])
             return Value(widths.keep(own, s), None, note, at, out[1], profile=ins[0].profile,
-                         pre=residual.pre(node.module, mu, s.m2, ins[0].mix,
-                                              s.mean_share * s.m2))
+                         pre=residual.pre(node.module, mu, s, ins[0].mix))
         if node.op == "pool":
             return self._pool(node, ins[0], note, at)
         if node.op == "attention":
@@ -374,7 +373,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
         elif layer.kind == "activation" and s_in is not None:
             act = self._activate(module, src)
             self.backward_gains[k] = act[2] if act is not None else None
-            pre = residual.pre(module, mu, s_in.m2, src.mix, s_in.mean_share * s_in.m2)
+            pre = residual.pre(module, mu, s_in, src.mix)
             out = positions.through_call(module, layer, s_in, act and act[0], lambda x: (
                 rules.activate(module, x, src.mu, self.host) or (None,))[0])
             mu = act[1] if act is not None else 0.0
@@ -421,8 +420,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
     def _approximate(self, layer: Layer, module: nn.Module, src: Value, note: str | None,
                      k: int) -> tuple[Signal | None, float, str | None]:
-        """A pooling module (its input node k) where nothing is measured: positions
-        taken as independent but for the means a conv before the rectifier gives them."""
+        """A pooling module (input: node k) where nothing is measured (theory.pools)."""
         pool = pools.of_module(module, layer.input_shape, layer.shape)
         if pool is None:
             return None, 0.0, note
