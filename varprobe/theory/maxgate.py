@@ -93,7 +93,7 @@ def windows(at: Geometry) -> list[tuple[tuple, int, bool, int]] | None:
         members = _pool_members(at.pool, i, len(taps))
         if members is None:
             return None
-        per_axis.append(Counter(tuple(taps[o] for o in m) for m in members))
+        per_axis.append(Counter(_canonical(tuple(taps[o] for o in m)) for m in members))
     kernel = tuple(at.conv.kernel_size)
     mean_count = tuple(sum(len(t) for t in taps) / len(taps) for taps in axes)
     out = []
@@ -103,6 +103,18 @@ def windows(at: Geometry) -> list[tuple[tuple, int, bool, int]] | None:
         out.append(((subsets, kernel, mean_count), math.prod(len(key) for key in subsets),
                     full, math.prod(n for _, n in combo)))
     return out
+
+
+def _canonical(key: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """One name for the members' tap subsets along an axis wherever they differ only by
+    a reflection or a renaming of the taps, whose means are i.i.d. (the two borders of
+    a map): the smaller of the members in order and reversed, the taps numbered by
+    first appearance."""
+    def named(members: tuple) -> tuple:
+        names: dict[int, int] = {}
+        return tuple(tuple(sorted(names.setdefault(t, len(names)) for t in taps))
+                     for taps in members)
+    return min(named(key), named(key[::-1]))
 
 
 def _conv_taps(conv: nn.Module, axis: int, h: int) -> tuple[tuple[int, ...], ...] | None:
@@ -168,9 +180,12 @@ def largest(members: tuple, a: float, mu: float, bias: float, tap: float,
     window of ``members`` (as ``_taps``, e_p i.i.d. N(0, 1): the forward of a max pool
     over the rectifier, theory.pools.rectified_max), by Monte Carlo over the bias and
     the taps; for each draw the largest element's distribution prod_p Phi(x - y_p) on a
-    grid of x (steps of 0.05: its midpoint sums are within ~1e-4)."""
+    grid of x 6.5 sds past the means (Phi(-6.5) ~ 4e-11), in steps of 0.25 sd: the
+    midpoint sums' error, ~h^2/24 of the second moment, is 0.3%, a fifth of the draws'
+    1.5%; at most 400 steps, coarser only where the means spread over 100 sds."""
     y = _member_means(members, mu, bias, tap)
-    x = torch.arange(float(y.min()) - 8.5, float(y.max()) + 8.5, 0.05, dtype=torch.float64)
+    lo, hi = float(y.min()) - 6.5, float(y.max()) + 6.5
+    x = torch.arange(lo, hi, max(0.25, (hi - lo) / 400), dtype=torch.float64)
     cdf = sum(torch.special.log_ndtr(x[None, :] - y[:, p, None]) for p in range(y.shape[1]))
     cdf = cdf.exp()
     mass, mid = cdf.diff(dim=1), (x[1:] + x[:-1]) / 2
