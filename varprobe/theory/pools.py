@@ -222,10 +222,9 @@ def _over_classes(classes: list, a: float, mu: float, v_c: float, v_e: float,
     windows by class (theory.maxgate.windows): a window inside the map shares one
     unit mean; one where the conv's zero padding cuts taps, each member its own part of
     it (maxgate.largest, by Monte Carlo over the taps; the bias shared)."""
-    sig = maxgate._sig
     found = [(_max_of_rectified(size, a, mu / math.sqrt(v_e), v_c / v_e) if full else
-              maxgate.largest(members, a, sig(mu / math.sqrt(v_e)), sig(bias / v_e),
-                              sig((v_c - bias) / v_e)), n)
+              maxgate.largest(members, a, mu / math.sqrt(v_e), bias / v_e,
+                              (v_c - bias) / v_e), n)
              for members, size, full, n in classes]
     total = sum(n for _, n in found)
     return tuple(sum(m[i] * n for m, n in found) / total for i in range(2))
