@@ -82,13 +82,15 @@ def _weighed(s: np.ndarray, b: np.ndarray, groups: tuple) -> tuple[float, float]
     Each axis's groups become 0/1 rows over its taps, contracted with ``s`` in turn:
     the sums of every group of positions at once, weighed by how many it holds."""
     rows, weight = _rows(groups, s.shape[1:])
-    if len(rows) == 2:  # a 2-d kernel: (groups_h x kh) @ s @ (kw x groups_w), per unit
-        s = rows[0] @ s @ rows[1].T
-    else:
-        for r in rows:
-            s = np.tensordot(s, r, axes=([1], [1]))  # its groups last, the next axis at 1
-    flat = s.reshape(len(s), -1)
-    return float(np.mean(flat * flat, axis=0) @ weight), float((b @ flat) @ weight) / len(b)
+    with np.errstate(all="ignore"):  # a non-finite weight: NaN, as torch's sums give it
+        if len(rows) == 2:  # a 2-d kernel: (groups_h x kh) @ s @ (kw x groups_w), per unit
+            s = rows[0] @ s @ rows[1].T
+        else:
+            for r in rows:
+                s = np.tensordot(s, r, axes=([1], [1]))  # its groups last, the next axis
+        flat = s.reshape(len(s), -1)
+        return (float(np.mean(flat * flat, axis=0) @ weight),
+                float((b @ flat) @ weight) / len(b))
 
 
 @functools.lru_cache(maxsize=1024)
