@@ -270,6 +270,7 @@ def _assume_scheme(report: Report, modules: list[nn.Module], scheme: str) -> Non
                            else theory.fans(module))
         var = theory.scheme_variance(scheme, fan_in, fan_out, a)
         layer.weight_var = layer.weight_second_moment = var
+        layer.weight_mean_gain = layer.weight_bias_cross = None  # the actual weights' sums
         has_bias = getattr(module, "bias", None) is not None
         layer.bias_second_moment = (theory.scheme_bias_variance(scheme, module)
                                     if has_bias else None)

@@ -357,7 +357,7 @@ class Recorder:
         if w is not None and not w.is_meta and not w.is_complex():
             value, seen = self._with_extremes(stats.weight, w, b)
             self.weights[id(module)] = (self._new_slot(value), w)
-            if self.measure and (gain := mean_gain.measure(module, w, b, x)) is not None:
+            if (gain := mean_gain.measure(module, w, b, x)) is not None:
                 self.mean_gains[id(module)] = self._new_slot(gain)
             if self.ranges is not None:
                 self.range_slots[self.weights[id(module)][0]] = self._new_slot(
