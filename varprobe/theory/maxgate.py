@@ -90,7 +90,7 @@ def windows(at: Geometry) -> list[tuple[tuple, int, bool, int]] | None:
         return None
     per_axis = []
     for i, taps in enumerate(axes):
-        members = _pool_members(at.pool, i, len(taps))
+        members = pool_members(at.pool, i, len(taps))
         if members is None:
             return None
         per_axis.append(Counter(_canonical(tuple(taps[o] for o in m)) for m in members))
@@ -133,7 +133,7 @@ def _conv_taps(conv: nn.Module, axis: int, h: int) -> tuple[tuple[int, ...], ...
                  for o in range(outs))
 
 
-def _pool_members(pool: nn.Module, axis: int, h: int) -> list[list[int]] | None:
+def pool_members(pool: nn.Module, axis: int, h: int) -> list[list[int]] | None:
     """Per pool output along ``axis``, the input positions its window reads (padding,
     which a max pool fills with -inf, left out)."""
     def at(v):

@@ -100,28 +100,23 @@ def _window(module: nn.Module, input_shape) -> float:
 
 
 def _sizes(module: nn.Module, input_shape, output_shape) -> tuple | None:
-    """``Pool.sizes`` of a max pool module: along each spatial dim, how many of the
-    kernel's taps land inside the input at each output position (a padded element is
-    -inf, never the max), combined over the dims."""
+    """``Pool.sizes`` of a max pool module: along each spatial dim, how many elements
+    its window reads inside the input at each output position (theory.maxgate's
+    members: a padded element is -inf, never the max), combined over the dims."""
     dims = _dims(module)
     if len(input_shape) <= dims or len(output_shape) <= dims:
         return None
-    kernel, padding, dilation = (_each(getattr(module, name, d), dims) for name, d in (
-        ("kernel_size", 1), ("padding", 0), ("dilation", 1)))
-    stride = _each(module.stride or module.kernel_size, dims)
     found = {1: 1.0}
-    for n, m, k, s, p, d in zip(input_shape[-dims:], output_shape[-dims:], kernel, stride,
-                                padding, dilation):
-        counts: dict[int, float] = {}
-        for j in range(m):
-            c = sum(1 for i in range(k) if 0 <= j * s - p + i * d < n)
-            counts[c] = counts.get(c, 0.0) + 1 / m
+    for axis, n in enumerate(input_shape[-dims:]):
+        members = maxgate.pool_members(module, axis, int(n))
+        if not members:
+            return None
         combined: dict[int, float] = {}
         for a, share in found.items():
-            for b, other in counts.items():
-                combined[a * b] = combined.get(a * b, 0.0) + share * other
+            for m in members:
+                combined[a * len(m)] = combined.get(a * len(m), 0.0) + share / len(members)
         found = combined
-    if len(found) == 1 and next(iter(found)) == math.prod(kernel):
+    if len(found) == 1 and next(iter(found)) == round(_window(module, input_shape)):
         return None
     return tuple(sorted(found.items()))
 
