@@ -164,6 +164,29 @@ def test_gradient_weight_and_grad_ratio(chunked):
     assert ratio == pytest.approx(np.linalg.norm(a) / np.linalg.norm(wa), rel=RTOL)
 
 
+def test_a_weights_sum_comes_from_its_tap_sums(monkeypatch):
+    """With torch's kernels a Linear's or conv's weight is read once for its moments:
+    its sum is the total of the mean gain's tap sums (a read the probe makes anyway),
+    the one read its squares'. The moments still equal float64's, with a mean the
+    variance must take out."""
+    monkeypatch.setattr(kernel_choice, "numba_kernels", lambda: None)
+    read, real = [], torch_kernels.sums
+    monkeypatch.setattr(torch_kernels, "sums", lambda a, s, z: read.append(a) or real(a, s, z))
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64 * 6 * 6, 10))
+    with torch.no_grad():
+        model[0].weight.add_(0.02)
+        model[3].weight.sub_(0.01)
+    report = varprobe.probe(model, torch.randn(4, 32, 6, 6, generator=g))
+    weights = [model[0].weight, model[3].weight]
+    assert min(w.numel() for w in weights) > torch_kernels.SMALL  # else numpy's sums
+    assert not any(np.shares_memory(a, w.detach().numpy()) for a in read for w in weights)
+    for layer, w in zip(report.weight_layers, weights):
+        a = w.detach().double().numpy()
+        assert layer.weight_var == pytest.approx(a.var(), rel=RTOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1e-25, 1e-35, 1e20])
 def test_squares_outside_float32s_range_are_kept(chunked, scale, dtype):

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from varprobe import lifetime
 from varprobe.cli_options import (
     AllLayers,
     BatchSize,
@@ -181,7 +182,7 @@ def _run(target, shape, input_file, batch_size, seed, mode, device, debug, setti
     from varprobe.stages import tell_failed
 
     try:
-        with timing.phase("load"):  # the imports (torch) and the model file
+        with timing.phase("load"), lifetime.loading():  # the imports (torch), the model file
             from varprobe import inputs
             from varprobe import target as target_mod
             from varprobe.mixed import probe
@@ -477,7 +478,8 @@ def main() -> None:
     """Console entry point. Exit codes: 0 healthy, 1 flagged, 2 the input or model could
     not be run (one line on stderr), 3 a bug in varprobe (one line naming the stage)."""
     try:
-        code = app(standalone_mode=False)
+        with lifetime.command():
+            code = app(standalone_mode=False)
     except UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "varprobe"
         typer.echo(f"varprobe: error: {exc.format_message()} (see {command} --help)",

@@ -29,18 +29,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from varprobe import stats
 from varprobe.theory.layer_fans import _is_conv1d
 from varprobe.transfer import Pending
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def measure(module: nn.Module, w: torch.Tensor | None, bias: torch.Tensor | None,
-            x: object) -> Pending | None:
-    """[G, B] of a Linear, transformers' Conv1D or (not transposed) convolution called
-    on ``x``, ``w`` the weight it multiplies by; None for other modules, weights without
-    values (meta, complex, not float) and a conv whose attributes do not fit its input
-    (it pads on its own)."""
+def tap_sums(module: nn.Module, w: torch.Tensor | None, x: object) -> torch.Tensor | None:
+    """Each output unit's weights summed per tap, [outputs, taps], of a Linear,
+    transformers' Conv1D or (not transposed) convolution called on ``x``, ``w`` the
+    weight it multiplies by; None for other modules and weights without values (meta,
+    complex, not float). Their total is ``w``'s sum, which its moments can take from
+    here rather than from a read of their own (``stats.weight``)."""
     conv1d = w is not None and w.dim() == 2 and _is_conv1d(module)  # GPT-2's: W (in, out)
     if not conv1d and not isinstance(module, (nn.Linear, *_CONVS)) or w is None \
             or w.is_meta or w.is_complex() or not w.is_floating_point() \
@@ -48,11 +49,27 @@ def measure(module: nn.Module, w: torch.Tensor | None, bias: torch.Tensor | None
         return None
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # half's in fp32
     if conv1d:
-        out, kernel = w.shape[1], ()
-        taps = w.detach().sum(0, dtype=dtype)[:, None]
-    else:
-        out, kernel = w.shape[0], tuple(w.shape[2:])
-        taps = w.detach().reshape(out, w.shape[1], -1).sum(1, dtype=dtype)
+        return w.detach().sum(0, dtype=dtype)[:, None]
+    return w.detach().reshape(w.shape[0], w.shape[1], -1).sum(1, dtype=dtype)
+
+
+def total(taps: torch.Tensor | None) -> float | None:
+    """The weight's sum from its ``tap_sums``, where reading it costs no device sync."""
+    if taps is None or not stats.reads_are_free(taps.device):
+        return None
+    return float(taps.sum(dtype=torch.float64))
+
+
+def measure(module: nn.Module, w: torch.Tensor | None, bias: torch.Tensor | None,
+            x: object, taps: torch.Tensor | None = None) -> Pending | None:
+    """[G, B] of a module ``tap_sums`` reads (``taps``: its result, where already
+    made); None for other modules and a conv whose attributes do not fit its input (it
+    pads on its own)."""
+    if taps is None:
+        taps = tap_sums(module, w, x)
+    if taps is None:
+        return None
+    out, kernel = taps.shape[0], (() if w.dim() == 2 else tuple(w.shape[2:]))
     b = bias.detach().reshape(out, 1).to(taps.dtype) if isinstance(bias, torch.Tensor) \
         and bias.numel() == out and not bias.is_meta else None
     groups = _groups(module, tuple(x.shape[-len(kernel):])) if kernel else None

@@ -355,9 +355,10 @@ class Recorder:
             self.row_shares[id(module)] = self._new_slot(computed_weights.row_share(w))
         # meta tensors have no values; a complex one's real part alone is no moment of it
         if w is not None and not w.is_meta and not w.is_complex():
-            value, seen = self._with_extremes(stats.weight, w, b)
+            taps = mean_gain.tap_sums(module, w, x)  # whose total is w's sum: no read of it
+            value, seen = self._with_extremes(stats.weight, w, b, mean_gain.total(taps))
             self.weights[id(module)] = (self._new_slot(value), w)
-            if (gain := mean_gain.measure(module, w, b, x)) is not None:
+            if taps is not None and (gain := mean_gain.measure(module, w, b, x, taps)):
                 self.mean_gains[id(module)] = self._new_slot(gain)
             if self.ranges is not None:
                 self.range_slots[self.weights[id(module)][0]] = self._new_slot(

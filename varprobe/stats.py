@@ -413,12 +413,13 @@ def gradient(g: torch.Tensor) -> Pending:
     return Pending(_sums(g.detach(), nonfinite=True), finish)
 
 
-def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
+def weight(w: torch.Tensor, bias: torch.Tensor | None, total: float | None = None) -> Pending:
     """Var[w], E[w^2], mean(b^2) (NaN without bias), ||w|| (= sqrt(numel * E[w^2])),
     mean(b) (NaN without bias: the mean a bias gives every unit, which an activation
-    after the layer sees)."""
+    after the layer sees). ``total``: w's sum where a read made it already (the mean
+    gain's tap sums): torch's kernels then read w once, for its squares."""
     n, nb = w.numel(), bias.numel() if bias is not None else 0
-    moments = _sums(w.detach(), nonfinite=False)
+    moments = _sums(w.detach(), False, _squares_beside(w, total))
     parts: list[Raw] = [moments]
     if bias is not None:
         parts.append(_bias_moments(bias.detach()))
@@ -429,6 +430,15 @@ def weight(w: torch.Tensor, bias: torch.Tensor | None) -> Pending:
         return [var, m2, b2, math.sqrt(n * m2), b1]
 
     return Pending(_join(parts), finish, moments)
+
+
+def _squares_beside(w: torch.Tensor, total: float | None) -> tuple[float, float] | None:
+    """(total, sum(w^2)): torch's kernels' one read, of the squares (numba's moment read
+    takes both at once; the range reads ride on a moment read)."""
+    k = cpu_kernels()
+    found = kernel_array(w.detach()) if total is not None and hasattr(k, "square_sum") \
+        and EXTREMES.get() is None else None
+    return None if found is None else (total, k.square_sum(found[0].reshape(-1)))
 
 
 def grad_ratio(grad: torch.Tensor, w: torch.Tensor, stats: Pending,
