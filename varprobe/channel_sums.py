@@ -53,9 +53,10 @@ def kept_read(t: torch.Tensor) -> tuple[float, float] | None:
 def recall(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The per-channel sums kept of the memory ``x`` views, while the tensor they were
     read from is alive (its memory not reused) and unwritten (the version counter is
-    shared by views); else None."""
+    shared by views); else None. Taken, not kept on to the end of the pass: the
+    BatchNorm that reads them is the one reader (another would read ``x`` again)."""
     kept = _KEPT.get()
-    found = kept.get(_key(x)) if kept else None
+    found = kept.pop(_key(x), None) if kept else None
     if found is None or found[0]() is None:
         return None
     return found[1], found[2]

@@ -79,15 +79,17 @@ def measure(module: nn.Module, w: torch.Tensor | None, bias: torch.Tensor | None
         return Pending(both @ sums / out, lambda r: [r[0], r[1] if len(r) > 1 else 0.0])
     if groups == _UNFIT:
         return None
-    raw = [taps.flatten()] + ([b.flatten()] if b is not None else [])
+    raw = torch.cat([taps.flatten()] + ([b.flatten()] if b is not None else [])).double()
+    n, biased = taps.numel(), b is not None
 
     def finish(r: list[float]) -> list[float | None]:
         values = np.asarray(r, dtype=np.float64)
-        s = values[:taps.numel()].reshape(out, *kernel)
-        bias_values = values[taps.numel():] if b is not None else np.zeros(out)
-        return list(_weighed(s, bias_values, groups))
+        bias_values = values[n:] if biased else np.zeros(out)
+        return list(_weighed(values[:n].reshape(out, *kernel), bias_values, groups))
 
-    return Pending(torch.cat(raw).double(), finish)
+    if stats.reads_are_free(raw.device):  # the row now: no tensor held until the transfer
+        return Pending(finish(raw.numpy()), list)
+    return Pending(raw, finish)
 
 
 _WHOLE, _UNFIT = "whole", "unfit"
