@@ -358,7 +358,7 @@ class Recorder:
             taps = mean_gain.tap_sums(module, w, x)  # whose total is w's sum: no read of it
             value, seen = self._with_extremes(stats.weight, w, b, mean_gain.total(taps))
             self.weights[id(module)] = (self._new_slot(value), w)
-            if taps is not None and (gain := mean_gain.measure(module, w, b, x, taps)):
+            if taps is not None and (gain := mean_gain.measure(module, w, b, x, taps)) is not None:
                 self.mean_gains[id(module)] = self._new_slot(gain)
             if self.ranges is not None:
                 self.range_slots[self.weights[id(module)][0]] = self._new_slot(
