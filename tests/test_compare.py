@@ -126,3 +126,27 @@ def test_a_failing_scheme_walk_is_an_isolated_predict_failure(monkeypatch):
     assert [s["stage"] for s in report.stages] == ["predict"]
     assert report.summary.fix is None and not report.summary.healthy
     assert all(layer.predicted is None and layer.schemes == {} for layer in report.layers)
+
+
+def test_the_walks_share_the_graphs_downstream_facts(walks, monkeypatch):
+    """What lies after each node (theory.downstream: the BatchNorms behind it, the
+    masks between them, the norms with a fresh gradient) is the graph's, not a walk's:
+    found once for all the walks of a probe, and each walk reads what it would find on
+    its own."""
+    import varprobe.theory.downstream as downstream
+
+    found = []
+    fresh = downstream.fresh_norms
+    monkeypatch.setattr(downstream, "fresh_norms", lambda *a: found.append(a) or fresh(*a))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    probe(model, input_shape=(3, 6, 6), batch_size=BATCH, compare="all")
+    assert len(walks) >= 3 and len(found) == 1
+    kinds = [layer.kind for layer in walks[0].report.layers]
+    own = (downstream.batch_normed_after(walks[0].nodes, walks[0].modules),
+           downstream.masks_after(walks[0].nodes, walks[0].modules, kinds),
+           fresh(walks[0].nodes, walks[0].modules, kinds))
+    assert own[0] and own[1]  # a graph where the facts say something
+    for walk in walks:
+        assert (walk.batch_normed_after, walk.masks_after, walk.fresh_norms) == own

@@ -63,7 +63,7 @@ def _energy_ratio(first: Layer, last: Layer) -> float | None:
     return g_in / g_out
 
 
-def _balanced(layers: list[Layer], product: tuple, t: Thresholds) -> bool:
+def _balanced(product: tuple, t: Thresholds, rates: list[tuple[float, float] | None]) -> bool:
     """A small product whose weights learn at one rate with the layers after it all the
     same: a weight's gradient is its output gradient times its input, and where the
     signal shrinks up the chain as the gradient shrinks down it (Xavier under ReLU, a
@@ -72,17 +72,33 @@ def _balanced(layers: list[Layer], product: tuple, t: Thresholds) -> bool:
     the small signal is the forward rule's to judge. (A 10-layer tanh MLP at PyTorch's
     default init, product 4e-5, ‖∇W‖/‖W‖ 0.02 of the head's, trains under SGD at 0.1;
     a VGG-16 at PyTorch's default, whose chains end at every pool, does not, and its
-    last block's first conv is at 0.01 of the classifier's.)"""
+    last block's first conv is at 0.01 of the classifier's.) ``rates``: _later_rates."""
     at, value, _, _ = product
     if value >= t.backward[0]:
         return False
-    # a frozen weight (fine-tuning a backbone, a fixed embedding) learns at no rate by
-    # design: only the weights that learn need one rate
-    rates = [layer.weight_grad_ratio for layer in layers[at:] if is_weight(layer)
-             and layer.unavailable.get("weight_grad_ratio") != FROZEN]
-    if not all(r is not None and math.isfinite(r) and r > 0 for r in rates):
+    if rates[at] is None:
         return False
-    return not rates or rates[0] >= t.backward[0] * max(rates)
+    first, most = rates[at]
+    return first >= t.backward[0] * most
+
+
+def _later_rates(layers: list[Layer]) -> list[tuple[float, float] | None]:
+    """Per layer index i, over the weights at i and after it that learn: (the first
+    one's ‖∇W‖/‖W‖, the largest), (inf, 0) where there are none, None where one of them
+    has no positive finite rate. A frozen weight (fine-tuning a backbone, a fixed
+    embedding) learns at no rate by design: only the weights that learn need one rate.
+    One pass from the end: every product asks it."""
+    out: list[tuple[float, float] | None] = [None] * (len(layers) + 1)
+    out[len(layers)] = (math.inf, 0.0)
+    for i in range(len(layers) - 1, -1, -1):
+        later, layer = out[i + 1], layers[i]
+        if not is_weight(layer) or layer.unavailable.get("weight_grad_ratio") == FROZEN:
+            out[i] = later
+            continue
+        r = layer.weight_grad_ratio
+        ok = later is not None and r is not None and math.isfinite(r) and r > 0
+        out[i] = (r, max(r, later[1])) if ok else None
+    return out[:len(layers)]
 
 
 def runs(layers: list[Layer], found: list[Unit]) -> list[list[Unit]]:
@@ -118,7 +134,8 @@ def trends(layers: list[Layer], t: Thresholds, skip: set[int]) -> list[Trend]:
                 product *= run[k].factor
     # An exact zero is a zero-initialized scale (SkipInit, Fixup, zero_init_residual),
     # a deliberate design, not a trend.
-    products = [p for p in products if p[1] > 0 and not _balanced(layers, p, t)]
+    rates = _later_rates(layers) if products else []
+    products = [p for p in products if p[1] > 0 and not _balanced(p, t, rates)]
     found = []
     for code, outside, pick in (
             ("vanishing_backward", lambda p: p[1] < t.backward[0] and not p[3], min),

@@ -55,10 +55,8 @@ class Backward:
                 info.backward_break = reason
             return
         self._seed(self.grads)
-        self.batch_normed_after = downstream.batch_normed_after(self.nodes, self.modules)
-        kinds = [layer.kind for layer in self.report.layers]
-        self.masks_after = downstream.masks_after(self.nodes, self.modules, kinds)
-        self.fresh_norms = downstream.fresh_norms(self.nodes, self.modules, kinds)
+        self.batch_normed_after, self.masks_after, self.fresh_norms = downstream.facts(
+            self.graph, self.modules, self.report.layers, self.host)
         for k in reversed(range(len(self.nodes))):
             g = self.grads[k]
             if g is None:

@@ -22,6 +22,20 @@ from varprobe.theory import norms
 from varprobe.theory.nodes import Node, is_view
 
 
+def facts(graph, modules: list[nn.Module], layers: list, values: object) -> tuple:
+    """(``batch_normed_after``, ``masks_after``, ``fresh_norms``) of the graph: once
+    for every walk over it where ``values`` is a norms.Memo (a probe's walks share one)."""
+    held = getattr(values, "downstream", None)
+    if held is not None and id(graph) in held:
+        return held[id(graph)]
+    nodes, kinds = graph.nodes, [layer.kind for layer in layers]
+    found = (batch_normed_after(nodes, modules), masks_after(nodes, modules, kinds),
+             fresh_norms(nodes, modules, kinds))
+    if held is not None:
+        held[id(graph)] = found
+    return found
+
+
 def batch_normed_after(nodes: list[Node], modules: list[nn.Module]) -> set[int]:
     """The nodes with a train-mode BatchNorm after them on some path to an output."""
     after: set[int] = set()

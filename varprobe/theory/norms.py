@@ -200,6 +200,7 @@ class Memo(Mapping):
         self.fans: dict[int, tuple[float | None, float]] = {}  # chanspread's, per layer
         self.shapes: dict[int, list | None] = {}  # Walk.norm_shape's, per node
         self._constants: dict[int, list] = {}
+        self.downstream: dict[int, tuple] = {}  # theory.downstream's facts, per graph
 
     def constants_of(self, graph) -> list:
         """``graph.constants()``, made once for every walk over the graph."""

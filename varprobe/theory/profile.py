@@ -224,7 +224,7 @@ def centred(module: nn.Module, layer, made: np.ndarray, spread: float, mu: float
     mean_part = tap2 * taps
     fluct = max(spread - mean_part, 0.0)
     shape = made * fluct + tap2 * deficit
-    total = float(shape.mean())
+    total = float(shape.sum()) / shape.size  # ndarray.mean's value, without its Python
     return shape / total if total > 0 else None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -190,7 +191,7 @@ def activate(module: nn.Module, s: Signal, mu: float = 0.0, values: Values | Non
         share = min(1.0, means / m2) if m2 > 0 else 0.0
         return Signal(m2, share, max(share, s.r)), mean, slope2
     try:
-        kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
+        kinks = _kinks(module, mu)
         m2 = expectation(lambda y: _apply(module, y + mu) ** 2, var, kinks)
         mean = activation_mean(module, var, mu)
         slope2 = expectation(lambda y: _slope(module, y + mu) ** 2, var, kinks)
@@ -271,37 +272,45 @@ def activation_share(module: nn.Module, q: float, g: float,
 
 
 def activation_mean(module: nn.Module, var: float, mu: float) -> float:
-    """E[f(mu + N(0, var))]: the mean an activation gives every unit."""
+    """E[f(mu + N(0, var))]: the mean an activation gives every unit (0 where no mean
+    is known: the output taken as centred)."""
     if var <= 0:
         return 0.0
     if isinstance(module, RECTIFIERS):
         return rectified_moments(prelu_slope(module), mu, var)[0]
-    key = (type(module), _attributes(module), var, mu)  # a deep stack repeats them
-    if key not in _MEANS:
-        try:
-            kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
-            _MEANS[key] = expectation(lambda y: _apply(module, y + mu), var, kinks)
-        except Exception:  # noqa: BLE001 -- no mean known: treat the output as centred
-            _MEANS[key] = 0.0
-    return _MEANS[key]
-
-
-_MEANS: dict[tuple, float] = {}
+    return _remembered((type(module), _attributes(module), var, mu), lambda: expectation(
+        lambda y: _apply(module, y + mu), var, _kinks(module, mu)), 0.0)
 
 
 def mean_slope(module: nn.Module, var: float, mu: float) -> float | None:
     """E[f'(mu + N(0, var))]: what a gradient shared by many positions keeps through
-    the activation, E[f'(y_i) f'(y_j)] ~ E[f']² for weakly correlated y_i, y_j."""
+    the activation, E[f'(y_i) f'(y_j)] ~ E[f']² for weakly correlated y_i, y_j (None
+    where no slope is known: nothing kept)."""
     if var <= 0:
         return None
-    key = (type(module), _attributes(module), var, mu, "slope")
+    return _remembered((type(module), _attributes(module), var, mu, "slope"), lambda: (
+        expectation(lambda y: _slope(module, y + mu), var, _kinks(module, mu))), None)
+
+
+def _kinks(module: nn.Module, mu: float) -> tuple[float, ...]:
+    return tuple(b - mu for b in (0.0, *_breakpoints(module)))
+
+
+def _remembered(key: tuple, compute: Callable[[], float], fallback: float | None,
+                ) -> float | None:
+    """``compute()`` once per key, ``fallback`` where it raises: a deep stack repeats
+    the same (var, mu). Bounded, for a process that probes many models."""
     if key not in _MEANS:
+        if len(_MEANS) >= 65536:
+            _MEANS.clear()
         try:
-            kinks = tuple(b - mu for b in (0.0, *_breakpoints(module)))
-            _MEANS[key] = expectation(lambda y: _slope(module, y + mu), var, kinks)
-        except Exception:  # noqa: BLE001 -- no slope known: nothing kept
-            _MEANS[key] = None
+            _MEANS[key] = compute()
+        except Exception:  # noqa: BLE001 -- a module that cannot run on a vector of points
+            _MEANS[key] = fallback
     return _MEANS[key]
+
+
+_MEANS: dict[tuple, float | None] = {}
 
 
 def glu(s: Signal, mu: float = 0.0, values: Values | None = None,

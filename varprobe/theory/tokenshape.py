@@ -139,9 +139,16 @@ class TokenGrams:
     def grams_on(self) -> bool:
         return self.closed_tokens
 
+    @property
+    def gram_sources(self) -> bool:
+        """Whether the graph has a node a Gram starts at (a rotary table, an attention
+        call's output): without one every node's is None, and no node need ask."""
+        return any(node.op in ("table", "attention") for node in self.nodes)
+
     def token_gram(self, k: int, node: Node, value: Value) -> None:
         """Set ``value.gram`` from the node's inputs' (None: tokens alike, or unknown)."""
-        if not self.grams_on() or value.signal is None or value.gram is not None:
+        if not self.grams_on() or value.signal is None or value.gram is not None \
+                or not self.gram_sources:
             return
         try:
             value.gram = self._gram_of(k, node, value)

@@ -71,6 +71,7 @@ class Walk(Backward, TokenShapes, TokenGrams):
 
     # set by the walk's modes, which do not change: read once (it is asked at every node)
     closed_tokens = cached_property(TokenShapes.closed_tokens.fget)
+    gram_sources = cached_property(TokenGrams.gram_sources.fget)
 
     def __init__(self, report: Report, modules: list[nn.Module], graph: Any,
                  weights: list[Weights | None], measured: bool = True,
